@@ -1,0 +1,36 @@
+"""loader_client: the light client of loader-service (numpy, pyzmq and msgpack; no OpenCV).
+
+    from loader_client import LoaderClient
+    with LoaderClient("tcp://127.0.0.1:5555") as client:
+        for x, y in client.epoch():
+            ...
+"""
+
+from .client import BatchInfo, LoaderClient, batches
+from .errors import (
+    BadSampleError,
+    ConfigError,
+    LoaderError,
+    LoaderTimeoutError,
+    ProtocolError,
+    ProtocolVersionError,
+    ServerError,
+    WorkerCrashedError,
+)
+from .protocol import PROTOCOL_VERSION
+
+__all__ = [
+    "LoaderClient",
+    "BatchInfo",
+    "batches",
+    "PROTOCOL_VERSION",
+    "LoaderError",
+    "LoaderTimeoutError",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "ServerError",
+    "BadSampleError",
+    "WorkerCrashedError",
+    "ConfigError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,373 @@
+"""The client: a generator of ``(x, y)`` batches received from a loader server.
+
+A background thread owns the socket. It grants the server one credit per batch the trainer
+takes (so at most `prefetch` batches are ever in transit or waiting here), pings the server
+while the trainer is busy, and raises `LoaderTimeoutError` when the server has been silent
+for `timeout_s`. Arrays are wrapped around the received frames without a copy, and are
+writable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import protocol
+from .errors import ERROR_KINDS, LoaderError, LoaderTimeoutError, ProtocolError
+
+__all__ = ["LoaderClient", "BatchInfo", "batches"]
+
+_counter = itertools.count()
+_STOP_JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Where a batch sits in the stream, and which samples it holds."""
+
+    epoch: int
+    batch: int
+    indices: np.ndarray
+
+
+class LoaderClient:
+    """Connects to a loader server and yields ``(x, y)`` batches, epoch after epoch.
+
+    Example::
+
+        with LoaderClient("tcp://127.0.0.1:5555") as client:
+            model.fit(iter(client), steps_per_epoch=client.steps_per_epoch, epochs=10, shuffle=False)
+
+    `state` (from `state_dict()`) resumes a stream exactly where it stopped; `rank` and
+    `world_size` select one data-parallel share of every epoch.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = 30.0,
+        prefetch: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int | None = None,
+        state: dict[str, Any] | None = None,
+        heartbeat_s: float = 1.0,
+        max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        name: str | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"`timeout_s` must be > 0, got {timeout_s}")
+        if prefetch < 1:
+            raise ValueError(f"`prefetch` must be >= 1, got {prefetch}")
+        if heartbeat_s <= 0 or heartbeat_s >= timeout_s:
+            raise ValueError(f"`heartbeat_s` must be > 0 and below `timeout_s`, got {heartbeat_s}")
+        self.endpoint = endpoint
+        self.timeout_s = float(timeout_s)
+        self.prefetch = prefetch
+        self.last: BatchInfo | None = None
+        self.wait_s = 0.0  # total time the trainer spent waiting in next()
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        epoch = batch = 0
+        fingerprint = None
+        if state is not None:
+            epoch, batch, fingerprint = _parse_state(state)
+            seed = state["seed"]
+            rank, world_size = state.get("rank", rank), state.get("world_size", world_size)
+
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._sock.setsockopt(zmq.RCVHWM, max(1000, 4 * prefetch))
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        for s in (self._wake_tx, self._wake_rx):
+            s.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock.connect(endpoint)
+            wake = f"inproc://loader-client-wake-{next(_counter)}"
+            self._wake_rx.bind(wake)
+            self._wake_tx.connect(wake)
+            hello: dict[str, Any] = {"rank": rank, "world_size": world_size, "epoch": epoch, "batch": batch,
+                                     "seed": seed, "fingerprint": fingerprint, "credit": prefetch}
+            if name:
+                hello["client"] = name
+            self._sock.send(protocol.pack("hello", **hello))
+            meta = self._handshake()
+        except BaseException:
+            self._close_sockets()
+            raise
+        self.info: dict[str, Any] = meta
+        self.num_samples: int = meta["num_samples"]
+        self.batch_size: int = meta["batch_size"]
+        self.steps_per_epoch: int = meta["steps_per_epoch"]
+        self.class_names: list[str] | None = meta["class_names"]
+        self.x_shape: tuple[int, ...] = tuple(meta["x_shape"])
+        self.x_dtype = np.dtype(meta["x_dtype"])
+        self.seed: int = meta["seed"]
+        self.rank: int = meta["rank"]
+        self.world_size: int = meta["world_size"]
+        self.fingerprint: str = meta["fingerprint"]
+        self._in_order: bool = meta["in_order"]
+        self._epoch, self._batch = meta["epoch"], meta["batch"]  # next batch the trainer gets
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(
+            target=_Receiver(self._sock, self._wake_rx, self._queue, endpoint, self.timeout_s,
+                             min(heartbeat_s, meta["heartbeat_s"]), max_message_bytes,
+                             (self._epoch, self._batch, self.steps_per_epoch) if self._in_order else None).run,
+            name=f"loader-client-{endpoint}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def __iter__(self) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
+        """Yield ``(x, y)`` forever, epoch after epoch (a real generator, as Keras requires)."""
+        while True:
+            yield self.next()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def epoch(self) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
+        """Yield the batches left in the current epoch: all `steps_per_epoch` at an epoch start."""
+        for _ in range(self.steps_per_epoch - self._batch):
+            yield self.next()
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return the next ``(x, y)``; raises the server's error or `LoaderTimeoutError`."""
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise LoaderError("the client is closed")
+        started = time.perf_counter()
+        try:
+            item = self._queue.get(timeout=self.timeout_s * 2)  # the receiver times out first
+        except queue.Empty:
+            item = LoaderTimeoutError(f"no batch from {self.endpoint} within {self.timeout_s * 2:.0f} s")
+        self.wait_s += time.perf_counter() - started
+        if isinstance(item, BaseException):
+            self._failure = item
+            raise item
+        x, y, info = item
+        try:
+            self._wake_tx.send(b"c", zmq.NOBLOCK)  # one credit back to the server
+        except zmq.ZMQError:
+            pass
+        self.last = info
+        self._epoch, self._batch = info.epoch, info.batch + 1
+        if self._batch >= self.steps_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        return x, y
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, batch)`` of the next batch `next()` returns."""
+        return self._epoch, self._batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small JSON-serialisable state; ``LoaderClient(endpoint, state=...)`` resumes there."""
+        return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "fingerprint": self.fingerprint}
+
+    def close(self) -> None:
+        """Stop the receiver thread, say goodbye to the server, release sockets (linger 0)."""
+        if self._closed:
+            return
+        self._closed = True
+        joined = True
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                self._wake_tx.send(b"x", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self._thread.join(_STOP_JOIN_TIMEOUT_S)
+            joined = not self._thread.is_alive()
+        self._close_sockets(joined)
+
+    def __enter__(self) -> LoaderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ctx", None) is not None and not getattr(self, "_closed", True):
+            self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _handshake(self) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
+                raise LoaderTimeoutError(
+                    f"no answer from the loader server at {self.endpoint} within {self.timeout_s:g} s: "
+                    f"is it running? Start it with `loader-server serve --data PATH --bind {self.endpoint}`, "
+                    "or raise timeout_s if it is slow to start"
+                )
+            frames = self._sock.recv_multipart(copy=False)
+            header = protocol.unpack(frames[0])
+            protocol.check_version(header, peer=f"the server at {self.endpoint}")
+            if header["t"] == "error":
+                raise _remote_error(header)
+            if header["t"] == "welcome":
+                return _check_meta(header.get("meta"))
+            if header["t"] != "heartbeat":
+                raise ProtocolError(f"expected a welcome from {self.endpoint}, got {header['t']!r}")
+
+    def _close_sockets(self, receiver_done: bool = True) -> None:
+        if receiver_done:
+            for s in (self._sock, self._wake_rx, self._wake_tx):
+                s.close(linger=0)
+            self._ctx.term()
+        else:  # the receiver is stuck: tear everything down from here
+            self._ctx.destroy(linger=0)
+
+
+class _Receiver:
+    """Runs on the background thread; owns the DEALER socket once the handshake is done."""
+
+    def __init__(self, sock: zmq.Socket, wake: zmq.Socket, out: queue.Queue[Any], endpoint: str,
+                 timeout_s: float, heartbeat_s: float, max_bytes: int,
+                 expect: tuple[int, int, int] | None) -> None:
+        self.sock, self.wake, self.out = sock, wake, out
+        self.endpoint, self.timeout_s, self.heartbeat_s, self.max_bytes = endpoint, timeout_s, heartbeat_s, max_bytes
+        self.expect = expect  # (epoch, batch, steps) of the next batch in in-order mode
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wake, zmq.POLLIN)
+        last_rx = last_tx = time.monotonic()
+        hb_ms = max(1, int(self.heartbeat_s * 1000))
+        try:
+            while True:
+                events = dict(poller.poll(hb_ms))
+                now = time.monotonic()
+                credits = 0
+                if self.wake in events:
+                    while True:
+                        try:
+                            msg = self.wake.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if msg == b"x":
+                            self._send("bye")
+                            return
+                        credits += 1
+                if self.sock in events:
+                    last_rx = now
+                    while True:
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                if credits:
+                    self._send("credit", n=credits)
+                    last_tx = now
+                elif now - last_tx >= self.heartbeat_s:
+                    self._send("ping")
+                    last_tx = now
+                if now - last_rx > self.timeout_s:
+                    raise LoaderTimeoutError(
+                        f"the loader server at {self.endpoint} has been silent for {self.timeout_s:g} s "
+                        "(no batch, no heartbeat): it died or the network is down"
+                    )
+        except LoaderError as exc:
+            self.out.put(exc)
+        except Exception as exc:  # never die silently: the trainer would wait forever
+            self.out.put(LoaderError(f"client receiver failed: {type(exc).__name__}: {exc}"))
+
+    def _send(self, t: str, **fields: Any) -> None:
+        try:
+            self.sock.send(protocol.pack(t, **fields), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the server is gone; the silence timeout reports it
+
+    def _handle(self, frames: list[Any]) -> None:
+        header = protocol.unpack(frames[0])
+        protocol.check_version(header, peer=f"the server at {self.endpoint}")
+        kind = header["t"]
+        if kind == "heartbeat":
+            return
+        if kind == "error":
+            raise _remote_error(header)
+        if kind != "batch":
+            raise ProtocolError(f"unexpected message {kind!r} from {self.endpoint}")
+        epoch, batch = header.get("epoch"), header.get("batch")
+        if not (isinstance(epoch, int) and isinstance(batch, int)):
+            raise ProtocolError("batch header lacks integer 'epoch' and 'batch'")
+        arrays = protocol.build_arrays(header.get("arrays"), frames[1:], max_bytes=self.max_bytes)
+        if not {"x", "y", "index"} <= arrays.keys():
+            raise ProtocolError(f"batch lacks arrays x, y and index: got {sorted(arrays)}")
+        if self.expect is not None:
+            e, b, steps = self.expect
+            if (epoch, batch) != (e, b):
+                raise ProtocolError(f"expected epoch {e} batch {b} from {self.endpoint}, got epoch {epoch} "
+                                    f"batch {batch}: a batch was lost or repeated")
+            self.expect = (e, b + 1, steps) if b + 1 < steps else (e + 1, 0, steps)
+        self.out.put((arrays["x"], arrays["y"], BatchInfo(epoch, batch, arrays["index"])))
+
+
+def _remote_error(header: dict[str, Any]) -> LoaderError:
+    kind = header.get("kind")
+    cls = ERROR_KINDS.get(kind if isinstance(kind, str) else "", LoaderError)
+    message = str(header.get("message", "unknown error"))
+    tb = header.get("traceback")
+    if isinstance(tb, str) and tb:
+        message += "\n--- worker traceback ---\n" + tb.rstrip()
+    err = cls(message)
+    err.path = header.get("path")  # type: ignore[attr-defined]
+    err.reason = header.get("reason")  # type: ignore[attr-defined]
+    return err
+
+
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "num_samples": int, "batch_size": int, "steps_per_epoch": int, "rank": int, "world_size": int,
+    "seed": int, "epoch": int, "batch": int, "in_order": bool, "x_shape": list, "x_dtype": str,
+    "class_names": (list, type(None)), "fingerprint": str, "heartbeat_s": (int, float),
+}
+
+
+def _check_meta(meta: Any) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise ProtocolError("welcome carries no metadata map")
+    for key, types in _META_TYPES.items():
+        if not isinstance(meta.get(key), types):
+            raise ProtocolError(f"welcome metadata field {key!r} is missing or has the wrong type")
+    return meta
+
+
+def _parse_state(state: dict[str, Any]) -> tuple[int, int, str | None]:
+    try:
+        epoch, batch, seed = state["epoch"], state["batch"], state["seed"]
+    except (KeyError, TypeError):
+        raise ValueError("`state` must come from LoaderClient.state_dict(): it needs epoch, batch and seed") from None
+    if not all(isinstance(v, int) and v >= 0 for v in (epoch, batch, seed)):
+        raise ValueError(f"`state` epoch, batch and seed must be non-negative ints, got {epoch}, {batch}, {seed}")
+    fp = state.get("fingerprint")
+    return epoch, batch, fp if isinstance(fp, str) else None
+
+
+def batches(endpoint: str, **kwargs: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Plain generator of ``(x, y)``: the drop-in for a classic ``train_data(...)`` generator.
+
+    Keyword arguments go to `LoaderClient`; the connection closes with the generator.
+    """
+    with LoaderClient(endpoint, **kwargs) as client:
+        yield from client

@@ -1,0 +1,69 @@
+"""The exceptions of loader-service, shared by client and server.
+
+Catch the level you need::
+
+    LoaderError                  base of everything raised on purpose
+    ├── LoaderTimeoutError       (also a TimeoutError) the server did not answer in time
+    ├── ProtocolError            a message broke the wire format
+    │   └── ProtocolVersionError client and server speak different protocol versions
+    ├── ServerError              the server refused a request or failed while serving it
+    │   ├── BadSampleError       a sample could not be read or decoded (names the file)
+    │   └── WorkerCrashedError   a worker process died and the batch could not be rebuilt
+    └── ConfigError              a setting or the data set index is invalid (names the setting/file)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LoaderError",
+    "LoaderTimeoutError",
+    "ProtocolError",
+    "ProtocolVersionError",
+    "ServerError",
+    "BadSampleError",
+    "WorkerCrashedError",
+    "ConfigError",
+]
+
+
+class LoaderError(Exception):
+    """Base class of every error loader-service raises on purpose."""
+
+
+class LoaderTimeoutError(LoaderError, TimeoutError):
+    """The server did not answer within the client's `timeout_s`."""
+
+
+class ProtocolError(LoaderError):
+    """A message did not follow the wire format (bad header, dtype, shape or frame size)."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """Client and server speak incompatible protocol versions."""
+
+
+class ServerError(LoaderError):
+    """The server refused a request or failed while building a batch."""
+
+
+class BadSampleError(ServerError):
+    """A sample could not be read or decoded; the message names the file and the reason."""
+
+
+class WorkerCrashedError(ServerError):
+    """A worker process died and the server could not rebuild the batch it held."""
+
+
+class ConfigError(LoaderError, ValueError):
+    """A setting or the data set index is invalid; the message names the setting, file or line."""
+
+
+#: Error kinds carried on the wire, mapped to the exception the client raises.
+ERROR_KINDS: dict[str, type[LoaderError]] = {
+    "server": ServerError,
+    "bad_sample": BadSampleError,
+    "worker_crashed": WorkerCrashedError,
+    "protocol": ProtocolError,
+    "version": ProtocolVersionError,
+    "config": ConfigError,
+}

@@ -1,0 +1,128 @@
+"""The ``loader-server`` command: ``serve`` batches, or run the ``demo`` end to end."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from loader_client.errors import ConfigError
+
+from .config import INTERPOLATIONS, RESIZE_MODES, ServerConfig, default_workers, parse_size
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+EXIT_CONFIG = 2
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
+    """The flags of every server setting (shared by `serve` and `demo`)."""
+    d = ServerConfig.__dataclass_fields__
+    p.add_argument("--data", required=data_required,
+                   help="list file of `path label` (or `path,label`) lines, or a folder of class sub-folders")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="samples per batch")
+    p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT, as cv2.resize takes it")
+    p.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: CPUs - 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle; same seed, same batches")
+    p.add_argument("--bind", default=d["bind"].default, help="endpoint to serve on: tcp://HOST:PORT or ipc://PATH")
+    p.add_argument("--prefetch", type=int, default=d["prefetch"].default,
+                   help="batches built ahead per client (bounds memory: prefetch x batch bytes)")
+    p.add_argument("--mode", choices=("epoch", "random"), default="epoch",
+                   help="epoch: a permutation per epoch; random: draw with replacement, endless")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep file order in epoch mode")
+    last = p.add_mutually_exclusive_group()
+    last.add_argument("--drop-last", dest="drop_last", action="store_true", default=True,
+                      help="drop the short last batch of an epoch (len // batch_size batches)")
+    last.add_argument("--keep-last", dest="drop_last", action="store_false", help="keep the short last batch")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="batches per epoch in random mode (default: samples // batch size)")
+    p.add_argument("--unordered", dest="in_order", action="store_false",
+                   help="send batches as they complete instead of in stream order (faster, not reproducible)")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
+                   help="stretch to WxH, letterbox (keep aspect, pad), or crop (shorter side, centre)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="linear",
+                   help="resize interpolation (area costs about 6x linear)")
+    p.add_argument("--pad-value", type=int, default=0, help="letterbox padding value (0..255)")
+    p.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb", help="channel order of x")
+    p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
+                   help="uint8 pixels, or float32 scaled to [0, 1] (4x the bytes on the wire)")
+    p.add_argument("--layout", choices=("hwc", "chw"), default="hwc", help="image layout inside a batch")
+    p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, float32 only: (x/255-mean)/std")
+    p.add_argument("--std", type=_floats, default=None, help="per-channel std, float32 only")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval to idle clients")
+    p.add_argument("--client-timeout-s", type=float, default=30.0,
+                   help="drop a client silent for this long (its trainer died)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="loader-server", formatter_class=fmt,
+                                     description="Serve decoded image batches to loader clients over ZeroMQ.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", formatter_class=fmt, help="serve a data set",
+                           description="Serve batches of a data set until SIGINT or SIGTERM.")
+    add_serve_arguments(serve)
+    demo = sub.add_parser("demo", formatter_class=fmt, help="generate sample data, serve it, check 2 epochs",
+                          description="Generate a labelled image set, start `serve` on it, consume epochs "
+                                      "with the client, check every sample arrives exactly once per epoch.")
+    demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
+    demo.add_argument("--images", type=int, default=1024, help="number of sample images to generate")
+    demo.add_argument("--epochs", type=int, default=2, help="epochs to consume")
+    demo.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    demo.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT")
+    demo.add_argument("--workers", type=int, default=default_workers(), help="worker processes")
+    demo.add_argument("--timeout-s", type=float, default=60.0, help="give up if the server is silent this long")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build and validate the ServerConfig from parsed `serve` flags."""
+    return ServerConfig(
+        data=args.data, batch_size=args.batch_size, size=parse_size(args.size), workers=args.workers,
+        seed=args.seed, bind=args.bind, prefetch=args.prefetch, mode=args.mode, shuffle=args.shuffle,
+        drop_last=args.drop_last, steps_per_epoch=args.steps_per_epoch, in_order=args.in_order,
+        resize=args.resize, interpolation=args.interpolation, pad_value=args.pad_value, color=args.color,
+        dtype=args.dtype, layout=args.layout, mean=args.mean, std=args.std, heartbeat_s=args.heartbeat_s,
+        client_timeout_s=args.client_timeout_s,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .index import load_index
+    from .server import Server, install_signal_handlers
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s loader-server %(levelname)s %(message)s")
+    config = config_from_args(args)
+    index = load_index(config.data)
+    if config.mode == "epoch" and config.drop_last and len(index) < config.batch_size:
+        raise ConfigError(
+            f"`batch_size` {config.batch_size} is larger than the data set ({len(index)} samples in "
+            f"{config.data}) and the last batch is dropped: lower --batch-size or pass --keep-last"
+        )
+    server = Server(config, index)
+    install_signal_handlers(server)
+    return server.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `loader-server`; returns the exit code (2 for bad settings or data)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        from .demo import run_demo
+
+        return run_demo(args)
+    except ConfigError as exc:
+        print(f"loader-server: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG

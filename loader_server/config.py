@@ -1,0 +1,161 @@
+"""Server settings: one frozen dataclass, validated once at start-up.
+
+Every message names the setting, the rule and the value given, so that a user can fix the
+command line without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from loader_client.errors import ConfigError
+
+__all__ = ["ServerConfig", "parse_size", "default_workers", "RESIZE_MODES", "INTERPOLATIONS"]
+
+RESIZE_MODES = ("stretch", "letterbox", "crop")
+INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
+COLORS = ("rgb", "bgr", "gray")
+DTYPES = ("uint8", "float32")
+LAYOUTS = ("hwc", "chw")
+SAMPLING_MODES = ("epoch", "random")
+
+
+def default_workers() -> int:
+    """CPU count minus one (left for the server and the trainer), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``WxH`` (width x height, the order cv2.resize takes) into a tuple."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"`size` must look like WIDTHxHEIGHT, for example 224x224, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to know; `validate()` is called by `__post_init__`."""
+
+    data: str
+    batch_size: int = 32
+    size: tuple[int, int] = (224, 224)  # (width, height)
+    workers: int = field(default_factory=default_workers)
+    seed: int = 0
+    bind: str = "tcp://127.0.0.1:5555"
+    prefetch: int = 8
+    mode: Literal["epoch", "random"] = "epoch"
+    shuffle: bool = True
+    drop_last: bool = True
+    steps_per_epoch: int | None = None  # random mode only; default len(data) // batch_size
+    in_order: bool = True
+    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
+    interpolation: str = "linear"
+    pad_value: int = 0
+    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    dtype: Literal["uint8", "float32"] = "uint8"
+    layout: Literal["hwc", "chw"] = "hwc"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    heartbeat_s: float = 1.0
+    client_timeout_s: float = 30.0
+    max_message_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid setting."""
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("workers", self.workers, 1)
+        _at_least("prefetch", self.prefetch, 1)
+        w, h = self.size
+        if not (1 <= w <= 16384 and 1 <= h <= 16384):
+            raise ConfigError(f"`size` must be between 1x1 and 16384x16384, got {w}x{h}")
+        _one_of("mode", self.mode, SAMPLING_MODES)
+        _one_of("resize", self.resize, RESIZE_MODES)
+        _one_of("interpolation", self.interpolation, INTERPOLATIONS)
+        _one_of("color", self.color, COLORS)
+        _one_of("dtype", self.dtype, DTYPES)
+        _one_of("layout", self.layout, LAYOUTS)
+        if not 0 <= self.pad_value <= 255:
+            raise ConfigError(f"`pad_value` must be between 0 and 255, got {self.pad_value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"`seed` must be between 0 and 2**63-1, got {self.seed}")
+        if self.steps_per_epoch is not None:
+            _at_least("steps_per_epoch", self.steps_per_epoch, 1)
+            if self.mode != "random":
+                raise ConfigError("`steps_per_epoch` applies to --mode random only; epoch mode derives it")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.dtype != "float32":
+                raise ConfigError(f"`{name}` needs --dtype float32 (normalised values do not fit uint8)")
+            if len(value) != self.channels:
+                raise ConfigError(
+                    f"`{name}` needs {self.channels} values for --color {self.color}, got {len(value)}"
+                )
+            if name == "std" and any(v <= 0 for v in value):
+                raise ConfigError(f"`std` values must be > 0, got {list(value)}")
+        if self.heartbeat_s <= 0:
+            raise ConfigError(f"`heartbeat_s` must be > 0, got {self.heartbeat_s}")
+        if self.client_timeout_s <= self.heartbeat_s:
+            raise ConfigError("`client_timeout_s` must be larger than `heartbeat_s`")
+        if not self.bind.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
+        if self.batch_bytes > self.max_message_bytes:
+            raise ConfigError(
+                f"one batch would be {self.batch_bytes} bytes, above `max_message_bytes` "
+                f"({self.max_message_bytes}); lower --batch-size or --size"
+            )
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "gray" else 3
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one output image in the configured layout."""
+        w, h = self.size
+        return (self.channels, h, w) if self.layout == "chw" else (h, w, self.channels)
+
+    @property
+    def batch_bytes(self) -> int:
+        itemsize = 1 if self.dtype == "uint8" else 4
+        c, a, b = self.image_shape
+        return self.batch_size * c * a * b * itemsize
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of every setting that changes batch contents or order (not bind, workers, ...)."""
+        keep = {
+            k: v
+            for k, v in self.as_dict().items()
+            if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s",
+                         "client_timeout_s", "max_message_bytes", "seed")
+        }
+        blob = json.dumps(keep, sort_keys=True, default=list).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ConfigError(f"`{name}` must be >= {low}, got {value!r}")
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"`{name}` must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,117 @@
+"""Decoding and resizing: pure functions from encoded bytes to pixels in a caller's buffer.
+
+Behaviour, the same for every file type OpenCV reads:
+
+* colour images decode straight to RGB (``IMREAD_COLOR_RGB``) or BGR; ``gray`` gives one channel;
+* grayscale and palette images are expanded to three channels; an alpha channel is dropped
+  (the stored colour of transparent pixels is kept, nothing is composited);
+* 16-bit images are scaled to 8 bits (value // 256), as ``IMREAD_COLOR`` does;
+* JPEG EXIF orientation is applied, so the image is upright as a viewer shows it.
+
+Resize modes: ``stretch`` to WxH (the classic generator), ``letterbox`` (keep aspect, pad with
+``pad_value``), ``crop`` (scale the shorter side to fit, cut the centre). The crop is fused:
+only the centre region of the source is resized, straight into the output buffer.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .config import ServerConfig
+
+__all__ = ["DecodeError", "Decoder", "read_file"]
+
+_INTERPOLATION = {
+    "nearest": cv2.INTER_NEAREST,
+    "linear": cv2.INTER_LINEAR,
+    "area": cv2.INTER_AREA,
+    "cubic": cv2.INTER_CUBIC,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+_RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
+
+
+class DecodeError(Exception):
+    """A file could not be read or decoded; `reason` is a short phrase for logs and reports."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def read_file(path: str) -> bytes:
+    """Read a whole file, turning OS errors into DecodeError with the reason."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DecodeError(path, "file not found") from None
+    except PermissionError:
+        raise DecodeError(path, "permission denied") from None
+    except IsADirectoryError:
+        raise DecodeError(path, "is a directory") from None
+    except OSError as exc:
+        raise DecodeError(path, f"read failed: {exc.strerror or exc}") from None
+
+
+class Decoder:
+    """Decodes one encoded image and resizes it into a preallocated ``(H, W, C)`` uint8 slot."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.width, self.height = config.size
+        self.mode = config.resize
+        self.interpolation = _INTERPOLATION[config.interpolation]
+        self.pad_value = config.pad_value
+        self.swap_to_rgb = False
+        if config.color == "gray":
+            self.flags = cv2.IMREAD_GRAYSCALE
+        elif config.color == "bgr":
+            self.flags = cv2.IMREAD_COLOR
+        elif _RGB_FLAG is not None:
+            self.flags = _RGB_FLAG
+        else:  # pragma: no cover - older OpenCV
+            self.flags = cv2.IMREAD_COLOR
+            self.swap_to_rgb = True
+
+    def decode(self, data: bytes, path: str) -> np.ndarray:
+        """Decode bytes to an 8-bit image, raising DecodeError naming `path` on failure."""
+        if not data:
+            raise DecodeError(path, "empty file")
+        try:
+            img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), self.flags)
+        except cv2.error as exc:
+            raise DecodeError(path, f"OpenCV error: {str(exc).strip().splitlines()[-1]}") from None
+        if img is None:
+            raise DecodeError(path, "not a decodable image (corrupt, truncated or unsupported format)")
+        if img.dtype != np.uint8:  # pragma: no cover - IMREAD_COLOR/GRAYSCALE already give 8 bits
+            img = (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
+        if self.swap_to_rgb:  # pragma: no cover
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return img
+
+    def decode_into(self, data: bytes, path: str, out: np.ndarray) -> None:
+        """Decode and resize into `out`, an ``(H, W, C)`` uint8 view of the batch buffer."""
+        self.resize_into(self.decode(data, path), out)
+
+    def resize_into(self, img: np.ndarray, out: np.ndarray) -> None:
+        """Resize a decoded image into `out` following the configured mode."""
+        dst = out[..., 0] if out.shape[2] == 1 else out
+        h, w = img.shape[:2]
+        W, H = self.width, self.height
+        if self.mode == "stretch":
+            cv2.resize(img, (W, H), dst=dst, interpolation=self.interpolation)
+        elif self.mode == "crop":
+            if w * H > h * W:  # source wider than the target aspect: cut the sides
+                cw, ch = max(1, round(h * W / H)), h
+            else:
+                cw, ch = w, max(1, round(w * H / W))
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+            cv2.resize(img[y0 : y0 + ch, x0 : x0 + cw], (W, H), dst=dst, interpolation=self.interpolation)
+        else:  # letterbox
+            scale = min(W / w, H / h)
+            nw, nh = max(1, min(W, round(w * scale))), max(1, min(H, round(h * scale)))
+            x0, y0 = (W - nw) // 2, (H - nh) // 2
+            dst[...] = self.pad_value
+            cv2.resize(img, (nw, nh), dst=dst[y0 : y0 + nh, x0 : x0 + nw], interpolation=self.interpolation)

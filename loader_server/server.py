@@ -1,0 +1,481 @@
+"""The server: one event loop that owns every ZeroMQ socket and supervises the workers.
+
+Data flows one way: a client's ``hello`` opens a *session* (its stream position, rank and
+credit); the session schedules up to ``prefetch`` batch tasks ahead; tasks go to idle workers
+over a private ipc ROUTER socket; results come back as raw frames and are forwarded to the
+client zero-copy, in stream order (or as they complete, with ``in_order=False``), one per
+credit the client has granted. Memory is thus bounded by ``prefetch`` batches per client.
+
+A worker that dies is logged (id, pid, exit code) and replaced, and the tasks it held are
+issued again; a task that kills workers repeatedly is reported to its client.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from loader_client import protocol
+from loader_client.errors import ProtocolError, ProtocolVersionError
+
+from .config import ServerConfig
+from .index import DatasetIndex
+from .sampling import SamplingPlan
+from .worker import worker_main
+
+__all__ = ["Server", "MAX_TASK_RETRIES"]
+
+log = logging.getLogger("loader_server")
+
+#: Tasks a worker holds at once: one being built, one waiting, so it never idles on a round trip.
+_TASKS_PER_WORKER = 2
+#: A task whose worker died this many times is reported to the client instead of retried.
+MAX_TASK_RETRIES = 3
+#: Most credit a client may hold; more is clamped (bounds what we might queue for it).
+_MAX_CREDIT = 256
+_MAX_REQUEST_BYTES = 64 * 1024
+_WORKER_STOP_TIMEOUT_S = 5.0
+_LOOP_TICK_MS = 100
+
+
+@dataclass
+class _Session:
+    """One client's stream: where it is, what it may receive, what is being built for it."""
+
+    identity: bytes
+    name: str
+    rank: int
+    world_size: int
+    seed: int
+    steps: int
+    next_schedule: int  # stream position (epoch * steps + batch) of the next task to create
+    next_send: int  # stream position the client expects next (in-order mode)
+    credit: int
+    last_seen: float
+    last_sent: float
+    ready: dict[int, list[Any]] = field(default_factory=dict)  # position -> frames
+    in_flight: set[int] = field(default_factory=set)  # task ids
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.ready) + len(self.in_flight)
+
+
+@dataclass
+class _Task:
+    id: int
+    session: bytes
+    position: int
+    indices: np.ndarray
+    crashes: int = 0
+
+
+@dataclass
+class _Worker:
+    id: int
+    process: Any
+    ready: bool = False
+    tasks: list[int] = field(default_factory=list)
+
+
+class Server:
+    """Serve batches of `index` under `config` until `stop()` or SIGINT/SIGTERM."""
+
+    def __init__(self, config: ServerConfig, index: DatasetIndex) -> None:
+        self.config = config
+        self.index = index
+        self.plan = SamplingPlan(
+            len(index), config.batch_size, mode=config.mode, shuffle=config.shuffle,
+            drop_last=config.drop_last, steps_per_epoch=config.steps_per_epoch,
+        )
+        self.fingerprint = f"{config.fingerprint()}-{index.fingerprint()}"
+        self._stopping = False
+        self._sessions: dict[bytes, _Session] = {}
+        self._tasks: dict[int, _Task] = {}
+        self._queue: deque[int] = deque()
+        self._workers: dict[int, _Worker] = {}
+        self._next_task_id = 0
+        self._mp = multiprocessing.get_context("fork")
+        self._tmpdir = ""
+        self.batches_sent = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to drain and exit (also the SIGINT/SIGTERM handler)."""
+        self._stopping = True
+
+    def run(self) -> int:
+        """Bind, start workers, serve until stopped; returns the exit code."""
+        self._tmpdir = tempfile.mkdtemp(prefix="loader-server-")  # mode 0700: private to this user
+        self._ctx = zmq.Context()
+        self._clients = self._ctx.socket(zmq.ROUTER)
+        self._clients.setsockopt(zmq.LINGER, 0)
+        self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._clients.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST_BYTES)
+        self._clients.setsockopt(zmq.SNDHWM, _MAX_CREDIT * 4)
+        self._workers_sock = self._ctx.socket(zmq.ROUTER)
+        self._workers_sock.setsockopt(zmq.LINGER, 0)
+        self._workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a replacement takes over the id
+        self._workers_sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        self._workers_sock.setsockopt(zmq.RCVHWM, 0)
+        self._worker_endpoint = f"ipc://{self._tmpdir}/workers"
+        try:
+            self._bind_clients()
+            self._workers_sock.bind(self._worker_endpoint)
+            for wid in range(self.config.workers):
+                self._spawn(wid)
+            log.info(
+                "serving %d samples from %s on %s: %d workers, batch %d, %d steps per epoch, settings %s",
+                len(self.index), self.index.source, self.config.bind, self.config.workers,
+                self.config.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config),
+            )
+            self._loop()
+        finally:
+            self._shutdown()
+        log.info("stopped after sending %d batches", self.batches_sent)
+        return 0
+
+    def _bind_clients(self) -> None:
+        bind = self.config.bind
+        try:
+            self._clients.bind(bind)
+        except zmq.ZMQError as exc:
+            from loader_client.errors import ConfigError
+
+            raise ConfigError(f"cannot bind `bind` {bind!r}: {exc}; choose another port or path") from None
+        if bind.startswith("ipc://"):
+            os.chmod(bind[len("ipc://"):], 0o600)
+
+    def _shutdown(self) -> None:
+        for w in self._workers.values():
+            if w.process.is_alive():
+                try:
+                    self._workers_sock.send_multipart([f"w{w.id}".encode(), protocol.pack("stop")], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        deadline = time.monotonic() + _WORKER_STOP_TIMEOUT_S
+        for w in self._workers.values():
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(1.0)
+        self._clients.close(linger=0)
+        self._workers_sock.close(linger=0)
+        self._ctx.term()
+        if self.config.bind.startswith("ipc://"):
+            try:
+                os.unlink(self.config.bind[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _spawn(self, wid: int) -> None:
+        proc = self._mp.Process(
+            target=worker_main,
+            args=(wid, self._worker_endpoint, self.config, self.index, os.getpid()),
+            name=f"loader-worker-{wid}",
+            daemon=True,
+        )
+        proc.start()
+        self._workers[wid] = _Worker(wid, proc)
+
+    # ------------------------------------------------------------------ event loop
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._clients, zmq.POLLIN)
+        poller.register(self._workers_sock, zmq.POLLIN)
+        sentinels: dict[int, int] = {}
+        tick_s = min(self.config.heartbeat_s / 2, _LOOP_TICK_MS / 1000)
+        next_tick = time.monotonic()
+        while not self._stopping:
+            for wid, w in self._workers.items():
+                if sentinels.get(wid) != w.process.sentinel:
+                    if wid in sentinels:
+                        poller.unregister(sentinels[wid])
+                    sentinels[wid] = w.process.sentinel
+                    poller.register(w.process.sentinel, zmq.POLLIN)
+            events = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
+            if self._workers_sock in events:
+                self._drain_workers()
+            if self._clients in events:
+                self._drain_clients()
+            for wid, fd in list(sentinels.items()):
+                if fd in events and not self._workers[wid].process.is_alive():
+                    poller.unregister(fd)
+                    del sentinels[wid]
+                    self._replace_worker(wid)
+            if time.monotonic() >= next_tick:
+                self._tick()
+                next_tick = time.monotonic() + tick_s
+            self._dispatch()
+
+    def _drain_clients(self) -> None:
+        while True:
+            try:
+                frames = self._clients.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, body = frames[0], frames[1:]
+            try:
+                self._on_client(identity, body)
+            except ProtocolVersionError as exc:
+                log.warning("refused client %s: %s", identity.hex(), exc)
+                self._send_error(identity, "version", str(exc))
+            except ProtocolError as exc:
+                log.warning("ignored bad message from client %s: %s", identity.hex(), exc)
+                self._send_error(identity, "protocol", str(exc))
+
+    def _on_client(self, identity: bytes, body: list[bytes]) -> None:
+        if len(body) != 1:
+            raise ProtocolError(f"client requests are one frame, got {len(body)}")
+        header = protocol.unpack(body[0])
+        protocol.check_version(header, peer="the client")
+        kind = header["t"]
+        session = self._sessions.get(identity)
+        now = time.monotonic()
+        if kind == "hello":
+            self._on_hello(identity, protocol.validate_fields(header, protocol.HELLO_FIELDS))
+        elif session is None:
+            if kind != "bye":
+                self._send_error(identity, "server", "no session: the server restarted or dropped this client; "
+                                 "create a new LoaderClient (pass state= to resume where you were)")
+        elif kind == "credit":
+            n = protocol.validate_fields(header, protocol.CREDIT_FIELDS, required=("n",))["n"]
+            if n < 1:
+                raise ProtocolError(f"credit must be >= 1, got {n}")
+            session.credit = min(_MAX_CREDIT, session.credit + n)
+            session.last_seen = now
+            self._schedule(session)
+            self._flush(session)
+        elif kind == "ping":
+            session.last_seen = now
+        elif kind == "bye":
+            self._drop(identity, "said goodbye")
+        else:
+            raise ProtocolError(f"unknown message type {kind!r}")
+
+    def _on_hello(self, identity: bytes, req: dict[str, Any]) -> None:
+        rank, world = req.get("rank", 0), req.get("world_size", 1)
+        if world < 1 or not 0 <= rank < world:
+            raise ProtocolError(f"rank {rank} of world_size {world} is invalid: need 0 <= rank < world_size")
+        steps = self.plan.steps_per_epoch(world)
+        if steps < 1:
+            self._send_error(identity, "config", f"world_size {world} leaves no full batch of "
+                             f"{self.config.batch_size} per rank from {len(self.index)} samples")
+            return
+        fp = req.get("fingerprint")
+        if fp is not None and fp != self.fingerprint:
+            self._send_error(identity, "config", _fingerprint_mismatch(fp, self.fingerprint))
+            return
+        epoch, batch = req.get("epoch", 0), req.get("batch", 0)
+        if epoch < 0 or not 0 <= batch < steps:
+            raise ProtocolError(f"start position epoch {epoch} batch {batch} is outside 0..{steps - 1}")
+        seed = req.get("seed")
+        seed = self.config.seed if seed is None else seed
+        if not 0 <= seed < 2**63:
+            raise ProtocolError(f"seed must be between 0 and 2**63-1, got {seed}")
+        if identity in self._sessions:
+            self._drop(identity, "reconnected")
+        name = req.get("client") or identity.hex()
+        start = epoch * steps + batch
+        now = time.monotonic()
+        session = _Session(identity, name, rank, world, seed, steps, start, start,
+                           min(_MAX_CREDIT, max(0, req.get("credit", 0))), now, now)
+        self._sessions[identity] = session
+        meta = {
+            "num_samples": len(self.index), "batch_size": self.config.batch_size, "steps_per_epoch": steps,
+            "rank": rank, "world_size": world, "seed": seed, "epoch": epoch, "batch": batch,
+            "mode": self.config.mode, "in_order": self.config.in_order, "drop_last": self.config.drop_last,
+            "x_shape": list(self.config.image_shape), "x_dtype": np.dtype(self.config.dtype).str,
+            "layout": self.config.layout, "color": self.config.color,
+            "class_names": list(self.index.class_names) if self.index.class_names else None,
+            "fingerprint": self.fingerprint, "heartbeat_s": self.config.heartbeat_s,
+            "max_message_bytes": self.config.max_message_bytes,
+        }
+        self._send(session, [protocol.pack("welcome", meta=meta)])
+        log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d",
+                 name, rank, world, seed, epoch, batch)
+        self._schedule(session)
+
+    def _drain_workers(self) -> None:
+        while True:
+            try:
+                frames = self._workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            wid = int(frames[0].bytes[1:])
+            worker = self._workers.get(wid)
+            header = protocol.unpack(frames[1])
+            kind = header["t"]
+            if kind == "ready":
+                if worker is not None:
+                    worker.ready = True
+                continue
+            task = self._tasks.pop(header["id"], None)
+            if worker is not None and header["id"] in worker.tasks:
+                worker.tasks.remove(header["id"])
+            if task is None:
+                continue  # its session went away
+            session = self._sessions.get(task.session)
+            if session is None:
+                continue
+            session.in_flight.discard(task.id)
+            if kind == "result":
+                session.ready[task.position] = [header["arrays"], frames[2:]]
+                self._flush(session)
+            elif kind == "failed":
+                epoch, batch = divmod(task.position, session.steps)
+                log.error("worker %d failed on epoch %d batch %d: %s", wid, epoch, batch, header["message"])
+                self._send_error(task.session, header["kind"],
+                                 f"epoch {epoch} batch {batch}: {header['message']}",
+                                 path=header.get("path"), reason=header.get("reason"),
+                                 traceback=header.get("traceback"))
+                self._drop(task.session, "batch failed")
+
+    def _replace_worker(self, wid: int) -> None:
+        worker = self._workers.pop(wid)
+        code = worker.process.exitcode
+        worker.process.join(0)
+        if self._stopping:
+            return
+        log.error("worker %d (pid %d) died with exit code %s; starting a replacement and re-issuing "
+                  "its %d task(s)", wid, worker.process.pid, code, len(worker.tasks))
+        for tid in reversed(worker.tasks):
+            task = self._tasks.get(tid)
+            if task is None:
+                continue
+            task.crashes += 1
+            session = self._sessions.get(task.session)
+            if task.crashes >= MAX_TASK_RETRIES and session is not None:
+                epoch, batch = divmod(task.position, session.steps)
+                files = [self.index.path(int(i)) for i in task.indices]
+                del self._tasks[tid]
+                self._send_error(task.session, "worker_crashed",
+                                 f"epoch {epoch} batch {batch} killed {task.crashes} workers (last exit code "
+                                 f"{code}); its files: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}")
+                self._drop(task.session, "batch crashed workers repeatedly")
+            else:
+                self._queue.appendleft(tid)
+        self._spawn(wid)
+
+    # ------------------------------------------------------------------ scheduling
+    def _schedule(self, session: _Session) -> None:
+        """Create tasks for `session` until `prefetch` batches are in flight or ready."""
+        while session.outstanding < self.config.prefetch:
+            epoch, batch = divmod(session.next_schedule, session.steps)
+            indices = self.plan.batch(epoch, batch, seed=session.seed, rank=session.rank,
+                                      world_size=session.world_size)
+            tid = self._next_task_id
+            self._next_task_id += 1
+            self._tasks[tid] = _Task(tid, session.identity, session.next_schedule, indices)
+            session.in_flight.add(tid)
+            session.next_schedule += 1
+            self._queue.append(tid)
+
+    def _dispatch(self) -> None:
+        """Hand queued tasks to ready workers, at most `_TASKS_PER_WORKER` each."""
+        for worker in self._workers.values():
+            while self._queue and worker.ready and len(worker.tasks) < _TASKS_PER_WORKER:
+                tid = self._queue.popleft()
+                task = self._tasks.get(tid)
+                if task is None:
+                    continue
+                msg = protocol.pack("task", id=tid, indices=task.indices.tobytes())
+                try:
+                    self._workers_sock.send_multipart([f"w{worker.id}".encode(), msg], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    self._queue.appendleft(tid)
+                    worker.ready = False  # not connected (yet/anymore); its sentinel will tell
+                    break
+                worker.tasks.append(tid)
+
+    def _flush(self, session: _Session) -> None:
+        """Send ready batches the session has credit for, in stream order unless unordered."""
+        while session.credit > 0 and session.ready:
+            if self.config.in_order:
+                position = session.next_send
+                if position not in session.ready:
+                    return
+            else:
+                position = min(session.ready)
+            described, frames = session.ready.pop(position)
+            epoch, batch = divmod(position, session.steps)
+            head = protocol.pack("batch", epoch=epoch, batch=batch, steps=session.steps, arrays=described)
+            if not self._send(session, [head, *frames]):
+                return
+            session.credit -= 1
+            session.next_send = position + 1
+            self.batches_sent += 1
+        self._schedule(session)
+
+    # ------------------------------------------------------------------ sending
+    def _send(self, session: _Session, frames: list[Any]) -> bool:
+        try:
+            self._clients.send_multipart([session.identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            self._drop(session.identity, f"unreachable ({exc.strerror})")
+            return False
+        session.last_sent = time.monotonic()
+        return True
+
+    def _send_error(self, identity: bytes, kind: str, message: str, **extra: Any) -> None:
+        try:
+            self._clients.send_multipart(
+                [identity, protocol.pack("error", kind=kind, message=message, **extra)], zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
+            pass
+
+    def _drop(self, identity: bytes, why: str) -> None:
+        session = self._sessions.pop(identity, None)
+        if session is None:
+            return
+        for tid in session.in_flight:
+            self._tasks.pop(tid, None)  # workers' results for them are discarded
+        session.ready.clear()
+        log.info("client %s left (%s)", session.name, why)
+
+    def _tick(self) -> None:
+        """Heartbeats to idle clients; drop clients silent for longer than `client_timeout_s`."""
+        now = time.monotonic()
+        for session in list(self._sessions.values()):
+            if now - session.last_seen > self.config.client_timeout_s:
+                self._drop(session.identity, f"silent for {now - session.last_seen:.0f} s")
+            elif now - session.last_sent >= self.config.heartbeat_s:
+                self._send(session, [protocol.pack("heartbeat")])
+
+
+def _fingerprint_mismatch(theirs: str, ours: str) -> str:
+    t_settings, _, t_index = theirs.partition("-")
+    o_settings, _, o_index = ours.partition("-")
+    what = []
+    if t_settings != o_settings:
+        what.append("the batch settings (size, resize, dtype, sampling, ...)")
+    if t_index != o_index:
+        what.append("the data set index (files or labels)")
+    return (f"cannot resume: {' and '.join(what) or 'the fingerprint'} differ from the saved state "
+            f"(saved {theirs}, server {ours}); start the server with the original settings and data")
+
+
+def _settings_line(config: ServerConfig) -> str:
+    d = config.as_dict()
+    d.pop("data")
+    return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def install_signal_handlers(server: Server) -> None:
+    """SIGINT and SIGTERM ask the server to drain and exit 0."""
+    signal.signal(signal.SIGINT, server.stop)
+    signal.signal(signal.SIGTERM, server.stop)

@@ -1,0 +1,111 @@
+"""The worker process: receives tasks (sample indices), builds batches, sends them back.
+
+A worker does only work. It owns its ZeroMQ context (created after the fork, never shared),
+runs OpenCV on one thread, and exits on its own when the server dies (parent-death signal,
+plus a check of the parent pid whenever it is idle).
+
+Batches are sent zero-copy: the frame points at the batch buffer itself, and a small pool of
+buffers is recycled once ZeroMQ reports it has finished with each one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from collections import deque
+
+import numpy as np
+import zmq
+
+from loader_client import protocol
+
+from .config import ServerConfig
+from .index import DatasetIndex
+
+__all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
+
+#: How often an idle worker checks that its server is still alive.
+WORKER_IDLE_POLL_MS = 500
+#: Output buffers in flight per worker: one being filled, others still being sent.
+_POOL_SIZE = 3
+_TRACKER_WAIT_S = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the server dies (best effort elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: DatasetIndex, parent_pid: int) -> None:
+    """Entry point of a worker process (forked from the server's main thread)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.getppid() != parent_pid:  # the server died before prctl took effect
+        os._exit(1)
+    import cv2
+
+    cv2.setNumThreads(1)
+    from .batch import BatchBuilder
+    from .decode import DecodeError
+
+    builder = BatchBuilder(config, index)
+    pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
+        (builder.allocate(), None) for _ in range(_POOL_SIZE)
+    )
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, f"w{worker_id}".encode())
+    sock.connect(endpoint)
+    sock.send(protocol.pack("ready", worker=worker_id, pid=os.getpid()))
+    try:
+        while True:
+            if not sock.poll(WORKER_IDLE_POLL_MS):
+                if os.getppid() != parent_pid:
+                    return
+                continue
+            frames = sock.recv_multipart()
+            header = protocol.unpack(frames[0])
+            if header["t"] == "stop":
+                return
+            if header["t"] != "task":
+                continue
+            task_id = header["id"]
+            indices = np.frombuffer(header["indices"], dtype=np.int64)
+            x, tracker = pool.popleft()
+            if tracker is not None and not tracker.done:
+                tracker.wait(_TRACKER_WAIT_S)
+            try:
+                arrays = builder.build(indices, x)
+            except DecodeError as exc:
+                pool.append((x, None))
+                sock.send(protocol.pack(
+                    "failed", id=task_id, kind="bad_sample", path=exc.path, reason=exc.reason,
+                    message=str(exc), traceback=traceback.format_exc(),
+                ))
+                continue
+            except Exception as exc:  # a bug or an unexpected library error: report, keep serving
+                pool.append((x, None))
+                sock.send(protocol.pack(
+                    "failed", id=task_id, kind="server", path=None, reason=type(exc).__name__,
+                    message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                ))
+                continue
+            head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays))
+            tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
+            pool.append((x, tracker))
+    except KeyboardInterrupt:  # pragma: no cover
+        pass
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+        sys.stdout.flush()
