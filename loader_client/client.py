@@ -61,7 +61,7 @@ class LoaderClient:
         world_size: int = 1,
         seed: int | None = None,
         state: dict[str, Any] | None = None,
-        heartbeat_s: float = 1.0,
+        heartbeat_s: float | None = None,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         name: str | None = None,
     ) -> None:
@@ -69,6 +69,8 @@ class LoaderClient:
             raise ValueError(f"`timeout_s` must be > 0, got {timeout_s}")
         if prefetch < 1:
             raise ValueError(f"`prefetch` must be >= 1, got {prefetch}")
+        if heartbeat_s is None:
+            heartbeat_s = min(1.0, timeout_s / 3)
         if heartbeat_s <= 0 or heartbeat_s >= timeout_s:
             raise ValueError(f"`heartbeat_s` must be > 0 and below `timeout_s`, got {heartbeat_s}")
         self.endpoint = endpoint

@@ -8,7 +8,7 @@ list of non-negative ints, and ``prod(shape) * itemsize == len(frame)``.
 
 Client -> server: ``hello`` (stream request and first credit), ``credit``, ``ping``, ``bye``.
 Server -> client: ``welcome`` (metadata), ``batch``, ``heartbeat``, ``error``.
-Server <-> worker: ``ready``, ``task``, ``result``, ``failed``, ``stop`` (over a private ipc socket).
+Server <-> worker: ``ready``, ``task``, ``result``, ``failed`` (over a private ipc socket).
 """
 
 from __future__ import annotations

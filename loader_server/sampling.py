@@ -77,7 +77,7 @@ class SamplingPlan:
         order = self.epoch_order(seed, epoch)
         total = self.samples_per_rank(world_size) * world_size
         if total > len(order):  # keep-last with ranks: pad from the start of the permutation
-            order = np.concatenate([order, order[: total - len(order)]])
+            order = np.resize(order, total)
         return order[rank:total:world_size]
 
 

@@ -47,6 +47,7 @@ _MAX_CREDIT = 256
 _MAX_REQUEST_BYTES = 64 * 1024
 _WORKER_STOP_TIMEOUT_S = 5.0
 _LOOP_TICK_MS = 100
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass
@@ -161,10 +162,7 @@ class Server:
     def _shutdown(self) -> None:
         for w in self._workers.values():
             if w.process.is_alive():
-                try:
-                    self._workers_sock.send_multipart([f"w{w.id}".encode(), protocol.pack("stop")], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+                w.process.terminate()  # workers hold nothing worth draining
         deadline = time.monotonic() + _WORKER_STOP_TIMEOUT_S
         for w in self._workers.values():
             w.process.join(max(0.0, deadline - time.monotonic()))
@@ -188,7 +186,13 @@ class Server:
             name=f"loader-worker-{wid}",
             daemon=True,
         )
-        proc.start()
+        # Block SIGINT/SIGTERM across the fork so that the child never runs our handlers;
+        # worker_main installs its own and unblocks them.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self._workers[wid] = _Worker(wid, proc)
 
     # ------------------------------------------------------------------ event loop

@@ -49,6 +49,7 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked across fork
     if os.getppid() != parent_pid:  # the server died before prctl took effect
         os._exit(1)
     import cv2
@@ -75,8 +76,6 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
                 continue
             frames = sock.recv_multipart()
             header = protocol.unpack(frames[0])
-            if header["t"] == "stop":
-                return
             if header["t"] != "task":
                 continue
             task_id = header["id"]

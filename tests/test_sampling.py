@@ -1,0 +1,74 @@
+"""Sampling plan: a pure function of (seed, epoch, rank, world size) and the settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loader_server.sampling import SamplingPlan
+
+
+def epoch_batches(plan: SamplingPlan, epoch: int, seed: int = 0, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    return [plan.batch(epoch, b, seed=seed, rank=rank, world_size=world) for b in range(plan.steps_per_epoch(world))]
+
+
+def test_same_seed_same_batches_other_epoch_other_order() -> None:
+    plan = SamplingPlan(100, 10)
+    a = np.concatenate(epoch_batches(plan, 0, seed=5))
+    b = np.concatenate(epoch_batches(SamplingPlan(100, 10), 0, seed=5))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, np.concatenate(epoch_batches(plan, 1, seed=5)))
+    assert not np.array_equal(a, np.concatenate(epoch_batches(plan, 0, seed=6)))
+
+
+def test_exactly_once_per_epoch() -> None:
+    plan = SamplingPlan(100, 10)
+    for epoch in range(3):
+        seen = np.concatenate(epoch_batches(plan, epoch))
+        assert sorted(seen.tolist()) == list(range(100))
+
+
+def test_drop_last_and_keep_last_counts() -> None:
+    drop = SamplingPlan(103, 10, drop_last=True)
+    keep = SamplingPlan(103, 10, drop_last=False)
+    assert drop.steps_per_epoch() == 10
+    assert keep.steps_per_epoch() == 11
+    kept = epoch_batches(keep, 0)
+    assert [len(b) for b in kept] == [10] * 10 + [3]
+    assert sorted(np.concatenate(kept).tolist()) == list(range(103))
+    dropped = np.concatenate(epoch_batches(drop, 0))
+    assert len(dropped) == 100 and len(set(dropped.tolist())) == 100
+    with pytest.raises(IndexError):
+        drop.batch(0, 10, seed=0)
+
+
+def test_no_shuffle_keeps_file_order() -> None:
+    plan = SamplingPlan(20, 5, shuffle=False)
+    for epoch in range(2):
+        assert np.concatenate(epoch_batches(plan, epoch)).tolist() == list(range(20))
+
+
+def test_random_mode_with_replacement_is_deterministic() -> None:
+    plan = SamplingPlan(50, 8, mode="random", steps_per_epoch=7)
+    assert plan.steps_per_epoch() == 7
+    a = epoch_batches(plan, 0, seed=1)
+    assert all(len(b) == 8 and b.min() >= 0 and b.max() < 50 for b in a)
+    np.testing.assert_array_equal(np.concatenate(a), np.concatenate(epoch_batches(plan, 0, seed=1)))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(epoch_batches(plan, 1, seed=1)))
+    draws = np.concatenate([np.concatenate(epoch_batches(plan, e, seed=1)) for e in range(20)])
+    assert len(set(draws.tolist())) < len(draws)  # with replacement: repeats happen
+    assert SamplingPlan(50, 8, mode="random").steps_per_epoch() == 50 // 8
+
+
+@pytest.mark.parametrize(("n", "world", "drop_last"), [(103, 2, True), (103, 4, True), (103, 4, False), (7, 3, False)])
+def test_ranks_are_disjoint_with_equal_batch_counts(n: int, world: int, drop_last: bool) -> None:
+    plan = SamplingPlan(n, 4, drop_last=drop_last)
+    per_rank = [np.concatenate(epoch_batches(plan, 2, rank=r, world=world)) for r in range(world)]
+    steps = {len(epoch_batches(plan, 2, rank=r, world=world)) for r in range(world)}
+    assert len(steps) == 1
+    union = np.concatenate(per_rank)
+    if drop_last:
+        assert len(set(union.tolist())) == len(union)  # disjoint, nothing twice
+        assert n - len(union) < world * 4 + world  # the documented remainder only
+    else:
+        assert set(union.tolist()) == set(range(n))  # everything, padded with a few repeats
