@@ -6,7 +6,7 @@
             ...
 """
 
-from .client import BatchInfo, LoaderClient, batches
+from .client import BatchInfo, LoaderClient, batches, health
 from .errors import (
     BadSampleError,
     ConfigError,
@@ -23,6 +23,7 @@ __all__ = [
     "LoaderClient",
     "BatchInfo",
     "batches",
+    "health",
     "PROTOCOL_VERSION",
     "LoaderError",
     "LoaderTimeoutError",

@@ -24,7 +24,7 @@ import zmq
 from . import protocol
 from .errors import ERROR_KINDS, LoaderError, LoaderTimeoutError, ProtocolError
 
-__all__ = ["LoaderClient", "BatchInfo", "batches"]
+__all__ = ["LoaderClient", "BatchInfo", "batches", "health"]
 
 _counter = itertools.count()
 _STOP_JOIN_TIMEOUT_S = 5.0
@@ -373,3 +373,31 @@ def batches(endpoint: str, **kwargs: Any) -> Iterator[tuple[np.ndarray, np.ndarr
     """
     with LoaderClient(endpoint, **kwargs) as client:
         yield from client
+
+
+def health(endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Ask a server whether it is up and has a ready worker, without opening a stream.
+
+    Returns the server's answer (``ok``, ``workers_ready``, ``clients``, ...); raises
+    `LoaderTimeoutError` if it does not answer within `timeout_s`.
+    """
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER_BYTES)
+    try:
+        sock.connect(endpoint)
+        sock.send(protocol.pack("health"))
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0 and sock.poll(int(remaining * 1000) + 1):
+            frames = sock.recv_multipart()
+            header = protocol.unpack(frames[0])
+            protocol.check_version(header, peer=f"the server at {endpoint}")
+            if header["t"] == "error":
+                raise _remote_error(header)
+            if header["t"] == "health":
+                return {k: v for k, v in header.items() if k not in ("v", "t")}
+        raise LoaderTimeoutError(f"no health answer from {endpoint} within {timeout_s:g} s")
+    finally:
+        sock.close(linger=0)
+        ctx.term()

@@ -6,8 +6,9 @@ are described in the header as ``[name, dtype, shape]`` and travel as raw bytes,
 Every header and frame is validated before an array is built: dtype on an allow-list, shape a
 list of non-negative ints, and ``prod(shape) * itemsize == len(frame)``.
 
-Client -> server: ``hello`` (stream request and first credit), ``credit``, ``ping``, ``bye``.
-Server -> client: ``welcome`` (metadata), ``batch``, ``heartbeat``, ``error``.
+Client -> server: ``hello`` (stream request and first credit), ``credit``, ``ping``, ``bye``;
+``health`` opens no session and is answered by ``health`` (ok once a worker is ready).
+Server -> client: ``welcome`` (metadata), ``batch``, ``heartbeat``, ``error``, ``health``.
 Server <-> worker: ``ready``, ``task``, ``result``, ``failed`` (over a private ipc socket).
 """
 

@@ -30,7 +30,7 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = Tru
                    help="list file of `path label` (or `path,label`) lines, or a folder of class sub-folders")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="samples per batch")
     p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT, as cv2.resize takes it")
-    p.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: CPUs - 1)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="worker processes (CPUs - 1 on this machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle; same seed, same batches")
     p.add_argument("--bind", default=d["bind"].default, help="endpoint to serve on: tcp://HOST:PORT or ipc://PATH")
     p.add_argument("--prefetch", type=int, default=d["prefetch"].default,
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", formatter_class=fmt, help="generate sample data, serve it, check 2 epochs",
                           description="Generate a labelled image set, start `serve` on it, consume epochs "
                                       "with the client, check every sample arrives exactly once per epoch.")
+    health = sub.add_parser("health", formatter_class=fmt, help="exit 0 if a server answers and has a ready worker",
+                            description="Liveness and readiness check (for container health checks).")
+    health.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
+                        help="the server's endpoint")
+    health.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
     demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
     demo.add_argument("--images", type=int, default=1024, help="number of sample images to generate")
     demo.add_argument("--epochs", type=int, default=2, help="epochs to consume")
@@ -114,12 +119,26 @@ def _serve(args: argparse.Namespace) -> int:
     return server.run()
 
 
+def _health(args: argparse.Namespace) -> int:
+    from loader_client import LoaderError, health
+
+    try:
+        answer = health(args.endpoint, timeout_s=args.timeout_s)
+    except LoaderError as exc:
+        print(f"loader-server health: {exc}", file=sys.stderr)
+        return 1
+    print(" ".join(f"{k}={v}" for k, v in answer.items()))
+    return 0 if answer.get("ok") else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `loader-server`; returns the exit code (2 for bad settings or data)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "health":
+            return _health(args)
         from .demo import run_demo
 
         return run_demo(args)

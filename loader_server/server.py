@@ -251,6 +251,13 @@ class Server:
         now = time.monotonic()
         if kind == "hello":
             self._on_hello(identity, protocol.validate_fields(header, protocol.HELLO_FIELDS))
+        elif kind == "health":
+            protocol.validate_fields(header, {})
+            ready = sum(1 for w in self._workers.values() if w.ready and w.process.is_alive())
+            self._clients.send_multipart([identity, protocol.pack(
+                "health", ok=ready > 0, workers_ready=ready, workers=self.config.workers,
+                clients=len(self._sessions), batches_sent=self.batches_sent,
+            )], zmq.NOBLOCK)
         elif session is None:
             if kind != "bye":
                 self._send_error(identity, "server", "no session: the server restarted or dropped this client; "

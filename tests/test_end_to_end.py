@@ -302,3 +302,19 @@ def test_client_raises_version_error_from_the_welcome(tmp_path: Path) -> None:
     finally:
         router.close()
         ctx.term()
+
+
+def test_health_check_command(start_server: Any, listfile: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def check(endpoint: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "loader_server", "health", endpoint, "--timeout-s", "2"],
+                              capture_output=True, text=True, timeout=60)
+
+    server = start_server(listfile, "--batch-size", str(BATCH), "--size", SIZE, "--workers", "2")
+    wait_until(lambda: check(server.endpoint).returncode == 0, 20, "the server to report healthy")
+    result = check(server.endpoint)
+    assert "ok=True" in result.stdout and "workers_ready=2" in result.stdout and "clients=0" in result.stdout
+    missing = check(f"ipc://{tmp_path}/none.sock")
+    assert missing.returncode == 1 and "no health answer" in missing.stderr

@@ -1,0 +1,64 @@
+"""The command line, the demo (the README's main job), and the public surface of both packages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import loader_client
+import loader_server
+from loader_server.cli import build_parser
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}  # one help entry per line
+    return subprocess.run([sys.executable, "-m", "loader_server", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_serve_help_lists_every_flag_with_its_default() -> None:
+    out = run("serve", "--help").stdout
+    for flag in ("--data", "--batch-size", "--size", "--workers", "--seed", "--bind", "--prefetch", "--mode",
+                 "--no-shuffle", "--drop-last", "--keep-last", "--steps-per-epoch", "--unordered", "--resize",
+                 "--interpolation", "--pad-value", "--color", "--dtype", "--layout", "--mean", "--std"):
+        assert flag in out, flag
+    assert "(default: tcp://127.0.0.1:5555)" in out
+    assert "(default: 224x224)" in out
+
+
+def test_default_bind_is_loopback_and_workers_leave_a_core() -> None:
+    args = build_parser().parse_args(["serve", "--data", "x"])
+    assert args.bind == "tcp://127.0.0.1:5555"
+    assert args.workers >= 1
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = run("demo", "--images", "96", "--batch-size", "16", "--size", "32x32", "--workers", "2",
+                 "--out", str(tmp_path / "imgs"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "demo: epoch 0:" in out and "demo: epoch 1:" in out
+    assert out.count("96 samples exactly once, 0 repeated") == 2
+    assert "images/s" in out and out.rstrip().endswith("demo: OK")
+
+
+def test_client_package_never_imports_opencv() -> None:
+    code = "import sys, loader_client; assert 'cv2' not in sys.modules, 'cv2 imported'; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_public_names() -> None:
+    assert set(loader_client.__all__) == {
+        "LoaderClient", "BatchInfo", "batches", "health", "PROTOCOL_VERSION", "LoaderError", "LoaderTimeoutError",
+        "ProtocolError", "ProtocolVersionError", "ServerError", "BadSampleError", "WorkerCrashedError",
+        "ConfigError",
+    }
+    assert set(loader_server.__all__) == {"ServerConfig", "DatasetIndex", "load_index", "Server"}
+    for module in (loader_client, loader_server):
+        for name in module.__all__:
+            assert hasattr(module, name), name
+    assert issubclass(loader_client.LoaderTimeoutError, TimeoutError)
+    assert issubclass(loader_client.BadSampleError, loader_client.ServerError)
