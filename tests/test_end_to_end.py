@@ -318,3 +318,33 @@ def test_health_check_command(start_server: Any, listfile: Path, tmp_path: Path)
     assert "ok=True" in result.stdout and "workers_ready=2" in result.stdout and "clients=0" in result.stdout
     missing = check(f"ipc://{tmp_path}/none.sock")
     assert missing.returncode == 1 and "no health answer" in missing.stderr
+
+
+def test_slow_trainer_makes_the_server_wait(start_server: Any, listfile: Path) -> None:
+    from loader_client import health
+
+    server = start_server(listfile, "--batch-size", "4", "--size", SIZE, "--workers", "2", "--prefetch", "6")
+    with LoaderClient(server.endpoint, timeout_s=20, prefetch=2) as client:
+        next(iter(client))
+        # One consumed batch gave one credit back: the server may have sent 1 + 2 batches, no more.
+        wait_until(lambda: health(server.endpoint)["batches_sent"] == 3, 10, "the credit window to fill")
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert health(server.endpoint)["batches_sent"] == 3
+        next(iter(client))
+        wait_until(lambda: health(server.endpoint)["batches_sent"] == 4, 10, "one more batch per credit")
+
+
+def test_random_mode_is_endless_with_replacement(start_server: Any, listfile: Path) -> None:
+    server = start_server(listfile, "--batch-size", "10", "--size", SIZE, "--workers", "2", "--mode", "random",
+                          "--steps-per-epoch", "3", "--seed", "11")
+    runs = []
+    for _ in range(2):
+        with LoaderClient(server.endpoint, timeout_s=20) as client:
+            assert client.steps_per_epoch == 3
+            it = iter(client)
+            runs.append([(client.last.epoch if client.last else -1, next(it)[1]) for _ in range(8)])
+    labels = np.concatenate([y for _, y in runs[0]])
+    assert labels.min() >= 0 and labels.max() < N and len(set(labels.tolist())) < len(labels)
+    for (_, a), (_, b) in zip(*runs):
+        np.testing.assert_array_equal(a, b)  # same seed, same draws
