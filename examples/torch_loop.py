@@ -1,0 +1,56 @@
+"""Train a small PyTorch CNN from a loader server, on the GPU when there is one.
+
+    loader-server demo --out /tmp/demo-images
+    loader-server serve --data /tmp/demo-images --size 64x64 --layout chw &
+    python examples/torch_loop.py --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from loader_client.torch import LoaderDataset
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", default=os.environ.get("LOADER_ENDPOINT", "tcp://127.0.0.1:5555"))
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dataset = LoaderDataset(args.endpoint, timeout_s=60, pin_memory=device == "cuda", device=device)
+    client = dataset.client
+    chw = client.info["layout"] == "chw"
+    channels = client.x_shape[0] if chw else client.x_shape[-1]
+    classes = len(client.class_names or []) or 1000
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(channels, 16, 3, stride=2), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, classes),
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    try:
+        for epoch in range(1, args.epochs + 1):
+            started, total, steps = time.perf_counter(), 0.0, 0
+            for x, y in dataset:
+                if not chw:
+                    x = x.permute(0, 3, 1, 2)  # HWC batch viewed as NCHW
+                loss = torch.nn.functional.cross_entropy(model(x.float().div_(255)), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, steps = total + loss.item(), steps + 1
+            print(f"epoch {epoch}: loss {total / steps:.4f}, {steps} steps, "
+                  f"{steps * client.batch_size / (time.perf_counter() - started):.0f} images/s on {device}, "
+                  f"waited {client.wait_s:.2f} s for data in total", flush=True)
+    finally:
+        dataset.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

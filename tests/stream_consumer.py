@@ -1,0 +1,50 @@
+"""A trainer stand-in run as a separate process by the tests.
+
+    python -m tests.stream_consumer ENDPOINT OUT_JSONL [--state FILE] [--rank R --world-size N] [--batches K]
+
+For every batch it appends {epoch, batch, indices, digest} to OUT_JSONL, then saves the
+client's state to --state (atomically), like a trainer checkpointing after each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+
+from loader_client import LoaderClient
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("endpoint")
+    p.add_argument("out")
+    p.add_argument("--state", default=None)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--batches", type=int, default=None)
+    args = p.parse_args()
+    state = None
+    if args.state and os.path.exists(args.state):
+        with open(args.state) as f:
+            state = json.load(f)
+    kwargs = {"state": state} if state else {"rank": args.rank, "world_size": args.world_size}
+    with LoaderClient(args.endpoint, timeout_s=30, **kwargs) as client, open(args.out, "a") as out:
+        total = args.batches if args.batches is not None else 10**9
+        for _, (x, y) in zip(range(total), client):
+            info = client.last
+            assert info is not None
+            digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+            out.write(json.dumps({"epoch": info.epoch, "batch": info.batch, "indices": info.indices.tolist(),
+                                  "digest": digest}) + "\n")
+            out.flush()
+            if args.state:
+                tmp = args.state + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(client.state_dict(), f)
+                os.replace(tmp, args.state)
+
+
+if __name__ == "__main__":
+    main()
