@@ -1,10 +1,14 @@
 """Collating a batch: read, decode and resize each sample straight into the batch buffer.
 
 Pure work over files and arrays, no sockets: the worker process calls `BatchBuilder.build`
-and sends what it returns.
+and sends what it returns. File reads can run ahead on a small thread pool (`read_threads`),
+so that waiting on slow storage overlaps with decoding; reads and OpenCV both release the GIL.
 """
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -12,7 +16,10 @@ from .config import ServerConfig
 from .decode import Decoder, read_file
 from .index import DatasetIndex
 
-__all__ = ["BatchBuilder"]
+__all__ = ["BatchBuilder", "Reads"]
+
+#: Paths of a batch with their reads: a future per file when reads run ahead, else None.
+Reads = list[tuple[str, "Future[bytes] | None"]]
 
 
 class BatchBuilder:
@@ -24,6 +31,9 @@ class BatchBuilder:
         self.decoder = Decoder(config)
         w, h = config.size
         self._hwc_shape = (h, w, config.channels)
+        self._latency_s = config.simulate_read_latency_ms / 1000
+        self._pool = (ThreadPoolExecutor(config.read_threads, thread_name_prefix="loader-read")
+                      if config.read_threads > 0 else None)
         self._scratch: np.ndarray | None = None  # uint8 HWC staging for float32 or CHW output
         self._scale: np.ndarray | None = None
         self._offset: np.ndarray | None = None
@@ -42,22 +52,34 @@ class BatchBuilder:
         n = self.config.batch_size if batch_size is None else batch_size
         return np.empty((n, *self.config.image_shape), dtype=self.config.dtype)
 
-    def build(self, indices: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
+    def read_ahead(self, indices: np.ndarray) -> Reads:
+        """Start reading the files of a batch on the read threads (no-op without them)."""
+        paths = [self.index.path(int(i)) for i in indices]
+        if self._pool is None:
+            return [(p, None) for p in paths]
+        return [(p, self._pool.submit(self._read, p)) for p in paths]
+
+    def _read(self, path: str) -> bytes:
+        if self._latency_s:
+            time.sleep(self._latency_s)
+        return read_file(path)
+
+    def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None) -> dict[str, np.ndarray]:
         """Fill `x` (from `allocate`, at least ``len(indices)`` long) and return the batch arrays.
 
-        Raises DecodeError naming the file of the first sample that fails.
+        `reads` comes from `read_ahead` for the same indices. Raises DecodeError naming the
+        file of the first sample that fails.
         """
         n = len(indices)
         x = x[:n]
         direct = self.config.dtype == "uint8" and self.config.layout == "hwc"
         staging = x if direct else self._staging(n)
-        index = self.index
-        for slot, i in enumerate(indices):
-            path = index.path(int(i))
-            self.decoder.decode_into(read_file(path), path, staging[slot])
+        for slot, (path, pending) in enumerate(self.read_ahead(indices) if reads is None else reads):
+            data = self._read(path) if pending is None else pending.result()
+            self.decoder.decode_into(data, path, staging[slot])
         if not direct:
             self._finish(staging, x)
-        labels = index.labels[indices]
+        labels = self.index.labels[indices]
         return {"x": x, "y": labels, "index": np.ascontiguousarray(indices, dtype=np.int64)}
 
     def _staging(self, n: int) -> np.ndarray:

@@ -55,6 +55,12 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = Tru
     p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
                    help="uint8 pixels, or float32 scaled to [0, 1] (4x the bytes on the wire)")
     p.add_argument("--layout", choices=("hwc", "chw"), default="hwc", help="image layout inside a batch")
+    p.add_argument("--no-reduced-decode", dest="reduced_decode", action="store_false",
+                   help="decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover the output")
+    p.add_argument("--read-threads", type=int, default=d["read_threads"].default,
+                   help="file reads in flight per worker (overlaps slow storage with decoding; 0 reads inline)")
+    p.add_argument("--simulate-read-latency-ms", type=float, default=0.0,
+                   help="benchmark option: add this latency to every file read (simulates network storage)")
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, float32 only: (x/255-mean)/std")
     p.add_argument("--std", type=_floats, default=None, help="per-channel std, float32 only")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval to idle clients")
@@ -96,7 +102,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         seed=args.seed, bind=args.bind, prefetch=args.prefetch, mode=args.mode, shuffle=args.shuffle,
         drop_last=args.drop_last, steps_per_epoch=args.steps_per_epoch, in_order=args.in_order,
         resize=args.resize, interpolation=args.interpolation, pad_value=args.pad_value, color=args.color,
-        dtype=args.dtype, layout=args.layout, mean=args.mean, std=args.std, heartbeat_s=args.heartbeat_s,
+        dtype=args.dtype, layout=args.layout, reduced_decode=args.reduced_decode, read_threads=args.read_threads,
+        simulate_read_latency_ms=args.simulate_read_latency_ms, mean=args.mean, std=args.std, heartbeat_s=args.heartbeat_s,
         client_timeout_s=args.client_timeout_s,
     )
 

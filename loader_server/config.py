@@ -65,6 +65,9 @@ class ServerConfig:
     color: Literal["rgb", "bgr", "gray"] = "rgb"
     dtype: Literal["uint8", "float32"] = "uint8"
     layout: Literal["hwc", "chw"] = "hwc"
+    reduced_decode: bool = True
+    read_threads: int = 4  # file reads in flight per worker, overlapping slow storage with decoding
+    simulate_read_latency_ms: float = 0.0  # benchmark option: sleep before every file read
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     heartbeat_s: float = 1.0
@@ -79,6 +82,9 @@ class ServerConfig:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("workers", self.workers, 1)
         _at_least("prefetch", self.prefetch, 1)
+        _at_least("read_threads", self.read_threads, 0)
+        if self.simulate_read_latency_ms < 0:
+            raise ConfigError(f"`simulate_read_latency_ms` must be >= 0, got {self.simulate_read_latency_ms}")
         w, h = self.size
         if not (1 <= w <= 16384 and 1 <= h <= 16384):
             raise ConfigError(f"`size` must be between 1x1 and 16384x16384, got {w}x{h}")
@@ -144,8 +150,8 @@ class ServerConfig:
         keep = {
             k: v
             for k, v in self.as_dict().items()
-            if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s",
-                         "client_timeout_s", "max_message_bytes", "seed")
+            if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
+                         "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms")
         }
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()

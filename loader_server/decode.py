@@ -11,6 +11,12 @@ Behaviour, the same for every file type OpenCV reads:
 Resize modes: ``stretch`` to WxH (the classic generator), ``letterbox`` (keep aspect, pad with
 ``pad_value``), ``crop`` (scale the shorter side to fit, cut the centre). The crop is fused:
 only the centre region of the source is resized, straight into the output buffer.
+
+Reduced-size decoding (on by default): a JPEG at least 2, 4 or 8 times larger than what the
+resize needs, in both orientations, is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
+scaling (``IMREAD_REDUCED_*``), which is much cheaper; the size is read from the JPEG header
+first. The resize never upsamples what the reduction removed, but pixels differ slightly from
+a full-size decode followed by the same resize.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 
 from .config import ServerConfig
 
-__all__ = ["DecodeError", "Decoder", "read_file"]
+__all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -30,6 +36,9 @@ _INTERPOLATION = {
     "lanczos": cv2.INTER_LANCZOS4,
 }
 _RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
+# libjpeg scale bits of the IMREAD_REDUCED_* flags (IMREAD_REDUCED_GRAYSCALE_2 == 16, ...).
+_REDUCE_BITS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class DecodeError(Exception):
@@ -56,6 +65,28 @@ def read_file(path: str) -> bytes:
         raise DecodeError(path, f"read failed: {exc.strerror or exc}") from None
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None if `data` is not a parsable JPEG."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS:
+            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6]
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
 class Decoder:
     """Decodes one encoded image and resizes it into a preallocated ``(H, W, C)`` uint8 slot."""
 
@@ -64,6 +95,7 @@ class Decoder:
         self.mode = config.resize
         self.interpolation = _INTERPOLATION[config.interpolation]
         self.pad_value = config.pad_value
+        self.reduce = config.reduced_decode
         self.swap_to_rgb = False
         if config.color == "gray":
             self.flags = cv2.IMREAD_GRAYSCALE
@@ -74,13 +106,44 @@ class Decoder:
         else:  # pragma: no cover - older OpenCV
             self.flags = cv2.IMREAD_COLOR
             self.swap_to_rgb = True
+        # A reduced flag is the colour choice plus a scale bit (IMREAD_REDUCED_COLOR_2 == COLOR | 16).
+        self._reduced_flags = {f: self.flags | bits for f, bits in _REDUCE_BITS.items()}
+
+    def reduction(self, width: int, height: int) -> int:
+        """Largest JPEG scale-down (1, 2, 4 or 8) after which the resize still only shrinks.
+
+        Checked for both orientations, since EXIF may rotate the image after decoding.
+        """
+        for f in (8, 4, 2):
+            if self._fits(width, height, f) and self._fits(height, width, f):
+                return f
+        return 1
+
+    def _fits(self, w: int, h: int, f: int) -> bool:
+        W, H = self.width, self.height
+        if self.mode == "crop":
+            if w * H > h * W:
+                w = round(h * W / H)
+            else:
+                h = round(w * H / W)
+        elif self.mode == "letterbox":
+            scale = min(W / w, H / h)
+            W, H = round(w * scale), round(h * scale)
+        return w // f >= W and h // f >= H
 
     def decode(self, data: bytes, path: str) -> np.ndarray:
         """Decode bytes to an 8-bit image, raising DecodeError naming `path` on failure."""
         if not data:
             raise DecodeError(path, "empty file")
+        flags = self.flags
+        if self.reduce:
+            size = jpeg_size(data)
+            if size is not None and size[0] > 0 and size[1] > 0:
+                f = self.reduction(*size)
+                if f > 1:
+                    flags = self._reduced_flags[f]
         try:
-            img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), self.flags)
+            img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
         except cv2.error as exc:
             raise DecodeError(path, f"OpenCV error: {str(exc).strip().splitlines()[-1]}") from None
         if img is None:

@@ -66,6 +66,10 @@ def _from_list_file(path: Path) -> DatasetIndex:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read list file {str(path)!r}: {exc.strerror}") from None
+    root = str(path.parent.resolve())
+    fast = _parse_plain(raw)
+    if fast is not None:
+        return _build(root, fast[0], fast[1], None, f"list file {path}")
     paths: list[bytes] = []
     labels: list[int] = []
     append_path, append_label = paths.append, labels.append
@@ -97,7 +101,34 @@ def _from_list_file(path: Path) -> DatasetIndex:
         append_label(value)
     if not paths:
         raise ConfigError(f"list file {str(path)!r} holds no samples (only blank or # lines)")
-    return _build(str(path.parent.resolve()), paths, labels, None, f"list file {path}")
+    return _build(root, paths, labels, None, f"list file {path}")
+
+
+def _parse_plain(raw: bytes) -> tuple[list[bytes], np.ndarray] | None:
+    """Fast path for the common file: every line exactly `path label`, no comments or commas.
+
+    Returns None whenever anything is unusual, and the careful line-by-line parser (which
+    names the offending line) takes over.
+    """
+    if any(c in raw for c in (b"#", b",", b"\r", b"\x0b", b"\x0c")):
+        return None
+    tokens = raw.split()
+    arr = np.frombuffer(raw, dtype=np.uint8)
+    ends = np.flatnonzero(arr == 10)
+    if not raw.endswith(b"\n"):
+        ends = np.append(ends, len(raw))
+    # Exactly one space or tab inside every line, and two tokens per line on average:
+    # then every line is exactly `path label` (no blank line, no space in a path).
+    if not tokens or len(tokens) != 2 * len(ends):
+        return None
+    seps = np.flatnonzero((arr == 32) | (arr == 9))
+    if len(seps) != len(ends) or not (np.searchsorted(ends, seps) == np.arange(len(ends))).all():
+        return None
+    try:
+        labels = np.array(tokens[1::2]).astype(np.int64)
+    except (ValueError, OverflowError):
+        return None
+    return tokens[0::2], labels
 
 
 def _from_class_folders(root: Path) -> DatasetIndex:
@@ -124,13 +155,13 @@ def _from_class_folders(root: Path) -> DatasetIndex:
 
 
 def _build(
-    root: str, paths: list[bytes], labels: list[int], classes: tuple[str, ...] | None, source: str
+    root: str, paths: list[bytes], labels: list[int] | np.ndarray, classes: tuple[str, ...] | None, source: str
 ) -> DatasetIndex:
     lengths = np.fromiter(map(len, paths), dtype=np.int64, count=len(paths))
     offsets = np.zeros(len(paths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     blob = np.frombuffer(b"".join(paths), dtype=np.uint8)
-    label_arr = np.array(labels, dtype=np.int64)
+    label_arr = labels if isinstance(labels, np.ndarray) else np.array(labels, dtype=np.int64)
     return DatasetIndex(root, blob, offsets, label_arr, classes, source)
 
 

@@ -55,7 +55,7 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
     import cv2
 
     cv2.setNumThreads(1)
-    from .batch import BatchBuilder
+    from .batch import BatchBuilder, Reads
     from .decode import DecodeError
 
     builder = BatchBuilder(config, index)
@@ -68,23 +68,30 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
     sock.setsockopt(zmq.ROUTING_ID, f"w{worker_id}".encode())
     sock.connect(endpoint)
     sock.send(protocol.pack("ready", worker=worker_id, pid=os.getpid()))
+    pending: deque[tuple[int, np.ndarray, Reads]] = deque()  # tasks received, reads started
     try:
         while True:
-            if not sock.poll(WORKER_IDLE_POLL_MS):
+            if not pending and not sock.poll(WORKER_IDLE_POLL_MS):
                 if os.getppid() != parent_pid:
                     return
                 continue
-            frames = sock.recv_multipart()
-            header = protocol.unpack(frames[0])
-            if header["t"] != "task":
+            while True:  # take every task already here, so their reads overlap this decode
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                header = protocol.unpack(frames[0])
+                if header["t"] == "task":
+                    indices = np.frombuffer(header["indices"], dtype=np.int64)
+                    pending.append((header["id"], indices, builder.read_ahead(indices)))
+            if not pending:
                 continue
-            task_id = header["id"]
-            indices = np.frombuffer(header["indices"], dtype=np.int64)
+            task_id, indices, reads = pending.popleft()
             x, tracker = pool.popleft()
             if tracker is not None and not tracker.done:
                 tracker.wait(_TRACKER_WAIT_S)
             try:
-                arrays = builder.build(indices, x)
+                arrays = builder.build(indices, x, reads)
             except DecodeError as exc:
                 pool.append((x, None))
                 sock.send(protocol.pack(

@@ -173,3 +173,29 @@ def test_float32_scaled_to_unit_range(tmp_path: Path, photo: np.ndarray) -> None
     builder, paths = _builder(tmp_path, photo, dtype="float32")
     out = builder.build(np.array([0], np.int64), builder.allocate())["x"]
     np.testing.assert_allclose(out[0], reference(paths[0])[..., ::-1] / 255.0, atol=1e-6)
+
+
+def test_jpeg_size_reads_the_frame_header(tmp_path: Path, photo: np.ndarray) -> None:
+    from loader_server.decode import jpeg_size
+
+    ok, buf = cv2.imencode(".jpg", photo)
+    assert jpeg_size(buf.tobytes()) == (120, 90)
+    ok, png = cv2.imencode(".png", photo)
+    assert jpeg_size(png.tobytes()) is None
+    assert jpeg_size(b"\xff\xd8\xff") is None and jpeg_size(b"") is None
+
+
+def test_reduced_decoding_picks_the_largest_safe_factor(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    big = cv2.resize(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), (400, 300), interpolation=cv2.INTER_CUBIC)
+    path = write_image(tmp_path / "big.jpg", big)
+    decoder = Decoder(config())
+    assert decoder.reduction(400, 300) == 4  # 100x75 still covers 48x32 in both orientations
+    assert decoder.reduction(120, 90) == 1
+    assert Decoder(config(resize="crop", size=(32, 32))).reduction(400, 300) == 8  # 50x37 covers 32x32
+    reduced = decode(path)
+    exact = decode(path, reduced_decode=False)
+    np.testing.assert_array_equal(exact, reference(path)[..., ::-1])
+    # Close, not identical: linear 400->48 skips pixels (aliasing), 100->48 after DCT scaling less so.
+    assert np.abs(reduced.astype(int) - exact.astype(int)).mean() < 8
+    assert decoder.decode(path.read_bytes(), str(path)).shape == (75, 100, 3)

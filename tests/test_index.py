@@ -121,3 +121,30 @@ def test_serve_exits_2_with_a_clear_message(
     err = capsys.readouterr().err
     assert err.startswith("loader-server: error: ")
     assert expected in err
+
+
+def test_fast_and_careful_parsers_agree(tmp_path: Path) -> None:
+    from loader_server import index as index_module
+
+    plain = "".join(f"d/{i}.jpg {i * 3}\n" for i in range(500))
+    fast = index_module._parse_plain(plain.encode())
+    assert fast is not None
+    (tmp_path / "a.txt").write_text(plain)
+    (tmp_path / "b.txt").write_text("# same samples, through the careful parser\n" + plain)
+    a, b = load_index(tmp_path / "a.txt"), load_index(tmp_path / "b.txt")
+    assert a.fingerprint() == b.fingerprint()
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("text", ["x 1 2\n3\n", "a 1\n\nb 2\n", " a 1\n", "a 1 \nb 2\n", "a\t1\r\nb 2\r\n"])
+def test_fast_parser_defers_anything_unusual(text: str) -> None:
+    from loader_server import index as index_module
+
+    assert index_module._parse_plain(text.encode()) is None
+
+
+def test_three_tokens_and_one_token_lines_are_caught(tmp_path: Path) -> None:
+    listfile = tmp_path / "list.txt"
+    listfile.write_text("x 1 2\n3\n")  # a path with a space, then a line without a label
+    with pytest.raises(ConfigError, match=r"list.txt:2: malformed line '3'"):
+        load_index(listfile)
