@@ -12,8 +12,10 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import struct
 import threading
 import time
+import weakref
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +25,13 @@ import zmq
 
 from . import protocol
 from .errors import ERROR_KINDS, LoaderError, LoaderTimeoutError, ProtocolError
+from .shm import Arena, shm_available
 
 __all__ = ["LoaderClient", "BatchInfo", "batches", "health"]
 
 _counter = itertools.count()
 _STOP_JOIN_TIMEOUT_S = 5.0
+_BYE_LINGER_MS = 200
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,9 @@ class LoaderClient:
             model.fit(iter(client), steps_per_epoch=client.steps_per_epoch, epochs=10, shuffle=False)
 
     `state` (from `state_dict()`) resumes a stream exactly where it stopped; `rank` and
-    `world_size` select one data-parallel share of every epoch.
+    `world_size` select one data-parallel share of every epoch. `shared_memory` (default: on
+    for ipc:// and loopback endpoints) lets a server on the same host hand over pixels through
+    shared memory instead of the socket; it falls back to the socket when that is not possible.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class LoaderClient:
         heartbeat_s: float | None = None,
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         name: str | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"`timeout_s` must be > 0, got {timeout_s}")
@@ -81,6 +88,10 @@ class LoaderClient:
         self._closed = False
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._arena: Arena | None = None
+        if shared_memory is None:
+            shared_memory = _same_host(endpoint)
+        shared_memory = shared_memory and shm_available()
         epoch = batch = 0
         fingerprint = None
         if state is not None:
@@ -104,11 +115,18 @@ class LoaderClient:
             self._wake_rx.bind(wake)
             self._wake_tx.connect(wake)
             hello: dict[str, Any] = {"rank": rank, "world_size": world_size, "epoch": epoch, "batch": batch,
-                                     "seed": seed, "fingerprint": fingerprint, "credit": prefetch}
+                                     "seed": seed, "fingerprint": fingerprint, "credit": prefetch,
+                                     "shm": bool(shared_memory)}
             if name:
                 hello["client"] = name
             self._sock.send(protocol.pack("hello", **hello))
             meta = self._handshake()
+            if meta.get("shm"):
+                self._arena = _open_arena(meta["shm"])
+                if self._arena is None:  # not the same host or user after all: frames over the socket
+                    self._sock.send(protocol.pack("bye"))
+                    self._sock.send(protocol.pack("hello", **{**hello, "shm": False}))
+                    meta = self._handshake()
         except BaseException:
             self._close_sockets()
             raise
@@ -129,7 +147,8 @@ class LoaderClient:
         self._thread = threading.Thread(
             target=_Receiver(self._sock, self._wake_rx, self._queue, endpoint, self.timeout_s,
                              min(heartbeat_s, meta["heartbeat_s"]), max_message_bytes,
-                             (self._epoch, self._batch, self.steps_per_epoch) if self._in_order else None).run,
+                             (self._epoch, self._batch, self.steps_per_epoch) if self._in_order else None,
+                             self._arena).run,
             name=f"loader-client-{endpoint}",
             daemon=True,
         )
@@ -176,6 +195,11 @@ class LoaderClient:
         return x, y
 
     @property
+    def shared_memory(self) -> bool:
+        """True when batches arrive through shared memory rather than over the socket."""
+        return self._arena is not None
+
+    @property
     def position(self) -> tuple[int, int]:
         """``(epoch, batch)`` of the next batch `next()` returns."""
         return self._epoch, self._batch
@@ -186,7 +210,11 @@ class LoaderClient:
                 "world_size": self.world_size, "fingerprint": self.fingerprint}
 
     def close(self) -> None:
-        """Stop the receiver thread, say goodbye to the server, release sockets (linger 0)."""
+        """Stop the receiver thread, say goodbye to the server, release the sockets.
+
+        The goodbye gets `_BYE_LINGER_MS` to leave (so the server frees this stream at once);
+        everything else is dropped (linger 0).
+        """
         if self._closed:
             return
         self._closed = True
@@ -232,8 +260,11 @@ class LoaderClient:
                 raise ProtocolError(f"expected a welcome from {self.endpoint}, got {header['t']!r}")
 
     def _close_sockets(self, receiver_done: bool = True) -> None:
+        if self._arena is not None and receiver_done:
+            self._arena.close()
         if receiver_done:
-            for s in (self._sock, self._wake_rx, self._wake_tx):
+            self._sock.close(linger=_BYE_LINGER_MS)
+            for s in (self._wake_rx, self._wake_tx):
                 s.close(linger=0)
             self._ctx.term()
         else:  # the receiver is stuck: tear everything down from here
@@ -245,15 +276,18 @@ class _Receiver:
 
     def __init__(self, sock: zmq.Socket, wake: zmq.Socket, out: queue.Queue[Any], endpoint: str,
                  timeout_s: float, heartbeat_s: float, max_bytes: int,
-                 expect: tuple[int, int, int] | None) -> None:
+                 expect: tuple[int, int, int] | None, arena: Arena | None) -> None:
         self.sock, self.wake, self.out = sock, wake, out
         self.endpoint, self.timeout_s, self.heartbeat_s, self.max_bytes = endpoint, timeout_s, heartbeat_s, max_bytes
         self.expect = expect  # (epoch, batch, steps) of the next batch in in-order mode
+        self.arena = arena
+        self.releases = _Releases()
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wake, zmq.POLLIN)
+        poller.register(self.releases.read_fd, zmq.POLLIN)
         last_rx = last_tx = time.monotonic()
         hb_ms = max(1, int(self.heartbeat_s * 1000))
         try:
@@ -261,6 +295,8 @@ class _Receiver:
                 events = dict(poller.poll(hb_ms))
                 now = time.monotonic()
                 credits = 0
+                if self.releases.read_fd in events:
+                    self._drain_releases()
                 if self.wake in events:
                     while True:
                         try:
@@ -294,6 +330,34 @@ class _Receiver:
             self.out.put(exc)
         except Exception as exc:  # never die silently: the trainer would wait forever
             self.out.put(LoaderError(f"client receiver failed: {type(exc).__name__}: {exc}"))
+        finally:
+            self.releases.close()
+
+    def _from_arena(self, shm: Any) -> dict[str, np.ndarray]:
+        """Wrap the arrays in their shared-memory slot without a copy.
+
+        The slot goes back to the server when the last reference to the array (or to any view
+        or tensor made from it) is gone: a finalizer writes the slot number to a pipe that this
+        thread watches. A trainer that holds on to batches only makes the server fall back to
+        frames over the socket, never stall.
+        """
+        if self.arena is None or not isinstance(shm, dict) or not isinstance(shm.get("arrays"), list):
+            raise ProtocolError("batch refers to shared memory this client did not ask for")
+        slot = shm.get("slot")
+        if len(shm["arrays"]) != 1:
+            raise ProtocolError("a shared-memory slot holds exactly one array")
+        item = shm["arrays"][0]
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+            raise ProtocolError(f"shared-memory array description {item!r} is not [name, dtype, shape]")
+        name, dtype, shape = item
+        view = self.arena.view(slot, dtype, shape)
+        weakref.finalize(view, self.releases.release, slot)
+        return {name: view}
+
+    def _drain_releases(self) -> None:
+        slots = self.releases.drain()
+        if slots:
+            self._send("release", slots=slots)
 
     def _send(self, t: str, **fields: Any) -> None:
         try:
@@ -315,6 +379,9 @@ class _Receiver:
         if not (isinstance(epoch, int) and isinstance(batch, int)):
             raise ProtocolError("batch header lacks integer 'epoch' and 'batch'")
         arrays = protocol.build_arrays(header.get("arrays"), frames[1:], max_bytes=self.max_bytes)
+        shm = header.get("shm")
+        if shm is not None:
+            arrays.update(self._from_arena(shm))
         if not {"x", "y", "index"} <= arrays.keys():
             raise ProtocolError(f"batch lacks arrays x, y and index: got {sorted(arrays)}")
         if self.expect is not None:
@@ -324,6 +391,53 @@ class _Receiver:
                                     f"batch {batch}: a batch was lost or repeated")
             self.expect = (e, b + 1, steps) if b + 1 < steps else (e + 1, 0, steps)
         self.out.put((arrays["x"], arrays["y"], BatchInfo(epoch, batch, arrays["index"])))
+
+
+class _Releases:
+    """Slot numbers from finalizers (which run on any thread) to the receiver, through a pipe."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            if not self._closed:  # after close the fd number may belong to someone else
+                os.write(self._write_fd, struct.pack("<i", slot))
+
+    def drain(self) -> list[int]:
+        try:
+            data = os.read(self.read_fd, 4096)
+        except BlockingIOError:
+            return []
+        return [s for (s,) in struct.iter_unpack("<i", data[: len(data) // 4 * 4])]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self.read_fd)
+            os.close(self._write_fd)
+
+
+def _same_host(endpoint: str) -> bool:
+    """ipc:// and loopback tcp:// endpoints are on this host."""
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def _open_arena(described: Any) -> Arena | None:
+    """Map the server's arena read-only, or None if this process cannot reach it."""
+    try:
+        _, path, slots, stride, inode = described
+        if os.stat(path).st_ino != inode:
+            return None
+        return Arena(path, slots, stride, writable=True)
+    except (OSError, ValueError, TypeError, ProtocolError):
+        return None
 
 
 def _remote_error(header: dict[str, Any]) -> LoaderError:

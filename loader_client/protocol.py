@@ -6,10 +6,16 @@ are described in the header as ``[name, dtype, shape]`` and travel as raw bytes,
 Every header and frame is validated before an array is built: dtype on an allow-list, shape a
 list of non-negative ints, and ``prod(shape) * itemsize == len(frame)``.
 
-Client -> server: ``hello`` (stream request and first credit), ``credit``, ``ping``, ``bye``;
+Client -> server: ``hello`` (stream request and first credit), ``credit``, ``release`` (shared-
+memory slots copied out), ``ping``, ``bye``;
 ``health`` opens no session and is answered by ``health`` (ok once a worker is ready).
 Server -> client: ``welcome`` (metadata), ``batch``, ``heartbeat``, ``error``, ``health``.
-Server <-> worker: ``ready``, ``task``, ``result``, ``failed`` (over a private ipc socket).
+Server <-> worker: ``ready``, ``task``, ``result``, ``failed``, ``forget`` (an arena) and
+``skipped`` (a task of a forgotten arena), over a private ipc socket.
+
+A client on the same host may ask for shared memory (``hello`` with ``shm``): the ``welcome``
+then names an arena (`loader_client.shm`), and each ``batch`` header carries
+``shm = {slot, arrays}`` describing arrays that live in that slot instead of in frames.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "validate_fields",
     "HELLO_FIELDS",
     "CREDIT_FIELDS",
+    "RELEASE_FIELDS",
 ]
 
 #: Bumped on any incompatible change of the messages below.
@@ -64,8 +71,10 @@ HELLO_FIELDS: dict[str, tuple[type, ...]] = {
     "fingerprint": (str, type(None)),
     "credit": (int,),
     "client": (str,),
+    "shm": (bool,),
 }
 CREDIT_FIELDS: dict[str, tuple[type, ...]] = {"n": (int,)}
+RELEASE_FIELDS: dict[str, tuple[type, ...]] = {"slots": (list,)}
 
 
 def pack(t: str, **fields: Any) -> bytes:
@@ -123,7 +132,7 @@ def validate_fields(
         if key not in allowed:
             raise ProtocolError(f"field {key!r} is not allowed in a {header.get('t')!r} message")
         types = allowed[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             raise ProtocolError(
                 f"field {key!r} must be {' or '.join(t.__name__ for t in types)}, "
                 f"got {type(value).__name__}"

@@ -42,10 +42,11 @@ class BatchBuilder:
             std = np.asarray(config.std or (1.0,) * config.channels, dtype=np.float64)
             # (x / 255 - mean) / std  ==  x * scale - offset, one multiply and one subtract.
             self._scale = (1.0 / (255.0 * std)).astype(np.float32)
-            self._offset = (mean / std).astype(np.float32)
+            self._offset = (mean / std).astype(np.float32) if config.mean is not None else None
             if config.layout == "chw":
                 self._scale = self._scale.reshape(-1, 1, 1)
-                self._offset = self._offset.reshape(-1, 1, 1)
+                if self._offset is not None:
+                    self._offset = self._offset.reshape(-1, 1, 1)
 
     def allocate(self, batch_size: int | None = None) -> np.ndarray:
         """A fresh output buffer ``x`` for `batch_size` samples in the configured dtype and layout."""
@@ -94,4 +95,5 @@ class BatchBuilder:
             np.copyto(x, src)
             return
         np.multiply(src, self._scale, out=x, casting="unsafe")
-        np.subtract(x, self._offset, out=x)
+        if self._offset is not None:
+            np.subtract(x, self._offset, out=x)

@@ -57,6 +57,8 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = Tru
     p.add_argument("--layout", choices=("hwc", "chw"), default="hwc", help="image layout inside a batch")
     p.add_argument("--no-reduced-decode", dest="reduced_decode", action="store_false",
                    help="decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover the output")
+    p.add_argument("--no-shm", dest="shm", action="store_false",
+                   help="never use shared memory, even for clients on this host (frames over the socket)")
     p.add_argument("--read-threads", type=int, default=d["read_threads"].default,
                    help="file reads in flight per worker (overlaps slow storage with decoding; 0 reads inline)")
     p.add_argument("--simulate-read-latency-ms", type=float, default=0.0,
@@ -85,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
                         help="the server's endpoint")
     health.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+    bench = sub.add_parser("bench", formatter_class=fmt, help="measure throughput side by side with other loaders",
+                           description="Benchmark the service against the per-core limit, the classic generator "
+                                       "and torch DataLoader; write JSON, a markdown table and a plot.")
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(bench)
     demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
     demo.add_argument("--images", type=int, default=1024, help="number of sample images to generate")
     demo.add_argument("--epochs", type=int, default=2, help="epochs to consume")
@@ -102,7 +110,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         seed=args.seed, bind=args.bind, prefetch=args.prefetch, mode=args.mode, shuffle=args.shuffle,
         drop_last=args.drop_last, steps_per_epoch=args.steps_per_epoch, in_order=args.in_order,
         resize=args.resize, interpolation=args.interpolation, pad_value=args.pad_value, color=args.color,
-        dtype=args.dtype, layout=args.layout, reduced_decode=args.reduced_decode, read_threads=args.read_threads,
+        dtype=args.dtype, layout=args.layout, reduced_decode=args.reduced_decode, shm=args.shm,
+        read_threads=args.read_threads,
         simulate_read_latency_ms=args.simulate_read_latency_ms, mean=args.mean, std=args.std, heartbeat_s=args.heartbeat_s,
         client_timeout_s=args.client_timeout_s,
     )
@@ -146,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "health":
             return _health(args)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            return run_bench(args)
         from .demo import run_demo
 
         return run_demo(args)

@@ -66,6 +66,7 @@ class ServerConfig:
     dtype: Literal["uint8", "float32"] = "uint8"
     layout: Literal["hwc", "chw"] = "hwc"
     reduced_decode: bool = True
+    shm: bool = True  # offer shared-memory slots to clients on this host
     read_threads: int = 4  # file reads in flight per worker, overlapping slow storage with decoding
     simulate_read_latency_ms: float = 0.0  # benchmark option: sleep before every file read
     mean: tuple[float, ...] | None = None
@@ -151,7 +152,7 @@ class ServerConfig:
             k: v
             for k, v in self.as_dict().items()
             if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
-                         "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms")
+                         "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm")
         }
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()

@@ -28,6 +28,7 @@ import zmq
 
 from loader_client import protocol
 from loader_client.errors import ProtocolError, ProtocolVersionError
+from loader_client.shm import create_arena, shm_available
 
 from .config import ServerConfig
 from .index import DatasetIndex
@@ -65,12 +66,29 @@ class _Session:
     credit: int
     last_seen: float
     last_sent: float
-    ready: dict[int, list[Any]] = field(default_factory=dict)  # position -> frames
+    ready: dict[int, list[Any]] = field(default_factory=dict)  # position -> [described, frames, shm]
     in_flight: set[int] = field(default_factory=set)  # task ids
+    arena: _Arena | None = None  # shared-memory slots, for a client on this host
 
     @property
     def outstanding(self) -> int:
         return len(self.ready) + len(self.in_flight)
+
+
+@dataclass
+class _Arena:
+    """A session's shared-memory arena: slots are free, being filled, ready, or with the client."""
+
+    id: int
+    fd: int
+    inode: int
+    slots: int
+    stride: int
+    free: deque[int]
+    with_client: set[int] = field(default_factory=set)
+
+    def describe(self) -> list[Any]:
+        return [self.id, f"/proc/{os.getpid()}/fd/{self.fd}", self.slots, self.stride, self.inode]
 
 
 @dataclass
@@ -79,6 +97,7 @@ class _Task:
     session: bytes
     position: int
     indices: np.ndarray
+    slot: int | None = None  # shared-memory slot the worker writes x into
     crashes: int = 0
 
 
@@ -107,6 +126,7 @@ class Server:
         self._queue: deque[int] = deque()
         self._workers: dict[int, _Worker] = {}
         self._next_task_id = 0
+        self._next_arena_id = 0
         self._mp = multiprocessing.get_context("fork")
         self._tmpdir = ""
         self.batches_sent = 0
@@ -270,6 +290,16 @@ class Server:
             session.last_seen = now
             self._schedule(session)
             self._flush(session)
+        elif kind == "release":
+            slots = protocol.validate_fields(header, protocol.RELEASE_FIELDS, required=("slots",))["slots"]
+            arena = session.arena
+            if arena is None or not all(isinstance(k, int) and k in arena.with_client for k in slots):
+                raise ProtocolError(f"release of slots {slots!r} that this client does not hold")
+            for k in slots:
+                arena.with_client.discard(k)
+                arena.free.append(k)
+            session.last_seen = now
+            self._schedule(session)
         elif kind == "ping":
             session.last_seen = now
         elif kind == "bye":
@@ -304,6 +334,8 @@ class Server:
         now = time.monotonic()
         session = _Session(identity, name, rank, world, seed, steps, start, start,
                            min(_MAX_CREDIT, max(0, req.get("credit", 0))), now, now)
+        if req.get("shm") and self.config.shm and shm_available():
+            session.arena = self._new_arena(session)
         self._sessions[identity] = session
         meta = {
             "num_samples": len(self.index), "batch_size": self.config.batch_size, "steps_per_epoch": steps,
@@ -314,11 +346,37 @@ class Server:
             "class_names": list(self.index.class_names) if self.index.class_names else None,
             "fingerprint": self.fingerprint, "heartbeat_s": self.config.heartbeat_s,
             "max_message_bytes": self.config.max_message_bytes,
+            "shm": session.arena.describe() if session.arena else None,
         }
         self._send(session, [protocol.pack("welcome", meta=meta)])
-        log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d",
-                 name, rank, world, seed, epoch, batch)
+        log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s",
+                 name, rank, world, seed, epoch, batch,
+                 "shared memory" if session.arena else "frames over the socket")
         self._schedule(session)
+
+    def _new_arena(self, session: _Session) -> _Arena | None:
+        """Slots for everything that may be outstanding: prefetch, plus the client's credit window.
+
+        A client that keeps batches alive longer holds more slots; tasks then fall back to frames.
+        """
+        slots = self.config.prefetch + max(1, session.credit) + 2  # + the trainer's batch, + one in release
+        try:
+            fd, stride = create_arena(f"loader-{session.name}", slots, self.config.batch_bytes)
+        except OSError as exc:
+            log.warning("no shared memory for client %s (%s); sending frames over the socket", session.name, exc)
+            return None
+        self._next_arena_id += 1
+        return _Arena(self._next_arena_id, fd, os.fstat(fd).st_ino, slots, stride, deque(range(slots)))
+
+    def _close_arena(self, arena: _Arena) -> None:
+        for w in self._workers.values():
+            if w.ready:
+                try:
+                    self._workers_sock.send_multipart([f"w{w.id}".encode(), protocol.pack("forget", arena=arena.id)],
+                                                      zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        os.close(arena.fd)
 
     def _drain_workers(self) -> None:
         while True:
@@ -344,9 +402,13 @@ class Server:
                 continue
             session.in_flight.discard(task.id)
             if kind == "result":
-                session.ready[task.position] = [header["arrays"], frames[2:]]
+                shm = None
+                if task.slot is not None:
+                    shm = {"slot": task.slot, "arrays": header.get("shm_arrays", [])}
+                session.ready[task.position] = [header["arrays"], frames[2:], shm]
                 self._flush(session)
             elif kind == "failed":
+                self._free_slot(session, task)
                 epoch, batch = divmod(task.position, session.steps)
                 log.error("worker %d failed on epoch %d batch %d: %s", wid, epoch, batch, header["message"])
                 self._send_error(task.session, header["kind"],
@@ -354,6 +416,10 @@ class Server:
                                  path=header.get("path"), reason=header.get("reason"),
                                  traceback=header.get("traceback"))
                 self._drop(task.session, "batch failed")
+
+    def _free_slot(self, session: _Session, task: _Task) -> None:
+        if task.slot is not None and session.arena is not None:
+            session.arena.free.append(task.slot)
 
     def _replace_worker(self, wid: int) -> None:
         worker = self._workers.pop(wid)
@@ -373,6 +439,7 @@ class Server:
                 epoch, batch = divmod(task.position, session.steps)
                 files = [self.index.path(int(i)) for i in task.indices]
                 del self._tasks[tid]
+                self._free_slot(session, task)
                 self._send_error(task.session, "worker_crashed",
                                  f"epoch {epoch} batch {batch} killed {task.crashes} workers (last exit code "
                                  f"{code}); its files: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}")
@@ -385,12 +452,16 @@ class Server:
     def _schedule(self, session: _Session) -> None:
         """Create tasks for `session` until `prefetch` batches are in flight or ready."""
         while session.outstanding < self.config.prefetch:
+            slot = None
+            if session.arena is not None and session.arena.free:
+                slot = session.arena.free.pop()  # most recent first: fewer distinct pages touched
+                # (with no free slot the client holds them all: this task uses frames)
             epoch, batch = divmod(session.next_schedule, session.steps)
             indices = self.plan.batch(epoch, batch, seed=session.seed, rank=session.rank,
                                       world_size=session.world_size)
             tid = self._next_task_id
             self._next_task_id += 1
-            self._tasks[tid] = _Task(tid, session.identity, session.next_schedule, indices)
+            self._tasks[tid] = _Task(tid, session.identity, session.next_schedule, indices, slot)
             session.in_flight.add(tid)
             session.next_schedule += 1
             self._queue.append(tid)
@@ -403,7 +474,13 @@ class Server:
                 task = self._tasks.get(tid)
                 if task is None:
                     continue
-                msg = protocol.pack("task", id=tid, indices=task.indices.tobytes())
+                arena = None
+                if task.slot is not None:
+                    session = self._sessions.get(task.session)
+                    if session is None or session.arena is None:
+                        continue
+                    arena = session.arena.describe()
+                msg = protocol.pack("task", id=tid, indices=task.indices.tobytes(), arena=arena, slot=task.slot)
                 try:
                     self._workers_sock.send_multipart([f"w{worker.id}".encode(), msg], zmq.NOBLOCK)
                 except zmq.ZMQError:
@@ -421,11 +498,13 @@ class Server:
                     return
             else:
                 position = min(session.ready)
-            described, frames = session.ready.pop(position)
+            described, frames, shm = session.ready.pop(position)
             epoch, batch = divmod(position, session.steps)
-            head = protocol.pack("batch", epoch=epoch, batch=batch, steps=session.steps, arrays=described)
+            head = protocol.pack("batch", epoch=epoch, batch=batch, steps=session.steps, arrays=described, shm=shm)
             if not self._send(session, [head, *frames]):
                 return
+            if shm is not None and session.arena is not None:
+                session.arena.with_client.add(shm["slot"])
             session.credit -= 1
             session.next_send = position + 1
             self.batches_sent += 1
@@ -456,6 +535,8 @@ class Server:
         for tid in session.in_flight:
             self._tasks.pop(tid, None)  # workers' results for them are discarded
         session.ready.clear()
+        if session.arena is not None:
+            self._close_arena(session.arena)
         log.info("client %s left (%s)", session.name, why)
 
     def _tick(self) -> None:

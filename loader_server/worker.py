@@ -16,11 +16,13 @@ import signal
 import sys
 import traceback
 from collections import deque
+from typing import Any
 
 import numpy as np
 import zmq
 
 from loader_client import protocol
+from loader_client.shm import Arena
 
 from .config import ServerConfig
 from .index import DatasetIndex
@@ -42,6 +44,25 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+
+
+def _arena_id(task: dict[str, Any]) -> int | None:
+    return task["arena"][0] if task.get("arena") else None
+
+
+def _arena(arenas: dict[int, Arena], described: list[Any]) -> Arena | None:
+    """The mapping of a session's arena, opened on first use; None if it is already gone."""
+    arena_id, path, slots, stride, inode = described
+    arena = arenas.get(arena_id)
+    if arena is None:
+        try:
+            if os.stat(path).st_ino != inode:  # the fd number now names another arena
+                return None
+            arena = Arena(path, slots, stride, writable=True)
+        except OSError:
+            return None
+        arenas[arena_id] = arena
+    return arena
 
 
 def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: DatasetIndex, parent_pid: int) -> None:
@@ -68,7 +89,9 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
     sock.setsockopt(zmq.ROUTING_ID, f"w{worker_id}".encode())
     sock.connect(endpoint)
     sock.send(protocol.pack("ready", worker=worker_id, pid=os.getpid()))
-    pending: deque[tuple[int, np.ndarray, Reads]] = deque()  # tasks received, reads started
+    arenas: dict[int, Arena] = {}  # shared-memory arenas of sessions, by arena id
+    out_dtype = np.dtype(config.dtype)
+    pending: deque[tuple[dict[str, Any], np.ndarray, Reads]] = deque()  # tasks received, reads started
     try:
         while True:
             if not pending and not sock.poll(WORKER_IDLE_POLL_MS):
@@ -83,32 +106,51 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
                 header = protocol.unpack(frames[0])
                 if header["t"] == "task":
                     indices = np.frombuffer(header["indices"], dtype=np.int64)
-                    pending.append((header["id"], indices, builder.read_ahead(indices)))
+                    pending.append((header, indices, builder.read_ahead(indices)))
+                elif header["t"] == "forget":  # the session ended: drop its arena and its tasks
+                    gone = arenas.pop(header["arena"], None)
+                    if gone is not None:
+                        gone.close()
+                    for p in [p for p in pending if _arena_id(p[0]) == header["arena"]]:
+                        pending.remove(p)
+                        sock.send(protocol.pack("skipped", id=p[0]["id"]))  # keeps the server's count
             if not pending:
                 continue
-            task_id, indices, reads = pending.popleft()
-            x, tracker = pool.popleft()
-            if tracker is not None and not tracker.done:
-                tracker.wait(_TRACKER_WAIT_S)
+            task, indices, reads = pending.popleft()
+            task_id = task["id"]
             try:
+                if task.get("arena") is not None:
+                    arena = _arena(arenas, task["arena"])
+                    if arena is None:  # its session ended (the server discards this), or mapping failed
+                        raise RuntimeError("the worker could not map the session's shared memory")
+                    x = arena.view(task["slot"], out_dtype, (config.batch_size, *config.image_shape))
+                else:
+                    x, tracker = pool.popleft()
+                    if tracker is not None and not tracker.done:
+                        tracker.wait(_TRACKER_WAIT_S)
+                    pool.append((x, tracker))
                 arrays = builder.build(indices, x, reads)
             except DecodeError as exc:
-                pool.append((x, None))
                 sock.send(protocol.pack(
                     "failed", id=task_id, kind="bad_sample", path=exc.path, reason=exc.reason,
                     message=str(exc), traceback=traceback.format_exc(),
                 ))
                 continue
             except Exception as exc:  # a bug or an unexpected library error: report, keep serving
-                pool.append((x, None))
                 sock.send(protocol.pack(
                     "failed", id=task_id, kind="server", path=None, reason=type(exc).__name__,
                     message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                 ))
                 continue
+            if task.get("arena") is not None:  # x is already in the client's slot
+                shm_x = arrays.pop("x")
+                head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays),
+                                     shm_arrays=protocol.describe_arrays({"x": shm_x}))
+                sock.send_multipart([head, *arrays.values()])
+                continue
             head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays))
             tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
-            pool.append((x, tracker))
+            pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover
         pass
     finally:

@@ -62,3 +62,23 @@ def test_public_names() -> None:
             assert hasattr(module, name), name
     assert issubclass(loader_client.LoaderTimeoutError, TimeoutError)
     assert issubclass(loader_client.BadSampleError, loader_client.ServerError)
+
+
+def test_bench_smoke_run_writes_its_reports(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = run("bench", "--quick", "--systems", "percore,service,classic", "--extras", "stall,float32,ttfb,stages",
+                 "--batch-size", "16", "--size", "32x32", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["summary"]) == {"percore", "service", "classic"}
+    assert all(v["median"] > 0 for v in data["summary"].values())
+    service = data["summary"]["service"]
+    for key in ("next_p50_ms", "next_p99_ms", "time_to_first_batch_s", "peak_pss_mb"):
+        assert service[key] > 0, key
+    assert data["stall"]["stall_pct"] >= 0 and data["float32"]["ratio_to_uint8"] > 0
+    assert data["ttfb_million"]["time_to_first_batch_s"] > 0
+    assert set(data["stages_cpu_ms_per_image"]) == {"read", "decode", "resize", "collate", "send", "receive"}
+    table = (out / "results.md").read_text()
+    assert "| service |" in table and "ratio to 2 x per-core" in table

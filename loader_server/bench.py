@@ -1,0 +1,542 @@
+"""``loader-server bench``: side-by-side throughput of this service and the usual alternatives.
+
+One run measures, interleaved and repeated in rounds so that drift hits every system alike:
+
+* ``percore``: one process reading, decoding and resizing, no batching (the per-core limit);
+* ``service``: ``loader-server serve`` with N workers, consumed by a client in this process
+  that touches every batch (also: ``next()`` latency, time to first batch, peak PSS);
+* ``classic``: the classic single-process generator (imread, resize, /255 as float64, np.array);
+* ``torch``: torch DataLoader with the same decode function and worker count (if installed).
+
+Then, once each: data stall under a simulated training step, float32 against uint8, slow
+storage, worker scaling, time to first batch with a 1,000,000-line list file, and the CPU cost
+of each stage. Results go to JSON, a markdown table and (with matplotlib) a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loader_client import LoaderClient
+
+from .index import DatasetIndex, load_index
+
+__all__ = ["run_bench", "add_bench_arguments"]
+
+_SYSTEMS = ("percore", "service", "classic", "torch")
+_SERVER_STOP_TIMEOUT_S = 20.0
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None,
+                   help="image folder or list file (default: generated sample data); try ../shared/corpus")
+    p.add_argument("--images", type=int, default=8192, help="images timed per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the side-by-side systems")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT")
+    p.add_argument("--workers", type=int, default=2, help="workers of the service and of torch DataLoader")
+    p.add_argument("--systems", default=",".join(_SYSTEMS), help="comma-separated subset of " + ",".join(_SYSTEMS))
+    p.add_argument("--extras", default="stall,float32,slow,scaling,ttfb,stages",
+                   help="one-off measurements to add: stall,float32,slow,scaling,ttfb,stages,strict (or none)")
+    p.add_argument("--scaling", default="1,2,4,8", help="worker counts for the scaling table")
+    p.add_argument("--read-latency-ms", type=float, default=20.0, help="simulated storage latency (slow extra)")
+    p.add_argument("--serve-args", default="", help="extra `serve` flags for every service run, quoted")
+    p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, results.png")
+    p.add_argument("--quick", action="store_true", help="a fast smoke run: tiny data, 1 round, few images")
+
+
+# ---------------------------------------------------------------------------- measurements
+def _decode_fn(size: tuple[int, int]) -> Callable[[str], np.ndarray]:
+    """The shared per-image work: read bytes, imdecode to RGB, resize (INTER_LINEAR)."""
+    import cv2
+
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+
+    def decode(path: str) -> np.ndarray:
+        with open(path, "rb") as f:
+            img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), flag)
+        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+
+    return decode
+
+
+def _paths(index: DatasetIndex, n: int) -> list[str]:
+    return [index.path(i % len(index)) for i in range(n)]
+
+
+def measure_percore(index: DatasetIndex, n: int, size: tuple[int, int], **_: Any) -> dict[str, Any]:
+    import cv2
+
+    cv2.setNumThreads(1)
+    decode = _decode_fn(size)
+    paths = _paths(index, n + 16)
+    for p in paths[:16]:
+        decode(p)
+    started, cpu = time.perf_counter(), time.process_time()
+    for p in paths[16:]:
+        decode(p)
+    wall = time.perf_counter() - started
+    return {"images_per_s": n / wall, "cpu_ms_per_image": (time.process_time() - cpu) * 1000 / n}
+
+
+def measure_classic(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, **_: Any) -> dict[str, Any]:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+    def train_data(paths: list[str], labels: np.ndarray) -> Any:  # the classic write-up's generator
+        for i in range(0, len(paths) - batch_size + 1, batch_size):
+            imgs = [cv2.resize(cv2.imread(p), size) / 255 for p in paths[i : i + batch_size]]
+            yield np.array(imgs), np.array(labels[i : i + batch_size])
+
+    paths = _paths(index, n + 2 * batch_size)
+    labels = index.labels[np.arange(len(paths)) % len(index)]
+    gen = train_data(paths, labels)
+    next(gen), next(gen)
+    started, cpu, got = time.perf_counter(), time.process_time(), 0
+    for x, _ in gen:
+        got += len(x)
+    wall = time.perf_counter() - started
+    return {"images_per_s": got / wall, "cpu_ms_per_image": (time.process_time() - cpu) * 1000 / got}
+
+
+def measure_torch(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, workers: int,
+                  **_: Any) -> dict[str, Any] | None:
+    try:
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    decode = _decode_fn(size)
+    paths = _paths(index, n + 2 * batch_size)
+    labels = index.labels[np.arange(len(paths)) % len(index)]
+
+    class Images(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+            return decode(paths[i]), int(labels[i])
+
+    def init(_: int) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)
+
+    loader = DataLoader(Images(), batch_size=batch_size, num_workers=workers, persistent_workers=True,
+                        prefetch_factor=2, worker_init_fn=init, drop_last=True)
+    it = iter(loader)
+    next(it), next(it)
+    started, got, touched = time.perf_counter(), 0, 0
+    for x, _ in it:
+        touched += int(x[0, 0, 0, 0])
+        got += len(x)
+    wall = time.perf_counter() - started
+    del it, loader
+    return {"images_per_s": got / wall}
+
+
+class _PssSampler:
+    """Samples the proportional set size of a process and its children until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_mb, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak_mb = max(self.peak_mb, sum(_pss_kb(p) for p in [self.pid, *_children(self.pid)]) / 1024)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+class _Server:
+    """`loader-server serve` as a subprocess on a private ipc endpoint."""
+
+    def __init__(self, data: str, scratch: str, batch_size: int, size: str, workers: int, extra: list[str]) -> None:
+        self.endpoint = f"ipc://{scratch}/bench-{time.monotonic_ns()}.sock"
+        cmd = [sys.executable, "-m", "loader_server", "serve", "--data", data, "--bind", self.endpoint,
+               "--batch-size", str(batch_size), "--size", size, "--workers", str(workers),
+               "--log-level", "WARNING", *extra]
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(_SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, workers: int,
+                    data: str, scratch: str, extra: list[str] | None = None, step_fraction: float | None = None,
+                    capacity: float | None = None, **_: Any) -> dict[str, Any]:
+    """Serve `data`, consume `n` images after 2 warm-up batches, touching one byte per batch.
+
+    With `step_fraction`, a simulated training step follows every batch, long enough that the
+    trainer consumes that fraction of the loader's capacity (`capacity` images/s), and the
+    data stall (time waiting in next() over wall time) is measured.
+    """
+    server = _Server(data, scratch, batch_size, f"{size[0]}x{size[1]}", workers, extra or [])
+    pss = _PssSampler(server.proc.pid)
+    try:
+        with LoaderClient(server.endpoint, timeout_s=120, prefetch=4) as client:
+            it = iter(client)
+            next(it)
+            ttfb = time.perf_counter() - server.started
+            next(it)
+            step_s = 0.0 if step_fraction is None or not capacity else batch_size / (capacity * step_fraction)
+            latencies: list[float] = []
+            got = touched = 0
+            waited = 0.0
+            started = time.perf_counter()
+            while got < n:
+                t0 = time.perf_counter()
+                x, _ = next(it)
+                dt = time.perf_counter() - t0
+                latencies.append(dt)
+                waited += dt
+                touched += int(x.reshape(-1)[0])
+                got += len(x)
+                if step_s:
+                    time.sleep(step_s)
+            wall = time.perf_counter() - started
+    finally:
+        server.stop()
+        peak = pss.stop()
+    ms = np.array(latencies) * 1000
+    return {"images_per_s": got / wall, "next_p50_ms": float(np.percentile(ms, 50)),
+            "next_p99_ms": float(np.percentile(ms, 99)), "stall_pct": 100 * waited / wall,
+            "time_to_first_batch_s": ttfb, "peak_pss_mb": peak, "step_ms": step_s * 1000}
+
+
+def measure_ttfb_million(index: DatasetIndex, size: tuple[int, int], batch_size: int, workers: int,
+                         scratch: str, lines: int = 1_000_000) -> dict[str, Any]:
+    """Time from starting the server to the first batch, with a list file of `lines` lines."""
+    listfile = Path(scratch) / "million.txt"
+    with open(listfile, "wb") as f:
+        rel = [os.fsencode(index.path(i)) for i in range(len(index))]
+        for i in range(lines):
+            f.write(rel[i % len(rel)] + b" %d\n" % index.labels[i % len(rel)])
+    server = _Server(str(listfile), scratch, batch_size, f"{size[0]}x{size[1]}", workers, [])
+    pss = _PssSampler(server.proc.pid)
+    try:
+        with LoaderClient(server.endpoint, timeout_s=120) as client:
+            next(iter(client))
+            ttfb = time.perf_counter() - server.started
+            for _ in range(20):
+                client.next()
+    finally:
+        server.stop()
+        peak = pss.stop()
+    return {"lines": lines, "time_to_first_batch_s": ttfb, "peak_pss_mb": peak}
+
+
+def measure_stages(index: DatasetIndex, size: tuple[int, int], batch_size: int, scratch: str,
+                   n: int = 512) -> dict[str, float]:
+    """CPU milliseconds per image of each stage, measured on its own in this process."""
+    import cv2
+    import zmq
+
+    from loader_client import protocol
+
+    cv2.setNumThreads(1)
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+    paths = _paths(index, n)
+
+    def cpu_ms(fn: Callable[[], Any], count: int) -> float:
+        fn()
+        t = time.process_time()
+        fn()
+        return (time.process_time() - t) * 1000 / count
+
+    blobs = [open(p, "rb").read() for p in paths]
+    imgs = [cv2.imdecode(np.frombuffer(b, np.uint8), flag) for b in blobs]
+    batch = np.empty((batch_size, size[1], size[0], 3), np.uint8)
+    out: dict[str, float] = {}
+    out["read"] = cpu_ms(lambda: [open(p, "rb").read() for p in paths], n)
+    out["decode"] = cpu_ms(lambda: [cv2.imdecode(np.frombuffer(b, np.uint8), flag) for b in blobs], n)
+    out["resize"] = cpu_ms(lambda: [cv2.resize(im, size, dst=batch[i % batch_size]) for i, im in enumerate(imgs)], n)
+    labels = index.labels
+    idx = np.arange(batch_size) % len(index)
+    out["collate"] = cpu_ms(lambda: [labels[idx] for _ in range(n // batch_size)], n)
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    endpoint = f"ipc://{scratch}/stages.sock"
+    pull.bind(endpoint)
+    push.connect(endpoint)
+    head = protocol.pack("batch", arrays=protocol.describe_arrays({"x": batch}))
+    batches = max(4, n // batch_size)
+    done = threading.Event()
+    recv_cpu: list[float] = []
+
+    def receiver() -> None:
+        t = time.thread_time()
+        for _ in range(batches):
+            frames = pull.recv_multipart(copy=False)
+            protocol.build_arrays(protocol.unpack(frames[0])["arrays"], frames[1:])
+        recv_cpu.append(time.thread_time() - t)
+        done.set()
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    t = time.thread_time()
+    for _ in range(batches):
+        push.send_multipart([head, batch], copy=False)
+    send_cpu = time.thread_time() - t
+    done.wait(60)
+    thread.join(60)
+    push.close(0)
+    pull.close(0)
+    ctx.term()
+    # ZeroMQ's I/O threads do the copying; thread_time shows only the Python side of it.
+    out["send"] = send_cpu * 1000 / (batches * batch_size)
+    out["receive"] = (recv_cpu[0] if recv_cpu else float("nan")) * 1000 / (batches * batch_size)
+    return out
+
+
+# ---------------------------------------------------------------------------- the run
+def run_bench(args: argparse.Namespace) -> int:
+    from .config import parse_size
+
+    size = parse_size(args.size)
+    systems = [s for s in args.systems.split(",") if s]
+    for s in systems:
+        if s not in _SYSTEMS:
+            print(f"loader-server bench: unknown system {s!r}; choose from {', '.join(_SYSTEMS)}", file=sys.stderr)
+            return 2
+    extras = set() if args.extras in ("", "none") else set(args.extras.split(","))
+    n, rounds = args.images, args.rounds
+    if args.quick:
+        n, rounds = min(n, 256), 1
+    scratch = tempfile.mkdtemp(prefix="loader-bench-")
+    try:
+        data = args.data
+        if data is None:
+            from .sample_data import write_sample_images
+
+            count = 128 if args.quick else 1024
+            data = str(write_sample_images(Path(scratch) / "images", count, min_side=96 if args.quick else 300,
+                                           max_side=160 if args.quick else 560))
+        index = load_index(data)
+        serve_extra = args.serve_args.split()
+        common = {"index": index, "n": n, "size": size, "batch_size": args.batch_size, "workers": args.workers,
+                  "data": data, "scratch": scratch}
+        results: dict[str, Any] = {"rounds": {s: [] for s in systems}}
+        measure = {"percore": measure_percore, "service": measure_service, "classic": measure_classic,
+                   "torch": measure_torch}
+        for r in range(rounds):
+            for s in systems:
+                extra = {"extra": serve_extra} if s == "service" else {}
+                res = measure[s](**common, **extra)
+                if res is not None:
+                    results["rounds"][s].append(res)
+                    print(f"round {r + 1}/{rounds} {s:8s} {res['images_per_s']:8.0f} images/s", flush=True)
+        summary = {s: _summary(v) for s, v in results["rounds"].items() if v}
+        results["summary"] = summary
+        capacity = summary.get("service", {}).get("median")
+        quick_n = max(args.batch_size * 8, n // 4)
+        if "strict" in extras:
+            res = measure_service(**{**common, "n": n}, extra=[*serve_extra, "--no-reduced-decode"])
+            results["service_no_reduced_decode"] = res
+            print(f"service, reduced decoding off: {res['images_per_s']:.0f} images/s", flush=True)
+        if "stall" in extras and capacity:
+            res = measure_service(**{**common, "n": n // 2}, extra=serve_extra, step_fraction=0.8, capacity=capacity)
+            results["stall"] = res
+            print(f"stall at 80% load: {res['stall_pct']:.2f}% of wall time, next() p50 {res['next_p50_ms']:.3f} ms",
+                  flush=True)
+        if "float32" in extras and capacity:
+            res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, "--dtype", "float32"])
+            results["float32"] = {**res, "ratio_to_uint8": res["images_per_s"] / capacity}
+            print(f"float32: {res['images_per_s']:.0f} images/s ({res['images_per_s'] / capacity:.2f}x uint8)",
+                  flush=True)
+        if "slow" in extras and capacity:
+            slow_args = ["--simulate-read-latency-ms", str(args.read_latency_ms), "--read-threads", "64"]
+            res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, *slow_args])
+            results["slow_storage"] = {**res, "read_latency_ms": args.read_latency_ms,
+                                       "ratio_to_no_latency": res["images_per_s"] / capacity}
+            print(f"slow storage (+{args.read_latency_ms:g} ms per read): {res['images_per_s']:.0f} images/s "
+                  f"({res['images_per_s'] / capacity:.2f}x)", flush=True)
+        if "scaling" in extras:
+            results["scaling"] = {}
+            for w in [int(v) for v in args.scaling.split(",") if v]:
+                res = measure_service(**{**common, "n": quick_n, "workers": w}, extra=serve_extra)
+                results["scaling"][w] = res
+                print(f"scaling: {w} workers {res['images_per_s']:.0f} images/s", flush=True)
+        if "ttfb" in extras:
+            lines = 20_000 if args.quick else 1_000_000
+            results["ttfb_million"] = measure_ttfb_million(index, size, args.batch_size, args.workers, scratch, lines)
+            print(f"time to first batch with {lines} lines: {results['ttfb_million']['time_to_first_batch_s']:.2f} s",
+                  flush=True)
+        if "stages" in extras:
+            results["stages_cpu_ms_per_image"] = measure_stages(index, size, args.batch_size, scratch,
+                                                                n=128 if args.quick else 512)
+        results["machine"] = _machine()
+        results["command"] = "loader-server bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else ""
+        results["settings"] = {"data": data if args.data else "generated sample data", "images": len(index),
+                               "batch_size": args.batch_size, "size": args.size, "workers": args.workers,
+                               "timed_images": n, "rounds": rounds, "serve_args": args.serve_args}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+        table = markdown(results)
+        (out / "results.md").write_text(table)
+        print(table)
+        if _plot(results, out / "results.png"):
+            print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+        else:
+            print(f"wrote {out / 'results.json'}, {out / 'results.md'} (install matplotlib for the plot)")
+        return 0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [r["images_per_s"] for r in runs]
+    out: dict[str, Any] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    for key in ("next_p50_ms", "next_p99_ms", "time_to_first_batch_s", "peak_pss_mb", "cpu_ms_per_image"):
+        if key in runs[0]:
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    import cv2
+
+    return {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(), "opencv": cv2.__version__,
+            "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The markdown report of a result dict."""
+    s = results["summary"]
+    percore = s.get("percore", {}).get("median")
+    lines = [f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}, "
+             f"Python {results['machine']['python']}, OpenCV {results['machine']['opencv']}, "
+             f"{results['machine']['date']}.  ",
+             f"Command: `{results['command'] or 'loader-server bench'}`  ",
+             f"Settings: {json.dumps(results['settings'])}", "",
+             "| system | images/s (median) | min–max | ratio to 2 x per-core | service ratio to it |",
+             "|---|---|---|---|---|"]
+    service = s.get("service", {}).get("median")
+    for name in _SYSTEMS:
+        if name not in s:
+            continue
+        v = s[name]
+        vs_core = f"{v['median'] / (2 * percore):.2f}" if percore else "–"
+        ratio = f"{service / v['median']:.2f}x" if service and name != "service" else "–"
+        lines.append(f"| {name} | {v['median']:.0f} | {v['min']:.0f}–{v['max']:.0f} | {vs_core} | {ratio} |")
+    lines.append("")
+    if "service" in s:
+        v = s["service"]
+        lines.append(f"Service: next() p50 {v['next_p50_ms']:.3f} ms, p99 {v['next_p99_ms']:.3f} ms (consumer "
+                     f"never pauses, so it waits on the loader); time to first batch "
+                     f"{v['time_to_first_batch_s']:.2f} s; peak PSS of server + workers {v['peak_pss_mb']:.0f} MB.")
+    extra_rows = []
+    if "service_no_reduced_decode" in results:
+        r = results["service_no_reduced_decode"]
+        extra_rows.append(("service, --no-reduced-decode", f"{r['images_per_s']:.0f} images/s"
+                           + (f" ({r['images_per_s'] / (2 * percore):.2f} of 2 x per-core)" if percore else "")))
+    if "stall" in results:
+        r = results["stall"]
+        extra_rows.append((f"data stall, training step {r['step_ms']:.1f} ms (80% of loader capacity)",
+                           f"{r['stall_pct']:.2f}% of wall time; next() p50 {r['next_p50_ms']:.3f} ms, "
+                           f"p99 {r['next_p99_ms']:.3f} ms"))
+    if "float32" in results:
+        r = results["float32"]
+        extra_rows.append(("float32 output", f"{r['images_per_s']:.0f} images/s = {r['ratio_to_uint8']:.2f}x uint8"))
+    if "slow_storage" in results:
+        r = results["slow_storage"]
+        extra_rows.append((f"slow storage, +{r['read_latency_ms']:g} ms per read, 64 read threads",
+                           f"{r['images_per_s']:.0f} images/s = {r['ratio_to_no_latency']:.2f}x no latency"))
+    if "ttfb_million" in results:
+        r = results["ttfb_million"]
+        extra_rows.append((f"time to first batch, {r['lines']:,}-line list file",
+                           f"{r['time_to_first_batch_s']:.2f} s; peak PSS {r['peak_pss_mb']:.0f} MB"))
+    if extra_rows:
+        lines += ["", "| measurement | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in extra_rows]
+    if "scaling" in results:
+        lines += ["", "| workers | images/s | peak PSS MB |", "|---|---|---|"]
+        for w, r in results["scaling"].items():
+            lines.append(f"| {w} | {r['images_per_s']:.0f} | {r['peak_pss_mb']:.0f} |")
+    if "stages_cpu_ms_per_image" in results:
+        st = results["stages_cpu_ms_per_image"]
+        lines += ["", "| stage | CPU ms per image |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in st.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    s = results["summary"]
+    names = [n for n in _SYSTEMS if n in s]
+    fig, axes = plt.subplots(1, 2 if "scaling" in results else 1, figsize=(11, 4), squeeze=False)
+    ax = axes[0][0]
+    med = [s[n]["median"] for n in names]
+    err = [[s[n]["median"] - s[n]["min"] for n in names], [s[n]["max"] - s[n]["median"] for n in names]]
+    ax.bar(names, med, yerr=err, capsize=4, color=["#999", "#2a7", "#c66", "#68c"][: len(names)])
+    if "percore" in s:
+        ax.axhline(2 * s["percore"]["median"], ls="--", color="k", lw=1, label="2 x per-core limit")
+        ax.legend()
+    ax.set_ylabel("images/s")
+    ax.set_title(f"{results['settings']['workers']} workers, batch {results['settings']['batch_size']}, "
+                 f"{results['settings']['size']}")
+    if "scaling" in results:
+        ax2 = axes[0][1]
+        ws = list(results["scaling"])
+        ax2.plot([int(w) for w in ws], [results["scaling"][w]["images_per_s"] for w in ws], "o-")
+        ax2.set_xlabel("workers")
+        ax2.set_ylabel("images/s")
+        ax2.set_title(f"scaling on {results['machine']['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
