@@ -25,6 +25,7 @@ import zmq
 
 from . import protocol
 from .errors import ERROR_KINDS, LoaderError, LoaderTimeoutError, ProtocolError
+from .normalize import Normalization
 from .shm import Arena, shm_available
 
 __all__ = ["LoaderClient", "BatchInfo", "batches", "health"]
@@ -55,6 +56,8 @@ class LoaderClient:
     `world_size` select one data-parallel share of every epoch. `shared_memory` (default: on
     for ipc:// and loopback endpoints) lets a server on the same host hand over pixels through
     shared memory instead of the socket; it falls back to the socket when that is not possible.
+    `normalize=True` (with optional per-channel `mean`/`std`) turns uint8 batches into float32
+    ``(x / 255 - mean) / std`` on this host's background thread, keeping uint8 on the wire.
     """
 
     def __init__(
@@ -71,6 +74,9 @@ class LoaderClient:
         max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
         name: str | None = None,
         shared_memory: bool | None = None,
+        normalize: bool = False,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"`timeout_s` must be > 0, got {timeout_s}")
@@ -137,6 +143,19 @@ class LoaderClient:
         self.class_names: list[str] | None = meta["class_names"]
         self.x_shape: tuple[int, ...] = tuple(meta["x_shape"])
         self.x_dtype = np.dtype(meta["x_dtype"])
+        norm = None
+        if normalize or mean is not None or std is not None:
+            if self.x_dtype != np.uint8:
+                self._abort()
+                raise ValueError(f"normalize=True needs uint8 batches; the server sends {self.x_dtype} already")
+            layout = meta.get("layout", "hwc")
+            channels = self.x_shape[0] if layout == "chw" else self.x_shape[-1]
+            try:
+                norm = Normalization(channels, layout, mean, std)
+            except ValueError:
+                self._abort()
+                raise
+            self.x_dtype = np.dtype(np.float32)
         self.seed: int = meta["seed"]
         self.rank: int = meta["rank"]
         self.world_size: int = meta["world_size"]
@@ -148,7 +167,7 @@ class LoaderClient:
             target=_Receiver(self._sock, self._wake_rx, self._queue, endpoint, self.timeout_s,
                              min(heartbeat_s, meta["heartbeat_s"]), max_message_bytes,
                              (self._epoch, self._batch, self.steps_per_epoch) if self._in_order else None,
-                             self._arena).run,
+                             self._arena, norm).run,
             name=f"loader-client-{endpoint}",
             daemon=True,
         )
@@ -208,6 +227,15 @@ class LoaderClient:
         """A small JSON-serialisable state; ``LoaderClient(endpoint, state=...)`` resumes there."""
         return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world_size, "fingerprint": self.fingerprint}
+
+    def _abort(self) -> None:
+        """Say goodbye and close the sockets when construction fails after the handshake."""
+        try:
+            self._sock.send(protocol.pack("bye"), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._close_sockets()
+        self._closed = True
 
     def close(self) -> None:
         """Stop the receiver thread, say goodbye to the server, release the sockets.
@@ -276,11 +304,12 @@ class _Receiver:
 
     def __init__(self, sock: zmq.Socket, wake: zmq.Socket, out: queue.Queue[Any], endpoint: str,
                  timeout_s: float, heartbeat_s: float, max_bytes: int,
-                 expect: tuple[int, int, int] | None, arena: Arena | None) -> None:
+                 expect: tuple[int, int, int] | None, arena: Arena | None, norm: Normalization | None) -> None:
         self.sock, self.wake, self.out = sock, wake, out
         self.endpoint, self.timeout_s, self.heartbeat_s, self.max_bytes = endpoint, timeout_s, heartbeat_s, max_bytes
         self.expect = expect  # (epoch, batch, steps) of the next batch in in-order mode
         self.arena = arena
+        self.norm = norm
         self.releases = _Releases()
 
     def run(self) -> None:
@@ -390,6 +419,8 @@ class _Receiver:
                 raise ProtocolError(f"expected epoch {e} batch {b} from {self.endpoint}, got epoch {epoch} "
                                     f"batch {batch}: a batch was lost or repeated")
             self.expect = (e, b + 1, steps) if b + 1 < steps else (e + 1, 0, steps)
+        if self.norm is not None:  # the uint8 view (and its slot) is released right here
+            arrays["x"] = self.norm.apply(arrays["x"])
         self.out.put((arrays["x"], arrays["y"], BatchInfo(epoch, batch, arrays["index"])))
 
 

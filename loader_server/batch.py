@@ -12,6 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from loader_client.normalize import Normalization
+
 from .config import ServerConfig
 from .decode import Decoder, read_file
 from .index import DatasetIndex
@@ -35,18 +37,9 @@ class BatchBuilder:
         self._pool = (ThreadPoolExecutor(config.read_threads, thread_name_prefix="loader-read")
                       if config.read_threads > 0 else None)
         self._scratch: np.ndarray | None = None  # uint8 HWC staging for float32 or CHW output
-        self._scale: np.ndarray | None = None
-        self._offset: np.ndarray | None = None
+        self._norm = None
         if config.dtype == "float32":
-            mean = np.asarray(config.mean or (0.0,) * config.channels, dtype=np.float64)
-            std = np.asarray(config.std or (1.0,) * config.channels, dtype=np.float64)
-            # (x / 255 - mean) / std  ==  x * scale - offset, one multiply and one subtract.
-            self._scale = (1.0 / (255.0 * std)).astype(np.float32)
-            self._offset = (mean / std).astype(np.float32) if config.mean is not None else None
-            if config.layout == "chw":
-                self._scale = self._scale.reshape(-1, 1, 1)
-                if self._offset is not None:
-                    self._offset = self._offset.reshape(-1, 1, 1)
+            self._norm = Normalization(config.channels, config.layout, config.mean, config.std)
 
     def allocate(self, batch_size: int | None = None) -> np.ndarray:
         """A fresh output buffer ``x`` for `batch_size` samples in the configured dtype and layout."""
@@ -91,9 +84,7 @@ class BatchBuilder:
     def _finish(self, hwc: np.ndarray, x: np.ndarray) -> None:
         """Convert the uint8 HWC staging batch to the output dtype and layout in one pass each."""
         src = hwc.transpose(0, 3, 1, 2) if self.config.layout == "chw" else hwc
-        if self._scale is None:
+        if self._norm is None:
             np.copyto(x, src)
-            return
-        np.multiply(src, self._scale, out=x, casting="unsafe")
-        if self._offset is not None:
-            np.subtract(x, self._offset, out=x)
+        else:
+            self._norm.apply(src, out=x)

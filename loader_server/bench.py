@@ -211,7 +211,8 @@ class _Server:
 
 def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, workers: int,
                     data: str, scratch: str, extra: list[str] | None = None, step_fraction: float | None = None,
-                    capacity: float | None = None, **_: Any) -> dict[str, Any]:
+                    capacity: float | None = None, client_kwargs: dict[str, Any] | None = None,
+                    **_: Any) -> dict[str, Any]:
     """Serve `data`, consume `n` images after 2 warm-up batches, touching one byte per batch.
 
     With `step_fraction`, a simulated training step follows every batch, long enough that the
@@ -221,7 +222,7 @@ def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_si
     server = _Server(data, scratch, batch_size, f"{size[0]}x{size[1]}", workers, extra or [])
     pss = _PssSampler(server.proc.pid)
     try:
-        with LoaderClient(server.endpoint, timeout_s=120, prefetch=4) as client:
+        with LoaderClient(server.endpoint, timeout_s=120, prefetch=4, **(client_kwargs or {})) as client:
             it = iter(client)
             next(it)
             ttfb = time.perf_counter() - server.started
@@ -389,8 +390,12 @@ def run_bench(args: argparse.Namespace) -> int:
         if "float32" in extras and capacity:
             res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, "--dtype", "float32"])
             results["float32"] = {**res, "ratio_to_uint8": res["images_per_s"] / capacity}
-            print(f"float32: {res['images_per_s']:.0f} images/s ({res['images_per_s'] / capacity:.2f}x uint8)",
-                  flush=True)
+            print(f"float32 on the server: {res['images_per_s']:.0f} images/s "
+                  f"({res['images_per_s'] / capacity:.2f}x uint8)", flush=True)
+            res = measure_service(**{**common, "n": quick_n}, extra=serve_extra, client_kwargs={"normalize": True})
+            results["float32_client"] = {**res, "ratio_to_uint8": res["images_per_s"] / capacity}
+            print(f"float32 on the client (uint8 on the wire): {res['images_per_s']:.0f} images/s "
+                  f"({res['images_per_s'] / capacity:.2f}x uint8)", flush=True)
         if "slow" in extras and capacity:
             slow_args = ["--simulate-read-latency-ms", str(args.read_latency_ms), "--read-threads", "64"]
             res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, *slow_args])
@@ -486,7 +491,12 @@ def markdown(results: dict[str, Any]) -> str:
                            f"p99 {r['next_p99_ms']:.3f} ms"))
     if "float32" in results:
         r = results["float32"]
-        extra_rows.append(("float32 output", f"{r['images_per_s']:.0f} images/s = {r['ratio_to_uint8']:.2f}x uint8"))
+        extra_rows.append(("float32 made by the workers (--dtype float32)",
+                           f"{r['images_per_s']:.0f} images/s = {r['ratio_to_uint8']:.2f}x uint8"))
+    if "float32_client" in results:
+        r = results["float32_client"]
+        extra_rows.append(("float32 made by the client (normalize=True, uint8 on the wire)",
+                           f"{r['images_per_s']:.0f} images/s = {r['ratio_to_uint8']:.2f}x uint8"))
     if "slow_storage" in results:
         r = results["slow_storage"]
         extra_rows.append((f"slow storage, +{r['read_latency_ms']:g} ms per read, 64 read threads",

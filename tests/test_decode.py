@@ -199,3 +199,21 @@ def test_reduced_decoding_picks_the_largest_safe_factor(tmp_path: Path) -> None:
     # Close, not identical: linear 400->48 skips pixels (aliasing), 100->48 after DCT scaling less so.
     assert np.abs(reduced.astype(int) - exact.astype(int)).mean() < 8
     assert decoder.decode(path.read_bytes(), str(path)).shape == (75, 100, 3)
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+@pytest.mark.parametrize(("mean", "std"), [(None, None), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
+def test_normalization_matches_the_formula(layout: str, mean: tuple[float, ...] | None,
+                                           std: tuple[float, ...] | None) -> None:
+    from loader_client.normalize import Normalization
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    m = np.array(mean or (0, 0, 0), np.float64)
+    s = np.array(std or (1, 1, 1), np.float64)
+    ref = (x / 255 - m) / s
+    if layout == "chw":
+        x, ref = np.ascontiguousarray(x.transpose(0, 3, 1, 2)), ref.transpose(0, 3, 1, 2)
+    out = Normalization(3, layout, mean, std).apply(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)

@@ -349,3 +349,22 @@ def test_random_mode_is_endless_with_replacement(start_server: Any, listfile: Pa
     assert labels.min() >= 0 and labels.max() < N and len(set(labels.tolist())) < len(labels)
     for (_, a), (_, b) in zip(*runs):
         np.testing.assert_array_equal(a, b)  # same seed, same draws
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_client_side_normalization_keeps_uint8_on_the_wire(start_server: Any, listfile: Path,
+                                                           shared_memory: bool) -> None:
+    server = start_server(listfile, "--batch-size", str(BATCH), "--size", SIZE, "--workers", "1", "--seed", "2")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    with LoaderClient(server.endpoint, timeout_s=20, shared_memory=shared_memory) as raw, \
+         LoaderClient(server.endpoint, timeout_s=20, shared_memory=shared_memory, normalize=True,
+                      mean=mean, std=std) as norm:
+        assert norm.x_dtype == np.float32 and raw.x_dtype == np.uint8
+        for _ in range(3):
+            (xr, yr), (xn, yn) = raw.next(), norm.next()
+            np.testing.assert_array_equal(yr, yn)
+            np.testing.assert_allclose(xn, (xr / 255 - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+    float_server = start_server(listfile, "--batch-size", str(BATCH), "--size", SIZE, "--workers", "1",
+                                "--dtype", "float32")
+    with pytest.raises(ValueError, match="needs uint8 batches"):
+        LoaderClient(float_server.endpoint, timeout_s=20, normalize=True)
