@@ -33,6 +33,7 @@ __all__ = ["LoaderClient", "BatchInfo", "batches", "health"]
 _counter = itertools.count()
 _STOP_JOIN_TIMEOUT_S = 5.0
 _BYE_LINGER_MS = 200
+_CREDIT_POLL_MS = 4
 
 
 @dataclass(frozen=True)
@@ -163,11 +164,12 @@ class LoaderClient:
         self._in_order: bool = meta["in_order"]
         self._epoch, self._batch = meta["epoch"], meta["batch"]  # next batch the trainer gets
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._progress = _Progress()
         self._thread = threading.Thread(
             target=_Receiver(self._sock, self._wake_rx, self._queue, endpoint, self.timeout_s,
                              min(heartbeat_s, meta["heartbeat_s"]), max_message_bytes,
                              (self._epoch, self._batch, self.steps_per_epoch) if self._in_order else None,
-                             self._arena, norm).run,
+                             self._arena, norm, self._progress).run,
             name=f"loader-client-{endpoint}",
             daemon=True,
         )
@@ -203,10 +205,12 @@ class LoaderClient:
             self._failure = item
             raise item
         x, y, info = item
-        try:
-            self._wake_tx.send(b"c", zmq.NOBLOCK)  # one credit back to the server
-        except zmq.ZMQError:
-            pass
+        self._progress.consumed += 1  # the receiver returns a credit for it within _CREDIT_POLL_MS
+        if self._queue.empty():  # nothing left here: wake the receiver to ask for more now
+            try:
+                self._wake_tx.send(b"c", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
         self.last = info
         self._epoch, self._batch = info.epoch, info.batch + 1
         if self._batch >= self.steps_per_epoch:
@@ -304,12 +308,15 @@ class _Receiver:
 
     def __init__(self, sock: zmq.Socket, wake: zmq.Socket, out: queue.Queue[Any], endpoint: str,
                  timeout_s: float, heartbeat_s: float, max_bytes: int,
-                 expect: tuple[int, int, int] | None, arena: Arena | None, norm: Normalization | None) -> None:
+                 expect: tuple[int, int, int] | None, arena: Arena | None, norm: Normalization | None,
+                 progress: _Progress) -> None:
         self.sock, self.wake, self.out = sock, wake, out
         self.endpoint, self.timeout_s, self.heartbeat_s, self.max_bytes = endpoint, timeout_s, heartbeat_s, max_bytes
         self.expect = expect  # (epoch, batch, steps) of the next batch in in-order mode
         self.arena = arena
         self.norm = norm
+        self.progress = progress
+        self.credited = 0  # batches consumed and already credited back to the server
         self.releases = _Releases()
 
     def run(self) -> None:
@@ -321,9 +328,12 @@ class _Receiver:
         hb_ms = max(1, int(self.heartbeat_s * 1000))
         try:
             while True:
-                events = dict(poller.poll(hb_ms))
+                # While batches wait here, look for consumed ones every few ms instead of being
+                # woken by each next(): a wake-up per batch let this thread take the GIL just as
+                # the trainer returned from next(), costing it 3-6 ms on a busy machine.
+                waiting = self.progress.consumed > self.credited or not self.out.empty()
+                events = dict(poller.poll(_CREDIT_POLL_MS if waiting else hb_ms))
                 now = time.monotonic()
-                credits = 0
                 if self.releases.read_fd in events:
                     self._drain_releases()
                 if self.wake in events:
@@ -335,7 +345,6 @@ class _Receiver:
                         if msg == b"x":
                             self._send("bye")
                             return
-                        credits += 1
                 if self.sock in events:
                     last_rx = now
                     while True:
@@ -344,8 +353,10 @@ class _Receiver:
                         except zmq.Again:
                             break
                         self._handle(frames)
+                credits = self.progress.consumed - self.credited
                 if credits:
                     self._send("credit", n=credits)
+                    self.credited += credits
                     last_tx = now
                 elif now - last_tx >= self.heartbeat_s:
                     self._send("ping")
@@ -422,6 +433,13 @@ class _Receiver:
         if self.norm is not None:  # the uint8 view (and its slot) is released right here
             arrays["x"] = self.norm.apply(arrays["x"])
         self.out.put((arrays["x"], arrays["y"], BatchInfo(epoch, batch, arrays["index"])))
+
+
+class _Progress:
+    """Batches the trainer has taken, counted by next() and read by the receiver thread."""
+
+    def __init__(self) -> None:
+        self.consumed = 0
 
 
 class _Releases:

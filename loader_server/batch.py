@@ -1,8 +1,10 @@
 """Collating a batch: read, decode and resize each sample straight into the batch buffer.
 
 Pure work over files and arrays, no sockets: the worker process calls `BatchBuilder.build`
-and sends what it returns. File reads can run ahead on a small thread pool (`read_threads`),
-so that waiting on slow storage overlaps with decoding; reads and OpenCV both release the GIL.
+and sends what it returns. File reads can run ahead on a thread pool (`read_threads`), so
+that waiting on slow storage (NFS, object stores) overlaps with decoding; reads and OpenCV
+both release the GIL. By default reads stay inline, which is cheapest for local disks and the
+page cache, and the pool starts once reads average over `SLOW_READ_S`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from .config import ServerConfig
 from .decode import Decoder, read_file
 from .index import DatasetIndex
 
-__all__ = ["BatchBuilder", "Reads"]
+__all__ = ["BatchBuilder", "Reads", "AUTO_READ_THREADS", "SLOW_READ_S"]
+
+#: Read threads started when reads turn out slow (read_threads=None).
+AUTO_READ_THREADS = 64
+#: Average read time above which reads move to the thread pool (read_threads=None).
+SLOW_READ_S = 0.002
+_READ_EMA_WEIGHT = 0.05
 
 #: Paths of a batch with their reads: a future per file when reads run ahead, else None.
 Reads = list[tuple[str, "Future[bytes] | None"]]
@@ -34,8 +42,11 @@ class BatchBuilder:
         w, h = config.size
         self._hwc_shape = (h, w, config.channels)
         self._latency_s = config.simulate_read_latency_ms / 1000
-        self._pool = (ThreadPoolExecutor(config.read_threads, thread_name_prefix="loader-read")
-                      if config.read_threads > 0 else None)
+        self._auto = config.read_threads is None
+        self._read_ema_s = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        if config.read_threads:
+            self._pool = ThreadPoolExecutor(config.read_threads, thread_name_prefix="loader-read")
         self._scratch: np.ndarray | None = None  # uint8 HWC staging for float32 or CHW output
         self._norm = None
         if config.dtype == "float32":
@@ -58,6 +69,17 @@ class BatchBuilder:
             time.sleep(self._latency_s)
         return read_file(path)
 
+    def _read_inline(self, path: str) -> bytes:
+        """Read on this thread; in auto mode, start the pool once reads average over SLOW_READ_S."""
+        if not self._auto:
+            return self._read(path)
+        started = time.perf_counter()
+        data = self._read(path)
+        self._read_ema_s += _READ_EMA_WEIGHT * (time.perf_counter() - started - self._read_ema_s)
+        if self._read_ema_s > SLOW_READ_S and self._pool is None:
+            self._pool = ThreadPoolExecutor(AUTO_READ_THREADS, thread_name_prefix="loader-read")
+        return data
+
     def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None) -> dict[str, np.ndarray]:
         """Fill `x` (from `allocate`, at least ``len(indices)`` long) and return the batch arrays.
 
@@ -69,7 +91,7 @@ class BatchBuilder:
         direct = self.config.dtype == "uint8" and self.config.layout == "hwc"
         staging = x if direct else self._staging(n)
         for slot, (path, pending) in enumerate(self.read_ahead(indices) if reads is None else reads):
-            data = self._read(path) if pending is None else pending.result()
+            data = self._read_inline(path) if pending is None else pending.result()
             self.decoder.decode_into(data, path, staging[slot])
         if not direct:
             self._finish(staging, x)

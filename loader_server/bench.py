@@ -40,6 +40,8 @@ __all__ = ["run_bench", "add_bench_arguments"]
 
 _SYSTEMS = ("percore", "service", "classic", "torch")
 _SERVER_STOP_TIMEOUT_S = 20.0
+#: Batches consumed before the stall is measured: the pipeline fills up first.
+_STALL_WARMUP_BATCHES = 16
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -212,8 +214,8 @@ class _Server:
 def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, workers: int,
                     data: str, scratch: str, extra: list[str] | None = None, step_fraction: float | None = None,
                     capacity: float | None = None, client_kwargs: dict[str, Any] | None = None,
-                    **_: Any) -> dict[str, Any]:
-    """Serve `data`, consume `n` images after 2 warm-up batches, touching one byte per batch.
+                    warmup: int = 2, **_: Any) -> dict[str, Any]:
+    """Serve `data`, consume `n` images after `warmup` batches, touching one byte per batch.
 
     With `step_fraction`, a simulated training step follows every batch, long enough that the
     trainer consumes that fraction of the loader's capacity (`capacity` images/s), and the
@@ -226,7 +228,8 @@ def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_si
             it = iter(client)
             next(it)
             ttfb = time.perf_counter() - server.started
-            next(it)
+            for _ in range(warmup - 1):
+                next(it)
             step_s = 0.0 if step_fraction is None or not capacity else batch_size / (capacity * step_fraction)
             latencies: list[float] = []
             got = touched = 0
@@ -383,7 +386,8 @@ def run_bench(args: argparse.Namespace) -> int:
             results["service_no_reduced_decode"] = res
             print(f"service, reduced decoding off: {res['images_per_s']:.0f} images/s", flush=True)
         if "stall" in extras and capacity:
-            res = measure_service(**{**common, "n": n // 2}, extra=serve_extra, step_fraction=0.8, capacity=capacity)
+            res = measure_service(**{**common, "n": n // 2}, extra=serve_extra, step_fraction=0.8, capacity=capacity,
+                                  warmup=_STALL_WARMUP_BATCHES)
             results["stall"] = res
             print(f"stall at 80% load: {res['stall_pct']:.2f}% of wall time, next() p50 {res['next_p50_ms']:.3f} ms",
                   flush=True)

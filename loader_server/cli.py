@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from loader_client.errors import ConfigError
 
+from .batch import AUTO_READ_THREADS, SLOW_READ_S
 from .config import INTERPOLATIONS, RESIZE_MODES, ServerConfig, default_workers, parse_size
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -59,8 +60,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = Tru
                    help="decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover the output")
     p.add_argument("--no-shm", dest="shm", action="store_false",
                    help="never use shared memory, even for clients on this host (frames over the socket)")
-    p.add_argument("--read-threads", type=int, default=d["read_threads"].default,
-                   help="file reads in flight per worker (overlaps slow storage with decoding; 0 reads inline)")
+    p.add_argument("--read-threads", type=int, default=None,
+                   help="file reads in flight per worker, overlapping slow storage with decoding; 0 reads inline; "
+                        f"default: inline while reads are fast, {AUTO_READ_THREADS} threads once they average "
+                        f"over {SLOW_READ_S * 1000:g} ms")
     p.add_argument("--simulate-read-latency-ms", type=float, default=0.0,
                    help="benchmark option: add this latency to every file read (simulates network storage)")
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, float32 only: (x/255-mean)/std")

@@ -67,7 +67,7 @@ class ServerConfig:
     layout: Literal["hwc", "chw"] = "hwc"
     reduced_decode: bool = True
     shm: bool = True  # offer shared-memory slots to clients on this host
-    read_threads: int = 4  # file reads in flight per worker, overlapping slow storage with decoding
+    read_threads: int | None = None  # reads in flight per worker; None: inline until reads are slow
     simulate_read_latency_ms: float = 0.0  # benchmark option: sleep before every file read
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -83,7 +83,8 @@ class ServerConfig:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("workers", self.workers, 1)
         _at_least("prefetch", self.prefetch, 1)
-        _at_least("read_threads", self.read_threads, 0)
+        if self.read_threads is not None:
+            _at_least("read_threads", self.read_threads, 0)
         if self.simulate_read_latency_ms < 0:
             raise ConfigError(f"`simulate_read_latency_ms` must be >= 0, got {self.simulate_read_latency_ms}")
         w, h = self.size

@@ -39,8 +39,8 @@ __all__ = ["Server", "MAX_TASK_RETRIES"]
 
 log = logging.getLogger("loader_server")
 
-#: Tasks a worker holds at once: one being built, one waiting, so it never idles on a round trip.
-_TASKS_PER_WORKER = 2
+#: Tasks a worker holds at once: one being built and two whose file reads run ahead (slow storage).
+_TASKS_PER_WORKER = 3
 #: A task whose worker died this many times is reported to the client instead of retried.
 MAX_TASK_RETRIES = 3
 #: Most credit a client may hold; more is clamped (bounds what we might queue for it).
