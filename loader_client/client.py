@@ -25,7 +25,7 @@ import zmq
 
 from . import protocol
 from .errors import ERROR_KINDS, LoaderError, LoaderTimeoutError, ProtocolError
-from .normalize import Normalization
+from .normalize import BufferPool, Normalization
 from .shm import Arena, shm_available
 
 __all__ = ["LoaderClient", "BatchInfo", "batches", "health"]
@@ -315,6 +315,7 @@ class _Receiver:
         self.expect = expect  # (epoch, batch, steps) of the next batch in in-order mode
         self.arena = arena
         self.norm = norm
+        self.pool = BufferPool(keep=8)
         self.progress = progress
         self.credited = 0  # batches consumed and already credited back to the server
         self.releases = _Releases()
@@ -431,7 +432,8 @@ class _Receiver:
                                     f"batch {batch}: a batch was lost or repeated")
             self.expect = (e, b + 1, steps) if b + 1 < steps else (e + 1, 0, steps)
         if self.norm is not None:  # the uint8 view (and its slot) is released right here
-            arrays["x"] = self.norm.apply(arrays["x"])
+            x = arrays["x"]
+            arrays["x"] = self.norm.apply(x, out=self.pool.get(x.shape, np.float32))
         self.out.put((arrays["x"], arrays["y"], BatchInfo(epoch, batch, arrays["index"])))
 
 

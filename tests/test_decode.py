@@ -217,3 +217,21 @@ def test_normalization_matches_the_formula(layout: str, mean: tuple[float, ...] 
     out = Normalization(3, layout, mean, std).apply(x)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_buffer_pool_recycles_dropped_arrays() -> None:
+    import gc
+
+    from loader_client.normalize import BufferPool
+
+    pool = BufferPool(keep=2)
+    a = pool.get((4, 4), np.float32)
+    a_base = a.base
+    del a
+    gc.collect()
+    b = pool.get((4, 4), np.float32)
+    assert b.base is a_base  # the same memory, handed out again
+    c = pool.get((4, 4), np.float32)
+    assert c.base is not a_base  # b still holds the first buffer
+    d = pool.get((2, 2), np.float32)
+    assert d.shape == (2, 2)
