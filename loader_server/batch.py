@@ -17,7 +17,7 @@ import numpy as np
 from loader_client.normalize import Normalization
 
 from .config import ServerConfig
-from .decode import Decoder, read_file
+from .decode import DecodeError, Decoder, read_file
 from .index import DatasetIndex
 
 __all__ = ["BatchBuilder", "Reads", "AUTO_READ_THREADS", "SLOW_READ_S"]
@@ -48,6 +48,8 @@ class BatchBuilder:
         if config.read_threads:
             self._pool = ThreadPoolExecutor(config.read_threads, thread_name_prefix="loader-read")
         self._scratch: np.ndarray | None = None  # uint8 HWC staging for float32 or CHW output
+        self.skip_bad = config.on_error == "skip"
+        self.last_bad: list[tuple[str, str]] = []  # (path, reason) replaced in the last batch
         self._norm = None
         if config.dtype == "float32":
             self._norm = Normalization(config.channels, config.layout, config.mean, config.std)
@@ -90,13 +92,23 @@ class BatchBuilder:
         x = x[:n]
         direct = self.config.dtype == "uint8" and self.config.layout == "hwc"
         staging = x if direct else self._staging(n)
+        bad: list[tuple[int, DecodeError]] = []
         for slot, (path, pending) in enumerate(self.read_ahead(indices) if reads is None else reads):
-            data = self._read_inline(path) if pending is None else pending.result()
-            self.decoder.decode_into(data, path, staging[slot])
+            try:
+                data = self._read_inline(path) if pending is None else pending.result()
+                self.decoder.decode_into(data, path, staging[slot])
+            except DecodeError as exc:
+                if not self.skip_bad:
+                    raise
+                bad.append((slot, exc))
+        labels = self.index.labels[indices]
+        index = np.array(indices, dtype=np.int64)
+        self.last_bad = [(exc.path, exc.reason) for _, exc in bad]
+        if bad:
+            _substitute([slot for slot, _ in bad], staging, labels, index, bad[0][1])
         if not direct:
             self._finish(staging, x)
-        labels = self.index.labels[indices]
-        return {"x": x, "y": labels, "index": np.ascontiguousarray(indices, dtype=np.int64)}
+        return {"x": x, "y": labels, "index": index}
 
     def _staging(self, n: int) -> np.ndarray:
         if self._scratch is None or len(self._scratch) < n:
@@ -110,3 +122,21 @@ class BatchBuilder:
             np.copyto(x, src)
         else:
             self._norm.apply(src, out=x)
+
+
+def _substitute(bad: list[int], staging: np.ndarray, labels: np.ndarray, index: np.ndarray,
+                first: DecodeError) -> None:
+    """Replace each bad sample by the next good one of the same batch (cyclically).
+
+    Deterministic: it depends only on the batch, so any worker count gives the same result.
+    `index` then names the sample really delivered in each place.
+    """
+    n = len(labels)
+    bad_set = set(bad)
+    if len(bad_set) == n:
+        raise DecodeError(first.path, f"{first.reason}; and every other sample of its batch is bad too")
+    for slot in bad:
+        j = next((slot + k) % n for k in range(1, n) if (slot + k) % n not in bad_set)
+        staging[slot] = staging[j]
+        labels[slot] = labels[j]
+        index[slot] = index[j]

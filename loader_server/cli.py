@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from loader_client.errors import ConfigError
 
 from .batch import AUTO_READ_THREADS, SLOW_READ_S
-from .config import INTERPOLATIONS, RESIZE_MODES, ServerConfig, default_workers, parse_size
+from .config import INTERPOLATIONS, RESIZE_MODES, ServerConfig, default_workers, parse_max_bad, parse_size
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -58,6 +58,13 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = Tru
     p.add_argument("--layout", choices=("hwc", "chw"), default="hwc", help="image layout inside a batch")
     p.add_argument("--no-reduced-decode", dest="reduced_decode", action="store_false",
                    help="decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover the output")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="a bad file: raise (the trainer gets an error naming it) or skip (replace the sample "
+                        "with another of the same batch, log the file once, count it)")
+    p.add_argument("--max-bad", default="0.1%",
+                   help="skip mode: more bad files than this (a count, or a percentage of the index) is an error")
+    p.add_argument("--max-pixels", type=int, default=d["max_pixels"].default,
+                   help="refuse larger images before decoding them (decompression bombs)")
     p.add_argument("--no-shm", dest="shm", action="store_false",
                    help="never use shared memory, even for clients on this host (frames over the socket)")
     p.add_argument("--read-threads", type=int, default=None,
@@ -68,6 +75,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = Tru
                    help="benchmark option: add this latency to every file read (simulates network storage)")
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, float32 only: (x/255-mean)/std")
     p.add_argument("--std", type=_floats, default=None, help="per-channel std, float32 only")
+    p.add_argument("--batch-timeout-s", type=float, default=d["batch_timeout_s"].default,
+                   help="a worker that makes no progress on a batch this long is hung: its stack is logged, "
+                        "it is killed and replaced, and the batch is built again")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat interval to idle clients")
     p.add_argument("--client-timeout-s", type=float, default=30.0,
                    help="drop a client silent for this long (its trainer died)")
@@ -113,7 +123,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         seed=args.seed, bind=args.bind, prefetch=args.prefetch, mode=args.mode, shuffle=args.shuffle,
         drop_last=args.drop_last, steps_per_epoch=args.steps_per_epoch, in_order=args.in_order,
         resize=args.resize, interpolation=args.interpolation, pad_value=args.pad_value, color=args.color,
-        dtype=args.dtype, layout=args.layout, reduced_decode=args.reduced_decode, shm=args.shm,
+        batch_timeout_s=args.batch_timeout_s, dtype=args.dtype, layout=args.layout,
+        reduced_decode=args.reduced_decode, shm=args.shm, on_error=args.on_error,
+        max_bad=parse_max_bad(args.max_bad), max_pixels=args.max_pixels,
         read_threads=args.read_threads,
         simulate_read_latency_ms=args.simulate_read_latency_ms, mean=args.mean, std=args.std, heartbeat_s=args.heartbeat_s,
         client_timeout_s=args.client_timeout_s,

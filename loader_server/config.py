@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from loader_client.errors import ConfigError
 
-__all__ = ["ServerConfig", "parse_size", "default_workers", "RESIZE_MODES", "INTERPOLATIONS"]
+__all__ = ["ServerConfig", "parse_size", "parse_max_bad", "default_workers", "RESIZE_MODES", "INTERPOLATIONS"]
 
 RESIZE_MODES = ("stretch", "letterbox", "crop")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
@@ -33,6 +33,18 @@ def default_workers() -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 1
     return max(1, cpus - 1)
+
+
+def parse_max_bad(text: str) -> float:
+    """``100`` (files), ``0.5%`` or ``0.005`` (fraction of the index) into a float."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ConfigError(f"`max_bad` must be a count (100), a percentage (0.5%) or a fraction (0.005), "
+                          f"got {text!r}") from None
+    if value < 0 or (value >= 1 and value != int(value)):
+        raise ConfigError(f"`max_bad` must be a whole count >= 1 or a fraction in [0, 1), got {text!r}")
+    return value
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -66,11 +78,15 @@ class ServerConfig:
     dtype: Literal["uint8", "float32"] = "uint8"
     layout: Literal["hwc", "chw"] = "hwc"
     reduced_decode: bool = True
+    max_pixels: int = 178_956_970  # larger images are refused before decoding (Pillow's bomb limit)
+    on_error: Literal["raise", "skip"] = "raise"
+    max_bad: float = 0.001  # skip mode: >= 1 a count of bad files, < 1 a fraction of the index
     shm: bool = True  # offer shared-memory slots to clients on this host
     read_threads: int | None = None  # reads in flight per worker; None: inline until reads are slow
     simulate_read_latency_ms: float = 0.0  # benchmark option: sleep before every file read
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    batch_timeout_s: float = 120.0  # a worker without progress this long on a batch is hung
     heartbeat_s: float = 1.0
     client_timeout_s: float = 30.0
     max_message_bytes: int = 1 << 30
@@ -96,6 +112,10 @@ class ServerConfig:
         _one_of("color", self.color, COLORS)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("layout", self.layout, LAYOUTS)
+        _one_of("on_error", self.on_error, ("raise", "skip"))
+        _at_least("max_pixels", self.max_pixels, 1)
+        if not self.max_bad >= 0:
+            raise ConfigError(f"`max_bad` must be a count >= 1 or a fraction in [0, 1), got {self.max_bad}")
         if not 0 <= self.pad_value <= 255:
             raise ConfigError(f"`pad_value` must be between 0 and 255, got {self.pad_value}")
         if not 0 <= self.seed < 2**63:
@@ -116,6 +136,8 @@ class ServerConfig:
                 )
             if name == "std" and any(v <= 0 for v in value):
                 raise ConfigError(f"`std` values must be > 0, got {list(value)}")
+        if self.batch_timeout_s <= 0:
+            raise ConfigError(f"`batch_timeout_s` must be > 0, got {self.batch_timeout_s}")
         if self.heartbeat_s <= 0:
             raise ConfigError(f"`heartbeat_s` must be > 0, got {self.heartbeat_s}")
         if self.client_timeout_s <= self.heartbeat_s:
@@ -144,6 +166,12 @@ class ServerConfig:
         c, a, b = self.image_shape
         return self.batch_size * c * a * b * itemsize
 
+    def max_bad_files(self, samples: int) -> int:
+        """How many distinct bad files skip mode tolerates for an index of `samples`."""
+        if self.max_bad >= 1:
+            return int(self.max_bad)
+        return max(1, int(self.max_bad * samples))
+
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -153,7 +181,8 @@ class ServerConfig:
             k: v
             for k, v in self.as_dict().items()
             if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
-                         "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm")
+                         "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm",
+                         "batch_timeout_s", "max_bad")
         }
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()

@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import ServerConfig
 
-__all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size"]
+__all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size", "png_size"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -39,6 +39,8 @@ _RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
 # libjpeg scale bits of the IMREAD_REDUCED_* flags (IMREAD_REDUCED_GRAYSCALE_2 == 16, ...).
 _REDUCE_BITS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Some writers append padding or metadata after the end-of-image marker; look this far back.
+_JPEG_EOI_SEARCH_BYTES = 4096
 
 
 class DecodeError(Exception):
@@ -87,6 +89,18 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, or None if `data` is not a PNG."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """Image size from the header of a JPEG or PNG, without decoding."""
+    return jpeg_size(data) or png_size(data)
+
+
 class Decoder:
     """Decodes one encoded image and resizes it into a preallocated ``(H, W, C)`` uint8 slot."""
 
@@ -96,6 +110,7 @@ class Decoder:
         self.interpolation = _INTERPOLATION[config.interpolation]
         self.pad_value = config.pad_value
         self.reduce = config.reduced_decode
+        self.max_pixels = config.max_pixels
         self.swap_to_rgb = False
         if config.color == "gray":
             self.flags = cv2.IMREAD_GRAYSCALE
@@ -136,9 +151,12 @@ class Decoder:
         if not data:
             raise DecodeError(path, "empty file")
         flags = self.flags
-        if self.reduce:
-            size = jpeg_size(data)
-            if size is not None and size[0] > 0 and size[1] > 0:
+        size = header_size(data)
+        if size is not None:
+            if size[0] * size[1] > self.max_pixels:
+                raise DecodeError(path, f"image of {size[0]}x{size[1]} pixels exceeds --max-pixels "
+                                        f"{self.max_pixels} (a decompression bomb?)")
+            if self.reduce and size[0] > 0 and size[1] > 0 and data[:2] == b"\xff\xd8":
                 f = self.reduction(*size)
                 if f > 1:
                     flags = self._reduced_flags[f]
@@ -148,6 +166,12 @@ class Decoder:
             raise DecodeError(path, f"OpenCV error: {str(exc).strip().splitlines()[-1]}") from None
         if img is None:
             raise DecodeError(path, "not a decodable image (corrupt, truncated or unsupported format)")
+        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-_JPEG_EOI_SEARCH_BYTES:]:
+            # libjpeg pads a truncated file with grey and only warns: refuse it instead.
+            raise DecodeError(path, "truncated JPEG (no end-of-image marker)")
+        if img.shape[0] * img.shape[1] > self.max_pixels:  # formats whose header we do not read
+            raise DecodeError(path, f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds --max-pixels "
+                                    f"{self.max_pixels}")
         if img.dtype != np.uint8:  # pragma: no cover - IMREAD_COLOR/GRAYSCALE already give 8 bits
             img = (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
         if self.swap_to_rgb:  # pragma: no cover

@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import shutil
+import secrets
 import signal
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,11 +43,13 @@ _TASKS_PER_WORKER = 3
 #: A task whose worker died this many times is reported to the client instead of retried.
 MAX_TASK_RETRIES = 3
 #: Most credit a client may hold; more is clamped (bounds what we might queue for it).
-_MAX_CREDIT = 256
+_MAX_CREDIT = 64
 _MAX_REQUEST_BYTES = 64 * 1024
 _WORKER_STOP_TIMEOUT_S = 5.0
 _LOOP_TICK_MS = 100
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+#: Time a hung worker gets to write its stack dump before SIGKILL.
+_HUNG_DUMP_GRACE_S = 0.5
 
 
 @dataclass
@@ -105,8 +106,12 @@ class _Task:
 class _Worker:
     id: int
     process: Any
+    identity: bytes  # random routing id, known only to this process tree
     ready: bool = False
     tasks: list[int] = field(default_factory=list)
+    last_progress: float = 0.0  # last message from it, or when it got work while idle
+    hung: str = ""  # why it is being killed, when it is
+    kill_at: float = 0.0
 
 
 class Server:
@@ -128,7 +133,9 @@ class Server:
         self._next_task_id = 0
         self._next_arena_id = 0
         self._mp = multiprocessing.get_context("fork")
-        self._tmpdir = ""
+        self._by_identity: dict[bytes, int] = {}
+        self.bad_files: dict[str, str] = {}  # skip mode: path -> reason, each logged once
+        self._too_many_bad = ""
         self.batches_sent = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,20 +145,21 @@ class Server:
 
     def run(self) -> int:
         """Bind, start workers, serve until stopped; returns the exit code."""
-        self._tmpdir = tempfile.mkdtemp(prefix="loader-server-")  # mode 0700: private to this user
         self._ctx = zmq.Context()
         self._clients = self._ctx.socket(zmq.ROUTER)
         self._clients.setsockopt(zmq.LINGER, 0)
         self._clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._clients.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST_BYTES)
-        self._clients.setsockopt(zmq.SNDHWM, _MAX_CREDIT * 4)
+        self._clients.setsockopt(zmq.SNDHWM, _MAX_CREDIT + 16)  # credit bounds batches; + heartbeats
         self._workers_sock = self._ctx.socket(zmq.ROUTER)
         self._workers_sock.setsockopt(zmq.LINGER, 0)
         self._workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a replacement takes over the id
         self._workers_sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         self._workers_sock.setsockopt(zmq.RCVHWM, 0)
-        self._worker_endpoint = f"ipc://{self._tmpdir}/workers"
+        # An abstract socket: no file to leave behind, even on SIGKILL. Other local users could
+        # connect to it, so workers are known by random identities that only our forked
+        # children have, and messages from any other identity are ignored.
+        self._worker_endpoint = f"ipc://@loader-server-{os.getpid()}-{secrets.token_hex(16)}"
         try:
             self._bind_clients()
             self._workers_sock.bind(self._worker_endpoint)
@@ -176,8 +184,10 @@ class Server:
             from loader_client.errors import ConfigError
 
             raise ConfigError(f"cannot bind `bind` {bind!r}: {exc}; choose another port or path") from None
-        if bind.startswith("ipc://"):
-            os.chmod(bind[len("ipc://"):], 0o600)
+        if bind.startswith("ipc://") and not bind.startswith("ipc://@"):
+            path = bind[len("ipc://"):]
+            os.chmod(path, 0o600)
+            _start_janitor(path)
 
     def _shutdown(self) -> None:
         for w in self._workers.values():
@@ -197,12 +207,12 @@ class Server:
                 os.unlink(self.config.bind[len("ipc://"):])
             except FileNotFoundError:
                 pass
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def _spawn(self, wid: int) -> None:
+        identity = secrets.token_bytes(16)
         proc = self._mp.Process(
             target=worker_main,
-            args=(wid, self._worker_endpoint, self.config, self.index, os.getpid()),
+            args=(wid, identity, self._worker_endpoint, self.config, self.index, os.getpid()),
             name=f"loader-worker-{wid}",
             daemon=True,
         )
@@ -213,7 +223,8 @@ class Server:
             proc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        self._workers[wid] = _Worker(wid, proc)
+        self._workers[wid] = _Worker(wid, proc, identity)
+        self._by_identity[identity] = wid
 
     # ------------------------------------------------------------------ event loop
     def _loop(self) -> None:
@@ -316,6 +327,9 @@ class Server:
             self._send_error(identity, "config", f"world_size {world} leaves no full batch of "
                              f"{self.config.batch_size} per rank from {len(self.index)} samples")
             return
+        if self._too_many_bad:
+            self._send_error(identity, "bad_sample", self._too_many_bad)
+            return
         fp = req.get("fingerprint")
         if fp is not None and fp != self.fingerprint:
             self._send_error(identity, "config", _fingerprint_mismatch(fp, self.fingerprint))
@@ -372,7 +386,7 @@ class Server:
         for w in self._workers.values():
             if w.ready:
                 try:
-                    self._workers_sock.send_multipart([f"w{w.id}".encode(), protocol.pack("forget", arena=arena.id)],
+                    self._workers_sock.send_multipart([w.identity, protocol.pack("forget", arena=arena.id)],
                                                       zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
@@ -384,8 +398,13 @@ class Server:
                 frames = self._workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            wid = int(frames[0].bytes[1:])
+            wid = self._by_identity.get(frames[0].bytes)
+            if wid is None or len(frames) < 2:
+                log.warning("ignored a message on the worker socket from an unknown peer")
+                continue
             worker = self._workers.get(wid)
+            if worker is not None:
+                worker.last_progress = time.monotonic()
             header = protocol.unpack(frames[1])
             kind = header["t"]
             if kind == "ready":
@@ -401,6 +420,10 @@ class Server:
             if session is None:
                 continue
             session.in_flight.discard(task.id)
+            if kind == "result" and header.get("bad") and not self._note_bad(header["bad"]):
+                self._send_error(task.session, "bad_sample", self._too_many_bad)
+                self._drop(task.session, "too many bad files")
+                continue
             if kind == "result":
                 shm = None
                 if task.slot is not None:
@@ -417,18 +440,51 @@ class Server:
                                  traceback=header.get("traceback"))
                 self._drop(task.session, "batch failed")
 
+    def _note_bad(self, bad: list[list[str]]) -> bool:
+        """Log each bad file once and count it; False once there are more than --max-bad."""
+        for path, reason in bad:
+            if path not in self.bad_files:
+                self.bad_files[path] = reason
+                log.warning("bad file %s: %s (replaced by another sample of its batch; logged once)",
+                            path, reason)
+        limit = self.config.max_bad_files(len(self.index))
+        if len(self.bad_files) > limit and not self._too_many_bad:
+            self._too_many_bad = (
+                f"{len(self.bad_files)} bad files exceed --max-bad ({limit}): the model would train on "
+                f"substitutes. Run `loader-server check --data {self.config.data}` for the list, fix or "
+                "remove them, or raise --max-bad"
+            )
+            log.error(self._too_many_bad)
+        return not self._too_many_bad
+
+    def _hung(self, worker: _Worker, now: float) -> None:
+        """Dump a stuck worker's Python stack (SIGUSR1, faulthandler), then kill it shortly after."""
+        worker.hung = (f"made no progress for {now - worker.last_progress:.0f} s (--batch-timeout-s "
+                       f"{self.config.batch_timeout_s:g}) while building {_describe_task(self, worker.tasks[0])}")
+        worker.kill_at = now + _HUNG_DUMP_GRACE_S
+        log.error("worker %d (pid %d) %s; its Python stack follows", worker.id, worker.process.pid, worker.hung)
+        try:
+            os.kill(worker.process.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
     def _free_slot(self, session: _Session, task: _Task) -> None:
         if task.slot is not None and session.arena is not None:
             session.arena.free.append(task.slot)
 
     def _replace_worker(self, wid: int) -> None:
         worker = self._workers.pop(wid)
+        self._by_identity.pop(worker.identity, None)
         code = worker.process.exitcode
         worker.process.join(0)
         if self._stopping:
             return
-        log.error("worker %d (pid %d) died with exit code %s; starting a replacement and re-issuing "
-                  "its %d task(s)", wid, worker.process.pid, code, len(worker.tasks))
+        if worker.hung:
+            log.error("worker %d (pid %d) %s; killed it, starting a replacement and re-issuing its %d task(s)",
+                      wid, worker.process.pid, worker.hung, len(worker.tasks))
+        else:
+            log.error("worker %d (pid %d) died with exit code %s; starting a replacement and re-issuing "
+                      "its %d task(s)", wid, worker.process.pid, code, len(worker.tasks))
         for tid in reversed(worker.tasks):
             task = self._tasks.get(tid)
             if task is None:
@@ -440,9 +496,10 @@ class Server:
                 files = [self.index.path(int(i)) for i in task.indices]
                 del self._tasks[tid]
                 self._free_slot(session, task)
+                what = "hung" if worker.hung else f"died (last exit code {code})"
                 self._send_error(task.session, "worker_crashed",
-                                 f"epoch {epoch} batch {batch} killed {task.crashes} workers (last exit code "
-                                 f"{code}); its files: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}")
+                                 f"epoch {epoch} batch {batch}: its worker {what} {task.crashes} times; "
+                                 f"its files: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}")
                 self._drop(task.session, "batch crashed workers repeatedly")
             else:
                 self._queue.appendleft(tid)
@@ -482,11 +539,13 @@ class Server:
                     arena = session.arena.describe()
                 msg = protocol.pack("task", id=tid, indices=task.indices.tobytes(), arena=arena, slot=task.slot)
                 try:
-                    self._workers_sock.send_multipart([f"w{worker.id}".encode(), msg], zmq.NOBLOCK)
+                    self._workers_sock.send_multipart([worker.identity, msg], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     self._queue.appendleft(tid)
                     worker.ready = False  # not connected (yet/anymore); its sentinel will tell
                     break
+                if not worker.tasks:
+                    worker.last_progress = time.monotonic()  # the batch deadline starts now
                 worker.tasks.append(tid)
 
     def _flush(self, session: _Session) -> None:
@@ -514,6 +573,8 @@ class Server:
     def _send(self, session: _Session, frames: list[Any]) -> bool:
         try:
             self._clients.send_multipart([session.identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # its queue is full (a client that does not read): keep the batch, retry later
+            return False
         except zmq.ZMQError as exc:
             self._drop(session.identity, f"unreachable ({exc.strerror})")
             return False
@@ -540,13 +601,29 @@ class Server:
         log.info("client %s left (%s)", session.name, why)
 
     def _tick(self) -> None:
-        """Heartbeats to idle clients; drop clients silent for longer than `client_timeout_s`."""
+        """Heartbeats to idle clients; drop silent clients; kill workers stuck on a batch."""
         now = time.monotonic()
+        for worker in self._workers.values():
+            if worker.hung:
+                if now >= worker.kill_at and worker.process.is_alive():
+                    worker.process.kill()  # its sentinel fires and _replace_worker takes over
+            elif worker.tasks and now - worker.last_progress > self.config.batch_timeout_s:
+                self._hung(worker, now)
         for session in list(self._sessions.values()):
             if now - session.last_seen > self.config.client_timeout_s:
                 self._drop(session.identity, f"silent for {now - session.last_seen:.0f} s")
             elif now - session.last_sent >= self.config.heartbeat_s:
                 self._send(session, [protocol.pack("heartbeat")])
+
+
+def _describe_task(server: Server, tid: int) -> str:
+    task = server._tasks.get(tid)
+    session = server._sessions.get(task.session) if task else None
+    if task is None or session is None:
+        return "a batch of a client that left"
+    epoch, batch = divmod(task.position, session.steps)
+    files = [server.index.path(int(i)) for i in task.indices]
+    return f"epoch {epoch} batch {batch} (files {', '.join(files[:4])}{' ...' if len(files) > 4 else ''})"
 
 
 def _fingerprint_mismatch(theirs: str, ours: str) -> str:
@@ -565,6 +642,41 @@ def _settings_line(config: ServerConfig) -> str:
     d = config.as_dict()
     d.pop("data")
     return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _start_janitor(path: str) -> None:
+    """Fork a tiny process that removes the ipc socket file once this server is gone.
+
+    A clean stop removes the file itself; after SIGKILL nothing in this process runs, so the
+    janitor, which only waits for its pipe from us to close, removes the file then (if it is
+    still ours: same inode, so a newer server's socket is left alone). It touches no ZeroMQ.
+    """
+    inode = os.stat(path).st_ino
+    read_fd, write_fd = os.pipe()
+    middle = os.fork()
+    if middle != 0:
+        os.close(read_fd)  # the write end stays open in this process until it exits
+        os.waitpid(middle, 0)
+        return
+    if os.fork() != 0:  # double fork: the janitor is nobody's child here, not counted as a worker
+        os._exit(0)
+    try:  # the janitor: detach from the terminal's signals, wait for EOF, clean up
+        os.setsid()
+        os.close(write_fd)
+        for fd in range(3, 1024):
+            if fd != read_fd:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        while os.read(read_fd, 1):
+            pass
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os._exit(0)
 
 
 def install_signal_handlers(server: Server) -> None:

@@ -11,6 +11,7 @@ buffers is recycled once ZeroMQ reports it has finished with each one.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -65,9 +66,14 @@ def _arena(arenas: dict[int, Arena], described: list[Any]) -> Arena | None:
     return arena
 
 
-def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: DatasetIndex, parent_pid: int) -> None:
-    """Entry point of a worker process (forked from the server's main thread)."""
+def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerConfig, index: DatasetIndex,
+                parent_pid: int) -> None:
+    """Entry point of a worker process (forked from the server's main thread).
+
+    `identity` is this worker's secret routing id on the server's worker socket.
+    """
     _die_with_parent()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks for a stack when we hang
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked across fork
@@ -86,7 +92,7 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTING_ID, f"w{worker_id}".encode())
+    sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.connect(endpoint)
     sock.send(protocol.pack("ready", worker=worker_id, pid=os.getpid()))
     arenas: dict[int, Arena] = {}  # shared-memory arenas of sessions, by arena id
@@ -142,13 +148,14 @@ def worker_main(worker_id: int, endpoint: str, config: ServerConfig, index: Data
                     message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
                 ))
                 continue
+            bad = [list(b) for b in builder.last_bad]
             if task.get("arena") is not None:  # x is already in the client's slot
                 shm_x = arrays.pop("x")
                 head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays),
-                                     shm_arrays=protocol.describe_arrays({"x": shm_x}))
+                                     shm_arrays=protocol.describe_arrays({"x": shm_x}), bad=bad)
                 sock.send_multipart([head, *arrays.values()])
                 continue
-            head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays))
+            head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad)
             tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
             pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover

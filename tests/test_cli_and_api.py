@@ -79,6 +79,6 @@ def test_bench_smoke_run_writes_its_reports(tmp_path: Path) -> None:
         assert service[key] > 0, key
     assert data["stall"]["stall_pct"] >= 0 and data["float32"]["ratio_to_uint8"] > 0
     assert data["ttfb_million"]["time_to_first_batch_s"] > 0
-    assert set(data["stages_cpu_ms_per_image"]) == {"read", "decode", "resize", "collate", "send", "receive"}
+    assert {"read", "decode", "resize", "collate", "send (Python side)"} <= set(data["stages_cpu_ms_per_image"])
     table = (out / "results.md").read_text()
     assert "| service |" in table and "ratio to 2 x per-core" in table
