@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
                         help="the server's endpoint")
     health.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+    check = sub.add_parser("check", formatter_class=fmt, help="decode every sample and report the bad files",
+                           description="Decode every sample of a data set in parallel, write a report of bad "
+                                       "files (path, reason), print a summary; exit 1 if any file is bad.")
+    from .check import add_check_arguments
+
+    add_check_arguments(check)
     bench = sub.add_parser("bench", formatter_class=fmt, help="measure throughput side by side with other loaders",
                            description="Benchmark the service against the per-core limit, the classic generator "
                                        "and torch DataLoader; write JSON, a markdown table and a plot.")
@@ -170,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "health":
             return _health(args)
+        if args.command == "check":
+            from .check import run_check
+
+            return run_check(args)
         if args.command == "bench":
             from .bench import run_bench
 

@@ -150,6 +150,9 @@ class Decoder:
         """Decode bytes to an 8-bit image, raising DecodeError naming `path` on failure."""
         if not data:
             raise DecodeError(path, "empty file")
+        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-_JPEG_EOI_SEARCH_BYTES:]:
+            # Older libjpeg builds pad a truncated file with grey and only warn: refuse it.
+            raise DecodeError(path, "truncated JPEG (no end-of-image marker)")
         flags = self.flags
         size = header_size(data)
         if size is not None:
@@ -166,9 +169,6 @@ class Decoder:
             raise DecodeError(path, f"OpenCV error: {str(exc).strip().splitlines()[-1]}") from None
         if img is None:
             raise DecodeError(path, "not a decodable image (corrupt, truncated or unsupported format)")
-        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-_JPEG_EOI_SEARCH_BYTES:]:
-            # libjpeg pads a truncated file with grey and only warns: refuse it instead.
-            raise DecodeError(path, "truncated JPEG (no end-of-image marker)")
         if img.shape[0] * img.shape[1] > self.max_pixels:  # formats whose header we do not read
             raise DecodeError(path, f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds --max-pixels "
                                     f"{self.max_pixels}")

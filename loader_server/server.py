@@ -485,11 +485,14 @@ class Server:
         else:
             log.error("worker %d (pid %d) died with exit code %s; starting a replacement and re-issuing "
                       "its %d task(s)", wid, worker.process.pid, code, len(worker.tasks))
+        # Tasks are built in order: the first one was being built; the others only waited.
+        culprit = worker.tasks[0] if worker.tasks else None
         for tid in reversed(worker.tasks):
             task = self._tasks.get(tid)
             if task is None:
                 continue
-            task.crashes += 1
+            if tid == culprit:
+                task.crashes += 1
             session = self._sessions.get(task.session)
             if task.crashes >= MAX_TASK_RETRIES and session is not None:
                 epoch, batch = divmod(task.position, session.steps)

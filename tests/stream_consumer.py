@@ -24,13 +24,14 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--batches", type=int, default=None)
+    p.add_argument("--timeout-s", type=float, default=30.0)
     args = p.parse_args()
     state = None
     if args.state and os.path.exists(args.state):
         with open(args.state) as f:
             state = json.load(f)
     kwargs = {"state": state} if state else {"rank": args.rank, "world_size": args.world_size}
-    with LoaderClient(args.endpoint, timeout_s=30, **kwargs) as client, open(args.out, "a") as out:
+    with LoaderClient(args.endpoint, timeout_s=args.timeout_s, **kwargs) as client, open(args.out, "a") as out:
         total = args.batches if args.batches is not None else 10**9
         for _, (x, y) in zip(range(total), client):
             info = client.last

@@ -235,3 +235,39 @@ def test_buffer_pool_recycles_dropped_arrays() -> None:
     assert c.base is not a_base  # b still holds the first buffer
     d = pool.get((2, 2), np.float32)
     assert d.shape == (2, 2)
+
+
+def test_jpeg_without_end_marker_is_refused(tmp_path: Path, photo: np.ndarray) -> None:
+    data = cv2.imencode(".jpg", photo)[1].tobytes()
+    assert data.endswith(b"\xff\xd9")
+    cut = data[:-2]  # every scan is there, only the end-of-image marker is missing
+    with pytest.raises(DecodeError, match="truncated JPEG"):
+        Decoder(config()).decode(cut, "cut.jpg")
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    png = bytearray(cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes())
+    png[16:24] = (50000).to_bytes(4, "big") * 2
+    with pytest.raises(DecodeError, match="50000x50000 pixels exceeds --max-pixels"):
+        Decoder(config()).decode(bytes(png), "bomb.png")
+    small = cv2.imencode(".jpg", np.zeros((40, 40, 3), np.uint8))[1].tobytes()
+    with pytest.raises(DecodeError, match="exceeds --max-pixels 1000"):
+        Decoder(config(max_pixels=1000)).decode(small, "small.jpg")
+
+
+def test_unreadable_file_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests run as root in CI, where chmod 000 does not stop a read: make open() refuse instead.
+    import builtins
+
+    real_open = builtins.open
+
+    def refuse(path: object, *args: object, **kwargs: object) -> object:
+        if str(path).endswith("secret.jpg"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    with pytest.raises(DecodeError, match="permission denied"):
+        read_file(str(tmp_path / "secret.jpg"))
+    with pytest.raises(DecodeError, match="is a directory"):
+        read_file(str(tmp_path))
