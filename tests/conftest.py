@@ -85,7 +85,8 @@ class RunningServer:
         self.proc, self.endpoint, self.log = proc, endpoint, log
 
     def workers(self) -> list[int]:
-        return children_of(self.proc.pid)
+        """Live worker processes (a killed one not yet reaped is left out)."""
+        return [pid for pid in children_of(self.proc.pid) if alive(pid)]
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -89,3 +89,67 @@ def test_describe_refuses_object_and_non_contiguous_arrays() -> None:
         protocol.describe_arrays({"x": np.array([object()])})
     with pytest.raises(ProtocolError, match="C-contiguous"):
         protocol.describe_arrays({"x": np.zeros((4, 4), np.uint8)[:, ::2]})
+
+
+# ---------------------------------------------------------------------------- fuzzing
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
+_fuzz = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_fuzz
+@given(st.binary(max_size=2048))
+def test_fuzz_unpack_random_bytes(data: bytes) -> None:
+    try:
+        header = protocol.unpack(data)
+    except ProtocolError:
+        return
+    assert isinstance(header, dict) and isinstance(header["v"], int) and isinstance(header["t"], str)
+
+
+@_fuzz
+@given(st.dictionaries(st.text(max_size=12), _values, max_size=8))
+def test_fuzz_unpack_and_validate_structured_messages(fields: dict[str, object]) -> None:
+    raw = msgpack.packb({"v": 1, "t": "hello", **fields}, use_bin_type=True)
+    try:
+        header = protocol.unpack(raw)
+        for allowed in (protocol.HELLO_FIELDS, protocol.CREDIT_FIELDS, protocol.RELEASE_FIELDS):
+            try:
+                out = protocol.validate_fields(header, allowed)
+            except ProtocolError:
+                continue
+            for key, value in out.items():  # whatever passes has exactly the allowed types
+                assert isinstance(value, allowed[key])
+    except ProtocolError:
+        pass
+
+
+@_fuzz
+@given(_values, st.lists(st.binary(max_size=64), max_size=4))
+def test_fuzz_build_arrays(described: object, frames: list[bytes]) -> None:
+    try:
+        arrays = protocol.build_arrays(described, frames, max_bytes=1024)
+    except ProtocolError:
+        return
+    for arr, frame in zip(arrays.values(), frames):
+        assert arr.nbytes == len(frame) and arr.dtype.str in protocol.ALLOWED_DTYPES
+
+
+@_fuzz
+@given(st.sampled_from(sorted(protocol.ALLOWED_DTYPES)), st.lists(st.integers(0, 6), max_size=3),
+       st.integers(-3, 3))
+def test_fuzz_frame_sizes_must_match_exactly(dtype: str, shape: list[int], delta: int) -> None:
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    frame = b"\x00" * max(0, size + delta)
+    if len(frame) == size:
+        assert protocol.build_arrays([["x", dtype, shape]], [frame])["x"].shape == tuple(shape)
+    else:
+        with pytest.raises(ProtocolError):
+            protocol.build_arrays([["x", dtype, shape]], [frame])
