@@ -6,7 +6,7 @@
             ...
 """
 
-from .client import BatchInfo, LoaderClient, batches, health
+from .client import BatchInfo, LoaderClient, batches, health, server_stats
 from .errors import (
     BadSampleError,
     ConfigError,
@@ -24,6 +24,7 @@ __all__ = [
     "BatchInfo",
     "batches",
     "health",
+    "server_stats",
     "PROTOCOL_VERSION",
     "LoaderError",
     "LoaderTimeoutError",

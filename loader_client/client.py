@@ -10,6 +10,7 @@ writable.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import struct
@@ -28,9 +29,10 @@ from .errors import ERROR_KINDS, LoaderError, LoaderTimeoutError, ProtocolError
 from .normalize import BufferPool, Normalization
 from .shm import Arena, shm_available
 
-__all__ = ["LoaderClient", "BatchInfo", "batches", "health"]
+__all__ = ["LoaderClient", "BatchInfo", "batches", "health", "server_stats"]
 
 _counter = itertools.count()
+_log = logging.getLogger("loader_client")
 _STOP_JOIN_TIMEOUT_S = 5.0
 _BYE_LINGER_MS = 200
 _CREDIT_POLL_MS = 4
@@ -59,6 +61,7 @@ class LoaderClient:
     shared memory instead of the socket; it falls back to the socket when that is not possible.
     `normalize=True` (with optional per-channel `mean`/`std`) turns uint8 batches into float32
     ``(x / 255 - mean) / std`` on this host's background thread, keeping uint8 on the wire.
+    `log_epochs=True` logs one line per epoch with the time the trainer waited for data.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class LoaderClient:
         normalize: bool = False,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        log_epochs: bool = False,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"`timeout_s` must be > 0, got {timeout_s}")
@@ -92,6 +96,10 @@ class LoaderClient:
         self.prefetch = prefetch
         self.last: BatchInfo | None = None
         self.wait_s = 0.0  # total time the trainer spent waiting in next()
+        self.batches_taken = 0
+        self.log_epochs = log_epochs
+        self._created = time.monotonic()
+        self._epoch_mark = (self._created, 0.0, 0)  # (start time, wait_s, batches) of the current epoch
         self._closed = False
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -212,10 +220,37 @@ class LoaderClient:
             except zmq.ZMQError:
                 pass
         self.last = info
+        self.batches_taken += 1
         self._epoch, self._batch = info.epoch, info.batch + 1
         if self._batch >= self.steps_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
+            self._end_of_epoch(info.epoch)
         return x, y
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        started, waited, taken = self._epoch_mark
+        now = time.monotonic()
+        self._epoch_mark = (now, self.wait_s, self.batches_taken)
+        if self.log_epochs:
+            wall, wait = now - started, self.wait_s - waited
+            _log.info("epoch %d: %d batches in %.1f s; waited %.2f s for data (%.1f%% stall)",
+                      epoch, self.batches_taken - taken, wall, wait, 100 * wait / max(wall, 1e-9))
+
+    def stats(self, *, server: bool = True) -> dict[str, Any]:
+        """The trainer's side (data stall: the time spent waiting in next()) and the server's stats.
+
+        A stall fraction near 0 means the loader keeps up; a large one means the trainer waits
+        for data: add workers or loader hosts.
+        """
+        wall = time.monotonic() - self._created
+        out: dict[str, Any] = {
+            "batches_taken": self.batches_taken, "wait_s": self.wait_s, "wall_s": wall,
+            "stall_fraction": self.wait_s / max(wall, 1e-9), "position": list(self.position),
+            "shared_memory": self.shared_memory, "endpoint": self.endpoint,
+        }
+        if server:
+            out["server"] = server_stats(self.endpoint, timeout_s=self.timeout_s)
+        return out
 
     @property
     def shared_memory(self) -> bool:
@@ -546,13 +581,28 @@ def health(endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
     Returns the server's answer (``ok``, ``workers_ready``, ``clients``, ...); raises
     `LoaderTimeoutError` if it does not answer within `timeout_s`.
     """
+    return _ask(endpoint, "health", timeout_s)
+
+
+def server_stats(endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The server's statistics: images/s and batches/s over the last minute, batches ready,
+    per-worker state and busy fraction, errors by reason, bytes sent, clients, uptime and the
+    configuration fingerprint. Opens no stream."""
+    answer = _ask(endpoint, "stats", timeout_s)
+    if not isinstance(answer.get("stats"), dict):
+        raise ProtocolError(f"stats answer from {endpoint} carries no stats map")
+    return answer["stats"]
+
+
+def _ask(endpoint: str, t: str, timeout_s: float) -> dict[str, Any]:
+    """One request that needs no session, on a socket of its own."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER_BYTES)
     try:
         sock.connect(endpoint)
-        sock.send(protocol.pack("health"))
+        sock.send(protocol.pack(t))
         deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0 and sock.poll(int(remaining * 1000) + 1):
             frames = sock.recv_multipart()
@@ -560,9 +610,9 @@ def health(endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
             protocol.check_version(header, peer=f"the server at {endpoint}")
             if header["t"] == "error":
                 raise _remote_error(header)
-            if header["t"] == "health":
+            if header["t"] == t:
                 return {k: v for k, v in header.items() if k not in ("v", "t")}
-        raise LoaderTimeoutError(f"no health answer from {endpoint} within {timeout_s:g} s")
+        raise LoaderTimeoutError(f"no {t} answer from {endpoint} within {timeout_s:g} s")
     finally:
         sock.close(linger=0)
         ctx.term()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from loader_client.errors import ConfigError
 
@@ -24,10 +24,15 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
-    """The flags of every server setting (shared by `serve` and `demo`)."""
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of every server setting; each can also come from --config or LOADER_<NAME>."""
     d = ServerConfig.__dataclass_fields__
-    p.add_argument("--data", required=data_required,
+    p.add_argument("--config", default=None,
+                   help="TOML file of settings (keys as the flags, e.g. batch_size = 64); "
+                        "LOADER_<NAME> variables override it, flags override both")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings and where each came from, then exit")
+    p.add_argument("--data", default=None,
                    help="list file of `path label` (or `path,label`) lines, or a folder of class sub-folders")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="samples per batch")
     p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT, as cv2.resize takes it")
@@ -82,6 +87,12 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, data_required: bool = Tru
     p.add_argument("--client-timeout-s", type=float, default=30.0,
                    help="drop a client silent for this long (its trainer died)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="json: one JSON object per line, for log collectors")
+    p.add_argument("--log-interval-s", type=float, default=d["log_interval_s"].default,
+                   help="log a throughput line this often (0: never)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
                         help="the server's endpoint")
     health.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+    stats = sub.add_parser("stats", formatter_class=fmt, help="print a running server's statistics as JSON",
+                           description="Images/s, batches ready, workers, errors, clients of a running server.")
+    stats.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
+                       help="the server's endpoint")
+    stats.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
     check = sub.add_parser("check", formatter_class=fmt, help="decode every sample and report the bad files",
                            description="Decode every sample of a data set in parallel, write a report of bad "
                                        "files (path, reason), print a summary; exit 1 if any file is bad.")
@@ -123,28 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """Build and validate the ServerConfig from parsed `serve` flags."""
-    return ServerConfig(
-        data=args.data, batch_size=args.batch_size, size=parse_size(args.size), workers=args.workers,
-        seed=args.seed, bind=args.bind, prefetch=args.prefetch, mode=args.mode, shuffle=args.shuffle,
-        drop_last=args.drop_last, steps_per_epoch=args.steps_per_epoch, in_order=args.in_order,
-        resize=args.resize, interpolation=args.interpolation, pad_value=args.pad_value, color=args.color,
-        batch_timeout_s=args.batch_timeout_s, dtype=args.dtype, layout=args.layout,
-        reduced_decode=args.reduced_decode, shm=args.shm, on_error=args.on_error,
-        max_bad=parse_max_bad(args.max_bad), max_pixels=args.max_pixels,
-        read_threads=args.read_threads,
-        simulate_read_latency_ms=args.simulate_read_latency_ms, mean=args.mean, std=args.std, heartbeat_s=args.heartbeat_s,
-        client_timeout_s=args.client_timeout_s,
-    )
+    """The ServerConfig of parsed `serve` flags alone (defaults included; no file, no environment)."""
+    from .layered import PARSERS, resolve
+
+    return resolve({k: v for k, v in vars(args).items() if k in PARSERS and v is not None}, None, {})[0]
 
 
-def _serve(args: argparse.Namespace) -> int:
+def explicit_serve_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """The settings given on the command line itself, so that file and environment can fill the rest."""
+    from .layered import PARSERS
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices["serve"]._actions:  # type: ignore[union-attr]
+        action.default = argparse.SUPPRESS
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if k in PARSERS}
+
+
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .index import load_index
+    from .layered import format_config, resolve
+    from .logs import setup_logging
     from .server import Server, install_signal_handlers
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s loader-server %(levelname)s %(message)s")
-    config = config_from_args(args)
+    config, sources = resolve(explicit_serve_flags(argv), args.config)
+    if args.print_config:
+        print(format_config(config, sources))
+        return 0
+    setup_logging(config.log_level, config.log_format)
     index = load_index(config.data)
     if config.mode == "epoch" and config.drop_last and len(index) < config.batch_size:
         raise ConfigError(
@@ -168,14 +189,30 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if answer.get("ok") else 1
 
 
+def _stats(args: argparse.Namespace) -> int:
+    import json
+
+    from loader_client import LoaderError, server_stats
+
+    try:
+        print(json.dumps(server_stats(args.endpoint, timeout_s=args.timeout_s), indent=2))
+    except LoaderError as exc:
+        print(f"loader-server stats: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `loader-server`; returns the exit code (2 for bad settings or data)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, argv)
         if args.command == "health":
             return _health(args)
+        if args.command == "stats":
+            return _stats(args)
         if args.command == "check":
             from .check import run_check
 

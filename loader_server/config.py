@@ -90,6 +90,10 @@ class ServerConfig:
     heartbeat_s: float = 1.0
     client_timeout_s: float = 30.0
     max_message_bytes: int = 1 << 30
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    log_interval_s: float = 30.0  # a throughput line this often (0: never)
+    metrics_port: int | None = None  # Prometheus text endpoint on 127.0.0.1, off when None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +140,12 @@ class ServerConfig:
                 )
             if name == "std" and any(v <= 0 for v in value):
                 raise ConfigError(f"`std` values must be > 0, got {list(value)}")
+        _one_of("log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+        _one_of("log_format", self.log_format, ("text", "json"))
+        if self.log_interval_s < 0:
+            raise ConfigError(f"`log_interval_s` must be >= 0, got {self.log_interval_s}")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"`metrics_port` must be a TCP port (1..65535), got {self.metrics_port}")
         if self.batch_timeout_s <= 0:
             raise ConfigError(f"`batch_timeout_s` must be > 0, got {self.batch_timeout_s}")
         if self.heartbeat_s <= 0:
@@ -182,7 +192,8 @@ class ServerConfig:
             for k, v in self.as_dict().items()
             if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
                          "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm",
-                         "batch_timeout_s", "max_bad")
+                         "batch_timeout_s", "max_bad", "log_level", "log_format", "log_interval_s",
+                         "metrics_port")
         }
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()

@@ -13,6 +13,7 @@ issued again; a task that kills workers repeatedly is reported to its client.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import secrets
@@ -31,6 +32,7 @@ from loader_client.shm import create_arena, shm_available
 
 from .config import ServerConfig
 from .index import DatasetIndex
+from .metrics import Metrics, serve_metrics
 from .sampling import SamplingPlan
 from .worker import worker_main
 
@@ -112,6 +114,16 @@ class _Worker:
     last_progress: float = 0.0  # last message from it, or when it got work while idle
     hung: str = ""  # why it is being killed, when it is
     kill_at: float = 0.0
+    spawned: float = field(default_factory=time.monotonic)
+    busy_s: float = 0.0  # time spent with at least one task
+    busy_since: float = 0.0
+
+    def set_busy(self, busy: bool, now: float) -> None:
+        if busy and not self.busy_since:
+            self.busy_since = now
+        elif not busy and self.busy_since:
+            self.busy_s += now - self.busy_since
+            self.busy_since = 0.0
 
 
 class Server:
@@ -136,7 +148,8 @@ class Server:
         self._by_identity: dict[bytes, int] = {}
         self.bad_files: dict[str, str] = {}  # skip mode: path -> reason, each logged once
         self._too_many_bad = ""
-        self.batches_sent = 0
+        self.metrics = Metrics()
+        self._next_log = time.monotonic() + config.log_interval_s
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self, *_: Any) -> None:
@@ -162,6 +175,8 @@ class Server:
         self._worker_endpoint = f"ipc://@loader-server-{os.getpid()}-{secrets.token_hex(16)}"
         try:
             self._bind_clients()
+            if self.config.metrics_port:
+                self._metrics_http = serve_metrics(self.config.metrics_port, lambda: self.metrics.snapshot)
             self._workers_sock.bind(self._worker_endpoint)
             for wid in range(self.config.workers):
                 self._spawn(wid)
@@ -173,7 +188,7 @@ class Server:
             self._loop()
         finally:
             self._shutdown()
-        log.info("stopped after sending %d batches", self.batches_sent)
+        log.info("stopped after sending %d batches", self.metrics.batches_sent)
         return 0
 
     def _bind_clients(self) -> None:
@@ -282,13 +297,19 @@ class Server:
         now = time.monotonic()
         if kind == "hello":
             self._on_hello(identity, protocol.validate_fields(header, protocol.HELLO_FIELDS))
-        elif kind == "health":
+        elif kind in ("health", "stats"):
             protocol.validate_fields(header, {})
-            ready = sum(1 for w in self._workers.values() if w.ready and w.process.is_alive())
-            self._clients.send_multipart([identity, protocol.pack(
-                "health", ok=ready > 0, workers_ready=ready, workers=self.config.workers,
-                clients=len(self._sessions), batches_sent=self.batches_sent,
-            )], zmq.NOBLOCK)
+            snap = self.stats()
+            if kind == "health":
+                reply = protocol.pack("health", ok=snap["workers_ready"] > 0, workers_ready=snap["workers_ready"],
+                                      workers=self.config.workers, clients=len(snap["clients"]),
+                                      batches_sent=snap["batches_sent"])
+            else:
+                reply = protocol.pack("stats", stats=snap)
+            try:
+                self._clients.send_multipart([identity, reply], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
         elif session is None:
             if kind != "bye":
                 self._send_error(identity, "server", "no session: the server restarted or dropped this client; "
@@ -411,9 +432,15 @@ class Server:
                 if worker is not None:
                     worker.ready = True
                 continue
+            if kind == "result" and isinstance(header.get("build_s"), float):
+                self.metrics.built(header["build_s"])
+            elif kind == "failed":
+                self.metrics.errors[str(header.get("reason") or header.get("kind"))] += 1
             task = self._tasks.pop(header["id"], None)
             if worker is not None and header["id"] in worker.tasks:
                 worker.tasks.remove(header["id"])
+                if not worker.tasks:
+                    worker.set_busy(False, time.monotonic())
             if task is None:
                 continue  # its session went away
             session = self._sessions.get(task.session)
@@ -445,6 +472,7 @@ class Server:
         for path, reason in bad:
             if path not in self.bad_files:
                 self.bad_files[path] = reason
+                self.metrics.errors[reason.split(" (")[0].split(":")[0]] += 1
                 log.warning("bad file %s: %s (replaced by another sample of its batch; logged once)",
                             path, reason)
         limit = self.config.max_bad_files(len(self.index))
@@ -479,6 +507,7 @@ class Server:
         worker.process.join(0)
         if self._stopping:
             return
+        self.metrics.worker_restarts["hung" if worker.hung else "crashed"] += 1
         if worker.hung:
             log.error("worker %d (pid %d) %s; killed it, starting a replacement and re-issuing its %d task(s)",
                       wid, worker.process.pid, worker.hung, len(worker.tasks))
@@ -549,6 +578,7 @@ class Server:
                     break
                 if not worker.tasks:
                     worker.last_progress = time.monotonic()  # the batch deadline starts now
+                    worker.set_busy(True, worker.last_progress)
                 worker.tasks.append(tid)
 
     def _flush(self, session: _Session) -> None:
@@ -569,7 +599,9 @@ class Server:
                 session.arena.with_client.add(shm["slot"])
             session.credit -= 1
             session.next_send = position + 1
-            self.batches_sent += 1
+            arrays = described + (shm["arrays"] if shm else [])
+            images = next((a[2][0] for a in arrays if a[0] == "y"), 0)
+            self.metrics.sent(images, sum(math.prod(a[2]) * np.dtype(a[1]).itemsize for a in arrays))
         self._schedule(session)
 
     # ------------------------------------------------------------------ sending
@@ -603,9 +635,42 @@ class Server:
             self._close_arena(session.arena)
         log.info("client %s left (%s)", session.name, why)
 
-    def _tick(self) -> None:
-        """Heartbeats to idle clients; drop silent clients; kill workers stuck on a batch."""
+    def stats(self) -> dict[str, Any]:
+        """What the server is doing: rates, queues, workers, errors, clients (a stats request)."""
         now = time.monotonic()
+        images_s, batches_s = self.metrics.rates()
+        workers = []
+        for w in self._workers.values():
+            busy = w.busy_s + (now - w.busy_since if w.busy_since else 0.0)
+            state = "hung" if w.hung else "busy" if w.tasks else "idle" if w.ready else "starting"
+            workers.append({"id": w.id, "pid": w.process.pid, "state": state, "tasks": len(w.tasks),
+                            "busy_fraction": busy / max(1e-9, now - w.spawned)})
+        return {
+            "uptime_s": now - self.metrics.started, "images_per_s": images_s, "batches_per_s": batches_s,
+            "batches_sent": self.metrics.batches_sent, "images_sent": self.metrics.images_sent,
+            "bytes_sent": self.metrics.bytes_sent,
+            "batches_ready": sum(len(s.ready) for s in self._sessions.values()),
+            "workers_ready": sum(1 for w in self._workers.values() if w.ready and not w.hung),
+            "workers": workers, "worker_restarts": dict(self.metrics.worker_restarts),
+            "errors_by_reason": dict(self.metrics.errors), "bad_files": len(self.bad_files),
+            "clients": [{"name": s.name, "rank": s.rank, "world_size": s.world_size,
+                         "epoch": s.next_send // s.steps, "batch": s.next_send % s.steps,
+                         "shared_memory": s.arena is not None} for s in self._sessions.values()],
+            "batch_build_seconds": {"counts": list(self.metrics.build_counts), "sum_s": self.metrics.build_sum_s},
+            "fingerprint": self.fingerprint,
+        }
+
+    def _tick(self) -> None:
+        """Heartbeats to idle clients; drop silent clients; kill stuck workers; publish stats."""
+        now = time.monotonic()
+        self.metrics.snapshot = self.stats()
+        if self.config.log_interval_s and now >= self._next_log:
+            self._next_log = now + self.config.log_interval_s
+            snap = self.metrics.snapshot
+            busy = [round(100 * w["busy_fraction"]) for w in snap["workers"]]
+            log.info("%.0f images/s (%.1f batches/s) over the last minute; %d batches ready; workers busy %s%%; "
+                     "%d clients; %d bad files", snap["images_per_s"], snap["batches_per_s"], snap["batches_ready"],
+                     busy, len(snap["clients"]), snap["bad_files"])
         for worker in self._workers.values():
             if worker.hung:
                 if now >= worker.kill_at and worker.process.is_alive():

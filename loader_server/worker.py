@@ -15,6 +15,7 @@ import faulthandler
 import os
 import signal
 import sys
+import time
 import traceback
 from collections import deque
 from typing import Any
@@ -135,7 +136,9 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                     if tracker is not None and not tracker.done:
                         tracker.wait(_TRACKER_WAIT_S)
                     pool.append((x, tracker))
+                started = time.perf_counter()
                 arrays = builder.build(indices, x, reads)
+                build_s = time.perf_counter() - started
             except DecodeError as exc:
                 sock.send(protocol.pack(
                     "failed", id=task_id, kind="bad_sample", path=exc.path, reason=exc.reason,
@@ -152,10 +155,12 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
             if task.get("arena") is not None:  # x is already in the client's slot
                 shm_x = arrays.pop("x")
                 head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays),
-                                     shm_arrays=protocol.describe_arrays({"x": shm_x}), bad=bad)
+                                     shm_arrays=protocol.describe_arrays({"x": shm_x}), bad=bad,
+                                     build_s=build_s)
                 sock.send_multipart([head, *arrays.values()])
                 continue
-            head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad)
+            head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad,
+                                 build_s=build_s)
             tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
             pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover

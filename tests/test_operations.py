@@ -1,0 +1,142 @@
+"""Operating the server: layered configuration, stats, Prometheus metrics, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loader_client import LoaderClient, server_stats
+
+from .conftest import free_port, unique_label_list, wait_until
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loader_server", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_settings_from_file_environment_and_flags_in_that_order(tmp_path: Path) -> None:
+    listfile = unique_label_list(tmp_path / "data", 8)
+    toml = tmp_path / "loader.toml"
+    toml.write_text(f'data = "{listfile}"\nbatch-size = 4\nsize = [32, 16]\nseed = 1\nworkers = 3\n'
+                    'mean = [0.5, 0.5, 0.5]\ndtype = "float32"\n')
+    result = cli("serve", "--config", str(toml), "--seed", "9", "--print-config",
+                 env={"LOADER_SEED": "5", "LOADER_WORKERS": "2", "LOADER_SHUFFLE": "false"})
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+    assert lines["batch_size"] == f"4  # file {toml}"
+    assert lines["size"] == f"[32, 16]  # file {toml}"
+    assert lines["workers"] == "2  # env LOADER_WORKERS"  # the environment beats the file
+    assert lines["seed"] == "9  # flag --seed"  # a flag beats both
+    assert lines["shuffle"] == "False  # env LOADER_SHUFFLE"
+    assert lines["mean"] == f"[0.5, 0.5, 0.5]  # file {toml}"
+    assert lines["prefetch"].endswith("# default")
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "expected"),
+    [
+        ("batch_sise = 4\n", {}, "unknown setting 'batch_sise' in --config"),
+        ("", {"LOADER_WROKERS": "2"}, "unknown setting 'wrokers' in environment variable LOADER_WROKERS"),
+        ("", {"LOADER_BATCH_SIZE": "many"}, "environment variable LOADER_BATCH_SIZE: `batch_size` = 'many'"),
+        ("size = \"big\"\n", {}, "`size` must look like WIDTHxHEIGHT"),
+        ("workers = 0\n", {}, "`workers` must be >= 1, got 0"),
+    ],
+)
+def test_bad_settings_name_the_key_and_suggest(tmp_path: Path, toml: str, env: dict[str, str],
+                                               expected: str) -> None:
+    listfile = unique_label_list(tmp_path / "data", 8)
+    path = tmp_path / "loader.toml"
+    path.write_text(f'data = "{listfile}"\n' + toml)
+    result = cli("serve", "--config", str(path), "--print-config", env=env)
+    assert result.returncode == 2
+    assert expected in result.stderr, result.stderr
+    if "sise" in toml:
+        assert "did you mean 'batch_size'?" in result.stderr
+    if "WROKERS" in str(env):
+        assert "did you mean 'workers'?" in result.stderr
+
+
+def test_stats_from_client_and_command(start_server: Any, tmp_path: Path) -> None:
+    listfile = unique_label_list(tmp_path / "data", 40)
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "2")
+    with LoaderClient(server.endpoint, timeout_s=20, name="trainer-a") as client:
+        for _ in range(12):
+            client.next()
+        stats = client.stats()
+        assert stats["batches_taken"] == 12 and 0 <= stats["stall_fraction"] <= 1 and stats["wait_s"] >= 0
+        srv = stats["server"]
+        assert srv["batches_sent"] >= 12 and srv["images_sent"] >= 48 and srv["bytes_sent"] > 0
+        assert srv["images_per_s"] > 0 and srv["uptime_s"] > 0 and srv["fingerprint"] == client.fingerprint
+        assert [c["name"] for c in srv["clients"]] == ["trainer-a"]
+        assert len(srv["workers"]) == 2 and all(w["state"] in ("busy", "idle") for w in srv["workers"])
+        assert all(0 <= w["busy_fraction"] <= 1 for w in srv["workers"])
+        result = cli("stats", server.endpoint)
+        assert result.returncode == 0
+        assert json.loads(result.stdout)["clients"][0]["name"] == "trainer-a"
+    assert server_stats(server.endpoint)["errors_by_reason"] == {}
+    missing = cli("stats", f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.5")
+    assert missing.returncode == 1 and "no stats answer" in missing.stderr
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_prometheus_metrics(start_server: Any, tmp_path: Path) -> None:
+    listfile = unique_label_list(tmp_path / "data", 40)
+    (tmp_path / "data" / "img" / "00002.jpg").write_bytes(b"")  # one bad file, skipped
+    port = free_port()
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "2", "--on-error", "skip",
+                          "--max-bad", "5", "--no-shuffle", "--metrics-port", str(port))
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        for _ in range(10):
+            client.next()
+        wait_until(lambda: "loader_batches_sent_total 1" in _get(f"http://127.0.0.1:{port}/metrics")[1], 10,
+                   "the metrics to show sent batches")
+    status, text = _get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    assert '# TYPE loader_batches_sent_total counter' in text
+    assert 'loader_decode_errors_total{reason="empty file"} 1' in text
+    assert 'loader_batch_build_seconds_bucket{le="+Inf"}' in text and "loader_batch_build_seconds_count" in text
+    assert 'loader_workers_busy_ratio{worker="0"}' in text and "loader_uptime_seconds" in text
+    assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+    assert _get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+
+
+def test_json_logs_and_throughput_lines(start_server: Any, tmp_path: Path) -> None:
+    listfile = unique_label_list(tmp_path / "data", 40)
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--log-format", "json",
+                          "--log-interval-s", "0.3")
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        for _ in range(5):
+            client.next()
+        wait_until(lambda: "over the last minute" in server.log_text(), 10, "a throughput line")
+    server.stop()
+    entries = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+    assert entries and all({"time", "level", "message"} <= e.keys() for e in entries)
+    assert any(e["message"].startswith("serving 40 samples") and "batch_size=4" in e["message"] for e in entries)
+    assert any("images/s" in e["message"] for e in entries)
+
+
+def test_client_logs_one_line_per_epoch(start_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    listfile = unique_label_list(tmp_path / "data", 16)
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
+    with caplog.at_level(logging.INFO, logger="loader_client"):
+        with LoaderClient(server.endpoint, timeout_s=20, log_epochs=True) as client:
+            for _ in range(2):
+                list(client.epoch())
+    lines = [r.getMessage() for r in caplog.records if r.name == "loader_client"]
+    assert len(lines) == 2 and lines[0].startswith("epoch 0: 4 batches in") and "% stall" in lines[0]
