@@ -35,6 +35,7 @@ import numpy as np
 from loader_client import LoaderClient
 
 from .index import DatasetIndex, load_index
+from .progress import Progress
 
 __all__ = ["run_bench", "add_bench_arguments"]
 
@@ -376,13 +377,16 @@ def run_bench(args: argparse.Namespace) -> int:
         results: dict[str, Any] = {"rounds": {s: [] for s in systems}}
         measure = {"percore": measure_percore, "service": measure_service, "classic": measure_classic,
                    "torch": measure_torch}
+        progress = Progress("bench", rounds * len(systems), " runs")
         for r in range(rounds):
-            for s in systems:
+            for k, s in enumerate(systems):
                 extra = {"extra": serve_extra} if s == "service" else {}
                 res = measure[s](**common, **extra)
+                progress.update(r * len(systems) + k + 1)
                 if res is not None:
                     results["rounds"][s].append(res)
                     print(f"round {r + 1}/{rounds} {s:8s} {res['images_per_s']:8.0f} images/s", flush=True)
+        progress.close()
         summary = {s: _summary(v) for s, v in results["rounds"].items() if v}
         results["summary"] = summary
         capacity = summary.get("service", {}).get("median")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from .config import ServerConfig, default_workers, parse_size
 from .index import DatasetIndex, load_index
+from .progress import Progress
 
 __all__ = ["add_check_arguments", "run_check"]
 
@@ -64,13 +64,14 @@ def run_check(args: argparse.Namespace) -> int:
     bad: list[tuple[str, str]] = []
     done = 0
     started = time.monotonic()
+    progress = Progress("check", len(index))
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(config.workers, initializer=_init, initargs=(index, config)) as pool:
         for count, found in pool.imap_unordered(_check_chunk, chunks):
             done += count
             bad.extend(found)
-            _progress(done, len(index), len(bad), started)
-    print(file=sys.stderr)
+            progress.update(done, f"{len(bad)} bad")
+    progress.close()
     bad.sort()
     Path(args.report).write_text("".join(f"{p}\t{r}\n" for p, r in bad))
     elapsed = time.monotonic() - started
@@ -82,12 +83,3 @@ def run_check(args: argparse.Namespace) -> int:
               "--on-error skip --max-bad N")
         return 1
     return 0
-
-
-def _progress(done: int, total: int, bad: int, started: float) -> None:
-    """A one-line progress bar on stderr (tqdm-like, without the dependency)."""
-    width = 30
-    filled = int(width * done / max(1, total))
-    rate = done / max(1e-9, time.monotonic() - started)
-    print(f"\rcheck [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.0f}/s, {bad} bad",
-          end="", file=sys.stderr, flush=True)

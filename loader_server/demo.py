@@ -23,6 +23,7 @@ import numpy as np
 from loader_client import LoaderClient
 
 from .index import load_index
+from .progress import Progress
 from .sample_data import write_sample_images
 
 __all__ = ["run_demo"]
@@ -75,6 +76,7 @@ def _consume(endpoint: str, labels: np.ndarray, args: argparse.Namespace) -> boo
             seen = np.zeros(client.num_samples, dtype=np.int64)
             started = time.perf_counter()
             images = 0
+            progress = Progress(f"epoch {epoch}", client.steps_per_epoch * client.batch_size, " images")
             for x, y in client.epoch():
                 info = client.last
                 assert info is not None
@@ -83,6 +85,8 @@ def _consume(endpoint: str, labels: np.ndarray, args: argparse.Namespace) -> boo
                     print(f"demo: FAIL epoch {epoch} batch {info.batch}: labels do not match the index")
                     ok = False
                 images += len(x)
+                progress.update(images)
+            progress.close()
             elapsed = time.perf_counter() - started
             expected = client.steps_per_epoch * client.batch_size
             once = int((seen == 1).sum())
