@@ -8,6 +8,7 @@
 
 from .client import BatchInfo, LoaderClient, batches, health, server_stats
 from .errors import (
+    AuthenticationError,
     BadSampleError,
     ConfigError,
     LoaderError,
@@ -28,6 +29,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "LoaderError",
     "LoaderTimeoutError",
+    "AuthenticationError",
     "ProtocolError",
     "ProtocolVersionError",
     "ServerError",

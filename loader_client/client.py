@@ -23,15 +23,22 @@ from typing import Any
 
 import numpy as np
 import zmq
+import zmq.utils.monitor
 
 from . import protocol
-from .errors import ERROR_KINDS, LoaderError, LoaderTimeoutError, ProtocolError
+from .errors import ERROR_KINDS, AuthenticationError, LoaderError, LoaderTimeoutError, ProtocolError
 from .normalize import BufferPool, Normalization
+from .security import apply_curve
 from .shm import Arena, shm_available
 
 __all__ = ["LoaderClient", "BatchInfo", "batches", "health", "server_stats"]
 
 _counter = itertools.count()
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_HANDSHAKE_FAILURES_TEXT = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
+                            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security mechanism mismatch",
+                            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed"}
 _log = logging.getLogger("loader_client")
 _STOP_JOIN_TIMEOUT_S = 5.0
 _BYE_LINGER_MS = 200
@@ -62,11 +69,22 @@ class LoaderClient:
     `normalize=True` (with optional per-channel `mean`/`std`) turns uint8 batches into float32
     ``(x / 255 - mean) / std`` on this host's background thread, keeping uint8 on the wire.
     `log_epochs=True` logs one line per epoch with the time the trainer waited for data.
+
+    A list of endpoints merges several servers (see `loader_client.multi`; `on_server_loss`
+    says what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
+    text or a path to a key file from `loader-server keygen`) connect to a CURVE server.
     """
+
+    def __new__(cls, endpoint: str | list[str] | tuple[str, ...], *args: Any, **kwargs: Any) -> LoaderClient:
+        if cls is LoaderClient and isinstance(endpoint, (list, tuple)) and len(endpoint) > 1:
+            from .multi import MultiServerClient
+
+            return super().__new__(MultiServerClient)
+        return super().__new__(cls)
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | list[str] | tuple[str, ...],
         *,
         timeout_s: float = 30.0,
         prefetch: int = 4,
@@ -82,7 +100,14 @@ class LoaderClient:
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         log_epochs: bool = False,
+        on_server_loss: str = "raise",
+        server_public_key: str | bytes | None = None,
+        client_keys: tuple[str | bytes, str | bytes] | None = None,
     ) -> None:
+        if isinstance(endpoint, (list, tuple)):
+            if len(endpoint) != 1:
+                raise ValueError("`endpoint` must name at least one server")
+            endpoint = endpoint[0]
         if timeout_s <= 0:
             raise ValueError(f"`timeout_s` must be > 0, got {timeout_s}")
         if prefetch < 1:
@@ -119,6 +144,9 @@ class LoaderClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._curve = bool(server_public_key)
+        self._curve_keys = {"server_public_key": server_public_key, "client_keys": client_keys}
+        apply_curve(self._sock, server_public_key, client_keys)
         self._sock.setsockopt(zmq.RCVHWM, max(1000, 4 * prefetch))
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_rx = self._ctx.socket(zmq.PAIR)
@@ -249,7 +277,7 @@ class LoaderClient:
             "shared_memory": self.shared_memory, "endpoint": self.endpoint,
         }
         if server:
-            out["server"] = server_stats(self.endpoint, timeout_s=self.timeout_s)
+            out["server"] = server_stats(self.endpoint, timeout_s=self.timeout_s, **self._curve_keys)
         return out
 
     @property
@@ -308,23 +336,48 @@ class LoaderClient:
     # ------------------------------------------------------------------ internals
     def _handshake(self) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout_s
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
-                raise LoaderTimeoutError(
-                    f"no answer from the loader server at {self.endpoint} within {self.timeout_s:g} s: "
-                    f"is it running? Start it with `loader-server serve --data PATH --bind {self.endpoint}`, "
-                    "or raise timeout_s if it is slow to start"
-                )
-            frames = self._sock.recv_multipart(copy=False)
-            header = protocol.unpack(frames[0])
-            protocol.check_version(header, peer=f"the server at {self.endpoint}")
-            if header["t"] == "error":
-                raise _remote_error(header)
-            if header["t"] == "welcome":
-                return _check_meta(header.get("meta"))
-            if header["t"] != "heartbeat":
-                raise ProtocolError(f"expected a welcome from {self.endpoint}, got {header['t']!r}")
+        monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+        try:
+            while True:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                poller = zmq.Poller()
+                poller.register(self._sock, zmq.POLLIN)
+                poller.register(monitor, zmq.POLLIN)
+                ready = dict(poller.poll(max(0, remaining_ms)))
+                if monitor in ready:
+                    event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+                    raise AuthenticationError(
+                        f"the loader server at {self.endpoint} refused the connection during the handshake "
+                        f"({_HANDSHAKE_FAILURES_TEXT.get(event, event)}): "
+                        + ("check server_public_key, and that your public key is in the server's allow-list"
+                           if self._curve else "it requires CURVE: pass server_public_key and client_keys")
+                    )
+                if self._sock not in ready:
+                    raise LoaderTimeoutError(
+                        f"no answer from the loader server at {self.endpoint} within {self.timeout_s:g} s: "
+                        f"is it running? Start it with `loader-server serve --data PATH --bind {self.endpoint}`, "
+                        "or raise timeout_s if it is slow to start"
+                        + ("; with CURVE, check the keys" if self._curve else "")
+                    )
+                meta = self._read_handshake_reply()
+                if meta is not None:
+                    return meta
+        finally:
+            self._sock.disable_monitor()
+            monitor.close(linger=0)
+
+    def _read_handshake_reply(self) -> dict[str, Any] | None:
+        """The metadata of a welcome; None for a heartbeat; raises on anything else."""
+        frames = self._sock.recv_multipart(copy=False)
+        header = protocol.unpack(frames[0])
+        protocol.check_version(header, peer=f"the server at {self.endpoint}")
+        if header["t"] == "error":
+            raise _remote_error(header)
+        if header["t"] == "welcome":
+            return _check_meta(header.get("meta"))
+        if header["t"] != "heartbeat":
+            raise ProtocolError(f"expected a welcome from {self.endpoint}, got {header['t']!r}")
+        return None
 
     def _close_sockets(self, receiver_done: bool = True) -> None:
         if self._arena is not None and receiver_done:
@@ -575,31 +628,34 @@ def batches(endpoint: str, **kwargs: Any) -> Iterator[tuple[np.ndarray, np.ndarr
         yield from client
 
 
-def health(endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+def health(endpoint: str, *, timeout_s: float = 5.0, **curve: Any) -> dict[str, Any]:
     """Ask a server whether it is up and has a ready worker, without opening a stream.
 
     Returns the server's answer (``ok``, ``workers_ready``, ``clients``, ...); raises
-    `LoaderTimeoutError` if it does not answer within `timeout_s`.
+    `LoaderTimeoutError` if it does not answer within `timeout_s`. `curve`: `server_public_key`
+    and `client_keys`, as for `LoaderClient`.
     """
-    return _ask(endpoint, "health", timeout_s)
+    return _ask(endpoint, "health", timeout_s, **curve)
 
 
-def server_stats(endpoint: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
+def server_stats(endpoint: str, *, timeout_s: float = 5.0, **curve: Any) -> dict[str, Any]:
     """The server's statistics: images/s and batches/s over the last minute, batches ready,
     per-worker state and busy fraction, errors by reason, bytes sent, clients, uptime and the
     configuration fingerprint. Opens no stream."""
-    answer = _ask(endpoint, "stats", timeout_s)
+    answer = _ask(endpoint, "stats", timeout_s, **curve)
     if not isinstance(answer.get("stats"), dict):
         raise ProtocolError(f"stats answer from {endpoint} carries no stats map")
     return answer["stats"]
 
 
-def _ask(endpoint: str, t: str, timeout_s: float) -> dict[str, Any]:
+def _ask(endpoint: str, t: str, timeout_s: float, server_public_key: Any = None,
+         client_keys: Any = None) -> dict[str, Any]:
     """One request that needs no session, on a socket of its own."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER_BYTES)
+    apply_curve(sock, server_public_key, client_keys)
     try:
         sock.connect(endpoint)
         sock.send(protocol.pack(t))

@@ -4,6 +4,7 @@ Catch the level you need::
 
     LoaderError                  base of everything raised on purpose
     ├── LoaderTimeoutError       (also a TimeoutError) the server did not answer in time
+    ├── AuthenticationError      the server refused the connection (CURVE keys)
     ├── ProtocolError            a message broke the wire format
     │   └── ProtocolVersionError client and server speak different protocol versions
     ├── ServerError              the server refused a request or failed while serving it
@@ -17,6 +18,7 @@ from __future__ import annotations
 __all__ = [
     "LoaderError",
     "LoaderTimeoutError",
+    "AuthenticationError",
     "ProtocolError",
     "ProtocolVersionError",
     "ServerError",
@@ -32,6 +34,10 @@ class LoaderError(Exception):
 
 class LoaderTimeoutError(LoaderError, TimeoutError):
     """The server did not answer within the client's `timeout_s`."""
+
+
+class AuthenticationError(LoaderError):
+    """The server refused the connection: missing, wrong or not allow-listed CURVE keys."""
 
 
 class ProtocolError(LoaderError):

@@ -39,6 +39,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=default_workers(), help="worker processes (CPUs - 1 on this machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle; same seed, same batches")
     p.add_argument("--bind", default=d["bind"].default, help="endpoint to serve on: tcp://HOST:PORT or ipc://PATH")
+    p.add_argument("--curve-dir", default=None,
+                   help="encrypt and authenticate with CurveZMQ: DIR/server.key_secret and an allow-list of "
+                        "client public keys in DIR/clients/*.key (see `loader-server keygen`)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding a non-loopback address without CURVE (anyone who reaches it gets data)")
     p.add_argument("--prefetch", type=int, default=d["prefetch"].default,
                    help="batches built ahead per client (bounds memory: prefetch x batch bytes)")
     p.add_argument("--mode", choices=("epoch", "random"), default="epoch",
@@ -111,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
                         help="the server's endpoint")
     health.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+    keygen = sub.add_parser("keygen", formatter_class=fmt, help="create CurveZMQ key pairs",
+                            description="Create DIR/NAME.key (public) and DIR/NAME.key_secret (keep private). "
+                                        "The server's directory holds server.key_secret and, in clients/, the "
+                                        "public .key of every client allowed in.")
+    keygen.add_argument("dir", help="where to write the key files")
+    keygen.add_argument("--name", default="server", help="file name stem: server, or a client's name")
     stats = sub.add_parser("stats", formatter_class=fmt, help="print a running server's statistics as JSON",
                            description="Images/s, batches ready, workers, errors, clients of a running server.")
     stats.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
@@ -189,6 +200,18 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if answer.get("ok") else 1
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    import os
+
+    import zmq.auth
+
+    os.makedirs(args.dir, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.dir, args.name)
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     import json
 
@@ -213,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _health(args)
         if args.command == "stats":
             return _stats(args)
+        if args.command == "keygen":
+            return _keygen(args)
         if args.command == "check":
             from .check import run_check
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from loader_client.errors import ConfigError
 
-__all__ = ["ServerConfig", "parse_size", "parse_max_bad", "default_workers", "RESIZE_MODES", "INTERPOLATIONS"]
+__all__ = ["ServerConfig", "parse_size", "parse_max_bad", "is_local_bind", "default_workers", "RESIZE_MODES", "INTERPOLATIONS"]
 
 RESIZE_MODES = ("stretch", "letterbox", "crop")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
@@ -24,6 +24,14 @@ COLORS = ("rgb", "bgr", "gray")
 DTYPES = ("uint8", "float32")
 LAYOUTS = ("hwc", "chw")
 SAMPLING_MODES = ("epoch", "random")
+
+
+def is_local_bind(endpoint: str) -> bool:
+    """ipc:// endpoints and tcp:// on loopback addresses are not reachable from other hosts."""
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def default_workers() -> int:
@@ -65,6 +73,8 @@ class ServerConfig:
     workers: int = field(default_factory=default_workers)
     seed: int = 0
     bind: str = "tcp://127.0.0.1:5555"
+    curve_dir: str | None = None  # server.key_secret and an allow-list clients/*.key (loader-server keygen)
+    insecure: bool = False  # allow a non-loopback bind without CURVE
     prefetch: int = 8
     mode: Literal["epoch", "random"] = "epoch"
     shuffle: bool = True
@@ -154,6 +164,12 @@ class ServerConfig:
             raise ConfigError("`client_timeout_s` must be larger than `heartbeat_s`")
         if not self.bind.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
+        if not is_local_bind(self.bind) and not self.curve_dir and not self.insecure:
+            raise ConfigError(
+                f"`bind` {self.bind} is reachable from the network: pass --curve-dir DIR to encrypt and "
+                "authenticate (create keys with `loader-server keygen DIR`), or --insecure to serve anyone "
+                "who can reach it"
+            )
         if self.batch_bytes > self.max_message_bytes:
             raise ConfigError(
                 f"one batch would be {self.batch_bytes} bytes, above `max_message_bytes` "
@@ -193,7 +209,7 @@ class ServerConfig:
             if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
                          "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm",
                          "batch_timeout_s", "max_bad", "log_level", "log_format", "log_interval_s",
-                         "metrics_port")
+                         "metrics_port", "curve_dir", "insecure")
         }
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()

@@ -12,6 +12,7 @@ issued again; a task that kills workers repeatedly is reported to its client.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import multiprocessing
@@ -25,12 +26,13 @@ from typing import Any
 
 import numpy as np
 import zmq
+import zmq.utils.z85
 
 from loader_client import protocol
 from loader_client.errors import ProtocolError, ProtocolVersionError
 from loader_client.shm import create_arena, shm_available
 
-from .config import ServerConfig
+from .config import ServerConfig, is_local_bind
 from .index import DatasetIndex
 from .metrics import Metrics, serve_metrics
 from .sampling import SamplingPlan
@@ -193,6 +195,11 @@ class Server:
 
     def _bind_clients(self) -> None:
         bind = self.config.bind
+        if self.config.curve_dir:
+            self._auth = _start_curve(self._ctx, self._clients, self.config.curve_dir)
+        elif not is_local_bind(bind):
+            log.warning("serving %s WITHOUT encryption or authentication (--insecure): anyone who can reach "
+                        "it can read the data set's pixels and labels; use --curve-dir on shared networks", bind)
         try:
             self._clients.bind(bind)
         except zmq.ZMQError as exc:
@@ -214,6 +221,8 @@ class Server:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(1.0)
+        if getattr(self, "_auth", None) is not None:
+            self._auth.stop()
         self._clients.close(linger=0)
         self._workers_sock.close(linger=0)
         self._ctx.term()
@@ -710,6 +719,45 @@ def _settings_line(config: ServerConfig) -> str:
     d = config.as_dict()
     d.pop("data")
     return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _start_curve(ctx: zmq.Context, sock: zmq.Socket, curve_dir: str) -> Any:
+    """Make `sock` a CURVE server with DIR/server.key_secret, admitting the keys in DIR/clients."""
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    from loader_client.errors import ConfigError
+
+    secret_file = os.path.join(curve_dir, "server.key_secret")
+    clients = os.path.join(curve_dir, "clients")
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--curve-dir: cannot load {secret_file} ({exc}); create it with "
+                          f"`loader-server keygen {curve_dir}`") from None
+    if not secret or not os.path.isdir(clients) or not any(f.endswith(".key") for f in os.listdir(clients)):
+        raise ConfigError(f"--curve-dir: {clients} must hold the public .key file of every allowed client "
+                          f"(`loader-server keygen {clients} --name TRAINER`, then keep the .key_secret "
+                          "with the trainer)")
+
+    class LoggingAuthenticator(ThreadAuthenticator):
+        async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+            result = super()._authenticate_curve(domain, client_key)
+            allowed, reason = (await result) if inspect.isawaitable(result) else result  # pyzmq >= 25 is async
+            if not allowed:
+                log.warning("refused a client with CURVE key %s: %s", zmq.utils.z85.encode(client_key).decode(),
+                            reason.decode(errors="replace"))
+            return allowed, reason
+
+    auth = LoggingAuthenticator(ctx, log=log)
+    auth.start()
+    auth.configure_curve(domain="*", location=clients)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    log.info("CURVE on: encrypted, %d allowed client key(s) in %s",
+             sum(f.endswith(".key") for f in os.listdir(clients)), clients)
+    return auth
 
 
 def _start_janitor(path: str) -> None:

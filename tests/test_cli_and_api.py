@@ -52,7 +52,7 @@ def test_client_package_never_imports_opencv() -> None:
 
 def test_public_names() -> None:
     assert set(loader_client.__all__) == {
-        "LoaderClient", "BatchInfo", "batches", "health", "server_stats", "PROTOCOL_VERSION", "LoaderError", "LoaderTimeoutError",
+        "LoaderClient", "BatchInfo", "batches", "health", "server_stats", "PROTOCOL_VERSION", "LoaderError", "LoaderTimeoutError", "AuthenticationError",
         "ProtocolError", "ProtocolVersionError", "ServerError", "BadSampleError", "WorkerCrashedError",
         "ConfigError",
     }
