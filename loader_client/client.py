@@ -144,6 +144,7 @@ class LoaderClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._monitor: zmq.Socket | None = None
         self._curve = bool(server_public_key)
         self._curve_keys = {"server_public_key": server_public_key, "client_keys": client_keys}
         apply_curve(self._sock, server_public_key, client_keys)
@@ -171,8 +172,10 @@ class LoaderClient:
                     self._sock.send(protocol.pack("hello", **{**hello, "shm": False}))
                     meta = self._handshake()
         except BaseException:
+            self._stop_monitor()
             self._close_sockets()
             raise
+        self._stop_monitor()
         self.info: dict[str, Any] = meta
         self.num_samples: int = meta["num_samples"]
         self.batch_size: int = meta["batch_size"]
@@ -335,36 +338,45 @@ class LoaderClient:
 
     # ------------------------------------------------------------------ internals
     def _handshake(self) -> dict[str, Any]:
+        """Wait for the welcome; a failed security handshake shows up on the monitor at once.
+
+        One monitor serves every handshake of this client (re-creating it soon after closing
+        one fails: its inproc address is still taken).
+        """
         deadline = time.monotonic() + self.timeout_s
-        monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILURES)
-        try:
-            while True:
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                poller = zmq.Poller()
-                poller.register(self._sock, zmq.POLLIN)
-                poller.register(monitor, zmq.POLLIN)
-                ready = dict(poller.poll(max(0, remaining_ms)))
-                if monitor in ready:
-                    event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
-                    raise AuthenticationError(
-                        f"the loader server at {self.endpoint} refused the connection during the handshake "
-                        f"({_HANDSHAKE_FAILURES_TEXT.get(event, event)}): "
-                        + ("check server_public_key, and that your public key is in the server's allow-list"
-                           if self._curve else "it requires CURVE: pass server_public_key and client_keys")
-                    )
-                if self._sock not in ready:
-                    raise LoaderTimeoutError(
-                        f"no answer from the loader server at {self.endpoint} within {self.timeout_s:g} s: "
-                        f"is it running? Start it with `loader-server serve --data PATH --bind {self.endpoint}`, "
-                        "or raise timeout_s if it is slow to start"
-                        + ("; with CURVE, check the keys" if self._curve else "")
-                    )
-                meta = self._read_handshake_reply()
-                if meta is not None:
-                    return meta
-        finally:
+        if self._monitor is None:
+            self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+        monitor = self._monitor
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            poller = zmq.Poller()
+            poller.register(self._sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            ready = dict(poller.poll(max(0, remaining_ms)))
+            if monitor in ready:
+                event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+                raise AuthenticationError(
+                    f"the loader server at {self.endpoint} refused the connection during the handshake "
+                    f"({_HANDSHAKE_FAILURES_TEXT.get(event, event)}): "
+                    + ("check server_public_key, and that your public key is in the server's allow-list"
+                       if self._curve else "it requires CURVE: pass server_public_key and client_keys")
+                )
+            if self._sock not in ready:
+                raise LoaderTimeoutError(
+                    f"no answer from the loader server at {self.endpoint} within {self.timeout_s:g} s: "
+                    f"is it running? Start it with `loader-server serve --data PATH --bind {self.endpoint}`, "
+                    "or raise timeout_s if it is slow to start"
+                    + ("; with CURVE, check the keys" if self._curve else "")
+                )
+            meta = self._read_handshake_reply()
+            if meta is not None:
+                return meta
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
             self._sock.disable_monitor()
-            monitor.close(linger=0)
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def _read_handshake_reply(self) -> dict[str, Any] | None:
         """The metadata of a welcome; None for a heartbeat; raises on anything else."""

@@ -43,6 +43,8 @@ _SYSTEMS = ("percore", "service", "classic", "torch")
 _SERVER_STOP_TIMEOUT_S = 20.0
 #: Batches consumed before the stall is measured: the pipeline fills up first.
 _STALL_WARMUP_BATCHES = 16
+#: Batches per server consumed before a multi-server run is timed (more than the server prefetch).
+_MULTI_WARMUP_BATCHES = 10
 #: Batches consumed before float32 is timed: every shared-memory slot has been used once.
 _FLOAT32_WARMUP_BATCHES = 32
 
@@ -56,8 +58,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT")
     p.add_argument("--workers", type=int, default=2, help="workers of the service and of torch DataLoader")
     p.add_argument("--systems", default=",".join(_SYSTEMS), help="comma-separated subset of " + ",".join(_SYSTEMS))
-    p.add_argument("--extras", default="stall,float32,slow,scaling,ttfb,stages",
-                   help="one-off measurements to add: stall,float32,slow,scaling,ttfb,stages,strict (or none)")
+    p.add_argument("--extras", default="stall,float32,slow,curve,multiserver,scaling,ttfb,stages",
+                   help="one-off measurements to add: stall,float32,slow,curve,multiserver,scaling,ttfb,"
+                        "stages,strict (or none)")
     p.add_argument("--scaling", default="1,2,4,8", help="worker counts for the scaling table")
     p.add_argument("--read-latency-ms", type=float, default=20.0, help="simulated storage latency (slow extra)")
     p.add_argument("--serve-args", default="", help="extra `serve` flags for every service run, quoted")
@@ -197,8 +200,9 @@ def _children(pid: int) -> list[int]:
 class _Server:
     """`loader-server serve` as a subprocess on a private ipc endpoint."""
 
-    def __init__(self, data: str, scratch: str, batch_size: int, size: str, workers: int, extra: list[str]) -> None:
-        self.endpoint = f"ipc://{scratch}/bench-{time.monotonic_ns()}.sock"
+    def __init__(self, data: str, scratch: str, batch_size: int, size: str, workers: int, extra: list[str],
+                 endpoint: str | None = None) -> None:
+        self.endpoint = endpoint or f"ipc://{scratch}/bench-{time.monotonic_ns()}.sock"
         cmd = [sys.executable, "-m", "loader_server", "serve", "--data", data, "--bind", self.endpoint,
                "--batch-size", str(batch_size), "--size", size, "--workers", str(workers),
                "--log-level", "WARNING", *extra]
@@ -217,14 +221,14 @@ class _Server:
 def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, workers: int,
                     data: str, scratch: str, extra: list[str] | None = None, step_fraction: float | None = None,
                     capacity: float | None = None, client_kwargs: dict[str, Any] | None = None,
-                    warmup: int = 2, **_: Any) -> dict[str, Any]:
+                    warmup: int = 2, endpoint: str | None = None, **_: Any) -> dict[str, Any]:
     """Serve `data`, consume `n` images after `warmup` batches, touching one byte per batch.
 
     With `step_fraction`, a simulated training step follows every batch, long enough that the
     trainer consumes that fraction of the loader's capacity (`capacity` images/s), and the
     data stall (time waiting in next() over wall time) is measured.
     """
-    server = _Server(data, scratch, batch_size, f"{size[0]}x{size[1]}", workers, extra or [])
+    server = _Server(data, scratch, batch_size, f"{size[0]}x{size[1]}", workers, extra or [], endpoint)
     pss = _PssSampler(server.proc.pid)
     try:
         with LoaderClient(server.endpoint, timeout_s=120, prefetch=4, **(client_kwargs or {})) as client:
@@ -256,6 +260,45 @@ def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_si
     return {"images_per_s": got / wall, "next_p50_ms": float(np.percentile(ms, 50)),
             "next_p99_ms": float(np.percentile(ms, 99)), "stall_pct": 100 * waited / wall,
             "time_to_first_batch_s": ttfb, "peak_pss_mb": peak, "step_ms": step_s * 1000}
+
+
+def measure_multiserver(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, workers: int,
+                        data: str, scratch: str, servers: int, extra: list[str], **_: Any) -> dict[str, Any]:
+    """Images/s from `servers` servers on separate loopback addresses, merged by one client."""
+    procs = [_Server(data, scratch, batch_size, f"{size[0]}x{size[1]}", workers, extra,
+                     f"tcp://127.0.0.{2 + i}:{_free_port()}") for i in range(servers)]
+    try:
+        with LoaderClient([p.endpoint for p in procs], timeout_s=120, prefetch=4) as client:
+            it = iter(client)
+            for _ in range(_MULTI_WARMUP_BATCHES * servers):  # drain what was built while starting
+                next(it)
+            got, started = 0, time.perf_counter()
+            while got < n:
+                got += len(next(it)[0])
+            return {"images_per_s": got / (time.perf_counter() - started), "servers": servers}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _curve_keys(scratch: str) -> tuple[str, dict[str, Any]]:
+    """A server key directory with one allowed client; returns (dir, client kwargs)."""
+    import zmq.auth
+
+    keys = Path(scratch) / "curve"
+    (keys / "clients").mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(str(keys), "server")
+    public, _ = zmq.auth.create_certificates(str(keys / "clients"), "bench")
+    return str(keys), {"server_public_key": str(keys / "server.key"), "client_keys": str(keys / "clients" /
+                                                                                          "bench.key_secret")}
 
 
 def measure_ttfb_million(index: DatasetIndex, size: tuple[int, int], batch_size: int, workers: int,
@@ -419,6 +462,29 @@ def run_bench(args: argparse.Namespace) -> int:
                                        "ratio_to_no_latency": res["images_per_s"] / capacity}
             print(f"slow storage (+{args.read_latency_ms:g} ms per read): {res['images_per_s']:.0f} images/s "
                   f"({res['images_per_s'] / capacity:.2f}x)", flush=True)
+        if "curve" in extras:
+            # Over TCP without shared memory, so that every byte crosses the socket: with and without CURVE.
+            curve_dir, curve_client = _curve_keys(scratch)
+            tcp = {**common, "n": quick_n}
+            plain = measure_service(**tcp, extra=[*serve_extra, "--no-shm"],
+                                    endpoint=f"tcp://127.0.0.1:{_free_port()}")
+            secured = measure_service(**tcp, extra=[*serve_extra, "--no-shm", "--curve-dir", curve_dir],
+                                      endpoint=f"tcp://127.0.0.1:{_free_port()}", client_kwargs=curve_client)
+            results["curve"] = {"tcp_images_per_s": plain["images_per_s"], "curve_images_per_s":
+                                secured["images_per_s"], "ratio": secured["images_per_s"] / plain["images_per_s"]}
+            print(f"tcp without shm: {plain['images_per_s']:.0f} images/s; with CURVE: "
+                  f"{secured['images_per_s']:.0f} ({results['curve']['ratio']:.2f}x)", flush=True)
+        if "multiserver" in extras:
+            # Latency-bound workers (slow storage, reads inline): one host's CPUs are not the limit.
+            slow = [*serve_extra, "--simulate-read-latency-ms", str(args.read_latency_ms), "--read-threads", "0"]
+            timed = {**common, "n": 4 * args.batch_size if args.quick else 16 * args.batch_size}
+            one = measure_multiserver(**timed, servers=1, extra=slow)
+            two = measure_multiserver(**timed, servers=2, extra=slow)
+            results["multiserver"] = {"one": one["images_per_s"], "two": two["images_per_s"],
+                                      "ratio": two["images_per_s"] / one["images_per_s"],
+                                      "read_latency_ms": args.read_latency_ms}
+            print(f"latency-bound: 1 server {one['images_per_s']:.0f} images/s, 2 servers "
+                  f"{two['images_per_s']:.0f} ({results['multiserver']['ratio']:.2f}x)", flush=True)
         if "scaling" in extras:
             results["scaling"] = {}
             for w in [int(v) for v in args.scaling.split(",") if v]:
@@ -517,6 +583,16 @@ def markdown(results: dict[str, Any]) -> str:
         r = results["slow_storage"]
         extra_rows.append((f"slow storage, +{r['read_latency_ms']:g} ms per read, 64 read threads",
                            f"{r['images_per_s']:.0f} images/s = {r['ratio_to_no_latency']:.2f}x no latency"))
+    if "curve" in results:
+        r = results["curve"]
+        extra_rows.append(("CurveZMQ encryption (tcp loopback, no shared memory)",
+                           f"{r['curve_images_per_s']:.0f} against {r['tcp_images_per_s']:.0f} images/s = "
+                           f"{r['ratio']:.2f}x"))
+    if "multiserver" in results:
+        r = results["multiserver"]
+        extra_rows.append((f"two servers (127.0.0.2, 127.0.0.3), latency-bound (+{r['read_latency_ms']:g} ms "
+                           "per read, inline)", f"{r['two']:.0f} against {r['one']:.0f} images/s from one = "
+                           f"{r['ratio']:.2f}x"))
     if "ttfb_million" in results:
         r = results["ttfb_million"]
         extra_rows.append((f"time to first batch, {r['lines']:,}-line list file",
