@@ -69,6 +69,7 @@ class LoaderClient:
     `normalize=True` (with optional per-channel `mean`/`std`) turns uint8 batches into float32
     ``(x / 255 - mean) / std`` on this host's background thread, keeping uint8 on the wire.
     `log_epochs=True` logs one line per epoch with the time the trainer waited for data.
+    `augment=False` asks for no augmentation (a validation stream from a training server).
 
     A list of endpoints merges several servers (see `loader_client.multi`; `on_server_loss`
     says what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
@@ -103,6 +104,7 @@ class LoaderClient:
         on_server_loss: str = "raise",
         server_public_key: str | bytes | None = None,
         client_keys: tuple[str | bytes, str | bytes] | None = None,
+        augment: bool = True,
     ) -> None:
         if isinstance(endpoint, (list, tuple)):
             if len(endpoint) != 1:
@@ -160,7 +162,7 @@ class LoaderClient:
             self._wake_tx.connect(wake)
             hello: dict[str, Any] = {"rank": rank, "world_size": world_size, "epoch": epoch, "batch": batch,
                                      "seed": seed, "fingerprint": fingerprint, "credit": prefetch,
-                                     "shm": bool(shared_memory)}
+                                     "shm": bool(shared_memory), "augment": augment}
             if name:
                 hello["client"] = name
             self._sock.send(protocol.pack("hello", **hello))

@@ -72,6 +72,7 @@ HELLO_FIELDS: dict[str, tuple[type, ...]] = {
     "credit": (int,),
     "client": (str,),
     "shm": (bool,),
+    "augment": (bool,),
 }
 CREDIT_FIELDS: dict[str, tuple[type, ...]] = {"n": (int,)}
 RELEASE_FIELDS: dict[str, tuple[type, ...]] = {"slots": (list,)}

@@ -16,6 +16,7 @@ import numpy as np
 
 from loader_client.normalize import Normalization
 
+from .augment import Augmenter, parse_augment, sample_rng
 from .config import ServerConfig
 from .decode import DecodeError, Decoder, read_file
 from .index import DatasetIndex
@@ -49,6 +50,7 @@ class BatchBuilder:
             self._pool = ThreadPoolExecutor(config.read_threads, thread_name_prefix="loader-read")
         self._scratch: np.ndarray | None = None  # uint8 HWC staging for float32 or CHW output
         self.skip_bad = config.on_error == "skip"
+        self.augmenter = Augmenter(parse_augment(config.augment)) if config.augment else None
         self.last_bad: list[tuple[str, str]] = []  # (path, reason) replaced in the last batch
         self._norm = None
         if config.dtype == "float32":
@@ -82,11 +84,12 @@ class BatchBuilder:
             self._pool = ThreadPoolExecutor(AUTO_READ_THREADS, thread_name_prefix="loader-read")
         return data
 
-    def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None) -> dict[str, np.ndarray]:
+    def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None,
+              augment: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
         """Fill `x` (from `allocate`, at least ``len(indices)`` long) and return the batch arrays.
 
-        `reads` comes from `read_ahead` for the same indices. Raises DecodeError naming the
-        file of the first sample that fails.
+        `reads` comes from `read_ahead` for the same indices; `augment` is (seed, epoch) when
+        the stream is augmented. Raises DecodeError naming the file of the first sample that fails.
         """
         n = len(indices)
         x = x[:n]
@@ -96,7 +99,10 @@ class BatchBuilder:
         for slot, (path, pending) in enumerate(self.read_ahead(indices) if reads is None else reads):
             try:
                 data = self._read_inline(path) if pending is None else pending.result()
-                self.decoder.decode_into(data, path, staging[slot])
+                if augment is None or self.augmenter is None:
+                    self.decoder.decode_into(data, path, staging[slot])
+                else:
+                    self._augmented(data, path, staging[slot], sample_rng(*augment, int(indices[slot])))
             except DecodeError as exc:
                 if not self.skip_bad:
                     raise
@@ -109,6 +115,17 @@ class BatchBuilder:
         if not direct:
             self._finish(staging, x)
         return {"x": x, "y": labels, "index": index}
+
+    def _augmented(self, data: bytes, path: str, out: np.ndarray, rng: np.random.Generator) -> None:
+        """Decode, random-resized-crop straight into `out` (or resize), then the in-place ops."""
+        assert self.augmenter is not None
+        if self.augmenter.rrc is None:
+            self.decoder.decode_into(data, path, out)
+        else:  # the crop needs full resolution: no reduced-size decoding here
+            img = self.decoder.decode(data, path, reduce=False)
+            x0, y0, w, h = self.augmenter.crop_box(img.shape[1], img.shape[0], rng)
+            self.decoder.resize_into(img[y0 : y0 + h, x0 : x0 + w], out)
+        self.augmenter.apply(out, rng)
 
     def _staging(self, n: int) -> np.ndarray:
         if self._scratch is None or len(self._scratch) < n:

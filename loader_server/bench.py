@@ -58,9 +58,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT")
     p.add_argument("--workers", type=int, default=2, help="workers of the service and of torch DataLoader")
     p.add_argument("--systems", default=",".join(_SYSTEMS), help="comma-separated subset of " + ",".join(_SYSTEMS))
-    p.add_argument("--extras", default="stall,float32,slow,curve,multiserver,scaling,ttfb,stages",
-                   help="one-off measurements to add: stall,float32,slow,curve,multiserver,scaling,ttfb,"
-                        "stages,strict (or none)")
+    p.add_argument("--extras", default="stall,float32,slow,augment,curve,multiserver,scaling,ttfb,stages",
+                   help="one-off measurements to add: stall,float32,slow,augment,curve,multiserver,scaling,"
+                        "ttfb,stages,strict (or none)")
     p.add_argument("--scaling", default="1,2,4,8", help="worker counts for the scaling table")
     p.add_argument("--read-latency-ms", type=float, default=20.0, help="simulated storage latency (slow extra)")
     p.add_argument("--serve-args", default="", help="extra `serve` flags for every service run, quoted")
@@ -169,7 +169,7 @@ class _PssSampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.1):
+        while self.pid and not self._stop.wait(0.1):
             self.peak_mb = max(self.peak_mb, sum(_pss_kb(p) for p in [self.pid, *_children(self.pid)]) / 1024)
 
     def stop(self) -> float:
@@ -221,7 +221,8 @@ class _Server:
 def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_size: int, workers: int,
                     data: str, scratch: str, extra: list[str] | None = None, step_fraction: float | None = None,
                     capacity: float | None = None, client_kwargs: dict[str, Any] | None = None,
-                    warmup: int = 2, endpoint: str | None = None, **_: Any) -> dict[str, Any]:
+                    warmup: int = 2, endpoint: str | None = None, sample_pss: bool = True,
+                    **_: Any) -> dict[str, Any]:
     """Serve `data`, consume `n` images after `warmup` batches, touching one byte per batch.
 
     With `step_fraction`, a simulated training step follows every batch, long enough that the
@@ -229,7 +230,7 @@ def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_si
     data stall (time waiting in next() over wall time) is measured.
     """
     server = _Server(data, scratch, batch_size, f"{size[0]}x{size[1]}", workers, extra or [], endpoint)
-    pss = _PssSampler(server.proc.pid)
+    pss = _PssSampler(server.proc.pid if sample_pss else 0)
     try:
         with LoaderClient(server.endpoint, timeout_s=120, prefetch=4, **(client_kwargs or {})) as client:
             it = iter(client)
@@ -439,8 +440,9 @@ def run_bench(args: argparse.Namespace) -> int:
             results["service_no_reduced_decode"] = res
             print(f"service, reduced decoding off: {res['images_per_s']:.0f} images/s", flush=True)
         if "stall" in extras and capacity:
-            res = measure_service(**{**common, "n": n // 2}, extra=serve_extra, step_fraction=0.8, capacity=capacity,
-                                  warmup=_STALL_WARMUP_BATCHES)
+            # No PSS sampling here: that thread would take the GIL from the trainer loop it measures.
+            res = measure_service(**{**common, "n": n}, extra=serve_extra, step_fraction=0.8, capacity=capacity,
+                                  warmup=_STALL_WARMUP_BATCHES, sample_pss=False)
             results["stall"] = res
             print(f"stall at 80% load: {res['stall_pct']:.2f}% of wall time, next() p50 {res['next_p50_ms']:.3f} ms",
                   flush=True)
@@ -462,6 +464,12 @@ def run_bench(args: argparse.Namespace) -> int:
                                        "ratio_to_no_latency": res["images_per_s"] / capacity}
             print(f"slow storage (+{args.read_latency_ms:g} ms per read): {res['images_per_s']:.0f} images/s "
                   f"({res['images_per_s'] / capacity:.2f}x)", flush=True)
+        if "augment" in extras and capacity:
+            spec = "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)"
+            res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, "--augment", spec])
+            results["augment"] = {**res, "spec": spec, "ratio_to_plain": res["images_per_s"] / capacity}
+            print(f"augmented ({spec}): {res['images_per_s']:.0f} images/s "
+                  f"({res['images_per_s'] / capacity:.2f}x plain)", flush=True)
         if "curve" in extras:
             # Over TCP without shared memory, so that every byte crosses the socket: with and without CURVE.
             curve_dir, curve_client = _curve_keys(scratch)
@@ -583,6 +591,10 @@ def markdown(results: dict[str, Any]) -> str:
         r = results["slow_storage"]
         extra_rows.append((f"slow storage, +{r['read_latency_ms']:g} ms per read, 64 read threads",
                            f"{r['images_per_s']:.0f} images/s = {r['ratio_to_no_latency']:.2f}x no latency"))
+    if "augment" in results:
+        r = results["augment"]
+        extra_rows.append((f"augmentations `{r['spec']}`", f"{r['images_per_s']:.0f} images/s = "
+                           f"{r['ratio_to_plain']:.2f}x plain"))
     if "curve" in results:
         r = results["curve"]
         extra_rows.append(("CurveZMQ encryption (tcp loopback, no shared memory)",

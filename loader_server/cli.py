@@ -66,6 +66,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
                    help="uint8 pixels, or float32 scaled to [0, 1] (4x the bytes on the wire)")
     p.add_argument("--layout", choices=("hwc", "chw"), default="hwc", help="image layout inside a batch")
+    p.add_argument("--augment", default=None,
+                   help='training augmentations, e.g. "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)"; '
+                        "seeded by (seed, epoch, sample); clients that pass augment=False get none")
     p.add_argument("--no-reduced-decode", dest="reduced_decode", action="store_false",
                    help="decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover the output")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",

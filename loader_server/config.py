@@ -88,6 +88,7 @@ class ServerConfig:
     dtype: Literal["uint8", "float32"] = "uint8"
     layout: Literal["hwc", "chw"] = "hwc"
     reduced_decode: bool = True
+    augment: str | None = None  # e.g. "rrc(scale=0.08-1),flip,jitter(0.4)"; see loader_server.augment
     max_pixels: int = 178_956_970  # larger images are refused before decoding (Pillow's bomb limit)
     on_error: Literal["raise", "skip"] = "raise"
     max_bad: float = 0.001  # skip mode: >= 1 a count of bad files, < 1 a fraction of the index
@@ -127,6 +128,12 @@ class ServerConfig:
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("layout", self.layout, LAYOUTS)
         _one_of("on_error", self.on_error, ("raise", "skip"))
+        if self.augment:
+            from .augment import parse_augment
+
+            parse_augment(self.augment)  # raises ConfigError naming the bad part
+            if self.resize != "stretch" and "rrc" in self.augment:
+                raise ConfigError("`augment` rrc replaces the resize: use it with --resize stretch")
         _at_least("max_pixels", self.max_pixels, 1)
         if not self.max_bad >= 0:
             raise ConfigError(f"`max_bad` must be a count >= 1 or a fraction in [0, 1), got {self.max_bad}")

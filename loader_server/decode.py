@@ -146,8 +146,11 @@ class Decoder:
             W, H = round(w * scale), round(h * scale)
         return w // f >= W and h // f >= H
 
-    def decode(self, data: bytes, path: str) -> np.ndarray:
-        """Decode bytes to an 8-bit image, raising DecodeError naming `path` on failure."""
+    def decode(self, data: bytes, path: str, *, reduce: bool = True) -> np.ndarray:
+        """Decode bytes to an 8-bit image, raising DecodeError naming `path` on failure.
+
+        `reduce=False` forbids reduced-size decoding (a random crop needs every pixel).
+        """
         if not data:
             raise DecodeError(path, "empty file")
         if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-_JPEG_EOI_SEARCH_BYTES:]:
@@ -159,7 +162,7 @@ class Decoder:
             if size[0] * size[1] > self.max_pixels:
                 raise DecodeError(path, f"image of {size[0]}x{size[1]} pixels exceeds --max-pixels "
                                         f"{self.max_pixels} (a decompression bomb?)")
-            if self.reduce and size[0] > 0 and size[1] > 0 and data[:2] == b"\xff\xd8":
+            if reduce and self.reduce and size[0] > 0 and size[1] > 0 and data[:2] == b"\xff\xd8":
                 f = self.reduction(*size)
                 if f > 1:
                     flags = self._reduced_flags[f]

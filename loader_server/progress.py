@@ -26,7 +26,7 @@ class Progress:
         filled = int(width * done / max(1, self.total))
         rate = done / max(1e-9, now - self.started)
         line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                f"{rate:.0f}{self.unit}/s{' ' + extra if extra else ''}")
+                f"{rate:.{0 if rate >= 10 else 2}f}{self.unit}/s{' ' + extra if extra else ''}")
         print(("\r" if self.tty else "") + line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:

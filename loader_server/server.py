@@ -74,6 +74,7 @@ class _Session:
     ready: dict[int, list[Any]] = field(default_factory=dict)  # position -> [described, frames, shm]
     in_flight: set[int] = field(default_factory=set)  # task ids
     arena: _Arena | None = None  # shared-memory slots, for a client on this host
+    augment: bool = False  # the server's augmentations apply to this stream
 
     @property
     def outstanding(self) -> int:
@@ -378,6 +379,7 @@ class Server:
         now = time.monotonic()
         session = _Session(identity, name, rank, world, seed, steps, start, start,
                            min(_MAX_CREDIT, max(0, req.get("credit", 0))), now, now)
+        session.augment = bool(self.config.augment) and req.get("augment", True)
         if req.get("shm") and self.config.shm and shm_available():
             session.arena = self._new_arena(session)
         self._sessions[identity] = session
@@ -578,7 +580,10 @@ class Server:
                     if session is None or session.arena is None:
                         continue
                     arena = session.arena.describe()
-                msg = protocol.pack("task", id=tid, indices=task.indices.tobytes(), arena=arena, slot=task.slot)
+                session = self._sessions.get(task.session)
+                aug = [session.seed, task.position // session.steps] if session and session.augment else None
+                msg = protocol.pack("task", id=tid, indices=task.indices.tobytes(), arena=arena, slot=task.slot,
+                                    augment=aug)
                 try:
                     self._workers_sock.send_multipart([worker.identity, msg], zmq.NOBLOCK)
                 except zmq.ZMQError:
