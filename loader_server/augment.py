@@ -135,15 +135,16 @@ class Augmenter:
 
 
 def _jitter(out: np.ndarray, rng: np.random.Generator, b: float, c: float, s: float) -> None:
-    """Brightness, contrast and saturation factors in [1 - f, 1 + f], applied in float32."""
-    img = out.astype(np.float32)
-    if b:
-        img *= rng.uniform(max(0.0, 1 - b), 1 + b)
-    if c:
-        factor = rng.uniform(max(0.0, 1 - c), 1 + c)
-        img = (img - img.mean()) * factor + img.mean()
-    if s and out.shape[2] == 3:
-        gray = img.mean(axis=2, keepdims=True)
-        img = (img - gray) * rng.uniform(max(0.0, 1 - s), 1 + s) + gray
-    np.clip(img, 0, 255, out=img)
-    out[...] = img.astype(np.uint8)
+    """Brightness, contrast and saturation factors in [1 - f, 1 + f], in place with saturating uint8 ops.
+
+    Brightness and contrast fold into one pass: x' = (x fb - m') fc + m' with m' = fb * mean(x).
+    """
+    fb = rng.uniform(max(0.0, 1 - b), 1 + b) if b else 1.0
+    fc = rng.uniform(max(0.0, 1 - c), 1 + c) if c else 1.0
+    fs = rng.uniform(max(0.0, 1 - s), 1 + s) if s else 1.0
+    if fb != 1.0 or fc != 1.0:
+        mean = float(np.mean(cv2.mean(out)[: out.shape[2]])) * fb
+        cv2.convertScaleAbs(out, dst=out, alpha=fb * fc, beta=mean * (1 - fc))
+    if fs != 1.0 and out.shape[2] == 3:
+        gray = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        cv2.addWeighted(out, fs, gray, 1 - fs, 0, dst=out)

@@ -232,7 +232,7 @@ def measure_service(index: DatasetIndex, n: int, size: tuple[int, int], batch_si
     server = _Server(data, scratch, batch_size, f"{size[0]}x{size[1]}", workers, extra or [], endpoint)
     pss = _PssSampler(server.proc.pid if sample_pss else 0)
     try:
-        with LoaderClient(server.endpoint, timeout_s=120, prefetch=4, **(client_kwargs or {})) as client:
+        with LoaderClient(server.endpoint, timeout_s=120, **{"prefetch": 4, **(client_kwargs or {})}) as client:
             it = iter(client)
             next(it)
             ttfb = time.perf_counter() - server.started
