@@ -10,7 +10,7 @@ from typing import Any
 from loader_client.errors import ConfigError
 
 from .batch import AUTO_READ_THREADS, SLOW_READ_S
-from .config import INTERPOLATIONS, RESIZE_MODES, ServerConfig, default_workers, parse_max_bad, parse_size
+from .config import INTERPOLATIONS, RESIZE_MODES, ServerConfig, default_workers
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -103,6 +103,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (off by default)")
 
 
+def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of the commands that ask a running server something."""
+    p.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
+                   help="the server's endpoint")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="loader-server", formatter_class=fmt,
@@ -116,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "with the client, check every sample arrives exactly once per epoch.")
     health = sub.add_parser("health", formatter_class=fmt, help="exit 0 if a server answers and has a ready worker",
                             description="Liveness and readiness check (for container health checks).")
-    health.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
-                        help="the server's endpoint")
-    health.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+    _add_endpoint_arguments(health)
     keygen = sub.add_parser("keygen", formatter_class=fmt, help="create CurveZMQ key pairs",
                             description="Create DIR/NAME.key (public) and DIR/NAME.key_secret (keep private). "
                                         "The server's directory holds server.key_secret and, in clients/, the "
@@ -127,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--name", default="server", help="file name stem: server, or a client's name")
     stats = sub.add_parser("stats", formatter_class=fmt, help="print a running server's statistics as JSON",
                            description="Images/s, batches ready, workers, errors, clients of a running server.")
-    stats.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
-                       help="the server's endpoint")
-    stats.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+    _add_endpoint_arguments(stats)
     check = sub.add_parser("check", formatter_class=fmt, help="decode every sample and report the bad files",
                            description="Decode every sample of a data set in parallel, write a report of bad "
                                        "files (path, reason), print a summary; exit 1 if any file is bad.")

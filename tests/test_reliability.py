@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import BadSampleError, LoaderClient, LoaderTimeoutError, WorkerCrashedError, protocol
+from loader_client import BadSampleError, LoaderClient, WorkerCrashedError, protocol
 
 from .conftest import alive, unique_label_list, wait_until
 
@@ -121,6 +121,7 @@ def test_skip_replaces_bad_samples_the_same_way_for_any_worker_count(
     for (xa, ya, ia), (xb, yb, ib) in zip(*runs):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(ya, yb)
         assert len(ya) == 8  # the batch keeps its size
         np.testing.assert_array_equal(ya, ia)  # labels follow the substitutes
         assert not set(ia.tolist()) & set(BAD)  # no bad sample is ever delivered
@@ -159,7 +160,7 @@ def test_hung_worker_is_killed_reported_and_retried(start_server: Any, tmp_path:
     fifo = tmp_path / "data" / "img" / "stuck.jpg"
     os.mkfifo(fifo)  # opening it blocks forever, like a read from a dead network share
     lines = listfile.read_text().splitlines()
-    lines[5] = f"img/stuck.jpg 5"
+    lines[5] = "img/stuck.jpg 5"
     listfile.write_text("\n".join(lines) + "\n")
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-shuffle",
                           "--batch-timeout-s", "1")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from loader_client import AuthenticationError, LoaderClient, LoaderTimeoutError

@@ -43,6 +43,7 @@ def test_shared_memory_and_socket_give_identical_batches(start_server: Any, list
         for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
             np.testing.assert_array_equal(xa, xb)
             np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(ia, ib)
             np.testing.assert_array_equal(ia, ya)  # label i is sample i
             assert xa.flags.writeable
     assert "shared memory" in server.log_text() and "frames over the socket" in server.log_text()
