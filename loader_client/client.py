@@ -230,8 +230,11 @@ class LoaderClient:
         for _ in range(self.steps_per_epoch - self._batch):
             yield self.next()
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return the next ``(x, y)``; raises the server's error or `LoaderTimeoutError`."""
+    def next(self) -> tuple[np.ndarray, ...]:
+        """Return the next ``(x, y)`` (plus the server's --collate arrays, in order, if any).
+
+        Raises the server's error or `LoaderTimeoutError`.
+        """
         if self._failure is not None:
             raise self._failure
         if self._closed:
@@ -245,7 +248,7 @@ class LoaderClient:
         if isinstance(item, BaseException):
             self._failure = item
             raise item
-        x, y, info = item
+        x, y, info, extras = item
         self._progress.consumed += 1  # the receiver returns a credit for it within _CREDIT_POLL_MS
         if self._queue.empty():  # nothing left here: wake the receiver to ask for more now
             try:
@@ -258,7 +261,7 @@ class LoaderClient:
         if self._batch >= self.steps_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
             self._end_of_epoch(info.epoch)
-        return x, y
+        return (x, y, *extras) if extras else (x, y)
 
     def _end_of_epoch(self, epoch: int) -> None:
         started, waited, taken = self._epoch_mark
@@ -536,7 +539,8 @@ class _Receiver:
         if self.norm is not None:  # the uint8 view (and its slot) is released right here
             x = arrays["x"]
             arrays["x"] = self.norm.apply(x, out=self.pool.get(x.shape, np.float32))
-        self.out.put((arrays["x"], arrays["y"], BatchInfo(epoch, batch, arrays["index"])))
+        extras = tuple(v for k, v in arrays.items() if k not in ("x", "y", "index"))  # --collate arrays
+        self.out.put((arrays["x"], arrays["y"], BatchInfo(epoch, batch, arrays["index"]), extras))
 
 
 class _Progress:

@@ -84,12 +84,12 @@ class MultiServerClient(LoaderClient):
     def shared_memory(self) -> bool:
         return all(c.shared_memory for c in self._children)
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
+    def next(self) -> tuple[np.ndarray, ...]:
         while True:
             k = self._alive[self._batch % len(self._alive)]
             child = self._children[k]
             try:
-                x, y = child.next()
+                batch = child.next()
             except LoaderError as exc:
                 if self.on_server_loss == "raise" or len(self._alive) == 1:
                     raise
@@ -101,7 +101,7 @@ class MultiServerClient(LoaderClient):
             self._batch += 1
             if self._batch >= self.steps_per_epoch:
                 self._epoch, self._batch = self._epoch + 1, 0
-            return x, y
+            return batch
 
     def _lose(self, k: int, exc: Exception) -> None:
         self._alive.remove(k)

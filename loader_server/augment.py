@@ -82,9 +82,9 @@ def _range(text: str, spec: str) -> tuple[float, float]:
     return lo, hi
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator of one sample's augmentations in one epoch."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, _AUG_STREAM])))
+def sample_rng(seed: int, epoch: int, index: int, stream: int = _AUG_STREAM) -> np.random.Generator:
+    """The generator of one sample's augmentations (or, with another `stream`, its user transform)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, stream])))
 
 
 class Augmenter:

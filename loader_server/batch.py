@@ -18,10 +18,14 @@ from loader_client.normalize import Normalization
 
 from .augment import Augmenter, parse_augment, sample_rng
 from .config import ServerConfig
+from .user_code import check_extras, check_image, load_function
 from .decode import DecodeError, Decoder, read_file
 from .index import DatasetIndex
 
 __all__ = ["BatchBuilder", "Reads", "AUTO_READ_THREADS", "SLOW_READ_S"]
+
+_TRANSFORM_STREAM = 0x7F  # user transforms draw apart from augmentations
+_COLLATE_STREAM = 0xC0
 
 #: Read threads started when reads turn out slow (read_threads=None).
 AUTO_READ_THREADS = 64
@@ -51,6 +55,8 @@ class BatchBuilder:
         self._scratch: np.ndarray | None = None  # uint8 HWC staging for float32 or CHW output
         self.skip_bad = config.on_error == "skip"
         self.augmenter = Augmenter(parse_augment(config.augment)) if config.augment else None
+        self.transform = load_function(config.transform, "transform") if config.transform else None
+        self.collate = load_function(config.collate, "collate") if config.collate else None
         self.last_bad: list[tuple[str, str]] = []  # (path, reason) replaced in the last batch
         self._norm = None
         if config.dtype == "float32":
@@ -85,11 +91,12 @@ class BatchBuilder:
         return data
 
     def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None,
-              augment: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+              key: tuple[int, int] = (0, 0), augment: bool = False) -> dict[str, np.ndarray]:
         """Fill `x` (from `allocate`, at least ``len(indices)`` long) and return the batch arrays.
 
-        `reads` comes from `read_ahead` for the same indices; `augment` is (seed, epoch) when
-        the stream is augmented. Raises DecodeError naming the file of the first sample that fails.
+        `reads` comes from `read_ahead` for the same indices; `key` is (seed, epoch), which seeds
+        augmentations (when `augment`) and user code. Raises DecodeError naming the file of the
+        first sample that fails.
         """
         n = len(indices)
         x = x[:n]
@@ -99,10 +106,21 @@ class BatchBuilder:
         for slot, (path, pending) in enumerate(self.read_ahead(indices) if reads is None else reads):
             try:
                 data = self._read_inline(path) if pending is None else pending.result()
-                if augment is None or self.augmenter is None:
-                    self.decoder.decode_into(data, path, staging[slot])
+                index_i = int(indices[slot])
+                if self.transform is not None:
+                    img = self.decoder.decode(data, path, reduce=not (augment and self.augmenter and
+                                                                      self.augmenter.rrc))
+                    img = check_image(self.transform(img, sample_rng(*key, index_i, _TRANSFORM_STREAM)),
+                                      self.config.transform or "", self.config.channels)
                 else:
-                    self._augmented(data, path, staging[slot], sample_rng(*augment, int(indices[slot])))
+                    img = None
+                if not augment or self.augmenter is None:
+                    if img is None:
+                        self.decoder.decode_into(data, path, staging[slot])
+                    else:
+                        self.decoder.resize_into(img if img.ndim == 3 else img[..., None], staging[slot])
+                else:
+                    self._augmented(data, path, staging[slot], sample_rng(*key, index_i), img)
             except DecodeError as exc:
                 if not self.skip_bad:
                     raise
@@ -114,15 +132,24 @@ class BatchBuilder:
             _substitute([slot for slot, _ in bad], staging, labels, index, bad[0][1])
         if not direct:
             self._finish(staging, x)
-        return {"x": x, "y": labels, "index": index}
+        arrays = {"x": x, "y": labels, "index": index}
+        if self.collate is not None:
+            rng = sample_rng(*key, int(index[0]) if len(index) else 0, _COLLATE_STREAM)
+            arrays.update(check_extras(self.collate(dict(arrays), rng), self.config.collate or "", n))
+        return arrays
 
-    def _augmented(self, data: bytes, path: str, out: np.ndarray, rng: np.random.Generator) -> None:
-        """Decode, random-resized-crop straight into `out` (or resize), then the in-place ops."""
+    def _augmented(self, data: bytes, path: str, out: np.ndarray, rng: np.random.Generator,
+                   img: np.ndarray | None = None) -> None:
+        """Decode (unless `img` is given), random-resized-crop into `out` (or resize), then the in-place ops."""
         assert self.augmenter is not None
         if self.augmenter.rrc is None:
-            self.decoder.decode_into(data, path, out)
+            if img is None:
+                self.decoder.decode_into(data, path, out)
+            else:
+                self.decoder.resize_into(img if img.ndim == 3 else img[..., None], out)
         else:  # the crop needs full resolution: no reduced-size decoding here
-            img = self.decoder.decode(data, path, reduce=False)
+            if img is None:
+                img = self.decoder.decode(data, path, reduce=False)
             x0, y0, w, h = self.augmenter.crop_box(img.shape[1], img.shape[0], rng)
             self.decoder.resize_into(img[y0 : y0 + h, x0 : x0 + w], out)
         self.augmenter.apply(out, rng)

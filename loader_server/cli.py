@@ -69,6 +69,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", default=None,
                    help='training augmentations, e.g. "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)"; '
                         "seeded by (seed, epoch, sample); clients that pass augment=False get none")
+    p.add_argument("--transform", default=None,
+                   help="package.module:function(image, rng) -> image, run on every decoded image in the workers")
+    p.add_argument("--collate", default=None,
+                   help="package.module:function(arrays, rng) -> dict of extra per-sample arrays for each batch")
     p.add_argument("--no-reduced-decode", dest="reduced_decode", action="store_false",
                    help="decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover the output")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",

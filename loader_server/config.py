@@ -89,6 +89,8 @@ class ServerConfig:
     layout: Literal["hwc", "chw"] = "hwc"
     reduced_decode: bool = True
     augment: str | None = None  # e.g. "rrc(scale=0.08-1),flip,jitter(0.4)"; see loader_server.augment
+    transform: str | None = None  # module:function(image, rng) -> image, run in the workers
+    collate: str | None = None  # module:function(arrays, rng) -> dict of extra arrays
     max_pixels: int = 178_956_970  # larger images are refused before decoding (Pillow's bomb limit)
     on_error: Literal["raise", "skip"] = "raise"
     max_bad: float = 0.001  # skip mode: >= 1 a count of bad files, < 1 a fraction of the index
@@ -128,6 +130,11 @@ class ServerConfig:
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("layout", self.layout, LAYOUTS)
         _one_of("on_error", self.on_error, ("raise", "skip"))
+        for setting in ("transform", "collate"):
+            if getattr(self, setting):
+                from .user_code import load_function
+
+                load_function(getattr(self, setting), setting)  # fails at start-up, not in a worker
         if self.augment:
             from .augment import parse_augment
 

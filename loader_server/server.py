@@ -581,9 +581,9 @@ class Server:
                         continue
                     arena = session.arena.describe()
                 session = self._sessions.get(task.session)
-                aug = [session.seed, task.position // session.steps] if session and session.augment else None
+                key = [session.seed, task.position // session.steps] if session else [0, 0]
                 msg = protocol.pack("task", id=tid, indices=task.indices.tobytes(), arena=arena, slot=task.slot,
-                                    augment=aug)
+                                    key=key, augment=bool(session and session.augment))
                 try:
                     self._workers_sock.send_multipart([worker.identity, msg], zmq.NOBLOCK)
                 except zmq.ZMQError:

@@ -137,8 +137,8 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                         tracker.wait(_TRACKER_WAIT_S)
                     pool.append((x, tracker))
                 started = time.perf_counter()
-                aug = task.get("augment")
-                arrays = builder.build(indices, x, reads, augment=(aug[0], aug[1]) if aug else None)
+                seed, epoch = task["key"]
+                arrays = builder.build(indices, x, reads, key=(seed, epoch), augment=bool(task.get("augment")))
                 build_s = time.perf_counter() - started
             except DecodeError as exc:
                 sock.send(protocol.pack(
