@@ -65,7 +65,7 @@ class BatchBuilder:
     def allocate(self, batch_size: int | None = None) -> np.ndarray:
         """A fresh output buffer ``x`` for `batch_size` samples in the configured dtype and layout."""
         n = self.config.batch_size if batch_size is None else batch_size
-        return np.empty((n, *self.config.image_shape), dtype=self.config.dtype)
+        return np.empty((n, *self.config.x_shape), dtype=self.config.x_dtype)
 
     def read_ahead(self, indices: np.ndarray) -> Reads:
         """Start reading the files of a batch on the read threads (no-op without them)."""
@@ -100,6 +100,11 @@ class BatchBuilder:
         """
         n = len(indices)
         x = x[:n]
+        if self.config.sample_shape is not None:  # an array data set: gather rows, no decoding
+            self.last_bad = []
+            self.index.gather(indices, x)  # type: ignore[attr-defined]
+            return {"x": x, "y": np.ascontiguousarray(self.index.labels[indices]),
+                    "index": np.array(indices, dtype=np.int64)}
         direct = self.config.dtype == "uint8" and self.config.layout == "hwc"
         staging = x if direct else self._staging(n)
         bad: list[tuple[int, DecodeError]] = []

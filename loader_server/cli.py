@@ -34,6 +34,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the effective settings and where each came from, then exit")
     p.add_argument("--data", default=None,
                    help="list file of `path label` (or `path,label`) lines, or a folder of class sub-folders")
+    p.add_argument("--labels", default=None, help="array data: labels .npy, one per row of --data x.npy")
+    p.add_argument("--offsets", default=None,
+                   help="ragged array data: offsets .npy (n + 1 positions) into the values of --data")
+    p.add_argument("--maxlen", type=int, default=None, help="ragged array data: pad or truncate sequences to this")
+    p.add_argument("--pad", choices=("pre", "post"), default="pre", help="ragged: where padding goes")
+    p.add_argument("--truncate", choices=("pre", "post"), default="pre", help="ragged: which end is cut")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="samples per batch")
     p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT, as cv2.resize takes it")
     p.add_argument("--workers", type=int, default=default_workers(), help="worker processes (CPUs - 1 on this machine)")
@@ -177,6 +183,9 @@ def explicit_serve_flags(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import dataclasses
+
+    from .arrays import is_array_data, load_arrays
     from .index import load_index
     from .layered import format_config, resolve
     from .logs import setup_logging
@@ -187,7 +196,12 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(format_config(config, sources))
         return 0
     setup_logging(config.log_level, config.log_format)
-    index = load_index(config.data)
+    index: Any
+    if is_array_data(config.data):
+        index = load_arrays(config.data, config.labels, config.offsets, config.maxlen, config.pad, config.truncate)
+        config = dataclasses.replace(config, sample_shape=index.sample_shape, sample_dtype=index.sample_dtype)
+    else:
+        index = load_index(config.data)
     if config.mode == "epoch" and config.drop_last and len(index) < config.batch_size:
         raise ConfigError(
             f"`batch_size` {config.batch_size} is larger than the data set ({len(index)} samples in "

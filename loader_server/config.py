@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 from loader_client.errors import ConfigError
 
@@ -68,6 +71,13 @@ class ServerConfig:
     """Everything the server needs to know; `validate()` is called by `__post_init__`."""
 
     data: str
+    labels: str | None = None  # array data: labels .npy beside --data x.npy
+    offsets: str | None = None  # ragged array data: sample i = values[offsets[i]:offsets[i+1]]
+    maxlen: int | None = None  # ragged array data: pad or truncate to this length
+    pad: Literal["pre", "post"] = "pre"
+    truncate: Literal["pre", "post"] = "pre"
+    sample_shape: tuple[int, ...] | None = None  # array data: set from the arrays at start-up
+    sample_dtype: str | None = None
     batch_size: int = 32
     size: tuple[int, int] = (224, 224)  # (width, height)
     workers: int = field(default_factory=default_workers)
@@ -130,6 +140,12 @@ class ServerConfig:
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("layout", self.layout, LAYOUTS)
         _one_of("on_error", self.on_error, ("raise", "skip"))
+        _one_of("pad", self.pad, ("pre", "post"))
+        _one_of("truncate", self.truncate, ("pre", "post"))
+        if self.sample_shape is not None and (self.augment or self.transform or self.dtype != "uint8"
+                                              or self.layout != "hwc" or self.mean or self.std):
+            raise ConfigError("array data sets are served as stored: --augment, --transform, --dtype, --layout, "
+                              "--mean and --std apply to images only")
         for setting in ("transform", "collate"):
             if getattr(self, setting):
                 from .user_code import load_function
@@ -201,10 +217,17 @@ class ServerConfig:
         return (self.channels, h, w) if self.layout == "chw" else (h, w, self.channels)
 
     @property
+    def x_shape(self) -> tuple[int, ...]:
+        """Shape of one sample of x: an image, or a row of an array data set."""
+        return self.sample_shape if self.sample_shape is not None else self.image_shape
+
+    @property
+    def x_dtype(self) -> str:
+        return self.sample_dtype if self.sample_dtype is not None else self.dtype
+
+    @property
     def batch_bytes(self) -> int:
-        itemsize = 1 if self.dtype == "uint8" else 4
-        c, a, b = self.image_shape
-        return self.batch_size * c * a * b * itemsize
+        return self.batch_size * math.prod(self.x_shape) * np.dtype(self.x_dtype).itemsize
 
     def max_bad_files(self, samples: int) -> int:
         """How many distinct bad files skip mode tolerates for an index of `samples`."""

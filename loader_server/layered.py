@@ -59,6 +59,8 @@ def _parsers() -> dict[str, Callable[[Any], Any]]:
     out: dict[str, Callable[[Any], Any]] = {}
     for f in dataclasses.fields(ServerConfig):
         kind = str(f.type)
+        if f.name in ("sample_shape", "sample_dtype"):  # set from an array data set, not by users
+            continue
         if f.name == "size":
             out[f.name] = _size
         elif f.name in ("mean", "std"):

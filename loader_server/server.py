@@ -387,7 +387,7 @@ class Server:
             "num_samples": len(self.index), "batch_size": self.config.batch_size, "steps_per_epoch": steps,
             "rank": rank, "world_size": world, "seed": seed, "epoch": epoch, "batch": batch,
             "mode": self.config.mode, "in_order": self.config.in_order, "drop_last": self.config.drop_last,
-            "x_shape": list(self.config.image_shape), "x_dtype": np.dtype(self.config.dtype).str,
+            "x_shape": list(self.config.x_shape), "x_dtype": np.dtype(self.config.x_dtype).str,
             "layout": self.config.layout, "color": self.config.color,
             "class_names": list(self.index.class_names) if self.index.class_names else None,
             "fingerprint": self.fingerprint, "heartbeat_s": self.config.heartbeat_s,

@@ -97,7 +97,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     sock.connect(endpoint)
     sock.send(protocol.pack("ready", worker=worker_id, pid=os.getpid()))
     arenas: dict[int, Arena] = {}  # shared-memory arenas of sessions, by arena id
-    out_dtype = np.dtype(config.dtype)
+    out_dtype = np.dtype(config.x_dtype)
     pending: deque[tuple[dict[str, Any], np.ndarray, Reads]] = deque()  # tasks received, reads started
     try:
         while True:
@@ -130,7 +130,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                     arena = _arena(arenas, task["arena"])
                     if arena is None:  # its session ended (the server discards this), or mapping failed
                         raise RuntimeError("the worker could not map the session's shared memory")
-                    x = arena.view(task["slot"], out_dtype, (config.batch_size, *config.image_shape))
+                    x = arena.view(task["slot"], out_dtype, (config.batch_size, *config.x_shape))
                 else:
                     x, tracker = pool.popleft()
                     if tracker is not None and not tracker.done:

@@ -148,3 +148,26 @@ def test_examples_run_against_a_server(start_server: Any, tmp_path: Path, exampl
                              "--epochs", "2"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "epoch 2" in result.stdout.lower() or "Epoch 2/2" in result.stdout
+
+
+def test_keras_embedding_gru_trains_on_an_array_data_set(start_server: Any, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    n, vocab, maxlen = 256, 30, 12
+    lengths = rng.integers(3, 16, size=n)
+    seqs = [rng.integers(1, vocab, size=k).astype(np.int32) for k in lengths]
+    labels = np.array([int((s > vocab // 2).mean() > 0.5) for s in seqs], dtype=np.int64)  # learnable
+    np.save(tmp_path / "values.npy", np.concatenate(seqs))
+    np.save(tmp_path / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    np.save(tmp_path / "labels.npy", labels)
+    server = start_server(tmp_path / "values.npy", "--offsets", str(tmp_path / "offsets.npy"), "--labels",
+                          str(tmp_path / "labels.npy"), "--maxlen", str(maxlen), "--batch-size", "32",
+                          "--workers", "2")
+    with LoaderClient(server.endpoint, timeout_s=30) as client:
+        assert client.x_shape == (maxlen,) and client.x_dtype == np.int32
+        model = keras.Sequential([keras.Input((maxlen,), dtype="int32"), keras.layers.Embedding(vocab, 16),
+                                  keras.layers.GRU(16), keras.layers.Dense(2, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+        history = model.fit(iter(client), steps_per_epoch=client.steps_per_epoch, epochs=4, shuffle=False,
+                            verbose=0)
+    losses = history.history["loss"]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
