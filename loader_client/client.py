@@ -142,15 +142,10 @@ class LoaderClient:
             rank, world_size = state.get("rank", rank), state.get("world_size", world_size)
 
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
-        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._monitor: zmq.Socket | None = None
         self._curve = bool(server_public_key)
         self._curve_keys = {"server_public_key": server_public_key, "client_keys": client_keys}
-        apply_curve(self._sock, server_public_key, client_keys)
-        self._sock.setsockopt(zmq.RCVHWM, max(1000, 4 * prefetch))
+        self._sock = self._new_socket(max_message_bytes)
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_rx = self._ctx.socket(zmq.PAIR)
         for s in (self._wake_tx, self._wake_rx):
@@ -170,7 +165,13 @@ class LoaderClient:
             if meta.get("shm"):
                 self._arena = _open_arena(meta["shm"])
                 if self._arena is None:  # not the same host or user after all: frames over the socket
+                    # A new socket (a new identity): nothing queued for the first stream can arrive
+                    # in the second one's handshake.
                     self._sock.send(protocol.pack("bye"))
+                    self._stop_monitor()
+                    self._sock.close(linger=_BYE_LINGER_MS)
+                    self._sock = self._new_socket(max_message_bytes)
+                    self._sock.connect(endpoint)
                     self._sock.send(protocol.pack("hello", **{**hello, "shm": False}))
                     meta = self._handshake()
         except BaseException:
@@ -342,15 +343,27 @@ class LoaderClient:
             self.close()
 
     # ------------------------------------------------------------------ internals
+    def _new_socket(self, max_message_bytes: int) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, max(1000, 4 * self.prefetch))
+        apply_curve(sock, *self._curve_keys.values())
+        return sock
+
     def _handshake(self) -> dict[str, Any]:
         """Wait for the welcome; a failed security handshake shows up on the monitor at once.
 
-        One monitor serves every handshake of this client (re-creating it soon after closing
-        one fails: its inproc address is still taken).
+        Each monitor gets an address of its own: pyzmq's default one, named after the socket's
+        file descriptor, can still be taken when a socket is replaced.
         """
         deadline = time.monotonic() + self.timeout_s
         if self._monitor is None:
-            self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILURES)
+            address = f"inproc://loader-client-monitor-{next(_counter)}"  # unique: never reused
+            self._sock.monitor(address, _HANDSHAKE_FAILURES)
+            self._monitor = self._ctx.socket(zmq.PAIR)
+            self._monitor.connect(address)
         monitor = self._monitor
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)

@@ -136,3 +136,21 @@ def test_sessions_leave_no_arena_behind(start_server: Any, listfile: Path) -> No
                "workers to unmap finished sessions' arenas")
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) == shm_before  # memfd arenas have no name to leak
+
+
+def test_fallback_does_not_mix_up_the_abandoned_stream(start_server: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from loader_client import BadSampleError
+
+    listfile = unique_label_list(tmp_path / "data", 8)
+    (tmp_path / "data" / "img" / "00001.jpg").write_bytes(b"not an image")  # the first batch fails at once
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-shuffle")
+    monkeypatch.setattr(client_module, "_open_arena", lambda described: None)
+    for _ in range(5):
+        client = LoaderClient(server.endpoint, timeout_s=20)  # the first stream's error must not land here
+        try:
+            assert not client.shared_memory
+            with pytest.raises(BadSampleError, match="00001.jpg"):
+                client.next()
+        finally:
+            client.close()
