@@ -42,7 +42,7 @@ class EvaluateEachEpoch(keras.callbacks.Callback):  # type: ignore[misc]
         super().__init__()
         self.endpoint = endpoint
         self.prefix = prefix
-        self.client_kwargs = client_kwargs
+        self.client_kwargs = {"augment": False, **client_kwargs}  # validation: no augmentation by default
         self.batches_seen: list[list[int]] = []  # sample indices evaluated, per epoch
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

@@ -58,9 +58,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT")
     p.add_argument("--workers", type=int, default=2, help="workers of the service and of torch DataLoader")
     p.add_argument("--systems", default=",".join(_SYSTEMS), help="comma-separated subset of " + ",".join(_SYSTEMS))
-    p.add_argument("--extras", default="stall,float32,slow,augment,curve,multiserver,scaling,ttfb,stages",
-                   help="one-off measurements to add: stall,float32,slow,augment,curve,multiserver,scaling,"
-                        "ttfb,stages,strict (or none)")
+    p.add_argument("--extras",
+                   default="stall,float32,slow,augment,transform,arrays,curve,multiserver,scaling,ttfb,stages",
+                   help="one-off measurements to add: stall,float32,slow,augment,transform,arrays,curve,"
+                        "multiserver,scaling,ttfb,stages,strict (or none)")
     p.add_argument("--scaling", default="1,2,4,8", help="worker counts for the scaling table")
     p.add_argument("--read-latency-ms", type=float, default=20.0, help="simulated storage latency (slow extra)")
     p.add_argument("--serve-args", default="", help="extra `serve` flags for every service run, quoted")
@@ -302,6 +303,38 @@ def _curve_keys(scratch: str) -> tuple[str, dict[str, Any]]:
                                                                                           "bench.key_secret")}
 
 
+def measure_arrays(scratch: str, batch_size: int, n: int, workers: int) -> dict[str, Any]:
+    """Rows per second from a memory-mapped dense .npy and from ragged sequences."""
+    rng = np.random.default_rng(0)
+    root = Path(scratch) / "arrays"
+    root.mkdir(exist_ok=True)
+    rows, shape, maxlen = 20_000, (32, 32), 200
+    np.save(root / "x.npy", rng.normal(size=(rows, *shape)).astype(np.float32))
+    np.save(root / "y.npy", rng.integers(0, 10, rows))
+    lengths = rng.integers(10, 400, rows)
+    np.save(root / "values.npy", rng.integers(1, 30_000, int(lengths.sum())).astype(np.int32))
+    np.save(root / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    out: dict[str, Any] = {"row_shape": list(shape), "maxlen": maxlen}
+    for name, data, extra in (
+        ("dense", root / "x.npy", ["--labels", str(root / "y.npy")]),
+        ("ragged", root / "values.npy", ["--offsets", str(root / "offsets.npy"), "--labels", str(root / "y.npy"),
+                                         "--maxlen", str(maxlen)]),
+    ):
+        server = _Server(str(data), scratch, batch_size, "8x8", workers, extra)
+        try:
+            with LoaderClient(server.endpoint, timeout_s=120) as client:
+                it = iter(client)
+                for _ in range(4):
+                    next(it)
+                got, started = 0, time.perf_counter()
+                while got < n:
+                    got += len(next(it)[0])
+                out[f"{name}_rows_per_s"] = got / (time.perf_counter() - started)
+        finally:
+            server.stop()
+    return out
+
+
 def measure_ttfb_million(index: DatasetIndex, size: tuple[int, int], batch_size: int, workers: int,
                          scratch: str, lines: int = 1_000_000) -> dict[str, Any]:
     """Time from starting the server to the first batch, with a list file of `lines` lines."""
@@ -470,6 +503,17 @@ def run_bench(args: argparse.Namespace) -> int:
             results["augment"] = {**res, "spec": spec, "ratio_to_plain": res["images_per_s"] / capacity}
             print(f"augmented ({spec}): {res['images_per_s']:.0f} images/s "
                   f"({res['images_per_s'] / capacity:.2f}x plain)", flush=True)
+        if "transform" in extras and capacity:
+            spec = "loader_server.sample_data:example_transform"
+            res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, "--transform", spec])
+            results["transform"] = {**res, "spec": spec, "ratio_to_plain": res["images_per_s"] / capacity}
+            print(f"user transform {spec}: {res['images_per_s']:.0f} images/s "
+                  f"({res['images_per_s'] / capacity:.2f}x plain)", flush=True)
+        if "arrays" in extras:
+            results["arrays"] = measure_arrays(scratch, args.batch_size, quick_n * 8, args.workers)
+            print(f"array data sets: {results['arrays']['dense_rows_per_s']:.0f} rows/s dense float32 "
+                  f"{results['arrays']['row_shape']}, {results['arrays']['ragged_rows_per_s']:.0f} rows/s ragged "
+                  f"int32 padded to {results['arrays']['maxlen']}", flush=True)
         if "curve" in extras:
             # Over TCP without shared memory, so that every byte crosses the socket: with and without CURVE.
             curve_dir, curve_client = _curve_keys(scratch)
@@ -595,6 +639,16 @@ def markdown(results: dict[str, Any]) -> str:
         r = results["augment"]
         extra_rows.append((f"augmentations `{r['spec']}`", f"{r['images_per_s']:.0f} images/s = "
                            f"{r['ratio_to_plain']:.2f}x plain"))
+    if "transform" in results:
+        r = results["transform"]
+        extra_rows.append((f"user transform `{r['spec']}`", f"{r['images_per_s']:.0f} images/s = "
+                           f"{r['ratio_to_plain']:.2f}x plain"))
+    if "arrays" in results:
+        r = results["arrays"]
+        extra_rows.append((f"array data set, dense float32 rows of {r['row_shape']} (memory-mapped .npy)",
+                           f"{r['dense_rows_per_s']:.0f} rows/s"))
+        extra_rows.append((f"array data set, ragged int32 sequences padded to {r['maxlen']}",
+                           f"{r['ragged_rows_per_s']:.0f} rows/s"))
     if "curve" in results:
         r = results["curve"]
         extra_rows.append(("CurveZMQ encryption (tcp loopback, no shared memory)",

@@ -7,7 +7,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["write_sample_images"]
+__all__ = ["write_sample_images", "example_transform"]
+
+
+def example_transform(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An example `--transform`: a random crop of up to an eighth of each side, seeded per sample.
+
+    ``loader-server serve --data ... --transform loader_server.sample_data:example_transform``
+    """
+    h, w = image.shape[:2]
+    y, x = int(rng.integers(0, h // 8 + 1)), int(rng.integers(0, w // 8 + 1))
+    return image[y:, x:]
 
 
 def write_sample_images(
