@@ -497,18 +497,15 @@ def run_bench(args: argparse.Namespace) -> int:
                                        "ratio_to_no_latency": res["images_per_s"] / capacity}
             print(f"slow storage (+{args.read_latency_ms:g} ms per read): {res['images_per_s']:.0f} images/s "
                   f"({res['images_per_s'] / capacity:.2f}x)", flush=True)
-        if "augment" in extras and capacity:
-            spec = "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)"
-            res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, "--augment", spec])
-            results["augment"] = {**res, "spec": spec, "ratio_to_plain": res["images_per_s"] / capacity}
-            print(f"augmented ({spec}): {res['images_per_s']:.0f} images/s "
-                  f"({res['images_per_s'] / capacity:.2f}x plain)", flush=True)
-        if "transform" in extras and capacity:
-            spec = "loader_server.sample_data:example_transform"
-            res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, "--transform", spec])
-            results["transform"] = {**res, "spec": spec, "ratio_to_plain": res["images_per_s"] / capacity}
-            print(f"user transform {spec}: {res['images_per_s']:.0f} images/s "
-                  f"({res['images_per_s'] / capacity:.2f}x plain)", flush=True)
+        for key, flag, spec, label in (
+            ("augment", "--augment", "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)", "augmented"),
+            ("transform", "--transform", "loader_server.sample_data:example_transform", "user transform"),
+        ):
+            if key in extras and capacity:
+                res = measure_service(**{**common, "n": quick_n}, extra=[*serve_extra, flag, spec])
+                results[key] = {**res, "spec": spec, "ratio_to_plain": res["images_per_s"] / capacity}
+                print(f"{label} {spec}: {res['images_per_s']:.0f} images/s "
+                      f"({res['images_per_s'] / capacity:.2f}x plain)", flush=True)
         if "arrays" in extras:
             results["arrays"] = measure_arrays(scratch, args.batch_size, quick_n * 8, args.workers)
             print(f"array data sets: {results['arrays']['dense_rows_per_s']:.0f} rows/s dense float32 "

@@ -536,13 +536,12 @@ class Server:
             session = self._sessions.get(task.session)
             if task.crashes >= MAX_TASK_RETRIES and session is not None:
                 epoch, batch = divmod(task.position, session.steps)
-                files = [self.index.path(int(i)) for i in task.indices]
                 del self._tasks[tid]
                 self._free_slot(session, task)
                 what = "hung" if worker.hung else f"died (last exit code {code})"
                 self._send_error(task.session, "worker_crashed",
                                  f"epoch {epoch} batch {batch}: its worker {what} {task.crashes} times; "
-                                 f"its files: {', '.join(files[:8])}{' ...' if len(files) > 8 else ''}")
+                                 f"its files: {_file_list(self.index, task, 8)}")
                 self._drop(task.session, "batch crashed workers repeatedly")
             else:
                 self._queue.appendleft(tid)
@@ -677,10 +676,11 @@ class Server:
     def _tick(self) -> None:
         """Heartbeats to idle clients; drop silent clients; kill stuck workers; publish stats."""
         now = time.monotonic()
-        self.metrics.snapshot = self.stats()
+        if self.config.metrics_port:  # the HTTP thread reads this published snapshot
+            self.metrics.snapshot = self.stats()
         if self.config.log_interval_s and now >= self._next_log:
             self._next_log = now + self.config.log_interval_s
-            snap = self.metrics.snapshot
+            snap = self.stats()
             busy = [round(100 * w["busy_fraction"]) for w in snap["workers"]]
             log.info("%.0f images/s (%.1f batches/s) over the last minute; %d batches ready; workers busy %s%%; "
                      "%d clients; %d bad files", snap["images_per_s"], snap["batches_per_s"], snap["batches_ready"],
@@ -704,8 +704,13 @@ def _describe_task(server: Server, tid: int) -> str:
     if task is None or session is None:
         return "a batch of a client that left"
     epoch, batch = divmod(task.position, session.steps)
-    files = [server.index.path(int(i)) for i in task.indices]
-    return f"epoch {epoch} batch {batch} (files {', '.join(files[:4])}{' ...' if len(files) > 4 else ''})"
+    return f"epoch {epoch} batch {batch} (files {_file_list(server.index, task, 4)})"
+
+
+def _file_list(index: DatasetIndex, task: _Task, limit: int) -> str:
+    """The first `limit` files of a task's batch, for error messages."""
+    files = [index.path(int(i)) for i in task.indices[:limit]]
+    return ", ".join(files) + (" ..." if len(task.indices) > limit else "")
 
 
 def _fingerprint_mismatch(theirs: str, ours: str) -> str:
