@@ -1,4 +1,4 @@
-"""The wire format, shared by server, workers and client: one place for every message rule.
+"""The wire framing, shared by server, workers and client.
 
 A message is a list of ZeroMQ frames: a small msgpack header, then one raw frame per array.
 The header is a map with at least ``v`` (protocol version) and ``t`` (message type). Arrays
@@ -6,16 +6,9 @@ are described in the header as ``[name, dtype, shape]`` and travel as raw bytes,
 Every header and frame is validated before an array is built: dtype on an allow-list, shape a
 list of non-negative ints, and ``prod(shape) * itemsize == len(frame)``.
 
-Client -> server: ``hello`` (stream request and first credit), ``credit``, ``release`` (shared-
-memory slots copied out), ``ping``, ``bye``;
-``health`` opens no session and is answered by ``health`` (ok once a worker is ready).
-Server -> client: ``welcome`` (metadata), ``batch``, ``heartbeat``, ``error``, ``health``.
-Server <-> worker: ``ready``, ``task``, ``result``, ``failed``, ``forget`` (an arena) and
-``skipped`` (a task of a forgotten arena), over a private ipc socket.
-
-A client on the same host may ask for shared memory (``hello`` with ``shm``): the ``welcome``
-then names an arena (`loader_client.shm`), and each ``batch`` header carries
-``shm = {slot, arrays}`` describing arrays that live in that slot instead of in frames.
+The messages themselves (their fields, types and ranges) are defined once in
+`loader_client.messages` (client <-> server) and `loader_server.runtime.worker_messages`
+(server <-> worker), with the checks of `loader_client.schema`.
 """
 
 from __future__ import annotations
@@ -39,14 +32,10 @@ __all__ = [
     "check_version",
     "describe_arrays",
     "build_arrays",
-    "validate_fields",
-    "HELLO_FIELDS",
-    "CREDIT_FIELDS",
-    "RELEASE_FIELDS",
 ]
 
 #: Bumped on any incompatible change of the messages below.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: A header larger than this is refused before it is parsed.
 MAX_HEADER_BYTES = 1 << 20
 #: Default bound on one whole message (header plus array frames), set as ZMQ_MAXMSGSIZE too.
@@ -60,23 +49,6 @@ ALLOWED_DTYPES = frozenset(
         "uint64", "int64", "float16", "float32", "float64",
     )
 )
-
-# Requests a client may make: field -> allowed types. Anything else is refused.
-HELLO_FIELDS: dict[str, tuple[type, ...]] = {
-    "rank": (int,),
-    "world_size": (int,),
-    "epoch": (int,),
-    "batch": (int,),
-    "seed": (int, type(None)),
-    "fingerprint": (str, type(None)),
-    "credit": (int,),
-    "client": (str,),
-    "shm": (bool,),
-    "augment": (bool,),
-}
-CREDIT_FIELDS: dict[str, tuple[type, ...]] = {"n": (int,)}
-RELEASE_FIELDS: dict[str, tuple[type, ...]] = {"slots": (list,)}
-
 
 def pack(t: str, **fields: Any) -> bytes:
     """Encode a header of type `t` with the current protocol version."""
@@ -120,29 +92,6 @@ def check_version(header: Mapping[str, Any], *, peer: str) -> None:
             f"protocol version mismatch: this side speaks version {PROTOCOL_VERSION}, "
             f"{peer} speaks version {header['v']}; install the same loader-service release on both"
         )
-
-
-def validate_fields(
-    header: Mapping[str, Any], allowed: Mapping[str, tuple[type, ...]], *, required: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Return the allow-listed fields of a request, refusing unknown keys and wrong types."""
-    out: dict[str, Any] = {}
-    for key, value in header.items():
-        if key in ("v", "t"):
-            continue
-        if key not in allowed:
-            raise ProtocolError(f"field {key!r} is not allowed in a {header.get('t')!r} message")
-        types = allowed[key]
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            raise ProtocolError(
-                f"field {key!r} must be {' or '.join(t.__name__ for t in types)}, "
-                f"got {type(value).__name__}"
-            )
-        out[key] = value
-    for key in required:
-        if key not in out:
-            raise ProtocolError(f"field {key!r} is required in a {header.get('t')!r} message")
-    return out
 
 
 def describe_arrays(arrays: Mapping[str, np.ndarray]) -> list[list[Any]]:
