@@ -25,7 +25,11 @@ import numpy as np
 import zmq
 import zmq.utils.monitor
 
+import dataclasses
+
 from . import protocol
+from .messages import HANDSHAKE_REPLIES, ArenaHandle, Error, Goodbye, Welcome
+from .schema import decode
 from .errors import ERROR_KINDS, AuthenticationError, LoaderError, LoaderTimeoutError, ProtocolError
 from .normalize import BufferPool, Normalization
 from .security import apply_curve
@@ -401,12 +405,13 @@ class LoaderClient:
         frames = self._sock.recv_multipart(copy=False)
         header = protocol.unpack(frames[0])
         protocol.check_version(header, peer=f"the server at {self.endpoint}")
-        if header["t"] == "error":
-            raise _remote_error(header)
-        if header["t"] == "welcome":
-            return _check_meta(header.get("meta"))
-        if header["t"] != "heartbeat":
-            raise ProtocolError(f"expected a welcome from {self.endpoint}, got {header['t']!r}")
+        message = decode(header, HANDSHAKE_REPLIES, f"from {self.endpoint}")
+        if isinstance(message, Error):
+            raise _remote_error(message.fields())
+        if isinstance(message, Goodbye):
+            raise LoaderError(f"the loader server at {self.endpoint} is stopping: {message.reason}")
+        if isinstance(message, Welcome):
+            return {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
         return None
 
     def _close_sockets(self, receiver_done: bool = True) -> None:
@@ -532,6 +537,8 @@ class _Receiver:
             return
         if kind == "error":
             raise _remote_error(header)
+        if kind == "goodbye":
+            raise LoaderError(f"the loader server at {self.endpoint} was stopped: {header.get('reason')}")
         if kind != "batch":
             raise ProtocolError(f"unexpected message {kind!r} from {self.endpoint}")
         epoch, batch = header.get("epoch"), header.get("batch")
@@ -599,13 +606,12 @@ def _same_host(endpoint: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
-def _open_arena(described: Any) -> Arena | None:
-    """Map the server's arena read-only, or None if this process cannot reach it."""
+def _open_arena(handle: ArenaHandle) -> Arena | None:
+    """Map the server's arena, or None if this process cannot reach it."""
     try:
-        _, path, slots, stride, inode = described
-        if os.stat(path).st_ino != inode:
+        if os.stat(handle.path).st_ino != handle.inode:
             return None
-        return Arena(path, slots, stride, writable=True)
+        return Arena(handle.path, handle.slots, handle.stride, writable=True)
     except (OSError, ValueError, TypeError, ProtocolError):
         return None
 

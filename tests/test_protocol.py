@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import msgpack
+
+from loader_client.messages import CLIENT_REQUESTS, Hello
+from loader_client.schema import decode
 import numpy as np
 import pytest
 
@@ -72,16 +75,21 @@ def test_version_mismatch_names_both_versions() -> None:
 
 
 def test_request_fields_are_allow_listed() -> None:
-    ok = protocol.validate_fields({"v": 1, "t": "hello", "rank": 1, "seed": None}, protocol.HELLO_FIELDS)
-    assert ok == {"rank": 1, "seed": None}
+    where = "from client c"
+    ok = decode({"v": 2, "t": "hello", "rank": 1, "world_size": 2, "seed": None}, CLIENT_REQUESTS, where)
+    assert isinstance(ok, Hello) and ok.rank == 1 and ok.seed is None
     with pytest.raises(ProtocolError, match="'path' is not allowed"):
-        protocol.validate_fields({"v": 1, "t": "hello", "path": "/etc/passwd"}, protocol.HELLO_FIELDS)
+        decode({"v": 2, "t": "hello", "path": "/etc/passwd"}, CLIENT_REQUESTS, where)
     with pytest.raises(ProtocolError, match="'rank' must be int"):
-        protocol.validate_fields({"v": 1, "t": "hello", "rank": "0"}, protocol.HELLO_FIELDS)
+        decode({"v": 2, "t": "hello", "rank": "0"}, CLIENT_REQUESTS, where)
     with pytest.raises(ProtocolError, match="'n' must be int"):
-        protocol.validate_fields({"v": 1, "t": "credit", "n": True}, protocol.CREDIT_FIELDS)
+        decode({"v": 2, "t": "credit", "n": True}, CLIENT_REQUESTS, where)
     with pytest.raises(ProtocolError, match="'n' is required"):
-        protocol.validate_fields({"v": 1, "t": "credit"}, protocol.CREDIT_FIELDS, required=("n",))
+        decode({"v": 2, "t": "credit"}, CLIENT_REQUESTS, where)
+    with pytest.raises(ProtocolError, match="control characters"):
+        decode({"v": 2, "t": "hello", "client": "a\x00b"}, CLIENT_REQUESTS, where)
+    with pytest.raises(ProtocolError, match="'epoch' must be between"):
+        decode({"v": 2, "t": "hello", "epoch": 2**64 - 1}, CLIENT_REQUESTS, where)
 
 
 def test_describe_refuses_object_and_non_contiguous_arrays() -> None:
@@ -117,18 +125,13 @@ def test_fuzz_unpack_random_bytes(data: bytes) -> None:
 @_fuzz
 @given(st.dictionaries(st.text(max_size=12), _values, max_size=8))
 def test_fuzz_unpack_and_validate_structured_messages(fields: dict[str, object]) -> None:
-    raw = msgpack.packb({"v": 1, "t": "hello", **fields}, use_bin_type=True)
-    try:
-        header = protocol.unpack(raw)
-        for allowed in (protocol.HELLO_FIELDS, protocol.CREDIT_FIELDS, protocol.RELEASE_FIELDS):
-            try:
-                out = protocol.validate_fields(header, allowed)
-            except ProtocolError:
-                continue
-            for key, value in out.items():  # whatever passes has exactly the allowed types
-                assert isinstance(value, allowed[key])
-    except ProtocolError:
-        pass
+    for t in CLIENT_REQUESTS:
+        raw = msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": t, **fields}, use_bin_type=True)
+        try:
+            message = decode(protocol.unpack(raw), CLIENT_REQUESTS, "from a fuzzer")
+        except ProtocolError:
+            continue
+        assert isinstance(message, CLIENT_REQUESTS[t])  # whatever passes is a well-typed message
 
 
 @_fuzz
