@@ -18,7 +18,6 @@ import sys
 import time
 import traceback
 from collections import deque
-from typing import Any
 
 import numpy as np
 import zmq

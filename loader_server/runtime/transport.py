@@ -102,10 +102,11 @@ class ClientTransport:
         """Best-effort single-frame reply (errors, health): dropped if the peer cannot take it."""
         self.send(identity, [encode(message)])
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; messages still queued get `linger_ms` to leave (goodbyes), then are dropped."""
         if self._auth is not None:
             self._auth.stop()
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger_ms)
         if self._ipc_path is not None:
             try:
                 os.unlink(self._ipc_path)
