@@ -353,6 +353,7 @@ class LoaderClient:
         sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         sock.setsockopt(zmq.RCVHWM, max(1000, 4 * self.prefetch))
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT and other IPv6 endpoints
         apply_curve(sock, *self._curve_keys.values())
         return sock
 
@@ -692,6 +693,7 @@ def _ask(endpoint: str, t: str, timeout_s: float, server_public_key: Any = None,
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HEADER_BYTES)
+    sock.setsockopt(zmq.IPV6, 1)
     apply_curve(sock, server_public_key, client_keys)
     try:
         sock.connect(endpoint)

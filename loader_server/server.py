@@ -116,7 +116,7 @@ class Server:
                 transport.close(linger_ms=_GOODBYE_LINGER_MS if self._stopping else 0)  # goodbyes may leave
             if channel is not None:
                 channel.close()
-            ctx.term()
+            ctx.destroy(linger=0)  # closes whatever a failed start left open, so this cannot hang
         log.info("stopped after sending %d batches", self.metrics.batches_sent)
         return 0
 
