@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,27 @@ def test_client_logs_one_line_per_epoch(start_server: Any, tmp_path: Path, caplo
                 list(client.epoch())
     lines = [r.getMessage() for r in caplog.records if r.name == "loader_client"]
     assert len(lines) == 2 and lines[0].startswith("epoch 0: 4 batches in") and "% stall" in lines[0]
+
+
+def test_server_process_that_refuses_to_start_fails_fast_with_its_log(tmp_path: Path) -> None:
+    from loader_server.launch import ServerProcess, ServerProcessError
+
+    listfile = unique_label_list(tmp_path / "data", 8)
+    server = ServerProcess(listfile, "--workers", "0")  # a bad setting: exit 2 before binding
+    started = time.monotonic()
+    with pytest.raises(ServerProcessError) as info:
+        server.wait_ready(30)
+    assert time.monotonic() - started < 20  # noticed the exit, did not wait out the deadline
+    assert "exited with code 2 before it was ready" in str(info.value)
+    assert "`workers` must be >= 1, got 0" in str(info.value)  # the server's own message, from its log
+    assert server.stop() == 2 and not server.terminated
+    assert "`workers` must be >= 1" in server.log_text()  # kept after its private folder is gone
+    assert not server.log.exists()
+
+
+def test_bench_refuses_unknown_names_and_lists_the_choices() -> None:
+    result = cli("bench", "--extras", "stall,nope", "--out", "unused")
+    assert result.returncode == 2
+    assert "unknown --extras value 'nope'" in result.stderr and "stall" in result.stderr
+    assert "curve" in result.stderr and "Traceback" not in result.stderr
+    assert not Path("unused").exists()
