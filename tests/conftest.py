@@ -110,6 +110,8 @@ def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
     stopped with SIGTERM and must exit 0, unless the test already reaped it (killed it, or
     stopped it itself and checked the code), and no worker may be left.
 
+    With --curve-dir the readiness probe needs a key the server allows: the fixture adds
+    `clients/fixture-probe.key` to that folder before the server starts.
     `ready=False`: do not wait for readiness (a server expected to refuse to start);
     `expect_exit`: the exit code teardown expects of a server it stops, None for any.
     """
