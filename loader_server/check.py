@@ -12,9 +12,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .config import ServerConfig, default_workers, parse_size
 from .index import DatasetIndex, load_index
-from .progress import Progress
 
 __all__ = ["add_check_arguments", "run_check"]
 
@@ -62,16 +63,14 @@ def run_check(args: argparse.Namespace) -> int:
                           max_pixels=args.max_pixels, size=parse_size("8x8"))
     chunks = [(lo, min(lo + _CHUNK, len(index))) for lo in range(0, len(index), _CHUNK)]
     bad: list[tuple[str, str]] = []
-    done = 0
     started = time.monotonic()
-    progress = Progress("check", len(index))
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config)) as pool:
+    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config)) as pool, \
+            tqdm(total=len(index), desc="check", unit="samples") as progress:
         for count, found in pool.imap_unordered(_check_chunk, chunks):
-            done += count
             bad.extend(found)
-            progress.update(done, f"{len(bad)} bad")
-    progress.close()
+            progress.update(count)
+            progress.set_postfix_str(f"{len(bad)} bad", refresh=False)
     bad.sort()
     Path(args.report).write_text("".join(f"{p}\t{r}\n" for p, r in bad))
     elapsed = time.monotonic() - started

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", formatter_class=fmt, help="measure throughput side by side with other loaders",
                            description="Benchmark the service against the per-core limit, the classic generator "
                                        "and torch DataLoader; write JSON, a markdown table and a plot.")
-    from .bench import add_bench_arguments
+    from loader_bench import add_bench_arguments  # the benchmark is a package of its own
 
     add_bench_arguments(bench)
     demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_check(args)
         if args.command == "bench":
-            from .bench import run_bench
+            from loader_bench import run_bench
 
             return run_bench(args)
         from .demo import run_demo
