@@ -113,6 +113,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="json: one JSON object per line, for log collectors")
     p.add_argument("--log-interval-s", type=float, default=d["log_interval_s"].default,
                    help="log a throughput line this often (0: never)")
+    p.add_argument("--metrics-host", default=d["metrics_host"].default,
+                   help="address the metrics endpoint listens on (0.0.0.0: reachable by a Prometheus elsewhere)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (off by default)")
 

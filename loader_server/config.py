@@ -118,7 +118,8 @@ class ServerConfig:
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     log_interval_s: float = 30.0  # a throughput line this often (0: never)
-    metrics_port: int | None = None  # Prometheus text endpoint on 127.0.0.1, off when None
+    metrics_port: int | None = None  # Prometheus text endpoint, off when None
+    metrics_host: str = "127.0.0.1"  # where it listens; 0.0.0.0 for a Prometheus on another host
 
     def __post_init__(self) -> None:
         self.validate()
@@ -250,7 +251,7 @@ class ServerConfig:
             if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
                          "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm",
                          "batch_timeout_s", "max_bad", "log_level", "log_format", "log_interval_s",
-                         "metrics_port", "curve_dir", "insecure", "max_file_bytes", "max_clients")
+                         "metrics_port", "metrics_host", "curve_dir", "insecure", "max_file_bytes", "max_clients")
         }
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()

@@ -18,7 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, overload
+from typing import Any
 
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.metrics_core import (
@@ -130,23 +130,12 @@ def prometheus_text(snap: dict[str, Any]) -> str:
     return generate_latest(registry).decode()
 
 
-@overload
-def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer: ...
-
-
-@overload
-def serve_metrics(host: int, port: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer: ...  # the old call
-
-
-def serve_metrics(host: Any, port: Any, snapshot_fn: Any = None) -> ThreadingHTTPServer:
+def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
     """Serve /metrics (Prometheus exposition) and /healthz on `host`:`port` from a daemon thread.
 
     `snapshot_fn` returns the latest stats snapshot (published by the loop). /healthz answers
-    200 while a worker is ready, else 503. The old call ``serve_metrics(port, snapshot_fn)``
-    binds 127.0.0.1; it stays until the server passes its `metrics_host` setting.
+    200 while a worker is ready, else 503.
     """
-    if snapshot_fn is None:
-        host, port, snapshot_fn = "127.0.0.1", host, port
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot_fn))
 

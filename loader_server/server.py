@@ -101,7 +101,8 @@ class Server:
                                      supervisor=self.supervisor, transport=transport, channel=channel,
                                      metrics=self.metrics)
             if self.config.metrics_port:
-                self._metrics_http = serve_metrics(self.config.metrics_port, lambda: self.metrics.snapshot)
+                self._metrics_http = serve_metrics(self.config.metrics_host, self.config.metrics_port,
+                                                  lambda: self.metrics.snapshot)
             self.supervisor.start()
             log.info("serving %d samples from %s on %s: %d workers, batch %d, %d steps per epoch, settings %s",
                      len(self.index), self.index.source, self.config.bind, self.config.workers,
