@@ -33,7 +33,7 @@ from loader_client.errors import ProtocolError, ProtocolVersionError
 from loader_client.shm import create_arena, shm_available
 
 from .config import ServerConfig, is_local_bind
-from .index import DatasetIndex
+from .index import DatasetIndex, count_classes
 from .metrics import Metrics, serve_metrics
 from .sampling import SamplingPlan
 from .worker import worker_main
@@ -140,6 +140,7 @@ class Server:
             drop_last=config.drop_last, steps_per_epoch=config.steps_per_epoch,
         )
         self.fingerprint = f"{config.fingerprint()}-{index.fingerprint()}"
+        self.num_classes = count_classes(index)  # sent in every welcome
         self._stopping = False
         self._sessions: dict[bytes, _Session] = {}
         self._tasks: dict[int, _Task] = {}
@@ -390,6 +391,7 @@ class Server:
             "x_shape": list(self.config.x_shape), "x_dtype": np.dtype(self.config.x_dtype).str,
             "layout": self.config.layout, "color": self.config.color,
             "class_names": list(self.index.class_names) if self.index.class_names else None,
+            "num_classes": self.num_classes,
             "fingerprint": self.fingerprint, "heartbeat_s": self.config.heartbeat_s,
             "max_message_bytes": self.config.max_message_bytes,
             "shm": session.arena.describe() if session.arena else None,
