@@ -59,7 +59,8 @@ def validation_problem(client: LoaderClient) -> str | None:
     dropped = client.num_samples % per_epoch if info.get("drop_last", True) else 0
     if dropped:
         return (f"the validation server at {client.endpoint} drops {dropped} of its {client.num_samples} "
-                f"samples every epoch (a different {dropped} each epoch when it shuffles) because it runs with --drop-last (the default) and "
+                f"samples every epoch (a different {dropped} each epoch when it shuffles) because it runs "
+                "with --drop-last (the default) and "
                 f"{client.num_samples} is not a multiple of batch size {client.batch_size}"
                 f"{f' x world size {client.world_size}' if client.world_size > 1 else ''}: "
                 "start the validation server with --keep-last (and --no-shuffle for the same order every epoch)")

@@ -92,7 +92,7 @@ class LoaderDataset(IterableDataset):  # type: ignore[type-arg]
                  device: str | torch.device | None = None, **client_kwargs: Any) -> None:
         super().__init__()
         self.endpoint = endpoint
-        self.options = {"channels_first": channels_first, "pin_memory": pin_memory, "device": device}
+        self.options: dict[str, Any] = {"channels_first": channels_first, "pin_memory": pin_memory, "device": device}
         self.client_kwargs = client_kwargs
         self._client: LoaderClient | None = None
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from loader_client.errors import ConfigError
 
-__all__ = ["DatasetIndex", "load_index", "IMAGE_EXTENSIONS"]
+__all__ = ["DatasetIndex", "load_index", "count_classes", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

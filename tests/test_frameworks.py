@@ -69,6 +69,27 @@ def test_keras_fit_epochs_consume_exactly_the_server_epochs(start_server: Any, t
             np.testing.assert_array_equal(a, b)
 
 
+def test_handshake_carries_num_classes(start_server: Any, tmp_path: Path) -> None:
+    listfile = unique_label_list(tmp_path / "list", 12, size=(8, 8))  # labels 0..11
+    folders = color_classes(tmp_path / "colors", 2)  # 4 class folders
+    np.save(tmp_path / "x.npy", np.zeros((10, 3), np.float32))
+    np.save(tmp_path / "y.npy", np.array([0, 6, 2, 2, 1, 0, 6, 3, 3, 1], np.int64))  # 7 classes, 4 and 5 unused
+    np.save(tmp_path / "t.npy", np.linspace(0, 1, 10, dtype=np.float32))  # regression targets: no classes
+    servers = [start_server(listfile, "--batch-size", "4", "--size", "8x8", "--workers", "1"),
+               start_server(folders, "--batch-size", "4", "--size", "8x8", "--workers", "1"),
+               start_server(tmp_path / "x.npy", "--labels", str(tmp_path / "y.npy"), "--batch-size", "2",
+                            "--workers", "1"),
+               start_server(tmp_path / "x.npy", "--labels", str(tmp_path / "t.npy"), "--batch-size", "2",
+                            "--workers", "1")]
+    got = []
+    for server in servers:
+        with LoaderClient(server.endpoint, timeout_s=30) as client:
+            got.append((client.num_classes, client.class_names))
+    assert got == [(12, None), (4, ["c0", "c1", "c2", "c3"]), (7, None), (None, None)]
+    with LoaderClient([servers[0].endpoint, servers[0].endpoint], timeout_s=30) as merged:
+        assert merged.num_classes == 12
+
+
 def recorder_model(n: int, seen: list[np.ndarray], evaluated: list[np.ndarray] | None = None) -> Any:
     """A tiny Keras model that records the labels of every batch it trains on (and evaluates on)."""
 
@@ -296,6 +317,26 @@ def test_torch_tensors_from_writable_arrays_do_not_warn(start_server: Any, tmp_p
     with LoaderClient(server.endpoint, timeout_s=30) as client:
         batches = list(tensors(client, epochs=1, channels_first=True))  # warnings are errors in this suite
     assert len(batches) == 4 and batches[0][0].shape == (4, 3, 6, 8)
+
+
+def test_torch_pinning_is_skipped_without_an_accelerator_and_used_with_one(start_server: Any, tmp_path: Path) -> None:
+    from loader_client.torch import accelerator_present, pins, tensors
+
+    listfile = unique_label_list(tmp_path / "data", 8)
+    server = start_server(listfile, "--batch-size", "4", "--size", "8x8", "--workers", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with LoaderClient(server.endpoint, timeout_s=30) as client:
+        # what the README's PyTorch snippet does, plus an explicit pin_memory=True
+        batches = list(tensors(client, epochs=1, pin_memory=True, device=device))
+        assert len(batches) == 2 and batches[0][0].device.type == device
+    assert pins(False, "cuda") is False and pins(None, "cpu") is False
+    if accelerator_present():
+        assert pins(None, "cuda") and pins(True, "cpu")
+        with LoaderClient(server.endpoint, timeout_s=30) as client:
+            x, _ = next(iter(tensors(client, epochs=1, pin_memory=True)))
+            assert x.is_pinned()
+    else:  # torch would raise "Cannot access accelerator device" if pinned here
+        assert not pins(True, "cuda") and not pins(None, "cuda")
 
 
 @pytest.mark.parametrize("example", ["keras_fit.py", "torch_loop.py"])
