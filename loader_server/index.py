@@ -16,7 +16,7 @@ import numpy as np
 
 from loader_client.errors import ConfigError
 
-__all__ = ["DatasetIndex", "load_index", "count_classes", "IMAGE_EXTENSIONS"]
+__all__ = ["DatasetIndex", "load_index", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -176,18 +176,3 @@ def _first_content_line(raw: bytes) -> int:
 def _show(text: bytes) -> str:
     shown = text.decode("utf-8", "replace")
     return repr(shown if len(shown) <= 200 else shown[:200] + "...")
-
-
-def count_classes(index: DatasetIndex) -> int | None:
-    """Classes of a data set: its class names, else max label + 1 for non-negative integer labels.
-
-    None for labels that are not class numbers (floats, vectors, negative values). Takes a
-    `DatasetIndex` or an array data set; computed once, when the server starts.
-    """
-    if index.class_names:
-        return len(index.class_names)
-    labels = np.asarray(index.labels)
-    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-        return None
-    low, high = int(labels.min()), int(labels.max())
-    return high + 1 if low >= 0 else None

@@ -32,8 +32,9 @@ from loader_client import protocol
 from loader_client.errors import ProtocolError, ProtocolVersionError
 from loader_client.shm import create_arena, shm_available
 
+from .classes import count_classes
 from .config import ServerConfig, is_local_bind
-from .index import DatasetIndex, count_classes
+from .index import DatasetIndex
 from .metrics import Metrics, serve_metrics
 from .sampling import SamplingPlan
 from .worker import worker_main

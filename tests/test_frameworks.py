@@ -90,6 +90,19 @@ def test_handshake_carries_num_classes(start_server: Any, tmp_path: Path) -> Non
         assert merged.num_classes == 12
 
 
+def test_count_classes_counts_the_whole_data_set_of_a_subset() -> None:
+    from types import SimpleNamespace
+
+    from loader_server.classes import count_classes
+
+    whole = SimpleNamespace(class_names=None, labels=np.array([0, 3, 9, 2]), parent=None)
+    val = SimpleNamespace(class_names=None, labels=np.array([0, 3]), parent=whole)  # as --subset val serves
+    assert count_classes(whole) == count_classes(val) == 10
+    assert count_classes(SimpleNamespace(class_names=("a", "b"), labels=np.array([0, 0]))) == 2
+    assert count_classes(SimpleNamespace(class_names=None, labels=np.array([-1, 2]))) is None
+    assert count_classes(SimpleNamespace(class_names=None, labels=np.zeros((3, 2), np.int64))) is None
+
+
 def recorder_model(n: int, seen: list[np.ndarray], evaluated: list[np.ndarray] | None = None) -> Any:
     """A tiny Keras model that records the labels of every batch it trains on (and evaluates on)."""
 
@@ -266,6 +279,10 @@ def test_keras_validation_callback_sees_the_same_batches_every_epoch(start_serve
     assert len(history.history["val_loss"]) == 3 and "val_accuracy" in history.history
     assert callback.batches_seen[0] == list(range(48))  # every validation sample, once, in file order
     assert callback.batches_seen[0] == callback.batches_seen[1] == callback.batches_seen[2]
+    # one client for all three evaluations: built = evaluated (3 x 10) + at most its prefetch (4)
+    from loader_client import server_stats
+
+    assert 30 <= server_stats(val.endpoint, timeout_s=10)["batches_sent"] <= 30 + 4
 
 
 def test_torch_training_loss_goes_down(start_server: Any, tmp_path: Path) -> None:
