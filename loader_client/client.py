@@ -188,6 +188,7 @@ class LoaderClient:
         self.batch_size: int = meta["batch_size"]
         self.steps_per_epoch: int = meta["steps_per_epoch"]
         self.class_names: list[str] | None = meta["class_names"]
+        self.num_classes: int | None = _num_classes(meta)  # class names, else max label + 1
         self.x_shape: tuple[int, ...] = tuple(meta["x_shape"])
         self.x_dtype = np.dtype(meta["x_dtype"])
         norm = None
@@ -637,12 +638,23 @@ _META_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+def _num_classes(meta: dict[str, Any]) -> int | None:
+    """The welcome's `num_classes`: a positive int, or None (labels that are not classes, older server)."""
+    n = meta.get("num_classes")
+    if n is None:
+        return len(meta["class_names"]) if meta["class_names"] else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ProtocolError(f"welcome metadata field 'num_classes' must be a positive int or None, got {n!r}")
+    return n
+
+
 def _check_meta(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ProtocolError("welcome carries no metadata map")
     for key, types in _META_TYPES.items():
         if not isinstance(meta.get(key), types):
             raise ProtocolError(f"welcome metadata field {key!r} is missing or has the wrong type")
+    _num_classes(meta)  # validated here, where a bad welcome still closes the sockets
     return meta
 
 

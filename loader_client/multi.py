@@ -69,6 +69,7 @@ class MultiServerClient(LoaderClient):
         self.rank, self.world_size, self.servers = rank, world_size, m
         self.num_samples, self.batch_size = first.num_samples, first.batch_size
         self.class_names, self.x_shape, self.x_dtype = first.class_names, first.x_shape, first.x_dtype
+        self.num_classes = first.num_classes
         self.seed, self.fingerprint, self.info = first.seed, first.fingerprint, dict(first.info)
         self.timeout_s, self.prefetch = first.timeout_s, first.prefetch
         self._child_steps = first.steps_per_epoch

@@ -23,6 +23,7 @@ from loader_client.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmR
 from loader_client.schema import Message, encode
 from loader_client.shm import shm_available
 
+from ..classes import count_classes
 from ..config import ServerConfig
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
@@ -72,8 +73,7 @@ class Delivery:
         self.facts = StreamFacts(batch_size=config.batch_size, num_samples=len(index), default_seed=config.seed,
                                  fingerprint=fingerprint, prefetch=config.prefetch, in_order=config.in_order,
                                  augment_available=bool(config.augment))
-        self.num_classes = len(index.class_names) if index.class_names else (
-            int(index.labels.max()) + 1 if len(index.labels) else 0)
+        self.num_classes = count_classes(index)
         self.bad = BadFiles(config.max_bad_files(len(index)), config.data)
         self.clients: dict[bytes, Client] = {}
         self._next_arena_id = 0
