@@ -32,8 +32,9 @@ from loader_client import protocol
 from loader_client.errors import ProtocolError, ProtocolVersionError
 from loader_client.shm import create_arena, shm_available
 
+from .batch_spec import BatchSpec, batch_spec
 from .config import ServerConfig, is_local_bind
-from .index import DatasetIndex
+from .datasets import Dataset
 from .metrics import Metrics, serve_metrics
 from .sampling import SamplingPlan
 from .worker import worker_main
@@ -132,11 +133,12 @@ class _Worker:
 class Server:
     """Serve batches of `index` under `config` until `stop()` or SIGINT/SIGTERM."""
 
-    def __init__(self, config: ServerConfig, index: DatasetIndex) -> None:
+    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None) -> None:
         self.config = config
         self.index = index
+        self.spec = batch_spec(config, index) if spec is None else spec
         self.plan = SamplingPlan(
-            len(index), config.batch_size, mode=config.mode, shuffle=config.shuffle,
+            len(index), self.spec.batch_size, mode=config.mode, shuffle=config.shuffle,
             drop_last=config.drop_last, steps_per_epoch=config.steps_per_epoch,
         )
         self.fingerprint = f"{config.fingerprint()}-{index.fingerprint()}"
@@ -186,7 +188,7 @@ class Server:
             log.info(
                 "serving %d samples from %s on %s: %d workers, batch %d, %d steps per epoch, settings %s",
                 len(self.index), self.index.source, self.config.bind, self.config.workers,
-                self.config.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config),
+                self.spec.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config),
             )
             self._loop()
         finally:
@@ -237,7 +239,7 @@ class Server:
         identity = secrets.token_bytes(16)
         proc = self._mp.Process(
             target=worker_main,
-            args=(wid, identity, self._worker_endpoint, self.config, self.index, os.getpid()),
+            args=(wid, identity, self._worker_endpoint, self.config, self.index, self.spec, os.getpid()),
             name=f"loader-worker-{wid}",
             daemon=True,
         )
@@ -356,7 +358,7 @@ class Server:
         steps = self.plan.steps_per_epoch(world)
         if steps < 1:
             self._send_error(identity, "config", f"world_size {world} leaves no full batch of "
-                             f"{self.config.batch_size} per rank from {len(self.index)} samples")
+                             f"{self.spec.batch_size} per rank from {len(self.index)} samples")
             return
         if self._too_many_bad:
             self._send_error(identity, "bad_sample", self._too_many_bad)
@@ -384,11 +386,11 @@ class Server:
             session.arena = self._new_arena(session)
         self._sessions[identity] = session
         meta = {
-            "num_samples": len(self.index), "batch_size": self.config.batch_size, "steps_per_epoch": steps,
+            "num_samples": len(self.index), "batch_size": self.spec.batch_size, "steps_per_epoch": steps,
             "rank": rank, "world_size": world, "seed": seed, "epoch": epoch, "batch": batch,
             "mode": self.config.mode, "in_order": self.config.in_order, "drop_last": self.config.drop_last,
-            "x_shape": list(self.config.x_shape), "x_dtype": np.dtype(self.config.x_dtype).str,
-            "layout": self.config.layout, "color": self.config.color,
+            "x_shape": list(self.spec.x_shape), "x_dtype": self.spec.x_dtype,
+            "layout": self.spec.layout, "color": self.spec.color,
             "class_names": list(self.index.class_names) if self.index.class_names else None,
             "fingerprint": self.fingerprint, "heartbeat_s": self.config.heartbeat_s,
             "max_message_bytes": self.config.max_message_bytes,
@@ -407,7 +409,7 @@ class Server:
         """
         slots = self.config.prefetch + max(1, session.credit) + 2  # + the trainer's batch, + one in release
         try:
-            fd, stride = create_arena(f"loader-{session.name}", slots, self.config.batch_bytes)
+            fd, stride = create_arena(f"loader-{session.name}", slots, self.spec.batch_bytes)
         except OSError as exc:
             log.warning("no shared memory for client %s (%s); sending frames over the socket", session.name, exc)
             return None
@@ -707,9 +709,9 @@ def _describe_task(server: Server, tid: int) -> str:
     return f"epoch {epoch} batch {batch} (files {_file_list(server.index, task, 4)})"
 
 
-def _file_list(index: DatasetIndex, task: _Task, limit: int) -> str:
+def _file_list(index: Dataset, task: _Task, limit: int) -> str:
     """The first `limit` files of a task's batch, for error messages."""
-    files = [index.path(int(i)) for i in task.indices[:limit]]
+    files = [index.describe(int(i)) for i in task.indices[:limit]]
     return ", ".join(files) + (" ..." if len(task.indices) > limit else "")
 
 
