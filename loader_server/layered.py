@@ -21,6 +21,7 @@ from typing import Any
 from loader_client.errors import ConfigError
 
 from .config import ServerConfig
+from .file_access import os_error
 
 __all__ = ["resolve", "ENV_PREFIX", "format_config", "PARSERS"]
 
@@ -110,8 +111,7 @@ def resolve(flags: Mapping[str, Any], config_file: str | None = None,
             with open(config_file, "rb") as f:
                 table = tomllib.load(f)
         except OSError as exc:
-            raise ConfigError(f"cannot read --config {config_file!r}: {exc.strerror} (user id {os.getuid()})") \
-                from None
+            raise os_error(exc, "--config file", config_file) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config {config_file}: not valid TOML: {exc}") from None
         table = table.get("serve", table) if isinstance(table.get("serve"), dict) else table

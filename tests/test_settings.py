@@ -143,3 +143,53 @@ def test_metrics_host_comes_from_every_layer(tmp_path: Path) -> None:
     config, sources = resolve({}, None, {"LOADER_DATA": "x", "LOADER_METRICS_HOST": "0.0.0.0"})
     assert config.metrics_host == "0.0.0.0" and sources["metrics_host"] == "env LOADER_METRICS_HOST"
     assert ServerConfig(data="x", metrics_host="::").fingerprint() == ServerConfig(data="x").fingerprint()
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADER_")}
+    return subprocess.run([sys.executable, "-m", "loader_server", *args], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=cwd)
+
+
+def _settings(printed: str) -> list[str]:
+    """The printed lines without their `# source` comments."""
+    return [line.rsplit("  # ", 1)[0] for line in printed.splitlines()]
+
+
+def test_print_config_round_trips_through_config(tmp_path: Path) -> None:
+    import tomllib
+
+    listfile = unique_label_list(tmp_path / "data", 10)
+    first = _cli("serve", "--data", str(listfile), "--batch-size", "2", "--size", "40x30", "--dtype", "float32",
+                 "--mean", "0.5,0.4,0.3", "--std", "0.2,0.2,0.2", "--max-bad", "0.5%", "--no-shuffle",
+                 "--keep-last", "--augment", 'flip(0.5),jitter(0.2)', "--subset", "train", "--val-fraction", "0.2",
+                 "--split-seed", "7", "--metrics-host", "0.0.0.0", "--log-interval-s", "2.5", "--print-config")
+    assert first.returncode == 0, first.stderr
+    printed = tomllib.loads(first.stdout)  # valid TOML
+    assert printed["size"] == "40x30" and printed["mean"] == [0.5, 0.4, 0.3] and printed["shuffle"] is False
+    assert printed["max_bad"] == 0.005 and printed["subset"] == "train" and printed["metrics_host"] == "0.0.0.0"
+    assert "labels" not in printed and "# labels = (not set)  # default" in first.stdout.splitlines()
+    assert "None" not in first.stdout and "[40, 30]" not in first.stdout
+    config = tmp_path / "printed.toml"
+    config.write_text(first.stdout)
+    second = _cli("serve", "--config", str(config), "--print-config")
+    assert second.returncode == 0, second.stderr
+    assert _settings(second.stdout) == _settings(first.stdout)  # identical, apart from where each came from
+    assert f"batch_size = 2  # file {config}" in second.stdout.splitlines()
+    third_file = tmp_path / "again.toml"
+    third_file.write_text(second.stdout)
+    third = _cli("serve", "--config", str(third_file), "--print-config")
+    assert _settings(third.stdout) == _settings(first.stdout)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--data", "{tmp}/nope.txt"], "data set '{tmp}/nope.txt' does not exist"),
+    (["--data", "{list}", "--batch-size", "50"], "`batch_size` 50 is larger than the data set (10 samples"),
+    (["--data", "{list}", "--subset", "val", "--val-fraction", "0.01"], "gives 0 validation samples"),
+])
+def test_print_config_validates_what_it_prints(tmp_path: Path, args: list[str], expected: str) -> None:
+    listfile = unique_label_list(tmp_path / "data", 10)
+    fill = {"tmp": tmp_path, "list": listfile}
+    result = _cli("serve", *[a.format(**fill) for a in args], "--print-config")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected.format(**fill) in result.stderr and result.stdout == ""
