@@ -100,7 +100,7 @@ class ArrayIndex:
             np.take(self.shards[0], indices, axis=0, out=out)
             return
         shard_of = np.searchsorted(self.starts, indices, side="right") - 1
-        for slot, (i, s) in enumerate(zip(indices, shard_of)):
+        for slot, (i, s) in enumerate(zip(indices, shard_of, strict=True)):
             out[slot] = self.shards[s][i - self.starts[s]]
 
     def _gather_ragged(self, indices: np.ndarray, out: np.ndarray) -> None:
@@ -175,7 +175,7 @@ def load_arrays(data: str, labels: str | None, offsets: str | None, maxlen: int 
                               f"(found {len(xs)} x and {len(ys)} y)")
         shards = [_load(x, "input shard") for x in xs]
         label_parts = [_load(y, "label shard") for y in ys]
-        for x, y, xs_name in zip(shards, label_parts, xs):
+        for x, y, xs_name in zip(shards, label_parts, xs, strict=True):
             if len(x) != len(y) or x.shape[1:] != shards[0].shape[1:] or x.dtype != shards[0].dtype:
                 raise ConfigError(f"shard {xs_name}: {len(x)} rows of {x.shape[1:]} {x.dtype} against {len(y)} "
                                   f"labels; every shard needs the same sample shape and dtype, one label a row")
@@ -200,7 +200,8 @@ def load_arrays(data: str, labels: str | None, offsets: str | None, maxlen: int 
             raise ConfigError(f"--offsets {offsets} must be {len(label_arr) + 1} non-decreasing positions from 0 "
                               f"to at most {len(shards[0])}")
         starts = np.array([0, len(label_arr)], dtype=np.int64)
-        return ArrayIndex(shards, starts, label_arr, os.path.basename(os.path.normpath(data)), off, maxlen, pad, truncate)
+        name = os.path.basename(os.path.normpath(data))
+        return ArrayIndex(shards, starts, label_arr, name, off, maxlen, pad, truncate)
     starts = np.cumsum([0] + [len(s) for s in shards]).astype(np.int64)
     if starts[-1] != len(label_arr):
         raise ConfigError(f"{data}: {starts[-1]} samples but {len(label_arr)} labels; need one label per sample")

@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one COMMAND of `parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]  # type: ignore[no-any-return]
+    raise KeyError(command)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of parsed `serve` flags alone (defaults included; no file, no environment)."""
     from .layered import PARSERS, resolve
@@ -139,7 +147,7 @@ def explicit_serve_flags(argv: Sequence[str]) -> dict[str, Any]:
     from .layered import PARSERS
 
     parser = build_parser()
-    for action in parser._subparsers._group_actions[0].choices["serve"]._actions:  # type: ignore[union-attr]
+    for action in subparser(parser, "serve")._actions:
         action.default = argparse.SUPPRESS
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if k in PARSERS}
 

@@ -56,12 +56,14 @@ class Dataset(Protocol):
         """What names sample `i` in a message: a path, or the source and row."""
 
 
+@runtime_checkable
 class FileDataset(Dataset, Protocol):
     """A data set of files that the workers read and decode (build == "decode")."""
 
     def path(self, i: int) -> str: ...
 
 
+@runtime_checkable
 class ArrayDataset(Dataset, Protocol):
     """A data set of rows that the workers copy as stored (build == "gather")."""
 

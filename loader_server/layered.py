@@ -72,8 +72,13 @@ def _parser(hint: Any, metadata: Mapping[str, Any]) -> Callable[[Any], Any]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(args) < len(typing.get_args(hint))
         hint = args[0] if len(args) == 1 else hint
-    parse = metadata.get("parse") or {bool: _bool, int: _int, float: _float}.get(hint, _str)
+    parse: Callable[[Any], Any] | None = metadata.get("parse")
+    if parse is None:
+        parse = _BY_TYPE.get(hint, _str)
     return _optional(parse) if optional else parse
+
+
+_BY_TYPE: dict[Any, Callable[[Any], Any]] = {bool: _bool, int: _int, float: _float}
 
 
 def _parsers() -> dict[str, Callable[[Any], Any]]:

@@ -234,11 +234,11 @@ def test_unreadable_data_exits_2_naming_path_and_user(shared_tree: Path, case: s
         data = _images(shared_tree / "private" / "images")
         (shared_tree / "private").chmod(0o755)
         lock(shared_tree / "private")
-        blocked = blocker = shared_tree / "private"
+        blocker = shared_tree / "private"
         what, verb = "data set", "does not let this user in"
         named = data
     elif case == "locked data folder":
-        data = blocked = blocker = _images(shared_tree / "images")
+        data = blocker = _images(shared_tree / "images")
         lock(data)
         what, verb, named = "data folder", "cannot be read by this user", data
     elif case == "locked class sub-folder":

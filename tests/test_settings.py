@@ -14,7 +14,7 @@ import pytest
 
 from loader_client.errors import ConfigError
 from loader_server.batch_spec import BatchSpec, batch_spec
-from loader_server.cli import build_parser, config_from_args, main
+from loader_server.cli import build_parser, config_from_args, main, subparser
 from loader_server.config import ServerConfig
 from loader_server.datasets import load_dataset
 
@@ -63,7 +63,7 @@ def test_help_shows_what_a_boolean_flag_does_by_default_never_its_settings_value
 
 def test_every_setting_has_one_flag_whose_default_is_the_fields() -> None:
     parser = build_parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    serve = subparser(parser, "serve")
     dests = {a.dest for a in serve._actions}
     for f in dataclasses.fields(ServerConfig):
         assert f.name in dests, f"setting {f.name} has no flag"
