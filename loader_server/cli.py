@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", formatter_class=fmt, help="print a running server's statistics as JSON",
                            description="Images/s, batches ready, workers, errors, clients of a running server.")
     _add_endpoint_arguments(stats)
-    check = sub.add_parser("check", formatter_class=fmt, help="decode every sample and report the bad files",
-                           description="Decode every sample of a data set in parallel, write a report of bad "
-                                       "files (path, reason), print a summary; exit 1 if any file is bad.")
+    check = sub.add_parser("check", formatter_class=fmt, help="read every sample and report the bad ones",
+                           description="Read every sample of a data set once (images decoded in parallel, array "
+                                       "rows gathered), write a report of the bad files or rows (path, reason), "
+                                       "print a summary; exit 1 if any is bad.")
     from .check import add_check_arguments
 
     add_check_arguments(check)
@@ -174,12 +175,16 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def require_opencv(command: str) -> None:
-    """Exit 2 with what to install when OpenCV (the server's decoder) cannot be imported."""
-    try:
-        import cv2  # noqa: F401
-    except ImportError as exc:
+    """Exit 2 with what to install when OpenCV (the server's decoder) is not installed.
+
+    It is looked up, not imported: importing cv2 starts a thread, and this process forks its
+    workers later (they import it themselves).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("cv2") is None:
         raise ConfigError(
-            f"`loader-server {command}` decodes images with OpenCV, which cannot be imported here ({exc}): "
+            f"`loader-server {command}` decodes images with OpenCV, which is not installed here (no module cv2): "
             "install the server with `python3 -m pip install \"loader-service[server]\"` (it adds "
             "opencv-python-headless), or `python3 -m pip install opencv-python` if you want the desktop build; "
             "never both"
