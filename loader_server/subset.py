@@ -51,7 +51,7 @@ def take_subset(dataset: Dataset, name: str, val_fraction: float, split_seed: in
     return Subset(dataset, train if name == "train" else val, name, val_fraction, split_seed)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Subset:
     """The samples `keep` of `parent`, renumbered 0..len-1; a data set of the parent's kind."""
 
