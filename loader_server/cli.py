@@ -165,6 +165,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.print_config:
         print(format_config(config, sources))
         return 0
+    from . import batch  # noqa: F401  (loaded before the workers fork, so that each starts at once)
     from .logs import setup_logging
     from .server import Server, install_signal_handlers
 
@@ -175,16 +176,16 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def require_opencv(command: str) -> None:
-    """Exit 2 with what to install when OpenCV (the server's decoder) is not installed.
+    """Exit 2 with what to install when OpenCV (the server's decoder) cannot be imported.
 
-    It is looked up, not imported: importing cv2 starts a thread, and this process forks its
-    workers later (they import it themselves).
+    `serve`, `check` and `demo` import it here, in the process that forks the workers, as they
+    always have: forked workers then start with the decoder already loaded.
     """
-    import importlib.util
-
-    if importlib.util.find_spec("cv2") is None:
+    try:
+        import cv2  # noqa: F401
+    except ImportError as exc:
         raise ConfigError(
-            f"`loader-server {command}` decodes images with OpenCV, which is not installed here (no module cv2): "
+            f"`loader-server {command}` decodes images with OpenCV, which cannot be imported here ({exc}): "
             "install the server with `python3 -m pip install \"loader-service[server]\"` (it adds "
             "opencv-python-headless), or `python3 -m pip install opencv-python` if you want the desktop build; "
             "never both"
