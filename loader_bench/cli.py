@@ -12,7 +12,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loader_server.index import load_index
 
 from .context import Bench
 from .probes import PROBES
@@ -80,7 +79,15 @@ def run_bench(args: argparse.Namespace) -> int:
             count = 128 if args.quick else 1024
             data = str(write_sample_images(Path(scratch) / "images", count, min_side=96 if args.quick else 300,
                                            max_side=160 if args.quick else 560))
-        bench = Bench(index=load_index(data), data=data, scratch=scratch, n=n, rounds=rounds, size=size,
+        dataset = _load(data, args.serve_args.split())
+        if dataset.build == "gather":  # array data sets: only the service reads them; the rest decode files
+            for name in [s for s in systems if s != "service"]:
+                print(f"{name}: skipped (it decodes image files; {data} is an array data set)", flush=True)
+            systems = [s for s in systems if s == "service"]
+            for name in [e for e in extras if e not in _ARRAY_PROBES]:
+                print(f"{name}: skipped (it needs image files; {data} is an array data set)", flush=True)
+            extras = [e for e in extras if e in _ARRAY_PROBES]
+        bench = Bench(index=dataset, data=data, scratch=scratch, n=n, rounds=rounds, size=size,
                       batch_size=args.batch_size, workers=args.workers, serve_extra=args.serve_args.split(),
                       quick=args.quick, read_latency_ms=args.read_latency_ms, scaling=scaling)
         results: dict[str, Any] = {"rounds": {s: [] for s in systems}}
@@ -120,3 +127,17 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+#: Probes that work on any data set the service reads (the others decode image files themselves).
+_ARRAY_PROBES = frozenset({"stall", "scaling", "curve", "arrays"})
+
+
+def _load(data: str, serve_args: list[str]) -> Any:
+    """The data set as `serve` opens it, with the data settings among --serve-args (labels, subset, ...)."""
+    from loader_server.cli import explicit_serve_flags
+    from loader_server.datasets import load_dataset
+    from loader_server.layered import resolve
+
+    flags = explicit_serve_flags(["serve", "--data", data, *serve_args])
+    return load_dataset(resolve(flags, None, {})[0])

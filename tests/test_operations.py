@@ -34,10 +34,10 @@ def test_settings_from_file_environment_and_flags_in_that_order(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
     assert lines["batch_size"] == f"4  # file {toml}"
-    assert lines["size"] == f"[32, 16]  # file {toml}"
+    assert lines["size"] == f'"32x16"  # file {toml}'  # TOML that --config reads back
     assert lines["workers"] == "2  # env LOADER_WORKERS"  # the environment beats the file
     assert lines["seed"] == "9  # flag --seed"  # a flag beats both
-    assert lines["shuffle"] == "False  # env LOADER_SHUFFLE"
+    assert lines["shuffle"] == "false  # env LOADER_SHUFFLE"
     assert lines["mean"] == f"[0.5, 0.5, 0.5]  # file {toml}"
     assert lines["prefetch"].endswith("# default")
 
