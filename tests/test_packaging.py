@@ -41,11 +41,14 @@ def _readme_section(title: str) -> str:
 def test_readme_dependencies_section_is_what_pyproject_declares() -> None:
     project = _pyproject()
     base = {_name(r) for r in project["dependencies"]}
-    server = base | {_name(r) for r in project["optional-dependencies"]["server"]}
+    extras = project["optional-dependencies"]
+    core = base | {_name(r) for r in extras["server-core"]}
+    server = core | {_name(r) for r in extras["server"] if _name(r) != "loader-service"}
     section = _readme_section("Dependencies, and why")
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     table = {install.strip(" `"): {p.strip() for p in brings.split(",")} for _, install, brings in rows[1:]}
-    assert table == {"python3 -m pip install .": base, 'python3 -m pip install ".[server]"': server}
+    assert table == {"python3 -m pip install .": base, 'python3 -m pip install ".[server]"': server,
+                     'python3 -m pip install ".[server-core]"': core}
     assert len(rows) == 4  # the header and three rows
     not_deps = re.search(r"Not dependencies, on purpose: (.*)\.", section)
     assert not_deps is not None
@@ -102,10 +105,10 @@ def test_fresh_venv_with_opencv_python_serves_without_a_second_opencv(tmp_path: 
     # Install from a copy of the sources, so the build leaves nothing in the working tree.
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md", "loader_client", "loader_server"):
+    for name in ("pyproject.toml", "README.md", "loader_client", "loader_server", "loader_bench"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, src / name)  # type: ignore[operator]
-    _run([*pip, str(src)], PIP_TIMEOUT_S, env=env)
+    _run([*pip, f"{src}[server-core]"], PIP_TIMEOUT_S, env=env)
     installed = _run([python, "-c", "import importlib.metadata as m; "
                                     "print(sorted(d.metadata['Name'].lower() for d in m.distributions()))"],
                      60, env=env).stdout
