@@ -48,6 +48,7 @@ __all__ = ["Receiver", "Delivery", "BatchInfo", "Progress", "CREDIT_POLL_MS"]
 
 #: While batches wait to be taken, look for consumed ones this often (ms) instead of being woken.
 CREDIT_POLL_MS = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _REQUIRED = ("x", "y", "index")
 
 
@@ -98,6 +99,12 @@ class Receiver:
         self.credited = 0  # batches consumed and already credited back
         self.held: set[int] = set()  # arena slots the trainer still holds
         self.releases = _Releases()
+        # ZeroMQ bounds frames, not messages: it buffers the frames of an unfinished message out of
+        # sight. An honest server completes a message (a batch or a heartbeat) at least every
+        # heartbeat; when none completed for longer and this process grew by more than a message
+        # may hold, a message that never ends is filling memory.
+        self.guard_after_s = 2 * welcome.heartbeat_s + 0.5
+        self.guard_bytes = 2 * self.max_bytes + (64 << 20)
         self._handlers: dict[type[Message], Callable[[Any, list[Any]], None]] = {
             Batch: self._on_batch, Heartbeat: self._on_heartbeat, Error: self._on_end, Goodbye: self._on_end,
         }
@@ -110,6 +117,8 @@ class Receiver:
         last_rx = last_tx = time.monotonic()
         hb_ms = max(1, int(self.heartbeat_s * 1000))
         linger = 0
+        memory = _Memory()
+        rss_at_rx = memory.rss()
         try:
             while True:
                 # While batches wait here, look for consumed ones every few ms instead of being
@@ -125,7 +134,6 @@ class Receiver:
                     linger = BYE_LINGER_MS
                     return
                 if self.sock in events:
-                    last_rx = now
                     while True:
                         try:
                             message, frames = wire.receive(self.sock, STREAM_MESSAGES, peer=self.peer,
@@ -133,7 +141,10 @@ class Receiver:
                                                            flags=zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        last_rx = now
                         self._handlers[type(message)](message, frames)
+                    if last_rx == now:
+                        rss_at_rx = memory.rss()
                 credits = self.progress.consumed - self.credited
                 if credits:
                     wire.send(self.sock, Credit(n=credits), zmq.NOBLOCK)
@@ -143,6 +154,12 @@ class Receiver:
                 elif now - last_tx >= self.heartbeat_s:
                     wire.send(self.sock, Ping(), zmq.NOBLOCK)
                     last_tx = now
+                if now - last_rx > self.guard_after_s and memory.rss() - rss_at_rx > self.guard_bytes:
+                    raise ProtocolError(
+                        f"{self.peer} has not completed a message for {now - last_rx:.1f} s while this process "
+                        f"grew by {(memory.rss() - rss_at_rx) >> 20} MiB, more than a message may hold "
+                        f"({self.max_bytes} bytes): a message that never ends"
+                    )
                 if now - last_rx > self.timeout_s:
                     raise LoaderTimeoutError(
                         f"{self.peer} has been silent for {self.timeout_s:g} s (no complete message: no batch, "
@@ -153,6 +170,7 @@ class Receiver:
         except Exception as exc:  # never die silently: the trainer would wait forever
             self.out.put_nowait(LoaderError(f"client receiver failed: {type(exc).__name__}: {exc}"))
         finally:
+            memory.close()
             self.releases.close()
             self.sock.close(linger=linger)
             self.wake.close(linger=0)
@@ -242,6 +260,26 @@ class Receiver:
         self.held.difference_update(slots)
         for i in range(0, len(slots), MAX_RELEASE_SLOTS):
             wire.send(self.sock, Release(slots=slots[i:i + MAX_RELEASE_SLOTS]), zmq.NOBLOCK)
+
+
+class _Memory:
+    """This process's resident memory, read from /proc/self/statm (0 where there is none)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    def rss(self) -> int:
+        if self._fd is None:
+            return 0
+        return int(os.pread(self._fd, 128, 0).split()[1]) * _PAGE
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _Releases:
