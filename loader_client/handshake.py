@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -62,9 +64,10 @@ def open_stream(ctx: zmq.Context, endpoint: Endpoint, options: ClientOptions, st
     if opened.welcome.shm is None:
         return opened
     try:
-        arena = open_arena(opened.welcome.shm)
+        arena = open_arena(opened.welcome.shm) if _pid_is_the_servers(endpoint, opened.welcome.shm.pid) else None
     except BaseException:
-        opened.sock.close(linger=0)
+        wire.send(opened.sock, Bye(), zmq.NOBLOCK)
+        opened.sock.close(linger=BYE_LINGER_MS)
         raise
     if arena is not None:
         opened.arena = arena
@@ -76,10 +79,34 @@ def open_stream(ctx: zmq.Context, endpoint: Endpoint, options: ClientOptions, st
     return _hello(ctx, endpoint, options, Hello(**{**hello.fields(), "shm": False}), start)
 
 
+def _pid_is_the_servers(endpoint: Endpoint, pid: int) -> bool:
+    """False when an ipc:// server's pid, as this process sees it, is not `pid`.
+
+    A server in another pid namespace (another container sharing the socket file) announces
+    a pid that means another process here, or none: the arena is then not even looked at,
+    and the stream falls back to frames. The kernel tells the peer's pid (SO_PEERCRED,
+    translated into this namespace, 0 when it has no pid here). TCP loopback gives no such
+    answer; `open_arena` checks the descriptor itself either way.
+    """
+    if endpoint.scheme != "ipc":
+        return True
+    address = "\0" + endpoint.path[1:] if endpoint.path.startswith("@") else endpoint.path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            probe.connect(address)
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    peer_pid = struct.unpack("3i", creds)[0]
+    return peer_pid == pid
+
+
 def _hello(ctx: zmq.Context, endpoint: Endpoint, options: ClientOptions, hello: Hello, start: Start) -> Opened:
     sock = wire.new_socket(ctx, max_message_bytes=options.max_message_bytes, hwm=4 * options.prefetch + 16,
                            curve={"server_public_key": options.server_public_key, "client_keys": options.client_keys})
     monitor: zmq.Socket | None = None
+    welcome: Welcome | None = None
     try:
         address = f"inproc://loader-client-monitor-{next(_counter)}"  # unique: never reused
         sock.monitor(address, _HANDSHAKE_FAILURES)
@@ -95,7 +122,9 @@ def _hello(ctx: zmq.Context, endpoint: Endpoint, options: ClientOptions, hello: 
         sock.setsockopt(zmq.MAXMSGSIZE, min(options.max_message_bytes, welcome.max_message_bytes))
     except BaseException:
         _close_monitor(sock, monitor)
-        sock.close(linger=0)
+        if welcome is not None:  # the server opened a session: end it now rather than at its timeout
+            wire.send(sock, Bye(), zmq.NOBLOCK)
+        sock.close(linger=BYE_LINGER_MS if welcome is not None else 0)
         raise
     _close_monitor(sock, monitor)
     return Opened(sock, welcome, None)

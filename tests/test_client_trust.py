@@ -285,6 +285,32 @@ def test_arena_path_is_built_from_integers_never_taken_from_the_server() -> None
         decode_fields(m.ArenaHandle, {**handle.fields(), "pid": "1/fd/../../../etc"}, "test")
 
 
+def test_arena_of_a_pid_that_is_not_the_servers_is_not_even_opened(fake: Any, no_leak: Any) -> None:
+    """A server in another pid namespace (or lying) announces someone else's pid: frames, nothing opened."""
+
+    def behaviour(server: FakeServer, hello: m.Hello) -> None:
+        assert hello.shm
+        fd, _ = _regular_file(server)
+        server.keep.append(fd)
+        handle = m.ArenaHandle(id=1, pid=os.getppid(), fd=fd, inode=os.fstat(fd).st_ino, slots=2, stride=4096)
+        server.welcome(hello, shm=handle.fields())
+        while not server.stop.is_set():  # the client says bye, then hello again on a fresh socket
+            if server.sock.poll(20):
+                identity, head, *_ = server.sock.recv_multipart()
+                header = msgpack.unpackb(head)
+                server.received.append(header["t"])
+                if header["t"] == "hello":
+                    assert header["shm"] is False
+                    server.identity = identity
+                    server.welcome(hello)
+
+    server = fake(behaviour)
+    no_leak()
+    with client_of(server) as client:
+        assert not client.shared_memory
+    assert server.received[:3] == ["hello", "bye", "hello"]
+
+
 def test_arena_not_asked_for_is_refused(fake: Any, no_leak: Any) -> None:
     def behaviour(server: FakeServer, hello: m.Hello) -> None:
         assert not hello.shm
