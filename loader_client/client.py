@@ -68,7 +68,8 @@ class LoaderClient:
         elif isinstance(endpoint, Sequence) and len(endpoint) >= 1:
             endpoints = [parse_endpoint(e) for e in endpoint]
         else:
-            raise ConfigError(f"`endpoint` must name at least one server, e.g. 'tcp://127.0.0.1:5555', got {endpoint!r}")
+            raise ConfigError(f"`endpoint` must name at least one server, e.g. 'tcp://127.0.0.1:5555', "
+                              f"got {endpoint!r}")
         self.stream: ServerStream | MultiServerStream
         if len(endpoints) == 1:
             self.stream = ServerStream(endpoints[0], self.options, self.options.start())
@@ -98,7 +99,10 @@ class LoaderClient:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Generator[BatchTuple, None, None]:
-        """Yield ``(x, y)`` (or ``(x, y, *extras)``) forever, epoch after epoch (a real generator, as Keras requires)."""
+        """Yield ``(x, y)`` (or ``(x, y, *extras)``) forever, epoch after epoch.
+
+        A real generator, as Keras requires.
+        """
         while True:
             yield self.next()
 

@@ -30,6 +30,7 @@ from .messages import HANDSHAKE_REPLIES, Bye, Hello, Welcome
 from .options import ClientOptions, Start
 from .protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
 from .shm import Arena, open_arena, shm_available
+from .wire import Ctx, Sock
 
 __all__ = ["Opened", "open_stream", "check_welcome", "BYE_LINGER_MS"]
 
@@ -49,12 +50,12 @@ _LAYOUTS = ("hwc", "chw")
 class Opened:
     """A stream that the server accepted: its socket, its welcome, its arena (or None)."""
 
-    sock: zmq.Socket
+    sock: Sock
     welcome: Welcome
     arena: Arena | None
 
 
-def open_stream(ctx: zmq.Context, endpoint: Endpoint, options: ClientOptions, start: Start) -> Opened:
+def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Start) -> Opened:
     """Say hello to the server at `endpoint` and return the accepted stream (sockets closed on failure)."""
     ask_shm = endpoint.same_host and options.shared_memory is not False and shm_available()
     hello = Hello(rank=start.rank, world_size=start.world_size, epoch=start.epoch, batch=start.batch,
@@ -98,14 +99,14 @@ def _pid_is_the_servers(endpoint: Endpoint, pid: int) -> bool:
             creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return False
-    peer_pid = struct.unpack("3i", creds)[0]
+    peer_pid: int = struct.unpack("3i", creds)[0]
     return peer_pid == pid
 
 
-def _hello(ctx: zmq.Context, endpoint: Endpoint, options: ClientOptions, hello: Hello, start: Start) -> Opened:
+def _hello(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, hello: Hello, start: Start) -> Opened:
     sock = wire.new_socket(ctx, max_message_bytes=options.max_message_bytes, hwm=4 * options.prefetch + 16,
                            curve={"server_public_key": options.server_public_key, "client_keys": options.client_keys})
-    monitor: zmq.Socket | None = None
+    monitor: Sock | None = None
     welcome: Welcome | None = None
     try:
         address = f"inproc://loader-client-monitor-{next(_counter)}"  # unique: never reused
@@ -130,7 +131,7 @@ def _hello(ctx: zmq.Context, endpoint: Endpoint, options: ClientOptions, hello: 
     return Opened(sock, welcome, None)
 
 
-def _close_monitor(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+def _close_monitor(sock: Sock, monitor: Sock | None) -> None:
     if monitor is not None:
         try:
             sock.disable_monitor()
@@ -139,7 +140,7 @@ def _close_monitor(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
         monitor.close(linger=0)
 
 
-def _wait_for_welcome(sock: zmq.Socket, monitor: zmq.Socket, endpoint: Endpoint, options: ClientOptions) -> Welcome:
+def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: ClientOptions) -> Welcome:
     curve = bool(options.server_public_key)
     peer = f"the loader server at {endpoint}"
     deadline = time.monotonic() + options.timeout_s

@@ -117,7 +117,8 @@ class Start:
         _integer(name("rank"), rank, 0, world_size - 1)
         if fingerprint is not None and not (isinstance(fingerprint, str) and len(fingerprint) <= _FINGERPRINT_CHARS
                                             and is_printable(fingerprint)):
-            raise ConfigError(f"`{name('fingerprint')}` must be the text saved by state_dict(), got {_show(fingerprint)}")
+            raise ConfigError(f"`{name('fingerprint')}` must be the text saved by state_dict(), "
+                              f"got {_show(fingerprint)}")
         return cls(epoch, batch, seed, fingerprint, rank, world_size)
 
 

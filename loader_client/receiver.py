@@ -43,6 +43,7 @@ from .normalize import BufferPool, Normalization
 from .options import MIN_HEARTBEAT_S, ClientOptions
 from .schema import Message
 from .shm import Arena
+from .wire import Sock
 
 __all__ = ["Receiver", "Delivery", "BatchInfo", "Progress", "CREDIT_POLL_MS"]
 
@@ -81,8 +82,8 @@ class Progress:
 class Receiver:
     """The body of a stream's background thread (`run`)."""
 
-    def __init__(self, sock: zmq.Socket, wake: zmq.Socket, out: queue.Queue[Delivery | BaseException], peer: str,
-                 options: ClientOptions, welcome: Welcome, arena: Arena | None, norm: Normalization | None,
+    def __init__(self, sock: Sock, wake: Sock, out: queue.Queue[Delivery | BaseException],
+                 peer: str, options: ClientOptions, welcome: Welcome, arena: Arena | None, norm: Normalization | None,
                  progress: Progress) -> None:
         self.sock, self.wake, self.out, self.peer = sock, wake, out, peer
         self.timeout_s = options.timeout_s

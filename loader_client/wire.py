@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import zmq
 
@@ -19,15 +19,18 @@ from .errors import ERROR_KINDS, LoaderError, ProtocolError, ServerStoppedError
 from .messages import Error, Goodbye
 from .security import apply_curve
 
-__all__ = ["new_socket", "send", "receive", "raise_for", "remote_error", "MAX_FRAMES"]
+__all__ = ["Sock", "Ctx", "new_socket", "send", "receive", "raise_for", "remote_error", "MAX_FRAMES"]
 
+#: The client's sockets and contexts (frames are bytes).
+Sock: TypeAlias = "zmq.Socket[bytes]"
+Ctx: TypeAlias = "zmq.Context[zmq.Socket[bytes]]"
 #: A batch header and at most 64 arrays (messages.Batch.arrays).
 MAX_FRAMES = 65
 
 
-def new_socket(ctx: zmq.Context[Any], *, max_message_bytes: int, hwm: int, curve: Mapping[str, Any]) -> zmq.Socket[Any]:
+def new_socket(ctx: Ctx, *, max_message_bytes: int, hwm: int, curve: Mapping[str, Any]) -> Sock:
     """A DEALER with a fresh random identity, bounded frames and queue, CURVE if keys are given."""
-    sock = ctx.socket(zmq.DEALER)
+    sock: Sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -37,7 +40,7 @@ def new_socket(ctx: zmq.Context[Any], *, max_message_bytes: int, hwm: int, curve
     return sock
 
 
-def send(sock: zmq.Socket[Any], message: schema.Message, flags: int = 0) -> bool:
+def send(sock: Sock, message: schema.Message, flags: int = 0) -> bool:
     """Send `message`; False if it could not leave now (NOBLOCK) or the socket is gone."""
     try:
         sock.send(schema.encode(message), flags)
@@ -46,7 +49,7 @@ def send(sock: zmq.Socket[Any], message: schema.Message, flags: int = 0) -> bool
         return False
 
 
-def receive(sock: zmq.Socket[Any], table: Mapping[str, type[schema.Message]], *, peer: str, where: str,
+def receive(sock: Sock, table: Mapping[str, type[schema.Message]], *, peer: str, where: str,
             max_bytes: int, flags: int = 0) -> tuple[schema.Message, list[Any]]:
     """The next message from `peer` (one of `table`'s types) and its array frames."""
     frames = sock.recv_multipart(flags, copy=False)

@@ -622,7 +622,8 @@ def test_a_trainer_that_exits_without_close_says_bye(fake: Any) -> None:
     code = ("import sys; from loader_client import LoaderClient; "
             f"client = LoaderClient({server.endpoint!r}, timeout_s=10, shared_memory=False); "
             "print(client.num_classes)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3"
     wait_until(lambda: "bye" in server.received, 5, "the exiting trainer's bye")
@@ -633,7 +634,8 @@ def test_a_trainer_that_exits_without_close_says_bye(fake: Any) -> None:
     ({"name": "evil\nINFO forged"}, "`name` must be printable"),
     ({"name": "nul\0byte"}, "`name` must be printable"),
     ({"name": "x" * 200}, "`name` must be printable text of 1 to 128"),
-    ({"state": {"epoch": 2**64 - 1, "batch": 0, "seed": 1}}, r'`state\["epoch"\]` must be an integer from 0 to 2147483647'),
+    ({"state": {"epoch": 2**64 - 1, "batch": 0, "seed": 1}},
+     r'`state\["epoch"\]` must be an integer from 0 to 2147483647'),
     ({"state": {"epoch": 0, "batch": 0, "seed": 2**63}}, r'`state\["seed"\]` must be an integer'),
     ({"state": {"epoch": 0}}, "`state` must come from LoaderClient.state_dict"),
     ({"rank": 2, "world_size": 2}, "`rank` must be an integer from 0 to 1"),
