@@ -264,7 +264,7 @@ class Receiver:
 
 
 class _Memory:
-    """This process's resident memory, read from /proc/self/statm (0 where there is none)."""
+    """This process's private resident memory, from /proc/self/statm (0 where there is none)."""
 
     def __init__(self) -> None:
         try:
@@ -273,9 +273,11 @@ class _Memory:
             self._fd = None
 
     def rss(self) -> int:
+        """Private resident memory (resident less file-backed and shared pages, so arena pages do not count)."""
         if self._fd is None:
             return 0
-        return int(os.pread(self._fd, 128, 0).split()[1]) * _PAGE
+        fields = os.pread(self._fd, 128, 0).split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE
 
     def close(self) -> None:
         if self._fd is not None:
