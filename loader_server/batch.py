@@ -57,7 +57,7 @@ class BatchBuilder:
         self.augmenter = Augmenter(parse_augment(config.augment)) if config.augment else None
         self.transform = load_function(config.transform, "transform") if config.transform else None
         self.collate = load_function(config.collate, "collate") if config.collate else None
-        self.last_bad: list[tuple[str, str]] = []  # (path, reason) replaced in the last batch
+        self.last_bad: list[tuple[str, str, str]] = []  # (path, code, reason) replaced in the last batch
         self._norm = None
         if config.dtype == "float32":
             self._norm = Normalization(config.channels, config.layout, config.mean, config.std)
@@ -77,7 +77,7 @@ class BatchBuilder:
     def _read(self, path: str) -> bytes:
         if self._latency_s:
             time.sleep(self._latency_s)
-        return read_file(path)
+        return read_file(path, self.config.max_file_bytes)
 
     def _read_inline(self, path: str) -> bytes:
         """Read on this thread; in auto mode, start the pool once reads average over SLOW_READ_S."""
@@ -132,7 +132,7 @@ class BatchBuilder:
                 bad.append((slot, exc))
         labels = self.index.labels[indices]
         index = np.array(indices, dtype=np.int64)
-        self.last_bad = [(exc.path, exc.reason) for _, exc in bad]
+        self.last_bad = [(exc.path, exc.code, exc.reason) for _, exc in bad]
         if bad:
             _substitute([slot for slot, _ in bad], staging, labels, index, bad[0][1])
         if not direct:
@@ -183,7 +183,7 @@ def _substitute(bad: list[int], staging: np.ndarray, labels: np.ndarray, index: 
     n = len(labels)
     bad_set = set(bad)
     if len(bad_set) == n:
-        raise DecodeError(first.path, f"{first.reason}; and every other sample of its batch is bad too")
+        raise DecodeError(first.path, f"{first.reason}; and every other sample of its batch is bad too", "all_bad")
     for slot in bad:
         j = next((slot + k) % n for k in range(1, n) if (slot + k) % n not in bad_set)
         staging[slot] = staging[j]

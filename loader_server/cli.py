@@ -98,6 +98,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark option: add this latency to every file read (simulates network storage)")
     p.add_argument("--mean", type=_floats, default=None, help="per-channel mean, float32 only: (x/255-mean)/std")
     p.add_argument("--std", type=_floats, default=None, help="per-channel std, float32 only")
+    p.add_argument("--max-file-bytes", type=int, default=d["max_file_bytes"].default,
+                   help="files larger than this (and devices) are bad files, refused before they are read")
+    p.add_argument("--max-clients", type=int, default=d["max_clients"].default,
+                   help="sessions served at once; more clients are refused with a clear error")
     p.add_argument("--batch-timeout-s", type=float, default=d["batch_timeout_s"].default,
                    help="a worker that makes no progress on a batch this long is hung: its stack is logged, "
                         "it is killed and replaced, and the batch is built again")
@@ -225,13 +229,9 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    import os
+    from .keys import create_key_pair
 
-    import zmq.auth
-
-    os.makedirs(args.dir, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(args.dir, args.name)
-    os.chmod(secret, 0o600)
+    public, secret = create_key_pair(args.dir, args.name)
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return 0
 

@@ -102,6 +102,8 @@ class ServerConfig:
     transform: str | None = None  # module:function(image, rng) -> image, run in the workers
     collate: str | None = None  # module:function(arrays, rng) -> dict of extra arrays
     max_pixels: int = 178_956_970  # larger images are refused before decoding (Pillow's bomb limit)
+    max_file_bytes: int = 256 << 20  # larger files (and devices) are refused before they are read
+    max_clients: int = 64  # sessions at once; more are refused with a clear error
     on_error: Literal["raise", "skip"] = "raise"
     max_bad: float = 0.001  # skip mode: >= 1 a count of bad files, < 1 a fraction of the index
     shm: bool = True  # offer shared-memory slots to clients on this host
@@ -158,6 +160,8 @@ class ServerConfig:
             if self.resize != "stretch" and "rrc" in self.augment:
                 raise ConfigError("`augment` rrc replaces the resize: use it with --resize stretch")
         _at_least("max_pixels", self.max_pixels, 1)
+        _at_least("max_file_bytes", self.max_file_bytes, 1)
+        _at_least("max_clients", self.max_clients, 1)
         if not self.max_bad >= 0:
             raise ConfigError(f"`max_bad` must be a count >= 1 or a fraction in [0, 1), got {self.max_bad}")
         if not 0 <= self.pad_value <= 255:
@@ -246,7 +250,7 @@ class ServerConfig:
             if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
                          "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm",
                          "batch_timeout_s", "max_bad", "log_level", "log_format", "log_interval_s",
-                         "metrics_port", "curve_dir", "insecure")
+                         "metrics_port", "curve_dir", "insecure", "max_file_bytes", "max_clients")
         }
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()

@@ -21,12 +21,15 @@ a full-size decode followed by the same resize.
 
 from __future__ import annotations
 
+import os
+import stat
+
 import cv2
 import numpy as np
 
 from .config import ServerConfig
 
-__all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size", "png_size"]
+__all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size", "png_size", "DEFAULT_MAX_FILE_BYTES"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -43,28 +46,51 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_EOI_SEARCH_BYTES = 4096
 
 
-class DecodeError(Exception):
-    """A file could not be read or decoded; `reason` is a short phrase for logs and reports."""
+#: Default bound on the bytes read from one file (``--max-file-bytes``).
+DEFAULT_MAX_FILE_BYTES = 256 << 20
 
-    def __init__(self, path: str, reason: str) -> None:
+
+class DecodeError(Exception):
+    """A file could not be read or decoded.
+
+    `reason` is a short phrase for logs and reports; `code` a stable label for metrics
+    (not_found, permission_denied, is_directory, not_a_file, too_large, read_failed, empty,
+    truncated, too_many_pixels, opencv_error, undecodable, all_bad).
+    """
+
+    def __init__(self, path: str, reason: str, code: str = "undecodable") -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.code = code
 
 
-def read_file(path: str) -> bytes:
-    """Read a whole file, turning OS errors into DecodeError with the reason."""
+def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """Read a whole file of at most `max_bytes`, turning OS errors into DecodeError with the reason.
+
+    Devices and sockets are refused, and a regular file larger than `max_bytes` is refused
+    before anything is read; other streams (a FIFO) are read up to the bound.
+    """
     try:
         with open(path, "rb") as f:
-            return f.read()
+            st = os.fstat(f.fileno())
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+                raise DecodeError(path, "not a regular file (a device or socket)", "not_a_file")
+            if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
+                raise DecodeError(path, f"file of {st.st_size} bytes exceeds --max-file-bytes {max_bytes}",
+                                  "too_large")
+            data = f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise DecodeError(path, "file not found") from None
+        raise DecodeError(path, "file not found", "not_found") from None
     except PermissionError:
-        raise DecodeError(path, "permission denied") from None
+        raise DecodeError(path, "permission denied", "permission_denied") from None
     except IsADirectoryError:
-        raise DecodeError(path, "is a directory") from None
+        raise DecodeError(path, "is a directory", "is_directory") from None
     except OSError as exc:
-        raise DecodeError(path, f"read failed: {exc.strerror or exc}") from None
+        raise DecodeError(path, f"read failed: {exc.strerror or exc}", "read_failed") from None
+    if len(data) > max_bytes:
+        raise DecodeError(path, f"more than --max-file-bytes {max_bytes} bytes", "too_large")
+    return data
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -152,16 +178,16 @@ class Decoder:
         `reduce=False` forbids reduced-size decoding (a random crop needs every pixel).
         """
         if not data:
-            raise DecodeError(path, "empty file")
+            raise DecodeError(path, "empty file", "empty")
         if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-_JPEG_EOI_SEARCH_BYTES:]:
             # Older libjpeg builds pad a truncated file with grey and only warn: refuse it.
-            raise DecodeError(path, "truncated JPEG (no end-of-image marker)")
+            raise DecodeError(path, "truncated JPEG (no end-of-image marker)", "truncated")
         flags = self.flags
         size = header_size(data)
         if size is not None:
             if size[0] * size[1] > self.max_pixels:
                 raise DecodeError(path, f"image of {size[0]}x{size[1]} pixels exceeds --max-pixels "
-                                        f"{self.max_pixels} (a decompression bomb?)")
+                                        f"{self.max_pixels} (a decompression bomb?)", "too_many_pixels")
             if reduce and self.reduce and size[0] > 0 and size[1] > 0 and data[:2] == b"\xff\xd8":
                 f = self.reduction(*size)
                 if f > 1:
@@ -169,12 +195,12 @@ class Decoder:
         try:
             img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
         except cv2.error as exc:
-            raise DecodeError(path, f"OpenCV error: {str(exc).strip().splitlines()[-1]}") from None
+            raise DecodeError(path, f"OpenCV error: {str(exc).strip().splitlines()[-1]}", "opencv_error") from None
         if img is None:
             raise DecodeError(path, "not a decodable image (corrupt, truncated or unsupported format)")
         if img.shape[0] * img.shape[1] > self.max_pixels:  # formats whose header we do not read
             raise DecodeError(path, f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds --max-pixels "
-                                    f"{self.max_pixels}")
+                                    f"{self.max_pixels}", "too_many_pixels")
         if img.dtype != np.uint8:  # pragma: no cover - IMREAD_COLOR/GRAYSCALE already give 8 bits
             img = (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
         if self.swap_to_rgb:  # pragma: no cover

@@ -18,16 +18,18 @@ import sys
 import time
 import traceback
 from collections import deque
-from typing import Any
 
 import numpy as np
 import zmq
 
 from loader_client import protocol
+from loader_client.messages import ArenaHandle
+from loader_client.schema import decode, encode
 from loader_client.shm import Arena
 
 from .config import ServerConfig
 from .index import DatasetIndex
+from .runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
 __all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
 
@@ -48,22 +50,21 @@ def _die_with_parent() -> None:
         pass
 
 
-def _arena_id(task: dict[str, Any]) -> int | None:
-    return task["arena"][0] if task.get("arena") else None
+def _arena_id(task: Task) -> int | None:
+    return task.arena.id if task.arena is not None else None
 
 
-def _arena(arenas: dict[int, Arena], described: list[Any]) -> Arena | None:
+def _arena(arenas: dict[int, Arena], handle: ArenaHandle) -> Arena | None:
     """The mapping of a session's arena, opened on first use; None if it is already gone."""
-    arena_id, path, slots, stride, inode = described
-    arena = arenas.get(arena_id)
+    arena = arenas.get(handle.id)
     if arena is None:
         try:
-            if os.stat(path).st_ino != inode:  # the fd number now names another arena
+            if os.stat(handle.path).st_ino != handle.inode:  # the fd number now names another arena
                 return None
-            arena = Arena(path, slots, stride, writable=True)
+            arena = Arena(handle.path, handle.slots, handle.stride, writable=True)
         except OSError:
             return None
-        arenas[arena_id] = arena
+        arenas[handle.id] = arena
     return arena
 
 
@@ -95,10 +96,10 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.connect(endpoint)
-    sock.send(protocol.pack("ready", worker=worker_id, pid=os.getpid()))
+    sock.send(encode(Ready(worker=worker_id, pid=os.getpid())))
     arenas: dict[int, Arena] = {}  # shared-memory arenas of sessions, by arena id
     out_dtype = np.dtype(config.x_dtype)
-    pending: deque[tuple[dict[str, Any], np.ndarray, Reads]] = deque()  # tasks received, reads started
+    pending: deque[tuple[Task, np.ndarray, Reads]] = deque()  # tasks received, reads started
     try:
         while True:
             if not pending and not sock.poll(WORKER_IDLE_POLL_MS):
@@ -110,58 +111,51 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                header = protocol.unpack(frames[0])
-                if header["t"] == "task":
-                    indices = np.frombuffer(header["indices"], dtype=np.int64)
-                    pending.append((header, indices, builder.read_ahead(indices)))
-                elif header["t"] == "forget":  # the session ended: drop its arena and its tasks
-                    gone = arenas.pop(header["arena"], None)
+                message = decode(protocol.unpack(frames[0]), TO_WORKER, "from the server")
+                if isinstance(message, Task):
+                    indices = np.frombuffer(message.indices, dtype=np.int64)
+                    pending.append((message, indices, builder.read_ahead(indices)))
+                elif isinstance(message, Forget):  # the session ended: drop its arena and its tasks
+                    gone = arenas.pop(message.arena, None)
                     if gone is not None:
                         gone.close()
-                    for p in [p for p in pending if _arena_id(p[0]) == header["arena"]]:
+                    for p in [p for p in pending if _arena_id(p[0]) == message.arena]:
                         pending.remove(p)
-                        sock.send(protocol.pack("skipped", id=p[0]["id"]))  # keeps the server's count
+                        sock.send(encode(Skipped(id=p[0].id)))  # keeps the server's count
             if not pending:
                 continue
             task, indices, reads = pending.popleft()
-            task_id = task["id"]
+            task_id = task.id
             try:
-                if task.get("arena") is not None:
-                    arena = _arena(arenas, task["arena"])
+                if task.arena is not None and task.slot is not None:
+                    arena = _arena(arenas, task.arena)
                     if arena is None:  # its session ended (the server discards this), or mapping failed
                         raise RuntimeError("the worker could not map the session's shared memory")
-                    x = arena.view(task["slot"], out_dtype, (config.batch_size, *config.x_shape))
+                    x = arena.view(task.slot, out_dtype, (config.batch_size, *config.x_shape))
                 else:
                     x, tracker = pool.popleft()
                     if tracker is not None and not tracker.done:
                         tracker.wait(_TRACKER_WAIT_S)
                     pool.append((x, tracker))
                 started = time.perf_counter()
-                seed, epoch = task["key"]
-                arrays = builder.build(indices, x, reads, key=(seed, epoch), augment=bool(task.get("augment")))
+                arrays = builder.build(indices, x, reads, key=(task.seed, task.epoch), augment=task.augment)
                 build_s = time.perf_counter() - started
             except DecodeError as exc:
-                sock.send(protocol.pack(
-                    "failed", id=task_id, kind="bad_sample", path=exc.path, reason=exc.reason,
-                    message=str(exc), traceback=traceback.format_exc(),
-                ))
+                sock.send(encode(Failed(id=task_id, kind="bad_sample", path=exc.path, reason=exc.code,
+                                        message=str(exc), traceback=traceback.format_exc())))
                 continue
             except Exception as exc:  # a bug or an unexpected library error: report, keep serving
-                sock.send(protocol.pack(
-                    "failed", id=task_id, kind="server", path=None, reason=type(exc).__name__,
-                    message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
-                ))
+                sock.send(encode(Failed(id=task_id, kind="server", reason=type(exc).__name__,
+                                        message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())))
                 continue
             bad = [list(b) for b in builder.last_bad]
-            if task.get("arena") is not None:  # x is already in the client's slot
+            if task.arena is not None:  # x is already in the client's slot
                 shm_x = arrays.pop("x")
-                head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays),
-                                     shm_arrays=protocol.describe_arrays({"x": shm_x}), bad=bad,
-                                     build_s=build_s)
+                head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
+                                     shm_arrays=protocol.describe_arrays({"x": shm_x})))
                 sock.send_multipart([head, *arrays.values()])
                 continue
-            head = protocol.pack("result", id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad,
-                                 build_s=build_s)
+            head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s))
             tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
             pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover

@@ -109,7 +109,7 @@ def test_prometheus_metrics(start_server: Any, tmp_path: Path) -> None:
     status, text = _get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
     assert '# TYPE loader_batches_sent_total counter' in text
-    assert 'loader_decode_errors_total{reason="empty file"} 1' in text
+    assert 'loader_decode_errors_total{reason="empty"} 1' in text
     assert 'loader_batch_build_seconds_bucket{le="+Inf"}' in text and "loader_batch_build_seconds_count" in text
     assert 'loader_workers_busy_ratio{worker="0"}' in text and "loader_uptime_seconds" in text
     assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")

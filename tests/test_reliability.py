@@ -262,19 +262,20 @@ def test_bad_wire_input_is_refused_and_other_clients_keep_going(start_server: An
         cases = [
             ([b"\x93garbage"], "protocol"),
             ([b"a", b"b", b"c"], "protocol"),
-            ([msgpack.packb({"v": 1, "t": "hello", "rank": "zero"})], "protocol"),
-            ([msgpack.packb({"v": 1, "t": "hello", "path": "/etc/passwd"})], "protocol"),
-            ([msgpack.packb({"v": 1, "t": "explode"})], "server"),  # no session yet: told to say hello
+            ([msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "hello", "rank": "zero"})], "protocol"),
+            ([msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "hello", "path": "/etc/passwd"})], "protocol"),
+            ([msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "explode"})], "protocol"),  # not a message type
+            ([msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "credit", "n": 1})], "server"),  # no session yet
             ([msgpack.packb({"v": 7, "t": "hello"})], "version"),
         ]
         for frames, kind in cases:
             bad.send_multipart(frames)
             assert answer(bad)["kind"] == kind, frames
-        bad.send(msgpack.packb({"v": 1, "t": "hello", "shm": False, "credit": 1}))
+        bad.send(msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "hello", "shm": False, "credit": 1}))
         assert answer(bad)["t"] == "welcome"
-        for frames in ([msgpack.packb({"v": 1, "t": "frobnicate"})],
-                       [msgpack.packb({"v": 1, "t": "release", "slots": [0, 1]})],
-                       [msgpack.packb({"v": 1, "t": "credit", "n": -5})]):
+        for frames in ([msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "frobnicate"})],
+                       [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "release", "slots": [0, 1]})],
+                       [msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "credit", "n": -5})]):
             bad.send_multipart(frames)
             while (reply := answer(bad))["t"] in ("batch", "heartbeat"):
                 pass
@@ -282,7 +283,7 @@ def test_bad_wire_input_is_refused_and_other_clients_keep_going(start_server: An
         huge = raw()  # a frame over the server's 64 KiB request limit: the connection is dropped
         huge.send(b"\x00" * (256 * 1024))
         silent = raw()  # a client that asks for a lot and never reads
-        silent.send(msgpack.packb({"v": 1, "t": "hello", "shm": False, "credit": 100000}))
+        silent.send(msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": "hello", "shm": False, "credit": 100000}))
         for _ in range(30):
             assert good.next()[0].shape == (4, 12, 16, 3)  # the well-behaved client is unaffected
     finally:

@@ -57,7 +57,7 @@ class Result(Message):
     arrays: list[list[Any]] = spec(list, max_len=64, items=item(list, max_len=3))
     build_s: float = spec(float, lo=0.0, hi=1e9)
     bad: list[list[str]] = spec(list, default_factory=list, max_len=1 << 20,
-                                items=item(list, max_len=2))
+                                items=item(list, max_len=3))  # [path, code, reason]
     shm_arrays: list[list[Any]] | None = spec(list, type(None), default=None, max_len=1,
                                               items=item(list, max_len=3))
 

@@ -1,0 +1,236 @@
+"""The client-facing socket: binding safely, CURVE, the ipc socket janitor, bounded receive and send.
+
+* An ``ipc://PATH`` socket file is created with mode 0600 from its first moment (the umask is
+  narrowed around the bind), and a janitor process removes it if the server is SIGKILLed.
+* ``ipc://@name`` (Linux abstract namespace) has no permissions at all: any local user can
+  connect, so it is refused unless `insecure` is set.
+* ``tcp://[::1]:PORT`` and other IPv6 addresses work (IPv6 is enabled on the socket for them).
+* Requests are single frames of at most `MAX_REQUEST_BYTES`; a larger frame disconnects its
+  peer (ZMQ_MAXMSGSIZE). At most `SEND_QUEUE_BATCHES` messages wait in the socket for one peer.
+* ZMTP heartbeats close connections whose peer stopped answering.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import resource
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.utils.z85
+
+from loader_client.errors import ConfigError
+from loader_client.schema import Message, encode
+
+from ..config import is_local_bind
+
+__all__ = ["ClientTransport", "MAX_REQUEST_BYTES", "SEND_QUEUE_BATCHES", "PeerLog", "start_janitor"]
+
+log = logging.getLogger("loader_server")
+
+#: A client request larger than this (one frame) disconnects the peer.
+MAX_REQUEST_BYTES = 64 * 1024
+#: Messages that may wait in the socket for one peer (ZMQ_SNDHWM): batches beyond the built-ahead ones.
+SEND_QUEUE_BATCHES = 8
+_ZMTP_HEARTBEAT_MS = 2_000
+_ZMTP_HEARTBEAT_TIMEOUT_MS = 10_000
+
+
+class ClientTransport:
+    """The ROUTER socket clients connect to."""
+
+    def __init__(self, ctx: zmq.Context[Any], bind: str, *, curve_dir: str | None, insecure: bool) -> None:
+        self.bind_address = bind
+        self.sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
+        s = self.sock
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        s.setsockopt(zmq.SNDHWM, SEND_QUEUE_BATCHES)
+        s.setsockopt(zmq.RCVHWM, 1000)
+        s.setsockopt(zmq.HEARTBEAT_IVL, _ZMTP_HEARTBEAT_MS)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMTP_HEARTBEAT_TIMEOUT_MS)
+        self._auth: Any = None
+        self._ipc_path: str | None = None
+        _raise_fd_limit()
+        if bind.startswith("ipc://@") and not insecure:
+            raise ConfigError(f"`bind` {bind} is an abstract socket, which every local user can connect to: use "
+                              "ipc:///PATH (a file of mode 0600) or pass --insecure")
+        if "[" in bind or bind.count(":") > 2:
+            s.setsockopt(zmq.IPV6, 1)
+        if curve_dir:
+            self._auth = start_curve(ctx, s, curve_dir)
+        elif not is_local_bind(bind):
+            log.warning("serving %s WITHOUT encryption or authentication (--insecure): anyone who can reach "
+                        "it can read the data set's pixels and labels; use --curve-dir on shared networks", bind)
+        old_umask = os.umask(0o177) if bind.startswith("ipc://") else None
+        try:
+            s.bind(bind)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind `bind` {bind!r}: {exc}; choose another port or path") from None
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
+        if bind.startswith("ipc://") and not bind.startswith("ipc://@"):
+            self._ipc_path = bind[len("ipc://"):]
+            os.chmod(self._ipc_path, 0o600)
+            start_janitor(self._ipc_path)
+
+    def recv(self) -> tuple[bytes, list[bytes]] | None:
+        """(identity, body frames) of the next request, or None when none is waiting."""
+        try:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        return frames[0], frames[1:]
+
+    def send(self, identity: bytes, frames: Sequence[Any]) -> str:
+        """Send without blocking: "ok", "full" (the peer's queue is full: retry later) or "gone"."""
+        try:
+            self.sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return "full"
+        except zmq.ZMQError:
+            return "gone"
+        return "ok"
+
+    def reply(self, identity: bytes, message: Message) -> None:
+        """Best-effort single-frame reply (errors, health): dropped if the peer cannot take it."""
+        self.send(identity, [encode(message)])
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; messages still queued get `linger_ms` to leave (goodbyes), then are dropped."""
+        if self._auth is not None:
+            self._auth.stop()
+        self.sock.close(linger=linger_ms)
+        if self._ipc_path is not None:
+            try:
+                os.unlink(self._ipc_path)
+            except FileNotFoundError:
+                pass
+
+
+class PeerLog:
+    """Log lines about peers, at most `per_minute` per peer; peer-supplied text is escaped."""
+
+    def __init__(self, per_minute: int = 10, clock: Any = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._windows: dict[bytes, tuple[float, int]] = {}
+
+    def warning(self, identity: bytes, fmt: str, *args: Any) -> None:
+        now = self.clock()
+        start, count = self._windows.get(identity, (now, 0))
+        if now - start >= 60:
+            if count > self.per_minute:
+                log.warning("%d more messages about client %s were not logged", count - self.per_minute,
+                            identity.hex())
+            start, count = now, 0
+        count += 1
+        if len(self._windows) > 10_000:  # bounded: forget the oldest windows
+            self._windows.pop(next(iter(self._windows)))
+        self._windows[identity] = (start, count)
+        if count <= self.per_minute:
+            log.warning(fmt, *(escape(a) if isinstance(a, str) else a for a in args))
+        elif count == self.per_minute + 1:
+            log.warning("client %s: further messages this minute are not logged", identity.hex())
+
+
+def escape(text: str, limit: int = 300) -> str:
+    """Peer text for a log line: control characters escaped, bounded in length."""
+    shown = text.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def _raise_fd_limit() -> None:
+    """Idle connections cost a file descriptor each: allow as many as the system lets us."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+    except (ValueError, OSError):
+        pass
+
+
+def start_curve(ctx: zmq.Context[Any], sock: zmq.Socket[Any], curve_dir: str) -> Any:
+    """Make `sock` a CURVE server with DIR/server.key_secret, admitting the keys in DIR/clients.
+
+    The allow-list is read again on every connection attempt, so adding or removing a key file
+    takes effect for the next connection without a restart (connections already admitted stay).
+    """
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    secret_file = os.path.join(curve_dir, "server.key_secret")
+    clients = os.path.join(curve_dir, "clients")
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--curve-dir: cannot load {secret_file} ({exc}); create it with "
+                          f"`loader-server keygen {curve_dir}`") from None
+    if not secret or not os.path.isdir(clients) or not any(f.endswith(".key") for f in os.listdir(clients)):
+        raise ConfigError(f"--curve-dir: {clients} must hold the public .key file of every allowed client "
+                          f"(`loader-server keygen {clients} --name TRAINER`, then keep the .key_secret "
+                          "with the trainer)")
+
+    class AllowListAuthenticator(ThreadAuthenticator):
+        """Reloads the allow-list folder for each handshake, and logs every refusal."""
+
+        async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+            self.configure_curve(domain="*", location=clients)
+            result = super()._authenticate_curve(domain, client_key)
+            allowed, reason = (await result) if inspect.isawaitable(result) else result  # pyzmq >= 25 is async
+            if not allowed:
+                log.warning("refused a client with CURVE key %s: %s", zmq.utils.z85.encode(client_key).decode(),
+                            reason.decode(errors="replace"))
+            return allowed, reason
+
+    auth = AllowListAuthenticator(ctx, log=log)
+    auth.start()
+    auth.configure_curve(domain="*", location=clients)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    log.info("CURVE on: encrypted, %d allowed client key(s) in %s (re-read on every connection)",
+             sum(f.endswith(".key") for f in os.listdir(clients)), clients)
+    return auth
+
+
+def start_janitor(path: str) -> None:
+    """Fork a tiny process that removes `path` (a socket file or a folder) once this server is gone.
+
+    A clean stop removes it itself; after SIGKILL nothing in this process runs, so the
+    janitor, which only waits for its pipe from us to close, removes it then (if it is still
+    ours: same inode, so a newer server's socket is left alone). It touches no ZeroMQ.
+    """
+    inode = os.stat(path).st_ino
+    read_fd, write_fd = os.pipe()
+    middle = os.fork()
+    if middle != 0:
+        os.close(read_fd)  # the write end stays open in this process until it exits
+        os.waitpid(middle, 0)
+        return
+    if os.fork() != 0:  # double fork: the janitor is nobody's child here, not counted as a worker
+        os._exit(0)
+    try:  # the janitor: detach from the terminal's signals, wait for EOF, clean up
+        os.setsid()
+        os.close(write_fd)
+        os.closerange(3, read_fd)
+        os.closerange(read_fd + 1, 1 << 16)
+        while os.read(read_fd, 1):
+            pass
+        if os.stat(path).st_ino == inode:
+            if os.path.isdir(path):
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os._exit(0)
