@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -786,3 +787,31 @@ def test_several_servers_merge_round_robin_with_state(fake: Any, no_leak: Any) -
         got = [client.next()[1][0] // 1000 for _ in range(4)]
         assert got == [0, 1, 0, 1]  # server b % m for merged batch b
         assert client.state_dict()["servers"] == 2 and client.position == (0, 4)
+
+
+# ---------------------------------------------------------------------------- against the real server
+def test_real_server_stopped_on_purpose_raises_at_once_and_a_trainer_exit_is_a_normal_departure(
+        start_server: Any, tmp_path: Path) -> None:
+    from .conftest import unique_label_list
+
+    listfile = unique_label_list(tmp_path / "data", 16)
+    server = start_server(listfile, "--batch-size", "4", "--size", "8x8", "--workers", "1")
+    code = ("from loader_client import LoaderClient; "
+            f"client = LoaderClient({server.endpoint!r}, timeout_s=30, name='leaver'); client.next()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: "client leaver left (said goodbye)" in server.log_text(), 10, "the server to log the bye")
+    client = LoaderClient(server.endpoint, timeout_s=30)
+    try:
+        client.next()
+        server.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        with pytest.raises(ServerStoppedError, match="stopped on purpose") as info:
+            for _ in range(100):
+                client.next()
+        assert time.monotonic() - started < 5  # not the 30 s silence timeout
+        assert "died" not in str(info.value)
+    finally:
+        client.close()
+    assert server.proc.wait(15) == 0
