@@ -22,11 +22,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dataset = LoaderDataset(args.endpoint, timeout_s=60, pin_memory=device == "cuda", device=device)
+    dataset = LoaderDataset(args.endpoint, timeout_s=60, device=device)  # pinned only where an accelerator exists
     client = dataset.client
     chw = client.info["layout"] == "chw"
     channels = client.x_shape[0] if chw else client.x_shape[-1]
-    classes = len(client.class_names or []) or 1000
+    classes = client.num_classes or 1000  # from the server's handshake
     model = torch.nn.Sequential(
         torch.nn.Conv2d(channels, 16, 3, stride=2), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 32, 3, stride=2), torch.nn.ReLU(),

@@ -84,7 +84,7 @@ class LoaderClient:
         info = self.stream.info
         self.info: dict[str, Any] = info
         self.num_samples: int = info["num_samples"]
-        self.num_classes: int = info["num_classes"]
+        self.num_classes: int | None = info["num_classes"]  # None: the labels are not class numbers
         self.batch_size: int = info["batch_size"]
         self.class_names: list[str] | None = info["class_names"]
         self.x_shape: tuple[int, ...] = tuple(info["x_shape"])

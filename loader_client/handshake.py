@@ -192,7 +192,8 @@ def check_welcome(welcome: Welcome, hello: Hello, start: Start, peer: str) -> No
         problems.append(f"x_dtype {welcome.x_dtype!r} is not an allowed dtype")
     if welcome.layout not in _LAYOUTS:
         problems.append(f"layout {welcome.layout!r} is not one of {', '.join(_LAYOUTS)}")
-    if welcome.class_names is not None and len(welcome.class_names) != welcome.num_classes:
+    if welcome.class_names is not None and welcome.num_classes is not None \
+            and len(welcome.class_names) != welcome.num_classes:
         problems.append(f"{len(welcome.class_names)} class names for {welcome.num_classes} classes")
     if problems:
         raise ProtocolError(f"the welcome from the loader server at {peer} is inconsistent: " + "; ".join(problems))

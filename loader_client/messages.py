@@ -132,7 +132,7 @@ class Welcome(Message):
 
     TYPE = "welcome"
     num_samples: int = spec(int, lo=0, hi=INT63_MAX)
-    num_classes: int = spec(int, lo=0, hi=INT63_MAX)
+    num_classes: int | None = spec(int, type(None), lo=1, hi=INT63_MAX)  # None: labels are not classes
     batch_size: int = spec(int, lo=1, hi=INT32_MAX)
     steps_per_epoch: int = spec(int, lo=1, hi=INT32_MAX)
     rank: int = spec(int, lo=0, hi=MAX_WORLD_SIZE - 1)

@@ -19,31 +19,54 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .client import LoaderClient
 
-__all__ = ["to_tensors", "tensors", "LoaderDataset"]
+__all__ = ["accelerator_present", "pins", "to_tensors", "tensors", "LoaderDataset"]
+
+
+def accelerator_present() -> bool:
+    """True when torch sees an accelerator (CUDA, ROCm, MPS, XPU, ...) that pinned memory serves."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None:
+        return bool(acc.is_available())
+    return bool(torch.cuda.is_available())
+
+
+def pins(pin_memory: bool | None, device: str | torch.device | None) -> bool:
+    """Whether batches get pinned: never without an accelerator (pinning needs one and would raise).
+
+    `pin_memory=None` (the default) pins when `device` is an accelerator device; True pins
+    whenever an accelerator exists; False never pins.
+    """
+    if pin_memory is False or not accelerator_present():
+        return False
+    if pin_memory is None:
+        return device is not None and torch.device(device).type != "cpu"
+    return True
 
 
 def to_tensors(
-    x: Any, y: Any, *, channels_first: bool = False, pin_memory: bool = False,
+    x: Any, y: Any, *, channels_first: bool = False, pin_memory: bool | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Wrap one numpy batch as tensors without a copy (pinning or moving to a device copies once).
 
     `channels_first` turns an HWC batch into NCHW as a view; serve with ``--layout chw`` to
-    get contiguous NCHW memory instead.
+    get contiguous NCHW memory instead. Pinning (see `pins`) is skipped on a box without an
+    accelerator, so the same code runs on a CPU box and a GPU box.
     """
     tx, ty = torch.from_numpy(x), torch.from_numpy(y)
     if channels_first:
         tx = tx.permute(0, 3, 1, 2)
-    if pin_memory:
+    pinned = pins(pin_memory, device)
+    if pinned:
         tx, ty = tx.pin_memory(), ty.pin_memory()
     if device is not None:
-        tx, ty = tx.to(device, non_blocking=pin_memory), ty.to(device, non_blocking=pin_memory)
+        tx, ty = tx.to(device, non_blocking=pinned), ty.to(device, non_blocking=pinned)
     return tx, ty
 
 
 def tensors(
     client: LoaderClient, *, epochs: int | None = None, channels_first: bool = False,
-    pin_memory: bool = False, device: str | torch.device | None = None,
+    pin_memory: bool | None = None, device: str | torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` tensors from `client`: `epochs` whole epochs, or forever if None."""
     source = iter(client) if epochs is None else (b for _ in range(epochs) for b in client.epoch())
@@ -65,11 +88,11 @@ class LoaderDataset(IterableDataset):  # type: ignore[type-arg]
     Keyword arguments other than the tensor options go to `LoaderClient`.
     """
 
-    def __init__(self, endpoint: str, *, channels_first: bool = False, pin_memory: bool = False,
+    def __init__(self, endpoint: str, *, channels_first: bool = False, pin_memory: bool | None = None,
                  device: str | torch.device | None = None, **client_kwargs: Any) -> None:
         super().__init__()
         self.endpoint = endpoint
-        self.options = {"channels_first": channels_first, "pin_memory": pin_memory, "device": device}
+        self.options: dict[str, Any] = {"channels_first": channels_first, "pin_memory": pin_memory, "device": device}
         self.client_kwargs = client_kwargs
         self._client: LoaderClient | None = None
 

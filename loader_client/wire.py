@@ -35,6 +35,7 @@ def new_socket(ctx: Ctx, *, max_message_bytes: int, hwm: int, curve: Mapping[str
     sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT and other IPv6 endpoints
     sock.setsockopt(zmq.SNDHWM, hwm)
     apply_curve(sock, curve.get("server_public_key"), curve.get("client_keys"))
     return sock

@@ -19,21 +19,30 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from loader_client.errors import ConfigError
 from loader_client.protocol import ALLOWED_DTYPES
 
+from .file_access import os_error
+
 __all__ = ["ArrayIndex", "load_arrays", "is_array_data"]
 
 
-def is_array_data(data: str) -> bool:
+def is_array_data(data: str | os.PathLike[str]) -> bool:
     """True for .npy/.npz files and folders of .npy shards."""
     p = Path(data)
-    if p.is_file():
-        return p.suffix in (".npy", ".npz")
-    return p.is_dir() and any(f.suffix == ".npy" for f in p.iterdir())
+    if p.suffix in (".npy", ".npz"):
+        return not p.is_dir()
+    if not p.is_dir():
+        return False
+    try:
+        with os.scandir(p) as entries:
+            return any(e.name.endswith(".npy") and not e.is_dir() for e in entries)
+    except OSError as exc:
+        raise os_error(exc, "data folder", p) from None
 
 
 @dataclass
@@ -49,6 +58,8 @@ class ArrayIndex:
     pad: str = "pre"
     truncate: str = "pre"
     class_names: tuple[str, ...] | None = None
+    #: Workers copy rows into the batch, nothing is decoded (see datasets.Dataset).
+    build: ClassVar[Literal["decode", "gather"]] = "gather"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,7 +75,8 @@ class ArrayIndex:
     def sample_dtype(self) -> str:
         return self.shards[0].dtype.str
 
-    def path(self, i: int) -> str:
+    def describe(self, i: int) -> str:
+        """What names sample `i` in messages: the source and the row."""
         return f"{self.source}[{i}]"
 
     def fingerprint(self) -> str:
@@ -88,7 +100,7 @@ class ArrayIndex:
             np.take(self.shards[0], indices, axis=0, out=out)
             return
         shard_of = np.searchsorted(self.starts, indices, side="right") - 1
-        for slot, (i, s) in enumerate(zip(indices, shard_of)):
+        for slot, (i, s) in enumerate(zip(indices, shard_of, strict=True)):
             out[slot] = self.shards[s][i - self.starts[s]]
 
     def _gather_ragged(self, indices: np.ndarray, out: np.ndarray) -> None:
@@ -111,7 +123,7 @@ def _load(path: str, what: str) -> np.ndarray:
     except ValueError as exc:
         raise ConfigError(f"{what} {path}: {exc} (object arrays are refused; store numbers)") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+        raise os_error(exc, what, path) from None
     _check_dtype(arr, path)
     return arr
 
@@ -163,13 +175,18 @@ def load_arrays(data: str, labels: str | None, offsets: str | None, maxlen: int 
                               f"(found {len(xs)} x and {len(ys)} y)")
         shards = [_load(x, "input shard") for x in xs]
         label_parts = [_load(y, "label shard") for y in ys]
-        for x, y, xs_name in zip(shards, label_parts, xs):
+        for x, y, xs_name in zip(shards, label_parts, xs, strict=True):
             if len(x) != len(y) or x.shape[1:] != shards[0].shape[1:] or x.dtype != shards[0].dtype:
                 raise ConfigError(f"shard {xs_name}: {len(x)} rows of {x.shape[1:]} {x.dtype} against {len(y)} "
                                   f"labels; every shard needs the same sample shape and dtype, one label a row")
         label_arr = np.concatenate(label_parts)  # labels are small: one value per sample
     elif p.suffix == ".npz":
-        shards, label_arr = [_npz_member(data, "x")], _npz_member(data, "y")
+        try:
+            shards, label_arr = [_npz_member(data, "x")], _npz_member(data, "y")
+        except OSError as exc:
+            raise os_error(exc, "arrays", data) from None
+        except zipfile.BadZipFile as exc:
+            raise ConfigError(f"{data} is not a valid .npz file ({exc}); save it with np.savez") from None
     else:
         if labels is None:
             raise ConfigError(f"{data} needs --labels y.npy (one label per sample)")
@@ -183,10 +200,11 @@ def load_arrays(data: str, labels: str | None, offsets: str | None, maxlen: int 
             raise ConfigError(f"--offsets {offsets} must be {len(label_arr) + 1} non-decreasing positions from 0 "
                               f"to at most {len(shards[0])}")
         starts = np.array([0, len(label_arr)], dtype=np.int64)
-        return ArrayIndex(shards, starts, label_arr, os.path.basename(data), off, maxlen, pad, truncate)
+        name = os.path.basename(os.path.normpath(data))
+        return ArrayIndex(shards, starts, label_arr, name, off, maxlen, pad, truncate)
     starts = np.cumsum([0] + [len(s) for s in shards]).astype(np.int64)
     if starts[-1] != len(label_arr):
         raise ConfigError(f"{data}: {starts[-1]} samples but {len(label_arr)} labels; need one label per sample")
     if starts[-1] == 0:
         raise ConfigError(f"{data} holds no samples")
-    return ArrayIndex(shards, starts, label_arr, os.path.basename(data))
+    return ArrayIndex(shards, starts, label_arr, os.path.basename(os.path.normpath(data)))

@@ -17,20 +17,17 @@ import numpy as np
 from loader_client.normalize import Normalization
 
 from .augment import Augmenter, parse_augment, sample_rng
-from .config import ServerConfig
-from .user_code import check_extras, check_image, load_function
+from .batch_spec import BatchSpec, batch_spec
+from .config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
+from .datasets import Dataset
 from .decode import DecodeError, Decoder, read_file
-from .index import DatasetIndex
+from .user_code import check_extras, check_image, load_function
 
 __all__ = ["BatchBuilder", "Reads", "AUTO_READ_THREADS", "SLOW_READ_S"]
 
 _TRANSFORM_STREAM = 0x7F  # user transforms draw apart from augmentations
 _COLLATE_STREAM = 0xC0
 
-#: Read threads started when reads turn out slow (read_threads=None).
-AUTO_READ_THREADS = 64
-#: Average read time above which reads move to the thread pool (read_threads=None).
-SLOW_READ_S = 0.002
 _READ_EMA_WEIGHT = 0.05
 
 #: Paths of a batch with their reads: a future per file when reads run ahead, else None.
@@ -38,11 +35,16 @@ Reads = list[tuple[str, "Future[bytes] | None"]]
 
 
 class BatchBuilder:
-    """Builds the arrays of one batch (``x``, ``y``, ``index``) from sample indices."""
+    """Builds the arrays of one batch (``x``, ``y``, ``index``) from sample indices.
 
-    def __init__(self, config: ServerConfig, index: DatasetIndex) -> None:
+    Shapes and dtypes come from `spec` (derived from `config` and `index` when not given);
+    `config` gives how to decode, resize and augment.
+    """
+
+    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None) -> None:
         self.config = config
         self.index = index
+        self.spec = batch_spec(config, index) if spec is None else spec
         self.decoder = Decoder(config)
         w, h = config.size
         self._hwc_shape = (h, w, config.channels)
@@ -63,13 +65,15 @@ class BatchBuilder:
             self._norm = Normalization(config.channels, config.layout, config.mean, config.std)
 
     def allocate(self, batch_size: int | None = None) -> np.ndarray:
-        """A fresh output buffer ``x`` for `batch_size` samples in the configured dtype and layout."""
-        n = self.config.batch_size if batch_size is None else batch_size
-        return np.empty((n, *self.config.x_shape), dtype=self.config.x_dtype)
+        """A fresh output buffer ``x`` for `batch_size` samples (default: a full batch) as the spec says."""
+        return self.spec.allocate(batch_size)
 
     def read_ahead(self, indices: np.ndarray) -> Reads:
         """Start reading the files of a batch on the read threads (no-op without them)."""
-        paths = [self.index.path(int(i)) for i in indices]
+        if self.spec.build == "gather":
+            return []
+        path = self.index.path  # type: ignore[attr-defined]
+        paths = [path(int(i)) for i in indices]
         if self._pool is None:
             return [(p, None) for p in paths]
         return [(p, self._pool.submit(self._read, p)) for p in paths]
@@ -100,7 +104,7 @@ class BatchBuilder:
         """
         n = len(indices)
         x = x[:n]
-        if self.config.sample_shape is not None:  # an array data set: gather rows, no decoding
+        if self.spec.build == "gather":  # rows copied as stored, no decoding
             self.last_bad = []
             self.index.gather(indices, x)  # type: ignore[attr-defined]
             return {"x": x, "y": np.ascontiguousarray(self.index.labels[indices]),
@@ -161,7 +165,7 @@ class BatchBuilder:
 
     def _staging(self, n: int) -> np.ndarray:
         if self._scratch is None or len(self._scratch) < n:
-            self._scratch = np.empty((max(n, self.config.batch_size), *self._hwc_shape), dtype=np.uint8)
+            self._scratch = np.empty((max(n, self.spec.batch_size), *self._hwc_shape), dtype=np.uint8)
         return self._scratch[:n]
 
     def _finish(self, hwc: np.ndarray, x: np.ndarray) -> None:

@@ -1,7 +1,10 @@
-"""``loader-server check``: decode every sample once, in parallel, and report the bad files.
+"""``loader-server check``: read every sample once and report the bad ones.
 
-It uses the same reading and decoding as the workers (pixel limit, truncation check, the
-configured colour mode), so a file it passes is a file the server can serve.
+Image data sets: every file is decoded in parallel with the same reading and decoding as the
+workers (pixel limit, truncation check, the configured colour mode), so a file it passes is a
+file the server can serve. Array data sets: shapes, dtypes and the label count are checked when
+the arrays are opened, then every row is read, and rows or labels holding NaN or infinity are
+reported. Any kind of data set (see datasets.py), and any subset of one, can be checked.
 """
 
 from __future__ import annotations
@@ -12,26 +15,31 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .config import ServerConfig, default_workers, parse_size
-from .index import DatasetIndex, load_index
-from .progress import Progress
+import numpy as np
+from tqdm import tqdm
+
+from .config import DATA_SETTINGS, ServerConfig, default_workers
+from .datasets import Dataset
 
 __all__ = ["add_check_arguments", "run_check"]
 
 _CHUNK = 64
-_state: tuple[DatasetIndex, ServerConfig] | None = None
+_ROWS_CHUNK_BYTES = 32 << 20
+_state: tuple[Dataset, ServerConfig] | None = None
+#: The settings `check` takes from the server's definitions: the data set, and how images decode.
+CHECK_SETTINGS = (*DATA_SETTINGS, "color", "max_pixels")
 
 
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="list file or folder of class sub-folders to check")
+    from .cli import add_setting_arguments
+
+    add_setting_arguments(p, CHECK_SETTINGS)
     p.add_argument("--workers", type=int, default=default_workers() + 1, help="decoding processes")
-    p.add_argument("--report", default="bad-files.tsv", help="where to write `path<TAB>reason` for every bad file")
-    p.add_argument("--color", choices=("rgb", "bgr", "gray"), default="rgb", help="decode as the server will")
-    p.add_argument("--max-pixels", type=int, default=ServerConfig.__dataclass_fields__["max_pixels"].default,
-                   help="images larger than this are bad (decompression bombs)")
+    p.add_argument("--report", default="bad-files.tsv",
+                   help="where to write `path<TAB>reason` for every bad file (or row)")
 
 
-def _init(index: DatasetIndex, config: ServerConfig) -> None:
+def _init(index: Dataset, config: ServerConfig) -> None:
     import cv2
 
     cv2.setNumThreads(1)
@@ -47,7 +55,7 @@ def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[str, str]]]:
     decoder = Decoder(config)
     bad = []
     for i in range(*bounds):
-        path = index.path(i)
+        path = index.path(i)  # type: ignore[attr-defined]
         try:
             decoder.decode(read_file(path), path)
         except DecodeError as exc:
@@ -56,30 +64,78 @@ def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[str, str]]]:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Decode every sample; 0 when all are good, 1 when any is bad (2 for bad settings)."""
-    index = load_index(args.data)
-    config = ServerConfig(data=args.data, workers=max(1, args.workers), color=args.color,
-                          max_pixels=args.max_pixels, size=parse_size("8x8"))
-    chunks = [(lo, min(lo + _CHUNK, len(index))) for lo in range(0, len(index), _CHUNK)]
-    bad: list[tuple[str, str]] = []
-    done = 0
+    """Read every sample; 0 when all are good, 1 when any is bad (2 for bad settings)."""
+    from .datasets import load_dataset
+    from .layered import resolve
+
+    if getattr(args, "data", None) is None:
+        from loader_client.errors import ConfigError
+
+        raise ConfigError("no data set: pass --data PATH")
+    flags = {name: getattr(args, name) for name in CHECK_SETTINGS if getattr(args, name) is not None}
+    config = resolve({**flags, "workers": max(1, args.workers), "size": "8x8"}, None, {})[0]
+    index = load_dataset(config)
     started = time.monotonic()
-    progress = Progress("check", len(index))
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config)) as pool:
-        for count, found in pool.imap_unordered(_check_chunk, chunks):
-            done += count
-            bad.extend(found)
-            progress.update(done, f"{len(bad)} bad")
+    progress = tqdm(total=len(index), desc="check", unit="samples")
+    if index.build == "gather":
+        bad = _check_rows(index, progress)
+    else:
+        from .cli import require_opencv
+
+        require_opencv("check")
+        bad = _check_files(index, config, progress)
     progress.close()
     bad.sort()
     Path(args.report).write_text("".join(f"{p}\t{r}\n" for p, r in bad))
     elapsed = time.monotonic() - started
     print(f"checked {len(index)} samples of {index.source} in {elapsed:.1f} s: {len(bad)} bad")
+    if index.build == "gather":
+        labels = index.labels
+        print(f"  each sample {tuple(index.sample_shape)} {np.dtype(index.sample_dtype)}, "  # type: ignore[attr-defined]
+              f"labels {labels.dtype} of shape {labels.shape[1:] or 'scalar'}")
     for reason, n in Counter(r.split(":")[0].split(" (")[0] for _, r in bad).most_common():
         print(f"  {n:8d}  {reason}")
     if bad:
         print(f"the bad files and their reasons are in {args.report}; fix or remove them, or serve with "
               "--on-error skip --max-bad N")
         return 1
+    print("check: OK")
     return 0
+
+
+def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[tuple[str, str]]:
+    """Decode every file on `config.workers` processes."""
+    chunks = [(lo, min(lo + _CHUNK, len(index))) for lo in range(0, len(index), _CHUNK)]
+    bad: list[tuple[str, str]] = []
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config)) as pool:
+        for count, found in pool.imap_unordered(_check_chunk, chunks):
+            bad.extend(found)
+            progress.update(count)
+            progress.set_postfix_str(f"{len(bad)} bad", refresh=False)
+    return bad
+
+
+def _check_rows(index: Dataset, progress: tqdm) -> list[tuple[str, str]]:
+    """Gather every row as the workers would; rows or labels with NaN or infinity are bad."""
+    shape = tuple(index.sample_shape)  # type: ignore[attr-defined]
+    dtype = np.dtype(index.sample_dtype)  # type: ignore[attr-defined]
+    rows = max(1, _ROWS_CHUNK_BYTES // max(1, int(np.prod(shape)) * dtype.itemsize))
+    out = np.empty((min(rows, len(index)), *shape), dtype=dtype)
+    floats = dtype.kind in "fc"
+    labels = index.labels
+    bad: list[tuple[str, str]] = []
+    for lo in range(0, len(index), rows):
+        indices = np.arange(lo, min(lo + rows, len(index)), dtype=np.int64)
+        x = out[: len(indices)]
+        index.gather(indices, x)  # type: ignore[attr-defined]
+        if floats:
+            finite = np.isfinite(x.reshape(len(indices), -1)).all(axis=1)
+            bad.extend((index.describe(int(i)), "non-finite values (NaN or infinity) in the sample")
+                       for i in indices[~finite])
+        if labels.dtype.kind in "fc":
+            finite = np.isfinite(labels[indices].reshape(len(indices), -1)).all(axis=1)
+            bad.extend((index.describe(int(i)), "non-finite label (NaN or infinity)") for i in indices[~finite])
+        progress.update(len(indices))
+        progress.set_postfix_str(f"{len(bad)} bad", refresh=False)
+    return bad

@@ -1,5 +1,11 @@
 """Server settings: one frozen dataclass, validated once at start-up.
 
+Each field is the one definition of its setting: its default, its type, its choices, its
+help text and the form of its command-line flag live in the field (``setting(...)``); the
+command line (cli.py), the TOML file and the ``LOADER_*`` environment (layered.py) are built
+from them. Nothing derived from the data set is stored here: the shape and dtype of a batch
+are a `BatchSpec` (batch_spec.py), derived from a config and a data set.
+
 Every message names the setting, the rule and the value given, so that a user can fix the
 command line without reading code.
 """
@@ -8,18 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
+import ipaddress
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
-
-import numpy as np
 
 from loader_client.errors import ConfigError
 
-__all__ = ["ServerConfig", "parse_size", "parse_max_bad", "is_local_bind", "default_workers", "RESIZE_MODES", "INTERPOLATIONS"]
+__all__ = [
+    "ServerConfig", "setting", "parse_size", "parse_max_bad", "parse_floats", "is_local_bind", "default_workers",
+    "RESIZE_MODES", "INTERPOLATIONS", "SUBSETS", "DATA_SETTINGS", "AUTO_READ_THREADS", "SLOW_READ_S",
+]
 
 RESIZE_MODES = ("stretch", "letterbox", "crop")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
@@ -27,6 +35,16 @@ COLORS = ("rgb", "bgr", "gray")
 DTYPES = ("uint8", "float32")
 LAYOUTS = ("hwc", "chw")
 SAMPLING_MODES = ("epoch", "random")
+SUBSETS = ("all", "train", "val")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+#: Read threads a worker starts when reads turn out slow (read_threads unset).
+AUTO_READ_THREADS = 64
+#: Average read time above which a worker moves reads to its thread pool (read_threads unset).
+SLOW_READ_S = 0.002
+
+#: The settings that choose the samples: every command that opens a data set takes these.
+DATA_SETTINGS = ("data", "labels", "offsets", "maxlen", "pad", "truncate", "subset", "val_fraction", "split_seed")
 
 
 def is_local_bind(endpoint: str) -> bool:
@@ -46,113 +64,200 @@ def default_workers() -> int:
     return max(1, cpus - 1)
 
 
-def parse_max_bad(text: str) -> float:
+def parse_max_bad(text: Any) -> float:
     """``100`` (files), ``0.5%`` or ``0.005`` (fraction of the index) into a float."""
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise ConfigError(f"`max_bad` must be a count (100), a percentage (0.5%) or a fraction (0.005), "
-                          f"got {text!r}") from None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        text = str(text).strip()
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise ConfigError(f"`max_bad` must be a count (100), a percentage (0.5%) or a fraction (0.005), "
+                              f"got {text!r}") from None
     if value < 0 or (value >= 1 and value != int(value)):
         raise ConfigError(f"`max_bad` must be a whole count >= 1 or a fraction in [0, 1), got {text!r}")
     return value
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse ``WxH`` (width x height, the order cv2.resize takes) into a tuple."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+def parse_size(text: Any) -> tuple[int, int]:
+    """Parse ``WxH`` (width x height, the order cv2.resize takes), or a [W, H] pair, into a tuple."""
+    if isinstance(text, (list, tuple)) and len(text) == 2 and all(isinstance(v, int) for v in text):
+        return int(text[0]), int(text[1])
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
     if not m:
         raise ConfigError(f"`size` must look like WIDTHxHEIGHT, for example 224x224, got {text!r}")
     return int(m.group(1)), int(m.group(2))
+
+
+def parse_floats(value: Any) -> tuple[float, ...]:
+    """``0.5,0.5,0.5`` or a list of numbers into a tuple of floats."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(float(v) for v in items)
+
+
+def setting(default: Any = MISSING, *, help: str, default_factory: Callable[[], Any] | None = None,
+            choices: tuple[str, ...] | None = None, parse: Callable[[Any], Any] | None = None,
+            flags: dict[str, tuple[bool, str]] | None = None, shown: str | None = None,
+            metavar: str | None = None, cli: bool = True, format: Callable[[Any], Any] | None = None) -> Any:
+    """A config field together with everything the command line, the file and the environment need.
+
+    `help`: the flag's help text. `choices`: the allowed values (checked in `validate` and by
+    argparse). `parse`: converts a string from a flag or the environment, or a TOML value, when
+    the field's type is not enough. `flags`: for booleans, the flags that set them, each with
+    the value it sets and its help (``{"--no-shuffle": (False, "...")}``); other settings get
+    ``--name-with-dashes``. `shown`: the default as ``--help`` shows it, when not the value
+    itself. `format`: the value as `--print-config` writes it in TOML, when not the value itself
+    (`parse` reads it back). `cli=False`: file and environment only.
+    """
+    metadata = {"help": help, "choices": choices, "parse": parse, "flags": flags, "shown": shown,
+                "metavar": metavar, "cli": cli, "format": format}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything the server needs to know; `validate()` is called by `__post_init__`."""
 
-    data: str
-    labels: str | None = None  # array data: labels .npy beside --data x.npy
-    offsets: str | None = None  # ragged array data: sample i = values[offsets[i]:offsets[i+1]]
-    maxlen: int | None = None  # ragged array data: pad or truncate to this length
-    pad: Literal["pre", "post"] = "pre"
-    truncate: Literal["pre", "post"] = "pre"
-    sample_shape: tuple[int, ...] | None = None  # array data: set from the arrays at start-up
-    sample_dtype: str | None = None
-    batch_size: int = 32
-    size: tuple[int, int] = (224, 224)  # (width, height)
-    workers: int = field(default_factory=default_workers)
-    seed: int = 0
-    bind: str = "tcp://127.0.0.1:5555"
-    curve_dir: str | None = None  # server.key_secret and an allow-list clients/*.key (loader-server keygen)
-    insecure: bool = False  # allow a non-loopback bind without CURVE
-    prefetch: int = 8
-    mode: Literal["epoch", "random"] = "epoch"
-    shuffle: bool = True
-    drop_last: bool = True
-    steps_per_epoch: int | None = None  # random mode only; default len(data) // batch_size
-    in_order: bool = True
-    resize: Literal["stretch", "letterbox", "crop"] = "stretch"
-    interpolation: str = "linear"
-    pad_value: int = 0
-    color: Literal["rgb", "bgr", "gray"] = "rgb"
-    dtype: Literal["uint8", "float32"] = "uint8"
-    layout: Literal["hwc", "chw"] = "hwc"
-    reduced_decode: bool = True
-    augment: str | None = None  # e.g. "rrc(scale=0.08-1),flip,jitter(0.4)"; see loader_server.augment
-    transform: str | None = None  # module:function(image, rng) -> image, run in the workers
-    collate: str | None = None  # module:function(arrays, rng) -> dict of extra arrays
-    max_pixels: int = 178_956_970  # larger images are refused before decoding (Pillow's bomb limit)
-    max_file_bytes: int = 256 << 20  # larger files (and devices) are refused before they are read
-    max_clients: int = 64  # sessions at once; more are refused with a clear error
-    on_error: Literal["raise", "skip"] = "raise"
-    max_bad: float = 0.001  # skip mode: >= 1 a count of bad files, < 1 a fraction of the index
-    shm: bool = True  # offer shared-memory slots to clients on this host
-    read_threads: int | None = None  # reads in flight per worker; None: inline until reads are slow
-    simulate_read_latency_ms: float = 0.0  # benchmark option: sleep before every file read
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    batch_timeout_s: float = 120.0  # a worker without progress this long on a batch is hung
-    heartbeat_s: float = 1.0
-    client_timeout_s: float = 30.0
-    max_message_bytes: int = 1 << 30
-    log_level: str = "INFO"
-    log_format: Literal["text", "json"] = "text"
-    log_interval_s: float = 30.0  # a throughput line this often (0: never)
-    metrics_port: int | None = None  # Prometheus text endpoint on 127.0.0.1, off when None
+    data: str = setting(
+        help="the data set: a list file of `path label` (or `path,label`) lines, a folder of class sub-folders, "
+             "or numpy arrays (x.npy with --labels, arrays.npz, or a folder of x_*.npy/y_*.npy shards)",
+        shown="required")
+    labels: str | None = setting(None, help="array data: labels .npy, one per row of --data x.npy")
+    offsets: str | None = setting(
+        None, help="ragged array data: offsets .npy (n + 1 positions) into the values of --data")
+    maxlen: int | None = setting(None, help="ragged array data: pad or truncate sequences to this length")
+    pad: Literal["pre", "post"] = setting("pre", choices=("pre", "post"), help="ragged: where padding goes")
+    truncate: Literal["pre", "post"] = setting("pre", choices=("pre", "post"), help="ragged: which end is cut")
+    subset: Literal["all", "train", "val"] = setting(
+        "all", choices=SUBSETS,
+        help="serve part of the data set: `val` is a fixed random --val-fraction of it, `train` the rest "
+             "(chosen by --split-seed), so a training and a validation server never share a sample")
+    val_fraction: float = setting(
+        0.0, help="share of the samples in the `val` subset, between 0 and 1 (needed with --subset train|val)")
+    split_seed: int = setting(0, help="seed of the train/val split (independent of --seed, the shuffle)")
+    batch_size: int = setting(32, help="samples per batch")
+    size: tuple[int, int] = setting((224, 224), parse=parse_size, format=lambda v: f"{v[0]}x{v[1]}",
+                                    shown="224x224", metavar="WxH",
+                                    help="output WIDTHxHEIGHT, as cv2.resize takes it")  # (width, height)
+    workers: int = setting(default_factory=default_workers, shown=f"CPUs - 1, {default_workers()} here",
+                           help="worker processes")
+    seed: int = setting(0, help="seed of the shuffle; same seed, same batches")
+    bind: str = setting("tcp://127.0.0.1:5555", help="endpoint to serve on: tcp://HOST:PORT or ipc://PATH")
+    curve_dir: str | None = setting(
+        None, help="encrypt and authenticate with CurveZMQ: DIR/server.key_secret and an allow-list of client "
+                   "public keys in DIR/clients/*.key (see `loader-server keygen`)")
+    insecure: bool = setting(False, help="", flags={
+        "--insecure": (True, "allow binding a non-loopback address without CURVE (anyone who reaches it gets data)")})
+    prefetch: int = setting(8, help="batches built ahead per client (bounds memory: prefetch x batch bytes)")
+    mode: Literal["epoch", "random"] = setting(
+        "epoch", choices=SAMPLING_MODES,
+        help="epoch: a permutation per epoch; random: draw with replacement, endless")
+    shuffle: bool = setting(True, help="", flags={"--no-shuffle": (False, "keep file order in epoch mode")})
+    drop_last: bool = setting(True, help="", flags={
+        "--drop-last": (True, "drop the short last batch of an epoch (len // batch_size batches)"),
+        "--keep-last": (False, "keep the short last batch")})
+    steps_per_epoch: int | None = setting(
+        None, shown="samples // batch size", help="batches per epoch in random mode")
+    in_order: bool = setting(True, help="", flags={
+        "--unordered": (False, "send batches as they complete instead of in stream order (faster, not "
+                               "reproducible)")})
+    resize: Literal["stretch", "letterbox", "crop"] = setting(
+        "stretch", choices=RESIZE_MODES,
+        help="stretch to WxH, letterbox (keep aspect, pad), or crop (shorter side, centre)")
+    interpolation: str = setting("linear", choices=INTERPOLATIONS,
+                                 help="resize interpolation (area costs about 6x linear)")
+    pad_value: int = setting(0, help="letterbox padding value (0..255)")
+    color: Literal["rgb", "bgr", "gray"] = setting("rgb", choices=COLORS, help="channel order of x")
+    dtype: Literal["uint8", "float32"] = setting(
+        "uint8", choices=DTYPES, help="uint8 pixels, or float32 scaled to [0, 1] (4x the bytes on the wire)")
+    layout: Literal["hwc", "chw"] = setting("hwc", choices=LAYOUTS, help="image layout inside a batch")
+    reduced_decode: bool = setting(True, help="", flags={
+        "--no-reduced-decode": (False, "decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover "
+                                       "the output")})
+    augment: str | None = setting(
+        None, help='training augmentations, e.g. "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)"; '
+                   "seeded by (seed, epoch, sample); clients that pass augment=False get none")
+    transform: str | None = setting(
+        None, help="package.module:function(image, rng) -> image, run on every decoded image in the workers")
+    collate: str | None = setting(
+        None, help="package.module:function(arrays, rng) -> dict of extra per-sample arrays for each batch")
+    max_pixels: int = setting(178_956_970,  # Pillow's decompression bomb limit
+                              help="refuse larger images before decoding them (decompression bombs)")
+    max_file_bytes: int = setting(256 << 20, help="files larger than this (and devices) are bad files, refused "
+                                                  "before they are read")
+    max_clients: int = setting(64, help="sessions served at once; more clients are refused with a clear error")
+    on_error: Literal["raise", "skip"] = setting(
+        "raise", choices=("raise", "skip"),
+        help="a bad file: raise (the trainer gets an error naming it) or skip (replace the sample with another "
+             "of the same batch, log the file once, count it)")
+    max_bad: float = setting(0.001, parse=parse_max_bad, shown="0.1%",
+                             help="skip mode: more bad files than this (a count, or a percentage of the index) "
+                                  "is an error")
+    shm: bool = setting(True, help="", flags={
+        "--no-shm": (False, "never use shared memory, even for clients on this host (frames over the socket)")})
+    read_threads: int | None = setting(
+        None, shown="auto",
+        help="file reads in flight per worker, overlapping slow storage with decoding; 0 reads inline; "
+             f"auto: inline while reads are fast, {AUTO_READ_THREADS} threads once they average "
+             f"over {SLOW_READ_S * 1000:g} ms")
+    simulate_read_latency_ms: float = setting(
+        0.0, help="benchmark option: add this latency to every file read (simulates network storage)")
+    mean: tuple[float, ...] | None = setting(None, parse=parse_floats, metavar="M,M,M",
+                                             help="per-channel mean, float32 only: (x/255-mean)/std")
+    std: tuple[float, ...] | None = setting(None, parse=parse_floats, metavar="S,S,S",
+                                            help="per-channel std, float32 only")
+    batch_timeout_s: float = setting(
+        120.0, help="a worker that makes no progress on a batch this long is hung: its stack is logged, "
+                    "it is killed and replaced, and the batch is built again")
+    heartbeat_s: float = setting(1.0, help="heartbeat interval to idle clients")
+    client_timeout_s: float = setting(30.0, help="drop a client silent for this long (its trainer died)")
+    max_message_bytes: int = setting(1 << 30, help="largest message accepted from a worker (a batch)")
+    log_level: str = setting("INFO", choices=LOG_LEVELS, help="log messages of this level and above")
+    log_format: Literal["text", "json"] = setting(
+        "text", choices=("text", "json"), help="json: one JSON object per line, for log collectors")
+    log_interval_s: float = setting(30.0, help="log a throughput line this often (0: never)")
+    metrics_port: int | None = setting(
+        None, shown="off", help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics")
+    metrics_host: str = setting(
+        "127.0.0.1", help="address the Prometheus endpoint binds (0.0.0.0 for a scraper on another host)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid setting."""
+        for f in dataclasses.fields(self):
+            if f.metadata.get("choices"):
+                _one_of(f.name, getattr(self, f.name), f.metadata["choices"])
         _at_least("batch_size", self.batch_size, 1)
         _at_least("workers", self.workers, 1)
         _at_least("prefetch", self.prefetch, 1)
         if self.read_threads is not None:
             _at_least("read_threads", self.read_threads, 0)
+        if self.maxlen is not None:
+            _at_least("maxlen", self.maxlen, 1)
         if self.simulate_read_latency_ms < 0:
             raise ConfigError(f"`simulate_read_latency_ms` must be >= 0, got {self.simulate_read_latency_ms}")
         w, h = self.size
         if not (1 <= w <= 16384 and 1 <= h <= 16384):
             raise ConfigError(f"`size` must be between 1x1 and 16384x16384, got {w}x{h}")
-        _one_of("mode", self.mode, SAMPLING_MODES)
-        _one_of("resize", self.resize, RESIZE_MODES)
-        _one_of("interpolation", self.interpolation, INTERPOLATIONS)
-        _one_of("color", self.color, COLORS)
-        _one_of("dtype", self.dtype, DTYPES)
-        _one_of("layout", self.layout, LAYOUTS)
-        _one_of("on_error", self.on_error, ("raise", "skip"))
-        _one_of("pad", self.pad, ("pre", "post"))
-        _one_of("truncate", self.truncate, ("pre", "post"))
-        if self.sample_shape is not None and (self.augment or self.transform or self.dtype != "uint8"
-                                              or self.layout != "hwc" or self.mean or self.std):
-            raise ConfigError("array data sets are served as stored: --augment, --transform, --dtype, --layout, "
-                              "--mean and --std apply to images only")
-        for setting in ("transform", "collate"):
-            if getattr(self, setting):
+        if self.subset == "all":
+            if self.val_fraction != 0:
+                raise ConfigError(f"`val_fraction` {self.val_fraction} needs --subset train or val (with --subset "
+                                  "all every sample is served)")
+        elif not 0 < self.val_fraction < 1:
+            raise ConfigError(f"`subset` {self.subset} needs `val_fraction` between 0 and 1 (exclusive), got "
+                              f"{self.val_fraction}; for example --val-fraction 0.2")
+        if not 0 <= self.split_seed < 2**63:
+            raise ConfigError(f"`split_seed` must be between 0 and 2**63-1, got {self.split_seed}")
+        for name in ("transform", "collate"):
+            if getattr(self, name):
                 from .user_code import load_function
 
-                load_function(getattr(self, setting), setting)  # fails at start-up, not in a worker
+                load_function(getattr(self, name), name)  # fails at start-up, not in a worker
         if self.augment:
             from .augment import parse_augment
 
@@ -184,18 +289,20 @@ class ServerConfig:
                 )
             if name == "std" and any(v <= 0 for v in value):
                 raise ConfigError(f"`std` values must be > 0, got {list(value)}")
-        _one_of("log_level", self.log_level, ("DEBUG", "INFO", "WARNING", "ERROR"))
-        _one_of("log_format", self.log_format, ("text", "json"))
         if self.log_interval_s < 0:
             raise ConfigError(f"`log_interval_s` must be >= 0, got {self.log_interval_s}")
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
             raise ConfigError(f"`metrics_port` must be a TCP port (1..65535), got {self.metrics_port}")
+        if not _is_host(self.metrics_host):
+            raise ConfigError(f"`metrics_host` must be an IP address or a host name, for example 127.0.0.1 or "
+                              f"0.0.0.0, got {self.metrics_host!r}")
         if self.batch_timeout_s <= 0:
             raise ConfigError(f"`batch_timeout_s` must be > 0, got {self.batch_timeout_s}")
         if self.heartbeat_s <= 0:
             raise ConfigError(f"`heartbeat_s` must be > 0, got {self.heartbeat_s}")
         if self.client_timeout_s <= self.heartbeat_s:
             raise ConfigError("`client_timeout_s` must be larger than `heartbeat_s`")
+        _at_least("max_message_bytes", self.max_message_bytes, 1)
         if not self.bind.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
         if not is_local_bind(self.bind) and not self.curve_dir and not self.insecure:
@@ -204,14 +311,10 @@ class ServerConfig:
                 "authenticate (create keys with `loader-server keygen DIR`), or --insecure to serve anyone "
                 "who can reach it"
             )
-        if self.batch_bytes > self.max_message_bytes:
-            raise ConfigError(
-                f"one batch would be {self.batch_bytes} bytes, above `max_message_bytes` "
-                f"({self.max_message_bytes}); lower --batch-size or --size"
-            )
 
     @property
     def channels(self) -> int:
+        """Channels of a decoded image: 1 for gray, else 3."""
         return 1 if self.color == "gray" else 3
 
     @property
@@ -219,19 +322,6 @@ class ServerConfig:
         """Shape of one output image in the configured layout."""
         w, h = self.size
         return (self.channels, h, w) if self.layout == "chw" else (h, w, self.channels)
-
-    @property
-    def x_shape(self) -> tuple[int, ...]:
-        """Shape of one sample of x: an image, or a row of an array data set."""
-        return self.sample_shape if self.sample_shape is not None else self.image_shape
-
-    @property
-    def x_dtype(self) -> str:
-        return self.sample_dtype if self.sample_dtype is not None else self.dtype
-
-    @property
-    def batch_bytes(self) -> int:
-        return self.batch_size * math.prod(self.x_shape) * np.dtype(self.x_dtype).itemsize
 
     def max_bad_files(self, samples: int) -> int:
         """How many distinct bad files skip mode tolerates for an index of `samples`."""
@@ -243,17 +333,31 @@ class ServerConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of every setting that changes batch contents or order (not bind, workers, ...)."""
-        keep = {
-            k: v
-            for k, v in self.as_dict().items()
-            if k not in ("data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s",
-                         "max_message_bytes", "seed", "read_threads", "simulate_read_latency_ms", "shm",
-                         "batch_timeout_s", "max_bad", "log_level", "log_format", "log_interval_s",
-                         "metrics_port", "curve_dir", "insecure", "max_file_bytes", "max_clients")
-        }
+        """Hash of every setting that changes batch contents or order (not bind, workers, ...).
+
+        The subset settings are not here: they choose the samples, so they are part of the data
+        set's own fingerprint (see subset.py).
+        """
+        keep = {k: v for k, v in self.as_dict().items() if k not in _NOT_FINGERPRINTED}
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+#: Settings that change neither which samples a batch holds nor its pixels.
+_NOT_FINGERPRINTED = frozenset({
+    "data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s", "max_message_bytes",
+    "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
+    "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure", "max_file_bytes", "max_clients",
+    "subset", "val_fraction", "split_seed",
+})
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*", text))
 
 
 def _at_least(name: str, value: int, low: int) -> None:

@@ -11,24 +11,21 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from loader_client import LoaderClient
+from loader_client.errors import LoaderError
 
 from .index import load_index
-from .progress import Progress
+from .launch import ServerProcess, ServerProcessError
 from .sample_data import write_sample_images
 
 __all__ = ["run_demo"]
-
-_SERVER_STOP_TIMEOUT_S = 15.0
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -41,30 +38,35 @@ def run_demo(args: argparse.Namespace) -> int:
             write_sample_images(data, args.images)
         index = load_index(data)
         print(f"demo: {len(index)} sample images in {data} ({time.perf_counter() - t0:.1f} s to prepare)")
-        endpoint = f"ipc://{scratch}/demo.sock"
-        cmd = [sys.executable, "-m", "loader_server", "serve", "--data", str(data), "--bind", endpoint,
-               "--batch-size", str(args.batch_size), "--size", args.size, "--workers", str(args.workers),
-               "--seed", "0", "--log-level", "WARNING"]
-        print("demo: starting", " ".join(cmd[2:]))
-        server = subprocess.Popen(cmd)
+        server = ServerProcess(data, "--batch-size", str(args.batch_size), "--size", args.size, "--workers",
+                               str(args.workers), "--seed", "0", "--log-level", "WARNING",
+                               endpoint=f"ipc://{scratch}/demo.sock", log=Path(scratch) / "server.log")
+        print(f"demo: starting {server.command()}")
+        ok = False
         try:
-            ok = _consume(endpoint, index.labels, args)
+            server.wait_ready(args.timeout_s)
+            ok = _consume(server.endpoint, index.labels, args)
+        except LoaderError as exc:  # the server did not start, or failed while serving
+            why = exc if isinstance(exc, ServerProcessError) or server.running() else server.failure(f"died ({exc})")
+            print(f"demo: FAIL {why}")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                code = server.wait(_SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                code = server.wait()
-                print(f"demo: FAIL server did not stop within {_SERVER_STOP_TIMEOUT_S:g} s of SIGTERM")
-                ok = False
-        if code != 0:
-            print(f"demo: FAIL server exited with code {code}")
-            ok = False
+            ok = _stop(server) and ok
         print("demo: OK" if ok else "demo: FAILED")
         return 0 if ok else 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stop(server: ServerProcess) -> bool:
+    """SIGTERM; True if the server drained and exited 0 in time."""
+    try:
+        code = server.stop()
+    except ServerProcessError as exc:
+        print(f"demo: FAIL {exc}")
+        return False
+    if code != 0:
+        print(f"demo: FAIL {server.failure(f'exited with code {code}')}")
+    return code == 0
 
 
 def _consume(endpoint: str, labels: np.ndarray, args: argparse.Namespace) -> bool:
@@ -76,7 +78,7 @@ def _consume(endpoint: str, labels: np.ndarray, args: argparse.Namespace) -> boo
             seen = np.zeros(client.num_samples, dtype=np.int64)
             started = time.perf_counter()
             images = 0
-            progress = Progress(f"epoch {epoch}", client.steps_per_epoch * client.batch_size, " images")
+            progress = tqdm(total=client.steps_per_epoch * client.batch_size, desc=f"epoch {epoch}", unit="images")
             for x, y in client.epoch():
                 info = client.last
                 assert info is not None
@@ -85,7 +87,7 @@ def _consume(endpoint: str, labels: np.ndarray, args: argparse.Namespace) -> boo
                     print(f"demo: FAIL epoch {epoch} batch {info.batch}: labels do not match the index")
                     ok = False
                 images += len(x)
-                progress.update(images)
+                progress.update(len(x))
             progress.close()
             elapsed = time.perf_counter() - started
             expected = client.steps_per_epoch * client.batch_size

@@ -11,12 +11,15 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 
 from loader_client.errors import ConfigError
 
-__all__ = ["DatasetIndex", "load_index", "IMAGE_EXTENSIONS"]
+from .file_access import check_exists, os_error
+
+__all__ = ["DatasetIndex", "load_index", "load_list_file", "load_class_folders", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -31,6 +34,8 @@ class DatasetIndex:
     labels: np.ndarray  # int64, len n
     class_names: tuple[str, ...] | None
     source: str
+    #: Workers read and decode each file into the batch (see datasets.Dataset).
+    build: ClassVar[Literal["decode", "gather"]] = "decode"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,6 +45,10 @@ class DatasetIndex:
         raw = self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes()
         return os.path.join(self.root, os.fsdecode(raw))
 
+    def describe(self, i: int) -> str:
+        """What names sample `i` in messages: its path."""
+        return self.path(i)
+
     def fingerprint(self) -> str:
         """Hash of paths and labels: a resumed run refuses an index that changed."""
         h = hashlib.blake2b(digest_size=8)
@@ -48,24 +57,26 @@ class DatasetIndex:
         return h.hexdigest()
 
 
+MISSING_HINT = (": give a list file of `path label` lines, a folder of class sub-folders or numpy arrays "
+                "(try `loader-server demo` for a sample)")
+
+
 def load_index(data: str | os.PathLike[str]) -> DatasetIndex:
     """Load a list file (``path label`` or ``path,label`` lines) or a folder of class sub-folders."""
-    p = Path(data)
-    if p.is_dir():
-        return _from_class_folders(p)
-    if p.is_file():
-        return _from_list_file(p)
-    raise ConfigError(
-        f"data set {str(p)!r} does not exist: give a list file of `path label` lines "
-        "or a folder of class sub-folders (try `loader-server demo` for a sample)"
-    )
+    import stat
+
+    if stat.S_ISDIR(check_exists(data, "data set", MISSING_HINT).st_mode):
+        return load_class_folders(data)
+    return load_list_file(data)
 
 
-def _from_list_file(path: Path) -> DatasetIndex:
+def load_list_file(data: str | os.PathLike[str]) -> DatasetIndex:
+    """Index a list file of ``path label`` or ``path,label`` lines (paths relative to its folder)."""
+    path = Path(data)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read list file {str(path)!r}: {exc.strerror}") from None
+        raise os_error(exc, "list file", path) from None
     root = str(path.parent.resolve())
     fast = _parse_plain(raw)
     if fast is not None:
@@ -131,8 +142,18 @@ def _parse_plain(raw: bytes) -> tuple[list[bytes], np.ndarray] | None:
     return tokens[0::2], labels
 
 
+def load_class_folders(data: str | os.PathLike[str]) -> DatasetIndex:
+    """Index ``root/<class>/<image>``: classes sorted by name, label = position."""
+    root = Path(data)
+    try:
+        return _from_class_folders(root)
+    except OSError as exc:
+        raise os_error(exc, "data folder", root) from None
+
+
 def _from_class_folders(root: Path) -> DatasetIndex:
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    with os.scandir(root) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ConfigError(
             f"folder {str(root)!r} has no class sub-folders: expected {root}/<class>/<image files>"
@@ -140,11 +161,10 @@ def _from_class_folders(root: Path) -> DatasetIndex:
     paths: list[bytes] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            e.name
-            for e in os.scandir(root / name)
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-        )
+        with os.scandir(root / name) as entries:
+            files = sorted(
+                e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            )
         paths.extend(os.fsencode(f"{name}/{f}") for f in files)
         labels.extend([label] * len(files))
     if not paths:

@@ -2,23 +2,28 @@
 
 Every `ServerConfig` field can come from any of the three; `resolve` returns the config and,
 for `--print-config`, where each value came from. Unknown keys are errors that name the key
-and suggest the closest valid one.
+and suggest the closest valid one. How a value is read comes from the field itself (its type,
+or the `parse` of its `setting`); `format_config` writes TOML that `--config` reads back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from loader_client.errors import ConfigError
 
-from .config import ServerConfig, parse_max_bad, parse_size
+from .config import ServerConfig
+from .file_access import os_error
 
-__all__ = ["resolve", "ENV_PREFIX", "format_config"]
+__all__ = ["resolve", "ENV_PREFIX", "format_config", "PARSERS"]
 
 ENV_PREFIX = "LOADER_"
 #: LOADER_* variables that belong to the client side, not to the server.
@@ -36,50 +41,52 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def _floats(value: Any) -> tuple[float, ...]:
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return tuple(float(v) for v in items)
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(value)
 
 
-def _size(value: Any) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    return parse_size(str(value))
+def _float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
 
 
-def _max_bad(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else parse_max_bad(str(value))
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(value: Any) -> Any:
+        return None if value is None or str(value).strip() in ("", "none", "None", "auto") else parse(value)
+
+    return parse_optional
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value in (None, "", "none", "None", "auto") else int(value)
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _parser(hint: Any, metadata: Mapping[str, Any]) -> Callable[[Any], Any]:
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0] if len(args) == 1 else hint
+    parse: Callable[[Any], Any] | None = metadata.get("parse")
+    if parse is None:
+        parse = _BY_TYPE.get(hint, _str)
+    return _optional(parse) if optional else parse
+
+
+_BY_TYPE: dict[Any, Callable[[Any], Any]] = {bool: _bool, int: _int, float: _float}
 
 
 def _parsers() -> dict[str, Callable[[Any], Any]]:
-    out: dict[str, Callable[[Any], Any]] = {}
-    for f in dataclasses.fields(ServerConfig):
-        kind = str(f.type)
-        if f.name in ("sample_shape", "sample_dtype"):  # set from an array data set, not by users
-            continue
-        if f.name == "size":
-            out[f.name] = _size
-        elif f.name in ("mean", "std"):
-            out[f.name] = _floats
-        elif f.name == "max_bad":
-            out[f.name] = _max_bad
-        elif "int | None" in kind:
-            out[f.name] = _optional_int
-        elif kind == "bool":
-            out[f.name] = _bool
-        elif kind == "int":
-            out[f.name] = int
-        elif kind == "float":
-            out[f.name] = float
-        else:
-            out[f.name] = str
-    return out
+    hints = typing.get_type_hints(ServerConfig)
+    return {f.name: _parser(hints[f.name], f.metadata) for f in dataclasses.fields(ServerConfig)}
 
 
+#: How each setting's value is read from a flag, a variable or the TOML file, by setting name.
 PARSERS = _parsers()
 
 
@@ -109,7 +116,7 @@ def resolve(flags: Mapping[str, Any], config_file: str | None = None,
             with open(config_file, "rb") as f:
                 table = tomllib.load(f)
         except OSError as exc:
-            raise ConfigError(f"cannot read --config {config_file!r}: {exc.strerror}") from None
+            raise os_error(exc, "--config file", config_file) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config {config_file}: not valid TOML: {exc}") from None
         table = table.get("serve", table) if isinstance(table.get("serve"), dict) else table
@@ -136,10 +143,38 @@ def resolve(flags: Mapping[str, Any], config_file: str | None = None,
 
 
 def format_config(config: ServerConfig, sources: Mapping[str, str]) -> str:
-    """One `key = value  # source` line per setting, TOML-like, for --print-config."""
+    """TOML that `--config` reads back unchanged: one ``key = value  # source`` line per setting.
+
+    Settings without a value (None) are written as comments, since TOML has no null.
+    """
     lines = []
     for f in dataclasses.fields(ServerConfig):
         value = getattr(config, f.name)
-        shown = list(value) if isinstance(value, tuple) else value
-        lines.append(f"{f.name} = {shown!r}  # {sources.get(f.name, 'default')}")
+        source = sources.get(f.name, "default")
+        if value is None:
+            lines.append(f"# {f.name} = (not set)  # {source}")
+            continue
+        if f.metadata.get("format"):
+            value = f.metadata["format"](value)
+        lines.append(f"{f.name} = {_toml(value)}  # {source}")
     return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        escaped = "".join(
+            {"\\": "\\\\", '"': '\\"'}.get(c, c) if ord(c) >= 0x20 and ord(c) != 0x7F else f"\\u{ord(c):04x}"
+            for c in value
+        )
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")

@@ -1,21 +1,35 @@
-"""Counters of what the server does, a stats snapshot, and a Prometheus text endpoint.
+"""Counters of what the server does, a stats snapshot, and a Prometheus endpoint.
 
 The server's event loop owns a `Metrics` and updates it; every tick it publishes an
 immutable snapshot, which the stats request and the HTTP thread read without locks.
-Names follow Prometheus conventions with base units (`_total`, `_seconds`, `_bytes`).
+The exposition is prometheus-client's, built from that snapshot by `SnapshotCollector`
+only when scraped. Names follow Prometheus conventions with base units (`_total`,
+`_seconds`, `_bytes`).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
+import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Metrics", "serve_metrics", "BUILD_BUCKETS_S"]
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+__all__ = ["Metrics", "SnapshotCollector", "serve_metrics", "prometheus_text", "BUILD_BUCKETS_S"]
 
 log = logging.getLogger("loader_server")
 
@@ -59,68 +73,86 @@ class Metrics:
         return sum(n for _, n in self._window) / span, len(self._window) / span
 
 
+class SnapshotCollector(Collector):
+    """The Prometheus metrics of the latest published stats snapshot, built when scraped.
+
+    `snapshot_fn` returns the snapshot the event loop published last; reading it takes no lock
+    and costs the loop nothing, so a scrape never touches the batch path.
+    """
+
+    def __init__(self, snapshot_fn: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot_fn = snapshot_fn
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot_fn()
+        if not snap:  # nothing published yet
+            return
+        yield CounterMetricFamily("loader_batches_sent_total", "Batches sent to clients.", value=snap["batches_sent"])
+        yield CounterMetricFamily("loader_images_sent_total", "Images sent to clients.", value=snap["images_sent"])
+        yield CounterMetricFamily("loader_sent_bytes_total", "Array bytes delivered to clients.",
+                                  value=snap["bytes_sent"])
+        yield _by_label("loader_decode_errors_total",
+                        "Bad samples and failed batches, by reason.", "reason", snap["errors_by_reason"])
+        yield _by_label("loader_worker_restarts_total", "Workers replaced, by cause.", "cause",
+                        snap["worker_restarts"])
+        yield GaugeMetricFamily("loader_batches_ready", "Batches built and waiting for client credit.",
+                                value=snap["batches_ready"])
+        yield GaugeMetricFamily("loader_clients", "Connected clients.", value=len(snap["clients"]))
+        busy = GaugeMetricFamily("loader_workers_busy_ratio",
+                                 "Fraction of its life each worker spent building batches.", labels=["worker"])
+        for w in snap["workers"]:
+            busy.add_metric([str(w["id"])], round(w["busy_fraction"], 4))
+        yield busy
+        yield GaugeMetricFamily("loader_uptime_seconds", "Seconds since the server started.",
+                                value=round(snap["uptime_s"], 3))
+        hist = snap["batch_build_seconds"]
+        cumulative = list(itertools.accumulate(hist["counts"]))
+        yield HistogramMetricFamily("loader_batch_build_seconds", "Time a worker took to build one batch.",
+                                    buckets=[(str(b), c) for b, c in zip([*BUILD_BUCKETS_S, "+Inf"], cumulative,
+                                                                         strict=True)],
+                                    sum_value=hist["sum_s"])
+
+
+def _by_label(name: str, help_text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """One sample per label value; a single unlabelled 0 while there is none (the series exists from the start)."""
+    if not counts:
+        return CounterMetricFamily(name, help_text, value=0)
+    metric = CounterMetricFamily(name, help_text, labels=[label])
+    for value, n in sorted(counts.items()):
+        metric.add_metric([str(value)], n)
+    return metric
+
+
 def prometheus_text(snap: dict[str, Any]) -> str:
     """The Prometheus text exposition of a stats snapshot."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-    metric("loader_batches_sent_total", "counter", "Batches sent to clients.", [("", snap["batches_sent"])])
-    metric("loader_images_sent_total", "counter", "Images sent to clients.", [("", snap["images_sent"])])
-    metric("loader_sent_bytes_total", "counter", "Array bytes delivered to clients.", [("", snap["bytes_sent"])])
-    metric("loader_decode_errors_total", "counter", "Bad samples and failed batches, by reason.",
-           [(f'{{reason="{_escape(r)}"}}', n) for r, n in sorted(snap["errors_by_reason"].items())] or [("", 0)])
-    metric("loader_worker_restarts_total", "counter", "Workers replaced, by cause.",
-           [(f'{{cause="{c}"}}', n) for c, n in sorted(snap["worker_restarts"].items())] or [("", 0)])
-    metric("loader_batches_ready", "gauge", "Batches built and waiting for client credit.",
-           [("", snap["batches_ready"])])
-    metric("loader_clients", "gauge", "Connected clients.", [("", len(snap["clients"]))])
-    metric("loader_workers_busy_ratio", "gauge", "Fraction of its life each worker spent building batches.",
-           [(f'{{worker="{w["id"]}"}}', round(w["busy_fraction"], 4)) for w in snap["workers"]])
-    metric("loader_uptime_seconds", "gauge", "Seconds since the server started.", [("", round(snap["uptime_s"], 3))])
-    hist = snap["batch_build_seconds"]
-    samples, total = [], 0
-    for bound, count in zip([*BUILD_BUCKETS_S, "+Inf"], hist["counts"]):
-        total += count
-        samples.append((f'_bucket{{le="{bound}"}}', total))
-    lines.append("# HELP loader_batch_build_seconds Time a worker took to build one batch.")
-    lines.append("# TYPE loader_batch_build_seconds histogram")
-    lines.extend(f"loader_batch_build_seconds{labels} {value}" for labels, value in samples)
-    lines.append(f"loader_batch_build_seconds_sum {hist['sum_s']}")
-    lines.append(f"loader_batch_build_seconds_count {total}")
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snap))
+    return generate_latest(registry).decode()
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
+    """Serve /metrics (Prometheus exposition) and /healthz on `host`:`port` from a daemon thread.
 
-
-def serve_metrics(port: int, snapshot: Any) -> ThreadingHTTPServer:
-    """Serve /metrics (Prometheus text) and /healthz on 127.0.0.1:`port` from a daemon thread.
-
-    `snapshot` is a callable returning the latest stats snapshot (published by the loop).
+    `snapshot_fn` returns the latest stats snapshot (published by the loop). /healthz answers
+    200 while a worker is ready, else 503.
     """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot_fn))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            if self.path in ("/metrics", "/"):
-                body, ctype = prometheus_text(snapshot()).encode(), "text/plain; version=0.0.4"
-            elif self.path == "/healthz":
-                ok = snapshot().get("workers_ready", 0) > 0
-                body, ctype = (b"ok\n" if ok else b"no ready worker\n"), "text/plain"
-                if not ok:
-                    self.send_response(503)
-                    self.send_header("Content-Type", ctype)
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
+            path = self.path.split("?", 1)[0]
+            if path in ("/metrics", "/"):
+                encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+                self._answer(200, encoder(registry), ctype)
+            elif path == "/healthz":
+                ok = snapshot_fn().get("workers_ready", 0) > 0
+                self._answer(200 if ok else 503, b"ok\n" if ok else b"no ready worker\n", "text/plain")
             else:
                 self.send_error(404)
-                return
-            self.send_response(200)
+
+        def _answer(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -129,8 +161,14 @@ def serve_metrics(port: int, snapshot: Any) -> ThreadingHTTPServer:
         def log_message(self, *args: Any) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server_class = _HTTPServer6 if ":" in host else ThreadingHTTPServer
+    httpd = server_class((host, port), Handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, name="loader-metrics", daemon=True).start()
-    log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("metrics on http://%s:%d/metrics", shown, httpd.server_address[1])
     return httpd
+
+
+class _HTTPServer6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6

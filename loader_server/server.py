@@ -40,8 +40,9 @@ from loader_client.messages import (
 )
 from loader_client.schema import Message, decode
 
+from .batch_spec import BatchSpec, batch_spec
 from .config import ServerConfig
-from .index import DatasetIndex
+from .datasets import Dataset
 from .metrics import Metrics, serve_metrics
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
@@ -64,10 +65,11 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 class Server:
     """Serve batches of `index` under `config` until `stop()` or SIGINT/SIGTERM."""
 
-    def __init__(self, config: ServerConfig, index: DatasetIndex) -> None:
+    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None) -> None:
         self.config = config
         self.index = index
-        self.plan = SamplingPlan(len(index), config.batch_size, mode=config.mode, shuffle=config.shuffle,
+        self.spec = batch_spec(config, index) if spec is None else spec
+        self.plan = SamplingPlan(len(index), self.spec.batch_size, mode=config.mode, shuffle=config.shuffle,
                                  drop_last=config.drop_last, steps_per_epoch=config.steps_per_epoch)
         self.fingerprint = f"{config.fingerprint()}-{index.fingerprint()}"
         self.metrics = Metrics()
@@ -97,15 +99,16 @@ class Server:
                                         insecure=self.config.insecure)
             channel = WorkerChannel(ctx, self.config.max_message_bytes)
             self.transport, self.channel = transport, channel
-            self.delivery = Delivery(self.config, self.index, self.plan, fingerprint=self.fingerprint,
+            self.delivery = Delivery(self.config, self.index, self.spec, self.plan, fingerprint=self.fingerprint,
                                      supervisor=self.supervisor, transport=transport, channel=channel,
                                      metrics=self.metrics)
             if self.config.metrics_port:
-                self._metrics_http = serve_metrics(self.config.metrics_port, lambda: self.metrics.snapshot)
+                self._metrics_http = serve_metrics(self.config.metrics_host, self.config.metrics_port,
+                                                  lambda: self.metrics.snapshot)
             self.supervisor.start()
             log.info("serving %d samples from %s on %s: %d workers, batch %d, %d steps per epoch, settings %s",
                      len(self.index), self.index.source, self.config.bind, self.config.workers,
-                     self.config.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config))
+                     self.spec.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config))
             self._loop()
             self.delivery.goodbye(self._stopping or "the server was stopped")
         finally:
@@ -116,13 +119,14 @@ class Server:
                 transport.close(linger_ms=_GOODBYE_LINGER_MS if self._stopping else 0)  # goodbyes may leave
             if channel is not None:
                 channel.close()
-            ctx.term()
+            ctx.destroy(linger=0)  # closes whatever a failed start left open, so this cannot hang
         log.info("stopped after sending %d batches", self.metrics.batches_sent)
         return 0
 
     def _spawn(self, wid: int, identity: bytes) -> Any:
         proc = self._mp.Process(target=worker_main, name=f"loader-worker-{wid}", daemon=True,
-                                args=(wid, identity, self.channel.endpoint, self.config, self.index, os.getpid()))
+                                args=(wid, identity, self.channel.endpoint, self.config, self.index, self.spec,
+                                      os.getpid()))
         # Block SIGINT/SIGTERM across the fork so that the child never runs our handlers;
         # worker_main installs its own and unblocks them.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

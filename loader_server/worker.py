@@ -27,8 +27,9 @@ from loader_client.messages import ArenaHandle
 from loader_client.schema import decode, encode
 from loader_client.shm import Arena
 
+from .batch_spec import BatchSpec
 from .config import ServerConfig
-from .index import DatasetIndex
+from .datasets import Dataset
 from .runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
 __all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
@@ -68,8 +69,8 @@ def _arena(arenas: dict[int, Arena], handle: ArenaHandle) -> Arena | None:
     return arena
 
 
-def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerConfig, index: DatasetIndex,
-                parent_pid: int) -> None:
+def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerConfig, index: Dataset,
+                spec: BatchSpec, parent_pid: int) -> None:
     """Entry point of a worker process (forked from the server's main thread).
 
     `identity` is this worker's secret routing id on the server's worker socket.
@@ -87,7 +88,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     from .batch import BatchBuilder, Reads
     from .decode import DecodeError
 
-    builder = BatchBuilder(config, index)
+    builder = BatchBuilder(config, index, spec)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
         (builder.allocate(), None) for _ in range(_POOL_SIZE)
     )
@@ -98,7 +99,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     sock.connect(endpoint)
     sock.send(encode(Ready(worker=worker_id, pid=os.getpid())))
     arenas: dict[int, Arena] = {}  # shared-memory arenas of sessions, by arena id
-    out_dtype = np.dtype(config.x_dtype)
+    out_dtype = np.dtype(spec.x_dtype)
     pending: deque[tuple[Task, np.ndarray, Reads]] = deque()  # tasks received, reads started
     try:
         while True:
@@ -131,7 +132,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                     arena = _arena(arenas, task.arena)
                     if arena is None:  # its session ended (the server discards this), or mapping failed
                         raise RuntimeError("the worker could not map the session's shared memory")
-                    x = arena.view(task.slot, out_dtype, (config.batch_size, *config.x_shape))
+                    x = arena.view(task.slot, out_dtype, (spec.batch_size, *spec.x_shape))
                 else:
                     x, tracker = pool.popleft()
                     if tracker is not None and not tracker.done:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import os
-import signal
+import contextlib
+import shutil
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from loader_server.launch import ServerProcess, ServerProcessError, alive, children_of
+
+__all__ = ["alive", "children_of", "free_port", "wait_until", "unique_label_list", "color_classes", "write_image",
+           "RunningServer"]
+
 SERVER_STOP_TIMEOUT_S = 15.0
+#: A server on a million-line list file takes a few seconds to index it before its workers start.
+SERVER_READY_TIMEOUT_S = 60.0
 
 
 def write_image(path: Path, img: np.ndarray) -> Path:
@@ -44,32 +50,7 @@ def unique_label_list(root: Path, count: int, *, size: tuple[int, int] = (40, 30
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children_of(pid: int) -> list[int]:
-    """Pids whose parent is `pid` (read from /proc)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-def alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -80,51 +61,106 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.02)
 
 
-class RunningServer:
-    def __init__(self, proc: subprocess.Popen[bytes], endpoint: str, log: Path) -> None:
-        self.proc, self.endpoint, self.log = proc, endpoint, log
+class RunningServer(ServerProcess):
+    """A server started by the `start_server` fixture: `proc`, `endpoint`, `log`, `workers()`,
+    `stop()`, `log_text()` (see `loader_server.launch.ServerProcess`)."""
 
-    def workers(self) -> list[int]:
-        """Live worker processes (a killed one not yet reaped is left out)."""
-        return [pid for pid in children_of(self.proc.pid) if alive(pid)]
+    expect_exit: int | None = 0  # the exit code teardown expects when it stops the server
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+    def stop(self, timeout_s: float = SERVER_STOP_TIMEOUT_S) -> int:
         try:
-            return self.proc.wait(SERVER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"server did not stop within {SERVER_STOP_TIMEOUT_S} s of SIGTERM") from None
+            return super().stop(timeout_s)
+        except ServerProcessError as exc:
+            raise AssertionError(str(exc)) from None
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+
+_SERVERS = pytest.StashKey[list[RunningServer]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                               call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test's report carries the log of every server it started."""
+    report = yield
+    if report.failed and report.when == "call" and _SERVERS in item.stash:
+        servers: list[RunningServer] = item.stash[_SERVERS]
+        for i, server in enumerate(servers):
+            report.sections.append((f"server {i} log ({server.command()})", server.log_text() or "(empty)"))
+    return report
+
+
+def _curve_probe_keys(args: tuple[str, ...], where: Path) -> dict[str, str]:
+    """With --curve-dir, a client key pair allowed in for the readiness probe only."""
+    if "--curve-dir" not in args:
+        return {}
+    import zmq.auth
+
+    curve_dir = Path(args[args.index("--curve-dir") + 1])
+    where.mkdir(parents=True)
+    public, secret = zmq.auth.create_certificates(str(where), "fixture-probe")
+    (curve_dir / "clients").mkdir(exist_ok=True)
+    shutil.copy(public, curve_dir / "clients" / "fixture-probe.key")
+    return {"server_public_key": str(curve_dir / "server.key"), "client_keys": secret}
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
-    """Start `loader-server serve` as a real subprocess; stopped (and checked) at teardown."""
-    started: list[RunningServer] = []
+def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunningServer]]:
+    """Start `loader-server serve` as a real subprocess and wait until it is ready (it answers
+    `health` with ok). A failing test prints every server's log. At teardown each server is
+    stopped with SIGTERM and must exit 0, unless the test already reaped it (killed it, or
+    stopped it itself and checked the code), and no worker may be left.
 
-    def start(data: Path, *args: str, transport: str = "ipc", endpoint: str | None = None) -> RunningServer:
+    With --curve-dir the readiness probe needs a key the server allows: the fixture adds
+    `clients/fixture-probe.key` to that folder before the server starts.
+    `ready=False`: do not wait for readiness (a server expected to refuse to start);
+    `expect_exit`: the exit code teardown expects of a server it stops, None for any.
+    """
+    started: list[RunningServer] = []
+    request.node.stash[_SERVERS] = started
+
+    def start(data: Path, *args: str, transport: str = "ipc", endpoint: str | None = None, ready: bool = True,
+              expect_exit: int | None = 0) -> RunningServer:
         if endpoint is None:
             if transport == "ipc":
                 endpoint = f"ipc://{tmp_path}/s{len(started)}.sock"
             else:
                 endpoint = f"tcp://127.0.0.1:{free_port()}"
-        log = tmp_path / f"server{len(started)}.log"
-        cmd = [sys.executable, "-m", "loader_server", "serve", "--data", str(data), "--bind", endpoint,
-               "--heartbeat-s", "0.2", *args]
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        server = RunningServer(proc, endpoint, log)
+        probe_keys = _curve_probe_keys(args, tmp_path / f"probe{len(started)}") if ready else {}
+        server = RunningServer(data, "--heartbeat-s", "0.2", *args, endpoint=endpoint,
+                               log=tmp_path / f"server{len(started)}.log")
+        server.expect_exit = expect_exit
         started.append(server)
+        if ready:
+            try:
+                server.wait_ready(SERVER_READY_TIMEOUT_S, **probe_keys)
+            except ServerProcessError as exc:
+                raise AssertionError(str(exc)) from None
         return server
 
     yield start
+    problems = []
     for server in started:
-        server.stop()
+        reaped_by_test = server.proc.returncode is not None and not server.terminated
+        expected = server.expect_exit
+        if expected and not reaped_by_test:  # a server expected to exit by itself: give it the time
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.proc.wait(SERVER_STOP_TIMEOUT_S)
+        try:
+            code = server.stop()
+        except AssertionError as exc:
+            problems.append(str(exc))
+            continue
+        if not reaped_by_test and expected is not None and code != expected:
+            problems.append(str(server.failure(f"exited with code {code} at teardown (expected {expected})")))
+
+        def no_workers_left(server: RunningServer = server) -> bool:
+            return not server.session_processes()
+
+        try:
+            wait_until(no_workers_left, 10, "the server's workers to exit")
+        except AssertionError:
+            problems.append(str(server.failure(f"left processes {server.session_processes()} behind")))
+    assert not problems, "\n\n".join(problems)
 
 
 CLASS_COLORS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30)]  # RGB

@@ -56,7 +56,7 @@ def test_public_names() -> None:
         "ProtocolError", "ProtocolVersionError", "ServerError", "BadSampleError", "WorkerCrashedError",
         "ConfigError", "EndpointError", "ServerStoppedError", "ClientOptions", "BatchTuple",
     }
-    assert set(loader_server.__all__) == {"ServerConfig", "DatasetIndex", "load_index", "Server"}
+    assert set(loader_server.__all__) == {"ServerConfig", "DatasetIndex", "load_index", "load_dataset", "Server"}
     for module in (loader_client, loader_server):
         for name in module.__all__:
             assert hasattr(module, name), name

@@ -69,6 +69,199 @@ def test_keras_fit_epochs_consume_exactly_the_server_epochs(start_server: Any, t
             np.testing.assert_array_equal(a, b)
 
 
+def test_handshake_carries_num_classes(start_server: Any, tmp_path: Path) -> None:
+    listfile = unique_label_list(tmp_path / "list", 12, size=(8, 8))  # labels 0..11
+    folders = color_classes(tmp_path / "colors", 2)  # 4 class folders
+    np.save(tmp_path / "x.npy", np.zeros((10, 3), np.float32))
+    np.save(tmp_path / "y.npy", np.array([0, 6, 2, 2, 1, 0, 6, 3, 3, 1], np.int64))  # 7 classes, 4 and 5 unused
+    np.save(tmp_path / "t.npy", np.linspace(0, 1, 10, dtype=np.float32))  # regression targets: no classes
+    servers = [start_server(listfile, "--batch-size", "4", "--size", "8x8", "--workers", "1"),
+               start_server(folders, "--batch-size", "4", "--size", "8x8", "--workers", "1"),
+               start_server(tmp_path / "x.npy", "--labels", str(tmp_path / "y.npy"), "--batch-size", "2",
+                            "--workers", "1"),
+               start_server(tmp_path / "x.npy", "--labels", str(tmp_path / "t.npy"), "--batch-size", "2",
+                            "--workers", "1")]
+    got = []
+    for server in servers:
+        with LoaderClient(server.endpoint, timeout_s=30) as client:
+            got.append((client.num_classes, client.class_names))
+    assert got == [(12, None), (4, ["c0", "c1", "c2", "c3"]), (7, None), (None, None)]
+    with LoaderClient([servers[0].endpoint, servers[0].endpoint], timeout_s=30) as merged:
+        assert merged.num_classes == 12
+
+
+def test_count_classes_counts_the_whole_data_set_of_a_subset() -> None:
+    from types import SimpleNamespace
+
+    from loader_server.classes import count_classes
+
+    whole = SimpleNamespace(class_names=None, labels=np.array([0, 3, 9, 2]), parent=None)
+    val = SimpleNamespace(class_names=None, labels=np.array([0, 3]), parent=whole)  # as --subset val serves
+    assert count_classes(whole) == count_classes(val) == 10
+    assert count_classes(SimpleNamespace(class_names=("a", "b"), labels=np.array([0, 0]))) == 2
+    assert count_classes(SimpleNamespace(class_names=None, labels=np.array([-1, 2]))) is None
+    assert count_classes(SimpleNamespace(class_names=None, labels=np.zeros((3, 2), np.int64))) is None
+
+
+def recorder_model(n: int, seen: list[np.ndarray], evaluated: list[np.ndarray] | None = None) -> Any:
+    """A tiny Keras model that records the labels of every batch it trains on (and evaluates on)."""
+
+    class Recorder(keras.Model):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = [keras.layers.Rescaling(1 / 255), keras.layers.GlobalAveragePooling2D(),
+                         keras.layers.Dense(n, activation="softmax")]
+
+        def call(self, x: Any) -> Any:
+            for layer in self.body:
+                x = layer(x)
+            return x
+
+        def train_step(self, data: Any) -> Any:
+            seen.append(data[1].detach().cpu().numpy().copy())  # torch backend: a torch tensor
+            return super().train_step(data)
+
+        def test_step(self, data: Any) -> Any:
+            if evaluated is not None:
+                evaluated.append(data[1].detach().cpu().numpy().copy())
+            return super().test_step(data)
+
+    model = Recorder()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
+    return model
+
+
+class EpochMarks(keras.callbacks.Callback):  # type: ignore[misc]
+    """Where each Keras epoch starts in the recorded batches, and the stream's state after each step."""
+
+    def __init__(self, seen: list[np.ndarray], stream: Any) -> None:
+        super().__init__()
+        self.seen, self.stream = seen, stream
+        self.starts: list[int] = []
+        self.states: list[tuple[int, tuple[int, int]]] = []  # (batches trained, stream position)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.starts.append(len(self.seen))
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        state = self.stream.state_dict()
+        self.states.append((len(self.seen), (state["epoch"], state["batch"])))
+
+
+def flat(batches: list[np.ndarray]) -> list[list[int]]:
+    return [b.tolist() for b in batches]
+
+
+def test_keras_stream_fit_needs_no_steps_and_trains_exact_epochs(start_server: Any, tmp_path: Path) -> None:
+    from loader_client.keras import KerasStream
+
+    n = 40
+    listfile = unique_label_list(tmp_path / "data", n, size=(8, 8))  # label = sample index
+    server = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--seed", "4")
+    seen: list[np.ndarray] = []
+    with LoaderClient(server.endpoint, timeout_s=30) as client:
+        assert client.num_classes == n
+        stream = KerasStream(client)
+        marks = EpochMarks(seen, stream)
+        # fit's defaults (shuffle=True, no steps_per_epoch): Keras takes the length from the stream
+        history = recorder_model(n, seen).fit(stream, epochs=3, callbacks=[marks], verbose=0)
+        steps = client.steps_per_epoch
+    assert len(history.history["loss"]) == 3
+    expected = reference_epochs(server.endpoint, 3)
+    assert marks.starts == [0, steps, 2 * steps] and len(seen) == 3 * steps  # the build peek trained once
+    assert flat(seen) == flat([b for epoch in expected for b in epoch])
+    # inside a callback the state names the next batch to train, despite Keras's peek at the start
+    assert [pos for _, pos in marks.states] == [divmod(k, steps) for k, _ in marks.states]
+
+
+def test_keras_state_taken_in_a_callback_resumes_at_the_next_batch(start_server: Any, tmp_path: Path) -> None:
+    from loader_client.keras import KerasStream
+
+    n = 32
+    listfile = unique_label_list(tmp_path / "data", n, size=(8, 8))
+    server = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--seed", "2")
+    saved: list[dict[str, Any]] = []
+
+    class SaveAfterFirstStep(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if not saved:
+                saved.append(stream.state_dict())
+
+    seen: list[np.ndarray] = []
+    with LoaderClient(server.endpoint, timeout_s=30) as client:
+        stream = KerasStream(client)
+        recorder_model(n, seen).fit(stream, epochs=1, callbacks=[SaveAfterFirstStep()], verbose=0)
+    assert (saved[0]["epoch"], saved[0]["batch"]) == (0, 1)
+    with LoaderClient(server.endpoint, timeout_s=30, state=saved[0]) as resumed:
+        _, y = resumed.next()
+    np.testing.assert_array_equal(y, seen[1])  # the batch trained right after the checkpoint
+
+
+def test_keras_resume_mid_epoch_keeps_keras_epochs_on_server_epochs(start_server: Any, tmp_path: Path) -> None:
+    from loader_client.errors import LoaderError
+    from loader_client.keras import KerasStream, fit
+
+    n = 40
+    listfile = unique_label_list(tmp_path / "data", n, size=(8, 8))
+    server = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--seed", "9")
+    expected = reference_epochs(server.endpoint, 3)
+    steps = len(expected[0])
+    state = {"epoch": 0, "batch": 2, "seed": 9}  # as a checkpoint after 2 batches would hold
+    seen: list[np.ndarray] = []
+    with LoaderClient(server.endpoint, timeout_s=30, state=state) as client:
+        stream = KerasStream(client)
+        marks = EpochMarks(seen, stream)
+        history = fit(recorder_model(n, seen), stream, epochs=3, callbacks=[marks], verbose=0)
+    assert history.epoch == [0, 1, 2] and len(history.history["loss"]) == 3
+    first = steps - 2
+    assert marks.starts == [0, first, first + steps] and len(seen) == first + 2 * steps
+    assert flat(seen) == flat(expected[0][2:] + expected[1] + expected[2])
+    assert [pos for _, pos in marks.states] == [divmod(k + 2, steps) for k, _ in marks.states]
+
+    # the same with a plain model.fit over several epochs: refused at the second epoch, not misaligned
+    with LoaderClient(server.endpoint, timeout_s=30, state=state) as client:
+        with pytest.raises(LoaderError, match="loader_client.keras.fit"):
+            recorder_model(n, []).fit(KerasStream(client), epochs=3, verbose=0)
+
+
+def test_keras_validation_stream_scores_every_sample_every_epoch(start_server: Any, tmp_path: Path) -> None:
+    from loader_client import server_stats
+    from loader_client.keras import KerasStream
+
+    n = 36
+    listfile = unique_label_list(tmp_path / "data", n, size=(8, 8))
+    train = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1")
+    val = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--no-shuffle",
+                       "--keep-last")
+    seen: list[np.ndarray] = []
+    evaluated: list[np.ndarray] = []
+    with LoaderClient(train.endpoint, timeout_s=30) as client:
+        validation = KerasStream(val.endpoint, validation=True, timeout_s=30)
+        history = recorder_model(n, seen, evaluated).fit(KerasStream(client), validation_data=validation,
+                                                         epochs=3, verbose=0)
+        validation.close()
+    assert len(history.history["val_loss"]) == 3
+    per_epoch = len(evaluated) // 3
+    assert per_epoch == 5 and len(evaluated) == 15
+    for k in range(3):
+        assert sorted(np.concatenate(evaluated[k * per_epoch : (k + 1) * per_epoch]).tolist()) == list(range(n))
+    # one validation client for all evaluations: built = evaluated + at most its prefetch (4)
+    assert 15 <= server_stats(val.endpoint, timeout_s=10)["batches_sent"] <= 15 + 4
+
+
+def test_keras_validation_warns_when_the_server_drops_samples(start_server: Any, tmp_path: Path) -> None:
+    from loader_client.keras import KerasStream, validation_problem
+
+    listfile = unique_label_list(tmp_path / "data", 20, size=(8, 8))
+    val = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1")  # shuffled, drop-last
+    with pytest.warns(UserWarning, match=r"drops 4 of its 20 samples.*--drop-last.*--keep-last"):
+        stream = KerasStream(val.endpoint, validation=True, timeout_s=30)
+    stream.close()
+    kept = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--keep-last")
+    with LoaderClient(kept.endpoint, timeout_s=30) as client:
+        assert validation_problem(client) is None
+
+
 def test_keras_validation_callback_sees_the_same_batches_every_epoch(start_server: Any, tmp_path: Path) -> None:
     from loader_client.keras import EvaluateEachEpoch
 
@@ -86,6 +279,10 @@ def test_keras_validation_callback_sees_the_same_batches_every_epoch(start_serve
     assert len(history.history["val_loss"]) == 3 and "val_accuracy" in history.history
     assert callback.batches_seen[0] == list(range(48))  # every validation sample, once, in file order
     assert callback.batches_seen[0] == callback.batches_seen[1] == callback.batches_seen[2]
+    # one client for all three evaluations: built = evaluated (3 x 10) + at most its prefetch (4)
+    from loader_client import server_stats
+
+    assert 30 <= server_stats(val.endpoint, timeout_s=10)["batches_sent"] <= 30 + 4
 
 
 def test_torch_training_loss_goes_down(start_server: Any, tmp_path: Path) -> None:
@@ -137,6 +334,26 @@ def test_torch_tensors_from_writable_arrays_do_not_warn(start_server: Any, tmp_p
     with LoaderClient(server.endpoint, timeout_s=30) as client:
         batches = list(tensors(client, epochs=1, channels_first=True))  # warnings are errors in this suite
     assert len(batches) == 4 and batches[0][0].shape == (4, 3, 6, 8)
+
+
+def test_torch_pinning_is_skipped_without_an_accelerator_and_used_with_one(start_server: Any, tmp_path: Path) -> None:
+    from loader_client.torch import accelerator_present, pins, tensors
+
+    listfile = unique_label_list(tmp_path / "data", 8)
+    server = start_server(listfile, "--batch-size", "4", "--size", "8x8", "--workers", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with LoaderClient(server.endpoint, timeout_s=30) as client:
+        # what the README's PyTorch snippet does, plus an explicit pin_memory=True
+        batches = list(tensors(client, epochs=1, pin_memory=True, device=device))
+        assert len(batches) == 2 and batches[0][0].device.type == device
+    assert pins(False, "cuda") is False and pins(None, "cpu") is False
+    if accelerator_present():
+        assert pins(None, "cuda") and pins(True, "cpu")
+        with LoaderClient(server.endpoint, timeout_s=30) as client:
+            x, _ = next(iter(tensors(client, epochs=1, pin_memory=True)))
+            assert x.is_pinned()
+    else:  # torch would raise "Cannot access accelerator device" if pinned here
+        assert not pins(True, "cuda") and not pins(None, "cuda")
 
 
 @pytest.mark.parametrize("example", ["keras_fit.py", "torch_loop.py"])

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,3 +154,116 @@ def test_three_tokens_and_one_token_lines_are_caught(tmp_path: Path) -> None:
     listfile.write_text("x 1 2\n3\n")  # a path with a space, then a line without a label
     with pytest.raises(ConfigError, match=r"list.txt:2: malformed line '3'"):
         load_index(listfile)
+
+
+# Indexing errors of the file system, permissions first: a container's non-root user meets a
+# data folder of mode 0700 that belongs to another user. As root chmod stops nobody, so the
+# CLI runs as user 65534 (nobody); as another user, modes 000 stop that user itself.
+OTHER_UID = 65534
+
+
+@pytest.fixture
+def shared_tree() -> Iterator[Path]:
+    """A folder every user can enter (tmp_path lies under a 0700 folder of the test's user)."""
+    root = Path(tempfile.mkdtemp(prefix="loader-perm-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    shutil.rmtree(root)
+
+
+def _open_to_all(path: str) -> bool:
+    """True when every user may reach `path` (each folder above it searchable, the path itself readable)."""
+    real = Path(path).resolve()
+    try:
+        return all(os.stat(d).st_mode & 0o001 for d in real.parents) and bool(os.stat(real).st_mode & 0o004)
+    except OSError:
+        return False
+
+
+def run_as_another_user(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run the CLI as OTHER_UID (as root), or as this user; returns the result and the uid it ran as."""
+    kw: dict[str, Any] = {}
+    uid = os.getuid()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOADER_", "PYTHON"))}
+    env.update(HOME=str(cwd), PYTHONDONTWRITEBYTECODE="1")
+    python = sys.executable
+    if uid == 0:
+        kw = {"user": OTHER_UID, "group": OTHER_UID, "extra_groups": []}
+        uid = OTHER_UID
+        # The test's interpreter may live where only root goes (a pyenv under /root): then the same
+        # Python version from /usr/bin runs the same code and packages, found through PYTHONPATH.
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        python = next((exe for exe in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}")
+                       if os.path.exists(exe) and _open_to_all(exe)), "")
+        if not python:
+            pytest.skip(f"no {version} interpreter that user {OTHER_UID} may run")
+        paths = [str(Path(__file__).resolve().parent.parent)] + [p for p in sys.path if p.endswith("-packages")]
+        if not all(_open_to_all(p) for p in paths):
+            pytest.skip(f"the code or its packages are not readable by user {OTHER_UID}: {paths}")
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    result = subprocess.run([python, "-m", "loader_server", *args], capture_output=True, text=True,
+                            timeout=60, cwd=cwd, env=env, **kw)
+    return result, uid
+
+
+def lock(path: Path) -> None:
+    """Mode 0700 (root's, as another user meets it) or, when the tests do not run as root, 000."""
+    path.chmod(0o700 if os.getuid() == 0 else 0)
+
+
+def _images(root: Path) -> Path:
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / cls / f"{i}.jpg").write_bytes(b"not opened at start-up")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
+@pytest.mark.parametrize(("case", "command"), [
+    ("folder inside a locked folder", "serve"), ("folder inside a locked folder", "check"),
+    ("locked data folder", "serve"), ("locked class sub-folder", "serve"), ("unreadable list file", "check"),
+    ("unreadable arrays", "serve"),
+])
+def test_unreadable_data_exits_2_naming_path_and_user(shared_tree: Path, case: str, command: str) -> None:
+    if case == "folder inside a locked folder":
+        data = _images(shared_tree / "private" / "images")
+        (shared_tree / "private").chmod(0o755)
+        lock(shared_tree / "private")
+        blocker = shared_tree / "private"
+        what, verb = "data set", "does not let this user in"
+        named = data
+    elif case == "locked data folder":
+        data = blocker = _images(shared_tree / "images")
+        lock(data)
+        what, verb, named = "data folder", "cannot be read by this user", data
+    elif case == "locked class sub-folder":
+        data = _images(shared_tree / "images")
+        named = blocker = data / "dog"
+        lock(named)
+        what, verb = "data folder", "cannot be read by this user"
+    elif case == "unreadable list file":
+        data = named = blocker = shared_tree / "train.txt"
+        data.write_text("a.jpg 0\n")
+        data.chmod(0o600 if os.getuid() == 0 else 0)
+        what, verb = "list file", "cannot be read by this user"
+    else:
+        np.save(shared_tree / "x.npy", np.zeros((4, 2), np.float32))
+        np.save(shared_tree / "y.npy", np.arange(4))
+        data = named = blocker = shared_tree / "x.npy"
+        (shared_tree / "y.npy").chmod(0o644)
+        data.chmod(0o600 if os.getuid() == 0 else 0)
+        what, verb = "inputs", "cannot be read by this user"
+    extra = ["--labels", str(shared_tree / "y.npy")] if data.suffix == ".npy" else []
+    args = ["serve", "--print-config", "--batch-size", "2"] if command == "serve" else ["check", "--workers", "1"]
+    result, uid = run_as_another_user(shared_tree, *args, "--data", str(data), *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = result.stderr
+    assert "Traceback" not in err
+    assert f"cannot read {what} {str(named)!r}: permission denied for user id {uid}" in err, err
+    mode = "0700" if os.getuid() == 0 and blocker.is_dir() else "0600" if os.getuid() == 0 else "0000"
+    assert f"{str(blocker)!r} (mode {mode}, owner uid {os.getuid()}) {verb}" in err, err

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,10 @@ def test_settings_from_file_environment_and_flags_in_that_order(tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
     assert lines["batch_size"] == f"4  # file {toml}"
-    assert lines["size"] == f"[32, 16]  # file {toml}"
+    assert lines["size"] == f'"32x16"  # file {toml}'  # TOML that --config reads back
     assert lines["workers"] == "2  # env LOADER_WORKERS"  # the environment beats the file
     assert lines["seed"] == "9  # flag --seed"  # a flag beats both
-    assert lines["shuffle"] == "False  # env LOADER_SHUFFLE"
+    assert lines["shuffle"] == "false  # env LOADER_SHUFFLE"
     assert lines["mean"] == f"[0.5, 0.5, 0.5]  # file {toml}"
     assert lines["prefetch"].endswith("# default")
 
@@ -140,3 +141,99 @@ def test_client_logs_one_line_per_epoch(start_server: Any, tmp_path: Path, caplo
                 list(client.epoch())
     lines = [r.getMessage() for r in caplog.records if r.name == "loader_client"]
     assert len(lines) == 2 and lines[0].startswith("epoch 0: 4 batches in") and "% stall" in lines[0]
+
+
+def _snapshot(**overrides: Any) -> dict[str, Any]:
+    """A stats snapshot as the server publishes it (the fields the exposition reads)."""
+    snap: dict[str, Any] = {
+        "batches_sent": 12, "images_sent": 48, "bytes_sent": 4096, "batches_ready": 3, "clients": [{"name": "a"}],
+        "errors_by_reason": {"empty file": 2, 'odd "quoted"\nreason': 1}, "worker_restarts": {"crashed": 1},
+        "workers": [{"id": 0, "busy_fraction": 0.25}, {"id": 1, "busy_fraction": 0.5}], "uptime_s": 7.5,
+        "workers_ready": 2,
+        "batch_build_seconds": {"counts": [0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], "sum_s": 12.03},
+    }
+    return {**snap, **overrides}
+
+
+def test_prometheus_exposition_parses_with_the_expected_names() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loader_server.metrics import prometheus_text
+
+    families = {f.name: f for f in text_string_to_metric_families(prometheus_text(_snapshot()))}
+    assert {name: f.type for name, f in families.items()} == {
+        "loader_batches_sent": "counter", "loader_images_sent": "counter", "loader_sent_bytes": "counter",
+        "loader_decode_errors": "counter", "loader_worker_restarts": "counter", "loader_batches_ready": "gauge",
+        "loader_clients": "gauge", "loader_workers_busy_ratio": "gauge", "loader_uptime_seconds": "gauge",
+        "loader_batch_build_seconds": "histogram",
+    }
+
+    def samples(name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families[name].samples}
+
+    assert samples("loader_batches_sent") == {("loader_batches_sent_total", ()): 12}
+    assert samples("loader_decode_errors") == {("loader_decode_errors_total", (("reason", "empty file"),)): 2,
+                                               ("loader_decode_errors_total", (("reason", 'odd "quoted"\nreason'),)): 1}
+    assert samples("loader_worker_restarts") == {("loader_worker_restarts_total", (("cause", "crashed"),)): 1}
+    assert samples("loader_workers_busy_ratio") == {("loader_workers_busy_ratio", (("worker", "0"),)): 0.25,
+                                                    ("loader_workers_busy_ratio", (("worker", "1"),)): 0.5}
+    build = samples("loader_batch_build_seconds")
+    assert build[("loader_batch_build_seconds_bucket", (("le", "0.005"),))] == 0
+    assert build[("loader_batch_build_seconds_bucket", (("le", "0.01"),))] == 3  # cumulative
+    assert build[("loader_batch_build_seconds_bucket", (("le", "+Inf"),))] == 4
+    assert build[("loader_batch_build_seconds_count", ())] == 4 and build[("loader_batch_build_seconds_sum", ())] == 12.03
+    # Before any error or restart the series exist, at 0, without a label.
+    fresh = {f.name: f for f in text_string_to_metric_families(
+        prometheus_text(_snapshot(errors_by_reason={}, worker_restarts={})))}
+    assert [(s.labels, s.value) for s in fresh["loader_decode_errors"].samples] == [({}, 0)]
+    assert [(s.labels, s.value) for s in fresh["loader_worker_restarts"].samples] == [({}, 0)]
+
+
+def test_metrics_endpoint_on_the_given_host_and_port() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loader_server.metrics import serve_metrics
+
+    published: list[dict[str, Any]] = [{}]  # nothing published yet
+    httpd = serve_metrics("127.0.0.1", 0, lambda: published[0])
+    try:
+        host, port = httpd.server_address[:2]
+        assert host == "127.0.0.1" and port > 0
+        url = f"http://127.0.0.1:{port}"
+        assert _get(f"{url}/healthz") == (503, "no ready worker\n")
+        assert _get(f"{url}/metrics") == (200, "")  # no snapshot, no series
+        published[0] = _snapshot()
+        status, text = _get(f"{url}/metrics")
+        assert status == 200
+        assert {f.name for f in text_string_to_metric_families(text)} >= {"loader_batches_sent", "loader_clients"}
+        assert _get(f"{url}/healthz") == (200, "ok\n")
+        published[0] = _snapshot(workers_ready=0)
+        assert _get(f"{url}/healthz")[0] == 503
+        assert _get(f"{url}/nothing")[0] == 404
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_server_process_that_refuses_to_start_fails_fast_with_its_log(tmp_path: Path) -> None:
+    from loader_server.launch import ServerProcess, ServerProcessError
+
+    listfile = unique_label_list(tmp_path / "data", 8)
+    server = ServerProcess(listfile, "--workers", "0")  # a bad setting: exit 2 before binding
+    started = time.monotonic()
+    with pytest.raises(ServerProcessError) as info:
+        server.wait_ready(30)
+    assert time.monotonic() - started < 20  # noticed the exit, did not wait out the deadline
+    assert "exited with code 2 before it was ready" in str(info.value)
+    assert "`workers` must be >= 1, got 0" in str(info.value)  # the server's own message, from its log
+    assert server.stop() == 2 and not server.terminated
+    assert "`workers` must be >= 1" in server.log_text()  # kept after its private folder is gone
+    assert not server.log.exists()
+
+
+def test_bench_refuses_unknown_names_and_lists_the_choices() -> None:
+    result = cli("bench", "--extras", "stall,nope", "--out", "unused")
+    assert result.returncode == 2
+    assert "unknown --extras value 'nope'" in result.stderr and "stall" in result.stderr
+    assert "curve" in result.stderr and "Traceback" not in result.stderr
+    assert not Path("unused").exists()

@@ -23,7 +23,10 @@ from loader_client.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmR
 from loader_client.schema import Message, encode
 from loader_client.shm import shm_available
 
+from ..classes import count_classes
+from ..batch_spec import BatchSpec
 from ..config import ServerConfig
+from ..datasets import Dataset
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
 from .arenas import Arena, arena_slots, new_arena
@@ -64,16 +67,15 @@ class Client:
 class Delivery:
     """Every client's stream, from hello to goodbye."""
 
-    def __init__(self, config: ServerConfig, index: Any, plan: SamplingPlan, *, fingerprint: str,
+    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec, plan: SamplingPlan, *, fingerprint: str,
                  supervisor: Supervisor, transport: ClientTransport, channel: WorkerChannel, metrics: Metrics) -> None:
-        self.config, self.index, self.plan = config, index, plan
+        self.config, self.index, self.spec, self.plan = config, index, spec, plan
         self.fingerprint = fingerprint
         self.supervisor, self.transport, self.channel, self.metrics = supervisor, transport, channel, metrics
-        self.facts = StreamFacts(batch_size=config.batch_size, num_samples=len(index), default_seed=config.seed,
+        self.facts = StreamFacts(batch_size=spec.batch_size, num_samples=len(index), default_seed=config.seed,
                                  fingerprint=fingerprint, prefetch=config.prefetch, in_order=config.in_order,
                                  augment_available=bool(config.augment))
-        self.num_classes = len(index.class_names) if index.class_names else (
-            int(index.labels.max()) + 1 if len(index.labels) else 0)
+        self.num_classes = count_classes(index)
         self.bad = BadFiles(config.max_bad_files(len(index)), config.data)
         self.clients: dict[bytes, Client] = {}
         self._next_arena_id = 0
@@ -98,7 +100,7 @@ class Delivery:
         if hello.shm and self.config.shm and shm_available():
             self._next_arena_id += 1
             client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch, hello.credit),
-                                     self.config.batch_bytes)
+                                     self.spec.batch_bytes)
         self.clients[identity] = client
         self._send(client, [encode(self._welcome(client, hello))])
         log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s",
@@ -107,12 +109,12 @@ class Delivery:
         self.schedule(client)
 
     def _welcome(self, client: Client, hello: Hello) -> Welcome:
-        c, s = self.config, client.session
+        c, s, spec = self.config, client.session, self.spec
         return Welcome(
-            num_samples=len(self.index), num_classes=self.num_classes, batch_size=c.batch_size,
+            num_samples=len(self.index), num_classes=self.num_classes, batch_size=spec.batch_size,
             steps_per_epoch=s.steps, rank=s.rank, world_size=s.world_size, seed=s.seed, epoch=hello.epoch,
-            batch=hello.batch, mode=c.mode, in_order=c.in_order, drop_last=c.drop_last, x_shape=list(c.x_shape),
-            x_dtype=np.dtype(c.x_dtype).str, layout=c.layout, color=c.color,
+            batch=hello.batch, mode=c.mode, in_order=c.in_order, drop_last=c.drop_last, x_shape=list(spec.x_shape),
+            x_dtype=spec.x_dtype, layout=spec.layout, color=spec.color,
             class_names=list(self.index.class_names) if self.index.class_names else None,
             fingerprint=self.fingerprint, heartbeat_s=c.heartbeat_s, max_message_bytes=c.max_message_bytes,
             shm=client.arena.handle() if client.arena else None)
@@ -272,5 +274,5 @@ class Delivery:
 
     def file_list(self, task: Task, limit: int) -> str:
         """The first `limit` files of a task's batch, for error messages."""
-        files = [self.index.path(int(i)) for i in task.indices[:limit]]
+        files = [self.index.describe(int(i)) for i in task.indices[:limit]]
         return ", ".join(files) + (" ..." if len(task.indices) > limit else "")

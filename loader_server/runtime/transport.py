@@ -45,6 +45,9 @@ class ClientTransport:
 
     def __init__(self, ctx: zmq.Context[Any], bind: str, *, curve_dir: str | None, insecure: bool) -> None:
         self.bind_address = bind
+        if bind.startswith("ipc://@") and not insecure:
+            raise ConfigError(f"`bind` {bind} is an abstract socket, which every local user can connect to: use "
+                              "ipc:///PATH (a file of mode 0600) or pass --insecure")
         self.sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
         s = self.sock
         s.setsockopt(zmq.LINGER, 0)
@@ -57,19 +60,23 @@ class ClientTransport:
         self._auth: Any = None
         self._ipc_path: str | None = None
         _raise_fd_limit()
-        if bind.startswith("ipc://@") and not insecure:
-            raise ConfigError(f"`bind` {bind} is an abstract socket, which every local user can connect to: use "
-                              "ipc:///PATH (a file of mode 0600) or pass --insecure")
         if "[" in bind or bind.count(":") > 2:
             s.setsockopt(zmq.IPV6, 1)
+        try:
+            self._bind(ctx, bind, curve_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self, ctx: zmq.Context[Any], bind: str, curve_dir: str | None) -> None:
         if curve_dir:
-            self._auth = start_curve(ctx, s, curve_dir)
+            self._auth = start_curve(ctx, self.sock, curve_dir)
         elif not is_local_bind(bind):
             log.warning("serving %s WITHOUT encryption or authentication (--insecure): anyone who can reach "
                         "it can read the data set's pixels and labels; use --curve-dir on shared networks", bind)
         old_umask = os.umask(0o177) if bind.startswith("ipc://") else None
         try:
-            s.bind(bind)
+            self.sock.bind(bind)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot bind `bind` {bind!r}: {exc}; choose another port or path") from None
         finally:

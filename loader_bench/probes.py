@@ -1,0 +1,426 @@
+"""The one-off measurements of ``--extras``, each a `Probe` in `PROBES`.
+
+A probe runs once after the side-by-side rounds, prints one line, returns the entries it adds
+to results.json, and says which rows (`rows`) or tables (`tables`) it adds to results.md. A new
+measurement is a new entry in `PROBES`; the order of `PROBES` is the order of the run and of
+the report.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loader_client import LoaderClient
+
+from .context import Bench
+from .systems import CLIENT_TIMEOUT_S, PssSampler, measure_service, served
+
+__all__ = ["Probe", "PROBES"]
+
+Results = dict[str, Any]
+
+#: Batches consumed before the stall is measured: the pipeline fills up first.
+_STALL_WARMUP_BATCHES = 16
+#: Batches per server consumed before a multi-server run is timed (more than the server prefetch).
+_MULTI_WARMUP_BATCHES = 10
+#: Batches consumed before float32 is timed: every shared-memory slot has been used once.
+_FLOAT32_WARMUP_BATCHES = 32
+
+
+def _no_rows(_: Results) -> list[tuple[str, str]]:
+    return []
+
+
+def _no_tables(_: Results) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measurement of ``--extras``."""
+
+    run: Callable[[Bench], Results]  # measures, prints a line, returns its results.json entries
+    rows: Callable[[Results], list[tuple[str, str]]] = _no_rows  # (measurement, result) rows of results.md
+    tables: Callable[[Results], list[str]] = _no_tables  # markdown lines of tables of its own
+    needs_capacity: bool = False  # compares against the service's rate: skipped without --systems service
+    default: bool = True  # part of the default --extras
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------- strict
+def _strict(b: Bench) -> Results:
+    res = measure_service(b, extra=[*b.serve_extra, "--no-reduced-decode"])
+    _say(f"service, reduced decoding off: {res['images_per_s']:.0f} images/s")
+    return {"service_no_reduced_decode": res}
+
+
+def _strict_rows(results: Results) -> list[tuple[str, str]]:
+    if "service_no_reduced_decode" not in results:
+        return []
+    r = results["service_no_reduced_decode"]
+    percore = results["summary"].get("percore", {}).get("median")
+    return [("service, --no-reduced-decode", f"{r['images_per_s']:.0f} images/s"
+             + (f" ({r['images_per_s'] / (2 * percore):.2f} of 2 x per-core)" if percore else ""))]
+
+
+# ---------------------------------------------------------------------------- stall
+def _stall(b: Bench) -> Results:
+    # No PSS sampling here: that thread would take the GIL from the trainer loop it measures.
+    res = measure_service(b, step_fraction=0.8, warmup=_STALL_WARMUP_BATCHES, sample_pss=False)
+    _say(f"stall at 80% load: {res['stall_pct']:.2f}% of wall time, next() p50 {res['next_p50_ms']:.3f} ms")
+    return {"stall": res}
+
+
+def _stall_rows(results: Results) -> list[tuple[str, str]]:
+    if "stall" not in results:
+        return []
+    r = results["stall"]
+    return [(f"data stall, training step {r['step_ms']:.1f} ms (80% of loader capacity)",
+             f"{r['stall_pct']:.2f}% of wall time; next() p50 {r['next_p50_ms']:.3f} ms, p99 {r['next_p99_ms']:.3f} ms")]
+
+
+# ---------------------------------------------------------------------------- float32
+def _float32(b: Bench) -> Results:
+    assert b.capacity
+    # Warm up past the first use of every shared-memory slot: a fresh page costs a fault.
+    out: Results = {}
+    res = measure_service(b, n=b.quick_n, warmup=_FLOAT32_WARMUP_BATCHES, extra=[*b.serve_extra, "--dtype", "float32"])
+    out["float32"] = {**res, "ratio_to_uint8": res["images_per_s"] / b.capacity}
+    _say(f"float32 on the server: {res['images_per_s']:.0f} images/s ({res['images_per_s'] / b.capacity:.2f}x uint8)")
+    res = measure_service(b, n=b.quick_n, warmup=_FLOAT32_WARMUP_BATCHES, client_kwargs={"normalize": True})
+    out["float32_client"] = {**res, "ratio_to_uint8": res["images_per_s"] / b.capacity}
+    _say(f"float32 on the client (uint8 on the wire): {res['images_per_s']:.0f} images/s "
+         f"({res['images_per_s'] / b.capacity:.2f}x uint8)")
+    return out
+
+
+def _float32_rows(results: Results) -> list[tuple[str, str]]:
+    rows = []
+    for key, what in (("float32", "float32 made by the workers (--dtype float32)"),
+                      ("float32_client", "float32 made by the client (normalize=True, uint8 on the wire)")):
+        if key in results:
+            r = results[key]
+            rows.append((what, f"{r['images_per_s']:.0f} images/s = {r['ratio_to_uint8']:.2f}x uint8"))
+    return rows
+
+
+# ---------------------------------------------------------------------------- slow storage
+def _slow(b: Bench) -> Results:
+    assert b.capacity
+    slow_args = ["--simulate-read-latency-ms", str(b.read_latency_ms), "--read-threads", "64"]
+    res = measure_service(b, n=b.quick_n, extra=[*b.serve_extra, *slow_args])
+    _say(f"slow storage (+{b.read_latency_ms:g} ms per read): {res['images_per_s']:.0f} images/s "
+         f"({res['images_per_s'] / b.capacity:.2f}x)")
+    return {"slow_storage": {**res, "read_latency_ms": b.read_latency_ms,
+                             "ratio_to_no_latency": res["images_per_s"] / b.capacity}}
+
+
+def _slow_rows(results: Results) -> list[tuple[str, str]]:
+    if "slow_storage" not in results:
+        return []
+    r = results["slow_storage"]
+    return [(f"slow storage, +{r['read_latency_ms']:g} ms per read, 64 read threads",
+             f"{r['images_per_s']:.0f} images/s = {r['ratio_to_no_latency']:.2f}x no latency")]
+
+
+# ---------------------------------------------------------------------------- augment, transform
+def _pipeline_variant(key: str, flag: str, spec: str, label: str, row_label: str) -> Probe:
+    """The service with one more pipeline stage (`flag spec`), against the plain service."""
+
+    def run(b: Bench) -> Results:
+        assert b.capacity
+        res = measure_service(b, n=b.quick_n, extra=[*b.serve_extra, flag, spec])
+        _say(f"{label} {spec}: {res['images_per_s']:.0f} images/s ({res['images_per_s'] / b.capacity:.2f}x plain)")
+        return {key: {**res, "spec": spec, "ratio_to_plain": res["images_per_s"] / b.capacity}}
+
+    def rows(results: Results) -> list[tuple[str, str]]:
+        if key not in results:
+            return []
+        r = results[key]
+        return [(f"{row_label} `{r['spec']}`",
+                 f"{r['images_per_s']:.0f} images/s = {r['ratio_to_plain']:.2f}x plain")]
+
+    return Probe(run, rows, needs_capacity=True)
+
+
+# ---------------------------------------------------------------------------- arrays
+def _arrays(b: Bench) -> Results:
+    """Rows per second from a memory-mapped dense .npy and from ragged sequences."""
+    rng = np.random.default_rng(0)
+    root = Path(b.scratch) / "arrays"
+    root.mkdir(exist_ok=True)
+    rows, shape, maxlen = 20_000, (32, 32), 200
+    np.save(root / "x.npy", rng.normal(size=(rows, *shape)).astype(np.float32))
+    np.save(root / "y.npy", rng.integers(0, 10, rows))
+    lengths = rng.integers(10, 400, rows)
+    np.save(root / "values.npy", rng.integers(1, 30_000, int(lengths.sum())).astype(np.int32))
+    np.save(root / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    out: Results = {"row_shape": list(shape), "maxlen": maxlen}
+    n = b.quick_n * 8
+    for name, data, extra in (
+        ("dense", root / "x.npy", ["--labels", str(root / "y.npy")]),
+        ("ragged", root / "values.npy", ["--offsets", str(root / "offsets.npy"), "--labels", str(root / "y.npy"),
+                                         "--maxlen", str(maxlen)]),
+    ):
+        with served(b, str(data), extra, size="8x8", ready=True) as server, \
+                LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S) as client:
+            it = iter(client)
+            for _ in range(4):
+                next(it)
+            got, started = 0, time.perf_counter()
+            while got < n:
+                got += len(next(it)[0])
+            out[f"{name}_rows_per_s"] = got / (time.perf_counter() - started)
+    _say(f"array data sets: {out['dense_rows_per_s']:.0f} rows/s dense float32 {out['row_shape']}, "
+         f"{out['ragged_rows_per_s']:.0f} rows/s ragged int32 padded to {out['maxlen']}")
+    return {"arrays": out}
+
+
+def _arrays_rows(results: Results) -> list[tuple[str, str]]:
+    if "arrays" not in results:
+        return []
+    r = results["arrays"]
+    return [(f"array data set, dense float32 rows of {r['row_shape']} (memory-mapped .npy)",
+             f"{r['dense_rows_per_s']:.0f} rows/s"),
+            (f"array data set, ragged int32 sequences padded to {r['maxlen']}", f"{r['ragged_rows_per_s']:.0f} rows/s")]
+
+
+# ---------------------------------------------------------------------------- curve
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _curve_keys(scratch: str) -> tuple[str, dict[str, Any]]:
+    """A server key directory with one allowed client; returns (dir, client kwargs)."""
+    import zmq.auth
+
+    keys = Path(scratch) / "curve"
+    (keys / "clients").mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(str(keys), "server")
+    zmq.auth.create_certificates(str(keys / "clients"), "bench")
+    return str(keys), {"server_public_key": str(keys / "server.key"),
+                       "client_keys": str(keys / "clients" / "bench.key_secret")}
+
+
+def _curve(b: Bench) -> Results:
+    # Over TCP without shared memory, so that every byte crosses the socket: with and without CURVE.
+    curve_dir, curve_client = _curve_keys(b.scratch)
+    plain = measure_service(b, n=b.quick_n, extra=[*b.serve_extra, "--no-shm"],
+                            endpoint=f"tcp://127.0.0.1:{_free_port()}")
+    secured = measure_service(b, n=b.quick_n, extra=[*b.serve_extra, "--no-shm", "--curve-dir", curve_dir],
+                              endpoint=f"tcp://127.0.0.1:{_free_port()}", client_kwargs=curve_client)
+    out = {"tcp_images_per_s": plain["images_per_s"], "curve_images_per_s": secured["images_per_s"],
+           "ratio": secured["images_per_s"] / plain["images_per_s"]}
+    _say(f"tcp without shm: {plain['images_per_s']:.0f} images/s; with CURVE: {secured['images_per_s']:.0f} "
+         f"({out['ratio']:.2f}x)")
+    return {"curve": out}
+
+
+def _curve_rows(results: Results) -> list[tuple[str, str]]:
+    if "curve" not in results:
+        return []
+    r = results["curve"]
+    return [("CurveZMQ encryption (tcp loopback, no shared memory)",
+             f"{r['curve_images_per_s']:.0f} against {r['tcp_images_per_s']:.0f} images/s = {r['ratio']:.2f}x")]
+
+
+# ---------------------------------------------------------------------------- multiserver
+def _merged_rate(b: Bench, servers: int, extra: list[str], n: int) -> float:
+    """Images/s from `servers` servers on separate loopback addresses, merged by one client."""
+    with ExitStack() as stack:
+        procs = [stack.enter_context(served(b, b.data, extra, endpoint=f"tcp://127.0.0.{2 + i}:{_free_port()}",
+                                            ready=True)) for i in range(servers)]
+        with LoaderClient([p.endpoint for p in procs], timeout_s=CLIENT_TIMEOUT_S, prefetch=4) as client:
+            it = iter(client)
+            for _ in range(_MULTI_WARMUP_BATCHES * servers):  # drain what was built while starting
+                next(it)
+            got, started = 0, time.perf_counter()
+            while got < n:
+                got += len(next(it)[0])
+            return got / (time.perf_counter() - started)
+
+
+def _multiserver(b: Bench) -> Results:
+    # Latency-bound workers (slow storage, reads inline): one host's CPUs are not the limit.
+    slow = [*b.serve_extra, "--simulate-read-latency-ms", str(b.read_latency_ms), "--read-threads", "0"]
+    n = 4 * b.batch_size if b.quick else 16 * b.batch_size
+    one, two = _merged_rate(b, 1, slow, n), _merged_rate(b, 2, slow, n)
+    out = {"one": one, "two": two, "ratio": two / one, "read_latency_ms": b.read_latency_ms}
+    _say(f"latency-bound: 1 server {one:.0f} images/s, 2 servers {two:.0f} ({out['ratio']:.2f}x)")
+    return {"multiserver": out}
+
+
+def _multiserver_rows(results: Results) -> list[tuple[str, str]]:
+    if "multiserver" not in results:
+        return []
+    r = results["multiserver"]
+    return [(f"two servers (127.0.0.2, 127.0.0.3), latency-bound (+{r['read_latency_ms']:g} ms per read, inline)",
+             f"{r['two']:.0f} against {r['one']:.0f} images/s from one = {r['ratio']:.2f}x")]
+
+
+# ---------------------------------------------------------------------------- scaling
+def _scaling(b: Bench) -> Results:
+    out: dict[int, Results] = {}
+    for w in b.scaling:
+        res = measure_service(b, n=b.quick_n, workers=w)
+        out[w] = res
+        _say(f"scaling: {w} workers {res['images_per_s']:.0f} images/s")
+    return {"scaling": out}
+
+
+def _scaling_tables(results: Results) -> list[str]:
+    if "scaling" not in results:
+        return []
+    lines = ["", "| workers | images/s | peak PSS MB |", "|---|---|---|"]
+    for w, r in results["scaling"].items():
+        lines.append(f"| {w} | {r['images_per_s']:.0f} | {r['peak_pss_mb']:.0f} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------- ttfb
+def _ttfb(b: Bench) -> Results:
+    """Time from starting the server to the first batch, with a list file of a million lines."""
+    lines = 20_000 if b.quick else 1_000_000
+    listfile = Path(b.scratch) / "million.txt"
+    with open(listfile, "wb") as f:
+        rel = [os.fsencode(b.index.path(i)) for i in range(len(b.index))]
+        for i in range(lines):
+            f.write(rel[i % len(rel)] + b" %d\n" % b.index.labels[i % len(rel)])
+    with served(b, str(listfile), []) as server:
+        pss = PssSampler(server.pid)
+        try:
+            with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S) as client:
+                next(iter(client))
+                ttfb = time.perf_counter() - server.started
+                for _ in range(20):
+                    client.next()
+        finally:
+            server.stop()
+            peak = pss.stop()
+    _say(f"time to first batch with {lines} lines: {ttfb:.2f} s")
+    return {"ttfb_million": {"lines": lines, "time_to_first_batch_s": ttfb, "peak_pss_mb": peak}}
+
+
+def _ttfb_rows(results: Results) -> list[tuple[str, str]]:
+    if "ttfb_million" not in results:
+        return []
+    r = results["ttfb_million"]
+    return [(f"time to first batch, {r['lines']:,}-line list file",
+             f"{r['time_to_first_batch_s']:.2f} s; peak PSS {r['peak_pss_mb']:.0f} MB")]
+
+
+# ---------------------------------------------------------------------------- stages
+def _stages(b: Bench) -> Results:
+    """CPU milliseconds per image of each stage, measured on its own in this process."""
+    import cv2
+    import zmq
+
+    from loader_client import protocol
+
+    n, size, batch_size = (128 if b.quick else 512), b.size, b.batch_size
+    cv2.setNumThreads(1)
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+    paths = b.paths(n)
+
+    def cpu_ms(fn: Callable[[], Any], count: int) -> float:
+        fn()
+        t = time.process_time()
+        fn()
+        return (time.process_time() - t) * 1000 / count
+
+    def read_all() -> list[bytes]:
+        out = []
+        for p in paths:
+            with open(p, "rb") as f:
+                out.append(f.read())
+        return out
+
+    blobs = read_all()
+    imgs = [img for blob in blobs if (img := cv2.imdecode(np.frombuffer(blob, np.uint8), flag)) is not None]
+    batch = np.empty((batch_size, size[1], size[0], 3), np.uint8)
+    out: dict[str, float] = {}
+    out["read"] = cpu_ms(read_all, n)
+    out["decode"] = cpu_ms(lambda: [cv2.imdecode(np.frombuffer(blob, np.uint8), flag) for blob in blobs], n)
+    out["resize"] = cpu_ms(lambda: [cv2.resize(im, size, dst=batch[i % batch_size]) for i, im in enumerate(imgs)], n)
+    labels = b.index.labels
+    idx = np.arange(batch_size) % len(b.index)
+    out["collate"] = cpu_ms(lambda: [labels[idx] for _ in range(n // batch_size)], n)
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    endpoint = f"ipc://{b.scratch}/stages.sock"
+    pull.bind(endpoint)
+    push.connect(endpoint)
+    head = protocol.pack("batch", arrays=protocol.describe_arrays({"x": batch}))
+    batches = max(4, n // batch_size)
+    done = threading.Event()
+    recv_cpu: list[float] = []
+
+    def receiver() -> None:
+        t = time.thread_time()
+        for _ in range(batches):
+            frames = pull.recv_multipart(copy=False)
+            protocol.build_arrays(protocol.unpack(frames[0])["arrays"], frames[1:])
+        recv_cpu.append(time.thread_time() - t)
+        done.set()
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    t, wall = time.thread_time(), time.perf_counter()
+    for _ in range(batches):
+        push.send_multipart([head, batch], copy=False)  # type: ignore[list-item]  # a buffer, as the workers send
+    send_cpu = time.thread_time() - t
+    done.wait(60)
+    wall = time.perf_counter() - wall
+    thread.join(60)
+    push.close(0)
+    pull.close(0)
+    ctx.term()
+    images = batches * batch_size
+    out["send (Python side)"] = send_cpu * 1000 / images
+    out["receive (Python side)"] = (recv_cpu[0] if recv_cpu else float("nan")) * 1000 / images
+    # ZeroMQ's I/O threads copy the bytes through the kernel: the wall time of a transfer shows
+    # what the shared-memory path (no copy at all) saves per image.
+    out["socket transfer over ipc (wall, frames path only)"] = wall * 1000 / images
+    return {"stages_cpu_ms_per_image": out}
+
+
+def _stages_tables(results: Results) -> list[str]:
+    if "stages_cpu_ms_per_image" not in results:
+        return []
+    st = results["stages_cpu_ms_per_image"]
+    return ["", "| stage | CPU ms per image |", "|---|---|", *(f"| {k} | {v:.3f} |" for k, v in st.items())]
+
+
+#: name -> probe, in the order they run and appear in results.md.
+PROBES: dict[str, Probe] = {
+    "strict": Probe(_strict, _strict_rows, default=False),
+    "stall": Probe(_stall, _stall_rows, needs_capacity=True),
+    "float32": Probe(_float32, _float32_rows, needs_capacity=True),
+    "slow": Probe(_slow, _slow_rows, needs_capacity=True),
+    "augment": _pipeline_variant("augment", "--augment", "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)",
+                                 "augmented", "augmentations"),
+    "transform": _pipeline_variant("transform", "--transform", "loader_server.sample_data:example_transform",
+                                   "user transform", "user transform"),
+    "arrays": Probe(_arrays, _arrays_rows),
+    "curve": Probe(_curve, _curve_rows),
+    "multiserver": Probe(_multiserver, _multiserver_rows),
+    "scaling": Probe(_scaling, tables=_scaling_tables),
+    "ttfb": Probe(_ttfb, _ttfb_rows),
+    "stages": Probe(_stages, tables=_stages_tables),
+}

@@ -1,0 +1,239 @@
+"""The systems compared side by side, each a function of the `Bench` returning images/s (and more).
+
+* ``percore``: one process reading, decoding and resizing, no batching (the per-core limit);
+* ``service``: ``loader-server serve`` with N workers, consumed by a client in this process
+  that touches every batch (also: ``next()`` latency, time to first batch, peak PSS);
+* ``classic``: the classic single-process generator (imread, resize, /255 as float64, np.array);
+* ``torch``: torch DataLoader with the same decode function and worker count (if installed).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from loader_client import LoaderClient
+from loader_client.errors import LoaderError
+from loader_server.launch import ServerProcess, ServerProcessError, children_of
+
+from .context import Bench
+
+__all__ = ["SYSTEMS", "measure_service", "served", "decode_fn", "PssSampler"]
+
+#: Seconds a benchmark client waits for a batch before it gives up.
+CLIENT_TIMEOUT_S = 120.0
+
+
+def decode_fn(size: tuple[int, int]) -> Callable[[str], np.ndarray]:
+    """The shared per-image work: read bytes, imdecode to RGB, resize (INTER_LINEAR)."""
+    import cv2
+
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+
+    def decode(path: str) -> np.ndarray:
+        with open(path, "rb") as f:
+            img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), flag)
+        if img is None:
+            raise ValueError(f"{path}: not a decodable image (run `loader-server check` on the data set)")
+        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+
+    return decode
+
+
+def measure_percore(bench: Bench) -> dict[str, Any]:
+    import cv2
+
+    cv2.setNumThreads(1)
+    n = bench.n
+    decode = decode_fn(bench.size)
+    paths = bench.paths(n + 16)
+    for p in paths[:16]:
+        decode(p)
+    started, cpu = time.perf_counter(), time.process_time()
+    for p in paths[16:]:
+        decode(p)
+    wall = time.perf_counter() - started
+    return {"images_per_s": n / wall, "cpu_ms_per_image": (time.process_time() - cpu) * 1000 / n}
+
+
+def measure_classic(bench: Bench) -> dict[str, Any]:
+    import cv2
+
+    cv2.setNumThreads(1)
+    batch_size, size = bench.batch_size, bench.size
+
+    def train_data(paths: list[str], labels: np.ndarray) -> Any:  # the classic write-up's generator
+        for i in range(0, len(paths) - batch_size + 1, batch_size):
+            imgs = [cv2.resize(cv2.imread(p), size) / 255 for p in paths[i : i + batch_size]]  # type: ignore[arg-type]
+            yield np.array(imgs), np.array(labels[i : i + batch_size])
+
+    paths = bench.paths(bench.n + 2 * batch_size)
+    labels = bench.index.labels[np.arange(len(paths)) % len(bench.index)]
+    gen = train_data(paths, labels)
+    next(gen), next(gen)
+    started, cpu, got = time.perf_counter(), time.process_time(), 0
+    for x, _ in gen:
+        got += len(x)
+    wall = time.perf_counter() - started
+    return {"images_per_s": got / wall, "cpu_ms_per_image": (time.process_time() - cpu) * 1000 / got}
+
+
+def measure_torch(bench: Bench) -> dict[str, Any] | None:
+    try:
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    decode = decode_fn(bench.size)
+    paths = bench.paths(bench.n + 2 * bench.batch_size)
+    labels = bench.index.labels[np.arange(len(paths)) % len(bench.index)]
+
+    class Images(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+            return decode(paths[i]), int(labels[i])
+
+    def init(_: int) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)
+
+    loader = DataLoader(Images(), batch_size=bench.batch_size, num_workers=bench.workers, persistent_workers=True,
+                        prefetch_factor=2, worker_init_fn=init, drop_last=True)
+    it = iter(loader)
+    next(it), next(it)
+    started, got, touched = time.perf_counter(), 0, 0
+    for x, _ in it:
+        touched += int(x[0, 0, 0, 0])
+        got += len(x)
+    wall = time.perf_counter() - started
+    del it, loader
+    return {"images_per_s": got / wall}
+
+
+class PssSampler:
+    """Samples the proportional set size of a process and its children until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_mb, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self.pid and not self._stop.wait(0.1):
+            self.peak_mb = max(self.peak_mb, sum(_pss_kb(p) for p in [self.pid, *children_of(self.pid)]) / 1024)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@contextmanager
+def served(bench: Bench, data: str, extra: list[str], *, workers: int | None = None, endpoint: str | None = None,
+           size: str | None = None, ready: bool = False) -> Iterator[ServerProcess]:
+    """``loader-server serve`` on `data` with the run's batch size, size and workers, stopped at the end.
+
+    `ready`: wait until it answers health first (not where the time to first batch is measured,
+    which counts from the start of the process). A client error of a server that died says so,
+    with the server's log.
+    """
+    server = ServerProcess(data, "--batch-size", str(bench.batch_size), "--size", size or bench.size_text,
+                           "--workers", str(workers or bench.workers), "--log-level", "WARNING", *extra,
+                           endpoint=endpoint)
+    try:
+        if ready:
+            server.wait_ready(CLIENT_TIMEOUT_S)
+        yield server
+    except ServerProcessError:
+        raise
+    except LoaderError as exc:
+        if not server.running():
+            raise server.failure(f"exited with code {server.proc.returncode} while measured ({exc})") from exc
+        raise
+    finally:
+        code = server.stop()
+        if code != 0:
+            print(f"loader-server bench: warning: {server.failure(f'exited with code {code} at SIGTERM')}",
+                  file=sys.stderr)
+
+
+def measure_service(bench: Bench, *, n: int | None = None, workers: int | None = None, extra: list[str] | None = None,
+                    step_fraction: float | None = None, client_kwargs: dict[str, Any] | None = None,
+                    warmup: int = 2, endpoint: str | None = None, sample_pss: bool = True) -> dict[str, Any]:
+    """Serve the data, consume `n` images after `warmup` batches, touching one byte per batch.
+
+    `extra`: the serve flags (default: --serve-args). With `step_fraction`, a simulated training
+    step follows every batch, long enough that the trainer consumes that fraction of the loader's
+    capacity (`bench.capacity` images/s), and the data stall (time waiting in next() over wall
+    time) is measured.
+    """
+    n = bench.n if n is None else n
+    batch_size, capacity = bench.batch_size, bench.capacity
+    with served(bench, bench.data, bench.serve_extra if extra is None else extra, workers=workers,
+                endpoint=endpoint) as server:
+        pss = PssSampler(server.pid if sample_pss else 0)
+        try:
+            with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S,
+                              **{"prefetch": 4, **(client_kwargs or {})}) as client:
+                it = iter(client)
+                next(it)
+                ttfb = time.perf_counter() - server.started
+                for _ in range(warmup - 1):
+                    next(it)
+                step_s = 0.0 if step_fraction is None or not capacity else batch_size / (capacity * step_fraction)
+                latencies: list[float] = []
+                got = touched = 0
+                waited = 0.0
+                started = time.perf_counter()
+                while got < n:
+                    t0 = time.perf_counter()
+                    x, _ = next(it)[:2]
+                    dt = time.perf_counter() - t0
+                    latencies.append(dt)
+                    waited += dt
+                    touched += int(x.reshape(-1)[0])
+                    got += len(x)
+                    if step_s:
+                        time.sleep(step_s)
+                wall = time.perf_counter() - started
+        finally:
+            server.stop()
+            peak = pss.stop()
+    ms = np.array(latencies) * 1000
+    return {"images_per_s": got / wall, "next_p50_ms": float(np.percentile(ms, 50)),
+            "next_p99_ms": float(np.percentile(ms, 99)), "stall_pct": 100 * waited / wall,
+            "time_to_first_batch_s": ttfb, "peak_pss_mb": peak, "step_ms": step_s * 1000}
+
+
+def _service(bench: Bench) -> dict[str, Any]:
+    return measure_service(bench)
+
+
+#: name -> measurement; the order of the report's table.
+SYSTEMS: dict[str, Callable[[Bench], dict[str, Any] | None]] = {
+    "percore": measure_percore,
+    "service": _service,
+    "classic": measure_classic,
+    "torch": measure_torch,
+}

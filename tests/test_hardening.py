@@ -1,0 +1,360 @@
+"""A hostile peer, for real: messages that used to kill the server, floods, and what stays bounded.
+
+Every attack is bounded in count and time and sent to loopback or to this test's own ipc
+sockets. After each one, a well-behaved client must still be served correctly.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from loader_client import LoaderClient, LoaderError, ServerError, protocol
+from loader_server.runtime.transport import SEND_QUEUE_BATCHES
+
+from .conftest import free_port, unique_label_list, wait_until
+
+N = 40
+ARGS = ("--batch-size", "4", "--size", "16x12", "--workers", "2")
+V = protocol.PROTOCOL_VERSION
+
+
+@pytest.fixture
+def listfile(tmp_path: Path) -> Path:
+    return unique_label_list(tmp_path / "data", N)
+
+
+_SOCKETS: list[zmq.Socket[Any]] = []
+
+
+@pytest.fixture
+def ctx() -> Any:
+    context = zmq.Context()
+    yield context
+    while _SOCKETS:
+        _SOCKETS.pop().close(linger=0)
+    context.term()
+
+
+def raw(ctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if "[" in endpoint:
+        sock.setsockopt(zmq.IPV6, 1)
+    sock.connect(endpoint)
+    _SOCKETS.append(sock)
+    return sock
+
+
+def answer(sock: zmq.Socket[Any], skip: tuple[str, ...] = ("heartbeat",)) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert sock.poll(10_000), "no answer"
+        header = protocol.unpack(sock.recv_multipart()[0])
+        if header["t"] not in skip:
+            return header
+    raise AssertionError("only heartbeats")
+
+
+def still_serves(endpoint: str, batches: int = 12) -> None:
+    """A well-behaved client gets exact, labelled batches."""
+    with LoaderClient(endpoint, timeout_s=20) as client:
+        for _ in range(batches):
+            x, y = client.next()
+            assert x.shape == (4, 12, 16, 3)
+            assert client.last is not None
+            np.testing.assert_array_equal(y, client.last.indices)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of the server process itself (where sessions' batches wait)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+# ---------------------------------------------------------------------------- one message
+@pytest.mark.parametrize("fields", [
+    {"client": "trainer\x00evil"},  # used to reach memfd_create and kill the server
+    {"client": "line one\nloader-server ERROR forged"},  # used to forge log lines
+    {"client": "x" * 10_000},
+    {"epoch": 2**64 - 1},  # used to overflow the next task's key
+    {"epoch": 2**31},
+    {"batch": -1},
+    {"seed": 2**63},
+    {"world_size": 0},
+    {"rank": 3, "world_size": 3},
+    {"credit": -5},
+    {"fingerprint": 12},
+    {"shm": "yes"},
+])
+def test_no_hello_kills_the_server(start_server: Any, listfile: Path, ctx: Any, fields: dict[str, Any]) -> None:
+    server = start_server(listfile, *ARGS)
+    sock = raw(ctx, server.endpoint)
+    sock.send(msgpack.packb({"v": V, "t": "hello", "shm": True, "credit": 4, **fields}))
+    reply = answer(sock)
+    assert reply["t"] == "error" and reply["kind"] in ("protocol", "config"), reply
+    assert server.proc.poll() is None
+    still_serves(server.endpoint)
+    assert "forged" not in "".join(line for line in server.log_text().splitlines() if line.startswith("loader"))
+
+
+def test_rank_and_world_size_refusal_names_both(start_server: Any, listfile: Path, ctx: Any) -> None:
+    server = start_server(listfile, *ARGS)
+    sock = raw(ctx, server.endpoint)
+    sock.send(msgpack.packb({"v": V, "t": "hello", "rank": 2, "world_size": 2}))
+    reply = answer(sock)
+    assert reply["kind"] == "config" and "rank 2" in reply["message"] and "world_size 2" in reply["message"]
+
+
+def test_fuzzed_requests_never_stop_the_server(start_server: Any, listfile: Path, ctx: Any) -> None:
+    """300 random requests of every type, with random field values: each is answered or ignored."""
+    server = start_server(listfile, *ARGS)
+    rng = np.random.default_rng(0)
+    values: list[Any] = [None, True, -1, 0, 1, 2**31, 2**63, 2**64 - 1, -(2**63), 0.5, "", "a\x00", "\n" * 3,
+                         "x" * 300, b"\xff", [], [1, "a"], {"a": 1}, [2**40]]
+    names = ["rank", "world_size", "epoch", "batch", "seed", "fingerprint", "credit", "client", "shm", "augment",
+             "n", "slots", "zzz"]
+    sock = raw(ctx, server.endpoint)
+    for _ in range(300):
+        t = str(rng.choice(["hello", "credit", "release", "ping", "bye", "health", "stats"]))
+        fields = {str(k): values[int(rng.integers(len(values)))] for k in rng.choice(names, size=3)}
+        sock.send(msgpack.packb({"v": V, "t": t, **fields}, use_bin_type=True))
+    time.sleep(0.5)
+    assert server.proc.poll() is None
+    still_serves(server.endpoint)
+
+
+# ---------------------------------------------------------------------------- bounds
+def test_a_client_that_grants_credit_and_never_reads_stays_within_its_bound(
+        start_server: Any, tmp_path: Path, ctx: Any) -> None:
+    """Per session: prefetch batches built ahead + at most 8 queued in the socket (frames path)."""
+    listfile = unique_label_list(tmp_path / "data", 64, size=(300, 300))
+    prefetch, batch_bytes = 4, 16 * 224 * 224 * 3
+    server = start_server(listfile, "--batch-size", "16", "--size", "224x224", "--workers", "2",
+                          "--prefetch", str(prefetch))
+    with LoaderClient(server.endpoint, timeout_s=20, shared_memory=False) as warm:  # warm up the allocator
+        for _ in range(30):
+            warm.next()
+    time.sleep(1)
+    before = rss_mb(server.proc.pid)
+    greedy = raw(ctx, server.endpoint)
+    greedy.setsockopt(zmq.RCVHWM, 1)  # reads nothing; let the queues fill on the server's side
+    greedy.send(msgpack.packb({"v": V, "t": "hello", "shm": False, "credit": 10**6}))
+    for _ in range(200):
+        greedy.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
+    deadline = time.monotonic() + 6
+    peak = before
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_mb(server.proc.pid))
+        time.sleep(0.1)
+    # prefetch built ahead + SEND_QUEUE_BATCHES in the socket + 4 batches of slack (kernel buffers, allocator)
+    bound_mb = (prefetch + SEND_QUEUE_BATCHES + 4) * batch_bytes / 2**20
+    assert peak - before < bound_mb, (before, peak, bound_mb)
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        started = time.monotonic()
+        for _ in range(8):
+            client.next()
+        assert time.monotonic() - started < 15
+
+
+def test_more_clients_than_max_clients_are_refused_with_the_setting(start_server: Any, listfile: Path) -> None:
+    server = start_server(listfile, *ARGS, "--max-clients", "2")
+    a = LoaderClient(server.endpoint, timeout_s=20)
+    b = LoaderClient(server.endpoint, timeout_s=20)
+    try:
+        with pytest.raises(ServerError, match="--max-clients 2"):
+            LoaderClient(server.endpoint, timeout_s=20)
+        a.close()
+        wait_until(lambda: "left (said goodbye)" in server.log_text(), 10, "the first client to leave")
+        with LoaderClient(server.endpoint, timeout_s=20) as c:  # a place is free again
+            c.next()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_idle_connections_do_not_lock_out_clients(start_server: Any, listfile: Path, ctx: Any) -> None:
+    port = free_port()
+    server = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
+    idle = [raw(ctx, f"tcp://127.0.0.1:{port}") for _ in range(600)]  # connect, complete ZMTP, say nothing
+    for s in idle[:5]:
+        s.send(msgpack.packb({"v": V, "t": "ping"}))  # a few even talk
+    time.sleep(1.0)
+    still_serves(f"tcp://127.0.0.1:{port}")
+    assert server.proc.poll() is None
+
+
+def test_oversized_and_multi_frame_requests(start_server: Any, listfile: Path, ctx: Any) -> None:
+    server = start_server(listfile, *ARGS)
+    multi = raw(ctx, server.endpoint)
+    multi.send_multipart([msgpack.packb({"v": V, "t": "ping"})] * 3)
+    assert answer(multi)["kind"] == "protocol"
+    huge = raw(ctx, server.endpoint)
+    huge.send(b"\x00" * (256 * 1024))  # over the 64 KiB request limit: disconnected, no reply
+    assert not huge.poll(500)
+    still_serves(server.endpoint)
+
+
+def test_files_are_bounded_before_they_are_read(start_server: Any, tmp_path: Path) -> None:
+    listfile = unique_label_list(tmp_path / "data", 8)
+    big = tmp_path / "data" / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(2 << 20)  # sparse: 2 MiB of zeros
+    lines = listfile.read_text().splitlines()
+    lines[1] = "/dev/zero 1"
+    lines[2] = f"{big} 2"
+    listfile.write_text("\n".join(lines) + "\n")
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-shuffle",
+                          "--on-error", "skip", "--max-bad", "2", "--max-file-bytes", str(1 << 20))
+    started = time.monotonic()
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        _, y = client.next()
+    assert time.monotonic() - started < 10
+    assert 1 not in y.tolist() and 2 not in y.tolist()
+    log = server.log_text()
+    assert "/dev/zero: not a regular file" in log
+    assert f"{big}: file of {2 << 20} bytes exceeds --max-file-bytes {1 << 20}" in log
+
+
+def test_log_volume_per_peer_is_bounded(start_server: Any, listfile: Path, ctx: Any) -> None:
+    server = start_server(listfile, *ARGS)
+    sock = raw(ctx, server.endpoint)
+    for _ in range(300):
+        sock.send(b"\x93 not msgpack")
+    time.sleep(1.0)
+    still_serves(server.endpoint)
+    lines = [line for line in server.log_text().splitlines() if "bad message" in line]
+    assert 1 <= len(lines) <= 10
+    assert "further messages this minute are not logged" in server.log_text()
+
+
+# ---------------------------------------------------------------------------- the worker channel
+def test_worker_channel_is_private_and_ignores_strangers(start_server: Any, listfile: Path, ctx: Any) -> None:
+    before = set(glob.glob("/tmp/loader-workers-*"))
+    server = start_server(listfile, *ARGS)
+    still_serves(server.endpoint, 2)
+    folders = [f for f in set(glob.glob("/tmp/loader-workers-*")) - before]
+    assert len(folders) == 1
+    folder = Path(folders[0])
+    st = folder.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+    if os.getuid() == 0:  # another user cannot even see the socket file
+        probe = subprocess.run(["stat", str(folder / "w.sock")], user=65534, capture_output=True, text=True,
+                               timeout=30)
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr
+    stranger = raw(ctx, f"ipc://{folder}/w.sock")  # same user: a stray process, flooding
+    for _ in range(2000):
+        stranger.send(msgpack.packb({"v": V, "t": "result", "id": 0, "arrays": [], "build_s": 0.0}))
+    time.sleep(1.0)
+    still_serves(server.endpoint)
+    assert server.log_text().count("from a peer that is not one of our workers") <= 2
+    server.stop()
+    assert not folder.exists()
+
+
+# ---------------------------------------------------------------------------- sockets and keys
+def test_abstract_ipc_is_refused_without_insecure(listfile: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "loader_server", "serve", "--data", str(listfile), "--bind",
+                             "ipc://@loader-test"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "abstract socket" in result.stderr and "--insecure" in result.stderr
+
+
+def test_ipc_socket_is_never_wider_than_0600(listfile: Path, tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "loader_server", "serve", "--data", str(listfile), "--bind",
+                             f"ipc://{path}", *ARGS], preexec_fn=lambda: os.umask(0), stderr=subprocess.DEVNULL)
+    modes = set()
+    try:
+        deadline = time.monotonic() + 30
+        first_seen = None
+        while time.monotonic() < deadline and (first_seen is None or time.monotonic() < first_seen + 1):
+            try:
+                modes.add(stat.S_IMODE(path.stat().st_mode))  # polled from its first moment on
+                first_seen = first_seen or time.monotonic()
+            except FileNotFoundError:
+                pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert modes == {0o600}
+
+
+def test_ipv6_loopback(start_server: Any, listfile: Path) -> None:
+    port = free_port()
+    server = start_server(listfile, *ARGS, endpoint=f"tcp://[::1]:{port}")
+    still_serves(server.endpoint, 3)
+
+
+def test_keygen_writes_private_keys_even_with_a_lax_umask(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    result = subprocess.run([sys.executable, "-m", "loader_server", "keygen", str(folder)],
+                            preexec_fn=lambda: os.umask(0), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "server.key_secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((folder / "server.key").stat().st_mode) == 0o644
+    again = subprocess.run([sys.executable, "-m", "loader_server", "keygen", str(folder)], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 2 and "never overwrites a secret key" in again.stderr
+
+
+def test_allow_list_changes_take_effect_without_a_restart(start_server: Any, listfile: Path, tmp_path: Path) -> None:
+    from loader_client import AuthenticationError
+
+    def keygen(where: Path, name: str) -> None:
+        subprocess.run([sys.executable, "-m", "loader_server", "keygen", str(where), "--name", name], check=True,
+                       capture_output=True, timeout=60)
+
+    keys = tmp_path / "server-keys"
+    keygen(keys, "server")
+    keygen(keys / "clients", "a")
+    keygen(tmp_path / "b", "b")
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--curve-dir", str(keys), endpoint=f"tcp://127.0.0.1:{port}")
+
+    def connect(secret: Path) -> LoaderClient:
+        return LoaderClient(f"tcp://127.0.0.1:{port}", timeout_s=10, server_public_key=str(keys / "server.key"),
+                            client_keys=str(secret))
+
+    with connect(keys / "clients" / "a.key_secret") as a:
+        a.next()
+    with pytest.raises(AuthenticationError):
+        connect(tmp_path / "b" / "b.key_secret")
+    shutil.copy(tmp_path / "b" / "b.key", keys / "clients" / "b.key")  # allow b
+    (keys / "clients" / "a.key").unlink()  # and revoke a
+    with connect(tmp_path / "b" / "b.key_secret") as b:
+        b.next()
+    with pytest.raises(AuthenticationError):
+        connect(keys / "clients" / "a.key_secret")
+    assert server.proc.poll() is None
+
+
+# ---------------------------------------------------------------------------- stopping on purpose
+def test_a_stopped_server_says_goodbye_at_once(start_server: Any, listfile: Path) -> None:
+    server = start_server(listfile, *ARGS)
+    client = LoaderClient(server.endpoint, timeout_s=30)
+    try:
+        client.next()
+        server.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        with pytest.raises(LoaderError, match="stopped") as info:
+            for _ in range(1000):
+                client.next()
+        assert time.monotonic() - started < 5, "the trainer waited for a timeout instead of the goodbye"
+        assert "SIGTERM" in str(info.value) and "died" not in str(info.value)
+        assert server.proc.wait(20) == 0
+    finally:
+        client.close()
