@@ -6,23 +6,28 @@
             ...
 """
 
-from .client import BatchInfo, LoaderClient, batches, health, server_stats
+from .client import BatchInfo, BatchTuple, LoaderClient, batches, health, server_stats
 from .errors import (
     AuthenticationError,
     BadSampleError,
     ConfigError,
+    EndpointError,
     LoaderError,
     LoaderTimeoutError,
     ProtocolError,
     ProtocolVersionError,
     ServerError,
+    ServerStoppedError,
     WorkerCrashedError,
 )
+from .options import ClientOptions
 from .protocol import PROTOCOL_VERSION
 
 __all__ = [
     "LoaderClient",
+    "ClientOptions",
     "BatchInfo",
+    "BatchTuple",
     "batches",
     "health",
     "server_stats",
@@ -36,5 +41,7 @@ __all__ = [
     "BadSampleError",
     "WorkerCrashedError",
     "ConfigError",
+    "EndpointError",
+    "ServerStoppedError",
 ]
 __version__ = "0.1.0"

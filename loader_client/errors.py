@@ -4,6 +4,7 @@ Catch the level you need::
 
     LoaderError                  base of everything raised on purpose
     ├── LoaderTimeoutError       (also a TimeoutError) the server did not answer in time
+    ├── ServerStoppedError       the server was stopped on purpose (SIGTERM, SIGINT) and said goodbye
     ├── AuthenticationError      the server refused the connection (CURVE keys)
     ├── ProtocolError            a message broke the wire format
     │   └── ProtocolVersionError client and server speak different protocol versions
@@ -11,6 +12,7 @@ Catch the level you need::
     │   ├── BadSampleError       a sample could not be read or decoded (names the file)
     │   └── WorkerCrashedError   a worker process died and the batch could not be rebuilt
     └── ConfigError              a setting or the data set index is invalid (names the setting/file)
+        └── EndpointError        an endpoint is not tcp://HOST:PORT or ipc://PATH
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "LoaderError",
     "LoaderTimeoutError",
+    "ServerStoppedError",
     "AuthenticationError",
     "ProtocolError",
     "ProtocolVersionError",
@@ -25,6 +28,7 @@ __all__ = [
     "BadSampleError",
     "WorkerCrashedError",
     "ConfigError",
+    "EndpointError",
 ]
 
 
@@ -34,6 +38,18 @@ class LoaderError(Exception):
 
 class LoaderTimeoutError(LoaderError, TimeoutError):
     """The server did not answer within the client's `timeout_s`."""
+
+
+class ServerStoppedError(LoaderError):
+    """The server was stopped on purpose (SIGTERM, SIGINT) and said goodbye: no more batches will come.
+
+    `reason` is the server's own words. Restart the server and resume from your last
+    `state_dict()`.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class AuthenticationError(LoaderError):
@@ -62,6 +78,10 @@ class WorkerCrashedError(ServerError):
 
 class ConfigError(LoaderError, ValueError):
     """A setting or the data set index is invalid; the message names the setting, file or line."""
+
+
+class EndpointError(ConfigError):
+    """An endpoint is not ``tcp://HOST:PORT`` or ``ipc://PATH``; the message shows a correct one."""
 
 
 #: Error kinds carried on the wire, mapped to the exception the client raises.

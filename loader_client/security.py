@@ -37,7 +37,7 @@ def load_key_pair(value: Any) -> tuple[bytes, bytes]:
     return load_public_key(public), load_public_key(secret)
 
 
-def apply_curve(sock: zmq.Socket, server_public_key: Any, client_keys: Any) -> None:
+def apply_curve(sock: zmq.Socket[Any], server_public_key: Any, client_keys: Any) -> None:
     """Make `sock` a CURVE client of the server with that public key (no-op without one)."""
     if not server_public_key:
         if client_keys:

@@ -1,68 +1,161 @@
 """Shared-memory arenas: the same-host fast path for batch pixels.
 
-For a client on the same host, the server creates one anonymous arena per session
-(``memfd_create``: no name in /dev/shm, nothing to leak when a process is killed) split into
-fixed-size slots. Workers decode straight into a slot; only the slot number travels over
-ZeroMQ; the client copies the pixels out (one memcpy, so the arrays it returns stay valid
-forever) and gives the slot back. That replaces four kernel copies of every batch (worker to
-server to client over sockets) with one.
+For a client on the same host, the server creates one anonymous arena per session with
+`create_arena`: a ``memfd`` (no name in /dev/shm, nothing to leak when a process is killed),
+sized once and sealed (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``) so that nobody, the
+server included, can truncate it under a mapping and kill the trainer with SIGBUS. Workers
+decode straight into a slot; only the slot number travels over ZeroMQ.
 
-Processes reach the arena through ``/proc/<server pid>/fd/<fd>``, which Linux allows only to
-the same user (or a process allowed to ptrace the server); a client that cannot open it
-falls back to frames over the socket.
+The client trusts none of what the server says about the arena. `open_arena` builds the
+path ``/proc/<pid>/fd/<fd>`` from two integers of the welcome (never a path the server sent),
+and after opening checks what the descriptor really is: a memfd (its link reads
+``/memfd:...``, and ``F_GET_SEALS`` succeeds, which it does only on a memfd), a regular file
+with the announced inode, large enough for every slot, and sealed against shrinking. Linux
+lets only the same user (or a process allowed to ptrace the server) open another process's
+fd; a client that cannot open it falls back to frames over the socket.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import math
 import mmap
 import os
+import re
+import stat
 from typing import Any
 
 import numpy as np
 
 from .errors import ProtocolError
+from .messages import ArenaHandle
 from .protocol import ALLOWED_DTYPES
 
-__all__ = ["Arena", "create_arena", "shm_available"]
+__all__ = ["Arena", "create_arena", "open_arena", "shm_available", "ARENA_SEALS", "MAX_ARENA_NAME"]
 
 _PAGE = mmap.PAGESIZE
+#: Seals every arena carries: its size can never change, and no seal can be removed or added.
+ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+#: Longest memfd name passed to the kernel (it allows 249 bytes).
+MAX_ARENA_NAME = 64
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def shm_available() -> bool:
-    """True where anonymous shared memory can be created and shared (Linux)."""
-    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+    """True where sealed anonymous shared memory can be created and shared (Linux)."""
+    return (hasattr(os, "memfd_create") and hasattr(os, "MFD_ALLOW_SEALING") and hasattr(fcntl, "F_GET_SEALS")
+            and os.path.isdir("/proc/self/fd"))
+
+
+def arena_name(name: str) -> str:
+    """`name` made safe for memfd_create: letters, digits, ``._-`` only, at most MAX_ARENA_NAME."""
+    return _UNSAFE_NAME_CHARS.sub("_", name)[:MAX_ARENA_NAME] or "arena"
 
 
 def create_arena(name: str, slots: int, slot_bytes: int) -> tuple[int, int]:
-    """Create an arena of `slots` page-aligned slots; returns (fd, slot stride in bytes)."""
+    """Create a sealed arena of `slots` page-aligned slots; returns (fd, slot stride in bytes).
+
+    The memfd is sized, then sealed against shrinking, growing and further sealing, before
+    its fd is announced to anyone. `name` (a client may choose part of it) is sanitised.
+    """
+    if not (isinstance(slots, int) and slots >= 1):
+        raise ValueError(f"an arena needs at least one slot, got {slots!r}")
     stride = math.ceil(max(slot_bytes, 1) / _PAGE) * _PAGE
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    fd = os.memfd_create(arena_name(name), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, stride * slots)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
     except OSError:
         os.close(fd)
         raise
     return fd, stride
 
 
+def open_arena(handle: ArenaHandle, *, writable: bool = True) -> Arena | None:
+    """Map the arena `handle` announces, after checking it is that sealed memfd.
+
+    Returns None when this process may not open the descriptor at all (another user, another
+    pid namespace): the caller falls back to frames. Raises `ProtocolError` when what it
+    opened is not the announced arena (a regular file, a pipe, a memfd that is not sealed
+    against shrinking, the wrong inode, too small).
+    """
+    path = handle.path  # built from two integers, never a path the server sent
+    try:
+        target = os.readlink(path)  # a first look, so nothing but a memfd is ever opened; checked again below
+    except OSError:
+        return None
+    if not target.startswith("/memfd:"):
+        raise ProtocolError(f"the shared-memory arena announced as {path} is not a memfd but {target[:120]!r}: "
+                            "the server tried to make this client map something else")
+    try:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        _check_is_arena(fd, handle)
+        return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=path)
+    finally:
+        os.close(fd)
+
+
+def _check_is_arena(fd: int, handle: ArenaHandle) -> None:
+    where = f"the shared-memory arena announced as {handle.path}"
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    if not target.startswith("/memfd:"):
+        raise ProtocolError(f"{where} is not a memfd but {target[:120]!r}: the server tried to make this client "
+                            "map something else")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise ProtocolError(f"{where} is not a regular memfd")
+    if info.st_ino != handle.inode:
+        raise ProtocolError(f"{where} has inode {info.st_ino}, not the announced {handle.inode}")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise ProtocolError(f"{where} is not a memfd (F_GET_SEALS refused)") from None
+        raise ProtocolError(f"{where}: F_GET_SEALS failed ({exc.strerror})") from None
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ProtocolError(f"{where} is not sealed against shrinking (seals {seals:#x}): a truncation could kill "
+                            "this trainer with SIGBUS, so it is not mapped")
+    needed = handle.slots * handle.stride
+    if info.st_size < needed:
+        raise ProtocolError(f"{where} holds {info.st_size} bytes, but {handle.slots} slots of {handle.stride} "
+                            f"need {needed}")
+
+
 class Arena:
-    """A mapping of an arena created by the server, opened through its /proc path."""
+    """A mapping of an arena: `slots` slots of `stride` bytes."""
 
     def __init__(self, path: str, slots: int, stride: int, *, writable: bool) -> None:
-        if not path.startswith("/proc/") or "/fd/" not in path:
+        """Open `path` (a /proc/PID/fd/N path the caller built itself) without the memfd checks.
+
+        Used by the server's own workers, whose parent created the arena; a client uses
+        `open_arena`, which checks the descriptor first.
+        """
+        if not re.fullmatch(r"/proc/[0-9]+/fd/[0-9]+", path):
             raise ProtocolError(f"shared-memory path {path!r} is not a /proc/PID/fd/N path")
-        self.path, self.slots, self.stride = path, slots, stride
-        flags = os.O_RDWR if writable else os.O_RDONLY
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
-            if size < slots * stride:
-                raise ProtocolError(f"shared-memory arena {path} holds {size} bytes, expected {slots * stride}")
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self._map: mmap.mmap | None = mmap.mmap(fd, slots * stride, mmap.MAP_SHARED, prot)
+            self._setup(fd, slots, stride, writable, path)
         finally:
             os.close(fd)
+
+    @classmethod
+    def from_fd(cls, fd: int, slots: int, stride: int, *, writable: bool, path: str = "") -> Arena:
+        """Map `fd` (the caller keeps and closes it)."""
+        arena = cls.__new__(cls)
+        arena._setup(fd, slots, stride, writable, path)
+        return arena
+
+    def _setup(self, fd: int, slots: int, stride: int, writable: bool, path: str) -> None:
+        self.path, self.slots, self.stride = path, slots, stride
+        size = os.fstat(fd).st_size
+        if size < slots * stride:
+            raise ProtocolError(f"shared-memory arena {path} holds {size} bytes, expected {slots * stride}")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self._map: mmap.mmap | None = mmap.mmap(fd, slots * stride, mmap.MAP_SHARED, prot)
 
     def view(self, slot: int, dtype: Any, shape: tuple[int, ...] | list[int]) -> np.ndarray:
         """The array of `shape` and `dtype` at the start of `slot`, validated against the slot size."""
@@ -72,7 +165,8 @@ class Arena:
             if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
                 raise ProtocolError(f"shared-memory dtype {dtype!r} is not allowed")
             dtype = np.dtype(dtype)
-        if not (isinstance(shape, (list, tuple)) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, (list, tuple)) and len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
             raise ProtocolError(f"shared-memory shape {shape!r} is not a list of non-negative ints")
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.stride:

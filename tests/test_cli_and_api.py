@@ -54,7 +54,7 @@ def test_public_names() -> None:
     assert set(loader_client.__all__) == {
         "LoaderClient", "BatchInfo", "batches", "health", "server_stats", "PROTOCOL_VERSION", "LoaderError", "LoaderTimeoutError", "AuthenticationError",
         "ProtocolError", "ProtocolVersionError", "ServerError", "BadSampleError", "WorkerCrashedError",
-        "ConfigError",
+        "ConfigError", "EndpointError", "ServerStoppedError", "ClientOptions", "BatchTuple",
     }
     assert set(loader_server.__all__) == {"ServerConfig", "DatasetIndex", "load_index", "load_dataset", "Server"}
     for module in (loader_client, loader_server):

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import msgpack
-
-from loader_client.messages import CLIENT_REQUESTS, Hello
-from loader_client.schema import decode
 import numpy as np
 import pytest
 
-from loader_client import protocol
+from loader_client import messages, protocol, schema
 from loader_client.errors import ProtocolError, ProtocolVersionError
 
 
@@ -74,22 +71,32 @@ def test_version_mismatch_names_both_versions() -> None:
     assert f"version {protocol.PROTOCOL_VERSION}" in text and f"version {protocol.PROTOCOL_VERSION + 1}" in text
 
 
-def test_request_fields_are_allow_listed() -> None:
-    where = "from client c"
-    ok = decode({"v": 2, "t": "hello", "rank": 1, "world_size": 2, "seed": None}, CLIENT_REQUESTS, where)
-    assert isinstance(ok, Hello) and ok.rank == 1 and ok.seed is None
+def test_messages_decode_and_refuse_what_their_schema_does_not_allow() -> None:
+    hello = schema.decode({"v": 2, "t": "hello", "rank": 1, "seed": None}, messages.CLIENT_REQUESTS, "from a test")
+    assert hello == messages.Hello(rank=1, seed=None)
     with pytest.raises(ProtocolError, match="'path' is not allowed"):
-        decode({"v": 2, "t": "hello", "path": "/etc/passwd"}, CLIENT_REQUESTS, where)
-    with pytest.raises(ProtocolError, match="'rank' must be int"):
-        decode({"v": 2, "t": "hello", "rank": "0"}, CLIENT_REQUESTS, where)
-    with pytest.raises(ProtocolError, match="'n' must be int"):
-        decode({"v": 2, "t": "credit", "n": True}, CLIENT_REQUESTS, where)
+        schema.decode({"v": 2, "t": "hello", "path": "/etc/passwd"}, messages.CLIENT_REQUESTS, "from a test")
+    with pytest.raises(ProtocolError, match="'rank' must be int, got str"):
+        schema.decode({"v": 2, "t": "hello", "rank": "0"}, messages.CLIENT_REQUESTS, "from a test")
+    with pytest.raises(ProtocolError, match="'n' must be int, got bool"):
+        schema.decode({"v": 2, "t": "credit", "n": True}, messages.CLIENT_REQUESTS, "from a test")
     with pytest.raises(ProtocolError, match="'n' is required"):
-        decode({"v": 2, "t": "credit"}, CLIENT_REQUESTS, where)
-    with pytest.raises(ProtocolError, match="control characters"):
-        decode({"v": 2, "t": "hello", "client": "a\x00b"}, CLIENT_REQUESTS, where)
-    with pytest.raises(ProtocolError, match="'epoch' must be between"):
-        decode({"v": 2, "t": "hello", "epoch": 2**64 - 1}, CLIENT_REQUESTS, where)
+        schema.decode({"v": 2, "t": "credit"}, messages.CLIENT_REQUESTS, "from a test")
+    with pytest.raises(ProtocolError, match="'epoch' must be between 0 and 2147483647"):
+        schema.decode({"v": 2, "t": "hello", "epoch": 2**64 - 1}, messages.CLIENT_REQUESTS, "from a test")
+    with pytest.raises(ProtocolError, match="holds control characters"):
+        schema.decode({"v": 2, "t": "hello", "client": "a\0b"}, messages.CLIENT_REQUESTS, "from a test")
+    with pytest.raises(ProtocolError, match="unexpected message type 'batch'"):
+        schema.decode({"v": 2, "t": "batch"}, messages.CLIENT_REQUESTS, "from a test")
+
+
+def test_every_message_round_trips_through_encode_and_decode() -> None:
+    for table in _TABLES:
+        for cls in table.values():
+            message = _EXAMPLES[cls]
+            header = protocol.unpack(schema.encode(message))
+            assert header["v"] == protocol.PROTOCOL_VERSION and header["t"] == cls.TYPE
+            assert schema.decode(header, table, "from a test") == message
 
 
 def test_describe_refuses_object_and_non_contiguous_arrays() -> None:
@@ -109,6 +116,31 @@ _values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
     max_leaves=20,
 )
+_TABLES = [messages.CLIENT_REQUESTS, messages.HANDSHAKE_REPLIES, messages.STREAM_MESSAGES,
+           messages.HEALTH_REPLIES, messages.STATS_REPLIES]
+_ARENA = messages.ArenaHandle(id=1, pid=10, fd=3, inode=99, slots=4, stride=4096)
+_EXAMPLES: dict[type[schema.Message], schema.Message] = {
+    messages.Hello: messages.Hello(rank=1, world_size=2, epoch=3, batch=4, seed=5, fingerprint="ab", credit=4,
+                                   client="trainer", shm=True, augment=False),
+    messages.Credit: messages.Credit(n=3),
+    messages.Release: messages.Release(slots=[0, 3]),
+    messages.Ping: messages.Ping(),
+    messages.Bye: messages.Bye(),
+    messages.HealthRequest: messages.HealthRequest(),
+    messages.StatsRequest: messages.StatsRequest(),
+    messages.Welcome: messages.Welcome(
+        num_samples=10, num_classes=2, batch_size=2, steps_per_epoch=5, rank=0, world_size=1, seed=1, epoch=0, batch=0,
+        mode="epoch", in_order=True, drop_last=True, x_shape=[4, 4, 3], x_dtype="|u1", layout="hwc", color="rgb",
+        class_names=["a", "b"], fingerprint="f" * 16, heartbeat_s=0.5, max_message_bytes=1 << 20, shm=_ARENA),
+    messages.Batch: messages.Batch(epoch=0, batch=1, steps=5, arrays=[["y", "<i8", [2]]],
+                                   shm=messages.ShmRef(slot=1, arrays=[["x", "|u1", [2, 4, 4, 3]]])),
+    messages.Heartbeat: messages.Heartbeat(),
+    messages.Error: messages.Error(kind="bad_sample", message="bad", path="a.jpg", reason="corrupt", traceback="tb",
+                                   exit_code=1),
+    messages.Goodbye: messages.Goodbye(reason="SIGTERM"),
+    messages.HealthReply: messages.HealthReply(ok=True, workers_ready=1, workers=2, clients=0, batches_sent=9),
+    messages.StatsReply: messages.StatsReply(stats={"uptime_s": 1.5}),
+}
 _fuzz = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -124,14 +156,66 @@ def test_fuzz_unpack_random_bytes(data: bytes) -> None:
 
 @_fuzz
 @given(st.dictionaries(st.text(max_size=12), _values, max_size=8))
-def test_fuzz_unpack_and_validate_structured_messages(fields: dict[str, object]) -> None:
-    for t in CLIENT_REQUESTS:
-        raw = msgpack.packb({"v": protocol.PROTOCOL_VERSION, "t": t, **fields}, use_bin_type=True)
-        try:
-            message = decode(protocol.unpack(raw), CLIENT_REQUESTS, "from a fuzzer")
-        except ProtocolError:
-            continue
-        assert isinstance(message, CLIENT_REQUESTS[t])  # whatever passes is a well-typed message
+def test_fuzz_random_maps_decode_or_raise_protocol_error(fields: dict[str, object]) -> None:
+    for table in _TABLES:
+        for t in table:
+            raw = msgpack.packb({**fields, "v": protocol.PROTOCOL_VERSION, "t": t}, use_bin_type=True)
+            try:
+                message = schema.decode(protocol.unpack(raw), table, "from a fuzzer")
+            except ProtocolError:
+                continue
+            _assert_valid(message)
+
+
+@_fuzz
+@given(st.data())
+def test_fuzz_every_field_of_every_message(data: st.DataObject) -> None:
+    """Replace, drop or add one field of a valid message: it decodes to a valid message or raises ProtocolError."""
+    table = data.draw(st.sampled_from(_TABLES))
+    cls = data.draw(st.sampled_from(sorted(table.values(), key=lambda c: c.TYPE)))
+    fields = _EXAMPLES[cls].fields()
+    action = data.draw(st.sampled_from(["replace", "drop", "add", "nested"]))
+    if action == "replace" and fields:
+        fields[data.draw(st.sampled_from(sorted(fields)))] = data.draw(_values)
+    elif action == "drop" and fields:
+        del fields[data.draw(st.sampled_from(sorted(fields)))]
+    elif action == "nested" and isinstance(fields.get("shm"), dict):
+        key = data.draw(st.sampled_from(sorted(fields["shm"])))
+        fields["shm"][key] = data.draw(_values)
+    else:
+        fields[data.draw(st.text(max_size=8))] = data.draw(_values)
+    raw = msgpack.packb({**fields, "v": protocol.PROTOCOL_VERSION, "t": cls.TYPE}, use_bin_type=True)
+    try:
+        message = schema.decode(protocol.unpack(raw), table, "from a fuzzer")
+    except ProtocolError:
+        return
+    assert isinstance(message, cls)
+    _assert_valid(message)
+
+
+def _assert_valid(message: schema.Message) -> None:
+    """Every field of a decoded message satisfies its spec (types, ranges, lengths, text)."""
+    import dataclasses
+
+    for f in dataclasses.fields(message):  # type: ignore[arg-type]
+        _assert_fits(getattr(message, f.name), f.metadata["spec"])
+
+
+def _assert_fits(value: object, spec: schema.Spec) -> None:
+    if isinstance(value, schema.Message):
+        assert spec.nested is type(value)
+        _assert_valid(value)
+        return
+    assert isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        assert (spec.lo is None or value >= spec.lo) and (spec.hi is None or value <= spec.hi)
+    if isinstance(value, (str, bytes, list)) and spec.max_len is not None:
+        assert len(value) <= spec.max_len
+    if isinstance(value, str) and spec.text:
+        assert value.isprintable()
+    if isinstance(value, list) and spec.items is not None:
+        for v in value:
+            _assert_fits(v, spec.items)
 
 
 @_fuzz

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from loader_client import AuthenticationError, LoaderClient, LoaderTimeoutError
-from loader_client.multi import MultiServerClient
+from loader_client.multi import MultiServerStream
 
 from .conftest import free_port, unique_label_list
 
@@ -43,7 +43,7 @@ def take_epochs(client: LoaderClient, epochs: int) -> list[list[int]]:
 def test_two_servers_on_separate_addresses_merge_every_sample_once(start_server: Any, listfile: Path) -> None:
     endpoints = two_servers(start_server, listfile)
     with LoaderClient(endpoints, timeout_s=20) as client:
-        assert isinstance(client, MultiServerClient) and client.servers == 2
+        assert isinstance(client.stream, MultiServerStream) and client.servers == 2
         per_share = (N // 2) // 4
         assert client.steps_per_epoch == len(client) == 2 * per_share
         epochs = take_epochs(client, 2)

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loader_client import LoaderClient
-from loader_client import client as client_module
+from loader_client import LoaderClient, handshake
+from loader_client.endpoints import same_host
 
 from .conftest import unique_label_list, wait_until
 
@@ -54,9 +54,9 @@ def test_no_shm_flag_and_tcp_remote_style_use_the_socket(start_server: Any, list
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         assert not client.shared_memory
         assert len(take(client, 3)) == 3
-    assert client_module._same_host("tcp://127.0.0.1:5555") and client_module._same_host("ipc:///tmp/x")
-    assert client_module._same_host("tcp://[::1]:5555") and client_module._same_host("tcp://localhost:1")
-    assert not client_module._same_host("tcp://10.0.0.7:5555")
+    assert same_host("tcp://127.0.0.1:5555") and same_host("ipc:///tmp/x")
+    assert same_host("tcp://[::1]:5555") and same_host("tcp://localhost:1")
+    assert not same_host("tcp://10.0.0.7:5555")
 
 
 def test_held_batches_fall_back_to_frames_and_outlive_the_client(start_server: Any, listfile: Path) -> None:
@@ -93,7 +93,7 @@ def test_slots_are_recycled_when_arrays_are_released(start_server: Any, listfile
 def test_fallback_when_the_arena_cannot_be_opened(start_server: Any, listfile: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
-    monkeypatch.setattr(client_module, "_open_arena", lambda described: None)
+    monkeypatch.setattr(handshake, "open_arena", lambda handle: None)  # as for another user
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         assert not client.shared_memory
         for x, y, idx in take(client, 12):
@@ -145,7 +145,7 @@ def test_fallback_does_not_mix_up_the_abandoned_stream(start_server: Any, tmp_pa
     listfile = unique_label_list(tmp_path / "data", 8)
     (tmp_path / "data" / "img" / "00001.jpg").write_bytes(b"not an image")  # the first batch fails at once
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-shuffle")
-    monkeypatch.setattr(client_module, "_open_arena", lambda described: None)
+    monkeypatch.setattr(handshake, "open_arena", lambda handle: None)  # as for another user
     for _ in range(5):
         client = LoaderClient(server.endpoint, timeout_s=20)  # the first stream's error must not land here
         try:
