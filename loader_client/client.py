@@ -140,6 +140,9 @@ class LoaderClient:
             epoch, batch, fingerprint = _parse_state(state)
             seed = state["seed"]
             rank, world_size = state.get("rank", rank), state.get("world_size", world_size)
+        if not (isinstance(rank, int) and isinstance(world_size, int) and 0 <= rank < world_size):
+            raise ValueError(f"`rank` {rank!r} of `world_size` {world_size!r} is out of range: need "
+                             "0 <= rank < world_size (ranks count from 0)")
 
         self._ctx = zmq.Context()
         self._monitor: zmq.Socket | None = None
