@@ -129,7 +129,8 @@ MUTATIONS = [
              'auth.configure_curve(domain="*", location=clients)',
              'auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)',
              ("tests/test_scale_out.py::test_curve_admits_the_allowed_key_and_refuses_others",
-              G + "test_curve_admits_only_the_listed_keys")),
+              G + "test_curve_admits_only_the_listed_keys",
+              G + "test_start_curve_admits_only_listed_keys_in_process")),
     Mutation("server-accepts-rank-equal-world", "loader_server/server.py",
              "if world < 1 or not 0 <= rank < world:", "if world < 1 or not 0 <= rank <= world:",
              (G + "test_server_refuses_out_of_range_rank_naming_both",
@@ -164,19 +165,28 @@ def apply(dest: Path, m: Mutation) -> None:
     path.write_text(text.replace(m.old, m.new))
 
 
-def run_tests(dest: Path, tests: tuple[str, ...]) -> tuple[list[str], list[str], float]:
-    """(failed, passed) test ids of `tests` run against the copy at `dest`, and the seconds it took."""
-    report = dest / "junit.xml"
+def run_tests(dest: Path, basetemp: Path, tests: tuple[str, ...]) -> tuple[dict[str, str], list[str], float]:
+    """({failed test id: why}, passed test ids) of `tests` run against the copy at `dest`, and the seconds.
+
+    `basetemp` must be short: the tests bind ipc:// sockets under it, and a socket path over
+    107 bytes makes every server fail to start, which would pass for a caught mutation.
+    """
+    report = basetemp.parent / f"{basetemp.name}.xml"
     env = {**os.environ, "PYTHONPATH": str(dest)}
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
-                    str(dest / ".pytest-tmp"), f"--junitxml={report}", *tests], cwd=dest, env=env,
+                    str(basetemp), f"--junitxml={report}", *tests], cwd=dest, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800, check=False)
-    failed, passed = [], []
+    failed: dict[str, str] = {}
+    passed = []
     for case in ET.parse(report).iter("testcase"):
         name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"
-        if case.find("failure") is not None or case.find("error") is not None:
-            failed.append(name)
+        problem = case.find("failure")
+        if problem is None:
+            problem = case.find("error")
+        if problem is not None:
+            why = " ".join((problem.get("message") or "").split())
+            failed[name] = why[:110] + ("..." if len(why) > 110 else "")
         elif case.find("skipped") is None:
             passed.append(name)
     return failed, passed, time.monotonic() - started
@@ -198,27 +208,30 @@ def main() -> int:
         p.error(f"unknown mutations {unknown}; --list shows them")
     chosen = [known[n] for n in args.names] if args.names else MUTATIONS
     weak = []
-    with tempfile.TemporaryDirectory(prefix="loader-mutations-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lm-") as tmp:  # short: see run_tests
         if args.baseline:
-            base = Path(tmp) / "baseline"
+            base = Path(tmp) / "c00"
             copy_repo(base)
             tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-            failed, passed, secs = run_tests(base, tests)
-            print(f"baseline: {len(passed)} passed, {len(failed)} failed in {secs:.0f} s {failed or ''}", flush=True)
+            failed, passed, secs = run_tests(base, Path(tmp) / "t00", tests)
+            print(f"baseline: {len(passed)} passed, {len(failed)} failed in {secs:.0f} s", flush=True)
+            for name, why in failed.items():
+                print(f"    {name}: {why}", flush=True)
             if failed:
                 return 1
-        for m in chosen:
-            dest = Path(tmp) / m.name
+            shutil.rmtree(base, ignore_errors=True)
+        for k, m in enumerate(chosen, 1):
+            dest = Path(tmp) / f"c{k:02d}"
             copy_repo(dest)
             apply(dest, m)
-            failed, passed, secs = run_tests(dest, m.tests)
+            failed, passed, secs = run_tests(dest, Path(tmp) / f"t{k:02d}", m.tests)
             verdict = "caught" if len(failed) >= MIN_FAILURES else "WEAK"
             if len(failed) < MIN_FAILURES:
                 weak.append(m.name)
             print(f"{m.name}: {verdict}, {len(failed)} failed / {len(failed) + len(passed)} run in {secs:.0f} s",
                   flush=True)
-            for name in failed:
-                print(f"    {name}", flush=True)
+            for name, why in failed.items():
+                print(f"    {name}: {why}", flush=True)
             shutil.rmtree(dest, ignore_errors=True)
     if weak:
         print(f"caught by fewer than {MIN_FAILURES} tests: {', '.join(weak)}")

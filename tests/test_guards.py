@@ -429,6 +429,51 @@ def test_curve_admits_only_the_listed_keys(start_server: Any, tmp_path: Path) ->
     assert "1 allowed client key(s)" in log and "refused a client with CURVE key" in log
 
 
+def test_start_curve_admits_only_listed_keys_in_process(tmp_path: Path) -> None:
+    """The server's CURVE set-up on its own, in this process: a listed key talks, another does not."""
+    import zmq.auth
+
+    from loader_client.errors import ConfigError
+    from loader_client.security import apply_curve
+    from loader_server.server import _start_curve
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("server", "alice", "bob"):
+        zmq.auth.create_certificates(str(keys), name)
+    server_dir = tmp_path / "server"
+    (server_dir / "clients").mkdir(parents=True)
+    shutil.copy(keys / "server.key_secret", server_dir / "server.key_secret")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    with pytest.raises(ConfigError, match="must hold the public .key file"):  # an empty allow-list
+        _start_curve(ctx, router, str(server_dir))
+    shutil.copy(keys / "bob.key", server_dir / "clients" / "bob.key")
+    auth = _start_curve(ctx, router, str(server_dir))
+    dealers = []
+    try:
+        endpoint = f"ipc://{tmp_path}/curve.sock"
+        router.bind(endpoint)
+        for name, admitted in (("alice", False), ("bob", True)):
+            dealer = ctx.socket(zmq.DEALER)
+            dealers.append(dealer)
+            dealer.setsockopt(zmq.LINGER, 0)
+            apply_curve(dealer, str(keys / "server.key"), str(keys / f"{name}.key_secret"))
+            dealer.connect(endpoint)
+            dealer.send(name.encode())
+            if admitted:
+                assert router.poll(10_000), name
+                assert router.recv_multipart()[1] == name.encode()
+            else:
+                assert not router.poll(1500), f"{name} is not on the allow-list but got through"
+    finally:
+        auth.stop()
+        for sock in (*dealers, router):
+            sock.close(linger=0)
+        ctx.term()
+
+
 # ---------------------------------------------------------------------------- images written for the guards
 def test_fifo_helpers_release_exactly_one_reader(tmp_path: Path) -> None:
     listfile = tmp_path / "train.txt"
