@@ -50,8 +50,9 @@ class Hello(Message):
     """Open a stream: where to start, which share, what the client can take."""
 
     TYPE = "hello"
-    rank: int = spec(int, default=0, lo=0, hi=MAX_WORLD_SIZE - 1)
-    world_size: int = spec(int, default=1, lo=1, hi=MAX_WORLD_SIZE)
+    # Any int32 rank and world size pass here: the session refuses a bad pair naming both values.
+    rank: int = spec(int, default=0, lo=-INT32_MAX, hi=INT32_MAX)
+    world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=MAX_WORLD_SIZE)
     epoch: int = spec(int, default=0, lo=0, hi=INT32_MAX)
     batch: int = spec(int, default=0, lo=0, hi=INT32_MAX)
     seed: int | None = spec(int, type(None), default=None, lo=0, hi=INT63_MAX)

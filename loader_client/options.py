@@ -113,8 +113,11 @@ class Start:
         _integer(name("batch"), batch, 0, INT32_MAX)
         if seed is not None:
             _integer(name("seed"), seed, 0, INT63_MAX)
-        _integer(name("world_size"), world_size, 1, MAX_WORLD_SIZE)
-        _integer(name("rank"), rank, 0, world_size - 1)
+        _integer(name("world_size"), world_size, -(2**31), MAX_WORLD_SIZE)
+        _integer(name("rank"), rank, -(2**31), 2**31)
+        if not 0 <= rank < world_size:  # world_size < 1 too: both values named
+            raise ConfigError(f"`{name('rank')}` {rank!r} of `{name('world_size')}` {world_size!r} is out of range: "
+                              "need 0 <= rank < world_size (ranks count from 0)")
         if fingerprint is not None and not (isinstance(fingerprint, str) and len(fingerprint) <= _FINGERPRINT_CHARS
                                             and is_printable(fingerprint)):
             raise ConfigError(f"`{name('fingerprint')}` must be the text saved by state_dict(), "

@@ -101,7 +101,7 @@ class Server:
             self.transport, self.channel = transport, channel
             self.delivery = Delivery(self.config, self.index, self.spec, self.plan, fingerprint=self.fingerprint,
                                      supervisor=self.supervisor, transport=transport, channel=channel,
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, peer_log=self.peer_log)
             if self.config.metrics_port:
                 self._metrics_http = serve_metrics(self.config.metrics_host, self.config.metrics_port,
                                                   lambda: self.metrics.snapshot)

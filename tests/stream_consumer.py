@@ -1,9 +1,12 @@
 """A trainer stand-in run as a separate process by the tests.
 
     python -m tests.stream_consumer ENDPOINT OUT_JSONL [--state FILE] [--rank R --world-size N] [--batches K]
+                                    [--die-after K]
 
 For every batch it appends {epoch, batch, indices, digest} to OUT_JSONL, then saves the
 client's state to --state (atomically), like a trainer checkpointing after each step.
+`--die-after K` SIGKILLs this process right after the K-th batch is recorded and saved: a
+trainer killed at a point the test knows without reading the saved state.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 
 from loader_client import LoaderClient
 
@@ -25,6 +29,7 @@ def main() -> None:
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--batches", type=int, default=None)
     p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--die-after", type=int, default=None)
     args = p.parse_args()
     state = None
     if args.state and os.path.exists(args.state):
@@ -45,6 +50,8 @@ def main() -> None:
                 with open(tmp, "w") as f:
                     json.dump(client.state_dict(), f)
                 os.replace(tmp, args.state)
+            if args.die_after is not None and client.batches_taken == args.die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -639,7 +639,7 @@ def test_a_trainer_that_exits_without_close_says_bye(fake: Any) -> None:
      r'`state\["epoch"\]` must be an integer from 0 to 2147483647'),
     ({"state": {"epoch": 0, "batch": 0, "seed": 2**63}}, r'`state\["seed"\]` must be an integer'),
     ({"state": {"epoch": 0}}, "`state` must come from LoaderClient.state_dict"),
-    ({"rank": 2, "world_size": 2}, "`rank` must be an integer from 0 to 1"),
+    ({"rank": 2, "world_size": 2}, "`rank` 2 of `world_size` 2 is out of range"),
     ({"prefetch": 0}, "`prefetch` must be an integer from 1 to 64"),
     ({"timeout_s": 0}, "`timeout_s` must be a number"),
     ({"heartbeat_s": 0.001}, "`heartbeat_s` must be a number from 0.05"),

@@ -234,6 +234,9 @@ def test_bad_file_reaches_the_trainer_with_its_name(start_server: Any, tmp_path:
 
 
 def test_worker_killed_is_replaced_and_epoch_stays_exact(start_server: Any, listfile: Path) -> None:
+    # The victim may well be idle here ("re-issuing its 0 task(s)"): this checks the replacement.
+    # test_guards.py::test_worker_killed_while_holding_a_task_has_it_reissued kills one that
+    # provably holds a batch and checks the re-issue.
     server = start_server(listfile, "--batch-size", "3", "--size", SIZE, "--workers", "2", "--prefetch", "2")
     with LoaderClient(server.endpoint, timeout_s=20, prefetch=1) as client:
         it = iter(client)

@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from loader_client import BadSampleError, LoaderClient, WorkerCrashedError, protocol
+from loader_server.sampling import SamplingPlan
 
 from .conftest import alive, unique_label_list, wait_until
 
@@ -115,7 +116,7 @@ def test_skip_replaces_bad_samples_the_same_way_for_any_worker_count(
     runs, servers = [], []
     for workers in ("1", "3"):
         server = start_server(listfile, "--batch-size", "8", "--size", "16x12", "--workers", workers,
-                              "--on-error", "skip", "--max-bad", "10", "--seed", "5")
+                              "--on-error", "skip", "--max-bad", str(len(BAD)), "--seed", "5")  # at the limit
         servers.append(server)
         runs.append(_epochs(server.endpoint, 2))
     for (xa, ya, ia), (xb, yb, ib) in zip(*runs):
@@ -209,18 +210,23 @@ def test_server_restart_resumes_exactly_from_saved_state(start_server: Any, tmp_
     server.proc.wait(10)
     _, err = trainer.communicate(timeout=30)
     assert trainer.returncode != 0 and "LoaderTimeoutError" in err and "silent" in err  # a clear error, no hang
-    state = json.loads(state_file.read_text())
+    # The trainer died inside next(): every batch it recorded was also checkpointed, so the
+    # records (not the saved state) say where it really stopped.
     done = [json.loads(line) for line in first.read_text().splitlines()]
-    resume_at = state["epoch"] * (N // 4) + state["batch"]
     start_server(listfile, *args, endpoint=endpoint)  # the server comes back
     second = tmp_path / "second.jsonl"
     rest = 20
     subprocess.run([sys.executable, "-m", "tests.stream_consumer", endpoint, str(second), "--state",
                     str(state_file), "--batches", str(rest)], cwd=ROOT, check=True, timeout=60)
-    reference = tmp_path / "reference.jsonl"
+    total = len(done) + rest
+    reference = tmp_path / "reference.jsonl"  # an independent stream, counted from (0, 0)
     subprocess.run([sys.executable, "-m", "tests.stream_consumer", endpoint, str(reference), "--batches",
-                    str(resume_at + rest)], cwd=ROOT, check=True, timeout=60)
-    combined = done[:resume_at] + [json.loads(line) for line in second.read_text().splitlines()]
+                    str(total)], cwd=ROOT, check=True, timeout=60)
+    combined = done + [json.loads(line) for line in second.read_text().splitlines()]
+    steps = N // 4
+    assert [(r["epoch"], r["batch"]) for r in combined] == [divmod(k, steps) for k in range(total)]
+    plan = SamplingPlan(N, 4)
+    assert [r["indices"] for r in combined] == [plan.batch(*divmod(k, steps), seed=8).tolist() for k in range(total)]
     assert [r["digest"] for r in combined] == [json.loads(line)["digest"] for line in
                                                reference.read_text().splitlines()]
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from loader_client import ConfigError, LoaderClient
+from loader_server.sampling import SamplingPlan
 
-from .conftest import unique_label_list, wait_until
+from .conftest import unique_label_list
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 60
@@ -30,29 +31,36 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def plan_indices(listfile: Path, batch_size: int, seed: int, total: int) -> list[list[int]]:
+    """The sample indices of the first `total` batches, straight from the pure sampling plan."""
+    plan = SamplingPlan(len(listfile.read_text().splitlines()), batch_size)
+    steps = plan.steps_per_epoch()
+    return [plan.batch(k // steps, k % steps, seed=seed).tolist() for k in range(total)]
+
+
 def test_killed_trainer_resumes_bitwise_identical(start_server: Any, tmp_path: Path) -> None:
     listfile = unique_label_list(tmp_path / "data", N)
     server = start_server(listfile, "--batch-size", "7", "--size", "20x12", "--workers", "2", "--seed", "9")
     steps = N // 7
+    killed_at = steps + 3  # batches the trainer took (and checkpointed) before it was SIGKILLed
     state_file, first = tmp_path / "state.json", tmp_path / "first.jsonl"
-    proc = consumer(server.endpoint, first, "--state", str(state_file))
-    wait_until(lambda: len(records(first)) >= steps + 3, 60, "the trainer to get into its second epoch")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    state = json.loads(state_file.read_text())
-    resume_at = state["epoch"] * steps + state["batch"]
-    assert resume_at >= steps + 2  # the state lags the records by at most the batch being saved
-    total = resume_at + 2 * steps  # the rest of this epoch and two more epochs' worth
+    proc = consumer(server.endpoint, first, "--state", str(state_file), "--die-after", str(killed_at))
+    assert proc.wait(60) == -signal.SIGKILL
+    assert len(records(first)) == killed_at
+    rest = 2 * steps  # the rest of this epoch and two more epochs' worth
+    total = killed_at + rest
 
     second = tmp_path / "second.jsonl"
-    proc = consumer(server.endpoint, second, "--state", str(state_file), "--batches", str(total - resume_at))
+    proc = consumer(server.endpoint, second, "--state", str(state_file), "--batches", str(rest))
     assert proc.wait(120) == 0
-    reference = tmp_path / "reference.jsonl"
+    reference = tmp_path / "reference.jsonl"  # an independent stream, counted from (0, 0)
     proc = consumer(server.endpoint, reference, "--batches", str(total))
     assert proc.wait(120) == 0
-    combined = records(first)[:resume_at] + records(second)
+    # Spliced where the trainer really stopped, never where the saved state says it stopped.
+    combined = records(first) + records(second)
     expected = [(e, b) for e in range(total // steps + 1) for b in range(steps)][:total]
     assert [(r["epoch"], r["batch"]) for r in combined] == expected
+    assert [r["indices"] for r in combined] == plan_indices(listfile, 7, 9, total)
     assert [r["digest"] for r in combined] == [r["digest"] for r in records(reference)]
 
 

@@ -33,7 +33,7 @@ from .arenas import Arena, arena_slots, new_arena
 from .bad_files import BadFiles
 from .sessions import Refusal, Session, StreamFacts, open_session
 from .supervisor import GivenUp, Supervisor, Task, Worker
-from .transport import ClientTransport, escape
+from .transport import ClientTransport, PeerLog, escape
 from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
@@ -68,10 +68,12 @@ class Delivery:
     """Every client's stream, from hello to goodbye."""
 
     def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec, plan: SamplingPlan, *, fingerprint: str,
-                 supervisor: Supervisor, transport: ClientTransport, channel: WorkerChannel, metrics: Metrics) -> None:
+                 supervisor: Supervisor, transport: ClientTransport, channel: WorkerChannel, metrics: Metrics,
+                 peer_log: PeerLog) -> None:
         self.config, self.index, self.spec, self.plan = config, index, spec, plan
         self.fingerprint = fingerprint
         self.supervisor, self.transport, self.channel, self.metrics = supervisor, transport, channel, metrics
+        self.peer_log = peer_log
         self.facts = StreamFacts(batch_size=spec.batch_size, num_samples=len(index), default_seed=config.seed,
                                  fingerprint=fingerprint, prefetch=config.prefetch, in_order=config.in_order,
                                  augment_available=bool(config.augment))
@@ -94,6 +96,7 @@ class Delivery:
         opened = open_session(hello, hello.client or identity.hex(), steps_for=self.plan.steps_per_epoch,
                               facts=self.facts, now=time.monotonic())
         if isinstance(opened, Refusal):
+            self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), opened.message)
             self.error(identity, opened.kind, opened.message)
             return
         client = Client(identity, opened, {})

@@ -142,7 +142,8 @@ def open_session(hello: Hello, name: str, *, steps_for: Callable[[int], int], fa
     """
     rank, world = hello.rank, hello.world_size
     if not 0 <= rank < world:
-        return Refusal("config", f"rank {rank} is outside world_size {world}: need 0 <= rank < world_size")
+        return Refusal("config", f"rank {rank} of world_size {world} is out of range: need 0 <= rank < world_size "
+                                 "(ranks count from 0)")
     steps = steps_for(world)
     if steps < 1:
         return Refusal("config", f"world_size {world} leaves no full batch of {facts.batch_size} per rank from "
