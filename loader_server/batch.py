@@ -24,7 +24,7 @@ from loader_client.normalize import Normalization
 
 from .augment import Augmenter, parse_augment, sample_rng
 from .batch_spec import BatchSpec, batch_spec
-from .cache import SampleCache
+from .cache import SampleCache, record_decoder
 from .config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
 from .datasets import Dataset
 from .decode import DecodeError, Decoder, read_file
@@ -77,11 +77,7 @@ class BatchBuilder:
         self._record: np.ndarray | None = None  # staging of one large record (cache_size)
         self._record_decoder: Decoder | None = None
         if self.cache is not None and config.cache_size is not None:
-            import dataclasses
-
-            h, w, _ = self.cache.layout.shape
-            self._record_decoder = Decoder(dataclasses.replace(config, size=(w, h), resize="crop", augment=None,
-                                                                cache=None, cache_size=None))
+            self._record_decoder = record_decoder(config)
             self._record = np.empty(self.cache.layout.shape, dtype=np.uint8)
 
     def allocate(self, batch_size: int | None = None) -> np.ndarray:

@@ -54,9 +54,10 @@ from loader_client.errors import ConfigError
 if TYPE_CHECKING:
     from .config import ServerConfig
     from .datasets import Dataset
+    from .decode import Decoder
 
 __all__ = ["SampleCache", "CacheLayout", "cache_key", "record_shape", "open_cache", "MEMORY", "FORMAT",
-           "mem_available", "disk_free"]
+           "mem_available", "disk_free", "record_decoder"]
 
 log = logging.getLogger("loader_server")
 
@@ -83,6 +84,18 @@ def record_shape(config: ServerConfig) -> tuple[int, int, int]:
         return h, w, config.channels
     short = min(w, h)
     return round(h * config.cache_size / short), round(w * config.cache_size / short), config.channels
+
+
+def record_decoder(config: ServerConfig) -> Decoder:
+    """The decoder that makes a record: the server's, or with `cache_size` a centre crop at the record size."""
+    import dataclasses
+
+    from .decode import Decoder
+
+    if config.cache_size is None:
+        return Decoder(config)
+    h, w, _ = record_shape(config)
+    return Decoder(dataclasses.replace(config, size=(w, h), resize="crop", augment=None, cache=None, cache_size=None))
 
 
 def cache_key(config: ServerConfig, index: Dataset) -> str:
@@ -378,7 +391,9 @@ def _open_existing(path: str, layout: CacheLayout, key: str) -> SampleCache | No
     except BaseException:
         os.close(fd)
         raise
+    cache = SampleCache(fd, layout, where=path, kind="folder", read_only=read_only)
+    log.info("using the sample cache %s: %d of %d records valid", path, cache.filled(), layout.records)
     if read_only:
         log.warning("the sample cache %s cannot be written (read-only folder or file): valid records are served, "
                     "the others are decoded each time and not stored", path)
-    return SampleCache(fd, layout, where=path, kind="folder", read_only=read_only)
+    return cache
