@@ -152,15 +152,16 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                                         message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())))
                 continue
             bad = [list(b) for b in builder.last_bad]
-            counts = {"cache_hits": builder.cache_hits, "cache_misses": builder.cache_misses}
+            hits, misses = builder.cache_hits, builder.cache_misses
             if task.arena is not None:  # x is already in the client's slot
                 shm_x = arrays.pop("x")
                 head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
-                                     **counts, shm_arrays=protocol.describe_arrays({"x": shm_x})))
+                                     cache_hits=hits, cache_misses=misses,
+                                     shm_arrays=protocol.describe_arrays({"x": shm_x})))
                 sock.send_multipart([head, *arrays.values()])
                 continue
             head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
-                                 **counts))
+                                 cache_hits=hits, cache_misses=misses))
             tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
             pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover

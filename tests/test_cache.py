@@ -56,7 +56,8 @@ def _builders(listfile: Path, cache_dir: Path, **kw: Any) -> tuple[BatchBuilder,
     return plain, BatchBuilder(config, index, cache=cache), cache
 
 
-def _batch(builder: BatchBuilder, indices: np.ndarray, key: tuple[int, int] = (0, 0), augment: bool = False) -> np.ndarray:
+def _batch(builder: BatchBuilder, indices: np.ndarray, key: tuple[int, int] = (0, 0),
+           augment: bool = False) -> np.ndarray:
     return builder.build(indices, builder.allocate(), key=key, augment=augment)["x"].copy()
 
 
@@ -254,7 +255,7 @@ def test_random_resized_crop_from_a_larger_cache_is_deterministic(listfile: Path
 
 # ---------------------------------------------------------------------------- build ahead
 def _cli(*args: str, timeout_s: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loader_server", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "loader_server", *args], capture_output=True, text=True, check=False,
                           timeout=timeout_s, stdin=subprocess.DEVNULL)
 
 
@@ -362,13 +363,13 @@ def read_only_folder(tmp_path: Path) -> Iterator[tuple[Path, Any]]:
         yield folder, seal
         folder.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(folder)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(folder)], check=False,
                       capture_output=True, timeout=30).returncode != 0:
         pytest.skip("running as root without the right to mount a read-only file system")
     try:
         yield folder, lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, timeout=30)
     finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+        subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True, timeout=30)
 
 
 def test_a_read_only_cache_folder(start_server: Any, listfile: Path, read_only_folder: tuple[Path, Any]) -> None:
