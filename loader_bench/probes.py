@@ -426,25 +426,24 @@ def _memcpy_bytes_per_s(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 
 
 def _epochs(b: Bench, extra: list[str], min_images: int) -> Results:
-    """Serve, then time epoch 1 (from its second batch) and the epochs after it (at least `min_images`)."""
+    """Serve (ready), then time epoch 1 from the client's first request, and the epochs after it (at least
+    `min_images`); next() latencies of the later epochs."""
     with served(b, b.data, extra, ready=True) as server, \
             LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S, prefetch=4) as client:
         per_epoch = client.steps_per_epoch * b.batch_size
         later = max(2, -(-min_images // per_epoch))
-        rates, latencies, touched = [], [], 0
-        for epoch in range(1 + later):
-            got, started = 0, None
+        rates: list[tuple[int, float]] = []
+        latencies: list[tuple[int, float]] = []
+        touched = 0
+        for epoch in range(1 + later):  # epoch 1 counts from the first request: the same start-up for all
+            got, started = 0, time.perf_counter()
             for _ in range(client.steps_per_epoch):
                 t0 = time.perf_counter()
                 x = client.next()[0]
                 latencies.append((epoch, time.perf_counter() - t0))
                 touched += int(x.reshape(-1)[-1])
-                if started is None and epoch == 0:
-                    started = time.perf_counter()  # the first batch waits for the start-up
-                    continue
-                started = started or t0
                 got += len(x)
-            rates.append((got, time.perf_counter() - (started or time.perf_counter())))
+            rates.append((got, time.perf_counter() - started))
         stats = server_stats(server.endpoint, timeout_s=10).get("cache", {})
     first = rates[0][0] / rates[0][1]
     rest = sum(g for g, _ in rates[1:]) / sum(w for _, w in rates[1:])
