@@ -72,6 +72,7 @@ def _record_of(cache: SampleCache, config: ServerConfig, path: str) -> np.ndarra
     {}, {"color": "gray", "dtype": "float32", "layout": "chw"}, {"resize": "letterbox", "pad_value": 7},
     {"resize": "crop", "augment": "flip,jitter(0.4),rotate(10),cutout(0.25)"}, {"color": "bgr", "dtype": "float32",
                                                                                  "mean": (0.5,) * 3, "std": (0.2,) * 3},
+    {"read_threads": 4},  # reads run ahead on threads, and are skipped for valid records
 ])
 def test_cached_samples_are_bitwise_identical_to_decoded_ones(listfile: Path, tmp_path: Path,
                                                               settings: dict[str, Any]) -> None:
@@ -347,6 +348,26 @@ def test_settings_that_cannot_use_the_cache_are_refused(listfile: Path, tmp_path
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     with pytest.raises(ConfigError, match="needs --cache"):
         ServerConfig(data="x", cache_size=256)
+
+
+def test_cache_build_takes_every_setting_that_shapes_a_record() -> None:
+    """A setting in the cache's key that `cache build` lacks would make its cache one that serve never finds."""
+    import dataclasses
+
+    from loader_server.cache import _AFTER_CACHE
+    from loader_server.cache_build import BUILD_SETTINGS
+    from loader_server.config import _NOT_FINGERPRINTED
+
+    keyed = {f.name for f in dataclasses.fields(ServerConfig)} - _NOT_FINGERPRINTED - _AFTER_CACHE
+    assert keyed - set(BUILD_SETTINGS) == {"transform"}  # refused with --cache
+
+
+def test_array_data_sets_refuse_the_cache(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((16, 4), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(16, np.int64))
+    done = _cli("serve", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--batch-size", "4",
+                "--cache", "memory", "--bind", f"ipc://{tmp_path}/s.sock")
+    assert done.returncode == 2 and "array data set" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.fixture
