@@ -218,9 +218,10 @@ class SampleCache:
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, where)
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                return False
-            raise
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # held by another process: it is filling it
+                _warn_once(f"cannot lock records of the sample cache {self.where} ({exc.strerror}); samples are "
+                           "decoded as without it where their records cannot be written")
+            return False
         try:
             seq = int(self._seq[i])
             writing = seq + 1 if seq % 2 == 0 else seq + 2  # odd: readers stop trusting it
