@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from loader_client import LoaderClient
+from loader_client import LoaderClient, server_stats
 
 from .context import Bench
 from .systems import CLIENT_TIMEOUT_S, PssSampler, measure_service, served
@@ -407,6 +407,94 @@ def _stages_tables(results: Results) -> list[str]:
     return ["", "| stage | CPU ms per image |", "|---|---|", *(f"| {k} | {v:.3f} |" for k, v in st.items())]
 
 
+# ---------------------------------------------------------------------------- cache
+#: Images timed over the cached epochs (epoch 2 onwards) of each cache measurement, at least.
+_CACHE_TIMED_IMAGES = 4096
+_CACHE_RRC = ["--augment", "rrc,flip", "--cache-size", "256"]
+
+
+def _memcpy_bytes_per_s(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """This machine's memory-copy bandwidth: the best of `repeats` np.copyto of `nbytes`."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def _epochs(b: Bench, extra: list[str], min_images: int) -> Results:
+    """Serve (ready), then time epoch 1 from the client's first request, and the epochs after it (at least
+    `min_images`); next() latencies of the later epochs."""
+    with served(b, b.data, extra, ready=True) as server, \
+            LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S, prefetch=4) as client:
+        per_epoch = client.steps_per_epoch * b.batch_size
+        later = max(2, -(-min_images // per_epoch))
+        rates: list[tuple[int, float]] = []
+        latencies: list[tuple[int, float]] = []
+        touched = 0
+        for epoch in range(1 + later):  # epoch 1 counts from the first request: the same start-up for all
+            got, started = 0, time.perf_counter()
+            for _ in range(client.steps_per_epoch):
+                t0 = time.perf_counter()
+                x = client.next()[0]
+                latencies.append((epoch, time.perf_counter() - t0))
+                touched += int(x.reshape(-1)[-1])
+                got += len(x)
+            rates.append((got, time.perf_counter() - started))
+        stats = server_stats(server.endpoint, timeout_s=10).get("cache", {})
+    first = rates[0][0] / rates[0][1]
+    rest = sum(g for g, _ in rates[1:]) / sum(w for _, w in rates[1:])
+    later_ms = np.array([dt for e, dt in latencies if e > 0]) * 1000
+    return {"epoch1_images_per_s": first, "later_images_per_s": rest, "later_epochs": later,
+            "next_p50_ms": float(np.percentile(later_ms, 50)), "next_p99_ms": float(np.percentile(later_ms, 99)),
+            "hit_ratio": stats.get("hit_ratio"), "cache_bytes": stats.get("bytes")}
+
+
+def _cache(b: Bench) -> Results:
+    """The decoded-sample cache (--cache memory) against the same service uncached, plain and rrc,flip."""
+    sample_bytes = b.size[0] * b.size[1] * 3
+    memcpy = _memcpy_bytes_per_s()
+    out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes}
+    for name, pipeline in (("plain", []), ("rrc_flip", _CACHE_RRC)):
+        uncached = _epochs(b, [*b.serve_extra, *(pipeline[:2])], _CACHE_TIMED_IMAGES // 2)
+        cached = _epochs(b, [*b.serve_extra, *pipeline, "--cache", "memory"], _CACHE_TIMED_IMAGES)
+        delivered = cached["later_images_per_s"] * sample_bytes
+        out[name] = {
+            "uncached": uncached, "cached": cached,
+            "speedup": cached["later_images_per_s"] / uncached["later_images_per_s"],
+            "fill_cost": 1 - cached["epoch1_images_per_s"] / uncached["epoch1_images_per_s"],
+            "delivered_bytes_per_s": delivered, "ratio_to_memcpy": delivered / memcpy,
+        }
+        r = out[name]
+        _say(f"cache {name}: uncached {uncached['later_images_per_s']:.0f} images/s; cached epoch 1 (fill) "
+             f"{cached['epoch1_images_per_s']:.0f} ({100 * r['fill_cost']:+.0f}% cost), epochs >= 2 "
+             f"{cached['later_images_per_s']:.0f} = {r['speedup']:.2f}x; {delivered / 1e9:.2f} GB/s delivered = "
+             f"{r['ratio_to_memcpy']:.3f} of memcpy {memcpy / 1e9:.1f} GB/s; next() p50 "
+             f"{cached['next_p50_ms']:.3f} ms")
+    return {"cache": out}
+
+
+def _cache_tables(results: Results) -> list[str]:
+    if "cache" not in results:
+        return []
+    r = results["cache"]
+    lines = ["", f"Decoded-sample cache (--cache memory), memcpy bandwidth {r['memcpy_bytes_per_s'] / 1e9:.1f} GB/s:",
+             "", ("| pipeline | uncached images/s | cached epoch 1 (fill) | cached epochs >= 2 | speedup | fill cost "
+                  "| GB/s delivered (of memcpy) | next() p50 ms |"), "|---|---|---|---|---|---|---|---|"]
+    for name in ("plain", "rrc_flip"):
+        if name in r:
+            p = r[name]
+            c = p["cached"]
+            lines.append(f"| {name.replace('_', ',')} | {p['uncached']['later_images_per_s']:.0f} | "
+                         f"{c['epoch1_images_per_s']:.0f} | {c['later_images_per_s']:.0f} | {p['speedup']:.2f}x | "
+                         f"{100 * p['fill_cost']:.0f}% | {p['delivered_bytes_per_s'] / 1e9:.2f} "
+                         f"({p['ratio_to_memcpy']:.3f}) | {c['next_p50_ms']:.3f} |")
+    return lines
+
+
 #: name -> probe, in the order they run and appear in results.md.
 PROBES: dict[str, Probe] = {
     "strict": Probe(_strict, _strict_rows, default=False),
@@ -423,4 +511,5 @@ PROBES: dict[str, Probe] = {
     "scaling": Probe(_scaling, tables=_scaling_tables),
     "ttfb": Probe(_ttfb, _ttfb_rows),
     "stages": Probe(_stages, tables=_stages_tables),
+    "cache": Probe(_cache, tables=_cache_tables, default=False),
 }

@@ -5,10 +5,16 @@ and sends what it returns. File reads can run ahead on a thread pool (`read_thre
 that waiting on slow storage (NFS, object stores) overlaps with decoding; reads and OpenCV
 both release the GIL. By default reads stay inline, which is cheapest for local disks and the
 page cache, and the pool starts once reads average over `SLOW_READ_S`.
+
+With a decoded-sample cache (cache.py), a sample whose record is valid is one copy from the
+record into the batch slot and its file is not read; any other is read and decoded as without
+the cache, then stored as its record. Augmentations apply after the record, as before; with
+`cache_size`, records are larger than the output and the random resized crop is taken from them.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -18,6 +24,7 @@ from loader_client.normalize import Normalization
 
 from .augment import Augmenter, parse_augment, sample_rng
 from .batch_spec import BatchSpec, batch_spec
+from .cache import SampleCache, record_decoder
 from .config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
 from .datasets import Dataset
 from .decode import DecodeError, Decoder, read_file
@@ -30,8 +37,9 @@ _COLLATE_STREAM = 0xC0
 
 _READ_EMA_WEIGHT = 0.05
 
-#: Paths of a batch with their reads: a future per file when reads run ahead, else None.
-Reads = list[tuple[str, "Future[bytes] | None"]]
+#: Paths of a batch with their reads (a future per file when reads run ahead, else None) and, with a
+#: cache, each file's stat taken before its read (None when the file cannot be stat'ed, or no cache).
+Reads = list[tuple[str, "Future[bytes] | None", "os.stat_result | None"]]
 
 
 class BatchBuilder:
@@ -41,7 +49,8 @@ class BatchBuilder:
     `config` gives how to decode, resize and augment.
     """
 
-    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None) -> None:
+    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None,
+                 cache: SampleCache | None = None) -> None:
         self.config = config
         self.index = index
         self.spec = batch_spec(config, index) if spec is None else spec
@@ -63,6 +72,13 @@ class BatchBuilder:
         self._norm = None
         if config.dtype == "float32":
             self._norm = Normalization(config.channels, config.layout, config.mean, config.std)
+        self.cache = cache if self.spec.build == "decode" else None
+        self.cache_hits = self.cache_misses = 0  # of the last batch
+        self._record: np.ndarray | None = None  # staging of one large record (cache_size)
+        self._record_decoder: Decoder | None = None
+        if self.cache is not None and config.cache_size is not None:
+            self._record_decoder = record_decoder(config)
+            self._record = np.empty(self.cache.layout.shape, dtype=np.uint8)
 
     def allocate(self, batch_size: int | None = None) -> np.ndarray:
         """A fresh output buffer ``x`` for `batch_size` samples (default: a full batch) as the spec says."""
@@ -74,9 +90,15 @@ class BatchBuilder:
             return []
         path = self.index.path  # type: ignore[attr-defined]
         paths = [path(int(i)) for i in indices]
+        if self.cache is not None:  # stat before reading; a file whose record is valid is not read at all
+            stats = [_stat(p) for p in paths]
+            if self._pool is None:
+                return [(p, None, st) for p, st in zip(paths, stats, strict=True)]
+            return [(p, None if self.cache.valid(int(i), st) else self._pool.submit(self._read, p), st)
+                    for i, p, st in zip(indices, paths, stats, strict=True)]
         if self._pool is None:
-            return [(p, None) for p in paths]
-        return [(p, self._pool.submit(self._read, p)) for p in paths]
+            return [(p, None, None) for p in paths]
+        return [(p, self._pool.submit(self._read, p), None) for p in paths]
 
     def _read(self, path: str) -> bytes:
         if self._latency_s:
@@ -112,10 +134,16 @@ class BatchBuilder:
         direct = self.config.dtype == "uint8" and self.config.layout == "hwc"
         staging = x if direct else self._staging(n)
         bad: list[tuple[int, DecodeError]] = []
-        for slot, (path, pending) in enumerate(self.read_ahead(indices) if reads is None else reads):
+        cached = self.cache is not None and (self._record is None or (augment and self.augmenter is not None
+                                                                     and self.augmenter.rrc is not None))
+        self.cache_hits = self.cache_misses = 0
+        for slot, (path, pending, st) in enumerate(self.read_ahead(indices) if reads is None else reads):
             try:
-                data = self._read_inline(path) if pending is None else pending.result()
                 index_i = int(indices[slot])
+                if cached:
+                    self._from_cache(index_i, path, pending, st, staging[slot], key, augment)
+                    continue
+                data = self._read_inline(path) if pending is None else pending.result()
                 if self.transform is not None:
                     img = self.decoder.decode(data, path, reduce=not (augment and self.augmenter and
                                                                       self.augmenter.rrc))
@@ -147,6 +175,32 @@ class BatchBuilder:
             arrays.update(check_extras(self.collate(dict(arrays), rng), self.config.collate or "", n))
         return arrays
 
+    def _from_cache(self, i: int, path: str, pending: Future[bytes] | None, st: os.stat_result | None,
+                    out: np.ndarray, key: tuple[int, int], augment: bool) -> None:
+        """Sample `i` into `out` from its record when valid, else decoded and stored; then augmented.
+
+        The file is stat'ed before it is read, so the record is tagged with what was read or
+        older (never newer): a file changed meanwhile is decoded again next time.
+        """
+        assert self.cache is not None
+        if st is None and pending is None:
+            st = _stat(path)
+        record = out if self._record is None else self._record
+        if self.cache.lookup(i, st, record):
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
+            data = self._read_inline(path) if pending is None else pending.result()
+            (self.decoder if self._record_decoder is None else self._record_decoder).decode_into(data, path, record)
+            self.cache.store(i, st, record)  # only after a good decode: a bad file never gets a record
+        if not augment or self.augmenter is None:
+            return
+        rng = sample_rng(*key, i)
+        if self._record is not None:  # random resized crop of the (larger) record, as of a decoded image
+            x0, y0, w, h = self.augmenter.crop_box(record.shape[1], record.shape[0], rng)
+            self.decoder.resize_into(record[y0 : y0 + h, x0 : x0 + w], out)
+        self.augmenter.apply(out, rng)
+
     def _augmented(self, data: bytes, path: str, out: np.ndarray, rng: np.random.Generator,
                    img: np.ndarray | None = None) -> None:
         """Decode (unless `img` is given), random-resized-crop into `out` (or resize), then the in-place ops."""
@@ -175,6 +229,13 @@ class BatchBuilder:
             np.copyto(x, src)
         else:
             self._norm.apply(src, out=x)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:  # the read that follows reports it as a bad file
+        return None
 
 
 def _substitute(bad: list[int], staging: np.ndarray, labels: np.ndarray, index: np.ndarray,

@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .check import add_check_arguments
 
     add_check_arguments(check)
+    cache = sub.add_parser("cache", formatter_class=fmt, help="manage the decoded-sample cache (cache build)",
+                           description="Fill a decoded-sample cache (--cache DIR) ahead of training.")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    build = cache_sub.add_parser("build", formatter_class=fmt, help="decode every sample into the cache, in parallel",
+                                 description="Decode every sample of a data set into the cache that `serve` with the "
+                                             "same settings will use; records already valid are kept.")
+    from .cache_build import add_cache_build_arguments
+
+    add_cache_build_arguments(build)
     bench = sub.add_parser("bench", formatter_class=fmt, help="measure throughput side by side with other loaders",
                            description="Benchmark the service against the per-core limit, the classic generator "
                                        "and torch DataLoader; write JSON, a markdown table and a plot.")
@@ -242,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .check import run_check
 
             return run_check(args)
+        if args.command == "cache":
+            from .cache_build import run_cache_build
+
+            return run_cache_build(args)
         if args.command == "bench":
             from loader_bench import run_bench
 

@@ -223,6 +223,16 @@ class ServerConfig:
         None, shown="off", help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics")
     metrics_host: str = setting(
         "127.0.0.1", help="address the Prometheus endpoint binds (0.0.0.0 for a scraper on another host)")
+    cache: str | None = setting(
+        None, metavar="DIR|memory", shown="off",
+        help="keep every decoded sample (uint8, after the resize) in a memory-mapped file in DIR on a local disk "
+             "(shared by every server using DIR; `loader-server cache build` fills it ahead) or in `memory` (shared "
+             "by this server's workers); later epochs copy instead of decoding")
+    cache_size: int | None = setting(
+        None, metavar="S", shown="off",
+        help="with --cache and --augment rrc: cache each image at shorter side S (its centre region) and take the "
+             "random resized crop from that, not from the full original (as FFCV does); S >= the output's shorter "
+             "side")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -303,6 +313,7 @@ class ServerConfig:
         if self.client_timeout_s <= self.heartbeat_s:
             raise ConfigError("`client_timeout_s` must be larger than `heartbeat_s`")
         _at_least("max_message_bytes", self.max_message_bytes, 1)
+        self._validate_cache()
         if not self.bind.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
         if not is_local_bind(self.bind) and not self.curve_dir and not self.insecure:
@@ -311,6 +322,25 @@ class ServerConfig:
                 "authenticate (create keys with `loader-server keygen DIR`), or --insecure to serve anyone "
                 "who can reach it"
             )
+
+    def _validate_cache(self) -> None:
+        if self.cache is not None and not self.cache.strip():
+            raise ConfigError("`cache` must be a folder or `memory`, got an empty value")
+        if self.cache_size is not None:
+            if self.cache is None:
+                raise ConfigError(f"`cache_size` {self.cache_size} needs --cache DIR or --cache memory")
+            if not min(self.size) <= self.cache_size <= 16384:
+                raise ConfigError(f"`cache_size` must be between the output's shorter side ({min(self.size)}) and "
+                                  f"16384, got {self.cache_size}")
+        if self.cache is None:
+            return
+        if self.transform:
+            raise ConfigError("--cache cannot keep the output of --transform (it runs on the full decoded image, "
+                              "with randomness per epoch): drop one of them")
+        if self.augment and "rrc" in self.augment and self.cache_size is None:
+            raise ConfigError("--augment rrc crops the full image, which a cache of the output size no longer has: "
+                              "add --cache-size S (for example 256: the crop is taken from the centre region at "
+                              "shorter side S), or drop --cache")
 
     @property
     def channels(self) -> int:
@@ -348,7 +378,7 @@ _NOT_FINGERPRINTED = frozenset({
     "data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s", "max_message_bytes",
     "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
     "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure", "max_file_bytes", "max_clients",
-    "subset", "val_fraction", "split_seed",
+    "subset", "val_fraction", "split_seed", "cache",
 })
 
 

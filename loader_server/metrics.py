@@ -111,6 +111,27 @@ class SnapshotCollector(Collector):
                                     buckets=[(str(b), c) for b, c in zip([*BUILD_BUCKETS_S, "+Inf"], cumulative,
                                                                          strict=True)],
                                     sum_value=hist["sum_s"])
+        if "cache" in snap:
+            yield from _cache_metrics(snap["cache"])
+
+
+def _cache_metrics(cache: dict[str, Any]) -> Iterator[Metric]:
+    """The decoded-sample cache: lookups, hit ratio, size and fill progress."""
+    lookups = CounterMetricFamily("loader_cache_lookups_total", "Samples looked up in the decoded-sample cache.",
+                                  labels=["result"])
+    lookups.add_metric(["hit"], cache["hits"])
+    lookups.add_metric(["miss"], cache["misses"])
+    yield lookups
+    yield GaugeMetricFamily("loader_cache_hit_ratio", "Hits over lookups of the decoded-sample cache since start.",
+                            value=round(cache["hit_ratio"], 6))
+    yield GaugeMetricFamily("loader_cache_size_bytes", "Size of the decoded-sample cache (file or shared memory).",
+                            value=cache["bytes"])
+    yield GaugeMetricFamily("loader_cache_records", "Records of the decoded-sample cache (one per sample).",
+                            value=cache["records"])
+    yield GaugeMetricFamily("loader_cache_filled_records", "Valid records of the decoded-sample cache.",
+                            value=cache["filled"])
+    yield GaugeMetricFamily("loader_cache_fill_ratio", "Share of the decoded-sample cache's records that are valid.",
+                            value=round(cache["fill_ratio"], 6))
 
 
 def _by_label(name: str, help_text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:

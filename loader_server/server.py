@@ -41,6 +41,7 @@ from loader_client.messages import (
 from loader_client.schema import Message, decode
 
 from .batch_spec import BatchSpec, batch_spec
+from .cache import open_cache
 from .config import ServerConfig
 from .datasets import Dataset
 from .metrics import Metrics, serve_metrics
@@ -73,6 +74,7 @@ class Server:
                                  drop_last=config.drop_last, steps_per_epoch=config.steps_per_epoch)
         self.fingerprint = f"{config.fingerprint()}-{index.fingerprint()}"
         self.metrics = Metrics()
+        self.cache = open_cache(config, index) if config.cache else None  # before the workers fork: they share it
         self.peer_log = PeerLog()
         self._stopping = ""
         self._next_log = time.monotonic() + config.log_interval_s
@@ -126,7 +128,7 @@ class Server:
     def _spawn(self, wid: int, identity: bytes) -> Any:
         proc = self._mp.Process(target=worker_main, name=f"loader-worker-{wid}", daemon=True,
                                 args=(wid, identity, self.channel.endpoint, self.config, self.index, self.spec,
-                                      os.getpid()))
+                                      os.getpid(), self.cache))
         # Block SIGINT/SIGTERM across the fork so that the child never runs our handlers;
         # worker_main installs its own and unblocks them.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -249,6 +251,8 @@ class Server:
             assert isinstance(message, (Result, Failed, Skipped))
             if isinstance(message, Result):
                 self.metrics.built(message.build_s)
+                if self.cache is not None:
+                    self.cache.count(message.cache_hits, message.cache_misses)
             elif isinstance(message, Failed):
                 self.metrics.errors[message.reason] += 1
             task = self.supervisor.finished(worker, message.id)
@@ -307,6 +311,7 @@ class Server:
             "clients": [{**c.session.describe(), "shared_memory": c.arena is not None} for c in clients],
             "batch_build_seconds": {"counts": list(self.metrics.build_counts), "sum_s": self.metrics.build_sum_s},
             "fingerprint": self.fingerprint,
+            **({"cache": self.cache.stats()} if self.cache is not None else {}),
         }
 
 

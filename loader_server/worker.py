@@ -28,6 +28,7 @@ from loader_client.schema import decode, encode
 from loader_client.shm import Arena
 
 from .batch_spec import BatchSpec
+from .cache import SampleCache
 from .config import ServerConfig
 from .datasets import Dataset
 from .runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
@@ -70,10 +71,11 @@ def _arena(arenas: dict[int, Arena], handle: ArenaHandle) -> Arena | None:
 
 
 def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerConfig, index: Dataset,
-                spec: BatchSpec, parent_pid: int) -> None:
+                spec: BatchSpec, parent_pid: int, cache: SampleCache | None = None) -> None:
     """Entry point of a worker process (forked from the server's main thread).
 
-    `identity` is this worker's secret routing id on the server's worker socket.
+    `identity` is this worker's secret routing id on the server's worker socket; `cache` the
+    server's decoded-sample cache, whose mapping the fork shares.
     """
     _die_with_parent()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the server asks for a stack when we hang
@@ -88,7 +90,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     from .batch import BatchBuilder, Reads
     from .decode import DecodeError
 
-    builder = BatchBuilder(config, index, spec)
+    builder = BatchBuilder(config, index, spec, cache)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
         (builder.allocate(), None) for _ in range(_POOL_SIZE)
     )
@@ -150,13 +152,16 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                                         message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())))
                 continue
             bad = [list(b) for b in builder.last_bad]
+            hits, misses = builder.cache_hits, builder.cache_misses
             if task.arena is not None:  # x is already in the client's slot
                 shm_x = arrays.pop("x")
                 head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
+                                     cache_hits=hits, cache_misses=misses,
                                      shm_arrays=protocol.describe_arrays({"x": shm_x})))
                 sock.send_multipart([head, *arrays.values()])
                 continue
-            head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s))
+            head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
+                                 cache_hits=hits, cache_misses=misses))
             tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
             pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover

@@ -60,6 +60,8 @@ class Result(Message):
                                 items=item(list, max_len=3))  # [path, code, reason]
     shm_arrays: list[list[Any]] | None = spec(list, type(None), default=None, max_len=1,
                                               items=item(list, max_len=3))
+    cache_hits: int = spec(int, default=0, lo=0, hi=INT32_MAX)  # samples copied from the decoded-sample cache
+    cache_misses: int = spec(int, default=0, lo=0, hi=INT32_MAX)  # samples decoded (and stored) with a cache on
 
 
 @dataclass(frozen=True)
