@@ -282,6 +282,11 @@ def test_readme_steps_train_zero_copy_between_containers(box: Any, tmp_path: Pat
                                            capture_output=True, text=True, timeout=60, check=True).stdout)[0]["Mountpoint"]
     socket = Path(mountpoint) / "loader.sock"
     assert socket.is_socket() and socket.stat().st_uid == UID
+    # What makes it zero-copy: the same client without the loader's PID namespace gets frames.
+    apart = subprocess.run([b.docker, "run", "--rm", "--user", f"{UID}:{UID}", "-v", f"{b.project}_loader-run:/run/loader",
+                            "loader-trainer:latest", "python", "/app/examples/consume.py", "--epochs", "1", "--check"],
+                           capture_output=True, text=True, timeout=120)
+    assert apart.returncode == 0 and "shared memory False" in apart.stdout, apart.stdout + apart.stderr
 
     grace_s = float(yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["loader"]["stop_grace_period"][:-1])
     loader_id = b.inspect(loader)["Id"]
