@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ import pytest
 import yaml
 
 from . import docker_support
-from .conftest import unique_label_list
+from .conftest import free_port, unique_label_list
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -310,7 +311,7 @@ def test_settings_reach_the_container_and_health_follows_the_bind(box: Any, tmp_
     config = tmp_path / "settings.toml"
     config.write_text('data = "/data/train.txt"\nbatch_size = 8\nsize = "32x32"\nworkers = 2\ninsecure = true\n')
     b: Box = box(dataset, LOADER_CONFIG=str(config), LOADER_SEED="7", LOADER_BIND="tcp://0.0.0.0:6123",
-                 LOADER_ENDPOINT="tcp://loader:6123")
+                 LOADER_ENDPOINT="tcp://loader:6123", LOADER_METRICS_PORT="9464")
     smoke = b.ok(b.step("docker compose run").replace("--check", "--epochs 1 --check"))
     assert "6 steps of 8, shared memory False" in smoke and "each of 48 samples exactly once" in smoke, smoke
     loader = b.container("loader")
@@ -318,6 +319,10 @@ def test_settings_reach_the_container_and_health_follows_the_bind(box: Any, tmp_
     log = b.logs(loader)
     assert "on tcp://0.0.0.0:6123" in log and " seed=7 " in log and " batch_size=8 " in log, log
     assert "frames over the socket" in log, log
+    metrics = subprocess.run([b.docker, "exec", loader, "python", "-c", "import urllib.request; print(urllib.request"
+                              ".urlopen('http://127.0.0.1:9464/metrics', timeout=10).read().decode())"],
+                             capture_output=True, text=True, timeout=60)
+    assert "loader_batches_sent_total" in metrics.stdout, metrics.stdout + metrics.stderr
 
 
 @pytest.mark.timeout(ENGINE_TIMEOUT_S)
@@ -384,3 +389,24 @@ def test_images_are_slim_and_the_default_build_is_the_server(built: dict[str, st
                             capture_output=True, text=True, timeout=120)
         assert me.returncode == 0 and me.stdout.strip() == str(UID), me.stdout + me.stderr
     print(f"server image {size_mb:.0f} MB (base {base_mb:.0f} MB)")
+
+
+@pytest.mark.timeout(ENGINE_TIMEOUT_S)
+def test_the_box_prometheus_scrapes_the_loader(box: Any, tmp_path: Path) -> None:
+    """LOADER_METRICS_PORT and LOADER_METRICS_HOST, and the port published on the box's loopback."""
+    from loader_server.config import ServerConfig
+
+    if "metrics_host" not in ServerConfig.__dataclass_fields__:
+        pytest.skip("needs the `metrics_host` setting (LOADER_METRICS_HOST), which another branch adds")
+    port = free_port()
+    override = tmp_path / "prometheus.yaml"
+    override.write_text(f'services:\n  loader:\n    ports: ["127.0.0.1:{port}:9464"]\n')
+    dataset = unique_label_list(tmp_path / "dataset", 16).parent
+    b: Box = box(dataset, LOADER_DATA="/data/train.txt", LOADER_BATCH_SIZE="8", LOADER_WORKERS="1",
+                 LOADER_METRICS_PORT="9464", LOADER_METRICS_HOST="0.0.0.0")
+    b.env["COMPOSE_FILE"] += f":{override}"
+    b.ok("docker compose up --detach loader")
+    loader = b.container("loader")
+    b.wait_healthy(loader)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        assert b"loader_batches_sent_total" in answer.read()
