@@ -77,9 +77,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of the commands that ask a running server something."""
-    p.add_argument("endpoint", nargs="?", default=ServerConfig.__dataclass_fields__["bind"].default,
-                   help="the server's endpoint")
+    p.add_argument("endpoint", nargs="?", default=None,
+                   help="the server's endpoint (default: the `bind` setting that `serve` resolves from "
+                        "--config and LOADER_BIND, asked on loopback when it binds every interface)")
+    p.add_argument("--config", default=None, help="the TOML settings file that `serve` reads, for its `bind`")
     p.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    """The endpoint argument, else where `serve` with the same file and environment listens."""
+    if args.endpoint:
+        return str(args.endpoint)
+    from .layered import resolve
+
+    bind = resolve({"data": "-"}, args.config)[0].bind  # the data set does not matter here
+    host = bind.removeprefix("tcp://").rsplit(":", 1)[0] if bind.startswith("tcp://") else None
+    loopback = {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "[::]": "[::1]"}.get(host or "")
+    return bind.replace(f"tcp://{host}:", f"tcp://{loopback}:", 1) if loopback else bind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +219,7 @@ def _health(args: argparse.Namespace) -> int:
     from loader_client import LoaderError, health
 
     try:
-        answer = health(args.endpoint, timeout_s=args.timeout_s)
+        answer = health(_endpoint(args), timeout_s=args.timeout_s)
     except LoaderError as exc:
         print(f"loader-server health: {exc}", file=sys.stderr)
         return 1
@@ -227,7 +241,7 @@ def _stats(args: argparse.Namespace) -> int:
     from loader_client import LoaderError, server_stats
 
     try:
-        print(json.dumps(server_stats(args.endpoint, timeout_s=args.timeout_s), indent=2))
+        print(json.dumps(server_stats(_endpoint(args), timeout_s=args.timeout_s), indent=2))
     except LoaderError as exc:
         print(f"loader-server stats: {exc}", file=sys.stderr)
         return 1

@@ -233,6 +233,12 @@ def test_install_commands(block: Block, tmp_path: Path) -> None:
             assert result[0] == 0 and "demo: OK" in result[1], f"{block.name}: {part}\n{result[1]}"
         elif re.fullmatch(r"python3? -m pytest", part):
             assert "pytest" in pyproject["tool"] and (ROOT / "tests").is_dir()
+            ci = (ROOT / ".ci" / "run").read_text().splitlines()
+            assert command in ci, f"{block.name}: .ci/run must run exactly the README's test command"
+        elif part == "bash .ci/provision":
+            provision = ROOT / ".ci" / "provision"
+            check = subprocess.run(["bash", "-n", str(provision)], capture_output=True, text=True, timeout=30)
+            assert check.returncode == 0, check.stderr
         elif not part.startswith("("):
             pytest.fail(f"{block.name}: no check for {part!r}: add one to test_install_commands")
 
