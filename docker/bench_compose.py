@@ -200,7 +200,7 @@ def main() -> int:
     base_cpu = statistics.median(cpu[names[0]]) if cpu[names[0]] else float("nan")
     for name, rates in results.items():
         median = statistics.median(rates)
-        paired = statistics.median(r / h for r, h in zip(rates, results[names[0]]))
+        paired = statistics.median(r / h for r, h in zip(rates, results[names[0]], strict=True))
         ms = statistics.median(cpu[name]) if cpu[name] else float("nan")
         print(f"| {name} | {median:.0f} | {min(rates):.0f}–{max(rates):.0f} | {shm[name]} | {median / base:.2f} "
               f"| {paired:.2f} | {ms:.2f} | {ms / base_cpu:.2f} |")

@@ -30,6 +30,6 @@ def device_prefetch(batches, size: int = 2):
 
 endpoint = os.environ.get("LOADER_ENDPOINT", "tcp://127.0.0.1:5555")
 with LoaderClient(endpoint, timeout_s=60) as client:
-    for step, (x, y) in enumerate(device_prefetch(itertools.islice(iter(client), client.steps_per_epoch))):
+    for step, (x, _y) in enumerate(device_prefetch(itertools.islice(iter(client), client.steps_per_epoch))):
         mean = jnp.mean(x.astype(jnp.float32) / 255)
         print(step, x.shape, float(mean))

@@ -19,10 +19,10 @@ from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import keras  # noqa: E402
+import keras
 
-from loader_client import LoaderClient  # noqa: E402
-from loader_client.keras import KerasStream, fit  # noqa: E402
+from loader_client import LoaderClient
+from loader_client.keras import KerasStream, fit
 
 
 def main() -> int:

@@ -12,7 +12,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-
 from .context import Bench
 from .probes import PROBES
 from .report import machine, markdown, plot, summarize

@@ -88,7 +88,8 @@ def _stall_rows(results: Results) -> list[tuple[str, str]]:
         return []
     r = results["stall"]
     return [(f"data stall, training step {r['step_ms']:.1f} ms (80% of loader capacity)",
-             f"{r['stall_pct']:.2f}% of wall time; next() p50 {r['next_p50_ms']:.3f} ms, p99 {r['next_p99_ms']:.3f} ms")]
+             f"{r['stall_pct']:.2f}% of wall time; next() p50 {r['next_p50_ms']:.3f} ms, "
+             f"p99 {r['next_p99_ms']:.3f} ms")]
 
 
 # ---------------------------------------------------------------------------- float32

@@ -7,10 +7,9 @@ client's background thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import threading
 import weakref
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -52,7 +52,8 @@ ALLOWED_DTYPES = frozenset(
 
 def pack(t: str, **fields: Any) -> bytes:
     """Encode a header of type `t` with the current protocol version."""
-    return msgpack.packb({"v": PROTOCOL_VERSION, "t": t, **fields}, use_bin_type=True)
+    data: bytes = msgpack.packb({"v": PROTOCOL_VERSION, "t": t, **fields}, use_bin_type=True)
+    return data
 
 
 def unpack(frame: bytes | memoryview | Any) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def build_arrays(
         raise ProtocolError(f"header describes {len(described)} arrays but {len(frames)} frames followed")
     out: dict[str, np.ndarray] = {}
     total = 0
-    for item, frame in zip(described, frames):
+    for item, frame in zip(described, frames, strict=True):
         if not (isinstance(item, list) and len(item) == 3):
             raise ProtocolError(f"array description {item!r} is not [name, dtype, shape]")
         name, dtype_str, shape = item

@@ -22,7 +22,8 @@ import msgpack
 
 from .errors import ProtocolError
 
-__all__ = ["Spec", "spec", "item", "Message", "encode", "decode", "decode_fields", "INT32_MAX", "INT63_MAX", "is_printable"]
+__all__ = ["Spec", "spec", "item", "Message", "encode", "decode", "decode_fields", "INT32_MAX", "INT63_MAX",
+           "is_printable"]
 
 INT32_MAX = 2**31 - 1
 INT63_MAX = 2**63 - 1
@@ -42,7 +43,8 @@ class Spec:
     nested: type[Message] | None = None  # a map that is itself a message
 
 
-def spec(*types: type, default: Any = _MISSING, default_factory: Any = _MISSING, lo: int | float | None = None, hi: int | float | None = None,
+def spec(*types: type, default: Any = _MISSING, default_factory: Any = _MISSING, lo: int | float | None = None,
+         hi: int | float | None = None,
          max_len: int | None = None, text: bool = False, items: Spec | None = None,
          nested: type[Message] | None = None) -> Any:
     """A dataclass field with its wire spec (and an optional default)."""
@@ -93,7 +95,8 @@ def encode(message: Message) -> bytes:
     """The msgpack header of `message`, with the protocol version and type."""
     from .protocol import PROTOCOL_VERSION
 
-    return msgpack.packb({"v": PROTOCOL_VERSION, "t": message.TYPE, **message.fields()}, use_bin_type=True)
+    data: bytes = msgpack.packb({"v": PROTOCOL_VERSION, "t": message.TYPE, **message.fields()}, use_bin_type=True)
+    return data
 
 
 _SPECS: dict[type, tuple[tuple[str, Spec, bool], ...]] = {}
@@ -103,7 +106,7 @@ def _specs(cls: type[Message]) -> tuple[tuple[str, Spec, bool], ...]:
     cached = _SPECS.get(cls)
     if cached is None:
         cached = tuple(
-            (f.name, f.metadata["spec"], f.default is _MISSING and f.default_factory is _MISSING)  # type: ignore[misc]
+            (f.name, f.metadata["spec"], f.default is _MISSING and f.default_factory is _MISSING)
             for f in dataclasses.fields(cls)  # type: ignore[arg-type]
         )
         _SPECS[cls] = cached

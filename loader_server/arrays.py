@@ -125,7 +125,7 @@ def _load(path: str, what: str) -> np.ndarray:
     except OSError as exc:
         raise os_error(exc, what, path) from None
     _check_dtype(arr, path)
-    return arr
+    return arr  # type: ignore[no-any-return]
 
 
 def _check_dtype(arr: np.ndarray, path: str) -> None:

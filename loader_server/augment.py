@@ -24,7 +24,7 @@ from loader_client.errors import ConfigError
 
 __all__ = ["Augmenter", "parse_augment", "sample_rng"]
 
-_OPS = {
+_OPS: dict[str, dict[str, Any]] = {
     "rrc": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
     "flip": {"p": 0.5},
     "jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4},

@@ -231,7 +231,7 @@ class SampleCache:
                 # bookkeeping included) cost about 5 times more than the copy itself.
                 offset = self.layout.records_offset + i * self.layout.record_bytes
                 try:
-                    written = os.pwrite(self.fd, memoryview(img).cast("B"), offset)
+                    written = os.pwrite(self.fd, memoryview(img).cast("B"), offset)  # type: ignore[arg-type]
                 except OSError as exc:  # an I/O error of the disk: the record stays unpublished
                     _warn_once(f"could not write to the sample cache {self.where} ({exc.strerror}); samples are "
                                "decoded as without it where their records cannot be written")

@@ -377,7 +377,8 @@ class ServerConfig:
 _NOT_FINGERPRINTED = frozenset({
     "data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s", "max_message_bytes",
     "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
-    "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure", "max_file_bytes", "max_clients",
+    "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure",
+    "max_file_bytes", "max_clients",
     "subset", "val_fraction", "split_seed", "cache",
 })
 

@@ -202,7 +202,7 @@ class Decoder:
             raise DecodeError(path, f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds --max-pixels "
                                     f"{self.max_pixels}", "too_many_pixels")
         if img.dtype != np.uint8:  # pragma: no cover - IMREAD_COLOR/GRAYSCALE already give 8 bits
-            img = (img >> 8).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
+            img = (img.astype(np.uint16) >> 8).astype(np.uint8) if img.dtype == np.uint16 else img.astype(np.uint8)
         if self.swap_to_rgb:  # pragma: no cover
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         return img

@@ -161,7 +161,7 @@ def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]
     registry.register(SnapshotCollector(snapshot_fn))
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path in ("/metrics", "/"):
                 encoder, ctype = choose_encoder(self.headers.get("Accept", ""))

@@ -35,7 +35,7 @@ def load_function(spec: str, setting: str) -> Callable[..., Any]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"`{setting}` {spec!r}: {module_name} has no function {attr!r}")
-    return fn
+    return fn  # type: ignore[no-any-return]
 
 
 def check_image(result: Any, spec: str, channels: int) -> np.ndarray:
@@ -46,7 +46,7 @@ def check_image(result: Any, spec: str, channels: int) -> np.ndarray:
         got = (f"{type(result).__name__}" if not isinstance(result, np.ndarray)
                else f"an array of {result.dtype} with shape {result.shape}")
         raise TypeError(f"--transform {spec} returned {got}; expected a uint8 image of shape (H, W, {channels})")
-    return result
+    return result  # type: ignore[no-any-return]
 
 
 def check_extras(result: Any, spec: str, batch: int) -> dict[str, np.ndarray]:

@@ -158,11 +158,11 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                 head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
                                      cache_hits=hits, cache_misses=misses,
                                      shm_arrays=protocol.describe_arrays({"x": shm_x})))
-                sock.send_multipart([head, *arrays.values()])
+                sock.send_multipart([head, *arrays.values()])  # type: ignore[list-item]
                 continue
             head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
                                  cache_hits=hits, cache_misses=misses))
-            tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)
+            tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)  # type: ignore[list-item]
             pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover
         pass

@@ -25,10 +25,10 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -38,7 +38,7 @@ def main() -> None:
     kwargs = {"state": state} if state else {"rank": args.rank, "world_size": args.world_size}
     with LoaderClient(args.endpoint, timeout_s=args.timeout_s, **kwargs) as client, open(args.out, "a") as out:
         total = args.batches if args.batches is not None else 10**9
-        for _, (x, y) in zip(range(total), client):
+        for _, (x, y) in zip(range(total), client, strict=False):
             info = client.last
             assert info is not None
             digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()

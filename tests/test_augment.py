@@ -60,7 +60,7 @@ def test_same_pixels_for_any_worker_count_and_resume(start_server: Any, tmp_path
     one = start_server(listfile, *ARGS, "--workers", "1", "--augment", SPEC)
     three = start_server(listfile, *ARGS, "--workers", "3", "--augment", SPEC)
     a, b = batches(one.endpoint, 10), batches(three.endpoint, 10)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
     with LoaderClient(three.endpoint, timeout_s=20) as client:
@@ -68,7 +68,7 @@ def test_same_pixels_for_any_worker_count_and_resume(start_server: Any, tmp_path
             client.next()
         state = client.state_dict()
     resumed = batches(three.endpoint, 7, state=state)
-    for (xa, _), (xr, _) in zip(a[3:], resumed):
+    for (xa, _), (xr, _) in zip(a[3:], resumed, strict=True):
         np.testing.assert_array_equal(xa, xr)
 
 
@@ -81,7 +81,7 @@ def test_epochs_differ_and_validation_streams_are_plain(start_server: Any, tmp_p
     assert not np.array_equal(two_epochs[0][0], two_epochs[2][0])  # other epoch, other pixels
     val = batches(aug.endpoint, 2, augment=False)
     ref = batches(plain.endpoint, 2)
-    for (xv, _), (xr, _) in zip(val, ref):
+    for (xv, _), (xr, _) in zip(val, ref, strict=True):
         np.testing.assert_array_equal(xv, xr)
     assert not np.array_equal(val[0][0], two_epochs[0][0])
 

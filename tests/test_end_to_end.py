@@ -83,9 +83,9 @@ def test_same_batches_for_1_and_3_workers(start_server: Any, listfile: Path) -> 
         with LoaderClient(server.endpoint, timeout_s=20) as client:
             runs.append(consume(client, 2))
     assert len(runs[0]) == len(runs[1]) == 2 * (N // BATCH)
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert a[:2] == b[:2]
-        for u, v in zip(a[2:], b[2:]):
+        for u, v in zip(a[2:], b[2:], strict=True):
             np.testing.assert_array_equal(u, v)
 
 
@@ -172,7 +172,7 @@ def test_resume_from_state_is_bitwise_identical(start_server: Any, listfile: Pat
     with LoaderClient(server.endpoint, timeout_s=20, state=state) as client:
         rest = [next(iter_) for iter_ in [iter(client)] for _ in range(len(full) - k)]
         assert client.position == (2, 0)
-    for (e, b, x, y, _), (x2, y2) in zip(full[k:], rest):
+    for (_, _, x, y, _), (x2, y2) in zip(full[k:], rest, strict=True):
         np.testing.assert_array_equal(x, x2)
         np.testing.assert_array_equal(y, y2)
 
@@ -350,7 +350,7 @@ def test_random_mode_is_endless_with_replacement(start_server: Any, listfile: Pa
             runs.append([(client.last.epoch if client.last else -1, next(it)[1]) for _ in range(8)])
     labels = np.concatenate([y for _, y in runs[0]])
     assert labels.min() >= 0 and labels.max() < N and len(set(labels.tolist())) < len(labels)
-    for (_, a), (_, b) in zip(*runs):
+    for (_, a), (_, b) in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)  # same seed, same draws
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import zmq
 
+from loader_client import LoaderClient, ProtocolError, protocol
 from loader_client.messages import Welcome
 from loader_client.schema import encode
-from loader_client import LoaderClient, ProtocolError, protocol
 
 STEPS = 3
 BATCH = 2
@@ -61,7 +61,7 @@ class FakeServer:
                     header = protocol.unpack(frame)
                     if header["t"] == "credit":
                         self.credit += header["n"]
-        except BaseException as exc:  # noqa: BLE001 - reported by close()
+        except BaseException as exc:
             self.error = exc
         finally:
             self._sock.close(linger=0)

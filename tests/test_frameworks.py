@@ -65,7 +65,7 @@ def test_keras_fit_epochs_consume_exactly_the_server_epochs(start_server: Any, t
     expected = reference_epochs(server.endpoint, 3)
     for k in range(3):
         got = seen[k * steps : (k + 1) * steps]
-        for a, b in zip(got, expected[k]):
+        for a, b in zip(got, expected[k], strict=True):
             np.testing.assert_array_equal(a, b)
 
 

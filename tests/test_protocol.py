@@ -225,7 +225,7 @@ def test_fuzz_build_arrays(described: object, frames: list[bytes]) -> None:
         arrays = protocol.build_arrays(described, frames, max_bytes=1024)
     except ProtocolError:
         return
-    for arr, frame in zip(arrays.values(), frames):
+    for arr, frame in zip(arrays.values(), frames, strict=True):
         assert arr.nbytes == len(frame) and arr.dtype.str in protocol.ALLOWED_DTYPES
 
 

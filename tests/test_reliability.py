@@ -119,7 +119,7 @@ def test_skip_replaces_bad_samples_the_same_way_for_any_worker_count(
                               "--on-error", "skip", "--max-bad", str(len(BAD)), "--seed", "5")  # at the limit
         servers.append(server)
         runs.append(_epochs(server.endpoint, 2))
-    for (xa, ya, ia), (xb, yb, ib) in zip(*runs):
+    for (xa, ya, ia), (xb, yb, ib) in zip(*runs, strict=True):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ia, ib)
         np.testing.assert_array_equal(ya, yb)

@@ -40,7 +40,7 @@ def test_shared_memory_and_socket_give_identical_batches(start_server: Any, list
          LoaderClient(server.endpoint, timeout_s=20, shared_memory=False) as sock:
         assert shm.shared_memory and not sock.shared_memory
         a, b = take(shm, 25), take(sock, 25)
-        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b, strict=True):
             np.testing.assert_array_equal(xa, xb)
             np.testing.assert_array_equal(ya, yb)
             np.testing.assert_array_equal(ia, ib)
@@ -66,12 +66,12 @@ def test_held_batches_fall_back_to_frames_and_outlive_the_client(start_server: A
         held = take(client, 30)  # far more than the arena's slots: the server must not stall
         assert any(isinstance(x.base, mmap.mmap) for x, _, _ in held)
         assert any(not isinstance(x.base, mmap.mmap) for x, _, _ in held)  # frames once slots ran out
-        for x, y, idx in held:
+        for _, y, idx in held:
             np.testing.assert_array_equal(y, idx)
         contents = [x.copy() for x, _, _ in held]
         more = take(client, 10)  # still flowing
     # Arrays stay valid after the client closed: the mapping lives as long as they do.
-    for x, c in zip([h[0] for h in held], contents):
+    for x, c in zip([h[0] for h in held], contents, strict=True):
         np.testing.assert_array_equal(x, c)
     del held, more, x
     gc.collect()

@@ -57,7 +57,7 @@ def test_soak_with_worker_kills_and_reconnects(start_server: Any, tmp_path: Path
                         victim = workers[int(rng.integers(len(workers)))]
                         os.kill(victim, signal.SIGKILL)
                         kills += 1
-                        wait_until(lambda: not alive(victim), 10, "the killed worker to die")
+                        wait_until(lambda victim=victim: not alive(victim), 10, "the killed worker to die")
             state = client.state_dict()
         assert sorted(seen) == list(range(n)), f"epoch {epoch} was not exactly once"
         wait_until(lambda: len(server.workers()) == 2, 20, "replacement workers")

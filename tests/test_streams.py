@@ -96,7 +96,7 @@ def test_independent_clients_do_not_disturb_each_other(start_server: Any, tmp_pa
             if i % 2 == 0:
                 got_c.append(c.next()[1].copy())
         got_c += [c.next()[1].copy() for _ in range(15 - len(got_c))]
-    for x, y, z in zip(expected, got_a, got_c):
+    for x, y, z in zip(expected, got_a, got_c, strict=True):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(x, z)
 

@@ -29,7 +29,7 @@ def first(endpoint: str, count: int = 3) -> list[tuple[np.ndarray, ...]]:
 def test_transform_runs_on_every_image(start_server: Any, listfile: Path) -> None:
     plain = start_server(listfile, *ARGS, "--workers", "1")
     inverted = start_server(listfile, *ARGS, "--workers", "1", "--transform", "tests.user_code_samples:invert")
-    for (xp, yp), (xi, yi) in zip(first(plain.endpoint), first(inverted.endpoint)):
+    for (xp, yp), (xi, yi) in zip(first(plain.endpoint), first(inverted.endpoint), strict=True):
         np.testing.assert_array_equal(yp, yi)
         # Inverting commutes with a linear resize up to rounding.
         assert np.abs((255 - xp.astype(int)) - xi.astype(int)).max() <= 1
@@ -39,7 +39,7 @@ def test_seeded_transform_is_the_same_for_any_worker_count(start_server: Any, li
     spec = "tests.user_code_samples:noisy_crop"
     a = start_server(listfile, *ARGS, "--workers", "1", "--transform", spec)
     b = start_server(listfile, *ARGS, "--workers", "3", "--transform", spec)
-    for (xa, _), (xb, _) in zip(first(a.endpoint, 6), first(b.endpoint, 6)):
+    for (xa, _), (xb, _) in zip(first(a.endpoint, 6), first(b.endpoint, 6), strict=True):
         np.testing.assert_array_equal(xa, xb)
 
 

@@ -23,8 +23,8 @@ from loader_client.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmR
 from loader_client.schema import Message, encode
 from loader_client.shm import shm_available
 
-from ..classes import count_classes
 from ..batch_spec import BatchSpec
+from ..classes import count_classes
 from ..config import ServerConfig
 from ..datasets import Dataset
 from ..metrics import Metrics
@@ -87,8 +87,8 @@ class Delivery:
         """Open a stream for `hello` (replacing one of the same peer), or tell the peer why not."""
         self.drop(identity, "reconnected")
         if len(self.clients) >= self.config.max_clients:
-            self.error(identity, "server", f"the server already serves {len(self.clients)} clients "
-                                           f"(--max-clients {self.config.max_clients}); retry later or raise --max-clients")
+            self.error(identity, "server", f"the server already serves {len(self.clients)} clients (--max-clients "
+                                           f"{self.config.max_clients}); retry later or raise --max-clients")
             return
         if self.bad.too_many:
             self.error(identity, "bad_sample", self.bad.too_many)

@@ -14,9 +14,8 @@ A stream position is ``epoch * steps + batch``. The rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from loader_client.messages import MAX_CREDIT, Hello
