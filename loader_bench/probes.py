@@ -22,6 +22,7 @@ import numpy as np
 from loader_client import LoaderClient, server_stats
 
 from .context import Bench
+from .floods import flood_tables, floods
 from .systems import CLIENT_TIMEOUT_S, PssSampler, measure_service, served
 
 __all__ = ["Probe", "PROBES"]
@@ -513,4 +514,5 @@ PROBES: dict[str, Probe] = {
     "ttfb": Probe(_ttfb, _ttfb_rows),
     "stages": Probe(_stages, tables=_stages_tables),
     "cache": Probe(_cache, tables=_cache_tables, default=False),
+    "floods": Probe(floods, tables=flood_tables, default=False),
 }
