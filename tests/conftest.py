@@ -6,6 +6,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -174,3 +175,9 @@ def color_classes(root: Path, per_class: int, *, size: int = 16) -> Path:
             img = np.clip(np.array(rgb[::-1], np.int16) + rng.integers(-40, 41, (size, size, 3)), 0, 255)
             write_image(root / f"c{k}" / f"{i:04d}.png", img.astype(np.uint8))
     return root
+
+
+def keygen(where: Path, name: str) -> None:
+    """`loader-server keygen WHERE --name NAME`, as a user runs it."""
+    subprocess.run([sys.executable, "-m", "loader_server", "keygen", str(where), "--name", name], check=True,
+                   capture_output=True, timeout=60)

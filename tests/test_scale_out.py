@@ -14,7 +14,7 @@ import pytest
 from loader_client import AuthenticationError, LoaderClient, LoaderTimeoutError
 from loader_client.multi import MultiServerStream
 
-from .conftest import free_port, unique_label_list
+from .conftest import free_port, keygen, unique_label_list
 
 N = 61
 ARGS = ("--batch-size", "4", "--size", "16x12", "--workers", "1", "--seed", "3")
@@ -105,10 +105,6 @@ def test_losing_a_server_raises_or_continues(start_server: Any, listfile: Path) 
 # ---------------------------------------------------------------------------- CURVE
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, Path]:
-    def keygen(where: Path, name: str) -> None:
-        subprocess.run([sys.executable, "-m", "loader_server", "keygen", str(where), "--name", name], check=True,
-                       capture_output=True, timeout=60)
-
     server_dir = tmp_path / "server-keys"
     keygen(server_dir, "server")
     keygen(tmp_path / "trainer", "trainer")
