@@ -135,7 +135,7 @@ _ARRAY_PROBES = frozenset({"stall", "scaling", "curve", "arrays"})
 def _load(data: str, serve_args: list[str]) -> Any:
     """The data set as `serve` opens it, with the data settings among --serve-args (labels, subset, ...)."""
     from loader_server.cli import explicit_serve_flags
-    from loader_server.datasets import load_dataset
+    from loader_server.data.datasets import load_dataset
     from loader_server.layered import resolve
 
     flags = explicit_serve_flags(["serve", "--data", data, *serve_args])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loader_server.index import DatasetIndex
+from loader_server.data.index import DatasetIndex
 
 
 @dataclass

@@ -71,7 +71,7 @@ def _sessions(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]
 
 
 def _raw(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> zmq.Socket[Any]:
-    s = ctx.socket(zmq.DEALER)
+    s: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
     socks.append(s)

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from loader_client.errors import ConfigError
 
-from .cache import MEMORY, SampleCache, open_cache, record_decoder
 from .config import DATA_SETTINGS, ServerConfig, default_workers
-from .datasets import Dataset
+from .data.datasets import Dataset
+from .pipeline.cache import MEMORY, SampleCache, open_cache, record_decoder
 
 __all__ = ["add_cache_build_arguments", "run_cache_build", "BUILD_SETTINGS"]
 
@@ -52,7 +52,7 @@ def _init(index: Dataset, config: ServerConfig, cache: SampleCache) -> None:
 
 def _fill(bounds: tuple[int, int]) -> tuple[int, int, list[tuple[str, str]]]:
     """Decode and store every record of `bounds` not valid yet: (samples, stored, bad files)."""
-    from .decode import DecodeError, read_file
+    from .pipeline.decode import DecodeError, read_file
 
     assert _state is not None
     index, config, cache = _state
@@ -79,7 +79,7 @@ def _fill(bounds: tuple[int, int]) -> tuple[int, int, list[tuple[str, str]]]:
 def run_cache_build(args: argparse.Namespace) -> int:
     """Fill the cache; 0 when done (bad files are listed, not cached), 2 for bad settings."""
     from .cli import require_opencv
-    from .datasets import load_dataset
+    from .data.datasets import load_dataset
     from .layered import resolve
 
     require_opencv("cache build")

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DATA_SETTINGS, ServerConfig, default_workers
-from .datasets import Dataset
+from .data.datasets import Dataset
 
 __all__ = ["add_check_arguments", "run_check"]
 
@@ -48,7 +48,7 @@ def _init(index: Dataset, config: ServerConfig) -> None:
 
 
 def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[str, str]]]:
-    from .decode import DecodeError, Decoder, read_file
+    from .pipeline.decode import DecodeError, Decoder, read_file
 
     assert _state is not None
     index, config = _state
@@ -65,7 +65,7 @@ def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[str, str]]]:
 
 def run_check(args: argparse.Namespace) -> int:
     """Read every sample; 0 when all are good, 1 when any is bad (2 for bad settings)."""
-    from .datasets import load_dataset
+    from .data.datasets import load_dataset
     from .layered import resolve
 
     if getattr(args, "data", None) is None:

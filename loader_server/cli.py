@@ -177,8 +177,8 @@ def explicit_serve_flags(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .batch_spec import batch_spec
-    from .datasets import load_dataset
+    from .data.batch_spec import batch_spec
+    from .data.datasets import load_dataset
     from .layered import format_config, resolve
 
     require_opencv("serve")
@@ -188,8 +188,8 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.print_config:
         print(format_config(config, sources))
         return 0
-    from . import batch  # noqa: F401  (loaded before the workers fork, so that each starts at once)
     from .logs import setup_logging
+    from .pipeline import batch  # noqa: F401  (loaded before the workers fork, so that each starts at once)
     from .server import Server, install_signal_handlers
 
     setup_logging(config.log_level, config.log_format)

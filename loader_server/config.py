@@ -265,11 +265,11 @@ class ServerConfig:
             raise ConfigError(f"`split_seed` must be between 0 and 2**63-1, got {self.split_seed}")
         for name in ("transform", "collate"):
             if getattr(self, name):
-                from .user_code import load_function
+                from .pipeline.user_code import load_function
 
                 load_function(getattr(self, name), name)  # fails at start-up, not in a worker
         if self.augment:
-            from .augment import parse_augment
+            from .pipeline.augment import parse_augment
 
             parse_augment(self.augment)  # raises ConfigError naming the bad part
             if self.resize != "stretch" and "rrc" in self.augment:

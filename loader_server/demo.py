@@ -21,7 +21,7 @@ from tqdm import tqdm
 from loader_client import LoaderClient
 from loader_client.errors import LoaderError
 
-from .index import load_index
+from .data.index import load_index
 from .launch import ServerProcess, ServerProcessError
 from .sample_data import write_sample_images
 

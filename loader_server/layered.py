@@ -21,7 +21,7 @@ from typing import Any
 from loader_client.errors import ConfigError
 
 from .config import ServerConfig
-from .file_access import os_error
+from .data.file_access import os_error
 
 __all__ = ["resolve", "ENV_PREFIX", "format_config", "PARSERS"]
 

@@ -40,18 +40,18 @@ from loader_client.messages import (
 )
 from loader_client.schema import Message, decode
 
-from .batch_spec import BatchSpec, batch_spec
-from .cache import open_cache
 from .config import ServerConfig
-from .datasets import Dataset
+from .data.batch_spec import BatchSpec, batch_spec
+from .data.datasets import Dataset
 from .metrics import Metrics, serve_metrics
+from .pipeline.cache import open_cache
+from .pipeline.worker import worker_main
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
 from .runtime.transport import ClientTransport, PeerLog
 from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
 from .sampling import SamplingPlan
-from .worker import worker_main
 
 __all__ = ["Server", "MAX_TASK_RETRIES", "install_signal_handlers"]
 
@@ -291,6 +291,9 @@ class Server:
             log.info("%.0f images/s (%.1f batches/s) over the last minute; %d batches ready; workers busy %s%%; "
                      "%d clients; %d bad files", snap["images_per_s"], snap["batches_per_s"], snap["batches_ready"],
                      busy, len(snap["clients"]), snap["bad_files"])
+        if self.transport.guard is not None:
+            for what in self.transport.guard.check():
+                log.warning("%s", what)
         for worker in self.supervisor.tick(self.delivery.describe_task):
             log.error("worker %d (pid %d) %s; its Python stack follows", worker.id, worker.process.pid, worker.hung)
         self.delivery.heartbeats(now)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loader_client import ConfigError, LoaderClient
-from loader_server.augment import Augmenter, parse_augment, sample_rng
+from loader_server.pipeline.augment import Augmenter, parse_augment, sample_rng
 
 from .conftest import unique_label_list
 

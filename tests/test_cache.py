@@ -22,12 +22,12 @@ import pytest
 
 from loader_client import LoaderClient, server_stats
 from loader_client.errors import ConfigError
-from loader_server.batch import BatchBuilder
-from loader_server.cache import SampleCache, open_cache, record_decoder
 from loader_server.config import ServerConfig
-from loader_server.datasets import load_dataset
-from loader_server.decode import read_file
+from loader_server.data.datasets import load_dataset
 from loader_server.metrics import prometheus_text
+from loader_server.pipeline.batch import BatchBuilder
+from loader_server.pipeline.cache import SampleCache, open_cache, record_decoder
+from loader_server.pipeline.decode import read_file
 
 from .conftest import unique_label_list, wait_until, write_image
 
@@ -320,7 +320,7 @@ def _too_large(tmp_path: Path, limit: int) -> Path:
 
 
 def test_a_cache_that_does_not_fit_is_refused_with_the_numbers(tmp_path: Path) -> None:
-    from loader_server.cache import disk_free, mem_available
+    from loader_server.pipeline.cache import disk_free, mem_available
 
     folder = tmp_path / "cache"
     folder.mkdir()
@@ -354,9 +354,9 @@ def test_cache_build_takes_every_setting_that_shapes_a_record() -> None:
     """A setting in the cache's key that `cache build` lacks would make its cache one that serve never finds."""
     import dataclasses
 
-    from loader_server.cache import _AFTER_CACHE
     from loader_server.cache_build import BUILD_SETTINGS
     from loader_server.config import _NOT_FINGERPRINTED
+    from loader_server.pipeline.cache import _AFTER_CACHE
 
     keyed = {f.name for f in dataclasses.fields(ServerConfig)} - _NOT_FINGERPRINTED - _AFTER_CACHE
     assert keyed - set(BUILD_SETTINGS) == {"transform"}  # refused with --cache

@@ -12,11 +12,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import pytest
 
-from loader_server import datasets
-from loader_server.batch import BatchBuilder
-from loader_server.batch_spec import batch_spec
+from loader_server.data import datasets
 from loader_server.config import ServerConfig
-from loader_server.datasets import ArrayDataset, Dataset, DatasetKind, FileDataset, load_dataset
+from loader_server.data.batch_spec import batch_spec
+from loader_server.data.datasets import ArrayDataset, Dataset, DatasetKind, FileDataset, load_dataset
+from loader_server.pipeline.batch import BatchBuilder
 
 from .conftest import color_classes, unique_label_list
 

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from loader_server.batch import BatchBuilder
 from loader_server.config import ServerConfig
-from loader_server.decode import DecodeError, Decoder, read_file
-from loader_server.index import load_index
+from loader_server.data.index import load_index
+from loader_server.pipeline.batch import BatchBuilder
+from loader_server.pipeline.decode import DecodeError, Decoder, read_file
 
 from .conftest import write_image
 
@@ -176,7 +176,7 @@ def test_float32_scaled_to_unit_range(tmp_path: Path, photo: np.ndarray) -> None
 
 
 def test_jpeg_size_reads_the_frame_header(tmp_path: Path, photo: np.ndarray) -> None:
-    from loader_server.decode import jpeg_size
+    from loader_server.pipeline.decode import jpeg_size
 
     ok, buf = cv2.imencode(".jpg", photo)
     assert jpeg_size(buf.tobytes()) == (120, 90)

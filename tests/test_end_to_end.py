@@ -22,9 +22,9 @@ from loader_client import (
     batches,
     protocol,
 )
-from loader_server.batch import BatchBuilder
 from loader_server.cli import build_parser, config_from_args
-from loader_server.index import load_index
+from loader_server.data.index import load_index
+from loader_server.pipeline.batch import BatchBuilder
 
 from .conftest import alive, unique_label_list, wait_until
 

@@ -93,7 +93,7 @@ def test_handshake_carries_num_classes(start_server: Any, tmp_path: Path) -> Non
 def test_count_classes_counts_the_whole_data_set_of_a_subset() -> None:
     from types import SimpleNamespace
 
-    from loader_server.classes import count_classes
+    from loader_server.data.classes import count_classes
 
     whole = SimpleNamespace(class_names=None, labels=np.array([0, 3, 9, 2]), parent=None)
     val = SimpleNamespace(class_names=None, labels=np.array([0, 3]), parent=whole)  # as --subset val serves

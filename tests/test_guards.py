@@ -33,9 +33,9 @@ from loader_client import (
     protocol,
     server_stats,
 )
-from loader_server.batch import _substitute
 from loader_server.config import ServerConfig
-from loader_server.decode import DecodeError, Decoder
+from loader_server.pipeline.batch import _substitute
+from loader_server.pipeline.decode import DecodeError, Decoder
 from loader_server.server import MAX_TASK_RETRIES
 
 from .conftest import free_port, unique_label_list, wait_until, write_image

@@ -10,7 +10,9 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -205,6 +207,44 @@ def test_oversized_and_multi_frame_requests(start_server: Any, listfile: Path, c
     huge = raw(ctx, server.endpoint)
     huge.send(b"\x00" * (256 * 1024))  # over the 64 KiB request limit: disconnected, no reply
     assert not huge.poll(500)
+    still_serves(server.endpoint)
+
+
+def zmtp_peer(port: int) -> socket.socket:
+    """A raw TCP peer speaking ZMTP 3.0 by hand (NULL mechanism, a DEALER): unlike libzmq, it can
+    send the frames of a message that never ends (libzmq itself holds those back until the last)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" * 32)
+    ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+    s.sendall(bytes([0x04, len(ready)]) + ready)
+    greeting = b""
+    while len(greeting) < 64:  # the server's greeting: the handshake is done
+        greeting += s.recv(4096)
+    return s
+
+
+def test_a_message_that_never_ends_is_cut_off(start_server: Any, listfile: Path) -> None:
+    """Frames under the 64 KiB limit, all flagged MORE, for seconds: ZeroMQ would buffer them all."""
+    port = free_port()
+    server = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
+    still_serves(server.endpoint, 2)
+    before = rss_mb(server.proc.pid)
+    peer = zmtp_peer(port)
+    frame = b"\x03" + struct.pack(">Q", 60 * 1024) + b"\0" * (60 * 1024)  # MORE | LONG, 60 KiB
+    peak, sent, deadline = before, 0, time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            peer.sendall(frame)
+            sent += len(frame)
+            peak = max(peak, rss_mb(server.proc.pid))
+    except OSError:  # the server closed the connection: what this test wants
+        pass
+    finally:
+        peer.close()
+    assert peak - before < 100, (before, peak, sent)  # before this guard: 1.5 GB in 2.6 s
+    wait_until(lambda: "closed the connection from 127.0.0.1" in server.log_text(), 10, "the cut to be logged")
+    assert "beyond the requests it completed" in server.log_text()
+    assert server.proc.poll() is None
     still_serves(server.endpoint)
 
 

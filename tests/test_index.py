@@ -16,7 +16,7 @@ import pytest
 
 from loader_client.errors import ConfigError
 from loader_server.cli import main
-from loader_server.index import load_index
+from loader_server.data.index import load_index
 
 
 def test_list_file_formats_comments_and_relative_paths(tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_serve_exits_2_with_a_clear_message(
 
 
 def test_fast_and_careful_parsers_agree(tmp_path: Path) -> None:
-    from loader_server import index as index_module
+    from loader_server.data import index as index_module
 
     plain = "".join(f"d/{i}.jpg {i * 3}\n" for i in range(500))
     fast = index_module._parse_plain(plain.encode())
@@ -144,7 +144,7 @@ def test_fast_and_careful_parsers_agree(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["x 1 2\n3\n", "a 1\n\nb 2\n", " a 1\n", "a 1 \nb 2\n", "a\t1\r\nb 2\r\n"])
 def test_fast_parser_defers_anything_unusual(text: str) -> None:
-    from loader_server import index as index_module
+    from loader_server.data import index as index_module
 
     assert index_module._parse_plain(text.encode()) is None
 
@@ -213,11 +213,11 @@ def run_as_another_user(cwd: Path, *args: str) -> tuple[subprocess.CompletedProc
 
 def _run_forked_as(uid: int, cwd: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     """`loader-server ARGS` run by `main()` in a forked child that drops root for `uid` first."""
-    import loader_server.batch_spec
     import loader_server.check
     import loader_server.cli
-    import loader_server.datasets
-    import loader_server.layered  # noqa: F401 - loaded before the fork: the child cannot read them
+    import loader_server.data.batch_spec
+    import loader_server.data.datasets
+    import loader_server.layered
 
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from loader_client.errors import ConfigError
-from loader_server.batch_spec import BatchSpec, batch_spec
 from loader_server.cli import build_parser, config_from_args, main, subparser
 from loader_server.config import ServerConfig
-from loader_server.datasets import load_dataset
+from loader_server.data.batch_spec import BatchSpec, batch_spec
+from loader_server.data.datasets import load_dataset
 
 from .conftest import unique_label_list
 

@@ -11,8 +11,8 @@ import pytest
 from loader_client import LoaderClient
 from loader_client.errors import ConfigError
 from loader_server.config import ServerConfig
-from loader_server.datasets import load_dataset
-from loader_server.subset import split_indices
+from loader_server.data.datasets import load_dataset
+from loader_server.data.subset import split_indices
 
 from .conftest import color_classes, unique_label_list
 

@@ -23,10 +23,10 @@ from loader_client.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmR
 from loader_client.schema import Message, encode
 from loader_client.shm import shm_available
 
-from ..batch_spec import BatchSpec
-from ..classes import count_classes
 from ..config import ServerConfig
-from ..datasets import Dataset
+from ..data.batch_spec import BatchSpec
+from ..data.classes import count_classes
+from ..data.datasets import Dataset
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
 from .arenas import Arena, arena_slots, new_arena

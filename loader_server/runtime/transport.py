@@ -8,16 +8,23 @@
 * Requests are single frames of at most `MAX_REQUEST_BYTES`; a larger frame disconnects its
   peer (ZMQ_MAXMSGSIZE). At most `SEND_QUEUE_BATCHES` messages wait in the socket for one peer.
 * ZMTP heartbeats close connections whose peer stopped answering.
+* A TCP connection whose peer has sent more than `MAX_UNFINISHED_BYTES` beyond the requests it
+  completed is closed (`ConnectionGuard`): a multipart message that never ends, which ZeroMQ
+  buffers inside the library where no socket option bounds it.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import os
 import resource
+import socket
+import struct
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -28,7 +35,8 @@ from loader_client.schema import Message, encode
 
 from ..config import is_local_bind
 
-__all__ = ["ClientTransport", "MAX_REQUEST_BYTES", "SEND_QUEUE_BATCHES", "PeerLog", "start_janitor"]
+__all__ = ["ClientTransport", "ConnectionGuard", "MAX_REQUEST_BYTES", "MAX_UNFINISHED_BYTES", "SEND_QUEUE_BATCHES",
+           "PeerLog", "start_janitor"]
 
 log = logging.getLogger("loader_server")
 
@@ -36,8 +44,18 @@ log = logging.getLogger("loader_server")
 MAX_REQUEST_BYTES = 64 * 1024
 #: Messages that may wait in the socket for one peer (ZMQ_SNDHWM): batches beyond the built-ahead ones.
 SEND_QUEUE_BATCHES = 8
+#: Bytes a TCP peer may have sent beyond its completed requests before its connection is closed.
+MAX_UNFINISHED_BYTES = 4 << 20
 _ZMTP_HEARTBEAT_MS = 2_000
 _ZMTP_HEARTBEAT_TIMEOUT_MS = 10_000
+#: Wire bytes counted per completed frame beyond its body (ZMTP framing; a CURVE box is about 40).
+_FRAME_OVERHEAD_BYTES = 64
+#: Wire bytes a connection may send that are no request at all (greeting, handshake, heartbeats).
+_HANDSHAKE_BYTES = 64 << 10
+_IDLE_BYTES_PER_S = 64
+#: Offset of tcpi_bytes_received in Linux's struct tcp_info (since Linux 4.1).
+_TCP_BYTES_RECEIVED_OFFSET = 128
+_monitors = itertools.count()
 
 
 class ClientTransport:
@@ -62,8 +80,11 @@ class ClientTransport:
         _raise_fd_limit()
         if "[" in bind or bind.count(":") > 2:
             s.setsockopt(zmq.IPV6, 1)
+        self.guard: ConnectionGuard | None = None
         try:
             self._bind(ctx, bind, curve_dir)
+            if bind.startswith("tcp://"):
+                self.guard = ConnectionGuard(ctx, self.sock)
         except BaseException:
             self.close()
             raise
@@ -90,10 +111,13 @@ class ClientTransport:
     def recv(self) -> tuple[bytes, list[bytes]] | None:
         """(identity, body frames) of the next request, or None when none is waiting."""
         try:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        return frames[0], frames[1:]
+        body = [f.bytes for f in frames[1:]]
+        if self.guard is not None and len(frames) > 1:
+            self.guard.completed(frames[-1].get(zmq.SRCFD), sum(len(b) + _FRAME_OVERHEAD_BYTES for b in body))
+        return frames[0].bytes, body
 
     def send(self, identity: bytes, frames: Sequence[Any]) -> str:
         """Send without blocking: "ok", "full" (the peer's queue is full: retry later) or "gone"."""
@@ -111,6 +135,8 @@ class ClientTransport:
 
     def close(self, linger_ms: int = 0) -> None:
         """Close; messages still queued get `linger_ms` to leave (goodbyes), then are dropped."""
+        if self.guard is not None:
+            self.guard.close()
         if self._auth is not None:
             self._auth.stop()
         self.sock.close(linger=linger_ms)
@@ -119,6 +145,92 @@ class ClientTransport:
                 os.unlink(self._ipc_path)
             except FileNotFoundError:
                 pass
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket  # our own duplicate of ZeroMQ's descriptor: the same connection, never another
+    opened: float
+    completed: int = 0  # wire bytes of the requests it completed
+
+
+class ConnectionGuard:
+    """Closes TCP connections that hold an unfinished message of more than MAX_UNFINISHED_BYTES.
+
+    ZeroMQ keeps the frames of a message until its last frame arrives, and ZMQ_MAXMSGSIZE bounds
+    frames, not messages: one peer sending a message that never ends grows the server without
+    bound. The guard learns each connection from the socket's monitor, counts the wire bytes of
+    the requests that arrive from it (`completed`, keyed by the message's source descriptor), and
+    compares them with what the kernel received on it (TCP_INFO): a connection that sent more
+    than MAX_UNFINISHED_BYTES beyond its requests (plus handshake and heartbeat allowances) is
+    shut down, which makes ZeroMQ drop it and its unfinished message. Checked every loop tick.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        address = f"inproc://loader-server-connections-{os.getpid()}-{next(_monitors)}"
+        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+        self._sock = sock
+        self._events: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
+        self._events.setsockopt(zmq.LINGER, 0)
+        self._events.connect(address)
+        self.connections: dict[int, _Connection] = {}
+        self.cut = 0
+
+    def completed(self, fd: int, nbytes: int) -> None:
+        conn = self.connections.get(fd)
+        if conn is not None:
+            conn.completed += nbytes
+
+    def check(self) -> list[str]:
+        """Follow connections opening and closing; shut down those over the bound. Returns what was cut."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                event = parse_monitor_message(self._events.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                try:
+                    self.connections[fd] = _Connection(socket.socket(fileno=os.dup(fd)), self.clock())
+                except OSError:
+                    pass
+            else:
+                gone = self.connections.pop(fd, None)
+                if gone is not None:
+                    gone.sock.close()
+        cut = []
+        now = self.clock()
+        for fd, conn in list(self.connections.items()):
+            try:
+                info = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+                received = struct.unpack_from("Q", info, _TCP_BYTES_RECEIVED_OFFSET)[0]
+            except (OSError, struct.error):
+                continue
+            allowed = conn.completed + MAX_UNFINISHED_BYTES + _HANDSHAKE_BYTES + _IDLE_BYTES_PER_S * (now - conn.opened)
+            if received > allowed:
+                try:
+                    host, port = conn.sock.getpeername()[:2]
+                    peer = f"{host}:{port}"
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    peer = "a peer"
+                conn.sock.close()
+                del self.connections[fd]
+                self.cut += 1
+                cut.append(f"closed the connection from {peer}: it sent {received - conn.completed} bytes beyond "
+                           f"the requests it completed (a message that never ends?); the bound is "
+                           f"{MAX_UNFINISHED_BYTES} bytes")
+        return cut
+
+    def close(self) -> None:
+        self._sock.disable_monitor()
+        self._events.close(linger=0)
+        for conn in self.connections.values():
+            conn.sock.close()
+        self.connections.clear()
 
 
 class PeerLog:

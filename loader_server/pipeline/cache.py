@@ -52,8 +52,8 @@ import numpy as np
 from loader_client.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
-    from .datasets import Dataset
+    from ..config import ServerConfig
+    from ..data.datasets import Dataset
     from .decode import Decoder
 
 __all__ = ["SampleCache", "CacheLayout", "cache_key", "record_shape", "open_cache", "MEMORY", "FORMAT",
@@ -102,7 +102,7 @@ def cache_key(config: ServerConfig, index: Dataset) -> str:
     """Hash of the data set and of every setting that changes a record's pixels (and the decoder)."""
     import cv2
 
-    from .config import _NOT_FINGERPRINTED
+    from ..config import _NOT_FINGERPRINTED
 
     keep = {k: v for k, v in config.as_dict().items() if k not in _NOT_FINGERPRINTED and k not in _AFTER_CACHE}
     blob = json.dumps({"settings": keep, "index": index.fingerprint(), "format": FORMAT, "opencv": cv2.__version__,

@@ -22,11 +22,11 @@ import numpy as np
 
 from loader_client.normalize import Normalization
 
+from ..config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
+from ..data.batch_spec import BatchSpec, batch_spec
+from ..data.datasets import Dataset
 from .augment import Augmenter, parse_augment, sample_rng
-from .batch_spec import BatchSpec, batch_spec
 from .cache import SampleCache, record_decoder
-from .config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
-from .datasets import Dataset
 from .decode import DecodeError, Decoder, read_file
 from .user_code import check_extras, check_image, load_function
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from loader_client.errors import ConfigError
 
-from .config import ServerConfig
+from ..config import ServerConfig
 from .datasets import Dataset
 
 __all__ = ["BatchSpec", "batch_spec"]

@@ -27,11 +27,11 @@ from loader_client.messages import ArenaHandle
 from loader_client.schema import decode, encode
 from loader_client.shm import Arena
 
-from .batch_spec import BatchSpec
+from ..config import ServerConfig
+from ..data.batch_spec import BatchSpec
+from ..data.datasets import Dataset
+from ..runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 from .cache import SampleCache
-from .config import ServerConfig
-from .datasets import Dataset
-from .runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
 __all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
 

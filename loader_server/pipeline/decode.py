@@ -27,7 +27,7 @@ import stat
 import cv2
 import numpy as np
 
-from .config import ServerConfig
+from ..config import ServerConfig
 
 __all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size", "png_size", "DEFAULT_MAX_FILE_BYTES"]
 

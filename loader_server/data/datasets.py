@@ -22,7 +22,7 @@ from loader_client.errors import ConfigError
 from .file_access import check_exists, os_error
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from ..config import ServerConfig
 
 __all__ = ["Dataset", "FileDataset", "ArrayDataset", "DatasetKind", "KINDS", "load_dataset"]
 
@@ -150,7 +150,7 @@ def load_dataset(config: ServerConfig) -> Dataset:
 
 
 def _refuse_foreign_settings(config: ServerConfig, kind: DatasetKind) -> None:
-    from .config import ServerConfig
+    from ..config import ServerConfig
 
     defaults = ServerConfig.__dataclass_fields__
     given = [name for name in _KIND_SETTINGS
