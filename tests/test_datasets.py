@@ -12,8 +12,8 @@ from typing import ClassVar, Literal
 import numpy as np
 import pytest
 
-from loader_server.data import datasets
 from loader_server.config import ServerConfig
+from loader_server.data import datasets
 from loader_server.data.batch_spec import batch_spec
 from loader_server.data.datasets import ArrayDataset, Dataset, DatasetKind, FileDataset, load_dataset
 from loader_server.pipeline.batch import BatchBuilder
