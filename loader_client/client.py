@@ -75,16 +75,22 @@ class LoaderClient:
     `log_epochs=True` logs one line per epoch with the time the trainer waited for data.
     `augment=False` asks for no augmentation (a validation stream from a training server).
 
-    A list of endpoints merges several servers (see `loader_client.multi`; `on_server_loss`
-    says what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
-    text or a path to a key file from `loader-server keygen`) connect to a CURVE server.
+    A list of endpoints merges several servers (see `loader_client.hosts`: `on_server_loss`
+    says what losing one does, `merge` whether the order is deterministic or follows each
+    server's speed; both mean nothing for one server). `server_public_key` and `client_keys`
+    (public, secret; Z85 text or a path to a key file from `loader-server keygen`) connect to
+    a CURVE server.
     """
 
     def __new__(cls, endpoint: str | list[str] | tuple[str, ...], *args: Any, **kwargs: Any) -> LoaderClient:
         if cls is LoaderClient and isinstance(endpoint, (list, tuple)) and len(endpoint) > 1:
-            from .multi import MultiServerClient
+            if kwargs.get("on_server_loss") == "continue":  # the old drop-the-share merge
+                from .multi import MultiServerClient
 
-            return super().__new__(MultiServerClient)
+                return super().__new__(MultiServerClient)
+            from .hosts import LoaderHosts  # fail-over (default) or raise; ordered or balanced merge
+
+            return super().__new__(LoaderHosts)
         return super().__new__(cls)
 
     def __init__(
@@ -105,7 +111,8 @@ class LoaderClient:
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         log_epochs: bool = False,
-        on_server_loss: str = "raise",
+        on_server_loss: str = "failover",
+        merge: str = "ordered",
         server_public_key: str | bytes | None = None,
         client_keys: tuple[str | bytes, str | bytes] | None = None,
         augment: bool = True,
