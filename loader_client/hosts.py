@@ -121,8 +121,26 @@ class _Prober:
 def _answers(endpoint: str, timeout_s: float, curve: dict[str, Any]) -> bool:
     try:
         return bool(health(endpoint, timeout_s=timeout_s, **curve).get("ok"))
-    except (LoaderError, ValueError, OSError):
+    except Exception:  # any failure to answer means "not back yet"; never kill the prober
         return False
+
+
+def _pump(stream: _Stream, arrivals: queue.Queue[tuple[_Stream, Any, BatchInfo | None]]) -> None:
+    """Balanced merge: take one batch at a time from `stream` onto the common arrivals queue.
+
+    A function of the stream alone (not of the `LoaderHosts`), so that an unclosed client can
+    still be garbage-collected and closed."""
+    while True:
+        stream.permit.acquire()
+        if stream.closed:
+            return
+        try:
+            batch: Any = stream.client.next()
+            info = stream.client.last
+        except BaseException as exc:  # handed to the trainer's thread, never lost
+            arrivals.put((stream, exc, None))
+            return
+        arrivals.put((stream, batch, info))
 
 
 class LoaderHosts(LoaderClient):
@@ -167,7 +185,8 @@ class LoaderHosts(LoaderClient):
         if state is not None:
             epoch, batch, seed, pending = _parse_state(state, m, merge)
             rank, world_size = state.get("rank", rank), state.get("world_size", world_size)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed  # type: ignore[assignment]  # None until the first server says
         self._epoch = epoch
         self._closed = False
         try:
@@ -189,9 +208,10 @@ class LoaderHosts(LoaderClient):
         """The first server that answers: its handshake tells seed, fingerprint and batches per share."""
         for server, endpoint in enumerate(self.endpoints):
             try:
-                client = LoaderClient(endpoint, rank=self.rank * self.servers, world_size=self.world_size * self.servers,
-                                      seed=seed, state=self._stream_state(0, self._epoch, 0) if self.seed is not None
-                                      else None, **self._child_kwargs)
+                start = self._stream_state(0, self._epoch, 0) if self.seed is not None else None
+                client = LoaderClient(endpoint, rank=self.rank * self.servers,
+                                      world_size=self.world_size * self.servers, seed=seed, state=start,
+                                      **self._child_kwargs)
             except LoaderError as exc:
                 if not is_server_loss(exc) or self.on_server_loss == "raise":
                     raise
@@ -211,8 +231,8 @@ class LoaderHosts(LoaderClient):
         self.steps_per_epoch = self._steps * self.servers
 
     def _stream_state(self, share: int, epoch: int, batch: int) -> dict[str, Any]:
-        state = {"epoch": epoch, "batch": batch, "seed": self.seed, "rank": self.rank * self.servers + share,
-                 "world_size": self.world_size * self.servers}
+        state: dict[str, Any] = {"epoch": epoch, "batch": batch, "seed": self.seed,
+                                 "rank": self.rank * self.servers + share, "world_size": self.world_size * self.servers}
         if getattr(self, "fingerprint", None):
             state["fingerprint"] = self.fingerprint
         return state
@@ -320,7 +340,7 @@ class LoaderHosts(LoaderClient):
             self._steal_for_idle_servers()
             self._ensure_streams()  # tasks handed over after a loss get their stream here
             try:
-                stream, payload, info = self._arrivals.get(timeout=self.timeout_s * 3)
+                stream, payload, arrived = self._arrivals.get(timeout=self.timeout_s * 3)
             except queue.Empty:  # the streams time out first; this is a last resort
                 raise LoaderTimeoutError(f"no batch from any of {self.endpoints} within "
                                          f"{self.timeout_s * 3:g} s") from None
@@ -329,7 +349,8 @@ class LoaderHosts(LoaderClient):
             if isinstance(payload, BaseException):
                 self._on_error(stream.server, payload)
                 continue
-            assert info is not None
+            assert arrived is not None
+            info = arrived
             ahead = (info.epoch, info.batch) == (self._epoch + 1, 0)  # the next epoch of a finished share
             if stream.task is not None and (info.epoch, info.batch) != (self._epoch, stream.task.next) and not (
                     ahead and stream.task.remaining == 0):
@@ -338,20 +359,6 @@ class LoaderHosts(LoaderClient):
                     f"{self.endpoints[stream.server]}, got epoch {info.epoch} batch {info.batch}"))
                 continue
             stream.held = (payload, info)
-
-    def _pump(self, stream: _Stream) -> None:
-        """Balanced merge: take one batch at a time from `stream` onto the common arrivals queue."""
-        while True:
-            stream.permit.acquire()
-            if stream.closed:
-                return
-            try:
-                batch: Any = stream.client.next()
-                info = stream.client.last
-            except BaseException as exc:  # handed to the trainer's thread, never lost
-                self._arrivals.put((stream, exc, None))
-                return
-            self._arrivals.put((stream, batch, info))
 
     def _steal_for_idle_servers(self) -> None:
         stolen = False
@@ -397,8 +404,8 @@ class LoaderHosts(LoaderClient):
                 self._start_pump(ready[0])
                 continue
             try:
-                client = LoaderClient(self.endpoints[task.server],
-                                      state=self._stream_state(task.share, self._epoch, task.next), **self._child_kwargs)
+                start = self._stream_state(task.share, self._epoch, task.next)
+                client = LoaderClient(self.endpoints[task.server], state=start, **self._child_kwargs)
             except LoaderError as exc:
                 self._on_error(task.server, exc)
                 continue
@@ -410,7 +417,7 @@ class LoaderHosts(LoaderClient):
     def _start_pump(self, stream: _Stream) -> None:
         if self.merge == "balanced" and not stream.pumping:
             stream.pumping = True
-            threading.Thread(target=self._pump, args=(stream,), daemon=True,
+            threading.Thread(target=_pump, args=(stream, self._arrivals), daemon=True,
                              name=f"loader-hosts-{self.endpoints[stream.server]}-{stream.share}").start()
 
     def _drop_idle_streams(self) -> None:
@@ -459,19 +466,20 @@ class LoaderHosts(LoaderClient):
         alive = self._alive()
         answers: dict[int, bool] = {}
 
+        wait_s = min(self.timeout_s, 2.0)
+
         def ask(server: int) -> None:
-            answers[server] = _answers(self.endpoints[server], self._prober.timeout_s, self._prober.curve)
+            answers[server] = _answers(self.endpoints[server], wait_s, self._prober.curve)
 
         threads = [threading.Thread(target=ask, args=(s,), daemon=True) for s in alive]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(self._prober.timeout_s + 1.0)
+            t.join(wait_s + 1.0)
         for server in alive:
             if not answers.get(server, False):
                 self._lose(server, LoaderTimeoutError(
-                    f"the loader server at {self.endpoints[server]} did not answer a health check within "
-                    f"{self._prober.timeout_s:g} s"))
+                    f"the loader server at {self.endpoints[server]} did not answer a health check within {wait_s:g} s"))
 
     def _all_gone(self) -> LoaderError:
         reasons = "; ".join(f"{loss['endpoint']}: {loss['error']}" for loss in self.lost[-self.servers:])

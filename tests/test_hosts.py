@@ -165,7 +165,7 @@ def test_balanced_merge_lets_the_fast_server_deliver_more_exactly_once(start_ser
         part = labels(client, 11)
         state_mid = client.state_dict()
         rest_seen = labels(client, 19)
-    for got, want in zip(epochs, ordered):  # the same samples as the ordered merge, each once
+    for got, want in zip(epochs, ordered, strict=True):  # the same samples as the ordered merge, each once
         assert sorted(flat(got)) == sorted(flat(want)) and len(set(flat(got))) == 120
     assert by[fast.endpoint] > by[slow.endpoint], by
     assert state_mid is not None and state_mid["merge"] == "balanced" and state_mid["batch"] == 11
