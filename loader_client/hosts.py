@@ -187,6 +187,9 @@ class LoaderHosts(LoaderClient):
             rank, world_size = state.get("rank", rank), state.get("world_size", world_size)
         self.rank, self.world_size = rank, world_size
         self.seed = seed  # type: ignore[assignment]  # None until the first server says
+        if state is not None and isinstance(state.get("fingerprint"), str):
+            self.fingerprint = state["fingerprint"]  # the first server is checked against it too
+        self._failure: LoaderError | None = None
         self._epoch = epoch
         self._closed = False
         try:
@@ -255,6 +258,8 @@ class LoaderHosts(LoaderClient):
         return self._epoch, self._plan.delivered
 
     def next(self) -> tuple[np.ndarray, ...]:
+        if self._failure is not None:
+            raise self._failure
         if self._closed:
             raise LoaderError("the client is closed")
         started = time.perf_counter()
@@ -447,7 +452,8 @@ class LoaderHosts(LoaderClient):
         try:
             moved = self._plan.lose(server)
         except LookupError:
-            raise self._all_gone() from exc
+            self._failure = self._all_gone()
+            raise self._failure from exc
         _log.warning("lost loader server %s (%s); %d batch(es) of epoch %d go to %s", self.endpoints[server], exc,
                      sum(t.remaining for t in moved), self._epoch,
                      ", ".join(sorted({self.endpoints[t.server] for t in moved})) or "nobody (nothing was left)")
