@@ -54,7 +54,7 @@ def test_public_names() -> None:
     assert set(loader_client.__all__) == {
         "LoaderClient", "BatchInfo", "batches", "health", "server_stats", "PROTOCOL_VERSION", "LoaderError", "LoaderTimeoutError", "AuthenticationError",
         "ProtocolError", "ProtocolVersionError", "ServerError", "BadSampleError", "WorkerCrashedError",
-        "ConfigError",
+        "ConfigError", "endpoints_from_env", "client_options_from_env", "from_env",
     }
     assert set(loader_server.__all__) == {"ServerConfig", "DatasetIndex", "load_index", "Server"}
     for module in (loader_client, loader_server):

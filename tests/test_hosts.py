@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from loader_client import LoaderClient, LoaderError
+from loader_client import ConfigError, LoaderClient, LoaderError
 from loader_client.hosts import LoaderHosts
 
 from .conftest import free_port, unique_label_list, wait_until
@@ -199,3 +199,10 @@ def test_raise_mode_and_bad_options(start_server: Any, listfile: Path) -> None:
         kill(servers[0])
         with pytest.raises(LoaderError, match=endpoints[0].replace(".", r"\.")):
             labels(client, 30)
+
+
+def test_servers_with_different_settings_are_refused_at_once(start_server: Any, listfile: Path) -> None:
+    a = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.2:{free_port()}")
+    b = start_server(listfile, *ARGS, "--size", "20x12", endpoint=f"tcp://127.0.0.3:{free_port()}")  # other pixels
+    with pytest.raises(ConfigError, match="fingerprint|settings"):
+        LoaderClient([a.endpoint, b.endpoint], timeout_s=10)
