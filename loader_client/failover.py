@@ -103,8 +103,14 @@ class EpochPlan:
     def is_ordered(self) -> bool:
         """True when the batches returned so far are a prefix of the deterministic merge."""
         d = self.delivered
-        return all(t.next == (d + self.shares - 1 - t.share) // self.shares and t.stop == self.steps
-                   for t in self.tasks if t.remaining) and len(self.active()) == len({t.share for t in self.active()})
+        runs: dict[int, list[tuple[int, int]]] = {}
+        for t in self.active():
+            runs.setdefault(t.share, []).append((t.next, t.stop))
+        for share in range(self.shares):
+            start = (d + self.shares - 1 - share) // self.shares
+            if runs.get(share, []) != ([(start, self.steps)] if start < self.steps else []):
+                return False
+        return True
 
     # ---------------------------------------------------------------- changes
     def deliver(self, task: Task, batch: int) -> None:

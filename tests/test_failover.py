@@ -89,3 +89,9 @@ def test_random_losses_and_steals_return_every_batch_exactly_once(seed: int) -> 
 def test_tampered_pending_state_is_refused(pending: list[list[object]]) -> None:
     with pytest.raises(ValueError):
         EpochPlan(2, 6, [0, 1], pending=pending)  # type: ignore[arg-type]
+
+
+def test_only_a_prefix_of_the_merge_counts_as_ordered() -> None:
+    assert EpochPlan(3, 4, [0, 1, 2], pending=[[0, 2, 4], [1, 1, 4], [2, 1, 4]]).is_ordered()  # 4 returned
+    assert not EpochPlan(3, 4, [0, 1, 2], pending=[[1, 0, 4], [2, 0, 4]]).is_ordered()  # share 0 done first
+    assert not EpochPlan(2, 8, [0, 1], pending=[[0, 0, 4], [0, 6, 8], [1, 0, 8]]).is_ordered()  # a steal
