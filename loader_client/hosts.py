@@ -162,8 +162,8 @@ class LoaderHosts(LoaderClient):
         if merge not in MERGES:
             raise ValueError(f"`merge` must be one of {MERGES}, got {merge!r}")
         endpoints = list(endpoint)
-        if len(set(endpoints)) != len(endpoints) or not endpoints:
-            raise ValueError(f"`endpoint` must list each server once, got {endpoints}")
+        if not endpoints:  # one endpoint twice is allowed: that server then serves two shares
+            raise ValueError("`endpoint` must name at least one server")
         m = len(endpoints)
         self.endpoints, self.servers = endpoints, m
         self.endpoint = ",".join(endpoints)
@@ -496,10 +496,10 @@ class LoaderHosts(LoaderClient):
         """The epoch is complete: rejoin servers that answer again, and plan the next one."""
         self._epoch += 1
         for endpoint in self._prober.ready():
-            server = self.endpoints.index(endpoint)
             self._prober.rejoined(endpoint)
-            self._down.discard(server)
-            self._rejoining.add(server)
+            for server in [s for s in self._down if self.endpoints[s] == endpoint]:
+                self._down.discard(server)
+                self._rejoining.add(server)
             _log.info("loader server %s answers again: it rejoins at epoch %d", endpoint, self._epoch)
         alive = self._alive()
         prefer: dict[int, int] = {}
