@@ -13,16 +13,28 @@ import time
 
 import torch
 
+from loader_client import client_options_from_env
 from loader_client.torch import LoaderDataset
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--endpoint", default=os.environ.get("LOADER_ENDPOINT", "tcp://127.0.0.1:5555"))
+    parser.add_argument("--endpoint", default=None,
+                        help="default: LOADER_ENDPOINTS (comma-separated, several loader hosts) or LOADER_ENDPOINT, "
+                             "with CURVE keys from LOADER_SERVER_PUBLIC_KEY and LOADER_CLIENT_KEYS; "
+                             "else tcp://127.0.0.1:5555")
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dataset = LoaderDataset(args.endpoint, timeout_s=60, device=device)  # pinned only where an accelerator exists
+    if args.endpoint:
+        options: dict = {"endpoint": args.endpoint}
+    elif os.environ.get("LOADER_ENDPOINTS") or os.environ.get("LOADER_ENDPOINT"):
+        options = client_options_from_env()  # a Kubernetes manifest holds the endpoints and key paths
+    else:
+        options = {"endpoint": "tcp://127.0.0.1:5555"}
+    endpoint = options.pop("endpoint")
+    # pinned only where an accelerator exists
+    dataset = LoaderDataset(endpoint, timeout_s=60, device=device, **options)  # type: ignore[arg-type]
     client = dataset.client
     chw = client.info["layout"] == "chw"
     channels = client.x_shape[0] if chw else client.x_shape[-1]

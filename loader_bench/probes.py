@@ -276,6 +276,127 @@ def _multiserver_rows(results: Results) -> list[tuple[str, str]]:
              f"{r['two']:.0f} against {r['one']:.0f} images/s from one = {r['ratio']:.2f}x")]
 
 
+# ---------------------------------------------------------------------------- hosts
+#: The client timeout of the kill measurement: a lost server is noticed after this much silence.
+_HOSTS_TIMEOUT_S = 2.0
+#: The kill measurement ends at the latest after this long (it waits for the epoch of the kill to end).
+_HOSTS_MAX_S = 180.0
+
+
+def _hosts_servers(b: Bench, stack: ExitStack, latencies: list[float]) -> list[Any]:
+    """Latency-bound servers (reads inline, + latency ms each) on 127.0.0.2, .3, ..."""
+    return [stack.enter_context(served(b, b.data, [*b.serve_extra, "--simulate-read-latency-ms", str(ms),
+                                                   "--read-threads", "0"],
+                                       endpoint=f"tcp://127.0.0.{2 + i}:{_free_port()}", ready=True))
+            for i, ms in enumerate(latencies)]
+
+
+def _timed_rate(client: LoaderClient, n: int, warmup_batches: int) -> float:
+    for _ in range(warmup_batches):
+        client.next()
+    got, started = 0, time.perf_counter()
+    while got < n:
+        got += len(client.next()[0])
+    return got / (time.perf_counter() - started)
+
+
+def _kill_run(b: Bench, servers: int) -> Results:
+    """`servers` servers, one SIGKILLed mid-run: rates before and after, the stall, exactly once."""
+    with ExitStack() as stack:
+        procs = _hosts_servers(b, stack, [b.read_latency_ms] * servers)
+        with LoaderClient([p.endpoint for p in procs], timeout_s=_HOSTS_TIMEOUT_S, prefetch=4) as client:
+            seen: dict[int, list[int]] = {}  # sample indices of each epoch, from the very first batch
+
+            def take() -> int:
+                x = client.next()[0]
+                info = client.last
+                assert info is not None
+                seen.setdefault(info.epoch, []).extend(info.indices.tolist())
+                return len(x)
+
+            for _ in range(_MULTI_WARMUP_BATCHES * servers):
+                take()
+            marks: list[tuple[float, int]] = []  # (time, images) of each batch
+            started = time.perf_counter()
+            killed_at = started + (2.0 if b.quick else 4.0)
+            stop_at = killed_at + 2 * _HOSTS_TIMEOUT_S + (3.0 if b.quick else 6.0)
+            give_up = started + _HOSTS_MAX_S
+            victim, kill_epoch = procs[-1], None
+            # Until the measurement window is over and the epoch of the kill is complete.
+            while ((now := time.perf_counter()) < stop_at or kill_epoch is None
+                   or client.position[0] <= kill_epoch) and now < give_up:
+                if kill_epoch is None and now >= killed_at:
+                    victim.proc.kill()
+                    victim.proc.wait(10)
+                    killed_at, kill_epoch = time.perf_counter(), client.position[0]
+                images = take()
+                marks.append((time.perf_counter(), images))
+            lost = [loss["endpoint"] for loss in getattr(client, "lost", [])]
+            steps, batch = client.steps_per_epoch, client.batch_size
+    # Throughput is back when batches flow again: at the end of the longest gap after the kill.
+    times = [killed_at, *(t for t, _ in marks if t >= killed_at)]
+    longest, gap_end = max(((b2 - a, b2) for a, b2 in zip(times, times[1:], strict=False)),
+                           default=(0.0, killed_at))
+    before = sum(n for t, n in marks if t < killed_at) / (killed_at - started)
+    window = [(t, n) for t, n in marks if gap_end + 0.5 <= t <= stop_at]
+    after = sum(n for _, n in window) / max(1e-9, window[-1][0] - (gap_end + 0.5)) if window else 0.0
+    repeated = sum(len(v) - len(set(v)) for v in seen.values())
+    complete = [e for e, v in seen.items() if len(v) == steps * batch == len(set(v))]
+    return {"servers": servers, "images_per_s_before": before, "images_per_s_after": after,
+            "longest_gap_s": longest, "recovered_after_s": gap_end - killed_at, "timeout_s": _HOSTS_TIMEOUT_S,
+            "repeated_samples": repeated, "complete_epochs_checked": len(complete),
+            "kill_epoch_complete_and_once": kill_epoch in complete, "lost": lost}
+
+
+def _hosts(b: Bench) -> Results:
+    n = 4 * b.batch_size if b.quick else 24 * b.batch_size
+    rates = {}
+    for servers in (1, 2, 3):
+        with ExitStack() as stack:
+            procs = _hosts_servers(b, stack, [b.read_latency_ms] * servers)
+            endpoints = [p.endpoint for p in procs]
+            with LoaderClient(endpoints if servers > 1 else endpoints[0], timeout_s=CLIENT_TIMEOUT_S,
+                              prefetch=4) as client:
+                rates[servers] = _timed_rate(client, n, _MULTI_WARMUP_BATCHES * servers)
+        _say(f"hosts: {servers} latency-bound server(s): {rates[servers]:.0f} images/s")
+    kill = _kill_run(b, 3)
+    _say(f"hosts: 3 servers, one killed: {kill['images_per_s_before']:.0f} images/s before, "
+         f"{kill['images_per_s_after']:.0f} after; batches again {kill['recovered_after_s']:.1f} s after the kill "
+         f"(timeout_s {kill['timeout_s']:g}); {kill['repeated_samples']} samples repeated, the epoch of the kill "
+         f"{'complete, every sample once' if kill['kill_epoch_complete_and_once'] else 'NOT complete or not once'}")
+    merges = {}
+    slow = [b.read_latency_ms, 2 * b.read_latency_ms]  # one of two at half speed
+    # Longer than the rest: what the servers built ahead (their prefetch, stolen shares' streams)
+    # must not count; --quick numbers are a smoke test only.
+    long_n, warmup = (n, _MULTI_WARMUP_BATCHES * 2) if b.quick else (4 * n, 4 * _MULTI_WARMUP_BATCHES)
+    for merge in ("ordered", "balanced"):
+        with ExitStack() as stack:
+            procs = _hosts_servers(b, stack, slow)
+            with LoaderClient([p.endpoint for p in procs], timeout_s=CLIENT_TIMEOUT_S, prefetch=4,
+                              merge=merge) as client:
+                merges[merge] = _timed_rate(client, long_n, warmup)
+    ratio = merges["balanced"] / merges["ordered"]
+    _say(f"hosts: one of two servers at half speed: ordered (round-robin) {merges['ordered']:.0f} images/s, "
+         f"balanced {merges['balanced']:.0f} ({ratio:.2f}x)")
+    return {"hosts": {"rates": rates, "kill": kill, "half_speed": {**merges, "ratio": ratio},
+                      "read_latency_ms": b.read_latency_ms}}
+
+
+def _hosts_rows(results: Results) -> list[tuple[str, str]]:
+    if "hosts" not in results:
+        return []
+    r = results["hosts"]
+    k, h = r["kill"], r["half_speed"]
+    rates = ", ".join(f"{s}: {v:.0f}" for s, v in r["rates"].items())
+    return [(f"loader hosts, latency-bound (+{r['read_latency_ms']:g} ms per read, inline), images/s by servers",
+             rates),
+            ("3 hosts, one SIGKILLed (client timeout_s 2)",
+             f"{k['images_per_s_before']:.0f} -> {k['images_per_s_after']:.0f} images/s, batches again after "
+             f"{k['recovered_after_s']:.1f} s, {k['repeated_samples']} repeated"),
+            ("2 hosts, one at half speed: balanced against ordered merge",
+             f"{h['balanced']:.0f} against {h['ordered']:.0f} images/s = {h['ratio']:.2f}x")]
+
+
 # ---------------------------------------------------------------------------- scaling
 def _scaling(b: Bench) -> Results:
     out: dict[int, Results] = {}
@@ -510,6 +631,7 @@ PROBES: dict[str, Probe] = {
     "arrays": Probe(_arrays, _arrays_rows),
     "curve": Probe(_curve, _curve_rows),
     "multiserver": Probe(_multiserver, _multiserver_rows),
+    "hosts": Probe(_hosts, _hosts_rows, default=False),
     "scaling": Probe(_scaling, tables=_scaling_tables),
     "ttfb": Probe(_ttfb, _ttfb_rows),
     "stages": Probe(_stages, tables=_stages_tables),

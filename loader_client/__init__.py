@@ -7,6 +7,7 @@
 """
 
 from .client import BatchInfo, BatchTuple, LoaderClient, batches, health, server_stats
+from .env import client_options_from_env, endpoints_from_env, from_env
 from .errors import (
     AuthenticationError,
     BadSampleError,
@@ -31,6 +32,9 @@ __all__ = [
     "batches",
     "health",
     "server_stats",
+    "endpoints_from_env",
+    "client_options_from_env",
+    "from_env",
     "PROTOCOL_VERSION",
     "LoaderError",
     "LoaderTimeoutError",

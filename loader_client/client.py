@@ -9,6 +9,7 @@ merged round-robin; `loader_client.multi`). Settings are grouped and checked onc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 
 from .endpoints import parse_endpoint
 from .errors import ConfigError, LoaderError
+from .hosts import HostsStream
 from .multi import MultiServerStream
 from .options import ClientOptions
 from .queries import health, server_stats
@@ -70,11 +72,14 @@ class LoaderClient:
         else:
             raise ConfigError(f"`endpoint` must name at least one server, e.g. 'tcp://127.0.0.1:5555', "
                               f"got {endpoint!r}")
-        self.stream: ServerStream | MultiServerStream
+        self.stream: ServerStream | MultiServerStream | HostsStream
         if len(endpoints) == 1:
             self.stream = ServerStream(endpoints[0], self.options, self.options.start())
-        else:
+        elif self.options.on_server_loss == "continue":  # the old merge that drops a lost share
             self.stream = MultiServerStream(endpoints, self.options)
+        else:
+            child = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+            self.stream = HostsStream([str(e) for e in endpoints], make_client=LoaderClient, **child)
         self.endpoint = self.stream.endpoint
         self.last: BatchInfo | None = None
         self.batches_taken = 0
@@ -163,16 +168,35 @@ class LoaderClient:
     @property
     def servers(self) -> int:
         """How many servers feed this client."""
-        return self.stream.servers if isinstance(self.stream, MultiServerStream) else 1
+        return 1 if isinstance(self.stream, ServerStream) else self.stream.servers
 
     @property
     def endpoints(self) -> list[str]:
-        return self.stream.endpoints if isinstance(self.stream, MultiServerStream) else [self.endpoint]
+        return [self.endpoint] if isinstance(self.stream, ServerStream) else list(self.stream.endpoints)
 
     @property
     def lost(self) -> list[dict[str, Any]]:
-        """Servers lost with on_server_loss='continue': endpoint, error and share of each epoch."""
-        return self.stream.lost if isinstance(self.stream, MultiServerStream) else []
+        """Servers lost: endpoint, error, and where (failover) or the share dropped (continue)."""
+        return [] if isinstance(self.stream, ServerStream) else self.stream.lost
+
+    @property
+    def active_endpoints(self) -> list[str]:
+        """The servers serving now (with several: the lost ones are left out until they rejoin)."""
+        return self.stream.active_endpoints if isinstance(self.stream, HostsStream) else self.endpoints
+
+    @property
+    def ready_to_rejoin(self) -> list[str]:
+        """Lost servers that answer again: they rejoin at the next epoch boundary."""
+        return self.stream.ready_to_rejoin if isinstance(self.stream, HostsStream) else []
+
+    @property
+    def delivered_by(self) -> dict[str, int]:
+        """Batches each server built for this trainer (several servers, failover)."""
+        return dict(self.stream.delivered_by) if isinstance(self.stream, HostsStream) else {}
+
+    @property
+    def merge(self) -> str:
+        return self.options.merge
 
     @property
     def on_server_loss(self) -> str:

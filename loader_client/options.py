@@ -44,7 +44,8 @@ class ClientOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     log_epochs: bool = False
-    on_server_loss: str = "raise"
+    on_server_loss: str = "failover"  # several servers: failover, raise or continue
+    merge: str = "ordered"  # several servers: ordered (deterministic) or balanced (load follows capacity)
     server_public_key: Any = None
     client_keys: Any = None
     augment: bool = True
@@ -71,8 +72,11 @@ class ClientOptions:
                                           and is_printable(self.name)):
             raise ConfigError(f"`name` must be printable text of 1 to {MAX_NAME_CHARS} characters, without "
                               f"newlines or NUL bytes, got {_show(self.name)}")
-        if self.on_server_loss not in ("raise", "continue"):
-            raise ConfigError(f"`on_server_loss` must be 'raise' or 'continue', got {self.on_server_loss!r}")
+        if self.on_server_loss not in ("failover", "raise", "continue"):
+            raise ConfigError(f"`on_server_loss` must be 'failover', 'raise' or 'continue', "
+                              f"got {self.on_server_loss!r}")
+        if self.merge not in ("ordered", "balanced"):
+            raise ConfigError(f"`merge` must be 'ordered' or 'balanced', got {self.merge!r}")
         if self.seed is not None:
             _integer("seed", self.seed, 0, INT63_MAX)
         if self.shared_memory is not None and not isinstance(self.shared_memory, bool):

@@ -82,6 +82,10 @@ def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
                         "--config and LOADER_BIND, asked on loopback when it binds every interface)")
     p.add_argument("--config", default=None, help="the TOML settings file that `serve` reads, for its `bind`")
     p.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the answer")
+    p.add_argument("--server-public-key", default=None,
+                   help="a CURVE server: its public key file (server.key) or Z85 text")
+    p.add_argument("--client-keys", default=None,
+                   help="a CURVE server: this client's .key_secret file, whose public key the server allows")
 
 
 def _endpoint(args: argparse.Namespace) -> str:
@@ -215,11 +219,28 @@ def require_opencv(command: str) -> None:
         ) from None
 
 
+def _curve_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """CURVE keys of `health` and `stats`, for a server started with --curve-dir."""
+    from loader_client.security import load_key_pair, load_public_key
+
+    if bool(args.server_public_key) != bool(args.client_keys):
+        raise ConfigError("--server-public-key and --client-keys go together: a CURVE server needs both")
+    if not args.server_public_key:
+        return {}
+    try:
+        return {"server_public_key": load_public_key(args.server_public_key),
+                "client_keys": load_key_pair(args.client_keys)}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--server-public-key/--client-keys: {exc}; pass the server's server.key and this "
+                          "client's .key_secret file (from `loader-server keygen`)") from None
+
+
 def _health(args: argparse.Namespace) -> int:
     from loader_client import LoaderError, health
 
+    curve = _curve_arguments(args)  # a usage error (exit 2), not an unhealthy server
     try:
-        answer = health(_endpoint(args), timeout_s=args.timeout_s)
+        answer = health(_endpoint(args), timeout_s=args.timeout_s, **curve)
     except LoaderError as exc:
         print(f"loader-server health: {exc}", file=sys.stderr)
         return 1
@@ -240,8 +261,9 @@ def _stats(args: argparse.Namespace) -> int:
 
     from loader_client import LoaderError, server_stats
 
+    curve = _curve_arguments(args)
     try:
-        print(json.dumps(server_stats(_endpoint(args), timeout_s=args.timeout_s), indent=2))
+        print(json.dumps(server_stats(_endpoint(args), timeout_s=args.timeout_s, **curve), indent=2))
     except LoaderError as exc:
         print(f"loader-server stats: {exc}", file=sys.stderr)
         return 1

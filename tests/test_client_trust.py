@@ -643,7 +643,7 @@ def test_a_trainer_that_exits_without_close_says_bye(fake: Any) -> None:
     ({"prefetch": 0}, "`prefetch` must be an integer from 1 to 64"),
     ({"timeout_s": 0}, "`timeout_s` must be a number"),
     ({"heartbeat_s": 0.001}, "`heartbeat_s` must be a number from 0.05"),
-    ({"on_server_loss": "ignore"}, "`on_server_loss` must be 'raise' or 'continue'"),
+    ({"on_server_loss": "ignore"}, "`on_server_loss` must be 'failover', 'raise' or 'continue'"),
 ])
 def test_bad_settings_are_refused_before_anything_is_sent(fake: Any, kwargs: dict[str, Any], match: str) -> None:
     server = fake(just_welcome)

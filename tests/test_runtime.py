@@ -174,6 +174,27 @@ def test_dispatch_gives_each_worker_at_most_three_tasks() -> None:
     assert len(sup.queue) == 4 and len(sent) == 6
 
 
+def test_a_new_client_is_served_before_the_queued_prefetch_of_another() -> None:
+    sup = supervisor(workers=1)
+    old = tasks(sup, 8)  # client c: 3 at the worker, 5 queued
+    sent: list[int] = []
+    sup.dispatch(lambda w, t: sent.append(t.id) is None)
+    new = [sup.new_task(b"d", i, np.arange(4), seed=0, epoch=0, augment=False, slot=None).id for i in range(3)]
+    sup.finished(sup.workers[0], old[0])
+    sup.dispatch(lambda w, t: sent.append(t.id) is None)
+    assert sent == old[:3] + [new[0]]  # not after c's 5 queued tasks
+    sup.finished(sup.workers[0], old[1])
+    sup.dispatch(lambda w, t: sent.append(t.id) is None)
+    assert sent[-1] == old[3]  # c and d hold one each at the worker: the queue's order breaks the tie
+    sup.finished(sup.workers[0], old[2])
+    sup.finished(sup.workers[0], new[0])
+    sup.dispatch(lambda w, t: sent.append(t.id) is None)
+    assert sent[-2:] == [new[1], old[4]]
+    for owner in (b"c", b"d"):  # each client's tasks still go out in their order
+        mine = [t for t in sent if t in (old if owner == b"c" else new)]
+        assert mine == sorted(mine)
+
+
 def test_a_dead_workers_tasks_are_reissued_and_only_the_first_is_charged() -> None:
     sup = supervisor(workers=1)
     ids = tasks(sup, 3)

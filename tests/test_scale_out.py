@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from loader_client import AuthenticationError, LoaderClient, LoaderTimeoutError
-from loader_client.multi import MultiServerStream
+from loader_client.hosts import HostsStream
 
 from .conftest import free_port, keygen, unique_label_list
 
@@ -43,7 +43,7 @@ def take_epochs(client: LoaderClient, epochs: int) -> list[list[int]]:
 def test_two_servers_on_separate_addresses_merge_every_sample_once(start_server: Any, listfile: Path) -> None:
     endpoints = two_servers(start_server, listfile)
     with LoaderClient(endpoints, timeout_s=20) as client:
-        assert isinstance(client.stream, MultiServerStream) and client.servers == 2
+        assert isinstance(client.stream, HostsStream) and client.servers == 2
         per_share = (N // 2) // 4
         assert client.steps_per_epoch == len(client) == 2 * per_share
         epochs = take_epochs(client, 2)
@@ -84,7 +84,7 @@ def test_resume_across_servers(start_server: Any, listfile: Path) -> None:
 def test_losing_a_server_raises_or_continues(start_server: Any, listfile: Path) -> None:
     servers = [start_server(listfile, *ARGS, endpoint=f"tcp://{h}:{free_port()}") for h in ("127.0.0.2", "127.0.0.3")]
     endpoints = [s.endpoint for s in servers]
-    strict = LoaderClient(endpoints, timeout_s=1.5)
+    strict = LoaderClient(endpoints, timeout_s=1.5, on_server_loss="raise")
     lenient = LoaderClient(endpoints, timeout_s=1.5, on_server_loss="continue")
     try:
         strict.next(), lenient.next()

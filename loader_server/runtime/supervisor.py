@@ -7,6 +7,10 @@ as events arrive. Processes come from a `spawn` function, so tests can supply fa
 
 Policy:
 * a worker holds at most `tasks_per_worker` tasks (one being built, the others reading ahead);
+* a free worker slot takes the oldest queued task of the client (owner) with the fewest tasks
+  at workers now: each client's tasks keep their order, and a client that has just connected
+  (a trainer that failed over to this server) is not served only after every other client's
+  queued prefetch;
 * a worker silent for `batch_timeout_s` while holding tasks is hung: its stack is dumped
   (`dump_stack`), then it is killed after `dump_grace_s`;
 * when a worker dies, its tasks go back to the front of the queue, and the one it was
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -169,10 +173,10 @@ class Supervisor:
         """
         for worker in self.workers.values():
             while self.queue and worker.ready and not worker.hung and len(worker.tasks) < self.tasks_per_worker:
-                tid = self.queue.popleft()
-                task = self.tasks.get(tid)
-                if task is None:
-                    continue  # cancelled
+                tid = self._take_next()
+                if tid is None:
+                    break  # only cancelled tasks were left
+                task = self.tasks[tid]
                 if not send(worker, task):
                     self.queue.appendleft(tid)
                     worker.ready = False  # its sentinel tells if it died
@@ -181,6 +185,34 @@ class Supervisor:
                     worker.last_progress = self.clock()  # the batch deadline starts now
                     worker.set_busy(True, worker.last_progress)
                 worker.tasks.append(tid)
+
+    def _take_next(self) -> int | None:
+        """Remove and return the oldest queued task of the owner with the fewest tasks at workers
+        (ties: queue order, so one client alone is served first in, first out); cancelled
+        tasks met on the way are dropped."""
+        at_workers = Counter(self.tasks[t].owner for w in self.workers.values() for t in w.tasks if t in self.tasks)
+        chosen: int | None = None
+        least = 0
+        seen: set[bytes] = set()
+        cancelled = []
+        for tid in self.queue:
+            task = self.tasks.get(tid)
+            if task is None:
+                cancelled.append(tid)
+                continue
+            if task.owner in seen:
+                continue  # only each owner's oldest task competes
+            seen.add(task.owner)
+            load = at_workers[task.owner]
+            if chosen is None or load < least:
+                chosen, least = tid, load
+                if load == 0:
+                    break
+        for tid in cancelled:
+            self.queue.remove(tid)
+        if chosen is not None:
+            self.queue.remove(chosen)
+        return chosen
 
     def finished(self, worker: Worker, task_id: int) -> Task | None:
         """A worker answered for a task (result, failure or skip). None if the task was cancelled."""
