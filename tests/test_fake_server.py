@@ -73,7 +73,8 @@ class FakeServer:
         assert self.hello["t"] == "hello"
         epoch, batch = self.start
         welcome = Welcome(num_samples=STEPS * BATCH, num_classes=None, batch_size=BATCH, steps_per_epoch=STEPS,
-                          rank=0, world_size=1, seed=self.hello.get("seed") or 0, epoch=epoch, batch=batch,
+                          rank=self.hello.get("rank", 0), world_size=self.hello.get("world_size", 1),
+                          seed=self.hello.get("seed") or 0, epoch=epoch, batch=batch,
                           mode="epoch", in_order=True, drop_last=True, x_shape=list(X_SHAPE), x_dtype="|u1",
                           layout="hwc", color="rgb", class_names=None,
                           fingerprint=self.hello.get("fingerprint") or "fake", heartbeat_s=0.3,
@@ -161,6 +162,19 @@ def test_lost_or_repeated_batch_is_a_protocol_error(fake: Any, start: tuple[int,
     else:
         assert (f"expected epoch {expected[0]} batch {expected[1]} from the loader server at {server.endpoint}, "
                 f"got epoch {got[0]} batch {got[1]}: a batch was lost, repeated or out of order") in str(info.value)
+
+
+def test_repeated_batch_from_one_of_several_servers_is_a_protocol_error(fake: Any) -> None:
+    """The merged stream of several servers relies on each server's own order check."""
+    a, b = fake([(0, 0), (0, 1), (0, 2), (1, 0)]), fake([(0, 0), (0, 1), (0, 1)])
+    with LoaderClient([a.endpoint, b.endpoint], timeout_s=10, prefetch=2, shared_memory=False) as client:
+        assert client.servers == 2 and (a.hello["rank"], b.hello["rank"]) == (0, 1)
+        for _ in range(4):  # round robin: a (0, 0), b (0, 0), a (0, 1), b (0, 1)
+            client.next()
+        client.next()  # a (0, 2)
+        with pytest.raises(ProtocolError, match=f"expected epoch 0 batch 2 from the loader server at {b.endpoint}, "
+                                                "got epoch 0 batch 1: a batch was lost, repeated or out of order"):
+            client.next()
 
 
 def test_frame_of_the_wrong_size_is_a_protocol_error(fake: Any) -> None:

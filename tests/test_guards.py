@@ -40,8 +40,8 @@ from loader_server.server import MAX_TASK_RETRIES
 
 from .conftest import free_port, unique_label_list, wait_until, write_image
 
-MAX_CREDIT = 64  # loader_server.server._MAX_CREDIT: the most credit a client may hold
-MAX_REQUEST_BYTES = 64 * 1024  # loader_server.server._MAX_REQUEST_BYTES
+MAX_CREDIT = 64  # loader_client.messages.MAX_CREDIT, written out: a changed cap must fail here
+MAX_REQUEST_BYTES = 64 * 1024  # loader_server.runtime.transport.MAX_REQUEST_BYTES
 
 
 # ---------------------------------------------------------------------------- helpers

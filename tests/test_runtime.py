@@ -112,6 +112,25 @@ def test_rank_shares_of_a_world_are_disjoint_and_cover_the_epoch() -> None:
     assert sorted(union.tolist()) == list(range(40))
 
 
+def test_a_session_stream_covers_each_epoch_exactly_once_reshuffled() -> None:
+    """Positions a session sends, turned into samples: every epoch once each, in a new order."""
+    plan = SamplingPlan(40, 4)
+    s = session(credit=MAX_CREDIT, seed=3)
+    sent: list[int] = []
+    while len(sent) < 3 * s.steps:
+        for position in s.to_build():
+            s.built(position, position)
+        while (item := s.sendable()) is not None:
+            s.sent(item[0], 0.0)
+            sent.append(item[1])
+    assert sent == list(range(3 * s.steps))
+    epochs = [np.concatenate([plan.batch(*s.place(p), seed=s.seed) for p in sent if s.place(p)[0] == e])
+              for e in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(40))  # nothing lost, nothing repeated
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+
+
 def test_drain_drops_everything_outstanding() -> None:
     s = session(credit=0)
     for p in s.to_build()[:2]:
