@@ -166,6 +166,8 @@ def fake(tmp_path: Path) -> Iterator[Callable[..., FakeServer]]:
         return server
 
     yield start
+    while _OPEN_CLIENTS:  # a test that failed before its own close() must not hang on its client
+        _OPEN_CLIENTS.pop().close()
     for server in servers:
         server.close()
 
@@ -205,8 +207,14 @@ def _describe(fd: int) -> str:
         return str(fd)
 
 
+_OPEN_CLIENTS: list[LoaderClient] = []
+
+
 def client_of(server: FakeServer, **kwargs: Any) -> LoaderClient:
-    return LoaderClient(server.endpoint, **{"timeout_s": 5.0, **kwargs})
+    """A client of the fake server, closed by the `fake` fixture even when the test fails early."""
+    client = LoaderClient(server.endpoint, **{"timeout_s": 5.0, **kwargs})
+    _OPEN_CLIENTS.append(client)
+    return client
 
 
 def just_welcome(server: FakeServer, hello: m.Hello) -> None:

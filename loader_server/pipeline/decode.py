@@ -76,10 +76,17 @@ def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
             st = os.fstat(f.fileno())
             if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
                 raise DecodeError(path, "not a regular file (a device or socket)", "not_a_file")
-            if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
-                raise DecodeError(path, f"file of {st.st_size} bytes exceeds --max-file-bytes {max_bytes}",
-                                  "too_large")
-            data = f.read(max_bytes + 1)
+            if stat.S_ISREG(st.st_mode):
+                if st.st_size > max_bytes:
+                    raise DecodeError(path, f"file of {st.st_size} bytes exceeds --max-file-bytes {max_bytes}",
+                                      "too_large")
+                data = f.read()  # sized from fstat: read(max_bytes + 1) would allocate the bound per file
+            else:  # a stream (FIFO): read up to the bound, a chunk at a time
+                chunks, total = [], 0
+                while total <= max_bytes and (chunk := f.read(min(1 << 20, max_bytes + 1 - total))):
+                    chunks.append(chunk)
+                    total += len(chunk)
+                data = b"".join(chunks)
     except FileNotFoundError:
         raise DecodeError(path, "file not found", "not_found") from None
     except PermissionError:

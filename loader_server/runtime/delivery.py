@@ -38,9 +38,12 @@ from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
 
-__all__ = ["Delivery", "Client", "Built"]
+__all__ = ["Delivery", "Client", "Built", "ARENA_CLOSE_DELAY_S"]
 
 log = logging.getLogger("loader_server")
+
+#: How long an ended session's arena stays open (its client may still be about to open it).
+ARENA_CLOSE_DELAY_S = 5.0
 
 
 @dataclass
@@ -81,6 +84,10 @@ class Delivery:
         self.bad = BadFiles(config.max_bad_files(len(index)), config.data)
         self.clients: dict[bytes, Client] = {}
         self._next_arena_id = 0
+        # Arenas of ended sessions, closed a little later: a client that has its welcome but
+        # has not opened its arena yet (its first batch failed at once) must not find the fd
+        # number reused by another file, which it would rightly refuse as not its memfd.
+        self._closing: list[tuple[float, Arena]] = []
 
     # ------------------------------------------------------------------ sessions
     def open(self, identity: bytes, hello: Hello) -> None:
@@ -134,7 +141,7 @@ class Delivery:
             for w in self.supervisor.workers.values():
                 if w.ready:
                     self.channel.send(w.identity, Forget(arena=client.arena.id))
-            client.arena.close()
+            self._closing.append((time.monotonic() + ARENA_CLOSE_DELAY_S, client.arena))
         log.info("client %s left (%s)", escape(client.session.name), why)
 
     def goodbye(self, reason: str) -> None:
@@ -147,9 +154,14 @@ class Delivery:
         for client in self.clients.values():
             if client.arena is not None:
                 client.arena.close()
+        for _, arena in self._closing:
+            arena.close()
+        self._closing.clear()
 
     def heartbeats(self, now: float) -> None:
         """Drop clients silent for --client-timeout-s; a heartbeat to those idle for --heartbeat-s."""
+        while self._closing and self._closing[0][0] <= now:
+            self._closing.pop(0)[1].close()
         for client in list(self.clients.values()):
             s = client.session
             if now - s.last_seen > self.config.client_timeout_s:
