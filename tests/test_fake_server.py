@@ -165,9 +165,14 @@ def test_lost_or_repeated_batch_is_a_protocol_error(fake: Any, start: tuple[int,
 
 
 def test_repeated_batch_from_one_of_several_servers_is_a_protocol_error(fake: Any) -> None:
-    """The merged stream of several servers relies on each server's own order check."""
+    """The merged stream of several servers relies on each server's own order check.
+
+    With on_server_loss="raise" the check's ProtocolError reaches the trainer as it is; with the
+    default fail-over, the misbehaving server would be dropped and its share built elsewhere.
+    """
     a, b = fake([(0, 0), (0, 1), (0, 2), (1, 0)]), fake([(0, 0), (0, 1), (0, 1)])
-    with LoaderClient([a.endpoint, b.endpoint], timeout_s=10, prefetch=2, shared_memory=False) as client:
+    with LoaderClient([a.endpoint, b.endpoint], timeout_s=10, prefetch=2, shared_memory=False,
+                      on_server_loss="raise") as client:
         assert client.servers == 2 and (a.hello["rank"], b.hello["rank"]) == (0, 1)
         for _ in range(4):  # round robin: a (0, 0), b (0, 0), a (0, 1), b (0, 1)
             client.next()
