@@ -167,13 +167,14 @@ def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
 CLASS_COLORS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30)]  # RGB
 
 
-def color_classes(root: Path, per_class: int, *, size: int = 16) -> Path:
-    """Class folders whose images are noisy versions of one colour per class: quick to learn."""
-    rng = np.random.default_rng(1)
+def color_classes(root: Path, per_class: int, *, size: int = 16, prefix: str = "c", seed: int = 1) -> Path:
+    """Class folders (`prefix`0, `prefix`1, ...) whose images are noisy versions of one colour per
+    class: quick to learn."""
+    rng = np.random.default_rng(seed)
     for k, rgb in enumerate(CLASS_COLORS):
         for i in range(per_class):
             img = np.clip(np.array(rgb[::-1], np.int16) + rng.integers(-40, 41, (size, size, 3)), 0, 255)
-            write_image(root / f"c{k}" / f"{i:04d}.png", img.astype(np.uint8))
+            write_image(root / f"{prefix}{k}" / f"{i:04d}.png", img.astype(np.uint8))
     return root
 
 

@@ -35,28 +35,12 @@ def test_keras_fit_epochs_consume_exactly_the_server_epochs(start_server: Any, t
     seen: list[np.ndarray] = []
     epoch_starts: list[int] = []
 
-    class Recorder(keras.Model):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = [keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(4, 3, activation="relu"),
-                         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(n, activation="softmax")]
-
-        def call(self, x: Any) -> Any:
-            for layer in self.body:
-                x = layer(x)
-            return x
-
-        def train_step(self, data: Any) -> Any:
-            seen.append(data[1].detach().cpu().numpy().copy())  # torch backend: a torch tensor
-            return super().train_step(data)
-
     class Boundaries(keras.callbacks.Callback):  # type: ignore[misc]
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             epoch_starts.append(len(seen))
 
     with LoaderClient(server.endpoint, timeout_s=30) as client:
-        model = Recorder()
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
+        model = recorder_model(n, seen)
         history = model.fit(iter(client), steps_per_epoch=client.steps_per_epoch, epochs=3, shuffle=False,
                             callbacks=[Boundaries()], verbose=0)
         steps = client.steps_per_epoch

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import CLASS_COLORS, free_port, write_image
+from .conftest import CLASS_COLORS, color_classes, free_port, write_image
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -280,12 +280,7 @@ def write_listfile(root: Path, per_class: int = 40, size: int = 32) -> Path:
 
 
 def write_folders(root: Path, per_class: int = 40, size: int = 32) -> Path:
-    rng = np.random.default_rng(6)
-    for k, rgb in enumerate(CLASS_COLORS):
-        for i in range(per_class):
-            img = np.clip(np.array(rgb[::-1], np.int16) + rng.integers(-40, 41, (size, size, 3)), 0, 255)
-            write_image(root / f"class_{k}" / f"{i:04d}.png", img.astype(np.uint8))
-    return root
+    return color_classes(root, per_class, size=size, prefix="class_", seed=6)
 
 
 class Session:
