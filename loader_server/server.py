@@ -158,6 +158,9 @@ class Server:
                 self._drain_workers()
             if self.transport.sock in events:
                 self._drain_clients()
+            if self.delivery.departed:  # their goodbyes may be queued: read them first
+                self._drain_clients()
+                self.delivery.reap_departed()
             for fd, wid in sentinels.items():
                 worker = self.supervisor.workers.get(wid)
                 if fd in events and worker is not None and not worker.process.is_alive():
@@ -291,9 +294,6 @@ class Server:
             log.info("%.0f images/s (%.1f batches/s) over the last minute; %d batches ready; workers busy %s%%; "
                      "%d clients; %d bad files", snap["images_per_s"], snap["batches_per_s"], snap["batches_ready"],
                      busy, len(snap["clients"]), snap["bad_files"])
-        if self.transport.guard is not None:
-            for what in self.transport.guard.check():
-                log.warning("%s", what)
         for worker in self.supervisor.tick(self.delivery.describe_task):
             log.error("worker %d (pid %d) %s; its Python stack follows", worker.id, worker.process.pid, worker.hung)
         self.delivery.heartbeats(now)

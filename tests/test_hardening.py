@@ -180,6 +180,8 @@ def test_more_clients_than_max_clients_are_refused_with_the_setting(start_server
         with pytest.raises(ServerError, match="--max-clients 2"):
             LoaderClient(server.endpoint, timeout_s=20)
         a.close()
+        # The goodbye is what the server logs, even when it finds the connection gone first
+        # (a batch sent while the goodbye waits unread: seen in CI as "disconnected").
         wait_until(lambda: "left (said goodbye)" in server.log_text(), 10, "the first client to leave")
         with LoaderClient(server.endpoint, timeout_s=20) as c:  # a place is free again
             c.next()
@@ -210,10 +212,10 @@ def test_oversized_and_multi_frame_requests(start_server: Any, listfile: Path, c
     still_serves(server.endpoint)
 
 
-def zmtp_peer(port: int) -> socket.socket:
+def zmtp_peer(port: int, timeout_s: float = 10) -> socket.socket:
     """A raw TCP peer speaking ZMTP 3.0 by hand (NULL mechanism, a DEALER): unlike libzmq, it can
     send the frames of a message that never ends (libzmq itself holds those back until the last)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout_s)
     s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" * 32)
     ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
     s.sendall(bytes([0x04, len(ready)]) + ready)
@@ -229,7 +231,7 @@ def test_a_message_that_never_ends_is_cut_off(start_server: Any, listfile: Path)
     server = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
     still_serves(server.endpoint, 2)
     before = rss_mb(server.proc.pid)
-    peer = zmtp_peer(port)
+    peer = zmtp_peer(port, timeout_s=3)  # once cut, a send may block until ZeroMQ's heartbeat closes the socket
     frame = b"\x03" + struct.pack(">Q", 60 * 1024) + b"\0" * (60 * 1024)  # MORE | LONG, 60 KiB
     peak, sent, deadline = before, 0, time.monotonic() + 5
     try:
@@ -241,7 +243,9 @@ def test_a_message_that_never_ends_is_cut_off(start_server: Any, listfile: Path)
         pass
     finally:
         peer.close()
-    assert peak - before < 100, (before, peak, sent)  # before this guard: 1.5 GB in 2.6 s
+    # Before the guard: 1.5 GB in 2.6 s. With the check on the 100 ms event-loop tick, CI saw
+    # 103 MB (loopback at about 1 GB/s); on its own 5 ms thread, 6 to 11 MB here.
+    assert peak - before < 60, (before, peak, sent)
     wait_until(lambda: "closed the connection from 127.0.0.1" in server.log_text(), 10, "the cut to be logged")
     assert "beyond the requests it completed" in server.log_text()
     assert server.proc.poll() is None

@@ -83,6 +83,10 @@ class Delivery:
         self.num_classes = count_classes(index)
         self.bad = BadFiles(config.max_bad_files(len(index)), config.data)
         self.clients: dict[bytes, Client] = {}
+        # Peers whose connection was found gone while sending. They are dropped only after the
+        # requests already received from them are read (`reap_departed`): a trainer that closes
+        # its client sends a goodbye first, and that goodbye, still queued, is the reason to log.
+        self.departed: set[bytes] = set()
         self._next_arena_id = 0
         # Arenas of ended sessions, closed a little later: a client that has its welcome but
         # has not opened its arena yet (its first batch failed at once) must not find the fd
@@ -92,6 +96,7 @@ class Delivery:
     # ------------------------------------------------------------------ sessions
     def open(self, identity: bytes, hello: Hello) -> None:
         """Open a stream for `hello` (replacing one of the same peer), or tell the peer why not."""
+        self.departed.discard(identity)
         self.drop(identity, "reconnected")
         if len(self.clients) >= self.config.max_clients:
             self.error(identity, "server", f"the server already serves {len(self.clients)} clients (--max-clients "
@@ -144,6 +149,12 @@ class Delivery:
             self._closing.append((time.monotonic() + ARENA_CLOSE_DELAY_S, client.arena))
         log.info("client %s left (%s)", escape(client.session.name), why)
 
+    def reap_departed(self) -> None:
+        """End the sessions of peers found gone (call after reading the requests already received)."""
+        for identity in self.departed:
+            self.drop(identity, "disconnected (its connection closed without a goodbye)")
+        self.departed.clear()
+
     def goodbye(self, reason: str) -> None:
         """Tell every client the server stops on purpose, and end their sessions."""
         for identity in list(self.clients):
@@ -192,6 +203,8 @@ class Delivery:
 
     def flush(self, client: Client) -> None:
         """Send what the session may send now (credit and order allowing), then build more."""
+        if client.identity in self.departed:
+            return
         s = client.session
         while (item := s.sendable()) is not None:
             position, built = item
@@ -208,7 +221,7 @@ class Delivery:
     def _send(self, client: Client, frames: list[Any]) -> bool:
         outcome = self.transport.send(client.identity, frames)
         if outcome == "gone":
-            self.drop(client.identity, "disconnected (its socket closed: the trainer exited)")
+            self.departed.add(client.identity)
         elif outcome == "ok":
             client.session.last_sent = time.monotonic()
         return outcome == "ok"

@@ -22,6 +22,7 @@ import os
 import resource
 import socket
 import struct
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ _FRAME_OVERHEAD_BYTES = 64
 #: Wire bytes a connection may send that are no request at all (greeting, handshake, heartbeats).
 _HANDSHAKE_BYTES = 64 << 10
 _IDLE_BYTES_PER_S = 64
+#: How often the guard compares each connection's bytes with its completed requests.
+GUARD_INTERVAL_S = 0.005
 #: Offset of tcpi_bytes_received in Linux's struct tcp_info (since Linux 4.1).
 _TCP_BYTES_RECEIVED_OFFSET = 128
 _monitors = itertools.count()
@@ -85,6 +88,7 @@ class ClientTransport:
             self._bind(ctx, bind, curve_dir)
             if bind.startswith("tcp://"):
                 self.guard = ConnectionGuard(ctx, self.sock)
+                self.guard.start()
         except BaseException:
             self.close()
             raise
@@ -163,11 +167,18 @@ class ConnectionGuard:
     the requests that arrive from it (`completed`, keyed by the message's source descriptor), and
     compares them with what the kernel received on it (TCP_INFO): a connection that sent more
     than MAX_UNFINISHED_BYTES beyond its requests (plus handshake and heartbeat allowances) is
-    shut down, which makes ZeroMQ drop it and its unfinished message. Checked every loop tick.
+    shut down, which makes ZeroMQ drop it and its unfinished message.
+
+    The check runs on a thread of its own every `GUARD_INTERVAL_S`, not on the event loop's
+    tick: a peer on loopback sends about 1 GB/s, so a 100 ms tick let one grow the server by
+    about 100 MB before the cut (seen in CI); at 5 ms it is a few MB. Only the thread touches the
+    monitor socket and the duplicated descriptors; `completed` runs on the event loop, under a lock.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], clock: Any = time.monotonic) -> None:
+    def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], clock: Any = time.monotonic,
+                 interval_s: float = GUARD_INTERVAL_S) -> None:
         self.clock = clock
+        self.interval_s = interval_s
         address = f"inproc://loader-server-connections-{os.getpid()}-{next(_monitors)}"
         sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self._sock = sock
@@ -176,11 +187,29 @@ class ConnectionGuard:
         self._events.connect(address)
         self.connections: dict[int, _Connection] = {}
         self.cut = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Check on a thread of its own until `close`; what it cuts is logged as a warning."""
+        self._thread = threading.Thread(target=self._run, name="loader-server-connection-guard", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for what in self.check():
+                    log.warning("%s", what)
+            except zmq.ZMQError:  # the context is being torn down
+                return
+            self._stop.wait(self.interval_s)
 
     def completed(self, fd: int, nbytes: int) -> None:
-        conn = self.connections.get(fd)
-        if conn is not None:
-            conn.completed += nbytes
+        with self._lock:
+            conn = self.connections.get(fd)
+            if conn is not None:
+                conn.completed += nbytes
 
     def check(self) -> list[str]:
         """Follow connections opening and closing; shut down those over the bound. Returns what was cut."""
@@ -194,16 +223,21 @@ class ConnectionGuard:
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
                 try:
-                    self.connections[fd] = _Connection(socket.socket(fileno=os.dup(fd)), self.clock())
+                    conn = _Connection(socket.socket(fileno=os.dup(fd)), self.clock())
                 except OSError:
-                    pass
+                    continue
+                with self._lock:
+                    self.connections[fd] = conn
             else:
-                gone = self.connections.pop(fd, None)
+                with self._lock:
+                    gone = self.connections.pop(fd, None)
                 if gone is not None:
                     gone.sock.close()
         cut = []
         now = self.clock()
-        for fd, conn in list(self.connections.items()):
+        with self._lock:
+            connections = list(self.connections.items())
+        for fd, conn in connections:
             try:
                 info = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
                 received = struct.unpack_from("Q", info, _TCP_BYTES_RECEIVED_OFFSET)[0]
@@ -218,7 +252,8 @@ class ConnectionGuard:
                 except OSError:
                     peer = "a peer"
                 conn.sock.close()
-                del self.connections[fd]
+                with self._lock:
+                    self.connections.pop(fd, None)
                 self.cut += 1
                 cut.append(f"closed the connection from {peer}: it sent {received - conn.completed} bytes beyond "
                            f"the requests it completed (a message that never ends?); the bound is "
@@ -226,6 +261,9 @@ class ConnectionGuard:
         return cut
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
         self._sock.disable_monitor()
         self._events.close(linger=0)
         for conn in self.connections.values():
