@@ -201,7 +201,8 @@ def train_tables(results: Results) -> list[str]:
         return []
     t = results["train"]
     lines = ["", f"Training on {t['device']} (torch {t['torch']}, bf16 autocast, channels-last, SGD):", "",
-             "| model | model only (batch already on the device) | service | torch DataLoader | service, --cache memory |",
+             "| model | model only (batch already on the device) | service | torch DataLoader "
+             "| service, --cache memory |",
              "|---|---|---|---|---|"]
     for name, r in t["models"].items():
         cells = [f"{r['model_only']['images_per_s']:.0f} images/s"]

@@ -38,6 +38,10 @@ SAMPLING_MODES = ("epoch", "random")
 SUBSETS = ("all", "train", "val")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+#: Batches built ahead per client when `prefetch` is unset: at least this many ...
+MIN_PREFETCH = 8
+#: ... and this many per worker: a client alone keeps every worker busy.
+PREFETCH_PER_WORKER = 2
 #: Read threads a worker starts when reads turn out slow (read_threads unset).
 AUTO_READ_THREADS = 64
 #: Average read time above which a worker moves reads to its thread pool (read_threads unset).
@@ -151,7 +155,10 @@ class ServerConfig:
                    "public keys in DIR/clients/*.key (see `loader-server keygen`)")
     insecure: bool = setting(False, help="", flags={
         "--insecure": (True, "allow binding a non-loopback address without CURVE (anyone who reaches it gets data)")})
-    prefetch: int = setting(8, help="batches built ahead per client (bounds memory: prefetch x batch bytes)")
+    prefetch: int | None = setting(
+        None, shown="auto",
+        help="batches built ahead per client (bounds memory: prefetch x batch bytes); auto: "
+             f"max({MIN_PREFETCH}, {PREFETCH_PER_WORKER} x workers), so that one client keeps every worker busy")
     mode: Literal["epoch", "random"] = setting(
         "epoch", choices=SAMPLING_MODES,
         help="epoch: a permutation per epoch; random: draw with replacement, endless")
@@ -244,7 +251,8 @@ class ServerConfig:
                 _one_of(f.name, getattr(self, f.name), f.metadata["choices"])
         _at_least("batch_size", self.batch_size, 1)
         _at_least("workers", self.workers, 1)
-        _at_least("prefetch", self.prefetch, 1)
+        if self.prefetch is not None:
+            _at_least("prefetch", self.prefetch, 1)
         if self.read_threads is not None:
             _at_least("read_threads", self.read_threads, 0)
         if self.maxlen is not None:
@@ -352,6 +360,14 @@ class ServerConfig:
         """Shape of one output image in the configured layout."""
         w, h = self.size
         return (self.channels, h, w) if self.layout == "chw" else (h, w, self.channels)
+
+    @property
+    def prefetch_batches(self) -> int:
+        """Batches built ahead per client: `prefetch`, or by default enough for every worker to
+        hold two (one being built, the next waiting), as torch DataLoader's prefetch_factor=2."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return max(MIN_PREFETCH, PREFETCH_PER_WORKER * self.workers)
 
     def max_bad_files(self, samples: int) -> int:
         """How many distinct bad files skip mode tolerates for an index of `samples`."""
