@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .context import Bench
-from .systems import CLIENT_TIMEOUT_S, decode_fn, served
+from .systems import CLIENT_TIMEOUT_S, served, torch_loader
 
 __all__ = ["train_probe", "train_tables"]
 
@@ -106,27 +106,8 @@ def _service_batches(torch: Any, endpoint: str, device: Any) -> tuple[Any, Itera
 
 
 def _torch_batches(torch: Any, b: Bench, device: Any) -> tuple[Any, Iterator[tuple[Any, Any]]]:
-    from torch.utils.data import DataLoader, Dataset
-
-    decode = decode_fn(b.size)
     paths = [b.index.path(i) for i in range(len(b.index))]
-    labels = b.index.labels
-
-    class Images(Dataset):  # type: ignore[type-arg]
-        def __len__(self) -> int:
-            return len(paths)
-
-        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-            return decode(paths[i]), int(labels[i])
-
-    def init(_: int) -> None:
-        import cv2
-
-        cv2.setNumThreads(1)
-
-    loader = DataLoader(Images(), batch_size=b.batch_size, shuffle=True, num_workers=b.workers,
-                        pin_memory=device.type == "cuda",
-                        persistent_workers=True, prefetch_factor=4, worker_init_fn=init, drop_last=True)
+    loader = torch_loader(b, paths, b.index.labels, shuffle=True, pin_memory=device.type == "cuda", prefetch_factor=4)
 
     def batches() -> Iterator[tuple[Any, Any]]:
         while True:
