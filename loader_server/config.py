@@ -196,6 +196,9 @@ class ServerConfig:
     max_file_bytes: int = setting(256 << 20, help="files larger than this (and devices) are bad files, refused "
                                                   "before they are read")
     max_clients: int = setting(64, help="sessions served at once; more clients are refused with a clear error")
+    max_connections_per_host: int = setting(
+        256, help="TCP connections one peer address may hold open at once (idle ones too); more are closed "
+                  "as they arrive and logged")
     on_error: Literal["raise", "skip"] = setting(
         "raise", choices=("raise", "skip"),
         help="a bad file: raise (the trainer gets an error naming it) or skip (replace the sample with another "
@@ -285,6 +288,7 @@ class ServerConfig:
         _at_least("max_pixels", self.max_pixels, 1)
         _at_least("max_file_bytes", self.max_file_bytes, 1)
         _at_least("max_clients", self.max_clients, 1)
+        _at_least("max_connections_per_host", self.max_connections_per_host, 1)
         if not self.max_bad >= 0:
             raise ConfigError(f"`max_bad` must be a count >= 1 or a fraction in [0, 1), got {self.max_bad}")
         if not 0 <= self.pad_value <= 255:
@@ -394,7 +398,7 @@ _NOT_FINGERPRINTED = frozenset({
     "data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s", "max_message_bytes",
     "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
     "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure",
-    "max_file_bytes", "max_clients",
+    "max_file_bytes", "max_clients", "max_connections_per_host",
     "subset", "val_fraction", "split_seed", "cache",
 })
 
