@@ -643,11 +643,118 @@ def _epochs(b: Bench, extra: list[str], min_images: int, paced: bool = False) ->
     return out
 
 
+def _fill_profile(b: Bench) -> Results:
+    """CPU ms per image of the rrc,flip pipeline in this process, one thread: a worker's whole batch
+    uncached, filling a fresh memory cache and from it; and the stages that make the difference."""
+    import cv2
+
+    from loader_server.config import ServerConfig
+    from loader_server.data.datasets import load_dataset
+    from loader_server.pipeline.augment import Augmenter, parse_augment, sample_rng
+    from loader_server.pipeline.batch import BatchBuilder
+    from loader_server.pipeline.cache import open_cache, record_decoder
+    from loader_server.pipeline.decode import Decoder, read_file
+
+    cv2.setNumThreads(1)
+    settings = {"data": b.data, "batch_size": b.batch_size, "size": b.size, "augment": _CACHE_RRC[1]}
+    plain_config = ServerConfig(**settings)  # type: ignore[arg-type]
+    cached_config = ServerConfig(**settings, cache="memory", cache_size=int(_CACHE_RRC[3]))  # type: ignore[arg-type]
+    index = load_dataset(plain_config)
+    n = min(len(index), 128 if b.quick else 512) // b.batch_size * b.batch_size
+    batches = [np.arange(lo, lo + b.batch_size) for lo in range(0, n, b.batch_size)]
+    out: Results = {"images": n, "record_shape": None}
+
+    def cpu_ms(fn: Callable[[], Any]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t)
+        return best * 1000 / n
+
+    plain = BatchBuilder(plain_config, index)
+    x = plain.allocate()
+    plain.build(batches[0], x, key=(0, 1), augment=True)  # warm
+    out["uncached"] = cpu_ms(lambda: [plain.build(i, x, key=(0, 1), augment=True) for i in batches])
+    fills: list[float] = []
+    hits: list[float] = []
+    for _ in range(3):  # each fill on a fresh cache
+        cache = open_cache(cached_config, index)
+        try:
+            builder = BatchBuilder(cached_config, index, cache=cache)
+            for runs in (fills, hits):
+                t = time.process_time()
+                for i in batches:
+                    builder.build(i, x, key=(0, 1), augment=True)
+                runs.append((time.process_time() - t) * 1000 / n)
+            out["record_shape"] = list(cache.layout.shape)
+        finally:
+            cache.close()
+    out["fill"], out["hit"] = min(fills), min(hits)
+    # The stages: what a miss does beyond the uncached path, and what it saves.
+    decoder, maker = Decoder(plain_config), record_decoder(cached_config)
+    augmenter = Augmenter(parse_augment(_CACHE_RRC[1]))
+    paths = [index.path(i) for i in range(n)]  # type: ignore[attr-defined]
+    blobs = [read_file(p) for p in paths]
+    stats = [os.stat(p) for p in paths]
+    images = [decoder.decode(blob, p, reduce=False) for blob, p in zip(blobs, paths, strict=True)]
+    record = np.empty(tuple(out["record_shape"]), np.uint8)
+    records = []
+    for blob, p in zip(blobs, paths, strict=True):
+        maker.decode_into(blob, p, record)
+        records.append(record.copy())
+    slot = x[0]
+
+    def crop(sources: list[np.ndarray]) -> None:
+        for i, src in enumerate(sources):
+            x0, y0, w, h = augmenter.crop_box(src.shape[1], src.shape[0], sample_rng(0, 1, i))
+            decoder.resize_into(src[y0 : y0 + h, x0 : x0 + w], slot)
+
+    def decode_full() -> None:
+        for blob, p in zip(blobs, paths, strict=True):
+            decoder.decode(blob, p, reduce=False)
+
+    def decode_record() -> None:
+        for blob, p in zip(blobs, paths, strict=True):
+            maker.decode(blob, p)
+
+    def resize_record() -> None:
+        for img in images:
+            maker.resize_into(img, record)
+
+    def store() -> None:
+        for i, (st, rec) in enumerate(zip(stats, records, strict=True)):
+            cache.store(i, st, rec)
+
+    def flip() -> None:
+        for i in range(n):
+            augmenter.apply(slot, sample_rng(0, 1, i))
+
+    stages: dict[str, Callable[[], None]] = {
+        "decode, full size (both)": decode_full,
+        "decode for the record (reduced where it may)": decode_record,
+        "resize to the record (miss only)": resize_record,
+        "store the record (miss only)": store,
+        "crop + resize from the original (uncached)": lambda: crop(images),
+        "crop + resize from the record (miss and hit)": lambda: crop(records),
+        "flip (both)": flip,
+    }
+    cache = open_cache(cached_config, index)
+    try:
+        out["stages"] = {name: cpu_ms(fn) for name, fn in stages.items()}
+    finally:
+        cache.close()
+    _say(f"cache fill profile, CPU ms per image in one process: uncached {out['uncached']:.3f}, filling "
+         f"{out['fill']:.3f} (+{100 * (out['fill'] / out['uncached'] - 1):.0f}%), from the cache {out['hit']:.3f}; "
+         + ", ".join(f"{k} {v:.3f}" for k, v in out["stages"].items()))
+    return out
+
+
 def _cache(b: Bench) -> Results:
     """The decoded-sample cache (--cache memory) against the same service uncached, plain and rrc,flip."""
     sample_bytes = b.size[0] * b.size[1] * 3
     memcpy = _memcpy_bytes_per_s()
-    out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes}
+    out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes, "fill_profile": _fill_profile(b)}
     for name, pipeline in (("plain", []), ("rrc_flip", _CACHE_RRC)):
         uncached = _epochs(b, [*b.serve_extra, *(pipeline[:2])], _CACHE_TIMED_IMAGES // 2)
         cached = _epochs(b, [*b.serve_extra, *pipeline, "--cache", "memory"], _CACHE_TIMED_IMAGES, paced=True)
@@ -677,6 +784,13 @@ def _cache_tables(results: Results) -> list[str]:
              "", ("| pipeline | uncached images/s | cached epoch 1 (fill) | cached epochs >= 2 | speedup | fill cost "
                   "| GB/s delivered (of memcpy) | next() p50 ms, never pausing | paced at 80%: step ms, next() p50 / "
                   "p99 ms, stall |"), "|---|---|---|---|---|---|---|---|---|"]
+    fp = r.get("fill_profile")
+    if fp:
+        lines += ["", f"Where filling goes (`rrc,flip`, records {'x'.join(map(str, fp['record_shape']))}; CPU ms per "
+                  f"image in one process, {fp['images']} images, best of 3): a worker's batch uncached "
+                  f"{fp['uncached']:.3f}, filling {fp['fill']:.3f} (+{100 * (fp['fill'] / fp['uncached'] - 1):.0f}%), "
+                  f"from the cache {fp['hit']:.3f}.", "", "| stage | CPU ms per image |", "|---|---|",
+                  *(f"| {k} | {v:.3f} |" for k, v in fp["stages"].items())]
     for name in ("plain", "rrc_flip"):
         if name in r:
             p = r[name]
