@@ -574,6 +574,8 @@ _CACHE_RRC = ["--augment", "rrc,flip", "--cache-size", "256"]
 _CACHE_PACE_FRACTION = 0.8
 #: ... for at least this many seconds.
 _CACHE_PACED_MIN_S = 2.0
+#: Rounds of the cache probe (each: every pipeline uncached, then cached).
+_CACHE_REPEATS = 3
 
 
 def _memcpy_bytes_per_s(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -592,7 +594,7 @@ def _epochs(b: Bench, extra: list[str], min_images: int, paced: bool = False) ->
     """Serve (ready), then time epoch 1 from the client's first request, and the epochs after it (at least
     `min_images`); next() latencies of the later epochs.
 
-    `paced`: then more epochs (at least `_CACHE_PACED_MIN_S`) with a simulated training step (a
+    `paced`: then more epochs (at least `_CACHE_PACED_MIN_S`, 0.2 s with --quick) with a simulated training step (a
     sleep, as the stall probe's) at 80% of the rate just measured: next() latency and stall as a
     trainer sees them, where the never-pausing consumer only measures how long the workers take.
     """
@@ -617,7 +619,8 @@ def _epochs(b: Bench, extra: list[str], min_images: int, paced: bool = False) ->
         pace: Results = {}
         if paced:
             step_s = b.batch_size / (_CACHE_PACE_FRACTION * rest)
-            epochs = max(later, -(-int(_CACHE_PACED_MIN_S * _CACHE_PACE_FRACTION * rest) // per_epoch))
+            min_s = 0.2 if b.quick else _CACHE_PACED_MIN_S
+            epochs = max(later, -(-int(min_s * _CACHE_PACE_FRACTION * rest) // per_epoch))
             waits: list[float] = []
             started = time.perf_counter()
             for _ in range(epochs * client.steps_per_epoch):
@@ -643,9 +646,10 @@ def _epochs(b: Bench, extra: list[str], min_images: int, paced: bool = False) ->
     return out
 
 
-def _fill_profile(b: Bench) -> Results:
+def _fill_profile(b: Bench, cache_size: int) -> Results:
     """CPU ms per image of the rrc,flip pipeline in this process, one thread: a worker's whole batch
-    uncached, filling a fresh memory cache and from it; and the stages that make the difference."""
+    uncached, filling a fresh memory cache of records at shorter side `cache_size` and from it;
+    and the stages that make the difference."""
     import cv2
 
     from loader_server.config import ServerConfig
@@ -658,7 +662,7 @@ def _fill_profile(b: Bench) -> Results:
     cv2.setNumThreads(1)
     settings = {"data": b.data, "batch_size": b.batch_size, "size": b.size, "augment": _CACHE_RRC[1]}
     plain_config = ServerConfig(**settings)  # type: ignore[arg-type]
-    cached_config = ServerConfig(**settings, cache="memory", cache_size=int(_CACHE_RRC[3]))  # type: ignore[arg-type]
+    cached_config = ServerConfig(**settings, cache="memory", cache_size=cache_size)  # type: ignore[arg-type]
     index = load_dataset(plain_config)
     n = min(len(index), 128 if b.quick else 512) // b.batch_size * b.batch_size
     batches = [np.arange(lo, lo + b.batch_size) for lo in range(0, n, b.batch_size)]
@@ -744,61 +748,109 @@ def _fill_profile(b: Bench) -> Results:
         out["stages"] = {name: cpu_ms(fn) for name, fn in stages.items()}
     finally:
         cache.close()
-    _say(f"cache fill profile, CPU ms per image in one process: uncached {out['uncached']:.3f}, filling "
+    _say(f"cache fill profile, records {'x'.join(map(str, out['record_shape']))}, CPU ms per image in one process: "
+         f"uncached {out['uncached']:.3f}, filling "
          f"{out['fill']:.3f} (+{100 * (out['fill'] / out['uncached'] - 1):.0f}%), from the cache {out['hit']:.3f}; "
          + ", ".join(f"{k} {v:.3f}" for k, v in out["stages"].items()))
     return out
 
 
 def _cache(b: Bench) -> Results:
-    """The decoded-sample cache (--cache memory) against the same service uncached, plain and rrc,flip."""
+    """The decoded-sample cache (--cache memory) against the same service uncached: plain, and rrc,flip with
+    records at shorter side 256 and at the output's shorter side (the cost of filling against the crop's room).
+
+    `_CACHE_REPEATS` rounds (1 with --quick), each running every pipeline uncached then cached, so
+    that the fill cost compares neighbours in time; medians are reported, with the spread.
+    """
     sample_bytes = b.size[0] * b.size[1] * 3
     memcpy = _memcpy_bytes_per_s()
-    out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes, "fill_profile": _fill_profile(b)}
-    for name, pipeline in (("plain", []), ("rrc_flip", _CACHE_RRC)):
-        uncached = _epochs(b, [*b.serve_extra, *(pipeline[:2])], _CACHE_TIMED_IMAGES // 2)
-        cached = _epochs(b, [*b.serve_extra, *pipeline, "--cache", "memory"], _CACHE_TIMED_IMAGES, paced=True)
-        delivered = cached["later_images_per_s"] * sample_bytes
-        out[name] = {
-            "uncached": uncached, "cached": cached,
-            "speedup": cached["later_images_per_s"] / uncached["later_images_per_s"],
-            "fill_cost": 1 - cached["epoch1_images_per_s"] / uncached["epoch1_images_per_s"],
-            "delivered_bytes_per_s": delivered, "ratio_to_memcpy": delivered / memcpy,
-        }
-        r = out[name]
-        _say(f"cache {name}: uncached {uncached['later_images_per_s']:.0f} images/s; cached epoch 1 (fill) "
-             f"{cached['epoch1_images_per_s']:.0f} ({100 * r['fill_cost']:+.0f}% cost), epochs >= 2 "
-             f"{cached['later_images_per_s']:.0f} = {r['speedup']:.2f}x; {delivered / 1e9:.2f} GB/s delivered = "
-             f"{r['ratio_to_memcpy']:.3f} of memcpy {memcpy / 1e9:.1f} GB/s; next() p50 "
-             f"{cached['next_p50_ms']:.3f} ms never pausing, {cached['paced']['next_p50_ms']:.3f} ms (p99 "
-             f"{cached['paced']['next_p99_ms']:.3f}, stall {cached['paced']['stall_pct']:.2f}%) with a "
-             f"{cached['paced']['step_ms']:.2f} ms step at 80% of it")
+    sizes = sorted({int(_CACHE_RRC[3]), min(b.size)}, reverse=True)
+    out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes,
+                    "fill_profile": {str(size): _fill_profile(b, size) for size in sizes}}
+    # (results key, the uncached pipeline's flags, the cached one's)
+    pipelines: list[tuple[str, list[str], list[str]]] = [("plain", [], [])]
+    pipelines += [(_rrc_key(size), _CACHE_RRC[:2], [*_CACHE_RRC[:3], str(size)]) for size in sizes]
+    timed = 4 * b.batch_size if b.quick else _CACHE_TIMED_IMAGES
+    runs: dict[str, list[Results]] = {name: [] for name, _, _ in pipelines}
+    for _ in range(1 if b.quick else _CACHE_REPEATS):
+        uncached_of: dict[tuple[str, ...], Results] = {}
+        for name, plain, pipeline in pipelines:
+            if tuple(plain) not in uncached_of:  # rrc,flip uncached once a round, for every record size
+                uncached_of[tuple(plain)] = _epochs(b, [*b.serve_extra, *plain], timed // 2)
+            uncached = uncached_of[tuple(plain)]
+            cached = _epochs(b, [*b.serve_extra, *pipeline, "--cache", "memory"], timed, paced=True)
+            runs[name].append({"uncached": uncached, "cached": cached,
+                               "speedup": cached["later_images_per_s"] / uncached["later_images_per_s"],
+                               "fill_cost": 1 - cached["epoch1_images_per_s"] / uncached["epoch1_images_per_s"]})
+    for name, _, pipeline in pipelines:
+        out[name] = r = _cache_summary(runs[name], pipeline, sample_bytes, memcpy)
+        _say(f"cache {name} (median of {len(runs[name])}): uncached {r['uncached_images_per_s']:.0f} images/s; "
+             f"cached epoch 1 (fill) {r['epoch1_images_per_s']:.0f} ({100 * r['fill_cost']:+.0f}% cost, "
+             f"{_spread(r['fill_cost_all'], 100, '.0f')}), epochs >= 2 {r['later_images_per_s']:.0f} = "
+             f"{r['speedup']:.2f}x; {r['delivered_bytes_per_s'] / 1e9:.2f} GB/s delivered = "
+             f"{r['ratio_to_memcpy']:.3f} of memcpy {memcpy / 1e9:.1f} GB/s; next() p50 {r['next_p50_ms']:.3f} ms "
+             f"never pausing, {r['paced']['next_p50_ms']:.3f} ms (p99 {r['paced']['next_p99_ms']:.3f}, stall "
+             f"{r['paced']['stall_pct']:.2f}%) with a {r['paced']['step_ms']:.2f} ms step at 80% of it")
     return {"cache": out}
+
+
+def _cache_summary(runs: list[Results], pipeline: list[str], sample_bytes: int, memcpy: float) -> Results:
+    """Medians (and every value) over the rounds of one pipeline."""
+    import statistics
+
+    def med(get: Callable[[Results], float]) -> float:
+        return statistics.median(get(r) for r in runs)
+
+    later = med(lambda r: r["cached"]["later_images_per_s"])
+    paced = {k: med(lambda r, k=k: r["cached"]["paced"][k])  # type: ignore[misc]
+             for k in ("step_ms", "next_p50_ms", "next_p99_ms", "stall_pct", "load")}
+    return {"serve_args": pipeline, "rounds": len(runs), "runs": runs,
+            "uncached_images_per_s": med(lambda r: r["uncached"]["later_images_per_s"]),
+            "uncached_epoch1_images_per_s": med(lambda r: r["uncached"]["epoch1_images_per_s"]),
+            "epoch1_images_per_s": med(lambda r: r["cached"]["epoch1_images_per_s"]),
+            "later_images_per_s": later, "speedup": med(lambda r: r["speedup"]),
+            "fill_cost": med(lambda r: r["fill_cost"]), "fill_cost_all": [r["fill_cost"] for r in runs],
+            "speedup_all": [r["speedup"] for r in runs],
+            "next_p50_ms": med(lambda r: r["cached"]["next_p50_ms"]),
+            "paced": paced, "paced_next_p50_ms_all": [r["cached"]["paced"]["next_p50_ms"] for r in runs],
+            "paced_stall_pct_all": [r["cached"]["paced"]["stall_pct"] for r in runs],
+            "hit_ratio": med(lambda r: r["cached"]["hit_ratio"] or 0.0),
+            "delivered_bytes_per_s": later * sample_bytes, "ratio_to_memcpy": later * sample_bytes / memcpy}
+
+
+def _spread(values: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
+    return f"{scale * min(values):{fmt}} to {scale * max(values):{fmt}}" if len(values) > 1 else "one round"
+
+
+def _rrc_key(cache_size: int) -> str:
+    """results.json key of rrc,flip from records at shorter side `cache_size`: ``rrc_flip`` for 256, as before."""
+    return "rrc_flip" if cache_size == int(_CACHE_RRC[3]) else f"rrc_flip_{cache_size}"
 
 
 def _cache_tables(results: Results) -> list[str]:
     if "cache" not in results:
         return []
     r = results["cache"]
-    lines = ["", f"Decoded-sample cache (--cache memory), memcpy bandwidth {r['memcpy_bytes_per_s'] / 1e9:.1f} GB/s:",
+    lines = ["", f"Decoded-sample cache (--cache memory), memcpy bandwidth {r['memcpy_bytes_per_s'] / 1e9:.1f} GB/s; "
+             "medians of the rounds (min to max):",
              "", ("| pipeline | uncached images/s | cached epoch 1 (fill) | cached epochs >= 2 | speedup | fill cost "
                   "| GB/s delivered (of memcpy) | next() p50 ms, never pausing | paced at 80%: step ms, next() p50 / "
                   "p99 ms, stall |"), "|---|---|---|---|---|---|---|---|---|"]
-    fp = r.get("fill_profile")
-    if fp:
+    for p in r.values():
+        if not (isinstance(p, dict) and "paced" in p):
+            continue
+        label = " ".join(p["serve_args"]) or "plain"
+        lines.append(f"| {label} | {p['uncached_images_per_s']:.0f} | {p['epoch1_images_per_s']:.0f} | "
+                     f"{p['later_images_per_s']:.0f} | {p['speedup']:.2f}x | {100 * p['fill_cost']:.0f}% "
+                     f"({_spread(p['fill_cost_all'], 100, '.0f')}) | {p['delivered_bytes_per_s'] / 1e9:.2f} "
+                     f"({p['ratio_to_memcpy']:.3f}) | {p['next_p50_ms']:.3f} | {_paced_text(p['paced'])} "
+                     f"(p50 {_spread(p['paced_next_p50_ms_all'], 1, '.3f')}) |")
+    for fp in r.get("fill_profile", {}).values():
         lines += ["", f"Where filling goes (`rrc,flip`, records {'x'.join(map(str, fp['record_shape']))}; CPU ms per "
                   f"image in one process, {fp['images']} images, best of 3): a worker's batch uncached "
                   f"{fp['uncached']:.3f}, filling {fp['fill']:.3f} (+{100 * (fp['fill'] / fp['uncached'] - 1):.0f}%), "
                   f"from the cache {fp['hit']:.3f}.", "", "| stage | CPU ms per image |", "|---|---|",
                   *(f"| {k} | {v:.3f} |" for k, v in fp["stages"].items())]
-    for name in ("plain", "rrc_flip"):
-        if name in r:
-            p = r[name]
-            c = p["cached"]
-            lines.append(f"| {name.replace('_', ',')} | {p['uncached']['later_images_per_s']:.0f} | "
-                         f"{c['epoch1_images_per_s']:.0f} | {c['later_images_per_s']:.0f} | {p['speedup']:.2f}x | "
-                         f"{100 * p['fill_cost']:.0f}% | {p['delivered_bytes_per_s'] / 1e9:.2f} "
-                         f"({p['ratio_to_memcpy']:.3f}) | {c['next_p50_ms']:.3f} | {_paced_text(c.get('paced'))} |")
     return lines
 
 
