@@ -750,7 +750,7 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
         cache.close()
     _say(f"cache fill profile, records {'x'.join(map(str, out['record_shape']))}, CPU ms per image in one process: "
          f"uncached {out['uncached']:.3f}, filling "
-         f"{out['fill']:.3f} (+{100 * (out['fill'] / out['uncached'] - 1):.0f}%), from the cache {out['hit']:.3f}; "
+         f"{out['fill']:.3f} ({100 * (out['fill'] / out['uncached'] - 1):+.0f}%), from the cache {out['hit']:.3f}; "
          + ", ".join(f"{k} {v:.3f}" for k, v in out["stages"].items()))
     return out
 
@@ -848,7 +848,7 @@ def _cache_tables(results: Results) -> list[str]:
     for fp in r.get("fill_profile", {}).values():
         lines += ["", f"Where filling goes (`rrc,flip`, records {'x'.join(map(str, fp['record_shape']))}; CPU ms per "
                   f"image in one process, {fp['images']} images, best of 3): a worker's batch uncached "
-                  f"{fp['uncached']:.3f}, filling {fp['fill']:.3f} (+{100 * (fp['fill'] / fp['uncached'] - 1):.0f}%), "
+                  f"{fp['uncached']:.3f}, filling {fp['fill']:.3f} ({100 * (fp['fill'] / fp['uncached'] - 1):+.0f}%), "
                   f"from the cache {fp['hit']:.3f}.", "", "| stage | CPU ms per image |", "|---|---|",
                   *(f"| {k} | {v:.3f} |" for k, v in fp["stages"].items())]
     return lines
