@@ -128,7 +128,7 @@ def test_bench_train_probe_feeds_a_real_training_loop_three_ways(tmp_path: Path)
     assert train["device"] == "the CPU"
     tiny = train["models"]["tiny"]
     assert tiny["model_only"]["images_per_s"] > 0
-    for feed in ("service", "torch", "service_cached"):
+    for feed in ("service", "service_pinned_copy", "torch", "service_cached"):
         assert tiny[feed]["images_per_s"] > 0 and 0 <= tiny[feed]["stall_pct"] <= 100, feed
         assert tiny[feed]["of_ceiling"] == pytest.approx(tiny[feed]["images_per_s"] / tiny["model_only"]["images_per_s"])
     assert "| tiny |" in (out / "results.md").read_text()
