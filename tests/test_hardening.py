@@ -15,6 +15,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -286,13 +287,31 @@ def test_log_volume_per_peer_is_bounded(start_server: Any, listfile: Path, ctx: 
 
 
 # ---------------------------------------------------------------------------- the worker channel
+def unix_socket_paths(pid: int) -> set[str]:
+    """Paths of the unix sockets that process `pid` holds open (its fds' inodes, in /proc/net/unix)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    with open(f"/proc/{pid}/net/unix") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return {row[7] for row in rows if len(row) >= 8 and row[6] in inodes}
+
+
 def test_worker_channel_is_private_and_ignores_strangers(start_server: Any, listfile: Path, ctx: Any) -> None:
-    before = set(glob.glob("/tmp/loader-workers-*"))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "loader-workers-*")))
     server = start_server(listfile, *ARGS)
     still_serves(server.endpoint, 2)
-    folders = [f for f in set(glob.glob("/tmp/loader-workers-*")) - before]
-    assert len(folders) == 1
-    folder = Path(folders[0])
+    # The server's own folder, not whatever else appeared in /tmp meanwhile (another server
+    # on the machine starting at the same moment made that count 2).
+    folders = {os.path.dirname(p) for p in unix_socket_paths(server.proc.pid) if "/loader-workers-" in p}
+    assert len(folders) == 1, folders
+    folder = Path(folders.pop())
+    assert str(folder) not in before and folder.parent == Path(tempfile.gettempdir())  # a new one
     st = folder.stat()
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
     if os.getuid() == 0:  # another user cannot even see the socket file
