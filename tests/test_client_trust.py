@@ -402,16 +402,20 @@ def test_create_arena_seals_and_sanitises_its_name() -> None:
 
 # ---------------------------------------------------------------------------- credit, sizes, order
 def test_server_that_ignores_credit_gets_a_protocol_error(fake: Any, no_leak: Any) -> None:
+    sent_all = threading.Event()
+
     def behaviour(server: FakeServer, hello: m.Hello) -> None:
         server.welcome(hello, in_order=False)
         for b in range(hello.credit + 3):  # more than the credit the hello granted
             server.batch(0, b % STEPS)
+        sent_all.set()
         server.idle(30)
 
     server = fake(behaviour)
     no_leak()
     client = client_of(server, prefetch=2, shared_memory=False)
-    time.sleep(0.5)  # every batch has arrived before the trainer takes one
+    assert sent_all.wait(10), "the fake server did not send its batches"
+    time.sleep(0.5)  # every batch has arrived before the trainer takes one (a take grants more credit)
     with pytest.raises(ProtocolError, match="beyond the 2 batches of credit"):
         for _ in range(5):
             client.next()
