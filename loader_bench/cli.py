@@ -36,6 +36,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"one-off measurements to add: {','.join(PROBES)} (or none)")
     p.add_argument("--scaling", default="1,2,4,8", help="worker counts for the scaling table")
     p.add_argument("--read-latency-ms", type=float, default=20.0, help="simulated storage latency (slow extra)")
+    p.add_argument("--train-models", default="resnet50,resnet18",
+                   help="torchvision models trained by the train extra, comma-separated (tiny: a two-layer CNN)")
+    p.add_argument("--train-device", default="cuda", help="where the train extra trains: cuda (skipped without "
+                   "one) or cpu")
     p.add_argument("--serve-args", default="", help="extra `serve` flags for every service run, quoted")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, results.png")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: tiny data, 1 round, few images")
@@ -88,7 +92,8 @@ def run_bench(args: argparse.Namespace) -> int:
             extras = [e for e in extras if e in _ARRAY_PROBES]
         bench = Bench(index=dataset, data=data, scratch=scratch, n=n, rounds=rounds, size=size,
                       batch_size=args.batch_size, workers=args.workers, serve_extra=args.serve_args.split(),
-                      quick=args.quick, read_latency_ms=args.read_latency_ms, scaling=scaling)
+                      quick=args.quick, read_latency_ms=args.read_latency_ms, scaling=scaling,
+                      train_models=[m for m in args.train_models.split(",") if m], train_device=args.train_device)
         results: dict[str, Any] = {"rounds": {s: [] for s in systems}}
         with tqdm(total=rounds * len(systems), desc="bench", unit="run") as progress:
             for r in range(rounds):

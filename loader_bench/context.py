@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loader_server.data.index import DatasetIndex
 
@@ -24,6 +24,8 @@ class Bench:
     read_latency_ms: float
     scaling: list[int]  # worker counts of the scaling table
     capacity: float | None = None  # the service's median images/s, known once the rounds are done
+    train_models: list[str] = field(default_factory=lambda: ["resnet50"])  # torchvision models of the train probe
+    train_device: str = "cuda"  # where the train probe trains
 
     @property
     def quick_n(self) -> int:

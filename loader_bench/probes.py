@@ -24,6 +24,7 @@ from loader_client import LoaderClient, server_stats
 from .context import Bench
 from .floods import flood_tables, floods
 from .systems import CLIENT_TIMEOUT_S, PssSampler, measure_service, served
+from .train import train_probe, train_tables
 
 __all__ = ["Probe", "PROBES"]
 
@@ -72,8 +73,9 @@ def _strict_rows(results: Results) -> list[tuple[str, str]]:
         return []
     r = results["service_no_reduced_decode"]
     percore = results["summary"].get("percore", {}).get("median")
+    workers = results["settings"]["workers"]
     return [("service, --no-reduced-decode", f"{r['images_per_s']:.0f} images/s"
-             + (f" ({r['images_per_s'] / (2 * percore):.2f} of 2 x per-core)" if percore else ""))]
+             + (f" ({r['images_per_s'] / (workers * percore):.2f} of {workers} x per-core)" if percore else ""))]
 
 
 # ---------------------------------------------------------------------------- stall
@@ -637,4 +639,5 @@ PROBES: dict[str, Probe] = {
     "stages": Probe(_stages, tables=_stages_tables),
     "cache": Probe(_cache, tables=_cache_tables, default=False),
     "floods": Probe(floods, tables=flood_tables, default=False),
+    "train": Probe(train_probe, tables=train_tables, default=False),
 }

@@ -40,19 +40,20 @@ def markdown(results: dict[str, Any]) -> str:
     """The markdown report of a result dict."""
     s = results["summary"]
     percore = s.get("percore", {}).get("median")
+    workers = results["settings"]["workers"]  # the per-core limit times the cores the workers use
     lines = [f"Machine: {results['machine']['cpus']} CPUs, {results['machine']['platform']}, "
              f"Python {results['machine']['python']}, OpenCV {results['machine']['opencv']}, "
              f"{results['machine']['date']}.  ",
              f"Command: `{results['command'] or 'loader-server bench'}`  ",
              f"Settings: {json.dumps(results['settings'])}", "",
-             "| system | images/s (median) | min–max | ratio to 2 x per-core | service ratio to it |",
+             f"| system | images/s (median) | min–max | ratio to {workers} x per-core | service ratio to it |",
              "|---|---|---|---|---|"]
     service = s.get("service", {}).get("median")
     for name in SYSTEMS:
         if name not in s:
             continue
         v = s[name]
-        vs_core = f"{v['median'] / (2 * percore):.2f}" if percore else "–"
+        vs_core = f"{v['median'] / (workers * percore):.2f}" if percore else "–"
         ratio = f"{service / v['median']:.2f}x" if service and name != "service" else "–"
         lines.append(f"| {name} | {v['median']:.0f} | {v['min']:.0f}–{v['max']:.0f} | {vs_core} | {ratio} |")
     lines.append("")
@@ -86,7 +87,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     err = [[s[n]["median"] - s[n]["min"] for n in names], [s[n]["max"] - s[n]["median"] for n in names]]
     ax.bar(names, med, yerr=err, capsize=4, color=["#999", "#2a7", "#c66", "#68c"][: len(names)])
     if "percore" in s:
-        ax.axhline(2 * s["percore"]["median"], ls="--", color="k", lw=1, label="2 x per-core limit")
+        workers = results["settings"]["workers"]
+        ax.axhline(workers * s["percore"]["median"], ls="--", color="k", lw=1, label=f"{workers} x per-core limit")
         ax.legend()
     ax.set_ylabel("images/s")
     ax.set_title(f"{results['settings']['workers']} workers, batch {results['settings']['batch_size']}, "

@@ -24,7 +24,7 @@ from loader_server.launch import ServerProcess, ServerProcessError, children_of
 
 from .context import Bench
 
-__all__ = ["SYSTEMS", "measure_service", "served", "decode_fn", "PssSampler"]
+__all__ = ["SYSTEMS", "measure_service", "served", "decode_fn", "torch_loader", "PssSampler"]
 
 #: Seconds a benchmark client waits for a batch before it gives up.
 CLIENT_TIMEOUT_S = 120.0
@@ -84,16 +84,12 @@ def measure_classic(bench: Bench) -> dict[str, Any]:
     return {"images_per_s": got / wall, "cpu_ms_per_image": (time.process_time() - cpu) * 1000 / got}
 
 
-def measure_torch(bench: Bench) -> dict[str, Any] | None:
-    try:
-        import torch
-        from torch.utils.data import DataLoader, Dataset
-    except ImportError:
-        return None
-    torch.set_num_threads(1)
+def torch_loader(bench: Bench, paths: list[str], labels: np.ndarray, **options: Any) -> Any:
+    """torch DataLoader over `paths` with the shared decode function, the run's batch size and
+    worker count (one OpenCV thread each), persistent workers, drop_last; `options` adds to those."""
+    from torch.utils.data import DataLoader, Dataset
+
     decode = decode_fn(bench.size)
-    paths = bench.paths(bench.n + 2 * bench.batch_size)
-    labels = bench.index.labels[np.arange(len(paths)) % len(bench.index)]
 
     class Images(Dataset):  # type: ignore[type-arg]
         def __len__(self) -> int:
@@ -107,8 +103,19 @@ def measure_torch(bench: Bench) -> dict[str, Any] | None:
 
         cv2.setNumThreads(1)
 
-    loader = DataLoader(Images(), batch_size=bench.batch_size, num_workers=bench.workers, persistent_workers=True,
-                        prefetch_factor=2, worker_init_fn=init, drop_last=True)
+    return DataLoader(Images(), batch_size=bench.batch_size, num_workers=bench.workers, persistent_workers=True,
+                      worker_init_fn=init, drop_last=True, **options)
+
+
+def measure_torch(bench: Bench) -> dict[str, Any] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    paths = bench.paths(bench.n + 2 * bench.batch_size)
+    labels = bench.index.labels[np.arange(len(paths)) % len(bench.index)]
+    loader = torch_loader(bench, paths, labels, prefetch_factor=2)
     it = iter(loader)
     next(it), next(it)
     started, got, touched = time.perf_counter(), 0, 0

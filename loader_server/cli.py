@@ -241,6 +241,8 @@ def _health(args: argparse.Namespace) -> int:
     curve = _curve_arguments(args)  # a usage error (exit 2), not an unhealthy server
     try:
         answer = health(_endpoint(args), timeout_s=args.timeout_s, **curve)
+    except ConfigError:
+        raise  # a malformed endpoint is a usage error (exit 2), not an unhealthy server
     except LoaderError as exc:
         print(f"loader-server health: {exc}", file=sys.stderr)
         return 1
@@ -264,6 +266,8 @@ def _stats(args: argparse.Namespace) -> int:
     curve = _curve_arguments(args)
     try:
         print(json.dumps(server_stats(_endpoint(args), timeout_s=args.timeout_s, **curve), indent=2))
+    except ConfigError:
+        raise  # a malformed endpoint: exit 2
     except LoaderError as exc:
         print(f"loader-server stats: {exc}", file=sys.stderr)
         return 1

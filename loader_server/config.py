@@ -38,6 +38,10 @@ SAMPLING_MODES = ("epoch", "random")
 SUBSETS = ("all", "train", "val")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
+#: Batches built ahead per client when `prefetch` is unset: at least this many ...
+MIN_PREFETCH = 8
+#: ... and this many per worker: a client alone keeps every worker busy.
+PREFETCH_PER_WORKER = 2
 #: Read threads a worker starts when reads turn out slow (read_threads unset).
 AUTO_READ_THREADS = 64
 #: Average read time above which a worker moves reads to its thread pool (read_threads unset).
@@ -151,7 +155,10 @@ class ServerConfig:
                    "public keys in DIR/clients/*.key (see `loader-server keygen`)")
     insecure: bool = setting(False, help="", flags={
         "--insecure": (True, "allow binding a non-loopback address without CURVE (anyone who reaches it gets data)")})
-    prefetch: int = setting(8, help="batches built ahead per client (bounds memory: prefetch x batch bytes)")
+    prefetch: int | None = setting(
+        None, shown="auto",
+        help="batches built ahead per client (bounds memory: prefetch x batch bytes); auto: "
+             f"max({MIN_PREFETCH}, {PREFETCH_PER_WORKER} x workers), so that one client keeps every worker busy")
     mode: Literal["epoch", "random"] = setting(
         "epoch", choices=SAMPLING_MODES,
         help="epoch: a permutation per epoch; random: draw with replacement, endless")
@@ -189,6 +196,9 @@ class ServerConfig:
     max_file_bytes: int = setting(256 << 20, help="files larger than this (and devices) are bad files, refused "
                                                   "before they are read")
     max_clients: int = setting(64, help="sessions served at once; more clients are refused with a clear error")
+    max_connections_per_host: int = setting(
+        256, help="TCP connections one peer address may hold open at once (idle ones too); more are closed "
+                  "as they arrive and logged")
     on_error: Literal["raise", "skip"] = setting(
         "raise", choices=("raise", "skip"),
         help="a bad file: raise (the trainer gets an error naming it) or skip (replace the sample with another "
@@ -244,7 +254,8 @@ class ServerConfig:
                 _one_of(f.name, getattr(self, f.name), f.metadata["choices"])
         _at_least("batch_size", self.batch_size, 1)
         _at_least("workers", self.workers, 1)
-        _at_least("prefetch", self.prefetch, 1)
+        if self.prefetch is not None:
+            _at_least("prefetch", self.prefetch, 1)
         if self.read_threads is not None:
             _at_least("read_threads", self.read_threads, 0)
         if self.maxlen is not None:
@@ -277,6 +288,7 @@ class ServerConfig:
         _at_least("max_pixels", self.max_pixels, 1)
         _at_least("max_file_bytes", self.max_file_bytes, 1)
         _at_least("max_clients", self.max_clients, 1)
+        _at_least("max_connections_per_host", self.max_connections_per_host, 1)
         if not self.max_bad >= 0:
             raise ConfigError(f"`max_bad` must be a count >= 1 or a fraction in [0, 1), got {self.max_bad}")
         if not 0 <= self.pad_value <= 255:
@@ -353,6 +365,14 @@ class ServerConfig:
         w, h = self.size
         return (self.channels, h, w) if self.layout == "chw" else (h, w, self.channels)
 
+    @property
+    def prefetch_batches(self) -> int:
+        """Batches built ahead per client: `prefetch`, or by default enough for every worker to
+        hold two (one being built, the next waiting), as torch DataLoader's prefetch_factor=2."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return max(MIN_PREFETCH, PREFETCH_PER_WORKER * self.workers)
+
     def max_bad_files(self, samples: int) -> int:
         """How many distinct bad files skip mode tolerates for an index of `samples`."""
         if self.max_bad >= 1:
@@ -378,7 +398,7 @@ _NOT_FINGERPRINTED = frozenset({
     "data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s", "max_message_bytes",
     "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
     "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure",
-    "max_file_bytes", "max_clients",
+    "max_file_bytes", "max_clients", "max_connections_per_host",
     "subset", "val_fraction", "split_seed", "cache",
 })
 

@@ -98,7 +98,8 @@ class Server:
                                      dump_stack=_dump_stack)
         try:
             transport = ClientTransport(ctx, self.config.bind, curve_dir=self.config.curve_dir,
-                                        insecure=self.config.insecure)
+                                        insecure=self.config.insecure,
+                                        max_connections_per_host=self.config.max_connections_per_host)
             channel = WorkerChannel(ctx, self.config.max_message_bytes)
             self.transport, self.channel = transport, channel
             self.delivery = Delivery(self.config, self.index, self.spec, self.plan, fingerprint=self.fingerprint,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import loader_client
 import loader_server
 from loader_server.cli import build_parser
@@ -83,3 +85,23 @@ def test_bench_smoke_run_writes_its_reports(tmp_path: Path) -> None:
     assert {"read", "decode", "resize", "collate", "send (Python side)"} <= set(data["stages_cpu_ms_per_image"])
     table = (out / "results.md").read_text()
     assert "| service |" in table and "ratio to 2 x per-core" in table
+
+
+def test_bench_train_probe_feeds_a_real_training_loop_three_ways(tmp_path: Path) -> None:
+    """The train extra (run on a GPU box for docs/benchmarks.md) checked here on the CPU with a tiny model."""
+    pytest.importorskip("torch")
+    out = tmp_path / "bench"
+    result = run("bench", "--quick", "--systems", "service", "--extras", "train", "--train-models", "tiny",
+                 "--train-device", "cpu", "--batch-size", "16", "--size", "32x32", "--workers", "1", "--out", str(out),
+                 timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    train = json.loads((out / "results.json").read_text())["train"]
+    assert train["device"] == "the CPU"
+    tiny = train["models"]["tiny"]
+    assert tiny["model_only"]["images_per_s"] > 0
+    for feed in ("service", "torch", "service_cached"):
+        assert tiny[feed]["images_per_s"] > 0 and 0 <= tiny[feed]["stall_pct"] <= 100, feed
+        assert tiny[feed]["of_ceiling"] == pytest.approx(tiny[feed]["images_per_s"] / tiny["model_only"]["images_per_s"])
+    assert "| tiny |" in (out / "results.md").read_text()

@@ -701,11 +701,18 @@ def test_parse_endpoint_accepts_the_usual_forms() -> None:
     assert parse_endpoint("ipc:///tmp/a.sock").path == "/tmp/a.sock"
 
 
-def test_health_cli_prints_the_endpoint_error_without_a_traceback() -> None:
-    result = subprocess.run([sys.executable, "-m", "loader_server", "health", "127.0.0.1:5555"],
+@pytest.mark.parametrize("command", ["health", "stats"])
+def test_health_and_stats_cli_refuse_a_malformed_endpoint_as_a_usage_error(command: str) -> None:
+    """Exit 2 (bad input), not 1: a probe must not read a typo in its manifest as an unhealthy server."""
+    result = subprocess.run([sys.executable, "-m", "loader_server", command, "127.0.0.1:5555"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert "did you mean tcp://127.0.0.1:5555" in result.stderr and "Traceback" not in result.stderr
+    unanswered = subprocess.run([sys.executable, "-m", "loader_server", command, f"tcp://127.0.0.1:{free_port()}",
+                                 "--timeout-s", "0.5"], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                                check=False)
+    assert unanswered.returncode == 1, unanswered.stderr  # well-formed, nobody answers: unhealthy
+    assert "connection refused" in unanswered.stderr
 
 
 # ---------------------------------------------------------------------------- why nothing answered

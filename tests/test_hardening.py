@@ -192,14 +192,67 @@ def test_more_clients_than_max_clients_are_refused_with_the_setting(start_server
 
 
 def test_idle_connections_do_not_lock_out_clients(start_server: Any, listfile: Path, ctx: Any) -> None:
+    """600 idle connections from two other addresses (300 each, under the per-address bound of
+    --max-connections-per-host, 256 by default, for 256 of them): clients from 127.0.0.1 are served."""
     port = free_port()
     server = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
-    idle = [raw(ctx, f"tcp://127.0.0.1:{port}") for _ in range(600)]  # connect, complete ZMTP, say nothing
+    before = rss_mb(server.proc.pid)
+    idle = [raw(ctx, f"tcp://127.0.0.{2 + i % 2}:0;127.0.0.1:{port}") for i in range(600)]  # ZMTP done, silent
     for s in idle[:5]:
         s.send(msgpack.packb({"v": V, "t": "ping"}))  # a few even talk
-    time.sleep(1.0)
+    wait_until(lambda: server.log_text().count("(--max-connections-per-host)") >= 2, 20,
+               "the 44 connections over the bound from each address to be closed")
     still_serves(f"tcp://127.0.0.1:{port}")
     assert server.proc.poll() is None
+    assert rss_mb(server.proc.pid) - before < 50, (before, rss_mb(server.proc.pid))
+
+
+def _closed_by_server(peers: list[socket.socket], wait_s: float = 2.0) -> list[bool]:
+    """For each raw peer: did the server close it (EOF after its greeting) within `wait_s`?"""
+    import select
+
+    closed = [False] * len(peers)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([p for p, c in zip(peers, closed) if not c], [], [], 0.1)
+        for p in readable:
+            try:
+                data = p.recv(4096)
+            except OSError:  # reset
+                data = b""
+            if not data:
+                closed[peers.index(p)] = True
+    return closed
+
+
+def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(start_server: Any,
+                                                                             listfile: Path) -> None:
+    """Idle connections pass every per-message bound; 30 from one address against a bound of 20."""
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--max-connections-per-host", "20", endpoint=f"tcp://127.0.0.1:{port}")
+
+    def connect() -> socket.socket:
+        peer = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+        time.sleep(0.01)  # accepted in this order
+        return peer
+
+    peers = [connect() for _ in range(30)]
+    try:
+        closed = _closed_by_server(peers)
+        assert closed == [False] * 20 + [True] * 10  # the first 20 stay, the rest are closed as they arrive
+        wait_until(lambda: "connection(s) from 127.0.0.2 as they arrived: it already holds 20 "
+                           "(--max-connections-per-host)" in server.log_text(), 10, "the refusal to be logged")
+        still_serves(server.endpoint, 2)  # another address (127.0.0.1) is not affected
+        for p in peers[:10]:
+            p.close()
+        time.sleep(0.5)  # the server sees them go
+        again = [connect() for _ in range(10)]
+        peers += again
+        assert _closed_by_server(again) == [False] * 10  # places freed by the closed ones are given again
+        assert server.proc.poll() is None
+    finally:
+        for p in peers:
+            p.close()
 
 
 def test_oversized_and_multi_frame_requests(start_server: Any, listfile: Path, ctx: Any) -> None:

@@ -193,6 +193,23 @@ def test_dispatch_gives_each_worker_at_most_three_tasks() -> None:
     assert len(sup.queue) == 4 and len(sent) == 6
 
 
+def test_dispatch_keeps_every_worker_busy_before_queueing_a_second_task_at_one() -> None:
+    """8 tasks, 15 workers: 8 workers build one each (depth first, 3 workers built them all)."""
+    sup = supervisor(workers=15)
+    tasks(sup, 8)
+    sent: list[tuple[int, int]] = []
+    sup.dispatch(lambda w, t: sent.append((w.id, t.id)) is None)
+    assert sorted(len(w.tasks) for w in sup.workers.values()) == [0] * 7 + [1] * 8
+    assert [t for _, t in sent] == sorted(t for _, t in sent)  # still in queue order
+    sup.finished(sup.workers[sent[0][0]], sent[0][1])
+    tasks(sup, 1)
+    sup.dispatch(lambda w, t: sent.append((w.id, t.id)) is None)
+    assert len(sup.workers[sent[-1][0]].tasks) == 1 and sent[-1][0] not in [w for w, _ in sent[1:8]]  # an idle one
+    tasks(sup, 20)
+    sup.dispatch(lambda w, t: sent.append((w.id, t.id)) is None)
+    assert sorted(len(w.tasks) for w in sup.workers.values()) == [1] * 2 + [2] * 13  # 28 spread, none over 2
+
+
 def test_a_new_client_is_served_before_the_queued_prefetch_of_another() -> None:
     sup = supervisor(workers=1)
     old = tasks(sup, 8)  # client c: 3 at the worker, 5 queued

@@ -78,7 +78,7 @@ class Delivery:
         self.supervisor, self.transport, self.channel, self.metrics = supervisor, transport, channel, metrics
         self.peer_log = peer_log
         self.facts = StreamFacts(batch_size=spec.batch_size, num_samples=len(index), default_seed=config.seed,
-                                 fingerprint=fingerprint, prefetch=config.prefetch, in_order=config.in_order,
+                                 fingerprint=fingerprint, prefetch=config.prefetch_batches, in_order=config.in_order,
                                  augment_available=bool(config.augment))
         self.num_classes = count_classes(index)
         self.bad = BadFiles(config.max_bad_files(len(index)), config.data)
@@ -114,7 +114,7 @@ class Delivery:
         client = Client(identity, opened, {})
         if hello.shm and self.config.shm and shm_available():
             self._next_arena_id += 1
-            client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch, hello.credit),
+            client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch_batches, hello.credit),
                                      self.spec.batch_bytes)
         self.clients[identity] = client
         self._send(client, [encode(self._welcome(client, hello))])

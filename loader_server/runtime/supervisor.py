@@ -166,25 +166,36 @@ class Supervisor:
         return [t for t in (self.tasks.pop(tid, None) for tid in task_ids) if t is not None]
 
     def dispatch(self, send: Callable[[Worker, Task], bool]) -> None:
-        """Hand queued tasks to ready workers, at most `tasks_per_worker` each.
+        """Hand queued tasks to ready workers: each to the worker holding the fewest (idle ones
+        first), at most `tasks_per_worker` each.
+
+        Breadth first: filling one worker to `tasks_per_worker` before the next left all but
+        ceil(outstanding / 3) workers idle (on 16 CPUs, 15 workers and 8 batches outstanding
+        delivered 2.7x one core where torch DataLoader delivered 9.9x).
 
         `send` returns False when the worker cannot take it now (not connected yet): the task
         stays at the front of the queue.
         """
-        for worker in self.workers.values():
-            while self.queue and worker.ready and not worker.hung and len(worker.tasks) < self.tasks_per_worker:
-                tid = self._take_next()
-                if tid is None:
-                    break  # only cancelled tasks were left
-                task = self.tasks[tid]
-                if not send(worker, task):
-                    self.queue.appendleft(tid)
-                    worker.ready = False  # its sentinel tells if it died
-                    break
-                if not worker.tasks:
-                    worker.last_progress = self.clock()  # the batch deadline starts now
-                    worker.set_busy(True, worker.last_progress)
-                worker.tasks.append(tid)
+        blocked: set[int] = set()
+        while self.queue:
+            open_workers = [w for w in self.workers.values()
+                            if w.ready and not w.hung and w.id not in blocked and len(w.tasks) < self.tasks_per_worker]
+            if not open_workers:
+                return
+            worker = min(open_workers, key=lambda w: len(w.tasks))
+            tid = self._take_next()
+            if tid is None:
+                return  # only cancelled tasks were left
+            task = self.tasks[tid]
+            if not send(worker, task):
+                self.queue.appendleft(tid)
+                worker.ready = False  # its sentinel tells if it died
+                blocked.add(worker.id)
+                continue
+            if not worker.tasks:
+                worker.last_progress = self.clock()  # the batch deadline starts now
+                worker.set_busy(True, worker.last_progress)
+            worker.tasks.append(tid)
 
     def _take_next(self) -> int | None:
         """Remove and return the oldest queued task of the owner with the fewest tasks at workers

@@ -10,7 +10,9 @@
 * ZMTP heartbeats close connections whose peer stopped answering.
 * A TCP connection whose peer has sent more than `MAX_UNFINISHED_BYTES` beyond the requests it
   completed is closed (`ConnectionGuard`): a multipart message that never ends, which ZeroMQ
-  buffers inside the library where no socket option bounds it.
+  buffers inside the library where no socket option bounds it. So is a connection beyond
+  `max_connections_per_host` from one peer address: idle connections cost a descriptor and
+  ZeroMQ's buffers each, and no other bound stops one peer from opening thousands.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +57,8 @@ _FRAME_OVERHEAD_BYTES = 64
 #: Wire bytes a connection may send that are no request at all (greeting, handshake, heartbeats).
 _HANDSHAKE_BYTES = 64 << 10
 _IDLE_BYTES_PER_S = 64
+#: TCP connections one peer address may hold at once (the max_connections_per_host setting's default).
+DEFAULT_CONNECTIONS_PER_HOST = 256
 #: How often the guard compares each connection's bytes with its completed requests.
 GUARD_INTERVAL_S = 0.005
 #: Offset of tcpi_bytes_received in Linux's struct tcp_info (since Linux 4.1).
@@ -64,7 +69,8 @@ _monitors = itertools.count()
 class ClientTransport:
     """The ROUTER socket clients connect to."""
 
-    def __init__(self, ctx: zmq.Context[Any], bind: str, *, curve_dir: str | None, insecure: bool) -> None:
+    def __init__(self, ctx: zmq.Context[Any], bind: str, *, curve_dir: str | None, insecure: bool,
+                 max_connections_per_host: int = DEFAULT_CONNECTIONS_PER_HOST) -> None:
         self.bind_address = bind
         if bind.startswith("ipc://@") and not insecure:
             raise ConfigError(f"`bind` {bind} is an abstract socket, which every local user can connect to: use "
@@ -87,7 +93,7 @@ class ClientTransport:
         try:
             self._bind(ctx, bind, curve_dir)
             if bind.startswith("tcp://"):
-                self.guard = ConnectionGuard(ctx, self.sock)
+                self.guard = ConnectionGuard(ctx, self.sock, per_host=max_connections_per_host)
                 self.guard.start()
         except BaseException:
             self.close()
@@ -155,6 +161,7 @@ class ClientTransport:
 class _Connection:
     sock: socket.socket  # our own duplicate of ZeroMQ's descriptor: the same connection, never another
     opened: float
+    host: str = "?"  # the peer's address
     completed: int = 0  # wire bytes of the requests it completed
 
 
@@ -176,9 +183,12 @@ class ConnectionGuard:
     """
 
     def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], clock: Any = time.monotonic,
-                 interval_s: float = GUARD_INTERVAL_S) -> None:
+                 interval_s: float = GUARD_INTERVAL_S, per_host: int = DEFAULT_CONNECTIONS_PER_HOST) -> None:
         self.clock = clock
         self.interval_s = interval_s
+        self.per_host = per_host
+        self._hosts: Counter[str] = Counter()  # open connections per peer address
+        self._refused: dict[str, tuple[float, int]] = {}  # host -> (next log line at, closed since the last)
         address = f"inproc://loader-server-connections-{os.getpid()}-{next(_monitors)}"
         sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self._sock = sock
@@ -223,17 +233,25 @@ class ConnectionGuard:
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
                 try:
-                    conn = _Connection(socket.socket(fileno=os.dup(fd)), self.clock())
+                    dup = socket.socket(fileno=os.dup(fd))
                 except OSError:
                     continue
+                try:
+                    host = str(dup.getpeername()[0])
+                except OSError:
+                    host = "?"
+                if self._hosts[host] >= self.per_host:
+                    self._refuse(dup, host)
+                    continue
+                self._hosts[host] += 1
                 with self._lock:
-                    self.connections[fd] = conn
+                    self.connections[fd] = _Connection(dup, self.clock(), host)
             else:
                 with self._lock:
                     gone = self.connections.pop(fd, None)
                 if gone is not None:
-                    gone.sock.close()
-        cut = []
+                    self._forget(gone)
+        cut = self._refusals()
         now = self.clock()
         with self._lock:
             connections = list(self.connections.items())
@@ -251,14 +269,47 @@ class ConnectionGuard:
                     conn.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     peer = "a peer"
-                conn.sock.close()
                 with self._lock:
                     self.connections.pop(fd, None)
+                self._forget(conn)
                 self.cut += 1
                 cut.append(f"closed the connection from {peer}: it sent {received - conn.completed} bytes beyond "
                            f"the requests it completed (a message that never ends?); the bound is "
                            f"{MAX_UNFINISHED_BYTES} bytes")
         return cut
+
+    def _forget(self, conn: _Connection) -> None:
+        conn.sock.close()
+        self._hosts[conn.host] -= 1
+        if self._hosts[conn.host] <= 0:
+            del self._hosts[conn.host]
+
+    def _refuse(self, dup: socket.socket, host: str) -> None:
+        """Close a connection over the per-host bound at once (ZeroMQ then drops it)."""
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        dup.close()
+        self.cut += 1
+        if host not in self._refused and len(self._refused) >= 10_000:  # bounded: forget the oldest
+            self._refused.pop(next(iter(self._refused)))
+        next_log, pending = self._refused.get(host, (self.clock(), 0))
+        self._refused[host] = (next_log, pending + 1)
+
+    def _refusals(self) -> list[str]:
+        """At most one line per host and minute about connections closed for the per-host bound."""
+        now, lines = self.clock(), []
+        for host, (next_log, pending) in list(self._refused.items()):
+            if now < next_log:
+                continue
+            if pending:
+                lines.append(f"closed {pending} connection(s) from {host} as they arrived: it already holds "
+                             f"{self.per_host} (--max-connections-per-host)")
+                self._refused[host] = (now + 60, 0)
+            else:
+                del self._refused[host]
+        return lines
 
     def close(self) -> None:
         self._stop.set()
