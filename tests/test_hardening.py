@@ -255,6 +255,38 @@ def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(sta
             p.close()
 
 
+def test_the_guard_takes_only_an_accepted_tcp_connection_of_its_port() -> None:
+    """The monitor's ACCEPTED event is read after the fact: by then ZeroMQ may have closed that
+    descriptor and its number may name another socket. Seen under load: a worker's ipc connection,
+    whose empty peer name raised IndexError and ended the guard's thread (no bound on connections
+    or on unfinished messages from then on). Only a TCP connection on the listening port is taken."""
+    from loader_server.runtime.transport import _accepted_connection
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            conn, _ = listener.accept()
+            with conn:
+                taken = _accepted_connection(conn.fileno(), f"tcp://127.0.0.1:{port}".encode())
+                assert taken is not None and taken[1] == "127.0.0.1" and taken[0].fileno() != conn.fileno()
+                taken[0].close()
+                other_port = f"tcp://127.0.0.1:{port % 65535 + 1}".encode()
+                assert _accepted_connection(conn.fileno(), other_port) is None  # another listener's
+    unix_a, unix_b = socket.socketpair()  # what a reused number named in CI-like runs: no address at all
+    with unix_a, unix_b:
+        assert unix_a.getpeername() == ""
+        assert _accepted_connection(unix_a.fileno(), b"tcp://127.0.0.1:5555") is None
+    read_end, write_end = os.pipe()  # not a socket
+    os.close(write_end)
+    assert _accepted_connection(read_end, b"tcp://127.0.0.1:5555") is None
+    os.close(read_end)
+    assert _accepted_connection(read_end, b"tcp://127.0.0.1:5555") is None  # closed, not reused
+    assert set(os.listdir("/proc/self/fd")) == fds_before  # every duplicate it did not take is closed
+
+
 def test_oversized_and_multi_frame_requests(start_server: Any, listfile: Path, ctx: Any) -> None:
     server = start_server(listfile, *ARGS)
     multi = raw(ctx, server.endpoint)
