@@ -23,7 +23,7 @@ from loader_client import LoaderClient, server_stats
 
 from .context import Bench
 from .floods import flood_tables, floods
-from .systems import CLIENT_TIMEOUT_S, PssSampler, measure_service, served
+from .systems import CLIENT_TIMEOUT_S, STEP_MODELS, PssSampler, measure_service, served, simulate_step
 from .train import train_probe, train_tables
 
 __all__ = ["Probe", "PROBES"]
@@ -79,20 +79,56 @@ def _strict_rows(results: Results) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------- stall
+#: Paced runs of each step model, alternated (the median is reported, with the spread).
+_STALL_REPEATS = 3
+#: Seconds each paced run lasts at least: at 40,000 images/s the default 8192 images are 0.25 s,
+#: in which one 5 ms scheduling hiccup of a shared machine is 2% of wall time.
+_STALL_MIN_WALL_S = 3.0
+
+
+def _median_run(runs: list[Results]) -> Results:
+    """The run of median stall, with every run's stall, p50 and p99 (spread)."""
+    ordered = sorted(runs, key=lambda r: r["stall_pct"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": len(runs),
+            "stall_pct_all": [r["stall_pct"] for r in runs], "next_p50_ms_all": [r["next_p50_ms"] for r in runs],
+            "next_p99_ms_all": [r["next_p99_ms"] for r in runs], "load_all": [r["load"] for r in runs]}
+
+
 def _stall(b: Bench) -> Results:
-    # No PSS sampling here: that thread would take the GIL from the trainer loop it measures.
-    res = measure_service(b, step_fraction=0.8, warmup=_STALL_WARMUP_BATCHES, sample_pss=False)
-    _say(f"stall at 80% load: {res['stall_pct']:.2f}% of wall time, next() p50 {res['next_p50_ms']:.3f} ms")
-    return {"stall": res}
+    """The data stall at 80% of the loader's capacity, for each step model (systems.STEP_MODELS)."""
+    repeats, min_wall = (1, 0.0) if b.quick else (_STALL_REPEATS, _STALL_MIN_WALL_S)
+    runs: dict[str, list[Results]] = {model: [] for model in STEP_MODELS}
+    for _ in range(repeats):
+        for model in STEP_MODELS:  # alternated, so that a slow minute of the machine hits both
+            # No PSS sampling here: that thread would take the GIL from the trainer loop it measures.
+            runs[model].append(measure_service(b, step_fraction=0.8, warmup=_STALL_WARMUP_BATCHES, sample_pss=False,
+                                               step_model=model, min_wall_s=min_wall))
+    out = {"stall" if model == "sleep" else f"stall_{model}": _median_run(r) for model, r in runs.items()}
+    for key, res in out.items():
+        _say(f"{key} at 80% load ({res['step_model']} step of {res['step_ms']:.2f} ms): {res['stall_pct']:.2f}% of "
+             f"wall time (median of {res['runs']}: {', '.join(f'{v:.2f}' for v in res['stall_pct_all'])}), "
+             f"next() p50 {res['next_p50_ms']:.3f} ms, p99 {res['next_p99_ms']:.3f} ms")
+    return out
+
+
+_STEP_TEXT = {"sleep": "the trainer waits (GPU)", "cpu": "the trainer computes without the GIL (CPU)"}
 
 
 def _stall_rows(results: Results) -> list[tuple[str, str]]:
-    if "stall" not in results:
-        return []
-    r = results["stall"]
-    return [(f"data stall, training step {r['step_ms']:.1f} ms (80% of loader capacity)",
-             f"{r['stall_pct']:.2f}% of wall time; next() p50 {r['next_p50_ms']:.3f} ms, "
-             f"p99 {r['next_p99_ms']:.3f} ms")]
+    rows = []
+    for key in ("stall", *(f"stall_{m}" for m in STEP_MODELS if m != "sleep")):
+        if key not in results:
+            continue
+        r = results[key]
+        model = r.get("step_model", "sleep")
+        spread = r.get("stall_pct_all", [r["stall_pct"]])
+        rows.append((f"data stall, training step {r['step_ms']:.1f} ms (80% of loader capacity; "
+                     f"{_STEP_TEXT.get(model, model)})",
+                     f"{r['stall_pct']:.2f}% of wall time (median of {len(spread)}: "
+                     f"{min(spread):.2f}–{max(spread):.2f}); "
+                     f"next() p50 {r['next_p50_ms']:.3f} ms, p99 {r['next_p99_ms']:.3f} ms; load reached "
+                     f"{r.get('load') or 0:.2f}"))
+    return rows
 
 
 # ---------------------------------------------------------------------------- float32
@@ -536,6 +572,12 @@ def _stages_tables(results: Results) -> list[str]:
 #: Images timed over the cached epochs (epoch 2 onwards) of each cache measurement, at least.
 _CACHE_TIMED_IMAGES = 4096
 _CACHE_RRC = ["--augment", "rrc,flip", "--cache-size", "256"]
+#: The paced measurement of the cached epochs: a training step at this fraction of the cached rate...
+_CACHE_PACE_FRACTION = 0.8
+#: ... for at least this many seconds.
+_CACHE_PACED_MIN_S = 2.0
+#: Rounds of the cache probe (each: every pipeline uncached, then cached).
+_CACHE_REPEATS = 3
 
 
 def _memcpy_bytes_per_s(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -550,9 +592,14 @@ def _memcpy_bytes_per_s(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def _epochs(b: Bench, extra: list[str], min_images: int) -> Results:
+def _epochs(b: Bench, extra: list[str], min_images: int, paced: bool = False) -> Results:
     """Serve (ready), then time epoch 1 from the client's first request, and the epochs after it (at least
-    `min_images`); next() latencies of the later epochs."""
+    `min_images`); next() latencies of the later epochs.
+
+    `paced`: then more epochs (at least `_CACHE_PACED_MIN_S`, 0.2 s with --quick) with a simulated training step (a
+    sleep, as the stall probe's) at 80% of the rate just measured: next() latency and stall as a
+    trainer sees them, where the never-pausing consumer only measures how long the workers take.
+    """
     with served(b, b.data, extra, ready=True) as server, \
             LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S, prefetch=4) as client:
         per_epoch = client.steps_per_epoch * b.batch_size
@@ -569,55 +616,250 @@ def _epochs(b: Bench, extra: list[str], min_images: int) -> Results:
                 touched += int(x.reshape(-1)[-1])
                 got += len(x)
             rates.append((got, time.perf_counter() - started))
+        first = rates[0][0] / rates[0][1]
+        rest = sum(g for g, _ in rates[1:]) / sum(w for _, w in rates[1:])
+        pace: Results = {}
+        if paced:
+            step_s = b.batch_size / (_CACHE_PACE_FRACTION * rest)
+            min_s = 0.2 if b.quick else _CACHE_PACED_MIN_S
+            epochs = max(later, -(-int(min_s * _CACHE_PACE_FRACTION * rest) // per_epoch))
+            waits: list[float] = []
+            started = time.perf_counter()
+            for _ in range(epochs * client.steps_per_epoch):
+                t0 = time.perf_counter()
+                x = client.next()[0]
+                waits.append(time.perf_counter() - t0)
+                touched += int(x.reshape(-1)[-1])
+                del x  # as a trainer's step is done with its batch
+                simulate_step(step_s)
+            wall = time.perf_counter() - started
+            ms = np.array(waits) * 1000
+            pace = {"step_ms": step_s * 1000, "batches": len(waits), "stall_pct": 100 * float(np.sum(waits)) / wall,
+                    "next_p50_ms": float(np.percentile(ms, 50)), "next_p99_ms": float(np.percentile(ms, 99)),
+                    "load": len(waits) * b.batch_size / wall / rest}
         stats = server_stats(server.endpoint, timeout_s=10).get("cache", {})
-    first = rates[0][0] / rates[0][1]
-    rest = sum(g for g, _ in rates[1:]) / sum(w for _, w in rates[1:])
     later_ms = np.array([dt for e, dt in latencies if e > 0]) * 1000
-    return {"epoch1_images_per_s": first, "later_images_per_s": rest, "later_epochs": later,
-            "next_p50_ms": float(np.percentile(later_ms, 50)), "next_p99_ms": float(np.percentile(later_ms, 99)),
-            "hit_ratio": stats.get("hit_ratio"), "cache_bytes": stats.get("bytes")}
+    out: Results = {"epoch1_images_per_s": first, "later_images_per_s": rest, "later_epochs": later,
+                    "next_p50_ms": float(np.percentile(later_ms, 50)),
+                    "next_p99_ms": float(np.percentile(later_ms, 99)),
+                    "hit_ratio": stats.get("hit_ratio"), "cache_bytes": stats.get("bytes")}
+    if pace:
+        out["paced"] = pace
+    return out
+
+
+def _fill_profile(b: Bench, cache_size: int) -> Results:
+    """CPU ms per image of the rrc,flip pipeline in this process, one thread: a worker's whole batch
+    uncached, filling a fresh memory cache of records at shorter side `cache_size` and from it;
+    and the stages that make the difference."""
+    import cv2
+
+    from loader_server.config import ServerConfig
+    from loader_server.data.datasets import load_dataset
+    from loader_server.pipeline.augment import Augmenter, parse_augment, sample_rng
+    from loader_server.pipeline.batch import BatchBuilder
+    from loader_server.pipeline.cache import open_cache, record_decoder
+    from loader_server.pipeline.decode import Decoder, read_file
+
+    cv2.setNumThreads(1)
+    settings = {"data": b.data, "batch_size": b.batch_size, "size": b.size, "augment": _CACHE_RRC[1]}
+    plain_config = ServerConfig(**settings)  # type: ignore[arg-type]
+    cached_config = ServerConfig(**settings, cache="memory", cache_size=cache_size)  # type: ignore[arg-type]
+    index = load_dataset(plain_config)
+    n = min(len(index), 128 if b.quick else 512) // b.batch_size * b.batch_size
+    batches = [np.arange(lo, lo + b.batch_size) for lo in range(0, n, b.batch_size)]
+    out: Results = {"images": n, "record_shape": None}
+
+    def cpu_ms(fn: Callable[[], Any]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t)
+        return best * 1000 / n
+
+    plain = BatchBuilder(plain_config, index)
+    x = plain.allocate()
+    plain.build(batches[0], x, key=(0, 1), augment=True)  # warm
+    out["uncached"] = cpu_ms(lambda: [plain.build(i, x, key=(0, 1), augment=True) for i in batches])
+    fills: list[float] = []
+    hits: list[float] = []
+    for _ in range(3):  # each fill on a fresh cache
+        cache = open_cache(cached_config, index)
+        try:
+            builder = BatchBuilder(cached_config, index, cache=cache)
+            for runs in (fills, hits):
+                t = time.process_time()
+                for i in batches:
+                    builder.build(i, x, key=(0, 1), augment=True)
+                runs.append((time.process_time() - t) * 1000 / n)
+            out["record_shape"] = list(cache.layout.shape)
+        finally:
+            cache.close()
+    out["fill"], out["hit"] = min(fills), min(hits)
+    # The stages: what a miss does beyond the uncached path, and what it saves.
+    decoder, maker = Decoder(plain_config), record_decoder(cached_config)
+    augmenter = Augmenter(parse_augment(_CACHE_RRC[1]))
+    paths = [index.path(i) for i in range(n)]  # type: ignore[attr-defined]
+    blobs = [read_file(p) for p in paths]
+    stats = [os.stat(p) for p in paths]
+    images = [decoder.decode(blob, p, reduce=False) for blob, p in zip(blobs, paths, strict=True)]
+    record = np.empty(tuple(out["record_shape"]), np.uint8)
+    records = []
+    for blob, p in zip(blobs, paths, strict=True):
+        maker.decode_into(blob, p, record)
+        records.append(record.copy())
+    slot = x[0]
+
+    def crop(sources: list[np.ndarray]) -> None:
+        for i, src in enumerate(sources):
+            x0, y0, w, h = augmenter.crop_box(src.shape[1], src.shape[0], sample_rng(0, 1, i))
+            decoder.resize_into(src[y0 : y0 + h, x0 : x0 + w], slot)
+
+    def decode_full() -> None:
+        for blob, p in zip(blobs, paths, strict=True):
+            decoder.decode(blob, p, reduce=False)
+
+    def decode_record() -> None:
+        for blob, p in zip(blobs, paths, strict=True):
+            maker.decode(blob, p)
+
+    def resize_record() -> None:
+        for img in images:
+            maker.resize_into(img, record)
+
+    def store() -> None:
+        for i, (st, rec) in enumerate(zip(stats, records, strict=True)):
+            cache.store(i, st, rec)
+
+    def flip() -> None:
+        for i in range(n):
+            augmenter.apply(slot, sample_rng(0, 1, i))
+
+    stages: dict[str, Callable[[], None]] = {
+        "decode, full size (both)": decode_full,
+        "decode for the record (reduced where it may)": decode_record,
+        "resize to the record (miss only)": resize_record,
+        "store the record (miss only)": store,
+        "crop + resize from the original (uncached)": lambda: crop(images),
+        "crop + resize from the record (miss and hit)": lambda: crop(records),
+        "flip (both)": flip,
+    }
+    cache = open_cache(cached_config, index)
+    try:
+        out["stages"] = {name: cpu_ms(fn) for name, fn in stages.items()}
+    finally:
+        cache.close()
+    _say(f"cache fill profile, records {'x'.join(map(str, out['record_shape']))}, CPU ms per image in one process: "
+         f"uncached {out['uncached']:.3f}, filling "
+         f"{out['fill']:.3f} ({100 * (out['fill'] / out['uncached'] - 1):+.0f}%), from the cache {out['hit']:.3f}; "
+         + ", ".join(f"{k} {v:.3f}" for k, v in out["stages"].items()))
+    return out
 
 
 def _cache(b: Bench) -> Results:
-    """The decoded-sample cache (--cache memory) against the same service uncached, plain and rrc,flip."""
+    """The decoded-sample cache (--cache memory) against the same service uncached: plain, and rrc,flip with
+    records at shorter side 256 and at the output's shorter side (the cost of filling against the crop's room).
+
+    `_CACHE_REPEATS` rounds (1 with --quick), each running every pipeline uncached then cached, so
+    that the fill cost compares neighbours in time; medians are reported, with the spread.
+    """
     sample_bytes = b.size[0] * b.size[1] * 3
     memcpy = _memcpy_bytes_per_s()
-    out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes}
-    for name, pipeline in (("plain", []), ("rrc_flip", _CACHE_RRC)):
-        uncached = _epochs(b, [*b.serve_extra, *(pipeline[:2])], _CACHE_TIMED_IMAGES // 2)
-        cached = _epochs(b, [*b.serve_extra, *pipeline, "--cache", "memory"], _CACHE_TIMED_IMAGES)
-        delivered = cached["later_images_per_s"] * sample_bytes
-        out[name] = {
-            "uncached": uncached, "cached": cached,
-            "speedup": cached["later_images_per_s"] / uncached["later_images_per_s"],
-            "fill_cost": 1 - cached["epoch1_images_per_s"] / uncached["epoch1_images_per_s"],
-            "delivered_bytes_per_s": delivered, "ratio_to_memcpy": delivered / memcpy,
-        }
-        r = out[name]
-        _say(f"cache {name}: uncached {uncached['later_images_per_s']:.0f} images/s; cached epoch 1 (fill) "
-             f"{cached['epoch1_images_per_s']:.0f} ({100 * r['fill_cost']:+.0f}% cost), epochs >= 2 "
-             f"{cached['later_images_per_s']:.0f} = {r['speedup']:.2f}x; {delivered / 1e9:.2f} GB/s delivered = "
-             f"{r['ratio_to_memcpy']:.3f} of memcpy {memcpy / 1e9:.1f} GB/s; next() p50 "
-             f"{cached['next_p50_ms']:.3f} ms")
+    sizes = sorted({int(_CACHE_RRC[3]), min(b.size)}, reverse=True)
+    out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes,
+                    "fill_profile": {str(size): _fill_profile(b, size) for size in sizes}}
+    # (results key, the uncached pipeline's flags, the cached one's)
+    pipelines: list[tuple[str, list[str], list[str]]] = [("plain", [], [])]
+    pipelines += [(_rrc_key(size), _CACHE_RRC[:2], [*_CACHE_RRC[:3], str(size)]) for size in sizes]
+    timed = 4 * b.batch_size if b.quick else _CACHE_TIMED_IMAGES
+    runs: dict[str, list[Results]] = {name: [] for name, _, _ in pipelines}
+    for _ in range(1 if b.quick else _CACHE_REPEATS):
+        uncached_of: dict[tuple[str, ...], Results] = {}
+        for name, plain, pipeline in pipelines:
+            if tuple(plain) not in uncached_of:  # rrc,flip uncached once a round, for every record size
+                uncached_of[tuple(plain)] = _epochs(b, [*b.serve_extra, *plain], timed // 2)
+            uncached = uncached_of[tuple(plain)]
+            cached = _epochs(b, [*b.serve_extra, *pipeline, "--cache", "memory"], timed, paced=True)
+            runs[name].append({"uncached": uncached, "cached": cached,
+                               "speedup": cached["later_images_per_s"] / uncached["later_images_per_s"],
+                               "fill_cost": 1 - cached["epoch1_images_per_s"] / uncached["epoch1_images_per_s"]})
+    for name, _, pipeline in pipelines:
+        out[name] = r = _cache_summary(runs[name], pipeline, sample_bytes, memcpy)
+        _say(f"cache {name} (median of {len(runs[name])}): uncached {r['uncached_images_per_s']:.0f} images/s; "
+             f"cached epoch 1 (fill) {r['epoch1_images_per_s']:.0f} ({100 * r['fill_cost']:+.0f}% cost, "
+             f"{_spread(r['fill_cost_all'], 100, '.0f')}), epochs >= 2 {r['later_images_per_s']:.0f} = "
+             f"{r['speedup']:.2f}x; {r['delivered_bytes_per_s'] / 1e9:.2f} GB/s delivered = "
+             f"{r['ratio_to_memcpy']:.3f} of memcpy {memcpy / 1e9:.1f} GB/s; next() p50 {r['next_p50_ms']:.3f} ms "
+             f"never pausing, {r['paced']['next_p50_ms']:.3f} ms (p99 {r['paced']['next_p99_ms']:.3f}, stall "
+             f"{r['paced']['stall_pct']:.2f}%) with a {r['paced']['step_ms']:.2f} ms step at 80% of it")
     return {"cache": out}
+
+
+def _cache_summary(runs: list[Results], pipeline: list[str], sample_bytes: int, memcpy: float) -> Results:
+    """Medians (and every value) over the rounds of one pipeline."""
+    import statistics
+
+    def med(get: Callable[[Results], float]) -> float:
+        return statistics.median(get(r) for r in runs)
+
+    later = med(lambda r: r["cached"]["later_images_per_s"])
+    paced = {k: med(lambda r, k=k: r["cached"]["paced"][k])  # type: ignore[misc]
+             for k in ("step_ms", "next_p50_ms", "next_p99_ms", "stall_pct", "load")}
+    return {"serve_args": pipeline, "rounds": len(runs), "runs": runs,
+            "uncached_images_per_s": med(lambda r: r["uncached"]["later_images_per_s"]),
+            "uncached_epoch1_images_per_s": med(lambda r: r["uncached"]["epoch1_images_per_s"]),
+            "epoch1_images_per_s": med(lambda r: r["cached"]["epoch1_images_per_s"]),
+            "later_images_per_s": later, "speedup": med(lambda r: r["speedup"]),
+            "fill_cost": med(lambda r: r["fill_cost"]), "fill_cost_all": [r["fill_cost"] for r in runs],
+            "speedup_all": [r["speedup"] for r in runs],
+            "next_p50_ms": med(lambda r: r["cached"]["next_p50_ms"]),
+            "paced": paced, "paced_next_p50_ms_all": [r["cached"]["paced"]["next_p50_ms"] for r in runs],
+            "paced_stall_pct_all": [r["cached"]["paced"]["stall_pct"] for r in runs],
+            "hit_ratio": med(lambda r: r["cached"]["hit_ratio"] or 0.0),
+            "delivered_bytes_per_s": later * sample_bytes, "ratio_to_memcpy": later * sample_bytes / memcpy}
+
+
+def _spread(values: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
+    return f"{scale * min(values):{fmt}} to {scale * max(values):{fmt}}" if len(values) > 1 else "one round"
+
+
+def _rrc_key(cache_size: int) -> str:
+    """results.json key of rrc,flip from records at shorter side `cache_size`: ``rrc_flip`` for 256, as before."""
+    return "rrc_flip" if cache_size == int(_CACHE_RRC[3]) else f"rrc_flip_{cache_size}"
 
 
 def _cache_tables(results: Results) -> list[str]:
     if "cache" not in results:
         return []
     r = results["cache"]
-    lines = ["", f"Decoded-sample cache (--cache memory), memcpy bandwidth {r['memcpy_bytes_per_s'] / 1e9:.1f} GB/s:",
+    lines = ["", f"Decoded-sample cache (--cache memory), memcpy bandwidth {r['memcpy_bytes_per_s'] / 1e9:.1f} GB/s; "
+             "medians of the rounds (min to max):",
              "", ("| pipeline | uncached images/s | cached epoch 1 (fill) | cached epochs >= 2 | speedup | fill cost "
-                  "| GB/s delivered (of memcpy) | next() p50 ms |"), "|---|---|---|---|---|---|---|---|"]
-    for name in ("plain", "rrc_flip"):
-        if name in r:
-            p = r[name]
-            c = p["cached"]
-            lines.append(f"| {name.replace('_', ',')} | {p['uncached']['later_images_per_s']:.0f} | "
-                         f"{c['epoch1_images_per_s']:.0f} | {c['later_images_per_s']:.0f} | {p['speedup']:.2f}x | "
-                         f"{100 * p['fill_cost']:.0f}% | {p['delivered_bytes_per_s'] / 1e9:.2f} "
-                         f"({p['ratio_to_memcpy']:.3f}) | {c['next_p50_ms']:.3f} |")
+                  "| GB/s delivered (of memcpy) | next() p50 ms, never pausing | paced at 80%: step ms, next() p50 / "
+                  "p99 ms, stall |"), "|---|---|---|---|---|---|---|---|---|"]
+    for p in r.values():
+        if not (isinstance(p, dict) and "paced" in p):
+            continue
+        label = " ".join(p["serve_args"]) or "plain"
+        lines.append(f"| {label} | {p['uncached_images_per_s']:.0f} | {p['epoch1_images_per_s']:.0f} | "
+                     f"{p['later_images_per_s']:.0f} | {p['speedup']:.2f}x | {100 * p['fill_cost']:.0f}% "
+                     f"({_spread(p['fill_cost_all'], 100, '.0f')}) | {p['delivered_bytes_per_s'] / 1e9:.2f} "
+                     f"({p['ratio_to_memcpy']:.3f}) | {p['next_p50_ms']:.3f} | {_paced_text(p['paced'])} "
+                     f"(p50 {_spread(p['paced_next_p50_ms_all'], 1, '.3f')}) |")
+    for fp in r.get("fill_profile", {}).values():
+        lines += ["", f"Where filling goes (`rrc,flip`, records {'x'.join(map(str, fp['record_shape']))}; CPU ms per "
+                  f"image in one process, {fp['images']} images, best of 3): a worker's batch uncached "
+                  f"{fp['uncached']:.3f}, filling {fp['fill']:.3f} ({100 * (fp['fill'] / fp['uncached'] - 1):+.0f}%), "
+                  f"from the cache {fp['hit']:.3f}.", "", "| stage | CPU ms per image |", "|---|---|",
+                  *(f"| {k} | {v:.3f} |" for k, v in fp["stages"].items())]
     return lines
+
+
+def _paced_text(p: Results | None) -> str:
+    if not p:
+        return "–"
+    return f"{p['step_ms']:.2f}: {p['next_p50_ms']:.3f} / {p['next_p99_ms']:.3f}, {p['stall_pct']:.2f}%"
 
 
 #: name -> probe, in the order they run and appear in results.md.

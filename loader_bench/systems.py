@@ -24,10 +24,32 @@ from loader_server.launch import ServerProcess, ServerProcessError, children_of
 
 from .context import Bench
 
-__all__ = ["SYSTEMS", "measure_service", "served", "decode_fn", "torch_loader", "PssSampler"]
+__all__ = ["SYSTEMS", "measure_service", "served", "decode_fn", "torch_loader", "PssSampler", "STEP_MODELS",
+           "simulate_step"]
 
 #: Seconds a benchmark client waits for a batch before it gives up.
 CLIENT_TIMEOUT_S = 120.0
+
+#: How a simulated training step spends its time (`simulate_step`):
+#: ``sleep``: the trainer's thread waits, as a GPU trainer's does in the device sync, leaving the
+#: CPU (and the GIL) to the loader; ``cpu``: it computes in native code that releases the GIL
+#: (hashing, like a CPU trainer's tensor ops), so the step takes a core from the loader.
+STEP_MODELS = ("sleep", "cpu")
+_CPU_STEP_CHUNK = bytes(16 << 10)  # hashed per call: about 10-20 us, with the GIL released (over 2 KiB)
+
+
+def simulate_step(step_s: float, model: str = "sleep") -> None:
+    """A training step of `step_s` seconds, as `model` of STEP_MODELS spends it."""
+    if model == "sleep":
+        time.sleep(step_s)
+        return
+    if model != "cpu":
+        raise ValueError(f"unknown step model {model!r}; choose from {', '.join(STEP_MODELS)}")
+    import hashlib
+
+    end = time.perf_counter() + step_s
+    while time.perf_counter() < end:
+        hashlib.blake2b(_CPU_STEP_CHUNK)
 
 
 def decode_fn(size: tuple[int, int]) -> Callable[[str], np.ndarray]:
@@ -187,16 +209,20 @@ def served(bench: Bench, data: str, extra: list[str], *, workers: int | None = N
 
 def measure_service(bench: Bench, *, n: int | None = None, workers: int | None = None, extra: list[str] | None = None,
                     step_fraction: float | None = None, client_kwargs: dict[str, Any] | None = None,
-                    warmup: int = 2, endpoint: str | None = None, sample_pss: bool = True) -> dict[str, Any]:
+                    warmup: int = 2, endpoint: str | None = None, sample_pss: bool = True,
+                    step_model: str = "sleep", min_wall_s: float = 0.0) -> dict[str, Any]:
     """Serve the data, consume `n` images after `warmup` batches, touching one byte per batch.
 
     `extra`: the serve flags (default: --serve-args). With `step_fraction`, a simulated training
-    step follows every batch, long enough that the trainer consumes that fraction of the loader's
-    capacity (`bench.capacity` images/s), and the data stall (time waiting in next() over wall
-    time) is measured.
+    step (`simulate_step` of `step_model`) follows every batch, long enough that the trainer
+    consumes that fraction of the loader's capacity (`bench.capacity` images/s), and the data
+    stall (time waiting in next() over wall time) is measured; then `n` grows so that the paced
+    run lasts at least `min_wall_s` (a fast loader's few hundred ms are a handful of hiccups).
     """
     n = bench.n if n is None else n
     batch_size, capacity = bench.batch_size, bench.capacity
+    if step_fraction is not None and capacity:
+        n = max(n, int(min_wall_s * capacity * step_fraction))
     with served(bench, bench.data, bench.serve_extra if extra is None else extra, workers=workers,
                 endpoint=endpoint) as server:
         pss = PssSampler(server.pid if sample_pss else 0)
@@ -222,15 +248,21 @@ def measure_service(bench: Bench, *, n: int | None = None, workers: int | None =
                     touched += int(x.reshape(-1)[0])
                     got += len(x)
                     if step_s:
-                        time.sleep(step_s)
+                        simulate_step(step_s, step_model)
                 wall = time.perf_counter() - started
         finally:
             server.stop()
             peak = pss.stop()
     ms = np.array(latencies) * 1000
-    return {"images_per_s": got / wall, "next_p50_ms": float(np.percentile(ms, 50)),
-            "next_p99_ms": float(np.percentile(ms, 99)), "stall_pct": 100 * waited / wall,
-            "time_to_first_batch_s": ttfb, "peak_pss_mb": peak, "step_ms": step_s * 1000}
+    out: dict[str, Any] = {"images_per_s": got / wall, "next_p50_ms": float(np.percentile(ms, 50)),
+                           "next_p99_ms": float(np.percentile(ms, 99)), "stall_pct": 100 * waited / wall,
+                           "time_to_first_batch_s": ttfb, "peak_pss_mb": peak, "step_ms": step_s * 1000}
+    if step_s:
+        # What the paced run really consumed, against the capacity it was paced at: above the
+        # fraction when the step overshoots less than the loader slowed down meanwhile.
+        out.update(step_model=step_model, wall_s=wall, load=got / wall / capacity if capacity else None,
+                   next_mean_ms=float(ms.mean()), wait_over_1ms_share=float(ms[ms > 1].sum() / max(ms.sum(), 1e-9)))
+    return out
 
 
 def _service(bench: Bench) -> dict[str, Any]:

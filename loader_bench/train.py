@@ -4,9 +4,11 @@ For each model of ``--train-models`` (torchvision ResNets, bf16 autocast, channe
 
 * **model only**: the same step on one batch that stays on the GPU: what the GPU can do when
   data costs nothing (the ceiling);
-* **service**: batches from ``loader-server serve`` (the run's workers, shared memory), pinned
-  and copied to the GPU by `loader_client.torch.LoaderDataset` (HWC uint8 viewed as NCHW is
-  already channels-last: no copy on the CPU);
+* **service**: batches from ``loader-server serve`` (the run's workers, shared memory), copied
+  to the GPU by `loader_client.torch.LoaderDataset` by DMA from the shared-memory arena
+  registered with CUDA (HWC uint8 viewed as NCHW is already channels-last: no copy on the CPU);
+* **service, copied into pinned memory**: the same, with ``register_arenas=False`` (one copy on
+  the trainer's thread into pinned memory, then the DMA);
 * **torch**: torch DataLoader with the same decode function, the same worker count,
   ``pin_memory=True``;
 * **service, cached**: the service with ``--cache memory``, timed after one epoch filled it.
@@ -92,10 +94,10 @@ def _timed(torch: Any, device: Any, batches: Iterator[tuple[Any, Any]], step: Ca
     return {"images_per_s": got / wall, "stall_pct": 100 * waited / wall, "wall_s": wall}
 
 
-def _service_batches(torch: Any, endpoint: str, device: Any) -> tuple[Any, Iterator[tuple[Any, Any]]]:
+def _service_batches(torch: Any, endpoint: str, device: Any, register: bool) -> tuple[Any, Iterator[tuple[Any, Any]]]:
     from loader_client.torch import LoaderDataset
 
-    dataset = LoaderDataset(endpoint, timeout_s=CLIENT_TIMEOUT_S, device=device)
+    dataset = LoaderDataset(endpoint, timeout_s=CLIENT_TIMEOUT_S, device=device, register_arenas=register)
 
     def batches() -> Iterator[tuple[Any, Any]]:
         while True:
@@ -147,10 +149,10 @@ def train_probe(b: Bench) -> Results:
         r["model_only"] = _timed(torch, device, fixed(), step, _CEILING_STEPS * b.batch_size, b.batch_size)
         ceiling = r["model_only"]["images_per_s"]
         _say(f"train {name}: model only (batch already on the device) {ceiling:.0f} images/s")
-        feeds: list[tuple[str, list[str] | None, int]] = [
-            ("service", [*b.serve_extra], 0), ("torch", None, 0),
-            ("service_cached", [*b.serve_extra, "--cache", "memory"], len(b.index))]
-        for feed, extra, fill in feeds:
+        feeds: list[tuple[str, list[str] | None, int, bool]] = [
+            ("service", [*b.serve_extra], 0, True), ("service_pinned_copy", [*b.serve_extra], 0, False),
+            ("torch", None, 0, False), ("service_cached", [*b.serve_extra, "--cache", "memory"], len(b.index), True)]
+        for feed, extra, fill, register in feeds:
             if extra is None:
                 holder, batches = _torch_batches(torch, b, device)
                 try:
@@ -159,7 +161,7 @@ def train_probe(b: Bench) -> Results:
                     del batches, holder
             else:
                 with served(b, b.data, extra, ready=True) as server:
-                    dataset, batches = _service_batches(torch, server.endpoint, device)
+                    dataset, batches = _service_batches(torch, server.endpoint, device, register)
                     try:
                         for _ in range(-(-fill // b.batch_size)):  # one epoch fills the cache
                             next(batches)
@@ -182,12 +184,12 @@ def train_tables(results: Results) -> list[str]:
         return []
     t = results["train"]
     lines = ["", f"Training on {t['device']} (torch {t['torch']}, bf16 autocast, channels-last, SGD):", "",
-             "| model | model only (batch already on the device) | service | torch DataLoader "
-             "| service, --cache memory |",
-             "|---|---|---|---|---|"]
+             "| model | model only (batch already on the device) | service | service, copied into pinned memory "
+             "| torch DataLoader | service, --cache memory |",
+             "|---|---|---|---|---|---|"]
     for name, r in t["models"].items():
         cells = [f"{r['model_only']['images_per_s']:.0f} images/s"]
-        for feed in ("service", "torch", "service_cached"):
+        for feed in ("service", "service_pinned_copy", "torch", "service_cached"):
             f = r[feed]
             cells.append(f"{f['images_per_s']:.0f} ({f['of_ceiling']:.2f}; stall {f['stall_pct']:.1f}%)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -81,10 +81,37 @@ def test_bench_smoke_run_writes_its_reports(tmp_path: Path) -> None:
     for key in ("next_p50_ms", "next_p99_ms", "time_to_first_batch_s", "peak_pss_mb"):
         assert service[key] > 0, key
     assert data["stall"]["stall_pct"] >= 0 and data["float32"]["ratio_to_uint8"] > 0
+    # Both step models, paced at the capacity measured in the same run.
+    assert data["stall"]["step_model"] == "sleep" and data["stall_cpu"]["step_model"] == "cpu"
+    assert data["stall_cpu"]["step_ms"] == data["stall"]["step_ms"] > 0 and data["stall_cpu"]["load"] > 0
     assert data["ttfb_million"]["time_to_first_batch_s"] > 0
     assert {"read", "decode", "resize", "collate", "send (Python side)"} <= set(data["stages_cpu_ms_per_image"])
     table = (out / "results.md").read_text()
     assert "| service |" in table and "ratio to 2 x per-core" in table
+    assert "the trainer computes without the GIL" in table
+
+
+def test_bench_cache_probe_reports_fill_paced_latency_and_where_filling_goes(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = run("bench", "--quick", "--systems", "service", "--extras", "cache", "--batch-size", "16", "--size",
+                 "32x32", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    cache = json.loads((out / "results.json").read_text())["cache"]
+    assert set(cache["fill_profile"]) == {"256", "32"}  # records at 256 and at the output's shorter side
+    for key in ("plain", "rrc_flip", "rrc_flip_32"):
+        summary = cache[key]  # medians over the rounds (one with --quick)
+        assert summary["rounds"] == len(summary["fill_cost_all"]) == 1, key
+        assert summary["hit_ratio"] > 0 and summary["later_images_per_s"] > 0, key
+        paced = summary["runs"][0]["cached"]["paced"]  # a step at 80% of the cached rate, beside next() unpaced
+        assert paced["step_ms"] > 0 and paced["batches"] > 0 and 0 <= paced["stall_pct"] < 100, key
+        assert paced["next_p50_ms"] <= paced["next_p99_ms"] and summary["paced"]["step_ms"] == paced["step_ms"], key
+    profile = cache["fill_profile"]["256"]
+    assert profile["record_shape"] == [256, 256, 3] and profile["fill"] > 0 and profile["uncached"] > 0
+    assert profile["stages"]["resize to the record (miss only)"] > 0
+    table = (out / "results.md").read_text()
+    assert "| --augment rrc,flip --cache-size 256 |" in table and "Where filling goes" in table
 
 
 def test_bench_train_probe_feeds_a_real_training_loop_three_ways(tmp_path: Path) -> None:
@@ -101,7 +128,7 @@ def test_bench_train_probe_feeds_a_real_training_loop_three_ways(tmp_path: Path)
     assert train["device"] == "the CPU"
     tiny = train["models"]["tiny"]
     assert tiny["model_only"]["images_per_s"] > 0
-    for feed in ("service", "torch", "service_cached"):
+    for feed in ("service", "service_pinned_copy", "torch", "service_cached"):
         assert tiny[feed]["images_per_s"] > 0 and 0 <= tiny[feed]["stall_pct"] <= 100, feed
         assert tiny[feed]["of_ceiling"] == pytest.approx(tiny[feed]["images_per_s"] / tiny["model_only"]["images_per_s"])
     assert "| tiny |" in (out / "results.md").read_text()

@@ -372,3 +372,4 @@ def test_keras_embedding_gru_trains_on_an_array_data_set(start_server: Any, tmp_
                             verbose=0)
     losses = history.history["loss"]
     assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+

@@ -214,7 +214,7 @@ def _closed_by_server(peers: list[socket.socket], wait_s: float = 2.0) -> list[b
     closed = [False] * len(peers)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        readable, _, _ = select.select([p for p, c in zip(peers, closed) if not c], [], [], 0.1)
+        readable, _, _ = select.select([p for p, c in zip(peers, closed, strict=True) if not c], [], [], 0.1)
         for p in readable:
             try:
                 data = p.recv(4096)
