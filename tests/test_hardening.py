@@ -225,6 +225,16 @@ def _closed_by_server(peers: list[socket.socket], wait_s: float = 2.0) -> list[b
     return closed
 
 
+def _server_side_open(port: int, peer_ports: set[int]) -> list[int]:
+    """Peer ports in `peer_ports` whose connection to local `port` the server has not closed yet
+    (its side still ESTABLISHED or CLOSE_WAIT in /proc/net/tcp). The server closes its side once
+    it has forgotten the connection, so an empty list means the places are free again."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [int(r[2].split(":")[1], 16) for r in rows
+            if int(r[1].split(":")[1], 16) == port and int(r[2].split(":")[1], 16) in peer_ports and r[3] in ("01", "08")]
+
+
 def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(start_server: Any,
                                                                              listfile: Path) -> None:
     """Idle connections pass every per-message bound; 30 from one address against a bound of 20."""
@@ -243,9 +253,10 @@ def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(sta
         wait_until(lambda: "connection(s) from 127.0.0.2 as they arrived: it already holds 20 "
                            "(--max-connections-per-host)" in server.log_text(), 10, "the refusal to be logged")
         still_serves(server.endpoint, 2)  # another address (127.0.0.1) is not affected
+        gone = {p.getsockname()[1] for p in peers[:10]}
         for p in peers[:10]:
             p.close()
-        time.sleep(0.5)  # the server sees them go
+        wait_until(lambda: not _server_side_open(port, gone), 10, "the server to close its side of the 10 closed")
         again = [connect() for _ in range(10)]
         peers += again
         assert _closed_by_server(again) == [False] * 10  # places freed by the closed ones are given again
