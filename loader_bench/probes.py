@@ -682,6 +682,9 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
     x = plain.allocate()
     plain.build(batches[0], x, key=(0, 1), augment=True)  # warm
     out["uncached"] = cpu_ms(lambda: [plain.build(i, x, key=(0, 1), augment=True) for i in batches])
+    same = BatchBuilder(ServerConfig(**settings, cache_size=cache_size), index)  # type: ignore[arg-type]
+    same.build(batches[0], x, key=(0, 1), augment=True)  # warm
+    out["uncached_same_pixels"] = cpu_ms(lambda: [same.build(i, x, key=(0, 1), augment=True) for i in batches])
     fills: list[float] = []
     hits: list[float] = []
     for _ in range(3):  # each fill on a fresh cache
@@ -751,8 +754,10 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
     finally:
         cache.close()
     _say(f"cache fill profile, records {'x'.join(map(str, out['record_shape']))}, CPU ms per image in one process: "
-         f"uncached {out['uncached']:.3f}, filling "
-         f"{out['fill']:.3f} ({100 * (out['fill'] / out['uncached'] - 1):+.0f}%), from the cache {out['hit']:.3f}; "
+         f"uncached {out['uncached']:.3f} (from the original), {out['uncached_same_pixels']:.3f} (the same "
+         f"--cache-size, the same pixels), filling {out['fill']:.3f} "
+         f"({100 * (out['fill'] / out['uncached_same_pixels'] - 1):+.0f}% against the same pixels, "
+         f"{100 * (out['fill'] / out['uncached'] - 1):+.0f}% against the original), from the cache {out['hit']:.3f}; "
          + ", ".join(f"{k} {v:.3f}" for k, v in out["stages"].items()))
     return out
 
@@ -769,23 +774,32 @@ def _cache(b: Bench) -> Results:
     sizes = sorted({int(_CACHE_RRC[3]), min(b.size)}, reverse=True)
     out: Results = {"memcpy_bytes_per_s": memcpy, "sample_bytes": sample_bytes,
                     "fill_profile": {str(size): _fill_profile(b, size) for size in sizes}}
-    # (results key, the uncached pipeline's flags, the cached one's)
+    # (results key, the uncached pipeline's flags, the cached one's). The uncached rrc,flip runs
+    # with the same --cache-size (the same pixels: the cache only adds the store); crops of the
+    # full original (other pixels) are run once a round as well, for the fill cost against them.
     pipelines: list[tuple[str, list[str], list[str]]] = [("plain", [], [])]
-    pipelines += [(_rrc_key(size), _CACHE_RRC[:2], [*_CACHE_RRC[:3], str(size)]) for size in sizes]
+    pipelines += [(_rrc_key(size), [*_CACHE_RRC[:3], str(size)], [*_CACHE_RRC[:3], str(size)]) for size in sizes]
     timed = 4 * b.batch_size if b.quick else _CACHE_TIMED_IMAGES
     runs: dict[str, list[Results]] = {name: [] for name, _, _ in pipelines}
     for _ in range(1 if b.quick else _CACHE_REPEATS):
-        uncached_of: dict[tuple[str, ...], Results] = {}
+        original = _epochs(b, [*b.serve_extra, *_CACHE_RRC[:2]], timed // 2)
         for name, plain, pipeline in pipelines:
-            if tuple(plain) not in uncached_of:  # rrc,flip uncached once a round, for every record size
-                uncached_of[tuple(plain)] = _epochs(b, [*b.serve_extra, *plain], timed // 2)
-            uncached = uncached_of[tuple(plain)]
+            uncached = _epochs(b, [*b.serve_extra, *plain], timed // 2)
             cached = _epochs(b, [*b.serve_extra, *pipeline, "--cache", "memory"], timed, paced=True)
-            runs[name].append({"uncached": uncached, "cached": cached,
-                               "speedup": cached["later_images_per_s"] / uncached["later_images_per_s"],
-                               "fill_cost": 1 - cached["epoch1_images_per_s"] / uncached["epoch1_images_per_s"]})
+            run = {"uncached": uncached, "cached": cached,
+                   "speedup": cached["later_images_per_s"] / uncached["later_images_per_s"],
+                   "fill_cost": 1 - cached["epoch1_images_per_s"] / uncached["epoch1_images_per_s"]}
+            if plain:
+                run["original"] = original
+                run["fill_cost_vs_original"] = 1 - cached["epoch1_images_per_s"] / original["epoch1_images_per_s"]
+                run["speedup_vs_original"] = cached["later_images_per_s"] / original["later_images_per_s"]
+            runs[name].append(run)
     for name, _, pipeline in pipelines:
         out[name] = r = _cache_summary(runs[name], pipeline, sample_bytes, memcpy)
+        if "fill_cost_vs_original" in r:
+            _say(f"cache {name}: against rrc,flip from the full original (other pixels, "
+                 f"{r['original_images_per_s']:.0f} images/s): fill cost {100 * r['fill_cost_vs_original']:+.0f}% "
+                 f"({_spread(r['fill_cost_vs_original_all'], 100, '.0f')}), speedup {r['speedup_vs_original']:.2f}x")
         _say(f"cache {name} (median of {len(runs[name])}): uncached {r['uncached_images_per_s']:.0f} images/s; "
              f"cached epoch 1 (fill) {r['epoch1_images_per_s']:.0f} ({100 * r['fill_cost']:+.0f}% cost, "
              f"{_spread(r['fill_cost_all'], 100, '.0f')}), epochs >= 2 {r['later_images_per_s']:.0f} = "
@@ -812,6 +826,11 @@ def _cache_summary(runs: list[Results], pipeline: list[str], sample_bytes: int, 
             "epoch1_images_per_s": med(lambda r: r["cached"]["epoch1_images_per_s"]),
             "later_images_per_s": later, "speedup": med(lambda r: r["speedup"]),
             "fill_cost": med(lambda r: r["fill_cost"]), "fill_cost_all": [r["fill_cost"] for r in runs],
+            **({"fill_cost_vs_original": med(lambda r: r["fill_cost_vs_original"]),
+                "fill_cost_vs_original_all": [r["fill_cost_vs_original"] for r in runs],
+                "speedup_vs_original": med(lambda r: r["speedup_vs_original"]),
+                "original_images_per_s": med(lambda r: r["original"]["later_images_per_s"])}
+               if "original" in runs[0] else {}),
             "speedup_all": [r["speedup"] for r in runs],
             "next_p50_ms": med(lambda r: r["cached"]["next_p50_ms"]),
             "paced": paced, "paced_next_p50_ms_all": [r["cached"]["paced"]["next_p50_ms"] for r in runs],
@@ -847,10 +866,24 @@ def _cache_tables(results: Results) -> list[str]:
                      f"({_spread(p['fill_cost_all'], 100, '.0f')}) | {p['delivered_bytes_per_s'] / 1e9:.2f} "
                      f"({p['ratio_to_memcpy']:.3f}) | {p['next_p50_ms']:.3f} | {_paced_text(p['paced'])} "
                      f"(p50 {_spread(p['paced_next_p50_ms_all'], 1, '.3f')}) |")
+    originals = [p for p in r.values() if isinstance(p, dict) and "fill_cost_vs_original" in p]
+    if originals:
+        lines += ["", "The uncached rrc,flip rows above use the same --cache-size (the same pixels). Against "
+                  "rrc,flip from the full original (other pixels):", "",
+                  "| pipeline | uncached from the original, images/s | fill cost against it | speedup against it |",
+                  "|---|---|---|---|"]
+        lines += [f"| {' '.join(p['serve_args'])} | {p['original_images_per_s']:.0f} | "
+                  f"{100 * p['fill_cost_vs_original']:.0f}% ({_spread(p['fill_cost_vs_original_all'], 100, '.0f')}) | "
+                  f"{p['speedup_vs_original']:.2f}x |" for p in originals]
     for fp in r.get("fill_profile", {}).values():
+        same = fp.get("uncached_same_pixels")
         lines += ["", f"Where filling goes (`rrc,flip`, records {'x'.join(map(str, fp['record_shape']))}; CPU ms per "
                   f"image in one process, {fp['images']} images, best of 3): a worker's batch uncached "
-                  f"{fp['uncached']:.3f}, filling {fp['fill']:.3f} ({100 * (fp['fill'] / fp['uncached'] - 1):+.0f}%), "
+                  f"{fp['uncached']:.3f} from the original"
+                  + (f", {same:.3f} with the same --cache-size (the same pixels)" if same else "")
+                  + f", filling {fp['fill']:.3f} ("
+                  + (f"{100 * (fp['fill'] / same - 1):+.0f}% against the same pixels, " if same else "")
+                  + f"{100 * (fp['fill'] / fp['uncached'] - 1):+.0f}% against the original), "
                   f"from the cache {fp['hit']:.3f}.", "", "| stage | CPU ms per image |", "|---|---|",
                   *(f"| {k} | {v:.3f} |" for k, v in fp["stages"].items())]
     return lines

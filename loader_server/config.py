@@ -240,9 +240,9 @@ class ServerConfig:
              "by this server's workers); later epochs copy instead of decoding")
     cache_size: int | None = setting(
         None, metavar="S", shown="off",
-        help="with --cache and --augment rrc: cache each image at shorter side S (its centre region) and take the "
-             "random resized crop from that, not from the full original (as FFCV does); S >= the output's shorter "
-             "side")
+        help="with --augment rrc: take the random resized crop from each image's centre region at shorter side S, "
+             "not from the full original (as FFCV does); with --cache that region is what is cached, so the pixels "
+             "are the same with and without --cache; S >= the output's shorter side")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -339,11 +339,16 @@ class ServerConfig:
         if self.cache is not None and not self.cache.strip():
             raise ConfigError("`cache` must be a folder or `memory`, got an empty value")
         if self.cache_size is not None:
-            if self.cache is None:
-                raise ConfigError(f"`cache_size` {self.cache_size} needs --cache DIR or --cache memory")
             if not min(self.size) <= self.cache_size <= 16384:
                 raise ConfigError(f"`cache_size` must be between the output's shorter side ({min(self.size)}) and "
                                   f"16384, got {self.cache_size}")
+            if self.cache is None and not (self.augment and "rrc" in self.augment):
+                raise ConfigError(f"`cache_size` {self.cache_size} is the resolution a random resized crop is taken "
+                                  "from (--augment rrc), with or without --cache: add --augment rrc,... or drop "
+                                  "--cache-size")
+            if self.transform:
+                raise ConfigError("--cache-size crops from a resized centre region, but --transform runs on the full "
+                                  "decoded image: drop one of them")
         if self.cache is None:
             return
         if self.transform:

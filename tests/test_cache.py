@@ -254,6 +254,23 @@ def test_random_resized_crop_from_a_larger_cache_is_deterministic(listfile: Path
     assert (other.cache_hits, other.cache_misses) == (0, 0) and plain.shape == warm.shape
 
 
+def test_cache_size_without_a_cache_gives_the_pixels_the_cache_gives(listfile: Path, tmp_path: Path) -> None:
+    """--cache-size is a pixel setting, --cache a speed setting: turning the cache on or off (cold
+    or warm) never changes a sample, so its fill costs only the store against the same settings."""
+    kw = {"augment": "rrc(scale=0.2-1),flip", "cache_size": 32}
+    _, cached, cache = _builders(listfile, tmp_path / "cache", **kw)
+    alone = BatchBuilder(_config(listfile, None, **kw), cached.index)
+    indices = np.arange(BATCH)
+    for key in ((7, 0), (7, 3)):
+        without = _batch(alone, indices, key, augment=True)
+        assert (alone.cache_hits, alone.cache_misses) == (0, 0)
+        assert np.array_equal(_batch(cached, indices, key, augment=True), without)  # cold, then warm
+    assert cached.cache_hits == BATCH
+    full = BatchBuilder(_config(listfile, None, augment=kw["augment"]), cached.index)  # crops of the original
+    assert not np.array_equal(_batch(full, indices, (7, 3), augment=True), without)
+    assert alone.config.fingerprint() != full.config.fingerprint()  # a resume can never mix the two
+
+
 # ---------------------------------------------------------------------------- build ahead
 def _cli(*args: str, timeout_s: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "loader_server", *args], capture_output=True, text=True, check=False,
@@ -346,8 +363,10 @@ def test_settings_that_cannot_use_the_cache_are_refused(listfile: Path, tmp_path
     done = _cli("serve", "--data", str(listfile), "--size", SIZE, "--cache", str(tmp_path / "c"), *flags,
                 "--bind", f"ipc://{tmp_path}/s.sock")
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    with pytest.raises(ConfigError, match="needs --cache"):
-        ServerConfig(data="x", cache_size=256)
+    with pytest.raises(ConfigError, match="is the resolution a random resized crop is taken from"):
+        ServerConfig(data="x", cache_size=256)  # neither a cache nor a crop: nothing would use it
+    with pytest.raises(ConfigError, match="--transform runs on the full decoded image"):
+        ServerConfig(data="x", cache_size=256, augment="rrc", transform="loader_server.sample_data:example_transform")
 
 
 def test_cache_build_takes_every_setting_that_shapes_a_record() -> None:

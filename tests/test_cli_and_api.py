@@ -107,6 +107,10 @@ def test_bench_cache_probe_reports_fill_paced_latency_and_where_filling_goes(tmp
         paced = summary["runs"][0]["cached"]["paced"]  # a step at 80% of the cached rate, beside next() unpaced
         assert paced["step_ms"] > 0 and paced["batches"] > 0 and 0 <= paced["stall_pct"] < 100, key
         assert paced["next_p50_ms"] <= paced["next_p99_ms"] and summary["paced"]["step_ms"] == paced["step_ms"], key
+    for key in ("rrc_flip", "rrc_flip_32"):  # uncached with the same --cache-size, and from the full original
+        assert cache[key]["uncached_images_per_s"] > 0 and cache[key]["original_images_per_s"] > 0, key
+        assert len(cache[key]["fill_cost_vs_original_all"]) == 1 and cache[key]["speedup_vs_original"] > 0, key
+    assert "fill_cost_vs_original" not in cache["plain"]
     profile = cache["fill_profile"]["256"]
     assert profile["record_shape"] == [256, 256, 3] and profile["fill"] > 0 and profile["uncached"] > 0
     assert profile["stages"]["resize to the record (miss only)"] > 0

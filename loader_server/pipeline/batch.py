@@ -26,7 +26,7 @@ from ..config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
 from ..data.batch_spec import BatchSpec, batch_spec
 from ..data.datasets import Dataset
 from .augment import Augmenter, parse_augment, sample_rng
-from .cache import SampleCache, record_decoder
+from .cache import SampleCache, record_decoder, record_shape
 from .decode import DecodeError, Decoder, read_file
 from .user_code import check_extras, check_image, load_function
 
@@ -76,9 +76,9 @@ class BatchBuilder:
         self.cache_hits = self.cache_misses = 0  # of the last batch
         self._record: np.ndarray | None = None  # staging of one large record (cache_size)
         self._record_decoder: Decoder | None = None
-        if self.cache is not None and config.cache_size is not None:
+        if config.cache_size is not None and self.spec.build == "decode":  # with or without a cache
             self._record_decoder = record_decoder(config)
-            self._record = np.empty(self.cache.layout.shape, dtype=np.uint8)
+            self._record = np.empty(record_shape(config), dtype=np.uint8)
 
     def allocate(self, batch_size: int | None = None) -> np.ndarray:
         """A fresh output buffer ``x`` for `batch_size` samples (default: a full batch) as the spec says."""
@@ -134,8 +134,11 @@ class BatchBuilder:
         direct = self.config.dtype == "uint8" and self.config.layout == "hwc"
         staging = x if direct else self._staging(n)
         bad: list[tuple[int, DecodeError]] = []
-        cached = self.cache is not None and (self._record is None or (augment and self.augmenter is not None
-                                                                     and self.augmenter.rrc is not None))
+        # Through a record: a cached sample, or a random resized crop from the record-size region
+        # (`cache_size`), which is the same with and without a cache.
+        cropped = (self._record is not None and augment and self.augmenter is not None
+                   and self.augmenter.rrc is not None)
+        cached = cropped or (self.cache is not None and self._record is None)
         self.cache_hits = self.cache_misses = 0
         for slot, (path, pending, st) in enumerate(self.read_ahead(indices) if reads is None else reads):
             try:
@@ -177,22 +180,25 @@ class BatchBuilder:
 
     def _from_cache(self, i: int, path: str, pending: Future[bytes] | None, st: os.stat_result | None,
                     out: np.ndarray, key: tuple[int, int], augment: bool) -> None:
-        """Sample `i` into `out` from its record when valid, else decoded and stored; then augmented.
+        """Sample `i` into `out` from its record: the cached one when valid, else decoded (and
+        stored, with a cache); then augmented. Without a cache (`cache_size` alone) the record is
+        decoded every time, so the pixels are those a cache would give.
 
         The file is stat'ed before it is read, so the record is tagged with what was read or
         older (never newer): a file changed meanwhile is decoded again next time.
         """
-        assert self.cache is not None
-        if st is None and pending is None:
+        cache = self.cache
+        if cache is not None and st is None and pending is None:
             st = _stat(path)
         record = out if self._record is None else self._record
-        if self.cache.lookup(i, st, record):
+        if cache is not None and cache.lookup(i, st, record):
             self.cache_hits += 1
         else:
-            self.cache_misses += 1
+            self.cache_misses += cache is not None
             data = self._read_inline(path) if pending is None else pending.result()
             (self.decoder if self._record_decoder is None else self._record_decoder).decode_into(data, path, record)
-            self.cache.store(i, st, record)  # only after a good decode: a bad file never gets a record
+            if cache is not None:
+                cache.store(i, st, record)  # only after a good decode: a bad file never gets a record
         if not augment or self.augmenter is None:
             return
         rng = sample_rng(*key, i)
