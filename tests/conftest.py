@@ -49,8 +49,12 @@ def unique_label_list(root: Path, count: int, *, size: tuple[int, int] = (40, 30
 
 
 def free_port() -> int:
+    """A TCP port that no socket on any local address holds now. Servers here bind 0.0.0.0 and
+    127.0.0.2-4 too: a port free on 127.0.0.1 only may be held on another address, and the
+    server's bind then fails ('Address already in use'). Someone may still take the port before the
+    server binds it: rare, not impossible."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))  # the wildcard: the kernel picks a port no address uses
         return int(s.getsockname()[1])
 
 

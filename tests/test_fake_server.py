@@ -195,7 +195,10 @@ def test_client_grants_one_credit_per_batch_taken(fake: Any) -> None:
     server = fake(stream)
     with LoaderClient(server.endpoint, timeout_s=10, prefetch=2, shared_memory=False) as client:
         assert server.hello["credit"] == 2
-        time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while server.sent < 2 and time.monotonic() < deadline:  # the hello's credit used up
+            time.sleep(0.01)
+        time.sleep(0.5)  # time for any credit too many to arrive
         assert server.sent == 2 and server.credit == 0  # nothing taken, nothing more granted
         for taken in range(1, 5):
             client.next()

@@ -15,6 +15,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,16 @@ def _closed_by_server(peers: list[socket.socket], wait_s: float = 2.0) -> list[b
     return closed
 
 
+def _server_side_open(port: int, peer_ports: set[int]) -> list[int]:
+    """Peer ports in `peer_ports` whose connection to local `port` the server has not closed yet
+    (its side still ESTABLISHED or CLOSE_WAIT in /proc/net/tcp). The server closes its side once
+    it has forgotten the connection, so an empty list means the places are free again."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [int(r[2].split(":")[1], 16) for r in rows
+            if int(r[1].split(":")[1], 16) == port and int(r[2].split(":")[1], 16) in peer_ports and r[3] in ("01", "08")]
+
+
 def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(start_server: Any,
                                                                              listfile: Path) -> None:
     """Idle connections pass every per-message bound; 30 from one address against a bound of 20."""
@@ -242,9 +253,10 @@ def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(sta
         wait_until(lambda: "connection(s) from 127.0.0.2 as they arrived: it already holds 20 "
                            "(--max-connections-per-host)" in server.log_text(), 10, "the refusal to be logged")
         still_serves(server.endpoint, 2)  # another address (127.0.0.1) is not affected
+        gone = {p.getsockname()[1] for p in peers[:10]}
         for p in peers[:10]:
             p.close()
-        time.sleep(0.5)  # the server sees them go
+        wait_until(lambda: not _server_side_open(port, gone), 10, "the server to close its side of the 10 closed")
         again = [connect() for _ in range(10)]
         peers += again
         assert _closed_by_server(again) == [False] * 10  # places freed by the closed ones are given again
@@ -252,6 +264,38 @@ def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(sta
     finally:
         for p in peers:
             p.close()
+
+
+def test_the_guard_takes_only_an_accepted_tcp_connection_of_its_port() -> None:
+    """The monitor's ACCEPTED event is read after the fact: by then ZeroMQ may have closed that
+    descriptor and its number may name another socket. Seen under load: a worker's ipc connection,
+    whose empty peer name raised IndexError and ended the guard's thread (no bound on connections
+    or on unfinished messages from then on). Only a TCP connection on the listening port is taken."""
+    from loader_server.runtime.transport import _accepted_connection
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            conn, _ = listener.accept()
+            with conn:
+                taken = _accepted_connection(conn.fileno(), f"tcp://127.0.0.1:{port}".encode())
+                assert taken is not None and taken[1] == "127.0.0.1" and taken[0].fileno() != conn.fileno()
+                taken[0].close()
+                other_port = f"tcp://127.0.0.1:{port % 65535 + 1}".encode()
+                assert _accepted_connection(conn.fileno(), other_port) is None  # another listener's
+    unix_a, unix_b = socket.socketpair()  # what a reused number named in CI-like runs: no address at all
+    with unix_a, unix_b:
+        assert unix_a.getpeername() == ""
+        assert _accepted_connection(unix_a.fileno(), b"tcp://127.0.0.1:5555") is None
+    read_end, write_end = os.pipe()  # not a socket
+    os.close(write_end)
+    assert _accepted_connection(read_end, b"tcp://127.0.0.1:5555") is None
+    os.close(read_end)
+    assert _accepted_connection(read_end, b"tcp://127.0.0.1:5555") is None  # closed, not reused
+    assert set(os.listdir("/proc/self/fd")) == fds_before  # every duplicate it did not take is closed
 
 
 def test_oversized_and_multi_frame_requests(start_server: Any, listfile: Path, ctx: Any) -> None:
@@ -339,13 +383,31 @@ def test_log_volume_per_peer_is_bounded(start_server: Any, listfile: Path, ctx: 
 
 
 # ---------------------------------------------------------------------------- the worker channel
+def unix_socket_paths(pid: int) -> set[str]:
+    """Paths of the unix sockets that process `pid` holds open (its fds' inodes, in /proc/net/unix)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    with open(f"/proc/{pid}/net/unix") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return {row[7] for row in rows if len(row) >= 8 and row[6] in inodes}
+
+
 def test_worker_channel_is_private_and_ignores_strangers(start_server: Any, listfile: Path, ctx: Any) -> None:
-    before = set(glob.glob("/tmp/loader-workers-*"))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "loader-workers-*")))
     server = start_server(listfile, *ARGS)
     still_serves(server.endpoint, 2)
-    folders = [f for f in set(glob.glob("/tmp/loader-workers-*")) - before]
-    assert len(folders) == 1
-    folder = Path(folders[0])
+    # The server's own folder, not whatever else appeared in /tmp meanwhile (another server
+    # on the machine starting at the same moment made that count 2).
+    folders = {os.path.dirname(p) for p in unix_socket_paths(server.proc.pid) if "/loader-workers-" in p}
+    assert len(folders) == 1, folders
+    folder = Path(folders.pop())
+    assert str(folder) not in before and folder.parent == Path(tempfile.gettempdir())  # a new one
     st = folder.stat()
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
     if os.getuid() == 0:  # another user cannot even see the socket file

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import math
 import os
 import resource
 import socket
@@ -165,6 +166,35 @@ class _Connection:
     completed: int = 0  # wire bytes of the requests it completed
 
 
+def _accepted_connection(fd: int, endpoint: bytes) -> tuple[socket.socket, str] | None:
+    """Our own duplicate of the descriptor that the monitor's ACCEPTED event names, and the peer's
+    address; None when that descriptor is no longer the accepted connection.
+
+    The event is read after the fact (every GUARD_INTERVAL_S, later on a loaded machine): by then
+    ZeroMQ may have closed the connection and the number may belong to another descriptor (a
+    worker's ipc connection, a metrics request, ...). Only a TCP socket on the listening port is
+    taken; the closing event that follows the accept in the monitor's stream then finds nothing.
+    """
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        dup = socket.socket(fileno=copy)
+    except OSError:  # not a socket (a pipe, an eventfd): the copy is ours to close
+        os.close(copy)
+        return None
+    try:
+        port = int(endpoint.rsplit(b":", 1)[1])
+        local, peer = dup.getsockname(), dup.getpeername()
+        if dup.family in (socket.AF_INET, socket.AF_INET6) and dup.type == socket.SOCK_STREAM and local[1] == port:
+            return dup, str(peer[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    dup.close()
+    return None
+
+
 class ConnectionGuard:
     """Closes TCP connections that hold an unfinished message of more than MAX_UNFINISHED_BYTES.
 
@@ -207,12 +237,17 @@ class ConnectionGuard:
         self._thread.start()
 
     def _run(self) -> None:
+        failed_at = -math.inf
         while not self._stop.is_set():
             try:
                 for what in self.check():
                     log.warning("%s", what)
             except zmq.ZMQError:  # the context is being torn down
                 return
+            except Exception:  # a bug here must not end the guard: the server would be unprotected
+                if self.clock() - failed_at >= 60:
+                    failed_at = self.clock()
+                    log.exception("the connection guard failed on one check; it goes on")
             self._stop.wait(self.interval_s)
 
     def completed(self, fd: int, nbytes: int) -> None:
@@ -232,14 +267,10 @@ class ConnectionGuard:
                 break
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
-                try:
-                    dup = socket.socket(fileno=os.dup(fd))
-                except OSError:
+                accepted = _accepted_connection(fd, event["endpoint"])
+                if accepted is None:
                     continue
-                try:
-                    host = str(dup.getpeername()[0])
-                except OSError:
-                    host = "?"
+                dup, host = accepted
                 if self._hosts[host] >= self.per_host:
                     self._refuse(dup, host)
                     continue
