@@ -94,7 +94,7 @@ def _timed(torch: Any, device: Any, batches: Iterator[tuple[Any, Any]], step: Ca
     return {"images_per_s": got / wall, "stall_pct": 100 * waited / wall, "wall_s": wall}
 
 
-def _service_batches(torch: Any, endpoint: str, device: Any, register: bool) -> tuple[Any, Iterator[tuple[Any, Any]]]:
+def _service_batches(endpoint: str, device: Any, register: bool) -> tuple[Any, Iterator[tuple[Any, Any]]]:
     from loader_client.torch import LoaderDataset
 
     dataset = LoaderDataset(endpoint, timeout_s=CLIENT_TIMEOUT_S, device=device, register_arenas=register)
@@ -107,7 +107,7 @@ def _service_batches(torch: Any, endpoint: str, device: Any, register: bool) -> 
     return dataset, batches()
 
 
-def _torch_batches(torch: Any, b: Bench, device: Any) -> tuple[Any, Iterator[tuple[Any, Any]]]:
+def _torch_batches(b: Bench, device: Any) -> tuple[Any, Iterator[tuple[Any, Any]]]:
     paths = [b.index.path(i) for i in range(len(b.index))]
     loader = torch_loader(b, paths, b.index.labels, shuffle=True, pin_memory=device.type == "cuda", prefetch_factor=4)
 
@@ -154,14 +154,14 @@ def train_probe(b: Bench) -> Results:
             ("torch", None, 0, False), ("service_cached", [*b.serve_extra, "--cache", "memory"], len(b.index), True)]
         for feed, extra, fill, register in feeds:
             if extra is None:
-                holder, batches = _torch_batches(torch, b, device)
+                holder, batches = _torch_batches(b, device)
                 try:
                     res = _timed(torch, device, batches, step, n, b.batch_size)
                 finally:
                     del batches, holder
             else:
                 with served(b, b.data, extra, ready=True) as server:
-                    dataset, batches = _service_batches(torch, server.endpoint, device, register)
+                    dataset, batches = _service_batches(server.endpoint, device, register)
                     try:
                         for _ in range(-(-fill // b.batch_size)):  # one epoch fills the cache
                             next(batches)

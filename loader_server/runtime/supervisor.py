@@ -176,10 +176,9 @@ class Supervisor:
         `send` returns False when the worker cannot take it now (not connected yet): the task
         stays at the front of the queue.
         """
-        blocked: set[int] = set()
         while self.queue:
             open_workers = [w for w in self.workers.values()
-                            if w.ready and not w.hung and w.id not in blocked and len(w.tasks) < self.tasks_per_worker]
+                            if w.ready and not w.hung and len(w.tasks) < self.tasks_per_worker]
             if not open_workers:
                 return
             worker = min(open_workers, key=lambda w: len(w.tasks))
@@ -189,8 +188,7 @@ class Supervisor:
             task = self.tasks[tid]
             if not send(worker, task):
                 self.queue.appendleft(tid)
-                worker.ready = False  # its sentinel tells if it died
-                blocked.add(worker.id)
+                worker.ready = False  # its sentinel tells if it died; not offered again meanwhile
                 continue
             if not worker.tasks:
                 worker.last_progress = self.clock()  # the batch deadline starts now
