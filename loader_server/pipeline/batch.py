@@ -138,13 +138,13 @@ class BatchBuilder:
         # (`cache_size`), which is the same with and without a cache.
         cropped = (self._record is not None and augment and self.augmenter is not None
                    and self.augmenter.rrc is not None)
-        cached = cropped or (self.cache is not None and self._record is None)
+        through_record = cropped or (self.cache is not None and self._record is None)
         self.cache_hits = self.cache_misses = 0
         for slot, (path, pending, st) in enumerate(self.read_ahead(indices) if reads is None else reads):
             try:
                 index_i = int(indices[slot])
-                if cached:
-                    self._from_cache(index_i, path, pending, st, staging[slot], key, augment)
+                if through_record:
+                    self._from_record(index_i, path, pending, st, staging[slot], key, augment)
                     continue
                 data = self._read_inline(path) if pending is None else pending.result()
                 if self.transform is not None:
@@ -178,7 +178,7 @@ class BatchBuilder:
             arrays.update(check_extras(self.collate(dict(arrays), rng), self.config.collate or "", n))
         return arrays
 
-    def _from_cache(self, i: int, path: str, pending: Future[bytes] | None, st: os.stat_result | None,
+    def _from_record(self, i: int, path: str, pending: Future[bytes] | None, st: os.stat_result | None,
                     out: np.ndarray, key: tuple[int, int], augment: bool) -> None:
         """Sample `i` into `out` from its record: the cached one when valid, else decoded (and
         stored, with a cache); then augmented. Without a cache (`cache_size` alone) the record is
