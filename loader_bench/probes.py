@@ -492,7 +492,7 @@ def _stages(b: Bench) -> Results:
     import cv2
     import zmq
 
-    from loader_client import protocol
+    from loader_client.contract import protocol
 
     n, size, batch_size = (128 if b.quick else 512), b.size, b.batch_size
     cv2.setNumThreads(1)

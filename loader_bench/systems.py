@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from loader_client import LoaderClient
-from loader_client.errors import LoaderError
+from loader_client.contract.errors import LoaderError
 from loader_server.launch import ServerProcess, ServerProcessError, children_of
 
 from .context import Bench

@@ -17,8 +17,8 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from .contract.errors import ConfigError, LoaderError
 from .endpoints import parse_endpoint
-from .errors import ConfigError, LoaderError
 from .hosts import HostsStream
 from .multi import MultiServerStream
 from .options import ClientOptions

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ConfigError
+from .contract.errors import ConfigError
 
 __all__ = ["endpoints_from_env", "client_options_from_env", "from_env"]
 

@@ -24,12 +24,12 @@ import zmq
 import zmq.utils.monitor
 
 from . import wire
+from .contract.errors import AuthenticationError, LoaderTimeoutError, ProtocolError
+from .contract.messages import HANDSHAKE_REPLIES, Bye, Hello, Welcome
+from .contract.protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
+from .contract.shm import Arena, open_arena, shm_available
 from .endpoints import Endpoint, why_silent
-from .errors import AuthenticationError, LoaderTimeoutError, ProtocolError
-from .messages import HANDSHAKE_REPLIES, Bye, Hello, Welcome
 from .options import ClientOptions, Start
-from .protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
-from .shm import Arena, open_arena, shm_available
 from .wire import Ctx, Sock
 
 __all__ = ["Opened", "open_stream", "check_welcome", "BYE_LINGER_MS"]

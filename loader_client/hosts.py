@@ -44,7 +44,14 @@ from .receiver import BatchInfo, Delivery
 
 if TYPE_CHECKING:
     from .client import LoaderClient
-from .errors import AuthenticationError, BadSampleError, ConfigError, LoaderError, LoaderTimeoutError, ProtocolError
+from .contract.errors import (
+    AuthenticationError,
+    BadSampleError,
+    ConfigError,
+    LoaderError,
+    LoaderTimeoutError,
+    ProtocolError,
+)
 from .failover import EpochPlan, Task
 
 __all__ = ["HostsStream", "MERGES", "ON_SERVER_LOSS"]

@@ -40,7 +40,7 @@ from typing import Any
 import keras
 
 from .client import LoaderClient
-from .errors import LoaderError
+from .contract.errors import LoaderError
 
 __all__ = ["KerasStream", "fit", "validation_problem", "EvaluateEachEpoch"]
 

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from .contract.errors import ConfigError, LoaderError
 from .endpoints import Endpoint
-from .errors import ConfigError, LoaderError
 from .options import ClientOptions, Start
 from .receiver import BatchInfo, Delivery
 from .stream import ServerStream

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import protocol, wire
-from .errors import LoaderError, LoaderTimeoutError, ProtocolError
-from .handshake import BYE_LINGER_MS
-from .messages import (
+from . import wire
+from .contract import protocol
+from .contract.errors import LoaderError, LoaderTimeoutError, ProtocolError
+from .contract.messages import (
     MAX_RELEASE_SLOTS,
     STREAM_MESSAGES,
     Batch,
@@ -39,10 +39,11 @@ from .messages import (
     Release,
     Welcome,
 )
-from .normalize import BufferPool, Normalization
+from .contract.normalize import BufferPool, Normalization
+from .contract.schema import Message
+from .contract.shm import Arena
+from .handshake import BYE_LINGER_MS
 from .options import MIN_HEARTBEAT_S, ClientOptions
-from .schema import Message
-from .shm import Arena
 from .wire import Sock
 
 __all__ = ["Receiver", "Delivery", "BatchInfo", "Progress", "CREDIT_POLL_MS"]

@@ -21,11 +21,11 @@ import numpy as np
 import zmq
 
 from . import wire
+from .contract.errors import ConfigError, LoaderError, LoaderTimeoutError
+from .contract.messages import Bye
+from .contract.normalize import Normalization
 from .endpoints import Endpoint
-from .errors import ConfigError, LoaderError, LoaderTimeoutError
 from .handshake import BYE_LINGER_MS, open_stream
-from .messages import Bye
-from .normalize import Normalization
 from .options import ClientOptions, Start
 from .queries import server_stats
 from .receiver import Delivery, Progress, Receiver

@@ -14,9 +14,9 @@ from typing import Any, TypeAlias
 
 import zmq
 
-from . import protocol, schema
-from .errors import ERROR_KINDS, LoaderError, ProtocolError, ServerStoppedError
-from .messages import Error, Goodbye
+from .contract import protocol, schema
+from .contract.errors import ERROR_KINDS, LoaderError, ProtocolError, ServerStoppedError
+from .contract.messages import Error, Goodbye
 from .security import apply_curve
 
 __all__ = ["Sock", "Ctx", "new_socket", "send", "receive", "raise_for", "remote_error", "MAX_FRAMES"]

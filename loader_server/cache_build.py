@@ -16,7 +16,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .config import DATA_SETTINGS, ServerConfig, default_workers
 from .data.datasets import Dataset

@@ -69,7 +69,7 @@ def run_check(args: argparse.Namespace) -> int:
     from .layered import resolve
 
     if getattr(args, "data", None) is None:
-        from loader_client.errors import ConfigError
+        from loader_client.contract.errors import ConfigError
 
         raise ConfigError("no data set: pass --data PATH")
     flags = {name: getattr(args, name) for name in CHECK_SETTINGS if getattr(args, name) is not None}

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .config import ServerConfig, default_workers
 

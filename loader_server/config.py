@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 __all__ = [
     "ServerConfig", "setting", "parse_size", "parse_max_bad", "parse_floats", "is_local_bind", "default_workers",

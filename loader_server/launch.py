@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from loader_client import health
-from loader_client.errors import LoaderError
+from loader_client.contract.errors import LoaderError
 
 __all__ = ["ServerProcess", "ServerProcessError", "children_of", "alive", "connect_address"]
 

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .config import ServerConfig
 from .data.file_access import os_error

@@ -23,9 +23,9 @@ from typing import Any
 
 import zmq
 
-from loader_client import protocol
-from loader_client.errors import ProtocolError, ProtocolVersionError
-from loader_client.messages import (
+from loader_client.contract import protocol
+from loader_client.contract.errors import ProtocolError, ProtocolVersionError
+from loader_client.contract.messages import (
     CLIENT_REQUESTS,
     Bye,
     Credit,
@@ -38,7 +38,7 @@ from loader_client.messages import (
     StatsReply,
     StatsRequest,
 )
-from loader_client.schema import Message, decode
+from loader_client.contract.schema import Message, decode
 
 from .config import ServerConfig
 from .data.batch_spec import BatchSpec, batch_spec

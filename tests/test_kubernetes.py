@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from loader_client import client_options_from_env, endpoints_from_env, from_env
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 from loader_server.cli import build_parser
 
 from .conftest import free_port, unique_label_list

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import BadSampleError, LoaderClient, WorkerCrashedError, protocol
+from loader_client import BadSampleError, LoaderClient, WorkerCrashedError
+from loader_client.contract import protocol
 from loader_server.sampling import SamplingPlan
 
 from .conftest import alive, unique_label_list, wait_until

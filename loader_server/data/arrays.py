@@ -23,8 +23,8 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
-from loader_client.protocol import ALLOWED_DTYPES
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.protocol import ALLOWED_DTYPES
 
 from .file_access import os_error
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 

@@ -11,7 +11,7 @@ import os
 import stat
 from pathlib import Path
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 __all__ = ["os_error", "check_exists"]
 

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .datasets import Dataset
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from loader_client.normalize import Normalization
+from loader_client.contract.normalize import Normalization
 
 from ..config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
 from ..data.batch_spec import BatchSpec, batch_spec

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 if TYPE_CHECKING:
     from ..config import ServerConfig

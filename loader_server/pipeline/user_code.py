@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from loader_client.errors import ConfigError
-from loader_client.protocol import ALLOWED_DTYPES
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.protocol import ALLOWED_DTYPES
 
 __all__ = ["load_function", "check_image", "check_extras"]
 

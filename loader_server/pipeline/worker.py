@@ -22,10 +22,10 @@ from collections import deque
 import numpy as np
 import zmq
 
-from loader_client import protocol
-from loader_client.messages import ArenaHandle
-from loader_client.schema import decode, encode
-from loader_client.shm import Arena
+from loader_client.contract import protocol
+from loader_client.contract.messages import ArenaHandle
+from loader_client.contract.schema import decode, encode
+from loader_client.contract.shm import Arena
 
 from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec

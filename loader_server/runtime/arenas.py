@@ -2,7 +2,7 @@
 
 A slot is free, being filled by a worker, or with the client (sent, not yet released). The
 slot accounting is pure; `new_arena` and `close` are the only OS calls. The arena itself is an
-anonymous memfd (`loader_client.shm.create_arena`), named by the server, never by a peer.
+anonymous memfd (`loader_client.contract.shm.create_arena`), named by the server, never by a peer.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from loader_client.errors import ProtocolError
-from loader_client.messages import MAX_ARENA_SLOTS, ArenaHandle
-from loader_client.shm import create_arena
+from loader_client.contract.errors import ProtocolError
+from loader_client.contract.messages import MAX_ARENA_SLOTS, ArenaHandle
+from loader_client.contract.shm import create_arena
 
 __all__ = ["Arena", "new_arena", "arena_slots"]
 

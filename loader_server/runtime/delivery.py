@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from loader_client import protocol
-from loader_client.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
-from loader_client.schema import Message, encode
-from loader_client.shm import shm_available
+from loader_client.contract import protocol
+from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
+from loader_client.contract.schema import Message, encode
+from loader_client.contract.shm import shm_available
 
 from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec

@@ -35,8 +35,8 @@ from typing import Any
 import zmq
 import zmq.utils.z85
 
-from loader_client.errors import ConfigError
-from loader_client.schema import Message, encode
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.schema import Message, encode
 
 from ..config import is_local_bind
 

@@ -5,7 +5,7 @@ slots given back), `Ping`, `Bye`; `HealthRequest` and `StatsRequest` open no ses
 Server -> client: `Welcome` (the stream's metadata), `Batch`, `Heartbeat`, `Error`, `Goodbye`
 (the server stops on purpose), `HealthReply`, `StatsReply`.
 
-Each field's type, range and length is checked by `loader_client.schema` when a message is
+Each field's type, range and length is checked by `schema` (this package) when a message is
 received, on either side. Integers are bounded so that they fit everything they later reach:
 positions and epochs below 2**31, seeds below 2**63. Names a peer chooses are printable text
 of bounded length, so they are safe in a log line and in a system call.
