@@ -45,10 +45,10 @@ from .data.batch_spec import BatchSpec, batch_spec
 from .data.datasets import Dataset
 from .metrics import Metrics, serve_metrics
 from .pipeline.cache import open_cache
-from .pipeline.worker import worker_main
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
 from .runtime.transport import ClientTransport, PeerLog
+from .runtime.worker import worker_main
 from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
 from .sampling import SamplingPlan

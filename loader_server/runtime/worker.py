@@ -30,8 +30,8 @@ from loader_client.contract.shm import Arena
 from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec
 from ..data.datasets import Dataset
-from ..runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
-from .cache import SampleCache
+from ..pipeline.cache import SampleCache
+from .worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
 __all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
 
@@ -87,8 +87,8 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     import cv2
 
     cv2.setNumThreads(1)
-    from .batch import BatchBuilder, Reads
-    from .decode import DecodeError
+    from ..pipeline.batch import BatchBuilder, Reads
+    from ..pipeline.decode import DecodeError
 
     builder = BatchBuilder(config, index, spec, cache)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
