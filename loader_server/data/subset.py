@@ -21,7 +21,7 @@ import numpy as np
 
 from loader_client.contract.errors import ConfigError
 
-from .datasets import Dataset
+from .interface import Dataset
 
 __all__ = ["Subset", "split_indices", "take_subset"]
 
