@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .arguments import add_setting_arguments, require_opencv
 from .config import DATA_SETTINGS, ServerConfig, default_workers
 from .data.datasets import Dataset
 
@@ -31,8 +32,6 @@ CHECK_SETTINGS = (*DATA_SETTINGS, "color", "max_pixels")
 
 
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_setting_arguments
-
     add_setting_arguments(p, CHECK_SETTINGS)
     p.add_argument("--workers", type=int, default=default_workers() + 1, help="decoding processes")
     p.add_argument("--report", default="bad-files.tsv",
@@ -80,8 +79,6 @@ def run_check(args: argparse.Namespace) -> int:
     if index.build == "gather":
         bad = _check_rows(index, progress)
     else:
-        from .cli import require_opencv
-
         require_opencv("check")
         bad = _check_files(index, config, progress)
     progress.close()
