@@ -15,7 +15,7 @@ from typing import Any, TypeAlias
 import zmq
 
 from .contract import protocol, schema
-from .contract.errors import ERROR_KINDS, LoaderError, ProtocolError, ServerStoppedError
+from .contract.errors import LoaderError, ProtocolError, ServerStoppedError, from_wire
 from .contract.messages import Error, Goodbye
 from .security import apply_curve
 
@@ -65,16 +65,11 @@ def receive(sock: Sock, table: Mapping[str, type[schema.Message]], *, peer: str,
 
 
 def remote_error(message: Error) -> LoaderError:
-    """The exception of a server's `Error`, with its path, reason and exit code as attributes."""
-    cls = ERROR_KINDS.get(message.kind, LoaderError)
+    """The exception of a server's `Error`, rebuilt with its fields (path, reason, exit code)."""
     text = message.message
     if message.traceback:
         text += "\n--- worker traceback ---\n" + message.traceback.rstrip()
-    err = cls(text)
-    err.path = message.path  # type: ignore[attr-defined]
-    err.reason = message.reason  # type: ignore[attr-defined]
-    err.exit_code = message.exit_code  # type: ignore[attr-defined]
-    return err
+    return from_wire(message.kind, text, message.fields())
 
 
 def stopped_error(message: Goodbye, peer: str) -> ServerStoppedError:

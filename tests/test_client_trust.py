@@ -611,7 +611,7 @@ def test_server_error_carries_its_structured_fields(fake: Any, no_leak: Any) -> 
     client = client_of(server, shared_memory=False)
     with pytest.raises(BadSampleError, match="cannot decode img/3.jpg") as info:
         client.next()
-    assert info.value.path == "img/3.jpg" and info.value.reason == "corrupt"  # type: ignore[attr-defined]
+    assert info.value.path == "img/3.jpg" and info.value.reason == "corrupt"
     assert "worker traceback" in str(info.value)
     client.close()
 

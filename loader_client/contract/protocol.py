@@ -91,7 +91,8 @@ def check_version(header: Mapping[str, Any], *, peer: str) -> None:
     if header["v"] != PROTOCOL_VERSION:
         raise ProtocolVersionError(
             f"protocol version mismatch: this side speaks version {PROTOCOL_VERSION}, "
-            f"{peer} speaks version {header['v']}; install the same loader-service release on both"
+            f"{peer} speaks version {header['v']}; install the same loader-service release on both",
+            ours=PROTOCOL_VERSION, theirs=header["v"],
         )
 
 
