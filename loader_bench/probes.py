@@ -26,7 +26,7 @@ from .floods import flood_tables, floods
 from .systems import CLIENT_TIMEOUT_S, STEP_MODELS, PssSampler, measure_service, served, simulate_step
 from .train import train_probe, train_tables
 
-__all__ = ["Probe", "PROBES"]
+__all__ = ["PROBES", "Probe"]
 
 Results = dict[str, Any]
 

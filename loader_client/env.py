@@ -16,7 +16,7 @@ from typing import Any
 
 from .contract.errors import ConfigError
 
-__all__ = ["endpoints_from_env", "client_options_from_env", "from_env"]
+__all__ = ["client_options_from_env", "endpoints_from_env", "from_env"]
 
 ENDPOINTS_VARIABLE = "LOADER_ENDPOINTS"
 ENDPOINT_VARIABLE = "LOADER_ENDPOINT"

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Task", "EpochPlan", "ordered_share"]
+__all__ = ["EpochPlan", "Task", "ordered_share"]
 
 
 def ordered_share(merged_batch: int, shares: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from .endpoints import Endpoint, why_silent
 from .options import ClientOptions, Start
 from .wire import Ctx, Sock
 
-__all__ = ["Opened", "open_stream", "check_welcome", "BYE_LINGER_MS"]
+__all__ = ["BYE_LINGER_MS", "Opened", "check_welcome", "open_stream"]
 
 _log = logging.getLogger("loader_client")
 _counter = itertools.count()

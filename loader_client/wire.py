@@ -19,7 +19,7 @@ from .contract.errors import LoaderError, ProtocolError, ServerStoppedError, fro
 from .contract.messages import Error, Goodbye
 from .security import apply_curve
 
-__all__ = ["Sock", "Ctx", "new_socket", "send", "receive", "raise_for", "remote_error", "MAX_FRAMES"]
+__all__ = ["MAX_FRAMES", "Ctx", "Sock", "new_socket", "raise_for", "receive", "remote_error", "send"]
 
 #: The client's sockets and contexts (frames are bytes).
 Sock: TypeAlias = "zmq.Socket[bytes]"

@@ -23,7 +23,7 @@ from .config import DATA_SETTINGS, ServerConfig, default_workers
 from .data.datasets import Dataset
 from .pipeline.cache import MEMORY, SampleCache, open_cache, record_decoder
 
-__all__ = ["add_cache_build_arguments", "run_cache_build", "BUILD_SETTINGS"]
+__all__ = ["BUILD_SETTINGS", "add_cache_build_arguments", "run_cache_build"]
 
 #: The settings of `serve` that choose the samples and their records' pixels (the cache's key).
 BUILD_SETTINGS = (*DATA_SETTINGS, "size", "resize", "interpolation", "pad_value", "color", "reduced_decode",

@@ -53,7 +53,7 @@ from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
 from .sampling import SamplingPlan
 
-__all__ = ["Server", "MAX_TASK_RETRIES", "install_signal_handlers"]
+__all__ = ["MAX_TASK_RETRIES", "Server", "install_signal_handlers"]
 
 log = logging.getLogger("loader_server")
 

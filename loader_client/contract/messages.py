@@ -22,10 +22,32 @@ from typing import Any
 from .schema import INT32_MAX, INT63_MAX, Message, item, spec
 
 __all__ = [
-    "Hello", "Credit", "Release", "Ping", "Bye", "HealthRequest", "StatsRequest",
-    "ArenaHandle", "ShmRef", "Welcome", "Batch", "Heartbeat", "Error", "Goodbye", "HealthReply", "StatsReply",
-    "CLIENT_REQUESTS", "HANDSHAKE_REPLIES", "STREAM_MESSAGES", "HEALTH_REPLIES", "STATS_REPLIES",
-    "MAX_NAME_CHARS", "MAX_WORLD_SIZE", "MAX_CREDIT", "MAX_RELEASE_SLOTS", "MAX_ARENA_SLOTS",
+    "CLIENT_REQUESTS",
+    "HANDSHAKE_REPLIES",
+    "HEALTH_REPLIES",
+    "MAX_ARENA_SLOTS",
+    "MAX_CREDIT",
+    "MAX_NAME_CHARS",
+    "MAX_RELEASE_SLOTS",
+    "MAX_WORLD_SIZE",
+    "STATS_REPLIES",
+    "STREAM_MESSAGES",
+    "ArenaHandle",
+    "Batch",
+    "Bye",
+    "Credit",
+    "Error",
+    "Goodbye",
+    "HealthReply",
+    "HealthRequest",
+    "Heartbeat",
+    "Hello",
+    "Ping",
+    "Release",
+    "ShmRef",
+    "StatsReply",
+    "StatsRequest",
+    "Welcome",
 ]
 
 #: Longest client name (printable text); longer names are refused.

@@ -23,15 +23,15 @@ import numpy as np
 from .errors import ProtocolError, ProtocolVersionError
 
 __all__ = [
-    "PROTOCOL_VERSION",
-    "MAX_HEADER_BYTES",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "ALLOWED_DTYPES",
-    "pack",
-    "unpack",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_HEADER_BYTES",
+    "PROTOCOL_VERSION",
+    "build_arrays",
     "check_version",
     "describe_arrays",
-    "build_arrays",
+    "pack",
+    "unpack",
 ]
 
 #: Bumped on any incompatible change of the messages below.

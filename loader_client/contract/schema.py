@@ -23,8 +23,18 @@ import msgpack
 from .errors import ProtocolError
 from .protocol import PROTOCOL_VERSION
 
-__all__ = ["Spec", "spec", "item", "Message", "encode", "decode", "decode_fields", "INT32_MAX", "INT63_MAX",
-           "is_printable"]
+__all__ = [
+    "INT32_MAX",
+    "INT63_MAX",
+    "Message",
+    "Spec",
+    "decode",
+    "decode_fields",
+    "encode",
+    "is_printable",
+    "item",
+    "spec",
+]
 
 INT32_MAX = 2**31 - 1
 INT63_MAX = 2**63 - 1

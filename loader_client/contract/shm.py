@@ -32,7 +32,7 @@ from .errors import ProtocolError
 from .messages import ArenaHandle
 from .protocol import ALLOWED_DTYPES
 
-__all__ = ["Arena", "create_arena", "open_arena", "shm_available", "ARENA_SEALS", "MAX_ARENA_NAME"]
+__all__ = ["ARENA_SEALS", "MAX_ARENA_NAME", "Arena", "create_arena", "open_arena", "shm_available"]
 
 _PAGE = mmap.PAGESIZE
 #: Seals every arena carries: its size can never change, and no seal can be removed or added.

@@ -28,7 +28,7 @@ from loader_client.contract.protocol import ALLOWED_DTYPES
 
 from .file_access import os_error
 
-__all__ = ["ArrayIndex", "load_arrays", "is_array_data"]
+__all__ = ["ArrayIndex", "is_array_data", "load_arrays"]
 
 
 def is_array_data(data: str | os.PathLike[str]) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from loader_client.contract.errors import ConfigError
 
-__all__ = ["os_error", "check_exists"]
+__all__ = ["check_exists", "os_error"]
 
 
 def os_error(exc: OSError, what: str, path: str | os.PathLike[str] | None = None) -> ConfigError:

@@ -30,7 +30,7 @@ from .cache import SampleCache, record_decoder, record_shape
 from .decode import DecodeError, Decoder, read_file
 from .user_code import check_extras, check_image, load_function
 
-__all__ = ["BatchBuilder", "Reads", "AUTO_READ_THREADS", "SLOW_READ_S"]
+__all__ = ["AUTO_READ_THREADS", "SLOW_READ_S", "BatchBuilder", "Reads"]
 
 _TRANSFORM_STREAM = 0x7F  # user transforms draw apart from augmentations
 _COLLATE_STREAM = 0xC0

@@ -17,7 +17,7 @@ from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import MAX_ARENA_SLOTS, ArenaHandle
 from loader_client.contract.shm import create_arena
 
-__all__ = ["Arena", "new_arena", "arena_slots"]
+__all__ = ["Arena", "arena_slots", "new_arena"]
 
 log = logging.getLogger("loader_server")
 

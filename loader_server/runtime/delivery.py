@@ -38,7 +38,7 @@ from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
 
-__all__ = ["Delivery", "Client", "Built", "ARENA_CLOSE_DELAY_S"]
+__all__ = ["ARENA_CLOSE_DELAY_S", "Built", "Client", "Delivery"]
 
 log = logging.getLogger("loader_server")
 

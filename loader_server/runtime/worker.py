@@ -33,7 +33,7 @@ from ..data.datasets import Dataset
 from ..pipeline.cache import SampleCache
 from .worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
-__all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
+__all__ = ["WORKER_IDLE_POLL_MS", "worker_main"]
 
 #: How often an idle worker checks that its server is still alive.
 WORKER_IDLE_POLL_MS = 500
