@@ -85,3 +85,14 @@ def test_the_hierarchy_in_the_docstring_is_the_real_one() -> None:
             assert name in doc, name
             cls = getattr(errors, name)
             assert issubclass(cls, LoaderError)
+
+
+def test_the_documented_public_paths_are_the_contract_itself() -> None:
+    import loader_client
+    import loader_client.errors
+    import loader_client.protocol
+
+    assert loader_client.errors.BadSampleError is BadSampleError is loader_client.BadSampleError
+    assert set(loader_client.errors.__all__) <= set(errors.__all__)
+    assert loader_client.protocol.build_arrays is protocol.build_arrays
+    assert set(loader_client.protocol.__all__) == set(protocol.__all__)
