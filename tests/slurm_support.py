@@ -210,11 +210,12 @@ class SlurmCluster:
     def processes(self, job: str | None = None) -> list[tuple[int, str]]:
         """(pid, command line) of this cluster's processes still alive, of one job if given.
 
-        Found by their environment: SLURM_CONF=<this cluster's slurm.conf> (and SLURM_JOB_ID),
-        which Slurm hands to the step daemons and every task, on every node."""
-        want = [f"SLURM_CONF={self.conf}".encode()]
-        if job is not None:
-            want.append(f"SLURM_JOB_ID={job}".encode())
+        Found by their environment: SLURM_CONF=<this cluster's slurm.conf>, which Slurm hands to
+        its daemons, the step daemons and every task, on every node; a job's are its step daemons
+        (``slurmstepd: [JOB.STEP]``) and the processes with SLURM_JOB_ID=JOB."""
+        conf = f"SLURM_CONF={self.conf}".encode()
+        job_id = f"SLURM_JOB_ID={job}".encode()
+        stepd = f"slurmstepd: [{job}." if job is not None else "slurmstepd: ["
         found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
@@ -225,7 +226,9 @@ class SlurmCluster:
                 state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if state != "Z" and all(w in environ for w in want):
+            if state == "Z" or conf not in environ:
+                continue
+            if job is None or job_id in environ or cmdline.startswith(stepd):
                 found.append((int(entry), cmdline.strip()))
         return found
 
@@ -257,7 +260,10 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait(10)
                 killed.append(name)
+        ours = {proc.pid for proc in self.daemons.values()}
         for pid, cmdline in self.processes():  # step daemons or tasks that outlived their slurmd
+            if pid in ours:
+                continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(f"{pid} {cmdline}")
