@@ -57,7 +57,8 @@ class ResumingDataset:
                 print(f"rank {state['rank']}: resumed at epoch {state['epoch']} batch {state['batch']}", flush=True)
 
     def _wait_for_a_loader(self) -> None:
-        endpoints = self.options["endpoint"] if isinstance(self.options["endpoint"], list) else [self.options["endpoint"]]
+        endpoint = self.options["endpoint"]
+        endpoints = endpoint if isinstance(endpoint, list) else [endpoint]
         keys = {k: self.options[k] for k in ("server_public_key", "client_keys") if k in self.options}
         deadline = time.monotonic() + self.wait_s
         while time.monotonic() < deadline:
