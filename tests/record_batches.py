@@ -6,7 +6,9 @@ Test machinery: `LoaderClient.next` is wrapped so that each batch a rank takes i
 OUT_DIR/rank-R.jsonl as ``{"rank", "world_size", "epoch", "batch", "steps", "indices"}``, then
 SCRIPT runs as ``__main__`` (its own arguments in sys.argv), untouched. `check_exactly_once`
 reads the files back. ``RECORD_STEP_S`` (seconds) makes each batch take at least that long,
-so that a test can act in the middle of an epoch.
+so that a test can act in the middle of an epoch. `tests/record_site/sitecustomize.py` installs
+the same recording in every process when RECORD_BATCHES_DIR is set (for commands that start the
+ranks themselves, such as torchrun).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 
-def _install(out_dir: Path) -> None:
+def install(out_dir: str | Path) -> None:
+    """Wrap `LoaderClient.next` to record each batch in OUT_DIR/rank-R.jsonl (module doc)."""
     from loader_client.client import LoaderClient
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     original = LoaderClient.next
     pause = float(os.environ.get("RECORD_STEP_S", "0") or 0)
@@ -77,8 +83,7 @@ def check_exactly_once(out_dir: Path, *, world_size: int, epochs: int, batch_siz
 
 def main(argv: list[str]) -> None:
     out_dir, script, *args = argv
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    _install(Path(out_dir))
+    install(out_dir)
     sys.argv = [script, *args]
     sys.path.insert(0, str(Path(script).resolve().parent))
     runpy.run_path(script, run_name="__main__")
