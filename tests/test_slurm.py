@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from loader_client import AuthenticationError, LoaderError, health
+from loader_client import AuthenticationError, LoaderClient, LoaderError, health
 
 from . import slurm_support
 from .conftest import free_port, keygen, wait_until
@@ -149,9 +149,9 @@ def test_layout2_loader_pool_killed_mid_epoch_stays_exactly_once(cluster: slurm_
 
     wait_until(restarted, 60, "the restarted loader to answer the job's key")
     keygen(tmp_path / "stranger", "trainer")
-    with pytest.raises(AuthenticationError):  # another key (another job's, say) is not on this job's allow-list
-        health(endpoint, timeout_s=2, server_public_key=str(keys / "server.key"),
-               client_keys=str(tmp_path / "stranger" / "trainer.key_secret"))
+    with pytest.raises(AuthenticationError):  # a trainer with another key (another job's, say) gets no data
+        LoaderClient(endpoint, timeout_s=10, server_public_key=str(keys / "server.key"),
+                     client_keys=str(tmp_path / "stranger" / "trainer.key_secret"))
     text = finish(cluster, job, out)
     check_exactly_once(records, world_size=4, epochs=2, batch_size=BATCH)
     assert killed_at < 4 * 10, "the kill came after epoch 0"
