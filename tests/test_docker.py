@@ -2,8 +2,9 @@
 
 The static checks (hadolint, `docker-compose config`, the compose-spec schema) run anywhere.
 The rest needs an engine: `.ci/provision` installs Debian's docker.io, docker-compose and
-debootstrap, and the `engine` fixture starts dockerd when none answers (and stops it after). Under CI=true a missing engine fails these tests; elsewhere they skip with
-the reason. The commands come from the README's "Deploying on a training box" block itself, so
+debootstrap, and the `engine` fixture starts dockerd when none answers (and stops it after).
+Under CI=true a missing engine fails these tests; elsewhere they skip with the reason. They are
+marked `docker`: `python3 -m pytest -m "not docker"` runs the suite without them. The commands come from the README's "Deploying on a training box" block itself, so
 the two cannot drift; tests/docker_support.py holds the test machinery (the stand-in base
 image, a `docker` shim for `docker compose` on docker-compose 1.29, the loopback wheel server).
 
