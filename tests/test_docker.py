@@ -270,6 +270,12 @@ def box(built: dict[str, str], tmp_path: Path) -> Iterator[Box]:
         b.remove()
 
 
+def inspect_image(ref: str) -> dict[str, Any]:
+    out = subprocess.run([docker_support.docker(), "image", "inspect", ref], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    return json.loads(out)[0]  # type: ignore[no-any-return]
+
+
 def volume_path(box: Box, name: str) -> Path:
     """Where the compose project's volume `name` lies on this host (the engine runs here)."""
     out = subprocess.run([box.docker, "volume", "inspect", f"{box.project}_{name}"], capture_output=True, text=True,
@@ -414,13 +420,11 @@ def test_unreadable_data_exits_2_without_a_restart_loop(box: Any, tmp_path: Path
 @pytest.mark.timeout(ENGINE_TIMEOUT_S)
 def test_images_are_slim_and_the_default_build_is_the_server(built: dict[str, str], tmp_path: Path) -> None:
     cli = docker_support.docker()
-    server = json.loads(subprocess.run([cli, "image", "inspect", built["server"]], capture_output=True, text=True,
-                                       timeout=60, check=True).stdout)[0]
+    server = inspect_image(built["server"])
     assert server["Config"]["User"] == f"{UID}:{UID}" and server["Config"]["Entrypoint"] == ["loader-server"]
     assert "health" in server["Config"]["Healthcheck"]["Test"] and "5555" not in " ".join(server["Config"]["Healthcheck"]["Test"])
     size_mb = server["Size"] / 1e6
-    base_mb = json.loads(subprocess.run([cli, "image", "inspect", docker_support.BASE_IMAGE], capture_output=True,
-                                        text=True, timeout=60, check=True).stdout)[0]["Size"] / 1e6
+    base_mb = inspect_image(docker_support.BASE_IMAGE)["Size"] / 1e6
     assert size_mb - base_mb < 300, f"the server adds {size_mb - base_mb:.0f} MB to its base"
     # The Dockerfile's own first line: a plain build is the server (BuildKit reuses every layer).
     readme_build = next(line for line in (DOCKER / "Dockerfile").read_text().splitlines() if "# the server" in line)
@@ -432,8 +436,7 @@ def test_images_are_slim_and_the_default_build_is_the_server(built: dict[str, st
     subprocess.run([command[0], command[1], "--network", "host", *command[2:]], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
     try:
-        default = json.loads(subprocess.run([cli, "image", "inspect", tag], capture_output=True, text=True,
-                                            timeout=60, check=True).stdout)[0]
+        default = inspect_image(tag)
         assert default["Id"] == server["Id"]
     finally:
         subprocess.run([cli, "rmi", tag], capture_output=True, timeout=60)
@@ -456,8 +459,7 @@ def test_images_are_slim_and_the_default_build_is_the_server(built: dict[str, st
 def test_the_image_serves_no_network_by_default(built: dict[str, str], tmp_path: Path) -> None:
     """`docker run -p 5555:5555 loader-service`: the baked-in settings bind an ipc socket, not the port."""
     cli = docker_support.docker()
-    image = json.loads(subprocess.run([cli, "image", "inspect", built["server"]], capture_output=True, text=True,
-                                      timeout=60, check=True).stdout)[0]
+    image = inspect_image(built["server"])
     assert not image["Config"].get("ExposedPorts"), image["Config"].get("ExposedPorts")
     dataset = unique_label_list(tmp_path / "dataset", 16).parent
     port, name = free_port(), f"loader-default-{uuid.uuid4().hex[:8]}"
