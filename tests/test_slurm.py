@@ -29,6 +29,8 @@ from .conftest import free_port, keygen, wait_until
 from .record_batches import check_exactly_once, read_records
 from .test_readme import write_listfile
 
+pytestmark = pytest.mark.slurm
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "slurm"
 BATCH = 8
