@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
-__all__ = ["Task", "EpochPlan", "ordered_share", "next_epoch_plan"]
+__all__ = ["Task", "EpochPlan", "ordered_share", "next_epoch_plan", "next_unserved", "StreamPlace"]
 
 
 def ordered_share(merged_batch: int, shares: int) -> tuple[int, int]:
@@ -183,6 +184,33 @@ class EpochPlan:
             if t.server in load:
                 load[t.server] += t.remaining
         return min(self.alive, key=lambda s: (load[s], s))
+
+
+class StreamPlace(Protocol):
+    """What the planner needs of a stream: where it stands and which task it serves."""
+
+    server: int
+    share: int
+    epoch: int
+    batch: int  # the position of the next batch it returns
+    task: Task | None
+    closed: bool
+
+
+S = TypeVar("S", bound=StreamPlace)
+
+
+def next_unserved(plan: EpochPlan, streams: Sequence[S], epoch: int) -> tuple[Task, S | None] | None:
+    """The first task with batches left that no stream serves, and an idle open stream already
+    standing at its next batch on its server (None: a new stream must be opened there); None when
+    every task is served."""
+    for task in plan.active():
+        if any(s.task is task for s in streams):
+            continue
+        ready = next((s for s in streams if s.task is None and not s.closed and s.server == task.server
+                      and s.share == task.share and (s.epoch, s.batch) == (epoch, task.next)), None)
+        return task, ready
+    return None
 
 
 def next_epoch_plan(shares: int, steps: int, alive: Iterable[int],

@@ -45,7 +45,7 @@ from .receiver import BatchInfo, Delivery
 if TYPE_CHECKING:
     from .client import LoaderClient
 from .errors import AuthenticationError, BadSampleError, ConfigError, LoaderError, LoaderTimeoutError, ProtocolError
-from .failover import EpochPlan, Task, next_epoch_plan
+from .failover import EpochPlan, Task, next_epoch_plan, next_unserved
 
 __all__ = ["HostsStream", "MERGES", "ON_SERVER_LOSS"]
 
@@ -400,16 +400,11 @@ class HostsStream:
 
     def _ensure_streams(self) -> None:
         """Give every task with batches left a stream on its server, positioned at its next batch."""
-        while True:
-            missing = [t for t in self._plan.active() if not any(s.task is t for s in self._streams)]
-            if not missing:
-                return
-            task = missing[0]
-            ready = [s for s in self._streams if s.task is None and not s.closed and s.server == task.server
-                     and s.share == task.share and (s.epoch, s.batch) == (self._epoch, task.next)]
-            if ready:
-                ready[0].task = task
-                self._start_pump(ready[0])
+        while (unserved := next_unserved(self._plan, self._streams, self._epoch)) is not None:
+            task, ready = unserved
+            if ready is not None:
+                ready.task = task
+                self._start_pump(ready)
                 continue
             try:
                 start = self._stream_state(task.share, self._epoch, task.next)

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from loader_client.failover import EpochPlan, Task, next_epoch_plan
+from loader_client.failover import EpochPlan, Task, next_epoch_plan, next_unserved
 from loader_client.messages import Hello
 
 from .hosts import Payload, SimHost
@@ -119,15 +119,10 @@ class SimRank:
     # ------------------------------------------------------------------ streams
     def _ensure_streams(self) -> None:
         """Give every task with batches left a stream on its server, positioned at its next batch."""
-        while True:
-            missing = [t for t in self.plan.active() if not any(s.task is t for s in self.streams)]
-            if not missing:
-                return
-            task = missing[0]
-            ready = [s for s in self.streams if s.task is None and not s.closed and s.server == task.server
-                     and s.share == task.share and (s.epoch, s.batch) == (self.epoch, task.next)]
-            if ready:
-                ready[0].task = task
+        while (unserved := next_unserved(self.plan, self.streams, self.epoch)) is not None:
+            task, ready = unserved
+            if ready is not None:
+                ready.task = task
                 continue
             host = self.hosts[task.server]
             start = self.epoch * self.steps + task.next
