@@ -6,10 +6,15 @@ merge), schedules random host deaths and returns, runs the simulated clock until
 trained its epochs, and returns a `FleetResult`: what happened, the checks, and what the
 simulation itself cost (wall time, peak memory).
 
-Each rank reads from `hosts_per_rank` hosts (its endpoint list), chosen so that every host serves
-the same number of ranks and the ranks' host sets overlap. A quarter of the hosts (by default)
-are `slowdown` times slower. Deaths never take a rank's last live host (its client would then
-raise, as documented, rather than fail over).
+Each rank reads from `hosts_per_rank` hosts (its endpoint list, `merge="balanced"`), chosen so
+that every host serves the same number of ranks and the ranks' host sets overlap. A quarter of
+the hosts (by default) are `slowdown` times slower. Deaths never take a rank's last live host
+(its client would then raise, as documented, rather than fail over). Each rank trains as fast as
+its loaders deliver (plus `step_s`); `sync` makes the ranks step together, as DDP's all-reduce.
+
+The checks (`CHECKS`): exactly once per rank per epoch and every sample once across ranks;
+the dead hosts' batches handed to survivors; load following capacity (`_check_load`); and the
+simulation's own wall time and peak memory within the budgets given.
 """
 
 from __future__ import annotations
