@@ -25,7 +25,7 @@ from typing import Any
 
 from .contract.errors import ConfigError, LoaderError, ProtocolError
 from .endpoints import Endpoint
-from .failover import EpochPlan
+from .failover import EpochPlan, next_epoch_plan, next_unserved
 from .losses import POLICIES, Answers, Losses
 from .members import Connect, Member, Members
 from .merges import MERGES
@@ -182,15 +182,11 @@ class HostsStream:
 
     def ensure_members(self) -> None:
         """Give every task with batches left a member on its server, positioned at its next batch."""
-        while True:
-            task = next((t for t in self.plan.active() if self.members.of(t) is None), None)
-            if task is None:
-                return
-            ready = [s for s in self.members.all if s.task is None and not s.closed and s.server == task.server
-                     and s.share == task.share and (s.epoch, s.batch) == (self.epoch, task.next)]
-            if ready:
-                ready[0].task = task
-                self.merge.started(ready[0], self)
+        while (unserved := next_unserved(self.plan, self.members.all, self.epoch)) is not None:
+            task, ready = unserved
+            if ready is not None:
+                ready.task = task
+                self.merge.started(ready, self)
                 continue
             try:
                 member = self.members.open(task.server, task.share, self.epoch, task.next, task)
@@ -212,8 +208,7 @@ class HostsStream:
 
     # ---------------------------------------------------------------- epochs
     def _drop_idle_members(self) -> None:
-        for s in [s for s in self.members.all
-                  if s.task is None or not s.task.remaining and s.task.stop < self.steps]:
+        for s in [s for s in self.members.all if s.task is None or s.task.handed_on(self.steps)]:
             self.members.close(s)
 
     def _next_epoch(self) -> None:
@@ -222,13 +217,9 @@ class HostsStream:
         for endpoint in sorted({self.endpoints[s] for s in self.losses.rejoin()}):
             _log.info("loader server %s answers again: it rejoins at epoch %d", endpoint, self.epoch)
         alive = self.losses.alive()
-        prefer: dict[int, int] = {}
-        for s in self.members.all:  # members already positioned at the start of a share
-            if (s.epoch, s.batch) == (self.epoch, 0) and s.server in alive and s.share not in prefer \
-                    and s.share not in alive:  # a share goes home when its server is back
-                prefer[s.share] = s.server
-        self._plan = EpochPlan(len(self.endpoints), self.steps, alive, prefer=prefer,
-                               only=self.losses.policy.planned_shares(alive))
+        positioned = [(s.share, s.server) for s in self.members.all if (s.epoch, s.batch) == (self.epoch, 0)]
+        self._plan = next_epoch_plan(len(self.endpoints), self.steps, alive, positioned,
+                                     only=self.losses.policy.planned_shares(alive))
         for s in self.members.all:
             s.task = None
         self.ensure_members()

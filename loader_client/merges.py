@@ -92,7 +92,7 @@ class BalancedMerge:
                         (s.held.info.epoch, s.held.info.batch) == (merged.epoch, s.task.next):
                     got, s.held = s.held, None
                     merged.deliver(s, got.info)
-                    if s.task.remaining == 0 and s.task.stop < merged.plan.steps:
+                    if s.task.handed_on(merged.plan.steps):
                         merged.members.close(s)  # what follows belongs to the task that took its tail
                     else:
                         s.permit.release()
@@ -121,13 +121,7 @@ class BalancedMerge:
             member.held = payload
 
     def _steal_for_idle_servers(self, merged: Merged) -> None:
-        plan = merged.plan
-        stolen = False
-        for server in list(plan.alive):
-            if not plan.tasks_of(server):
-                task = plan.steal(server, keep=merged.prefetch + 1, min_batches=max(2, merged.prefetch))
-                stolen = stolen or task is not None
-        if stolen:
+        if merged.plan.steal_for_idle(merged.prefetch):
             merged.ensure_members()
 
 

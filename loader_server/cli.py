@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure throughput side by side with other loaders",
                    description="Benchmark the service against the per-core limit, the classic generator and torch "
                                "DataLoader; write JSON, a markdown table and a plot.")
+    simulate = sub.add_parser("simulate", formatter_class=fmt,
+                              help="simulate a fleet of loader hosts and trainer ranks; check exactly-once and load",
+                              description="Drive the real session, sampling, fail-over and balanced-merge logic with "
+                                          "many loader hosts and trainer ranks in one process (simulated clock, "
+                                          "network and workers; random host deaths and returns, slow hosts). "
+                                          "Exit 0 only when every check holds.")
+    from .simulation.command import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
     demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
     demo.add_argument("--images", type=int, default=1024, help="number of sample images to generate")
     demo.add_argument("--epochs", type=int, default=2, help="epochs to consume")
@@ -236,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cache_build import run_cache_build
 
             return run_cache_build(args)
+        if args.command == "simulate":
+            from .simulation.command import run_simulate
+
+            return run_simulate(args)
         if args.command == "bench":
             return _bench(rest)
         require_opencv("demo")

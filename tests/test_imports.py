@@ -2,9 +2,11 @@
 
 Every ``import`` and ``from ... import`` of the three packages is read with `ast`, wherever it
 stands: at the top, inside a function, under ``if TYPE_CHECKING``. The graph of our modules
-must have no circle, and no module may import a layer above its own. Also checked here: the
-light faces (``import loader_client.contract.errors`` loads no pyzmq), no class of the client
-over 250 lines, and no ``isinstance`` switch on a stream class.
+must have no circle (imports that only type checkers run, under ``if TYPE_CHECKING``, run
+nowhere and close no circle; imports inside functions do), and no module may import a layer
+above its own (type-only imports included). Also checked here: the light faces (``import
+loader_client.contract.errors`` loads no pyzmq), no class of the client over 250 lines, and no
+``isinstance`` switch on a stream class.
 """
 
 from __future__ import annotations
@@ -63,14 +65,30 @@ def ours(name: str) -> str | None:
     return name or None
 
 
+def _type_only(tree: ast.Module) -> set[int]:
+    """The ids of the import statements under ``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and (
+                (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+                or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")):
+            found.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return found
+
+
 @cache
-def imports() -> dict[str, frozenset[tuple[str, int]]]:
-    """module -> {(module of ours it imports, line)}, from every import statement in it."""
+def imports(*, runtime_only: bool = False) -> dict[str, frozenset[tuple[str, int]]]:
+    """module -> {(module of ours it imports, line)}, from every import statement in it
+    (`runtime_only`: leaving out those under ``if TYPE_CHECKING``)."""
     graph: dict[str, frozenset[tuple[str, int]]] = {}
     for name, (path, is_package) in modules().items():
         package = name if is_package else name.rpartition(".")[0]
         found: set[tuple[str, int]] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        type_only = _type_only(tree) if runtime_only else set()
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -114,10 +132,13 @@ def test_the_parser_sees_imports_inside_functions_and_type_checking_blocks() -> 
     assert "loader_server.config" in graph["loader_server.data.datasets"]  # under TYPE_CHECKING and in a function
     assert "loader_client.contract.protocol" in graph["loader_client.wire"]  # `from .contract import protocol`
     assert "loader_client.client" in graph["loader_client.env"]  # inside from_env()
+    runtime = {m: {t for t, _ in targets} for m, targets in imports(runtime_only=True).items()}
+    assert "loader_server.config" in runtime["loader_server.data.datasets"]  # the import inside a function stays
+    assert "loader_server.simulation.ranks" not in runtime["loader_server.simulation.hosts"]  # type-only
 
 
 def test_no_import_circle() -> None:
-    graph = {m: {t for t, _ in targets} for m, targets in imports().items()}
+    graph = {m: {t for t, _ in targets} for m, targets in imports(runtime_only=True).items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
