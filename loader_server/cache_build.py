@@ -100,7 +100,7 @@ def run_cache_build(args: argparse.Namespace) -> int:
     stored, bad = 0, []
     progress = tqdm(total=len(index), desc="cache build", unit="samples")
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config, cache)) as pool:
+    with ctx.Pool(config.worker_bounds[1], initializer=_init, initargs=(index, config, cache)) as pool:
         for count, done, found in pool.imap_unordered(_fill, chunks):
             stored += done
             bad.extend(found)

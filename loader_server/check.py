@@ -119,7 +119,7 @@ def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[B
     chunks = [(lo, min(lo + _CHUNK, len(index))) for lo in range(0, len(index), _CHUNK)]
     bad: list[Bad] = []
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config)) as pool:
+    with ctx.Pool(config.worker_bounds[1], initializer=_init, initargs=(index, config)) as pool:
         for count, found in pool.imap_unordered(_check_chunk, chunks):
             bad.extend(found)
             progress.update(count)
