@@ -100,7 +100,8 @@ class SnapshotCollector(Collector):
                                 value=snap["batches_ready"])
         yield GaugeMetricFamily("loader_clients", "Connected clients.", value=len(snap["clients"]))
         yield GaugeMetricFamily("loader_workers", "Worker processes serving (not counting retiring ones); with "
-                                "--workers auto, the count the autoscaler chose.", value=snap["workers_target"])
+                                "--workers auto, the count the autoscaler chose.",
+                                value=snap.get("workers_target", len(snap["workers"])))
         yield _by_label("loader_worker_changes_total", "Changes of the worker count by --workers auto, by direction.",
                         "direction", snap.get("worker_changes_total", {}))
         stall = GaugeMetricFamily("loader_client_stall_ratio", "Each client's recent data stall: the share of its "

@@ -100,7 +100,7 @@ def test_three_members_one_paused_each_get_every_epoch_once_in_order(
         stats = share_stats(server.endpoint)
         assert stats["members"] == 3 and stats["reused"] > 0
         assert stats["built"] < 2 * 3 * STEPS  # members 0 and 1 shared their batches
-        for x, x_then, y_then in held:  # nothing overwrote the slots the paused member still holds
+        for x, x_then, _ in held:  # nothing overwrote the slots the paused member still holds
             assert np.array_equal(x, x_then)
         held.clear()
         got[2] += record(members[2], epochs * STEPS - 2)  # it resumes: far behind, nothing skipped
