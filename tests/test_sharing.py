@@ -118,6 +118,22 @@ def test_three_members_one_paused_each_get_every_epoch_once_in_order(
             m.close()
 
 
+def test_a_member_without_shared_memory_gets_the_same_batches_as_frames(start_server: Callable[..., RunningServer],
+                                                                      data: Path) -> None:
+    server = start_server(data, "--batch-size", str(BATCH), "--size", "16x16", "--workers", "2")
+    with LoaderClient(server.endpoint, share="mixed", timeout_s=30) as mapped, \
+            LoaderClient(server.endpoint, share="mixed", shared_memory=False, timeout_s=30) as framed:
+        assert mapped.shared_memory and not framed.shared_memory
+        got_mapped, got_framed = [], []
+        for _ in range(2 * STEPS):
+            got_mapped += record(mapped, 1)
+            got_framed += record(framed, 1)
+        assert got_mapped == got_framed  # the pixels of each shared slot, copied into a frame for the other
+        check_exact(got_mapped)
+        stats = share_stats(server.endpoint)
+        assert stats["shared_memory"] and stats["built"] < 2 * 2 * STEPS
+
+
 def test_a_member_killed_and_resumed_from_its_state_rejoins(start_server: Callable[..., RunningServer], data: Path,
                                                             tmp_path: Path) -> None:
     server = start_server(data, "--batch-size", str(BATCH), "--size", "16x16", "--workers", "2")
