@@ -47,7 +47,7 @@ Results = dict[str, Any]
 
 _TRAINERS = 4
 #: Each trainer's pace: this share of the images/s one never-waiting trainer gets.
-_PACE = 0.4
+_PACE = 0.25
 _RUN_S = 26.0
 _WARMUP_S = 3.0
 _PAUSE_AT_S, _PAUSE_S = 5.0, 10.0
@@ -85,7 +85,8 @@ def _trainers(endpoint: str, scratch: Path, n: int, *, share: str | None, second
     procs = []
     for i in range(n):
         args = [sys.executable, "-m", "loader_bench.trainers", endpoint, str(scratch / f"trainer-{i}.json"),
-                "--seconds", str(seconds), "--steps", steps, "--timeout-s", str(CLIENT_TIMEOUT_S)]
+                "--seconds", str(seconds), "--steps", steps, "--timeout-s", str(CLIENT_TIMEOUT_S),
+                "--name", f"trainer-{i}"]
         if share:
             args += ["--share", share]
         if pause is not None and (i == 0 or not pause_one):

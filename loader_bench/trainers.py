@@ -44,13 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pause-s", type=float, default=0.0)
     p.add_argument("--prefetch", type=int, default=4)
     p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--name", default=None, help="how the server's log and stats name this trainer")
     args = p.parse_args(argv)
     steps = parse_steps(args.steps)
     times: list[float] = []
     waits: list[float] = []
     images = 0
     touched = 0
-    with LoaderClient(args.endpoint, share=args.share, prefetch=args.prefetch, timeout_s=args.timeout_s) as client:
+    with LoaderClient(args.endpoint, share=args.share, prefetch=args.prefetch, timeout_s=args.timeout_s,
+                      name=args.name) as client:
         started = None
         paused = False
         while True:

@@ -14,8 +14,9 @@ workers have spent holding tasks; the worker count), and applies the `Change` it
   says fewer would do: the count that would be `DOWN_BUSY` busy, at least the minimum, and at
   most half of the workers go at once.
 * **Never faster than `interval_s`**: two changes are at least `interval_s` apart, and each is
-  decided on what was measured since the last one (at least `interval_s` of it for a removal),
-  so the count cannot swing up and down faster than every ``2 x interval_s``.
+  decided on what was measured since the last one (the workers' busy time over the last
+  `interval_s`, the trainers' stall over their last 2 s), so the count cannot swing up and
+  down faster than every ``2 x interval_s``.
 
 Trainers whose client reports no stall (an older client) are left out; with no trainer at all
 the workers' busy time alone decides, so an idle server shrinks to the minimum.
@@ -89,7 +90,9 @@ class Autoscaler:
             self._samples.popleft()
         if now - self.last_change < p.interval_s:
             return None
-        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        # The workers' busy time over the last interval (all of it since the last change).
+        t0, b0 = next(((t, b) for t, b in reversed(self._samples) if t <= now - p.interval_s), self._samples[0])
+        t1, b1 = self._samples[-1]
         if t1 - t0 < p.interval_s / 2:
             return None
         busy_workers = max(0.0, (b1 - b0) / (t1 - t0))  # workers busy on average
