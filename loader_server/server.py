@@ -326,7 +326,10 @@ class Server:
     def _autoscale(self, now: float) -> None:
         """--workers auto: apply the autoscaler's change, if any (runtime/autoscale.py)."""
         assert self.autoscaler is not None
-        stalls = {c.session.name: c.session.stall() for c in self.delivery.clients.values()}
+        stalls: dict[str, float | None] = {}
+        for c in self.delivery.clients.values():  # two clients may share a name: the larger stall counts
+            stall, name = c.session.stall(), escape(c.session.name)
+            stalls[name] = stall if stalls.get(name) is None else max(stall or 0.0, stalls[name] or 0.0)
         change = self.autoscaler.observe(now, stalls, self.supervisor.busy_seconds(), self.supervisor.active)
         if change is None:
             return
@@ -334,7 +337,7 @@ class Server:
         self.metrics.worker_changes["up" if change.up else "down"] += 1
         self.worker_log.append((time.time(), change))
         del self.worker_log[:-_WORKER_LOG_KEPT]
-        log.info("workers %d -> %d: %s", change.before, change.workers, escape(change.reason))
+        log.info("workers %d -> %d: %s", change.before, change.workers, change.reason)
 
     def stats(self) -> dict[str, Any]:
         """What the server is doing: rates, queues, workers, errors, clients (a stats request)."""

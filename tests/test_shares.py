@@ -271,6 +271,14 @@ def test_autoscaler_never_changes_faster_than_its_interval_and_stays_in_bounds()
     assert workers == POLICY.hi and len(changes) <= 3
 
 
+def test_autoscaler_adds_workers_that_have_no_slack_before_a_trainer_waits() -> None:
+    scaler = Autoscaler(POLICY, 0.0)
+    changes, busy_s, workers = run_scaler(scaler, 0.0, 3.5, stall=0.0, busy_workers=100, workers=4, busy_s=0.0)
+    assert changes == [(pytest.approx(3.0), 5)]  # a quarter more
+    changes, _, workers = run_scaler(scaler, 3.5, 10.0, stall=0.0, busy_workers=4.5, workers=5, busy_s=busy_s)
+    assert changes == []  # 90% busy: no slack to spare, none to add either
+
+
 def test_autoscaler_does_not_add_idle_workers() -> None:
     scaler = Autoscaler(POLICY, 0.0)
     changes, _, _ = run_scaler(scaler, 0.0, 10.0, stall=0.5, busy_workers=0.5, workers=2, busy_s=0.0)

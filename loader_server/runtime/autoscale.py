@@ -10,6 +10,10 @@ workers have spent holding tasks; the worker count), and applies the `Change` it
   and more workers would not help). A trainer that waits a fraction ``s`` of its step time gets
   ``1 / (1 - s)`` times the batches it gets now, if workers scale: the count is multiplied by
   that (and `UP_MARGIN`), at least one more, at most the maximum.
+* **Up, before any trainer waits**, when the workers were busy `SATURATED_BUSY` of the last
+  interval: they build as fast as they can, so what was built ahead is being used up faster than
+  it is made (a trainer whose step got faster drains it before it waits): a quarter more workers,
+  at least one.
 * **Down** when every trainer's stall is under half the target and the workers' busy time
   says fewer would do: the count that would be `DOWN_BUSY` busy, at least the minimum, and at
   most half of the workers go at once.
@@ -29,12 +33,16 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["DOWN_BUSY", "UP_MARGIN", "UP_MIN_BUSY", "Autoscaler", "Change", "ScalePolicy"]
+__all__ = ["DOWN_BUSY", "SATURATED_BUSY", "UP_MARGIN", "UP_MIN_BUSY", "Autoscaler", "Change", "ScalePolicy"]
 
 #: Scale up only when the workers held tasks at least this share of the time.
 UP_MIN_BUSY = 0.6
 #: Scale up by this much more than the stall asks for (the stall estimate is a recent average).
 UP_MARGIN = 1.1
+#: Workers this busy have no slack: scale up even before a trainer waits.
+SATURATED_BUSY = 0.95
+#: ... by this factor (at least one more).
+SATURATED_FACTOR = 1.25
 #: Scale down to the count that would be this busy.
 DOWN_BUSY = 0.75
 #: The stall that counts as total when computing the factor (a trainer waiting 100% gives 10x).
@@ -105,6 +113,10 @@ class Autoscaler:
             n = min(p.hi, max(workers + 1, math.ceil(workers * factor)))
             change = Change(workers, n, f"trainer {worst_name} waits {100 * worst:.1f}% of its step time (target "
                                         f"{100 * p.target:.1f}%) and the workers are {100 * busy:.0f}% busy")
+        elif busy >= SATURATED_BUSY and workers < p.hi:
+            n = min(p.hi, max(workers + 1, math.ceil(workers * SATURATED_FACTOR)))
+            change = Change(workers, n, f"the workers were {100 * busy:.0f}% busy over the last {t1 - t0:.1f} s: "
+                                        "what was built ahead is used faster than it is made")
         elif workers > p.lo and worst <= p.target / 2 and t1 - t0 >= p.interval_s:
             n = max(p.lo, math.ceil(busy_workers / DOWN_BUSY), workers - workers // 2)
             if n < workers:
