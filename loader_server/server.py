@@ -330,7 +330,8 @@ class Server:
         for c in self.delivery.clients.values():  # two clients may share a name: the larger stall counts
             stall, name = c.session.stall(), escape(c.session.name)
             stalls[name] = stall if stalls.get(name) is None else max(stall or 0.0, stalls[name] or 0.0)
-        change = self.autoscaler.observe(now, stalls, self.supervisor.busy_seconds(), self.supervisor.active)
+        change = self.autoscaler.observe(now, stalls, self.supervisor.busy_seconds(), self.supervisor.active,
+                                         used=self.delivery.used, built=sum(self.metrics.build_counts))
         if change is None:
             return
         self.supervisor.resize(change.workers)

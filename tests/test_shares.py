@@ -277,6 +277,10 @@ def test_autoscaler_adds_workers_that_have_no_slack_before_a_trainer_waits() -> 
     assert changes == [(pytest.approx(3.0), 5)]  # a quarter more
     changes, _, workers = run_scaler(scaler, 3.5, 10.0, stall=0.0, busy_workers=4.5, workers=5, busy_s=busy_s)
     assert changes == []  # 90% busy: no slack to spare, none to add either
+    # Trainers that take twice the batches built (draining what was built ahead): twice the workers, and a margin.
+    scaler = Autoscaler(POLICY, 0.0)
+    made = [c for i in range(1, 36) if (c := scaler.observe(i / 10, {"t": 0.0}, 3 * i / 10, 3, used=2 * i, built=i))]
+    assert len(made) == 1 and made[0].workers == 7 and "2.00 batches for each one built" in made[0].reason
 
 
 def test_autoscaler_does_not_add_idle_workers() -> None:

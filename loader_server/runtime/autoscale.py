@@ -11,9 +11,9 @@ workers have spent holding tasks; the worker count), and applies the `Change` it
   ``1 / (1 - s)`` times the batches it gets now, if workers scale: the count is multiplied by
   that (and `UP_MARGIN`), at least one more, at most the maximum.
 * **Up, before any trainer waits**, when the workers were busy `SATURATED_BUSY` of the last
-  interval: they build as fast as they can, so what was built ahead is being used up faster than
-  it is made (a trainer whose step got faster drains it before it waits): a quarter more workers,
-  at least one.
+  interval: they build as fast as they can, and when the trainers take more batches than are
+  built (a trainer whose step got faster drains what was built ahead, for seconds before it
+  waits) the count is multiplied by that ratio (and `UP_MARGIN`); at least a quarter more.
 * **Down** when every trainer's stall is under half the target and the workers' busy time
   says fewer would do: the count that would be `DOWN_BUSY` busy, at least the minimum, and at
   most half of the workers go at once.
@@ -87,13 +87,19 @@ class Autoscaler:
         self.policy = policy
         self.last_change = now
         self._samples: deque[tuple[float, float]] = deque()  # (time, busy seconds) since the last change
+        self._counts: deque[tuple[float, int, int]] = deque()  # (time, batches used, batches built)
         self.changes = 0
 
-    def observe(self, now: float, stalls: Mapping[str, float | None], busy_s: float, workers: int) -> Change | None:
+    def observe(self, now: float, stalls: Mapping[str, float | None], busy_s: float, workers: int, *,
+                used: int = 0, built: int = 0) -> Change | None:
         """What the loop knows now: each trainer's recent stall (None: not known yet), the workers' total
-        busy seconds so far, and the count of workers. Returns the change to make, or None."""
+        busy seconds so far, the count of workers, and (cumulative) the batches `used` (sent to a
+        trainer for the first time: a share's batch once) and `built`. Returns the change to make, or None."""
         p = self.policy
         self._samples.append((now, busy_s))
+        self._counts.append((now, used, built))
+        while len(self._counts) > 2 and self._counts[1][0] <= now - 2 * p.interval_s:
+            self._counts.popleft()
         while len(self._samples) > 2 and self._samples[1][0] <= now - 2 * p.interval_s:
             self._samples.popleft()
         if now - self.last_change < p.interval_s:
@@ -114,9 +120,11 @@ class Autoscaler:
             change = Change(workers, n, f"trainer {worst_name} waits {100 * worst:.1f}% of its step time (target "
                                         f"{100 * p.target:.1f}%) and the workers are {100 * busy:.0f}% busy")
         elif busy >= SATURATED_BUSY and workers < p.hi:
-            n = min(p.hi, max(workers + 1, math.ceil(workers * SATURATED_FACTOR)))
-            change = Change(workers, n, f"the workers were {100 * busy:.0f}% busy over the last {t1 - t0:.1f} s: "
-                                        "what was built ahead is used faster than it is made")
+            ratio = self._use_over_build(now - (t1 - t0))
+            n = min(p.hi, max(workers + 1, math.ceil(workers * max(SATURATED_FACTOR, UP_MARGIN * ratio))))
+            change = Change(workers, n, f"the workers were {100 * busy:.0f}% busy over the last {t1 - t0:.1f} s and "
+                                        f"the trainers used {ratio:.2f} batches for each one built: what was built "
+                                        "ahead runs out")
         elif workers > p.lo and worst <= p.target / 2 and t1 - t0 >= p.interval_s:
             n = max(p.lo, math.ceil(busy_workers / DOWN_BUSY), workers - workers // 2)
             if n < workers:
@@ -130,3 +138,9 @@ class Autoscaler:
             self._samples = deque([(now, busy_s)])
             self.changes += 1
         return change
+
+    def _use_over_build(self, since: float) -> float:
+        """Batches used per batch built since `since` (above 1: the built-ahead batches run out)."""
+        t0, u0, b0 = next((c for c in reversed(self._counts) if c[0] <= since), self._counts[0])
+        _, u1, b1 = self._counts[-1]
+        return (u1 - u0) / (b1 - b0) if b1 > b0 else 1.0

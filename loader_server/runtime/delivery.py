@@ -109,6 +109,7 @@ class Delivery:
         self.bad = BadFiles(config.max_bad_files(len(index)), config.data)
         self.clients: dict[bytes, Client] = {}
         self.shares: dict[ShareKey, SharedStream] = {}
+        self.used = 0  # batches sent, a share's batch counted once (the autoscaler compares it with builds)
         # Peers whose connection was found gone while sending. They are dropped only after the
         # requests already received from them are read (`reap_departed`): a trainer that closes
         # its client sends a goodbye first, and that goodbye, still queued, is the reason to log.
@@ -339,8 +340,8 @@ class Delivery:
                     client.arena.hand_over(built.shm.slot, client.identity)
                     if shared is None:
                         client.arena.give_back(built.shm.slot)  # its own arena: the slot is the client's now
-                if shared is not None:
-                    shared.share.handed(client.identity, position)
+                if shared is None or shared.share.handed(client.identity, position):
+                    self.used += 1  # a batch a trainer takes for the first time (a share's once)
                 self.metrics.sent(built.images, built.nbytes)
             if shared is not None:
                 shared.share.advance(client.identity, s.next_send)

@@ -80,6 +80,7 @@ class Entry(Generic[K, P]):
     task: int | None = None
     waiting: set[K] = field(default_factory=set)  # members whose session waits for it to be built
     holding: set[K] = field(default_factory=set)  # members it was built for, not yet sent to them
+    used: bool = False  # sent to some member already
 
 
 @dataclass(frozen=True)
@@ -173,11 +174,15 @@ class Share(Generic[K, P]):
         entry = self.entries.pop(position, None)
         return [m for m in self.members if m in entry.waiting] if entry is not None else []
 
-    def handed(self, member: K, position: int) -> None:
-        """`member`'s session sent `position` (or dropped it): the member holds it no longer."""
+    def handed(self, member: K, position: int) -> bool:
+        """`member`'s session sent `position`: the member holds it no longer. True when it is the first
+        member this batch went to."""
         entry = self.entries.get(position)
-        if entry is not None:
-            entry.holding.discard(member)
+        if entry is None:
+            return False
+        entry.holding.discard(member)
+        first, entry.used = not entry.used, True
+        return first
 
     def evict(self) -> list[Entry[K, P]]:
         """Remove and return the built batches nobody holds or waits for that fell below the floor (every
