@@ -271,16 +271,16 @@ def test_autoscaler_never_changes_faster_than_its_interval_and_stays_in_bounds()
     assert workers == POLICY.hi and len(changes) <= 3
 
 
-def test_autoscaler_adds_workers_that_have_no_slack_before_a_trainer_waits() -> None:
-    scaler = Autoscaler(POLICY, 0.0)
-    changes, busy_s, workers = run_scaler(scaler, 0.0, 3.5, stall=0.0, busy_workers=100, workers=4, busy_s=0.0)
-    assert changes == [(pytest.approx(3.0), 5)]  # a quarter more
-    changes, _, workers = run_scaler(scaler, 3.5, 10.0, stall=0.0, busy_workers=4.5, workers=5, busy_s=busy_s)
-    assert changes == []  # 90% busy: no slack to spare, none to add either
-    # Trainers that take twice the batches built (draining what was built ahead): twice the workers, and a margin.
-    scaler = Autoscaler(POLICY, 0.0)
-    made = [c for i in range(1, 36) if (c := scaler.observe(i / 10, {"t": 0.0}, 3 * i / 10, 3, used=2 * i, built=i))]
+def test_autoscaler_adds_workers_before_a_trainer_waits_when_what_was_built_ahead_runs_out() -> None:
+    def run(used_per_built: float, busy_workers: float) -> list[Any]:
+        scaler = Autoscaler(POLICY, 0.0)
+        return [c for i in range(1, 36) if (c := scaler.observe(i / 10, {"t": 0.0}, busy_workers * i / 10, 3,
+                                                                used=int(10 * used_per_built * i), built=10 * i))]
+
+    made = run(2.0, 3.0)  # busy, and twice the batches taken that are built: twice the workers, and a margin
     assert len(made) == 1 and made[0].workers == 7 and "2.00 batches for each one built" in made[0].reason
+    assert run(1.0, 3.0) == []  # busy, but keeping up (or building ahead): no change
+    assert run(2.0, 2.6) == []  # taking more than is built, with slack left: the workers catch up
 
 
 def test_autoscaler_does_not_add_idle_workers() -> None:

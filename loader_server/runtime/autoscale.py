@@ -11,9 +11,10 @@ workers have spent holding tasks; the worker count), and applies the `Change` it
   ``1 / (1 - s)`` times the batches it gets now, if workers scale: the count is multiplied by
   that (and `UP_MARGIN`), at least one more, at most the maximum.
 * **Up, before any trainer waits**, when the workers were busy `SATURATED_BUSY` of the last
-  interval: they build as fast as they can, and when the trainers take more batches than are
-  built (a trainer whose step got faster drains what was built ahead, for seconds before it
-  waits) the count is multiplied by that ratio (and `UP_MARGIN`); at least a quarter more.
+  interval and the trainers took more batches than were built (`DRAINING_RATIO`): a trainer whose
+  step got faster drains what was built ahead, for seconds before it waits. The count is
+  multiplied by that ratio (and `UP_MARGIN`). Busy workers that build ahead (a prefetch filling
+  up) are left alone.
 * **Down** when every trainer's stall is under half the target and the workers' busy time
   says fewer would do: the count that would be `DOWN_BUSY` busy, at least the minimum, and at
   most half of the workers go at once.
@@ -33,16 +34,16 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["DOWN_BUSY", "SATURATED_BUSY", "UP_MARGIN", "UP_MIN_BUSY", "Autoscaler", "Change", "ScalePolicy"]
+__all__ = ["DOWN_BUSY", "DRAINING_RATIO", "SATURATED_BUSY", "UP_MARGIN", "UP_MIN_BUSY", "Autoscaler", "Change", "ScalePolicy"]
 
 #: Scale up only when the workers held tasks at least this share of the time.
 UP_MIN_BUSY = 0.6
 #: Scale up by this much more than the stall asks for (the stall estimate is a recent average).
 UP_MARGIN = 1.1
-#: Workers this busy have no slack: scale up even before a trainer waits.
+#: Workers this busy have no slack: scale up even before a trainer waits ...
 SATURATED_BUSY = 0.95
-#: ... by this factor (at least one more).
-SATURATED_FACTOR = 1.25
+#: ... when the trainers take more batches than are built by this factor (what was built ahead runs out).
+DRAINING_RATIO = 1.05
 #: Scale down to the count that would be this busy.
 DOWN_BUSY = 0.75
 #: The stall that counts as total when computing the factor (a trainer waiting 100% gives 10x).
@@ -119,9 +120,9 @@ class Autoscaler:
             n = min(p.hi, max(workers + 1, math.ceil(workers * factor)))
             change = Change(workers, n, f"trainer {worst_name} waits {100 * worst:.1f}% of its step time (target "
                                         f"{100 * p.target:.1f}%) and the workers are {100 * busy:.0f}% busy")
-        elif busy >= SATURATED_BUSY and workers < p.hi:
-            ratio = self._use_over_build(now - (t1 - t0))
-            n = min(p.hi, max(workers + 1, math.ceil(workers * max(SATURATED_FACTOR, UP_MARGIN * ratio))))
+        elif busy >= SATURATED_BUSY and workers < p.hi and \
+                (ratio := self._use_over_build(now - (t1 - t0))) > DRAINING_RATIO:
+            n = min(p.hi, max(workers + 1, math.ceil(workers * UP_MARGIN * ratio)))
             change = Change(workers, n, f"the workers were {100 * busy:.0f}% busy over the last {t1 - t0:.1f} s and "
                                         f"the trainers used {ratio:.2f} batches for each one built: what was built "
                                         "ahead runs out")
