@@ -34,7 +34,16 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["DOWN_BUSY", "DRAINING_RATIO", "SATURATED_BUSY", "UP_MARGIN", "UP_MIN_BUSY", "Autoscaler", "Change", "ScalePolicy"]
+__all__ = [
+    "DOWN_BUSY",
+    "DRAINING_RATIO",
+    "SATURATED_BUSY",
+    "UP_MARGIN",
+    "UP_MIN_BUSY",
+    "Autoscaler",
+    "Change",
+    "ScalePolicy",
+]
 
 #: Scale up only when the workers held tasks at least this share of the time.
 UP_MIN_BUSY = 0.6
