@@ -197,12 +197,18 @@ def test_bad_stall_reports_are_refused(wait: float | None, wall: float | None, m
 
 
 # ---------------------------------------------------------------------------- arenas
-def test_a_shared_slot_is_freed_when_the_last_member_releases_it() -> None:
+def arena_with_slot(*holders: bytes) -> tuple[Arena, int]:
+    """An arena of 4 slots, one taken and handed over to each of `holders`."""
     arena = Arena(1, -1, 0, 4, 4096, deque(range(4)))
     slot = arena.take()
     assert slot is not None
-    for m in (b"a", b"b", b"c"):
+    for m in holders:
         arena.hand_over(slot, m)
+    return arena, slot
+
+
+def test_a_shared_slot_is_freed_when_the_last_member_releases_it() -> None:
+    arena, slot = arena_with_slot(b"a", b"b", b"c")
     arena.give_back(slot)  # the share keeps it no longer
     arena.release([slot], b"a")
     arena.release([slot], b"b")
@@ -214,10 +220,7 @@ def test_a_shared_slot_is_freed_when_the_last_member_releases_it() -> None:
 
 
 def test_a_slot_the_share_keeps_stays_after_every_release() -> None:
-    arena = Arena(1, -1, 0, 4, 4096, deque(range(4)))
-    slot = arena.take()
-    assert slot is not None
-    arena.hand_over(slot, b"a")
+    arena, slot = arena_with_slot(b"a")
     arena.release([slot], b"a")
     assert slot not in arena.free  # still in the share's window
     arena.give_back(slot)
@@ -225,11 +228,7 @@ def test_a_slot_the_share_keeps_stays_after_every_release() -> None:
 
 
 def test_slots_a_leaving_member_held_are_never_reused() -> None:
-    arena = Arena(1, -1, 0, 4, 4096, deque(range(4)))
-    slot = arena.take()
-    assert slot is not None
-    arena.hand_over(slot, b"a")
-    arena.hand_over(slot, b"b")
+    arena, slot = arena_with_slot(b"a", b"b")
     arena.give_back(slot)
     arena.forget(b"a")  # a's process may still read it
     arena.release([slot], b"b")
