@@ -292,16 +292,22 @@ class Delivery:
                 slot = client.arena.take() if client.arena is not None else None
                 client.tasks[position] = self._new_task(client.identity, s, position, slot).id
                 continue
-            want = shared.share.want(client.identity, position)
-            if want.payload is not None:
-                s.built(position, self._for_member(shared, client, want.payload))
+            payload = self._want(shared, client, position)
+            if payload is not None:
+                s.built(position, self._for_member(shared, client, payload))
                 ready_now = True
-            elif want.build:
-                key = shared.share.key
-                slot = shared.arena.take() if shared.arena is not None and shared.members_shm else None
-                task = self._new_task((key, client.identity) if want.behind else key, s, position, slot)
-                shared.share.started(position, task.id)
         return ready_now
+
+    def _want(self, shared: SharedStream, client: Client, position: int) -> Built | None:
+        """`client` wants `position` of its share: the batch if built, else None (the build is started,
+        or in progress for another member)."""
+        want = shared.share.want(client.identity, position)
+        if want.build:
+            key = shared.share.key
+            slot = shared.arena.take() if shared.arena is not None and shared.members_shm else None
+            task = self._new_task((key, client.identity) if want.behind else key, client.session, position, slot)
+            shared.share.started(position, task.id)
+        return want.payload
 
     def _new_task(self, owner: Hashable, s: Session[Built], position: int, slot: int | None) -> Task:
         epoch, batch = s.place(position)
@@ -393,14 +399,8 @@ class Delivery:
                     position, why)
         for m in members:
             client = self.clients.get(m)
-            if client is None:
-                continue
-            want = shared.share.want(m, position)
-            if want.build:
-                slot = shared.arena.take() if shared.arena is not None and shared.members_shm else None
-                key = shared.share.key
-                task = self._new_task((key, m) if want.behind else key, client.session, position, slot)
-                shared.share.started(position, task.id)
+            if client is not None:
+                self._want(shared, client, position)  # nothing is built: its entry was just forgotten
 
     # ------------------------------------------------------------------ results
     def on_result(self, task: Task, result: Result, frames: list[Any]) -> None:
