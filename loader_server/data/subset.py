@@ -22,6 +22,7 @@ import numpy as np
 from loader_client.errors import ConfigError
 
 from .datasets import Dataset
+from .reading import Version
 
 __all__ = ["Subset", "split_indices", "take_subset"]
 
@@ -90,7 +91,13 @@ class Subset:
     def describe(self, i: int) -> str:
         return self.parent.describe(int(self.keep[i]))
 
-    # Files (build == "decode")
+    # Bytes (build == "decode")
+    def read(self, i: int, max_bytes: int | None = None) -> bytes:
+        return self.parent.read(int(self.keep[i]), max_bytes)  # type: ignore[attr-defined, no-any-return]
+
+    def version(self, i: int) -> Version | None:
+        return self.parent.version(int(self.keep[i]))  # type: ignore[attr-defined, no-any-return]
+
     def path(self, i: int) -> str:
         return self.parent.path(int(self.keep[i]))  # type: ignore[attr-defined, no-any-return]
 
