@@ -705,7 +705,7 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
     augmenter = Augmenter(parse_augment(_CACHE_RRC[1]))
     paths = [index.path(i) for i in range(n)]  # type: ignore[attr-defined]
     blobs = [read_file(p) for p in paths]
-    stats = [os.stat(p) for p in paths]
+    stats = [index.version(i) for i in range(n)]  # type: ignore[attr-defined]
     images = [decoder.decode(blob, p, reduce=False) for blob, p in zip(blobs, paths, strict=True)]
     record = np.empty(tuple(out["record_shape"]), np.uint8)
     records = []

@@ -184,7 +184,6 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .data.batch_spec import batch_spec
     from .data.datasets import load_dataset
     from .layered import format_config, resolve
-
     from .logs import setup_logging
 
     require_opencv("serve")

@@ -183,7 +183,7 @@ class LogOptions:
 
 
 #: Every group; together they hold every setting of ServerConfig exactly once.
-GROUPS: tuple[type, ...] = (DataOptions, SamplingOptions, DecodeOptions, AugmentOptions, UserCodeOptions,
+GROUPS: tuple[type[Any], ...] = (DataOptions, SamplingOptions, DecodeOptions, AugmentOptions, UserCodeOptions,
                             OutputOptions, ErrorOptions, ReadOptions, CacheOptions, ServeOptions, LogOptions)
 
 

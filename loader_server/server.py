@@ -129,8 +129,8 @@ class Server:
 
     def _spawn(self, wid: int, identity: bytes) -> Any:
         proc = self._mp.Process(target=worker_main, name=f"loader-worker-{wid}", daemon=True,
-                                args=(wid, identity, self.channel.endpoint, PipelineOptions.of(self.config), self.index, self.spec,
-                                      os.getpid(), self.cache))
+                                args=(wid, identity, self.channel.endpoint, PipelineOptions.of(self.config), self.index,
+                                      self.spec, os.getpid(), self.cache))
         # Block SIGINT/SIGTERM across the fork so that the child never runs our handlers;
         # worker_main installs its own and unblocks them.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

@@ -24,10 +24,10 @@ from loader_client import LoaderClient, server_stats
 from loader_client.errors import ConfigError
 from loader_server.config import ServerConfig
 from loader_server.data.datasets import load_dataset
+from loader_server.data.reading import Version, file_version
 from loader_server.metrics import prometheus_text
 from loader_server.pipeline.batch import BatchBuilder
 from loader_server.pipeline.cache import SampleCache, open_cache, record_decoder
-from loader_server.data.reading import Version, file_version
 from loader_server.pipeline.decode import read_file
 
 from .conftest import unique_label_list, wait_until, write_image

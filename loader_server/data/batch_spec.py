@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class BatchSpec:
         return np.empty((n, *self.x_shape), dtype=self.x_dtype)
 
 
-def batch_spec(config: ServerConfig, dataset: Dataset) -> BatchSpec:
+def batch_spec(config: ServerConfig | Any, dataset: Dataset) -> BatchSpec:
     """The one derivation of a BatchSpec; raises ConfigError naming the setting that does not fit the data."""
     if dataset.build == "gather":
         given = [f"--{name.replace('_', '-')}" for name in _IMAGE_ONLY

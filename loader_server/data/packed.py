@@ -225,7 +225,7 @@ class PackedIndex:
         assert self.raw is not None
         packed = self.storage.read_range(self.files[f], key[1], int(self.span[i]), self.describe(i))
         try:
-            page = pa.decompress(packed, decompressed_size=int(self.raw[i]), codec=self.codecs[f]).to_pybytes()
+            page = bytes(pa.decompress(packed, decompressed_size=int(self.raw[i]), codec=self.codecs[f]))
         except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these
             raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({exc})",
                               "undecodable") from None
@@ -284,7 +284,7 @@ def _read_index(path: str, files: Sequence[str]) -> dict[str, np.ndarray] | None
     meta = json.loads(arrays.pop("meta").tobytes())
     if meta.get("files") != list(files) or meta.get("format") != INDEX_FORMAT:
         return None
-    arrays["_meta"] = meta  # type: ignore[assignment]
+    arrays["_meta"] = meta
     return arrays
 
 
@@ -306,7 +306,7 @@ def _segments_of(stored: dict[str, np.ndarray]) -> list[Segment]:
             raw=stored["raw"][lo:hi] if "raw" in stored else None,
             inner=stored["inner"][lo:hi] if "inner" in stored else None,
             length=stored["length"][lo:hi] if "length" in stored else None, codec=codecs[k],
-            class_names=tuple(classes) if isinstance(classes, list) else None))  # type: ignore[arg-type]
+            class_names=tuple(classes) if isinstance(classes, list) else None))
     return segments
 
 
@@ -325,7 +325,7 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
         return False
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(meta, dtype=np.uint8), versions=versions, **arrays)
+            np.savez(f, **{"meta": np.frombuffer(meta, dtype=np.uint8), "versions": versions, **arrays})  # type: ignore[arg-type]
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as exc:
@@ -402,8 +402,8 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
 
     names_blob = names_offsets = None
     if segments and all(s.names_blob is not None and s.names_offsets is not None for s in segments):
-        names_blob = np.concatenate([s.names_blob for s in segments]).astype(np.uint8)  # type: ignore[misc]
-        sizes = np.concatenate([np.diff(s.names_offsets) for s in segments])  # type: ignore[arg-type]
+        names_blob = np.concatenate([s.names_blob for s in segments if s.names_blob is not None]).astype(np.uint8)
+        sizes = np.concatenate([np.diff(s.names_offsets) for s in segments if s.names_offsets is not None])
         names_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum(sizes, out=names_offsets[1:])
     classes = next((s.class_names for s in segments if s.class_names), None)
@@ -414,5 +414,6 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
     return PackedIndex(kind=kind, files=tuple(files), file_versions=versions, starts=starts, pos=pos, span=span,
                        labels=labels, class_names=classes, source=source, names_blob=names_blob,
                        names_offsets=names_offsets, raw=raw if packed else None,
-                       inner=cat("inner") if packed else None, length=cat("length") if packed else None, codecs=tuple(s.codec for s in segments),
+                       inner=cat("inner") if packed else None, length=cat("length") if packed else None,
+                       codecs=tuple(s.codec for s in segments),
                        storage=storage_for(files[0]))

@@ -217,8 +217,7 @@ def _walk_pages(chunk: bytes, start: int, codec: str, max_def: int, rows: int, r
             if max_def:
                 n = int.from_bytes(body_bytes[0:4], "little")
                 bits = max_def.bit_length()
-                levels = _rle_hybrid(body_bytes, 4, 4 + n, bits, count, where)
-                present = [lv == max_def for lv in levels]
+                present = [lv == max_def for lv in _rle_hybrid(body_bytes, 4, 4 + n, bits, count, where)]
                 offset = 4 + n
             values, base, vspan, vraw = body_bytes, page_at, csize, usize if codec else -1
         nonnull = sum(present)
@@ -321,7 +320,8 @@ def _page_header(buf: bytes, at: int, where: str) -> tuple[dict[int, Any], int]:
     try:
         return _struct(buf, at)
     except (IndexError, ConfigError) as exc:
-        raise ConfigError(f"{where}: a page header does not parse at chunk offset {at} ({exc or 'cut short'})") from None
+        reason = exc or "cut short"
+        raise ConfigError(f"{where}: a page header does not parse at chunk offset {at} ({reason})") from None
 
 
 def _zigzag(n: int) -> int:

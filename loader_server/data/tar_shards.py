@@ -65,7 +65,7 @@ def index_shard(path: str, json_label: str | None = None) -> Segment:
                 raise ConfigError(f"tar shard {path} is damaged after offset {offset} ({exc})") from None
             if info is None:
                 break
-            tar.members.clear()  # tarfile keeps every header; a shard of a million members need not
+            tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header; a shard's million need not
             offset, last = info.offset_data + info.size, info.name
             if not info.isfile():
                 continue
@@ -101,7 +101,7 @@ def index_shard(path: str, json_label: str | None = None) -> Segment:
         if label is None:
             raise ConfigError(f"tar shard {path}: member {name!r} has no label: its sample {key!r} lacks a {want}"
                               + ("" if json_label else " (or name a field of its .json with --json-label)"))
-        pos[k], span[k], labels[k] = off, size, label
+        pos[k], span[k], labels[k] = int(off), int(size), int(label)  # type: ignore[call-overload]
         names.append(str(name).encode("utf-8", "surrogateescape"))
     if not n:
         raise ConfigError(f"tar shard {path} holds no samples")

@@ -51,7 +51,7 @@ class BatchBuilder:
     def __init__(self, options: PipelineOptions | Any, index: Dataset, spec: BatchSpec | None = None,
                  cache: SampleCache | None = None) -> None:
         if spec is None:
-            spec = batch_spec(options, index)
+            spec = batch_spec(options, index)  # a ServerConfig: PipelineOptions alone do not say the batch size
         self.options = opts = PipelineOptions.of(options)
         self.index = index
         self.spec = spec

@@ -209,7 +209,8 @@ class Augment:
 class SamplePath:
     """The steps of one configuration, run over one sample at a time by `run`."""
 
-    def __init__(self, steps: list[Step], *, record_shape: tuple[int, int, int] | None, cache: SampleCache | None) -> None:
+    def __init__(self, steps: list[Step], *, record_shape: tuple[int, int, int] | None,
+                 cache: SampleCache | None) -> None:
         self.steps = steps
         self.record: np.ndarray | None = None if record_shape is None else np.empty(record_shape, np.uint8)
         self.cache = cache  # looked up by this path (hits and misses are counted per batch)
@@ -225,7 +226,8 @@ class SamplePath:
             pending: Future[bytes] | None = None, version: Version | None = None) -> None:
         """Sample `i` (named `name` in errors) through every step into the uint8 HWC slot `out`."""
         s = self.sample
-        s.i, s.name, s.out, s.key, s.pending, s.version, s.hit, s._rng = i, name, out, key, pending, version, False, None
+        s.i, s.name, s.out, s.key, s.pending, s.version = i, name, out, key, pending, version
+        s.hit, s._rng = False, None
         s.target = out if self.record is None else self.record
         try:
             for step in self.steps:
@@ -254,18 +256,21 @@ def plan_steps(options: PipelineOptions | Any, dataset: Dataset, cache: SampleCa
     augmenter = Augmenter(parse_augment(aug.augment)) if augment and aug.augment else None
     crop = augmenter if augmenter is not None and augmenter.source is not None else None
     tail: list[Step] = [Augment(augmenter)] if augmenter is not None and augmenter.post else []
+    steps: list[Step]
     if opts.user_code.transform:  # on the full decoded image: never cached (refused with --cache)
-        steps: list[Step] = [Read(reader), Transform(decoder, opts.user_code, decode.channels, crop)]
+        steps = [Read(reader), Transform(decoder, opts.user_code, decode.channels, crop)]
         return SamplePath(steps + tail, record_shape=None, cache=None)
     if crop is not None and decode.cache_size is not None:  # the crop of a record (cached or not): same pixels
         steps = _cached(cache, dataset, reader, Decoder(decode.for_record()))
         return SamplePath(steps + [CropRecord(decoder, crop)] + tail, record_shape=decode.record_shape,
                           cache=cache)
     if crop is not None:  # every pixel of the source is needed: nothing to cache at the output size
-        return SamplePath([Read(reader), DecodeRegion(decoder, crop)] + tail, record_shape=None, cache=None)
+        steps = [Read(reader), DecodeRegion(decoder, crop)]
+        return SamplePath(steps + tail, record_shape=None, cache=None)
     if cache is not None and decode.cache_size is None:
         return SamplePath(_cached(cache, dataset, reader, decoder) + tail, record_shape=None, cache=cache)
-    return SamplePath([Read(reader), Decode(decoder)] + tail, record_shape=None, cache=None)
+    steps = [Read(reader), Decode(decoder)]
+    return SamplePath(steps + tail, record_shape=None, cache=None)
 
 
 def cached_decode_steps(options: PipelineOptions | Any, dataset: Dataset, cache: SampleCache) -> SamplePath:
