@@ -50,7 +50,8 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
         import pyarrow  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"Parquet tables are read with pyarrow, which cannot be imported here ({exc}): install "
-                          "the server with `python3 -m pip install \"loader-service[server]\"`") from None
+                          "it with the `parquet` extra: `python3 -m pip install \".[server,parquet]\"` (or "
+                          "`pip install pyarrow`)") from None
     files = expand_files(options.data, ".parquet", "Parquet file")
     columns = (options.image_column, options.label_column)
     first = os.path.basename(files[0])

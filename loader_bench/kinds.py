@@ -1,0 +1,178 @@
+"""Data set kinds side by side (``--extras kinds``) and the member index at scale (``--extras index``).
+
+``kinds``: the benchmark's images written as WebDataset tar shards and as Parquet tables
+(uncompressed, and snappy with 100-row groups as Hugging Face ``datasets`` writes them), every
+file read once so that all sit in the page cache, then the service on each kind in alternated
+rounds (the order rotates each round): the median images/s, each kind's ratio to files, and
+the load average of the machine around every run.
+
+``index``: 1,000,000 generated members (``--index-members``) in tar shards and in Parquet
+files: the time to build each index, its size on disk, and the time to open it again.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .context import Bench
+from .systems import measure_service
+
+__all__ = ["kinds_probe", "kinds_tables", "index_probe", "index_tables", "INDEX_MEMBERS"]
+
+Results = dict[str, Any]
+
+#: Members of the generated index benchmark.
+INDEX_MEMBERS = 1_000_000
+_INDEX_SHARDS = 100
+_KIND_ROUNDS = 5
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _warm(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+
+
+def kinds_probe(b: Bench) -> Results:
+    from loader_server.sample_data import write_parquet, write_tar_shards
+
+    if not hasattr(b.index, "path"):
+        _say("kinds: skipped (it writes the images of an image data set into shards and tables)")
+        return {}
+    root = Path(b.scratch) / "kinds"
+    per = max(1, len(b.index) // 8)
+    data = {"files": b.data,
+            "tar": write_tar_shards(b.index, root / "tar", per),
+            "parquet": write_parquet(b.index, root / "parquet", per, row_group_size=100),
+            "parquet-snappy": write_parquet(b.index, root / "snappy", per, row_group_size=100, compression="snappy")}
+    if os.path.isdir(b.data):
+        _warm(Path(b.data))
+    else:
+        _warm(Path(b.data).parent)
+    _warm(root)
+    built: dict[str, float] = {}
+    from loader_server.config import ServerConfig
+    from loader_server.data.datasets import load_dataset
+
+    for kind in ("tar", "parquet", "parquet-snappy"):  # the first start of each builds its index: not timed here
+        started = time.perf_counter()
+        load_dataset(ServerConfig(data=data[kind]))
+        built[kind] = time.perf_counter() - started
+    rounds = 1 if b.quick else max(_KIND_ROUNDS, b.rounds)
+    names = list(data)
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    loads: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for kind in order:
+            res = measure_service(b, extra=b.serve_extra, data=data[kind])
+            runs[kind].append(res["images_per_s"])
+            loads[kind].append(os.getloadavg()[0])
+            _say(f"kinds round {r + 1}/{rounds} {kind:15s} {res['images_per_s']:8.0f} images/s "
+                 f"(load {loads[kind][-1]:.2f})")
+    files = statistics.median(runs["files"])
+    out = {kind: {"runs": v, "median": statistics.median(v), "ratio": statistics.median(v) / files,
+                  "load": loads[kind], "index_s": built.get(kind)} for kind, v in runs.items()}
+    _say("kinds: " + ", ".join(f"{k} {v['median']:.0f} images/s ({v['ratio']:.3f} of files)" for k, v in out.items()))
+    return {"kinds": {"results": out, "rounds": rounds, "shard_size": per}}
+
+
+def kinds_tables(results: Results) -> list[str]:
+    if "kinds" not in results:
+        return []
+    k = results["kinds"]
+    lines = ["", f"The same images from each kind of data set (alternated rounds, {k['rounds']} each; "
+             f"{k['shard_size']} samples a shard or file; Parquet row groups of 100):", "",
+             "| kind | images/s (median) | runs | ratio to files | load average (1 min) |", "|---|---|---|---|---|"]
+    for kind, v in k["results"].items():
+        lines.append(f"| {kind} | {v['median']:.0f} | {', '.join(f'{x:.0f}' for x in v['runs'])} | {v['ratio']:.3f} | "
+                     f"{min(v['load']):.2f}–{max(v['load']):.2f} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------- index at scale
+def _write_tiny_shards(root: Path, members: int, shards: int) -> str:
+    """`members` samples of a tiny .jpg and a .cls each (the index reads headers, not pixels)."""
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-members // shards)
+    payload = b"\xff\xd8" + bytes(30) + b"\xff\xd9"
+    for s in range(shards):
+        with tarfile.open(root / f"gen-{s:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(s * per, min(members, (s + 1) * per)):
+                for name, data in ((f"{i:09d}.jpg", payload), (f"{i:09d}.cls", str(i % 1000).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(root / f"gen-{{000000..{shards - 1:06d}}}.tar")
+
+
+def _write_tiny_parquet(root: Path, members: int, files: int) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-members // files)
+    payload = b"\xff\xd8" + bytes(30) + b"\xff\xd9"
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for f in range(files):
+        n = min(members, (f + 1) * per) - f * per
+        image = pa.array([{"bytes": payload, "path": None}] * n, kind)
+        pq.write_table(pa.table({"image": image, "label": pa.array(range(n), pa.int64())}),
+                       root / f"gen-{f:05d}.parquet", row_group_size=1000)
+    return str(root / "gen-*.parquet")
+
+
+def index_probe(b: Bench) -> Results:
+    from loader_server.config import ServerConfig
+    from loader_server.data.datasets import load_dataset
+
+    members = 20_000 if b.quick else INDEX_MEMBERS
+    root = Path(b.scratch) / "index"
+    out: Results = {"members": members}
+    for kind, write in (("tar", _write_tiny_shards), ("parquet", _write_tiny_parquet)):
+        started = time.perf_counter()
+        data = write(root / kind, members, _INDEX_SHARDS)
+        written = time.perf_counter() - started
+        _warm(root / kind)
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        ds = load_dataset(ServerConfig(data=data))
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        again = load_dataset(ServerConfig(data=data))
+        reopen_s = time.perf_counter() - started
+        assert len(again) == len(ds) == members
+        (index_file,) = (root / kind).glob(".loader-index-*.npz")
+        arrays = sum(getattr(ds, n).nbytes for n in ("pos", "span", "labels", "names_blob", "names_offsets", "raw",
+                                                     "inner", "length", "starts") if getattr(ds, n, None) is not None)
+        out[kind] = {"build_s": build_s, "reopen_s": reopen_s, "index_bytes": index_file.stat().st_size,
+                     "memory_bytes": arrays, "write_s": written, "files": _INDEX_SHARDS, "load": load}
+        _say(f"index of {members} {kind} members in {_INDEX_SHARDS} files: built in {build_s:.1f} s, "
+             f"{index_file.stat().st_size / 1e6:.1f} MB on disk, {arrays / 1e6:.1f} MB in memory, opened again in "
+             f"{reopen_s:.2f} s (load {load:.2f})")
+    return {"index": out}
+
+
+def index_tables(results: Results) -> list[str]:
+    if "index" not in results:
+        return []
+    r = results["index"]
+    lines = ["", f"The member index of {r['members']:,} generated members in {r['tar']['files']} files (one process):",
+             "", "| kind | build | on disk | in memory | open again | load average |", "|---|---|---|---|---|---|"]
+    for kind in ("tar", "parquet"):
+        v = r[kind]
+        lines.append(f"| {kind} | {v['build_s']:.1f} s | {v['index_bytes'] / 1e6:.1f} MB | "
+                     f"{v['memory_bytes'] / 1e6:.1f} MB | {v['reopen_s']:.2f} s | {v['load']:.2f} |")
+    return lines
