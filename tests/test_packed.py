@@ -325,8 +325,10 @@ def test_parquet_rows_read_alone_equal_what_pyarrow_reads(kinds: dict[str, str],
 
 # ---------------------------------------------------------------------------- the member index
 def test_the_index_is_kept_and_a_changed_shard_is_indexed_again(kinds: dict[str, str], tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from loader_server.data import tar_shards
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from loader_server.data import packed, tar_shards
+
+    monkeypatch.setattr(packed, "_PARALLEL_FILES", 1000)  # in this process, where the calls are counted
 
     calls: list[str] = []
     real = tar_shards.index_shard
@@ -372,6 +374,23 @@ def test_a_shard_changed_under_a_running_server_is_a_bad_sample_never_stale_pixe
         ds.read(0)  # type: ignore[attr-defined]
     assert info.value.code == "changed" and info.value.path == ds.describe(0)
     assert ds.version(0) != (0, 0, 0, 0) and before  # type: ignore[attr-defined]
+
+
+def test_shards_indexed_in_parallel_give_the_index_of_one_process(kinds: dict[str, str], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from loader_server.data import packed
+
+    parallel = load_dataset(ServerConfig(data=kinds["tar"], index_dir=str(tmp_path / "a")))  # 5 shards: forked
+    monkeypatch.setattr(packed, "_PARALLEL_FILES", 1000)
+    serial = load_dataset(ServerConfig(data=kinds["tar"], index_dir=str(tmp_path / "b")))
+    assert parallel.fingerprint() == serial.fingerprint() and len(parallel) == N
+    jpg = (Path(kinds["files"]).parent / "img" / "00001.jpg").read_bytes()
+    bad = tmp_path / "bad"
+    for k in range(6):  # an error in a forked indexer reaches the user as in one process
+        _tar(bad / f"s{k}.tar", [("a.jpg", jpg), ("a.cls", b"x" if k == 4 else b"1")])
+    monkeypatch.setattr(packed, "_PARALLEL_FILES", 4)
+    with pytest.raises(ConfigError, match="s4.tar:a.cls: label 'x' is not an integer"):
+        load_dataset(ServerConfig(data=str(bad)))
 
 
 def test_data_patterns(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import re
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -360,11 +360,8 @@ def load_or_build(files: list[str], *, kind: str, options: dict[str, object], in
             log.info("re-indexing %d of %d %s that changed since %s was written", len(todo), len(files), kind, path)
         total = int(versions[todo, 1].sum())
         with tqdm(total=total, desc=f"indexing {kind}", unit="B", unit_scale=True, delay=2.0) as bar:
-            for k in todo:
-                try:
-                    segments[k] = index_file(files[k])
-                except OSError as exc:
-                    raise os_error(exc, kind, files[k]) from None
+            for k, segment in _index_files(index_file, [files[k] for k in todo], todo, kind):
+                segments[k] = segment
                 bar.update(int(versions[k, 1]))
         versions = _stat_versions(files, kind)  # as indexed (a file changed meanwhile is indexed next time)
     done = [s for s in segments if s is not None]
@@ -376,6 +373,55 @@ def load_or_build(files: list[str], *, kind: str, options: dict[str, object], in
         log.info("indexed %d samples of %d %s in %.1f s%s", len(index), len(files), kind,
                  time.monotonic() - started, f" (index {path}, {size / 1e6:.1f} MB)" if kept else "")
     return index
+
+
+#: Files indexed in parallel processes from this many on (a fork costs more than a small file).
+_PARALLEL_FILES = 4
+_indexer: Callable[[str], Segment] | None = None
+
+
+def _index_one(job: tuple[int, str]) -> tuple[int, Segment | Exception]:
+    assert _indexer is not None
+    try:
+        return job[0], _indexer(job[1])
+    except (ConfigError, OSError) as exc:
+        return job[0], exc
+
+
+def _index_files(index_file: Callable[[str], Segment], paths: list[str], ids: list[int],
+                 kind: str) -> Iterator[tuple[int, Segment]]:
+    """(id, segment) of every file, on every core when there are several files; errors name the file."""
+    global _indexer
+    jobs = list(zip(ids, paths, strict=True))
+    cores = min(len(jobs), len(os.sched_getaffinity(0)))
+    if len(jobs) < _PARALLEL_FILES or cores < 2:
+        results: Iterator[tuple[int, Segment | Exception]] = ((k, _safe(index_file, p)) for k, p in jobs)
+        pool = None
+    else:
+        import multiprocessing
+
+        _indexer = index_file  # inherited by the forked processes: a closure needs no pickling
+        pool = multiprocessing.get_context("fork").Pool(cores)
+        results = pool.imap(_index_one, jobs)
+    try:
+        for k, result in results:
+            if isinstance(result, OSError):
+                raise os_error(result, kind, paths[ids.index(k)]) from None
+            if isinstance(result, Exception):
+                raise result
+            yield k, result
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _indexer = None
+
+
+def _safe(index_file: Callable[[str], Segment], path: str) -> Segment | Exception:
+    try:
+        return index_file(path)
+    except (ConfigError, OSError) as exc:
+        return exc
 
 
 def _arrays_of(index: PackedIndex) -> dict[str, np.ndarray]:
