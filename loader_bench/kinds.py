@@ -140,7 +140,7 @@ def index_probe(b: Bench) -> Results:
 
     members = 20_000 if b.quick else INDEX_MEMBERS
     root = Path(b.scratch) / "index"
-    out: Results = {"members": members}
+    out: Results = {"members": members, "cores": len(os.sched_getaffinity(0))}
     for kind, write in (("tar", _write_tiny_shards), ("parquet", _write_tiny_parquet)):
         started = time.perf_counter()
         data = write(root / kind, members, _INDEX_SHARDS)
@@ -169,7 +169,8 @@ def index_tables(results: Results) -> list[str]:
     if "index" not in results:
         return []
     r = results["index"]
-    lines = ["", f"The member index of {r['members']:,} generated members in {r['tar']['files']} files (one process):",
+    lines = ["", f"The member index of {r['members']:,} generated members in {r['tar']['files']} files (indexed on "
+             f"{r.get('cores', '?')} cores; tar: a .jpg and a .cls member per sample):",
              "", "| kind | build | on disk | in memory | open again | load average |", "|---|---|---|---|---|---|"]
     for kind in ("tar", "parquet"):
         v = r[kind]
