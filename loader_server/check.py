@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DATA_SETTINGS, ServerConfig, default_workers
-from .data.datasets import Dataset
+from .data.datasets import Dataset, row_source
 
 if TYPE_CHECKING:
     from .pipeline.steps import SamplePath
@@ -98,7 +98,8 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"checked {len(index)} samples of {index.source} in {elapsed:.1f} s: {len(bad)} bad")
     if index.build == "gather":
         labels = index.labels
-        print(f"  each sample {tuple(index.sample_shape)} {np.dtype(index.sample_dtype)}, "  # type: ignore[attr-defined]
+        rows = row_source(index)
+        print(f"  each sample {tuple(rows.sample_shape)} {np.dtype(rows.sample_dtype)}, "
               f"labels {labels.dtype} of shape {labels.shape[1:] or 'scalar'}")
     for reason, n in Counter(r.split(":")[0].split(" (")[0] for _, r in bad).most_common():
         print(f"  {n:8d}  {reason}")
@@ -130,8 +131,9 @@ def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[t
 
 def _check_rows(index: Dataset, progress: tqdm) -> list[tuple[str, str]]:
     """Gather every row as the workers would; rows or labels with NaN or infinity are bad."""
-    shape = tuple(index.sample_shape)  # type: ignore[attr-defined]
-    dtype = np.dtype(index.sample_dtype)  # type: ignore[attr-defined]
+    source = row_source(index)
+    shape = tuple(source.sample_shape)
+    dtype = np.dtype(source.sample_dtype)
     rows = max(1, _ROWS_CHUNK_BYTES // max(1, int(np.prod(shape)) * dtype.itemsize))
     out = np.empty((min(rows, len(index)), *shape), dtype=dtype)
     floats = dtype.kind in "fc"
@@ -140,7 +142,7 @@ def _check_rows(index: Dataset, progress: tqdm) -> list[tuple[str, str]]:
     for lo in range(0, len(index), rows):
         indices = np.arange(lo, min(lo + rows, len(index)), dtype=np.int64)
         x = out[: len(indices)]
-        index.gather(indices, x)  # type: ignore[attr-defined]
+        source.gather(indices, x)
         if floats:
             finite = np.isfinite(x.reshape(len(indices), -1)).all(axis=1)
             bad.extend((index.describe(int(i)), "non-finite values (NaN or infinity) in the sample")

@@ -16,7 +16,7 @@ import numpy as np
 from loader_client.errors import ConfigError
 
 from ..config import ServerConfig
-from .datasets import Dataset
+from .datasets import Dataset, row_source
 
 __all__ = ["BatchSpec", "batch_spec"]
 
@@ -58,7 +58,8 @@ def batch_spec(config: ServerConfig | Any, dataset: Dataset) -> BatchSpec:
         if given:
             raise ConfigError(f"array data sets are served as stored: {', '.join(given)} apply to images only "
                               f"({dataset.source}); drop {'it' if len(given) == 1 else 'them'}")
-        shape, dtype = dataset.sample_shape, dataset.sample_dtype  # type: ignore[attr-defined]
+        rows = row_source(dataset)
+        shape, dtype = rows.sample_shape, rows.sample_dtype
         spec = BatchSpec(config.batch_size, tuple(shape), np.dtype(dtype).str, "gather", config.layout,
                          config.color, None)
     else:

@@ -29,7 +29,8 @@ from .reading import Version
 if TYPE_CHECKING:
     from ..config import ServerConfig
 
-__all__ = ["Dataset", "ByteDataset", "FileDataset", "ArrayDataset", "DatasetKind", "KINDS", "load_dataset"]
+__all__ = ["Dataset", "ByteDataset", "FileDataset", "ArrayDataset", "DatasetKind", "KINDS", "load_dataset",
+           "byte_source", "row_source"]
 
 
 @runtime_checkable
@@ -92,6 +93,20 @@ class ArrayDataset(Dataset, Protocol):
 
     def gather(self, indices: np.ndarray, out: np.ndarray) -> None:
         """Copy the samples at `indices` into `out` (``len(indices)`` rows)."""
+
+
+def byte_source(dataset: Dataset) -> ByteDataset:
+    """`dataset` as the byte source it is (``build == "decode"``): the one check, made once by its user."""
+    if dataset.build != "decode" or not isinstance(dataset, ByteDataset):
+        raise TypeError(f"{dataset.source} is not a data set of encoded samples (build {dataset.build!r})")
+    return dataset
+
+
+def row_source(dataset: Dataset) -> ArrayDataset:
+    """`dataset` as the rows it is (``build == "gather"``): the one check, made once by its user."""
+    if dataset.build != "gather" or not isinstance(dataset, ArrayDataset):
+        raise TypeError(f"{dataset.source} is not a data set of rows (build {dataset.build!r})")
+    return dataset
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from loader_client.normalize import Normalization
 
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
 from ..data.batch_spec import BatchSpec, batch_spec
-from ..data.datasets import Dataset
+from ..data.datasets import Dataset, byte_source, row_source
 from ..data.reading import Version
 from ..options import PipelineOptions
 from .augment import sample_rng
@@ -68,7 +68,8 @@ class BatchBuilder:
         w, h = opts.decode.size
         self._hwc_shape = (h, w, opts.decode.channels)
         self.cache = cache if spec.build == "decode" else None
-        self._fill = self._gather if spec.build == "gather" else self._decode
+        self._fill = self._gather if spec.build == "gather" else self._decode  # decided once
+        self._rows = row_source(index) if spec.build == "gather" else None
         self.reader: Reader | None = None
         self._paths: dict[bool, SamplePath] = {}
         if spec.build == "decode":
@@ -94,7 +95,7 @@ class BatchBuilder:
         path = self._paths[augment]
         cache = path.cache
         if cache is not None:
-            version = self.index.version  # type: ignore[attr-defined]
+            version = byte_source(self.index).version
             versions = [version(int(i)) for i in indices]
             if self.reader.pool is None:
                 return [(None, v) for v in versions]
@@ -117,8 +118,9 @@ class BatchBuilder:
     def _gather(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None, key: tuple[int, int],
                 augment: bool) -> dict[str, np.ndarray]:
         """Rows copied as stored, no decoding."""
+        assert self._rows is not None
         self.last_bad = []
-        self.index.gather(indices, x)  # type: ignore[attr-defined]
+        self._rows.gather(indices, x)
         return {"x": x, "y": np.ascontiguousarray(self.index.labels[indices]),
                 "index": np.array(indices, dtype=np.int64)}
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
-from ..data.datasets import Dataset
+from ..data.datasets import Dataset, byte_source
 from ..data.reading import Version
 from ..options import AugmentOptions, DecodeOptions, PipelineOptions, ReadOptions, UserCodeOptions
 from .augment import Augmenter, parse_augment, sample_rng
@@ -81,7 +81,7 @@ class Reader:
     """
 
     def __init__(self, options: ReadOptions, dataset: Dataset) -> None:
-        self.read_bytes = dataset.read  # type: ignore[attr-defined]
+        self.read_bytes = byte_source(dataset).read
         self.max_bytes = options.max_file_bytes
         self._latency_s = options.simulate_read_latency_ms / 1000
         self._auto = options.read_threads is None
@@ -93,7 +93,7 @@ class Reader:
     def read(self, i: int) -> bytes:
         if self._latency_s:
             time.sleep(self._latency_s)
-        return self.read_bytes(i, self.max_bytes)  # type: ignore[no-any-return]
+        return self.read_bytes(i, self.max_bytes)
 
     def read_inline(self, i: int) -> bytes:
         """Read on this thread; in auto mode, start the pool once reads average over SLOW_READ_S."""
@@ -115,7 +115,7 @@ class LookupCache:
     """Copy a valid record into the target (then nothing is read, decoded or stored)."""
 
     def __init__(self, cache: SampleCache, dataset: Dataset) -> None:
-        self.cache, self.version = cache, dataset.version  # type: ignore[attr-defined]
+        self.cache, self.version = cache, byte_source(dataset).version
 
     def __call__(self, s: Sample) -> None:
         if s.version is None:
