@@ -407,3 +407,33 @@ def test_data_patterns(tmp_path: Path) -> None:
         expand_files(f"{tmp_path}/a/s-{{0..2}}.tar", ".tar", "tar shard")
     with pytest.raises(ConfigError, match="named twice"):
         expand_files(f"{tmp_path}/a/s-0.tar::{tmp_path}/a", ".tar", "tar shard")
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_walker_reads_what_tarfile_reads(tmp_path: Path, fmt: int) -> None:
+    """Long names (ustar prefix, GNU 'L', pax path), folders and links: the same members, offsets and sizes."""
+    import mmap
+
+    from loader_server.data import tar_shards
+
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i in range(12):
+            name = "deep/" * (i % 5) + "n" * (i * (3 if fmt == tarfile.USTAR_FORMAT else 11)) + f"{i}.jpg"
+            for member, data in ((name, bytes([i]) * (i * 37)), (name[:-4] + ".cls", str(i).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("alias.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "0.jpg"
+        tar.addfile(link)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        end = os.fstat(f.fileno()).st_size
+        fast = list(tar_shards._headers(mm, end, str(path)))
+        slow = list(tar_shards._tarfile_members(f, end, str(path)))
+    assert fast == slow and len(fast) == 24
+    segment = tar_shards.index_shard(str(path))
+    assert segment.labels.tolist() == list(range(12))
