@@ -104,7 +104,10 @@ def kinds_tables(results: Results) -> list[str]:
 
 # ---------------------------------------------------------------------------- index at scale
 def _write_tiny_shards(root: Path, members: int, shards: int) -> str:
-    """`members` samples of a tiny .jpg and a .cls each (the index reads headers, not pixels)."""
+    """`members` samples of a tiny .jpg and a .cls each (the index reads headers, not pixels).
+
+    Parquet (below): a distinct value per row, so that pyarrow's dictionary encoding falls back
+    to plain pages as it does for real images."""
     root.mkdir(parents=True, exist_ok=True)
     per = -(-members // shards)
     payload = b"\xff\xd8" + bytes(30) + b"\xff\xd9"
@@ -128,7 +131,7 @@ def _write_tiny_parquet(root: Path, members: int, files: int) -> str:
     kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     for f in range(files):
         n = min(members, (f + 1) * per) - f * per
-        image = pa.array([{"bytes": payload, "path": None}] * n, kind)
+        image = pa.array([{"bytes": payload + i.to_bytes(4, "little"), "path": None} for i in range(n)], kind)
         pq.write_table(pa.table({"image": image, "label": pa.array(range(n), pa.int64())}),
                        root / f"gen-{f:05d}.parquet", row_group_size=1000)
     return str(root / "gen-*.parquet")
