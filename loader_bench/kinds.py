@@ -86,7 +86,45 @@ def kinds_probe(b: Bench) -> Results:
     out = {kind: {"runs": v, "median": statistics.median(v), "ratio": statistics.median(v) / files,
                   "load": loads[kind], "index_s": built.get(kind)} for kind, v in runs.items()}
     _say("kinds: " + ", ".join(f"{k} {v['median']:.0f} images/s ({v['ratio']:.3f} of files)" for k, v in out.items()))
+    cpu = _cpu_per_image(b, data, rounds)
+    for kind, ms in cpu.items():
+        out[kind]["cpu_ms"] = ms
+        out[kind]["cpu_ratio"] = statistics.median(cpu["files"]) / statistics.median(ms)
+    _say("kinds, CPU ms per image in one process: " + ", ".join(
+        f"{k} {statistics.median(v):.3f} ({out[k]['cpu_ratio']:.3f}x files' speed)" for k, v in cpu.items()))
     return {"kinds": {"results": out, "rounds": rounds, "shard_size": per}}
+
+
+def _cpu_per_image(b: Bench, data: dict[str, str], rounds: int) -> dict[str, list[float]]:
+    """CPU ms per image of a worker's whole batch (read, decode, resize into the batch) in this process,
+    the kinds alternated: the scheduler's share of a loaded machine does not enter CPU time."""
+    import cv2
+    import numpy as np
+
+    from loader_server.config import ServerConfig
+    from loader_server.data.datasets import load_dataset
+    from loader_server.pipeline.batch import BatchBuilder
+
+    cv2.setNumThreads(1)
+    builders = {}
+    for kind, d in data.items():
+        config = ServerConfig(data=d, batch_size=b.batch_size, size=b.size)
+        builders[kind] = BatchBuilder(config, load_dataset(config))
+    n = len(b.index)
+    order = np.random.default_rng(0).permutation(n)  # random access, as the shuffle reads
+    batches = [order[k : k + b.batch_size] for k in range(0, n - b.batch_size + 1, b.batch_size)]
+    batches = batches[: max(2, min(len(batches), b.quick_n // b.batch_size))]
+    out: dict[str, list[float]] = {k: [] for k in data}
+    for r in range(rounds):
+        names = list(data)
+        for kind in names[r % len(names):] + names[: r % len(names)]:
+            builder = builders[kind]
+            x = builder.allocate()
+            started = time.process_time()
+            for idx in batches:
+                builder.build(idx, x)
+            out[kind].append((time.process_time() - started) * 1000 / (len(batches) * b.batch_size))
+    return out
 
 
 def kinds_tables(results: Results) -> list[str]:
@@ -95,10 +133,14 @@ def kinds_tables(results: Results) -> list[str]:
     k = results["kinds"]
     lines = ["", f"The same images from each kind of data set (alternated rounds, {k['rounds']} each; "
              f"{k['shard_size']} samples a shard or file; Parquet row groups of 100):", "",
-             "| kind | images/s (median) | runs | ratio to files | load average (1 min) |", "|---|---|---|---|---|"]
+             "| kind | images/s (median) | runs | ratio to files | load average (1 min) | CPU ms per image, one "
+             "process (median; runs) | speed against files by CPU |", "|---|---|---|---|---|---|---|"]
     for kind, v in k["results"].items():
+        cpu = v.get("cpu_ms", [])
         lines.append(f"| {kind} | {v['median']:.0f} | {', '.join(f'{x:.0f}' for x in v['runs'])} | {v['ratio']:.3f} | "
-                     f"{min(v['load']):.2f}–{max(v['load']):.2f} |")
+                     f"{min(v['load']):.2f}–{max(v['load']):.2f} | "
+                     + (f"{statistics.median(cpu):.3f}; {', '.join(f'{x:.3f}' for x in cpu)}" if cpu else "–")
+                     + f" | {v.get('cpu_ratio', float('nan')):.3f} |")
     return lines
 
 

@@ -196,8 +196,11 @@ class PackedIndex:
         """The sample's bytes: one range read (and, for a compressed page, a decompression and a slice)."""
         f = self._file(i)
         path = self.files[f]
-        st = self.storage.stat(path, self.describe(i))
-        mtime, size, ino = (int(v) for v in self.file_versions[f])
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = self.storage.stat(path, self.describe(i))  # raises, naming the sample
+        mtime, size, ino = self.file_versions[f].tolist()
         if (st.st_mtime_ns, st.st_size, st.st_ino) != (mtime, size, ino):
             self.storage.forget(path)
             raise DecodeError(self.describe(i), f"{path} changed since it was indexed (size {size} -> {st.st_size}, "
@@ -208,7 +211,7 @@ class PackedIndex:
             raise DecodeError(self.describe(i), f"sample of {span} bytes exceeds --max-file-bytes {max_bytes}",
                               "too_large")
         if self.raw is None or self.raw[i] < 0:
-            return self.storage.read_range(path, int(self.pos[i]), span, self.describe(i))
+            return self.storage.read_range(path, int(self.pos[i]), span, self.describe, i)
         assert self.inner is not None and self.length is not None
         page = self._page(f, i)
         inner, length = int(self.inner[i]), int(self.length[i])
@@ -223,7 +226,7 @@ class PackedIndex:
         import pyarrow as pa
 
         assert self.raw is not None
-        packed = self.storage.read_range(self.files[f], key[1], int(self.span[i]), self.describe(i))
+        packed = self.storage.read_range(self.files[f], key[1], int(self.span[i]), self.describe, i)
         try:
             page = bytes(pa.decompress(packed, decompressed_size=int(self.raw[i]), codec=self.codecs[f]))
         except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
 
 __all__ = ["DecodeError", "read_file", "DEFAULT_MAX_FILE_BYTES", "LocalStorage", "Version", "storage_for",
            "file_version"]
@@ -124,29 +125,28 @@ class LocalStorage:
         except OSError as exc:
             raise DecodeError(name, *_os_reason(exc)) from None
 
-    def read_range(self, path: str, offset: int, size: int, name: str) -> bytes:
-        """`size` bytes at `offset` of `path`; a short read (the file shrank) is a truncated sample."""
-        fd = self._fd(path, name)
+    def read_range(self, path: str, offset: int, size: int, describe: Callable[[int], str], i: int) -> bytes:
+        """`size` bytes at `offset` of `path`; a short read (the file shrank) is a truncated sample.
+
+        Errors name the sample ``describe(i)`` (computed only then)."""
         try:
+            fd = self._fd(path)
             data = os.pread(fd, size, offset)
         except OSError as exc:
-            raise DecodeError(name, *_os_reason(exc)) from None
+            raise DecodeError(describe(i), *_os_reason(exc)) from None
         if len(data) != size:
-            raise DecodeError(name, f"truncated: {len(data)} of {size} bytes at offset {offset} of {path}",
+            raise DecodeError(describe(i), f"truncated: {len(data)} of {size} bytes at offset {offset} of {path}",
                               "truncated")
         return data
 
-    def _fd(self, path: str, name: str) -> int:
+    def _fd(self, path: str) -> int:
         if self._pid != os.getpid():  # forked: the parent's descriptors share its file offsets; start afresh
             self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.get(path)
         if fd is not None:
             self._fds.move_to_end(path)
             return fd
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise DecodeError(name, *_os_reason(exc)) from None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._fds[path] = fd
         if len(self._fds) > _OPEN_FILES:
             _, old = self._fds.popitem(last=False)
