@@ -437,3 +437,23 @@ def test_the_header_walker_reads_what_tarfile_reads(tmp_path: Path, fmt: int) ->
     assert fast == slow and len(fast) == 24
     segment = tar_shards.index_shard(str(path))
     assert segment.labels.tolist() == list(range(12))
+
+
+@pytest.mark.parametrize("kind", ["tar", "parquet-snappy"])
+def test_read_ahead_threads_share_descriptors_and_pages_safely(kinds: dict[str, str], kind: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 threads reading at once while descriptors and pages are evicted under them: every read is right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loader_server.data import packed, reading
+
+    monkeypatch.setattr(reading, "_OPEN_FILES", 2)  # 5 shards (3 tables): evictions all the time
+    monkeypatch.setattr(packed, "_PAGE_CACHE", 1)
+    files = load_dataset(ServerConfig(data=kinds["files"]))
+    ds = load_dataset(ServerConfig(data=kinds[kind]))
+    order = np.random.default_rng(1).integers(0, N, 3000)
+    with ThreadPoolExecutor(64) as pool:
+        got = list(pool.map(ds.read, order.tolist()))  # type: ignore[attr-defined]
+    assert all(g == files.read(int(i)) for g, i in zip(got, order, strict=True))  # type: ignore[attr-defined]
+    storage = ds.storage  # type: ignore[attr-defined]
+    assert len(storage._fds) <= 2 and not storage._retired  # every evicted descriptor closed once unused

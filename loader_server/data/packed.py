@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -167,6 +168,7 @@ class PackedIndex:
     codecs: tuple[str, ...] = ()  # per file, when `raw` is set
     storage: LocalStorage = field(default_factory=LocalStorage, repr=False)
     _pages: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: Workers read and decode each sample's bytes (see datasets.Dataset).
     build: ClassVar[Literal["decode", "gather"]] = "decode"
 
@@ -219,10 +221,11 @@ class PackedIndex:
 
     def _page(self, f: int, i: int) -> bytes:
         key = (f, int(self.pos[i]))
-        page = self._pages.get(key)
-        if page is not None:
-            self._pages.move_to_end(key)
-            return page
+        with self._lock:  # read-ahead threads share the pages
+            page = self._pages.get(key)
+            if page is not None:
+                self._pages.move_to_end(key)
+                return page
         import pyarrow as pa
 
         assert self.raw is not None
@@ -232,9 +235,10 @@ class PackedIndex:
         except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these
             raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({exc})",
                               "undecodable") from None
-        self._pages[key] = page
-        if len(self._pages) > _PAGE_CACHE:
-            self._pages.popitem(last=False)
+        with self._lock:
+            self._pages[key] = page
+            while len(self._pages) > _PAGE_CACHE:
+                self._pages.popitem(last=False)
         return page
 
     def fingerprint(self) -> str:

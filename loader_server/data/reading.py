@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -100,11 +101,15 @@ _OPEN_FILES = 128
 class LocalStorage:
     """Files on a local (or mounted) file system.
 
-    Range reads keep their descriptors open per process (opened after a fork, never shared).
+    Range reads keep their descriptors open per process (opened after a fork, never shared with
+    the parent), shared by the read-ahead threads: a descriptor is closed once it is both out of
+    the most recently used `_OPEN_FILES` and no longer in use by a read.
     """
 
     def __init__(self) -> None:
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, reads in flight]
+        self._retired: dict[int, int] = {}  # evicted fd -> reads in flight
+        self._lock = threading.Lock()
         self._pid = os.getpid()
 
     def read(self, path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
@@ -130,34 +135,60 @@ class LocalStorage:
 
         Errors name the sample ``describe(i)`` (computed only then)."""
         try:
-            fd = self._fd(path)
+            fd = self._acquire(path)
+        except OSError as exc:
+            raise DecodeError(describe(i), *_os_reason(exc)) from None
+        try:
             data = os.pread(fd, size, offset)
         except OSError as exc:
             raise DecodeError(describe(i), *_os_reason(exc)) from None
+        finally:
+            self._release(path, fd)
         if len(data) != size:
             raise DecodeError(describe(i), f"truncated: {len(data)} of {size} bytes at offset {offset} of {path}",
                               "truncated")
         return data
 
-    def _fd(self, path: str) -> int:
-        if self._pid != os.getpid():  # forked: the parent's descriptors share its file offsets; start afresh
-            self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.get(path)
-        if fd is not None:
-            self._fds.move_to_end(path)
-            return fd
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._fds[path] = fd
-        if len(self._fds) > _OPEN_FILES:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-        return fd
+    def _acquire(self, path: str) -> int:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's descriptors share its file offsets; start afresh
+                self._fds, self._retired, self._pid = OrderedDict(), {}, os.getpid()
+            entry = self._fds.get(path)
+            if entry is None:
+                entry = [os.open(path, os.O_RDONLY | os.O_CLOEXEC), 0]
+                self._fds[path] = entry
+                if len(self._fds) > _OPEN_FILES:
+                    _, (old, users) = self._fds.popitem(last=False)
+                    if users:
+                        self._retired[old] = users
+                    else:
+                        os.close(old)
+            else:
+                self._fds.move_to_end(path)
+            entry[1] += 1
+            return entry[0]
+
+    def _release(self, path: str, fd: int) -> None:
+        with self._lock:
+            entry = self._fds.get(path)
+            if entry is not None and entry[0] == fd:
+                entry[1] -= 1
+            elif fd in self._retired:
+                self._retired[fd] -= 1
+                if not self._retired[fd]:
+                    del self._retired[fd]
+                    os.close(fd)
 
     def forget(self, path: str) -> None:
-        """Close the descriptor of `path` (it changed: the next read opens the new file)."""
-        fd = self._fds.pop(path, None)
-        if fd is not None:
-            os.close(fd)
+        """Stop using the descriptor of `path` (it changed: the next read opens the new file)."""
+        with self._lock:
+            entry = self._fds.pop(path, None)
+            if entry is None:
+                return
+            if entry[1]:
+                self._retired[entry[0]] = entry[1]
+            else:
+                os.close(entry[0])
 
 
 def storage_for(location: str) -> LocalStorage:
