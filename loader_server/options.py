@@ -160,6 +160,7 @@ class ServeOptions:
     bind: str = "tcp://127.0.0.1:5555"
     curve_dir: str | None = None
     insecure: bool = False
+    ipc_mode: str = "0600"
     prefetch: int | None = None
     in_order: bool = True
     shm: bool = True

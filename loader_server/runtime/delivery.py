@@ -29,7 +29,7 @@ from ..data.classes import count_classes
 from ..data.datasets import Dataset
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
-from .arenas import Arena, arena_slots, new_arena
+from .arenas import Arena, ArenaChannel, arena_slots, new_arena
 from .bad_files import BadFiles
 from .sessions import Refusal, Session, StreamFacts, open_session
 from .supervisor import GivenUp, Supervisor, Task, Worker
@@ -72,8 +72,9 @@ class Delivery:
 
     def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec, plan: SamplingPlan, *, fingerprint: str,
                  supervisor: Supervisor, transport: ClientTransport, channel: WorkerChannel, metrics: Metrics,
-                 peer_log: PeerLog) -> None:
+                 peer_log: PeerLog, arena_channel: ArenaChannel | None = None) -> None:
         self.config, self.index, self.spec, self.plan = config, index, spec, plan
+        self.arena_channel = arena_channel
         self.fingerprint = fingerprint
         self.supervisor, self.transport, self.channel, self.metrics = supervisor, transport, channel, metrics
         self.peer_log = peer_log
@@ -115,7 +116,7 @@ class Delivery:
         if hello.shm and self.config.shm and shm_available():
             self._next_arena_id += 1
             client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch_batches, hello.credit),
-                                     self.spec.batch_bytes)
+                                     self.spec.batch_bytes, self.arena_channel)
         self.clients[identity] = client
         self._send(client, [encode(self._welcome(client, hello))])
         log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s",
