@@ -1,5 +1,4 @@
 """CPU ms per image of a worker's whole batch (BatchBuilder.build) in one process, on ../shared/corpus."""
-import sys
 import time
 
 import cv2
