@@ -179,6 +179,23 @@ class LocalStorage:
                     del self._retired[fd]
                     os.close(fd)
 
+    def close(self) -> None:
+        """Close every descriptor this storage holds (also when it is collected)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                for fd in [entry[0] for entry in self._fds.values()] + list(self._retired):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._fds, self._retired = OrderedDict(), {}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
     def forget(self, path: str) -> None:
         """Stop using the descriptor of `path` (it changed: the next read opens the new file)."""
         with self._lock:
