@@ -14,8 +14,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["DecodeError", "read_file", "DEFAULT_MAX_FILE_BYTES", "LocalStorage", "Version", "storage_for",
-           "file_version"]
+__all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
+    "DecodeError",
+    "LocalStorage",
+    "Version",
+    "file_version",
+    "read_file",
+    "storage_for",
+]
 
 #: What a record of the decoded-sample cache is validated against: four integers whose meaning
 #: each byte source states (a file: size, mtime in ns, inode, device).
