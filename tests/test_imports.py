@@ -133,7 +133,8 @@ def test_the_parser_sees_imports_inside_functions_and_type_checking_blocks() -> 
     assert "loader_client.contract.protocol" in graph["loader_client.wire"]  # `from .contract import protocol`
     assert "loader_client.client" in graph["loader_client.env"]  # inside from_env()
     runtime = {m: {t for t, _ in targets} for m, targets in imports(runtime_only=True).items()}
-    assert "loader_server.config" in runtime["loader_server.data.datasets"]  # the import inside a function stays
+    assert "loader_server.data.subset" in runtime["loader_server.data.datasets"]  # the import inside a function stays
+    assert "loader_server.config" not in runtime["loader_server.data.datasets"]  # under TYPE_CHECKING only
     assert "loader_server.simulation.ranks" not in runtime["loader_server.simulation.hosts"]  # type-only
 
 
