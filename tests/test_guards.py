@@ -36,12 +36,13 @@ from loader_client import (
 from loader_server.config import ServerConfig
 from loader_server.pipeline.batch import _substitute
 from loader_server.pipeline.decode import DecodeError, Decoder
-from loader_server.server import MAX_TASK_RETRIES
 
 from .conftest import free_port, unique_label_list, wait_until, write_image
 
 MAX_CREDIT = 64  # loader_client.messages.MAX_CREDIT, written out: a changed cap must fail here
 MAX_REQUEST_BYTES = 64 * 1024  # loader_server.runtime.transport.MAX_REQUEST_BYTES
+MAX_TASK_RETRIES = 3  # README: "the same batch kills or hangs 3 workers" -> WorkerCrashedError
+MAX_HEADER_BYTES = 1 << 20  # loader_client.protocol.MAX_HEADER_BYTES: a header of at most 1 MiB
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -278,10 +279,10 @@ def test_request_size_limit_at_and_over(small_server: Any) -> None:
 
 
 def test_header_size_limit_at_and_over() -> None:
-    at = padded(protocol.MAX_HEADER_BYTES, t="x")
+    at = padded(MAX_HEADER_BYTES, t="x")
     assert len(protocol.unpack(at)["client"]) > 0
     with pytest.raises(ProtocolError, match="exceeds the limit"):
-        protocol.unpack(padded(protocol.MAX_HEADER_BYTES + 1, t="x"))
+        protocol.unpack(padded(MAX_HEADER_BYTES + 1, t="x"))
 
 
 def test_message_bytes_and_dimension_limits_at_and_over() -> None:

@@ -26,7 +26,6 @@ import pytest
 import zmq
 
 from loader_client import LoaderClient, ServerError, protocol
-from loader_server.runtime.transport import SEND_QUEUE_BATCHES
 
 from .conftest import free_port, keygen, unique_label_list, wait_until
 
@@ -163,8 +162,9 @@ def test_a_client_that_grants_credit_and_never_reads_stays_within_its_bound(
     while time.monotonic() < deadline:
         peak = max(peak, rss_mb(server.proc.pid))
         time.sleep(0.1)
-    # prefetch built ahead + SEND_QUEUE_BATCHES in the socket + 4 batches of slack (kernel buffers, allocator)
-    bound_mb = (prefetch + SEND_QUEUE_BATCHES + 4) * batch_bytes / 2**20
+    # prefetch built ahead + the README's "at most 8 messages queued in the socket" + 4 batches of slack
+    # (kernel buffers, allocator). The 8 is written out: a queue bound raised in the code must fail here.
+    bound_mb = (prefetch + 8 + 4) * batch_bytes / 2**20
     assert peak - before < bound_mb, (before, peak, bound_mb)
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         started = time.monotonic()

@@ -14,12 +14,16 @@ import numpy as np
 import pytest
 
 from loader_client.errors import ProtocolError
-from loader_client.messages import MAX_CREDIT, Hello
+from loader_client.messages import Hello
 from loader_server.runtime.arenas import Arena, arena_slots
 from loader_server.runtime.bad_files import BadFiles
 from loader_server.runtime.sessions import Refusal, Session, StreamFacts, open_session
 from loader_server.runtime.supervisor import Supervisor
 from loader_server.sampling import SamplingPlan
+
+#: The most credit a client may hold (README: "at most 64 batches of credit"), written out: a changed cap
+#: must fail here, not follow the code's constant.
+MAX_CREDIT = 64
 
 FACTS = StreamFacts(batch_size=4, num_samples=40, default_seed=7, fingerprint="aa-bb", prefetch=3, in_order=True,
                     augment_available=False)

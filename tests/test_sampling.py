@@ -60,15 +60,21 @@ def test_random_mode_with_replacement_is_deterministic() -> None:
     assert SamplingPlan(50, 8, mode="random").steps_per_epoch() == 50 // 8
 
 
-@pytest.mark.parametrize(("n", "world", "drop_last"), [(103, 2, True), (103, 4, True), (103, 4, False), (7, 3, False)])
-def test_ranks_are_disjoint_with_equal_batch_counts(n: int, world: int, drop_last: bool) -> None:
+# (samples, ranks, drop-last, batches per rank, samples per rank): written out from the README's rule,
+# n // world per rank with drop-last (then whole batches of 4), ceil(n / world) with keep-last.
+@pytest.mark.parametrize(("n", "world", "drop_last", "steps", "per_rank"), [
+    (103, 2, True, 12, 48), (103, 4, True, 6, 24), (103, 4, False, 7, 26), (7, 3, False, 1, 3),
+    (100, 2, True, 12, 48), (100, 2, False, 13, 50), (104, 2, False, 13, 52), (8, 2, True, 1, 4),
+])
+def test_ranks_are_disjoint_with_equal_batch_counts(n: int, world: int, drop_last: bool, steps: int,
+                                                    per_rank: int) -> None:
     plan = SamplingPlan(n, 4, drop_last=drop_last)
-    per_rank = [np.concatenate(epoch_batches(plan, 2, rank=r, world=world)) for r in range(world)]
-    steps = {len(epoch_batches(plan, 2, rank=r, world=world)) for r in range(world)}
-    assert len(steps) == 1
-    union = np.concatenate(per_rank)
+    shares = [np.concatenate(epoch_batches(plan, 2, rank=r, world=world)) for r in range(world)]
+    assert [len(epoch_batches(plan, 2, rank=r, world=world)) for r in range(world)] == [steps] * world
+    assert [len(s) for s in shares] == [per_rank] * world
+    union = np.concatenate(shares)
     if drop_last:
-        assert len(set(union.tolist())) == len(union)  # disjoint, nothing twice
-        assert n - len(union) < world * 4 + world  # the documented remainder only
+        assert len(set(union.tolist())) == len(union) == world * per_rank  # disjoint, nothing twice
     else:
         assert set(union.tolist()) == set(range(n))  # everything, padded with a few repeats
+        assert len(union) == world * per_rank  # only the padding repeats

@@ -17,10 +17,15 @@ from loader_server.data.subset import split_indices
 from .conftest import color_classes, unique_label_list
 
 
-@pytest.mark.parametrize(("n", "fraction"), [(2, 0.5), (10, 0.2), (101, 0.1), (1000, 0.25), (7, 0.9)])
-def test_split_is_disjoint_complete_sized_and_deterministic(n: int, fraction: float) -> None:
+# val holds round(n x F) samples, a half rounded up (README), written out: 10.1 -> 10, 6.3 -> 6, 2.5 -> 3,
+# 3.7 -> 4, 4.5 -> 5, 0.5 -> 1 and 9.5 -> 10 (refused: train would be empty) tell the rounding rules apart.
+@pytest.mark.parametrize(("n", "fraction", "val_size"), [
+    (2, 0.5, 1), (10, 0.2, 2), (101, 0.1, 10), (1000, 0.25, 250), (7, 0.9, 6), (10, 0.25, 3), (10, 0.37, 4),
+    (10, 0.33, 3), (30, 0.15, 5), (10, 0.05, 1), (90, 0.05, 5), (11, 0.5, 6), (11, 0.45, 5),
+])
+def test_split_is_disjoint_complete_sized_and_deterministic(n: int, fraction: float, val_size: int) -> None:
     train, val = split_indices(n, fraction, split_seed=3)
-    assert len(val) == int(n * fraction + 0.5) and len(train) == n - len(val)
+    assert len(val) == val_size and len(train) == n - val_size
     assert not set(train.tolist()) & set(val.tolist())
     np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(n))
     assert (np.diff(train) > 0).all() and (np.diff(val) > 0).all()  # sorted: reads keep the file order
