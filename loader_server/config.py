@@ -391,7 +391,9 @@ class ServerConfig:
         """Hash of every setting that changes batch contents or order (not bind, workers, ...).
 
         The subset settings are not here: they choose the samples, so they are part of the data
-        set's own fingerprint (see subset.py).
+        set's own fingerprint (see subset.py). Nor are the paths of the data (`data`, and the
+        `labels` and `offsets` files of arrays): the data set's fingerprint covers what they
+        hold, so the same data moved to another folder resumes.
         """
         keep = {k: v for k, v in self.as_dict().items() if k not in _NOT_FINGERPRINTED}
         blob = json.dumps(keep, sort_keys=True, default=list).encode()
@@ -404,7 +406,7 @@ _NOT_FINGERPRINTED = frozenset({
     "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
     "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure",
     "max_file_bytes", "max_clients", "max_connections_per_host",
-    "subset", "val_fraction", "split_seed", "cache",
+    "subset", "val_fraction", "split_seed", "cache", "labels", "offsets",
 })
 
 
