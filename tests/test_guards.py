@@ -204,6 +204,21 @@ def test_server_refuses_out_of_range_rank_naming_both(small_server: Any, rank: i
         assert reply(ok)["t"] == "batch"
 
 
+def test_world_size_limit_at_and_over(small_server: Any) -> None:
+    """A world of 65,536 ranks passes the message schema (the session then says it leaves no full batch
+    of 16 samples); one of 65,537 is refused by the schema itself, naming the field and its range."""
+    with raw_sockets(small_server.endpoint) as raw:
+        at = raw()
+        hello(at, rank=65_535, world_size=65_536, credit=1)
+        answer = reply(at)
+        assert answer["t"] == "error" and "world_size 65536 leaves no full batch" in answer["message"], answer
+        over = raw()
+        hello(over, rank=0, world_size=65_537, credit=1)
+        answer = reply(over)
+        assert answer["t"] == "error" and "field 'world_size' must be between" in answer["message"], answer
+        assert "65536, got 65537" in answer["message"]
+
+
 def test_refused_rank_opens_no_stream(small_server: Any) -> None:
     with raw_sockets(small_server.endpoint) as raw:
         sock = raw()

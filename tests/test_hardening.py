@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import LoaderClient, ServerError, protocol
+from loader_client import LoaderClient, ServerError, protocol, server_stats
 
 from .conftest import free_port, keygen, unique_label_list, wait_until
 
@@ -171,6 +171,27 @@ def test_a_client_that_grants_credit_and_never_reads_stays_within_its_bound(
         for _ in range(8):
             client.next()
         assert time.monotonic() - started < 15
+
+
+def test_a_client_that_reads_nothing_is_sent_at_most_the_socket_queue_of_batches(
+        start_server: Any, tmp_path: Path, ctx: Any) -> None:
+    """README: at most 8 messages queued in the socket for one session. A client that grants 64
+    credits and reads nothing is sent what fits in those 8 (its welcome took one), its own receive
+    queue of 1 and the kernel's socket buffers (less than one batch of 768 KiB on ipc): never its
+    64 credits' worth. (7 batches here; with the queue at 80, all 64.)"""
+    listfile = unique_label_list(tmp_path / "data", 16, size=(16, 16))
+    server = start_server(listfile, "--batch-size", "4", "--size", "256x256", "--workers", "1", "--prefetch", "2")
+    greedy = raw(ctx, server.endpoint)
+    greedy.setsockopt(zmq.RCVHWM, 1)
+    greedy.send(msgpack.packb({"v": V, "t": "hello", "shm": False, "credit": 64}))
+    from loader_client import health
+
+    def sent() -> int:
+        return int(health(server.endpoint)["batches_sent"])
+
+    wait_until(lambda: server_stats(server.endpoint)["batches_ready"] == 2, 30, "the prefetch to be built and held")
+    time.sleep(0.5)  # the socket queue is full: nothing more leaves
+    assert 1 <= sent() <= 8 + 1 + 1, sent()
 
 
 def test_more_clients_than_max_clients_are_refused_with_the_setting(start_server: Any, listfile: Path) -> None:
