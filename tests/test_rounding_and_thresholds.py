@@ -44,6 +44,15 @@ def layout_bytes(records: int, shape: tuple[int, int, int]) -> tuple[int, int]:
     return layout.records_offset, layout.total_bytes
 
 
+def record_shape_of(size: tuple[int, int], cache_size: int | None) -> list[int]:
+    """[height, width, channels] of a cache record for output `size` and --cache-size (the pure rule)."""
+    from loader_server.config import ServerConfig
+    from loader_server.pipeline.cache import record_shape
+
+    config = ServerConfig(data="unused", size=size, cache_size=cache_size, augment="rrc" if cache_size else None)
+    return list(record_shape(config))
+
+
 def gray_images(folder: Path, sizes: list[tuple[int, int]], columns: bool = False) -> Path:
     """One PNG per (width, height), in that order: solid 200, or each column's value 10 x its number."""
     lines = []
@@ -93,6 +102,15 @@ def test_cache_size_records_round_the_longer_side(start_server: Any, tmp_path: P
     server = start_server(data, "--batch-size", "2", "--size", size, "--augment", "rrc", "--cache", "memory",
                           "--cache-size", str(cache_size), "--workers", "1")
     assert server_stats(server.endpoint)["cache"]["record_shape"] == record
+
+
+@pytest.mark.parametrize(("size", "cache_size", "record"), [
+    ((7, 2), 3, [3, 10, 3]), ((5, 3), 4, [4, 7, 3]), ((4, 6), 5, [8, 5, 3]), ((3, 4), 5, [7, 5, 3]),
+    ((4, 6), None, [6, 4, 3]), ((5, 5), 5, [5, 5, 3]),
+])
+def test_record_shapes_in_process(size: tuple[int, int], cache_size: int | None, record: list[int]) -> None:
+    """The rule the servers above report, in process: 4 x 5 / 3 = 6.67 -> 7 rows; no --cache-size, the output."""
+    assert record_shape_of(size, cache_size) == record
 
 
 # ---------------------------------------------------------------------------- --max-bad, --max-file-bytes

@@ -42,7 +42,7 @@ class Row(NamedTuple):
     base: tuple[str, ...]  # flags of both servers (after BASE)
     change: tuple[str, ...]  # the setting under test, added to the second server
     differs: str  # what the trainer sees differ: x, y, index, extras, steps, or "" (nothing)
-    resume: str  # "settings" / "index": refused naming it; "" accepted (continues the saved stream)
+    resume: str  # "settings" / "index" / "both": refused naming it; "" accepted (continues the saved stream)
     cache: str  # "own": a cache file of its own; "shared": the base's file; "": no cache with this row
     data: str = "images"
 
@@ -86,9 +86,9 @@ ROWS = [
     Row("val-fraction", ("--subset", "val", "--val-fraction", "0.5", "--keep-last"), ("--val-fraction", "0.25"),
         "y", "index", "own"),
     # ragged arrays: padded length, where padding goes, which end is cut
-    Row("maxlen", ("--maxlen", "4"), ("--maxlen", "3"), "x", "settings", "", "ragged"),
-    Row("pad", ("--maxlen", "4"), ("--pad", "post"), "x", "settings", "", "ragged"),
-    Row("truncate", ("--maxlen", "4"), ("--truncate", "post"), "x", "settings", "", "ragged"),
+    Row("maxlen", ("--maxlen", "4"), ("--maxlen", "3"), "x", "both", "", "ragged"),
+    Row("pad", ("--maxlen", "4"), ("--pad", "post"), "x", "both", "", "ragged"),
+    Row("truncate", ("--maxlen", "4"), ("--truncate", "post"), "x", "both", "", "ragged"),
     # nothing the trainer receives: same batches, the resume accepted, the same records
     Row("workers", (), ("--workers", "2"), "", "", "shared"),
     Row("prefetch", (), ("--prefetch", "3"), "", "", "shared"),
@@ -211,7 +211,8 @@ def test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together
         client.next()
         state = client.state_dict()
     if row.resume:
-        what = {"settings": "the batch settings", "index": "the data set index"}[row.resume]
+        what = {"settings": r"the batch settings \([^)]*\) differ", "index": "the data set index",
+                "both": r"the batch settings \([^)]*\) and the data set index"}[row.resume]
         with pytest.raises(ConfigError, match=f"cannot resume: {what}"):
             LoaderClient(variant.endpoint, timeout_s=30, state=state)
     else:
@@ -222,3 +223,31 @@ def test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together
         assert len(new) == 1, f"{row.change} changes the records' pixels but shares the cache file of {row.base}"
     elif row.cache == "shared":
         assert not new, f"{row.change} is applied after the cache but got a cache file of its own: {new}"
+
+
+# ---------------------------------------------------------------------------- the same table, in process
+def _fingerprints(row: Row, data: dict[str, Any], flags: tuple[str, ...], cache: Path) -> tuple[str, str, str]:
+    """(settings fingerprint, data set fingerprint, cache key) of `serve` with `flags`: the one place that
+    names the functions computing them (the behavioural test above sees them through a server)."""
+    from loader_server.cli import config_from_args
+    from loader_server.data.datasets import load_dataset
+    from loader_server.pipeline.cache import cache_key
+
+    path, args = _serve(row, data, cache, *flags)
+    config = config_from_args(build_parser().parse_args(["serve", "--data", str(path), *args]))
+    index = load_dataset(config)
+    return config.fingerprint(), index.fingerprint(), cache_key(config, index) if row.cache else ""
+
+
+def test_the_fingerprint_and_the_cache_key_follow_the_table(data: dict[str, Any], tmp_path: Path) -> None:
+    """In process, for every row: the settings' or the data set's fingerprint and the cache key change
+    exactly where the table says (fast, and what the mutation tool runs against the pure core)."""
+    wrong = []
+    for row in ROWS:
+        settings0, index0, key0 = _fingerprints(row, data, row.base, tmp_path)
+        settings1, index1, key1 = _fingerprints(row, data, (*row.base, *row.change), tmp_path)
+        expected = (row.resume in ("settings", "both"), row.resume in ("index", "both"), row.cache == "own")
+        got = (settings0 != settings1, index0 != index1, key0 != key1)
+        if got != expected:
+            wrong.append(f"{row.name}: (settings, index, cache key) changed {got}, expected {expected}")
+    assert not wrong, "\n".join(wrong)
