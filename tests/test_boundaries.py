@@ -377,3 +377,80 @@ def test_help_shows_the_documented_default_of_every_limit(monkeypatch: pytest.Mo
             shown[flag.group(1)] = default.group(1)
     wrong = {f: (shown.get(f), d) for f, d in DOCUMENTED_DEFAULTS.items() if not _same(shown.get(f, "?"), d)}
     assert not wrong, f"--help default differs from the README's (shown, documented): {wrong}"
+
+
+# ---------------------------------------------------------------------------- the schema's own rules, written out
+@pytest.mark.parametrize(("cls", "fields", "message"), [
+    (m.Hello, {"client": 5}, "a test Hello field 'client' must be str or None, got int"),
+    (m.Hello, {"rank": "0"}, "a test Hello field 'rank' must be int, got str"),
+    (m.Hello, {"rank": True}, "a test Hello field 'rank' must be int, got bool"),
+    (m.Hello, {"shm": 1}, "a test Hello field 'shm' must be bool, got int"),
+    (m.Welcome, {"shm": [1]}, "a test Welcome field 'shm' must be a map or None, got list"),
+    (m.Welcome, {"heartbeat_s": "1"}, "a test Welcome field 'heartbeat_s' must be float, got str"),
+    (m.Hello, {"epoch": -1}, "a test Hello field 'epoch' must be between 0 and 2147483647, got -1"),
+    (m.Welcome, {"shm": {**_ARENA, "pid": 0}}, "a test Welcome field 'shm' field 'pid' must be between 1 and "
+                                               "2147483647, got 0"),
+    (m.Hello, {"client": "a\nb"}, "a test Hello field 'client' holds control characters: 'a\\nb'"),
+    (m.Hello, {"client": "\n" + "b" * 70}, "a test Hello field 'client' holds control characters: "
+                                          "'\\n" + "b" * 57 + "..."),
+    (m.Hello, {"client": "\n" + "b" * 56}, "a test Hello field 'client' holds control characters: "
+                                          "'\\n" + "b" * 56 + "'"),  # a repr of 60 characters: shown whole
+    (m.Hello, {"path": "/etc/passwd"}, "field 'path' is not allowed in a test Hello"),
+    (m.Credit, {"n": None}, "a test Credit field 'n' must be int, got NoneType"),
+])
+def test_refusals_name_the_message_the_field_the_rule_and_the_value(cls: type[schema.Message], fields: dict[str, Any],
+                                                                    message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        _decode(cls, **fields)
+    assert str(info.value) == message
+
+
+def test_a_missing_required_field_and_the_defaults_of_optional_ones_even_from_a_cold_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for cold in (False, True):
+        if cold:
+            monkeypatch.setattr(schema, "_SPECS", {})  # as in a fresh process
+        with pytest.raises(ProtocolError, match="^field 'n' is required in a test Credit$"):
+            schema.decode_fields(m.Credit, {}, "a test Credit")
+        hello = schema.decode_fields(m.Hello, {}, "a test Hello")
+        assert hello == m.Hello(rank=0, world_size=1, epoch=0, batch=0, seed=None, fingerprint=None, credit=0,
+                                client=None, shm=False, augment=True)
+        assert schema.decode_fields(wm.Result, {"id": 1, "arrays": [], "build_s": 0.5}, "r").bad == []
+
+
+def test_an_int_is_taken_for_a_float_and_becomes_one() -> None:
+    welcome = _decode(m.Welcome, heartbeat_s=2)
+    assert welcome.heartbeat_s == 2.0 and type(welcome.heartbeat_s) is float  # type: ignore[attr-defined]
+
+
+def test_an_unexpected_message_type_names_what_was_expected() -> None:
+    with pytest.raises(ProtocolError) as info:
+        schema.decode({"v": 2, "t": "batch"}, m.CLIENT_REQUESTS, "from a test")
+    assert str(info.value) == ("unexpected message type 'batch' from a test; expected one of bye, credit, health, "
+                               "hello, ping, release, stats")
+    with pytest.raises(ProtocolError, match="^a 'credit' message from a test field 'n' must be between 1 and"):
+        schema.decode({"v": 2, "t": "credit", "n": 0}, m.CLIENT_REQUESTS, "from a test")
+
+
+def test_bytes_and_text_survive_the_wire_as_themselves() -> None:
+    import msgpack
+
+    task = wm.Task(id=3, indices=np.arange(4, dtype=np.int64).tobytes(), seed=1, epoch=2, augment=True)
+    header = msgpack.unpackb(schema.encode(task), raw=False)
+    assert isinstance(header["indices"], bytes) and header["t"] == "task" and header["v"] == 2
+    assert schema.decode(header, wm.TO_WORKER, "from a test") == task
+
+
+def test_spec_and_item_carry_every_rule_into_the_field() -> None:
+    nested = schema.spec(dict, type(None), default=None, nested=m.ArenaHandle)
+    assert nested.default is None and nested.metadata["spec"] == schema.Spec((dict, type(None)), nested=m.ArenaHandle)
+    listed = schema.spec(list, default_factory=list, max_len=5, items=schema.item(int, lo=0, hi=9))
+    assert listed.default_factory() == []
+    assert listed.metadata["spec"] == schema.Spec((list,), None, None, 5, False, schema.Spec((int,), 0, 9), None)
+    plain = schema.spec(str, max_len=8, text=True)
+    assert plain.default is dataclasses.MISSING and plain.metadata["spec"] == schema.Spec((str,), max_len=8, text=True)
+    ranged = schema.spec(int, default=3, lo=1, hi=4)
+    assert ranged.default == 3 and ranged.metadata["spec"] == schema.Spec((int,), 1, 4, None, False, None, None)
+    assert schema.item(str, max_len=3, text=True, nested=None) == schema.Spec((str,), None, None, 3, True, None, None)
+    assert schema.item(dict, nested=m.ShmRef) == schema.Spec((dict,), nested=m.ShmRef)
+    assert schema.item(float, lo=0.5, hi=1.5) == schema.Spec((float,), 0.5, 1.5)

@@ -241,3 +241,16 @@ def test_log_lines_per_peer_are_ten_a_minute_and_the_window_restarts_at_60_s(
         peer_log.warning(b"p", "line %d", 14)
         assert [r.getMessage() for r in caplog.records] == ["4 more messages about client 70 were not logged",
                                                             "line 14"]
+
+
+def test_cache_file_header_is_the_documented_4_kib_of_magic_length_and_description() -> None:
+    """The header of a cache file, byte for byte: a file written by `cache build` must be read by `serve`,
+    and any other header (another layout, key or format) is refused and rebuilt."""
+    from loader_server.pipeline.cache import CacheLayout
+
+    # 2 states of 32 bytes after the 4 KiB header: records from the next page, 8192; 2 records of 12 bytes.
+    text = (b'{"format": 1, "key": "k1", "records": 2, "shape": [3, 4, 1], "records_offset": 8192, '
+            b'"total_bytes": 8216}')
+    header = CacheLayout(2, (3, 4, 1)).header("k1")
+    assert header == (b"LDRCACHE" + len(text).to_bytes(4, "little") + text).ljust(4096, b"\0")
+    assert len(header) == 4096

@@ -110,3 +110,13 @@ def test_random_mode_steps_at_an_exact_multiple_of_the_batch() -> None:
     assert SamplingPlan(48, 8, mode="random").steps_per_epoch() == 6
     assert SamplingPlan(47, 8, mode="random").steps_per_epoch() == 5
     assert SamplingPlan(7, 8, mode="random").steps_per_epoch() == 1  # fewer samples than a batch: one step
+
+
+def test_random_draws_reach_both_ends_of_the_index() -> None:
+    plan = SamplingPlan(3, 8, mode="random", steps_per_epoch=4)
+    draws = np.concatenate(epoch_batches(plan, 0, seed=2))
+    assert set(draws.tolist()) == {0, 1, 2} and draws.dtype == np.int64
+    with pytest.raises(IndexError, match="^batch 4 is outside epoch of 4 batches$"):
+        plan.batch(0, 4, seed=2)
+    with pytest.raises(IndexError, match="^batch -1 is outside epoch of 4 batches$"):
+        plan.batch(0, -1, seed=2)

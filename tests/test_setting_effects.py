@@ -251,3 +251,10 @@ def test_the_fingerprint_and_the_cache_key_follow_the_table(data: dict[str, Any]
         if got != expected:
             wrong.append(f"{row.name}: (settings, index, cache key) changed {got}, expected {expected}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_served_fingerprint_is_two_16_digit_hashes(data: dict[str, Any], tmp_path: Path) -> None:
+    """settings-index, each 16 hex digits: the form every saved state holds (a client refuses over 64 characters)."""
+    row = ROWS[0]
+    settings, index, _ = _fingerprints(row, data, (), tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{16}", settings) and re.fullmatch(r"[0-9a-f]{16}", index), (settings, index)

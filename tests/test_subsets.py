@@ -123,3 +123,31 @@ def test_a_training_and_a_validation_server_share_nothing_and_miss_nothing(start
     _, expected_val = split_indices(30, 0.2, 11)
     assert val_labels == expected_val.tolist()
     assert "subset val (6 of 30" in val.log_text()
+
+
+@pytest.mark.parametrize(("n", "fraction", "message"), [
+    (10, 0.0, "`val_fraction` must be between 0 and 1 (exclusive), got 0.0"),
+    (10, 1.0, "`val_fraction` must be between 0 and 1 (exclusive), got 1.0"),
+    (10, 1.5, "`val_fraction` must be between 0 and 1 (exclusive), got 1.5"),
+    (10, 0.04, "`val_fraction` 0.04 of 10 samples gives 0 validation samples: each of train and val needs at least "
+               "one; choose a fraction between 0.1 and 0.9"),
+    (3, 0.9, "`val_fraction` 0.9 of 3 samples gives 3 validation samples: each of train and val needs at least one; "
+             "choose a fraction between 0.333 and 0.667"),
+    (1, 0.5, "a data set of 1 sample cannot be split"),
+])
+def test_a_split_that_cannot_be_made_says_which_fractions_can(n: int, fraction: float, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        split_indices(n, fraction, split_seed=0)
+    assert str(info.value) == message
+
+
+def test_a_subset_name_other_than_train_or_val_is_refused_and_a_subset_fingerprint_is_16_hex_digits(
+        tmp_path: Path) -> None:
+    from loader_server.data.subset import take_subset
+
+    whole = load_dataset(ServerConfig(data=str(unique_label_list(tmp_path, 10))))
+    with pytest.raises(ConfigError) as info:
+        take_subset(whole, "test", 0.5, 0)
+    assert str(info.value) == "`subset` must be one of all, train, val; got 'test'"
+    fingerprint = take_subset(whole, "val", 0.5, 0).fingerprint()
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0  # the form a saved state holds
