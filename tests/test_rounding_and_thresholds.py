@@ -215,6 +215,9 @@ def test_cache_records_start_on_the_first_page_after_their_states(records: int, 
     ((32, 32), "crop", (128, 64), 2), ((32, 32), "crop", (64, 128), 2), ((32, 32), "crop", (128, 63), 1),
     ((32, 32), "letterbox", (64, 48), 2), ((32, 32), "letterbox", (63, 48), 1),
     ((32, 32), "letterbox", (128, 96), 4),
+    # Centre crops of sources much wider or taller than the output (cases where a wrong test of which
+    # side is cut, or a wrong width or height of the cut region, picks another factor):
+    ((27, 13), "crop", (1000, 59), 2), ((43, 55), "crop", (1040, 389), 4),
 ])
 def test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output(size: tuple[int, int], resize: str,
                                                                          source: tuple[int, int], factor: int) -> None:

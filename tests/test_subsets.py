@@ -133,6 +133,8 @@ def test_a_training_and_a_validation_server_share_nothing_and_miss_nothing(start
                "one; choose a fraction between 0.1 and 0.9"),
     (3, 0.9, "`val_fraction` 0.9 of 3 samples gives 3 validation samples: each of train and val needs at least one; "
              "choose a fraction between 0.333 and 0.667"),
+    (2, 0.1, "`val_fraction` 0.1 of 2 samples gives 0 validation samples: each of train and val needs at least one; "
+             "choose a fraction between 0.5 and 0.5"),
     (1, 0.5, "a data set of 1 sample cannot be split"),
 ])
 def test_a_split_that_cannot_be_made_says_which_fractions_can(n: int, fraction: float, message: str) -> None:
