@@ -242,12 +242,12 @@ MUTATIONS = [
              ("tests/test_subsets.py::test_split_is_disjoint_complete_sized_and_deterministic[10-0.25-3]",
               "tests/test_subsets.py::test_split_is_disjoint_complete_sized_and_deterministic[30-0.15-5]",
               "tests/test_boundaries.py::test_server_settings_on_each_side_of_their_documented_limits[val 0.05 of 10]")),
-    # The saved state forgets the rank: rank 1 resumes as rank 0, with rank 0's share.
-    Mutation("state-forgets-the-rank", "loader_client/stream.py",
-             '"seed": w.seed, "rank": w.rank,\n                "world_size": w.world_size, "fingerprint"',
-             '"seed": w.seed,\n                "fingerprint"',
+    # The saved state records the rank the client was created with, not its stream's: a client resumed from
+    # a state (created without rank=) checkpoints rank 0, and the next resume takes rank 0's share.
+    Mutation("state-records-the-constructor-rank", "loader_client/stream.py",
+             '"seed": w.seed, "rank": w.rank,', '"seed": w.seed, "rank": self.options.rank,',
              (MR + "test_a_resumed_rank_continues_its_own_share",
-              "tests/test_streams.py::test_resume_refused_when_index_changed")),
+              MR + "test_a_resumed_rank_checkpoints_its_rank_again")),
 ]
 
 

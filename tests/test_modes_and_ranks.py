@@ -98,8 +98,28 @@ def test_a_resumed_rank_continues_its_own_share(start_server: Any, data: dict[st
         state = client.state_dict()
     assert {k: state.get(k) for k in ("rank", "world_size", "batch")} == {"rank": 1, "world_size": 2, "batch": 1}
     with LoaderClient(server.endpoint, timeout_s=30, state=state) as resumed:  # no rank given: the state's
+        assert (resumed.rank, resumed.world_size) == (1, 2)
         rest = [y.tolist() for _, y in resumed.epoch()]
     assert [first, *rest] == whole
+
+
+def test_a_resumed_rank_checkpoints_its_rank_again(start_server: Any, data: dict[str, Any]) -> None:
+    """Resume, checkpoint, resume again: the second state still holds rank 1 of 2, and continues its share."""
+    path, kind_flags = data["images"]
+    server = start_server(path, *BASE, *kind_flags, "--keep-last")
+    with LoaderClient(server.endpoint, timeout_s=30, rank=1, world_size=2) as client:
+        whole = [y.tolist() for _, y in client.epoch()]
+    with LoaderClient(server.endpoint, timeout_s=30, rank=1, world_size=2) as client:
+        taken = [client.next()[1].tolist()]
+        state = client.state_dict()
+    with LoaderClient(server.endpoint, timeout_s=30, state=state) as resumed:
+        taken.append(resumed.next()[1].tolist())
+        again = resumed.state_dict()
+    assert {k: again.get(k) for k in ("rank", "world_size", "epoch", "batch")} == \
+        {"rank": 1, "world_size": 2, "epoch": 0, "batch": 2}
+    with LoaderClient(server.endpoint, timeout_s=30, state=again) as last:
+        taken += [y.tolist() for _, y in last.epoch()]
+    assert taken == whole
 
 
 @pytest.mark.parametrize("merge", ["ordered", "balanced"])
