@@ -21,7 +21,7 @@ Each bug is aimed at where it now lives: the session state machine (`runtime/ses
 credit, order, hello validation), the supervisor (`runtime/supervisor.py`: re-issue and the
 crash budget), the --max-bad count (`runtime/bad_files.py`), the CURVE allow-list
 (`runtime/transport.py`), the client's rank check (`loader_client/options.py`), its order check
-(`loader_client/receiver.py`) and its resume position (`loader_client/stream.py`). Where the
+(`loader_client/receiver.py`) and its resume position (`loader_client/server_stream.py`). Where the
 logic is pure, one of the chosen tests is a unit test (tests/test_runtime.py, the pure parts of
 tests/test_guards.py) and another runs real processes. A full run takes about 16 minutes on
 two shared cores; most of it is tests that wait out a timeout once the bug is planted.
@@ -99,8 +99,8 @@ MUTATIONS = [
               G + "test_credit_is_capped_at_the_limit")),
     # The server's cap one above the protocol's MAX_CREDIT (both clamps: the hello's and a grant's).
     Mutation("credit-cap-off-by-one", "loader_server/runtime/sessions.py",
-             "from loader_client.messages import MAX_CREDIT, Hello\n",
-             "from loader_client.messages import Hello\n\nMAX_CREDIT = 65\n",
+             "from loader_client.contract.messages import MAX_CREDIT, Hello\n",
+             "from loader_client.contract.messages import Hello\n\nMAX_CREDIT = 65\n",
              (RT + "test_credit_is_never_exceeded_and_clamped",
               G + "test_credit_is_capped_at_the_limit")),
     Mutation("broken-ordering", "loader_server/runtime/sessions.py",
@@ -111,7 +111,7 @@ MUTATIONS = [
               G + "test_worker_killed_while_holding_a_task_has_it_reissued",
               E2E + "test_every_sample_exactly_once_per_epoch[--drop-last-ipc]")),
     # state_dict() (and position) record the last batch returned instead of the next one.
-    Mutation("resume-off-by-one", "loader_client/stream.py",
+    Mutation("resume-off-by-one", "loader_client/server_stream.py",
              "self._epoch, self._batch = item.info.epoch, item.info.batch + 1\n",
              "self._epoch, self._batch = item.info.epoch, item.info.batch\n",
              (E2E + "test_resume_from_state_is_bitwise_identical",
@@ -160,7 +160,7 @@ MUTATIONS = [
              "if size[0] * size[1] > self.max_pixels:", "if size[0] * size[1] >= self.max_pixels:",
              (G + "test_max_pixels_at_the_limit_and_one_over",
               G + "test_server_max_pixels_at_the_limit_and_one_over")),
-    Mutation("frame-size-check", "loader_client/protocol.py",
+    Mutation("frame-size-check", "loader_client/contract/protocol.py",
              "if expected != buf.nbytes:", "if False:",
              ("tests/test_protocol.py::test_bad_array_descriptions_are_refused",
               "tests/test_protocol.py::test_fuzz_frame_sizes_must_match_exactly",
@@ -211,7 +211,7 @@ MUTATIONS = [
              (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color bgr]",
               SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color gray]")),
     # A range widened at a boundary no test sat on: any int32 world size passes the hello's schema.
-    Mutation("world-size-range-widened", "loader_client/messages.py",
+    Mutation("world-size-range-widened", "loader_client/contract/messages.py",
              "world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=MAX_WORLD_SIZE)",
              "world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=INT32_MAX)",
              ("tests/test_boundaries.py::test_every_message_number_is_accepted_at_its_documented_ends_and_refused_one_past"
@@ -244,7 +244,7 @@ MUTATIONS = [
               "tests/test_boundaries.py::test_server_settings_on_each_side_of_their_documented_limits[val 0.05 of 10]")),
     # The saved state records the rank the client was created with, not its stream's: a client resumed from
     # a state (created without rank=) checkpoints rank 0, and the next resume takes rank 0's share.
-    Mutation("state-records-the-constructor-rank", "loader_client/stream.py",
+    Mutation("state-records-the-constructor-rank", "loader_client/server_stream.py",
              '"seed": w.seed, "rank": w.rank,', '"seed": w.seed, "rank": self.options.rank,',
              (MR + "test_a_resumed_rank_continues_its_own_share",
               MR + "test_a_resumed_rank_checkpoints_its_rank_again")),

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loader_client import ClientOptions, ConfigError, ProtocolError, schema
-from loader_client import messages as m  # the message schemas (one place to update if the module moves)
+from loader_client import ClientOptions, ConfigError, ProtocolError
+from loader_client.contract import messages as m  # the message schemas (one place to update if they move)
+from loader_client.contract import schema
 from loader_server.cli import build_parser, main, subparser
 from loader_server.runtime import worker_messages as wm
 

@@ -105,6 +105,7 @@ NOT_IN_TABLE = {
     "--data": "another data set: tests/test_resume_guard.py", "--labels": "arrays: tests/test_resume_guard.py",
     "--offsets": "ragged arrays: tests/test_resume_guard.py",
     "--bind": "where it listens", "--curve-dir": "encryption", "--insecure": "who may connect",
+    "--ipc-mode": "who may connect",
     "--unordered": "order follows timing (documented not reproducible)",
     "--on-error": "only with bad files: tests/test_guards.py", "--max-bad": "only with bad files",
     "--max-pixels": "only with images over it: tests/test_guards.py", "--simulate-read-latency-ms": "speed only",

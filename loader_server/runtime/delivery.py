@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from loader_client import protocol
-from loader_client.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
-from loader_client.schema import Message, encode
-from loader_client.shm import shm_available
+from loader_client.contract import protocol
+from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
+from loader_client.contract.schema import Message, encode
+from loader_client.contract.shm import shm_available
 
 from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec
@@ -29,7 +29,7 @@ from ..data.classes import count_classes
 from ..data.datasets import Dataset
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
-from .arenas import Arena, arena_slots, new_arena
+from .arenas import Arena, ArenaChannel, arena_slots, new_arena
 from .bad_files import BadFiles
 from .sessions import Refusal, Session, StreamFacts, open_session
 from .supervisor import GivenUp, Supervisor, Task, Worker
@@ -38,7 +38,7 @@ from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
 
-__all__ = ["Delivery", "Client", "Built", "ARENA_CLOSE_DELAY_S"]
+__all__ = ["ARENA_CLOSE_DELAY_S", "Built", "Client", "Delivery"]
 
 log = logging.getLogger("loader_server")
 
@@ -72,8 +72,9 @@ class Delivery:
 
     def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec, plan: SamplingPlan, *, fingerprint: str,
                  supervisor: Supervisor, transport: ClientTransport, channel: WorkerChannel, metrics: Metrics,
-                 peer_log: PeerLog) -> None:
+                 peer_log: PeerLog, arena_channel: ArenaChannel | None = None) -> None:
         self.config, self.index, self.spec, self.plan = config, index, spec, plan
+        self.arena_channel = arena_channel
         self.fingerprint = fingerprint
         self.supervisor, self.transport, self.channel, self.metrics = supervisor, transport, channel, metrics
         self.peer_log = peer_log
@@ -115,7 +116,7 @@ class Delivery:
         if hello.shm and self.config.shm and shm_available():
             self._next_arena_id += 1
             client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch_batches, hello.credit),
-                                     self.spec.batch_bytes)
+                                     self.spec.batch_bytes, self.arena_channel)
         self.clients[identity] = client
         self._send(client, [encode(self._welcome(client, hello))])
         log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s",

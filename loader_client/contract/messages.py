@@ -5,7 +5,7 @@ slots given back), `Ping`, `Bye`; `HealthRequest` and `StatsRequest` open no ses
 Server -> client: `Welcome` (the stream's metadata), `Batch`, `Heartbeat`, `Error`, `Goodbye`
 (the server stops on purpose), `HealthReply`, `StatsReply`.
 
-Each field's type, range and length is checked by `loader_client.schema` when a message is
+Each field's type, range and length is checked by `schema` (this package) when a message is
 received, on either side. Integers are bounded so that they fit everything they later reach:
 positions and epochs below 2**31, seeds below 2**63. Names a peer chooses are printable text
 of bounded length, so they are safe in a log line and in a system call.
@@ -22,10 +22,32 @@ from typing import Any
 from .schema import INT32_MAX, INT63_MAX, Message, item, spec
 
 __all__ = [
-    "Hello", "Credit", "Release", "Ping", "Bye", "HealthRequest", "StatsRequest",
-    "ArenaHandle", "ShmRef", "Welcome", "Batch", "Heartbeat", "Error", "Goodbye", "HealthReply", "StatsReply",
-    "CLIENT_REQUESTS", "HANDSHAKE_REPLIES", "STREAM_MESSAGES", "HEALTH_REPLIES", "STATS_REPLIES",
-    "MAX_NAME_CHARS", "MAX_WORLD_SIZE", "MAX_CREDIT", "MAX_RELEASE_SLOTS", "MAX_ARENA_SLOTS",
+    "CLIENT_REQUESTS",
+    "HANDSHAKE_REPLIES",
+    "HEALTH_REPLIES",
+    "MAX_ARENA_SLOTS",
+    "MAX_CREDIT",
+    "MAX_NAME_CHARS",
+    "MAX_RELEASE_SLOTS",
+    "MAX_WORLD_SIZE",
+    "STATS_REPLIES",
+    "STREAM_MESSAGES",
+    "ArenaHandle",
+    "Batch",
+    "Bye",
+    "Credit",
+    "Error",
+    "Goodbye",
+    "HealthReply",
+    "HealthRequest",
+    "Heartbeat",
+    "Hello",
+    "Ping",
+    "Release",
+    "ShmRef",
+    "StatsReply",
+    "StatsRequest",
+    "Welcome",
 ]
 
 #: Longest client name (printable text); longer names are refused.
@@ -102,7 +124,8 @@ class StatsRequest(Message):
 # ----------------------------------------------------------------------------- server -> client
 @dataclass(frozen=True)
 class ArenaHandle(Message):
-    """Where a session's shared-memory arena is: fd `fd` of server process `pid` (a sealed memfd)."""
+    """Where a session's shared-memory arena is: fd `fd` of server process `pid` (a sealed memfd), also
+    handed over once, to whoever presents `token`, on the channel beside an ipc:// socket."""
 
     TYPE = "arena"
     id: int = spec(int, lo=0, hi=INT63_MAX)
@@ -111,6 +134,8 @@ class ArenaHandle(Message):
     inode: int = spec(int, lo=0, hi=2**64 - 1)
     slots: int = spec(int, lo=1, hi=MAX_ARENA_SLOTS)
     stride: int = spec(int, lo=1, hi=1 << 40)
+    # The key to this arena on the server's descriptor channel (`shm.receive_arena`): hex of 16 random bytes.
+    token: str | None = spec(str, type(None), default=None, max_len=64, text=True)
 
     @property
     def path(self) -> str:
