@@ -87,6 +87,7 @@ RANGES: list[tuple[type[schema.Message], str, float, float]] = [
 #: lengths. A unit is a character, a byte, or a one-item list (lists of that item).
 LENGTHS: list[tuple[type[schema.Message], str, Any, int]] = [
     (m.Hello, "client", "n", 128), (m.Hello, "fingerprint", "f", 64),
+    (m.ArenaHandle, "token", "t", 64),  # a 128-bit token in hex is 32: at most 64 characters pass
     (m.Release, "slots", [0], 1024), (m.ShmRef, "arrays", [["x", "|u1", [1]]], 1),
     (m.Welcome, "mode", "e", 16), (m.Welcome, "x_shape", [1], 8), (m.Welcome, "x_dtype", "u", 8),
     (m.Welcome, "layout", "h", 8), (m.Welcome, "color", "r", 8), (m.Welcome, "fingerprint", "f", 64),
