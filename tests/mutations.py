@@ -23,7 +23,7 @@ crash budget), the --max-bad count (`runtime/bad_files.py`), the CURVE allow-lis
 (`runtime/transport.py`), the client's rank check (`loader_client/options.py`), its order check
 (`loader_client/receiver.py`) and its resume position (`loader_client/server_stream.py`). Where the
 logic is pure, one of the chosen tests is a unit test (tests/test_runtime.py, the pure parts of
-tests/test_guards.py) and another runs real processes. A full run takes about 16 minutes on
+tests/test_guards.py) and another runs real processes. A full run takes about 13 minutes on
 two shared cores; most of it is tests that wait out a timeout once the bug is planted.
 
 The entries after the first twenty are issue 22's: one or more of each kind of blindness a
