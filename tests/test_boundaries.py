@@ -22,6 +22,7 @@ import pytest
 from loader_client import ClientOptions, ConfigError, ProtocolError
 from loader_client.contract import messages as m  # the message schemas (one place to update if they move)
 from loader_client.contract import schema
+from loader_client.contract.protocol import PROTOCOL_VERSION
 from loader_server.cli import build_parser, main, subparser
 from loader_server.runtime import worker_messages as wm
 
@@ -445,7 +446,7 @@ def test_bytes_and_text_survive_the_wire_as_themselves() -> None:
 
     task = wm.Task(id=3, indices=np.arange(4, dtype=np.int64).tobytes(), seed=1, epoch=2, augment=True)
     header = msgpack.unpackb(schema.encode(task), raw=False)
-    assert isinstance(header["indices"], bytes) and header["t"] == "task" and header["v"] == 2
+    assert isinstance(header["indices"], bytes) and header["t"] == "task" and header["v"] == PROTOCOL_VERSION
     assert schema.decode(header, wm.TO_WORKER, "from a test") == task
 
 
