@@ -106,7 +106,8 @@ def run_bench(args: argparse.Namespace) -> int:
         bench = Bench(index=dataset, data=data, scratch=scratch, n=n, rounds=rounds, size=size,
                       batch_size=args.batch_size, workers=args.workers, serve_extra=args.serve_args.split(),
                       quick=args.quick, read_latency_ms=args.read_latency_ms, scaling=scaling,
-                      train_models=[m for m in args.train_models.split(",") if m], train_device=args.train_device)
+                      train_models=[m for m in args.train_models.split(",") if m], train_device=args.train_device,
+                      out=args.out)
         results: dict[str, Any] = {"rounds": {s: [] for s in systems}}
         with tqdm(total=rounds * len(systems), desc="bench", unit="run") as progress:
             for r in range(rounds):

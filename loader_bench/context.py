@@ -26,6 +26,7 @@ class Bench:
     capacity: float | None = None  # the service's median images/s, known once the rounds are done
     train_models: list[str] = field(default_factory=lambda: ["resnet50"])  # torchvision models of the train probe
     train_device: str = "cuda"  # where the train probe trains
+    out: str = "bench-results"  # the --out folder (probes that draw write their plots there)
 
     @property
     def quick_n(self) -> int:

@@ -58,6 +58,9 @@ class LoaderClient:
     `timeout_s` bounds every wait for the server; `prefetch` batches are kept in transit.
     `state` (from `state_dict()`) resumes a stream exactly where it stopped; `rank` and
     `world_size` select one data-parallel share of every epoch; `seed` overrides the server's.
+    `share="NAME"` joins the server's share of that name: trainers asking for the same stream
+    (rank, world size, seed, augmentation) get every batch built once for all of them, each
+    still exactly once and in order (README, "One decode for a sweep").
     `shared_memory` (default: on for ipc:// and loopback endpoints) lets a server on the same
     host hand over pixels through shared memory instead of the socket; it falls back to the
     socket when that is not possible. `normalize=True` (with optional per-channel `mean`/`std`)

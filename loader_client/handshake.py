@@ -61,7 +61,7 @@ def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Sta
     ask_shm = endpoint.same_host and options.shared_memory is not False and shm_available()
     hello = Hello(rank=start.rank, world_size=start.world_size, epoch=start.epoch, batch=start.batch,
                   seed=start.seed, fingerprint=start.fingerprint, credit=options.prefetch,
-                  client=options.name, shm=ask_shm, augment=options.augment)
+                  client=options.name, shm=ask_shm, augment=options.augment, share=options.share)
     opened = _hello(ctx, endpoint, options, hello, start)
     if opened.welcome.shm is None:
         return opened
@@ -200,6 +200,8 @@ def check_welcome(welcome: Welcome, hello: Hello, start: Start, peer: str) -> No
                         f"epoch {start.epoch} batch {start.batch}")
     if start.seed is not None and welcome.seed != start.seed:
         problems.append(f"seed {welcome.seed} is not the asked {start.seed}")
+    if welcome.share != hello.share:
+        problems.append(f"it puts this client in share {welcome.share!r}, not the asked {hello.share!r}")
     if start.fingerprint is not None and welcome.fingerprint != start.fingerprint:
         problems.append("its fingerprint is not the one of the saved state")
     if welcome.batch >= welcome.steps_per_epoch:

@@ -49,6 +49,7 @@ class ClientOptions:
     server_public_key: Any = None
     client_keys: Any = None
     augment: bool = True
+    share: str | None = None  # join the server's share of this name: one decode for every trainer in it
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ClientOptions:
@@ -72,6 +73,10 @@ class ClientOptions:
                                           and is_printable(self.name)):
             raise ConfigError(f"`name` must be printable text of 1 to {MAX_NAME_CHARS} characters, without "
                               f"newlines or NUL bytes, got {_show(self.name)}")
+        if self.share is not None and not (isinstance(self.share, str) and 0 < len(self.share) <= MAX_NAME_CHARS
+                                           and is_printable(self.share)):
+            raise ConfigError(f"`share` must be printable text of 1 to {MAX_NAME_CHARS} characters (the name every "
+                              f"trainer of the share passes), got {_show(self.share)}")
         if self.on_server_loss not in ("failover", "raise", "continue"):
             raise ConfigError(f"`on_server_loss` must be 'failover', 'raise' or 'continue', "
                               f"got {self.on_server_loss!r}")

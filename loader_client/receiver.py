@@ -55,10 +55,30 @@ _REQUIRED = ("x", "y", "index")
 
 
 class Progress:
-    """Batches the trainer has taken, counted by the trainer's thread and read by the receiver."""
+    """What the trainer's thread has done, read by the receiver: batches taken, and time spent waiting
+    in ``take()`` (reported to the server as the trainer's stall with every credit and ping)."""
 
     def __init__(self) -> None:
         self.consumed = 0
+        self.started = time.perf_counter()
+        self.wait_s = 0.0  # finished waits
+        self.waiting_since = 0.0  # perf_counter() when the wait in progress began; 0 when none
+        self._reported = (0.0, 0.0)
+
+    def waited(self, since: float, until: float) -> None:
+        """The trainer's thread waited from `since` to `until` (perf_counter)."""
+        self.wait_s += until - since
+        self.waiting_since = 0.0
+
+    def report(self) -> tuple[float, float]:
+        """(wait_s, wall_s) now, cumulative, never below an earlier report (the two threads race)."""
+        now = time.perf_counter()
+        since = self.waiting_since  # read before wait_s: a wait that just ended is counted at most once
+        wait = self.wait_s + (now - since if since else 0.0)
+        wall = now - self.started
+        wait, wall = max(wait, self._reported[0]), max(wall, self._reported[1])
+        self._reported = (min(wait, wall), wall)
+        return self._reported
 
 
 class Receiver:
@@ -130,12 +150,14 @@ class Receiver:
                         rss_at_rx = memory.rss()
                 credits = self.progress.consumed - self.credited
                 if credits:
-                    wire.send(self.sock, Credit(n=credits), zmq.NOBLOCK)
+                    wait_s, wall_s = self.progress.report()
+                    wire.send(self.sock, Credit(n=credits, wait_s=wait_s, wall_s=wall_s), zmq.NOBLOCK)
                     self.credited += credits
                     self.granted += credits
                     last_tx = now
                 elif now - last_tx >= self.heartbeat_s:
-                    wire.send(self.sock, Ping(), zmq.NOBLOCK)
+                    wait_s, wall_s = self.progress.report()
+                    wire.send(self.sock, Ping(wait_s=wait_s, wall_s=wall_s), zmq.NOBLOCK)
                     last_tx = now
                 if now - last_rx > self.guard_after_s and memory.rss() - rss_at_rx > self.guard_bytes:
                     raise ProtocolError(

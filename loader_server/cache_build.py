@@ -101,7 +101,7 @@ def run_cache_build(args: argparse.Namespace) -> int:
     from .pipeline.steps import cached_decode_steps  # OpenCV: only where a cache is built
 
     steps = cached_decode_steps(config, index, cache)  # made before the fork: a bad setting fails here, once
-    with ctx.Pool(config.workers, initializer=_init, initargs=(index, cache, steps)) as pool:
+    with ctx.Pool(config.worker_bounds[1], initializer=_init, initargs=(index, cache, steps)) as pool:
         for count, done, found in pool.imap_unordered(_fill, chunks):
             stored += done
             bad.extend(found)

@@ -131,7 +131,7 @@ def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[B
     w, h = config.size
     # read, decode: the serving steps of a stream without augmentations, into a small slot
     state = (index, plan_steps(config, index), np.empty((h, w, config.channels), np.uint8))
-    with ctx.Pool(config.workers, initializer=_init, initargs=state) as pool:
+    with ctx.Pool(config.worker_bounds[1], initializer=_init, initargs=state) as pool:
         for count, found in pool.imap_unordered(_check_chunk, chunks):
             bad.extend(found)
             progress.update(count)

@@ -39,6 +39,7 @@ __all__ = [
     "parse_floats",
     "parse_max_bad",
     "parse_size",
+    "parse_workers",
     "setting",
 ]
 
@@ -82,6 +83,18 @@ def default_workers() -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 1
     return max(1, cpus - 1)
+
+
+def parse_workers(value: Any) -> int | str:
+    """A worker count (``4``), or ``auto``: the server sizes itself (--workers-min .. --workers-max)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"`workers` must be a whole number or auto, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"`workers` must be a whole number or auto, got {value!r}") from None
 
 
 def parse_max_bad(text: Any) -> float:
@@ -174,8 +187,25 @@ class ServerConfig:
     size: tuple[int, int] = setting((224, 224), parse=parse_size, format=lambda v: f"{v[0]}x{v[1]}",
                                     shown="224x224", metavar="WxH",
                                     help="output WIDTHxHEIGHT, as cv2.resize takes it")  # (width, height)
-    workers: int = setting(default_factory=default_workers, shown=f"CPUs - 1, {default_workers()} here",
-                           help="worker processes")
+    workers: int | str = setting(
+        default_factory=default_workers, parse=parse_workers, shown=f"CPUs - 1, {default_workers()} here",
+        metavar="N|auto",
+        help="worker processes; auto: as many as keep every trainer's data stall under --target-stall, from "
+             "--workers-min to --workers-max, changed at most every --scale-interval-s")
+    workers_min: int | None = setting(None, shown="1", help="--workers auto: the fewest workers")
+    workers_max: int | None = setting(
+        None, shown="CPUs - 1", help="--workers auto: the most workers (more than the CPUs helps only when reads wait "
+                                     "on slow storage)")
+    target_stall: float = setting(
+        0.02, help="--workers auto: the share of its step time a trainer may wait in next() (its client reports it); "
+                   "more adds workers, much less removes them")
+    scale_interval_s: float = setting(
+        3.0, help="--workers auto: at least this long between two changes of the worker count, each decided on what "
+                  "was measured since the last (so the count never swings faster than every 2 intervals)")
+    share_window: int | None = setting(
+        None, shown="auto",
+        help="batches a share (clients that pass share=NAME) keeps behind its leading member for the others; a "
+             "member further behind has its batches built again; auto: 2 x prefetch")
     seed: int = setting(0, help="seed of the shuffle; same seed, same batches")
     bind: str = setting("tcp://127.0.0.1:5555", help="endpoint to serve on: tcp://HOST:PORT or ipc://PATH")
     curve_dir: str | None = setting(
@@ -286,7 +316,7 @@ class ServerConfig:
             if f.metadata.get("choices"):
                 _one_of(f.name, getattr(self, f.name), f.metadata["choices"])
         _at_least("batch_size", self.batch_size, 1)
-        _at_least("workers", self.workers, 1)
+        self._validate_workers()
         if self.prefetch is not None:
             _at_least("prefetch", self.prefetch, 1)
         if self.read_threads is not None:
@@ -366,6 +396,52 @@ class ServerConfig:
                 "who can reach it"
             )
 
+    def _validate_workers(self) -> None:
+        if self.workers != "auto":
+            if not isinstance(self.workers, int):
+                raise ConfigError(f"`workers` must be a whole number or auto, got {self.workers!r}")
+            _at_least("workers", self.workers, 1)
+            for name in ("workers_min", "workers_max"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"`{name}` applies to --workers auto only; --workers {self.workers} is fixed")
+        if self.workers_min is not None:
+            _at_least("workers_min", self.workers_min, 1)
+        if self.workers_max is not None:
+            _at_least("workers_max", self.workers_max, 1)
+        lo, hi = self.worker_bounds
+        if lo > hi:
+            raise ConfigError(f"`workers_min` {lo} is above `workers_max` {hi}")
+        if not 0 < self.target_stall < 1:
+            raise ConfigError(f"`target_stall` is a fraction of step time between 0 and 1 (0.02 is 2%), got "
+                              f"{self.target_stall}")
+        if self.scale_interval_s <= 0:
+            raise ConfigError(f"`scale_interval_s` must be > 0, got {self.scale_interval_s}")
+        if self.share_window is not None:
+            _at_least("share_window", self.share_window, 0)
+
+    @property
+    def autoscale(self) -> bool:
+        """--workers auto: the worker count follows the trainers' stall."""
+        return self.workers == "auto"
+
+    @property
+    def worker_bounds(self) -> tuple[int, int]:
+        """(fewest, most) workers: both the fixed count unless --workers auto."""
+        if isinstance(self.workers, int):
+            return self.workers, self.workers
+        lo = self.workers_min if self.workers_min is not None else 1
+        return lo, self.workers_max if self.workers_max is not None else max(lo, default_workers())
+
+    @property
+    def initial_workers(self) -> int:
+        """Workers started with the server (--workers auto: the fewest)."""
+        return self.worker_bounds[0]
+
+    @property
+    def share_window_batches(self) -> int:
+        """`share_window`, or by default twice the batches built ahead per client."""
+        return self.share_window if self.share_window is not None else 2 * self.prefetch_batches
+
     def _validate_cache(self) -> None:
         if self.cache is not None and not self.cache.strip():
             raise ConfigError("`cache` must be a folder or `memory`, got an empty value")
@@ -417,10 +493,11 @@ class ServerConfig:
     @property
     def prefetch_batches(self) -> int:
         """Batches built ahead per client: `prefetch`, or by default enough for every worker to
-        hold two (one being built, the next waiting), as torch DataLoader's prefetch_factor=2."""
+        hold two (one being built, the next waiting), as torch DataLoader's prefetch_factor=2 (with
+        --workers auto: the most workers)."""
         if self.prefetch is not None:
             return self.prefetch
-        return max(MIN_PREFETCH, PREFETCH_PER_WORKER * self.workers)
+        return max(MIN_PREFETCH, PREFETCH_PER_WORKER * self.worker_bounds[1])
 
     def max_bad_files(self, samples: int) -> int:
         """How many distinct bad files skip mode tolerates for an index of `samples`."""

@@ -48,6 +48,7 @@ class Metrics:
         self.bytes_sent = 0
         self.errors: Counter[str] = Counter()  # reason -> count (bad files, failed batches)
         self.worker_restarts: Counter[str] = Counter()  # "crashed" / "hung"
+        self.worker_changes: Counter[str] = Counter()  # --workers auto: "up" / "down"
         self.build_counts = [0] * (len(BUILD_BUCKETS_S) + 1)
         self.build_sum_s = 0.0
         self._window: deque[tuple[float, int]] = deque()  # (time, images) of recent batches
@@ -98,6 +99,18 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily("loader_batches_ready", "Batches built and waiting for client credit.",
                                 value=snap["batches_ready"])
         yield GaugeMetricFamily("loader_clients", "Connected clients.", value=len(snap["clients"]))
+        yield GaugeMetricFamily("loader_workers", "Worker processes serving (not counting retiring ones); with "
+                                "--workers auto, the count the autoscaler chose.",
+                                value=snap.get("workers_target", len(snap["workers"])))
+        yield _by_label("loader_worker_changes_total", "Changes of the worker count by --workers auto, by direction.",
+                        "direction", snap.get("worker_changes_total", {}))
+        stall = GaugeMetricFamily("loader_client_stall_ratio", "Each client's recent data stall: the share of its "
+                                  "step time its trainer waited in next(), as its client reports it.",
+                                  labels=["client", "share"])
+        for c in snap["clients"]:
+            if c.get("stall") is not None:
+                stall.add_metric([str(c["name"]), str(c.get("share") or "")], round(c["stall"], 6))
+        yield stall
         busy = GaugeMetricFamily("loader_workers_busy_ratio",
                                  "Fraction of its life each worker spent building batches.", labels=["worker"])
         for w in snap["workers"]:

@@ -170,7 +170,12 @@ class CacheOptions:
 @dataclass(frozen=True)
 class ServeOptions:
     shapes_batches: ClassVar[bool] = False
-    workers: int = 1
+    workers: int | str = 1  # a count, or "auto" (the next four)
+    workers_min: int | None = None
+    workers_max: int | None = None
+    target_stall: float = 0.02
+    scale_interval_s: float = 3.0
+    share_window: int | None = None
     seed: int = 0  # the default seed: a client's own seed is part of its state, not of the fingerprint
     bind: str = "tcp://127.0.0.1:5555"
     curve_dir: str | None = None

@@ -48,9 +48,10 @@ from .metrics import Metrics, serve_metrics
 from .options import PipelineOptions
 from .pipeline.cache import open_cache
 from .runtime.arenas import ArenaChannel
+from .runtime.autoscale import Autoscaler, Change, ScalePolicy
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
-from .runtime.transport import ClientTransport, PeerLog
+from .runtime.transport import ClientTransport, PeerLog, escape
 from .runtime.worker import worker_main
 from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
@@ -80,6 +81,7 @@ class Server:
         self.cache = open_cache(config, index) if config.cache else None  # before the workers fork: they share it
         self.peer_log = PeerLog()
         self._stopping = ""
+        self.worker_log: list[tuple[float, Change]] = []  # (wall time, change) of --workers auto, latest last
         self._next_log = time.monotonic() + config.log_interval_s
         self._mp = multiprocessing.get_context("fork")
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
@@ -98,8 +100,11 @@ class Server:
         transport: ClientTransport | None = None
         channel: WorkerChannel | None = None
         arena_channel: ArenaChannel | None = None
-        self.supervisor = Supervisor(self._spawn, self.config.workers, batch_timeout_s=self.config.batch_timeout_s,
-                                     dump_stack=_dump_stack)
+        self.supervisor = Supervisor(self._spawn, self.config.initial_workers,
+                                     batch_timeout_s=self.config.batch_timeout_s, dump_stack=_dump_stack)
+        lo, hi = self.config.worker_bounds
+        self.autoscaler = Autoscaler(ScalePolicy(lo, hi, self.config.target_stall, self.config.scale_interval_s),
+                                     time.monotonic()) if self.config.autoscale else None
         try:
             transport = ClientTransport(ctx, self.config.bind, curve_dir=self.config.curve_dir,
                                         insecure=self.config.insecure,
@@ -115,8 +120,8 @@ class Server:
                 self._metrics_http = serve_metrics(self.config.metrics_host, self.config.metrics_port,
                                                   lambda: self.metrics.snapshot)
             self.supervisor.start()
-            log.info("serving %d samples from %s on %s: %d workers, batch %d, %d steps per epoch, settings %s",
-                     len(self.index), self.index.source, self.config.bind, self.config.workers,
+            log.info("serving %d samples from %s on %s: %s, batch %d, %d steps per epoch, settings %s",
+                     len(self.index), self.index.source, self.config.bind, _workers_text(self.config),
                      self.spec.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config))
             self._loop()
             self.delivery.goodbye(self._stopping or "the server was stopped")
@@ -225,24 +230,24 @@ class Server:
         client = self.delivery.clients[identity]
         client.session.grant(credit.n, time.monotonic())
         self.delivery.flush(client)
+        client.session.report(credit.wait_s, credit.wall_s)  # a bad report is this peer's error, after its credit
 
     def _on_release(self, identity: bytes, release: Release) -> None:
         client = self.delivery.clients[identity]
-        if client.arena is None:
-            raise ProtocolError("release of shared-memory slots, but this client has no arena")
-        client.arena.release(release.slots)
         client.session.seen(time.monotonic())
-        self.delivery.schedule(client)
+        self.delivery.release(client, release.slots)
 
-    def _on_ping(self, identity: bytes, _: Ping) -> None:
-        self.delivery.clients[identity].session.seen(time.monotonic())
+    def _on_ping(self, identity: bytes, ping: Ping) -> None:
+        session = self.delivery.clients[identity].session
+        session.seen(time.monotonic())
+        session.report(ping.wait_s, ping.wall_s)
 
     def _on_bye(self, identity: bytes, _: Bye) -> None:
         self.delivery.drop(identity, "said goodbye")
 
     def _on_health(self, identity: bytes, _: HealthRequest) -> None:
         ready = self.supervisor.ready_count()
-        self.transport.reply(identity, HealthReply(ok=ready > 0, workers_ready=ready, workers=self.config.workers,
+        self.transport.reply(identity, HealthReply(ok=ready > 0, workers_ready=ready, workers=self.supervisor.active,
                                                    clients=len(self.delivery.clients),
                                                    batches_sent=self.metrics.batches_sent))
 
@@ -288,6 +293,9 @@ class Server:
         worker, given_up = self.supervisor.worker_exited(wid, respawn=not self._stopping)
         if self._stopping:
             return
+        if worker.retiring and worker.stopped and not worker.tasks:
+            log.info("worker %d (pid %d) retired", wid, worker.process.pid)
+            return
         self.metrics.worker_restarts["hung" if worker.hung else "crashed"] += 1
         if worker.hung:
             log.error("worker %d (pid %d) %s; killed it, starting a replacement and re-issuing its %d task(s)",
@@ -313,6 +321,25 @@ class Server:
         for worker in self.supervisor.tick(self.delivery.describe_task):
             log.error("worker %d (pid %d) %s; its Python stack follows", worker.id, worker.process.pid, worker.hung)
         self.delivery.heartbeats(now)
+        if self.autoscaler is not None:
+            self._autoscale(now)
+
+    def _autoscale(self, now: float) -> None:
+        """--workers auto: apply the autoscaler's change, if any (runtime/autoscale.py)."""
+        assert self.autoscaler is not None
+        stalls: dict[str, float | None] = {}
+        for c in self.delivery.clients.values():  # two clients may share a name: the larger stall counts
+            stall, name = c.session.stall(), escape(c.session.name)
+            stalls[name] = stall if stalls.get(name) is None else max(stall or 0.0, stalls[name] or 0.0)
+        change = self.autoscaler.observe(now, stalls, self.supervisor.busy_seconds(), self.supervisor.active,
+                                         used=self.delivery.used, built=sum(self.metrics.build_counts))
+        if change is None:
+            return
+        self.supervisor.resize(change.workers)
+        self.metrics.worker_changes["up" if change.up else "down"] += 1
+        self.worker_log.append((time.time(), change))
+        del self.worker_log[:-_WORKER_LOG_KEPT]
+        log.info("workers %d -> %d: %s", change.before, change.workers, change.reason)
 
     def stats(self) -> dict[str, Any]:
         """What the server is doing: rates, queues, workers, errors, clients (a stats request)."""
@@ -324,10 +351,16 @@ class Server:
             "batches_sent": self.metrics.batches_sent, "images_sent": self.metrics.images_sent,
             "bytes_sent": self.metrics.bytes_sent,
             "batches_ready": sum(len(c.session.ready) for c in clients),
-            "workers_ready": self.supervisor.ready_count(),
+            "workers_ready": self.supervisor.ready_count(), "workers_target": self.supervisor.active,
+            "worker_bounds": list(self.config.worker_bounds), "autoscale": self.config.autoscale,
+            "target_stall": self.config.target_stall,
+            "worker_changes": [{"time": t, "from": c.before, "to": c.workers, "reason": c.reason}
+                               for t, c in self.worker_log],
+            "worker_changes_total": dict(self.metrics.worker_changes),
             "workers": self.supervisor.describe(), "worker_restarts": dict(self.metrics.worker_restarts),
             "errors_by_reason": dict(self.metrics.errors), "bad_files": len(self.delivery.bad.files),
             "clients": [{**c.session.describe(), "shared_memory": c.arena is not None} for c in clients],
+            "shares": self.delivery.describe_shares(),
             "batch_build_seconds": {"counts": list(self.metrics.build_counts), "sum_s": self.metrics.build_sum_s},
             "fingerprint": self.fingerprint,
             **({"cache": self.cache.stats()} if self.cache is not None else {}),
@@ -335,6 +368,16 @@ class Server:
 
 
 _SESSIONLESS = (Hello, HealthRequest, StatsRequest, Bye)
+#: Worker-count changes listed in stats (the latest).
+_WORKER_LOG_KEPT = 32
+
+
+def _workers_text(config: ServerConfig) -> str:
+    if not config.autoscale:
+        return f"{config.initial_workers} workers"
+    lo, hi = config.worker_bounds
+    return (f"{lo} workers to start (--workers auto: {lo} to {hi}, target stall {100 * config.target_stall:g}%, "
+            f"at most one change per {config.scale_interval_s:g} s)")
 
 
 def _dump_stack(process: Any) -> None:

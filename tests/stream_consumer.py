@@ -1,7 +1,7 @@
 """A trainer stand-in run as a separate process by the tests.
 
     python -m tests.stream_consumer ENDPOINT OUT_JSONL [--state FILE] [--rank R --world-size N] [--batches K]
-                                    [--die-after K]
+                                    [--die-after K] [--share NAME] [--step-s S]
 
 For every batch it appends {epoch, batch, indices, digest} to OUT_JSONL, then saves the
 client's state to --state (atomically), like a trainer checkpointing after each step.
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 
 from loader_client import LoaderClient
 
@@ -30,12 +31,16 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=None)
     p.add_argument("--timeout-s", type=float, default=30.0)
     p.add_argument("--die-after", type=int, default=None)
+    p.add_argument("--share", default=None, help="join the server's share of this name")
+    p.add_argument("--step-s", type=float, default=0.0, help="a training step: sleep this long after each batch")
     args = p.parse_args()
     state = None
     if args.state and os.path.exists(args.state):
         with open(args.state) as f:
             state = json.load(f)
     kwargs = {"state": state} if state else {"rank": args.rank, "world_size": args.world_size}
+    if args.share:
+        kwargs["share"] = args.share
     with LoaderClient(args.endpoint, timeout_s=args.timeout_s, **kwargs) as client, open(args.out, "a") as out:
         total = args.batches if args.batches is not None else 10**9
         for _, (x, y) in zip(range(total), client, strict=False):
@@ -52,6 +57,8 @@ def main() -> None:
                 os.replace(tmp, args.state)
             if args.die_after is not None and client.batches_taken == args.die_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if args.step_s:
+                time.sleep(args.step_s)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pytest
 from loader_client import ClientOptions, ConfigError, ProtocolError
 from loader_client.contract import messages as m  # the message schemas (one place to update if they move)
 from loader_client.contract import schema
+from loader_client.contract.protocol import PROTOCOL_VERSION
 from loader_server.cli import build_parser, main, subparser
 from loader_server.runtime import worker_messages as wm
 
@@ -38,6 +39,7 @@ _ARENA = {"id": 1, "pid": 10, "fd": 3, "inode": 99, "slots": 4, "stride": 4096}
 VALID: dict[type[schema.Message], dict[str, Any]] = {
     m.Hello: {},
     m.Credit: {"n": 1},
+    m.Ping: {},
     m.Release: {"slots": [0]},
     m.ArenaHandle: dict(_ARENA),
     m.ShmRef: {"slot": 0, "arrays": [["x", "|u1", [1]]]},
@@ -64,6 +66,9 @@ RANGES: list[tuple[type[schema.Message], str, float, float]] = [
     (m.Hello, "rank", -I32, I32), (m.Hello, "world_size", -I32, 65_536), (m.Hello, "epoch", 0, I32),
     (m.Hello, "batch", 0, I32), (m.Hello, "seed", 0, I63), (m.Hello, "credit", 0, I32),
     (m.Credit, "n", 1, I32),
+    # A trainer's cumulative wait and wall time, in seconds (about 31 years at most).
+    (m.Credit, "wait_s", 0.0, 1e9), (m.Credit, "wall_s", 0.0, 1e9), (m.Ping, "wait_s", 0.0, 1e9),
+    (m.Ping, "wall_s", 0.0, 1e9),
     (m.ArenaHandle, "id", 0, I63), (m.ArenaHandle, "pid", 1, I32), (m.ArenaHandle, "fd", 0, I32),
     (m.ArenaHandle, "inode", 0, U64), (m.ArenaHandle, "slots", 1, 1024), (m.ArenaHandle, "stride", 1, TIB),
     (m.ShmRef, "slot", 0, 1023),
@@ -86,7 +91,8 @@ RANGES: list[tuple[type[schema.Message], str, float, float]] = [
 #: (message, field, one unit, longest accepted): text "at most 128 characters" for names, and the other
 #: lengths. A unit is a character, a byte, or a one-item list (lists of that item).
 LENGTHS: list[tuple[type[schema.Message], str, Any, int]] = [
-    (m.Hello, "client", "n", 128), (m.Hello, "fingerprint", "f", 64),
+    (m.Hello, "client", "n", 128), (m.Hello, "fingerprint", "f", 64), (m.Hello, "share", "s", 128),
+    (m.Welcome, "share", "s", 128),
     (m.ArenaHandle, "token", "t", 64),  # a 128-bit token in hex is 32: at most 64 characters pass
     (m.Release, "slots", [0], 1024), (m.ShmRef, "arrays", [["x", "|u1", [1]]], 1),
     (m.Welcome, "mode", "e", 16), (m.Welcome, "x_shape", [1], 8), (m.Welcome, "x_dtype", "u", 8),
@@ -181,7 +187,8 @@ def test_the_boundary_tables_cover_every_ranged_field_of_every_message() -> None
 
 
 def test_text_fields_shown_to_people_refuse_control_characters() -> None:
-    for cls, name in [(m.Hello, "client"), (m.Hello, "fingerprint"), (m.Welcome, "mode"), (m.Error, "kind"),
+    for cls, name in [(m.Hello, "client"), (m.Hello, "fingerprint"), (m.Hello, "share"), (m.Welcome, "share"),
+                      (m.Welcome, "mode"), (m.Error, "kind"),
                       (wm.Failed, "kind")]:
         assert _spec_of(cls, name).text, (cls, name)
         with pytest.raises(ProtocolError, match="control characters"):
@@ -416,7 +423,7 @@ def test_a_missing_required_field_and_the_defaults_of_optional_ones_even_from_a_
             schema.decode_fields(m.Credit, {}, "a test Credit")
         hello = schema.decode_fields(m.Hello, {}, "a test Hello")
         assert hello == m.Hello(rank=0, world_size=1, epoch=0, batch=0, seed=None, fingerprint=None, credit=0,
-                                client=None, shm=False, augment=True)
+                                client=None, shm=False, augment=True, share=None)
         assert schema.decode_fields(wm.Result, {"id": 1, "arrays": [], "build_s": 0.5}, "r").bad == []
 
 
@@ -439,7 +446,7 @@ def test_bytes_and_text_survive_the_wire_as_themselves() -> None:
 
     task = wm.Task(id=3, indices=np.arange(4, dtype=np.int64).tobytes(), seed=1, epoch=2, augment=True)
     header = msgpack.unpackb(schema.encode(task), raw=False)
-    assert isinstance(header["indices"], bytes) and header["t"] == "task" and header["v"] == 2
+    assert isinstance(header["indices"], bytes) and header["t"] == "task" and header["v"] == PROTOCOL_VERSION
     assert schema.decode(header, wm.TO_WORKER, "from a test") == task
 
 

@@ -146,7 +146,9 @@ def test_client_logs_one_line_per_epoch(start_server: Any, tmp_path: Path, caplo
 def _snapshot(**overrides: Any) -> dict[str, Any]:
     """A stats snapshot as the server publishes it (the fields the exposition reads)."""
     snap: dict[str, Any] = {
-        "batches_sent": 12, "images_sent": 48, "bytes_sent": 4096, "batches_ready": 3, "clients": [{"name": "a"}],
+        "batches_sent": 12, "images_sent": 48, "bytes_sent": 4096, "batches_ready": 3,
+        "clients": [{"name": "a", "stall": None, "share": None}, {"name": "b", "stall": 0.125, "share": "sweep"}],
+        "workers_target": 2, "worker_changes_total": {"up": 2, "down": 1},
         "errors_by_reason": {"empty file": 2, 'odd "quoted"\nreason': 1}, "worker_restarts": {"crashed": 1},
         "workers": [{"id": 0, "busy_fraction": 0.25}, {"id": 1, "busy_fraction": 0.5}], "uptime_s": 7.5,
         "workers_ready": 2,
@@ -165,7 +167,8 @@ def test_prometheus_exposition_parses_with_the_expected_names() -> None:
         "loader_batches_sent": "counter", "loader_images_sent": "counter", "loader_sent_bytes": "counter",
         "loader_decode_errors": "counter", "loader_worker_restarts": "counter", "loader_batches_ready": "gauge",
         "loader_clients": "gauge", "loader_workers_busy_ratio": "gauge", "loader_uptime_seconds": "gauge",
-        "loader_batch_build_seconds": "histogram",
+        "loader_batch_build_seconds": "histogram", "loader_workers": "gauge", "loader_worker_changes": "counter",
+        "loader_client_stall_ratio": "gauge",
     }
 
     def samples(name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -177,6 +180,12 @@ def test_prometheus_exposition_parses_with_the_expected_names() -> None:
     assert samples("loader_worker_restarts") == {("loader_worker_restarts_total", (("cause", "crashed"),)): 1}
     assert samples("loader_workers_busy_ratio") == {("loader_workers_busy_ratio", (("worker", "0"),)): 0.25,
                                                     ("loader_workers_busy_ratio", (("worker", "1"),)): 0.5}
+    assert samples("loader_workers") == {("loader_workers", ()): 2}
+    assert samples("loader_worker_changes") == {("loader_worker_changes_total", (("direction", "down"),)): 1,
+                                                ("loader_worker_changes_total", (("direction", "up"),)): 2}
+    # Each client's stall, named by client and share; a client that has not reported one has none.
+    assert samples("loader_client_stall_ratio") == {("loader_client_stall_ratio",
+                                                     (("client", "b"), ("share", "sweep"))): 0.125}
     build = samples("loader_batch_build_seconds")
     assert build[("loader_batch_build_seconds_bucket", (("le", "0.005"),))] == 0
     assert build[("loader_batch_build_seconds_bucket", (("le", "0.01"),))] == 3  # cumulative

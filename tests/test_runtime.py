@@ -295,12 +295,16 @@ def test_arena_slots_follow_their_batches_and_refuse_foreign_releases() -> None:
     arena = Arena(1, -1, 0, 4, 4096, deque(range(4)))
     slot = arena.take()
     assert slot == 3
-    arena.hand_over(slot)
+    arena.hand_over(slot, b"c")
+    arena.give_back(slot)  # sent: the server keeps it no longer, the client holds it
+    assert slot not in arena.free
     with pytest.raises(ProtocolError, match="does not hold"):
-        arena.release([0])
+        arena.release([0], b"c")
     with pytest.raises(ProtocolError, match="does not hold"):
-        arena.release([slot, slot])
-    arena.release([slot])
+        arena.release([slot, slot], b"c")
+    with pytest.raises(ProtocolError, match="does not hold"):
+        arena.release([slot], b"another client")
+    arena.release([slot], b"c")
     assert sorted(arena.free) == [0, 1, 2, 3] and not arena.with_client
     assert arena_slots(8, 4) == 14 and arena_slots(8, 10**6) == 18
 
@@ -328,7 +332,8 @@ def test_an_opened_session_holds_exactly_what_its_hello_and_the_server_say() -> 
     assert (opened.in_order, opened.augment, opened.credit, opened.last_seen, opened.last_sent) == \
         (True, True, 5, 12.5, 12.5)
     assert (opened.next_schedule, opened.next_send) == (2 * 5 + 3, 2 * 5 + 3)
-    assert opened.describe() == {"name": "trainer-1", "rank": 1, "world_size": 2, "epoch": 2, "batch": 3}
+    assert opened.describe() == {"name": "trainer-1", "rank": 1, "world_size": 2, "epoch": 2, "batch": 3,
+                                 "share": None, "stall": None, "wait_s": None, "wall_s": None}
 
 
 @pytest.mark.parametrize(("available", "asked", "augmented"),

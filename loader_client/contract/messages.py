@@ -1,7 +1,8 @@
 """Every message between a client and a server, defined once and used by both ends.
 
-Client -> server: `Hello` (open a stream, first credit), `Credit`, `Release` (shared-memory
-slots given back), `Ping`, `Bye`; `HealthRequest` and `StatsRequest` open no session.
+Client -> server: `Hello` (open a stream, first credit, the share to join), `Credit` and `Ping`
+(with the trainer's stall), `Release` (shared-memory slots given back), `Bye`; `HealthRequest` and
+`StatsRequest` open no session.
 Server -> client: `Welcome` (the stream's metadata), `Batch`, `Heartbeat`, `Error`, `Goodbye`
 (the server stops on purpose), `HealthReply`, `StatsReply`.
 
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_CREDIT",
     "MAX_NAME_CHARS",
     "MAX_RELEASE_SLOTS",
+    "MAX_REPORTED_S",
     "MAX_WORLD_SIZE",
     "STATS_REPLIES",
     "STREAM_MESSAGES",
@@ -60,6 +62,8 @@ MAX_CREDIT = 64
 MAX_RELEASE_SLOTS = 1024
 #: Most slots of one shared-memory arena.
 MAX_ARENA_SLOTS = 1024
+#: Largest cumulative wait or wall time (seconds) a client reports: about 31 years.
+MAX_REPORTED_S = 1e9
 _MAX_TEXT = 1 << 16  # error messages and tracebacks
 _FINGERPRINT_CHARS = 64
 
@@ -83,14 +87,25 @@ class Hello(Message):
     client: str | None = spec(str, type(None), default=None, max_len=MAX_NAME_CHARS, text=True)
     shm: bool = spec(bool, default=False)
     augment: bool = spec(bool, default=True)
+    # Join the share of this name (server: runtime/shares.py): trainers asking for the same stream
+    # (the same rank, world size, seed and augmentation) get every batch built once for all of them.
+    share: str | None = spec(str, type(None), default=None, max_len=MAX_NAME_CHARS, text=True)
 
 
 @dataclass(frozen=True)
 class Credit(Message):
-    """The trainer took `n` more batches: the server may send `n` more."""
+    """The trainer took `n` more batches: the server may send `n` more.
+
+    `wait_s` and `wall_s` (both or neither) report the trainer's stall: the seconds it has spent
+    waiting in ``next()`` and the seconds since its stream opened, both cumulative on the
+    client's clock; the server takes their growth over a few seconds as this trainer's stall
+    (what ``--workers auto`` keeps under ``--target-stall``).
+    """
 
     TYPE = "credit"
     n: int = spec(int, lo=1, hi=INT32_MAX)
+    wait_s: float | None = spec(float, type(None), default=None, lo=0.0, hi=MAX_REPORTED_S)
+    wall_s: float | None = spec(float, type(None), default=None, lo=0.0, hi=MAX_REPORTED_S)
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,11 @@ class Release(Message):
 
 @dataclass(frozen=True)
 class Ping(Message):
+    """The client is alive (and idle); `wait_s`/`wall_s` report its stall, as in `Credit`."""
+
     TYPE = "ping"
+    wait_s: float | None = spec(float, type(None), default=None, lo=0.0, hi=MAX_REPORTED_S)
+    wall_s: float | None = spec(float, type(None), default=None, lo=0.0, hi=MAX_REPORTED_S)
 
 
 @dataclass(frozen=True)
@@ -178,6 +197,7 @@ class Welcome(Message):
     heartbeat_s: float = spec(float, lo=0.001, hi=3600.0)
     max_message_bytes: int = spec(int, lo=1, hi=1 << 40)
     shm: ArenaHandle | None = spec(dict, type(None), default=None, nested=ArenaHandle)
+    share: str | None = spec(str, type(None), default=None, max_len=MAX_NAME_CHARS, text=True)  # the share joined
 
 
 @dataclass(frozen=True)

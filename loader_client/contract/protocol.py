@@ -34,8 +34,9 @@ __all__ = [
     "unpack",
 ]
 
-#: Bumped on any incompatible change of the messages below.
-PROTOCOL_VERSION = 2
+#: Bumped on any incompatible change of the messages below (3: the hello's share, the stall reports of
+#: credit and ping: a version-2 server refuses those fields).
+PROTOCOL_VERSION = 3
 #: A header larger than this is refused before it is parsed.
 MAX_HEADER_BYTES = 1 << 20
 #: Default bound on one whole message (header plus array frames), set as ZMQ_MAXMSGSIZE too.

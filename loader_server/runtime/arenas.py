@@ -35,7 +35,7 @@ from loader_client.contract.shm import ARENA_CHANNEL_REQUEST, ARENA_TOKEN_BYTES,
 
 from .transport import start_janitor
 
-__all__ = ["Arena", "ArenaChannel", "arena_slots", "new_arena"]
+__all__ = ["Arena", "ArenaChannel", "arena_slots", "new_arena", "share_arena_slots"]
 
 log = logging.getLogger("loader_server")
 
@@ -49,50 +49,109 @@ def arena_slots(prefetch: int, client_credit: int) -> int:
     return min(MAX_ARENA_SLOTS, prefetch + min(CLIENT_SLOTS, max(1, client_credit)) + 2)
 
 
+#: Members whose private batches (built while they are behind, held by a paused trainer, left
+#: behind by one that crashed) a share's arena has room for beyond its window; past that, batches
+#: go as frames over the socket, never waiting for a slot.
+SHARE_ARENA_MEMBERS = 8
+
+
+def share_arena_slots(prefetch: int, window: int) -> int:
+    """Slots of a share's arena: the pack's batches (its window, what is being built, what the clients
+    hold) and the private batches of `SHARE_ARENA_MEMBERS` members."""
+    per_member = prefetch + CLIENT_SLOTS + 2
+    return min(MAX_ARENA_SLOTS, window + per_member * (1 + SHARE_ARENA_MEMBERS))
+
+
 @dataclass
 class Arena:
+    """One memfd of `slots` slots, and who holds each slot.
+
+    A slot is *kept* by the server (being filled by a worker; built and waiting to be sent; in a
+    share's window) and *with* each client it was sent to until that client releases it. It is
+    free again when nobody keeps or holds it: the same slot may be with several clients at once
+    (the members of a share), and it is freed when the last one releases it. A slot that a client
+    still held when it left is never reused: that process may still read it, and only closing the
+    arena gives it back.
+    """
+
     id: int
     fd: int
     inode: int
     slots: int
     stride: int
     free: deque[int]
-    with_client: set[int] = field(default_factory=set)
+    kept: set[int] = field(default_factory=set)
+    with_clients: dict[int, set[bytes]] = field(default_factory=dict)
+    orphans: set[int] = field(default_factory=set)
     channel: ArenaChannel | None = None  # offers the descriptor to the session's client under `token`
     token: str | None = None
+    tokens: list[str] = field(default_factory=list)  # every token offered (one per client of a shared arena)
 
     def take(self) -> int | None:
-        """A free slot for a new batch (the most recently freed: fewer distinct pages), or None."""
-        return self.free.pop() if self.free else None
+        """A free slot for a new batch, kept by the server (the most recently freed: fewer distinct
+        pages), or None."""
+        if not self.free:
+            return None
+        slot = self.free.pop()
+        self.kept.add(slot)
+        return slot
 
     def give_back(self, slot: int) -> None:
-        """A slot whose batch was not sent (failed, dropped)."""
-        self.free.append(slot)
+        """The server no longer keeps `slot` (its batch was sent, dropped or failed)."""
+        self.kept.discard(slot)
+        self._settle(slot)
 
-    def hand_over(self, slot: int) -> None:
-        """The slot's batch went to the client."""
-        self.with_client.add(slot)
+    def hand_over(self, slot: int, client: bytes) -> None:
+        """The slot's batch went to `client`, which holds it until it releases it."""
+        self.with_clients.setdefault(slot, set()).add(client)
 
-    def release(self, slots: Iterable[int]) -> None:
-        """The client gave slots back; refuses slots it does not hold (nothing changes then)."""
+    def release(self, slots: Iterable[int], client: bytes = b"") -> None:
+        """`client` gave slots back; refuses slots it does not hold (nothing changes then)."""
         slots = list(slots)
-        if len(set(slots)) != len(slots) or not all(s in self.with_client for s in slots):
+        if len(set(slots)) != len(slots) or not all(client in self.with_clients.get(s, ()) for s in slots):
             raise ProtocolError(f"release of slots {slots[:16]!r} that this client does not hold")
         for s in slots:
-            self.with_client.discard(s)
-            self.free.append(s)
+            self.with_clients[s].discard(client)
+            self._settle(s)
 
-    def handle(self) -> ArenaHandle:
+    def forget(self, client: bytes) -> None:
+        """`client` left: the slots it still held are never reused (module doc)."""
+        for slot, holders in self.with_clients.items():
+            if client in holders:
+                holders.discard(client)
+                self.orphans.add(slot)
+
+    def _settle(self, slot: int) -> None:
+        if slot in self.kept or self.with_clients.get(slot) or slot in self.orphans or slot in self.free:
+            return
+        self.with_clients.pop(slot, None)
+        self.free.append(slot)
+
+    @property
+    def with_client(self) -> set[int]:
+        """Slots some client holds."""
+        return {s for s, holders in self.with_clients.items() if holders}
+
+    def offer(self) -> str | None:
+        """A fresh token for one more client to fetch the descriptor on the channel (None without one)."""
+        if self.channel is None:
+            return None
+        token = self.channel.offer(self.fd)
+        self.tokens.append(token)
+        return token
+
+    def handle(self, token: str | None = None) -> ArenaHandle:
         return ArenaHandle(id=self.id, pid=os.getpid(), fd=self.fd, inode=self.inode, slots=self.slots,
-                           stride=self.stride, token=self.token)
+                           stride=self.stride, token=token or self.token)
 
     @property
     def nbytes(self) -> int:
         return self.slots * self.stride
 
     def close(self) -> None:
-        if self.channel is not None and self.token is not None:
-            self.channel.withdraw(self.token)  # before the fd number can be reused
+        if self.channel is not None:
+            for token in {*self.tokens, *([self.token] if self.token else [])}:
+                self.channel.withdraw(token)  # before the fd number can be reused
         os.close(self.fd)
 
 
@@ -103,9 +162,8 @@ def new_arena(arena_id: int, slots: int, slot_bytes: int, channel: ArenaChannel 
     except OSError as exc:
         log.warning("no shared memory for a client (%s); sending frames over the socket", exc)
         return None
-    arena = Arena(arena_id, fd, os.fstat(fd).st_ino, slots, stride, deque(range(slots)))
-    if channel is not None:
-        arena.channel, arena.token = channel, channel.offer(fd)
+    arena = Arena(arena_id, fd, os.fstat(fd).st_ino, slots, stride, deque(range(slots)), channel=channel)
+    arena.token = arena.offer()
     return arena
 
 

@@ -5,6 +5,13 @@ moves batches from the supervisor's workers to the transport: it asks each sessi
 build, turns positions into tasks, routes a worker's result, failure or bad files to the
 session that asked, and sends what the session's credit and order allow. It talks to sockets
 only through the `Transport` and `WorkerChannel` it is given.
+
+A client whose hello names a share (shares.py) asks its `Share` for each position instead of
+building it: a batch is built once (a task owned by the share) and given to every member
+that wants it. With shared memory the share has one arena that every member maps: the slot of
+a batch is with each member it was sent to, and free again when the last one releases it and
+the share no longer keeps it (arenas.py). A member without the arena (another host, or shared
+memory refused) gets the pixels of such a batch copied into a frame.
 """
 
 from __future__ import annotations
@@ -12,15 +19,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from loader_client.contract import protocol
+from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
 from loader_client.contract.schema import Message, encode
+from loader_client.contract.shm import Arena as Mapping
 from loader_client.contract.shm import shm_available
 
 from ..config import ServerConfig
@@ -29,16 +38,17 @@ from ..data.classes import count_classes
 from ..data.datasets import Dataset
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
-from .arenas import Arena, ArenaChannel, arena_slots, new_arena
+from .arenas import Arena, ArenaChannel, arena_slots, new_arena, share_arena_slots
 from .bad_files import BadFiles
 from .sessions import Refusal, Session, StreamFacts, open_session
+from .shares import Share, ShareKey, ShareTerms
 from .supervisor import GivenUp, Supervisor, Task, Worker
 from .transport import ClientTransport, PeerLog, escape
 from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
 
-__all__ = ["ARENA_CLOSE_DELAY_S", "Built", "Client", "Delivery"]
+__all__ = ["ARENA_CLOSE_DELAY_S", "Built", "Client", "Delivery", "SharedStream"]
 
 log = logging.getLogger("loader_server")
 
@@ -55,16 +65,30 @@ class Built:
     shm: ShmRef | None
     images: int
     nbytes: int
+    copied: Built | None = None  # the same batch with x copied out of its slot into a frame (shares)
 
 
 @dataclass
 class Client:
-    """A session plus what the loop keeps beside it: its tasks and its arena."""
+    """A session plus what the loop keeps beside it: its tasks and its arena (its own, or its share's)."""
 
     identity: bytes
     session: Session[Built]
     tasks: dict[int, int]  # position -> task id, for batches being built
     arena: Arena | None = None
+    share: ShareKey | None = None
+    arena_token: str | None = None  # this client's key to its share's arena on the arena channel
+
+
+@dataclass
+class SharedStream:
+    """A share (shares.py) and what the loop keeps beside it: its arena and the server's own mapping
+    of it (to copy a batch into a frame for a member without the arena)."""
+
+    share: Share[bytes, Built]
+    arena: Arena | None = None
+    mapping: Mapping | None = None
+    members_shm: set[bytes] = field(default_factory=set)  # members that map the arena
 
 
 class Delivery:
@@ -84,6 +108,8 @@ class Delivery:
         self.num_classes = count_classes(index)
         self.bad = BadFiles(config.max_bad_files(len(index)), config.data)
         self.clients: dict[bytes, Client] = {}
+        self.shares: dict[ShareKey, SharedStream] = {}
+        self.used = 0  # batches sent, a share's batch counted once (the autoscaler compares it with builds)
         # Peers whose connection was found gone while sending. They are dropped only after the
         # requests already received from them are read (`reap_departed`): a trainer that closes
         # its client sends a goodbye first, and that goodbye, still queued, is the reason to log.
@@ -113,16 +139,55 @@ class Delivery:
             self.error(identity, opened.kind, opened.message)
             return
         client = Client(identity, opened, {})
-        if hello.shm and self.config.shm and shm_available():
-            self._next_arena_id += 1
-            client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch_batches, hello.credit),
+        wants_shm = hello.shm and self.config.shm and shm_available()
+        if hello.share is not None:
+            shared = self._join_share(client, hello, wants_shm)
+            if shared is None:
+                return
+        elif wants_shm:
+            client.arena = new_arena(self._new_arena_id(),
+                                     arena_slots(self.config.prefetch_batches, hello.credit),
                                      self.spec.batch_bytes, self.arena_channel)
         self.clients[identity] = client
         self._send(client, [encode(self._welcome(client, hello))])
-        log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s",
+        log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s%s",
                  escape(opened.name), opened.rank, opened.world_size, opened.seed, hello.epoch, hello.batch,
-                 "shared memory" if client.arena else "frames over the socket")
-        self.schedule(client)
+                 "shared memory" if client.arena else "frames over the socket",
+                 f", in share {escape(str(client.share))}" if client.share else "")
+        self.flush(client)
+
+    def _new_arena_id(self) -> int:
+        self._next_arena_id += 1
+        return self._next_arena_id
+
+    def _join_share(self, client: Client, hello: Hello, wants_shm: bool) -> SharedStream | None:
+        """Put `client` in the share its hello names (opening it), or refuse it naming each difference."""
+        s = client.session
+        key = ShareKey(hello.share or "", s.rank)
+        terms = ShareTerms(world_size=s.world_size, seed=s.seed, augment=s.augment)
+        shared = self.shares.get(key)
+        if shared is not None:
+            differences = shared.share.terms.differences(terms)
+            if differences:
+                message = (f"cannot join share {key}: this client asks for {'; '.join(differences)}. Every member "
+                           "of a share asks for the same stream (rank, world size, seed, augmentation): pass the "
+                           "same settings as the others, or another share name")
+                self.peer_log.warning(client.identity, "refused client %s: %s", client.identity.hex(), message)
+                self.error(client.identity, "config", message)
+                return None
+        else:
+            shared = SharedStream(Share(key, terms, self.config.share_window_batches))
+            self.shares[key] = shared
+        if wants_shm and shared.arena is None:
+            shared.arena = new_arena(self._new_arena_id(),
+                                     share_arena_slots(self.config.prefetch_batches, shared.share.window),
+                                     self.spec.batch_bytes, self.arena_channel)
+        if wants_shm and shared.arena is not None:
+            client.arena, client.arena_token = shared.arena, shared.arena.offer()
+            shared.members_shm.add(client.identity)
+        client.share = key
+        shared.share.join(client.identity, s.next_send)
+        return shared
 
     def _welcome(self, client: Client, hello: Hello) -> Welcome:
         c, s, spec = self.config, client.session, self.spec
@@ -133,22 +198,47 @@ class Delivery:
             x_dtype=spec.x_dtype, layout=spec.layout, color=spec.color,
             class_names=list(self.index.class_names) if self.index.class_names else None,
             fingerprint=self.fingerprint, heartbeat_s=c.heartbeat_s, max_message_bytes=c.max_message_bytes,
-            shm=client.arena.handle() if client.arena else None)
+            shm=client.arena.handle(client.arena_token) if client.arena else None, share=hello.share)
 
     def drop(self, identity: bytes, why: str) -> None:
-        """End a session: its tasks are cancelled, its batches and arena dropped."""
+        """End a session: its tasks are cancelled, its batches and arena dropped (a share's arena stays
+        with the share, which closes when its last member leaves)."""
         client = self.clients.pop(identity, None)
         if client is None:
             return
         self.supervisor.cancel(client.tasks.values())  # workers' results for them are then ignored
         for _ in client.session.drain():
             pass
-        if client.arena is not None:
-            for w in self.supervisor.workers.values():
-                if w.ready:
-                    self.channel.send(w.identity, Forget(arena=client.arena.id))
-            self._closing.append((time.monotonic() + ARENA_CLOSE_DELAY_S, client.arena))
+        if client.share is not None:
+            self._leave_share(client)
+        elif client.arena is not None:
+            self._close_arena(client.arena)
         log.info("client %s left (%s)", escape(client.session.name), why)
+
+    def _leave_share(self, client: Client) -> None:
+        shared = self.shares.get(client.share) if client.share is not None else None
+        if shared is None:
+            return
+        shared.share.leave(client.identity)
+        shared.members_shm.discard(client.identity)
+        if shared.arena is not None:
+            shared.arena.forget(client.identity)
+        if shared.share.members:
+            self._evict(shared)
+            return
+        del self.shares[shared.share.key]  # its last member left
+        self.supervisor.cancel(shared.share.building())
+        if shared.arena is not None:
+            self._close_arena(shared.arena)
+        log.info("share %s closed: %d batches built, %d handed to more than one member",
+                 escape(str(shared.share.key)), shared.share.builds, shared.share.reused)
+
+    def _close_arena(self, arena: Arena) -> None:
+        """Workers forget it now; it closes after ARENA_CLOSE_DELAY_S."""
+        for w in self.supervisor.workers.values():
+            if w.ready:
+                self.channel.send(w.identity, Forget(arena=arena.id))
+        self._closing.append((time.monotonic() + ARENA_CLOSE_DELAY_S, arena))
 
     def reap_departed(self) -> None:
         """End the sessions of peers found gone (call after reading the requests already received)."""
@@ -163,9 +253,11 @@ class Delivery:
             self.drop(identity, "the server stopped")
 
     def close_arenas(self) -> None:
-        for client in self.clients.values():
-            if client.arena is not None:
-                client.arena.close()
+        closed = set()
+        for arena in [c.arena for c in self.clients.values()] + [s.arena for s in self.shares.values()]:
+            if arena is not None and arena.id not in closed:
+                closed.add(arena.id)
+                arena.close()
         for _, arena in self._closing:
             arena.close()
         self._closing.clear()
@@ -181,43 +273,87 @@ class Delivery:
             elif now - s.last_sent >= self.config.heartbeat_s:
                 self._send(client, [encode(Heartbeat())])
 
+    def release(self, client: Client, slots: list[int]) -> None:
+        """The client gave shared-memory slots back."""
+        if client.arena is None:
+            raise ProtocolError("release of shared-memory slots, but this client has no arena")
+        client.arena.release(slots, client.identity)
+        self.schedule(client)
+
     # ------------------------------------------------------------------ building and sending
-    def schedule(self, client: Client) -> None:
-        """Create tasks for what the session wants built (up to prefetch outstanding)."""
+    def schedule(self, client: Client) -> bool:
+        """Create tasks for what the session wants built (up to prefetch outstanding). True when a share
+        had some of it built already: the caller may send more now."""
         s = client.session
+        shared = self.shares.get(client.share) if client.share is not None else None
+        ready_now = False
         for position in s.to_build():
-            epoch, batch = s.place(position)
-            indices = self.plan.batch(epoch, batch, seed=s.seed, rank=s.rank, world_size=s.world_size)
-            slot = client.arena.take() if client.arena is not None else None
-            task = self.supervisor.new_task(client.identity, position, indices, seed=s.seed, epoch=epoch,
-                                            augment=s.augment, slot=slot)
-            client.tasks[position] = task.id
+            if shared is None:
+                slot = client.arena.take() if client.arena is not None else None
+                client.tasks[position] = self._new_task(client.identity, s, position, slot).id
+                continue
+            payload = self._want(shared, client, position)
+            if payload is not None:
+                s.built(position, self._for_member(shared, client, payload))
+                ready_now = True
+        return ready_now
+
+    def _want(self, shared: SharedStream, client: Client, position: int) -> Built | None:
+        """`client` wants `position` of its share: the batch if built, else None (the build is started,
+        or in progress for another member)."""
+        want = shared.share.want(client.identity, position)
+        if want.build:
+            key = shared.share.key
+            slot = shared.arena.take() if shared.arena is not None and shared.members_shm else None
+            task = self._new_task((key, client.identity) if want.behind else key, client.session, position, slot)
+            shared.share.started(position, task.id)
+        return want.payload
+
+    def _new_task(self, owner: Hashable, s: Session[Built], position: int, slot: int | None) -> Task:
+        epoch, batch = s.place(position)
+        indices = self.plan.batch(epoch, batch, seed=s.seed, rank=s.rank, world_size=s.world_size)
+        return self.supervisor.new_task(owner, position, indices, seed=s.seed, epoch=epoch, augment=s.augment,
+                                        slot=slot)
 
     def send_task(self, worker: Worker, task: Task) -> bool:
         """Hand `task` to `worker` over the worker channel (the supervisor's dispatch calls this)."""
-        client = self.clients.get(task.owner)
-        arena = client.arena if client is not None and task.slot is not None else None
+        arena = self._task_arena(task) if task.slot is not None else None
         message = TaskMessage(id=task.id, indices=task.indices.tobytes(), seed=task.seed, epoch=task.epoch,
                               augment=task.augment, arena=arena.handle() if arena else None,
                               slot=task.slot if arena else None)
         return self.channel.send(worker.identity, message)
 
+    def _task_arena(self, task: Task) -> Arena | None:
+        if isinstance(task.owner, bytes):
+            client = self.clients.get(task.owner)
+            return client.arena if client is not None else None
+        shared = self.shares.get(_share_of(task.owner))
+        return shared.arena if shared is not None else None
+
     def flush(self, client: Client) -> None:
         """Send what the session may send now (credit and order allowing), then build more."""
-        if client.identity in self.departed:
-            return
-        s = client.session
-        while (item := s.sendable()) is not None:
-            position, built = item
-            epoch, batch = s.place(position)
-            head = encode(Batch(epoch=epoch, batch=batch, steps=s.steps, arrays=built.arrays, shm=built.shm))
-            if not self._send(client, [head, *built.frames]):
-                break
-            s.sent(position, time.monotonic())
-            if built.shm is not None and client.arena is not None:
-                client.arena.hand_over(built.shm.slot)
-            self.metrics.sent(built.images, built.nbytes)
-        self.schedule(client)
+        while client.identity not in self.departed and client.identity in self.clients:
+            s = client.session
+            shared = self.shares.get(client.share) if client.share is not None else None
+            while (item := s.sendable()) is not None:
+                position, built = item
+                epoch, batch = s.place(position)
+                head = encode(Batch(epoch=epoch, batch=batch, steps=s.steps, arrays=built.arrays, shm=built.shm))
+                if not self._send(client, [head, *built.frames]):
+                    break
+                s.sent(position, time.monotonic())
+                if built.shm is not None and client.arena is not None:
+                    client.arena.hand_over(built.shm.slot, client.identity)
+                    if shared is None:
+                        client.arena.give_back(built.shm.slot)  # its own arena: the slot is the client's now
+                if shared is None or shared.share.handed(client.identity, position):
+                    self.used += 1  # a batch a trainer takes for the first time (a share's once)
+                self.metrics.sent(built.images, built.nbytes)
+            if shared is not None:
+                shared.share.advance(client.identity, s.next_send)
+                self._evict(shared)
+            if not self.schedule(client):
+                return
 
     def _send(self, client: Client, frames: list[Any]) -> bool:
         outcome = self.transport.send(client.identity, frames)
@@ -233,58 +369,126 @@ class Delivery:
     def error(self, identity: bytes, kind: str, message: str, **extra: Any) -> None:
         self.transport.reply(identity, Error(kind=kind, message=message, **extra))
 
+    # ------------------------------------------------------------------ shares
+    def _for_member(self, shared: SharedStream, client: Client, built: Built) -> Built:
+        """`built` as `client` can take it: with x copied into a frame when it is in the share's arena and
+        the client does not map that arena."""
+        if built.shm is None or client.arena is shared.arena:
+            return built
+        if built.copied is None:
+            arena = shared.arena
+            assert arena is not None, "a batch in a slot comes from the share's arena"
+            if shared.mapping is None:
+                shared.mapping = Mapping.from_fd(arena.fd, arena.slots, arena.stride, writable=False)
+            name, dtype, shape = built.shm.arrays[0]
+            x = np.array(shared.mapping.view(built.shm.slot, dtype, shape))  # a copy: the slot is reused later
+            built.copied = Built([*built.arrays, [name, dtype, list(shape)]], [*built.frames, x], None, built.images,
+                                 built.nbytes)
+        return built.copied
+
+    def _evict(self, shared: SharedStream) -> None:
+        """Free the batches the share no longer keeps."""
+        for entry in shared.share.evict():
+            built = entry.payload
+            if built is not None and built.shm is not None and shared.arena is not None:
+                shared.arena.give_back(built.shm.slot)
+
+    def _rebuild(self, shared: SharedStream, position: int, members: list[bytes], why: str) -> None:
+        """The build of `position` was lost (`why`): its waiting members ask again."""
+        log.warning("share %s: the batch at position %d is built again (%s)", escape(str(shared.share.key)),
+                    position, why)
+        for m in members:
+            client = self.clients.get(m)
+            if client is not None:
+                self._want(shared, client, position)  # nothing is built: its entry was just forgotten
+
     # ------------------------------------------------------------------ results
     def on_result(self, task: Task, result: Result, frames: list[Any]) -> None:
-        client = self._owner(task)
-        if client is None:
-            return
+        shared = None if isinstance(task.owner, bytes) else self.shares.get(_share_of(task.owner))
+        client: Client | None = None
+        if shared is None:
+            client = self._owner(task)
+            if client is None:
+                return  # its session (or share) ended: its arena went with it
+        else:
+            entry = shared.share.entries.get(task.position)
+            if entry is None or entry.payload is not None or entry.task != task.id:
+                if task.slot is not None and shared.arena is not None:
+                    shared.arena.give_back(task.slot)
+                return
         if result.bad:
             for path, code, reason in self.bad.note(result.bad):
                 self.metrics.errors[code] += 1
                 log.warning("bad file %s: %s (replaced by another sample of its batch; logged once)", path, reason)
             if self.bad.too_many:
                 log.error(self.bad.too_many)
-                self.error(client.identity, "bad_sample", self.bad.too_many)
-                self.drop(client.identity, "too many bad files")
+                for failed in ([client] if client is not None else self._fail(task, shared)):
+                    self.error(failed.identity, "bad_sample", self.bad.too_many)
+                    self.drop(failed.identity, "too many bad files")
                 return
         protocol.build_arrays(result.arrays, frames, max_bytes=self.config.max_message_bytes)  # checks the frames
         arrays = result.arrays + (result.shm_arrays or [])
         shm = ShmRef(slot=task.slot, arrays=result.shm_arrays or []) if task.slot is not None else None
         images = next((a[2][0] for a in arrays if a[0] == "y"), 0)
         nbytes = sum(math.prod(a[2]) * np.dtype(a[1]).itemsize for a in arrays)
-        client.session.built(task.position, Built(result.arrays, frames, shm, images, nbytes))
-        self.flush(client)
+        built = Built(result.arrays, frames, shm, images, nbytes)
+        if client is not None:
+            client.session.built(task.position, built)
+            self.flush(client)
+            return
+        assert shared is not None
+        members = [self.clients[m] for m in shared.share.built(task.position, built)]
+        for member in members:
+            member.session.built(task.position, self._for_member(shared, member, built))
+        for member in members:
+            self.flush(member)
+        self._evict(shared)
+
+    def _fail(self, task: Task, shared: SharedStream | None) -> list[Client]:
+        """Forget `task`'s batch: the clients that waited for it (their slot given back)."""
+        if shared is None:
+            client = self.clients.get(task.owner) if isinstance(task.owner, bytes) else None
+            if client is None:
+                return []
+            client.tasks.pop(task.position, None)
+            self._give_back_slot(client, task)
+            return [client]
+        members = shared.share.failed(task.position)
+        if task.slot is not None and shared.arena is not None:
+            shared.arena.give_back(task.slot)
+        return [c for c in (self.clients.get(m) for m in members) if c is not None]
 
     def on_failed(self, task: Task, failed: Failed, worker_id: int) -> None:
-        client = self._owner(task)
-        if client is None:
-            return
-        self._give_back_slot(client, task)
-        epoch, batch = client.session.place(task.position)
-        log.error("worker %d failed on epoch %d batch %d: %s", worker_id, epoch, batch, failed.message)
-        self.error(client.identity, failed.kind, f"epoch {epoch} batch {batch}: {failed.message}", path=failed.path,
-                   reason=failed.reason, traceback=failed.traceback)
-        self.drop(client.identity, "batch failed")
+        shared = None if isinstance(task.owner, bytes) else self.shares.get(_share_of(task.owner))
+        for client in self._fail(task, shared):
+            epoch, batch = client.session.place(task.position)
+            log.error("worker %d failed on epoch %d batch %d: %s", worker_id, epoch, batch, failed.message)
+            self.error(client.identity, failed.kind, f"epoch {epoch} batch {batch}: {failed.message}",
+                       path=failed.path, reason=failed.reason, traceback=failed.traceback)
+            self.drop(client.identity, "batch failed")
 
     def on_skipped(self, task: Task) -> None:
-        client = self._owner(task)
-        if client is not None:  # its arena was forgotten, so its session is normally gone already
-            self._give_back_slot(client, task)
+        """A worker skipped a task of an arena it was told to forget (its session or share ended)."""
+        shared = None if isinstance(task.owner, bytes) else self.shares.get(_share_of(task.owner))
+        if shared is None:
+            self._fail(task, None)  # its session is normally gone already
+            return
+        members = [c.identity for c in self._fail(task, shared)]
+        if members:
+            self._rebuild(shared, task.position, members, "its worker skipped it")
 
     def give_up(self, gone: Iterable[GivenUp]) -> None:
         """Report tasks that killed or hung their workers too often, and end their sessions."""
         for g in gone:
-            client = self._owner(g.task)
-            if client is None:
-                continue
-            self._give_back_slot(client, g.task)
-            epoch, batch = client.session.place(g.task.position)
-            self.error(client.identity, "worker_crashed", f"epoch {epoch} batch {batch}: its worker {g.why} "
-                       f"{g.task.crashes} times; its files: {self.file_list(g.task, 8)}", exit_code=g.exit_code)
-            self.drop(client.identity, "batch crashed workers repeatedly")
+            shared = None if isinstance(g.task.owner, bytes) else self.shares.get(_share_of(g.task.owner))
+            for client in self._fail(g.task, shared):
+                epoch, batch = client.session.place(g.task.position)
+                self.error(client.identity, "worker_crashed", f"epoch {epoch} batch {batch}: its worker {g.why} "
+                           f"{g.task.crashes} times; its files: {self.file_list(g.task, 8)}", exit_code=g.exit_code)
+                self.drop(client.identity, "batch crashed workers repeatedly")
 
     def _owner(self, task: Task) -> Client | None:
-        client = self.clients.get(task.owner)
+        client = self.clients.get(task.owner) if isinstance(task.owner, bytes) else None
         if client is not None:
             client.tasks.pop(task.position, None)
         return client
@@ -295,13 +499,32 @@ class Delivery:
 
     # ------------------------------------------------------------------ descriptions
     def describe_task(self, task: Task) -> str:
-        client = self.clients.get(task.owner)
-        if client is None:
-            return "a batch of a client that left"
-        epoch, batch = client.session.place(task.position)
-        return f"epoch {epoch} batch {batch} (files {self.file_list(task, 4)})"
+        if isinstance(task.owner, bytes):
+            client = self.clients.get(task.owner)
+            if client is None:
+                return "a batch of a client that left"
+            epoch, batch = client.session.place(task.position)
+            return f"epoch {epoch} batch {batch} (files {self.file_list(task, 4)})"
+        shared = self.shares.get(_share_of(task.owner))
+        if shared is None:
+            return "a batch of a share that closed"
+        epoch, batch = divmod(task.position, self.plan.steps_per_epoch(shared.share.terms.world_size))
+        return f"epoch {epoch} batch {batch} of share {shared.share.key} (files {self.file_list(task, 4)})"
 
     def file_list(self, task: Task, limit: int) -> str:
         """The first `limit` files of a task's batch, for error messages."""
         files = [self.index.describe(int(i)) for i in task.indices[:limit]]
         return ", ".join(files) + (" ..." if len(task.indices) > limit else "")
+
+    def describe_shares(self) -> list[dict[str, Any]]:
+        return [{**s.share.describe(), "shared_memory": s.arena is not None,
+                 "arena_slots": s.arena.slots if s.arena else 0,
+                 "slots_free": len(s.arena.free) if s.arena else 0} for s in self.shares.values()]
+
+
+def _share_of(owner: Hashable) -> ShareKey:
+    """The share a task belongs to: its owner is the share's key, or (key, member) for a member behind."""
+    if isinstance(owner, ShareKey):
+        return owner
+    assert isinstance(owner, tuple) and isinstance(owner[0], ShareKey), owner
+    return owner[0]

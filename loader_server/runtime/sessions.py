@@ -14,15 +14,23 @@ A stream position is ``epoch * steps + batch``. The rules:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import MAX_CREDIT, Hello
 
-__all__ = ["Refusal", "Session", "StreamFacts", "fingerprint_mismatch", "open_session"]
+__all__ = ["STALL_WINDOW_S", "Refusal", "Session", "StreamFacts", "fingerprint_mismatch", "open_session"]
 
 P = TypeVar("P")
+
+#: The trainer's stall is its growth of waiting over its growth of wall time in this many seconds.
+STALL_WINDOW_S = 2.0
+#: Reports closer together than this (client time) replace each other: a client's many credits
+#: keep a bounded record.
+_REPORT_SPACING_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,9 @@ class Session(Generic[P]):
     last_sent: float
     ready: dict[int, P] = field(default_factory=dict)
     building: set[int] = field(default_factory=set)
+    share: str | None = None
+    # The trainer's reports, (wall_s, wait_s) on its clock, oldest first (`report`, `stall`).
+    reports: deque[tuple[float, float]] = field(default_factory=deque)
 
     # ------------------------------------------------------------------ events
     def grant(self, n: int, now: float) -> None:
@@ -74,6 +85,36 @@ class Session(Generic[P]):
 
     def seen(self, now: float) -> None:
         self.last_seen = now
+
+    def report(self, wait_s: float | None, wall_s: float | None, window_s: float = STALL_WINDOW_S) -> None:
+        """The trainer's cumulative wait and wall time (a credit's or ping's report). Raises ProtocolError
+        for half a report, a wait longer than the wall time, or a report going back in time."""
+        if wait_s is None and wall_s is None:
+            return
+        if wait_s is None or wall_s is None:
+            raise ProtocolError("a stall report needs both wait_s and wall_s")
+        if wait_s > wall_s + 1e-6:
+            raise ProtocolError(f"stall report: wait_s {wait_s:g} exceeds wall_s {wall_s:g}")
+        if self.reports:
+            last_wall, last_wait = self.reports[-1]
+            if wall_s < last_wall or wait_s < last_wait:
+                raise ProtocolError(f"stall report went back in time: wait_s {wait_s:g}, wall_s {wall_s:g} after "
+                                    f"{last_wait:g}, {last_wall:g}")
+            if len(self.reports) > 1 and wall_s - self.reports[-2][0] < _REPORT_SPACING_S:
+                self.reports.pop()
+        self.reports.append((wall_s, wait_s))
+        while len(self.reports) > 2 and self.reports[1][0] <= wall_s - window_s:
+            self.reports.popleft()  # one report at or before the window's start is kept
+
+    def stall(self, window_s: float = STALL_WINDOW_S) -> float | None:
+        """The trainer's recent stall: its waiting over wall time across about the last `window_s` seconds
+        of its reports; None until they span half of that."""
+        if len(self.reports) < 2:
+            return None
+        (wall0, wait0), (wall1, wait1) = self.reports[0], self.reports[-1]
+        if wall1 - wall0 < window_s / 2:
+            return None
+        return min(1.0, (wait1 - wait0) / (wall1 - wall0))
 
     def to_build(self) -> list[int]:
         """Positions to start building now, so that `prefetch` batches are outstanding."""
@@ -129,7 +170,10 @@ class Session(Generic[P]):
 
     def describe(self) -> dict[str, Any]:
         epoch, batch = self.position
-        return {"name": self.name, "rank": self.rank, "world_size": self.world_size, "epoch": epoch, "batch": batch}
+        return {"name": self.name, "rank": self.rank, "world_size": self.world_size, "epoch": epoch, "batch": batch,
+                "share": self.share, "stall": self.stall(),
+                "wait_s": self.reports[-1][1] if self.reports else None,
+                "wall_s": self.reports[-1][0] if self.reports else None}
 
 
 def open_session(hello: Hello, name: str, *, steps_for: Callable[[int], int], facts: StreamFacts,
@@ -157,7 +201,7 @@ def open_session(hello: Hello, name: str, *, steps_for: Callable[[int], int], fa
     return Session(name=name, rank=rank, world_size=world, seed=seed, steps=steps, prefetch=facts.prefetch,
                    in_order=facts.in_order, augment=facts.augment_available and hello.augment,
                    next_schedule=start, next_send=start, credit=min(MAX_CREDIT, hello.credit),
-                   last_seen=now, last_sent=now)
+                   last_seen=now, last_sent=now, share=hello.share)
 
 
 def fingerprint_mismatch(theirs: str, ours: str) -> str:

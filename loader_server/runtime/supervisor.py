@@ -15,7 +15,11 @@ Policy:
   (`dump_stack`), then it is killed after `dump_grace_s`;
 * when a worker dies, its tasks go back to the front of the queue, and the one it was
   building (its first) is charged a crash; a task charged `max_crashes` times is given up and
-  returned to the loop, which reports it to its client.
+  returned to the loop, which reports it to its client;
+* `resize` changes the number of workers (``--workers auto``, autoscale.py): new ones are
+  spawned; removed ones are *retiring*: they get no new task, finish the ones they hold, and
+  are then stopped (SIGTERM); one that dies before that returns its tasks to the queue as any
+  dead worker does. So every task is built once, whatever the changes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -66,7 +70,7 @@ class Task:
     """One batch to build for one session."""
 
     id: int
-    owner: bytes  # the session's identity
+    owner: Hashable  # who gets the batch: a session's identity, or a share (runtime.shares)
     position: int
     indices: np.ndarray
     seed: int
@@ -89,6 +93,8 @@ class Worker:
     spawned: float = 0.0
     busy_s: float = 0.0
     busy_since: float = 0.0
+    retiring: bool = False  # removed by `resize`: no new tasks; stopped once it holds none
+    stopped: bool = False  # asked to exit (SIGTERM) after retiring
 
     def set_busy(self, busy: bool, now: float) -> None:
         if busy and not self.busy_since:
@@ -98,7 +104,11 @@ class Worker:
             self.busy_since = 0.0
 
     def state(self) -> str:
-        return "hung" if self.hung else "busy" if self.tasks else "idle" if self.ready else "starting"
+        if self.hung:
+            return "hung"
+        if self.retiring:
+            return "retiring"
+        return "busy" if self.tasks else "idle" if self.ready else "starting"
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,7 @@ class Supervisor:
         self.queue: deque[int] = deque()
         self._by_identity: dict[bytes, int] = {}
         self._next_task_id = 0
+        self.retired_busy_s = 0.0  # busy time of workers that are gone (busy_seconds counts it)
 
     # ------------------------------------------------------------------ workers
     def start(self) -> None:
@@ -191,10 +202,49 @@ class Supervisor:
         return {w.process.sentinel: wid for wid, w in self.workers.items()}
 
     def ready_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.ready and not w.hung)
+        return sum(1 for w in self.workers.values() if w.ready and not w.hung and not w.retiring)
+
+    @property
+    def active(self) -> int:
+        """Workers that take tasks or will (not retiring)."""
+        return sum(1 for w in self.workers.values() if not w.retiring)
+
+    def resize(self, n: int) -> tuple[list[int], list[int]]:
+        """Aim for `n` workers: spawn the missing ones, retire the extra ones (module doc).
+
+        Returns the ids spawned and the ids retiring. Among workers of the same kind, those
+        holding the fewest tasks retire first (starting ones before ready ones), the newest first.
+        """
+        if n < 1:
+            raise ValueError(f"a server needs at least 1 worker, got {n}")
+        self.size = n
+        active = [w for w in self.workers.values() if not w.retiring]
+        spawned: list[int] = []
+        retiring: list[int] = []
+        for _ in range(n - len(active)):
+            wid = next(i for i in range(len(self.workers) + 1) if i not in self.workers)
+            self._spawn(wid)
+            spawned.append(wid)
+        for w in sorted(active, key=lambda w: (w.ready and not w.hung, len(w.tasks), -w.id))[:max(0, len(active) - n)]:
+            w.retiring = True
+            retiring.append(w.id)
+        self._stop_retired()
+        return spawned, retiring
+
+    def _stop_retired(self) -> None:
+        for w in self.workers.values():
+            if w.retiring and not w.tasks and not w.stopped:
+                w.stopped = True
+                w.process.terminate()  # its sentinel fires and worker_exited takes over
+
+    def busy_seconds(self) -> float:
+        """Seconds every worker (gone ones too) spent holding tasks, until now."""
+        now = self.clock()
+        return self.retired_busy_s + sum(w.busy_s + (now - w.busy_since if w.busy_since else 0.0)
+                                         for w in self.workers.values())
 
     # ------------------------------------------------------------------ tasks
-    def new_task(self, owner: bytes, position: int, indices: np.ndarray, *, seed: int, epoch: int, augment: bool,
+    def new_task(self, owner: Hashable, position: int, indices: np.ndarray, *, seed: int, epoch: int, augment: bool,
                  slot: int | None) -> Task:
         """Queue a task (at the back) and return it."""
         task = Task(self._next_task_id, owner, position, indices, seed, epoch, augment, slot)
@@ -220,7 +270,7 @@ class Supervisor:
         """
         while self.queue:
             open_workers = [w for w in self.workers.values()
-                            if w.ready and not w.hung and len(w.tasks) < self.tasks_per_worker]
+                            if w.ready and not w.hung and not w.retiring and len(w.tasks) < self.tasks_per_worker]
             if not open_workers:
                 return
             worker = min(open_workers, key=lambda w: len(w.tasks))
@@ -255,6 +305,8 @@ class Supervisor:
             worker.tasks.remove(task_id)
             if not worker.tasks:
                 worker.set_busy(False, self.clock())
+                if worker.retiring:
+                    self._stop_retired()
         return self.tasks.pop(task_id, None)
 
     # ------------------------------------------------------------------ faults
@@ -283,6 +335,8 @@ class Supervisor:
         """
         worker = self.workers.pop(wid)
         self._by_identity.pop(worker.identity, None)
+        worker.set_busy(False, self.clock())
+        self.retired_busy_s += worker.busy_s
         worker.process.join(0)
         code = worker.process.exitcode
         given_up: list[GivenUp] = []
@@ -301,7 +355,8 @@ class Supervisor:
                 given_up.append(GivenUp(task, why, code))
             else:
                 self.queue.appendleft(tid)
-        self._spawn(wid)
+        if not worker.retiring:
+            self._spawn(wid)
         return worker, given_up
 
     def stop(self, timeout_s: float) -> None:
