@@ -200,7 +200,8 @@ def test_idle_connections_do_not_lock_out_clients(start_server: Any, listfile: P
     idle = [raw(ctx, f"tcp://127.0.0.{2 + i % 2}:0;127.0.0.1:{port}") for i in range(600)]  # ZMTP done, silent
     for s in idle[:5]:
         s.send(msgpack.packb({"v": V, "t": "ping"}))  # a few even talk
-    wait_until(lambda: server.log_text().count("(--max-connections-per-host)") >= 2, 20,
+    wait_until(lambda: all(f"127.0.0.{a} uid {os.getuid()} already holds 256 connections (--max-connections-per-host "
+                               "256)" in server.log_text() for a in (2, 3)), 20,
                "the 44 connections over the bound from each address to be closed")
     still_serves(f"tcp://127.0.0.1:{port}")
     assert server.proc.poll() is None
@@ -248,10 +249,14 @@ def test_one_address_holding_too_many_connections_gets_the_extra_ones_closed(sta
 
     peers = [connect() for _ in range(30)]
     try:
-        closed = _closed_by_server(peers)
-        assert closed == [False] * 20 + [True] * 10  # the first 20 stay, the rest are closed as they arrive
-        wait_until(lambda: "connection(s) from 127.0.0.2 as they arrived: it already holds 20 "
-                           "(--max-connections-per-host)" in server.log_text(), 10, "the refusal to be logged")
+        # The first 20 stay; the next REFUSED_PENDING (8) wait for a request to answer with the refusal,
+        # and are closed after REFUSED_GRACE_S (2 s) without one; the last 2 are closed as they arrive.
+        closed = _closed_by_server(peers, wait_s=2.0 + 3.0)
+        assert closed == [False] * 20 + [True] * 10
+        refusal = f"127.0.0.2 uid {os.getuid()} already holds 20 connections (--max-connections-per-host 20)"
+        wait_until(lambda: f"closed connection(s) from 127.0.0.2 uid {os.getuid()} as they arrived: {refusal}"
+                           in server.log_text() and f"closed a connection from 127.0.0.2 uid {os.getuid()}: {refusal}"
+                           in server.log_text(), 10, "the refusals to be logged")
         still_serves(server.endpoint, 2)  # another address (127.0.0.1) is not affected
         gone = {p.getsockname()[1] for p in peers[:10]}
         for p in peers[:10]:
@@ -271,7 +276,7 @@ def test_the_guard_takes_only_an_accepted_tcp_connection_of_its_port() -> None:
     descriptor and its number may name another socket. Seen under load: a worker's ipc connection,
     whose empty peer name raised IndexError and ended the guard's thread (no bound on connections
     or on unfinished messages from then on). Only a TCP connection on the listening port is taken."""
-    from loader_server.runtime.transport import _accepted_connection
+    from loader_server.runtime.guard import _accepted_connection
 
     fds_before = set(os.listdir("/proc/self/fd"))
     with socket.socket() as listener:

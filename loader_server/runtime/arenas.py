@@ -17,6 +17,8 @@ from loader_client.errors import ProtocolError
 from loader_client.messages import MAX_ARENA_SLOTS, ArenaHandle
 from loader_client.shm import create_arena
 
+from ..logs import Throttle
+
 __all__ = ["Arena", "new_arena", "arena_slots"]
 
 log = logging.getLogger("loader_server")
@@ -74,11 +76,12 @@ class Arena:
         os.close(self.fd)
 
 
-def new_arena(arena_id: int, slots: int, slot_bytes: int) -> Arena | None:
-    """A fresh arena, or None (logged) where shared memory cannot be had."""
+def new_arena(arena_id: int, slots: int, slot_bytes: int, throttle: Throttle | None = None) -> Arena | None:
+    """A fresh arena, or None (logged, through `throttle` when given) where shared memory cannot be had."""
     try:
         fd, stride = create_arena(f"loader-arena-{arena_id}", slots, slot_bytes)
     except OSError as exc:
-        log.warning("no shared memory for a client (%s); sending frames over the socket", exc)
+        (throttle or Throttle(log)).warning("no-shm", "no shared memory for a client (%s); sending frames over the "
+                                            "socket", exc)
         return None
     return Arena(arena_id, fd, os.fstat(fd).st_ino, slots, stride, deque(range(slots)))
