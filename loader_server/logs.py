@@ -72,6 +72,9 @@ class Throttle:
             if window[1] <= self.per_minute:
                 return True
             window[2] += 1
+            if window[2] == 1:
+                self.logger.warning("more than %d log lines of kind %r this minute: the rest are counted, not logged",
+                                    self.per_minute, kind)
             return False
 
     def log(self, level: int, kind: str, fmt: str, *args: Any) -> None:

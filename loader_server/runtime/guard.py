@@ -44,7 +44,7 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,8 @@ REFUSED_PENDING = 8
 _REFUSAL_LINGER_S = 0.2
 #: Offset of tcpi_bytes_received in Linux's struct tcp_info (since Linux 4.1).
 _TCP_BYTES_RECEIVED_OFFSET = 128
+#: Closed connections whose peer is remembered (their last requests are read after they closed).
+_CLOSED_KEPT = 4096
 #: CURVE's MESSAGE command around each frame's body: "\x07MESSAGE", an 8-byte nonce, a 16-byte MAC, a flags byte.
 _CURVE_BOX_BYTES = 33
 _monitors = itertools.count()
@@ -133,6 +135,7 @@ class ConnectionGuard:
         self._events.setsockopt(zmq.LINGER, 0)
         self._events.connect(address)
         self.connections: dict[int, _Connection] = {}
+        self._closed: OrderedDict[int, tuple[str, str]] = OrderedDict()  # fd -> (peer, refusal) of closed ones
         self.cut = 0
         self.log = Throttle(log)
         self._lock = threading.RLock()  # the table, and the monitor socket (read by both threads)
@@ -159,19 +162,20 @@ class ConnectionGuard:
             self._stop.wait(self.interval_s)
 
     # ------------------------------------------------------------------ the event loop's side
-    def admit(self, fd: int, nbytes: int) -> Admission | None:
+    def admit(self, fd: int, nbytes: int) -> Admission:
         """A request of `nbytes` wire bytes arrived from descriptor `fd`: count it, pin the baseline.
 
-        Returns its connection's peer (and refusal), or None for a descriptor the guard does not
-        know (the monitor has not told it yet even after a look, or it is closed already).
+        Returns its connection's peer (and refusal). A connection already closed (its last
+        requests are still read after it) gives the peer it had; one never seen, "an unknown peer".
         """
         with self._lock:
+            # Events first: a closed connection's number may name this new one already, and the
+            # monitor wrote its closing and the new one's accepting before this request arrived.
+            self._follow_events()
             conn = self.connections.get(fd)
-            if conn is None:
-                self._follow_events()
-                conn = self.connections.get(fd)
-                if conn is None:
-                    return None
+            if conn is None:  # closed already (its requests stay readable after it), or never seen
+                gone = self._closed.get(fd)
+                return Admission(gone[0], gone[1]) if gone is not None else Admission("an unknown peer")
             conn.completed += nbytes
             now = self.clock()
             conn.last_request = now
@@ -183,11 +187,6 @@ class ConnectionGuard:
             if conn.refused:
                 conn.close_at = min(conn.close_at, now + _REFUSAL_LINGER_S)
             return Admission(conn.peer or conn.host, conn.refused)
-
-    def peer_of(self, fd: int) -> str | None:
-        with self._lock:
-            conn = self.connections.get(fd)
-            return None if conn is None else conn.peer or conn.host
 
     # ------------------------------------------------------------------ the guard's thread
     def check(self) -> list[str]:
@@ -251,7 +250,7 @@ class ConnectionGuard:
             else:
                 gone = self.connections.pop(fd, None)
                 if gone is not None:
-                    self._forget(gone)
+                    self._forget(gone, fd)
         if self._unresolved:
             self._resolve_loopback()
 
@@ -293,13 +292,19 @@ class ConnectionGuard:
             pass
         self.connections.pop(fd, None)
         if counted:
-            self._forget(conn)
+            self._forget(conn, fd)
         else:
             conn.sock.close()
+            self._closed[fd] = (conn.peer or conn.host, "")
         self.cut += 1
 
-    def _forget(self, conn: _Connection) -> None:
+    def _forget(self, conn: _Connection, fd: int | None = None) -> None:
         conn.sock.close()
+        if fd is not None:  # requests read after it closed still name their peer
+            self._closed[fd] = (conn.peer or conn.host, conn.refused)
+            self._closed.move_to_end(fd)
+            while len(self._closed) > _CLOSED_KEPT:
+                self._closed.popitem(last=False)
         counter = self._pending if conn.refused else self._peers
         if conn.peer and counter[conn.peer] > 0:
             counter[conn.peer] -= 1

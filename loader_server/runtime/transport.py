@@ -162,12 +162,10 @@ class ClientTransport:
                 fd = last.get(zmq.SRCFD)
             except zmq.ZMQError:
                 fd = -1
-            admission = self.guard.admit(fd, sum(wire_bytes(len(b), curve=self.curve) for b in body)) \
-                if fd >= 0 else None
-            if admission is None:
-                self.log.warning("unknown-connection", "dropped a request from a connection the guard does not know "
-                                 "(descriptor %d)", fd)
+            if fd < 0:  # no connection metadata: never from a ZMTP 3 peer, which is all that reaches us
+                self.log.warning("no-metadata", "dropped a request without connection metadata")
                 continue
+            admission = self.guard.admit(fd, sum(wire_bytes(len(b), curve=self.curve) for b in body))
             peer = f"CURVE key {key}" if key else admission.peer
             return Request(identity, body, peer, admission.refused)
 
