@@ -25,7 +25,7 @@ import zmq.utils.monitor
 
 from . import wire
 from .endpoints import Endpoint, why_silent
-from .errors import AuthenticationError, LoaderTimeoutError, ProtocolError
+from .errors import AuthenticationError, LoaderTimeoutError, ProtocolError, ServerError
 from .messages import HANDSHAKE_REPLIES, Bye, Hello, Welcome
 from .options import ClientOptions, Start
 from .protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
@@ -43,6 +43,9 @@ _HANDSHAKE_FAILURES_TEXT: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                             zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed"}
 #: How long a goodbye may take to leave when a socket closes.
 BYE_LINGER_MS = 200
+#: After a server closed a connection during the handshake, how long to wait for a reason (a
+#: mechanism mismatch on the next attempt: it requires CURVE) before saying that it refused.
+_CLOSED_RETRY_S = 1.0
 _LAYOUTS = ("hwc", "chw")
 
 
@@ -147,11 +150,24 @@ def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: Cl
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
+    closed_at: float | None = None
     while True:
         remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if closed_at is not None:
+            remaining_ms = min(remaining_ms, int((closed_at + _CLOSED_RETRY_S - time.monotonic()) * 1000) + 1)
         ready = dict(poller.poll(max(0, remaining_ms)))
+        if closed_at is not None and time.monotonic() > closed_at + _CLOSED_RETRY_S:
+            raise ServerError(
+                f"{peer} closed the connection during the handshake: it may be refusing connections from "
+                "this host (too many open: see its log and --max-connections-per-host), or not be a loader server"
+            )
         if monitor in ready:
             event = int(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not curve:
+                # Closed during the handshake, which says nothing of keys: a CURVE server shows itself on
+                # the next attempt (a mechanism mismatch); a server refusing connections does not.
+                closed_at = closed_at or time.monotonic()
+                continue
             raise AuthenticationError(
                 f"{peer} refused the connection during the handshake "
                 f"({_HANDSHAKE_FAILURES_TEXT.get(event, event)}): "
@@ -159,6 +175,8 @@ def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: Cl
                    if curve else "it requires CURVE: pass server_public_key and client_keys")
             )
         if sock not in ready:
+            if closed_at is not None and time.monotonic() < deadline:
+                continue
             raise LoaderTimeoutError(
                 f"no answer from {peer} within {options.timeout_s:g} s: {why_silent(endpoint, options.timeout_s)}"
                 + ("; with CURVE, check the keys" if curve else "")

@@ -372,3 +372,51 @@ def test_log_volume_is_bounded_per_kind_whoever_causes_it(start_server: Any, lis
     wait_until(lambda: not server_stats(server.endpoint)["clients"], 20, "every session to have said goodbye")
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         client.next()
+
+
+# ---------------------------------------------------------------------------- memory per session
+def pss_mb(pids: list[int]) -> float:
+    """Proportional memory of these processes together (shared pages counted once across them)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    return total / 1024
+
+
+def test_a_shared_memory_session_that_never_releases_costs_at_most_its_documented_bound(start_server: Any,
+                                                                                      tmp_path: Path) -> None:
+    """A greedy client on shared memory: all the credit it can grant, no slot ever released. It costs its
+    arena, (prefetch + min(credit, 8) + 2) slots, and once it holds every slot its batches come as
+    frames (a trainer may keep arrays: the stream must not stall), so the frames path's (prefetch + 8)
+    batches too, and the workers' frame buffers (3 each). The README said the arena alone (issue 21:
+    159 MB measured against 86 MB documented)."""
+    listfile = unique_label_list(tmp_path / "data", 64, size=(300, 300))
+    prefetch, batch_mb = 4, 16 * 224 * 224 * 3 / 2**20
+    server = start_server(listfile, "--batch-size", "16", "--size", "224x224", "--workers", "2",
+                          "--prefetch", str(prefetch))
+    with LoaderClient(server.endpoint, timeout_s=30, shared_memory=True) as warm:
+        assert warm.shared_memory
+        for _ in range(12):
+            warm.next()
+    time.sleep(1.0)
+    before = pss_mb([server.proc.pid, *server.workers()])
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 1)
+    s.connect(server.endpoint)
+    try:
+        s.send(msgpack.packb({"v": V, "t": "hello", "shm": True, "credit": 10**6}))
+        for _ in range(100):
+            s.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
+        arena_mb = (prefetch + 8 + 2) * batch_mb
+        bound_mb = arena_mb + (prefetch + 8) * batch_mb + 2 * 3 * batch_mb  # the README's figure
+        peak, deadline = 0.0, time.monotonic() + 6
+        while time.monotonic() < deadline:
+            peak = max(peak, pss_mb([server.proc.pid, *server.workers()]) - before)
+            time.sleep(0.1)
+        assert arena_mb < peak < bound_mb, (peak, arena_mb, bound_mb)  # more than the arena, within the bound
+    finally:
+        s.close(linger=0)
+        ctx.term()

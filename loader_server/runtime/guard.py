@@ -279,6 +279,7 @@ class ConnectionGuard:
         if self._pending[peer] >= REFUSED_PENDING:  # too many waiting to hear it: close at once
             self.connections.pop(fd, None)
             self._shut(fd, conn, counted=False)
+            self._closed[fd] = (peer, reason)  # a request it sent already is refused, not served
             self.log.warning("guard-refused", "closed connection(s) from %s as they arrived: %s", peer, reason)
             return
         self._pending[peer] += 1
@@ -295,7 +296,6 @@ class ConnectionGuard:
             self._forget(conn, fd)
         else:
             conn.sock.close()
-            self._closed[fd] = (conn.peer or conn.host, "")
         self.cut += 1
 
     def _forget(self, conn: _Connection, fd: int | None = None) -> None:
