@@ -3,6 +3,10 @@
     loader-server demo --out /tmp/demo-images
     loader-server serve --data /tmp/demo-images --size 64x64 --layout chw &
     python examples/torch_loop.py --epochs 2
+
+With --checkpoint-dir (or CHECKPOINT_DIR, as docker/compose.yaml sets it) each epoch ends with
+DIR/last.pt: the model, the optimizer and the loader's position (`state_dict()`), written to a
+temporary file and renamed, so a killed run never leaves half a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def main() -> int:
                              "with CURVE keys from LOADER_SERVER_PUBLIC_KEY and LOADER_CLIENT_KEYS; "
                              "else tcp://127.0.0.1:5555")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--checkpoint-dir", default=os.environ.get("CHECKPOINT_DIR"),
+                        help="write DIR/last.pt after every epoch (default: CHECKPOINT_DIR; none when unset)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.endpoint:
@@ -59,6 +65,12 @@ def main() -> int:
             print(f"epoch {epoch}: loss {total / steps:.4f}, {steps} steps, "
                   f"{steps * client.batch_size / (time.perf_counter() - started):.0f} images/s on {device}, "
                   f"waited {client.wait_s:.2f} s for data in total", flush=True)
+            if args.checkpoint_dir:
+                path = os.path.join(args.checkpoint_dir, "last.pt")
+                torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "loader": dataset.state_dict()}, path + ".partial")
+                os.replace(path + ".partial", path)
+                print(f"epoch {epoch}: checkpoint {path}", flush=True)
     finally:
         dataset.close()
     return 0

@@ -10,15 +10,19 @@ first batch not returned) to the survivors; a server that has nothing left may t
 half of the largest task (balanced merge). Nothing is ever in two tasks, nothing is dropped:
 every batch of the epoch is returned exactly once, whoever builds it.
 
-No sockets here: `loader_client.hosts` turns the plan into streams.
+No sockets here: `loader_client.hosts` turns the plan into streams, and the fleet simulation
+(`loader-server simulate`) drives the same plan with a simulated clock and network. The policy
+of the balanced merge lives here too (`EpochPlan.steal_for_idle`, `Task.handed_on`,
+`next_epoch_plan`), so that both run the same decisions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
-__all__ = ["Task", "EpochPlan", "ordered_share"]
+__all__ = ["Task", "EpochPlan", "ordered_share", "next_epoch_plan", "next_unserved", "StreamPlace"]
 
 
 def ordered_share(merged_batch: int, shares: int) -> tuple[int, int]:
@@ -38,6 +42,11 @@ class Task:
     @property
     def remaining(self) -> int:
         return self.stop - self.next
+
+    def handed_on(self, steps: int) -> bool:
+        """Done, and what follows in its share belongs to another task (one that took its tail):
+        the stream that built it must stop (what it builds next is not its to deliver)."""
+        return self.remaining == 0 and self.stop < steps
 
 
 class EpochPlan:
@@ -157,12 +166,64 @@ class EpochPlan:
         self.tasks.append(task)
         return task
 
+    def steal_for_idle(self, prefetch: int) -> list[Task]:
+        """Balanced merge: every live server with nothing left of this epoch takes the back half of
+        the largest task of another (`steal`), leaving the victim the `prefetch` + 1 batches that
+        may already be on their way, and only when at least max(2, `prefetch`) batches move."""
+        stolen = []
+        for server in list(self.alive):
+            if not self.tasks_of(server):
+                task = self.steal(server, keep=prefetch + 1, min_batches=max(2, prefetch))
+                if task is not None:
+                    stolen.append(task)
+        return stolen
+
     def _least_loaded(self) -> int:
         load = {s: 0 for s in self.alive}
         for t in self.tasks:
             if t.server in load:
                 load[t.server] += t.remaining
         return min(self.alive, key=lambda s: (load[s], s))
+
+
+class StreamPlace(Protocol):
+    """What the planner needs of a stream: where it stands and which task it serves."""
+
+    server: int
+    share: int
+    epoch: int
+    batch: int  # the position of the next batch it returns
+    task: Task | None
+    closed: bool
+
+
+S = TypeVar("S", bound=StreamPlace)
+
+
+def next_unserved(plan: EpochPlan, streams: Sequence[S], epoch: int) -> tuple[Task, S | None] | None:
+    """The first task with batches left that no stream serves, and an idle open stream already
+    standing at its next batch on its server (None: a new stream must be opened there); None when
+    every task is served."""
+    for task in plan.active():
+        if any(s.task is task for s in streams):
+            continue
+        ready = next((s for s in streams if s.task is None and not s.closed and s.server == task.server
+                      and s.share == task.share and (s.epoch, s.batch) == (epoch, task.next)), None)
+        return task, ready
+    return None
+
+
+def next_epoch_plan(shares: int, steps: int, alive: Iterable[int],
+                    positioned: Iterable[tuple[int, int]] = ()) -> EpochPlan:
+    """The plan of a new epoch. `positioned` lists (share, server) of streams already standing at
+    the start of that share (they ran on into the new epoch): such a stream keeps its share when
+    the share's own server is not alive; otherwise a share goes home to its server."""
+    alive = sorted(set(alive))
+    prefer: dict[int, int] = {}
+    for share, server in positioned:
+        if server in alive and share not in prefer and share not in alive:
+            prefer[share] = server
+    return EpochPlan(shares, steps, alive, prefer=prefer)
 
 
 def _check_runs(runs: Sequence[Sequence[int]], shares: int, steps: int) -> None:

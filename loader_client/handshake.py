@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +25,10 @@ import zmq.utils.monitor
 from . import wire
 from .endpoints import Endpoint, why_silent
 from .errors import AuthenticationError, LoaderTimeoutError, ProtocolError, ServerError
-from .messages import HANDSHAKE_REPLIES, Bye, Hello, Welcome
+from .messages import HANDSHAKE_REPLIES, ArenaHandle, Bye, Hello, Welcome
 from .options import ClientOptions, Start
 from .protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
-from .shm import Arena, open_arena, shm_available
+from .shm import Arena, arena_channel_path, open_arena, receive_arena, shm_available, socket_peer
 from .wire import Ctx, Sock
 
 __all__ = ["Opened", "open_stream", "check_welcome", "BYE_LINGER_MS"]
@@ -47,6 +46,8 @@ BYE_LINGER_MS = 200
 #: mechanism mismatch on the next attempt: it requires CURVE) before saying that it refused.
 _CLOSED_RETRY_S = 1.0
 _LAYOUTS = ("hwc", "chw")
+#: Longest wait for the server's arena channel (it answers at once, or the stream uses frames).
+_CHANNEL_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -68,7 +69,7 @@ def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Sta
     if opened.welcome.shm is None:
         return opened
     try:
-        arena = open_arena(opened.welcome.shm) if _pid_is_the_servers(endpoint, opened.welcome.shm.pid) else None
+        arena = _map_arena(endpoint, opened.welcome.shm, options)
     except BaseException:
         wire.send(opened.sock, Bye(), zmq.NOBLOCK)
         opened.sock.close(linger=BYE_LINGER_MS)
@@ -76,34 +77,49 @@ def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Sta
     if arena is not None:
         opened.arena = arena
         return opened
-    # Not the same user or pid namespace after all: frames over a fresh socket.
+    # Neither /proc nor the arena channel gave the arena: frames over a fresh socket.
     _log.info("cannot open the shared-memory arena of %s; using frames over the socket", endpoint)
     wire.send(opened.sock, Bye(), zmq.NOBLOCK)
     opened.sock.close(linger=BYE_LINGER_MS)
     return _hello(ctx, endpoint, options, Hello(**{**hello.fields(), "shm": False}), start)
 
 
-def _pid_is_the_servers(endpoint: Endpoint, pid: int) -> bool:
-    """False when an ipc:// server's pid, as this process sees it, is not `pid`.
+def _map_arena(endpoint: Endpoint, handle: ArenaHandle, options: ClientOptions) -> Arena | None:
+    """The announced arena, through /proc when the server is this user's in this PID namespace, else
+    passed over the arena channel of an ipc:// server; None when neither works."""
+    if endpoint.scheme != "ipc":
+        return open_arena(handle)  # loopback TCP: `open_arena` checks the descriptor itself
+    listener = _ipc_listener(endpoint)
+    if listener is None:
+        return None
+    pid, uid = listener
+    if pid == handle.pid:
+        arena = open_arena(handle)
+        if arena is not None:
+            return arena
+    if endpoint.path.startswith("@"):
+        return None  # an abstract socket has no folder for the channel
+    return receive_arena(arena_channel_path(endpoint.path), handle, server_uid=uid,
+                         timeout_s=min(options.timeout_s, _CHANNEL_TIMEOUT_S))
+
+
+def _ipc_listener(endpoint: Endpoint) -> tuple[int, int] | None:
+    """(pid, uid) of the process listening on an ipc:// endpoint, as this process sees them.
 
     A server in another pid namespace (another container sharing the socket file) announces
-    a pid that means another process here, or none: the arena is then not even looked at,
-    and the stream falls back to frames. The kernel tells the peer's pid (SO_PEERCRED,
-    translated into this namespace, 0 when it has no pid here). TCP loopback gives no such
-    answer; `open_arena` checks the descriptor itself either way.
+    a pid that means another process here, or none: the arena is then not looked for in /proc.
+    The kernel tells the peer's pid (SO_PEERCRED, translated into this namespace, 0 when it
+    has no pid here) and its uid, which the arena channel's listener must share.
     """
-    if endpoint.scheme != "ipc":
-        return True
     address = "\0" + endpoint.path[1:] if endpoint.path.startswith("@") else endpoint.path
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.settimeout(1.0)
             probe.connect(address)
-            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _ = socket_peer(probe)
     except OSError:
-        return False
-    peer_pid: int = struct.unpack("3i", creds)[0]
-    return peer_pid == pid
+        return None
+    return pid, uid
 
 
 def _hello(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, hello: Hello, start: Start) -> Opened:

@@ -45,7 +45,7 @@ from .receiver import BatchInfo, Delivery
 if TYPE_CHECKING:
     from .client import LoaderClient
 from .errors import AuthenticationError, BadSampleError, ConfigError, LoaderError, LoaderTimeoutError, ProtocolError
-from .failover import EpochPlan, Task
+from .failover import EpochPlan, Task, next_epoch_plan, next_unserved
 
 __all__ = ["HostsStream", "MERGES", "ON_SERVER_LOSS"]
 
@@ -345,7 +345,7 @@ class HostsStream:
                         (s.held[1].epoch, s.held[1].batch) == (self._epoch, s.task.next):
                     (batch, info), s.held = s.held, None
                     self._deliver(s, info)
-                    if s.task.remaining == 0 and s.task.stop < self._steps:
+                    if s.task.handed_on(self._steps):
                         self._close_stream(s)  # what follows belongs to the task that took its tail
                     else:
                         s.permit.release()
@@ -374,12 +374,7 @@ class HostsStream:
             stream.held = (payload, info)
 
     def _steal_for_idle_servers(self) -> None:
-        stolen = False
-        for server in list(self._plan.alive):
-            if not self._plan.tasks_of(server):
-                task = self._plan.steal(server, keep=self.prefetch + 1, min_batches=max(2, self.prefetch))
-                stolen = stolen or task is not None
-        if stolen:
+        if self._plan.steal_for_idle(self.prefetch):
             self._ensure_streams()
 
     # ---------------------------------------------------------------- shared machinery
@@ -405,16 +400,11 @@ class HostsStream:
 
     def _ensure_streams(self) -> None:
         """Give every task with batches left a stream on its server, positioned at its next batch."""
-        while True:
-            missing = [t for t in self._plan.active() if not any(s.task is t for s in self._streams)]
-            if not missing:
-                return
-            task = missing[0]
-            ready = [s for s in self._streams if s.task is None and not s.closed and s.server == task.server
-                     and s.share == task.share and (s.epoch, s.batch) == (self._epoch, task.next)]
-            if ready:
-                ready[0].task = task
-                self._start_pump(ready[0])
+        while (unserved := next_unserved(self._plan, self._streams, self._epoch)) is not None:
+            task, ready = unserved
+            if ready is not None:
+                ready.task = task
+                self._start_pump(ready)
                 continue
             try:
                 start = self._stream_state(task.share, self._epoch, task.next)
@@ -434,7 +424,7 @@ class HostsStream:
                              name=f"loader-hosts-{self.endpoints[stream.server]}-{stream.share}").start()
 
     def _drop_idle_streams(self) -> None:
-        for s in [s for s in self._streams if s.task is None or not s.task.remaining and s.task.stop < self._steps]:
+        for s in [s for s in self._streams if s.task is None or s.task.handed_on(self._steps)]:
             self._close_stream(s)
 
     def _close_stream(self, stream: _Stream) -> None:
@@ -509,13 +499,8 @@ class HostsStream:
                 self._down.discard(server)
                 self._rejoining.add(server)
             _log.info("loader server %s answers again: it rejoins at epoch %d", endpoint, self._epoch)
-        alive = self._alive()
-        prefer: dict[int, int] = {}
-        for s in self._streams:  # streams already positioned at the start of a share
-            if (s.epoch, s.batch) == (self._epoch, 0) and s.server in alive and s.share not in prefer:
-                if s.share not in alive:  # a share goes home when its server is back
-                    prefer[s.share] = s.server
-        self._plan = EpochPlan(self.servers, self._steps, alive, prefer=prefer)
+        positioned = [(s.share, s.server) for s in self._streams if (s.epoch, s.batch) == (self._epoch, 0)]
+        self._plan = next_epoch_plan(self.servers, self._steps, self._alive(), positioned)
         for s in self._streams:
             s.task = None
         self._ensure_streams()

@@ -102,7 +102,8 @@ class StatsRequest(Message):
 # ----------------------------------------------------------------------------- server -> client
 @dataclass(frozen=True)
 class ArenaHandle(Message):
-    """Where a session's shared-memory arena is: fd `fd` of server process `pid` (a sealed memfd)."""
+    """Where a session's shared-memory arena is: fd `fd` of server process `pid` (a sealed memfd), also
+    handed over once, to whoever presents `token`, on the channel beside an ipc:// socket."""
 
     TYPE = "arena"
     id: int = spec(int, lo=0, hi=INT63_MAX)
@@ -111,6 +112,8 @@ class ArenaHandle(Message):
     inode: int = spec(int, lo=0, hi=2**64 - 1)
     slots: int = spec(int, lo=1, hi=MAX_ARENA_SLOTS)
     stride: int = spec(int, lo=1, hi=1 << 40)
+    # The key to this arena on the server's descriptor channel (`shm.receive_arena`): hex of 16 random bytes.
+    token: str | None = spec(str, type(None), default=None, max_len=64, text=True)
 
     @property
     def path(self) -> str:

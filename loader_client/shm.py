@@ -12,17 +12,23 @@ and after opening checks what the descriptor really is: a memfd (its link reads
 ``/memfd:...``, and ``F_GET_SEALS`` succeeds, which it does only on a memfd), a regular file
 with the announced inode, large enough for every slot, and sealed against shrinking. Linux
 lets only the same user (or a process allowed to ptrace the server) open another process's
-fd; a client that cannot open it falls back to frames over the socket.
+fd. A client that cannot (another user, another PID namespace: a trainer in another
+container) asks for the descriptor itself with `receive_arena`, on the server's channel beside
+its ipc socket (`arena_channel_path`), presenting the token of its welcome; the descriptor it
+gets is checked exactly as one opened through /proc. A client that gets none falls back to
+frames over the socket.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import math
 import mmap
 import os
 import re
+import socket
 import stat
 from typing import Any
 
@@ -32,7 +38,8 @@ from .errors import ProtocolError
 from .messages import ArenaHandle
 from .protocol import ALLOWED_DTYPES
 
-__all__ = ["Arena", "create_arena", "open_arena", "shm_available", "ARENA_SEALS", "MAX_ARENA_NAME"]
+__all__ = ["Arena", "create_arena", "open_arena", "receive_arena", "arena_channel_path", "shm_available",
+           "ARENA_SEALS", "MAX_ARENA_NAME", "ARENA_CHANNEL_REQUEST", "ARENA_TOKEN_BYTES"]
 
 _PAGE = mmap.PAGESIZE
 #: Seals every arena carries: its size can never change, and no seal can be removed or added.
@@ -40,6 +47,17 @@ ARENA_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 #: Longest memfd name passed to the kernel (it allows 249 bytes).
 MAX_ARENA_NAME = 64
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+#: What a client sends on the arena channel, followed by its token in hex (one SOCK_SEQPACKET message).
+ARENA_CHANNEL_REQUEST = b"loader-arena "
+#: Random bytes of an arena's token.
+ARENA_TOKEN_BYTES = 16
+#: Room for more descriptors than the one expected, so that extra ones are seen (and closed).
+_MAX_PASSED_FDS = 4
+
+
+def arena_channel_path(ipc_path: str) -> str:
+    """The arena channel's socket beside the ipc socket at `ipc_path` (both sides derive it)."""
+    return ipc_path + ".arenas"
 
 
 def shm_available() -> bool:
@@ -99,8 +117,63 @@ def open_arena(handle: ArenaHandle, *, writable: bool = True) -> Arena | None:
         os.close(fd)
 
 
-def _check_is_arena(fd: int, handle: ArenaHandle) -> None:
-    where = f"the shared-memory arena announced as {handle.path}"
+def receive_arena(channel_path: str, handle: ArenaHandle, *, timeout_s: float, server_uid: int | None,
+                  writable: bool = True) -> Arena | None:
+    """Ask the server's arena channel at `channel_path` for the arena `handle` announces, and map it.
+
+    Returns None when there is no channel, it does not answer within `timeout_s`, its listener
+    is not `server_uid` (the user that owns the server's ipc socket, as SO_PEERCRED tells), or it
+    has no arena for this token. Raises `ProtocolError` when the descriptor it passed is not
+    the announced arena (the checks of `open_arena`), or when it passed more than one.
+    """
+    if not handle.token:
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(channel_path)
+            uid = socket_peer(sock)[1]
+            if server_uid is not None and uid != server_uid:
+                return None  # not the server's own channel: a squatter in the socket's folder
+            sock.sendall(ARENA_CHANNEL_REQUEST + handle.token.encode("ascii"))
+            answer, ancillary, flags, _ = sock.recvmsg(16, socket.CMSG_SPACE(_MAX_PASSED_FDS * 4))
+        except OSError:
+            return None
+    fds = _passed_fds(ancillary)
+    try:
+        if flags & socket.MSG_CTRUNC or len(fds) > 1:
+            raise ProtocolError(f"the shared-memory channel {channel_path} passed {len(fds)} or more descriptors "
+                                "for one arena")
+        if answer != b"ok" or not fds:
+            return None
+        fd = fds.pop()
+        try:
+            _check_is_arena(fd, handle, where=f"the shared-memory arena passed by {channel_path}")
+            return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=channel_path)
+        finally:
+            os.close(fd)
+    finally:
+        for extra in fds:
+            os.close(extra)
+
+
+def socket_peer(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a unix socket's peer, as the kernel tells them (pid 0: not in this namespace)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    pid, uid, gid = array.array("i", creds)
+    return pid, uid, gid
+
+
+def _passed_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+    return fds
+
+
+def _check_is_arena(fd: int, handle: ArenaHandle, *, where: str | None = None) -> None:
+    where = where or f"the shared-memory arena announced as {handle.path}"
     target = os.readlink(f"/proc/self/fd/{fd}")
     if not target.startswith("/memfd:"):
         raise ProtocolError(f"{where} is not a memfd but {target[:120]!r}: the server tried to make this client "

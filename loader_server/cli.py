@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     from loader_bench import add_bench_arguments  # the benchmark is a package of its own
 
     add_bench_arguments(bench)
+    simulate = sub.add_parser("simulate", formatter_class=fmt,
+                              help="simulate a fleet of loader hosts and trainer ranks; check exactly-once and load",
+                              description="Drive the real session, sampling, fail-over and balanced-merge logic with "
+                                          "many loader hosts and trainer ranks in one process (simulated clock, "
+                                          "network and workers; random host deaths and returns, slow hosts). "
+                                          "Exit 0 only when every check holds.")
+    from .simulation.command import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
     demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
     demo.add_argument("--images", type=int, default=1024, help="number of sample images to generate")
     demo.add_argument("--epochs", type=int, default=2, help="epochs to consume")
@@ -295,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cache_build import run_cache_build
 
             return run_cache_build(args)
+        if args.command == "simulate":
+            from .simulation.command import run_simulate
+
+            return run_simulate(args)
         if args.command == "bench":
             from loader_bench import run_bench
 

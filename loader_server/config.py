@@ -37,6 +37,8 @@ DTYPES = ("uint8", "float32")
 LAYOUTS = ("hwc", "chw")
 SAMPLING_MODES = ("epoch", "random")
 SUBSETS = ("all", "train", "val")
+#: Modes of an ipc:// socket file: the owner only, or also the server's group (never other users).
+IPC_MODES = ("0600", "0660")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Batches built ahead per client when `prefetch` is unset: at least this many ...
@@ -156,6 +158,11 @@ class ServerConfig:
                    "public keys in DIR/clients/*.key (see `loader-server keygen`)")
     insecure: bool = setting(False, help="", flags={
         "--insecure": (True, "allow binding a non-loopback address without CURVE (anyone who reaches it gets data)")})
+    ipc_mode: Literal["0600", "0660"] = setting(
+        "0600", choices=IPC_MODES,
+        help="permissions of an ipc:// socket file (and of its shared-memory channel): 0600, this user only; "
+             "0660, also members of the server's group, for a trainer that runs as another user (another "
+             "container) in that group")
     prefetch: int | None = setting(
         None, shown="auto",
         help="batches built ahead per client (bounds memory: prefetch x batch bytes); auto: "
@@ -407,7 +414,7 @@ class ServerConfig:
 _NOT_FINGERPRINTED = frozenset({
     "data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s", "max_message_bytes",
     "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
-    "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure",
+    "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure", "ipc_mode",
     "max_file_bytes", "max_clients", "max_clients_per_peer", "max_connections_per_host",
     "subset", "val_fraction", "split_seed", "cache",
 })

@@ -18,6 +18,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from loader_client.env import CLIENT_VARIABLES
 from loader_client.errors import ConfigError
 
 from .config import ServerConfig
@@ -26,8 +27,9 @@ from .data.file_access import os_error
 __all__ = ["resolve", "ENV_PREFIX", "format_config", "PARSERS"]
 
 ENV_PREFIX = "LOADER_"
-#: LOADER_* variables that belong to the client side, not to the server.
-_CLIENT_ENV = {"LOADER_ENDPOINT"}
+#: LOADER_* variables that belong to the client side, not to the server (a batch job hands one
+#: environment to its loader and trainer steps alike).
+_CLIENT_ENV = CLIENT_VARIABLES
 
 
 def _bool(value: Any) -> bool:

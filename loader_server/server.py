@@ -39,6 +39,7 @@ from loader_client.messages import (
     StatsRequest,
 )
 from loader_client.schema import Message, decode
+from loader_client.shm import arena_channel_path, shm_available
 
 from .config import ServerConfig
 from .data.batch_spec import BatchSpec, batch_spec
@@ -46,6 +47,7 @@ from .data.datasets import Dataset
 from .metrics import Metrics, serve_metrics
 from .pipeline.cache import open_cache
 from .pipeline.worker import worker_main
+from .runtime.arenas import ArenaChannel
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
 from .runtime.transport import ClientTransport, PeerLog
@@ -97,18 +99,21 @@ class Server:
         ctx: zmq.Context[Any] = zmq.Context()
         transport: ClientTransport | None = None
         channel: WorkerChannel | None = None
+        arena_channel: ArenaChannel | None = None
         self.supervisor = Supervisor(self._spawn, self.config.workers, batch_timeout_s=self.config.batch_timeout_s,
                                      dump_stack=_dump_stack)
         try:
             transport = ClientTransport(ctx, self.config.bind, curve_dir=self.config.curve_dir,
                                         insecure=self.config.insecure,
                                         max_connections_per_host=self.config.max_connections_per_host,
+                                        ipc_mode=int(self.config.ipc_mode, 8),
                                         idle_timeout_s=self.config.client_timeout_s)
+            arena_channel = self._arena_channel()
             channel = WorkerChannel(ctx, self.config.max_message_bytes)
             self.transport, self.channel = transport, channel
             self.delivery = Delivery(self.config, self.index, self.spec, self.plan, fingerprint=self.fingerprint,
                                      supervisor=self.supervisor, transport=transport, channel=channel,
-                                     metrics=self.metrics, peer_log=self.peer_log)
+                                     metrics=self.metrics, peer_log=self.peer_log, arena_channel=arena_channel)
             if self.config.metrics_port:
                 self._metrics_http = serve_metrics(self.config.metrics_host, self.config.metrics_port,
                                                   lambda: self.metrics.snapshot)
@@ -122,6 +127,8 @@ class Server:
             self.supervisor.stop(_WORKER_STOP_TIMEOUT_S)
             if hasattr(self, "delivery"):
                 self.delivery.close_arenas()
+            if arena_channel is not None:
+                arena_channel.close()
             if transport is not None:
                 transport.close(linger_ms=_GOODBYE_LINGER_MS if self._stopping else 0)  # goodbyes may leave
             if channel is not None:
@@ -129,6 +136,13 @@ class Server:
             ctx.destroy(linger=0)  # closes whatever a failed start left open, so this cannot hang
         log.info("stopped after sending %d batches", self.metrics.batches_sent)
         return 0
+
+    def _arena_channel(self) -> ArenaChannel | None:
+        """The channel that hands arenas to clients of an ipc:// bind that cannot open them through /proc."""
+        bind = self.config.bind
+        if not (bind.startswith("ipc://") and not bind.startswith("ipc://@") and self.config.shm and shm_available()):
+            return None
+        return ArenaChannel.open(arena_channel_path(bind[len("ipc://"):]), int(self.config.ipc_mode, 8))
 
     def _spawn(self, wid: int, identity: bytes) -> Any:
         proc = self._mp.Process(target=worker_main, name=f"loader-worker-{wid}", daemon=True,

@@ -2,8 +2,9 @@
 
 The static checks (hadolint, `docker-compose config`, the compose-spec schema) run anywhere.
 The rest needs an engine: `.ci/provision` installs Debian's docker.io, docker-compose and
-debootstrap, and the `engine` fixture starts dockerd when none answers (and stops it after). Under CI=true a missing engine fails these tests; elsewhere they skip with
-the reason. The commands come from the README's "Deploying on a training box" block itself, so
+debootstrap, and the `engine` fixture starts dockerd when none answers (and stops it after).
+Under CI=true a missing engine fails these tests; elsewhere they skip with the reason. They are
+marked `docker`: `python3 -m pytest -m "not docker"` runs the suite without them. The commands come from the README's "Deploying on a training box" block itself, so
 the two cannot drift; tests/docker_support.py holds the test machinery (the stand-in base
 image, a `docker` shim for `docker compose` on docker-compose 1.29, the loopback wheel server).
 
@@ -14,6 +15,7 @@ nothing (debootstrap of the stand-in and both image builds about 95 s, the engin
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -37,7 +39,8 @@ from .conftest import free_port, unique_label_list
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 ENGINE_TIMEOUT_S = 900  # a first run debootstraps the stand-in base (about 65 s) and builds both images
-UID = 10001  # the images' user
+UID = 10001  # the server image's user
+TRAINER_UID = 10002  # the trainer image's user: another trust domain
 
 
 def tool(name: str) -> str:
@@ -82,13 +85,19 @@ def test_compose_has_what_a_training_box_needs() -> None:
     assert not any(re.search(r"://", a) for a in loader["healthcheck"]["test"])  # follows the bind setting
     assert any(v.get("read_only") and v["target"] == "/data" for v in loader["volumes"] if isinstance(v, dict))
     assert trainer["depends_on"]["loader"]["condition"] == "service_healthy"
-    assert trainer["pid"] == "service:loader" and trainer["user"] == f"{UID}:{UID}"
+    # Two trust domains: the trainer has its own uid and PID namespace, and reaches the loader's
+    # 0660 socket as a member of its group; the arena comes over the socket's arena channel.
+    assert "pid" not in trainer and trainer["user"] == f"{TRAINER_UID}:{TRAINER_UID}" != f"{UID}:{UID}"
+    assert trainer["group_add"] == [str(UID)] and "LOADER_IPC_MODE=0660" in loader["environment"]
     assert "loader-run:/run/loader" in loader["volumes"] and "loader-run:/run/loader" in trainer["volumes"]
+    assert "checkpoints:/checkpoints" in trainer["volumes"] and "CHECKPOINT_DIR=/checkpoints" in trainer["environment"]
+    assert set(spec["volumes"]) == {"loader-run", "checkpoints"}
     assert "deploy" not in trainer  # a box without a GPU runs the base file; the GPU is an override
     gpu = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())["services"]["trainer"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert re.search(rf"^USER {UID}:{UID}$", dockerfile, re.M) and "HEALTHCHECK" in dockerfile
+    assert re.search(rf"^USER {TRAINER_UID}:{TRAINER_UID}$", dockerfile, re.M) and not re.search(r"^EXPOSE", dockerfile, re.M)
     stages = re.findall(r"^FROM \S+ AS (\w+)$", dockerfile, re.M)
     assert stages[-1] == "server", "a plain `docker build` builds the last stage: it must be the server"
 
@@ -121,6 +130,27 @@ def test_health_asks_where_serve_binds(start_server: Any, tmp_path: Path) -> Non
         config.write_text(f'bind = "{bind}"\ninsecure = true\n')
         assert _endpoint(parser.parse_args(["health", "--config", str(config)])) == asked
     assert _endpoint(parser.parse_args(["health", "tcp://10.0.0.1:1"])) == "tcp://10.0.0.1:1"  # as given
+
+
+def test_the_docker_tests_can_be_skipped_with_a_marker() -> None:
+    """`pytest -m "not docker"` (the README's way to run the suite without Docker) leaves out every test
+    that needs the engine, and only those; `.ci/run` selects no marker, so it runs them all."""
+    def collected(*args: str) -> set[str]:
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                 *args, str(Path(__file__))], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert result.returncode in (0, 5), result.stdout + result.stderr
+        return {line.split("::", 1)[1] for line in result.stdout.splitlines() if "::" in line}
+
+    everything, without, only = collected(), collected("-m", "not docker"), collected("-m", "docker")
+    needs_engine = {name for name, fn in globals().items() if name.startswith("test_") and callable(fn)
+                    and {"engine", "built", "box"} & set(inspect.signature(fn).parameters)}
+    assert needs_engine and only == needs_engine and without == everything - needs_engine, (only, needs_engine)
+    assert "test_compose_files_validate" in without and "test_the_docker_tests_can_be_skipped_with_a_marker" in without
+    readme = (ROOT / "README.md").read_text()
+    assert 'python3 -m pytest -m "not docker"' in readme, "the README says how to skip the Docker tests"
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = re.search(r"python3 -m pytest(.*)$", ci, re.M)
+    assert command and "-m" not in command.group(1).split() and "docker" not in command.group(1), ci
 
 
 # --- on a real engine -----------------------------------------------------------------------
@@ -240,6 +270,19 @@ def box(built: dict[str, str], tmp_path: Path) -> Iterator[Box]:
         b.remove()
 
 
+def inspect_image(ref: str) -> dict[str, Any]:
+    out = subprocess.run([docker_support.docker(), "image", "inspect", ref], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    return json.loads(out)[0]  # type: ignore[no-any-return]
+
+
+def volume_path(box: Box, name: str) -> Path:
+    """Where the compose project's volume `name` lies on this host (the engine runs here)."""
+    out = subprocess.run([box.docker, "volume", "inspect", f"{box.project}_{name}"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return Path(json.loads(out)[0]["Mountpoint"])
+
+
 def zombies_in(box: Box, container: str) -> list[str]:
     script = ("import os\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try: s=open(f'/proc/{p}/stat').read()\n"
               "  except OSError: continue\n  if s.rsplit(')',1)[1].split()[0]=='Z': print(s)")
@@ -261,6 +304,7 @@ def processes_of(container_id: str) -> list[int]:
     return found
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(ENGINE_TIMEOUT_S)
 def test_readme_steps_train_zero_copy_between_containers(box: Any, tmp_path: Path) -> None:
     dataset = unique_label_list(tmp_path / "dataset", 96).parent  # label = sample number
@@ -285,15 +329,28 @@ def test_readme_steps_train_zero_copy_between_containers(box: Any, tmp_path: Pat
     assert log.count("starting at epoch 0 batch 0, shared memory") == 2, log  # smoke test and trainer
     assert "frames over the socket" not in log, log
     assert zombies_in(b, loader) == []
-    mountpoint = json.loads(subprocess.run([b.docker, "volume", "inspect", f"{b.project}_loader-run"],
-                                           capture_output=True, text=True, timeout=60, check=True).stdout)[0]["Mountpoint"]
-    socket = Path(mountpoint) / "loader.sock"
-    assert socket.is_socket() and socket.stat().st_uid == UID
-    # What makes it zero-copy: the same client without the loader's PID namespace gets frames.
-    apart = subprocess.run([b.docker, "run", "--rm", "--user", f"{UID}:{UID}", "-v", f"{b.project}_loader-run:/run/loader",
-                            "loader-trainer:latest", "python", "/app/examples/consume.py", "--epochs", "1", "--check"],
-                           capture_output=True, text=True, timeout=120)
-    assert apart.returncode == 0 and "shared memory False" in apart.stdout, apart.stdout + apart.stderr
+    # Zero copy across two trust domains: another uid, and no PID namespace of the loader's.
+    trainer = b.inspect(b.container("trainer"))
+    assert trainer["Config"]["User"] == f"{TRAINER_UID}:{TRAINER_UID}" and trainer["HostConfig"]["PidMode"] == ""
+    assert trainer["HostConfig"]["GroupAdd"] == [str(UID)]
+    # The checkpoints: written by the trainer's uid into its volume, one per epoch, the last kept.
+    checkpoints = volume_path(b, "checkpoints")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.pt"], list(checkpoints.iterdir())
+    assert (checkpoints / "last.pt").stat().st_uid == TRAINER_UID and (checkpoints / "last.pt").stat().st_size > 1000
+    assert "epoch 2: checkpoint /checkpoints/last.pt" in trained, trained
+    socket = volume_path(b, "loader-run") / "loader.sock"
+    assert socket.is_socket() and socket.stat().st_uid == UID and oct(socket.stat().st_mode & 0o777) == "0o660"
+    # Any container of that uid and group gets shared memory, PID namespace or not; a uid outside
+    # the group cannot even connect (the socket is 0660, its folder 0750).
+    def consume(*user: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([b.docker, "run", "--rm", *user, "-v", f"{b.project}_loader-run:/run/loader",
+                               "loader-trainer:latest", "python", "/app/examples/consume.py", "--epochs", "1", "--check",
+                               "--timeout-s", "10"], capture_output=True, text=True, timeout=180)
+
+    apart = consume("--group-add", str(UID))
+    assert apart.returncode == 0 and "shared memory True" in apart.stdout, apart.stdout + apart.stderr
+    stranger = consume("--user", "10003:10003")
+    assert stranger.returncode != 0 and "shared memory" not in stranger.stdout, stranger.stdout + stranger.stderr
 
     grace_s = float(yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["loader"]["stop_grace_period"][:-1])
     loader_id = b.inspect(loader)["Id"]
@@ -308,8 +365,10 @@ def test_readme_steps_train_zero_copy_between_containers(box: Any, tmp_path: Pat
                           capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert left == [] and processes_of(loader_id) == []
     assert not socket.exists(), "the server leaves its ipc socket behind"
+    assert not Path(f"{socket}.arenas").exists(), "the server leaves its arena channel behind"
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(ENGINE_TIMEOUT_S)
 def test_settings_reach_the_container_and_health_follows_the_bind(box: Any, tmp_path: Path) -> None:
     """A mounted TOML file and LOADER_* variables; a TCP bind on another port: frames, still healthy."""
@@ -331,6 +390,7 @@ def test_settings_reach_the_container_and_health_follows_the_bind(box: Any, tmp_
     assert "loader_batches_sent_total" in metrics.stdout, metrics.stdout + metrics.stderr
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(ENGINE_TIMEOUT_S)
 def test_unreadable_data_exits_2_without_a_restart_loop(box: Any, tmp_path: Path) -> None:
     if os.getuid() == UID:
@@ -356,16 +416,15 @@ def test_unreadable_data_exits_2_without_a_restart_loop(box: Any, tmp_path: Path
     assert str(UID) in log and "Traceback" not in log, log
 
 
+@pytest.mark.docker
 @pytest.mark.timeout(ENGINE_TIMEOUT_S)
 def test_images_are_slim_and_the_default_build_is_the_server(built: dict[str, str], tmp_path: Path) -> None:
     cli = docker_support.docker()
-    server = json.loads(subprocess.run([cli, "image", "inspect", built["server"]], capture_output=True, text=True,
-                                       timeout=60, check=True).stdout)[0]
+    server = inspect_image(built["server"])
     assert server["Config"]["User"] == f"{UID}:{UID}" and server["Config"]["Entrypoint"] == ["loader-server"]
     assert "health" in server["Config"]["Healthcheck"]["Test"] and "5555" not in " ".join(server["Config"]["Healthcheck"]["Test"])
     size_mb = server["Size"] / 1e6
-    base_mb = json.loads(subprocess.run([cli, "image", "inspect", docker_support.BASE_IMAGE], capture_output=True,
-                                        text=True, timeout=60, check=True).stdout)[0]["Size"] / 1e6
+    base_mb = inspect_image(docker_support.BASE_IMAGE)["Size"] / 1e6
     assert size_mb - base_mb < 300, f"the server adds {size_mb - base_mb:.0f} MB to its base"
     # The Dockerfile's own first line: a plain build is the server (BuildKit reuses every layer).
     readme_build = next(line for line in (DOCKER / "Dockerfile").read_text().splitlines() if "# the server" in line)
@@ -377,8 +436,7 @@ def test_images_are_slim_and_the_default_build_is_the_server(built: dict[str, st
     subprocess.run([command[0], command[1], "--network", "host", *command[2:]], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=300)
     try:
-        default = json.loads(subprocess.run([cli, "image", "inspect", tag], capture_output=True, text=True,
-                                            timeout=60, check=True).stdout)[0]
+        default = inspect_image(tag)
         assert default["Id"] == server["Id"]
     finally:
         subprocess.run([cli, "rmi", tag], capture_output=True, timeout=60)
@@ -388,13 +446,51 @@ def test_images_are_slim_and_the_default_build_is_the_server(built: dict[str, st
         found = subprocess.run([cli, "run", "--rm", "--user", "0", "--entrypoint", "sh", image, "-c", probe],
                                capture_output=True, text=True, timeout=120)
         assert found.returncode in (0, 1) and found.stdout.strip() == "", f"{image}: {found.stdout}"
+        user, writable = (UID, "/run/loader") if image == built["server"] else (TRAINER_UID, "/checkpoints")
         me = subprocess.run([cli, "run", "--rm", "--entrypoint", "sh", image, "-c",
-                             "id -u && touch /run/loader/probe && rm /run/loader/probe"],
+                             f"id -u && touch {writable}/probe && rm {writable}/probe"],
                             capture_output=True, text=True, timeout=120)
-        assert me.returncode == 0 and me.stdout.strip() == str(UID), me.stdout + me.stderr
+        assert me.returncode == 0 and me.stdout.strip() == str(user), me.stdout + me.stderr
     print(f"server image {size_mb:.0f} MB (base {base_mb:.0f} MB)")
 
 
+@pytest.mark.docker
+@pytest.mark.timeout(ENGINE_TIMEOUT_S)
+def test_the_image_serves_no_network_by_default(built: dict[str, str], tmp_path: Path) -> None:
+    """`docker run -p 5555:5555 loader-service`: the baked-in settings bind an ipc socket, not the port."""
+    cli = docker_support.docker()
+    image = inspect_image(built["server"])
+    assert not image["Config"].get("ExposedPorts"), image["Config"].get("ExposedPorts")
+    dataset = unique_label_list(tmp_path / "dataset", 16).parent
+    port, name = free_port(), f"loader-default-{uuid.uuid4().hex[:8]}"
+    data = ["-v", f"{dataset}:/data:ro", "-e", "LOADER_DATA=/data/train.txt", "-e", "LOADER_WORKERS=1", "-e",
+            "LOADER_BATCH_SIZE=4"]
+    subprocess.run([cli, "run", "--detach", "--init", "--name", name, "-p", f"127.0.0.1:{port}:5555", *data,
+                    built["server"]], capture_output=True, text=True, timeout=120, check=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # healthy: its own health check asks where the baked-in settings bind
+            state = json.loads(subprocess.run([cli, "inspect", name], capture_output=True, text=True, timeout=60,
+                                              check=True).stdout)[0]["State"]
+            if state.get("Health", {}).get("Status") == "healthy":
+                break
+            assert state["Status"] == "running" and time.monotonic() < deadline, state
+            time.sleep(0.5)
+        logs = subprocess.run([cli, "logs", name], capture_output=True, text=True, timeout=60)
+        log = logs.stdout + logs.stderr
+        assert "on ipc:///run/loader/loader.sock" in log and "WITHOUT encryption" not in log, log
+        asked = subprocess.run([sys.executable, "-m", "loader_server", "health", f"tcp://127.0.0.1:{port}",
+                                "--timeout-s", "3"], capture_output=True, text=True, timeout=60)
+        assert asked.returncode == 1, f"the published port answered: {asked.stdout}{asked.stderr}"
+    finally:
+        subprocess.run([cli, "rm", "--force", name], capture_output=True, timeout=60)
+    # A TCP bind without keys is refused with what to do, unless insecure is asked for by name.
+    tcp = subprocess.run([cli, "run", "--rm", *data, "-e", "LOADER_BIND=tcp://0.0.0.0:5555", built["server"]],
+                         capture_output=True, text=True, timeout=120)
+    assert tcp.returncode == 2 and "--curve-dir" in tcp.stderr and "--insecure" in tcp.stderr, tcp.stderr
+
+
+@pytest.mark.docker
 @pytest.mark.timeout(ENGINE_TIMEOUT_S)
 def test_the_box_prometheus_scrapes_the_loader(box: Any, tmp_path: Path) -> None:
     """LOADER_METRICS_PORT and LOADER_METRICS_HOST, and the port published on the box's loopback."""

@@ -30,7 +30,7 @@ from ..data.datasets import Dataset
 from ..logs import Throttle
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
-from .arenas import Arena, arena_slots, new_arena
+from .arenas import Arena, ArenaChannel, arena_slots, new_arena
 from .bad_files import BadFiles
 from .outgoing import OutOfRange, checked, checked_encode
 from .sessions import MAX_EPOCH, Refusal, Session, StreamFacts, open_session
@@ -75,8 +75,9 @@ class Delivery:
 
     def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec, plan: SamplingPlan, *, fingerprint: str,
                  supervisor: Supervisor, transport: ClientTransport, channel: WorkerChannel, metrics: Metrics,
-                 peer_log: PeerLog) -> None:
+                 peer_log: PeerLog, arena_channel: ArenaChannel | None = None) -> None:
         self.config, self.index, self.spec, self.plan = config, index, spec, plan
+        self.arena_channel = arena_channel
         self.fingerprint = fingerprint
         self.supervisor, self.transport, self.channel, self.metrics = supervisor, transport, channel, metrics
         self.peer_log = peer_log
@@ -129,7 +130,7 @@ class Delivery:
         if hello.shm and self.config.shm and shm_available():
             self._next_arena_id += 1
             client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch_batches, hello.credit),
-                                     self.spec.batch_bytes, self.log)
+                                     self.spec.batch_bytes, self.arena_channel, self.log)
         try:
             welcome = checked_encode(self._welcome(client, hello))
         except OutOfRange as exc:  # the session cannot be described on the wire: refuse it, naming why

@@ -23,13 +23,14 @@ from __future__ import annotations
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-__all__ = ["Task", "Worker", "Supervisor", "ProcessLike", "GivenUp", "MAX_TASK_RETRIES", "TASKS_PER_WORKER"]
+__all__ = ["Task", "Worker", "Supervisor", "ProcessLike", "GivenUp", "MAX_TASK_RETRIES", "TASKS_PER_WORKER",
+           "fair_next"]
 
 #: A task whose worker died this many times is reported to the client instead of retried.
 MAX_TASK_RETRIES = 3
@@ -99,6 +100,39 @@ class GivenUp:
     task: Task
     why: str  # "hung" or "died (last exit code N)"
     exit_code: int | None
+
+
+K = TypeVar("K")
+
+
+def fair_next(queue: Iterable[int], owner_of: Callable[[int], K | None],
+              at_workers: Mapping[K, int]) -> tuple[int | None, list[int]]:
+    """Which queued task goes to a worker next: the oldest queued task of the owner with the fewest
+    tasks at workers (ties: queue order, so one client alone is served first in, first out).
+
+    `owner_of` is None for a cancelled task. Returns the chosen task id (None when only cancelled
+    ones are queued) and the cancelled ids met on the way, for the caller to drop. Pure: the
+    supervisor and the fleet simulation (`loader-server simulate`) both dispatch with it.
+    """
+    chosen: int | None = None
+    least = 0
+    seen: set[K] = set()
+    cancelled = []
+    remember, load_of = seen.add, at_workers.get  # bound once: this loop runs over the whole queue
+    for tid in queue:
+        owner = owner_of(tid)
+        if owner is None:
+            cancelled.append(tid)
+            continue
+        if owner in seen:
+            continue  # only each owner's oldest task competes
+        remember(owner)
+        load = load_of(owner, 0)
+        if chosen is None or load < least:
+            chosen, least = tid, load
+            if load == 0:
+                break
+    return chosen, cancelled
 
 
 class Supervisor:
@@ -198,27 +232,11 @@ class Supervisor:
             worker.tasks.append(tid)
 
     def _take_next(self) -> int | None:
-        """Remove and return the oldest queued task of the owner with the fewest tasks at workers
-        (ties: queue order, so one client alone is served first in, first out); cancelled
-        tasks met on the way are dropped."""
+        """Remove and return the next task to dispatch (`fair_next`); cancelled tasks met on the
+        way are dropped."""
         at_workers = Counter(self.tasks[t].owner for w in self.workers.values() for t in w.tasks if t in self.tasks)
-        chosen: int | None = None
-        least = 0
-        seen: set[bytes] = set()
-        cancelled = []
-        for tid in self.queue:
-            task = self.tasks.get(tid)
-            if task is None:
-                cancelled.append(tid)
-                continue
-            if task.owner in seen:
-                continue  # only each owner's oldest task competes
-            seen.add(task.owner)
-            load = at_workers[task.owner]
-            if chosen is None or load < least:
-                chosen, least = tid, load
-                if load == 0:
-                    break
+        chosen, cancelled = fair_next(self.queue, lambda tid: self.tasks[tid].owner if tid in self.tasks else None,
+                                      at_workers)
         for tid in cancelled:
             self.queue.remove(tid)
         if chosen is not None:

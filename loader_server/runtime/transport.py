@@ -1,7 +1,8 @@
 """The client-facing socket: binding safely, CURVE, the ipc socket janitor, bounded receive and send.
 
-* An ``ipc://PATH`` socket file is created with mode 0600 from its first moment (the umask is
-  narrowed around the bind), and a janitor process removes it if the server is SIGKILLed.
+* An ``ipc://PATH`` socket file is created with mode 0600 (or the `ipc_mode` setting's 0660) from
+  its first moment (the umask is narrowed around the bind), and a janitor process removes it if
+  the server is SIGKILLed.
 * ``ipc://@name`` (Linux abstract namespace) has no permissions at all: any local user can
   connect, so it is refused unless `insecure` is set.
 * ``tcp://[::1]:PORT`` and other IPv6 addresses work (IPv6 is enabled on the socket for them).
@@ -84,9 +85,10 @@ class ClientTransport:
     """The ROUTER socket clients connect to."""
 
     def __init__(self, ctx: zmq.Context[Any], bind: str, *, curve_dir: str | None, insecure: bool,
-                 max_connections_per_host: int = DEFAULT_CONNECTIONS_PER_HOST,
+                 max_connections_per_host: int = DEFAULT_CONNECTIONS_PER_HOST, ipc_mode: int = 0o600,
                  idle_timeout_s: float = 30.0) -> None:
         self.bind_address = bind
+        self.ipc_mode = ipc_mode
         if bind.startswith("ipc://@") and not insecure:
             raise ConfigError(f"`bind` {bind} is an abstract socket, which every local user can connect to: use "
                               "ipc:///PATH (a file of mode 0600) or pass --insecure")
@@ -125,7 +127,7 @@ class ClientTransport:
         elif not is_local_bind(bind):
             log.warning("serving %s WITHOUT encryption or authentication (--insecure): anyone who can reach "
                         "it can read the data set's pixels and labels; use --curve-dir on shared networks", bind)
-        old_umask = os.umask(0o177) if bind.startswith("ipc://") else None
+        old_umask = os.umask(0o777 & ~self.ipc_mode) if bind.startswith("ipc://") else None
         try:
             self.sock.bind(bind)
         except zmq.ZMQError as exc:
@@ -135,7 +137,7 @@ class ClientTransport:
                 os.umask(old_umask)
         if bind.startswith("ipc://") and not bind.startswith("ipc://@"):
             self._ipc_path = bind[len("ipc://"):]
-            os.chmod(self._ipc_path, 0o600)
+            os.chmod(self._ipc_path, self.ipc_mode)
             start_janitor(self._ipc_path)
 
     def recv(self) -> Request | None:
