@@ -98,18 +98,14 @@ def _unfinished(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any
 
 def _shm_greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> None:
     """One client on shared memory that grants all the credit it can and never releases a slot."""
-    s = _raw(ctx, endpoint, socks)
-    s.setsockopt(zmq.RCVHWM, 1)
-    s.send(msgpack.packb({"v": V, "t": "hello", "shm": True, "credit": 10**6}))
-    for _ in range(200):
-        s.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
+    _greedy(ctx, endpoint, socks, shm=True)
 
 
-def _greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> None:
+def _greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]], shm: bool = False) -> None:
     """One client that grants all the credit it can and never reads."""
     s = _raw(ctx, endpoint, socks)
     s.setsockopt(zmq.RCVHWM, 1)
-    s.send(msgpack.packb({"v": V, "t": "hello", "shm": False, "credit": 10**6}))
+    s.send(msgpack.packb({"v": V, "t": "hello", "shm": shm, "credit": 10**6}))
     for _ in range(200):
         s.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
 

@@ -10,6 +10,7 @@ bounded per connection identity only; a departed client's arena stayed mapped in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -256,15 +257,12 @@ def test_idle_connections_are_closed_after_the_client_timeout(start_server: Any,
 
 # ---------------------------------------------------------------------------- arenas
 def memfds(pid: int) -> list[str]:
-    out = []
+    """The shared-memory arenas that process `pid` holds open."""
+    links = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("/memfd:loader-arena"):
-            out.append(link)
-    return out
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return [link for link in links if link.startswith("/memfd:loader-arena")]
 
 
 def test_hellos_repeated_on_one_connection_do_not_pile_up_arenas(start_server: Any, listfile: Path,
