@@ -203,10 +203,11 @@ def test_another_local_user_cannot_lock_this_ones_trainers_out(start_server: Any
     try:
         assert flood.stdout is not None
         assert flood.stdout.readline().startswith("holding 300"), "nobody's flood did not connect"
+        time.sleep(0.5)  # the guard has seen them (every 5 ms)
+        with LoaderClient(server.endpoint, timeout_s=20) as client:  # before: locked out
+            client.next()
         wait_until(lambda: "127.0.0.1 uid 65534 already holds 256 connections" in server.log_text(), 20,
                    "nobody's connections over the bound to be refused")
-        with LoaderClient(server.endpoint, timeout_s=20) as client:
-            client.next()
     finally:
         flood.kill()
         flood.communicate(timeout=30)
