@@ -467,10 +467,15 @@ def _check_ranges(config: ServerConfig) -> None:
         value = getattr(config, name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"`{name}` must be a number between {_shown(low)} and {_shown(high)}, got {value!r}")
-        if not (math.isfinite(value) and low <= value <= high):
-            raise ConfigError(f"`{name}` must be between {_shown(low)} and {_shown(high)}, got {value!r}")
+        span = f"{_shown(low)} to {_shown(high)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"`{name}` must be a finite number from {span}, got {value!r}")
+        if name == "metrics_port" and not low <= value <= high:
+            raise ConfigError(f"`metrics_port` must be a TCP port (1..65535), got {value!r}")
+        if value < low:
+            raise ConfigError(f"`{name}` must be >= {_shown(low)}, got {value!r} (its range: {span})")
+        if value > high:
+            raise ConfigError(f"`{name}` must be <= {_shown(high)}, got {value!r} (its range: {span})")
     for name in ("mean", "std"):
         values = getattr(config, name)
         if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):

@@ -131,20 +131,20 @@ def test_every_numeric_setting_has_a_finite_range_documented_in_the_readme() -> 
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"heartbeat_s": math.nan}, "`heartbeat_s` must be between 0.01 and 3600, got nan"),
-    ({"client_timeout_s": math.nan}, "`client_timeout_s` must be between"),
-    ({"client_timeout_s": math.inf}, "`client_timeout_s` must be between"),
-    ({"prefetch": 10**30}, "`prefetch` must be between 1 and 1000, got 1000000000000000000000000000000"),
-    ({"workers": 100_000}, "`workers` must be between 1 and 1024, got 100000"),
-    ({"batch_size": 2**21}, "`batch_size` must be between 1 and 1048576"),
-    ({"max_bad": math.nan}, "`max_bad` must be between"),
-    ({"simulate_read_latency_ms": math.inf}, "`simulate_read_latency_ms` must be between"),
-    ({"batch_timeout_s": math.nan}, "`batch_timeout_s` must be between"),
-    ({"log_interval_s": -math.inf}, "`log_interval_s` must be between"),
-    ({"max_message_bytes": 2**41}, "`max_message_bytes` must be between 1 and 1099511627776"),
-    ({"steps_per_epoch": 2**31, "mode": "random"}, "`steps_per_epoch` must be between 1 and 2147483647"),
-    ({"max_clients": 10**6}, "`max_clients` must be between 1 and 4096"),
-    ({"heartbeat_s": True}, "`heartbeat_s` must be a number"),
+    ({"heartbeat_s": math.nan}, "`heartbeat_s` must be a finite number from 0.01 to 3600, got nan"),
+    ({"client_timeout_s": math.nan}, "`client_timeout_s` must be a finite number"),
+    ({"client_timeout_s": math.inf}, "`client_timeout_s` must be a finite number"),
+    ({"prefetch": 10**30}, "`prefetch` must be <= 1000, got 1000000000000000000000000000000 (its range: 1 to 1000)"),
+    ({"workers": 100_000}, "`workers` must be <= 1024, got 100000"),
+    ({"batch_size": 2**21}, "`batch_size` must be <= 1048576"),
+    ({"max_bad": math.nan}, "`max_bad` must be a finite number"),
+    ({"simulate_read_latency_ms": math.inf}, "`simulate_read_latency_ms` must be a finite number"),
+    ({"batch_timeout_s": math.nan}, "`batch_timeout_s` must be a finite number"),
+    ({"log_interval_s": -math.inf}, "`log_interval_s` must be a finite number"),
+    ({"max_message_bytes": 2**41}, "`max_message_bytes` must be <= 1099511627776"),
+    ({"steps_per_epoch": 2**31, "mode": "random"}, "`steps_per_epoch` must be <= 2147483647"),
+    ({"max_clients": 10**6}, "`max_clients` must be <= 4096"),
+    ({"heartbeat_s": True}, "`heartbeat_s` must be a finite number"),
     ({"dtype": "float32", "mean": (math.nan, 0.5, 0.5), "std": (1.0, 1.0, 1.0)}, "`mean` values must be finite"),
 ])
 def test_out_of_range_settings_are_refused_naming_setting_rule_and_value(settings: dict[str, Any],
@@ -205,7 +205,7 @@ def test_nan_and_huge_values_from_every_layer_are_a_clear_error(tmp_path: Path, 
     result = refused_at_start(args, env)
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
-    assert "`heartbeat_s` must be between 0.01 and 3600" in result.stderr, result.stderr[-2000:]
+    assert "`heartbeat_s` must be a finite number from 0.01 to 3600" in result.stderr, result.stderr[-2000:]
 
 
 def test_a_huge_prefetch_is_refused_before_the_loop_starts(tmp_path: Path) -> None:
@@ -213,7 +213,7 @@ def test_a_huge_prefetch_is_refused_before_the_loop_starts(tmp_path: Path) -> No
     result = refused_at_start([sys.executable, "-m", "loader_server", "serve", "--data", str(listfile), "--bind",
                                f"ipc://{tmp_path}/s.sock", "--batch-size", "4", "--workers", "1", "--prefetch",
                                str(10**30)], dict(os.environ))
-    assert result.returncode == 2 and "`prefetch` must be between 1 and 1000" in result.stderr, result.stderr
+    assert result.returncode == 2 and "`prefetch` must be <= 1000" in result.stderr, result.stderr
 
 
 def test_the_welcome_of_every_accepted_config_fits_its_schema(tmp_path: Path) -> None:
