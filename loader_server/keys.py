@@ -17,7 +17,7 @@ import stat
 
 import zmq
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 __all__ = ["create_key_pair", "folder_problem"]
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["setup_logging", "Throttle", "LINES_PER_KIND_PER_MINUTE"]
+__all__ = ["LINES_PER_KIND_PER_MINUTE", "Throttle", "setup_logging"]
 
 
 class _JsonFormatter(logging.Formatter):

@@ -29,8 +29,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["Metrics", "SnapshotCollector", "serve_metrics", "prometheus_text", "BUILD_BUCKETS_S",
-           "MAX_HTTP_CONNECTIONS", "HTTP_READ_TIMEOUT_S"]
+__all__ = ["BUILD_BUCKETS_S", "HTTP_READ_TIMEOUT_S", "MAX_HTTP_CONNECTIONS", "Metrics", "SnapshotCollector",
+           "prometheus_text", "serve_metrics"]
 
 log = logging.getLogger("loader_server")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["write_sample_images", "example_transform"]
+__all__ = ["example_transform", "write_sample_images"]
 
 
 def example_transform(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -25,7 +25,8 @@ import msgpack
 import pytest
 import zmq
 
-from loader_client import LoaderClient, ServerError, protocol, server_stats
+from loader_client import LoaderClient, ServerError, server_stats
+from loader_client.contract import protocol
 
 from .conftest import free_port, unique_label_list, wait_until
 

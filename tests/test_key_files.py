@@ -122,7 +122,7 @@ def test_an_allow_list_folder_another_user_can_write_is_refused_at_start(shared:
 
 
 def test_an_allow_list_key_another_user_owns_or_a_link_is_refused(tmp_path: Path) -> None:
-    from loader_client.errors import ConfigError
+    from loader_client.contract.errors import ConfigError
     from loader_server.runtime.allow_list import read_allow_list
 
     keys, _ = curve_layout(tmp_path)

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import LoaderClient, protocol
-from loader_client.errors import ConfigError
-from loader_client.messages import Batch, Hello
-from loader_client.schema import INT32_MAX
+from loader_client import LoaderClient
+from loader_client.contract import protocol
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.messages import Batch, Hello
+from loader_client.contract.schema import INT32_MAX
 from loader_server.config import RANGES, ServerConfig, _shown
 from loader_server.runtime.outgoing import OutOfRange, checked, error_message
 from loader_server.runtime.sessions import MAX_EPOCH, Session, StreamFacts, open_session
@@ -218,7 +219,7 @@ def test_a_huge_prefetch_is_refused_before_the_loop_starts(tmp_path: Path) -> No
 
 def test_the_welcome_of_every_accepted_config_fits_its_schema(tmp_path: Path) -> None:
     """The fields a welcome takes from the settings (heartbeat, size bound, batch size) at their extremes."""
-    from loader_client.messages import Welcome
+    from loader_client.contract.messages import Welcome
 
     for heartbeat, size, batch in ((0.01, 1, 1), (3600.0, 1 << 40, 1 << 20)):
         config = ServerConfig(data="unused", heartbeat_s=heartbeat, client_timeout_s=heartbeat * 2,

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import LoaderClient, health, protocol, server_stats
+from loader_client import LoaderClient, health, server_stats
+from loader_client.contract import protocol
 
 from .conftest import free_port, unique_label_list
 

@@ -3,8 +3,8 @@
 Every command that reads data (``serve``, ``check``, ``bench``) calls `load_dataset(config)`
 and so accepts every kind. **A new kind of data set is one entry in `KINDS`** below: how to
 recognise its ``--data``, how to open it, and which kind-specific settings it takes; the object
-it returns implements `Dataset` and either `path(i)` (files that workers decode) or
-`sample_shape`/`sample_dtype`/`gather` (rows that workers copy).
+it returns implements `Dataset` (defined in interface.py, re-exported here) and either `path(i)`
+(files that workers decode) or `sample_shape`/`sample_dtype`/`gather` (rows that workers copy).
 """
 
 from __future__ import annotations
@@ -13,68 +13,17 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
+from .interface import ArrayDataset, Dataset, FileDataset
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
 
-__all__ = ["Dataset", "FileDataset", "ArrayDataset", "DatasetKind", "KINDS", "load_dataset"]
-
-
-@runtime_checkable
-class Dataset(Protocol):
-    """Samples ``0..len-1`` with their labels: what the sampling plan, the server and `check` need."""
-
-    @property
-    def build(self) -> Literal["decode", "gather"]:
-        """How a batch is built: "decode" (read and decode files) or "gather" (copy rows)."""
-
-    @property
-    def labels(self) -> np.ndarray:
-        """One label per sample (any numeric dtype; image data sets use int64)."""
-
-    @property
-    def class_names(self) -> tuple[str, ...] | None:
-        """Names of the labels 0..k-1 where the data set has them (class folders), else None."""
-
-    @property
-    def source(self) -> str:
-        """Where the samples come from, for log lines and messages."""
-
-    def __len__(self) -> int: ...
-
-    def fingerprint(self) -> str:
-        """A short hash that changes when the samples or labels change (a resumed run checks it)."""
-
-    def describe(self, i: int) -> str:
-        """What names sample `i` in a message: a path, or the source and row."""
-
-
-@runtime_checkable
-class FileDataset(Dataset, Protocol):
-    """A data set of files that the workers read and decode (build == "decode")."""
-
-    def path(self, i: int) -> str: ...
-
-
-@runtime_checkable
-class ArrayDataset(Dataset, Protocol):
-    """A data set of rows that the workers copy as stored (build == "gather")."""
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]: ...
-
-    @property
-    def sample_dtype(self) -> str: ...
-
-    def gather(self, indices: np.ndarray, out: np.ndarray) -> None:
-        """Copy the samples at `indices` into `out` (``len(indices)`` rows)."""
+__all__ = ["KINDS", "ArrayDataset", "Dataset", "DatasetKind", "FileDataset", "load_dataset"]
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 
-__all__ = ["DatasetIndex", "load_index", "load_list_file", "load_class_folders", "IMAGE_EXTENSIONS"]
+__all__ = ["IMAGE_EXTENSIONS", "DatasetIndex", "load_class_folders", "load_index", "load_list_file"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

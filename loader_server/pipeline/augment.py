@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 __all__ = ["Augmenter", "parse_augment", "sample_rng"]
 

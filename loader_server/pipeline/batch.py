@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from loader_client.normalize import Normalization
+from loader_client.contract.normalize import Normalization
 
 from ..config import AUTO_READ_THREADS, SLOW_READ_S, ServerConfig
 from ..data.batch_spec import BatchSpec, batch_spec
@@ -30,7 +30,7 @@ from .cache import SampleCache, record_decoder, record_shape
 from .decode import DecodeError, Decoder, read_file
 from .user_code import check_extras, check_image, load_function
 
-__all__ = ["BatchBuilder", "Reads", "AUTO_READ_THREADS", "SLOW_READ_S"]
+__all__ = ["AUTO_READ_THREADS", "SLOW_READ_S", "BatchBuilder", "Reads"]
 
 _TRANSFORM_STREAM = 0x7F  # user transforms draw apart from augmentations
 _COLLATE_STREAM = 0xC0

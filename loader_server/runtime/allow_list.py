@@ -22,11 +22,11 @@ from typing import Any
 import zmq
 import zmq.utils.z85
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from ..logs import Throttle
 
-__all__ = ["start_curve", "read_allow_list"]
+__all__ = ["read_allow_list", "start_curve"]
 
 log = logging.getLogger("loader_server")
 

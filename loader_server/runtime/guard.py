@@ -52,8 +52,17 @@ import zmq
 
 from ..logs import Throttle
 
-__all__ = ["ConnectionGuard", "Admission", "MAX_HELD_BYTES", "HANDSHAKE_BYTES", "GUARD_INTERVAL_S",
-           "REFUSED_GRACE_S", "REFUSED_PENDING", "wire_bytes", "DEFAULT_CONNECTIONS_PER_HOST"]
+__all__ = [
+    "DEFAULT_CONNECTIONS_PER_HOST",
+    "GUARD_INTERVAL_S",
+    "HANDSHAKE_BYTES",
+    "MAX_HELD_BYTES",
+    "REFUSED_GRACE_S",
+    "REFUSED_PENDING",
+    "Admission",
+    "ConnectionGuard",
+    "wire_bytes",
+]
 
 log = logging.getLogger("loader_server")
 

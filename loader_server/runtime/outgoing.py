@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from loader_client.errors import ProtocolError
-from loader_client.messages import Error
-from loader_client.schema import Message, decode_fields, encode
+from loader_client.contract.errors import ProtocolError
+from loader_client.contract.messages import Error
+from loader_client.contract.schema import Message, decode_fields, encode
 
 __all__ = ["OutOfRange", "checked", "checked_encode", "error_message"]
 

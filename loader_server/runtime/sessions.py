@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from loader_client.messages import MAX_CREDIT, Hello
-from loader_client.schema import INT32_MAX
+from loader_client.contract.messages import MAX_CREDIT, Hello
+from loader_client.contract.schema import INT32_MAX
 
-__all__ = ["StreamFacts", "Refusal", "Session", "open_session", "fingerprint_mismatch", "MAX_EPOCH"]
+__all__ = ["MAX_EPOCH", "Refusal", "Session", "StreamFacts", "fingerprint_mismatch", "open_session"]
 
 #: The last epoch a stream can reach: epochs are 32-bit fields on the wire (Task, Batch, Welcome).
 MAX_EPOCH = INT32_MAX

@@ -40,9 +40,9 @@ from typing import Any
 
 import zmq
 
-from loader_client.errors import ConfigError
-from loader_client.messages import Error
-from loader_client.schema import Message, encode
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.messages import Error
+from loader_client.contract.schema import Message, encode
 
 from ..config import is_local_bind
 from ..logs import Throttle
@@ -56,8 +56,18 @@ from .guard import (
 )
 from .outgoing import OutOfRange, checked_encode, error_message
 
-__all__ = ["ClientTransport", "Request", "MAX_REQUEST_BYTES", "SEND_QUEUE_BATCHES", "RECEIVE_QUEUE",
-           "ZAP_DOMAIN", "PeerLog", "start_janitor", "start_curve", "escape"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "RECEIVE_QUEUE",
+    "SEND_QUEUE_BATCHES",
+    "ZAP_DOMAIN",
+    "ClientTransport",
+    "PeerLog",
+    "Request",
+    "escape",
+    "start_curve",
+    "start_janitor",
+]
 
 log = logging.getLogger("loader_server")
 

@@ -22,19 +22,19 @@ from collections import deque
 import numpy as np
 import zmq
 
-from loader_client import protocol
-from loader_client.errors import ProtocolError
-from loader_client.messages import ArenaHandle
-from loader_client.schema import decode, decode_fields, encode
-from loader_client.shm import Arena
+from loader_client.contract import protocol
+from loader_client.contract.errors import ProtocolError
+from loader_client.contract.messages import ArenaHandle
+from loader_client.contract.schema import decode, decode_fields, encode
+from loader_client.contract.shm import Arena
 
 from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec
 from ..data.datasets import Dataset
-from ..runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
-from .cache import SampleCache
+from ..pipeline.cache import SampleCache
+from .worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
-__all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
+__all__ = ["WORKER_IDLE_POLL_MS", "worker_main"]
 
 #: How often an idle worker checks that its server is still alive.
 WORKER_IDLE_POLL_MS = 500
@@ -99,8 +99,8 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     import cv2
 
     cv2.setNumThreads(1)
-    from .batch import BatchBuilder, Reads
-    from .decode import DecodeError
+    from ..pipeline.batch import BatchBuilder, Reads
+    from ..pipeline.decode import DecodeError
 
     builder = BatchBuilder(config, index, spec, cache)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
