@@ -408,7 +408,7 @@ def _loopback_owners(addresses: set[tuple[str, int]]) -> dict[tuple[str, int], i
                 next(f, None)
                 for line in f:
                     fields = line.split()
-                    if len(fields) < 8:
+                    if len(fields) < 8 or fields[3] != "01":  # ESTABLISHED only (a TIME_WAIT row has no owner)
                         continue
                     hex_host, _, hex_port = fields[1].rpartition(":")
                     port = int(hex_port, 16)
