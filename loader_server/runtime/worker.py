@@ -28,9 +28,9 @@ from loader_client.contract.messages import ArenaHandle
 from loader_client.contract.schema import decode, decode_fields, encode
 from loader_client.contract.shm import Arena
 
-from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec
 from ..data.datasets import Dataset
+from ..options import PipelineOptions
 from ..pipeline.cache import SampleCache
 from .worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
@@ -82,10 +82,11 @@ def _refuse_task(sock: zmq.Socket[bytes], head: bytes, exc: ProtocolError) -> No
                                 message=f"the worker refused its task: {exc}")))
 
 
-def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerConfig, index: Dataset,
+def worker_main(worker_id: int, identity: bytes, endpoint: str, options: PipelineOptions, index: Dataset,
                 spec: BatchSpec, parent_pid: int, cache: SampleCache | None = None) -> None:
     """Entry point of a worker process (forked from the server's main thread).
 
+    `options` are the option groups of the sample path (not the whole configuration);
     `identity` is this worker's secret routing id on the server's worker socket; `cache` the
     server's decoded-sample cache, whose mapping the fork shares.
     """
@@ -102,7 +103,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     from ..pipeline.batch import BatchBuilder, Reads
     from ..pipeline.decode import DecodeError
 
-    builder = BatchBuilder(config, index, spec, cache)
+    builder = BatchBuilder(options, index, spec, cache)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
         (builder.allocate(), None) for _ in range(_POOL_SIZE)
     )
@@ -133,7 +134,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                     continue
                 if isinstance(message, Task):
                     indices = np.frombuffer(message.indices, dtype=np.int64)
-                    pending.append((message, indices, builder.read_ahead(indices)))
+                    pending.append((message, indices, builder.read_ahead(indices, message.augment)))
                 elif isinstance(message, Forget):  # the session ended: drop its arena and its tasks
                     gone = arenas.pop(message.arena, None)
                     if gone is not None:
