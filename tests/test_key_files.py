@@ -12,8 +12,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +37,14 @@ def run_keygen(folder: Path, name: str = "server") -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def shared() -> Iterator[Path]:
-    """A folder every user can enter (tmp_path lies under a 0700 folder of the test's user)."""
-    root = Path(tempfile.mkdtemp(prefix="loader-keys-", dir="/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- keygen
 @as_root
-def test_keygen_refuses_a_folder_another_user_owns_and_never_follows_their_links(shared: Path,
+def test_keygen_refuses_a_folder_another_user_owns_and_never_follows_their_links(shared_tree: Path,
                                                                                  tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("root's secret\n")
     victim.chmod(0o600)
-    theirs = shared / "keys"
+    theirs = shared_tree / "keys"
     theirs.mkdir()
     os.chown(theirs, NOBODY, NOBODY)
     as_nobody("ln", "-s", str(victim), str(theirs / "server.key"))  # planted by nobody, in nobody's folder
@@ -64,7 +53,7 @@ def test_keygen_refuses_a_folder_another_user_owns_and_never_follows_their_links
     assert f"{theirs} belongs to uid {NOBODY}" in result.stderr and "another user could plant links" in \
         result.stderr, result.stderr
     assert victim.read_text() == "root's secret\n" and stat.S_IMODE(victim.stat().st_mode) == 0o600
-    writable = shared / "open"
+    writable = shared_tree / "open"
     writable.mkdir()
     writable.chmod(0o777)  # ours, but anyone can plant a link there
     result = run_keygen(writable)
@@ -103,16 +92,16 @@ def curve_layout(where: Path) -> tuple[Path, Path]:
 
 
 @as_root
-def test_an_allow_list_folder_another_user_can_write_is_refused_at_start(shared: Path) -> None:
+def test_an_allow_list_folder_another_user_can_write_is_refused_at_start(shared_tree: Path) -> None:
     """nobody adds its own key to a 0777 allow-list folder: the server refuses to start, naming the
     folder, its owner and its mode (before, it started and served nobody)."""
-    keys, _ = curve_layout(shared)
+    keys, _ = curve_layout(shared_tree)
     keys.chmod(0o755)
     (keys / "clients").chmod(0o777)
     public, _ = zmq.curve_keypair()
     as_nobody("sh", "-c", f"cat > {keys / 'clients' / 'nobody.key'}",
               stdin=b'curve\n    public-key = "' + public + b'"\n')
-    listfile = unique_label_list(shared / "data", 8)
+    listfile = unique_label_list(shared_tree / "data", 8)
     result = subprocess.run([sys.executable, "-m", "loader_server", "serve", "--data", str(listfile), "--batch-size",
                              "4", "--workers", "1", "--bind", f"tcp://127.0.0.1:{free_port()}", "--curve-dir",
                              str(keys)], capture_output=True, text=True, timeout=60)
