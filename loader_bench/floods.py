@@ -1,13 +1,18 @@
 """The ``floods`` probe: the server's memory under each attack of the hardening tests, against its bound.
 
-Each flood runs against a fresh server (the run's data, batch and size, prefetch 8). The server
-process's resident memory is sampled every 50 ms; the reported figure is the growth over its
-level after a well-behaved client has warmed it up, beside the bound the README documents for
-that flood. A well-behaved client then takes 8 batches, timed, to show the server still serves.
+Each flood runs against a fresh server (the run's data, batch and size, prefetch 8). The memory
+of the server and its workers together (their proportional set size: a page they share, such as
+a shared-memory arena, counts once) is sampled every 50 ms; the reported figure is the growth
+over its level after a well-behaved client has warmed it up, beside the bound the README
+documents for that flood. The log lines each flood caused are counted. A well-behaved client
+then takes 8 batches, timed, to show the server still serves.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +23,7 @@ import zmq
 
 from loader_client import LoaderClient, ServerError
 from loader_client.contract import protocol
+from loader_server.runtime.guard import HANDSHAKE_BYTES, MAX_HELD_BYTES
 from loader_server.runtime.transport import SEND_QUEUE_BATCHES
 
 from . import systems
@@ -31,16 +37,76 @@ _FLOOD_S = 4.0
 V = protocol.PROTOCOL_VERSION
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+def _pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except OSError:
+            continue
+    return total / 1024
 
 
-def _greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> None:
+#: TCP connections of the unfinished-message flood, all from one peer address.
+_UNFINISHED_CONNECTIONS = 12
+#: Memory ZeroMQ may spend per wire byte held: an empty frame is 2 bytes on the wire and a 64-byte slot.
+_MEMORY_PER_WIRE_BYTE = 32
+_GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" * 32
+_READY = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+#: What one connection may add besides its held bytes: its ZeroMQ buffers and one check's arrivals.
+_CONNECTION_SLACK_MB = 2.0
+
+
+def _connection_mb() -> float:
+    """The README's bound of one connection's memory: 32 x the wire bytes it may hold in ZeroMQ, plus slack."""
+    return _MEMORY_PER_WIRE_BYTE * (MAX_HELD_BYTES + HANDSHAKE_BYTES) / 2**20 + _CONNECTION_SLACK_MB
+
+
+def _unfinished(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> None:
+    """Connections from one address, each a message of empty frames that never ends (paced so that
+    ZeroMQ reads every byte: 2 wire bytes, a 64-byte slot each), until the guard closes it."""
+    port = int(endpoint.rsplit(":", 1)[1])
+
+    def one() -> None:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.2", 0))
+            s.sendall(_GREETING + bytes([0x04, len(_READY)]) + _READY)
+            greeting = b""
+            while len(greeting) < 64:  # the server's greeting: frames sent before it end the handshake
+                more = s.recv(4096)
+                if not more:
+                    return
+                greeting += more
+            chunk = b"\x01\x00" * 8192
+            for _ in range(640):  # 10 MiB at most
+                s.sendall(chunk)
+                time.sleep(0.002)
+        except OSError:  # closed by the guard
+            pass
+
+    for t in [threading.Thread(target=one, daemon=True) for _ in range(_UNFINISHED_CONNECTIONS)]:
+        t.start()
+
+
+def _shm_greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> None:
+    """One client on shared memory that grants all the credit it can and never releases a slot."""
+    _greedy(ctx, endpoint, socks, shm=True)
+
+
+def _greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]], shm: bool = False) -> None:
     """One client that grants all the credit it can and never reads."""
     s = _raw(ctx, endpoint, socks)
     s.setsockopt(zmq.RCVHWM, 1)
-    s.send(msgpack.packb({"v": V, "t": "hello", "shm": False, "credit": 10**6}))
+    s.send(msgpack.packb({"v": V, "t": "hello", "shm": shm, "credit": 10**6}))
     for _ in range(200):
         s.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
 
@@ -79,40 +145,55 @@ def _raw(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> 
     return s
 
 
-_FLOODS: dict[str, tuple[str, Callable[..., None], list[str], Callable[[float, int], float]]] = {
-    # name: (what, attack, extra serve flags, bound in MB from (batch MB, max clients))
-    "greedy": ("one client granting credit without reading", _greedy, [],
-               lambda mb, _: (_PREFETCH + SEND_QUEUE_BATCHES) * mb),
-    "greedy5": ("five such clients", _five_greedy, [], lambda mb, _: 5 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb),
-    "sessions": ("100 such clients against --max-clients 4", _sessions, ["--max-clients", "4"],
-                 lambda mb, n: n * (_PREFETCH + SEND_QUEUE_BATCHES) * mb),
-    "idle": ("1,000 idle connections", _idle, [], lambda mb, _: 0.0),
-    "fuzz": ("5,000 fuzzed requests", _fuzz, [], lambda mb, _: 0.0),
+_Bound = Callable[[float, int], float]
+_FLOODS: dict[str, tuple[str, Callable[..., None], list[str], _Bound, bool]] = {
+    # name: (what, attack, extra serve flags, bound in MB from (batch MB, workers), over TCP)
+    "greedy": ("one client granting credit without reading", _greedy, ["--no-shm"],
+               lambda mb, _: (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
+    "greedy5": ("five such clients", _five_greedy, ["--no-shm"],
+                lambda mb, _: 5 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
+    "sessions": ("100 such clients against --max-clients 4", _sessions, ["--no-shm", "--max-clients", "4"],
+                 lambda mb, _: 4 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
+    "peer": ("100 such clients from one peer (--max-clients-per-peer 16)", _sessions, ["--no-shm"],
+             lambda mb, _: 16 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
+    "shm": ("one client on shared memory that never releases a slot", _shm_greedy, [],
+            lambda mb, w: ((_PREFETCH + 8 + 2) + (_PREFETCH + SEND_QUEUE_BATCHES) + 3 * w) * mb, False),
+    "unfinished": (f"{_UNFINISHED_CONNECTIONS} connections from one address, each a message of empty frames that "
+                   "never ends", _unfinished, ["--no-shm"],
+                   lambda mb, _: _UNFINISHED_CONNECTIONS * _connection_mb(), True),
+    "idle": ("1,000 idle connections", _idle, ["--no-shm"], lambda mb, _: 0.0, False),
+    "fuzz": ("5,000 fuzzed requests", _fuzz, ["--no-shm"], lambda mb, _: 0.0, False),
 }
 
 
 def floods(b: Bench) -> dict[str, Any]:
     batch_mb = b.batch_size * b.size[0] * b.size[1] * 3 / 2**20
     out: dict[str, Any] = {"batch_mb": batch_mb, "prefetch": _PREFETCH, "floods": {}}
-    for name, (what, attack, extra, bound) in _FLOODS.items():
-        flags = ["--prefetch", str(_PREFETCH), "--no-shm", *extra]
-        with systems.served(b, b.data, flags, endpoint=None, ready=True) as server:
-            with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S, shared_memory=False) as warm:
+    for name, (what, attack, extra, bound, tcp) in _FLOODS.items():
+        flags = ["--prefetch", str(_PREFETCH), "--log-level", "INFO", *extra]
+        endpoint = f"tcp://127.0.0.1:{_free_port()}" if tcp else None
+        with systems.served(b, b.data, flags, endpoint=endpoint, ready=True) as server:
+            with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S) as warm:
                 for _ in range(3 * _PREFETCH):
                     warm.next()
             time.sleep(0.5)
-            base = _rss_mb(server.pid)
+            pids = [server.pid, *server.workers()]
+            base = _pss_mb(pids)
+            lines_before = len(server.log_text().splitlines())
             ctx: zmq.Context[Any] = zmq.Context()
             socks: list[zmq.Socket[Any]] = []
             try:
+                started_flood = time.monotonic()
                 attack(ctx, server.endpoint, socks)
                 peak, deadline = base, time.monotonic() + _FLOOD_S
                 while time.monotonic() < deadline:
-                    peak = max(peak, _rss_mb(server.pid))
+                    peak = max(peak, _pss_mb(pids))
                     time.sleep(0.05)
+                log_lines = len(server.log_text().splitlines()) - lines_before
+                flood_s = time.monotonic() - started_flood
                 started = time.perf_counter()
                 try:
-                    with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S, shared_memory=False) as client:
+                    with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S) as client:
                         for _ in range(8):
                             client.next()
                     served = f"{time.perf_counter() - started:.2f} s"
@@ -122,11 +203,11 @@ def floods(b: Bench) -> dict[str, Any]:
                 for s in socks:
                     s.close(linger=0)
                 ctx.term()
-        limit = bound(batch_mb, int(extra[1]) if extra else 0)
+        limit = bound(batch_mb, b.workers)
         out["floods"][name] = {"what": what, "growth_mb": peak - base, "bound_mb": limit, "base_mb": base,
-                               "legit_8_batches": served}
-        print(f"flood {name} ({what}): server grew {peak - base:.0f} MB (bound {limit:.0f} MB); "
-              f"a client's next 8 batches: {served}", flush=True)
+                               "legit_8_batches": served, "log_lines": log_lines, "flood_s": flood_s}
+        print(f"flood {name} ({what}): server and workers grew {peak - base:.0f} MB (bound {limit:.0f} MB), "
+              f"{log_lines} log lines in {flood_s:.1f} s; a client's next 8 batches: {served}", flush=True)
     return {"floods": out}
 
 
@@ -134,9 +215,11 @@ def flood_tables(results: dict[str, Any]) -> list[str]:
     if "floods" not in results:
         return []
     r = results["floods"]
-    lines = ["", f"Server memory under floods (prefetch {r['prefetch']}, batch {r['batch_mb']:.1f} MB, frames):", "",
-             "| flood | server growth MB | documented bound MB | a client's next 8 batches |", "|---|---|---|---|"]
+    lines = ["", f"Server and worker memory under floods (prefetch {r['prefetch']}, batch {r['batch_mb']:.1f} MB):", "",
+             "| flood | growth MB | documented bound MB | log lines | a client's next 8 batches |",
+             "|---|---|---|---|---|"]
     for f in r["floods"].values():
         bound = f"{f['bound_mb']:.0f}" if f["bound_mb"] else "no batch memory (a descriptor each)"
-        lines.append(f"| {f['what']} | {f['growth_mb']:.0f} | {bound} | {f['legit_8_batches']} |")
+        lines.append(f"| {f['what']} | {f['growth_mb']:.0f} | {bound} | {f.get('log_lines', '')} | "
+                     f"{f['legit_8_batches']} |")
     return lines

@@ -23,7 +23,7 @@ import zmq
 import zmq.utils.monitor
 
 from . import wire
-from .contract.errors import AuthenticationError, LoaderTimeoutError, ProtocolError
+from .contract.errors import AuthenticationError, LoaderTimeoutError, ProtocolError, ServerError
 from .contract.messages import HANDSHAKE_REPLIES, ArenaHandle, Bye, Hello, Welcome
 from .contract.protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
 from .contract.shm import Arena, arena_channel_path, open_arena, receive_arena, shm_available, socket_peer
@@ -42,6 +42,9 @@ _HANDSHAKE_FAILURES_TEXT: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                             zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed"}
 #: How long a goodbye may take to leave when a socket closes.
 BYE_LINGER_MS = 200
+#: How long the look at a server's greeting may take (after it closed a handshake).
+_GREETING_TIMEOUT_S = 2.0
+_ZMTP_GREETING_BYTES = 64
 _LAYOUTS = ("hwc", "chw")
 #: Longest wait for the server's arena channel (it answers at once, or the stream uses frames).
 _CHANNEL_TIMEOUT_S = 5.0
@@ -168,6 +171,13 @@ def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: Cl
         ready = dict(poller.poll(max(0, remaining_ms)))
         if monitor in ready:
             event = int(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not curve and _server_mechanism(endpoint) != b"CURVE":
+                # Closed during the handshake by a server that does not ask for CURVE: not a matter of keys.
+                raise ServerError(
+                    f"{peer} closed the connection during the handshake: it may be refusing connections from "
+                    "this host (too many open: see its log and --max-connections-per-host), or not be a loader "
+                    "server"
+                )
             raise AuthenticationError(
                 f"{peer} refused the connection during the handshake "
                 f"({_HANDSHAKE_FAILURES_TEXT.get(event, event)}): "
@@ -186,6 +196,34 @@ def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: Cl
         wire.raise_for(message, peer)
         if isinstance(message, Welcome):
             return message
+
+
+def _server_mechanism(endpoint: Endpoint) -> bytes | None:
+    """The security mechanism a server's ZMTP greeting announces (b"NULL", b"CURVE", ...), or None if it
+    sends none: a server that closed a handshake is told apart from one that wants CURVE keys."""
+    try:
+        if endpoint.scheme == "ipc":
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = "\0" + endpoint.path[1:] if endpoint.path.startswith("@") else endpoint.path
+        else:
+            info = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)[0]
+            probe = socket.socket(info[0], socket.SOCK_STREAM)
+            address = info[4]
+        with probe:
+            probe.settimeout(_GREETING_TIMEOUT_S)
+            probe.connect(address)
+            # The signature and major version only: the server then sends its whole greeting, and has
+            # nothing of ours to refuse before it does.
+            probe.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3]))
+            greeting = b""
+            while len(greeting) < _ZMTP_GREETING_BYTES:
+                chunk = probe.recv(_ZMTP_GREETING_BYTES - len(greeting))
+                if not chunk:
+                    return None
+                greeting += chunk
+    except OSError:
+        return None
+    return greeting[12:32].rstrip(b"\0")
 
 
 def check_welcome(welcome: Welcome, hello: Hello, start: Start, peer: str) -> None:

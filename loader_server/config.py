@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable
@@ -259,9 +260,12 @@ class ServerConfig:
     max_file_bytes: int = setting(256 << 20, help="files larger than this (and devices) are bad files, refused "
                                                   "before they are read")
     max_clients: int = setting(64, help="sessions served at once; more clients are refused with a clear error")
+    max_clients_per_peer: int = setting(
+        16, help="sessions one peer may hold at once (a CURVE key; an address, and on loopback its user; an ipc "
+                 "user), so that one peer cannot take every --max-clients place; more are refused naming this")
     max_connections_per_host: int = setting(
-        256, help="TCP connections one peer address may hold open at once (idle ones too); more are closed "
-                  "as they arrive and logged")
+        256, help="TCP connections one peer (an address, and on loopback its user) may hold open at once; more "
+                  "are refused with an error naming this setting, then closed")
     on_error: Literal["raise", "skip"] = setting(
         "raise", choices=("raise", "skip"),
         help="a bad file: raise (the trainer gets an error naming it) or skip (replace the sample with another "
@@ -312,6 +316,7 @@ class ServerConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid setting."""
+        _check_ranges(self)
         for f in dataclasses.fields(self):
             if f.metadata.get("choices"):
                 _one_of(f.name, getattr(self, f.name), f.metadata["choices"])
@@ -411,9 +416,6 @@ class ServerConfig:
         lo, hi = self.worker_bounds
         if lo > hi:
             raise ConfigError(f"`workers_min` {lo} is above `workers_max` {hi}")
-        if not 0 < self.target_stall < 1:
-            raise ConfigError(f"`target_stall` is a fraction of step time between 0 and 1 (0.02 is 2%), got "
-                              f"{self.target_stall}")
         if self.scale_interval_s <= 0:
             raise ConfigError(f"`scale_interval_s` must be > 0, got {self.scale_interval_s}")
         if self.share_window is not None:
@@ -526,6 +528,69 @@ def _is_host(text: str) -> bool:
         return True
     except ValueError:
         return bool(re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*", text))
+
+
+#: The finite range of every numeric setting, checked first in `validate` (NaN and infinities are
+#: refused too). Each bound is what the value later reaches: a wire field (heartbeat_s and
+#: max_message_bytes go into every welcome, whose schema has these limits; steps reach 32-bit
+#: positions; a batch's indices and bad-file list reach the worker messages), a per-session
+#: table (prefetch: at most 1,024 shared-memory slots), or simply a machine (workers, threads).
+RANGES: dict[str, tuple[float, float]] = {
+    "maxlen": (1, 1 << 24),
+    "val_fraction": (0.0, 1.0),
+    "split_seed": (0, 2**63 - 1),
+    "batch_size": (1, 1 << 20),
+    "workers": (1, 1024),  # or auto (not checked here)
+    "workers_min": (1, 1024),
+    "workers_max": (1, 1024),
+    "target_stall": (0.001, 0.999),
+    "scale_interval_s": (0.01, 86400.0),
+    "share_window": (0, 1 << 20),
+    "seed": (0, 2**63 - 1),
+    "prefetch": (1, 1000),
+    "steps_per_epoch": (1, 2**31 - 1),
+    "pad_value": (0, 255),
+    "max_pixels": (1, 1 << 40),
+    "max_file_bytes": (1, 1 << 40),
+    "max_clients": (1, 4096),
+    "max_clients_per_peer": (1, 4096),
+    "max_connections_per_host": (1, 65536),
+    "max_bad": (0.0, 1 << 40),
+    "read_threads": (0, 1024),
+    "simulate_read_latency_ms": (0.0, 60_000.0),
+    "batch_timeout_s": (0.01, 7 * 86400.0),
+    "heartbeat_s": (0.01, 3600.0),
+    "client_timeout_s": (0.02, 7 * 86400.0),
+    "max_message_bytes": (1, 1 << 40),
+    "log_interval_s": (0.0, 86400.0),
+    "metrics_port": (1, 65535),
+    "cache_size": (1, 16384),
+}
+
+
+def _check_ranges(config: ServerConfig) -> None:
+    """Every numeric setting in its finite range: the message names the setting, the rule and the value."""
+    for name, (low, high) in RANGES.items():
+        value = getattr(config, name)
+        if value is None or (name == "workers" and value == "auto"):
+            continue
+        span = f"{_shown(low)} to {_shown(high)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"`{name}` must be a finite number from {span}, got {value!r}")
+        if name == "metrics_port" and not low <= value <= high:
+            raise ConfigError(f"`metrics_port` must be a TCP port (1..65535), got {value!r}")
+        if value < low:
+            raise ConfigError(f"`{name}` must be >= {_shown(low)}, got {value!r} (its range: {span})")
+        if value > high:
+            raise ConfigError(f"`{name}` must be <= {_shown(high)}, got {value!r} (its range: {span})")
+    for name in ("mean", "std"):
+        values = getattr(config, name)
+        if values is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ConfigError(f"`{name}` values must be finite numbers, got {list(values)}")
+
+
+def _shown(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def _at_least(name: str, value: int, low: int) -> None:

@@ -29,7 +29,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["BUILD_BUCKETS_S", "Metrics", "SnapshotCollector", "prometheus_text", "serve_metrics"]
+__all__ = ["BUILD_BUCKETS_S", "HTTP_READ_TIMEOUT_S", "MAX_HTTP_CONNECTIONS", "Metrics", "SnapshotCollector",
+           "prometheus_text", "serve_metrics"]
 
 log = logging.getLogger("loader_server")
 
@@ -164,16 +165,56 @@ def prometheus_text(snap: dict[str, Any]) -> str:
     return generate_latest(registry).decode()
 
 
+#: HTTP connections served at once; more are closed as they arrive (a scraper needs one).
+MAX_HTTP_CONNECTIONS = 16
+#: Seconds a connection may take to send its request line and headers (then it is closed).
+HTTP_READ_TIMEOUT_S = 5.0
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most `MAX_HTTP_CONNECTIONS` at once: a connection beyond that is
+    closed at once, and each one's reads time out after `HTTP_READ_TIMEOUT_S` (a slow peer cannot
+    hold a thread for long, nor make thousands of them)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
     """Serve /metrics (Prometheus exposition) and /healthz on `host`:`port` from a daemon thread.
 
     `snapshot_fn` returns the latest stats snapshot (published by the loop). /healthz answers
-    200 while a worker is ready, else 503.
+    200 while a worker is ready, else 503. At most `MAX_HTTP_CONNECTIONS` connections are served
+    at once, each with a read timeout of `HTTP_READ_TIMEOUT_S`.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot_fn))
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = HTTP_READ_TIMEOUT_S  # the socket's timeout: a request that does not arrive in time is dropped
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path in ("/metrics", "/"):
@@ -195,14 +236,13 @@ def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]
         def log_message(self, *args: Any) -> None:
             pass
 
-    server_class = _HTTPServer6 if ":" in host else ThreadingHTTPServer
+    server_class = _HTTPServer6 if ":" in host else _BoundedHTTPServer
     httpd = server_class((host, port), Handler)
-    httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, name="loader-metrics", daemon=True).start()
     shown = f"[{host}]" if ":" in host else host
     log.info("metrics on http://%s:%d/metrics", shown, httpd.server_address[1])
     return httpd
 
 
-class _HTTPServer6(ThreadingHTTPServer):
+class _HTTPServer6(_BoundedHTTPServer):
     address_family = socket.AF_INET6

@@ -185,6 +185,7 @@ class ServeOptions:
     in_order: bool = True
     shm: bool = True
     max_clients: int = 64
+    max_clients_per_peer: int = 16
     max_connections_per_host: int = 256
     max_message_bytes: int = 1 << 30
     batch_timeout_s: float = 120.0

@@ -63,6 +63,8 @@ log = logging.getLogger("loader_server")
 
 _WORKER_STOP_TIMEOUT_S = 5.0
 _LOOP_TICK_MS = 100
+#: Client requests handled per turn of the loop before it looks at workers and timers again.
+_REQUESTS_PER_TURN = 256
 _GOODBYE_LINGER_MS = 200
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -82,10 +84,11 @@ class Server:
         self.peer_log = PeerLog()
         self._stopping = ""
         self.worker_log: list[tuple[float, Change]] = []  # (wall time, change) of --workers auto, latest last
+        self._more_requests = False  # the last drain stopped at _REQUESTS_PER_TURN
         self._next_log = time.monotonic() + config.log_interval_s
         self._mp = multiprocessing.get_context("fork")
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
-            Hello: self._on_hello, Credit: self._on_credit, Release: self._on_release, Ping: self._on_ping,
+            Credit: self._on_credit, Release: self._on_release, Ping: self._on_ping,
             Bye: self._on_bye, HealthRequest: self._on_health, StatsRequest: self._on_stats,
         }
 
@@ -109,7 +112,8 @@ class Server:
             transport = ClientTransport(ctx, self.config.bind, curve_dir=self.config.curve_dir,
                                         insecure=self.config.insecure,
                                         max_connections_per_host=self.config.max_connections_per_host,
-                                        ipc_mode=int(self.config.ipc_mode, 8))
+                                        ipc_mode=int(self.config.ipc_mode, 8),
+                                        idle_timeout_s=self.config.client_timeout_s)
             arena_channel = self._arena_channel()
             channel = WorkerChannel(ctx, self.config.max_message_bytes)
             self.transport, self.channel = transport, channel
@@ -174,10 +178,12 @@ class Server:
             for fd in sentinels.keys() - registered:
                 poller.register(fd, zmq.POLLIN)
             registered = set(sentinels)
-            events = dict(poller.poll(max(0, int((next_tick - time.monotonic()) * 1000))))
+            timeout_ms = 0 if self._more_requests else max(0, int((next_tick - time.monotonic()) * 1000))
+            events = dict(poller.poll(timeout_ms))
             if self.channel.sock in events:
                 self._drain_workers()
-            if self.transport.sock in events:
+            if self.transport.sock in events or self._more_requests:
+                self._more_requests = False
                 self._drain_clients()
             if self.delivery.departed:  # their goodbyes may be queued: read them first
                 self._drain_clients()
@@ -193,10 +199,19 @@ class Server:
 
     # ------------------------------------------------------------------ client requests
     def _drain_clients(self) -> None:
-        while (received := self.transport.recv()) is not None:
-            identity, body = received
+        """Handle the requests waiting, at most `_REQUESTS_PER_TURN` (a flood must not starve the
+        workers, the heartbeats or a stop: the loop comes back at once for the rest)."""
+        for _ in range(_REQUESTS_PER_TURN):
+            request = self.transport.recv()
+            if request is None:
+                return
+            identity = request.identity
+            if request.refused:  # its connection is over a per-peer bound: say so, then it is closed
+                self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), request.refused)
+                self.transport.reply(identity, Error(kind="server", message=f"refused: {request.refused}"))
+                continue
             try:
-                self._on_request(identity, body)
+                self._on_request(identity, request.body, request.peer)
             except ProtocolVersionError as exc:
                 self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), str(exc))
                 self.transport.reply(identity, Error(kind="version", message=str(exc)))
@@ -210,8 +225,9 @@ class Server:
                 self.transport.reply(identity, Error(kind="server", message=f"the server could not handle the "
                                                      f"request: {type(exc).__name__}: {exc}"))
                 self.delivery.drop(identity, "its request failed")
+        self._more_requests = True
 
-    def _on_request(self, identity: bytes, body: list[bytes]) -> None:
+    def _on_request(self, identity: bytes, body: list[bytes], peer: str = "?") -> None:
         if len(body) != 1:
             raise ProtocolError(f"client requests are one frame, got {len(body)}")
         header = protocol.unpack(body[0])
@@ -221,10 +237,10 @@ class Server:
             self.delivery.error(identity, "server", "no session: the server restarted or dropped this client; "
                                 "create a new LoaderClient (pass state= to resume where you were)")
             return
+        if isinstance(message, Hello):
+            self.delivery.open(identity, message, peer)
+            return
         self._handlers[type(message)](identity, message)
-
-    def _on_hello(self, identity: bytes, hello: Hello) -> None:
-        self.delivery.open(identity, hello)
 
     def _on_credit(self, identity: bytes, credit: Credit) -> None:
         client = self.delivery.clients[identity]
@@ -318,6 +334,8 @@ class Server:
             log.info("%.0f images/s (%.1f batches/s) over the last minute; %d batches ready; workers busy %s%%; "
                      "%d clients; %d bad files", snap["images_per_s"], snap["batches_per_s"], snap["batches_ready"],
                      busy, len(snap["clients"]), snap["bad_files"])
+        self.peer_log.throttle.flush()  # counts of lines not logged, for kinds that went quiet
+        self.delivery.log.flush()
         for worker in self.supervisor.tick(self.delivery.describe_task):
             log.error("worker %d (pid %d) %s; its Python stack follows", worker.id, worker.process.pid, worker.hung)
         self.delivery.heartbeats(now)

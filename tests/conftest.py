@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -194,3 +195,13 @@ def keygen(where: Path, name: str) -> None:
     """`loader-server keygen WHERE --name NAME`, as a user runs it."""
     subprocess.run([sys.executable, "-m", "loader_server", "keygen", str(where), "--name", name], check=True,
                    capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def shared_tree() -> Iterator[Path]:
+    """A folder every user can enter (tmp_path lies under a 0700 folder of the test's user): for tests that
+    act as another local user (65534, nobody) for real."""
+    root = Path(tempfile.mkdtemp(prefix="loader-shared-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

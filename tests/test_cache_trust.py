@@ -90,15 +90,6 @@ def _check_opens_as_nobody(path: str, expected: str) -> None:
     assert got == expected, f"user {NOBODY} opening {path}: {got} (expected {expected})"
 
 
-@pytest.fixture
-def shared_tree() -> Iterator[Path]:
-    """A folder every user can enter (tmp_path lies under a 0700 folder of the test's user)."""
-    root = Path(tempfile.mkdtemp(prefix="loader-cache-trust-", dir="/tmp"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- planting a cache
 def _poisoned_cache(config: ServerConfig, value: int) -> bytes:
     """A complete cache file for `config` (format 2) in which every record is valid and all `value`.

@@ -64,7 +64,8 @@ def test_each_setting_that_shapes_batches_changes_the_fingerprint(name: str) -> 
                                   for f in dataclasses.fields(g)])
 def test_settings_that_do_not_shape_batches_leave_the_fingerprint(name: str) -> None:
     other = {"workers": 5, "seed": 9, "bind": "tcp://127.0.0.1:6000", "curve_dir": "/k", "insecure": True,
-             "prefetch": 3, "in_order": False, "shm": False, "max_clients": 3, "max_connections_per_host": 9,
+             "prefetch": 3, "in_order": False, "shm": False, "max_clients": 3, "max_clients_per_peer": 2,
+             "max_connections_per_host": 9,
              "max_message_bytes": 1 << 28, "batch_timeout_s": 9.0, "heartbeat_s": 2.0, "client_timeout_s": 40.0,
              "max_bad": 5, "log_level": "DEBUG", "log_format": "json", "log_interval_s": 3.0, "metrics_port": 9999,
              "metrics_host": "0.0.0.0", "max_file_bytes": 1 << 20, "read_threads": 4,

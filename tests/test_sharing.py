@@ -268,7 +268,9 @@ def test_workers_auto_settings_are_checked(tmp_path: Path) -> None:
         ServerConfig(data=str(tmp_path), workers=2, workers_min=1)
     with pytest.raises(ConfigError, match="`workers_min` 4 is above `workers_max` 2"):
         ServerConfig(data=str(tmp_path), workers="auto", workers_min=4, workers_max=2)
-    with pytest.raises(ConfigError, match="`target_stall` is a fraction"):
+    with pytest.raises(ConfigError, match=r"`target_stall` must be <= 0.999, got 2.0 \(its range: 0.001 to 0.999\)"):
         ServerConfig(data=str(tmp_path), workers="auto", target_stall=2.0)
+    with pytest.raises(ConfigError, match="`target_stall` must be >= 0.001, got 0.0"):
+        ServerConfig(data=str(tmp_path), workers="auto", target_stall=0.0)
     config = ServerConfig(data=str(tmp_path), workers="auto", workers_min=2, workers_max=6)
     assert config.worker_bounds == (2, 6) and config.initial_workers == 2 and config.prefetch_batches == 12

@@ -33,6 +33,7 @@ from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import MAX_ARENA_SLOTS, ArenaHandle
 from loader_client.contract.shm import ARENA_CHANNEL_REQUEST, ARENA_TOKEN_BYTES, create_arena
 
+from ..logs import Throttle
 from .transport import start_janitor
 
 __all__ = ["Arena", "ArenaChannel", "arena_slots", "new_arena", "share_arena_slots"]
@@ -155,12 +156,15 @@ class Arena:
         os.close(self.fd)
 
 
-def new_arena(arena_id: int, slots: int, slot_bytes: int, channel: ArenaChannel | None = None) -> Arena | None:
-    """A fresh arena, or None (logged) where shared memory cannot be had; offered on `channel` if given."""
+def new_arena(arena_id: int, slots: int, slot_bytes: int, channel: ArenaChannel | None = None,
+              throttle: Throttle | None = None) -> Arena | None:
+    """A fresh arena, or None (logged, through `throttle` when given) where shared memory cannot be had;
+    offered on `channel` if given."""
     try:
         fd, stride = create_arena(f"loader-arena-{arena_id}", slots, slot_bytes)
     except OSError as exc:
-        log.warning("no shared memory for a client (%s); sending frames over the socket", exc)
+        (throttle or Throttle(log)).warning("no-shm", "no shared memory for a client (%s); sending frames over the "
+                                            "socket", exc)
         return None
     arena = Arena(arena_id, fd, os.fstat(fd).st_ino, slots, stride, deque(range(slots)), channel=channel)
     arena.token = arena.offer()

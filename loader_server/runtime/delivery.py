@@ -36,11 +36,13 @@ from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec
 from ..data.classes import count_classes
 from ..data.datasets import Dataset
+from ..logs import Throttle
 from ..metrics import Metrics
 from ..sampling import SamplingPlan
 from .arenas import Arena, ArenaChannel, arena_slots, new_arena, share_arena_slots
 from .bad_files import BadFiles
-from .sessions import Refusal, Session, StreamFacts, open_session
+from .outgoing import OutOfRange, checked, checked_encode
+from .sessions import MAX_EPOCH, Refusal, Session, StreamFacts, open_session
 from .shares import Share, ShareKey, ShareTerms
 from .supervisor import GivenUp, Supervisor, Task, Worker
 from .transport import ClientTransport, PeerLog, escape
@@ -78,6 +80,7 @@ class Client:
     arena: Arena | None = None
     share: ShareKey | None = None
     arena_token: str | None = None  # this client's key to its share's arena on the arena channel
+    peer: str = "?"  # who it is for the per-peer bound: the CURVE key, the address (and user), or the uid
 
 
 @dataclass
@@ -115,30 +118,41 @@ class Delivery:
         # its client sends a goodbye first, and that goodbye, still queued, is the reason to log.
         self.departed: set[bytes] = set()
         self._next_arena_id = 0
+        self._sessions = 0  # sessions opened so far: a session without a name is "client-N"
+        self.log = Throttle(log)  # lines about sessions coming and going, at most a budget per kind
         # Arenas of ended sessions, closed a little later: a client that has its welcome but
         # has not opened its arena yet (its first batch failed at once) must not find the fd
         # number reused by another file, which it would rightly refuse as not its memfd.
         self._closing: list[tuple[float, Arena]] = []
 
     # ------------------------------------------------------------------ sessions
-    def open(self, identity: bytes, hello: Hello) -> None:
+    def open(self, identity: bytes, hello: Hello, peer: str = "?") -> None:
         """Open a stream for `hello` (replacing one of the same peer), or tell the peer why not."""
         self.departed.discard(identity)
-        self.drop(identity, "reconnected")
+        self.drop(identity, "reconnected", reopening=True)
         if len(self.clients) >= self.config.max_clients:
             self.error(identity, "server", f"the server already serves {len(self.clients)} clients (--max-clients "
                                            f"{self.config.max_clients}); retry later or raise --max-clients")
             return
+        mine = sum(1 for c in self.clients.values() if c.peer == peer)
+        if mine >= self.config.max_clients_per_peer:
+            self.peer_log.warning(identity, "refused client %s: %s already has %d sessions (--max-clients-per-peer)",
+                                  identity.hex(), peer, mine)
+            self.error(identity, "server", f"{peer} already has {mine} sessions on this server "
+                                           f"(--max-clients-per-peer {self.config.max_clients_per_peer}); close some "
+                                           "or raise --max-clients-per-peer")
+            return
         if self.bad.too_many:
             self.error(identity, "bad_sample", self.bad.too_many)
             return
-        opened = open_session(hello, hello.client or identity.hex(), steps_for=self.plan.steps_per_epoch,
+        self._sessions += 1
+        opened = open_session(hello, hello.client or f"client-{self._sessions}", steps_for=self.plan.steps_per_epoch,
                               facts=self.facts, now=time.monotonic())
         if isinstance(opened, Refusal):
             self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), opened.message)
             self.error(identity, opened.kind, opened.message)
             return
-        client = Client(identity, opened, {})
+        client = Client(identity, opened, {}, peer=peer)
         wants_shm = hello.shm and self.config.shm and shm_available()
         if hello.share is not None:
             shared = self._join_share(client, hello, wants_shm)
@@ -147,13 +161,22 @@ class Delivery:
         elif wants_shm:
             client.arena = new_arena(self._new_arena_id(),
                                      arena_slots(self.config.prefetch_batches, hello.credit),
-                                     self.spec.batch_bytes, self.arena_channel)
+                                     self.spec.batch_bytes, self.arena_channel, self.log)
+        try:
+            welcome = checked_encode(self._welcome(client, hello))
+        except OutOfRange as exc:  # the session cannot be described on the wire: refuse it, naming why
+            if client.share is not None:
+                self._leave_share(client)
+            elif client.arena is not None:
+                client.arena.close()
+            self.error(identity, "server", f"this server cannot describe the stream in a welcome: {exc}")
+            return
         self.clients[identity] = client
-        self._send(client, [encode(self._welcome(client, hello))])
-        log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s%s",
-                 escape(opened.name), opened.rank, opened.world_size, opened.seed, hello.epoch, hello.batch,
-                 "shared memory" if client.arena else "frames over the socket",
-                 f", in share {escape(str(client.share))}" if client.share else "")
+        self._send(client, [welcome])
+        self.log.info("client-connected", "client %s connected from %s: rank %d/%d, seed %d, starting at epoch %d "
+                      "batch %d, %s%s", escape(opened.name), escape(peer), opened.rank, opened.world_size, opened.seed,
+                      hello.epoch, hello.batch, "shared memory" if client.arena else "frames over the socket",
+                      f", in share {escape(str(client.share))}" if client.share else "")
         self.flush(client)
 
     def _new_arena_id(self) -> int:
@@ -181,7 +204,7 @@ class Delivery:
         if wants_shm and shared.arena is None:
             shared.arena = new_arena(self._new_arena_id(),
                                      share_arena_slots(self.config.prefetch_batches, shared.share.window),
-                                     self.spec.batch_bytes, self.arena_channel)
+                                     self.spec.batch_bytes, self.arena_channel, self.log)
         if wants_shm and shared.arena is not None:
             client.arena, client.arena_token = shared.arena, shared.arena.offer()
             shared.members_shm.add(client.identity)
@@ -200,9 +223,15 @@ class Delivery:
             fingerprint=self.fingerprint, heartbeat_s=c.heartbeat_s, max_message_bytes=c.max_message_bytes,
             shm=client.arena.handle(client.arena_token) if client.arena else None, share=hello.share)
 
-    def drop(self, identity: bytes, why: str) -> None:
+    def drop(self, identity: bytes, why: str, *, reopening: bool = False) -> None:
         """End a session: its tasks are cancelled, its batches and arena dropped (a share's arena stays
-        with the share, which closes when its last member leaves)."""
+        with the share, which closes when its last member leaves).
+
+        Its own arena is closed a little later (`ARENA_CLOSE_DELAY_S`), except when its own client
+        says hello again (`reopening`): that client has moved on, and a peer repeating hellos must
+        not pile up arenas. At most `max_clients` arenas wait to close; beyond that the oldest
+        closes at once.
+        """
         client = self.clients.pop(identity, None)
         if client is None:
             return
@@ -212,8 +241,8 @@ class Delivery:
         if client.share is not None:
             self._leave_share(client)
         elif client.arena is not None:
-            self._close_arena(client.arena)
-        log.info("client %s left (%s)", escape(client.session.name), why)
+            self._close_arena(client.arena, now=reopening)
+        self.log.info("client-left", "client %s left (%s)", escape(client.session.name), why)
 
     def _leave_share(self, client: Client) -> None:
         shared = self.shares.get(client.share) if client.share is not None else None
@@ -230,15 +259,20 @@ class Delivery:
         self.supervisor.cancel(shared.share.building())
         if shared.arena is not None:
             self._close_arena(shared.arena)
-        log.info("share %s closed: %d batches built, %d handed to more than one member",
-                 escape(str(shared.share.key)), shared.share.builds, shared.share.reused)
+        self.log.info("share-closed", "share %s closed: %d batches built, %d handed to more than one member",
+                      escape(str(shared.share.key)), shared.share.builds, shared.share.reused)
 
-    def _close_arena(self, arena: Arena) -> None:
-        """Workers forget it now; it closes after ARENA_CLOSE_DELAY_S."""
-        for w in self.supervisor.workers.values():
-            if w.ready:
-                self.channel.send(w.identity, Forget(arena=arena.id))
+    def _close_arena(self, arena: Arena, *, now: bool = False) -> None:
+        """Workers forget it now; it closes after ARENA_CLOSE_DELAY_S (at once if `now`), and at most
+        `max_clients` arenas wait to close (beyond that the oldest closes at once)."""
+        for w in self.supervisor.workers.values():  # ready or not: one that maps it must unmap it
+            self.channel.send(w.identity, Forget(arena=arena.id))
+        if now:
+            arena.close()
+            return
         self._closing.append((time.monotonic() + ARENA_CLOSE_DELAY_S, arena))
+        while len(self._closing) > self.config.max_clients:
+            self._closing.pop(0)[1].close()
 
     def reap_departed(self) -> None:
         """End the sessions of peers found gone (call after reading the requests already received)."""
@@ -321,6 +355,18 @@ class Delivery:
         message = TaskMessage(id=task.id, indices=task.indices.tobytes(), seed=task.seed, epoch=task.epoch,
                               augment=task.augment, arena=arena.handle() if arena else None,
                               slot=task.slot if arena else None)
+        try:
+            checked(message)  # a task a worker would refuse never reaches one: its death would hit other batches
+        except OutOfRange as exc:
+            shared = None if isinstance(task.owner, bytes) else self.shares.get(_share_of(task.owner))
+            clients = self._fail(task, shared)
+            self.log.log(logging.ERROR, "bad-task", "a task of client %s does not fit its schema (%s); its session "
+                         "is closed", ", ".join(escape(c.session.name) for c in clients) or "?", exc)
+            for client in clients:
+                self.error(client.identity, "server", f"the server could not build a task for this stream: {exc}")
+                self.drop(client.identity, "its task did not fit the worker's schema")
+            self.supervisor.cancel([task.id])
+            return True  # consumed: the supervisor sees it cancelled
         return self.channel.send(worker.identity, message)
 
     def _task_arena(self, task: Task) -> Arena | None:
@@ -338,7 +384,13 @@ class Delivery:
             while (item := s.sendable()) is not None:
                 position, built = item
                 epoch, batch = s.place(position)
-                head = encode(Batch(epoch=epoch, batch=batch, steps=s.steps, arrays=built.arrays, shm=built.shm))
+                try:
+                    head = checked_encode(Batch(epoch=epoch, batch=batch, steps=s.steps, arrays=built.arrays,
+                                                shm=built.shm))
+                except OutOfRange as exc:
+                    self.error(client.identity, "server", f"epoch {epoch} batch {batch} cannot be sent: {exc}")
+                    self.drop(client.identity, "a batch did not fit the wire schema")
+                    return
                 if not self._send(client, [head, *built.frames]):
                     break
                 s.sent(position, time.monotonic())
@@ -352,6 +404,11 @@ class Delivery:
             if shared is not None:
                 shared.share.advance(client.identity, s.next_send)
                 self._evict(shared)
+            if s.finished:
+                self.error(client.identity, "config", f"the stream reached the end of epoch {MAX_EPOCH}, the last "
+                           "epoch the protocol carries (epochs are below 2**31): start a new stream from a lower epoch")
+                self.drop(client.identity, f"reached the end of epoch {MAX_EPOCH}")
+                return
             if not self.schedule(client):
                 return
 
@@ -395,8 +452,8 @@ class Delivery:
 
     def _rebuild(self, shared: SharedStream, position: int, members: list[bytes], why: str) -> None:
         """The build of `position` was lost (`why`): its waiting members ask again."""
-        log.warning("share %s: the batch at position %d is built again (%s)", escape(str(shared.share.key)),
-                    position, why)
+        self.log.warning("share-rebuild", "share %s: the batch at position %d is built again (%s)",
+                         escape(str(shared.share.key)), position, why)
         for m in members:
             client = self.clients.get(m)
             if client is not None:
@@ -462,7 +519,8 @@ class Delivery:
         shared = None if isinstance(task.owner, bytes) else self.shares.get(_share_of(task.owner))
         for client in self._fail(task, shared):
             epoch, batch = client.session.place(task.position)
-            log.error("worker %d failed on epoch %d batch %d: %s", worker_id, epoch, batch, failed.message)
+            self.log.log(logging.ERROR, "worker-failed", "worker %d failed on epoch %d batch %d: %s", worker_id,
+                         epoch, batch, failed.message)
             self.error(client.identity, failed.kind, f"epoch {epoch} batch {batch}: {failed.message}",
                        path=failed.path, reason=failed.reason, traceback=failed.traceback)
             self.drop(client.identity, "batch failed")

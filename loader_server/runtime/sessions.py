@@ -9,7 +9,10 @@ A stream position is ``epoch * steps + batch``. The rules:
 * at most `prefetch` batches are outstanding (being built, or built and waiting for credit);
 * a batch is sent only against credit, and credit is clamped to `MAX_CREDIT`;
 * in order mode, batches leave in stream order whatever order they finish in;
-* a session that leaves drops everything it had outstanding.
+* a session that leaves drops everything it had outstanding;
+* the stream ends after the last batch of epoch `MAX_EPOCH` (epochs travel as 32-bit fields in
+  the worker's task and the client's batch): nothing beyond it is ever built, and `finished`
+  tells the loop to say so to the client.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ from typing import Any, Generic, TypeVar
 
 from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import MAX_CREDIT, Hello
+from loader_client.contract.schema import INT32_MAX
 
-__all__ = ["STALL_WINDOW_S", "Refusal", "Session", "StreamFacts", "fingerprint_mismatch", "open_session"]
+__all__ = ["MAX_EPOCH", "STALL_WINDOW_S", "Refusal", "Session", "StreamFacts", "fingerprint_mismatch",
+           "open_session"]
+
+#: The last epoch a stream can reach: epochs are 32-bit fields on the wire (Task, Batch, Welcome).
+MAX_EPOCH = INT32_MAX
 
 P = TypeVar("P")
 
@@ -71,11 +79,16 @@ class Session(Generic[P]):
     credit: int
     last_seen: float
     last_sent: float
+    end: int = 0  # the first position past the stream's end (epoch MAX_EPOCH + 1); 0: (MAX_EPOCH + 1) * steps
     ready: dict[int, P] = field(default_factory=dict)
     building: set[int] = field(default_factory=set)
     share: str | None = None
     # The trainer's reports, (wall_s, wait_s) on its clock, oldest first (`report`, `stall`).
     reports: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if not self.end:
+            self.end = (MAX_EPOCH + 1) * self.steps
 
     # ------------------------------------------------------------------ events
     def grant(self, n: int, now: float) -> None:
@@ -119,7 +132,7 @@ class Session(Generic[P]):
     def to_build(self) -> list[int]:
         """Positions to start building now, so that `prefetch` batches are outstanding."""
         out = []
-        while len(self.ready) + len(self.building) < self.prefetch:
+        while len(self.ready) + len(self.building) < self.prefetch and self.next_schedule < self.end:
             out.append(self.next_schedule)
             self.building.add(self.next_schedule)
             self.next_schedule += 1
@@ -155,6 +168,11 @@ class Session(Generic[P]):
             yield self.ready.popitem()[1]
 
     # ------------------------------------------------------------------ views
+    @property
+    def finished(self) -> bool:
+        """Every batch up to the end of epoch MAX_EPOCH was sent: the stream can go no further."""
+        return self.next_send >= self.end and not self.ready and not self.building
+
     @property
     def outstanding(self) -> int:
         return len(self.ready) + len(self.building)

@@ -282,6 +282,8 @@ class Supervisor:
                 self.queue.appendleft(tid)
                 worker.ready = False  # its sentinel tells if it died; not offered again meanwhile
                 continue
+            if tid not in self.tasks:  # `send` cancelled it (its session ended): no worker holds it
+                continue
             if not worker.tasks:
                 worker.last_progress = self.clock()  # the batch deadline starts now
                 worker.set_busy(True, worker.last_progress)

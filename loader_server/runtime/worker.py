@@ -23,8 +23,9 @@ import numpy as np
 import zmq
 
 from loader_client.contract import protocol
+from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import ArenaHandle
-from loader_client.contract.schema import decode, encode
+from loader_client.contract.schema import decode, decode_fields, encode
 from loader_client.contract.shm import Arena
 
 from ..data.batch_spec import BatchSpec
@@ -68,6 +69,17 @@ def _arena(arenas: dict[int, Arena], handle: ArenaHandle) -> Arena | None:
             return None
         arenas[handle.id] = arena
     return arena
+
+
+def _refuse_task(sock: zmq.Socket[bytes], head: bytes, exc: ProtocolError) -> None:
+    """A message from the server that does not decode: a failure of that task if its id can be read."""
+    try:
+        task_id = protocol.unpack(head).get("id")
+    except ProtocolError:
+        task_id = None
+    if isinstance(task_id, int) and not isinstance(task_id, bool) and 0 <= task_id < 2**63:
+        sock.send(encode(Failed(id=task_id, kind="server", reason="ProtocolError",
+                                message=f"the worker refused its task: {exc}")))
 
 
 def worker_main(worker_id: int, identity: bytes, endpoint: str, options: PipelineOptions, index: Dataset,
@@ -115,7 +127,11 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                message = decode(protocol.unpack(frames[0]), TO_WORKER, "from the server")
+                try:
+                    message = decode(protocol.unpack(frames[0]), TO_WORKER, "from the server")
+                except ProtocolError as exc:  # never the server's: answer for that task alone, keep serving
+                    _refuse_task(sock, frames[0], exc)
+                    continue
                 if isinstance(message, Task):
                     indices = np.frombuffer(message.indices, dtype=np.int64)
                     pending.append((message, indices, builder.read_ahead(indices, message.augment)))
@@ -154,17 +170,25 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
                 continue
             bad = [list(b) for b in builder.last_bad]
             hits, misses = builder.cache_hits, builder.cache_misses
-            if task.arena is not None:  # x is already in the client's slot
-                shm_x = arrays.pop("x")
-                head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
-                                     cache_hits=hits, cache_misses=misses,
-                                     shm_arrays=protocol.describe_arrays({"x": shm_x})))
-                sock.send_multipart([head, *arrays.values()])  # type: ignore[list-item]
+            shm_x = arrays.pop("x") if task.arena is not None else None  # x is already in the client's slot
+            result = Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
+                            cache_hits=hits, cache_misses=misses,
+                            shm_arrays=protocol.describe_arrays({"x": shm_x}) if shm_x is not None else None)
+            try:  # what the server would refuse (and kill this worker for) is this task's failure instead
+                decode_fields(Result, result.fields(), "this worker's result")
+            except ProtocolError as exc:
+                sock.send(encode(Failed(id=task_id, kind="server", reason="ProtocolError",
+                                        message=f"the batch cannot be sent to the server: {exc}")))
                 continue
-            head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
-                                 cache_hits=hits, cache_misses=misses))
-            tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)  # type: ignore[list-item]
-            pool[-1] = (x, tracker)
+            if shm_x is not None:
+                sock.send_multipart([encode(result), *arrays.values()])  # type: ignore[list-item]
+            else:
+                tracker = sock.send_multipart([encode(result), *arrays.values()], copy=False,  # type: ignore[list-item]
+                                              track=True)
+                pool[-1] = (x, tracker)
+            # Views of a session's arena keep its mapping alive (Arena.close never unmaps): none may
+            # outlive the task, or a departed client's arena stays mapped here (issue 21).
+            del x, arrays, shm_x
     except KeyboardInterrupt:  # pragma: no cover
         pass
     finally:
