@@ -15,11 +15,11 @@ import pytest
 
 from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import MAX_CREDIT, Hello
+from loader_client.contract.sampling import SamplingPlan
 from loader_server.runtime.arenas import Arena, arena_slots
 from loader_server.runtime.bad_files import BadFiles
 from loader_server.runtime.sessions import Refusal, Session, StreamFacts, open_session
 from loader_server.runtime.supervisor import Supervisor
-from loader_server.sampling import SamplingPlan
 
 FACTS = StreamFacts(batch_size=4, num_samples=40, default_seed=7, fingerprint="aa-bb", prefetch=3, in_order=True,
                     augment_available=False)

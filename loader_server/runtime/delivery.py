@@ -20,6 +20,7 @@ import numpy as np
 
 from loader_client.contract import protocol
 from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
+from loader_client.contract.sampling import SamplingPlan
 from loader_client.contract.schema import Message, encode
 from loader_client.contract.shm import shm_available
 
@@ -28,7 +29,6 @@ from ..data.batch_spec import BatchSpec
 from ..data.classes import count_classes
 from ..data.datasets import Dataset
 from ..metrics import Metrics
-from ..sampling import SamplingPlan
 from .arenas import Arena, ArenaChannel, arena_slots, new_arena
 from .bad_files import BadFiles
 from .sessions import Refusal, Session, StreamFacts, open_session
