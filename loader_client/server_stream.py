@@ -109,10 +109,13 @@ class ServerStream:
         if self._closed:
             raise LoaderError("the client is closed")
         started = time.perf_counter()
+        self._progress.waiting_since = time.monotonic()  # the receiver's progress deadline counts from here
         try:
             item = self._queue.get(timeout=self.timeout_s * 2)  # the receiver times out first
         except queue.Empty:
             item = LoaderTimeoutError(f"no batch from {self.endpoint} within {self.timeout_s * 2:.0f} s")
+        finally:
+            self._progress.waiting_since = None
         self.wait_s += time.perf_counter() - started
         if isinstance(item, BaseException):
             self._failure = item

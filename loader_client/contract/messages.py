@@ -19,9 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .sampling import SamplingPlan
 from .schema import INT32_MAX, INT63_MAX, Message, item, spec
 
 __all__ = [
+    "ARENA_KEY_BYTES",
     "CLIENT_REQUESTS",
     "HANDSHAKE_REPLIES",
     "HEALTH_REPLIES",
@@ -60,6 +62,8 @@ MAX_CREDIT = 64
 MAX_RELEASE_SLOTS = 1024
 #: Most slots of one shared-memory arena.
 MAX_ARENA_SLOTS = 1024
+#: Random bytes of the key a client gives for its arena (`Hello.shm_key`).
+ARENA_KEY_BYTES = 16
 _MAX_TEXT = 1 << 16  # error messages and tracebacks
 _FINGERPRINT_CHARS = 64
 
@@ -83,6 +87,10 @@ class Hello(Message):
     client: str | None = spec(str, type(None), default=None, max_len=MAX_NAME_CHARS, text=True)
     shm: bool = spec(bool, default=False)
     augment: bool = spec(bool, default=True)
+    # With `shm`: fresh random bytes (hex) the server writes into the arena it creates for this
+    # stream, so that the client maps no arena but its own (`shm.open_arena`).
+    shm_key: str | None = spec(str, type(None), default=None, max_len=2 * ARENA_KEY_BYTES,
+                               pattern=f"[0-9a-f]{{{2 * ARENA_KEY_BYTES}}}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,7 @@ class Welcome(Message):
     mode: str = spec(str, max_len=16, text=True)
     in_order: bool = spec(bool)
     drop_last: bool = spec(bool)
+    shuffle: bool = spec(bool)
     x_shape: list[int] = spec(list, max_len=8, items=item(int, lo=0, hi=1 << 40))
     x_dtype: str = spec(str, max_len=8, text=True)
     layout: str = spec(str, max_len=8, text=True)
@@ -178,6 +187,12 @@ class Welcome(Message):
     heartbeat_s: float = spec(float, lo=0.001, hi=3600.0)
     max_message_bytes: int = spec(int, lo=1, hi=1 << 40)
     shm: ArenaHandle | None = spec(dict, type(None), default=None, nested=ArenaHandle)
+
+    def plan(self) -> SamplingPlan:
+        """The sampling plan these settings describe: which samples each batch of the stream holds
+        (keeping the orders of two epochs: a stream spans two at most)."""
+        return SamplingPlan(self.num_samples, self.batch_size, mode=self.mode, shuffle=self.shuffle,
+                            drop_last=self.drop_last, steps_per_epoch=self.steps_per_epoch, orders_kept=2)
 
 
 @dataclass(frozen=True)

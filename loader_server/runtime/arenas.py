@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import MAX_ARENA_SLOTS, ArenaHandle
-from loader_client.contract.shm import ARENA_CHANNEL_REQUEST, ARENA_TOKEN_BYTES, create_arena
+from loader_client.contract.shm import ARENA_CHANNEL_REQUEST, ARENA_TOKEN_BYTES, arena_key, create_arena
 
 from .transport import start_janitor
 
@@ -96,10 +96,15 @@ class Arena:
         os.close(self.fd)
 
 
-def new_arena(arena_id: int, slots: int, slot_bytes: int, channel: ArenaChannel | None = None) -> Arena | None:
-    """A fresh arena, or None (logged) where shared memory cannot be had; offered on `channel` if given."""
+def new_arena(arena_id: int, slots: int, slot_bytes: int, channel: ArenaChannel | None = None, *,
+              key: str | None = None) -> Arena | None:
+    """A fresh arena, or None (logged) where shared memory cannot be had; offered on `channel` if given.
+
+    `key` (the client's `Hello.shm_key`, hex) is written into it, so that its client can tell it
+    from every other arena (`loader_client.contract.shm.open_arena`).
+    """
     try:
-        fd, stride = create_arena(f"loader-arena-{arena_id}", slots, slot_bytes)
+        fd, stride = create_arena(f"loader-arena-{arena_id}", slots, slot_bytes, key=arena_key(key))
     except OSError as exc:
         log.warning("no shared memory for a client (%s); sending frames over the socket", exc)
         return None

@@ -116,7 +116,7 @@ class Delivery:
         if hello.shm and self.config.shm and shm_available():
             self._next_arena_id += 1
             client.arena = new_arena(self._next_arena_id, arena_slots(self.config.prefetch_batches, hello.credit),
-                                     self.spec.batch_bytes, self.arena_channel)
+                                     self.spec.batch_bytes, self.arena_channel, key=hello.shm_key)
         self.clients[identity] = client
         self._send(client, [encode(self._welcome(client, hello))])
         log.info("client %s connected: rank %d/%d, seed %d, starting at epoch %d batch %d, %s",
@@ -129,8 +129,8 @@ class Delivery:
         return Welcome(
             num_samples=len(self.index), num_classes=self.num_classes, batch_size=spec.batch_size,
             steps_per_epoch=s.steps, rank=s.rank, world_size=s.world_size, seed=s.seed, epoch=hello.epoch,
-            batch=hello.batch, mode=c.mode, in_order=c.in_order, drop_last=c.drop_last, x_shape=list(spec.x_shape),
-            x_dtype=spec.x_dtype, layout=spec.layout, color=spec.color,
+            batch=hello.batch, mode=c.mode, in_order=c.in_order, drop_last=c.drop_last, shuffle=c.shuffle,
+            x_shape=list(spec.x_shape), x_dtype=spec.x_dtype, layout=spec.layout, color=spec.color,
             class_names=list(self.index.class_names) if self.index.class_names else None,
             fingerprint=self.fingerprint, heartbeat_s=c.heartbeat_s, max_message_bytes=c.max_message_bytes,
             shm=client.arena.handle() if client.arena else None)
