@@ -72,6 +72,8 @@ class LoaderClient:
     A list of endpoints merges several servers (see `loader_client.hosts`; `merge` says how,
     `on_server_loss` what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
     text or a path to a key file from `loader-server keygen`) connect to a CURVE server.
+    `server_uid` trusts an ``ipc://`` server that runs as that user (by default only this user's
+    and root's: a socket that another user put in a shared folder is refused).
     """
 
     def __init__(self, endpoint: str | Sequence[str], *, options: ClientOptions | None = None, **kwargs: Any) -> None:

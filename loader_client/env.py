@@ -5,6 +5,7 @@ the loader hosts and this process's share.
     LOADER_SERVER_PUBLIC_KEY=/keys/server.key                                # CURVE servers only
     LOADER_CLIENT_KEYS=/keys/trainer1.key_secret
     LOADER_SHARE=sweep-7     # join the server's share of this name: one decode for every trial of a sweep
+    LOADER_SERVER_UID=10001  # an ipc:// server that runs as another user (server_uid)
 
 Where this process stands in a data-parallel job (`placement_from_env`) comes, in falling
 precedence, from
@@ -56,8 +57,8 @@ HOSTS_VARIABLE = "LOADER_HOSTS"
 SHARE_VARIABLE = "LOADER_SHARE"
 #: The LOADER_* variables that configure the client; `loader-server` ignores them in its environment.
 CLIENT_VARIABLES = frozenset({ENDPOINTS_VARIABLE, ENDPOINT_VARIABLE, HOSTS_VARIABLE, "LOADER_SERVER_PUBLIC_KEY",
-                              "LOADER_CLIENT_KEYS", "LOADER_RANK", "LOADER_WORLD_SIZE", "LOADER_LOCAL_RANK",
-                              SHARE_VARIABLE})
+                              "LOADER_CLIENT_KEYS", "LOADER_SERVER_UID", "LOADER_RANK", "LOADER_WORLD_SIZE",
+                              "LOADER_LOCAL_RANK", SHARE_VARIABLE})
 
 # (rank, world size, local rank, node rank) variables of each source, in falling precedence
 _SOURCES = (
@@ -203,8 +204,8 @@ def _expand(item: str, name: str, text: str, env: Mapping[str, str]) -> list[str
 
 
 def client_options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``endpoint`` (a list when several), the CURVE keys, ``rank``/``world_size`` when a launcher
-    set them, and ``share`` (``LOADER_SHARE``), as `LoaderClient` keyword arguments."""
+    """``endpoint`` (a list when several), the CURVE keys, ``server_uid``, ``rank``/``world_size``
+    when a launcher set them, and ``share`` (``LOADER_SHARE``), as `LoaderClient` keyword arguments."""
     env = os.environ if environ is None else environ
     endpoints = endpoints_from_env(env)
     options: dict[str, Any] = {"endpoint": endpoints if len(endpoints) > 1 else endpoints[0]}
@@ -214,6 +215,8 @@ def client_options_from_env(environ: Mapping[str, str] | None = None) -> dict[st
                           "server's public key file and this trainer's .key_secret file")
     if server_key:
         options.update(server_public_key=server_key, client_keys=client_keys)
+    if env.get("LOADER_SERVER_UID", "").strip():
+        options["server_uid"] = _int(env, "LOADER_SERVER_UID", 0)
     share = env.get(SHARE_VARIABLE, "").strip()
     if share:
         options["share"] = share

@@ -4,16 +4,23 @@
 `Welcome` (heartbeats may come first; an `Error` or `Goodbye` raises at once; a failed CURVE
 handshake shows up on the socket monitor and raises `AuthenticationError` at once). When the
 wait expires, the error names the real cause (`endpoints.why_silent`). The welcome is
-checked for consistency with what was asked (`check_welcome`). An arena is opened only when
-this client asked for one, on a same-host endpoint; one that this process cannot open makes
-it start over on a fresh socket (a new identity, so nothing of the first stream can arrive
-in the second) without shared memory.
+checked for consistency with what was asked and with itself (`check_welcome`). An arena is
+opened only when this client asked for one, on a same-host endpoint, and only if it holds the
+key of this hello; one that this process cannot open makes it start over on a fresh socket (a
+new identity, so nothing of the first stream can arrive in the second) without shared memory.
+
+An ``ipc://`` socket says who listens on it (SO_PEERCRED): before anything is sent, its
+listener's uid must be trusted (`trusted_uids`: this process's own, root's, and
+``server_uid`` when given), or `AuthenticationError` names it; a socket that another user put
+in a shared folder never sees a hello. ZeroMQ never reconnects an ipc stream by itself (a
+reconnection would reach whoever listens on that path then, unchecked).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -26,12 +33,22 @@ from . import wire
 from .contract.errors import AuthenticationError, LoaderTimeoutError, ProtocolError, ServerError
 from .contract.messages import HANDSHAKE_REPLIES, ArenaHandle, Bye, Hello, Welcome
 from .contract.protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
-from .contract.shm import Arena, arena_channel_path, open_arena, receive_arena, shm_available, socket_peer
+from .contract.sampling import MODES
+from .contract.shm import (
+    Arena,
+    arena_channel_path,
+    arena_key,
+    new_arena_key,
+    open_arena,
+    receive_arena,
+    shm_available,
+    socket_peer,
+)
 from .endpoints import Endpoint, why_silent
 from .options import ClientOptions, Start
 from .wire import Ctx, Sock
 
-__all__ = ["BYE_LINGER_MS", "Opened", "check_welcome", "open_stream"]
+__all__ = ["BYE_LINGER_MS", "Opened", "check_welcome", "open_stream", "trusted_uids"]
 
 _log = logging.getLogger("loader_client")
 _counter = itertools.count()
@@ -48,6 +65,8 @@ _ZMTP_GREETING_BYTES = 64
 _LAYOUTS = ("hwc", "chw")
 #: Longest wait for the server's arena channel (it answers at once, or the stream uses frames).
 _CHANNEL_TIMEOUT_S = 5.0
+#: How often an ipc socket that does not answer yet is tried again while the client waits for its server.
+_PROBE_INTERVAL_S = 0.1
 
 
 @dataclass
@@ -61,15 +80,17 @@ class Opened:
 
 def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Start) -> Opened:
     """Say hello to the server at `endpoint` and return the accepted stream (sockets closed on failure)."""
+    listener = _trusted_listener(endpoint, options) if endpoint.scheme == "ipc" else None
     ask_shm = endpoint.same_host and options.shared_memory is not False and shm_available()
     hello = Hello(rank=start.rank, world_size=start.world_size, epoch=start.epoch, batch=start.batch,
                   seed=start.seed, fingerprint=start.fingerprint, credit=options.prefetch,
-                  client=options.name, shm=ask_shm, augment=options.augment, share=options.share)
+                  client=options.name, shm=ask_shm, augment=options.augment, share=options.share,
+                  shm_key=new_arena_key() if ask_shm else None)
     opened = _hello(ctx, endpoint, options, hello, start)
     if opened.welcome.shm is None:
         return opened
     try:
-        arena = _map_arena(endpoint, opened.welcome.shm, options)
+        arena = _map_arena(endpoint, listener, opened.welcome.shm, arena_key(hello.shm_key) or b"", options)
     except BaseException:
         wire.send(opened.sock, Bye(), zmq.NOBLOCK)
         opened.sock.close(linger=BYE_LINGER_MS)
@@ -81,50 +102,73 @@ def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Sta
     _log.info("cannot open the shared-memory arena of %s; using frames over the socket", endpoint)
     wire.send(opened.sock, Bye(), zmq.NOBLOCK)
     opened.sock.close(linger=BYE_LINGER_MS)
-    return _hello(ctx, endpoint, options, Hello(**{**hello.fields(), "shm": False}), start)
+    return _hello(ctx, endpoint, options, Hello(**{**hello.fields(), "shm": False, "shm_key": None}), start)
 
 
-def _map_arena(endpoint: Endpoint, handle: ArenaHandle, options: ClientOptions) -> Arena | None:
-    """The announced arena, through /proc when the server is this user's in this PID namespace, else
-    passed over the arena channel of an ipc:// server; None when neither works."""
-    if endpoint.scheme != "ipc":
-        return open_arena(handle)  # loopback TCP: `open_arena` checks the descriptor itself
-    listener = _ipc_listener(endpoint)
+def _map_arena(endpoint: Endpoint, listener: tuple[int, int] | None, handle: ArenaHandle, key: bytes,
+               options: ClientOptions) -> Arena | None:
+    """The announced arena holding `key`, through /proc when the server is this user's in this PID
+    namespace, else passed over the arena channel of an ipc:// server; None when neither works."""
     if listener is None:
-        return None
+        return open_arena(handle, key)  # loopback TCP: `open_arena` checks the descriptor itself
     pid, uid = listener
     if pid == handle.pid:
-        arena = open_arena(handle)
+        arena = open_arena(handle, key)
         if arena is not None:
             return arena
     if endpoint.path.startswith("@"):
         return None  # an abstract socket has no folder for the channel
-    return receive_arena(arena_channel_path(endpoint.path), handle, server_uid=uid,
+    return receive_arena(arena_channel_path(endpoint.path), handle, key, server_uid=uid,
                          timeout_s=min(options.timeout_s, _CHANNEL_TIMEOUT_S))
 
 
-def _ipc_listener(endpoint: Endpoint) -> tuple[int, int] | None:
-    """(pid, uid) of the process listening on an ipc:// endpoint, as this process sees them.
+def trusted_uids(options: ClientOptions) -> set[int]:
+    """The uids whose ipc server this client talks to: its own, root (who can read and write all of
+    this process anyway), and the `server_uid` option (a loader that runs as another user)."""
+    return {os.getuid(), 0} | ({options.server_uid} if options.server_uid is not None else set())
 
-    A server in another pid namespace (another container sharing the socket file) announces
-    a pid that means another process here, or none: the arena is then not looked for in /proc.
+
+def _trusted_listener(endpoint: Endpoint, options: ClientOptions) -> tuple[int, int]:
+    """(pid, uid) of the process listening on an ipc:// endpoint, as this process sees them, once
+    one listens (waiting up to `timeout_s`); `AuthenticationError` when its uid is not trusted.
+
     The kernel tells the peer's pid (SO_PEERCRED, translated into this namespace, 0 when it
-    has no pid here) and its uid, which the arena channel's listener must share.
+    has no pid here) and its uid, which the arena channel's listener must share. A server in
+    another pid namespace (another container sharing the socket file) announces a pid that
+    means another process here, or none: its arena is then not looked for in /proc.
     """
     address = "\0" + endpoint.path[1:] if endpoint.path.startswith("@") else endpoint.path
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            probe.connect(address)
-            pid, uid, _ = socket_peer(probe)
-    except OSError:
-        return None
+    deadline = time.monotonic() + options.timeout_s
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+                probe.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
+                probe.connect(address)
+                pid, uid, _ = socket_peer(probe)
+            break
+        except OSError:
+            if time.monotonic() + _PROBE_INTERVAL_S >= deadline:
+                raise _silence(endpoint, options) from None
+            time.sleep(_PROBE_INTERVAL_S)
+    if uid not in trusted_uids(options):
+        raise AuthenticationError(
+            f"the ipc socket {endpoint.path} is served by a process of uid {uid}, which this trainer (uid "
+            f"{os.getuid()}) does not trust: another user may have put a socket there. If that user runs your "
+            f"loader server (the two-user layout), pass server_uid={uid} or set LOADER_SERVER_UID={uid}")
     return pid, uid
+
+
+def _silence(endpoint: Endpoint, options: ClientOptions) -> LoaderTimeoutError:
+    return LoaderTimeoutError(
+        f"no answer from the loader server at {endpoint} within {options.timeout_s:g} s: "
+        f"{why_silent(endpoint, options.timeout_s)}" + ("; with CURVE, check the keys" if options.server_public_key
+                                                          else ""))
 
 
 def _hello(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, hello: Hello, start: Start) -> Opened:
     sock = wire.new_socket(ctx, max_message_bytes=options.max_message_bytes, hwm=4 * options.prefetch + 16,
-                           curve={"server_public_key": options.server_public_key, "client_keys": options.client_keys})
+                           curve={"server_public_key": options.server_public_key, "client_keys": options.client_keys},
+                           reconnect=endpoint.scheme != "ipc")
     monitor: Sock | None = None
     welcome: Welcome | None = None
     try:
@@ -185,10 +229,7 @@ def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: Cl
                    if curve else "it requires CURVE: pass server_public_key and client_keys")
             )
         if sock not in ready:
-            raise LoaderTimeoutError(
-                f"no answer from {peer} within {options.timeout_s:g} s: {why_silent(endpoint, options.timeout_s)}"
-                + ("; with CURVE, check the keys" if curve else "")
-            )
+            raise _silence(endpoint, options)
         message, frames = wire.receive(sock, HANDSHAKE_REPLIES, peer=peer, where="in reply to hello",
                                        max_bytes=MAX_HEADER_BYTES)
         if frames:
@@ -248,6 +289,12 @@ def check_welcome(welcome: Welcome, hello: Hello, start: Start, peer: str) -> No
         problems.append(f"x_dtype {welcome.x_dtype!r} is not an allowed dtype")
     if welcome.layout not in _LAYOUTS:
         problems.append(f"layout {welcome.layout!r} is not one of {', '.join(_LAYOUTS)}")
+    if welcome.mode not in MODES:
+        problems.append(f"mode {welcome.mode!r} is not one of {', '.join(MODES)}")
+    elif (planned := welcome.plan().steps_per_epoch(welcome.world_size)) != welcome.steps_per_epoch:
+        problems.append(f"{welcome.steps_per_epoch} batches per epoch, but {welcome.num_samples} samples in batches "
+                        f"of {welcome.batch_size} ({welcome.mode} mode, drop_last={welcome.drop_last}) give {planned} "
+                        f"for each of {welcome.world_size} ranks")
     if welcome.class_names is not None and welcome.num_classes is not None \
             and len(welcome.class_names) != welcome.num_classes:
         problems.append(f"{len(welcome.class_names)} class names for {welcome.num_classes} classes")

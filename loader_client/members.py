@@ -5,9 +5,11 @@ sampling plan, so any server can build any share from any batch. A member is one
 single-server stream (a `ServerStream`, opened by the `connect` function the pool is given)
 of one share, positioned at a batch; `HostsStream` gives each task of its `EpochPlan` a member.
 
-`Members.admit` is the one place where a new member is checked against the first one: today
-that it serves the same settings and data (fingerprint); checks that the hosts' content, shapes
-and dtypes agree belong there too.
+`Members.admit` is the one place where a new member is checked against the first one: that it
+serves the same settings and data (fingerprint), and the same stream (`SAME_STREAM`: the shape
+and dtype of its batches, its sampling plan, its classes). What each member's batches then
+hold is checked by its own stream against its welcome, down to the samples its share is owed
+(`loader_client.content`), so that every member agrees with the first one batch by batch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .contract.errors import ConfigError
+from .contract.errors import ConfigError, ProtocolError
 from .endpoints import Endpoint
 from .failover import Task
 from .options import Start
@@ -27,6 +29,9 @@ __all__ = ["Connect", "Member", "Members"]
 
 #: Opens one server's stream from a start position (`ServerStream` with the client's options).
 Connect = Callable[[Endpoint, Start], Stream]
+#: The welcome fields every member must share with the first: what its batches hold and how it samples.
+SAME_STREAM = ("num_samples", "num_classes", "class_names", "batch_size", "steps_per_epoch", "seed", "mode",
+               "shuffle", "drop_last", "x_shape", "x_dtype", "layout", "color")
 
 
 @dataclass(eq=False)
@@ -63,6 +68,7 @@ class Members:
         self.seed, self.fingerprint = start.seed, start.fingerprint
         self.all: list[Member] = []
         self.first: dict[str, Any] | None = None  # the first member's metadata, that every later one must match
+        self.first_server = 0
 
     def open(self, server: int, share: int, epoch: int, batch: int, task: Task | None = None) -> Member:
         """A new member for `share` on `server`, starting at (`epoch`, `batch`), admitted."""
@@ -79,16 +85,23 @@ class Members:
         return member
 
     def admit(self, server: int, stream: Stream) -> None:
-        """Refuse a member whose server serves other settings or data than the first one's (module doc)."""
-        info = stream.info
+        """Refuse a member whose server serves other settings or data than the first one's (module doc):
+        `ConfigError` for another fingerprint (started with other flags or data), `ProtocolError`
+        for the same fingerprint with another stream (a server that lies)."""
+        info = {**stream.info, "stream_x_dtype": str(stream.x_dtype)}
         if self.first is None:
-            self.first = info
+            self.first, self.first_server = info, server
             self.seed, self.fingerprint = info["seed"], info["fingerprint"]
             return
         if info["fingerprint"] != self.first["fingerprint"]:
             raise ConfigError(f"the servers {[str(e) for e in self.endpoints]} run different settings or data sets "
                               f"({self.endpoints[server]} has fingerprint {info['fingerprint']}, not "
                               f"{self.first['fingerprint']}); start them with the same flags and index")
+        differ = [f"{key} {_show(info.get(key))} (not {_show(self.first.get(key))})"
+                  for key in (*SAME_STREAM, "stream_x_dtype") if info.get(key) != self.first.get(key)]
+        if differ:
+            raise ProtocolError(f"the loader server at {self.endpoints[server]} announces another stream than "
+                                f"{self.endpoints[self.first_server]}, with the same fingerprint: " + "; ".join(differ))
 
     def of(self, task: Task) -> Member | None:
         return next((s for s in self.all if s.task is task), None)
@@ -107,3 +120,8 @@ class Members:
     def close_all(self) -> None:
         for member in list(self.all):
             self.close(member)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."

@@ -65,10 +65,10 @@ class OrderedMerge:
                 continue
             try:
                 got = member.stream.take()
+                merged.deliver(member, got.info)  # a batch at another place is that server's failure too
             except LoaderError as exc:
                 merged.fail(member.server, exc)
                 continue
-            merged.deliver(member, got.info)
             return got
 
 

@@ -3,9 +3,12 @@
 It owns the socket once the handshake is done. It grants the server one credit per batch the
 trainer takes, so at most `prefetch` batches are ever queued here, and it enforces that: a
 batch beyond the credit it granted is a `ProtocolError`, as is a batch out of order (in-order
-streams), a shared-memory reference it was not granted or to a slot it still holds, or a
-message over the welcome's size bound. Any error ends the thread with its sockets closed, and
-is handed to the trainer's next `next()`.
+streams), a shared-memory reference it was not granted or to a slot it still holds, a message
+over the size bound, or a batch whose content is not what the welcome promised (`content`).
+Its own clocks and bounds, never the server's word, end a stream that stalls: no complete
+message for `timeout_s` (silence), no batch for `timeout_s` while the trainer waits for one (no
+progress, though heartbeats come), or a message that never ends (`guard_bytes`). Any error ends
+the thread with its sockets closed, and is handed to the trainer's next `next()`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import zmq
 
 from . import wire
+from .content import BatchContent
 from .contract import protocol
 from .contract.errors import LoaderError, LoaderTimeoutError, ProtocolError
 from .contract.messages import (
@@ -46,10 +50,14 @@ from .options import MIN_HEARTBEAT_S, ClientOptions
 from .stream import BatchInfo, Delivery
 from .wire import Sock
 
-__all__ = ["CREDIT_POLL_MS", "Progress", "Receiver"]
+__all__ = ["CREDIT_POLL_MS", "GUARD_POLL_MS", "Progress", "Receiver"]
 
 #: While batches wait to be taken, look for consumed ones this often (ms) instead of being woken.
 CREDIT_POLL_MS = 4
+#: The longest the thread sleeps: how often it checks for a message that never ends (ms).
+GUARD_POLL_MS = 10
+#: What the trainer may grow by, beyond twice the message bound, while no message completes.
+GUARD_SLACK_BYTES = 64 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _REQUIRED = ("x", "y", "index")
 
@@ -91,7 +99,7 @@ class Receiver:
         self.timeout_s = options.timeout_s
         assert options.heartbeat_s is not None
         self.heartbeat_s = max(MIN_HEARTBEAT_S, min(options.heartbeat_s, welcome.heartbeat_s))
-        self.max_bytes = min(options.max_message_bytes, welcome.max_message_bytes)
+        self.max_bytes = min(options.max_message_bytes, welcome.max_message_bytes)  # the server may only lower it
         self.steps = welcome.steps_per_epoch
         self.start_epoch = welcome.epoch
         self.expect = (welcome.epoch, welcome.batch) if welcome.in_order else None
@@ -103,11 +111,12 @@ class Receiver:
         self.held: set[int] = set()  # arena slots the trainer still holds
         self.releases = _Releases()
         # ZeroMQ bounds frames, not messages: it buffers the frames of an unfinished message out of
-        # sight. An honest server completes a message (a batch or a heartbeat) at least every
-        # heartbeat; when none completed for longer and this process grew by more than a message
-        # may hold, a message that never ends is filling memory.
-        self.guard_after_s = 2 * welcome.heartbeat_s + 0.5
-        self.guard_bytes = 2 * self.max_bytes + (64 << 20)
+        # sight. Since the last complete message, an honest server's next one holds at most
+        # `max_bytes`; when this process grew by more than twice that plus GUARD_SLACK_BYTES, a
+        # message that never ends is filling memory. Checked every GUARD_POLL_MS at least, so the
+        # bound holds to what arrives in that time, however fast the server sends.
+        self.guard_bytes = 2 * self.max_bytes + GUARD_SLACK_BYTES
+        self.content = BatchContent(welcome, peer)
         self._handlers: dict[type[Message], Callable[[Any, list[Any]], None]] = {
             Batch: self._on_batch, Heartbeat: self._on_heartbeat, Error: self._on_end, Goodbye: self._on_end,
         }
@@ -117,8 +126,8 @@ class Receiver:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wake, zmq.POLLIN)
         poller.register(self.releases.read_fd, zmq.POLLIN)
-        last_rx = last_tx = time.monotonic()
-        hb_ms = max(1, int(self.heartbeat_s * 1000))
+        last_rx = last_tx = last_batch = time.monotonic()
+        idle_ms = max(1, min(int(self.heartbeat_s * 1000), GUARD_POLL_MS))
         linger = 0
         memory = _Memory()
         rss_at_rx = memory.rss()
@@ -128,7 +137,7 @@ class Receiver:
                 # woken by each next(): a wake-up per batch let this thread take the GIL just as
                 # the trainer returned from next(), costing it 3-6 ms on a busy machine.
                 waiting = self.progress.consumed > self.credited or not self.out.empty()
-                events = dict(poller.poll(CREDIT_POLL_MS if waiting else hb_ms))
+                events = dict(poller.poll(CREDIT_POLL_MS if waiting else idle_ms))
                 now = time.monotonic()
                 if self.releases.read_fd in events:
                     self._drain_releases()
@@ -145,6 +154,8 @@ class Receiver:
                         except zmq.Again:
                             break
                         last_rx = now
+                        if isinstance(message, Batch):
+                            last_batch = now
                         self._handlers[type(message)](message, frames)
                     if last_rx == now:
                         rss_at_rx = memory.rss()
@@ -159,16 +170,23 @@ class Receiver:
                     wait_s, wall_s = self.progress.report()
                     wire.send(self.sock, Ping(wait_s=wait_s, wall_s=wall_s), zmq.NOBLOCK)
                     last_tx = now
-                if now - last_rx > self.guard_after_s and memory.rss() - rss_at_rx > self.guard_bytes:
+                if last_rx != now and (grown := memory.rss() - rss_at_rx) > self.guard_bytes:
                     raise ProtocolError(
                         f"{self.peer} has not completed a message for {now - last_rx:.1f} s while this process "
-                        f"grew by {(memory.rss() - rss_at_rx) >> 20} MiB, more than a message may hold "
-                        f"({self.max_bytes} bytes): a message that never ends"
+                        f"grew by {grown >> 20} MiB, more than a message may hold (twice the bound of "
+                        f"{self.max_bytes} bytes, plus {GUARD_SLACK_BYTES >> 20} MiB): a message that never ends"
                     )
                 if now - last_rx > self.timeout_s:
                     raise LoaderTimeoutError(
                         f"{self.peer} has been silent for {self.timeout_s:g} s (no complete message: no batch, "
                         "no heartbeat): it died, the network is down, or it sends a message that never ends"
+                    )
+                since = self.progress.waiting_since  # perf_counter(), 0.0 when the trainer does not wait
+                waited = time.perf_counter() - since if since else 0.0
+                if since and min(waited, now - last_batch) > self.timeout_s and self.out.empty():
+                    raise LoaderTimeoutError(
+                        f"{self.peer} has delivered no batch for {self.timeout_s:g} s while the trainer waited for "
+                        "one, though it still answers (heartbeats): it is stuck, or too slow for timeout_s"
                     )
         except LoaderError as exc:
             self.out.put_nowait(exc)
@@ -212,14 +230,11 @@ class Receiver:
         if missing:
             raise ProtocolError(f"batch from {self.peer} lacks arrays {', '.join(missing)}: got {sorted(arrays)}")
         x, y, index = arrays["x"], arrays["y"], arrays["index"]
-        if index.ndim != 1 or index.dtype.kind not in "iu" or x.ndim == 0 or y.ndim == 0 \
-                or not x.shape[0] == y.shape[0] == index.shape[0]:
-            raise ProtocolError(f"batch from {self.peer} has x {x.shape}, y {y.shape} and index {index.shape} "
-                                f"{index.dtype} that do not describe the same samples")
+        extras = {k: v for k, v in arrays.items() if k not in _REQUIRED}  # --collate arrays, in order
+        self.content.check(message, x, y, index, extras)
         if self.norm is not None:  # the uint8 view (and its slot) is released right here
             x = self.norm.apply(x, out=self.pool.get(x.shape, np.float32))
-        extras = tuple(v for k, v in arrays.items() if k not in _REQUIRED)  # --collate arrays, in order
-        self.out.put_nowait(Delivery(x, y, extras, BatchInfo(message.epoch, message.batch, index)))
+        self.out.put_nowait(Delivery(x, y, tuple(extras.values()), BatchInfo(message.epoch, message.batch, index)))
 
     def _check_position(self, message: Batch) -> None:
         if message.steps != self.steps:

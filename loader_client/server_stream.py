@@ -108,13 +108,15 @@ class ServerStream:
             raise self._failure
         if self._closed:
             raise LoaderError("the client is closed")
+        # The receiver's progress deadline counts from here too (a wait in progress).
         started = self._progress.waiting_since = time.perf_counter()
         try:
             item = self._queue.get(timeout=self.timeout_s * 2)  # the receiver times out first
         except queue.Empty:
             item = LoaderTimeoutError(f"no batch from {self.endpoint} within {self.timeout_s * 2:.0f} s")
-        ended = time.perf_counter()
-        self._progress.waited(started, ended)
+        finally:
+            ended = time.perf_counter()
+            self._progress.waited(started, ended)
         self.wait_s += ended - started
         if isinstance(item, BaseException):
             self._failure = item

@@ -28,10 +28,13 @@ Ctx: TypeAlias = "zmq.Context[zmq.Socket[bytes]]"
 MAX_FRAMES = 65
 
 
-def new_socket(ctx: Ctx, *, max_message_bytes: int, hwm: int, curve: Mapping[str, Any]) -> Sock:
-    """A DEALER with a fresh random identity, bounded frames and queue, CURVE if keys are given."""
+def new_socket(ctx: Ctx, *, max_message_bytes: int, hwm: int, curve: Mapping[str, Any], reconnect: bool = True) -> Sock:
+    """A DEALER with a fresh random identity, bounded frames and queue, CURVE if keys are given;
+    without `reconnect`, a connection that drops or fails is not tried again."""
     sock: Sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if not reconnect:
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)
     sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.RCVHWM, hwm)

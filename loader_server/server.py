@@ -38,6 +38,7 @@ from loader_client.contract.messages import (
     StatsReply,
     StatsRequest,
 )
+from loader_client.contract.sampling import SamplingPlan
 from loader_client.contract.schema import Message, decode
 from loader_client.contract.shm import arena_channel_path, shm_available
 
@@ -55,7 +56,6 @@ from .runtime.transport import ClientTransport, PeerLog, escape
 from .runtime.worker import worker_main
 from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
-from .sampling import SamplingPlan
 
 __all__ = ["MAX_TASK_RETRIES", "Server", "install_signal_handlers"]
 

@@ -73,21 +73,20 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("duplicated-samples", "loader_server/sampling.py",
-             "return mine[batch * self.batch_size : (batch + 1) * self.batch_size]",
-             "return mine[batch * (self.batch_size - 1) : batch * (self.batch_size - 1) + self.batch_size]",
+    Mutation("duplicated-samples", "loader_client/contract/sampling.py",
+             "        first = batch * self.batch_size\n", "        first = batch * (self.batch_size - 1)\n",
              ("tests/test_sampling.py::test_exactly_once_per_epoch",
               RT + "test_rank_shares_of_a_world_are_disjoint_and_cover_the_epoch",
               RT + "test_a_session_stream_covers_each_epoch_exactly_once_reshuffled",
               E2E + "test_every_sample_exactly_once_per_epoch[--drop-last-ipc]",
               G + "test_in_order_stream_waits_for_a_stuck_batch")),
-    Mutation("shuffle-ignores-epoch", "loader_server/sampling.py",
+    Mutation("shuffle-ignores-epoch", "loader_client/contract/sampling.py",
              "np.random.SeedSequence([seed, epoch])", "np.random.SeedSequence([seed])",
              ("tests/test_sampling.py::test_same_seed_same_batches_other_epoch_other_order",
               RT + "test_a_session_stream_covers_each_epoch_exactly_once_reshuffled",
               E2E + "test_every_sample_exactly_once_per_epoch[--drop-last-ipc]")),
-    Mutation("overlapping-ranks", "loader_server/sampling.py",
-             "return order[rank:total:world_size]", "return order[0:total:world_size]",
+    Mutation("overlapping-ranks", "loader_client/contract/sampling.py",
+             "places = rank + world_size * np.arange(", "places = 0 + world_size * np.arange(",
              ("tests/test_sampling.py::test_ranks_are_disjoint_with_equal_batch_counts",
               RT + "test_rank_shares_of_a_world_are_disjoint_and_cover_the_epoch",
               E2E + "test_two_ranks_share_one_server",
@@ -189,7 +188,7 @@ MUTATIONS = [
               "tests/test_fake_server.py::test_repeated_batch_from_one_of_several_servers_is_a_protocol_error")),
     # ---- Issue 22: one or more of each kind the second round of planted bugs found the suite blind to.
     # All ranks identical in one sampling mode: random draws keyed without the rank.
-    Mutation("random-mode-ranks-identical", "loader_server/sampling.py",
+    Mutation("random-mode-ranks-identical", "loader_client/contract/sampling.py",
              "np.random.SeedSequence([seed, epoch, rank, batch])", "np.random.SeedSequence([seed, epoch, batch])",
              ("tests/test_sampling.py::test_random_mode_gives_every_rank_its_own_draws[2]",
               MR + "test_two_ranks_get_the_shares_their_mode_promises[random]",

@@ -41,7 +41,7 @@ DOC = ROOT / "docs" / "testing.md"
 #: The pure core, as mutmut names its functions (module.x_function, module.xǁClassǁmethod). Update with
 #: `only_mutate` in pyproject.toml when a module moves.
 CORE = [
-    "loader_server.sampling.*",
+    "loader_client.contract.sampling.*",
     "loader_server.data.subset.*",
     "loader_server.runtime.sessions.*",
     "loader_client.contract.schema.*",

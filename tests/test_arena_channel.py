@@ -34,6 +34,7 @@ from loader_client import LoaderClient, ProtocolError
 from loader_client.contract.messages import ArenaHandle
 from loader_client.contract.shm import (
     ARENA_CHANNEL_REQUEST,
+    ARENA_KEY_MAGIC,
     ARENA_SEALS,
     arena_channel_path,
     create_arena,
@@ -46,19 +47,29 @@ ROOT = Path(__file__).resolve().parent.parent
 N = 24
 SERVER_UID, TRAINER_UID = 10001, 10002  # the images' users (docker/compose.yaml)
 
-#: A trainer: one epoch, then what it got as JSON (it runs in another namespace or as another user).
+#: A trainer: one epoch, then what it got as JSON (it runs in another namespace or as another user). Its
+#: endpoint (and the server's uid, where the server runs as another user) come from the environment.
 TRAINER = """
-import json, sys
-from loader_client import LoaderClient
-with LoaderClient(sys.argv[1], timeout_s=30) as client:
+import json, os
+from loader_client import AuthenticationError, from_env
+try:
+    client = from_env(timeout_s=30)
+except AuthenticationError as exc:
+    print(json.dumps({"refused": str(exc)}))
+    raise SystemExit(0)
+with client:
     labels = [int(v) for _, y in client.epoch() for v in y]
-    print(json.dumps({"shm": client.shared_memory, "labels": sorted(labels), "uid": __import__("os").getuid()}))
+    print(json.dumps({"shm": client.shared_memory, "labels": sorted(labels), "uid": os.getuid()}))
 """
 
 
-def run_trainer(endpoint: str, *prefix: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    result = subprocess.run([*prefix, sys.executable, "-c", TRAINER, endpoint], capture_output=True, text=True,
+def run_trainer(endpoint: str, *prefix: str, server_uid: int | None = None) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1", "LOADER_ENDPOINT": endpoint}
+    env.pop("LOADER_ENDPOINTS", None)
+    env.pop("LOADER_SERVER_UID", None)
+    if server_uid is not None:
+        env["LOADER_SERVER_UID"] = str(server_uid)
+    result = subprocess.run([*prefix, sys.executable, "-c", TRAINER], capture_output=True, text=True,
                             timeout=120, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -129,7 +140,11 @@ def test_a_trainer_of_another_user_in_the_servers_group_gets_shared_memory(tmp_p
                 info = path.stat()
                 assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660, oct(info.st_mode)
                 assert (info.st_uid, info.st_gid) == (SERVER_UID, SERVER_UID)
-            got = run_trainer(endpoint, *setpriv)
+            # By default a trainer talks only to a server of its own uid (or root's): it names the one it found.
+            refused = run_trainer(endpoint, *setpriv)
+            assert f"served by a process of uid {SERVER_UID}" in refused["refused"], refused
+            assert f"LOADER_SERVER_UID={SERVER_UID}" in refused["refused"], refused
+            got = run_trainer(endpoint, *setpriv, server_uid=SERVER_UID)
             assert got["uid"] == TRAINER_UID and got["shm"] is True and got["labels"] == list(range(N)), got
             # A user outside the group cannot even connect: the socket and the channel are 0660.
             stranger = subprocess.run(["setpriv", "--reuid=10003", "--regid=10003", "--clear-groups",
@@ -154,20 +169,22 @@ def test_the_token_is_good_once_and_only_for_its_own_arena(start_server: Any, tm
         assert client.shared_memory  # through /proc: the same user and PID namespace
         handle = ArenaHandle(**client.info["shm"])
         assert handle.token and len(bytes.fromhex(handle.token)) == 16
+        key = key_of(handle)
         x, y = client.next()
-        arena = receive_arena(channel, handle, timeout_s=5, server_uid=os.getuid())
+        arena = receive_arena(channel, handle, key, timeout_s=5, server_uid=os.getuid())
         assert arena is not None  # not used yet: the channel hands it over once
         assert arena.view(0, np.dtype("uint8"), (4, 12, 16, 3)).shape == x.shape
-        assert receive_arena(channel, handle, timeout_s=5, server_uid=os.getuid()) is None  # once only
+        assert receive_arena(channel, handle, key, timeout_s=5, server_uid=os.getuid()) is None  # once only
         other = ArenaHandle(**{**client.info["shm"], "token": "00" * 16})
-        assert receive_arena(channel, other, timeout_s=5, server_uid=os.getuid()) is None
-        assert receive_arena(channel, handle, timeout_s=5, server_uid=os.getuid() + 1) is None  # not the server's user
+        assert receive_arena(channel, other, key, timeout_s=5, server_uid=os.getuid()) is None
+        assert receive_arena(channel, handle, key, timeout_s=5, server_uid=os.getuid() + 1) is None  # not the server's
         arena.close()
     with LoaderClient(server.endpoint, timeout_s=20) as second:
         late = ArenaHandle(**second.info["shm"])
+        late_key = key_of(late)
     # The session ended: its token is withdrawn with its arena (after the close delay, at most 5 s).
     def withdrawn() -> bool:
-        return receive_arena(channel, late, timeout_s=5, server_uid=os.getuid()) is None
+        return receive_arena(channel, late, late_key, timeout_s=5, server_uid=os.getuid()) is None
 
     wait_until(withdrawn, 30, "the ended session's token to be withdrawn")
     assert "refused" in server.log_text() and "without a valid token" in server.log_text()
@@ -206,6 +223,17 @@ class FakeChannel:
         self.sock.close()
 
 
+def key_of(handle: ArenaHandle) -> bytes:
+    """The client's key written in the arena (read through /proc: this test is the server's user)."""
+    fd = os.open(handle.path, os.O_RDONLY)
+    try:
+        trailer = os.pread(fd, len(ARENA_KEY_MAGIC) + 16, handle.slots * handle.stride)
+    finally:
+        os.close(fd)
+    assert trailer.startswith(ARENA_KEY_MAGIC)
+    return trailer[len(ARENA_KEY_MAGIC):]
+
+
 def memfd(size: int, seals: int = ARENA_SEALS) -> int:
     fd = os.memfd_create("fake", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
@@ -224,11 +252,12 @@ def open_fds() -> int:
     ("unsealed memfd", "not sealed against shrinking"),
     ("another memfd", "inode"),
     ("too small", "need"),
+    ("another client's key", "does not hold the key this client gave"),
     ("two descriptors", "descriptors"),
 ])
 def test_a_passed_descriptor_is_checked_like_one_opened_through_proc(tmp_path: Path, case: str, problem: str) -> None:
     before = open_fds()
-    fd, stride = create_arena("genuine", 2, 4096)
+    fd, stride = create_arena("genuine", 2, 4096, key=b"k" * 16)
     made: list[int] = [fd]
     if case == "regular file":
         (tmp_path / "f").write_bytes(b"\0" * 8192)
@@ -240,7 +269,7 @@ def test_a_passed_descriptor_is_checked_like_one_opened_through_proc(tmp_path: P
         passed = [memfd(8192, seals=0)]
     elif case == "another memfd":
         passed = [memfd(8192)]
-    elif case == "too small":
+    elif case in ("too small", "another client's key"):
         passed = [fd]
     else:
         passed = [fd, memfd(8192)]
@@ -253,7 +282,8 @@ def test_a_passed_descriptor_is_checked_like_one_opened_through_proc(tmp_path: P
     fake = FakeChannel(path, b"ok", lambda: passed)
     try:
         with pytest.raises(ProtocolError, match=problem):
-            receive_arena(path, handle, timeout_s=5, server_uid=os.getuid())
+            receive_arena(path, handle, b"o" * 16 if case == "another client's key" else b"k" * 16, timeout_s=5,
+                          server_uid=os.getuid())
         assert fake.requests == [ARENA_CHANNEL_REQUEST + b"ab" * 16]
     finally:
         fake.close()
@@ -261,17 +291,20 @@ def test_a_passed_descriptor_is_checked_like_one_opened_through_proc(tmp_path: P
             with contextlib.suppress(OSError):
                 os.close(f)
     # What the client received is closed too: the count is back to where it started.
-    wait_until(lambda: open_fds() == before, 10, "every passed descriptor to be closed")
+    # (at most: a descriptor of an earlier test, a mapping that the garbage collector frees, may go meanwhile)
+    wait_until(lambda: open_fds() <= before, 10, "every passed descriptor to be closed")
 
 
 def test_no_channel_a_refusal_or_a_silent_channel_mean_frames(tmp_path: Path) -> None:
     handle = ArenaHandle(id=1, pid=1, fd=3, inode=1, slots=1, stride=4096, token="cd" * 16)
     path = str(tmp_path / "channel")
-    assert receive_arena(path, handle, timeout_s=1, server_uid=None) is None  # nothing there
-    assert receive_arena(path, ArenaHandle(**{**handle.fields(), "token": None}), timeout_s=1, server_uid=None) is None
+    key = b"k" * 16
+    assert receive_arena(path, handle, key, timeout_s=1, server_uid=None) is None  # nothing there
+    assert receive_arena(path, ArenaHandle(**{**handle.fields(), "token": None}), key, timeout_s=1,
+                         server_uid=None) is None
     fake = FakeChannel(path, b"no", lambda: [])
     try:
-        assert receive_arena(path, handle, timeout_s=5, server_uid=None) is None
+        assert receive_arena(path, handle, key, timeout_s=5, server_uid=None) is None
     finally:
         fake.close()
     os.unlink(path)
@@ -280,7 +313,7 @@ def test_no_channel_a_refusal_or_a_silent_channel_mean_frames(tmp_path: Path) ->
     silent.listen(1)
     try:
         started = time.monotonic()
-        assert receive_arena(path, handle, timeout_s=0.5, server_uid=None) is None
+        assert receive_arena(path, handle, key, timeout_s=0.5, server_uid=None) is None
         assert time.monotonic() - started < 30
     finally:
         silent.close()

@@ -45,7 +45,7 @@ VALID: dict[type[schema.Message], dict[str, Any]] = {
     m.ShmRef: {"slot": 0, "arrays": [["x", "|u1", [1]]]},
     m.Welcome: {"num_samples": 10, "num_classes": 2, "batch_size": 2, "steps_per_epoch": 5, "rank": 0,
                 "world_size": 1, "seed": 1, "epoch": 0, "batch": 0, "mode": "epoch", "in_order": True,
-                "drop_last": True, "x_shape": [4, 4, 3], "x_dtype": "|u1", "layout": "hwc", "color": "rgb",
+                "drop_last": True, "shuffle": True, "x_shape": [4, 4, 3], "x_dtype": "|u1", "layout": "hwc", "color": "rgb",
                 "class_names": ["a"], "fingerprint": "f", "heartbeat_s": 0.5, "max_message_bytes": 1 << 20},
     m.Batch: {"epoch": 0, "batch": 0, "steps": 1, "arrays": [["y", "<i8", [2]]]},
     m.Error: {"kind": "server", "message": "m"},
@@ -71,6 +71,7 @@ RANGES: list[tuple[type[schema.Message], str, float, float]] = [
     (m.Ping, "wall_s", 0.0, 1e9),
     (m.ArenaHandle, "id", 0, I63), (m.ArenaHandle, "pid", 1, I32), (m.ArenaHandle, "fd", 0, I32),
     (m.ArenaHandle, "inode", 0, U64), (m.ArenaHandle, "slots", 1, 1024), (m.ArenaHandle, "stride", 1, TIB),
+    (m.ArenaHandle, "key_slot", 0, 127),  # a page after the last slot: 128 keys of 32 bytes
     (m.ShmRef, "slot", 0, 1023),
     (m.Welcome, "num_samples", 0, I63), (m.Welcome, "num_classes", 1, I63), (m.Welcome, "batch_size", 1, I32),
     (m.Welcome, "steps_per_epoch", 1, I32), (m.Welcome, "rank", 0, 65_535), (m.Welcome, "world_size", 1, 65_536),
@@ -93,6 +94,7 @@ RANGES: list[tuple[type[schema.Message], str, float, float]] = [
 LENGTHS: list[tuple[type[schema.Message], str, Any, int]] = [
     (m.Hello, "client", "n", 128), (m.Hello, "fingerprint", "f", 64), (m.Hello, "share", "s", 128),
     (m.Welcome, "share", "s", 128),
+    (m.Hello, "shm_key", "a", 32),  # 16 random bytes in hex (and nothing but lower-case hex: tested below)
     (m.ArenaHandle, "token", "t", 64),  # a 128-bit token in hex is 32: at most 64 characters pass
     (m.Release, "slots", [0], 1024), (m.ShmRef, "arrays", [["x", "|u1", [1]]], 1),
     (m.Welcome, "mode", "e", 16), (m.Welcome, "x_shape", [1], 8), (m.Welcome, "x_dtype", "u", 8),
@@ -193,6 +195,13 @@ def test_text_fields_shown_to_people_refuse_control_characters() -> None:
         assert _spec_of(cls, name).text, (cls, name)
         with pytest.raises(ProtocolError, match="control characters"):
             _decode(cls, **{name: "a\nb"})
+
+
+def test_a_hellos_arena_key_is_32_lower_case_hex_digits() -> None:
+    assert _decode(m.Hello, shm_key="0123456789abcdef" * 2).shm_key == "0123456789abcdef" * 2  # type: ignore[attr-defined]
+    for bad in ["A" * 32, "g" * 32, "a" * 31, "a" * 30 + "\n\n", ""]:
+        with pytest.raises(ProtocolError, match="shm_key"):
+            _decode(m.Hello, shm_key=bad)
 
 
 # ---------------------------------------------------------------------------- client options

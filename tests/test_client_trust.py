@@ -38,8 +38,16 @@ from loader_client import (
 )
 from loader_client.contract import messages as m
 from loader_client.contract.protocol import PROTOCOL_VERSION, describe_arrays
+from loader_client.contract.sampling import SamplingPlan
 from loader_client.contract.schema import decode_fields, encode
-from loader_client.contract.shm import ARENA_SEALS, create_arena
+from loader_client.contract.shm import (
+    ARENA_KEY_MAGIC,
+    ARENA_SEALS,
+    arena_key,
+    create_arena,
+    new_arena_key,
+    open_arena,
+)
 from loader_client.endpoints import parse_endpoint, same_host
 
 from .conftest import free_port, wait_until
@@ -53,21 +61,29 @@ X_SHAPE = [4, 4, 3]
 def welcome_fields(hello: m.Hello, **overrides: Any) -> dict[str, Any]:
     """A valid welcome for `hello`, as a wire map (so tests can break any field)."""
     fields = m.Welcome(
-        num_samples=STEPS * BATCH, num_classes=3, batch_size=BATCH, steps_per_epoch=STEPS, rank=hello.rank,
-        world_size=hello.world_size, seed=hello.seed if hello.seed is not None else 7, epoch=hello.epoch,
-        batch=hello.batch, mode="epoch", in_order=True, drop_last=True, x_shape=X_SHAPE, x_dtype="|u1",
-        layout="hwc", color="rgb", class_names=["a", "b", "c"], fingerprint="f" * 16, heartbeat_s=0.2,
-        max_message_bytes=1 << 20,
+        num_samples=STEPS * BATCH * hello.world_size, num_classes=3, batch_size=BATCH, steps_per_epoch=STEPS,
+        rank=hello.rank, world_size=hello.world_size, seed=hello.seed if hello.seed is not None else 7,
+        epoch=hello.epoch, batch=hello.batch, mode="epoch", in_order=True, drop_last=True, shuffle=False,
+        x_shape=X_SHAPE, x_dtype="|u1", layout="hwc", color="rgb", class_names=["a", "b", "c"], fingerprint="f" * 16,
+        heartbeat_s=0.2, max_message_bytes=1 << 20,
     ).fields()
     fields.update(overrides)
     return fields
 
 
-def batch_arrays(epoch: int, batch: int, *, with_x: bool = True, extra: bool = False) -> dict[str, np.ndarray]:
+def owed(epoch: int, batch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """The sample indices the plan of `welcome_fields` gives that batch of that share (no shuffle)."""
+    plan = SamplingPlan(STEPS * BATCH * world, BATCH, shuffle=False)
+    return np.ascontiguousarray(plan.batch(epoch, min(batch, STEPS - 1), seed=7, rank=rank, world_size=world))
+
+
+def batch_arrays(epoch: int, batch: int, *, with_x: bool = True, extra: bool = False, rank: int = 0,
+                 world: int = 1) -> dict[str, np.ndarray]:
+    """A batch as the plan has it; y counts the stream's samples, so a test sees which batch it got."""
     start = (epoch * STEPS + batch) * BATCH
     arrays = {"x": np.full([BATCH, *X_SHAPE], batch, np.uint8)} if with_x else {}
     arrays["y"] = np.arange(start, start + BATCH, dtype=np.int64)
-    arrays["index"] = np.arange(start, start + BATCH, dtype=np.int64)
+    arrays["index"] = owed(epoch, batch, rank, world)
     if extra:
         arrays["w"] = np.ones(BATCH, np.float32)
     return arrays
@@ -268,7 +284,9 @@ def _memfd_wrong_inode(server: FakeServer) -> tuple[int, int]:
 
 
 def _memfd_too_small(server: FakeServer) -> tuple[int, int]:
-    fd, _ = create_arena("loader-small", 1, 4096)  # announced as 2 slots
+    fd = os.memfd_create("loader-small", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)  # announced as 2 slots
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
     return fd, os.fstat(fd).st_ino
 
 
@@ -343,7 +361,7 @@ def test_remote_endpoints_never_ask_for_shared_memory() -> None:
 
 def _genuine_arena(server: FakeServer, hello: m.Hello, then: Callable[[FakeServer, int], None]) -> None:
     assert hello.shm
-    fd, stride = create_arena("loader-genuine", 2, 4096)
+    fd, stride = create_arena("loader-genuine", 2, 4096, key=arena_key(hello.shm_key))
     server.keep.append(fd)
     os.pwrite(fd, bytes(range(96)) * 1, 0)  # the pixels of slot 0
     handle = m.ArenaHandle(id=1, pid=os.getpid(), fd=fd, inode=os.fstat(fd).st_ino, slots=2, stride=stride)
@@ -386,11 +404,13 @@ def test_shared_memory_reference_without_an_arena_is_refused(fake: Any, no_leak:
     client.close()
 
 
-def test_create_arena_seals_and_sanitises_its_name() -> None:
-    fd, stride = create_arena("loader-\0evil\nname/" + "x" * 500, 3, 5000)
+def test_create_arena_seals_and_sanitises_its_name_and_holds_its_clients_key() -> None:
+    key = bytes(range(16))
+    fd, stride = create_arena("loader-\0evil\nname/" + "x" * 500, 3, 5000, key=key)
     try:
         assert stride % 4096 == 0 and stride >= 5000
-        assert os.fstat(fd).st_size == 3 * stride
+        assert os.fstat(fd).st_size == 3 * stride + 4096  # and one page for the key, after the last slot
+        assert os.pread(fd, 64, 3 * stride).rstrip(b"\0") == ARENA_KEY_MAGIC + key
         assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & ARENA_SEALS == ARENA_SEALS
         name = os.readlink(f"/proc/self/fd/{fd}")
         assert name.startswith("/memfd:loader-_evil_name_x") and len(name) < 100 and "\n" not in name
@@ -398,6 +418,36 @@ def test_create_arena_seals_and_sanitises_its_name() -> None:
             os.ftruncate(fd, stride)  # sealed: nobody can shrink it under a mapping
     finally:
         os.close(fd)
+
+
+def test_a_shared_arena_holds_each_members_key_in_its_own_entry() -> None:
+    """A share's one arena serves several trainers, each with its own hello key: each key has an entry
+    of its own after the last slot (128 of them), the welcome names it, and a client maps the arena
+    only if its own key is in the entry its welcome names. A member that leaves has its key erased."""
+    from loader_server.runtime.arenas import new_arena
+
+    arena = new_arena(1, 2, 4096)
+    assert arena is not None
+    try:
+        keys = [new_arena_key() for _ in range(3)]
+        entries = [arena.add_key(f"member-{i}".encode(), key) for i, key in enumerate(keys)]
+        assert entries == [0, 1, 2]
+        for entry, key in zip(entries, keys, strict=True):
+            mapped = open_arena(arena.handle(key_slot=entry), arena_key(key) or b"")
+            assert mapped is not None
+            mapped.close()
+        with pytest.raises(ProtocolError, match="does not hold the key this client gave"):
+            open_arena(arena.handle(key_slot=1), arena_key(keys[0]) or b"")  # another member's entry
+        arena.forget(b"member-1")
+        with pytest.raises(ProtocolError, match="does not hold the key this client gave"):
+            open_arena(arena.handle(key_slot=1), arena_key(keys[1]) or b"")  # erased when it left
+        assert arena.add_key(b"member-3", new_arena_key()) == 1  # the free entry is taken again
+        assert arena.add_key(b"no-key", None) is None  # a hello without a key gets frames
+        for i in range(4, 4 + 125):
+            assert arena.add_key(f"member-{i}".encode(), new_arena_key()) is not None
+        assert arena.add_key(b"one-too-many", new_arena_key()) is None  # 128 entries: the 129th takes frames
+    finally:
+        arena.close()
 
 
 # ---------------------------------------------------------------------------- credit, sizes, order
@@ -765,7 +815,7 @@ def honest(server: FakeServer, hello: m.Hello) -> None:
     while not server.stop.is_set():
         while credit > 0:
             e, b = divmod(position, STEPS)
-            arrays = batch_arrays(e, b)
+            arrays = batch_arrays(e, b, rank=hello.rank, world=hello.world_size)
             arrays["y"] += 1000 * hello.rank  # which share it came from
             server.batch(e, b, arrays=arrays)
             credit, position, last_tx = credit - 1, position + 1, time.monotonic()

@@ -89,6 +89,7 @@ def test_compose_has_what_a_training_box_needs() -> None:
     # 0660 socket as a member of its group; the arena comes over the socket's arena channel.
     assert "pid" not in trainer and trainer["user"] == f"{TRAINER_UID}:{TRAINER_UID}" != f"{UID}:{UID}"
     assert trainer["group_add"] == [str(UID)] and "LOADER_IPC_MODE=0660" in loader["environment"]
+    assert f"LOADER_SERVER_UID={UID}" in trainer["environment"]  # the client trusts the loader's uid by name
     assert "loader-run:/run/loader" in loader["volumes"] and "loader-run:/run/loader" in trainer["volumes"]
     assert "checkpoints:/checkpoints" in trainer["volumes"] and "CHECKPOINT_DIR=/checkpoints" in trainer["environment"]
     assert set(spec["volumes"]) == {"loader-run", "checkpoints"}

@@ -19,6 +19,7 @@ import zmq
 from loader_client import LoaderClient, ProtocolError
 from loader_client.contract import protocol
 from loader_client.contract.messages import Welcome
+from loader_client.contract.sampling import SamplingPlan
 from loader_client.contract.schema import encode
 
 STEPS = 3
@@ -73,10 +74,11 @@ class FakeServer:
         self.hello = protocol.unpack(frame)
         assert self.hello["t"] == "hello"
         epoch, batch = self.start
-        welcome = Welcome(num_samples=STEPS * BATCH, num_classes=None, batch_size=BATCH, steps_per_epoch=STEPS,
-                          rank=self.hello.get("rank", 0), world_size=self.hello.get("world_size", 1),
-                          seed=self.hello.get("seed") or 0, epoch=epoch, batch=batch,
-                          mode="epoch", in_order=True, drop_last=True, x_shape=list(X_SHAPE), x_dtype="|u1",
+        world = self.hello.get("world_size", 1)
+        welcome = Welcome(num_samples=STEPS * BATCH * world, num_classes=None, batch_size=BATCH, steps_per_epoch=STEPS,
+                          rank=self.hello.get("rank", 0), world_size=world,
+                          seed=self.hello.get("seed") or 0, epoch=epoch, batch=batch, mode="epoch", in_order=True,
+                          drop_last=True, shuffle=False, x_shape=list(X_SHAPE), x_dtype="|u1",
                           layout="hwc", color="rgb", class_names=None,
                           fingerprint=self.hello.get("fingerprint") or "fake", heartbeat_s=0.3,
                           max_message_bytes=1 << 30, shm=None)
@@ -84,10 +86,11 @@ class FakeServer:
         return identity
 
     def _batch(self, epoch: int, batch: int) -> list[bytes]:
-        first = (epoch * STEPS + batch) * BATCH
-        arrays: dict[str, np.ndarray] = {"x": np.full((BATCH, *X_SHAPE), batch, np.uint8),
-                  "y": np.arange(first, first + BATCH, dtype=np.int64),
-                  "index": np.arange(first, first + BATCH, dtype=np.int64)}
+        world, rank = self.hello.get("world_size", 1), self.hello.get("rank", 0)
+        index = SamplingPlan(STEPS * BATCH * world, BATCH, shuffle=False).batch(
+            epoch, min(batch, STEPS - 1), seed=0, rank=rank, world_size=world)  # a batch outside the epoch: any
+        arrays: dict[str, np.ndarray] = {"x": np.full((BATCH, *X_SHAPE), batch, np.uint8), "y": index.copy(),
+                                         "index": index}
         frames = [a.tobytes() for a in arrays.values()]
         if self.short_frame_at == self.sent:
             frames[0] = frames[0][:-1]  # one byte short of what the header describes

@@ -30,14 +30,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("client", ("loader_client",)),
     ("settings", ("loader_server.config", "loader_server.options", "loader_server.logs", "loader_server.metrics")),
     ("data", ("loader_server.data",)),
-    ("sampling", ("loader_server.sampling",)),
     ("pipeline", ("loader_server.pipeline",)),
     ("runtime", ("loader_server.runtime",)),
     ("server", ("loader_server.server",)),
     ("commands", ("loader_server",)),
     ("benchmark", ("loader_bench",)),
 ]
-SERVER_CORE = ("settings", "data", "sampling", "pipeline", "runtime", "server")
+SERVER_CORE = ("settings", "data", "pipeline", "runtime", "server")
 #: The documented public paths of moved modules: kept for users, imported by none of ours.
 COMPAT_PATHS = ("loader_client.errors", "loader_client.protocol")
 #: Imported only by the trainer's code, on request.

@@ -272,7 +272,9 @@ def test_one_node_sidecar_keeps_two_trust_domains(tmp_path: Path) -> None:
     for c in (loader, trainer):
         (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == socket_dir]
         assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
-    assert {e["name"]: e["value"] for e in trainer["env"]}["LOADER_ENDPOINTS"] == bind
+    env = {e["name"]: e["value"] for e in trainer["env"]}
+    assert env["LOADER_ENDPOINTS"] == bind
+    assert env["LOADER_SERVER_UID"] == str(uid["loader"])  # the client trusts an ipc server of another uid
     assert build_parser().parse_args(loader["startupProbe"]["exec"]["command"][1:]).config
 
 

@@ -28,12 +28,12 @@ from loader_client import LoaderClient
 from loader_client.contract import protocol
 from loader_client.contract.errors import ConfigError
 from loader_client.contract.messages import Batch, Hello
+from loader_client.contract.sampling import SamplingPlan
 from loader_client.contract.schema import INT32_MAX
 from loader_server.config import RANGES, ServerConfig, _shown
 from loader_server.runtime.outgoing import OutOfRange, checked, error_message
 from loader_server.runtime.sessions import MAX_EPOCH, Session, StreamFacts, open_session
 from loader_server.runtime.worker_messages import Task
-from loader_server.sampling import SamplingPlan
 
 from .conftest import unique_label_list
 
@@ -229,7 +229,7 @@ def test_the_welcome_of_every_accepted_config_fits_its_schema(tmp_path: Path) ->
                               max_message_bytes=size, batch_size=batch)
         checked(Welcome(num_samples=10, num_classes=None, batch_size=config.batch_size, steps_per_epoch=1, rank=0,
                         world_size=1, seed=config.seed, epoch=0, batch=0, mode=config.mode, in_order=True,
-                        drop_last=True, x_shape=[224, 224, 3], x_dtype="uint8", layout="hwc", color="rgb",
+                        drop_last=True, shuffle=config.shuffle, x_shape=[224, 224, 3], x_dtype="uint8", layout="hwc", color="rgb",
                         class_names=None, fingerprint="a-b", heartbeat_s=config.heartbeat_s,
                         max_message_bytes=config.max_message_bytes))
     assert np.iinfo(np.int32).max == INT32_MAX

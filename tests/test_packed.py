@@ -20,13 +20,13 @@ import pytest
 
 from loader_client import LoaderClient, server_stats
 from loader_client.contract.errors import ConfigError
+from loader_client.contract.sampling import SamplingPlan
 from loader_server.config import ServerConfig
 from loader_server.data.datasets import load_dataset
 from loader_server.data.packed import _brace_expand, expand_files
 from loader_server.pipeline.batch import BatchBuilder
 from loader_server.pipeline.cache import open_cache
 from loader_server.sample_data import write_parquet, write_tar_shards
-from loader_server.sampling import SamplingPlan
 
 from .conftest import unique_label_list, wait_until
 

@@ -121,7 +121,7 @@ _TABLES = [messages.CLIENT_REQUESTS, messages.HANDSHAKE_REPLIES, messages.STREAM
 _ARENA = messages.ArenaHandle(id=1, pid=10, fd=3, inode=99, slots=4, stride=4096)
 _EXAMPLES: dict[type[schema.Message], schema.Message] = {
     messages.Hello: messages.Hello(rank=1, world_size=2, epoch=3, batch=4, seed=5, fingerprint="ab", credit=4,
-                                   client="trainer", shm=True, augment=False),
+                                   client="trainer", shm=True, augment=False, shm_key="ab" * 16),
     messages.Credit: messages.Credit(n=3),
     messages.Release: messages.Release(slots=[0, 3]),
     messages.Ping: messages.Ping(),
@@ -130,8 +130,8 @@ _EXAMPLES: dict[type[schema.Message], schema.Message] = {
     messages.StatsRequest: messages.StatsRequest(),
     messages.Welcome: messages.Welcome(
         num_samples=10, num_classes=2, batch_size=2, steps_per_epoch=5, rank=0, world_size=1, seed=1, epoch=0, batch=0,
-        mode="epoch", in_order=True, drop_last=True, x_shape=[4, 4, 3], x_dtype="|u1", layout="hwc", color="rgb",
-        class_names=["a", "b"], fingerprint="f" * 16, heartbeat_s=0.5, max_message_bytes=1 << 20, shm=_ARENA),
+        mode="epoch", in_order=True, drop_last=True, shuffle=True, x_shape=[4, 4, 3], x_dtype="|u1", layout="hwc",
+        color="rgb", class_names=["a", "b"], fingerprint="f" * 16, heartbeat_s=0.5, max_message_bytes=1 << 20, shm=_ARENA),
     messages.Batch: messages.Batch(epoch=0, batch=1, steps=5, arrays=[["y", "<i8", [2]]],
                                    shm=messages.ShmRef(slot=1, arrays=[["x", "|u1", [2, 4, 4, 3]]])),
     messages.Heartbeat: messages.Heartbeat(),

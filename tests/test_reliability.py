@@ -20,7 +20,7 @@ import zmq
 
 from loader_client import BadSampleError, LoaderClient, WorkerCrashedError
 from loader_client.contract import protocol
-from loader_server.sampling import SamplingPlan
+from loader_client.contract.sampling import SamplingPlan
 
 from .conftest import alive, unique_label_list, wait_until
 

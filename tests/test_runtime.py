@@ -15,11 +15,11 @@ import pytest
 
 from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import Hello
+from loader_client.contract.sampling import SamplingPlan
 from loader_server.runtime.arenas import Arena, arena_slots
 from loader_server.runtime.bad_files import BadFiles
 from loader_server.runtime.sessions import Refusal, Session, StreamFacts, fingerprint_mismatch, open_session
 from loader_server.runtime.supervisor import Supervisor
-from loader_server.sampling import SamplingPlan
 
 #: The most credit a client may hold (README: "at most 64 batches of credit"), written out: a changed cap
 #: must fail here, not follow the code's constant.

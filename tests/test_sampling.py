@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loader_server.sampling import SamplingPlan
+from loader_client.contract.sampling import SamplingPlan, check_indices, substitute_sources
 
 
 def epoch_batches(plan: SamplingPlan, epoch: int, seed: int = 0, rank: int = 0, world: int = 1) -> list[np.ndarray]:
@@ -120,3 +120,35 @@ def test_random_draws_reach_both_ends_of_the_index() -> None:
         plan.batch(0, 4, seed=2)
     with pytest.raises(IndexError, match="^batch -1 is outside epoch of 4 batches$"):
         plan.batch(0, -1, seed=2)
+
+
+@pytest.mark.parametrize(("n", "world", "drop_last", "shuffle"), [(103, 4, False, True), (103, 4, True, True),
+                                                                   (10, 3, False, False), (7, 1, False, True)])
+def test_a_batch_is_its_slice_of_the_ranks_padded_share(n: int, world: int, drop_last: bool, shuffle: bool) -> None:
+    """Only a batch's own places are computed; they are the slice of the rank's share of the epoch order,
+    which keep-last pads by repeating the order from its start (as torch's DistributedSampler)."""
+    plan = SamplingPlan(n, 4, drop_last=drop_last, shuffle=shuffle)
+    order = plan.epoch_order(3, 1)
+    total = plan.samples_per_rank(world) * world
+    for rank in range(world):
+        share = np.resize(order, total)[rank:total:world]
+        got = np.concatenate(epoch_batches(plan, 1, seed=3, rank=rank, world=world))
+        np.testing.assert_array_equal(got, share[:len(got)])  # drop-last leaves out the last partial batch
+        lengths = [plan.batch_length(b, world) for b in range(plan.steps_per_epoch(world))]
+        assert lengths == [len(b) for b in epoch_batches(plan, 1, seed=3, rank=rank, world=world)]
+        assert all(n == 4 for n in lengths[:-1]) and 1 <= lengths[-1] <= 4
+
+
+def test_the_indices_of_a_batch_may_differ_from_the_plan_only_by_skip_modes_replacements() -> None:
+    owed = np.array([10, 11, 12, 13], np.int64)
+    assert check_indices(owed.copy(), owed) is None
+    assert substitute_sources([1, 2], 4) == {1: 3, 2: 3} and substitute_sources([3], 4) == {3: 0}
+    assert check_indices(np.array([10, 13, 13, 13]), owed) is None  # places 1 and 2 bad: the next good, 3
+    assert check_indices(np.array([10, 11, 12, 10]), owed) is None  # the last place: cyclically, the first
+    assert check_indices(np.array([10, 12, 12, 13]), owed) is None  # place 1 bad: the next good is place 2
+    problem = check_indices(np.array([10, 13, 12, 13]), owed)  # place 1 holds 3's sample, but 2 is good
+    assert problem == "1 of its 4 samples are not the ones owed: 13 at place 1 (owed 11)"
+    assert check_indices(np.array([20, 21, 22, 23]), owed) is not None  # another share's samples
+    assert check_indices(np.array([10, 11]), owed) == "2 sample indices where the plan gives 4"
+    with pytest.raises(ValueError):
+        substitute_sources([0, 1], 2)  # every place bad

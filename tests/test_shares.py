@@ -13,11 +13,11 @@ import pytest
 
 from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import Hello
+from loader_client.contract.sampling import SamplingPlan
 from loader_server.runtime.arenas import Arena, share_arena_slots
 from loader_server.runtime.autoscale import Autoscaler, ScalePolicy
 from loader_server.runtime.sessions import Session, StreamFacts, open_session
 from loader_server.runtime.shares import Share, ShareKey, ShareTerms
-from loader_server.sampling import SamplingPlan
 
 from .test_runtime import Clock, supervisor
 

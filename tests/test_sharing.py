@@ -85,6 +85,8 @@ def test_three_members_one_paused_each_get_every_epoch_once_in_order(
     members = [LoaderClient(server.endpoint, share="sweep", name=f"member-{i}", timeout_s=30) for i in range(3)]
     try:
         assert all(m.info["share"] == "sweep" for m in members)
+        # One arena for the three, each member's key in an entry of its own (on the same host).
+        assert all(m.shared_memory for m in members)
         got: list[list[tuple[int, int, list[int], str]]] = [[], [], []]
         held = []  # the paused member keeps its first batches (views of shared slots when on the same host)
         for _ in range(2):
@@ -213,7 +215,7 @@ def test_a_welcome_in_another_share_is_refused() -> None:
 
     start = ClientOptions(share="a").start()
     welcome = Welcome(num_samples=8, num_classes=2, batch_size=4, steps_per_epoch=2, rank=0, world_size=1, seed=0,
-                      epoch=0, batch=0, mode="epoch", in_order=True, drop_last=True, x_shape=[2, 2, 3], x_dtype="|u1",
+                      epoch=0, batch=0, mode="epoch", in_order=True, drop_last=True, shuffle=True, x_shape=[2, 2, 3], x_dtype="|u1",
                       layout="hwc", color="rgb", class_names=None, fingerprint="f", heartbeat_s=1.0,
                       max_message_bytes=1 << 20, share="b")
     with pytest.raises(ProtocolError, match="share 'b', not the asked 'a'"):

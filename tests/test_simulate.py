@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from loader_client import failover
-from loader_server.sampling import SamplingPlan
+from loader_client.contract.sampling import SamplingPlan
 from loader_server.simulation import FleetSpec, simulate
 
 SMALL = FleetSpec(hosts=8, ranks=32, seed=1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from loader_client import ConfigError, LoaderClient
-from loader_server.sampling import SamplingPlan
+from loader_client.contract.sampling import SamplingPlan
 
 from .conftest import unique_label_list
 

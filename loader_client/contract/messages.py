@@ -20,9 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .sampling import SamplingPlan
 from .schema import INT32_MAX, INT63_MAX, Message, item, spec
 
 __all__ = [
+    "ARENA_KEY_BYTES",
     "CLIENT_REQUESTS",
     "HANDSHAKE_REPLIES",
     "HEALTH_REPLIES",
@@ -64,6 +66,10 @@ MAX_RELEASE_SLOTS = 1024
 MAX_ARENA_SLOTS = 1024
 #: Largest cumulative wait or wall time (seconds) a client reports: about 31 years.
 MAX_REPORTED_S = 1e9
+#: Random bytes of the key a client gives for its arena (`Hello.shm_key`).
+ARENA_KEY_BYTES = 16
+#: Keys an arena holds after its last slot (one page of 32-byte entries): one per member of a share.
+MAX_ARENA_KEYS = 128
 _MAX_TEXT = 1 << 16  # error messages and tracebacks
 _FINGERPRINT_CHARS = 64
 
@@ -90,6 +96,10 @@ class Hello(Message):
     # Join the share of this name (server: runtime/shares.py): trainers asking for the same stream
     # (the same rank, world size, seed and augmentation) get every batch built once for all of them.
     share: str | None = spec(str, type(None), default=None, max_len=MAX_NAME_CHARS, text=True)
+    # With `shm`: fresh random bytes (hex) the server writes into the arena it creates for this
+    # stream, so that the client maps no arena but its own (`shm.open_arena`).
+    shm_key: str | None = spec(str, type(None), default=None, max_len=2 * ARENA_KEY_BYTES,
+                               pattern=f"[0-9a-f]{{{2 * ARENA_KEY_BYTES}}}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,8 @@ class ArenaHandle(Message):
     stride: int = spec(int, lo=1, hi=1 << 40)
     # The key to this arena on the server's descriptor channel (`shm.receive_arena`): hex of 16 random bytes.
     token: str | None = spec(str, type(None), default=None, max_len=64, text=True)
+    # Where this client's key is in the arena's key table (a share's arena holds one per member).
+    key_slot: int = spec(int, lo=0, hi=MAX_ARENA_KEYS - 1, default=0)
 
     @property
     def path(self) -> str:
@@ -188,6 +200,7 @@ class Welcome(Message):
     mode: str = spec(str, max_len=16, text=True)
     in_order: bool = spec(bool)
     drop_last: bool = spec(bool)
+    shuffle: bool = spec(bool)
     x_shape: list[int] = spec(list, max_len=8, items=item(int, lo=0, hi=1 << 40))
     x_dtype: str = spec(str, max_len=8, text=True)
     layout: str = spec(str, max_len=8, text=True)
@@ -198,6 +211,12 @@ class Welcome(Message):
     max_message_bytes: int = spec(int, lo=1, hi=1 << 40)
     shm: ArenaHandle | None = spec(dict, type(None), default=None, nested=ArenaHandle)
     share: str | None = spec(str, type(None), default=None, max_len=MAX_NAME_CHARS, text=True)  # the share joined
+
+    def plan(self) -> SamplingPlan:
+        """The sampling plan these settings describe: which samples each batch of the stream holds
+        (keeping the orders of two epochs: a stream spans two at most)."""
+        return SamplingPlan(self.num_samples, self.batch_size, mode=self.mode, shuffle=self.shuffle,
+                            drop_last=self.drop_last, steps_per_epoch=self.steps_per_epoch, orders_kept=2)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Typed message schemas: each message is a frozen dataclass whose fields say what they accept.
 
 A message class declares its wire type (``TYPE``) and its fields with `spec`: the types a
-value may have, its integer range, its length, and whether it is text a person will read
-(printable, no control characters). `decode` builds a message from a received header and
+value may have, its range (a float must also be finite: NaN passes every comparison, so it is
+refused, as are infinities), its length, whether it is text a person will read (printable, no
+control characters), and a pattern a string must match. `decode` builds a message from a received header and
 checks every field at the boundary, so a value that passes here also fits everything it later
 reaches (a system call, a 64-bit key, a log line). `encode` is the inverse. Both ends of a
 socket use the same class, so a field is defined once.
@@ -14,6 +15,9 @@ Nested maps are messages too (`spec(nested=...)`), and lists declare the spec of
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -52,14 +56,15 @@ class Spec:
     text: bool = False  # a str shown to people: printable, no control characters
     items: Spec | None = None  # a list's items
     nested: type[Message] | None = None  # a map that is itself a message
+    pattern: str | None = None  # a str must match this regular expression whole
 
 
 def spec(*types: type, default: Any = _MISSING, default_factory: Any = _MISSING, lo: int | float | None = None,
          hi: int | float | None = None,
          max_len: int | None = None, text: bool = False, items: Spec | None = None,
-         nested: type[Message] | None = None) -> Any:
+         nested: type[Message] | None = None, pattern: str | None = None) -> Any:
     """A dataclass field with its wire spec (and an optional default)."""
-    s = Spec(tuple(types), lo, hi, max_len, text, items, nested)
+    s = Spec(tuple(types), lo, hi, max_len, text, items, nested, pattern)
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"spec": s})
     if default is _MISSING:
@@ -160,6 +165,8 @@ def _check(value: Any, s: Spec, where: str) -> Any:
             raise ProtocolError(f"{where} must be {_names(s.types)}, got {type(value).__name__}")
     if value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every range comparison
+        raise ProtocolError(f"{where} must be a finite number, got {_show(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if (s.lo is not None and value < s.lo) or (s.hi is not None and value > s.hi):
             raise ProtocolError(f"{where} must be between {s.lo} and {s.hi}, got {_show(value)}")
@@ -167,11 +174,18 @@ def _check(value: Any, s: Spec, where: str) -> Any:
         raise ProtocolError(f"{where} is longer than {s.max_len}")
     if isinstance(value, str) and s.text and not is_printable(value):
         raise ProtocolError(f"{where} holds control characters: {_show(value)}")
+    if isinstance(value, str) and s.pattern is not None and not _compiled(s.pattern).fullmatch(value):
+        raise ProtocolError(f"{where} must match {s.pattern}, got {_show(value)}")
     if isinstance(value, dict) and s.nested is not None:
         return decode_fields(s.nested, value, where)
     if isinstance(value, list) and s.items is not None:
         return [_check(v, s.items, f"{where} item") for v in value]
     return value
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 def _names(types: tuple[type, ...]) -> str:

@@ -10,7 +10,13 @@ The client trusts none of what the server says about the arena. `open_arena` bui
 path ``/proc/<pid>/fd/<fd>`` from two integers of the welcome (never a path the server sent),
 and after opening checks what the descriptor really is: a memfd (its link reads
 ``/memfd:...``, and ``F_GET_SEALS`` succeeds, which it does only on a memfd), a regular file
-with the announced inode, large enough for every slot, and sealed against shrinking. Linux
+with the announced inode, large enough for every slot, and sealed against shrinking. And that
+it is this stream's own: the client's hello carries a fresh random key (`Hello.shm_key`) that
+the server writes after the last slot (`ARENA_KEY_MAGIC` + the key) before it seals the arena,
+and an arena without that key is refused. Inodes and fd numbers are easy to guess, and a
+lying server could announce another trainer's arena that this client can open (same uid); it
+cannot write this client's key into it, and reading another session's welcome or hello tells
+it nothing that helps (each key is one client's, for one stream). Linux
 lets only the same user (or a process allowed to ptrace the server) open another process's
 fd. A client that cannot (another user, another PID namespace: a trainer in another
 container) asks for the descriptor itself with `receive_arena`, on the server's channel beside
@@ -24,10 +30,12 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import hmac
 import math
 import mmap
 import os
 import re
+import secrets
 import socket
 import stat
 from typing import Any
@@ -35,20 +43,25 @@ from typing import Any
 import numpy as np
 
 from .errors import ProtocolError
-from .messages import ArenaHandle
+from .messages import ARENA_KEY_BYTES, MAX_ARENA_KEYS, ArenaHandle
 from .protocol import ALLOWED_DTYPES
 
 __all__ = [
     "ARENA_CHANNEL_REQUEST",
+    "ARENA_KEY_ENTRY",
+    "ARENA_KEY_MAGIC",
     "ARENA_SEALS",
     "ARENA_TOKEN_BYTES",
     "MAX_ARENA_NAME",
     "Arena",
     "arena_channel_path",
+    "arena_key",
     "create_arena",
+    "new_arena_key",
     "open_arena",
     "receive_arena",
     "shm_available",
+    "write_arena_key",
 ]
 
 _PAGE = mmap.PAGESIZE
@@ -63,6 +76,18 @@ ARENA_CHANNEL_REQUEST = b"loader-arena "
 ARENA_TOKEN_BYTES = 16
 #: Room for more descriptors than the one expected, so that extra ones are seen (and closed).
 _MAX_PASSED_FDS = 4
+#: Written after an arena's last slot, followed by its client's key.
+ARENA_KEY_MAGIC = b"loader-arena-key"
+
+
+def new_arena_key() -> str:
+    """A fresh key for one stream's arena (hex), sent in its hello."""
+    return secrets.token_hex(ARENA_KEY_BYTES)
+
+
+def arena_key(text: str | None) -> bytes | None:
+    """The bytes of a hello's `shm_key` (its schema checked the hex), or None."""
+    return None if text is None else bytes.fromhex(text)
 
 
 def arena_channel_path(ipc_path: str) -> str:
@@ -81,18 +106,34 @@ def arena_name(name: str) -> str:
     return _UNSAFE_NAME_CHARS.sub("_", name)[:MAX_ARENA_NAME] or "arena"
 
 
-def create_arena(name: str, slots: int, slot_bytes: int) -> tuple[int, int]:
+#: One entry of an arena's key table: `ARENA_KEY_MAGIC` and a client's key.
+ARENA_KEY_ENTRY = len(ARENA_KEY_MAGIC) + ARENA_KEY_BYTES
+assert MAX_ARENA_KEYS * ARENA_KEY_ENTRY <= _PAGE
+
+
+def write_arena_key(fd: int, slots: int, stride: int, key_slot: int, key: bytes | None) -> None:
+    """Write `key` (None: erase) into entry `key_slot` of the key table after an arena's last slot."""
+    if not 0 <= key_slot < MAX_ARENA_KEYS:
+        raise ValueError(f"an arena has key slots 0 to {MAX_ARENA_KEYS - 1}, not {key_slot}")
+    entry = ARENA_KEY_MAGIC + key if key is not None else bytes(ARENA_KEY_ENTRY)
+    os.pwrite(fd, entry, stride * slots + key_slot * ARENA_KEY_ENTRY)
+
+
+def create_arena(name: str, slots: int, slot_bytes: int, *, key: bytes | None = None) -> tuple[int, int]:
     """Create a sealed arena of `slots` page-aligned slots; returns (fd, slot stride in bytes).
 
-    The memfd is sized, then sealed against shrinking, growing and further sealing, before
-    its fd is announced to anyone. `name` (a client may choose part of it) is sanitised.
+    The memfd is sized (one page more than the slots), its client's `key` written after the
+    last slot, then sealed against shrinking, growing and further sealing, before its fd is
+    announced to anyone. `name` (a client may choose part of it) is sanitised.
     """
     if not (isinstance(slots, int) and slots >= 1):
         raise ValueError(f"an arena needs at least one slot, got {slots!r}")
     stride = math.ceil(max(slot_bytes, 1) / _PAGE) * _PAGE
     fd = os.memfd_create(arena_name(name), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, stride * slots)
+        os.ftruncate(fd, stride * slots + _PAGE)
+        if key is not None:
+            write_arena_key(fd, slots, stride, 0, key)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
     except OSError:
         os.close(fd)
@@ -100,13 +141,13 @@ def create_arena(name: str, slots: int, slot_bytes: int) -> tuple[int, int]:
     return fd, stride
 
 
-def open_arena(handle: ArenaHandle, *, writable: bool = True) -> Arena | None:
-    """Map the arena `handle` announces, after checking it is that sealed memfd.
+def open_arena(handle: ArenaHandle, key: bytes, *, writable: bool = True) -> Arena | None:
+    """Map the arena `handle` announces, after checking it is that sealed memfd, holding `key`.
 
     Returns None when this process may not open the descriptor at all (another user, another
     pid namespace): the caller falls back to frames. Raises `ProtocolError` when what it
     opened is not the announced arena (a regular file, a pipe, a memfd that is not sealed
-    against shrinking, the wrong inode, too small).
+    against shrinking, the wrong inode, too small, without this stream's key).
     """
     path = handle.path  # built from two integers, never a path the server sent
     try:
@@ -121,13 +162,13 @@ def open_arena(handle: ArenaHandle, *, writable: bool = True) -> Arena | None:
     except OSError:
         return None
     try:
-        _check_is_arena(fd, handle)
+        _check_is_arena(fd, handle, key)
         return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=path)
     finally:
         os.close(fd)
 
 
-def receive_arena(channel_path: str, handle: ArenaHandle, *, timeout_s: float, server_uid: int | None,
+def receive_arena(channel_path: str, handle: ArenaHandle, key: bytes, *, timeout_s: float, server_uid: int | None,
                   writable: bool = True) -> Arena | None:
     """Ask the server's arena channel at `channel_path` for the arena `handle` announces, and map it.
 
@@ -158,7 +199,7 @@ def receive_arena(channel_path: str, handle: ArenaHandle, *, timeout_s: float, s
             return None
         fd = fds.pop()
         try:
-            _check_is_arena(fd, handle, where=f"the shared-memory arena passed by {channel_path}")
+            _check_is_arena(fd, handle, key, where=f"the shared-memory arena passed by {channel_path}")
             return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=channel_path)
         finally:
             os.close(fd)
@@ -182,7 +223,7 @@ def _passed_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def _check_is_arena(fd: int, handle: ArenaHandle, *, where: str | None = None) -> None:
+def _check_is_arena(fd: int, handle: ArenaHandle, key: bytes, *, where: str | None = None) -> None:
     where = where or f"the shared-memory arena announced as {handle.path}"
     target = os.readlink(f"/proc/self/fd/{fd}")
     if not target.startswith("/memfd:"):
@@ -206,6 +247,11 @@ def _check_is_arena(fd: int, handle: ArenaHandle, *, where: str | None = None) -
     if info.st_size < needed:
         raise ProtocolError(f"{where} holds {info.st_size} bytes, but {handle.slots} slots of {handle.stride} "
                             f"need {needed}")
+    entry = os.pread(fd, ARENA_KEY_ENTRY, needed + handle.key_slot * ARENA_KEY_ENTRY)
+    if len(key) != ARENA_KEY_BYTES or not hmac.compare_digest(entry, ARENA_KEY_MAGIC + key):
+        raise ProtocolError(f"{where} does not hold the key this client gave for its own arena: it is not this "
+                            "stream's (another trainer's arena, or a server that does not bind arenas to their "
+                            "client), so it is not mapped")
 
 
 class Arena:

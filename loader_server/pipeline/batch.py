@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from loader_client.contract.normalize import Normalization
+from loader_client.contract.sampling import substitute_sources
 
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
 from ..data.batch_spec import BatchSpec, batch_spec
@@ -179,12 +180,12 @@ def _substitute(bad: list[int], staging: np.ndarray, labels: np.ndarray, index: 
     Deterministic: it depends only on the batch, so any worker count gives the same result.
     `index` then names the sample really delivered in each place.
     """
-    n = len(labels)
-    bad_set = set(bad)
-    if len(bad_set) == n:
-        raise DecodeError(first.path, f"{first.reason}; and every other sample of its batch is bad too", "all_bad")
-    for slot in bad:
-        j = next((slot + k) % n for k in range(1, n) if (slot + k) % n not in bad_set)
+    try:
+        sources = substitute_sources(bad, len(labels))  # the rule the client checks the indices against
+    except ValueError:
+        raise DecodeError(first.path, f"{first.reason}; and every other sample of its batch is bad too",
+                          "all_bad") from None
+    for slot, j in sources.items():
         staging[slot] = staging[j]
         labels[slot] = labels[j]
         index[slot] = index[j]

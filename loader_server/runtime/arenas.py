@@ -30,8 +30,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from loader_client.contract.errors import ProtocolError
-from loader_client.contract.messages import MAX_ARENA_SLOTS, ArenaHandle
-from loader_client.contract.shm import ARENA_CHANNEL_REQUEST, ARENA_TOKEN_BYTES, create_arena
+from loader_client.contract.messages import MAX_ARENA_KEYS, MAX_ARENA_SLOTS, ArenaHandle
+from loader_client.contract.shm import (
+    ARENA_CHANNEL_REQUEST,
+    ARENA_TOKEN_BYTES,
+    arena_key,
+    create_arena,
+    write_arena_key,
+)
 
 from ..logs import Throttle
 from .transport import start_janitor
@@ -87,6 +93,7 @@ class Arena:
     channel: ArenaChannel | None = None  # offers the descriptor to the session's client under `token`
     token: str | None = None
     tokens: list[str] = field(default_factory=list)  # every token offered (one per client of a shared arena)
+    key_slots: dict[bytes, int] = field(default_factory=dict)  # a share's members: client -> its key's entry
 
     def take(self) -> int | None:
         """A free slot for a new batch, kept by the server (the most recently freed: fewer distinct
@@ -115,8 +122,23 @@ class Arena:
             self.with_clients[s].discard(client)
             self._settle(s)
 
+    def add_key(self, client: bytes, key: str | None) -> int | None:
+        """Write `client`'s hello key (hex) into a free entry of the key table; its entry, or None
+        when the client gave no key or every entry is taken (that client then takes frames)."""
+        raw = arena_key(key)
+        used = set(self.key_slots.values())
+        free = next((k for k in range(MAX_ARENA_KEYS) if k not in used), None)
+        if raw is None or free is None:
+            return None
+        write_arena_key(self.fd, self.slots, self.stride, free, raw)
+        self.key_slots[client] = free
+        return free
+
     def forget(self, client: bytes) -> None:
-        """`client` left: the slots it still held are never reused (module doc)."""
+        """`client` left: the slots it still held are never reused (module doc), its key is erased."""
+        key_slot = self.key_slots.pop(client, None)
+        if key_slot is not None:
+            write_arena_key(self.fd, self.slots, self.stride, key_slot, None)
         for slot, holders in self.with_clients.items():
             if client in holders:
                 holders.discard(client)
@@ -141,9 +163,9 @@ class Arena:
         self.tokens.append(token)
         return token
 
-    def handle(self, token: str | None = None) -> ArenaHandle:
+    def handle(self, token: str | None = None, key_slot: int = 0) -> ArenaHandle:
         return ArenaHandle(id=self.id, pid=os.getpid(), fd=self.fd, inode=self.inode, slots=self.slots,
-                           stride=self.stride, token=token or self.token)
+                           stride=self.stride, token=token or self.token, key_slot=key_slot)
 
     @property
     def nbytes(self) -> int:
@@ -157,11 +179,16 @@ class Arena:
 
 
 def new_arena(arena_id: int, slots: int, slot_bytes: int, channel: ArenaChannel | None = None,
-              throttle: Throttle | None = None) -> Arena | None:
+              throttle: Throttle | None = None, *, key: str | None = None) -> Arena | None:
     """A fresh arena, or None (logged, through `throttle` when given) where shared memory cannot be had;
-    offered on `channel` if given."""
+    offered on `channel` if given.
+
+    `key` (the client's `Hello.shm_key`, hex) is written into its first key slot, so that its
+    client can tell it from every other arena (`loader_client.contract.shm.open_arena`); a share's
+    arena takes each member's key in a slot of its own (`Arena.add_key`).
+    """
     try:
-        fd, stride = create_arena(f"loader-arena-{arena_id}", slots, slot_bytes)
+        fd, stride = create_arena(f"loader-arena-{arena_id}", slots, slot_bytes, key=arena_key(key))
     except OSError as exc:
         (throttle or Throttle(log)).warning("no-shm", "no shared memory for a client (%s); sending frames over the "
                                             "socket", exc)

@@ -28,6 +28,7 @@ import numpy as np
 from loader_client.contract import protocol
 from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
+from loader_client.contract.sampling import SamplingPlan
 from loader_client.contract.schema import Message, encode
 from loader_client.contract.shm import Arena as Mapping
 from loader_client.contract.shm import shm_available
@@ -38,7 +39,6 @@ from ..data.classes import count_classes
 from ..data.datasets import Dataset
 from ..logs import Throttle
 from ..metrics import Metrics
-from ..sampling import SamplingPlan
 from .arenas import Arena, ArenaChannel, arena_slots, new_arena, share_arena_slots
 from .bad_files import BadFiles
 from .outgoing import OutOfRange, checked, checked_encode
@@ -80,6 +80,7 @@ class Client:
     arena: Arena | None = None
     share: ShareKey | None = None
     arena_token: str | None = None  # this client's key to its share's arena on the arena channel
+    arena_key_slot: int = 0  # where its hello's key is in its share's arena
     peer: str = "?"  # who it is for the per-peer bound: the CURVE key, the address (and user), or the uid
 
 
@@ -153,7 +154,8 @@ class Delivery:
             self.error(identity, opened.kind, opened.message)
             return
         client = Client(identity, opened, {}, peer=peer)
-        wants_shm = hello.shm and self.config.shm and shm_available()
+        # Shared memory only for a hello with its key (written into the arena: the client maps no other).
+        wants_shm = hello.shm and hello.shm_key is not None and self.config.shm and shm_available()
         if hello.share is not None:
             shared = self._join_share(client, hello, wants_shm)
             if shared is None:
@@ -161,7 +163,7 @@ class Delivery:
         elif wants_shm:
             client.arena = new_arena(self._new_arena_id(),
                                      arena_slots(self.config.prefetch_batches, hello.credit),
-                                     self.spec.batch_bytes, self.arena_channel, self.log)
+                                     self.spec.batch_bytes, self.arena_channel, self.log, key=hello.shm_key)
         try:
             welcome = checked_encode(self._welcome(client, hello))
         except OutOfRange as exc:  # the session cannot be described on the wire: refuse it, naming why
@@ -205,8 +207,10 @@ class Delivery:
             shared.arena = new_arena(self._new_arena_id(),
                                      share_arena_slots(self.config.prefetch_batches, shared.share.window),
                                      self.spec.batch_bytes, self.arena_channel, self.log)
-        if wants_shm and shared.arena is not None:
+        key_slot = shared.arena.add_key(client.identity, hello.shm_key) if wants_shm and shared.arena else None
+        if shared.arena is not None and key_slot is not None:
             client.arena, client.arena_token = shared.arena, shared.arena.offer()
+            client.arena_key_slot = key_slot
             shared.members_shm.add(client.identity)
         client.share = key
         shared.share.join(client.identity, s.next_send)
@@ -217,11 +221,12 @@ class Delivery:
         return Welcome(
             num_samples=len(self.index), num_classes=self.num_classes, batch_size=spec.batch_size,
             steps_per_epoch=s.steps, rank=s.rank, world_size=s.world_size, seed=s.seed, epoch=hello.epoch,
-            batch=hello.batch, mode=c.mode, in_order=c.in_order, drop_last=c.drop_last, x_shape=list(spec.x_shape),
-            x_dtype=spec.x_dtype, layout=spec.layout, color=spec.color,
+            batch=hello.batch, mode=c.mode, in_order=c.in_order, drop_last=c.drop_last, shuffle=c.shuffle,
+            x_shape=list(spec.x_shape), x_dtype=spec.x_dtype, layout=spec.layout, color=spec.color,
             class_names=list(self.index.class_names) if self.index.class_names else None,
             fingerprint=self.fingerprint, heartbeat_s=c.heartbeat_s, max_message_bytes=c.max_message_bytes,
-            shm=client.arena.handle(client.arena_token) if client.arena else None, share=hello.share)
+            shm=client.arena.handle(client.arena_token, client.arena_key_slot) if client.arena else None,
+            share=hello.share)
 
     def drop(self, identity: bytes, why: str, *, reopening: bool = False) -> None:
         """End a session: its tasks are cancelled, its batches and arena dropped (a share's arena stays

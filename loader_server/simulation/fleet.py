@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from loader_client.contract.sampling import SamplingPlan
+
 from ..runtime.sessions import StreamFacts
-from ..sampling import SamplingPlan
 from .clock import Clock
 from .hosts import Payload, SimHost, Wire
 from .ranks import SimRank

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loader_client.contract.messages import Hello
+from loader_client.contract.sampling import SamplingPlan
 
 from ..runtime.sessions import Refusal, Session, StreamFacts, open_session
 from ..runtime.supervisor import TASKS_PER_WORKER, fair_next
-from ..sampling import SamplingPlan
 from .clock import Clock
 
 if TYPE_CHECKING:
