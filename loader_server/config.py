@@ -345,7 +345,10 @@ class ServerConfig:
         _at_least("max_message_bytes", self.max_message_bytes, 1)
         self._validate_cache()
         if not self.bind.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
+            from loader_client.endpoints import missing_scheme_hint
+
+            raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}"
+                              f"{missing_scheme_hint(self.bind)}")
         if not is_local_bind(self.bind) and not self.curve_dir and not self.insecure:
             raise ConfigError(
                 f"`bind` {self.bind} is reachable from the network: pass --curve-dir DIR to encrypt and "
