@@ -327,7 +327,7 @@ class Server:
             "workers": self.supervisor.describe(), "worker_restarts": dict(self.metrics.worker_restarts),
             "errors_by_reason": dict(self.metrics.errors), "bad_files": len(self.delivery.bad.files),
             "clients": [{**c.session.describe(), "shared_memory": c.arena is not None} for c in clients],
-            "batch_build_seconds": {"counts": list(self.metrics.build_counts), "sum_s": self.metrics.build_sum_s},
+            "batch_build_seconds": self.metrics.build_histogram(),
             "fingerprint": self.fingerprint,
             **({"cache": self.cache.stats()} if self.cache is not None else {}),
         }

@@ -80,9 +80,13 @@ def test_stats_from_client_and_command(start_server: Any, tmp_path: Path) -> Non
         assert [c["name"] for c in srv["clients"]] == ["trainer-a"]
         assert len(srv["workers"]) == 2 and all(w["state"] in ("busy", "idle") for w in srv["workers"])
         assert all(0 <= w["busy_fraction"] <= 1 for w in srv["workers"])
+        build = srv["batch_build_seconds"]  # each count with its bucket's upper bound, as Prometheus's `le`
+        assert len(build["le_s"]) == len(build["counts"]) and build["le_s"][-1] == "+Inf"
+        assert build["le_s"][:-1] == sorted(build["le_s"][:-1]) and sum(build["counts"]) >= 12
         result = cli("stats", server.endpoint)
         assert result.returncode == 0
-        assert json.loads(result.stdout)["clients"][0]["name"] == "trainer-a"
+        printed = json.loads(result.stdout)
+        assert printed["clients"][0]["name"] == "trainer-a" and printed["batch_build_seconds"]["le_s"][0] == 0.005
     assert server_stats(server.endpoint)["errors_by_reason"] == {}
     missing = cli("stats", f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.5")
     assert missing.returncode == 1 and "no stats answer" in missing.stderr
