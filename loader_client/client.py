@@ -10,6 +10,7 @@ in a `ClientOptions` (`loader_client.options`); the streams take them as they ar
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Generator, Iterator, Sequence
 from typing import Any, TypeAlias
@@ -63,7 +64,8 @@ class LoaderClient:
     socket when that is not possible. `normalize=True` (with optional per-channel `mean`/`std`)
     turns uint8 batches into float32 ``(x / 255 - mean) / std`` on this host's background
     thread, keeping uint8 on the wire. `log_epochs=True` logs one line per epoch with the time
-    the trainer waited for data. `augment=False` asks for no augmentation (a validation stream
+    the trainer waited for data (on stderr when Python logging is not configured to show INFO lines
+    of the ``loader_client`` logger). `augment=False` asks for no augmentation (a validation stream
     from a training server). `name` is how the server's log names this client.
 
     A list of endpoints merges several servers (see `loader_client.hosts`; `merge` says how,
@@ -144,8 +146,12 @@ class LoaderClient:
         self._epoch_mark = (now, self.wait_s, self.batches_taken)
         if self.log_epochs:
             wall, wait = now - started, self.wait_s - waited
-            _log.info("epoch %d: %d batches in %.1f s; waited %.2f s for data (%.1f%% stall)",
-                      epoch, self.batches_taken - taken, wall, wait, 100 * wait / max(wall, 1e-9))
+            line = (f"epoch {epoch}: {self.batches_taken - taken} batches in {wall:.1f} s; waited {wait:.2f} s for "
+                    f"data ({100 * wait / max(wall, 1e-9):.1f}% stall)")
+            if _log.hasHandlers() and _log.isEnabledFor(logging.INFO):
+                _log.info("%s", line)
+            else:  # asked for, but logging would drop it (not configured, or above INFO): say it anyway
+                print(f"loader_client: {line}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ where the stream is
     @property

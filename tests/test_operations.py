@@ -147,6 +147,21 @@ def test_client_logs_one_line_per_epoch(start_server: Any, tmp_path: Path, caplo
     assert len(lines) == 2 and lines[0].startswith("epoch 0: 4 batches in") and "% stall" in lines[0]
 
 
+def test_log_epochs_prints_without_logging_configured(start_server: Any, tmp_path: Path) -> None:
+    """A script that never configures logging still sees the line it asked for, on stderr."""
+    listfile = unique_label_list(tmp_path / "data", 16)
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
+    script = ("import sys\nfrom loader_client import LoaderClient\n"
+              "with LoaderClient(sys.argv[1], timeout_s=20, log_epochs=True) as client:\n"
+              "    for _ in range(2):\n        list(client.epoch())\n")
+    result = subprocess.run([sys.executable, "-c", script, server.endpoint], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("loader_client: epoch")]
+    assert len(lines) == 2 and lines[1].startswith("loader_client: epoch 1: 4 batches in"), result.stderr
+    assert "% stall" in lines[0]
+
+
 def _snapshot(**overrides: Any) -> dict[str, Any]:
     """A stats snapshot as the server publishes it (the fields the exposition reads)."""
     snap: dict[str, Any] = {
