@@ -200,14 +200,35 @@ def fit(model: Any, stream: KerasStream, *, epochs: int, initial_epoch: int | No
     start = stream.position[0] if initial_epoch is None else initial_epoch
     if stream.position[1] == 0 or start >= epochs:
         return model.fit(stream, epochs=epochs, initial_epoch=start, **fit_kwargs)
-    first = model.fit(stream, epochs=start + 1, initial_epoch=start, **fit_kwargs)
+    callbacks = fit_kwargs.pop("callbacks", None)
+    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [] if callbacks is None else callbacks
+    shown = [_TotalEpochs(epochs), *callbacks] if isinstance(callbacks, list) else callbacks
+    first = model.fit(stream, epochs=start + 1, initial_epoch=start, callbacks=shown, **fit_kwargs)
     if getattr(model, "stop_training", False) or start + 1 >= epochs:
         return first
     stream._len_read_between = True  # a new fit: Keras reads the whole-epoch length again
-    rest = model.fit(stream, epochs=epochs, initial_epoch=start + 1, **fit_kwargs)
+    rest = model.fit(stream, epochs=epochs, initial_epoch=start + 1, callbacks=callbacks, **fit_kwargs)
     rest.epoch = list(first.epoch) + list(rest.epoch)
     rest.history = {k: list(first.history.get(k, [])) + list(v) for k, v in rest.history.items()}
     return rest
+
+
+class _TotalEpochs(keras.callbacks.Callback):  # type: ignore[misc]
+    """Keras's progress bar counts the epochs of the whole run during `fit`'s first ``model.fit`` (the rest
+    of a resumed epoch): ``Epoch 2/3`` then ``Epoch 3/3``, not ``Epoch 2/2`` then ``Epoch 3/3``.
+
+    Callbacks share one `params` dict and the progress bar is added after the caller's callbacks, so
+    setting ``epochs`` here, first, is what it reads; the training loop keeps its own count.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        if params:
+            params["epochs"] = self.epochs
+        super().set_params(params)
 
 
 class EvaluateEachEpoch(keras.callbacks.Callback):  # type: ignore[misc]

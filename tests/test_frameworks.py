@@ -208,6 +208,27 @@ def test_keras_resume_mid_epoch_keeps_keras_epochs_on_server_epochs(start_server
             recorder_model(n, []).fit(KerasStream(client), epochs=3, verbose=0)
 
 
+# Keras's progress bar turns the torch loss into numpy with np.array(tensor), which numpy 2 warns about
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_keras_resumed_fit_counts_epochs_of_the_whole_run(start_server: Any, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A run resumed in epoch 2 of 3 shows `Epoch 2/3`, `Epoch 3/3` (not `Epoch 2/2`, `Epoch 3/3`)."""
+    from loader_client.keras import KerasStream, fit
+
+    n = 24
+    listfile = unique_label_list(tmp_path / "data", n, size=(8, 8))
+    server = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--seed", "3")
+    capsys.readouterr()
+    with LoaderClient(server.endpoint, timeout_s=30, state={"epoch": 1, "batch": 1, "seed": 3}) as client:
+        model = keras.Sequential([keras.Input(client.x_shape), keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(n, activation="softmax")])
+        model.compile("adam", "sparse_categorical_crossentropy")
+        history = fit(model, KerasStream(client), epochs=3, verbose=2)
+    shown = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("Epoch ")]
+    assert shown == ["Epoch 2/3", "Epoch 3/3"], shown
+    assert history.epoch == [1, 2]
+
+
 def test_keras_validation_stream_scores_every_sample_every_epoch(start_server: Any, tmp_path: Path) -> None:
     from loader_client import server_stats
     from loader_client.keras import KerasStream
