@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +21,17 @@ from loader_client import LoaderClient  # noqa: E402
 from .conftest import color_classes, unique_label_list  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_keras_adapter_imports_without_keras_backend(tmp_path: Path) -> None:
+    """No KERAS_BACKEND and no keras.json: an installed backend is chosen (not a missing tensorflow)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME")}
+    env["HOME"] = str(tmp_path)  # no ~/.keras/keras.json
+    script = "import loader_client.keras, keras; print(keras.backend.backend())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = "tensorflow" if importlib.util.find_spec("tensorflow") else "torch"
+    assert result.stdout.split()[-1] == expected
 
 
 def reference_epochs(endpoint: str, epochs: int) -> list[list[np.ndarray]]:
