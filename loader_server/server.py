@@ -43,6 +43,7 @@ from loader_client.contract.shm import arena_channel_path, shm_available
 
 from .config import ServerConfig
 from .data.batch_spec import BatchSpec, batch_spec
+from .data.classes import negative_labels_note
 from .data.datasets import Dataset
 from .metrics import Metrics, serve_metrics
 from .pipeline.cache import open_cache
@@ -117,6 +118,9 @@ class Server:
             log.info("serving %d samples from %s on %s: %d workers, batch %d, %d steps per epoch, settings %s",
                      len(self.index), self.index.source, self.config.bind, self.config.workers,
                      self.spec.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config))
+            note = negative_labels_note(self.index)
+            if note:
+                log.warning("%s", note)
             self._loop()
             self.delivery.goodbye(self._stopping or "the server was stopped")
         finally:

@@ -256,3 +256,18 @@ def test_bench_refuses_unknown_names_and_lists_the_choices() -> None:
     assert "unknown --extras value 'nope'" in result.stderr and "stall" in result.stderr
     assert "curve" in result.stderr and "Traceback" not in result.stderr
     assert not Path("unused").exists()
+
+
+def test_a_negative_label_is_said_out_loud(start_server: Any, tmp_path: Path) -> None:
+    """A -1 label (an unlabelled sample, often) leaves num_classes None: the server says why, naming the file."""
+    listfile = unique_label_list(tmp_path / "data", 8)
+    lines = listfile.read_text().splitlines()
+    lines[5] = lines[5].rsplit(" ", 1)[0] + " -1"
+    listfile.write_text("\n".join(lines) + "\n")
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        assert client.num_classes is None
+    warning = [line for line in server.log_text().splitlines() if "negative label" in line]
+    assert len(warning) == 1 and "WARNING" in warning[0], server.log_text()
+    assert "img/00005.png, label -1" in warning[0] and "1 of 8 samples" in warning[0]
+    assert "client.num_classes is None" in warning[0]
