@@ -2,8 +2,10 @@
 
 `open_stream` connects a fresh socket, sends a `Hello`, and waits up to `timeout_s` for the
 `Welcome` (heartbeats may come first; an `Error` or `Goodbye` raises at once; a failed CURVE
-handshake shows up on the socket monitor and raises `AuthenticationError` at once). When the
-wait expires, the error names the real cause (`endpoints.why_silent`). The welcome is
+handshake shows up on the socket monitor and raises `AuthenticationError` at once). A server
+still silent after `WAIT_GRACE_S` gets one warning naming the real cause (`endpoints.why_silent`:
+no socket file, connection refused, no DNS answer), and the wait goes on, for a server that
+starts late; when it expires, the error names the cause again. The welcome is
 checked for consistency with what was asked (`check_welcome`). An arena is opened only when
 this client asked for one, on a same-host endpoint; one that this process cannot open makes
 it start over on a fresh socket (a new identity, so nothing of the first stream can arrive
@@ -31,7 +33,7 @@ from .endpoints import Endpoint, why_silent
 from .options import ClientOptions, Start
 from .wire import Ctx, Sock
 
-__all__ = ["BYE_LINGER_MS", "Opened", "check_welcome", "open_stream"]
+__all__ = ["BYE_LINGER_MS", "WAIT_GRACE_S", "Opened", "check_welcome", "open_stream"]
 
 _log = logging.getLogger("loader_client")
 _counter = itertools.count()
@@ -40,6 +42,8 @@ _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAK
 _HANDSHAKE_FAILURES_TEXT: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
                             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security mechanism mismatch",
                             zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed"}
+#: How long a client waits for a welcome before it logs, once, why the server does not answer (and waits on).
+WAIT_GRACE_S = 2.0
 #: How long a goodbye may take to leave when a socket closes.
 BYE_LINGER_MS = 200
 _LAYOUTS = ("hwc", "chw")
@@ -159,13 +163,22 @@ def _close_monitor(sock: Sock, monitor: Sock | None) -> None:
 def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: ClientOptions) -> Welcome:
     curve = bool(options.server_public_key)
     peer = f"the loader server at {endpoint}"
-    deadline = time.monotonic() + options.timeout_s
+    started = time.monotonic()
+    deadline = started + options.timeout_s
+    said_why = started + WAIT_GRACE_S >= deadline  # a wait shorter than the grace period ends in the error
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
     while True:
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        ready = dict(poller.poll(max(0, remaining_ms)))
+        now = time.monotonic()
+        if not said_why and now >= started + WAIT_GRACE_S:
+            said_why = True  # once: the server may start late, and the wait goes on to timeout_s
+            _log.warning("still waiting for %s (up to timeout_s=%g s): %s", peer, options.timeout_s,
+                         why_silent(endpoint, now - started))
+        wake = deadline if said_why else min(deadline, started + WAIT_GRACE_S)
+        ready = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000))))
+        if not ready and time.monotonic() < deadline:
+            continue
         if monitor in ready:
             event = int(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
             raise AuthenticationError(
