@@ -18,9 +18,10 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from .contract.endpoint_text import missing_scheme_hint
 from .contract.errors import EndpointError
 
-__all__ = ["Endpoint", "missing_scheme_hint", "parse_endpoint", "same_host", "why_silent"]
+__all__ = ["Endpoint", "parse_endpoint", "same_host", "why_silent"]
 
 _EXAMPLE = "for example tcp://127.0.0.1:5555, tcp://loader-host:5555 or ipc:///tmp/loader.sock"
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
@@ -54,11 +55,6 @@ class Endpoint:
             return False
 
 
-def missing_scheme_hint(text: str) -> str:
-    """`` (did you mean tcp://TEXT?)`` for a ``HOST:PORT`` given without its scheme, else empty."""
-    return f" (did you mean tcp://{text}?)" if re.fullmatch(r"[^/]+:\d+", text) else ""
-
-
 def parse_endpoint(text: object) -> Endpoint:
     """Check `text` and split it; raise `EndpointError` showing a correct example otherwise."""
     if not isinstance(text, str):
@@ -68,7 +64,8 @@ def parse_endpoint(text: object) -> Endpoint:
         raise EndpointError(f"endpoint {shown} holds control characters; {_EXAMPLE}")
     scheme, sep, rest = text.partition("://")
     if not sep:
-        raise EndpointError(f"endpoint {shown} has no scheme{missing_scheme_hint(text)}: use tcp://HOST:PORT or ipc://PATH, {_EXAMPLE}")
+        raise EndpointError(f"endpoint {shown} has no scheme{missing_scheme_hint(text)}: use tcp://HOST:PORT or "
+                            f"ipc://PATH, {_EXAMPLE}")
     if scheme == "ipc":
         if not rest or len(rest) > _MAX_IPC_PATH:
             raise EndpointError(f"endpoint {shown} names no socket path: use ipc://PATH, for example ipc:///tmp/loader.sock")

@@ -74,6 +74,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                             help="check the settings and the data set, print them as TOML (each with where it "
                                  "came from; --config reads it back), then exit")
     action.shown_default = "off"  # type: ignore[attr-defined]
+    action = p.add_argument("--watch-stdin", action="store_true",
+                            help="stop, as on SIGTERM, when standard input reaches its end: it is a pipe from the "
+                                 "process that started this server (loader_client.local_server), whose end the "
+                                 "kernel closes when that process exits or is killed, even by SIGKILL")
+    action.shown_default = "off"  # type: ignore[attr-defined]
     add_setting_arguments(p)
 
 

@@ -135,6 +135,10 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .data.datasets import load_dataset
     from .layered import format_config, resolve
 
+    if args.watch_stdin:  # first: a trainer killed while this server indexes its data stops it too
+        from .lifeline import stop_when_stdin_closes
+
+        stop_when_stdin_closes()
     require_opencv("serve")
     config, sources = resolve(explicit_serve_flags(argv[1:]), args.config)  # the words after `serve`
     dataset = load_dataset(config)

@@ -98,10 +98,10 @@ def parse_max_bad(text: Any) -> float:
 
 
 def parse_size(text: Any) -> tuple[int, int]:
-    """Parse ``WxH`` (width x height, the order cv2.resize takes), or a [W, H] pair, into a tuple."""
+    """Parse ``WxH`` (width x height, the order cv2.resize takes), ``W,H``, or a [W, H] pair, into a tuple."""
     if isinstance(text, (list, tuple)) and len(text) == 2 and all(isinstance(v, int) for v in text):
         return int(text[0]), int(text[1])
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", str(text))
     if not m:
         raise ConfigError(f"`size` must look like WIDTHxHEIGHT, for example 224x224, got {text!r}")
     return int(m.group(1)), int(m.group(2))
@@ -345,7 +345,7 @@ class ServerConfig:
         _at_least("max_message_bytes", self.max_message_bytes, 1)
         self._validate_cache()
         if not self.bind.startswith(("tcp://", "ipc://")):
-            from loader_client.endpoints import missing_scheme_hint
+            from loader_client.contract.endpoint_text import missing_scheme_hint
 
             raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}"
                               f"{missing_scheme_hint(self.bind)}")
