@@ -32,7 +32,9 @@ __all__ = [
     "MAX_WORLD_SIZE",
     "STATS_REPLIES",
     "STREAM_MESSAGES",
+    "MAX_BAD_NAMED",
     "ArenaHandle",
+    "BadFile",
     "Batch",
     "Bye",
     "Credit",
@@ -60,6 +62,8 @@ MAX_CREDIT = 64
 MAX_RELEASE_SLOTS = 1024
 #: Most slots of one shared-memory arena.
 MAX_ARENA_SLOTS = 1024
+#: Most bad files one error names in its list (the message says how many there were in all).
+MAX_BAD_NAMED = 64
 _MAX_TEXT = 1 << 16  # error messages and tracebacks
 _FINGERPRINT_CHARS = 64
 
@@ -198,8 +202,21 @@ class Heartbeat(Message):
 
 
 @dataclass(frozen=True)
+class BadFile(Message):
+    """One bad file (or member, or row) of a batch: what names it, and the stable code of what is wrong."""
+
+    TYPE = "bad_file"
+    path: str = spec(str, max_len=4096)
+    reason: str = spec(str, max_len=64, text=True)
+
+
+@dataclass(frozen=True)
 class Error(Message):
-    """A refused request or a failed batch. `kind` selects the exception the client raises."""
+    """A refused request or a failed batch. `kind` selects the exception the client raises.
+
+    A batch with bad files names the first in `path` and `reason`, and every one, up to
+    `MAX_BAD_NAMED`, in `bad`; `bad_count` is how many there were in all.
+    """
 
     TYPE = "error"
     kind: str = spec(str, max_len=32, text=True)
@@ -208,6 +225,9 @@ class Error(Message):
     reason: str | None = spec(str, type(None), default=None, max_len=1024)
     traceback: str | None = spec(str, type(None), default=None, max_len=_MAX_TEXT)
     exit_code: int | None = spec(int, type(None), default=None, lo=-256, hi=256)
+    bad: list[BadFile] | None = spec(list, type(None), default=None, max_len=MAX_BAD_NAMED,
+                                     items=item(dict, nested=BadFile))
+    bad_count: int | None = spec(int, type(None), default=None, lo=0, hi=INT32_MAX)
 
 
 @dataclass(frozen=True)
