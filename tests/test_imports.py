@@ -28,7 +28,7 @@ PACKAGES = ("loader_client", "loader_server", "loader_bench")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("contract", ("loader_client.contract",)),
     ("client", ("loader_client",)),
-    ("settings", ("loader_server.config", "loader_server.logs", "loader_server.metrics")),
+    ("settings", ("loader_server.config", "loader_server.options", "loader_server.logs", "loader_server.metrics")),
     ("data", ("loader_server.data",)),
     ("sampling", ("loader_server.sampling",)),
     ("pipeline", ("loader_server.pipeline",)),
@@ -133,7 +133,8 @@ def test_the_parser_sees_imports_inside_functions_and_type_checking_blocks() -> 
     assert "loader_client.contract.protocol" in graph["loader_client.wire"]  # `from .contract import protocol`
     assert "loader_client.client" in graph["loader_client.env"]  # inside from_env()
     runtime = {m: {t for t, _ in targets} for m, targets in imports(runtime_only=True).items()}
-    assert "loader_server.config" in runtime["loader_server.data.datasets"]  # the import inside a function stays
+    assert "loader_server.data.subset" in runtime["loader_server.data.datasets"]  # the import inside a function stays
+    assert "loader_server.config" not in runtime["loader_server.data.datasets"]  # under TYPE_CHECKING only
     assert "loader_server.simulation.ranks" not in runtime["loader_server.simulation.hosts"]  # type-only
 
 
