@@ -105,7 +105,8 @@ class BadSampleError(ServerError):
     WIRE_FIELDS = ("path", "reason", "bad", "bad_count")
 
     def __init__(self, message: str, *, path: str | None = None, reason: str | None = None,
-                 bad: Iterable[tuple[str, str] | Mapping[str, str]] | None = None, bad_count: int | None = None) -> None:
+                 bad: Iterable[tuple[str, str] | Mapping[str, str]] | None = None,
+                 bad_count: int | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.reason = reason

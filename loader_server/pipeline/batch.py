@@ -24,7 +24,7 @@ from loader_client.contract.normalize import Normalization
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
 from ..data.batch_spec import BatchSpec, batch_spec
 from ..data.datasets import Dataset, byte_source, row_source
-from ..data.reading import Version
+from ..data.reading import BadSamples, Version
 from ..options import PipelineOptions
 from .augment import sample_rng
 from .cache import SampleCache
@@ -110,8 +110,8 @@ class BatchBuilder:
         """Fill `x` (from `allocate`, at least ``len(indices)`` long) and return the batch arrays.
 
         `reads` comes from `read_ahead` for the same indices; `key` is (seed, epoch), which seeds
-        augmentations (when `augment`) and user code. Raises DecodeError naming the first sample
-        that fails (unless ``--on-error skip``).
+        augmentations (when `augment`) and user code. Raises BadSamples (a DecodeError) naming every
+        sample of the batch that fails, unless ``--on-error skip``.
         """
         return self._fill(indices, x[: len(indices)], reads, key, augment)
 
@@ -139,10 +139,10 @@ class BatchBuilder:
             try:
                 path.run(i, describe(i), staging[slot], key, pending, version)
             except DecodeError as exc:
-                if not self.skip_bad:
-                    raise
                 bad.append((slot, exc))
         self.cache_hits, self.cache_misses = path.hits, path.misses
+        if bad and not self.skip_bad:  # every bad sample of the batch, not only the first
+            raise BadSamples([exc for _, exc in bad], n) from bad[0][1]
         return self._finish(indices, staging, x, bad, key)
 
     def _finish(self, indices: np.ndarray, staging: np.ndarray, x: np.ndarray, bad: list[tuple[int, DecodeError]],

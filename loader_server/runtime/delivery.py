@@ -19,7 +19,17 @@ from typing import Any
 import numpy as np
 
 from loader_client.contract import protocol
-from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
+from loader_client.contract.messages import (
+    MAX_BAD_NAMED,
+    BadFile,
+    Batch,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    ShmRef,
+    Welcome,
+)
 from loader_client.contract.schema import Message, encode
 from loader_client.contract.shm import shm_available
 
@@ -262,8 +272,10 @@ class Delivery:
         self._give_back_slot(client, task)
         epoch, batch = client.session.place(task.position)
         log.error("worker %d failed on epoch %d batch %d: %s", worker_id, epoch, batch, failed.message)
+        bad = [BadFile(path=str(path), reason=str(code)) for path, code in failed.bad]
         self.error(client.identity, failed.kind, f"epoch {epoch} batch {batch}: {failed.message}", path=failed.path,
-                   reason=failed.reason, traceback=failed.traceback)
+                   reason=failed.reason, traceback=failed.traceback, bad=bad[:MAX_BAD_NAMED] or None,
+                   bad_count=len(bad) or None)
         self.drop(client.identity, "batch failed")
 
     def on_skipped(self, task: Task) -> None:

@@ -88,6 +88,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
     import cv2
 
     cv2.setNumThreads(1)
+    from ..data.reading import BadSamples
     from ..pipeline.batch import BatchBuilder, Reads
     from ..pipeline.decode import DecodeError
 
@@ -145,8 +146,9 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
                 arrays = builder.build(indices, x, reads, key=(task.seed, task.epoch), augment=task.augment)
                 build_s = time.perf_counter() - started
             except DecodeError as exc:
+                bad = [[e.path, e.code] for e in (exc.bad if isinstance(exc, BadSamples) else [exc])]
                 sock.send(encode(Failed(id=task_id, kind="bad_sample", path=exc.path, reason=exc.code,
-                                        message=str(exc), traceback=traceback.format_exc())))
+                                        message=str(exc), traceback=traceback.format_exc(), bad=bad)))
                 continue
             except Exception as exc:  # a bug or an unexpected library error: report, keep serving
                 sock.send(encode(Failed(id=task_id, kind="server", reason=type(exc).__name__,

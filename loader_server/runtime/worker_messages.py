@@ -75,6 +75,8 @@ class Failed(Message):
     reason: str = spec(str, max_len=1024)
     path: str | None = spec(str, type(None), default=None, max_len=4096)
     traceback: str | None = spec(str, type(None), default=None, max_len=_TEXT)
+    bad: list[list[str]] = spec(list, default_factory=list, max_len=1 << 20,
+                                items=item(list, max_len=2))  # [sample, code] of every bad sample
 
 
 @dataclass(frozen=True)
