@@ -54,7 +54,8 @@ def add_setting_arguments(p: argparse.ArgumentParser, names: Sequence[str] | Non
             for flag, (value, text) in meta["flags"].items():
                 action = group.add_argument(flag, dest=name, action="store_const", const=value, default=default,
                                             help=text)
-                action.shown_default = "on" if value == default else "off"  # type: ignore[attr-defined]
+                shown = "on" if value == default else "off" if default is not None else meta.get("shown") or "auto"
+                action.shown_default = shown  # type: ignore[attr-defined]
             continue
         shown = meta.get("shown")
         if shown is None:

@@ -148,10 +148,13 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.print_config:
         print(format_config(config, sources))
         return 0
+    from .data.scan import startup_scan
+
+    known_bad = startup_scan(config, dataset)  # missing or unreadable files: exit 2 now, or counted for skip
     from .pipeline import batch  # noqa: F401  (loaded before the workers fork, so that each starts at once)
     from .server import Server, install_signal_handlers
 
-    server = Server(config, dataset, spec)
+    server = Server(config, dataset, spec, known_bad=known_bad)
     install_signal_handlers(server)
     return server.run()
 

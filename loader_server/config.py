@@ -28,6 +28,7 @@ G = TypeVar("G")
 
 __all__ = [
     "AUTO_READ_THREADS",
+    "AUTO_SCAN_LIMIT",
     "DATA_SETTINGS",
     "INTERPOLATIONS",
     "RESIZE_MODES",
@@ -62,6 +63,8 @@ AUTO_READ_THREADS = 64
 #: Average read time above which a worker moves reads to its thread pool (read_threads unset).
 SLOW_READ_S = 0.002
 
+#: Data sets of at most this many files are scanned at start-up unless `scan` says otherwise.
+AUTO_SCAN_LIMIT = 100_000
 #: The settings that choose the samples: every command that opens a data set takes these.
 DATA_SETTINGS = ("data", "labels", "offsets", "maxlen", "pad", "truncate", "subset", "val_fraction", "split_seed",
                  "image_column", "label_column", "json_label", "index_dir")
@@ -239,6 +242,11 @@ class ServerConfig:
     max_bad: float = setting(0.001, parse=parse_max_bad, shown="0.1%",
                              help="skip mode: more bad files than this (a count, or a percentage of the index) "
                                   "is an error")
+    scan: bool | None = setting(None, help="", shown=f"auto: on up to {AUTO_SCAN_LIMIT:,} files", flags={
+        "--scan": (True, "at start-up, stat every file of the data set (list files, class folders) and report the "
+                         "missing or unreadable ones before the first batch: exit 2 naming them, or with "
+                         "--on-error skip count them against --max-bad and log them"),
+        "--no-scan": (False, "no start-up scan: a bad file is met when a worker reads it")})
     shm: bool = setting(True, help="", flags={
         "--no-shm": (False, "never use shared memory, even for clients on this host (frames over the socket)")})
     read_threads: int | None = setting(

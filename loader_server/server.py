@@ -70,8 +70,10 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 class Server:
     """Serve batches of `index` under `config` until `stop()` or SIGINT/SIGTERM."""
 
-    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None) -> None:
+    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None, *,
+                 known_bad: list[tuple[str, str, str]] | None = None) -> None:
         self.config = config
+        self.known_bad = known_bad or []  # (path, code, reason) the start-up scan found, tolerated in skip mode
         self.index = index
         self.spec = batch_spec(config, index) if spec is None else spec
         self.plan = SamplingPlan(len(index), self.spec.batch_size, mode=config.mode, shuffle=config.shuffle,
@@ -112,6 +114,8 @@ class Server:
             self.delivery = Delivery(self.config, self.index, self.spec, self.plan, fingerprint=self.fingerprint,
                                      supervisor=self.supervisor, transport=transport, channel=channel,
                                      metrics=self.metrics, peer_log=self.peer_log, arena_channel=arena_channel)
+            for _, code, _ in self.delivery.bad.note(self.known_bad):  # logged by the scan; met once, counted once
+                self.metrics.errors[code] += 1
             if self.config.metrics_port:
                 self._metrics_http = serve_metrics(self.config.metrics_host, self.config.metrics_port,
                                                   lambda: self.metrics.snapshot)

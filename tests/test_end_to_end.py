@@ -240,7 +240,8 @@ def test_every_bad_file_of_a_batch_is_named(start_server: Any, tmp_path: Path) -
     (img / "00001.jpg").unlink()  # missing
     (img / "00002.jpg").write_bytes(b"")  # empty
     (img / "00003.jpg").write_bytes(b"this is not a jpeg")  # undecodable
-    server = start_server(listfile, "--batch-size", "4", "--size", SIZE, "--workers", "1", "--no-shuffle")
+    server = start_server(listfile, "--batch-size", "4", "--size", SIZE, "--workers", "1", "--no-shuffle",
+                          "--no-scan")  # the workers meet them (the scan would stop the server first)
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         with pytest.raises(BadSampleError) as info:
             client.next()
