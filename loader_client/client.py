@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -21,7 +21,7 @@ from .contract.errors import ConfigError, LoaderError
 from .endpoints import Endpoint, parse_endpoint
 from .hosts import HostsStream
 from .options import ClientOptions, Start
-from .queries import health, server_stats
+from .queries import Sources, health, server_stats, sources
 from .server_stream import ServerStream
 from .stream import BatchInfo, Stream
 
@@ -65,8 +65,10 @@ class LoaderClient:
     turns uint8 batches into float32 ``(x / 255 - mean) / std`` on this host's background
     thread, keeping uint8 on the wire. `log_epochs=True` logs one line per epoch with the time
     the trainer waited for data (on stderr when Python logging is not configured to show INFO lines
-    of the ``loader_client`` logger). `augment=False` asks for no augmentation (a validation stream
-    from a training server). `name` is how the server's log names this client.
+    of the ``loader_client`` logger). `manifest=True` asks for every batch's manifest
+    (``client.last.manifest``: each sample's index, source and augmentation draws).
+    `augment=False` asks for no augmentation (a validation stream from a training server).
+    `name` is how the server's log names this client.
 
     A list of endpoints merges several servers (see `loader_client.hosts`; `merge` says how,
     `on_server_loss` what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
@@ -106,6 +108,7 @@ class LoaderClient:
         self.timeout_s: float = float(self.options.timeout_s)
         self.prefetch: int = self.options.prefetch
         self.log_epochs = self.options.log_epochs
+        self._dataset_version: str | None = None
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Generator[BatchTuple, None, None]:
@@ -214,6 +217,35 @@ class LoaderClient:
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serialisable state; ``LoaderClient(endpoint, state=...)`` resumes there."""
         return self.stream.state_dict()
+
+    def sources(self, indices: Iterable[int]) -> list[str]:
+        """Where each sample comes from: one string per index (a path, ``shard.tar:member`` or
+        ``file.parquet:row``), for the indices of `client.last.indices` or a manifest. Asked of a server
+        that serves this stream (they all hold the same data set); `dataset_version` says which version."""
+        found = self._sources(indices)
+        self._dataset_version = found.version
+        return found.sources
+
+    @property
+    def dataset_version(self) -> str:
+        """The served data set's version: a hash that changes when its samples or labels change (asked once)."""
+        if self._dataset_version is None:
+            self._dataset_version = self._sources([]).version
+        return self._dataset_version
+
+    def _sources(self, indices: Iterable[int]) -> Sources:
+        wanted = list(indices)
+        curve = {"server_public_key": self.options.server_public_key, "client_keys": self.options.client_keys}
+        failure: LoaderError | None = None
+        for endpoint in self.active_endpoints or self.endpoints:
+            try:
+                return sources(endpoint, wanted, timeout_s=self.timeout_s, **curve)
+            except ConfigError:
+                raise  # an index outside the data set: every server would say so
+            except LoaderError as exc:  # that server is gone: ask another
+                failure = exc
+        assert failure is not None
+        raise failure
 
     def stats(self, *, server: bool = True) -> dict[str, Any]:
         """The trainer's side (data stall: the time spent waiting in next()) and the server's stats.

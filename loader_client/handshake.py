@@ -65,7 +65,7 @@ def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Sta
     ask_shm = endpoint.same_host and options.shared_memory is not False and shm_available()
     hello = Hello(rank=start.rank, world_size=start.world_size, epoch=start.epoch, batch=start.batch,
                   seed=start.seed, fingerprint=start.fingerprint, credit=options.prefetch,
-                  client=options.name, shm=ask_shm, augment=options.augment)
+                  client=options.name, shm=ask_shm, augment=options.augment, manifest=options.manifest)
     opened = _hello(ctx, endpoint, options, hello, start)
     if opened.welcome.shm is None:
         return opened

@@ -49,6 +49,7 @@ class ClientOptions:
     server_public_key: Any = None
     client_keys: Any = None
     augment: bool = True
+    manifest: bool = False  # every batch with its manifest (client.last.manifest)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ClientOptions:
@@ -79,6 +80,8 @@ class ClientOptions:
             raise ConfigError(f"`merge` must be 'ordered' or 'balanced', got {self.merge!r}")
         if self.seed is not None:
             _integer("seed", self.seed, 0, INT63_MAX)
+        if not isinstance(self.manifest, bool):
+            raise ConfigError(f"`manifest` must be True or False, got {_show(self.manifest)}")
         if self.shared_memory is not None and not isinstance(self.shared_memory, bool):
             raise ConfigError(f"`shared_memory` must be True, False or None, got {self.shared_memory!r}")
         self.start()  # the rank, world size and state: refused now rather than by the server

@@ -16,8 +16,8 @@ from loader_client.contract.errors import ConfigError
 
 from .config import ServerConfig
 
-__all__ = ["HelpFormatter", "add_serve_arguments", "add_setting_arguments", "explicit_serve_flags", "require_opencv",
-           "serve_parser"]
+__all__ = ["HelpFormatter", "add_serve_arguments", "add_setting_arguments", "explicit_serve_flags",
+           "explicit_setting_flags", "require_opencv", "serve_parser"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -93,9 +93,13 @@ def serve_parser(prog: str = "loader-server serve") -> argparse.ArgumentParser:
 
 def explicit_serve_flags(argv: Sequence[str]) -> dict[str, Any]:
     """The settings given in `argv` (`serve`'s flags) themselves, so that file and environment can fill the rest."""
+    return explicit_setting_flags(serve_parser(), argv)
+
+
+def explicit_setting_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The settings `argv` gives through `parser` (a fresh parser of a command's flags), and no defaults."""
     from .layered import PARSERS
 
-    parser = serve_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if k in PARSERS}

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .simulation.command import add_simulate_arguments
 
     add_simulate_arguments(simulate)
+    replay = sub.add_parser("replay", formatter_class=fmt, help="rebuild one batch of a stream, bitwise, into a .npz",
+                            description="Rebuild batch B of epoch E (of a rank's share) with the settings `serve` "
+                                        "used, bitwise as the client received it: arrays x, y and index in an npz "
+                                        "file, and optionally its manifest.")
+    from .replay import add_replay_arguments
+
+    add_replay_arguments(replay)
     demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
     demo.add_argument("--images", type=int, default=1024, help="number of sample images to generate")
     demo.add_argument("--epochs", type=int, default=2, help="epochs to consume")
@@ -252,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cache_build import run_cache_build
 
             return run_cache_build(args)
+        if args.command == "replay":
+            from .replay import run_replay
+
+            return run_replay(args, argv[1:])
         if args.command == "simulate":
             from .simulation.command import run_simulate
 

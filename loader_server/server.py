@@ -27,6 +27,7 @@ from loader_client.contract import protocol
 from loader_client.contract.errors import ProtocolError, ProtocolVersionError
 from loader_client.contract.messages import (
     CLIENT_REQUESTS,
+    MAX_SOURCE_CHARS,
     Bye,
     Credit,
     Error,
@@ -35,10 +36,12 @@ from loader_client.contract.messages import (
     Hello,
     Ping,
     Release,
+    SourcesReply,
+    SourcesRequest,
     StatsReply,
     StatsRequest,
 )
-from loader_client.contract.schema import Message, decode
+from loader_client.contract.schema import Message, decode, wire_text
 from loader_client.contract.shm import arena_channel_path, shm_available
 
 from .config import ServerConfig
@@ -78,7 +81,8 @@ class Server:
         self.spec = batch_spec(config, index) if spec is None else spec
         self.plan = SamplingPlan(len(index), self.spec.batch_size, mode=config.mode, shuffle=config.shuffle,
                                  drop_last=config.drop_last, steps_per_epoch=config.steps_per_epoch)
-        self.fingerprint = f"{config.fingerprint()}-{index.fingerprint()}"
+        self.data_version = index.fingerprint()  # what a sources reply calls the data set's version
+        self.fingerprint = f"{config.fingerprint()}-{self.data_version}"
         self.metrics = Metrics()
         self.cache = open_cache(config, index) if config.cache else None  # before the workers fork: they share it
         self.peer_log = PeerLog()
@@ -88,6 +92,7 @@ class Server:
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
             Hello: self._on_hello, Credit: self._on_credit, Release: self._on_release, Ping: self._on_ping,
             Bye: self._on_bye, HealthRequest: self._on_health, StatsRequest: self._on_stats,
+            SourcesRequest: self._on_sources,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -257,6 +262,17 @@ class Server:
     def _on_stats(self, identity: bytes, _: StatsRequest) -> None:
         self.transport.reply(identity, StatsReply(stats=self.stats()))
 
+    def _on_sources(self, identity: bytes, request: SourcesRequest) -> None:
+        n = len(self.index)
+        outside = [i for i in request.indices if i >= n]
+        if outside:
+            self.delivery.error(identity, "config", f"sample index {outside[0]} is outside the data set of {n} "
+                                                    f"samples ({self.index.source}): indices count from 0")
+            return
+        self.transport.reply(identity, SourcesReply(
+            sources=[wire_text(self.index.describe(i), MAX_SOURCE_CHARS) for i in request.indices],
+            dataset=wire_text(self.index.source, MAX_SOURCE_CHARS), version=self.data_version))
+
     # ------------------------------------------------------------------ workers
     def _drain_workers(self) -> None:
         while (received := self.channel.recv()) is not None:
@@ -342,7 +358,7 @@ class Server:
         }
 
 
-_SESSIONLESS = (Hello, HealthRequest, StatsRequest, Bye)
+_SESSIONLESS = (Hello, HealthRequest, StatsRequest, SourcesRequest, Bye)
 
 
 def _dump_stack(process: Any) -> None:

@@ -61,7 +61,10 @@ def _check(path: str) -> tuple[str, str, str] | None:
 def scan_files(dataset: Dataset) -> list[tuple[str, str, str]] | None:
     """Every bad file of `dataset` as (path, code, reason), in index order; None when it is not a data set of
     files (nothing to scan)."""
-    if not isinstance(dataset, FileDataset):
+    root = dataset
+    while getattr(root, "parent", None) is not None:  # a subset (a view) has paths when its data set has
+        root = root.parent  # type: ignore[attr-defined]
+    if not isinstance(root, FileDataset) or not isinstance(dataset, FileDataset):
         return None
     n = len(dataset)
     if n and _URL.match(dataset.path(0)):  # objects of a store, not files here: their reads say what is wrong

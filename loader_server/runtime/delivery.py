@@ -27,6 +27,8 @@ from loader_client.contract.messages import (
     Goodbye,
     Heartbeat,
     Hello,
+    Manifest,
+    SampleManifest,
     ShmRef,
     Welcome,
 )
@@ -65,6 +67,7 @@ class Built:
     shm: ShmRef | None
     images: int
     nbytes: int
+    manifest: list[SampleManifest] | None = None  # each sample's source and draws, when the session asked
 
 
 @dataclass
@@ -209,7 +212,8 @@ class Delivery:
         arena = client.arena if client is not None and task.slot is not None else None
         message = TaskMessage(id=task.id, indices=task.indices.tobytes(), seed=task.seed, epoch=task.epoch,
                               augment=task.augment, arena=arena.handle() if arena else None,
-                              slot=task.slot if arena else None)
+                              slot=task.slot if arena else None,
+                              manifest=client is not None and client.session.manifest)
         return self.channel.send(worker.identity, message)
 
     def flush(self, client: Client) -> None:
@@ -220,7 +224,9 @@ class Delivery:
         while (item := s.sendable()) is not None:
             position, built = item
             epoch, batch = s.place(position)
-            head = encode(Batch(epoch=epoch, batch=batch, steps=s.steps, arrays=built.arrays, shm=built.shm))
+            manifest = None if built.manifest is None else Manifest(epoch=epoch, batch=batch, samples=built.manifest)
+            head = encode(Batch(epoch=epoch, batch=batch, steps=s.steps, arrays=built.arrays, shm=built.shm,
+                                manifest=manifest))
             if not self._send(client, [head, *built.frames]):
                 break
             s.sent(position, time.monotonic())
@@ -262,7 +268,7 @@ class Delivery:
         shm = ShmRef(slot=task.slot, arrays=result.shm_arrays or []) if task.slot is not None else None
         images = next((a[2][0] for a in arrays if a[0] == "y"), 0)
         nbytes = sum(math.prod(a[2]) * np.dtype(a[1]).itemsize for a in arrays)
-        client.session.built(task.position, Built(result.arrays, frames, shm, images, nbytes))
+        client.session.built(task.position, Built(result.arrays, frames, shm, images, nbytes, result.manifest))
         self.flush(client)
 
     def on_failed(self, task: Task, failed: Failed, worker_id: int) -> None:

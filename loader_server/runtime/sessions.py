@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from loader_client.contract.messages import MAX_CREDIT, Hello
+from loader_client.contract.messages import MAX_CREDIT, MAX_MANIFEST_SAMPLES, Hello
 
 __all__ = ["Refusal", "Session", "StreamFacts", "fingerprint_mismatch", "open_session"]
 
@@ -65,6 +65,7 @@ class Session(Generic[P]):
     last_sent: float
     ready: dict[int, P] = field(default_factory=dict)
     building: set[int] = field(default_factory=set)
+    manifest: bool = False  # every batch with its manifest (the hello asked)
 
     # ------------------------------------------------------------------ events
     def grant(self, n: int, now: float) -> None:
@@ -149,6 +150,10 @@ def open_session(hello: Hello, name: str, *, steps_for: Callable[[int], int], fa
                                  f"{facts.num_samples} samples; use fewer ranks, a smaller batch or --keep-last")
     if hello.fingerprint is not None and hello.fingerprint != facts.fingerprint:
         return Refusal("config", fingerprint_mismatch(hello.fingerprint, facts.fingerprint))
+    if hello.manifest and facts.batch_size > MAX_MANIFEST_SAMPLES:
+        return Refusal("config", f"a batch manifest describes at most {MAX_MANIFEST_SAMPLES} samples; batches of "
+                                 f"{facts.batch_size} have none: create the client without manifest=True, and ask "
+                                 "client.sources(client.last.indices) instead")
     if hello.batch >= steps:
         return Refusal("config", f"start position epoch {hello.epoch} batch {hello.batch} is outside the epoch of "
                                  f"{steps} batches")
@@ -157,7 +162,7 @@ def open_session(hello: Hello, name: str, *, steps_for: Callable[[int], int], fa
     return Session(name=name, rank=rank, world_size=world, seed=seed, steps=steps, prefetch=facts.prefetch,
                    in_order=facts.in_order, augment=facts.augment_available and hello.augment,
                    next_schedule=start, next_send=start, credit=min(MAX_CREDIT, hello.credit),
-                   last_seen=now, last_sent=now)
+                   last_seen=now, last_sent=now, manifest=hello.manifest)
 
 
 def fingerprint_mismatch(theirs: str, ours: str) -> str:

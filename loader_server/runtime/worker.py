@@ -143,7 +143,8 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
                         tracker.wait(_TRACKER_WAIT_S)
                     pool.append((x, tracker))
                 started = time.perf_counter()
-                arrays = builder.build(indices, x, reads, key=(task.seed, task.epoch), augment=task.augment)
+                arrays = builder.build(indices, x, reads, key=(task.seed, task.epoch), augment=task.augment,
+                                       manifest=task.manifest)
                 build_s = time.perf_counter() - started
             except DecodeError as exc:
                 bad = [[e.path, e.code] for e in (exc.bad if isinstance(exc, BadSamples) else [exc])]
@@ -159,12 +160,12 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
             if task.arena is not None:  # x is already in the client's slot
                 shm_x = arrays.pop("x")
                 head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
-                                     cache_hits=hits, cache_misses=misses,
+                                     cache_hits=hits, cache_misses=misses, manifest=builder.last_manifest,
                                      shm_arrays=protocol.describe_arrays({"x": shm_x})))
                 sock.send_multipart([head, *arrays.values()])  # type: ignore[list-item]
                 continue
             head = encode(Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
-                                 cache_hits=hits, cache_misses=misses))
+                                 cache_hits=hits, cache_misses=misses, manifest=builder.last_manifest))
             tracker = sock.send_multipart([head, *arrays.values()], copy=False, track=True)  # type: ignore[list-item]
             pool[-1] = (x, tracker)
     except KeyboardInterrupt:  # pragma: no cover
