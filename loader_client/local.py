@@ -45,7 +45,7 @@ from .contract.errors import ConfigError, LoaderError, LoaderTimeoutError
 from .endpoints import parse_endpoint
 from .queries import health
 
-__all__ = ["LocalServer", "connect_address", "local_server", "wait_ready"]
+__all__ = ["LocalServer", "connect_address", "local_server", "stop_process", "wait_ready"]
 
 #: Seconds a server gets to drain and exit after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 15.0
@@ -70,6 +70,26 @@ def connect_address(endpoint: str) -> str:
         if endpoint.startswith(wildcard):
             return loopback + endpoint[len(wildcard):]
     return endpoint
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, bool]:
+    """SIGTERM `proc` unless it has exited, wait up to `timeout_s`, SIGKILL it after that, and close the lifeline
+    (its standard input); returns its exit code and whether it had to be killed."""
+    killed = False
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            killed = True
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    assert proc.returncode is not None
+    return proc.returncode, killed
 
 
 def wait_ready(endpoint: str, timeout_s: float, exited: Callable[[], int | None], **curve: Any) -> dict[str, Any]:
@@ -235,19 +255,13 @@ class LocalServer:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, wait up to `timeout_s` (then SIGKILL), and return the exit code (0: a clean stop)."""
         try:
-            if self._proc.poll() is None:
-                self._proc.send_signal(signal.SIGTERM)
-            try:
-                return self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-                raise LoaderError(f"local_server: `{self.command}` (pid {self.pid}) did not stop within "
-                                  f"{timeout_s:g} s of SIGTERM and was killed") from None
+            code, killed = stop_process(self._proc, timeout_s)
         finally:
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()
             self._forget_private()
+        if killed:
+            raise LoaderError(f"local_server: `{self.command}` (pid {self.pid}) did not stop within {timeout_s:g} s "
+                              "of SIGTERM and was killed")
+        return code
 
     def _forget_private(self) -> None:
         if self._private is not None:

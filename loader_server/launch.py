@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from loader_client.contract.errors import LoaderError
-from loader_client.local import connect_address, wait_ready
+from loader_client.local import connect_address, stop_process, wait_ready
 
 __all__ = ["ServerProcess", "ServerProcessError", "alive", "children_of", "connect_address"]
 
@@ -111,20 +110,13 @@ class ServerProcess:
         A server that has exited already (or was reaped by the caller) just reports its code.
         """
         try:
-            if self.proc.poll() is None:
-                self.terminated = True
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.exit_code = self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.exit_code = self.proc.wait()
-                raise self.failure(f"did not stop within {timeout_s:g} s of SIGTERM and was killed") from None
-            return self.exit_code
+            self.terminated = self.terminated or self.proc.poll() is None
+            self.exit_code, killed = stop_process(self.proc, timeout_s)
         finally:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
             self._forget_private()
+        if killed:
+            raise self.failure(f"did not stop within {timeout_s:g} s of SIGTERM and was killed")
+        return self.exit_code
 
     def log_text(self) -> str:
         if self._log_cache is not None:
