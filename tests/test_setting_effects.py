@@ -20,12 +20,17 @@ memory, the cache itself) are rows too: identical batches, the resume accepted, 
 
 from __future__ import annotations
 
+import io
+import json
 import re
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from loader_client import ConfigError, LoaderClient
@@ -86,9 +91,14 @@ ROWS = [
     Row("val-fraction", ("--subset", "val", "--val-fraction", "0.5", "--keep-last"), ("--val-fraction", "0.25"),
         "y", "index", "own"),
     # ragged arrays: padded length, where padding goes, which end is cut
-    Row("maxlen", ("--maxlen", "4"), ("--maxlen", "3"), "x", "both", "", "ragged"),
-    Row("pad", ("--maxlen", "4"), ("--pad", "post"), "x", "both", "", "ragged"),
-    Row("truncate", ("--maxlen", "4"), ("--truncate", "post"), "x", "both", "", "ragged"),
+    Row("maxlen", ("--maxlen", "4"), ("--maxlen", "3"), "x", "index", "", "ragged"),
+    Row("pad", ("--maxlen", "4"), ("--pad", "post"), "x", "index", "", "ragged"),
+    Row("truncate", ("--maxlen", "4"), ("--truncate", "post"), "x", "index", "", "ragged"),
+    # which part of a tar sample or a Parquet row is the label or the image: the index (labels, places) is
+    # part of the cache key, as for list files
+    Row("json-label", ("--json-label", "a"), ("--json-label", "b"), "y", "index", "own", "tar"),
+    Row("label-column", (), ("--label-column", "label2"), "y", "index", "own", "parquet"),
+    Row("image-column", (), ("--image-column", "image2"), "x", "index", "own", "parquet"),
     # nothing the trainer receives: same batches, the resume accepted, the same records
     Row("workers", (), ("--workers", "2"), "", "", "shared"),
     Row("prefetch", (), ("--prefetch", "3"), "", "", "shared"),
@@ -112,6 +122,7 @@ NOT_IN_TABLE = {
     "--heartbeat-s": "liveness: tests/test_liveness.py", "--client-timeout-s": "liveness: tests/test_liveness.py",
     "--max-message-bytes": "a bound", "--max-connections-per-host": "a bound", "--log-format": "logs only",
     "--metrics-port": "metrics only", "--metrics-host": "metrics only", "--cache": "the cache rows below",
+    "--index-dir": "where the tar or Parquet index is kept: tests/test_packed.py",
     "--config": "a file of the same settings", "--print-config": "prints them", "--help": "help",
 }
 
@@ -139,7 +150,23 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, tupl
     np.save(root / "offsets.npy", offsets)
     np.save(root / "y.npy", np.arange(N, dtype=np.int64))
     ragged = ("--offsets", str(root / "offsets.npy"), "--labels", str(root / "y.npy"))
-    return {"images": (images, ("--size", "8x8")), "ragged": (root / "values.npy", ragged)}
+    # The same JPEGs as a tar shard (two JSON label fields) and a Parquet table (two label and image columns)
+    jpegs = [(images.parent / line.split()[0]).read_bytes() for line in images.read_text().splitlines()]
+    shard = root / "shards" / "train-0.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, jpeg in enumerate(jpegs):
+            for name, body in ((f"{i:05d}.jpg", jpeg), (f"{i:05d}.json", json.dumps({"a": i, "b": N - i}).encode())):
+                member = tarfile.TarInfo(name)
+                member.size = len(body)
+                tar.addfile(member, io.BytesIO(body))
+    table = root / "table" / "train.parquet"
+    table.parent.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in jpegs],
+                             "image2": [{"bytes": b, "path": None} for b in jpegs[::-1]],
+                             "label": list(range(N)), "label2": [N - i for i in range(N)]}), table)
+    return {"images": (images, ("--size", "8x8")), "ragged": (root / "values.npy", ragged),
+            "tar": (shard, ("--size", "8x8")), "parquet": (table, ("--size", "8x8"))}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +180,7 @@ def base_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tupl
 
 def _serve(row: Row, data: dict[str, Any], cache: Path, *flags: str) -> tuple[Path, list[str]]:
     path, kind_flags = data[row.data]
-    base = [a for a in BASE if row.data == "images" or a not in ("--size", "8x8")]
+    base = [a for a in BASE if row.data != "ragged" or a not in ("--size", "8x8")]
     return path, [*base, *kind_flags, *flags, *(("--cache", str(cache)) if row.cache else ())]
 
 
