@@ -124,6 +124,8 @@ NOT_IN_TABLE = {
     "--metrics-port": "metrics only", "--metrics-host": "metrics only", "--cache": "the cache rows below",
     "--index-dir": "where the tar or Parquet index is kept: tests/test_packed.py",
     "--config": "a file of the same settings", "--print-config": "prints them", "--help": "help",
+    "--scan": "only with missing or unreadable files: tests/test_scan.py", "--no-scan": "the same",
+    "--watch-stdin": "when the server stops: tests/test_local_server.py",
 }
 
 
