@@ -5,6 +5,11 @@
         for x, y in client.epoch():
             ...
 
+or, with the server started by the training script itself and stopped with it::
+
+    with loader_client.local_server(data="train.txt", batch_size=64, size="224x224") as endpoint:
+        ...  # LoaderClient(endpoint)
+
 The public names below are loaded on first use (PEP 562): ``import loader_client.contract.errors``
 (as the server does) runs this file without loading pyzmq or any module of the client.
 """
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     )
     from .contract.protocol import PROTOCOL_VERSION
     from .env import client_options_from_env, endpoints_from_env, from_env
+    from .local import LocalServer, local_server
     from .options import ClientOptions
     from .queries import health, server_stats
 
@@ -46,6 +52,7 @@ __all__ = [
     "LoaderClient",
     "LoaderError",
     "LoaderTimeoutError",
+    "LocalServer",
     "ProtocolError",
     "ProtocolVersionError",
     "ServerError",
@@ -56,6 +63,7 @@ __all__ = [
     "endpoints_from_env",
     "from_env",
     "health",
+    "local_server",
     "server_stats",
 ]
 __version__ = "0.1.0"
@@ -69,6 +77,7 @@ _HOMES = {
     "PROTOCOL_VERSION": ".contract.protocol",
     **dict.fromkeys(("client_options_from_env", "endpoints_from_env", "from_env"), ".env"),
     "ClientOptions": ".options",
+    **dict.fromkeys(("LocalServer", "local_server"), ".local"),
     **dict.fromkeys(("health", "server_stats"), ".queries"),
 }
 

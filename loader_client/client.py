@@ -10,8 +10,9 @@ in a `ClientOptions` (`loader_client.options`); the streams take them as they ar
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -20,7 +21,7 @@ from .contract.errors import ConfigError, LoaderError
 from .endpoints import Endpoint, parse_endpoint
 from .hosts import HostsStream
 from .options import ClientOptions, Start
-from .queries import health, server_stats
+from .queries import Sources, health, server_stats, sources
 from .server_stream import ServerStream
 from .stream import BatchInfo, Stream
 
@@ -66,8 +67,11 @@ class LoaderClient:
     socket when that is not possible. `normalize=True` (with optional per-channel `mean`/`std`)
     turns uint8 batches into float32 ``(x / 255 - mean) / std`` on this host's background
     thread, keeping uint8 on the wire. `log_epochs=True` logs one line per epoch with the time
-    the trainer waited for data. `augment=False` asks for no augmentation (a validation stream
-    from a training server). `name` is how the server's log names this client.
+    the trainer waited for data (on stderr when Python logging is not configured to show INFO lines
+    of the ``loader_client`` logger). `manifest=True` asks for every batch's manifest
+    (``client.last.manifest``: each sample's index, source and augmentation draws).
+    `augment=False` asks for no augmentation (a validation stream from a training server).
+    `name` is how the server's log names this client.
 
     A list of endpoints merges several servers (see `loader_client.hosts`; `merge` says how,
     `on_server_loss` what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
@@ -109,6 +113,7 @@ class LoaderClient:
         self.timeout_s: float = float(self.options.timeout_s)
         self.prefetch: int = self.options.prefetch
         self.log_epochs = self.options.log_epochs
+        self._dataset_version: str | None = None
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Generator[BatchTuple, None, None]:
@@ -149,8 +154,12 @@ class LoaderClient:
         self._epoch_mark = (now, self.wait_s, self.batches_taken)
         if self.log_epochs:
             wall, wait = now - started, self.wait_s - waited
-            _log.info("epoch %d: %d batches in %.1f s; waited %.2f s for data (%.1f%% stall)",
-                      epoch, self.batches_taken - taken, wall, wait, 100 * wait / max(wall, 1e-9))
+            line = (f"epoch {epoch}: {self.batches_taken - taken} batches in {wall:.1f} s; waited {wait:.2f} s for "
+                    f"data ({100 * wait / max(wall, 1e-9):.1f}% stall)")
+            if _log.hasHandlers() and _log.isEnabledFor(logging.INFO):
+                _log.info("%s", line)
+            else:  # asked for, but logging would drop it (not configured, or above INFO): say it anyway
+                print(f"loader_client: {line}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ where the stream is
     @property
@@ -213,6 +222,35 @@ class LoaderClient:
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serialisable state; ``LoaderClient(endpoint, state=...)`` resumes there."""
         return self.stream.state_dict()
+
+    def sources(self, indices: Iterable[int]) -> list[str]:
+        """Where each sample comes from: one string per index (a path, ``shard.tar:member`` or
+        ``file.parquet:row``), for the indices of `client.last.indices` or a manifest. Asked of a server
+        that serves this stream (they all hold the same data set); `dataset_version` says which version."""
+        found = self._sources(indices)
+        self._dataset_version = found.version
+        return found.sources
+
+    @property
+    def dataset_version(self) -> str:
+        """The served data set's version: a hash that changes when its samples or labels change (asked once)."""
+        if self._dataset_version is None:
+            self._dataset_version = self._sources([]).version
+        return self._dataset_version
+
+    def _sources(self, indices: Iterable[int]) -> Sources:
+        wanted = list(indices)
+        curve = {"server_public_key": self.options.server_public_key, "client_keys": self.options.client_keys}
+        failure: LoaderError | None = None
+        for endpoint in self.active_endpoints or self.endpoints:
+            try:
+                return sources(endpoint, wanted, timeout_s=self.timeout_s, **curve)
+            except ConfigError:
+                raise  # an index outside the data set: every server would say so
+            except LoaderError as exc:  # that server is gone: ask another
+                failure = exc
+        assert failure is not None
+        raise failure
 
     def stats(self, *, server: bool = True) -> dict[str, Any]:
         """The trainer's side (data stall: the time spent waiting in next()) and the server's stats.

@@ -18,6 +18,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from .contract.endpoint_text import missing_scheme_hint
 from .contract.errors import EndpointError
 
 __all__ = ["Endpoint", "parse_endpoint", "same_host", "why_silent"]
@@ -63,8 +64,8 @@ def parse_endpoint(text: object) -> Endpoint:
         raise EndpointError(f"endpoint {shown} holds control characters; {_EXAMPLE}")
     scheme, sep, rest = text.partition("://")
     if not sep:
-        hint = f" (did you mean tcp://{text}?)" if re.fullmatch(r"[^/]+:\d+", text) else ""
-        raise EndpointError(f"endpoint {shown} has no scheme{hint}: use tcp://HOST:PORT or ipc://PATH, {_EXAMPLE}")
+        raise EndpointError(f"endpoint {shown} has no scheme{missing_scheme_hint(text)}: use tcp://HOST:PORT or "
+                            f"ipc://PATH, {_EXAMPLE}")
     if scheme == "ipc":
         if not rest or len(rest) > _MAX_IPC_PATH:
             raise EndpointError(f"endpoint {shown} names no socket path: use ipc://PATH, for example ipc:///tmp/loader.sock")

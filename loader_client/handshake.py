@@ -2,12 +2,14 @@
 
 `open_stream` connects a fresh socket, sends a `Hello`, and waits up to `timeout_s` for the
 `Welcome` (heartbeats may come first; an `Error` or `Goodbye` raises at once; a failed CURVE
-handshake shows up on the socket monitor and raises `AuthenticationError` at once). When the
-wait expires, the error names the real cause (`endpoints.why_silent`). The welcome is
-checked for consistency with what was asked and with itself (`check_welcome`). An arena is
-opened only when this client asked for one, on a same-host endpoint, and only if it holds the
-key of this hello; one that this process cannot open makes it start over on a fresh socket (a
-new identity, so nothing of the first stream can arrive in the second) without shared memory.
+handshake shows up on the socket monitor and raises `AuthenticationError` at once). A server
+still silent after `WAIT_GRACE_S` gets one warning naming the real cause (`endpoints.why_silent`:
+no socket file, connection refused, no DNS answer), and the wait goes on, for a server that
+starts late; when it expires, the error names the cause again. The welcome is checked for
+consistency with what was asked and with itself (`check_welcome`). An arena is opened only when
+this client asked for one, on a same-host endpoint, and only if it holds the key of this hello;
+one that this process cannot open makes it start over on a fresh socket (a new identity, so
+nothing of the first stream can arrive in the second) without shared memory.
 
 An ``ipc://`` socket says who listens on it (SO_PEERCRED): before anything is sent, its
 listener's uid must be trusted (`trusted_uids`: this process's own, root's, and
@@ -23,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -48,7 +50,7 @@ from .endpoints import Endpoint, why_silent
 from .options import ClientOptions, Start
 from .wire import Ctx, Sock
 
-__all__ = ["BYE_LINGER_MS", "Opened", "check_welcome", "open_stream", "trusted_uids"]
+__all__ = ["BYE_LINGER_MS", "WAIT_GRACE_S", "Opened", "check_welcome", "open_stream", "trusted_uids"]
 
 _log = logging.getLogger("loader_client")
 _counter = itertools.count()
@@ -57,6 +59,8 @@ _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAK
 _HANDSHAKE_FAILURES_TEXT: dict[int, str] = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
                             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "security mechanism mismatch",
                             zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed"}
+#: How long a client waits for a welcome before it logs, once, why the server does not answer (and waits on).
+WAIT_GRACE_S = 2.0
 #: How long a goodbye may take to leave when a socket closes.
 BYE_LINGER_MS = 200
 #: How long the look at a server's greeting may take (after it closed a handshake).
@@ -78,15 +82,45 @@ class Opened:
     arena: Arena | None
 
 
+@dataclass
+class _Wait:
+    """One wait for a server (for its ipc socket to be listened on, then for its welcome): one
+    deadline, and the cause of a silence said once, after `WAIT_GRACE_S`."""
+
+    endpoint: Endpoint
+    timeout_s: float
+    started: float = field(default_factory=time.monotonic)
+    said: bool = False
+
+    def __post_init__(self) -> None:
+        self.said = self.said or WAIT_GRACE_S >= self.timeout_s  # a wait shorter than the grace ends in the error
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout_s
+
+    def say_why_once(self) -> None:
+        """Log why the server is silent, once, when the grace period is over."""
+        now = time.monotonic()
+        if not self.said and now >= self.started + WAIT_GRACE_S:
+            self.said = True  # once: the server may start late, and the wait goes on to timeout_s
+            _log.warning("still waiting for the loader server at %s (up to timeout_s=%g s): %s", self.endpoint,
+                         self.timeout_s, why_silent(self.endpoint, now - self.started))
+
+    def next_wake(self) -> float:
+        return self.deadline if self.said else min(self.deadline, self.started + WAIT_GRACE_S)
+
+
 def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Start) -> Opened:
     """Say hello to the server at `endpoint` and return the accepted stream (sockets closed on failure)."""
-    listener = _trusted_listener(endpoint, options) if endpoint.scheme == "ipc" else None
+    wait = _Wait(endpoint, options.timeout_s)
+    listener = _trusted_listener(endpoint, options, wait) if endpoint.scheme == "ipc" else None
     ask_shm = endpoint.same_host and options.shared_memory is not False and shm_available()
     hello = Hello(rank=start.rank, world_size=start.world_size, epoch=start.epoch, batch=start.batch,
                   seed=start.seed, fingerprint=start.fingerprint, credit=options.prefetch,
                   client=options.name, shm=ask_shm, augment=options.augment, share=options.share,
-                  shm_key=new_arena_key() if ask_shm else None)
-    opened = _hello(ctx, endpoint, options, hello, start)
+                  shm_key=new_arena_key() if ask_shm else None, manifest=options.manifest)
+    opened = _hello(ctx, endpoint, options, hello, start, wait)
     if opened.welcome.shm is None:
         return opened
     try:
@@ -102,7 +136,8 @@ def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Sta
     _log.info("cannot open the shared-memory arena of %s; using frames over the socket", endpoint)
     wire.send(opened.sock, Bye(), zmq.NOBLOCK)
     opened.sock.close(linger=BYE_LINGER_MS)
-    return _hello(ctx, endpoint, options, Hello(**{**hello.fields(), "shm": False, "shm_key": None}), start)
+    return _hello(ctx, endpoint, options, Hello(**{**hello.fields(), "shm": False, "shm_key": None}), start,
+                  _Wait(endpoint, options.timeout_s, said=True))  # it answered: a wait of its own, nothing to say
 
 
 def _map_arena(endpoint: Endpoint, listener: tuple[int, int] | None, handle: ArenaHandle, key: bytes,
@@ -128,7 +163,7 @@ def trusted_uids(options: ClientOptions) -> set[int]:
     return {os.getuid(), 0} | ({options.server_uid} if options.server_uid is not None else set())
 
 
-def _trusted_listener(endpoint: Endpoint, options: ClientOptions) -> tuple[int, int]:
+def _trusted_listener(endpoint: Endpoint, options: ClientOptions, wait: _Wait) -> tuple[int, int]:
     """(pid, uid) of the process listening on an ipc:// endpoint, as this process sees them, once
     one listens (waiting up to `timeout_s`); `AuthenticationError` when its uid is not trusted.
 
@@ -138,8 +173,9 @@ def _trusted_listener(endpoint: Endpoint, options: ClientOptions) -> tuple[int, 
     means another process here, or none: its arena is then not looked for in /proc.
     """
     address = "\0" + endpoint.path[1:] if endpoint.path.startswith("@") else endpoint.path
-    deadline = time.monotonic() + options.timeout_s
+    deadline = wait.deadline
     while True:
+        wait.say_why_once()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
                 probe.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
@@ -165,7 +201,7 @@ def _silence(endpoint: Endpoint, options: ClientOptions) -> LoaderTimeoutError:
                                                           else ""))
 
 
-def _hello(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, hello: Hello, start: Start) -> Opened:
+def _hello(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, hello: Hello, start: Start, wait: _Wait) -> Opened:
     sock = wire.new_socket(ctx, max_message_bytes=options.max_message_bytes, hwm=4 * options.prefetch + 16,
                            curve={"server_public_key": options.server_public_key, "client_keys": options.client_keys},
                            reconnect=endpoint.scheme != "ipc")
@@ -179,7 +215,7 @@ def _hello(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, hello: Hello, s
         monitor.connect(address)
         sock.connect(endpoint.text)
         wire.send(sock, hello)
-        welcome = _wait_for_welcome(sock, monitor, endpoint, options)
+        welcome = _wait_for_welcome(sock, monitor, endpoint, options, wait)
         check_welcome(welcome, hello, start, str(endpoint))
         # ZeroMQ reads MAXMSGSIZE (a bound per frame) when it connects: the welcome's tighter bound
         # applies to reconnections; the receiver checks every whole message against it.
@@ -203,16 +239,19 @@ def _close_monitor(sock: Sock, monitor: Sock | None) -> None:
         monitor.close(linger=0)
 
 
-def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: ClientOptions) -> Welcome:
+def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: ClientOptions, wait: _Wait) -> Welcome:
     curve = bool(options.server_public_key)
     peer = f"the loader server at {endpoint}"
-    deadline = time.monotonic() + options.timeout_s
+    deadline = wait.deadline
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
     while True:
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        ready = dict(poller.poll(max(0, remaining_ms)))
+        wait.say_why_once()
+        wake = wait.next_wake()
+        ready = dict(poller.poll(max(0, int((wake - time.monotonic()) * 1000))))
+        if not ready and time.monotonic() < deadline:
+            continue
         if monitor in ready:
             event = int(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
             if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not curve and _server_mechanism(endpoint) != b"CURVE":

@@ -133,7 +133,9 @@ class HostsStream:
             got = self.merge.next(self)
         finally:
             self.wait_s += time.perf_counter() - started
-        info = BatchInfo(self.epoch, self.plan.delivered - 1, got.info.indices)
+        info = BatchInfo(self.epoch, self.plan.delivered - 1, got.info.indices,
+                         None if got.info.manifest is None else  # in this stream's numbering, not the share's
+                         {**got.info.manifest, "epoch": self.epoch, "batch": self.plan.delivered - 1})
         self.batches_taken += 1
         if self.plan.done:
             self._next_epoch()

@@ -1,6 +1,8 @@
 """Keras 3: a loader stream that ``model.fit`` takes directly, with exact epochs, validation and resume.
 
-Import this module only where keras is installed (``import loader_client.keras``).
+Import this module only where keras is installed (``import loader_client.keras``). Without
+``KERAS_BACKEND`` (or a ``keras.json`` that names a backend), and without tensorflow, it sets the
+backend to torch or jax, whichever is installed, before it imports keras.
 
 `KerasStream` is a ``keras.utils.PyDataset`` around a `LoaderClient`: Keras knows its length,
 so no ``steps_per_epoch`` is needed and none can be forgotten, and Keras epoch k trains on
@@ -32,19 +34,57 @@ How the epochs stay exact:
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
+import os
+import sys
 import warnings
 from collections import deque
+from pathlib import Path
 from typing import Any
-
-import keras
 
 from .client import LoaderClient
 from .contract.errors import LoaderError
 
+_log = logging.getLogger("loader_client")
+#: The backends Keras 3 runs on, in the order this module picks one when none is chosen.
+_BACKENDS = ("tensorflow", "torch", "jax")
+
+
+def _choose_backend() -> None:
+    """Pick an installed Keras backend when the user chose none, rather than fail on a missing tensorflow.
+
+    Keras takes ``KERAS_BACKEND``, else the ``backend`` of ``keras.json`` (in ``KERAS_HOME`` or
+    ``~/.keras``), else tensorflow. When neither is set and tensorflow is not installed, torch or jax
+    (the first installed) is set in ``KERAS_BACKEND``; with none of the three, an ImportError says what to
+    install. Nothing changes once keras is imported.
+    """
+    if "keras" in sys.modules or os.environ.get("KERAS_BACKEND"):
+        return
+    config = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "keras.json"
+    try:
+        if json.loads(config.read_text()).get("backend"):
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    installed = [name for name in _BACKENDS if importlib.util.find_spec(name) is not None]
+    if not installed:
+        raise ImportError("loader_client.keras needs Keras 3 with one of its backends, and none of tensorflow, "
+                          "torch or jax is installed: install one (for example `python3 -m pip install torch`) "
+                          "and set KERAS_BACKEND=torch (or jax, tensorflow) before importing keras")
+    if installed[0] != "tensorflow":
+        os.environ["KERAS_BACKEND"] = installed[0]
+        _log.info("KERAS_BACKEND is not set and tensorflow is not installed: Keras uses the %s backend "
+                  "(set KERAS_BACKEND to choose)", installed[0])
+
+
+_choose_backend()
+
+import keras  # noqa: E402  (after the backend is chosen)
+
 __all__ = ["EvaluateEachEpoch", "KerasStream", "fit", "validation_problem"]
 
-_log = logging.getLogger("loader_client")
 _PEEK_LIMIT = 2  # Keras reads 1 batch to build the model (2 for a tf.data signature)
 
 
@@ -200,14 +240,35 @@ def fit(model: Any, stream: KerasStream, *, epochs: int, initial_epoch: int | No
     start = stream.position[0] if initial_epoch is None else initial_epoch
     if stream.position[1] == 0 or start >= epochs:
         return model.fit(stream, epochs=epochs, initial_epoch=start, **fit_kwargs)
-    first = model.fit(stream, epochs=start + 1, initial_epoch=start, **fit_kwargs)
+    callbacks = fit_kwargs.pop("callbacks", None)
+    callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [] if callbacks is None else callbacks
+    shown = [_TotalEpochs(epochs), *callbacks] if isinstance(callbacks, list) else callbacks
+    first = model.fit(stream, epochs=start + 1, initial_epoch=start, callbacks=shown, **fit_kwargs)
     if getattr(model, "stop_training", False) or start + 1 >= epochs:
         return first
     stream._len_read_between = True  # a new fit: Keras reads the whole-epoch length again
-    rest = model.fit(stream, epochs=epochs, initial_epoch=start + 1, **fit_kwargs)
+    rest = model.fit(stream, epochs=epochs, initial_epoch=start + 1, callbacks=callbacks, **fit_kwargs)
     rest.epoch = list(first.epoch) + list(rest.epoch)
     rest.history = {k: list(first.history.get(k, [])) + list(v) for k, v in rest.history.items()}
     return rest
+
+
+class _TotalEpochs(keras.callbacks.Callback):  # type: ignore[misc]
+    """Keras's progress bar counts the epochs of the whole run during `fit`'s first ``model.fit`` (the rest
+    of a resumed epoch): ``Epoch 2/3`` then ``Epoch 3/3``, not ``Epoch 2/2`` then ``Epoch 3/3``.
+
+    Callbacks share one `params` dict and the progress bar is added after the caller's callbacks, so
+    setting ``epochs`` here, first, is what it reads; the training loop keeps its own count.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        if params:
+            params["epochs"] = self.epochs
+        super().set_params(params)
 
 
 class EvaluateEachEpoch(keras.callbacks.Callback):  # type: ignore[misc]

@@ -51,6 +51,7 @@ class ClientOptions:
     augment: bool = True
     share: str | None = None  # join the server's share of this name: one decode for every trainer in it
     server_uid: int | None = None  # an ipc:// server of this uid is trusted too (besides this user and root)
+    manifest: bool = False  # every batch with its manifest (client.last.manifest)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ClientOptions:
@@ -87,6 +88,8 @@ class ClientOptions:
             _integer("seed", self.seed, 0, INT63_MAX)
         if self.server_uid is not None:
             _integer("server_uid", self.server_uid, 0, 2**32 - 2)
+        if not isinstance(self.manifest, bool):
+            raise ConfigError(f"`manifest` must be True or False, got {_show(self.manifest)}")
         if self.shared_memory is not None and not isinstance(self.shared_memory, bool):
             raise ConfigError(f"`shared_memory` must be True, False or None, got {self.shared_memory!r}")
         self.start()  # the rank, world size and state: refused now rather than by the server

@@ -46,6 +46,7 @@ from .contract.normalize import BufferPool, Normalization
 from .contract.schema import Message
 from .contract.shm import Arena
 from .handshake import BYE_LINGER_MS
+from .manifests import checked_manifest
 from .options import MIN_HEARTBEAT_S, ClientOptions
 from .stream import BatchInfo, Delivery
 from .wire import Sock
@@ -104,6 +105,7 @@ class Receiver:
         self.start_epoch = welcome.epoch
         self.expect = (welcome.epoch, welcome.batch) if welcome.in_order else None
         self.arena, self.norm, self.progress = arena, norm, progress
+        self.manifest = options.manifest  # every batch must come with its manifest, and none may come without
         self.pool = BufferPool(keep=8)
         self.granted = options.prefetch  # batches the server may send, in all (the hello's credit, then Credit)
         self.received = 0
@@ -234,7 +236,9 @@ class Receiver:
         self.content.check(message, x, y, index, extras)
         if self.norm is not None:  # the uint8 view (and its slot) is released right here
             x = self.norm.apply(x, out=self.pool.get(x.shape, np.float32))
-        self.out.put_nowait(Delivery(x, y, tuple(extras.values()), BatchInfo(message.epoch, message.batch, index)))
+        manifest = checked_manifest(message, index, self.manifest, self.peer)
+        self.out.put_nowait(Delivery(x, y, tuple(extras.values()),
+                                     BatchInfo(message.epoch, message.batch, index, manifest)))
 
     def _check_position(self, message: Batch) -> None:
         if message.steps != self.steps:

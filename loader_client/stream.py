@@ -27,11 +27,14 @@ __all__ = ["BatchInfo", "Delivery", "Servers", "Stream"]
 
 @dataclass(frozen=True)
 class BatchInfo:
-    """Where a batch sits in the stream, and which samples it holds."""
+    """Where a batch sits in the stream, and which samples it holds; with ``manifest=True``, its manifest:
+    ``{"epoch", "batch", "samples": [{"index", "source", "augment": [(op, values), ...]}, ...]}``, plain
+    JSON-serialisable values, one sample per row of the batch in order (`loader_client.manifests`)."""
 
     epoch: int
     batch: int
     indices: np.ndarray
+    manifest: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

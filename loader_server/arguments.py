@@ -16,8 +16,8 @@ from loader_client.contract.errors import ConfigError
 
 from .config import ServerConfig
 
-__all__ = ["HelpFormatter", "add_serve_arguments", "add_setting_arguments", "explicit_serve_flags", "require_opencv",
-           "serve_parser"]
+__all__ = ["HelpFormatter", "add_serve_arguments", "add_setting_arguments", "explicit_serve_flags",
+           "explicit_setting_flags", "require_opencv", "serve_parser"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -54,7 +54,8 @@ def add_setting_arguments(p: argparse.ArgumentParser, names: Sequence[str] | Non
             for flag, (value, text) in meta["flags"].items():
                 action = group.add_argument(flag, dest=name, action="store_const", const=value, default=default,
                                             help=text)
-                action.shown_default = "on" if value == default else "off"  # type: ignore[attr-defined]
+                shown = "on" if value == default else "off" if default is not None else meta.get("shown") or "auto"
+                action.shown_default = shown  # type: ignore[attr-defined]
             continue
         shown = meta.get("shown")
         if shown is None:
@@ -74,6 +75,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                             help="check the settings and the data set, print them as TOML (each with where it "
                                  "came from; --config reads it back), then exit")
     action.shown_default = "off"  # type: ignore[attr-defined]
+    action = p.add_argument("--watch-stdin", action="store_true",
+                            help="stop, as on SIGTERM, when standard input reaches its end: it is a pipe from the "
+                                 "process that started this server (loader_client.local_server), whose end the "
+                                 "kernel closes when that process exits or is killed, even by SIGKILL")
+    action.shown_default = "off"  # type: ignore[attr-defined]
     add_setting_arguments(p)
 
 
@@ -87,9 +93,13 @@ def serve_parser(prog: str = "loader-server serve") -> argparse.ArgumentParser:
 
 def explicit_serve_flags(argv: Sequence[str]) -> dict[str, Any]:
     """The settings given in `argv` (`serve`'s flags) themselves, so that file and environment can fill the rest."""
+    return explicit_setting_flags(serve_parser(), argv)
+
+
+def explicit_setting_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The settings `argv` gives through `parser` (a fresh parser of a command's flags), and no defaults."""
     from .layered import PARSERS
 
-    parser = serve_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if k in PARSERS}

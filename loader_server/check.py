@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +40,10 @@ CHECK_SETTINGS = (*DATA_SETTINGS, "color", "max_pixels", "max_file_bytes")
 #: Images are decoded into a slot this small: libjpeg decodes at 1/8 where it can, as the workers would
 #: for a small output; every byte is still read and every header and marker checked.
 _CHECK_SIZE = "8x8"
+#: Where the report goes when --report is not given (a temporary file if this folder cannot be written).
+_DEFAULT_REPORT = "bad-files.tsv"
+#: Bad files listed on stderr when no report can be written anywhere.
+_SHOWN_WITHOUT_REPORT = 20
 
 
 class Bad(NamedTuple):
@@ -54,8 +61,10 @@ class Bad(NamedTuple):
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_arguments(p, CHECK_SETTINGS)
     p.add_argument("--workers", type=int, default=default_workers() + 1, help="decoding processes")
-    p.add_argument("--report", default="bad-files.tsv",
-                   help="where to write `path<TAB>reason` for every bad file (or row)")
+    p.add_argument("--report", default=None,
+                   help="where to write `path<TAB>reason` for every bad file (or row); when that cannot be "
+                        "written, a temporary file, named in the summary (default: bad-files.tsv in the current "
+                        "folder, or a temporary file when the current folder is not writable)")
 
 
 def _init(index: Dataset, path: SamplePath, out: np.ndarray) -> None:
@@ -102,7 +111,6 @@ def run_check(args: argparse.Namespace) -> int:
         bad = _check_files(index, config, progress)
     progress.close()
     bad.sort()
-    Path(args.report).write_text("".join(f"{b.where}\t{b.reason}\n" for b in bad))
     elapsed = time.monotonic() - started
     print(f"checked {len(index)} samples of {index.source} in {elapsed:.1f} s: {len(bad)} bad")
     if index.build == "gather":
@@ -113,12 +121,41 @@ def run_check(args: argparse.Namespace) -> int:
     example = {b.code: b.reason for b in reversed(bad)}  # the first reason of each code
     for code, n in Counter(b.code for b in bad).most_common():
         print(f"  {n:8d}  {code} (e.g. {example[code]})")
+    report = _write_report(bad, args.report)
     if bad:
-        print(f"the bad files and their reasons are in {args.report}; fix or remove them, or serve with "
+        print(f"the bad files and their reasons are in {report}; fix or remove them, or serve with "
               "--on-error skip --max-bad N")
         return 1
     print("check: OK")
     return 0
+
+
+def _write_report(bad: list[Bad], asked: str | None) -> str:
+    """Write `path<TAB>reason` lines where asked (default: bad-files.tsv here), else to a temporary file;
+    returns where they are. What could not be written is said on stderr; the summary is printed already."""
+    text = "".join(f"{b.where}\t{b.reason}\n" for b in bad)
+    target = asked or _DEFAULT_REPORT
+    try:
+        Path(target).write_text(text)
+        return target
+    except OSError as exc:
+        why = f"{exc.strerror or exc} for user id {os.getuid()}"
+    if not bad and asked is None:
+        return "(no report: nothing is bad)"  # an empty report is not worth a temporary file
+    try:
+        fd, temporary = tempfile.mkstemp(prefix="loader-check-", suffix=".tsv")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        print(f"loader-server check: cannot write the report to {target} ({why}) nor to a temporary file "
+              f"({exc.strerror or exc}); pass --report PATH in a writable folder. The first bad files:",
+              file=sys.stderr)
+        for b in bad[:_SHOWN_WITHOUT_REPORT]:
+            print(f"  {b.where}\t{b.reason}", file=sys.stderr)
+        return "(no report could be written; see above)"
+    print(f"loader-server check: cannot write {target} ({why}); the report is in {temporary} instead",
+          file=sys.stderr)
+    return temporary
 
 
 def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[Bad]:

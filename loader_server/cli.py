@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .simulation.command import add_simulate_arguments
 
     add_simulate_arguments(simulate)
+    replay = sub.add_parser("replay", formatter_class=fmt, help="rebuild one batch of a stream, bitwise, into a .npz",
+                            description="Rebuild batch B of epoch E (of a rank's share) with the settings `serve` "
+                                        "used, bitwise as the client received it: arrays x, y and index in an npz "
+                                        "file, and optionally its manifest.")
+    from .replay import add_replay_arguments
+
+    add_replay_arguments(replay)
     demo.add_argument("--out", default=None, help="folder for the sample images (default: a temporary folder)")
     demo.add_argument("--images", type=int, default=1024, help="number of sample images to generate")
     demo.add_argument("--epochs", type=int, default=2, help="epochs to consume")
@@ -136,6 +143,10 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .layered import format_config, resolve
     from .logs import setup_logging
 
+    if args.watch_stdin:  # first: a trainer killed while this server indexes its data stops it too
+        from .lifeline import stop_when_stdin_closes
+
+        stop_when_stdin_closes()
     require_opencv("serve")
     config, sources = resolve(explicit_serve_flags(argv[1:]), args.config)  # the words after `serve`
     setup_logging(config.log_level, config.log_format)  # indexing a large data set logs what it did
@@ -144,10 +155,13 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.print_config:
         print(format_config(config, sources))
         return 0
+    from .data.scan import startup_scan
+
+    known_bad = startup_scan(config, dataset)  # missing or unreadable files: exit 2 now, or counted for skip
     from .pipeline import batch  # noqa: F401  (loaded before the workers fork, so that each starts at once)
     from .server import Server, install_signal_handlers
 
-    server = Server(config, dataset, spec)
+    server = Server(config, dataset, spec, known_bad=known_bad)
     install_signal_handlers(server)
     return server.run()
 
@@ -245,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cache_build import run_cache_build
 
             return run_cache_build(args)
+        if args.command == "replay":
+            from .replay import run_replay
+
+            return run_replay(args, argv[1:])
         if args.command == "simulate":
             from .simulation.command import run_simulate
 

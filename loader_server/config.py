@@ -29,6 +29,7 @@ G = TypeVar("G")
 
 __all__ = [
     "AUTO_READ_THREADS",
+    "AUTO_SCAN_LIMIT",
     "DATA_SETTINGS",
     "INTERPOLATIONS",
     "RESIZE_MODES",
@@ -64,6 +65,8 @@ AUTO_READ_THREADS = 64
 #: Average read time above which a worker moves reads to its thread pool (read_threads unset).
 SLOW_READ_S = 0.002
 
+#: Data sets of at most this many files are scanned at start-up unless `scan` says otherwise.
+AUTO_SCAN_LIMIT = 100_000
 #: The settings that choose the samples: every command that opens a data set takes these.
 DATA_SETTINGS = ("data", "labels", "offsets", "maxlen", "pad", "truncate", "subset", "val_fraction", "split_seed",
                  "image_column", "label_column", "json_label", "index_dir")
@@ -115,10 +118,10 @@ def parse_max_bad(text: Any) -> float:
 
 
 def parse_size(text: Any) -> tuple[int, int]:
-    """Parse ``WxH`` (width x height, the order cv2.resize takes), or a [W, H] pair, into a tuple."""
+    """Parse ``WxH`` (width x height, the order cv2.resize takes), ``W,H``, or a [W, H] pair, into a tuple."""
     if isinstance(text, (list, tuple)) and len(text) == 2 and all(isinstance(v, int) for v in text):
         return int(text[0]), int(text[1])
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", str(text))
     if not m:
         raise ConfigError(f"`size` must look like WIDTHxHEIGHT, for example 224x224, got {text!r}")
     return int(m.group(1)), int(m.group(2))
@@ -273,6 +276,11 @@ class ServerConfig:
     max_bad: float = setting(0.001, parse=parse_max_bad, shown="0.1%",
                              help="skip mode: more bad files than this (a count, or a percentage of the index) "
                                   "is an error")
+    scan: bool | None = setting(None, help="", shown=f"auto: on up to {AUTO_SCAN_LIMIT:,} files", flags={
+        "--scan": (True, "at start-up, stat every file of the data set (list files, class folders) and report the "
+                         "missing or unreadable ones before the first batch: exit 2 naming them, or with "
+                         "--on-error skip count them against --max-bad and log them"),
+        "--no-scan": (False, "no start-up scan: a bad file is met when a worker reads it")})
     shm: bool = setting(True, help="", flags={
         "--no-shm": (False, "never use shared memory, even for clients on this host (frames over the socket)")})
     read_threads: int | None = setting(
@@ -393,7 +401,10 @@ class ServerConfig:
         _at_least("max_message_bytes", self.max_message_bytes, 1)
         self._validate_cache()
         if not self.bind.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}")
+            from loader_client.contract.endpoint_text import missing_scheme_hint
+
+            raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}"
+                              f"{missing_scheme_hint(self.bind)}")
         if not is_local_bind(self.bind) and not self.curve_dir and not self.insecure:
             raise ConfigError(
                 f"`bind` {self.bind} is reachable from the network: pass --curve-dir DIR to encrypt and "

@@ -1,20 +1,22 @@
 """Start and stop ``loader-server serve`` as a child process: for the demo, the benchmark and the tests.
 
-`ServerProcess` starts ``python -m loader_server serve`` on a given or private endpoint, with its
-output in a log file; `wait_ready` asks the server's ``health`` request until it answers ok (a
-worker is ready), failing with the server's log if the process exits or the deadline passes;
-`stop` sends SIGTERM, waits, then SIGKILLs, and returns the exit code; `workers` lists the live
-worker processes. The server runs in a session of its own, so that a Ctrl-C meant for the caller
-does not reach it (the caller stops it) and so that `session_processes` can find a worker left
-behind even after the server itself is gone. The flip side: a caller that dies without calling
-`stop` (SIGKILL) leaves its server running; use it as a context manager, or `stop` in a finally.
+A training script starts its server with `loader_client.local_server` (the documented way);
+`ServerProcess` is the same child process with what tests and benchmarks need besides: a
+given or private endpoint, its output in a log file, `workers`, `session_processes`, and the
+log quoted in its errors. Both wait for readiness with `loader_client.local.wait_ready` (ask
+``health`` until it answers ok, failing at once if the process exits) and tie the server to
+their own process the same way: ``serve --watch-stdin`` reads a pipe whose write end only this
+process holds, so a caller that dies without calling `stop` (even by SIGKILL) leaves no server
+behind. `stop` sends SIGTERM, waits, then SIGKILLs, and returns the exit code. The server runs
+in a session of its own, so that a Ctrl-C meant for the caller does not reach it (the caller
+stops it) and so that `session_processes` can find a worker left behind even after the server
+itself is gone.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from loader_client import health
 from loader_client.contract.errors import LoaderError
+from loader_client.local import connect_address, stop_process, wait_ready
 
 __all__ = ["ServerProcess", "ServerProcessError", "alive", "children_of", "connect_address"]
 
@@ -32,8 +34,6 @@ __all__ = ["ServerProcess", "ServerProcessError", "alive", "children_of", "conne
 STOP_TIMEOUT_S = 15.0
 #: Lines of the server's log quoted in an error.
 _LOG_TAIL_LINES = 60
-#: Seconds between two health requests while waiting for readiness.
-_READY_POLL_S = 0.05
 
 
 class ServerProcessError(LoaderError):
@@ -59,10 +59,10 @@ class ServerProcess:
         self.terminated = False  # stop() sent SIGTERM to a running server
         self._log_cache: str | None = None
         self.started = time.perf_counter()
-        with open(self.log, "wb") as f:
+        with open(self.log, "wb") as f:  # stdin: the lifeline (see the module's docstring)
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                [python, "-m", "loader_server", *self.args], stdin=subprocess.DEVNULL, stdout=f,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [python, "-m", "loader_server", *self.args[:1], "--watch-stdin", *self.args[1:]],
+                stdin=subprocess.PIPE, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -79,24 +79,10 @@ class ServerProcess:
         `curve`: `server_public_key` and `client_keys` for a server started with --curve-dir.
         Raises `ServerProcessError` with the server's log if it exits first or `timeout_s` passes.
         """
-        address = connect_address(self.endpoint)
-        deadline = time.monotonic() + timeout_s
-        last = "no answer"
-        while True:
-            if self.proc.poll() is not None:
-                raise self.failure(f"exited with code {self.proc.returncode} before it was ready")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self.failure(f"was not ready within {timeout_s:g} s (last health answer: {last})")
-            try:
-                answer = health(address, timeout_s=min(0.5, remaining), **curve)
-            except LoaderError as exc:  # not bound yet, or busy: ask again
-                last = str(exc)
-            else:
-                if answer.get("ok") is True:
-                    return answer
-                last = ", ".join(f"{k}={v}" for k, v in answer.items())
-            time.sleep(_READY_POLL_S)
+        try:
+            return wait_ready(self.endpoint, timeout_s, self.proc.poll, **curve)
+        except LoaderError as exc:
+            raise self.failure(str(exc)) from None
 
     def failure(self, what: str) -> ServerProcessError:
         """An error saying that the server `what`, with the tail of its log."""
@@ -124,18 +110,13 @@ class ServerProcess:
         A server that has exited already (or was reaped by the caller) just reports its code.
         """
         try:
-            if self.proc.poll() is None:
-                self.terminated = True
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.exit_code = self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.exit_code = self.proc.wait()
-                raise self.failure(f"did not stop within {timeout_s:g} s of SIGTERM and was killed") from None
-            return self.exit_code
+            self.terminated = self.terminated or self.proc.poll() is None
+            self.exit_code, killed = stop_process(self.proc, timeout_s)
         finally:
             self._forget_private()
+        if killed:
+            raise self.failure(f"did not stop within {timeout_s:g} s of SIGTERM and was killed")
+        return self.exit_code
 
     def log_text(self) -> str:
         if self._log_cache is not None:
@@ -157,16 +138,6 @@ class ServerProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def connect_address(endpoint: str) -> str:
-    """Where a client on this host connects to reach a server bound to `endpoint`
-    (a wildcard bind such as tcp://0.0.0.0:PORT or tcp://*:PORT is reached over loopback)."""
-    for wildcard, loopback in (("tcp://0.0.0.0:", "tcp://127.0.0.1:"), ("tcp://*:", "tcp://127.0.0.1:"),
-                               ("tcp://[::]:", "tcp://[::1]:")):
-        if endpoint.startswith(wildcard):
-            return loopback + endpoint[len(wildcard):]
-    return endpoint
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:

@@ -66,6 +66,11 @@ class Metrics:
         self.build_counts[bisect.bisect_left(BUILD_BUCKETS_S, seconds)] += 1
         self.build_sum_s += seconds
 
+    def build_histogram(self) -> dict[str, Any]:
+        """The batch build times as `stats` reports them: each count with the upper bound of its bucket
+        (``le_s``, in seconds, as Prometheus's ``le``; the last bucket is ``"+Inf"``), and their sum."""
+        return {"le_s": [*BUILD_BUCKETS_S, "+Inf"], "counts": list(self.build_counts), "sum_s": self.build_sum_s}
+
     def rates(self) -> tuple[float, float]:
         """(images/s, batches/s) over the last minute (or the uptime, if shorter)."""
         now = time.monotonic()

@@ -192,6 +192,7 @@ class ServeOptions:
     heartbeat_s: float = 1.0
     client_timeout_s: float = 30.0
     max_bad: float = 0.001
+    scan: bool | None = None  # the start-up scan of the data set's files (None: auto, by size)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from loader_client.contract import protocol
 from loader_client.contract.errors import ProtocolError, ProtocolVersionError
 from loader_client.contract.messages import (
     CLIENT_REQUESTS,
+    MAX_SOURCE_CHARS,
     Bye,
     Credit,
     Error,
@@ -35,15 +36,18 @@ from loader_client.contract.messages import (
     Hello,
     Ping,
     Release,
+    SourcesReply,
+    SourcesRequest,
     StatsReply,
     StatsRequest,
 )
 from loader_client.contract.sampling import SamplingPlan
-from loader_client.contract.schema import Message, decode
+from loader_client.contract.schema import Message, decode, wire_text
 from loader_client.contract.shm import arena_channel_path, shm_available
 
 from .config import ServerConfig
 from .data.batch_spec import BatchSpec, batch_spec
+from .data.classes import negative_labels_note
 from .data.datasets import Dataset
 from .metrics import Metrics, serve_metrics
 from .options import PipelineOptions
@@ -72,13 +76,16 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 class Server:
     """Serve batches of `index` under `config` until `stop()` or SIGINT/SIGTERM."""
 
-    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None) -> None:
+    def __init__(self, config: ServerConfig, index: Dataset, spec: BatchSpec | None = None, *,
+                 known_bad: list[tuple[str, str, str]] | None = None) -> None:
         self.config = config
+        self.known_bad = known_bad or []  # (path, code, reason) the start-up scan found, tolerated in skip mode
         self.index = index
         self.spec = batch_spec(config, index) if spec is None else spec
         self.plan = SamplingPlan(len(index), self.spec.batch_size, mode=config.mode, shuffle=config.shuffle,
                                  drop_last=config.drop_last, steps_per_epoch=config.steps_per_epoch)
-        self.fingerprint = f"{config.fingerprint()}-{index.fingerprint()}"
+        self.data_version = index.fingerprint()  # what a sources reply calls the data set's version
+        self.fingerprint = f"{config.fingerprint()}-{self.data_version}"
         self.metrics = Metrics()
         self.cache = open_cache(config, index) if config.cache else None  # before the workers fork: they share it
         self.peer_log = PeerLog()
@@ -90,6 +97,7 @@ class Server:
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
             Credit: self._on_credit, Release: self._on_release, Ping: self._on_ping,
             Bye: self._on_bye, HealthRequest: self._on_health, StatsRequest: self._on_stats,
+            SourcesRequest: self._on_sources,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,6 +128,8 @@ class Server:
             self.delivery = Delivery(self.config, self.index, self.spec, self.plan, fingerprint=self.fingerprint,
                                      supervisor=self.supervisor, transport=transport, channel=channel,
                                      metrics=self.metrics, peer_log=self.peer_log, arena_channel=arena_channel)
+            for _, code, _ in self.delivery.bad.note(self.known_bad):  # logged by the scan; met once, counted once
+                self.metrics.errors[code] += 1
             if self.config.metrics_port:
                 self._metrics_http = serve_metrics(self.config.metrics_host, self.config.metrics_port,
                                                   lambda: self.metrics.snapshot)
@@ -127,6 +137,9 @@ class Server:
             log.info("serving %d samples from %s on %s: %s, batch %d, %d steps per epoch, settings %s",
                      len(self.index), self.index.source, self.config.bind, _workers_text(self.config),
                      self.spec.batch_size, self.plan.steps_per_epoch(), _settings_line(self.config))
+            note = negative_labels_note(self.index)
+            if note:
+                log.warning("%s", note)
             self._loop()
             self.delivery.goodbye(self._stopping or "the server was stopped")
         finally:
@@ -270,6 +283,17 @@ class Server:
     def _on_stats(self, identity: bytes, _: StatsRequest) -> None:
         self.transport.reply(identity, StatsReply(stats=self.stats()))
 
+    def _on_sources(self, identity: bytes, request: SourcesRequest) -> None:
+        n = len(self.index)
+        outside = [i for i in request.indices if i >= n]
+        if outside:
+            self.delivery.error(identity, "config", f"sample index {outside[0]} is outside the data set of {n} "
+                                                    f"samples ({self.index.source}): indices count from 0")
+            return
+        self.transport.reply(identity, SourcesReply(
+            sources=[wire_text(self.index.describe(i), MAX_SOURCE_CHARS) for i in request.indices],
+            dataset=wire_text(self.index.source, MAX_SOURCE_CHARS), version=self.data_version))
+
     # ------------------------------------------------------------------ workers
     def _drain_workers(self) -> None:
         while (received := self.channel.recv()) is not None:
@@ -379,13 +403,13 @@ class Server:
             "errors_by_reason": dict(self.metrics.errors), "bad_files": len(self.delivery.bad.files),
             "clients": [{**c.session.describe(), "shared_memory": c.arena is not None} for c in clients],
             "shares": self.delivery.describe_shares(),
-            "batch_build_seconds": {"counts": list(self.metrics.build_counts), "sum_s": self.metrics.build_sum_s},
+            "batch_build_seconds": self.metrics.build_histogram(),
             "fingerprint": self.fingerprint,
             **({"cache": self.cache.stats()} if self.cache is not None else {}),
         }
 
 
-_SESSIONLESS = (Hello, HealthRequest, StatsRequest, Bye)
+_SESSIONLESS = (Hello, HealthRequest, StatsRequest, SourcesRequest, Bye)
 #: Worker-count changes listed in stats (the latest).
 _WORKER_LOG_KEPT = 32
 

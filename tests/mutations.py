@@ -98,8 +98,8 @@ MUTATIONS = [
               G + "test_credit_is_capped_at_the_limit")),
     # The server's cap one above the protocol's MAX_CREDIT (both clamps: the hello's and a grant's).
     Mutation("credit-cap-off-by-one", "loader_server/runtime/sessions.py",
-             "from loader_client.contract.messages import MAX_CREDIT, Hello\n",
-             "from loader_client.contract.messages import Hello\n\nMAX_CREDIT = 65\n",
+             "from loader_client.contract.messages import MAX_CREDIT, MAX_MANIFEST_SAMPLES, Hello\n",
+             "from loader_client.contract.messages import MAX_MANIFEST_SAMPLES, Hello\n\nMAX_CREDIT = 65\n",
              (RT + "test_credit_is_never_exceeded_and_clamped",
               G + "test_credit_is_capped_at_the_limit")),
     Mutation("broken-ordering", "loader_server/runtime/sessions.py",

@@ -51,6 +51,12 @@ VALID: dict[type[schema.Message], dict[str, Any]] = {
     m.Error: {"kind": "server", "message": "m"},
     m.Goodbye: {"reason": "r"},
     m.HealthReply: {"ok": True, "workers_ready": 0, "workers": 0, "clients": 0, "batches_sent": 0},
+    m.BadFile: {"path": "a.jpg", "reason": "empty"},
+    m.SourcesRequest: {"indices": [0]},
+    m.SourcesReply: {"sources": ["a.jpg"], "dataset": "train.txt", "version": "0123456789abcdef"},
+    m.Drawn: {"op": "flip", "values": [1]},
+    m.SampleManifest: {"index": 0, "source": "a.jpg"},
+    m.Manifest: {"epoch": 0, "batch": 0, "samples": []},
     wm.Ready: {"worker": 0, "pid": 1},
     wm.Task: {"id": 0, "indices": b"", "seed": 0, "epoch": 0, "augment": False},
     wm.Forget: {"arena": 0},
@@ -78,7 +84,8 @@ RANGES: list[tuple[type[schema.Message], str, float, float]] = [
     (m.Welcome, "seed", 0, I63), (m.Welcome, "epoch", 0, I32), (m.Welcome, "batch", 0, I32),
     (m.Welcome, "heartbeat_s", 0.001, 3600.0), (m.Welcome, "max_message_bytes", 1, TIB),
     (m.Batch, "epoch", 0, I32), (m.Batch, "batch", 0, I32), (m.Batch, "steps", 1, I32),
-    (m.Error, "exit_code", -256, 256),
+    (m.Error, "exit_code", -256, 256), (m.Error, "bad_count", 0, I32),
+    (m.SampleManifest, "index", 0, I63), (m.Manifest, "epoch", 0, I32), (m.Manifest, "batch", 0, I32),
     (m.HealthReply, "workers_ready", 0, I32), (m.HealthReply, "workers", 0, I32), (m.HealthReply, "clients", 0, I32),
     (m.HealthReply, "batches_sent", 0, I63),
     (wm.Ready, "worker", 0, I32), (wm.Ready, "pid", 1, I32),
@@ -104,6 +111,16 @@ LENGTHS: list[tuple[type[schema.Message], str, Any, int]] = [
     (m.Error, "kind", "k", 32), (m.Error, "message", "m", 65_536), (m.Error, "path", "p", 4096),
     (m.Error, "reason", "r", 1024), (m.Error, "traceback", "t", 65_536),
     (m.Goodbye, "reason", "r", 1024),
+    # every bad file of a batch: 64 named at most; a file's path 4096, its reason a code of 64
+    (m.Error, "bad", [{"path": "p", "reason": "r"}], 64), (m.BadFile, "path", "p", 4096), (m.BadFile, "reason", "r", 64),
+    # sources: 200 indices a request, each source at most 4096 characters (the reply fits a 1 MiB header)
+    (m.SourcesRequest, "indices", [0], 200), (m.SourcesReply, "sources", ["s"], 200),
+    (m.SourcesReply, "dataset", "d", 4096), (m.SourcesReply, "version", "v", 64),
+    # a manifest: 1024 samples, a source of 512 characters, 16 augmentations of 8 numbers each
+    (m.Manifest, "samples", [{"index": 0, "source": "a"}], 1024), (m.SampleManifest, "source", "s", 512),
+    (m.SampleManifest, "augment", [{"op": "flip", "values": [1]}], 16), (m.Drawn, "op", "o", 32),
+    (m.Drawn, "values", [0.5], 8),
+    (wm.Result, "manifest", [{"index": 0, "source": "a"}], 1024), (wm.Failed, "bad", [["p", "c"]], 1 << 20),
     (wm.Task, "indices", b"\0", 8 * 2**24),  # 16 Mi sample indices of 8 bytes
     (wm.Result, "arrays", [["y", "<i8", [2]]], 64), (wm.Result, "bad", [["p", "c", "r"]], 1 << 20),
     (wm.Result, "shm_arrays", [["x", "|u1", [1]]], 1),
@@ -113,7 +130,7 @@ LENGTHS: list[tuple[type[schema.Message], str, Any, int]] = [
 
 #: (message, list field, lowest item, highest item) for lists whose items are ranged.
 ITEM_RANGES: list[tuple[type[schema.Message], str, float, float]] = [
-    (m.Release, "slots", 0, 1023), (m.Welcome, "x_shape", 0, TIB),
+    (m.Release, "slots", 0, 1023), (m.Welcome, "x_shape", 0, TIB), (m.SourcesRequest, "indices", 0, I63),
 ]
 
 
@@ -451,7 +468,7 @@ def test_an_unexpected_message_type_names_what_was_expected() -> None:
     with pytest.raises(ProtocolError) as info:
         schema.decode({"v": 2, "t": "batch"}, m.CLIENT_REQUESTS, "from a test")
     assert str(info.value) == ("unexpected message type 'batch' from a test; expected one of bye, credit, health, "
-                               "hello, ping, release, stats")
+                               "hello, ping, release, sources, stats")
     with pytest.raises(ProtocolError, match="^a 'credit' message from a test field 'n' must be between 1 and"):
         schema.decode({"v": 2, "t": "credit", "n": 0}, m.CLIENT_REQUESTS, "from a test")
 

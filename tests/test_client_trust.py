@@ -8,6 +8,7 @@ message, and that the client left no socket, file descriptor or thread behind.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -49,6 +50,7 @@ from loader_client.contract.shm import (
     open_arena,
 )
 from loader_client.endpoints import parse_endpoint, same_host
+from loader_client.handshake import WAIT_GRACE_S
 
 from .conftest import free_port, wait_until
 
@@ -804,6 +806,43 @@ def test_timeout_names_a_server_that_accepts_but_does_not_answer(no_leak: Any) -
         no_leak()
         with pytest.raises(LoaderTimeoutError, match="accepted the connection on port .* but did not answer"):
             LoaderClient(f"tcp://127.0.0.1:{port}", timeout_s=0.5)
+
+
+def test_a_waiting_client_says_why_once_and_gives_up_at_its_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """A refused port is known at once: the cause is logged once after the grace period, not only at the end."""
+    port = free_port()
+    with caplog.at_level(logging.WARNING, logger="loader_client"):
+        with pytest.raises(LoaderTimeoutError, match=f"nothing listens on port {port}"):
+            LoaderClient(f"tcp://127.0.0.1:{port}", timeout_s=WAIT_GRACE_S + 1.5)
+    said = [r.getMessage() for r in caplog.records if r.name == "loader_client" and "still waiting" in r.getMessage()]
+    assert len(said) == 1 and f"nothing listens on port {port} of 127.0.0.1 (connection refused)" in said[0], said
+    assert f"up to timeout_s={WAIT_GRACE_S + 1.5:g} s" in said[0]
+
+
+def test_a_waiting_client_connects_to_a_server_that_starts_late(start_server: Any, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from .conftest import unique_label_list
+
+    listfile = unique_label_list(tmp_path / "data", 8)
+    endpoint = f"ipc://{tmp_path}/late.sock"
+    got: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            with LoaderClient(endpoint, timeout_s=120) as client:
+                got["samples"] = client.num_samples
+        except BaseException as exc:  # reported by the assertion below
+            got["error"] = exc
+
+    with caplog.at_level(logging.WARNING, logger="loader_client"):
+        waiting = threading.Thread(target=connect)
+        waiting.start()
+        wait_until(lambda: any("still waiting" in r.getMessage() for r in caplog.records), 60, "the cause logged")
+        start_server(listfile, "--batch-size", "2", "--size", "8x8", "--workers", "1", endpoint=endpoint)
+        waiting.join(120)
+    assert got == {"samples": 8}
+    said = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert len(said) == 1 and f"there is no socket file at {tmp_path}/late.sock" in said[0]
 
 
 # ---------------------------------------------------------------------------- an honest server

@@ -233,6 +233,26 @@ def test_bad_file_reaches_the_trainer_with_its_name(start_server: Any, tmp_path:
             next(iter(client))
 
 
+def test_every_bad_file_of_a_batch_is_named(start_server: Any, tmp_path: Path) -> None:
+    """Three bad files in one batch: the error names all three (not only the first), with their codes."""
+    listfile = unique_label_list(tmp_path / "data", 8)
+    img = tmp_path / "data" / "img"
+    (img / "00001.jpg").unlink()  # missing
+    (img / "00002.jpg").write_bytes(b"")  # empty
+    (img / "00003.jpg").write_bytes(b"this is not a jpeg")  # undecodable
+    server = start_server(listfile, "--batch-size", "4", "--size", SIZE, "--workers", "1", "--no-shuffle",
+                          "--no-scan")  # the workers meet them (the scan would stop the server first)
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        with pytest.raises(BadSampleError) as info:
+            client.next()
+    err = info.value
+    assert err.bad_count == 3 and [(Path(p).name, code) for p, code in err.bad] == [
+        ("00001.jpg", "not_found"), ("00002.jpg", "empty"), ("00003.jpg", "undecodable")]
+    assert (err.path, err.reason) == (str(img / "00001.jpg"), "not_found")  # the first, as before
+    assert "3 of the 4 samples of this batch are bad" in str(err)
+    assert all(str(img / name) in str(err) for name in ("00001.jpg", "00002.jpg", "00003.jpg"))
+
+
 def test_worker_killed_is_replaced_and_epoch_stays_exact(start_server: Any, listfile: Path) -> None:
     # The victim may well be idle here ("re-issuing its 0 task(s)"): this checks the replacement.
     # test_guards.py::test_worker_killed_while_holding_a_task_has_it_reissued kills one that

@@ -55,6 +55,31 @@ def test_from_wire_rebuilds_each_kind_with_its_fields(kind: str, cls: type[Loade
     assert cls.KIND == kind and ERROR_KINDS[kind] is cls
 
 
+def test_a_bad_sample_error_names_every_bad_file_of_its_batch_within_a_bound() -> None:
+    """The error message carries up to MAX_BAD_NAMED (path, reason) pairs and the count; the schema refuses more."""
+    from loader_client.contract.errors import ProtocolError
+    from loader_client.contract.messages import MAX_BAD_NAMED, STREAM_MESSAGES, BadFile
+    from loader_client.contract.protocol import unpack
+    from loader_client.contract.schema import decode, encode
+
+    files = [BadFile(path=f"img/{i}.jpg", reason="truncated" if i % 2 else "not_found") for i in range(3)]
+    sent = Error(kind="bad_sample", message="3 bad files", path="img/0.jpg", reason="not_found", bad=files,
+                 bad_count=3)
+    received = decode(unpack(encode(sent)), STREAM_MESSAGES, "in a test")
+    assert isinstance(received, Error)
+    err = remote_error(received)
+    assert isinstance(err, BadSampleError) and err.path == "img/0.jpg" and err.bad_count == 3
+    assert err.bad == [("img/0.jpg", "not_found"), ("img/1.jpg", "truncated"), ("img/2.jpg", "not_found")]
+    assert BadSampleError("one", path="a.jpg", reason="empty").bad == [("a.jpg", "empty")]  # an older server
+    too_many = Error(kind="bad_sample", message="x", bad=[BadFile(path="a", reason="empty")] * (MAX_BAD_NAMED + 1))
+    with pytest.raises(ProtocolError, match="longer than"):
+        decode(unpack(encode(too_many)), STREAM_MESSAGES, "in a test")
+    odd = unpack(encode(sent))
+    odd["bad"] = [{"path": "a.jpg", "reason": "x\n"}]  # a reason is a code: printable text
+    with pytest.raises(ProtocolError, match="control characters"):
+        decode(odd, STREAM_MESSAGES, "in a test")
+
+
 def test_an_unknown_kind_is_a_plain_loader_error_and_unknown_fields_are_left_out() -> None:
     err = from_wire("from_a_newer_server", "something new", {"path": "a.jpg"})
     assert type(err) is LoaderError and str(err) == "something new" and not hasattr(err, "path")

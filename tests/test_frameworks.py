@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +21,17 @@ from loader_client import LoaderClient  # noqa: E402
 from .conftest import color_classes, unique_label_list  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_keras_adapter_imports_without_keras_backend(tmp_path: Path) -> None:
+    """No KERAS_BACKEND and no keras.json: an installed backend is chosen (not a missing tensorflow)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME")}
+    env["HOME"] = str(tmp_path)  # no ~/.keras/keras.json
+    script = "import loader_client.keras, keras; print(keras.backend.backend())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = "tensorflow" if importlib.util.find_spec("tensorflow") else "torch"
+    assert result.stdout.split()[-1] == expected
 
 
 def reference_epochs(endpoint: str, epochs: int) -> list[list[np.ndarray]]:
@@ -206,6 +218,27 @@ def test_keras_resume_mid_epoch_keeps_keras_epochs_on_server_epochs(start_server
     with LoaderClient(server.endpoint, timeout_s=30, state=state) as client:
         with pytest.raises(LoaderError, match="loader_client.keras.fit"):
             recorder_model(n, []).fit(KerasStream(client), epochs=3, verbose=0)
+
+
+# Keras's progress bar turns the torch loss into numpy with np.array(tensor), which numpy 2 warns about
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_keras_resumed_fit_counts_epochs_of_the_whole_run(start_server: Any, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A run resumed in epoch 2 of 3 shows `Epoch 2/3`, `Epoch 3/3` (not `Epoch 2/2`, `Epoch 3/3`)."""
+    from loader_client.keras import KerasStream, fit
+
+    n = 24
+    listfile = unique_label_list(tmp_path / "data", n, size=(8, 8))
+    server = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--seed", "3")
+    capsys.readouterr()
+    with LoaderClient(server.endpoint, timeout_s=30, state={"epoch": 1, "batch": 1, "seed": 3}) as client:
+        model = keras.Sequential([keras.Input(client.x_shape), keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(n, activation="softmax")])
+        model.compile("adam", "sparse_categorical_crossentropy")
+        history = fit(model, KerasStream(client), epochs=3, verbose=2)
+    shown = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("Epoch ")]
+    assert shown == ["Epoch 2/3", "Epoch 3/3"], shown
+    assert history.epoch == [1, 2]
 
 
 def test_keras_validation_stream_scores_every_sample_every_epoch(start_server: Any, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,6 +220,14 @@ def _run_forked_as(uid: int, cwd: Path, args: list[str]) -> subprocess.Completed
     import loader_server.data.datasets
     import loader_server.layered
 
+    loader_server.cli.build_parser()  # imports what every command's flags need (cache, simulate, ...)
+    if args[0] == "check":  # its decoding processes, and what they import
+        import multiprocessing.pool
+        import multiprocessing.popen_fork
+        import multiprocessing.queues
+        import multiprocessing.synchronize  # noqa: F401
+
+        import loader_server.pipeline.decode
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()
@@ -307,3 +316,33 @@ def test_unreadable_data_exits_2_naming_path_and_user(shared_tree: Path, case: s
     assert f"cannot read {what} {str(named)!r}: permission denied for user id {uid}" in err, err
     mode = "0700" if os.getuid() == 0 and blocker.is_dir() else "0600" if os.getuid() == 0 else "0000"
     assert f"{str(blocker)!r} (mode {mode}, owner uid {os.getuid()}) {verb}" in err, err
+
+
+@pytest.mark.parametrize("report", [None, "given"])
+def test_check_in_a_folder_it_cannot_write_keeps_the_summary_and_names_its_report(shared_tree: Path,
+                                                                                  report: str | None) -> None:
+    """`check` as a user who cannot write the current folder (as uid 10001 in the image's /app): the summary
+    is printed, and the report goes to a temporary file that the summary names."""
+    data = _images(shared_tree / "images")
+    for path in (data / "cat").iterdir():
+        path.write_bytes(b"")  # three bad files: empty
+    listed = sorted(str(p) for p in (data / "cat").iterdir())
+    args = ["check", "--workers", "1", "--data", str(data)]
+    if report:
+        args += ["--report", str(shared_tree / "bad.tsv")]  # a folder this user may not write either
+    result, uid = run_as_another_user(shared_tree, *args)
+    if uid == os.getuid():
+        pytest.skip("needs root: as root the check runs as another user in a folder it cannot write")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "checked 6 samples" in result.stdout and ": 6 bad" in result.stdout  # the summary
+    shown = re.search(r"the bad files and their reasons are in (\S+);", result.stdout)
+    assert shown, result.stdout
+    where = Path(shown.group(1))
+    try:
+        assert where.parent != shared_tree and where.is_file()
+        assert sorted(line.split("\t")[0] for line in where.read_text().splitlines())[:3] == listed
+        target = shared_tree / "bad.tsv" if report else "bad-files.tsv"
+        assert f"cannot write {target} (Permission denied for user id {uid})" in result.stderr, result.stderr
+    finally:
+        where.unlink(missing_ok=True)

@@ -80,9 +80,13 @@ def test_stats_from_client_and_command(start_server: Any, tmp_path: Path) -> Non
         assert [c["name"] for c in srv["clients"]] == ["trainer-a"]
         assert len(srv["workers"]) == 2 and all(w["state"] in ("busy", "idle") for w in srv["workers"])
         assert all(0 <= w["busy_fraction"] <= 1 for w in srv["workers"])
+        build = srv["batch_build_seconds"]  # each count with its bucket's upper bound, as Prometheus's `le`
+        assert len(build["le_s"]) == len(build["counts"]) and build["le_s"][-1] == "+Inf"
+        assert build["le_s"][:-1] == sorted(build["le_s"][:-1]) and sum(build["counts"]) >= 12
         result = cli("stats", server.endpoint)
         assert result.returncode == 0
-        assert json.loads(result.stdout)["clients"][0]["name"] == "trainer-a"
+        printed = json.loads(result.stdout)
+        assert printed["clients"][0]["name"] == "trainer-a" and printed["batch_build_seconds"]["le_s"][0] == 0.005
     assert server_stats(server.endpoint)["errors_by_reason"] == {}
     missing = cli("stats", f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.5")
     assert missing.returncode == 1 and "no stats answer" in missing.stderr
@@ -141,6 +145,21 @@ def test_client_logs_one_line_per_epoch(start_server: Any, tmp_path: Path, caplo
                 list(client.epoch())
     lines = [r.getMessage() for r in caplog.records if r.name == "loader_client"]
     assert len(lines) == 2 and lines[0].startswith("epoch 0: 4 batches in") and "% stall" in lines[0]
+
+
+def test_log_epochs_prints_without_logging_configured(start_server: Any, tmp_path: Path) -> None:
+    """A script that never configures logging still sees the line it asked for, on stderr."""
+    listfile = unique_label_list(tmp_path / "data", 16)
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
+    script = ("import sys\nfrom loader_client import LoaderClient\n"
+              "with LoaderClient(sys.argv[1], timeout_s=20, log_epochs=True) as client:\n"
+              "    for _ in range(2):\n        list(client.epoch())\n")
+    result = subprocess.run([sys.executable, "-c", script, server.endpoint], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("loader_client: epoch")]
+    assert len(lines) == 2 and lines[1].startswith("loader_client: epoch 1: 4 batches in"), result.stderr
+    assert "% stall" in lines[0]
 
 
 def _snapshot(**overrides: Any) -> dict[str, Any]:
@@ -246,3 +265,18 @@ def test_bench_refuses_unknown_names_and_lists_the_choices() -> None:
     assert "unknown --extras value 'nope'" in result.stderr and "stall" in result.stderr
     assert "curve" in result.stderr and "Traceback" not in result.stderr
     assert not Path("unused").exists()
+
+
+def test_a_negative_label_is_said_out_loud(start_server: Any, tmp_path: Path) -> None:
+    """A -1 label (an unlabelled sample, often) leaves num_classes None: the server says why, naming the file."""
+    listfile = unique_label_list(tmp_path / "data", 8)
+    lines = listfile.read_text().splitlines()
+    lines[5] = lines[5].rsplit(" ", 1)[0] + " -1"
+    listfile.write_text("\n".join(lines) + "\n")
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        assert client.num_classes is None
+    warning = [line for line in server.log_text().splitlines() if "negative label" in line]
+    assert len(warning) == 1 and "WARNING" in warning[0], server.log_text()
+    assert "img/00005.png, label -1" in warning[0] and "1 of 8 samples" in warning[0]
+    assert "client.num_classes is None" in warning[0]

@@ -117,29 +117,37 @@ _values = st.recursive(
     max_leaves=20,
 )
 _TABLES = [messages.CLIENT_REQUESTS, messages.HANDSHAKE_REPLIES, messages.STREAM_MESSAGES,
-           messages.HEALTH_REPLIES, messages.STATS_REPLIES]
+           messages.HEALTH_REPLIES, messages.STATS_REPLIES, messages.SOURCES_REPLIES]
 _ARENA = messages.ArenaHandle(id=1, pid=10, fd=3, inode=99, slots=4, stride=4096)
 _EXAMPLES: dict[type[schema.Message], schema.Message] = {
     messages.Hello: messages.Hello(rank=1, world_size=2, epoch=3, batch=4, seed=5, fingerprint="ab", credit=4,
-                                   client="trainer", shm=True, augment=False, shm_key="ab" * 16),
+                                   client="trainer", shm=True, augment=False, shm_key="ab" * 16, manifest=True),
     messages.Credit: messages.Credit(n=3),
     messages.Release: messages.Release(slots=[0, 3]),
     messages.Ping: messages.Ping(),
     messages.Bye: messages.Bye(),
     messages.HealthRequest: messages.HealthRequest(),
     messages.StatsRequest: messages.StatsRequest(),
+    messages.SourcesRequest: messages.SourcesRequest(indices=[0, 7, 2**40]),
     messages.Welcome: messages.Welcome(
         num_samples=10, num_classes=2, batch_size=2, steps_per_epoch=5, rank=0, world_size=1, seed=1, epoch=0, batch=0,
         mode="epoch", in_order=True, drop_last=True, shuffle=True, x_shape=[4, 4, 3], x_dtype="|u1", layout="hwc",
         color="rgb", class_names=["a", "b"], fingerprint="f" * 16, heartbeat_s=0.5, max_message_bytes=1 << 20, shm=_ARENA),
     messages.Batch: messages.Batch(epoch=0, batch=1, steps=5, arrays=[["y", "<i8", [2]]],
-                                   shm=messages.ShmRef(slot=1, arrays=[["x", "|u1", [2, 4, 4, 3]]])),
+                                   shm=messages.ShmRef(slot=1, arrays=[["x", "|u1", [2, 4, 4, 3]]]),
+                                   manifest=messages.Manifest(epoch=0, batch=1, samples=[
+                                       messages.SampleManifest(index=4, source="a.jpg", augment=[
+                                           messages.Drawn(op="rrc", values=[1, 2, 30, 20]),
+                                           messages.Drawn(op="rotate", values=[-3.5])]),
+                                       messages.SampleManifest(index=9, source="s.tar:9.jpg")])),
     messages.Heartbeat: messages.Heartbeat(),
     messages.Error: messages.Error(kind="bad_sample", message="bad", path="a.jpg", reason="corrupt", traceback="tb",
-                                   exit_code=1),
+                                   exit_code=1, bad=[messages.BadFile(path="a.jpg", reason="corrupt")], bad_count=3),
     messages.Goodbye: messages.Goodbye(reason="SIGTERM"),
     messages.HealthReply: messages.HealthReply(ok=True, workers_ready=1, workers=2, clients=0, batches_sent=9),
     messages.StatsReply: messages.StatsReply(stats={"uptime_s": 1.5}),
+    messages.SourcesReply: messages.SourcesReply(sources=["/data/a.jpg", "s.tar:b.jpg"], dataset="train.txt",
+                                                 version="0123456789abcdef"),
 }
 _fuzz = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -182,6 +190,10 @@ def test_fuzz_every_field_of_every_message(data: st.DataObject) -> None:
     elif action == "nested" and isinstance(fields.get("shm"), dict):
         key = data.draw(st.sampled_from(sorted(fields["shm"])))
         fields["shm"][key] = data.draw(_values)
+    elif action == "nested" and isinstance(fields.get("manifest"), dict):  # a sample of a manifest, or its draws
+        sample = fields["manifest"]["samples"][0]
+        target = sample if data.draw(st.booleans()) else sample["augment"][0]
+        target[data.draw(st.sampled_from(sorted(target)))] = data.draw(_values)
     else:
         fields[data.draw(st.text(max_size=8))] = data.draw(_values)
     raw = msgpack.packb({**fields, "v": protocol.PROTOCOL_VERSION, "t": cls.TYPE}, use_bin_type=True)

@@ -31,8 +31,7 @@ MODE is one of
   - ``runs=N``: run the block N times (a resume snippet: the second run continues the first).
   - ``needs=keras,torch``: modules the block imports (skipped where they are not installed).
   - ``needs-flag=--subset``: a ``loader-server serve`` flag the session uses; until the server
-    has it the session is an expected failure, and a variant with the flag's work done by the
-    test runs instead (see `test_keras_and_torch_sections_with_the_split_done_by_the_test`).
+    has it the session is an expected failure.
   - ``timeout=S``: seconds for each run of the block (default 300).
 * ``syntax reason="..."``: compiled only (python: ``compile``; bash: ``bash -n``; toml:
   ``tomllib``), for what cannot run here (TensorFlow and JAX are not installed, two hosts,
@@ -68,11 +67,11 @@ README = ROOT / "README.md"
 MODES = {"run", "syntax", "text", "install"}
 RUN_OPTIONS = {"session", "data", "ports", "serve", "prelude", "runs", "needs", "needs-flag", "timeout"}
 PRELUDES = {
-    # A tiny model for the 32x32 images of `serve=`, for a fragment that calls model.fit.
+    # A tiny model for images of any size, for a fragment that calls model.fit.
     "keras_model": (
         'import os; os.environ["KERAS_BACKEND"] = "torch"\n'
         "import keras\n"
-        "model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255),\n"
+        "model = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Rescaling(1 / 255),\n"
         "                          keras.layers.GlobalAveragePooling2D(),\n"
         "                          keras.layers.Dense(4, activation='softmax')])\n"
         'model.compile("adam", "sparse_categorical_crossentropy")\n'
@@ -429,53 +428,10 @@ def test_readme_session_runs(name: str, tmp_path: Path) -> None:
     _requirements(blocks)
     missing = _missing_flags(blocks)
     if missing:
-        pytest.xfail(f"`loader-server serve` has no {', '.join(missing)} yet (another branch adds it); "
-                     "test_keras_and_torch_sections_with_the_split_done_by_the_test runs these blocks meanwhile")
+        pytest.xfail(f"`loader-server serve` has no {', '.join(missing)} yet (another branch adds it)")
     session = Session(blocks, tmp_path / name)
     try:
         for block in blocks:
             session.run_block(block)
-    finally:
-        session.close()
-
-
-SPLIT_SESSIONS = sorted(n for n, bs in SESSIONS.items() if any("--subset" in b.options.get("needs-flag", "")
-                                                                 for b in bs))
-
-
-def without_subsets(code: str) -> str:
-    """A serve command with ``--subset S --val-fraction F`` turned into ``--data data/S.txt``."""
-    out = []
-    for line in code.replace("\\\n", " ").splitlines():
-        m = re.search(r"--subset\s+(\w+)", line)
-        if m:
-            line = re.sub(r"--data\s+\S+", f"--data data/{m.group(1)}-split.txt", line)
-            line = re.sub(r"\s--(subset|val-fraction|split-seed)\s+\S+", "", line)
-        out.append(line)
-    return "\n".join(out) + "\n"
-
-
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", SPLIT_SESSIONS)
-def test_keras_and_torch_sections_with_the_split_done_by_the_test(name: str, tmp_path: Path) -> None:
-    """The README's Keras and PyTorch blocks, with the train/val split written by the test.
-
-    Until `--subset` exists the test splits the list file itself (80/20, no overlap) and runs the
-    README's serve commands on the two parts, everything else as written.
-    """
-    blocks = SESSIONS[name]
-    _requirements(blocks)
-    if not _missing_flags(blocks):
-        pytest.skip("the server splits the data itself: test_readme_session_runs runs these blocks as written")
-    session = Session(blocks, tmp_path / name)
-    try:
-        lines = (session.dir / "data" / "train.txt").read_text().splitlines()
-        order = np.random.default_rng(0).permutation(len(lines))
-        cut = int(len(lines) * 0.8)
-        (session.dir / "data" / "train-split.txt").write_text("\n".join(lines[i] for i in order[:cut]) + "\n")
-        (session.dir / "data" / "val-split.txt").write_text("\n".join(lines[i] for i in order[cut:]) + "\n")
-        for block in blocks:
-            session.run_block(block, without_subsets(block.code) if block.lang == "bash" else None)
-        assert any(session.dir.glob("*.keras")) or (session.dir / "checkpoint.pt").exists()
     finally:
         session.close()

@@ -122,7 +122,8 @@ def test_skip_replaces_bad_samples_the_same_way_for_any_worker_count(
     runs, servers = [], []
     for workers in ("1", "3"):
         server = start_server(listfile, "--batch-size", "8", "--size", "16x12", "--workers", workers,
-                              "--on-error", "skip", "--max-bad", str(len(BAD)), "--seed", "5")  # at the limit
+                              "--on-error", "skip", "--max-bad", str(len(BAD)), "--seed", "5",  # at the limit
+                              "--no-scan")  # met by the workers (the start-up scan: tests/test_local_server.py)
         servers.append(server)
         runs.append(_epochs(server.endpoint, 2))
     for (xa, ya, ia), (xb, yb, ib) in zip(*runs, strict=True):
@@ -140,7 +141,7 @@ def test_skip_replaces_bad_samples_the_same_way_for_any_worker_count(
 def test_too_many_bad_files_is_an_error(start_server: Any, bad_list: tuple[Path, dict[int, str]]) -> None:
     listfile, _ = bad_list
     server = start_server(listfile, "--batch-size", "8", "--size", "16x12", "--workers", "2",
-                          "--on-error", "skip", "--max-bad", "2", "--no-shuffle")
+                          "--on-error", "skip", "--max-bad", "2", "--no-shuffle", "--no-scan")
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         with pytest.raises(BadSampleError, match=r"exceed --max-bad \(2\)"):
             for _ in range(10):
@@ -154,7 +155,7 @@ def test_raise_names_the_file_and_reason(start_server: Any, bad_list: tuple[Path
     listfile, paths = bad_list
     lines = listfile.read_text().splitlines()
     listfile.write_text("\n".join([lines[i]] * 4) + "\n")  # a data set of that one file
-    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-scan")
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         with pytest.raises(BadSampleError) as info:
             client.next()

@@ -128,6 +128,8 @@ NOT_IN_TABLE = {
     "--workers-min": "the worker count: tests/test_sharing.py", "--workers-max": "the worker count",
     "--target-stall": "the worker count", "--scale-interval-s": "when the worker count changes",
     "--share-window": "which batches a share keeps: tests/test_sharing.py",
+    "--scan": "only with missing or unreadable files: tests/test_scan.py", "--no-scan": "the same",
+    "--watch-stdin": "when the server stops: tests/test_local_server.py",
 }
 
 

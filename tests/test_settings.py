@@ -126,6 +126,7 @@ def test_settings_that_do_not_fit_the_data_name_the_setting(tmp_path: Path, sett
     (["--val-fraction", "0.2"], "`val_fraction` 0.2 needs --subset train or val"),
     (["--metrics-host", "no host!"], "`metrics_host` must be an IP address or a host name"),
     (["--metrics-port", "99999"], "`metrics_port` must be a TCP port"),
+    (["--bind", "localhost:5555"], "got 'localhost:5555' (did you mean tcp://localhost:5555?)"),  # as the client says
 ])
 def test_options_that_exclude_each_other_fail_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           args: list[str], expected: str) -> None:

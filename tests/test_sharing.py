@@ -176,6 +176,7 @@ def test_members_asking_for_another_stream_are_refused_naming_the_difference(
         cases = [({"seed": 5}, r"seed 5 \(the share has 0\)"),
                  ({"world_size": 2}, r"world_size 2 \(the share has 1\)"),
                  ({"augment": False}, r"augment=False \(the share has augment=True\)"),
+                 ({"manifest": True}, r"manifest=True \(the share has manifest=False\)"),
                  ({"seed": 5, "augment": False}, r"seed 5 .*; augment=False")]
         for kwargs, match in cases:
             with pytest.raises(ConfigError, match=match) as caught:
@@ -186,6 +187,13 @@ def test_members_asking_for_another_stream_are_refused_naming_the_difference(
         with LoaderClient(server.endpoint, share="sweep", rank=1, world_size=2, timeout_s=30) as other_rank:
             other_rank.next()  # another rank: another share of that name, nobody refused
             assert len(server_stats(server.endpoint, timeout_s=10)["shares"]) == 2
+    # A share of members that all ask for manifests: each gets the one built for all, its own batch's.
+    with LoaderClient(server.endpoint, share="traced", manifest=True, timeout_s=30) as a, \
+            LoaderClient(server.endpoint, share="traced", manifest=True, timeout_s=30) as b:
+        for member in (a, b):
+            member.next()
+            assert member.last is not None and member.last.manifest is not None
+            assert [s["index"] for s in member.last.manifest["samples"]] == member.last.indices.tolist()
     with pytest.raises(ConfigError, match="`share` must be printable"):
         LoaderClient(server.endpoint, share="bad\nname")
 

@@ -6,6 +6,7 @@
     messages.py   every client <-> server message, defined once
     shm.py        sealed shared-memory arenas (the same-host fast path) and their handle
     normalize.py  uint8 -> float32 arithmetic, applied by either end
+    endpoint_text.py  the hint for an endpoint written without its scheme, said by either end
 
 It imports numpy and msgpack only: neither pyzmq nor the client nor the server, so
 ``import loader_client.contract.errors`` (the server does) loads nothing else of ours. The

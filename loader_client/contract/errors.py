@@ -9,7 +9,7 @@ Catch the level you need::
     ├── ProtocolError            a message broke the wire format
     │   └── ProtocolVersionError client and server speak different protocol versions
     ├── ServerError              the server refused a request or failed while serving it
-    │   ├── BadSampleError       a sample could not be read or decoded (names the file)
+    │   ├── BadSampleError       samples could not be read or decoded (names every bad file of the batch)
     │   └── WorkerCrashedError   a worker process died and the batch could not be rebuilt
     └── ConfigError              a setting or the data set index is invalid (names the setting/file)
         └── EndpointError        an endpoint is not tcp://HOST:PORT or ipc://PATH
@@ -23,6 +23,7 @@ ours=..., theirs=...)``. A server's ``error`` message names its class by `kind` 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 __all__ = [
@@ -95,16 +96,25 @@ class ServerError(LoaderError):
 
 
 class BadSampleError(ServerError):
-    """A sample could not be read or decoded: `path` names the file, `reason` is a stable code
-    (``not_found``, ``truncated``, ``undecodable``, ...; see `loader_server.pipeline.decode`)."""
+    """Samples of a batch could not be read or decoded. `path` names the first bad file, `reason`
+    is its stable code (``not_found``, ``truncated``, ``undecodable``, ...; see
+    `loader_server.pipeline.decode`); `bad` lists every bad file of the batch as ``(path, reason)``
+    (at most `messages.MAX_BAD_NAMED` of them) and `bad_count` says how many there were in all."""
 
     KIND = "bad_sample"
-    WIRE_FIELDS = ("path", "reason")
+    WIRE_FIELDS = ("path", "reason", "bad", "bad_count")
 
-    def __init__(self, message: str, *, path: str | None = None, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, path: str | None = None, reason: str | None = None,
+                 bad: Iterable[tuple[str, str] | Mapping[str, str]] | None = None,
+                 bad_count: int | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.reason = reason
+        listed = [(b["path"], b["reason"]) if isinstance(b, Mapping) else (b[0], b[1]) for b in bad or ()]
+        if not listed and path is not None:
+            listed = [(path, reason or "")]
+        self.bad: list[tuple[str, str]] = listed
+        self.bad_count: int = bad_count if bad_count is not None else len(listed)
 
 
 class WorkerCrashedError(ServerError):

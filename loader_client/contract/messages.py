@@ -1,10 +1,11 @@
 """Every message between a client and a server, defined once and used by both ends.
 
 Client -> server: `Hello` (open a stream, first credit, the share to join), `Credit` and `Ping`
-(with the trainer's stall), `Release` (shared-memory slots given back), `Bye`; `HealthRequest` and
-`StatsRequest` open no session.
-Server -> client: `Welcome` (the stream's metadata), `Batch`, `Heartbeat`, `Error`, `Goodbye`
-(the server stops on purpose), `HealthReply`, `StatsReply`.
+(with the trainer's stall), `Release` (shared-memory slots given back), `Bye`; `HealthRequest`,
+`StatsRequest` and `SourcesRequest` open no session.
+Server -> client: `Welcome` (the stream's metadata), `Batch` (with its `Manifest` when the hello
+asked for one), `Heartbeat`, `Error`, `Goodbye` (the server stops on purpose), `HealthReply`,
+`StatsReply`, `SourcesReply`.
 
 Each field's type, range and length is checked by `schema` (this package) when a message is
 received, on either side. Integers are bounded so that they fit everything they later reach:
@@ -29,26 +30,39 @@ __all__ = [
     "HANDSHAKE_REPLIES",
     "HEALTH_REPLIES",
     "MAX_ARENA_SLOTS",
+    "MAX_BAD_NAMED",
     "MAX_CREDIT",
+    "MAX_DRAWN_OPS",
+    "MAX_MANIFEST_SAMPLES",
+    "MAX_MANIFEST_SOURCE_CHARS",
     "MAX_NAME_CHARS",
     "MAX_RELEASE_SLOTS",
     "MAX_REPORTED_S",
+    "MAX_SOURCES",
+    "MAX_SOURCE_CHARS",
     "MAX_WORLD_SIZE",
+    "SOURCES_REPLIES",
     "STATS_REPLIES",
     "STREAM_MESSAGES",
     "ArenaHandle",
+    "BadFile",
     "Batch",
     "Bye",
     "Credit",
+    "Drawn",
     "Error",
     "Goodbye",
     "HealthReply",
     "HealthRequest",
     "Heartbeat",
     "Hello",
+    "Manifest",
     "Ping",
     "Release",
+    "SampleManifest",
     "ShmRef",
+    "SourcesReply",
+    "SourcesRequest",
     "StatsReply",
     "StatsRequest",
     "Welcome",
@@ -70,6 +84,21 @@ MAX_REPORTED_S = 1e9
 ARENA_KEY_BYTES = 16
 #: Keys an arena holds after its last slot (one page of 32-byte entries): one per member of a share.
 MAX_ARENA_KEYS = 128
+#: Most bad files one error names in its list (the message says how many there were in all).
+MAX_BAD_NAMED = 64
+#: Most sample indices one sources request names (the client asks for more in several requests): the
+#: reply, at most MAX_SOURCES x MAX_SOURCE_CHARS, stays inside a header (protocol.MAX_HEADER_BYTES).
+MAX_SOURCES = 200
+#: Longest source of a sample (a path, ``shard.tar:member``, ``file.parquet:row``).
+MAX_SOURCE_CHARS = 4096
+#: Most samples a batch manifest describes: a stream with larger batches cannot ask for one.
+MAX_MANIFEST_SAMPLES = 1024
+#: Longest source in a manifest (longer ones are cut in the middle; `SourcesRequest` gives them whole). With
+#: the other bounds, a manifest stays well inside a header (protocol.MAX_HEADER_BYTES).
+MAX_MANIFEST_SOURCE_CHARS = 512
+#: Most augmentations one sample's manifest lists, and numbers each one drew.
+MAX_DRAWN_OPS = 16
+_MAX_DRAWN_VALUES = 8
 _MAX_TEXT = 1 << 16  # error messages and tracebacks
 _FINGERPRINT_CHARS = 64
 
@@ -100,6 +129,7 @@ class Hello(Message):
     # stream, so that the client maps no arena but its own (`shm.open_arena`).
     shm_key: str | None = spec(str, type(None), default=None, max_len=2 * ARENA_KEY_BYTES,
                                pattern=f"[0-9a-f]{{{2 * ARENA_KEY_BYTES}}}")
+    manifest: bool = spec(bool, default=False)  # every batch with its Manifest
 
 
 @dataclass(frozen=True)
@@ -148,6 +178,14 @@ class HealthRequest(Message):
 @dataclass(frozen=True)
 class StatsRequest(Message):
     TYPE = "stats"
+
+
+@dataclass(frozen=True)
+class SourcesRequest(Message):
+    """Where samples come from: the source of each of `indices` (indices of the served data set)."""
+
+    TYPE = "sources"
+    indices: list[int] = spec(list, max_len=MAX_SOURCES, items=item(int, lo=0, hi=INT63_MAX))
 
 
 # ----------------------------------------------------------------------------- server -> client
@@ -220,6 +258,37 @@ class Welcome(Message):
 
 
 @dataclass(frozen=True)
+class Drawn(Message):
+    """What one augmentation drew for one sample: ``rrc`` [x, y, w, h] of the region it took (of the source,
+    or of the record with --cache-size), ``flip`` [1] or [0], ``jitter`` [brightness, contrast, saturation]
+    factors, ``rotate`` [degrees], ``cutout`` [x, y, w, h] or [] when it did not apply."""
+
+    TYPE = "drawn"
+    op: str = spec(str, max_len=32, text=True)
+    values: list[float] = spec(list, max_len=_MAX_DRAWN_VALUES, items=item(int, float))
+
+
+@dataclass(frozen=True)
+class SampleManifest(Message):
+    """One sample of a batch: its index, its source (cut to MAX_MANIFEST_SOURCE_CHARS), its draws in order."""
+
+    TYPE = "sample"
+    index: int = spec(int, lo=0, hi=INT63_MAX)
+    source: str = spec(str, max_len=MAX_MANIFEST_SOURCE_CHARS)
+    augment: list[Drawn] = spec(list, default_factory=list, max_len=MAX_DRAWN_OPS, items=item(dict, nested=Drawn))
+
+
+@dataclass(frozen=True)
+class Manifest(Message):
+    """What a batch holds, sample by sample, in batch order: for audits and for replaying a step."""
+
+    TYPE = "manifest"
+    epoch: int = spec(int, lo=0, hi=INT32_MAX)
+    batch: int = spec(int, lo=0, hi=INT32_MAX)
+    samples: list[SampleManifest] = spec(list, max_len=MAX_MANIFEST_SAMPLES, items=item(dict, nested=SampleManifest))
+
+
+@dataclass(frozen=True)
 class Batch(Message):
     """One batch: its place in the stream, and its arrays (frames follow the header)."""
 
@@ -229,6 +298,7 @@ class Batch(Message):
     steps: int = spec(int, lo=1, hi=INT32_MAX)
     arrays: list[list[Any]] = spec(list, max_len=64, items=_ARRAY_DESC)
     shm: ShmRef | None = spec(dict, type(None), default=None, nested=ShmRef)
+    manifest: Manifest | None = spec(dict, type(None), default=None, nested=Manifest)
 
 
 @dataclass(frozen=True)
@@ -237,8 +307,21 @@ class Heartbeat(Message):
 
 
 @dataclass(frozen=True)
+class BadFile(Message):
+    """One bad file (or member, or row) of a batch: what names it, and the stable code of what is wrong."""
+
+    TYPE = "bad_file"
+    path: str = spec(str, max_len=4096)
+    reason: str = spec(str, max_len=64, text=True)
+
+
+@dataclass(frozen=True)
 class Error(Message):
-    """A refused request or a failed batch. `kind` selects the exception the client raises."""
+    """A refused request or a failed batch. `kind` selects the exception the client raises.
+
+    A batch with bad files names the first in `path` and `reason`, and every one, up to
+    `MAX_BAD_NAMED`, in `bad`; `bad_count` is how many there were in all.
+    """
 
     TYPE = "error"
     kind: str = spec(str, max_len=32, text=True)
@@ -247,6 +330,9 @@ class Error(Message):
     reason: str | None = spec(str, type(None), default=None, max_len=1024)
     traceback: str | None = spec(str, type(None), default=None, max_len=_MAX_TEXT)
     exit_code: int | None = spec(int, type(None), default=None, lo=-256, hi=256)
+    bad: list[BadFile] | None = spec(list, type(None), default=None, max_len=MAX_BAD_NAMED,
+                                     items=item(dict, nested=BadFile))
+    bad_count: int | None = spec(int, type(None), default=None, lo=0, hi=INT32_MAX)
 
 
 @dataclass(frozen=True)
@@ -273,12 +359,22 @@ class StatsReply(Message):
     stats: dict[str, Any] = spec(dict)
 
 
+@dataclass(frozen=True)
+class SourcesReply(Message):
+    """The source of each asked index, in order; the data set (`dataset`) and its version (its fingerprint)."""
+
+    TYPE = "sources"
+    sources: list[str] = spec(list, max_len=MAX_SOURCES, items=item(str, max_len=MAX_SOURCE_CHARS))
+    dataset: str = spec(str, max_len=MAX_SOURCE_CHARS)
+    version: str = spec(str, max_len=64, text=True)
+
+
 def _table(*classes: type[Message]) -> dict[str, type[Message]]:
     return {c.TYPE: c for c in classes}
 
 
 #: What a server accepts from a client.
-CLIENT_REQUESTS = _table(Hello, Credit, Release, Ping, Bye, HealthRequest, StatsRequest)
+CLIENT_REQUESTS = _table(Hello, Credit, Release, Ping, Bye, HealthRequest, StatsRequest, SourcesRequest)
 #: What a client accepts while it waits for its welcome.
 HANDSHAKE_REPLIES = _table(Welcome, Error, Heartbeat, Goodbye)
 #: What a client accepts on an open stream.
@@ -286,3 +382,4 @@ STREAM_MESSAGES = _table(Batch, Heartbeat, Error, Goodbye)
 #: Answers to the requests that open no session.
 HEALTH_REPLIES = _table(HealthReply, Error, Goodbye)
 STATS_REPLIES = _table(StatsReply, Error, Goodbye)
+SOURCES_REPLIES = _table(SourcesReply, Error, Goodbye)

@@ -38,6 +38,7 @@ __all__ = [
     "is_printable",
     "item",
     "spec",
+    "wire_text",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -81,6 +82,17 @@ def item(*types: type, lo: int | float | None = None, hi: int | float | None = N
 def is_printable(text: str) -> bool:
     """No control characters (newlines, NUL, escapes): safe in a log line and in a system call."""
     return text.isprintable()
+
+
+def wire_text(text: str, max_chars: int) -> str:
+    """`text` as a message field of at most `max_chars` characters: bytes a file name holds that are not
+    UTF-8 (surrogate escapes) written as ``\\xNN``, and a text that is too long cut in the middle (``...``)."""
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if len(text) <= max_chars:
+        return text
+    head = (max_chars - 3) // 2
+    return f"{text[:head]}...{text[len(text) - (max_chars - 3 - head):]}"
 
 
 M = TypeVar("M", bound="Message")

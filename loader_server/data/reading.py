@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
+    "BadSamples",
     "DecodeError",
     "LocalStorage",
     "Version",
@@ -45,6 +46,22 @@ class DecodeError(Exception):
         self.code = code
 
 
+class BadSamples(DecodeError):
+    """Samples of one batch that could not be read or decoded: `bad` holds the DecodeError of each, in
+    batch order; the first also gives this error its `path`, `reason` and `code`. Its message names
+    the first `_NAMED_IN_MESSAGE` of them and says how many there are (the list travels apart)."""
+
+    def __init__(self, bad: list[DecodeError], batch_size: int) -> None:
+        first = bad[0]
+        super().__init__(first.path, first.reason, first.code)
+        self.bad = bad
+        named = "; ".join(str(e) for e in bad[:_NAMED_IN_MESSAGE])
+        more = f"; and {len(bad) - _NAMED_IN_MESSAGE} more" if len(bad) > _NAMED_IN_MESSAGE else ""
+        self.args = (f"{len(bad)} of the {batch_size} samples of this batch are bad: {named}{more}",)
+
+
+#: Bad samples a BadSamples message names (each its path and reason); its `bad` list has them all.
+_NAMED_IN_MESSAGE = 5
 #: Default bound on the bytes read from one file (``--max-file-bytes``).
 DEFAULT_MAX_FILE_BYTES = 256 << 20
 

@@ -10,7 +10,8 @@ epoch gives other augmentations.
 * `Stage.SOURCE`: it chooses the region of the full-size source that the resize takes
   (`region`); the decode step resizes only that region, straight into the batch slot. At most
   one per pipeline (random resized crop);
-* `Stage.OUTPUT`: it changes the resized sample in place (`apply`).
+* `Stage.OUTPUT`: it changes the resized sample in place (`apply`), and returns the numbers it
+  drew (a batch manifest lists them: ``flip`` [1], ``rotate`` [-3.2], ...).
 
 A new augmentation is one class in this file: nothing else names operations.
 """
@@ -57,8 +58,8 @@ class Augmentation:
         """SOURCE stage: the region (x, y, w, h) of a `width` x `height` source that the resize takes."""
         raise NotImplementedError
 
-    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
-        """OUTPUT stage: change the (H, W, C) uint8 slot `out` in place."""
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
+        """OUTPUT stage: change the (H, W, C) uint8 slot `out` in place; return what was drawn (for a manifest)."""
         raise NotImplementedError
 
 
@@ -101,9 +102,11 @@ class Flip(Augmentation):
     defaults = {"p": 0.5}
     positional = "p"
 
-    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         if rng.random() < self.params["p"]:
             cv2.flip(out, 1, dst=out)  # in place; numpy's out[:, ::-1] copy is about 30x slower
+            return [1]
+        return [0]
 
 
 @augmentation
@@ -115,9 +118,9 @@ class Jitter(Augmentation):
     defaults = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4}
     positional = "*"
 
-    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         p = self.params
-        _jitter(out, rng, p["brightness"], p["contrast"], p["saturation"])
+        return _jitter(out, rng, p["brightness"], p["contrast"], p["saturation"])
 
 
 @augmentation
@@ -127,12 +130,13 @@ class Rotate(Augmentation):
     defaults = {"degrees": 10.0}
     positional = "degrees"
 
-    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         angle = rng.uniform(-self.params["degrees"], self.params["degrees"])
         h, w = out.shape[:2]
         m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
         rotated = cv2.warpAffine(out, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         out[...] = rotated.reshape(out.shape)
+        return [float(angle)]
 
 
 @augmentation
@@ -142,12 +146,14 @@ class Cutout(Augmentation):
     defaults = {"size": 0.25, "p": 0.5}
     positional = "size"
 
-    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         if rng.random() < self.params["p"]:
             h, w = out.shape[:2]
             ch, cw = max(1, int(h * self.params["size"])), max(1, int(w * self.params["size"]))
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             out[y : y + ch, x : x + cw] = 0
+            return [x, y, cw, ch]
+        return []
 
 
 def parse_augment(spec: str) -> tuple[Augmentation, ...]:
@@ -219,13 +225,18 @@ class Augmenter:
         assert self.source is not None
         return self.source.region(width, height, rng)
 
-    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
-        """The OUTPUT-stage operations, in order, in place on an (H, W, C) uint8 slot."""
+    def apply(self, out: np.ndarray, rng: np.random.Generator,
+              drawn: list[tuple[str, list[float]]] | None = None) -> None:
+        """The OUTPUT-stage operations, in order, in place on an (H, W, C) uint8 slot; with `drawn`, each
+        one's name and the numbers it drew are appended there."""
         for op in self.post:
-            op.apply(out, rng)
+            values = op.apply(out, rng)
+            if drawn is not None:
+                drawn.append((op.name, values))
 
-def _jitter(out: np.ndarray, rng: np.random.Generator, b: float, c: float, s: float) -> None:
-    """Brightness, contrast and saturation factors in [1 - f, 1 + f], in place with saturating uint8 ops.
+def _jitter(out: np.ndarray, rng: np.random.Generator, b: float, c: float, s: float) -> list[float]:
+    """Brightness, contrast and saturation factors in [1 - f, 1 + f], in place with saturating uint8 ops;
+    returns the three factors.
 
     Brightness and contrast fold into one pass: x' = (x fb - m') fc + m' with m' = fb * mean(x).
     """
@@ -238,3 +249,4 @@ def _jitter(out: np.ndarray, rng: np.random.Generator, b: float, c: float, s: fl
     if fs != 1.0 and out.shape[2] == 3:
         gray = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
         cv2.addWeighted(out, fs, gray, 1 - fs, 0, dst=out)
+    return [float(fb), float(fc), float(fs)]

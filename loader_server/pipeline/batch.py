@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from loader_client.contract.messages import MAX_DRAWN_OPS, MAX_MANIFEST_SOURCE_CHARS, Drawn, SampleManifest
 from loader_client.contract.normalize import Normalization
 from loader_client.contract.sampling import substitute_sources
+from loader_client.contract.schema import wire_text
 
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
 from ..data.batch_spec import BatchSpec, batch_spec
 from ..data.datasets import Dataset, byte_source, row_source
-from ..data.reading import Version
+from ..data.reading import BadSamples, Version
 from ..options import PipelineOptions
 from .augment import sample_rng
 from .cache import SampleCache
@@ -59,6 +61,7 @@ class BatchBuilder:
         self.skip_bad = opts.errors.on_error == "skip"
         self.collate = load_function(opts.user_code.collate, "collate") if opts.user_code.collate else None
         self.last_bad: list[tuple[str, str, str]] = []  # (sample, code, reason) replaced in the last batch
+        self.last_manifest: list[SampleManifest] | None = None  # the last batch's, when it was asked for
         self.cache_hits = self.cache_misses = 0  # of the last batch
         self._scratch: np.ndarray | None = None  # uint8 HWC staging for float32 or CHW output
         self._norm = None
@@ -73,6 +76,7 @@ class BatchBuilder:
         self._rows = row_source(index) if spec.build == "gather" else None
         self.reader: Reader | None = None
         self._paths: dict[bool, SamplePath] = {}
+        self._drawn: list[list[tuple[str, list[float]]]] | None = None  # per slot, while a manifest is made
         if spec.build == "decode":
             self.reader = Reader(opts.read, index)
             self._paths = {flag: plan_steps(opts, index, self.cache, augment=flag, reader=self.reader)
@@ -107,14 +111,26 @@ class BatchBuilder:
         return [(self.reader.submit(int(i)), None) for i in indices]
 
     def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None,
-              key: tuple[int, int] = (0, 0), augment: bool = False) -> dict[str, np.ndarray]:
+              key: tuple[int, int] = (0, 0), augment: bool = False, manifest: bool = False) -> dict[str, np.ndarray]:
         """Fill `x` (from `allocate`, at least ``len(indices)`` long) and return the batch arrays.
 
         `reads` comes from `read_ahead` for the same indices; `key` is (seed, epoch), which seeds
-        augmentations (when `augment`) and user code. Raises DecodeError naming the first sample
-        that fails (unless ``--on-error skip``).
+        augmentations (when `augment`) and user code. Raises BadSamples (a DecodeError) naming every
+        sample of the batch that fails, unless ``--on-error skip``. With `manifest`, `last_manifest`
+        then lists each delivered sample's index, source and augmentation draws, in batch order.
         """
-        return self._fill(indices, x[: len(indices)], reads, key, augment)
+        self._drawn = [[] for _ in range(len(indices))] if manifest else None
+        self.last_manifest = None
+        arrays = self._fill(indices, x[: len(indices)], reads, key, augment)
+        if self._drawn is not None:
+            self.last_manifest = self._manifest(arrays["index"], self._drawn)
+        return arrays
+
+    def _manifest(self, index: np.ndarray, drawn: list[list[tuple[str, list[float]]]]) -> list[SampleManifest]:
+        describe = self.index.describe
+        return [SampleManifest(index=int(i), source=wire_text(describe(int(i)), MAX_MANIFEST_SOURCE_CHARS),
+                               augment=[Drawn(op=op, values=values) for op, values in d[:MAX_DRAWN_OPS]])
+                for i, d in zip(index, drawn, strict=True)]
 
     def _gather(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None, key: tuple[int, int],
                 augment: bool) -> dict[str, np.ndarray]:
@@ -138,12 +154,13 @@ class BatchBuilder:
         for slot, (pending, version) in enumerate(reads):
             i = int(indices[slot])
             try:
-                path.run(i, describe(i), staging[slot], key, pending, version)
+                path.run(i, describe(i), staging[slot], key, pending, version,
+                         None if self._drawn is None else self._drawn[slot])
             except DecodeError as exc:
-                if not self.skip_bad:
-                    raise
                 bad.append((slot, exc))
         self.cache_hits, self.cache_misses = path.hits, path.misses
+        if bad and not self.skip_bad:  # every bad sample of the batch, not only the first
+            raise BadSamples([exc for _, exc in bad], n) from bad[0][1]
         return self._finish(indices, staging, x, bad, key)
 
     def _finish(self, indices: np.ndarray, staging: np.ndarray, x: np.ndarray, bad: list[tuple[int, DecodeError]],
@@ -153,7 +170,10 @@ class BatchBuilder:
         index = np.array(indices, dtype=np.int64)
         self.last_bad = [(exc.path, exc.code, exc.reason) for _, exc in bad]
         if bad:
-            _substitute([slot for slot, _ in bad], staging, labels, index, bad[0][1])
+            taken = _substitute([slot for slot, _ in bad], staging, labels, index, bad[0][1])
+            if self._drawn is not None:  # a substitute's draws are those of the sample it copies
+                for slot, j in taken.items():
+                    self._drawn[slot] = list(self._drawn[j])
         if not self._direct:
             src = staging.transpose(0, 3, 1, 2) if self.options.output.layout == "chw" else staging
             if self._norm is None:
@@ -174,8 +194,9 @@ class BatchBuilder:
 
 
 def _substitute(bad: list[int], staging: np.ndarray, labels: np.ndarray, index: np.ndarray,
-                first: DecodeError) -> None:
-    """Replace each bad sample by the next good one of the same batch (cyclically).
+                first: DecodeError) -> dict[int, int]:
+    """Replace each bad sample by the next good one of the same batch (cyclically); returns bad slot -> the
+    slot it copies.
 
     Deterministic: it depends only on the batch, so any worker count gives the same result.
     `index` then names the sample really delivered in each place.
@@ -185,7 +206,10 @@ def _substitute(bad: list[int], staging: np.ndarray, labels: np.ndarray, index: 
     except ValueError:
         raise DecodeError(first.path, f"{first.reason}; and every other sample of its batch is bad too",
                           "all_bad") from None
+    taken = {}
     for slot, j in sources.items():
         staging[slot] = staging[j]
         labels[slot] = labels[j]
         index[slot] = index[j]
+        taken[slot] = j
+    return taken

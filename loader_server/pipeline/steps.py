@@ -48,7 +48,7 @@ _READ_EMA_WEIGHT = 0.05
 class Sample:
     """One sample on its way through the steps (one object per worker, reused)."""
 
-    __slots__ = ("i", "name", "data", "pending", "version", "target", "out", "key", "hit", "_rng")
+    __slots__ = ("i", "name", "data", "pending", "version", "target", "out", "key", "hit", "drawn", "_rng")
 
     def __init__(self) -> None:
         self.i = 0
@@ -60,7 +60,15 @@ class Sample:
         self.out: np.ndarray = np.empty(0, np.uint8)  # the batch slot (uint8 HWC)
         self.key = (0, 0)  # (seed, epoch)
         self.hit = False
+        self.drawn: list[tuple[str, list[float]]] | None = None  # what the augmentations drew (for a manifest)
         self._rng: np.random.Generator | None = None
+
+    def crop(self, augmenter: Augmenter, width: int, height: int) -> tuple[int, int, int, int]:
+        """The SOURCE-stage region of a `width` x `height` image, noted in `drawn` when a manifest is made."""
+        box = augmenter.crop_box(width, height, self.rng)
+        if self.drawn is not None:
+            self.drawn.append((augmenter.source_crop_name or "crop", list(box)))
+        return box
 
     @property
     def rng(self) -> np.random.Generator:
@@ -150,7 +158,7 @@ class DecodeRegion:
         self.decoder, self.augmenter = decoder, augmenter
 
     def __call__(self, s: Sample) -> None:
-        self.decoder.decode_region_into(s.data, s.name, s.out, lambda w, h: self.augmenter.crop_box(w, h, s.rng))
+        self.decoder.decode_region_into(s.data, s.name, s.out, lambda w, h: s.crop(self.augmenter, w, h))
 
 
 class Transform:
@@ -167,7 +175,7 @@ class Transform:
         if img.ndim == 2:
             img = img[..., None]
         if self.crop is not None:
-            x0, y0, w, h = self.crop.crop_box(img.shape[1], img.shape[0], s.rng)
+            x0, y0, w, h = s.crop(self.crop, img.shape[1], img.shape[0])
             img = img[y0 : y0 + h, x0 : x0 + w]
         self.decoder.resize_into(img, s.out)
 
@@ -191,7 +199,7 @@ class CropRecord:
 
     def __call__(self, s: Sample) -> None:
         record = s.target
-        x0, y0, w, h = self.augmenter.crop_box(record.shape[1], record.shape[0], s.rng)
+        x0, y0, w, h = s.crop(self.augmenter, record.shape[1], record.shape[0])
         self.decoder.resize_into(record[y0 : y0 + h, x0 : x0 + w], s.out)
 
 
@@ -202,7 +210,7 @@ class Augment:
         self.augmenter = augmenter
 
     def __call__(self, s: Sample) -> None:
-        self.augmenter.apply(s.out, s.rng)
+        self.augmenter.apply(s.out, s.rng, s.drawn)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -223,10 +231,12 @@ class SamplePath:
         return [type(step).__name__ for step in self.steps]
 
     def run(self, i: int, name: str, out: np.ndarray, key: tuple[int, int] = (0, 0),
-            pending: Future[bytes] | None = None, version: Version | None = None) -> None:
-        """Sample `i` (named `name` in errors) through every step into the uint8 HWC slot `out`."""
+            pending: Future[bytes] | None = None, version: Version | None = None,
+            drawn: list[tuple[str, list[float]]] | None = None) -> None:
+        """Sample `i` (named `name` in errors) through every step into the uint8 HWC slot `out`; with
+        `drawn`, what its augmentations drew is appended there."""
         s = self.sample
-        s.i, s.name, s.out, s.key, s.pending, s.version = i, name, out, key, pending, version
+        s.i, s.name, s.out, s.key, s.pending, s.version, s.drawn = i, name, out, key, pending, version, drawn
         s.hit, s._rng = False, None
         s.target = out if self.record is None else self.record
         try:

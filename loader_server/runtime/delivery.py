@@ -27,7 +27,19 @@ import numpy as np
 
 from loader_client.contract import protocol
 from loader_client.contract.errors import ProtocolError
-from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
+from loader_client.contract.messages import (
+    MAX_BAD_NAMED,
+    BadFile,
+    Batch,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Manifest,
+    SampleManifest,
+    ShmRef,
+    Welcome,
+)
 from loader_client.contract.sampling import SamplingPlan
 from loader_client.contract.schema import Message, encode
 from loader_client.contract.shm import Arena as Mapping
@@ -68,6 +80,7 @@ class Built:
     images: int
     nbytes: int
     copied: Built | None = None  # the same batch with x copied out of its slot into a frame (shares)
+    manifest: list[SampleManifest] | None = None  # each sample's source and draws, when the session asked
 
 
 @dataclass
@@ -189,14 +202,14 @@ class Delivery:
         """Put `client` in the share its hello names (opening it), or refuse it naming each difference."""
         s = client.session
         key = ShareKey(hello.share or "", s.rank)
-        terms = ShareTerms(world_size=s.world_size, seed=s.seed, augment=s.augment)
+        terms = ShareTerms(world_size=s.world_size, seed=s.seed, augment=s.augment, manifest=s.manifest)
         shared = self.shares.get(key)
         if shared is not None:
             differences = shared.share.terms.differences(terms)
             if differences:
                 message = (f"cannot join share {key}: this client asks for {'; '.join(differences)}. Every member "
-                           "of a share asks for the same stream (rank, world size, seed, augmentation): pass the "
-                           "same settings as the others, or another share name")
+                           "of a share asks for the same stream (rank, world size, seed, augmentation, "
+                           "manifest): pass the same settings as the others, or another share name")
                 self.peer_log.warning(client.identity, "refused client %s: %s", client.identity.hex(), message)
                 self.error(client.identity, "config", message)
                 return None
@@ -359,7 +372,7 @@ class Delivery:
         arena = self._task_arena(task) if task.slot is not None else None
         message = TaskMessage(id=task.id, indices=task.indices.tobytes(), seed=task.seed, epoch=task.epoch,
                               augment=task.augment, arena=arena.handle() if arena else None,
-                              slot=task.slot if arena else None)
+                              slot=task.slot if arena else None, manifest=self._task_manifest(task))
         try:
             checked(message)  # a task a worker would refuse never reaches one: its death would hit other batches
         except OutOfRange as exc:
@@ -373,6 +386,14 @@ class Delivery:
             self.supervisor.cancel([task.id])
             return True  # consumed: the supervisor sees it cancelled
         return self.channel.send(worker.identity, message)
+
+    def _task_manifest(self, task: Task) -> bool:
+        """Whether `task`'s batch is built with its manifest: its session asked (a share's members all ask alike)."""
+        if isinstance(task.owner, bytes):
+            client = self.clients.get(task.owner)
+            return client is not None and client.session.manifest
+        shared = self.shares.get(_share_of(task.owner))
+        return shared is not None and shared.share.terms.manifest
 
     def _task_arena(self, task: Task) -> Arena | None:
         if isinstance(task.owner, bytes):
@@ -389,9 +410,11 @@ class Delivery:
             while (item := s.sendable()) is not None:
                 position, built = item
                 epoch, batch = s.place(position)
+                manifest = (Manifest(epoch=epoch, batch=batch, samples=built.manifest)
+                            if s.manifest and built.manifest is not None else None)
                 try:
                     head = checked_encode(Batch(epoch=epoch, batch=batch, steps=s.steps, arrays=built.arrays,
-                                                shm=built.shm))
+                                                shm=built.shm, manifest=manifest))
                 except OutOfRange as exc:
                     self.error(client.identity, "server", f"epoch {epoch} batch {batch} cannot be sent: {exc}")
                     self.drop(client.identity, "a batch did not fit the wire schema")
@@ -445,7 +468,7 @@ class Delivery:
             name, dtype, shape = built.shm.arrays[0]
             x = np.array(shared.mapping.view(built.shm.slot, dtype, shape))  # a copy: the slot is reused later
             built.copied = Built([*built.arrays, [name, dtype, list(shape)]], [*built.frames, x], None, built.images,
-                                 built.nbytes)
+                                 built.nbytes, manifest=built.manifest)
         return built.copied
 
     def _evict(self, shared: SharedStream) -> None:
@@ -493,7 +516,7 @@ class Delivery:
         shm = ShmRef(slot=task.slot, arrays=result.shm_arrays or []) if task.slot is not None else None
         images = next((a[2][0] for a in arrays if a[0] == "y"), 0)
         nbytes = sum(math.prod(a[2]) * np.dtype(a[1]).itemsize for a in arrays)
-        built = Built(result.arrays, frames, shm, images, nbytes)
+        built = Built(result.arrays, frames, shm, images, nbytes, manifest=result.manifest)
         if client is not None:
             client.session.built(task.position, built)
             self.flush(client)
@@ -522,12 +545,14 @@ class Delivery:
 
     def on_failed(self, task: Task, failed: Failed, worker_id: int) -> None:
         shared = None if isinstance(task.owner, bytes) else self.shares.get(_share_of(task.owner))
+        bad = [BadFile(path=str(path), reason=str(code)) for path, code in failed.bad]
         for client in self._fail(task, shared):
             epoch, batch = client.session.place(task.position)
             self.log.log(logging.ERROR, "worker-failed", "worker %d failed on epoch %d batch %d: %s", worker_id,
                          epoch, batch, failed.message)
             self.error(client.identity, failed.kind, f"epoch {epoch} batch {batch}: {failed.message}",
-                       path=failed.path, reason=failed.reason, traceback=failed.traceback)
+                       path=failed.path, reason=failed.reason, traceback=failed.traceback,
+                       bad=bad[:MAX_BAD_NAMED] or None, bad_count=len(bad) or None)
             self.drop(client.identity, "batch failed")
 
     def on_skipped(self, task: Task) -> None:

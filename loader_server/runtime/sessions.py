@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from loader_client.contract.errors import ProtocolError
-from loader_client.contract.messages import MAX_CREDIT, Hello
+from loader_client.contract.messages import MAX_CREDIT, MAX_MANIFEST_SAMPLES, Hello
 from loader_client.contract.schema import INT32_MAX
 
 __all__ = ["MAX_EPOCH", "STALL_WINDOW_S", "Refusal", "Session", "StreamFacts", "fingerprint_mismatch",
@@ -83,6 +83,7 @@ class Session(Generic[P]):
     ready: dict[int, P] = field(default_factory=dict)
     building: set[int] = field(default_factory=set)
     share: str | None = None
+    manifest: bool = False  # every batch with its manifest (the hello asked)
     # The trainer's reports, (wall_s, wait_s) on its clock, oldest first (`report`, `stall`).
     reports: deque[tuple[float, float]] = field(default_factory=deque)
 
@@ -211,6 +212,10 @@ def open_session(hello: Hello, name: str, *, steps_for: Callable[[int], int], fa
                                  f"{facts.num_samples} samples; use fewer ranks, a smaller batch or --keep-last")
     if hello.fingerprint is not None and hello.fingerprint != facts.fingerprint:
         return Refusal("config", fingerprint_mismatch(hello.fingerprint, facts.fingerprint))
+    if hello.manifest and facts.batch_size > MAX_MANIFEST_SAMPLES:
+        return Refusal("config", f"a batch manifest describes at most {MAX_MANIFEST_SAMPLES} samples; batches of "
+                                 f"{facts.batch_size} have none: create the client without manifest=True, and ask "
+                                 "client.sources(client.last.indices) instead")
     if hello.batch >= steps:
         return Refusal("config", f"start position epoch {hello.epoch} batch {hello.batch} is outside the epoch of "
                                  f"{steps} batches")
@@ -219,7 +224,7 @@ def open_session(hello: Hello, name: str, *, steps_for: Callable[[int], int], fa
     return Session(name=name, rank=rank, world_size=world, seed=seed, steps=steps, prefetch=facts.prefetch,
                    in_order=facts.in_order, augment=facts.augment_available and hello.augment,
                    next_schedule=start, next_send=start, credit=min(MAX_CREDIT, hello.credit),
-                   last_seen=now, last_sent=now, share=hello.share)
+                   last_seen=now, last_sent=now, share=hello.share, manifest=hello.manifest)
 
 
 def fingerprint_mismatch(theirs: str, ours: str) -> str:

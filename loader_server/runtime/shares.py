@@ -57,6 +57,7 @@ class ShareTerms:
     world_size: int
     seed: int
     augment: bool
+    manifest: bool = False  # every batch with its manifest (built once for all, so asked by all or none)
 
     def differences(self, other: ShareTerms) -> list[str]:
         """Each setting of `other` (a new member) that differs from these (the share's), in words."""
@@ -67,6 +68,8 @@ class ShareTerms:
             out.append(f"seed {other.seed} (the share has {self.seed})")
         if other.augment != self.augment:
             out.append(f"augment={other.augment} (the share has augment={self.augment})")
+        if other.manifest != self.manifest:
+            out.append(f"manifest={other.manifest} (the share has manifest={self.manifest})")
         return out
 
 

@@ -100,6 +100,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
     import cv2
 
     cv2.setNumThreads(1)
+    from ..data.reading import BadSamples
     from ..pipeline.batch import BatchBuilder, Reads
     from ..pipeline.decode import DecodeError
 
@@ -158,11 +159,13 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
                         tracker.wait(_TRACKER_WAIT_S)
                     pool.append((x, tracker))
                 started = time.perf_counter()
-                arrays = builder.build(indices, x, reads, key=(task.seed, task.epoch), augment=task.augment)
+                arrays = builder.build(indices, x, reads, key=(task.seed, task.epoch), augment=task.augment,
+                                       manifest=task.manifest)
                 build_s = time.perf_counter() - started
             except DecodeError as exc:
+                bad = [[e.path, e.code] for e in (exc.bad if isinstance(exc, BadSamples) else [exc])]
                 sock.send(encode(Failed(id=task_id, kind="bad_sample", path=exc.path, reason=exc.code,
-                                        message=str(exc), traceback=traceback.format_exc())))
+                                        message=str(exc), traceback=traceback.format_exc(), bad=bad)))
                 continue
             except Exception as exc:  # a bug or an unexpected library error: report, keep serving
                 sock.send(encode(Failed(id=task_id, kind="server", reason=type(exc).__name__,
@@ -172,7 +175,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
             hits, misses = builder.cache_hits, builder.cache_misses
             shm_x = arrays.pop("x") if task.arena is not None else None  # x is already in the client's slot
             result = Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
-                            cache_hits=hits, cache_misses=misses,
+                            cache_hits=hits, cache_misses=misses, manifest=builder.last_manifest,
                             shm_arrays=protocol.describe_arrays({"x": shm_x}) if shm_x is not None else None)
             try:  # what the server would refuse (and kill this worker for) is this task's failure instead
                 decode_fields(Result, result.fields(), "this worker's result")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from loader_client.contract.messages import ArenaHandle
+from loader_client.contract.messages import MAX_MANIFEST_SAMPLES, ArenaHandle, SampleManifest
 from loader_client.contract.schema import INT32_MAX, INT63_MAX, Message, item, spec
 
 __all__ = ["FROM_WORKER", "TO_WORKER", "Failed", "Forget", "Ready", "Result", "Skipped", "Task"]
@@ -40,6 +40,7 @@ class Task(Message):
     augment: bool = spec(bool)
     arena: ArenaHandle | None = spec(dict, type(None), default=None, nested=ArenaHandle)
     slot: int | None = spec(int, type(None), default=None, lo=0, hi=INT32_MAX)
+    manifest: bool = spec(bool, default=False)  # record each sample's source and augmentation draws
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Result(Message):
                                               items=item(list, max_len=3))
     cache_hits: int = spec(int, default=0, lo=0, hi=INT32_MAX)  # samples copied from the decoded-sample cache
     cache_misses: int = spec(int, default=0, lo=0, hi=INT32_MAX)  # samples decoded (and stored) with a cache on
+    manifest: list[SampleManifest] | None = spec(list, type(None), default=None, max_len=MAX_MANIFEST_SAMPLES,
+                                                 items=item(dict, nested=SampleManifest))  # when the task asked
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Failed(Message):
     reason: str = spec(str, max_len=1024)
     path: str | None = spec(str, type(None), default=None, max_len=4096)
     traceback: str | None = spec(str, type(None), default=None, max_len=_TEXT)
+    bad: list[list[str]] = spec(list, default_factory=list, max_len=1 << 20,
+                                items=item(list, max_len=2))  # [sample, code] of every bad sample
 
 
 @dataclass(frozen=True)
