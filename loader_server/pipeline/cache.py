@@ -100,14 +100,16 @@ def record_decoder(options: DecodeOptions | Any) -> Decoder:
 
 
 def cache_key(options: DecodeOptions | Any, index: Dataset) -> str:
-    """Hash of the data set and of `DecodeOptions`: everything the decode step that makes a record reads."""
+    """Hash of the data set and of `DecodeOptions`: everything the decode step that makes a record reads,
+    and the versions of the two decoders (OpenCV; simplejpeg, whose libjpeg-turbo decodes JPEGs)."""
     import cv2
+    import simplejpeg
 
     from ..options import group_hash
 
     decode = options_of(options, DecodeOptions)
     return group_hash(decode, extra={"index": index.fingerprint(), "format": FORMAT, "opencv": cv2.__version__,
-                                     "samples": len(index)})
+                                     "simplejpeg": simplejpeg.__version__, "samples": len(index)})
 
 
 @dataclass(frozen=True)
