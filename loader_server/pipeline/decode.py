@@ -72,6 +72,7 @@ _JPEG_EOI_SEARCH_BYTES = 4096
 #: 0.69, 1.64, 2.02, 2.86, 1; ../shared/corpus, about 430 px: 0.62, 0.79, 0.94, 0.75, 1.54, 1.86,
 #: 2.49, 1). The scales with SIMD inverse DCTs (1/8, 1/4, 1/2, 1) are the cheap ones.
 SCALE_COST = (math.inf, 0.55, 0.7, 0.94, 0.72, 1.6, 1.9, 2.7, 1.0)
+_BY_COST = sorted(range(1, 9), key=SCALE_COST.__getitem__)  # the scales, cheapest first
 #: Largest decode buffer a decoder keeps between images (larger ones are allocated per image).
 _KEEP_SCRATCH_BYTES = 64 << 20
 # cv2 orientation operations for EXIF orientations 2..8 (1 is upright), as OpenCV applies them.
@@ -215,8 +216,7 @@ def decode_scale(width: int, height: int, size: tuple[int, int], mode: str = "st
     """M of the M/8 scale at which to decode a `width` x `height` region for an output of `size` in
     resize `mode`: the cheapest scale (`SCALE_COST`) that still covers the output, so that the
     resize only shrinks; 8 (full size) when none does."""
-    covering = [m for m in range(1, 9) if scale_covers(width, height, size, mode, m)]
-    return min(covering, key=SCALE_COST.__getitem__) if covering else 8
+    return next((m for m in _BY_COST if scale_covers(width, height, size, mode, m)), 8)
 
 
 def stored_box(box: tuple[int, int, int, int], orientation: int, width: int,
@@ -309,15 +309,14 @@ class Decoder:
         return size, info
 
     def decode(self, data: bytes, path: str, *, reduce: bool = True) -> np.ndarray:
-        """Decode bytes to an upright 8-bit image with OpenCV, raising DecodeError naming `path` on failure.
+        """Decode bytes to an upright 8-bit image (its own array), raising DecodeError naming `path` on failure.
 
-        `reduce=False` forbids reduced-size decoding (a user transform sees the whole image).
+        A JPEG is decoded at the scale a plain resize would decode it at; `reduce=False` forbids
+        that (a user transform before a crop sees the whole image at full size).
         """
-        size, _ = self.check(data, path)
-        f = 1
-        if reduce and self.reduce and size is not None and size[0] > 0 and size[1] > 0 and data[:2] == b"\xff\xd8":
-            f = self.reduction(*size)
-        return self._imdecode(data, path, f)
+        img = self._image(data, path, None, None, reduce)
+        assert img is not None
+        return img.copy() if np.shares_memory(img, self._scratch) else img
 
     def _imdecode(self, data: bytes, path: str, f: int) -> np.ndarray:
         flags = self._reduced_flags[f] if f > 1 else self.flags
@@ -352,34 +351,38 @@ class Decoder:
 
     def _decode_into(self, data: bytes, path: str, out: np.ndarray,
                      draw: Callable[[int, int], tuple[int, int, int, int]] | None) -> None:
+        img = self._image(data, path, draw, out, True)
+        if img is not None:
+            self.resize_into(img, out)
+
+    def _image(self, data: bytes, path: str, draw: Callable[[int, int], tuple[int, int, int, int]] | None,
+               out: np.ndarray | None, reduce: bool) -> np.ndarray | None:
+        """The upright pixels of the region `draw` draws (or of the whole image) at the scale the output
+        needs; None when they were decoded straight into `out`."""
         size, info = self.check(data, path)
+        reduce = reduce and self.reduce
         upright = info.size if info is not None else size
         box = draw(*upright) if draw is not None and upright is not None and min(upright) > 0 else None
         if info is not None and info.scalable:
             try:
-                img = self._turbo(data, info, box, out)
+                return self._turbo(data, info, box, out, reduce)
             except ValueError:  # refused by libjpeg-turbo: OpenCV decides, as it always did
                 pass
-            else:
-                if img is not None:
-                    self.resize_into(img, out)
-                return
-        img = self._opencv(data, path, box, upright, draw)
-        self.resize_into(img, out)
+        return self._opencv(data, path, box, upright, draw, reduce)
 
-    def _turbo(self, data: bytes, info: JpegInfo, box: tuple[int, int, int, int] | None,
-               out: np.ndarray) -> np.ndarray | None:
+    def _turbo(self, data: bytes, info: JpegInfo, box: tuple[int, int, int, int] | None, out: np.ndarray | None,
+               reduce: bool) -> np.ndarray | None:
         """libjpeg-turbo: the region's pixels, upright, at the decode scale; None when decoded straight into `out`."""
         width, height, orientation = info.width, info.height, info.orientation
         region = box or (0, 0, *info.size)
-        m = decode_scale(region[2], region[3], self.options.size, self.mode) if self.reduce else 8
+        m = decode_scale(region[2], region[3], self.options.size, self.mode) if reduce else 8
         x, y, w, h = stored_box(region, orientation, width, height)
         rows = height
-        if box is not None and self.reduce and info.single_scan:  # stop one MCU row below the crop
+        if box is not None and reduce and info.single_scan:  # stop one MCU row below the crop
             rows = min(height, -(-(y + h) // info.mcu_rows) * info.mcu_rows + info.mcu_rows)
         dw, dh = -(-width * m // 8), -(-rows * m // 8)
         channels = 1 if self.colorspace == "GRAY" else 3
-        direct = (box is None and orientation == 1 and out.shape == (dh, dw, channels)
+        direct = (out is not None and box is None and orientation == 1 and out.shape == (dh, dw, channels)
                   and out.flags.c_contiguous)
         if direct:  # the scaled image is the output: decode straight into the batch slot
             target: np.ndarray | None = out
@@ -409,11 +412,11 @@ class Decoder:
         return img if orientation == 1 else _ORIENT[orientation](img)
 
     def _opencv(self, data: bytes, path: str, box: tuple[int, int, int, int] | None,
-                upright: tuple[int, int] | None,
-                draw: Callable[[int, int], tuple[int, int, int, int]] | None) -> np.ndarray:
+                upright: tuple[int, int] | None, draw: Callable[[int, int], tuple[int, int, int, int]] | None,
+                reduce: bool) -> np.ndarray:
         """OpenCV: the region's pixels, upright (as before, at 1/2, 1/4 or 1/8 where that still covers)."""
         f = 1
-        if self.reduce and upright is not None and min(upright) > 0 and data[:2] == b"\xff\xd8":
+        if reduce and upright is not None and min(upright) > 0 and data[:2] == b"\xff\xd8":
             if box is None:
                 f = self.reduction(*upright)
             else:  # OpenCV scales by 1/2, 1/4 and 1/8 only
