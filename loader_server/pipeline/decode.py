@@ -119,10 +119,10 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
-    i, orientation, frame = 2, 0, None
+    i, orientation, frame, scan_components = 2, 0, None, -1
     while i + 4 < n:
         if data[i] != 0xFF:
-            return None
+            break
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -142,15 +142,14 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
             frame = (data[i + 4], (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8], count,
                      marker, i, 8 * max(1, vmax))
         elif marker == 0xDA:  # start of scan: the headers end here
-            if frame is None:
-                return None
-            precision, height, width, count, sof, at, mcu = frame
-            scan_components = data[i + 4] if i + 4 < n else 0
-            return JpegInfo(width, height, count, precision, sof, at, mcu,
-                            single_scan=sof in (0xC0, 0xC1) and scan_components == count,
-                            orientation=orientation or 1)
+            scan_components = data[i + 4]
+            break
         i += 2 + length
-    return None
+    if frame is None:
+        return None
+    precision, height, width, count, sof, at, mcu = frame
+    return JpegInfo(width, height, count, precision, sof, at, mcu,
+                    single_scan=sof in (0xC0, 0xC1) and scan_components == count, orientation=orientation or 1)
 
 
 def _exif_orientation(tiff: bytes) -> int:
