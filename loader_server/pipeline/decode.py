@@ -19,9 +19,9 @@ lossless, corrupt data that it will not decode strictly), by OpenCV, as before.
 * *Scale.* libjpeg-turbo decodes at any M/8 scale by dropping DCT coefficients. The decode
   scale is `decode_scale`: the cheapest M/8 at which the part of the source that reaches the
   output still covers the output size (the resize then only shrinks). Cheapest, not smallest:
-  1/8, 1/4, 1/2 and 1 have SIMD inverse DCTs, while 3/8 costs about as much as a full decode
-  and 5/8-7/8 cost 1.6-2.9 times as much (`SCALE_COST`, measured), so a region that 3/8
-  would cover is decoded at 1/2.
+  1/8, 1/4, 1/2 and 1 have SIMD inverse DCTs, while 3/8 costs more than 1/2 and 5/8-7/8
+  cost 1.4-2.6 times a full decode (`SCALE_COST`, measured), so a region that 3/8 would
+  cover is decoded at 1/2, and one that 5/8 would cover at full size.
 * *Window.* For a crop (``--augment rrc``, drawn from the header's size before anything is
   decoded) only the region's scale counts, and a baseline JPEG is decoded only down to one
   MCU row below the crop: the frame header's height is lowered in a copy of the bytes, so
@@ -67,11 +67,12 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _SCALABLE_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
 # Some writers append padding or metadata after the end-of-image marker; look this far back.
 _JPEG_EOI_SEARCH_BYTES = 4096
-#: Relative CPU time of a libjpeg-turbo decode at M/8 (index M), against a full-size decode: the
-#: medians of two corpora here (../shared/corpus-large, 1295x987 4:2:0 photos: 0.51, 0.61, 0.94,
-#: 0.69, 1.64, 2.02, 2.86, 1; ../shared/corpus, about 430 px: 0.62, 0.79, 0.94, 0.75, 1.54, 1.86,
-#: 2.49, 1). The scales with SIMD inverse DCTs (1/8, 1/4, 1/2, 1) are the cheap ones.
-SCALE_COST = (math.inf, 0.55, 0.7, 0.94, 0.72, 1.6, 1.9, 2.7, 1.0)
+#: Relative CPU time of a libjpeg-turbo decode at M/8 (index M), against a full-size decode, measured
+#: here (docs/bench/decode-less/bindings.py, one core): ../shared/corpus-large, 1295x987 4:2:0
+#: photos, 0.47, 0.55, 0.88, 0.66, 1.52, 1.87, 2.55 for M = 1..7; ../shared/corpus, about 430 px,
+#: 0.51, 0.55, 0.81, 0.68, 1.41, 1.79, 2.33. The scales with SIMD inverse DCTs (1/8, 1/4, 1/2, 1)
+#: are the cheap ones; 3/8 is never worth it (1/2 covers whatever it covers, for less).
+SCALE_COST = (math.inf, 0.5, 0.55, 0.85, 0.67, 1.5, 1.85, 2.45, 1.0)
 _BY_COST = sorted(range(1, 9), key=SCALE_COST.__getitem__)  # the scales, cheapest first
 #: Largest decode buffer a decoder keeps between images (larger ones are allocated per image).
 _KEEP_SCRATCH_BYTES = 64 << 20
