@@ -27,6 +27,7 @@ from .config import DATA_SETTINGS, default_workers
 from .data.datasets import Dataset
 from .options import DecodeOptions
 from .pipeline.cache import MEMORY, SampleCache, open_cache
+from .pipeline.cache_files import size_text
 
 __all__ = ["BUILD_SETTINGS", "add_cache_build_arguments", "run_cache_build"]
 
@@ -110,7 +111,7 @@ def run_cache_build(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     filled = cache.filled(0)
     print(f"cache {cache.where}: {filled} of {len(index)} records valid ({before} before, {stored} stored now) "
-          f"in {elapsed:.1f} s; {cache.layout.total_bytes / (1 << 30):.2f} GiB, records "
+          f"in {elapsed:.1f} s; {size_text(cache.layout.total_bytes)}, records "
           f"{'x'.join(map(str, cache.layout.shape))} uint8")
     if bad:
         print(f"{len(bad)} bad samples have no record (serve decodes and reports them each time), for example:")

@@ -25,8 +25,10 @@ LogOptions          logs and metrics                                       no
 
 The fingerprint that guards a resume hashes the groups that shape batches; the cache key
 hashes `DecodeOptions` (the decode step reads nothing else, so a setting that changes a
-record's pixels is in the key by construction). There are no deny-lists: a new setting goes
-into the group of the step that reads it, and its place in the fingerprint follows.
+record's pixels is in the key by construction) with the data set's fingerprint and its
+location (`ByteDataset.location`: where the bytes are, which a resume may change but a cached
+record may not). There are no deny-lists: a new setting goes into the group of the step that
+reads it, and its place in the fingerprint follows.
 """
 
 from __future__ import annotations

@@ -21,10 +21,18 @@ Each bug is aimed at where it now lives: the session state machine (`runtime/ses
 credit, order, hello validation), the supervisor (`runtime/supervisor.py`: re-issue and the
 crash budget), the --max-bad count (`runtime/bad_files.py`), the CURVE allow-list
 (`runtime/transport.py`), the client's rank check (`loader_client/options.py`), its order check
-(`loader_client/receiver.py`) and its resume position (`loader_client/stream.py`). Where the
+(`loader_client/receiver.py`) and its resume position (`loader_client/server_stream.py`). Where the
 logic is pure, one of the chosen tests is a unit test (tests/test_runtime.py, the pure parts of
-tests/test_guards.py) and another runs real processes. A full run takes about 11 minutes on
+tests/test_guards.py) and another runs real processes. A full run takes about 13 minutes on
 two shared cores; most of it is tests that wait out a timeout once the bug is planted.
+
+The entries after the first twenty are issue 22's: one or more of each kind of blindness a
+second round of planted bugs found (ranks identical in one mode, a test deriving its bound from
+the code's constant, a pixel setting outside the cache key or the fingerprint, a range widened at
+an untested end, a threshold moved at an exact multiple, data changed under an unchanged
+fingerprint, a liveness signal missing while a slow batch is built, a rounding rule swapped for
+one that agrees on the old cases). docs/testing.md says what each kind of test must state, and
+how the pure core is mutation-tested with mutmut (tests/mutmut_core.py).
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ RUN_TIMEOUT_S = 600  # one mutation's tests; the slowest (credit-overrun) takes 
 G = "tests/test_guards.py::"
 E2E = "tests/test_end_to_end.py::"
 RT = "tests/test_runtime.py::"
+H = "tests/test_hardening.py::"
+LV = "tests/test_liveness.py::"
+MR = "tests/test_modes_and_ranks.py::"
+RG = "tests/test_resume_guard.py::"
+RT2 = "tests/test_rounding_and_thresholds.py::"
+SE = "tests/test_setting_effects.py::"
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,7 @@ MUTATIONS = [
               G + "test_worker_killed_while_holding_a_task_has_it_reissued",
               E2E + "test_every_sample_exactly_once_per_epoch[--drop-last-ipc]")),
     # state_dict() (and position) record the last batch returned instead of the next one.
-    Mutation("resume-off-by-one", "loader_client/stream.py",
+    Mutation("resume-off-by-one", "loader_client/server_stream.py",
              "self._epoch, self._batch = item.info.epoch, item.info.batch + 1\n",
              "self._epoch, self._batch = item.info.epoch, item.info.batch\n",
              (E2E + "test_resume_from_state_is_bitwise_identical",
@@ -173,6 +187,67 @@ MUTATIONS = [
              # the check off it never closes its client and hangs past pytest's timeout.
              ("tests/test_fake_server.py::test_lost_or_repeated_batch_is_a_protocol_error",
               "tests/test_fake_server.py::test_repeated_batch_from_one_of_several_servers_is_a_protocol_error")),
+    # ---- Issue 22: one or more of each kind the second round of planted bugs found the suite blind to.
+    # All ranks identical in one sampling mode: random draws keyed without the rank.
+    Mutation("random-mode-ranks-identical", "loader_server/sampling.py",
+             "np.random.SeedSequence([seed, epoch, rank, batch])", "np.random.SeedSequence([seed, epoch, batch])",
+             ("tests/test_sampling.py::test_random_mode_gives_every_rank_its_own_draws[2]",
+              MR + "test_two_ranks_get_the_shares_their_mode_promises[random]",
+              MR + "test_two_ranks_get_the_shares_their_mode_promises[arrays random]")),
+    # A bound whose old test derived its limit from the same constant: the socket queue raised tenfold.
+    Mutation("send-queue-tenfold", "loader_server/runtime/transport.py",
+             "SEND_QUEUE_BATCHES = 8\n", "SEND_QUEUE_BATCHES = 80\n",
+             (H + "test_a_client_that_reads_nothing_is_sent_at_most_the_socket_queue_of_batches",
+              H + "test_a_client_that_grants_credit_and_never_reads_stays_within_its_bound")),
+    # A setting that changes the pixels but not the cache key: two interpolations share one cache file.
+    Mutation("interpolation-outside-the-cache-key", "loader_server/pipeline/cache.py",
+             '"augment", "collate", "on_error", "mean", "std", "cache"})',
+             '"augment", "collate", "on_error", "mean", "std", "cache", "interpolation"})',
+             (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation nearest]",
+              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation cubic]")),
+    # A pixel setting left out of the fingerprint: a state saved with --color bgr resumes on an rgb server.
+    Mutation("color-outside-the-fingerprint", "loader_server/config.py",
+             '"subset", "val_fraction", "split_seed", "cache",', '"subset", "val_fraction", "split_seed", "cache", "color",',
+             (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color bgr]",
+              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color gray]")),
+    # A range widened at a boundary no test sat on: any int32 world size passes the hello's schema.
+    Mutation("world-size-range-widened", "loader_client/contract/messages.py",
+             "world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=MAX_WORLD_SIZE)",
+             "world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=INT32_MAX)",
+             ("tests/test_boundaries.py::test_every_message_number_is_accepted_at_its_documented_ends_and_refused_one_past"
+              "[Hello.world_size]",
+              G + "test_world_size_limit_at_and_over")),
+    # A threshold moved at an exact multiple: a JPEG exactly 2x the output is no longer decoded at 1/2.
+    Mutation("reduction-threshold-at-exact-multiples", "loader_server/pipeline/decode.py",
+             "return w // f >= W and h // f >= H", "return w // f > W and h // f > H",
+             (RT2 + "test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output[size0-stretch-source0-2]",
+              RT2 + "test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output[size3-stretch-source3-4]",
+              RT2 + "test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output[size5-stretch-source5-8]")),
+    # An input that changes the data without changing the fingerprint: arrays hashed on their first 64 KiB only.
+    Mutation("array-fingerprint-first-window-only", "loader_server/data/arrays.py",
+             "            h.update(flat[-(1 << 16):].tobytes())\n", "",
+             (RG + "test_a_changed_data_set_refuses_a_saved_state_and_an_equal_one_resumes_it[arrays: x in its last 64 KiB]",
+              RG + "test_a_changed_data_set_refuses_a_saved_state_and_an_equal_one_resumes_it"
+                   "[ragged: values in the last 64 KiB]")),
+    # A liveness signal missing while a slow batch is built: heartbeats only to sessions with nothing in work.
+    Mutation("no-heartbeat-while-a-batch-is-built", "loader_server/runtime/delivery.py",
+             "elif now - s.last_sent >= self.config.heartbeat_s:",
+             "elif now - s.last_sent >= self.config.heartbeat_s and not client.tasks:",
+             (LV + "test_a_batch_slower_than_the_client_timeout_arrives[shared memory]",
+              LV + "test_a_batch_slower_than_the_client_timeout_arrives[frames]",
+              LV + "test_two_servers_with_slow_batches_are_not_lost")),
+    # A rounding rule replaced by one that agrees on every case the old tests used: half to even.
+    Mutation("split-rounds-half-to-even", "loader_server/data/subset.py",
+             "n_val = int(n * val_fraction + 0.5)", "n_val = round(n * val_fraction)",
+             ("tests/test_subsets.py::test_split_is_disjoint_complete_sized_and_deterministic[10-0.25-3]",
+              "tests/test_subsets.py::test_split_is_disjoint_complete_sized_and_deterministic[30-0.15-5]",
+              "tests/test_boundaries.py::test_server_settings_on_each_side_of_their_documented_limits[val 0.05 of 10]")),
+    # The saved state records the rank the client was created with, not its stream's: a client resumed from
+    # a state (created without rank=) checkpoints rank 0, and the next resume takes rank 0's share.
+    Mutation("state-records-the-constructor-rank", "loader_client/server_stream.py",
+             '"seed": w.seed, "rank": w.rank,', '"seed": w.seed, "rank": self.options.rank,',
+             (MR + "test_a_resumed_rank_continues_its_own_share",
+              MR + "test_a_resumed_rank_checkpoints_its_rank_again")),
 ]
 
 

@@ -156,9 +156,11 @@ def _killed_mid_write(cache: SampleCache, i: int, st: Version) -> None:
     """What a process SIGKILLed halfway through `store` leaves: the state odd, half the pixels."""
     import fcntl
 
-    fcntl.lockf(cache.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, cache.layout.meta_offset + i * 40)  # a record's state: seq and a version of four int64
-    cache._seq[i] += 1  # writing
-    cache.records[i].reshape(-1)[: cache.layout.record_bytes // 2] = 255
+    state = cache.layout.meta_offset + i * 40  # a record's state: seq and a version of four int64
+    fcntl.lockf(cache.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, state)
+    seq = int.from_bytes(os.pread(cache.fd, 8, state), "little")
+    os.pwrite(cache.fd, (seq + 1).to_bytes(8, "little"), state)  # writing
+    os.pwrite(cache.fd, b"\xff" * (cache.layout.record_bytes // 2), cache.layout.records_offset + i * cache.layout.record_bytes)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -231,7 +233,7 @@ def test_two_servers_fill_one_cache_folder_concurrently(start_server: Any, listf
     for i in range(N):
         path = index.path(i)  # type: ignore[attr-defined]
         assert cache.valid(i, file_version(os.stat(path)))
-        assert np.array_equal(cache.records[i], _record_of(cache, config, path))
+        assert np.array_equal(cache.record(i), _record_of(cache, config, path))
     stats = [server_stats(s.endpoint, timeout_s=10)["cache"] for s in servers]
     assert sum(s["misses"] for s in stats) >= N  # every sample decoded by one of them at least
 
@@ -325,7 +327,7 @@ def test_a_killed_cache_build_leaves_no_record_that_is_served_half_written(tmp_p
     for i in range(len(index)):
         path = index.path(i)  # type: ignore[attr-defined]
         if cache.valid(i, file_version(os.stat(path))):
-            assert np.array_equal(cache.records[i], _record_of(cache, config, path))
+            assert np.array_equal(cache.record(i), _record_of(cache, config, path))
     done = _cli(*args)
     assert done.returncode == 0, done.stderr
     assert cache.filled(0) == len(index)
@@ -394,7 +396,8 @@ def test_array_data_sets_refuse_the_cache(tmp_path: Path) -> None:
 
 @pytest.fixture
 def read_only_folder(tmp_path: Path) -> Iterator[tuple[Path, Any]]:
-    """A folder and a function that makes it read-only: permissions, or a remounted tmpfs as root."""
+    """A folder and a function that makes it read-only: permissions, or a remounted tmpfs as root
+    (mode 0700: a tmpfs is 1777 by default, a folder the cache refuses, as other users may write it)."""
     folder = tmp_path / "ro"
     folder.mkdir()
     if os.geteuid() != 0:
@@ -406,7 +409,7 @@ def read_only_folder(tmp_path: Path) -> Iterator[tuple[Path, Any]]:
         yield folder, seal
         folder.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(folder)], check=False,
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "none", str(folder)], check=False,
                       capture_output=True, timeout=30).returncode != 0:
         pytest.skip("running as root without the right to mount a read-only file system")
     try:

@@ -36,12 +36,13 @@ from loader_client import (
 from loader_server.config import ServerConfig
 from loader_server.pipeline.batch import _substitute
 from loader_server.pipeline.decode import DecodeError, Decoder
-from loader_server.server import MAX_TASK_RETRIES
 
 from .conftest import free_port, unique_label_list, wait_until, write_image
 
 MAX_CREDIT = 64  # loader_client.contract.messages.MAX_CREDIT, written out: a changed cap must fail here
 MAX_REQUEST_BYTES = 64 * 1024  # loader_server.runtime.transport.MAX_REQUEST_BYTES
+MAX_TASK_RETRIES = 3  # README: "the same batch kills or hangs 3 workers" -> WorkerCrashedError
+MAX_HEADER_BYTES = 1 << 20  # loader_client.protocol.MAX_HEADER_BYTES: a header of at most 1 MiB
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -203,6 +204,21 @@ def test_server_refuses_out_of_range_rank_naming_both(small_server: Any, rank: i
         assert reply(ok)["t"] == "batch"
 
 
+def test_world_size_limit_at_and_over(small_server: Any) -> None:
+    """A world of 65,536 ranks passes the message schema (the session then says it leaves no full batch
+    of 16 samples); one of 65,537 is refused by the schema itself, naming the field and its range."""
+    with raw_sockets(small_server.endpoint) as raw:
+        at = raw()
+        hello(at, rank=65_535, world_size=65_536, credit=1)
+        answer = reply(at)
+        assert answer["t"] == "error" and "world_size 65536 leaves no full batch" in answer["message"], answer
+        over = raw()
+        hello(over, rank=0, world_size=65_537, credit=1)
+        answer = reply(over)
+        assert answer["t"] == "error" and "field 'world_size' must be between" in answer["message"], answer
+        assert "65536, got 65537" in answer["message"]
+
+
 def test_refused_rank_opens_no_stream(small_server: Any) -> None:
     with raw_sockets(small_server.endpoint) as raw:
         sock = raw()
@@ -278,10 +294,10 @@ def test_request_size_limit_at_and_over(small_server: Any) -> None:
 
 
 def test_header_size_limit_at_and_over() -> None:
-    at = padded(protocol.MAX_HEADER_BYTES, t="x")
+    at = padded(MAX_HEADER_BYTES, t="x")
     assert len(protocol.unpack(at)["client"]) > 0
     with pytest.raises(ProtocolError, match="exceeds the limit"):
-        protocol.unpack(padded(protocol.MAX_HEADER_BYTES + 1, t="x"))
+        protocol.unpack(padded(MAX_HEADER_BYTES + 1, t="x"))
 
 
 def test_message_bytes_and_dimension_limits_at_and_over() -> None:

@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import LoaderClient, ServerError
+from loader_client import LoaderClient, ServerError, server_stats
 from loader_client.contract import protocol
-from loader_server.runtime.transport import SEND_QUEUE_BATCHES
 
 from .conftest import free_port, keygen, unique_label_list, wait_until
 
@@ -164,14 +163,36 @@ def test_a_client_that_grants_credit_and_never_reads_stays_within_its_bound(
     while time.monotonic() < deadline:
         peak = max(peak, rss_mb(server.proc.pid))
         time.sleep(0.1)
-    # prefetch built ahead + SEND_QUEUE_BATCHES in the socket + 4 batches of slack (kernel buffers, allocator)
-    bound_mb = (prefetch + SEND_QUEUE_BATCHES + 4) * batch_bytes / 2**20
+    # prefetch built ahead + the README's "at most 8 messages queued in the socket" + 4 batches of slack
+    # (kernel buffers, allocator). The 8 is written out: a queue bound raised in the code must fail here.
+    bound_mb = (prefetch + 8 + 4) * batch_bytes / 2**20
     assert peak - before < bound_mb, (before, peak, bound_mb)
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         started = time.monotonic()
         for _ in range(8):
             client.next()
         assert time.monotonic() - started < 15
+
+
+def test_a_client_that_reads_nothing_is_sent_at_most_the_socket_queue_of_batches(
+        start_server: Any, tmp_path: Path, ctx: Any) -> None:
+    """README: at most 8 messages queued in the socket for one session. A client that grants 64
+    credits and reads nothing is sent what fits in those 8 (its welcome took one), its own receive
+    queue of 1 and the kernel's socket buffers (less than one batch of 768 KiB on ipc): never its
+    64 credits' worth. (7 batches here; with the queue at 80, all 64.)"""
+    listfile = unique_label_list(tmp_path / "data", 16, size=(16, 16))
+    server = start_server(listfile, "--batch-size", "4", "--size", "256x256", "--workers", "1", "--prefetch", "2")
+    greedy = raw(ctx, server.endpoint)
+    greedy.setsockopt(zmq.RCVHWM, 1)
+    greedy.send(msgpack.packb({"v": V, "t": "hello", "shm": False, "credit": 64}))
+    from loader_client import health
+
+    def sent() -> int:
+        return int(health(server.endpoint)["batches_sent"])
+
+    wait_until(lambda: server_stats(server.endpoint)["batches_ready"] == 2, 30, "the prefetch to be built and held")
+    time.sleep(0.5)  # the socket queue is full: nothing more leaves
+    assert 1 <= sent() <= 8 + 1 + 1, sent()
 
 
 def test_more_clients_than_max_clients_are_refused_with_the_setting(start_server: Any, listfile: Path) -> None:
@@ -350,6 +371,30 @@ def test_a_message_that_never_ends_is_cut_off(start_server: Any, listfile: Path)
     still_serves(server.endpoint)
 
 
+def test_an_unfinished_message_under_4_mib_is_kept_and_over_it_is_cut(start_server: Any, listfile: Path) -> None:
+    """README: a connection that has sent more than 4 MiB beyond the requests it completed is closed.
+    3.9 MiB of an unfinished message stay (a batch-free peer may be slow to finish), 4.2 MiB do not."""
+    port = free_port()
+    server = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
+    frame = b"\x03" + struct.pack(">Q", 60 * 1024) + b"\0" * (60 * 1024)  # MORE | LONG: 61,449 bytes
+    peer = zmtp_peer(port)
+    try:
+        for _ in range(66):  # 4,055,634 bytes: under 4 MiB (4,194,304)
+            peer.sendall(frame)
+        time.sleep(1.0)  # the guard checks every 5 ms
+        assert "closed the connection from 127.0.0.1" not in server.log_text()
+        try:
+            for _ in range(6):  # 4,424,328 bytes: over 4 MiB and the 64 KiB handshake allowance
+                peer.sendall(frame)
+        except OSError:  # cut while sending: what this test wants
+            pass
+        wait_until(lambda: "closed the connection from 127.0.0.1" in server.log_text(), 10, "the cut")
+    finally:
+        peer.close()
+    assert "the bound is 4194304 bytes" in server.log_text()
+    still_serves(server.endpoint)
+
+
 def test_files_are_bounded_before_they_are_read(start_server: Any, tmp_path: Path) -> None:
     listfile = unique_label_list(tmp_path / "data", 8)
     big = tmp_path / "data" / "big.jpg"
@@ -379,7 +424,7 @@ def test_log_volume_per_peer_is_bounded(start_server: Any, listfile: Path, ctx: 
     time.sleep(1.0)
     still_serves(server.endpoint)
     lines = [line for line in server.log_text().splitlines() if "bad message" in line]
-    assert 1 <= len(lines) <= 10
+    assert len(lines) == 10  # README: 10 lines per peer per minute, then one line saying the rest is dropped
     assert "further messages this minute are not logged" in server.log_text()
 
 

@@ -78,6 +78,9 @@ class _Fixed:
     def fingerprint(self) -> str:
         return "0123456789abcdef"
 
+    def location(self) -> str:
+        return "files under /data"
+
     def __len__(self) -> int:
         return 10
 

@@ -14,12 +14,16 @@ import numpy as np
 import pytest
 
 from loader_client.contract.errors import ProtocolError
-from loader_client.contract.messages import MAX_CREDIT, Hello
+from loader_client.contract.messages import Hello
 from loader_server.runtime.arenas import Arena, arena_slots
 from loader_server.runtime.bad_files import BadFiles
-from loader_server.runtime.sessions import Refusal, Session, StreamFacts, open_session
+from loader_server.runtime.sessions import Refusal, Session, StreamFacts, fingerprint_mismatch, open_session
 from loader_server.runtime.supervisor import Supervisor
 from loader_server.sampling import SamplingPlan
+
+#: The most credit a client may hold (README: "at most 64 batches of credit"), written out: a changed cap
+#: must fail here, not follow the code's constant.
+MAX_CREDIT = 64
 
 FACTS = StreamFacts(batch_size=4, num_samples=40, default_seed=7, fingerprint="aa-bb", prefetch=3, in_order=True,
                     augment_available=False)
@@ -311,3 +315,79 @@ def test_max_bad_tolerates_exactly_the_limit(limit: int) -> None:
     assert not bad.too_many
     bad.note([("one-more", "empty", "empty file")])
     assert bad.too_many.startswith(f"{limit + 1} bad files exceed --max-bad ({limit})")
+
+
+# ---------------------------------------------------------------------------- what a session holds, written out
+def test_an_opened_session_holds_exactly_what_its_hello_and_the_server_say() -> None:
+    facts = StreamFacts(**{**FACTS.__dict__, "augment_available": True})
+    opened = open_session(Hello(rank=1, world_size=2, epoch=2, batch=3, seed=9, credit=5, client="trainer-1",
+                                augment=True), "trainer-1", steps_for=steps_for, facts=facts, now=12.5)
+    assert isinstance(opened, Session)
+    assert (opened.name, opened.rank, opened.world_size, opened.seed, opened.steps, opened.prefetch) == \
+        ("trainer-1", 1, 2, 9, 5, 3)  # 40 samples over 2 ranks in batches of 4: 5 batches each
+    assert (opened.in_order, opened.augment, opened.credit, opened.last_seen, opened.last_sent) == \
+        (True, True, 5, 12.5, 12.5)
+    assert (opened.next_schedule, opened.next_send) == (2 * 5 + 3, 2 * 5 + 3)
+    assert opened.describe() == {"name": "trainer-1", "rank": 1, "world_size": 2, "epoch": 2, "batch": 3}
+
+
+@pytest.mark.parametrize(("available", "asked", "augmented"),
+                         [(True, True, True), (True, False, False), (False, True, False), (False, False, False)])
+def test_a_session_is_augmented_only_when_the_server_can_and_the_client_asks(available: bool, asked: bool,
+                                                                             augmented: bool) -> None:
+    facts = StreamFacts(**{**FACTS.__dict__, "augment_available": available})
+    opened = open_session(Hello(augment=asked), "c", steps_for=steps_for, facts=facts, now=0.0)
+    assert isinstance(opened, Session) and opened.augment is augmented
+
+
+def test_a_world_that_leaves_exactly_one_batch_per_rank_is_served() -> None:
+    """40 samples in batches of 4: 10 ranks get one batch each (served), 11 get none (refused)."""
+    one = open_session(Hello(rank=9, world_size=10), "c", steps_for=steps_for, facts=FACTS, now=0.0)
+    assert isinstance(one, Session) and one.steps == 1
+    none = open_session(Hello(rank=0, world_size=11), "c", steps_for=steps_for, facts=FACTS, now=0.0)
+    assert none == Refusal("config", "world_size 11 leaves no full batch of 4 per rank from 40 samples; use fewer "
+                                     "ranks, a smaller batch or --keep-last")
+
+
+def test_every_refusal_is_a_config_error_with_its_whole_message() -> None:
+    def refusal(**hello: Any) -> Refusal:
+        r = open_session(Hello(**hello), "c", steps_for=steps_for, facts=FACTS, now=0.0)
+        assert isinstance(r, Refusal)
+        return r
+
+    assert refusal(rank=2, world_size=2) == Refusal(
+        "config", "rank 2 of world_size 2 is out of range: need 0 <= rank < world_size (ranks count from 0)")
+    assert refusal(batch=10, epoch=1) == Refusal(
+        "config", "start position epoch 1 batch 10 is outside the epoch of 10 batches")
+    assert refusal(fingerprint="xx-bb") == Refusal(
+        "config", "cannot resume: the batch settings (size, resize, dtype, sampling, ...) differ from the saved "
+                  "state (saved xx-bb, server aa-bb); start the server with the original settings and data")
+
+
+@pytest.mark.parametrize(("saved", "what"), [
+    ("aa-cc", "the data set index (files or labels)"),
+    ("xx-cc", "the batch settings (size, resize, dtype, sampling, ...) and the data set index (files or labels)"),
+    ("aa-bb-cc", "the data set index (files or labels)"),  # a tampered state: split at its first dash
+    ("aa", "the data set index (files or labels)"),
+])
+def test_a_refused_resume_names_what_differs(saved: str, what: str) -> None:
+    assert fingerprint_mismatch(saved, "aa-bb") == (
+        f"cannot resume: {what} differ from the saved state (saved {saved}, server aa-bb); start the server with "
+        "the original settings and data")
+    assert fingerprint_mismatch("aa-bb", "aa-bb") == (
+        "cannot resume: the fingerprint differ from the saved state (saved aa-bb, server aa-bb); start the server "
+        "with the original settings and data")
+
+
+def test_events_move_the_clocks_they_name() -> None:
+    s = session(credit=1)
+    s.seen(3.0)
+    assert (s.last_seen, s.last_sent) == (3.0, 0.0)
+    s.grant(1, 4.0)
+    assert (s.last_seen, s.credit) == (4.0, 2)
+    (position,) = s.to_build()[:1]
+    s.built(position, "b")
+    s.sent(position, 5.0)
+    assert (s.last_sent, s.last_seen, s.next_send) == (5.0, 4.0, 1)
+    with pytest.raises(KeyError, match="position 99 is not being built for this session"):
+        s.built(99, "x")

@@ -44,12 +44,12 @@ def test_two_servers_on_separate_addresses_merge_every_sample_once(start_server:
     endpoints = two_servers(start_server, listfile)
     with LoaderClient(endpoints, timeout_s=20) as client:
         assert isinstance(client.stream, HostsStream) and client.servers == 2
-        per_share = (N // 2) // 4
-        assert client.steps_per_epoch == len(client) == 2 * per_share
+        # 7 batches of 4 from each server's share of 61 // 2 = 30 samples
+        assert client.steps_per_epoch == len(client) == 14
         epochs = take_epochs(client, 2)
         assert client.last is not None and client.last.batch == client.steps_per_epoch - 1
     for seen in epochs:
-        assert len(seen) == len(set(seen)) == 2 * per_share * 4  # disjoint shares, nothing twice
+        assert len(seen) == len(set(seen)) == 56  # disjoint shares of 7 batches of 4, nothing twice
     assert epochs[0] != epochs[1]
     with LoaderClient(endpoints, timeout_s=20) as again:  # the merged order is deterministic
         assert take_epochs(again, 2) == epochs
@@ -64,8 +64,8 @@ def test_ranks_times_servers_get_disjoint_shares(start_server: Any, listfile: Pa
         for c in clients:
             c.close()
     union = seen[0] + seen[1]
-    assert len(seen[0]) == len(seen[1]) and len(union) == len(set(union))
-    assert N - len(union) < 4 * 4 + 4  # only the documented remainder of 4 shares
+    # 2 ranks x 2 servers: 4 shares of 61 // 4 = 15 samples, 3 batches of 4 each; 6 batches per rank.
+    assert len(seen[0]) == len(seen[1]) == 24 and len(union) == len(set(union)) == 48
 
 
 def test_resume_across_servers(start_server: Any, listfile: Path) -> None:

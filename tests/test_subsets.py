@@ -17,10 +17,15 @@ from loader_server.data.subset import split_indices
 from .conftest import color_classes, unique_label_list
 
 
-@pytest.mark.parametrize(("n", "fraction"), [(2, 0.5), (10, 0.2), (101, 0.1), (1000, 0.25), (7, 0.9)])
-def test_split_is_disjoint_complete_sized_and_deterministic(n: int, fraction: float) -> None:
+# val holds round(n x F) samples, a half rounded up (README), written out: 10.1 -> 10, 6.3 -> 6, 2.5 -> 3,
+# 3.7 -> 4, 4.5 -> 5, 0.5 -> 1 and 9.5 -> 10 (refused: train would be empty) tell the rounding rules apart.
+@pytest.mark.parametrize(("n", "fraction", "val_size"), [
+    (2, 0.5, 1), (10, 0.2, 2), (101, 0.1, 10), (1000, 0.25, 250), (7, 0.9, 6), (10, 0.25, 3), (10, 0.37, 4),
+    (10, 0.33, 3), (30, 0.15, 5), (10, 0.05, 1), (90, 0.05, 5), (11, 0.5, 6), (11, 0.45, 5),
+])
+def test_split_is_disjoint_complete_sized_and_deterministic(n: int, fraction: float, val_size: int) -> None:
     train, val = split_indices(n, fraction, split_seed=3)
-    assert len(val) == int(n * fraction + 0.5) and len(train) == n - len(val)
+    assert len(val) == val_size and len(train) == n - val_size
     assert not set(train.tolist()) & set(val.tolist())
     np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(n))
     assert (np.diff(train) > 0).all() and (np.diff(val) > 0).all()  # sorted: reads keep the file order
@@ -118,3 +123,33 @@ def test_a_training_and_a_validation_server_share_nothing_and_miss_nothing(start
     _, expected_val = split_indices(30, 0.2, 11)
     assert val_labels == expected_val.tolist()
     assert "subset val (6 of 30" in val.log_text()
+
+
+@pytest.mark.parametrize(("n", "fraction", "message"), [
+    (10, 0.0, "`val_fraction` must be between 0 and 1 (exclusive), got 0.0"),
+    (10, 1.0, "`val_fraction` must be between 0 and 1 (exclusive), got 1.0"),
+    (10, 1.5, "`val_fraction` must be between 0 and 1 (exclusive), got 1.5"),
+    (10, 0.04, "`val_fraction` 0.04 of 10 samples gives 0 validation samples: each of train and val needs at least "
+               "one; choose a fraction between 0.1 and 0.9"),
+    (3, 0.9, "`val_fraction` 0.9 of 3 samples gives 3 validation samples: each of train and val needs at least one; "
+             "choose a fraction between 0.333 and 0.667"),
+    (2, 0.1, "`val_fraction` 0.1 of 2 samples gives 0 validation samples: each of train and val needs at least one; "
+             "choose a fraction between 0.5 and 0.5"),
+    (1, 0.5, "a data set of 1 sample cannot be split"),
+])
+def test_a_split_that_cannot_be_made_says_which_fractions_can(n: int, fraction: float, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        split_indices(n, fraction, split_seed=0)
+    assert str(info.value) == message
+
+
+def test_a_subset_name_other_than_train_or_val_is_refused_and_a_subset_fingerprint_is_16_hex_digits(
+        tmp_path: Path) -> None:
+    from loader_server.data.subset import take_subset
+
+    whole = load_dataset(ServerConfig(data=str(unique_label_list(tmp_path, 10))))
+    with pytest.raises(ConfigError) as info:
+        take_subset(whole, "test", 0.5, 0)
+    assert str(info.value) == "`subset` must be one of all, train, val; got 'test'"
+    fingerprint = take_subset(whole, "val", 0.5, 0).fingerprint()
+    assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0  # the form a saved state holds

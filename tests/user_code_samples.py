@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 
 
@@ -29,3 +32,9 @@ def weights(arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str
     n = len(arrays["y"])
     return {"sample_weight": (arrays["y"] % 3 + 1).astype(np.float32),
             "mask": np.ones((n, 2, 2), dtype=np.uint8)}
+
+
+def slow(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image as it is, after SLOW_TRANSFORM_S seconds (0.5 by default): a slow batch, whatever the machine."""
+    time.sleep(float(os.environ.get("SLOW_TRANSFORM_S", "0.5")))
+    return image

@@ -63,6 +63,10 @@ class DatasetIndex:
             return None
         return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
+    def location(self) -> str:
+        """The resolved folder the paths are relative to (each file's device is in its version)."""
+        return f"files under {self.root}"
+
     def fingerprint(self) -> str:
         """Hash of paths and labels: a resumed run refuses an index that changed."""
         h = hashlib.blake2b(digest_size=8)

@@ -66,6 +66,11 @@ class ByteDataset(Dataset, Protocol):
         file's mtime, size and inode.
         """
 
+    def location(self) -> str:
+        """Where the bytes are read from: a resolved folder, the container files and their file
+        systems, an object store's URLs. Not in the fingerprint (a resume may move a data set), but in
+        the cache's key: two copies with equal fingerprints in two places never share records."""
+
 
 @runtime_checkable
 class FileDataset(ByteDataset, Protocol):

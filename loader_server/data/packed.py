@@ -241,6 +241,21 @@ class PackedIndex:
                 self._pages.popitem(last=False)
         return page
 
+    def location(self) -> str:
+        """The container files, resolved, each with the file system it lies on (a member's version has
+        no device); a URL as it is."""
+        h = hashlib.blake2b(digest_size=16)
+        for name in self.files:
+            where, device = name, -1
+            if "://" not in name:
+                try:
+                    where = os.path.realpath(name)
+                    device = os.stat(where).st_dev
+                except OSError:
+                    pass
+            h.update(f"{where}\0{device}\n".encode())
+        return f"{self.kind}: {len(self.files)} files, {h.hexdigest()}"
+
     def fingerprint(self) -> str:
         """Hash of the files' names, each sample's place and length, and the labels."""
         h = hashlib.blake2b(digest_size=8)

@@ -105,6 +105,10 @@ class Subset:
         assert self._bytes is not None
         return self._bytes.version(int(self.keep[i]))
 
+    def location(self) -> str:
+        assert self._bytes is not None
+        return self._bytes.location()
+
     def path(self, i: int) -> str:
         return self.parent.path(int(self.keep[i]))  # type: ignore[attr-defined, no-any-return]
 
