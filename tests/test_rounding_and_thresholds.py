@@ -205,9 +205,12 @@ def test_arena_slots_and_page_aligned_slots_at_the_bounds(start_server: Any, tmp
 
 
 @pytest.mark.parametrize(("records", "offset", "total"), [
-    (127, 8192, 8192 + 127),  # 4 KiB header + 127 x 32 bytes of state end at 8160: the next page
-    (128, 8192, 8192 + 128),  # ... at exactly 8192: records start right there
-    (129, 12288, 12288 + 129),
+    # a 4 KiB header, 40 bytes of state per record, the records from the next page, an 8-byte end mark
+    (102, 8192, 8192 + 102 + 8),  # states end at 8176: the next page
+    (103, 12288, 12288 + 103 + 8),  # ... at 8216: one page later
+    (511, 24576, 24576 + 511 + 8),  # ... at 24536
+    (512, 24576, 24576 + 512 + 8),  # ... at exactly 24576: records start right there
+    (513, 28672, 28672 + 513 + 8),
 ])
 def test_cache_records_start_on_the_first_page_after_their_states(records: int, offset: int, total: int) -> None:
     assert layout_bytes(records, (1, 1, 1)) == (offset, total)
@@ -279,9 +282,10 @@ def test_cache_file_header_is_the_documented_4_kib_of_magic_length_and_descripti
     and any other header (another layout, key or format) is refused and rebuilt."""
     from loader_server.pipeline.cache import CacheLayout
 
-    # 2 states of 32 bytes after the 4 KiB header: records from the next page, 8192; 2 records of 12 bytes.
-    text = (b'{"format": 1, "key": "k1", "records": 2, "shape": [3, 4, 1], "records_offset": 8192, '
-            b'"total_bytes": 8216}')
+    # 2 states of 40 bytes after the 4 KiB header: records from the next page, 8192; 2 records of 12 bytes,
+    # then the 8-byte end mark. Format 3: the end mark that tells a truncated file (issue 21).
+    text = (b'{"format": 3, "key": "k1", "records": 2, "shape": [3, 4, 1], "records_offset": 8192, '
+            b'"total_bytes": 8224}')
     header = CacheLayout(2, (3, 4, 1)).header("k1")
     assert header == (b"LDRCACHE" + len(text).to_bytes(4, "little") + text).ljust(4096, b"\0")
     assert len(header) == 4096
