@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .context import Bench
 from .probes import PROBES
 from .report import machine, markdown, plot, summarize
-from .systems import SYSTEMS
+from .systems import DEFAULT_SYSTEMS, SYSTEMS
 
 __all__ = ["add_bench_arguments", "main", "run_bench"]
 
@@ -32,7 +32,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch")
     p.add_argument("--size", default="224x224", help="output WIDTHxHEIGHT")
     p.add_argument("--workers", type=int, default=2, help="workers of the service and of torch DataLoader")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated subset of " + ",".join(SYSTEMS))
     p.add_argument("--extras", default=default_extras,
                    help=f"one-off measurements to add: {','.join(PROBES)} (or none)")
     p.add_argument("--scaling", default="1,2,4,8", help="worker counts for the scaling table")

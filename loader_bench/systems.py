@@ -4,7 +4,12 @@
 * ``service``: ``loader-server serve`` with N workers, consumed by a client in this process
   that touches every batch (also: ``next()`` latency, time to first batch, peak PSS);
 * ``classic``: the classic single-process generator (imread, resize, /255 as float64, np.array);
-* ``torch``: torch DataLoader with the same decode function and worker count (if installed).
+* ``torch``: torch DataLoader with the same decode function and worker count (if installed);
+* ``torchvision``: torch DataLoader with the usual torchvision-style decode: Pillow opens the
+  file and converts it to RGB at full size (``datasets.folder.pil_loader``), then Resize or, when
+  the served ``--augment`` has ``rrc``, RandomResizedCrop (the same draw as the service's,
+  Pillow's antialiased bilinear resize of the box), and a horizontal flip for ``flip``; skipped
+  without Pillow. Not in the default ``--systems``.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from loader_server.launch import ServerProcess, ServerProcessError, children_of
 from .context import Bench
 
 __all__ = [
+    "DEFAULT_SYSTEMS",
     "STEP_MODELS",
     "SYSTEMS",
     "PssSampler",
     "decode_fn",
     "measure_service",
+    "pil_decode_fn",
     "served",
+    "served_augment",
     "simulate_step",
     "torch_loader",
 ]
@@ -135,6 +143,79 @@ def torch_loader(bench: Bench, paths: list[str], labels: np.ndarray, **options: 
 
     return DataLoader(Images(), batch_size=bench.batch_size, num_workers=bench.workers, persistent_workers=True,
                       worker_init_fn=init, drop_last=True, **options)
+
+
+def pil_decode_fn(size: tuple[int, int], augment: str | None) -> Callable[[str, int], np.ndarray]:
+    """torchvision-style per-image work with Pillow: open, convert to RGB, (random resized crop,) resize
+    bilinear with antialias, (flip); the crop and the flip drawn as the service draws them for `augment`."""
+    from PIL import Image
+
+    from loader_server.pipeline.augment import Augmenter, parse_augment, sample_rng
+
+    ops = Augmenter(parse_augment(augment)) if augment else None
+    crop = ops is not None and ops.source is not None
+    flip = [op for op in ops.post if op.name == "flip"] if ops is not None else []
+
+    def decode(path: str, index: int) -> np.ndarray:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+        box = None
+        rng = sample_rng(0, 0, index)
+        if crop and ops is not None:
+            x, y, w, h = ops.crop_box(img.width, img.height, rng)
+            box = (x, y, x + w, y + h)
+        img = img.resize(size, Image.Resampling.BILINEAR, box=box)
+        if flip and rng.random() < flip[0].params["p"]:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(img)
+
+    return decode
+
+
+def served_augment(extra: list[str]) -> str | None:
+    """The ``--augment`` value among serve flags, or None."""
+    for k, arg in enumerate(extra):
+        if arg == "--augment" and k + 1 < len(extra):
+            return extra[k + 1]
+        if arg.startswith("--augment="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def measure_torchvision(bench: Bench) -> dict[str, Any] | None:
+    try:
+        import PIL  # noqa: F401
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+    except ImportError:
+        return None
+    augment = served_augment(bench.serve_extra)
+    if augment and any(op.strip().split("(")[0] not in ("rrc", "flip") for op in augment.split(",") if op.strip()):
+        print(f"torchvision: skipped (it does rrc and flip only, not all of {augment!r})", flush=True)
+        return None
+    torch.set_num_threads(1)
+    paths = bench.paths(bench.n + 2 * bench.batch_size)
+    labels = bench.index.labels[np.arange(len(paths)) % len(bench.index)]
+    decode = pil_decode_fn(bench.size, augment)
+
+    class Images(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+            return decode(paths[i], i), int(labels[i])
+
+    loader = DataLoader(Images(), batch_size=bench.batch_size, num_workers=bench.workers, persistent_workers=True,
+                        drop_last=True, prefetch_factor=2)
+    it = iter(loader)
+    next(it), next(it)
+    started, got, touched = time.perf_counter(), 0, 0
+    for x, _ in it:
+        touched += int(x[0, 0, 0, 0])
+        got += len(x)
+    wall = time.perf_counter() - started
+    del it, loader
+    return {"images_per_s": got / wall}
 
 
 def measure_torch(bench: Bench) -> dict[str, Any] | None:
@@ -284,4 +365,7 @@ SYSTEMS: dict[str, Callable[[Bench], dict[str, Any] | None]] = {
     "service": _service,
     "classic": measure_classic,
     "torch": measure_torch,
+    "torchvision": measure_torchvision,
 }
+#: The systems a plain ``loader-server bench`` runs.
+DEFAULT_SYSTEMS = ("percore", "service", "classic", "torch")

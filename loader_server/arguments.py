@@ -106,10 +106,10 @@ def explicit_setting_flags(parser: argparse.ArgumentParser, argv: Sequence[str])
 
 
 def require_opencv(command: str) -> None:
-    """Exit 2 with what to install when OpenCV (the server's decoder) cannot be imported.
+    """Exit 2 with what to install when OpenCV or simplejpeg (the server's decoders) cannot be imported.
 
-    `serve`, `check` and `demo` import it here, in the process that forks the workers, as they
-    always have: forked workers then start with the decoder already loaded.
+    `serve`, `check` and `demo` import them here, in the process that forks the workers, as they
+    always have: forked workers then start with the decoders already loaded.
     """
     try:
         import cv2  # noqa: F401
@@ -119,4 +119,12 @@ def require_opencv(command: str) -> None:
             "install the server with `python3 -m pip install \"loader-service[server]\"` (it adds "
             "opencv-python-headless), or `python3 -m pip install opencv-python` if you want the desktop build; "
             "never both"
+        ) from None
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f"`loader-server {command}` decodes JPEGs with simplejpeg (libjpeg-turbo), which cannot be imported "
+            f"here ({exc}): install the server with `python3 -m pip install \"loader-service[server]\"`, or "
+            "`python3 -m pip install simplejpeg`"
         ) from None

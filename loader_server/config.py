@@ -249,8 +249,9 @@ class ServerConfig:
         "uint8", choices=DTYPES, help="uint8 pixels, or float32 scaled to [0, 1] (4x the bytes on the wire)")
     layout: Literal["hwc", "chw"] = setting("hwc", choices=LAYOUTS, help="image layout inside a batch")
     reduced_decode: bool = setting(True, help="", flags={
-        "--no-reduced-decode": (False, "decode JPEGs at full size even when 1/2, 1/4 or 1/8 would still cover "
-                                       "the output")})
+        "--no-reduced-decode": (False, "decode JPEGs whole and at full size, instead of at the cheapest of "
+                                       "libjpeg-turbo's M/8 scales that still covers the output (or the crop's "
+                                       "output) and, for a crop, only down to the crop")})
     augment: str | None = setting(
         None, help='training augmentations, e.g. "rrc(scale=0.08-1),flip,jitter(0.4),rotate(10),cutout(0.25)"; '
                    "seeded by (seed, epoch, sample); clients that pass augment=False get none")

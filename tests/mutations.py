@@ -218,10 +218,13 @@ MUTATIONS = [
               G + "test_world_size_limit_at_and_over")),
     # A threshold moved at an exact multiple: a JPEG exactly 2x the output is no longer decoded at 1/2.
     Mutation("reduction-threshold-at-exact-multiples", "loader_server/pipeline/decode.py",
-             "return w // f >= W and h // f >= H", "return w // f > W and h // f > H",
+             "return kw * m >= 8 * tw and kh * m >= 8 * th", "return kw * m > 8 * tw and kh * m > 8 * th",
              (RT2 + "test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output[size0-stretch-source0-2]",
-              RT2 + "test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output[size3-stretch-source3-4]",
-              RT2 + "test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output[size5-stretch-source5-8]")),
+              RT2 + "test_jpegs_are_decoded_at_the_cheapest_scale_from_exactly_the_multiple_that_covers"
+                    "[size0-stretch-source0-4]",
+              RT2 + "test_jpegs_are_decoded_at_the_cheapest_scale_from_exactly_the_multiple_that_covers"
+                    "[size5-stretch-source5-1]",
+              "tests/test_decode_less.py::test_scale_covers_at_the_boundary")),
     # An input that changes the data without changing the fingerprint: arrays hashed on their first 64 KiB only.
     Mutation("array-fingerprint-first-window-only", "loader_server/data/arrays.py",
              "            h.update(flat[-(1 << 16):].tobytes())\n", "",

@@ -52,7 +52,10 @@ CORE = [
     "loader_server.pipeline.cache.x_record_shape__mutmut_*",
     "loader_server.pipeline.cache.xǁCacheLayoutǁ*",
     "loader_server.pipeline.decode.xǁDecoderǁreduction__mutmut_*",
-    "loader_server.pipeline.decode.xǁDecoderǁ_fits__mutmut_*",
+    "loader_server.pipeline.decode.x_kept_size__mutmut_*",
+    "loader_server.pipeline.decode.x_scale_covers__mutmut_*",
+    "loader_server.pipeline.decode.x_decode_scale__mutmut_*",
+    "loader_server.pipeline.decode.x_stored_box__mutmut_*",
 ]
 STATUS = {0: "survived", 1: "killed", 3: "killed", 33: "no tests", 5: "no tests", 36: "timeout", -24: "timeout",
           24: "timeout", 152: "timeout", 255: "timeout", 37: "caught by type check"}

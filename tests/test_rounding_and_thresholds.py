@@ -7,8 +7,8 @@ JPEG exactly 2, 4 or 8 times the output, a record area ending exactly on a page,
 exactly the prefetch floor) and one step on each side of it.
 
 Most cases run through real servers and what a trainer or `stats` sees; the decode-size choice
-and the cache layout are pure (`reduction`, `layout_bytes` below are the one place that names
-their functions).
+and the cache layout are pure (`scale`, `reduction`, `layout_bytes` below are the one place that
+names their functions).
 """
 
 from __future__ import annotations
@@ -28,8 +28,16 @@ from loader_client import BadSampleError, LoaderClient, protocol, server_stats
 from .conftest import unique_label_list, wait_until, write_image
 
 
+def scale(size: tuple[int, int], resize: str, width: int, height: int) -> int:
+    """M of the M/8 scale libjpeg-turbo decodes an upright `width` x `height` JPEG (or crop) at."""
+    from loader_server.pipeline.decode import decode_scale
+
+    return decode_scale(width, height, size, resize)
+
+
 def reduction(size: tuple[int, int], resize: str, width: int, height: int) -> int:
-    """The JPEG scale-down (1, 2, 4 or 8) the server decodes a `width` x `height` JPEG at."""
+    """The JPEG scale-down (1, 2, 4 or 8) OpenCV decodes a `width` x `height` JPEG at (the JPEGs
+    libjpeg-turbo refuses; EXIF is applied after decoding, so both orientations must cover)."""
     from loader_server.config import ServerConfig
     from loader_server.pipeline.decode import Decoder
 
@@ -224,8 +232,28 @@ def test_cache_records_start_on_the_first_page_after_their_states(records: int, 
 ])
 def test_jpegs_are_decoded_smaller_from_exactly_2_4_and_8_times_the_output(size: tuple[int, int], resize: str,
                                                                          source: tuple[int, int], factor: int) -> None:
-    """README: a JPEG at least 2, 4 or 8 times what the resize needs, in both orientations."""
+    """OpenCV's path: a JPEG at least 2, 4 or 8 times what the resize needs, in both orientations."""
     assert reduction(size, resize, *source) == factor
+
+
+@pytest.mark.parametrize(("size", "resize", "source", "m"), [
+    ((32, 32), "stretch", (64, 64), 4), ((32, 32), "stretch", (63, 64), 8), ((32, 32), "stretch", (64, 63), 8),
+    ((32, 32), "stretch", (128, 128), 2), ((32, 32), "stretch", (127, 128), 4),
+    ((32, 32), "stretch", (256, 256), 1), ((32, 32), "stretch", (255, 256), 2), ((32, 32), "stretch", (512, 512), 1),
+    ((32, 20), "stretch", (64, 40), 4),  # the orientation is known before decoding: exactly 2x covers
+    ((32, 20), "stretch", (40, 64), 8),  # ... and upright portrait does not
+    ((32, 32), "stretch", (86, 86), 4),  # 3/8 would cover (86 x 3 >= 256), 1/2 costs less
+    ((32, 32), "stretch", (52, 60), 8),  # 5/8 would cover (52 x 5 >= 256), all of 5/8..7/8 cost more than 8/8
+    ((32, 32), "stretch", (31, 64), 8),  # nothing covers: full size, the resize enlarges
+    ((32, 32), "crop", (128, 64), 4), ((32, 32), "crop", (64, 128), 4), ((32, 32), "crop", (128, 63), 8),
+    ((32, 32), "letterbox", (64, 48), 4), ((32, 32), "letterbox", (63, 48), 8),
+    ((32, 32), "letterbox", (128, 96), 2),
+    ((27, 13), "crop", (1000, 59), 2), ((43, 55), "crop", (1040, 389), 2),
+])
+def test_jpegs_are_decoded_at_the_cheapest_scale_from_exactly_the_multiple_that_covers(
+        size: tuple[int, int], resize: str, source: tuple[int, int], m: int) -> None:
+    """README: the cheapest M/8 (1/8, 1/4, 1/2 or 1) at which the kept part still covers the output."""
+    assert scale(size, resize, *source) == m
 
 
 # ---------------------------------------------------------------------------- log volume per peer

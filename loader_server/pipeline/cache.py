@@ -115,19 +115,22 @@ def record_decoder(options: DecodeOptions | Any) -> Decoder:
 
 def cache_key(options: DecodeOptions | Any, index: ByteDataset) -> str:
     """Hash of the data set (its fingerprint and its location) and of `DecodeOptions`: everything the
-    decode step that makes a record reads, from where it reads it.
+    decode step that makes a record reads, from where it reads it, and the versions of the two decoders
+    (OpenCV; simplejpeg, whose libjpeg-turbo decodes JPEGs).
 
     The location (``ByteDataset.location``: the resolved folder, the container files and their file
     systems, an object store's URLs) keeps two copies of a data set with the same names,
     labels, sizes and mtimes in two places from sharing records.
     """
     import cv2
+    import simplejpeg
 
     from ..options import group_hash
 
     decode = options_of(options, DecodeOptions)
     return group_hash(decode, extra={"index": index.fingerprint(), "location": index.location(), "format": FORMAT,
-                                     "opencv": cv2.__version__, "samples": len(index)})
+                                     "opencv": cv2.__version__, "simplejpeg": simplejpeg.__version__,
+                                     "samples": len(index)})
 
 
 @dataclass(frozen=True)

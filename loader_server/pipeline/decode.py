@@ -1,6 +1,6 @@
 """Decoding and resizing: pure functions from encoded bytes to pixels in a caller's buffer.
 
-Behaviour, the same for every file type OpenCV reads:
+Behaviour, the same for every file type:
 
 * colour images decode straight to RGB (``IMREAD_COLOR_RGB``) or BGR; ``gray`` gives one channel;
 * grayscale and palette images are expanded to three channels; an alpha channel is dropped
@@ -12,25 +12,45 @@ Resize modes: ``stretch`` to WxH (the classic generator), ``letterbox`` (keep as
 ``pad_value``), ``crop`` (scale the shorter side to fit, cut the centre). The crop is fused:
 only the centre region of the source is resized, straight into the output buffer.
 
-Reduced-size decoding (on by default): a JPEG at least 2, 4 or 8 times larger than what the
-resize needs, in both orientations, is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
-scaling (``IMREAD_REDUCED_*``), which is much cheaper; the size is read from the JPEG header
-first. The resize never upsamples what the reduction removed, but pixels differ slightly from
-a full-size decode followed by the same resize.
+**Decoding less** (``reduced_decode``, on by default). JPEGs are decoded by libjpeg-turbo
+through simplejpeg; everything else, and every JPEG that libjpeg-turbo refuses (CMYK, 12-bit,
+lossless, corrupt data that it will not decode strictly), by OpenCV, as before.
+
+* *Scale.* libjpeg-turbo decodes at any M/8 scale by dropping DCT coefficients. The decode
+  scale is `decode_scale`: the cheapest M/8 at which the part of the source that reaches the
+  output still covers the output size (the resize then only shrinks). Cheapest, not smallest:
+  1/8, 1/4, 1/2 and 1 have SIMD inverse DCTs, while 3/8 costs more than 1/2 and 5/8-7/8
+  cost 1.4-2.6 times a full decode (`SCALE_COST`, measured), so a region that 3/8 would
+  cover is decoded at 1/2, and one that 5/8 would cover at full size.
+* *Window.* For a crop (``--augment rrc``, drawn from the header's size before anything is
+  decoded) only the region's scale counts, and a baseline JPEG is decoded only down to one
+  MCU row below the crop: the frame header's height is lowered in a copy of the bytes, so
+  libjpeg-turbo stops there. Every pixel inside the crop is bitwise what a full-height decode
+  at that scale gives. No Python binding of libjpeg-turbo exposes its column cropping
+  (``tj3SetCroppingRegion``, TurboJPEG 3), so the columns beside the crop are decoded.
+
+At 1/8, 1/4, 1/2 and 1 libjpeg-turbo gives bitwise what OpenCV's ``IMREAD_REDUCED_*`` gives, so a
+plain resize keeps the pixels of earlier releases; a crop now decodes at the crop's scale,
+within the tolerance README.md states of a full decode followed by the same crop and resize.
+``reduced_decode=False`` decodes every JPEG whole and at full size.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "DecodeError", "Decoder", "jpeg_size", "png_size", "read_file"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "SCALE_COST", "DecodeError", "Decoder", "JpegInfo", "decode_scale",
+           "jpeg_info", "jpeg_size", "kept_size", "png_size", "read_file", "scale_covers", "stored_box"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -43,19 +63,67 @@ _RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
 # libjpeg scale bits of the IMREAD_REDUCED_* flags (IMREAD_REDUCED_GRAYSCALE_2 == 16, ...).
 _REDUCE_BITS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Frames libjpeg-turbo decodes with DCT scaling: baseline, extended and progressive, Huffman or arithmetic.
+_SCALABLE_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
 # Some writers append padding or metadata after the end-of-image marker; look this far back.
 _JPEG_EOI_SEARCH_BYTES = 4096
+#: Relative CPU time of a libjpeg-turbo decode at M/8 (index M), against a full-size decode, measured
+#: here (docs/bench/decode-less/bindings.py, one core): ../shared/corpus-large, 1295x987 4:2:0
+#: photos, 0.47, 0.55, 0.88, 0.66, 1.52, 1.87, 2.55 for M = 1..7; ../shared/corpus, about 430 px,
+#: 0.51, 0.55, 0.81, 0.68, 1.41, 1.79, 2.33. The scales with SIMD inverse DCTs (1/8, 1/4, 1/2, 1)
+#: are the cheap ones; 3/8 is never worth it (1/2 covers whatever it covers, for less).
+SCALE_COST = (math.inf, 0.5, 0.55, 0.85, 0.67, 1.5, 1.85, 2.45, 1.0)
+_BY_COST = sorted(range(1, 9), key=SCALE_COST.__getitem__)  # the scales, cheapest first
+#: Largest decode buffer a decoder keeps between images (larger ones are allocated per image).
+_KEEP_SCRATCH_BYTES = 64 << 20
+# cv2 orientation operations for EXIF orientations 2..8 (1 is upright), as OpenCV applies them.
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: cv2.flip(a, 1),
+    3: lambda a: cv2.flip(a, -1),
+    4: lambda a: cv2.flip(a, 0),
+    5: lambda a: cv2.transpose(a),
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda a: cv2.flip(cv2.transpose(a), -1),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, or None if `data` is not a parsable JPEG."""
+@dataclass(frozen=True)
+class JpegInfo:
+    """What the headers of a JPEG say, read without decoding (`jpeg_info`)."""
+
+    width: int  # as stored (before EXIF orientation)
+    height: int
+    components: int
+    precision: int
+    sof: int  # the frame marker: 0xC0 baseline, 0xC2 progressive, ...
+    sof_offset: int  # where the frame header's 0xFF is in the bytes
+    mcu_rows: int  # the height of an MCU row, in pixels
+    single_scan: bool  # one sequential scan holding every component (the window decode needs it)
+    orientation: int = 1  # EXIF orientation, 1..8
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as a viewer shows the image (EXIF orientation applied)."""
+        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
+
+    @property
+    def scalable(self) -> bool:
+        """Whether libjpeg-turbo decodes it here: 8-bit gray or YCbCr/RGB, a DCT frame it can scale."""
+        return (self.sof in _SCALABLE_SOF and self.precision == 8 and self.components in (1, 3)
+                and self.width > 0 and self.height > 0)
+
+
+def jpeg_info(data: bytes) -> JpegInfo | None:
+    """The frame header, the first scan header and the EXIF orientation of a JPEG, or None if
+    `data` is not a parsable JPEG (no frame header before the first scan)."""
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
-    i = 2
-    while i + 9 < n:
+    i, orientation, frame, scan_components = 2, 0, None, -1
+    while i + 4 < n:
         if data[i] != 0xFF:
-            return None
+            break
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -63,10 +131,50 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
             continue
-        if marker in _SOF_MARKERS:
-            return (data[i + 7] << 8) | data[i + 8], (data[i + 5] << 8) | data[i + 6]
-        i += 2 + ((data[i + 2] << 8) | data[i + 3])
-    return None
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker == 0xE1 and not orientation and data[i + 4 : i + 10] == b"Exif\x00\x00":
+            orientation = _exif_orientation(data[i + 10 : i + 2 + length])
+        elif marker in _SOF_MARKERS and frame is None:
+            if i + 10 > n:
+                return None
+            count = data[i + 9]
+            sampling = data[i + 11 : i + 10 + 3 * count : 3]
+            vmax = max((s & 0x0F for s in sampling), default=1) if count > 1 else 1
+            frame = (data[i + 4], (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8], count,
+                     marker, i, 8 * max(1, vmax))
+        elif marker == 0xDA:  # start of scan: the headers end here
+            scan_components = data[i + 4]
+            break
+        i += 2 + length
+    if frame is None:
+        return None
+    precision, height, width, count, sof, at, mcu = frame
+    return JpegInfo(width, height, count, precision, sof, at, mcu,
+                    single_scan=sof in (0xC0, 0xC1) and scan_components == count, orientation=orientation or 1)
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 of an EXIF TIFF block; 1 when absent or malformed."""
+    if len(tiff) < 8 or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        return 1
+    order: Any = "little" if tiff[0] == 0x49 else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for k in range(int.from_bytes(tiff[ifd : ifd + 2], order)):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header (as stored), or None if `data` is not a parsable JPEG."""
+    info = jpeg_info(data)
+    return None if info is None else (info.width, info.height)
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:
@@ -79,6 +187,64 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 def header_size(data: bytes) -> tuple[int, int] | None:
     """Image size from the header of a JPEG or PNG, without decoding."""
     return jpeg_size(data) or png_size(data)
+
+
+def kept_size(width: int, height: int, size: tuple[int, int], mode: str) -> tuple[int, int, int, int]:
+    """(kept width, kept height, target width, target height): the part of a `width` x `height`
+    region that the resize `mode` keeps, and the size it is resized to (`size` is the output's)."""
+    w, h = width, height
+    W, H = size
+    if mode == "crop":
+        if w * H > h * W:
+            w = round(h * W / H)
+        else:
+            h = round(w * H / W)
+    elif mode == "letterbox":
+        scale = min(W / w, H / h)
+        W, H = round(w * scale), round(h * scale)
+    return w, h, W, H
+
+
+def scale_covers(width: int, height: int, size: tuple[int, int], mode: str, m: int) -> bool:
+    """Whether a `width` x `height` region decoded at M/8 (`m`) still covers an output of `size` in
+    resize `mode` (the kept part at least as large as the target in both directions)."""
+    kw, kh, tw, th = kept_size(width, height, size, mode)
+    return kw * m >= 8 * tw and kh * m >= 8 * th
+
+
+def decode_scale(width: int, height: int, size: tuple[int, int], mode: str = "stretch") -> int:
+    """M of the M/8 scale at which to decode a `width` x `height` region for an output of `size` in
+    resize `mode`: the cheapest scale (`SCALE_COST`) that still covers the output, so that the
+    resize only shrinks; 8 (full size) when none does."""
+    return next((m for m in _BY_COST if scale_covers(width, height, size, mode, m)), 8)
+
+
+def stored_box(box: tuple[int, int, int, int], orientation: int, width: int,
+               height: int) -> tuple[int, int, int, int]:
+    """The region (x, y, w, h) of the stored `width` x `height` pixels that shows, after EXIF
+    `orientation`, as `box` of the upright image."""
+    x, y, w, h = box
+    if orientation == 2:
+        return width - x - w, y, w, h
+    if orientation == 3:
+        return width - x - w, height - y - h, w, h
+    if orientation == 4:
+        return x, height - y - h, w, h
+    if orientation == 5:
+        return y, x, h, w
+    if orientation == 6:
+        return y, height - x - w, h, w
+    if orientation == 7:
+        return width - y - h, height - x - w, h, w
+    if orientation == 8:
+        return width - y - h, x, h, w
+    return box
+
+
+def _span(start: int, length: int, scale: float, limit: int) -> tuple[int, int]:
+    """[a, b) of a scaled image of `limit` pixels that holds source pixels [start, start + length)."""
+    a = min(max(0, round(start * scale)), limit - 1)
+    return a, min(limit, max(a + 1, round((start + length) * scale)))
 
 
 class Decoder:
@@ -107,51 +273,53 @@ class Decoder:
         else:  # pragma: no cover - older OpenCV
             self.flags = cv2.IMREAD_COLOR
             self.swap_to_rgb = True
+        # The same channel order from libjpeg-turbo (the RGB flag is the only other choice).
+        self.colorspace = {cv2.IMREAD_GRAYSCALE: "GRAY", cv2.IMREAD_COLOR: "BGR"}.get(self.flags, "RGB")
+        if self.swap_to_rgb:  # pragma: no cover
+            self.colorspace = "RGB"
         # A reduced flag is the colour choice plus a scale bit (IMREAD_REDUCED_COLOR_2 == COLOR | 16).
         self._reduced_flags = {f: self.flags | bits for f, bits in _REDUCE_BITS.items()}
+        self._scratch = np.empty(0, np.uint8)
 
     def reduction(self, width: int, height: int) -> int:
-        """Largest JPEG scale-down (1, 2, 4 or 8) after which the resize still only shrinks.
-
-        Checked for both orientations, since EXIF may rotate the image after decoding.
-        """
+        """OpenCV's path: the largest JPEG scale-down (1, 2, 4 or 8) after which the resize still only
+        shrinks, checked for both orientations (OpenCV applies EXIF after decoding)."""
+        size, mode = self.options.size, self.mode
         for f in (8, 4, 2):
-            if self._fits(width, height, f) and self._fits(height, width, f):
+            if scale_covers(width, height, size, mode, 8 // f) and scale_covers(height, width, size, mode, 8 // f):
                 return f
         return 1
 
-    def _fits(self, w: int, h: int, f: int) -> bool:
-        W, H = self.width, self.height
-        if self.mode == "crop":
-            if w * H > h * W:
-                w = round(h * W / H)
-            else:
-                h = round(w * H / W)
-        elif self.mode == "letterbox":
-            scale = min(W / w, H / h)
-            W, H = round(w * scale), round(h * scale)
-        return w // f >= W and h // f >= H
-
-    def decode(self, data: bytes, path: str, *, reduce: bool = True) -> np.ndarray:
-        """Decode bytes to an 8-bit image, raising DecodeError naming `path` on failure.
-
-        `reduce=False` forbids reduced-size decoding (a random crop needs every pixel).
-        """
+    def check(self, data: bytes, path: str) -> tuple[tuple[int, int] | None, JpegInfo | None]:
+        """Refuse what is not decoded at all (empty, truncated, too many pixels); the size as stored
+        (from a JPEG's or PNG's header, else None) and what a JPEG's headers say."""
         if not data:
             raise DecodeError(path, "empty file", "empty")
-        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-_JPEG_EOI_SEARCH_BYTES:]:
-            # Older libjpeg builds pad a truncated file with grey and only warn: refuse it.
-            raise DecodeError(path, "truncated JPEG (no end-of-image marker)", "truncated")
-        flags = self.flags
-        size = header_size(data)
+        info = None
+        if data[:2] == b"\xff\xd8":
+            if b"\xff\xd9" not in data[-_JPEG_EOI_SEARCH_BYTES:]:
+                # Older libjpeg builds pad a truncated file with grey and only warn: refuse it.
+                raise DecodeError(path, "truncated JPEG (no end-of-image marker)", "truncated")
+            info = jpeg_info(data)
+        size = (info.width, info.height) if info is not None else png_size(data)
         if size is not None:
             if size[0] * size[1] > self.max_pixels:
                 raise DecodeError(path, f"image of {size[0]}x{size[1]} pixels exceeds --max-pixels "
                                         f"{self.max_pixels} (a decompression bomb?)", "too_many_pixels")
-            if reduce and self.reduce and size[0] > 0 and size[1] > 0 and data[:2] == b"\xff\xd8":
-                f = self.reduction(*size)
-                if f > 1:
-                    flags = self._reduced_flags[f]
+        return size, info
+
+    def decode(self, data: bytes, path: str, *, reduce: bool = True) -> np.ndarray:
+        """Decode bytes to an upright 8-bit image (its own array), raising DecodeError naming `path` on failure.
+
+        A JPEG is decoded at the scale a plain resize would decode it at; `reduce=False` forbids
+        that (a user transform before a crop sees the whole image at full size).
+        """
+        img = self._image(data, path, None, None, reduce)
+        assert img is not None
+        return img.copy() if np.shares_memory(img, self._scratch) else img
+
+    def _imdecode(self, data: bytes, path: str, f: int) -> np.ndarray:
+        flags = self._reduced_flags[f] if f > 1 else self.flags
         try:
             img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
         except cv2.error as exc:
@@ -167,21 +335,102 @@ class Decoder:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         return img
 
-    def decode_region_into(self, data: bytes, path: str, out: np.ndarray,
-                           region: Callable[[int, int], tuple[int, int, int, int]]) -> None:
-        """Decode, take the region (x, y, w, h) that ``region(width, height)`` draws of the full-size
-        source, and resize only that into `out` (a SOURCE-stage augmentation: random resized crop).
-
-        The region is drawn from the source as a viewer shows it (EXIF applied), with every pixel
-        decoded. A decoder that decodes less (a scaled or windowed JPEG decode) replaces this method.
-        """
-        img = self.decode(data, path, reduce=False)
-        x0, y0, w, h = region(img.shape[1], img.shape[0])
-        self.resize_into(img[y0 : y0 + h, x0 : x0 + w], out)
-
     def decode_into(self, data: bytes, path: str, out: np.ndarray) -> None:
         """Decode and resize into `out`, an ``(H, W, C)`` uint8 view of the batch buffer."""
-        self.resize_into(self.decode(data, path), out)
+        self._decode_into(data, path, out, None)
+
+    def decode_region_into(self, data: bytes, path: str, out: np.ndarray,
+                           region: Callable[[int, int], tuple[int, int, int, int]]) -> None:
+        """Decode only what the region (x, y, w, h) that ``region(width, height)`` draws needs, and resize
+        that region into `out` (a SOURCE-stage augmentation: random resized crop).
+
+        The region is drawn from the image's size as a viewer shows it (EXIF applied), read from the
+        header before anything is decoded (after decoding only for formats whose header is not read).
+        """
+        self._decode_into(data, path, out, region)
+
+    def _decode_into(self, data: bytes, path: str, out: np.ndarray,
+                     draw: Callable[[int, int], tuple[int, int, int, int]] | None) -> None:
+        img = self._image(data, path, draw, out, True)
+        if img is not None:
+            self.resize_into(img, out)
+
+    def _image(self, data: bytes, path: str, draw: Callable[[int, int], tuple[int, int, int, int]] | None,
+               out: np.ndarray | None, reduce: bool) -> np.ndarray | None:
+        """The upright pixels of the region `draw` draws (or of the whole image) at the scale the output
+        needs; None when they were decoded straight into `out`."""
+        size, info = self.check(data, path)
+        reduce = reduce and self.reduce
+        upright = info.size if info is not None else size
+        box = draw(*upright) if draw is not None and upright is not None and min(upright) > 0 else None
+        if info is not None and info.scalable:
+            try:
+                return self._turbo(data, info, box, out, reduce)
+            except ValueError:  # refused by libjpeg-turbo: OpenCV decides, as it always did
+                pass
+        return self._opencv(data, path, box, upright, draw, reduce)
+
+    def _turbo(self, data: bytes, info: JpegInfo, box: tuple[int, int, int, int] | None, out: np.ndarray | None,
+               reduce: bool) -> np.ndarray | None:
+        """libjpeg-turbo: the region's pixels, upright, at the decode scale; None when decoded straight into `out`."""
+        width, height, orientation = info.width, info.height, info.orientation
+        region = box or (0, 0, *info.size)
+        m = decode_scale(region[2], region[3], self.options.size, self.mode) if reduce else 8
+        x, y, w, h = stored_box(region, orientation, width, height)
+        rows = height
+        if box is not None and reduce and info.single_scan:  # stop one MCU row below the crop
+            rows = min(height, -(-(y + h) // info.mcu_rows) * info.mcu_rows + info.mcu_rows)
+        dw, dh = -(-width * m // 8), -(-rows * m // 8)
+        channels = 1 if self.colorspace == "GRAY" else 3
+        direct = (out is not None and box is None and orientation == 1 and out.shape == (dh, dw, channels)
+                  and out.flags.c_contiguous)
+        if direct:  # the scaled image is the output: decode straight into the batch slot
+            target: np.ndarray | None = out
+        elif dw * dh * channels <= _KEEP_SCRATCH_BYTES:
+            if self._scratch.size < dw * dh * channels:
+                self._scratch = np.empty(dw * dh * channels, np.uint8)
+            target = self._scratch
+        else:
+            target = None
+        src: bytes | bytearray = data
+        if rows < height:  # the frame header says `rows` lines: libjpeg-turbo decodes no further
+            src = bytearray(data)
+            src[info.sof_offset + 5 : info.sof_offset + 7] = rows.to_bytes(2, "big")
+        img = simplejpeg.decode_jpeg(src, self.colorspace, min_width=dw, min_height=dh, buffer=target,
+                                     strict=rows == height)  # a shortened frame leaves data after it
+        if img.shape[:2] != (dh, dw):
+            raise ValueError(f"decoded {img.shape[1]}x{img.shape[0]}, expected {dw}x{dh}")
+        if direct:
+            return None
+        if box is not None:
+            s = m / 8
+            y0, y1 = _span(y, h, s, dh)
+            x0, x1 = _span(x, w, s, dw)
+            img = img[y0:y1, x0:x1]
+        if channels == 1:
+            img = img[..., 0]
+        return img if orientation == 1 else _ORIENT[orientation](img)
+
+    def _opencv(self, data: bytes, path: str, box: tuple[int, int, int, int] | None,
+                upright: tuple[int, int] | None, draw: Callable[[int, int], tuple[int, int, int, int]] | None,
+                reduce: bool) -> np.ndarray:
+        """OpenCV: the region's pixels, upright (as before, at 1/2, 1/4 or 1/8 where that still covers)."""
+        f = 1
+        if reduce and upright is not None and min(upright) > 0 and data[:2] == b"\xff\xd8":
+            if box is None:
+                f = self.reduction(*upright)
+            else:  # OpenCV scales by 1/2, 1/4 and 1/8 only
+                m = decode_scale(box[2], box[3], self.options.size, self.mode)
+                f = 8 // next(p for p in (1, 2, 4, 8) if p >= m)
+        img = self._imdecode(data, path, f)
+        if draw is None:
+            return img
+        if box is None or upright is None:  # a format whose size the header did not give
+            box, upright = draw(img.shape[1], img.shape[0]), (img.shape[1], img.shape[0])
+        x, y, w, h = box
+        y0, y1 = _span(y, h, img.shape[0] / upright[1], img.shape[0])
+        x0, x1 = _span(x, w, img.shape[1] / upright[0], img.shape[1])
+        return img[y0:y1, x0:x1]
 
     def resize_into(self, img: np.ndarray, out: np.ndarray) -> None:
         """Resize a decoded image into `out` following the configured mode."""

@@ -15,9 +15,10 @@ straight into the batch slot (or into the record-size staging of ``--cache-size`
 ``serve`` (batch.py), ``check`` and ``cache build`` all run samples through these steps, so a
 sample that passes ``check`` or sits in a cache built ahead is what ``serve`` produces.
 Where the next capabilities land: another byte source is another data set (``read``,
-``version``); a decoder that decodes less replaces `Decoder.decode_into` and
-`Decoder.decode_region_into` (the region is drawn before the resize, by the SOURCE-stage
-augmentation); a new augmentation is a class in augment.py.
+``version``); the decoder (decode.py) decodes less where it can: a JPEG at the cheapest M/8
+scale that covers the output and, for the SOURCE-stage crop, only what the crop needs, the
+crop drawn from the header's size before anything is decoded; a new augmentation is a class
+in augment.py.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Read:
 
 
 class Decode:
-    """Decode and resize straight into the target (reduced-size JPEG decoding where it fits)."""
+    """Decode and resize straight into the target (a JPEG at the cheapest M/8 scale that covers it)."""
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
@@ -152,7 +153,8 @@ class Decode:
 
 
 class DecodeRegion:
-    """Decode, and resize into the slot only the region the SOURCE-stage augmentation draws (rrc)."""
+    """Decode only what the region the SOURCE-stage augmentation draws needs (rrc), and resize that region
+    into the slot; the region is drawn from the header's size, before decoding (decode.py)."""
 
     def __init__(self, decoder: Decoder, augmenter: Augmenter) -> None:
         self.decoder, self.augmenter = decoder, augmenter

@@ -1,0 +1,416 @@
+"""Decoding less (issue 25): the scale a JPEG is decoded at, the window a crop needs, EXIF orientation,
+the tolerance against a full decode, and the files libjpeg-turbo refuses (OpenCV decides, as before).
+
+The tolerance (README.md, "Decoding, predictably"): against a full-size decode followed by the same
+crop and the same resize, each image's mean absolute difference is at most `MAX_MEAN_ABS` levels of
+255 and its PSNR at least `MIN_PSNR_DB`; over a corpus, the median image's mean absolute difference
+is at most `MEDIAN_MEAN_ABS` and its PSNR at least `MEDIAN_PSNR_DB`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import simplejpeg
+
+from loader_server.config import ServerConfig
+from loader_server.data.datasets import load_dataset
+from loader_server.options import DecodeOptions
+from loader_server.pipeline import decode as decode_module
+from loader_server.pipeline.augment import Augmenter, parse_augment, sample_rng
+from loader_server.pipeline.batch import BatchBuilder
+from loader_server.pipeline.cache import open_cache
+from loader_server.pipeline.decode import (
+    DecodeError,
+    Decoder,
+    decode_scale,
+    jpeg_info,
+    scale_covers,
+    stored_box,
+)
+
+MAX_MEAN_ABS = 14.0
+MIN_PSNR_DB = 20.0
+MEDIAN_MEAN_ABS = 2.0
+MEDIAN_PSNR_DB = 33.0
+ROOT = Path(__file__).resolve().parent.parent
+RRC = Augmenter(parse_augment("rrc"))
+
+
+def corpus(name: str) -> list[Path]:
+    """The JPEGs of ../shared/NAME (beside the clone, or beside the main checkout of a worktree)."""
+    for base in (ROOT.parent, ROOT.parent.parent, Path("/work")):
+        folder = base / "shared" / name
+        if folder.is_dir():
+            return sorted(folder.rglob("*.jp*g"))
+    pytest.skip(f"no shared/{name} beside the repository (the corpora of /work/shared)")
+
+
+def photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like BGR image: smooth shapes at several scales, edges, and a little grain."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((height, width, 3), np.float32)
+    for cells, weight in ((4, 120.0), (16, 50.0), (64, 20.0)):
+        coarse = rng.normal(0, 1, (max(2, height * cells // width), cells, 3)).astype(np.float32)
+        img += weight * cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    for _ in range(6):  # hard edges, as objects have
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        cv2.rectangle(img, (x0, y0), (x0 + width // 5, y0 + height // 6), [float(v) for v in rng.normal(0, 60, 3)], -1)
+    img += rng.normal(0, 3, img.shape).astype(np.float32)
+    return np.clip(img + 128, 0, 255).astype(np.uint8)
+
+
+def jpeg(img: np.ndarray, *params: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90, *params])
+    assert ok
+    return buf.tobytes()
+
+
+def with_orientation(data: bytes, orientation: int, order: str = "MM") -> bytes:
+    """`data` with an APP1 EXIF segment after SOI whose IFD0 has only Orientation."""
+    e = ">" if order == "MM" else "<"
+    tiff = (order.encode() + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 1)
+            + struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(e + "I", 0))
+    app1 = b"Exif\x00\x00" + tiff
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
+def decoder(**kw: Any) -> Decoder:
+    return Decoder(DecodeOptions(**kw))
+
+
+def run(dec: Decoder, data: bytes, box: Callable[[int, int], tuple[int, int, int, int]] | None = None) -> np.ndarray:
+    out = np.empty((dec.height, dec.width, 1 if dec.colorspace == "GRAY" else 3), np.uint8)
+    if box is None:
+        dec.decode_into(data, "x.jpg", out)
+    else:
+        dec.decode_region_into(data, "x.jpg", out, box)
+    return out
+
+
+def distance(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean absolute difference, PSNR in dB) of two uint8 images."""
+    d = a.astype(np.float64) - b.astype(np.float64)
+    mse = float((d**2).mean())
+    return float(np.abs(d).mean()), (99.0 if mse == 0 else 10 * math.log10(255**2 / mse))
+
+
+def assert_within_tolerance(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    stats = [distance(a, b) for a, b in pairs]
+    worst = max(s[0] for s in stats), min(s[1] for s in stats)
+    assert worst[0] <= MAX_MEAN_ABS and worst[1] >= MIN_PSNR_DB, worst
+    assert statistics.median(s[0] for s in stats) <= MEDIAN_MEAN_ABS, stats
+    assert statistics.median(s[1] for s in stats) >= MEDIAN_PSNR_DB, stats
+
+
+# ---------------------------------------------------------------------------- the scale choice
+@pytest.mark.parametrize(("width", "height", "size", "mode", "m"), [
+    (1295, 987, (224, 224), "stretch", 2),  # ../shared/corpus-large: 1/4 (324x247)
+    (896, 896, (224, 224), "stretch", 2),  # exactly 4x: 1/4 still covers
+    (895, 900, (224, 224), "stretch", 4),  # 3/8 would cover, 1/2 is cheaper
+    (430, 330, (224, 224), "stretch", 8),  # 5/8..7/8 would cover, all dearer than a full decode
+    (448, 448, (224, 224), "stretch", 4),
+    (1792, 1800, (224, 224), "stretch", 1),
+    (200, 300, (224, 224), "stretch", 8),  # smaller than the output: full size, the resize enlarges
+    (2000, 500, (224, 224), "crop", 4),  # the centre 500x500 is kept: 1/2 covers 224
+    (2000, 500, (224, 224), "letterbox", 1),  # the target is 224x56
+    (400, 300, (48, 32), "stretch", 1),  # 50x37.5 covers 48x32
+    (300, 400, (48, 32), "stretch", 2),  # portrait: 1/8 would give 37.5 < 48
+])
+def test_decode_scale_is_the_cheapest_covering_scale(width: int, height: int, size: tuple[int, int], mode: str,
+                                                     m: int) -> None:
+    assert decode_scale(width, height, size, mode) == m
+
+
+def test_decode_scale_is_the_smallest_power_of_two_that_covers() -> None:
+    """What the measured costs amount to: 3/8 and 5/8..7/8 are never chosen."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        w, h = (int(v) for v in rng.integers(16, 5000, 2))
+        size = (int(rng.integers(8, 600)), int(rng.integers(8, 600)))
+        mode = str(rng.choice(["stretch", "crop", "letterbox"]))
+        expected = next((p for p in (1, 2, 4, 8) if scale_covers(w, h, size, mode, p)), 8)
+        assert decode_scale(w, h, size, mode) == expected, (w, h, size, mode)
+
+
+def test_scale_covers_at_the_boundary() -> None:
+    assert scale_covers(896, 896, (224, 224), "stretch", 2)
+    assert not scale_covers(895, 896, (224, 224), "stretch", 2)
+    assert not scale_covers(896, 895, (224, 224), "stretch", 2)
+    assert scale_covers(224, 224, (224, 224), "stretch", 8) and not scale_covers(223, 224, (224, 224), "stretch", 8)
+
+
+def test_the_decoder_uses_the_scale_it_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    real = simplejpeg.decode_jpeg
+
+    def spy(data: Any, *args: Any, **kw: Any) -> np.ndarray:
+        img = real(data, *args, **kw)
+        calls.append(img.shape[:2])
+        return img
+
+    monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", spy)
+    data = jpeg(photo(1295, 987, 1))
+    run(decoder(), data)
+    run(decoder(reduced_decode=False), data)
+    run(decoder(size=(100, 100)), data)
+    assert calls == [(247, 324), (987, 1295), (124, 162)]
+
+
+# ---------------------------------------------------------------------------- EXIF orientation
+_NUMPY_ORIENT = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud, 5: lambda a: a.T,
+                 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a.T, 2), 8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_stored_box_is_the_upright_box_as_stored(orientation: int) -> None:
+    stored = np.arange(7 * 11).reshape(7, 11)
+    upright = _NUMPY_ORIENT[orientation](stored)
+    for box in ((0, 0, 2, 3), (1, 2, 3, 4), (upright.shape[1] - 2, upright.shape[0] - 1, 2, 1)):
+        x, y, w, h = box
+        sx, sy, sw, sh = stored_box(box, orientation, 11, 7)
+        region = stored[sy : sy + sh, sx : sx + sw]
+        assert np.array_equal(_NUMPY_ORIENT[orientation](region), upright[y : y + h, x : x + w])
+        if orientation > 1:
+            assert np.array_equal(decode_module._ORIENT[orientation](region.astype(np.uint8)),
+                                  upright[y : y + h, x : x + w].astype(np.uint8))
+
+
+@pytest.mark.parametrize("order", ["MM", "II"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_opencv_applies_it(orientation: int, order: str) -> None:
+    """Upright as OpenCV makes it, the crop drawn on the upright size, for a full and a reduced decode."""
+    data = with_orientation(jpeg(photo(640, 400, orientation)), orientation, order)
+    info = jpeg_info(data)
+    assert info is not None and info.orientation == orientation
+    upright = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)  # OpenCV applies EXIF
+    assert info.size == (upright.shape[1], upright.shape[0])
+    seen: list[tuple[int, int]] = []
+
+    def box(w: int, h: int) -> tuple[int, int, int, int]:
+        seen.append((w, h))
+        return (w // 8, h // 5, w // 2, h // 2)
+
+    x, y, w, h = box(*info.size)
+    seen.clear()
+    full = run(decoder(size=(64, 48), reduced_decode=False), data, box)
+    assert np.array_equal(full, cv2.resize(upright[y : y + h, x : x + w], (64, 48)))
+    assert np.array_equal(run(decoder(size=(64, 48), reduced_decode=False), data),
+                          cv2.resize(upright, (64, 48)))
+    reduced = run(decoder(size=(64, 48)), data, box)
+    assert distance(reduced, full)[1] > 30
+    assert seen == [info.size, info.size]  # drawn once per decode, on the upright size
+
+
+# ---------------------------------------------------------------------------- the window
+def test_a_crop_is_decoded_only_down_to_below_it_with_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    heights: list[int] = []
+    real = simplejpeg.decode_jpeg
+
+    def spy(data: Any, *args: Any, **kw: Any) -> np.ndarray:
+        info = jpeg_info(bytes(data))
+        assert info is not None
+        heights.append(info.height)
+        return real(data, *args, **kw)
+
+    data = jpeg(photo(960, 720, 5))  # 4:2:0: MCU rows of 16 pixels
+    info = jpeg_info(data)
+    assert info is not None and info.single_scan and info.mcu_rows == 16
+    dec = decoder()
+    for i, box in enumerate([(100, 0, 500, 300), (0, 200, 960, 100), (300, 33, 60, 70), (10, 20, 900, 690)]):
+        monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", spy)
+        got = run(dec, data, lambda w, h, box=box: box)
+        monkeypatch.undo()
+        x, y, w, h = box
+        m = decode_scale(w, h, (224, 224))
+        whole = real(data, min_width=-(-960 * m // 8), min_height=-(-720 * m // 8))
+        s = m / 8
+        y0, y1 = round(y * s), round((y + h) * s)
+        x0, x1 = round(x * s), round((x + w) * s)
+        assert np.array_equal(got, cv2.resize(whole[y0:y1, x0:x1], (224, 224))), box  # bitwise the same
+        assert heights[i] == min(720, -(-(y + h) // 16) * 16 + 16)  # one MCU row below the crop
+
+
+def test_progressive_jpegs_are_decoded_whole_at_the_crop_scale() -> None:
+    img = photo(960, 720, 6)
+    data = jpeg(img, cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
+    info = jpeg_info(data)
+    assert info is not None and info.sof == 0xC2 and not info.single_scan and info.scalable
+    box = (100, 50, 400, 300)
+    full = run(decoder(reduced_decode=False), data, lambda w, h: box)
+    assert_within_tolerance([(run(decoder(), data, lambda w, h: box), full)] * 3)
+    # a plain resize: the pixels OpenCV's reduced decode gave before
+    dec = decoder()
+    expected = np.empty((224, 224, 3), np.uint8)
+    dec.resize_into(dec.decode(data, "p.jpg"), expected)
+    assert np.array_equal(run(dec, data), expected)
+
+
+def test_a_scaled_image_of_the_output_size_is_decoded_straight_into_the_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = jpeg(photo(448, 448, 7))
+    out = np.empty((224, 224, 3), np.uint8)
+    buffers: list[Any] = []
+    real = simplejpeg.decode_jpeg
+
+    def spy(src: Any, *args: Any, **kw: Any) -> np.ndarray:
+        buffers.append(kw.get("buffer"))
+        return real(src, *args, **kw)
+
+    monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", spy)
+    decoder().decode_into(data, "s.jpg", out)
+    assert buffers[0] is out
+    assert np.array_equal(out, cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2),
+                                            cv2.COLOR_BGR2RGB))
+
+
+# ---------------------------------------------------------------------------- tolerance
+def _pairs(files: list[bytes], size: tuple[int, int], crop: bool, **kw: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    new, full = decoder(size=size, **kw), decoder(size=size, reduced_decode=False, **kw)
+    pairs = []
+    for i, data in enumerate(files):
+        draw = (lambda w, h, i=i: RRC.crop_box(w, h, sample_rng(0, 0, i))) if crop else None
+        pairs.append((run(new, data, draw), run(full, data, draw)))
+    return pairs
+
+
+@pytest.mark.parametrize("crop", [False, True], ids=["resize", "rrc"])
+def test_within_tolerance_of_a_full_decode_on_real_photos(crop: bool) -> None:
+    files = [p.read_bytes() for p in corpus("corpus-large")]
+    assert_within_tolerance(_pairs(files, (224, 224), crop))
+
+
+def test_within_tolerance_of_a_full_decode_on_the_small_corpus() -> None:
+    files = [p.read_bytes() for p in corpus("corpus")[::10]]
+    assert_within_tolerance(_pairs(files, (224, 224), True) + _pairs(files, (224, 224), False))
+
+
+@pytest.mark.parametrize(("kw", "crop"), [({}, False), ({}, True), ({"resize": "crop"}, True),
+                                          ({"resize": "letterbox", "color": "gray"}, False),
+                                          ({"interpolation": "area", "color": "bgr"}, True)])
+def test_within_tolerance_of_a_full_decode_on_generated_images(kw: dict[str, Any], crop: bool) -> None:
+    sizes = [(2000, 1500), (1300, 990), (990, 1300), (900, 700), (640, 480), (500, 380), (300, 300)]
+    files = [jpeg(photo(w, h, k)) for k, (w, h) in enumerate(sizes)]
+    files += [with_orientation(jpeg(photo(1000, 760, 20 + o)), o) for o in (3, 6, 8)]
+    files += [jpeg(photo(1200, 900, 30), cv2.IMWRITE_JPEG_PROGRESSIVE, 1)]
+    assert_within_tolerance(_pairs(files, (224, 224), crop, **kw))
+
+
+# ---------------------------------------------------------------------------- files libjpeg-turbo refuses
+def _opencv_path(dec: Decoder, data: bytes) -> np.ndarray:
+    """What the decoder did before issue 25 for a plain resize: OpenCV, 1/2, 1/4 or 1/8 where that covers."""
+    out = np.empty((dec.height, dec.width, 3), np.uint8)
+    dec.resize_into(dec.decode(data, "x.jpg"), out)
+    return out
+
+
+def test_cmyk_jpegs_are_decoded_by_opencv_as_before() -> None:
+    rng = np.random.default_rng(8)
+    cmyk = cv2.resize(rng.integers(0, 256, (12, 16, 4), dtype=np.uint8), (640, 480), interpolation=cv2.INTER_CUBIC)
+    data = simplejpeg.encode_jpeg(cmyk, colorspace="CMYK")
+    info = jpeg_info(data)
+    assert info is not None and info.components == 4 and not info.scalable
+    dec = decoder()
+    assert np.array_equal(run(dec, data), _opencv_path(dec, data))
+    box = (40, 30, 300, 200)
+    got = run(dec, data, lambda w, h: box)  # the crop of OpenCV's reduced decode
+    assert_within_tolerance([(got, run(decoder(reduced_decode=False), data, lambda w, h: box))] * 3)
+
+
+def test_corrupt_data_goes_to_opencv_as_before() -> None:
+    data = bytearray(jpeg(photo(800, 600, 9)))
+    info = jpeg_info(bytes(data))
+    assert info is not None
+    start = len(data) // 2
+    data[start : start + 40] = bytes(range(40))  # damage in the middle of the entropy-coded data
+    bad = bytes(data)
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg(bad, min_width=200, min_height=150)  # strict: libjpeg-turbo refuses
+    dec = decoder()
+    assert np.array_equal(run(dec, bad), _opencv_path(dec, bad))  # OpenCV decodes it, as it always did
+    out = run(dec, bad, lambda w, h: (0, 0, w // 2, h // 3))  # a window above the damage: decoded leniently
+    assert out.shape == (224, 224, 3)
+
+
+def test_truncated_and_undecodable_jpegs_are_bad_samples() -> None:
+    data = jpeg(photo(800, 600, 10))
+    dec = decoder()
+    for cut in (data[: len(data) // 2], data[:-2]):
+        with pytest.raises(DecodeError, match="truncated JPEG"):
+            run(dec, cut)
+        with pytest.raises(DecodeError, match="truncated JPEG"):
+            run(dec, cut, lambda w, h: (0, 0, 10, 10))
+    with pytest.raises(DecodeError, match="not a decodable image"):
+        run(dec, b"\xff\xd8\xff\xe0" + bytes(200) + b"\xff\xd9")
+    # A file cut short and given its end marker back: libjpeg-turbo refuses it strictly, OpenCV fills the rest.
+    patched = data[: len(data) // 2] + b"\xff\xd9"
+    assert np.array_equal(run(dec, patched), _opencv_path(dec, patched))
+
+
+def test_headers_that_do_not_parse() -> None:
+    assert jpeg_info(b"") is None and jpeg_info(b"\xff\xd8\xff") is None
+    data = jpeg(photo(64, 48, 11))
+    info = jpeg_info(data)
+    assert info is not None and (info.width, info.height, info.components, info.precision) == (64, 48, 3, 8)
+    assert jpeg_info(data.replace(b"\xff\xc0", b"\xff\xc3", 1)) is not None  # lossless: parsed, not scalable
+    assert not jpeg_info(data.replace(b"\xff\xc0", b"\xff\xc3", 1)).scalable  # type: ignore[union-attr]
+    bad_exif = with_orientation(data, 9)  # out of range: upright
+    assert jpeg_info(bad_exif).orientation == 1  # type: ignore[union-attr]
+    short = data[:2] + b"\xff\xe1\x00\x0aExif\x00\x00MM" + data[2:]  # an EXIF block too short to hold an IFD
+    assert jpeg_info(short).orientation == 1  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------- cached and uncached
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    lines = []
+    for i in range(12):
+        w, h = (700, 520) if i % 2 else (520, 700)
+        data = jpeg(photo(w, h, 100 + i), *((cv2.IMWRITE_JPEG_PROGRESSIVE, 1) if i % 4 == 3 else ()))
+        if i % 3 == 1:
+            data = with_orientation(data, 6)
+        (root / f"{i:02d}.jpg").write_bytes(data)
+        lines.append(f"{i:02d}.jpg {i}")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    return root / "train.txt"
+
+
+@pytest.mark.parametrize("settings", [{}, {"augment": "rrc,flip", "cache_size": 160}, {"resize": "crop"},
+                                      {"reduced_decode": False, "augment": "rrc", "cache_size": 128}])
+def test_the_same_batches_cached_and_uncached(photos: Path, tmp_path: Path, settings: dict[str, Any]) -> None:
+    def config(cache: str | None) -> ServerConfig:
+        return ServerConfig(data=str(photos), batch_size=4, size=(96, 80), cache=cache, **settings)
+
+    index = load_dataset(config(None))
+    cache = open_cache(config(str(tmp_path)), index)
+    try:
+        plain, cached = BatchBuilder(config(None), index), BatchBuilder(config(str(tmp_path)), index, cache=cache)
+        augment = "augment" in settings
+        for epoch in range(2):  # cold, then warm
+            for lo in range(0, 12, 4):
+                idx = np.arange(lo, lo + 4)
+                a = plain.build(idx, plain.allocate(), key=(1, epoch), augment=augment)["x"]
+                b = cached.build(idx, cached.allocate(), key=(1, epoch), augment=augment)["x"]
+                assert np.array_equal(a, b)
+                assert cached.cache_hits == (4 if epoch else 0)
+    finally:
+        cache.close()
+
+
+def test_the_same_crops_for_the_same_seed_epoch_and_sample(photos: Path) -> None:
+    config = ServerConfig(data=str(photos), batch_size=4, size=(96, 80), augment="rrc,flip")
+    index = load_dataset(config)
+    one, two = BatchBuilder(config, index), BatchBuilder(config, index)
+    idx = np.array([3, 1, 7, 10])
+    a = one.build(idx, one.allocate(), key=(5, 2), augment=True)["x"].copy()
+    assert np.array_equal(a, two.build(idx, two.allocate(), key=(5, 2), augment=True)["x"])
+    assert np.array_equal(a[1:], two.build(idx[1:], two.allocate(), key=(5, 2), augment=True)["x"])
+    assert not np.array_equal(a, two.build(idx, two.allocate(), key=(5, 3), augment=True)["x"])
