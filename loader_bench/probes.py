@@ -23,6 +23,7 @@ from loader_client import LoaderClient, server_stats
 
 from .context import Bench
 from .floods import flood_tables, floods
+from .kinds import index_probe, index_tables, kinds_probe, kinds_tables
 from .systems import CLIENT_TIMEOUT_S, STEP_MODELS, PssSampler, measure_service, served, simulate_step
 from .train import train_probe, train_tables
 
@@ -705,7 +706,7 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
     augmenter = Augmenter(parse_augment(_CACHE_RRC[1]))
     paths = [index.path(i) for i in range(n)]  # type: ignore[attr-defined]
     blobs = [read_file(p) for p in paths]
-    stats = [os.stat(p) for p in paths]
+    stats = [index.version(i) for i in range(n)]  # type: ignore[attr-defined]
     images = [decoder.decode(blob, p, reduce=False) for blob, p in zip(blobs, paths, strict=True)]
     record = np.empty(tuple(out["record_shape"]), np.uint8)
     records = []
@@ -914,5 +915,7 @@ PROBES: dict[str, Probe] = {
     "stages": Probe(_stages, tables=_stages_tables),
     "cache": Probe(_cache, tables=_cache_tables, default=False),
     "floods": Probe(floods, tables=flood_tables, default=False),
+    "kinds": Probe(kinds_probe, tables=kinds_tables, default=False),
+    "index": Probe(index_probe, tables=index_tables, default=False),
     "train": Probe(train_probe, tables=train_tables, default=False),
 }

@@ -210,10 +210,11 @@ def served(bench: Bench, data: str, extra: list[str], *, workers: int | None = N
 def measure_service(bench: Bench, *, n: int | None = None, workers: int | None = None, extra: list[str] | None = None,
                     step_fraction: float | None = None, client_kwargs: dict[str, Any] | None = None,
                     warmup: int = 2, endpoint: str | None = None, sample_pss: bool = True,
-                    step_model: str = "sleep", min_wall_s: float = 0.0) -> dict[str, Any]:
+                    step_model: str = "sleep", min_wall_s: float = 0.0, data: str | None = None) -> dict[str, Any]:
     """Serve the data, consume `n` images after `warmup` batches, touching one byte per batch.
 
-    `extra`: the serve flags (default: --serve-args). With `step_fraction`, a simulated training
+    `extra`: the serve flags (default: --serve-args); `data`: another data set (default: the run's).
+    With `step_fraction`, a simulated training
     step (`simulate_step` of `step_model`) follows every batch, long enough that the trainer
     consumes that fraction of the loader's capacity (`bench.capacity` images/s), and the data
     stall (time waiting in next() over wall time) is measured; then `n` grows so that the paced
@@ -223,8 +224,8 @@ def measure_service(bench: Bench, *, n: int | None = None, workers: int | None =
     batch_size, capacity = bench.batch_size, bench.capacity
     if step_fraction is not None and capacity:
         n = max(n, int(min_wall_s * capacity * step_fraction))
-    with served(bench, bench.data, bench.serve_extra if extra is None else extra, workers=workers,
-                endpoint=endpoint) as server:
+    with served(bench, bench.data if data is None else data, bench.serve_extra if extra is None else extra,
+                workers=workers, endpoint=endpoint) as server:
         pss = PssSampler(server.pid if sample_pss else 0)
         try:
             with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S,

@@ -1,34 +1,38 @@
 """``loader-server cache build``: fill a decoded-sample cache ahead of training, in parallel.
 
-Takes the data settings and every setting that shapes a record (size, resize, colour, ...,
-``--cache-size``), exactly as ``serve`` does, so a later ``serve`` with the same settings finds
-every record valid and starts at cache speed. Records already valid are kept; bad files are
-reported and get no record (``serve`` decodes, and reports, them each time).
+Takes the data settings and every setting that shapes a record (`DecodeOptions`: size, resize,
+colour, ..., ``--cache-size``), exactly as ``serve`` does, and runs every sample through the
+serving steps of a cached sample (pipeline/steps.py: cache lookup, read, decode, cache store),
+so a later ``serve`` with the same settings finds every record valid and starts at cache speed.
+Records already valid are kept; bad samples are reported and get no record (``serve`` decodes,
+and reports, them each time).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import time
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from loader_client.errors import ConfigError
 
-from .config import DATA_SETTINGS, ServerConfig, default_workers
+from .config import DATA_SETTINGS, default_workers
 from .data.datasets import Dataset
-from .pipeline.cache import MEMORY, SampleCache, open_cache, record_decoder
+from .options import DecodeOptions
+from .pipeline.cache import MEMORY, SampleCache, open_cache
 
 __all__ = ["add_cache_build_arguments", "run_cache_build", "BUILD_SETTINGS"]
 
-#: The settings of `serve` that choose the samples and their records' pixels (the cache's key).
-BUILD_SETTINGS = (*DATA_SETTINGS, "size", "resize", "interpolation", "pad_value", "color", "reduced_decode",
-                  "max_pixels", "max_file_bytes", "cache", "cache_size")
+#: The settings of `serve` that choose the samples and their records' pixels (the cache's key: DecodeOptions).
+BUILD_SETTINGS = (*DATA_SETTINGS, *(f.name for f in dataclasses.fields(DecodeOptions)), "max_file_bytes", "cache")
 _CHUNK = 64
-_state: tuple[Dataset, ServerConfig, SampleCache] | None = None
+_state: tuple[Dataset, SampleCache, Any] | None = None
 
 
 def add_cache_build_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,37 +46,30 @@ def add_cache_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=default_workers(), help="decoding processes")
 
 
-def _init(index: Dataset, config: ServerConfig, cache: SampleCache) -> None:
+def _init(index: Dataset, cache: SampleCache, path: Any) -> None:
     import cv2
 
     cv2.setNumThreads(1)
     global _state
-    _state = (index, config, cache)
+    _state = (index, cache, path)
 
 
 def _fill(bounds: tuple[int, int]) -> tuple[int, int, list[tuple[str, str]]]:
-    """Decode and store every record of `bounds` not valid yet: (samples, stored, bad files)."""
-    from .pipeline.decode import DecodeError, read_file
+    """Decode and store every record of `bounds` not valid yet: (samples, stored, bad samples)."""
+    from .pipeline.decode import DecodeError
 
     assert _state is not None
-    index, config, cache = _state
-    decoder = record_decoder(config)
+    index, cache, path = _state
     record = np.empty(cache.layout.shape, dtype=np.uint8)
     stored, bad = 0, []
     for i in range(*bounds):
-        path = index.path(i)  # type: ignore[attr-defined]
+        name = index.describe(i)
         try:
-            st = os.stat(path)
-        except OSError:
-            st = None
-        if cache.valid(i, st):
-            continue
-        try:
-            decoder.decode_into(read_file(path, config.max_file_bytes), path, record)
+            path.run(i, name, record)  # lookup (a valid record is kept, not read), read, decode, store
         except DecodeError as exc:
-            bad.append((path, exc.reason))
+            bad.append((name, exc.reason))
             continue
-        stored += cache.store(i, st, record)
+        stored += not path.sample.hit
     return bounds[1] - bounds[0], stored, bad
 
 
@@ -102,7 +99,10 @@ def run_cache_build(args: argparse.Namespace) -> int:
     stored, bad = 0, []
     progress = tqdm(total=len(index), desc="cache build", unit="samples")
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config, cache)) as pool:
+    from .pipeline.steps import cached_decode_steps  # OpenCV: only where a cache is built
+
+    steps = cached_decode_steps(config, index, cache)  # made before the fork: a bad setting fails here, once
+    with ctx.Pool(config.workers, initializer=_init, initargs=(index, cache, steps)) as pool:
         for count, done, found in pool.imap_unordered(_fill, chunks):
             stored += done
             bad.extend(found)
@@ -115,7 +115,7 @@ def run_cache_build(args: argparse.Namespace) -> int:
           f"in {elapsed:.1f} s; {cache.layout.total_bytes / (1 << 30):.2f} GiB, records "
           f"{'x'.join(map(str, cache.layout.shape))} uint8")
     if bad:
-        print(f"{len(bad)} bad files have no record (serve decodes and reports them each time), for example:")
+        print(f"{len(bad)} bad samples have no record (serve decodes and reports them each time), for example:")
         for path, reason in sorted(bad)[:5]:
             print(f"  {path}: {reason}")
     return 0

@@ -1,8 +1,9 @@
 """``loader-server check``: read every sample once and report the bad ones.
 
-Image data sets: every file is decoded in parallel with the same reading and decoding as the
-workers (pixel limit, truncation check, the configured colour mode), so a file it passes is a
-file the server can serve. Array data sets: shapes, dtypes and the label count are checked when
+Byte data sets (image files, tar members, Parquet rows): every sample goes through the same
+steps as in the workers (pipeline/steps.py: read, then decode with the pixel limit, the
+truncation check and the configured colour mode), in parallel, so a sample it passes is one the
+server can serve. Array data sets: shapes, dtypes and the label count are checked when
 the arrays are opened, then every row is read, and rows or labels holding NaN or infinity are
 reported. Any kind of data set (see datasets.py), and any subset of one, can be checked.
 """
@@ -14,20 +15,27 @@ import multiprocessing
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from .config import DATA_SETTINGS, ServerConfig, default_workers
-from .data.datasets import Dataset
+from .data.datasets import Dataset, row_source
+
+if TYPE_CHECKING:
+    from .pipeline.steps import SamplePath
 
 __all__ = ["add_check_arguments", "run_check"]
 
 _CHUNK = 64
 _ROWS_CHUNK_BYTES = 32 << 20
-_state: tuple[Dataset, ServerConfig] | None = None
+_state: tuple[Dataset, SamplePath, np.ndarray] | None = None
 #: The settings `check` takes from the server's definitions: the data set, and how images decode.
-CHECK_SETTINGS = (*DATA_SETTINGS, "color", "max_pixels")
+CHECK_SETTINGS = (*DATA_SETTINGS, "color", "max_pixels", "max_file_bytes")
+#: Images are decoded into a slot this small: libjpeg decodes at 1/8 where it can, as the workers would
+#: for a small output; every byte is still read and every header and marker checked.
+_CHECK_SIZE = "8x8"
 
 
 def add_check_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,27 +47,26 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write `path<TAB>reason` for every bad file (or row)")
 
 
-def _init(index: Dataset, config: ServerConfig) -> None:
+def _init(index: Dataset, path: SamplePath, out: np.ndarray) -> None:
     import cv2
 
     cv2.setNumThreads(1)
     global _state
-    _state = (index, config)
+    _state = (index, path, out)
 
 
 def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[str, str]]]:
-    from .pipeline.decode import DecodeError, Decoder, read_file
+    from .pipeline.decode import DecodeError
 
     assert _state is not None
-    index, config = _state
-    decoder = Decoder(config)
+    index, path, out = _state
     bad = []
     for i in range(*bounds):
-        path = index.path(i)  # type: ignore[attr-defined]
+        name = index.describe(i)
         try:
-            decoder.decode(read_file(path), path)
+            path.run(i, name, out)
         except DecodeError as exc:
-            bad.append((path, exc.reason))
+            bad.append((name, exc.reason))
     return bounds[1] - bounds[0], bad
 
 
@@ -73,7 +80,7 @@ def run_check(args: argparse.Namespace) -> int:
 
         raise ConfigError("no data set: pass --data PATH")
     flags = {name: getattr(args, name) for name in CHECK_SETTINGS if getattr(args, name) is not None}
-    config = resolve({**flags, "workers": max(1, args.workers), "size": "8x8"}, None, {})[0]
+    config = resolve({**flags, "workers": max(1, args.workers), "size": _CHECK_SIZE}, None, {})[0]
     index = load_dataset(config)
     started = time.monotonic()
     progress = tqdm(total=len(index), desc="check", unit="samples")
@@ -91,7 +98,8 @@ def run_check(args: argparse.Namespace) -> int:
     print(f"checked {len(index)} samples of {index.source} in {elapsed:.1f} s: {len(bad)} bad")
     if index.build == "gather":
         labels = index.labels
-        print(f"  each sample {tuple(index.sample_shape)} {np.dtype(index.sample_dtype)}, "  # type: ignore[attr-defined]
+        rows = row_source(index)
+        print(f"  each sample {tuple(rows.sample_shape)} {np.dtype(rows.sample_dtype)}, "
               f"labels {labels.dtype} of shape {labels.shape[1:] or 'scalar'}")
     for reason, n in Counter(r.split(":")[0].split(" (")[0] for _, r in bad).most_common():
         print(f"  {n:8d}  {reason}")
@@ -105,10 +113,15 @@ def run_check(args: argparse.Namespace) -> int:
 
 def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[tuple[str, str]]:
     """Decode every file on `config.workers` processes."""
+    from .pipeline.steps import plan_steps
+
     chunks = [(lo, min(lo + _CHUNK, len(index))) for lo in range(0, len(index), _CHUNK)]
     bad: list[tuple[str, str]] = []
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(config.workers, initializer=_init, initargs=(index, config)) as pool:
+    w, h = config.size
+    # read, decode: the serving steps of a stream without augmentations, into a small slot
+    state = (index, plan_steps(config, index), np.empty((h, w, config.channels), np.uint8))
+    with ctx.Pool(config.workers, initializer=_init, initargs=state) as pool:
         for count, found in pool.imap_unordered(_check_chunk, chunks):
             bad.extend(found)
             progress.update(count)
@@ -118,8 +131,9 @@ def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[t
 
 def _check_rows(index: Dataset, progress: tqdm) -> list[tuple[str, str]]:
     """Gather every row as the workers would; rows or labels with NaN or infinity are bad."""
-    shape = tuple(index.sample_shape)  # type: ignore[attr-defined]
-    dtype = np.dtype(index.sample_dtype)  # type: ignore[attr-defined]
+    source = row_source(index)
+    shape = tuple(source.sample_shape)
+    dtype = np.dtype(source.sample_dtype)
     rows = max(1, _ROWS_CHUNK_BYTES // max(1, int(np.prod(shape)) * dtype.itemsize))
     out = np.empty((min(rows, len(index)), *shape), dtype=dtype)
     floats = dtype.kind in "fc"
@@ -128,7 +142,7 @@ def _check_rows(index: Dataset, progress: tqdm) -> list[tuple[str, str]]:
     for lo in range(0, len(index), rows):
         indices = np.arange(lo, min(lo + rows, len(index)), dtype=np.int64)
         x = out[: len(indices)]
-        index.gather(indices, x)  # type: ignore[attr-defined]
+        source.gather(indices, x)
         if floats:
             finite = np.isfinite(x.reshape(len(indices), -1)).all(axis=1)
             bad.extend((index.describe(int(i)), "non-finite values (NaN or infinity) in the sample")

@@ -193,19 +193,19 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .data.batch_spec import batch_spec
     from .data.datasets import load_dataset
     from .layered import format_config, resolve
+    from .logs import setup_logging
 
     require_opencv("serve")
     config, sources = resolve(explicit_serve_flags(argv), args.config)
+    setup_logging(config.log_level, config.log_format)  # indexing a large data set logs what it did
     dataset = load_dataset(config)
     spec = batch_spec(config, dataset)  # every check of the settings against the data, before printing them
     if args.print_config:
         print(format_config(config, sources))
         return 0
-    from .logs import setup_logging
     from .pipeline import batch  # noqa: F401  (loaded before the workers fork, so that each starts at once)
     from .server import Server, install_signal_handlers
 
-    setup_logging(config.log_level, config.log_format)
     server = Server(config, dataset, spec)
     install_signal_handlers(server)
     return server.run()

@@ -13,16 +13,18 @@ command line without reading code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import ipaddress
-import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from loader_client.errors import ConfigError
+
+from .options import GROUPS, check_partition, group_hash, options_of
+
+G = TypeVar("G")
 
 __all__ = [
     "ServerConfig", "setting", "parse_size", "parse_max_bad", "parse_floats", "is_local_bind", "default_workers",
@@ -50,7 +52,8 @@ AUTO_READ_THREADS = 64
 SLOW_READ_S = 0.002
 
 #: The settings that choose the samples: every command that opens a data set takes these.
-DATA_SETTINGS = ("data", "labels", "offsets", "maxlen", "pad", "truncate", "subset", "val_fraction", "split_seed")
+DATA_SETTINGS = ("data", "labels", "offsets", "maxlen", "pad", "truncate", "subset", "val_fraction", "split_seed",
+                 "image_column", "label_column", "json_label", "index_dir")
 
 
 def is_local_bind(endpoint: str) -> bool:
@@ -129,7 +132,9 @@ class ServerConfig:
 
     data: str = setting(
         help="the data set: a list file of `path label` (or `path,label`) lines, a folder of class sub-folders, "
-             "or numpy arrays (x.npy with --labels, arrays.npz, or a folder of x_*.npy/y_*.npy shards)",
+             "tar shards in the WebDataset layout ('shards/train-{000000..000099}.tar', a folder of .tar files, "
+             "or shard paths joined by ::), Parquet tables ('train-*.parquet' or a folder of them), or numpy "
+             "arrays (x.npy with --labels, arrays.npz, or a folder of x_*.npy/y_*.npy shards)",
         shown="required")
     labels: str | None = setting(None, help="array data: labels .npy, one per row of --data x.npy")
     offsets: str | None = setting(
@@ -137,6 +142,16 @@ class ServerConfig:
     maxlen: int | None = setting(None, help="ragged array data: pad or truncate sequences to this length")
     pad: Literal["pre", "post"] = setting("pre", choices=("pre", "post"), help="ragged: where padding goes")
     truncate: Literal["pre", "post"] = setting("pre", choices=("pre", "post"), help="ragged: which end is cut")
+    image_column: str = setting(
+        "image", help="Parquet tables: the image column (a struct of bytes and path, as Hugging Face datasets "
+                      "writes it, or plain binary)")
+    label_column: str = setting("label", help="Parquet tables: the integer label column")
+    json_label: str | None = setting(
+        None, metavar="FIELD", shown="off (labels from .cls)",
+        help="tar shards: take each sample's label from this field of its .json member instead of its .cls member")
+    index_dir: str | None = setting(
+        None, metavar="DIR", shown="beside the data, else ~/.cache/loader-service",
+        help="tar shards and Parquet tables: where the member index is kept, so that a restart does not rebuild it")
     subset: Literal["all", "train", "val"] = setting(
         "all", choices=SUBSETS,
         help="serve part of the data set: `val` is a fixed random --val-fraction of it, `train` the rest "
@@ -287,11 +302,9 @@ class ServerConfig:
 
                 load_function(getattr(self, name), name)  # fails at start-up, not in a worker
         if self.augment:
-            from .pipeline.augment import parse_augment
-
-            parse_augment(self.augment)  # raises ConfigError naming the bad part
-            if self.resize != "stretch" and "rrc" in self.augment:
-                raise ConfigError("`augment` rrc replaces the resize: use it with --resize stretch")
+            crop = self._source_crop()  # raises ConfigError naming the bad part
+            if self.resize != "stretch" and crop:
+                raise ConfigError(f"`augment` {crop} replaces the resize: use it with --resize stretch")
         _at_least("max_pixels", self.max_pixels, 1)
         _at_least("max_file_bytes", self.max_file_bytes, 1)
         _at_least("max_clients", self.max_clients, 1)
@@ -349,7 +362,7 @@ class ServerConfig:
             if not min(self.size) <= self.cache_size <= 16384:
                 raise ConfigError(f"`cache_size` must be between the output's shorter side ({min(self.size)}) and "
                                   f"16384, got {self.cache_size}")
-            if self.cache is None and not (self.augment and "rrc" in self.augment):
+            if self.cache is None and not self._source_crop():
                 raise ConfigError(f"`cache_size` {self.cache_size} is the resolution a random resized crop is taken "
                                   "from (--augment rrc), with or without --cache: add --augment rrc,... or drop "
                                   "--cache-size")
@@ -361,10 +374,23 @@ class ServerConfig:
         if self.transform:
             raise ConfigError("--cache cannot keep the output of --transform (it runs on the full decoded image, "
                               "with randomness per epoch): drop one of them")
-        if self.augment and "rrc" in self.augment and self.cache_size is None:
-            raise ConfigError("--augment rrc crops the full image, which a cache of the output size no longer has: "
+        crop = self._source_crop()
+        if crop and self.cache_size is None:
+            raise ConfigError(f"--augment {crop} crops the full image, which a cache of the output size no longer has: "
                               "add --cache-size S (for example 256: the crop is taken from the centre region at "
                               "shorter side S), or drop --cache")
+
+    def _source_crop(self) -> str | None:
+        """The name of the augmentation that crops the full-size source (rrc), if `augment` has one."""
+        if not self.augment:
+            return None
+        from .pipeline.augment import Augmenter, parse_augment
+
+        return Augmenter(parse_augment(self.augment)).source_crop_name
+
+    def options(self, group: type[G]) -> G:
+        """The settings of one option group (options.py), the only part a step of the sample path sees."""
+        return options_of(self, group)
 
     @property
     def channels(self) -> int:
@@ -395,24 +421,15 @@ class ServerConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of every setting that changes batch contents or order (not bind, workers, ...).
+        """Hash of the option groups that shape batches (options.py): which samples, their pixels, their order.
 
-        The subset settings are not here: they choose the samples, so they are part of the data
-        set's own fingerprint (see subset.py).
+        The data set's settings are not here: the data set's own fingerprint covers what they
+        choose (see subset.py for the split).
         """
-        keep = {k: v for k, v in self.as_dict().items() if k not in _NOT_FINGERPRINTED}
-        blob = json.dumps(keep, sort_keys=True, default=list).encode()
-        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+        return group_hash(*(options_of(self, g) for g in GROUPS if g.shapes_batches))
 
 
-#: Settings that change neither which samples a batch holds nor its pixels.
-_NOT_FINGERPRINTED = frozenset({
-    "data", "workers", "bind", "prefetch", "in_order", "heartbeat_s", "client_timeout_s", "max_message_bytes",
-    "seed", "read_threads", "simulate_read_latency_ms", "shm", "batch_timeout_s", "max_bad", "log_level",
-    "log_format", "log_interval_s", "metrics_port", "metrics_host", "curve_dir", "insecure", "ipc_mode",
-    "max_file_bytes", "max_clients", "max_connections_per_host",
-    "subset", "val_fraction", "split_seed", "cache",
-})
+check_partition([f.name for f in dataclasses.fields(ServerConfig)])
 
 
 def _is_host(text: str) -> bool:

@@ -45,6 +45,7 @@ from .config import ServerConfig
 from .data.batch_spec import BatchSpec, batch_spec
 from .data.datasets import Dataset
 from .metrics import Metrics, serve_metrics
+from .options import PipelineOptions
 from .pipeline.cache import open_cache
 from .pipeline.worker import worker_main
 from .runtime.arenas import ArenaChannel
@@ -142,8 +143,8 @@ class Server:
 
     def _spawn(self, wid: int, identity: bytes) -> Any:
         proc = self._mp.Process(target=worker_main, name=f"loader-worker-{wid}", daemon=True,
-                                args=(wid, identity, self.channel.endpoint, self.config, self.index, self.spec,
-                                      os.getpid(), self.cache))
+                                args=(wid, identity, self.channel.endpoint, PipelineOptions.of(self.config), self.index,
+                                      self.spec, os.getpid(), self.cache))
         # Block SIGINT/SIGTERM across the fork so that the child never runs our handlers;
         # worker_main installs its own and unblocks them.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)

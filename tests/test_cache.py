@@ -24,6 +24,7 @@ from loader_client import LoaderClient, server_stats
 from loader_client.errors import ConfigError
 from loader_server.config import ServerConfig
 from loader_server.data.datasets import load_dataset
+from loader_server.data.reading import Version, file_version
 from loader_server.metrics import prometheus_text
 from loader_server.pipeline.batch import BatchBuilder
 from loader_server.pipeline.cache import SampleCache, open_cache, record_decoder
@@ -123,7 +124,7 @@ def test_a_changed_file_is_decoded_again_and_its_record_updated(listfile: Path, 
     got = _batch(cached, indices)
     assert (cached.cache_hits, cached.cache_misses) == (BATCH - 1, 1)
     assert np.array_equal(got, _batch(plain, indices))
-    assert cache.valid(3, os.stat(path))
+    assert cache.valid(3, file_version(os.stat(path)))
     # Same size, new mtime only: still decoded again.
     data = path.read_bytes()
     path.write_bytes(data)
@@ -146,16 +147,16 @@ def test_bad_files_under_skip_are_never_cached(tmp_path: Path) -> None:
         builder.build(np.arange(8), builder.allocate())
         assert [p for p, _, _ in builder.last_bad] == [str(bad)]  # reported every time
         assert builder.cache_misses == misses
-    assert not cache.valid(3, os.stat(bad))
+    assert not cache.valid(3, file_version(os.stat(bad)))
     assert cache.filled(0) == 7
 
 
 # ---------------------------------------------------------------------------- crashes and sharing
-def _killed_mid_write(cache: SampleCache, i: int, st: os.stat_result) -> None:
+def _killed_mid_write(cache: SampleCache, i: int, st: Version) -> None:
     """What a process SIGKILLed halfway through `store` leaves: the state odd, half the pixels."""
     import fcntl
 
-    fcntl.lockf(cache.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, cache.layout.meta_offset + i * 32)
+    fcntl.lockf(cache.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, cache.layout.meta_offset + i * 40)  # a record's state: seq and a version of four int64
     cache._seq[i] += 1  # writing
     cache.records[i].reshape(-1)[: cache.layout.record_bytes // 2] = 255
     os.kill(os.getpid(), signal.SIGKILL)
@@ -165,7 +166,7 @@ def test_a_record_half_written_by_a_killed_process_is_never_served(listfile: Pat
     plain, cached, cache = _builders(listfile, tmp_path / "cache")
     indices = np.arange(BATCH)
     expected = _batch(cached, indices)  # every record valid
-    st = os.stat(plain.index.path(2))  # type: ignore[attr-defined]
+    st = file_version(os.stat(plain.index.path(2)))  # type: ignore[attr-defined]
     proc = multiprocessing.get_context("fork").Process(target=_killed_mid_write, args=(cache, 2, st))
     proc.start()
     proc.join(TIMEOUT_S)
@@ -178,7 +179,7 @@ def test_a_record_half_written_by_a_killed_process_is_never_served(listfile: Pat
     assert cached.cache_hits == BATCH
 
 
-def _writer(cache: SampleCache, st: os.stat_result, value: int, until: float) -> None:
+def _writer(cache: SampleCache, st: Version, value: int, until: float) -> None:
     img = np.full(cache.layout.shape, value, np.uint8)
     while time.monotonic() < until:
         cache.store(0, st, img)
@@ -187,7 +188,7 @@ def _writer(cache: SampleCache, st: os.stat_result, value: int, until: float) ->
 
 def test_concurrent_writers_never_publish_a_torn_record(listfile: Path, tmp_path: Path) -> None:
     _, _, cache = _builders(listfile, tmp_path / "cache", size=(256, 256))  # large records: slow copies
-    st = os.stat(listfile)
+    st = file_version(os.stat(listfile))
     until = time.monotonic() + 1.5
     ctx = multiprocessing.get_context("fork")
     writers = [ctx.Process(target=_writer, args=(cache, st, v, until)) for v in (0, 255)]
@@ -229,7 +230,7 @@ def test_two_servers_fill_one_cache_folder_concurrently(start_server: Any, listf
     assert cache.filled(0) == N
     for i in range(N):
         path = index.path(i)  # type: ignore[attr-defined]
-        assert cache.valid(i, os.stat(path))
+        assert cache.valid(i, file_version(os.stat(path)))
         assert np.array_equal(cache.records[i], _record_of(cache, config, path))
     stats = [server_stats(s.endpoint, timeout_s=10)["cache"] for s in servers]
     assert sum(s["misses"] for s in stats) >= N  # every sample decoded by one of them at least
@@ -268,7 +269,8 @@ def test_cache_size_without_a_cache_gives_the_pixels_the_cache_gives(listfile: P
     assert cached.cache_hits == BATCH
     full = BatchBuilder(_config(listfile, None, augment=kw["augment"]), cached.index)  # crops of the original
     assert not np.array_equal(_batch(full, indices, (7, 3), augment=True), without)
-    assert alone.config.fingerprint() != full.config.fingerprint()  # a resume can never mix the two
+    # a resume can never mix the two
+    assert _config(listfile, None, **kw).fingerprint() != _config(listfile, None, augment=kw["augment"]).fingerprint()
 
 
 # ---------------------------------------------------------------------------- build ahead
@@ -322,7 +324,7 @@ def test_a_killed_cache_build_leaves_no_record_that_is_served_half_written(tmp_p
     assert filled < len(index), "the build finished before it was killed: nothing was tested"
     for i in range(len(index)):
         path = index.path(i)  # type: ignore[attr-defined]
-        if cache.valid(i, os.stat(path)):
+        if cache.valid(i, file_version(os.stat(path))):
             assert np.array_equal(cache.records[i], _record_of(cache, config, path))
     done = _cli(*args)
     assert done.returncode == 0, done.stderr
@@ -374,11 +376,12 @@ def test_cache_build_takes_every_setting_that_shapes_a_record() -> None:
     import dataclasses
 
     from loader_server.cache_build import BUILD_SETTINGS
-    from loader_server.config import _NOT_FINGERPRINTED
-    from loader_server.pipeline.cache import _AFTER_CACHE
+    from loader_server.options import DataOptions, DecodeOptions
 
-    keyed = {f.name for f in dataclasses.fields(ServerConfig)} - _NOT_FINGERPRINTED - _AFTER_CACHE
-    assert keyed - set(BUILD_SETTINGS) == {"transform"}  # refused with --cache
+    keyed = {f.name for f in dataclasses.fields(DecodeOptions)}
+    assert keyed == {"size", "resize", "interpolation", "pad_value", "color", "reduced_decode", "max_pixels",
+                     "cache_size"}
+    assert keyed | {f.name for f in dataclasses.fields(DataOptions)} <= set(BUILD_SETTINGS)
 
 
 def test_array_data_sets_refuse_the_cache(tmp_path: Path) -> None:

@@ -47,9 +47,11 @@ def test_readme_dependencies_section_is_what_pyproject_declares() -> None:
     section = _readme_section("Dependencies, and why")
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     table = {install.strip(" `"): {p.strip() for p in brings.split(",")} for _, install, brings in rows[1:]}
+    parquet = server | {_name(r) for r in extras["parquet"]}
     assert table == {"python3 -m pip install .": base, 'python3 -m pip install ".[server]"': server,
-                     'python3 -m pip install ".[server-core]"': core}
-    assert len(rows) == 4  # the header and three rows
+                     'python3 -m pip install ".[server-core]"': core, 'python3 -m pip install ".[server,parquet]"': parquet}
+    assert len(rows) == 5  # the header and four rows
+    assert "pyarrow" not in server and "pyarrow" in parquet  # 170 MB: only for those who serve Parquet
     not_deps = re.search(r"Not dependencies, on purpose: (.*)\.", section)
     assert not_deps is not None
     declared = base | {_name(r) for extra in project["optional-dependencies"].values() for r in extra}

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from loader_client.errors import ConfigError
 
 from ..config import ServerConfig
-from .datasets import Dataset
+from .datasets import Dataset, row_source
 
 __all__ = ["BatchSpec", "batch_spec"]
 
@@ -50,7 +50,7 @@ class BatchSpec:
         return np.empty((n, *self.x_shape), dtype=self.x_dtype)
 
 
-def batch_spec(config: ServerConfig, dataset: Dataset) -> BatchSpec:
+def batch_spec(config: ServerConfig | Any, dataset: Dataset) -> BatchSpec:
     """The one derivation of a BatchSpec; raises ConfigError naming the setting that does not fit the data."""
     if dataset.build == "gather":
         given = [f"--{name.replace('_', '-')}" for name in _IMAGE_ONLY
@@ -58,7 +58,8 @@ def batch_spec(config: ServerConfig, dataset: Dataset) -> BatchSpec:
         if given:
             raise ConfigError(f"array data sets are served as stored: {', '.join(given)} apply to images only "
                               f"({dataset.source}); drop {'it' if len(given) == 1 else 'them'}")
-        shape, dtype = dataset.sample_shape, dataset.sample_dtype  # type: ignore[attr-defined]
+        rows = row_source(dataset)
+        shape, dtype = rows.sample_shape, rows.sample_dtype
         spec = BatchSpec(config.batch_size, tuple(shape), np.dtype(dtype).str, "gather", config.layout,
                          config.color, None)
     else:

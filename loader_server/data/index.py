@@ -18,6 +18,7 @@ import numpy as np
 from loader_client.errors import ConfigError
 
 from .file_access import check_exists, os_error
+from .reading import DEFAULT_MAX_FILE_BYTES, Version, read_file
 
 __all__ = ["DatasetIndex", "load_index", "load_list_file", "load_class_folders", "IMAGE_EXTENSIONS"]
 
@@ -48,6 +49,19 @@ class DatasetIndex:
     def describe(self, i: int) -> str:
         """What names sample `i` in messages: its path."""
         return self.path(i)
+
+    def read(self, i: int, max_bytes: int | None = None) -> bytes:
+        """The bytes of sample `i`: its whole file (DecodeError naming it when it cannot be read)."""
+        return read_file(self.path(i), DEFAULT_MAX_FILE_BYTES if max_bytes is None else max_bytes)
+
+    def version(self, i: int) -> Version | None:
+        """What a cached record of sample `i` is checked against: the file's size, mtime, inode and device
+        (None when it cannot be stat'ed: the read that follows says why)."""
+        try:
+            st = os.stat(self.path(i))
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
     def fingerprint(self) -> str:
         """Hash of paths and labels: a resumed run refuses an index that changed."""

@@ -21,7 +21,8 @@ import numpy as np
 
 from loader_client.errors import ConfigError
 
-from .datasets import Dataset
+from .datasets import ArrayDataset, ByteDataset, Dataset, byte_source, row_source
+from .reading import Version
 
 __all__ = ["Subset", "split_indices", "take_subset"]
 
@@ -61,9 +62,14 @@ class Subset:
     val_fraction: float
     split_seed: int
     labels: np.ndarray = field(init=False)
+    _bytes: ByteDataset | None = field(init=False, repr=False)  # the parent, when it is a byte source
+    _rows: ArrayDataset | None = field(init=False, repr=False)  # the parent, when it holds rows
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", np.ascontiguousarray(self.parent.labels[self.keep]))
+        decode = self.parent.build == "decode"
+        object.__setattr__(self, "_bytes", byte_source(self.parent) if decode else None)
+        object.__setattr__(self, "_rows", None if decode else row_source(self.parent))
 
     @property
     def build(self) -> Literal["decode", "gather"]:
@@ -90,18 +96,29 @@ class Subset:
     def describe(self, i: int) -> str:
         return self.parent.describe(int(self.keep[i]))
 
-    # Files (build == "decode")
+    # Bytes (build == "decode")
+    def read(self, i: int, max_bytes: int | None = None) -> bytes:
+        assert self._bytes is not None
+        return self._bytes.read(int(self.keep[i]), max_bytes)
+
+    def version(self, i: int) -> Version | None:
+        assert self._bytes is not None
+        return self._bytes.version(int(self.keep[i]))
+
     def path(self, i: int) -> str:
         return self.parent.path(int(self.keep[i]))  # type: ignore[attr-defined, no-any-return]
 
     # Rows (build == "gather")
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return self.parent.sample_shape  # type: ignore[attr-defined, no-any-return]
+        assert self._rows is not None
+        return self._rows.sample_shape
 
     @property
     def sample_dtype(self) -> str:
-        return self.parent.sample_dtype  # type: ignore[attr-defined, no-any-return]
+        assert self._rows is not None
+        return self._rows.sample_dtype
 
     def gather(self, indices: np.ndarray, out: np.ndarray) -> None:
-        self.parent.gather(self.keep[indices], out)  # type: ignore[attr-defined]
+        assert self._rows is not None
+        self._rows.gather(self.keep[indices], out)

@@ -5,65 +5,179 @@ pipeline. Every random choice comes from a generator seeded by (seed, epoch, sam
 so the same run gives the same pixels whatever the worker count or a resume, and another
 epoch gives other augmentations.
 
-Random resized crop is fused with decoding: the crop is chosen in source coordinates and only
-that region is resized, straight into the batch slot. The other operations work on the small
-output image in place.
+**One class per operation**, registered by `@augmentation`, declaring its `stage`:
+
+* `Stage.SOURCE`: it chooses the region of the full-size source that the resize takes
+  (`region`); the decode step resizes only that region, straight into the batch slot. At most
+  one per pipeline (random resized crop);
+* `Stage.OUTPUT`: it changes the resized sample in place (`apply`).
+
+A new augmentation is one class in this file: nothing else names operations.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 
 from loader_client.errors import ConfigError
 
-__all__ = ["Augmenter", "parse_augment", "sample_rng"]
+__all__ = ["Augmentation", "Augmenter", "Stage", "augmentation", "parse_augment", "sample_rng"]
 
-_OPS: dict[str, dict[str, Any]] = {
-    "rrc": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)},
-    "flip": {"p": 0.5},
-    "jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4},
-    "rotate": {"degrees": 10.0},
-    "cutout": {"size": 0.25, "p": 0.5},
-}
-_POSITIONAL = {"jitter": "brightness", "rotate": "degrees", "cutout": "size", "flip": "p"}
 _AUG_STREAM = 0xA06  # keeps augmentation draws apart from any other use of (seed, epoch, index)
 
 
-@dataclass(frozen=True)
-class Op:
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
+class Stage(enum.Enum):
+    """Where an augmentation runs in the sample path."""
+
+    SOURCE = "source"  # on the full-size source: chooses the region the resize takes
+    OUTPUT = "output"  # after the resize, in place on the output slot
 
 
-def parse_augment(spec: str) -> tuple[Op, ...]:
+class Augmentation:
+    """One operation: its name in ``--augment``, its parameters with their defaults, its stage."""
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    defaults: ClassVar[dict[str, Any]]  # a tuple default is a range written ``a-b``
+    positional: ClassVar[str | None] = None  # the parameter a bare value sets: ``rotate(10)``; "*": all of them
+
+    def __init__(self, **params: Any) -> None:
+        self.params = {**self.defaults, **params}
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.params})"
+
+    def region(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """SOURCE stage: the region (x, y, w, h) of a `width` x `height` source that the resize takes."""
+        raise NotImplementedError
+
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+        """OUTPUT stage: change the (H, W, C) uint8 slot `out` in place."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Augmentation]] = {}
+
+
+def augmentation(cls: type[Augmentation]) -> type[Augmentation]:
+    """Register an operation under its `name` (the class decorator of every operation)."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+@augmentation
+class RandomResizedCrop(Augmentation):
+    """torchvision's RandomResizedCrop draw: a region of `scale` of the area and `ratio` of aspect."""
+
+    name = "rrc"
+    stage = Stage.SOURCE
+    defaults = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)}
+
+    def region(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        area = width * height
+        lo, hi = self.params["scale"]
+        rlo, rhi = self.params["ratio"]
+        for _ in range(10):
+            target = area * rng.uniform(lo, hi)
+            ratio = math.exp(rng.uniform(math.log(rlo), math.log(rhi)))
+            w = int(round(math.sqrt(target * ratio)))
+            h = int(round(math.sqrt(target / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+        side = min(width, height)  # fall back to the centre square, as torchvision does
+        return (width - side) // 2, (height - side) // 2, side, side
+
+
+@augmentation
+class Flip(Augmentation):
+    name = "flip"
+    stage = Stage.OUTPUT
+    defaults = {"p": 0.5}
+    positional = "p"
+
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+        if rng.random() < self.params["p"]:
+            cv2.flip(out, 1, dst=out)  # in place; numpy's out[:, ::-1] copy is about 30x slower
+
+
+@augmentation
+class Jitter(Augmentation):
+    """Brightness, contrast and saturation factors in [1 - f, 1 + f]; ``jitter(0.4)`` sets all three."""
+
+    name = "jitter"
+    stage = Stage.OUTPUT
+    defaults = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4}
+    positional = "*"
+
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+        p = self.params
+        _jitter(out, rng, p["brightness"], p["contrast"], p["saturation"])
+
+
+@augmentation
+class Rotate(Augmentation):
+    name = "rotate"
+    stage = Stage.OUTPUT
+    defaults = {"degrees": 10.0}
+    positional = "degrees"
+
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+        angle = rng.uniform(-self.params["degrees"], self.params["degrees"])
+        h, w = out.shape[:2]
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+        rotated = cv2.warpAffine(out, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        out[...] = rotated.reshape(out.shape)
+
+
+@augmentation
+class Cutout(Augmentation):
+    name = "cutout"
+    stage = Stage.OUTPUT
+    defaults = {"size": 0.25, "p": 0.5}
+    positional = "size"
+
+    def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
+        if rng.random() < self.params["p"]:
+            h, w = out.shape[:2]
+            ch, cw = max(1, int(h * self.params["size"])), max(1, int(w * self.params["size"]))
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            out[y : y + ch, x : x + cw] = 0
+
+
+def parse_augment(spec: str) -> tuple[Augmentation, ...]:
     """Parse ``name(key=value,...)`` items separated by commas; ranges are written ``a-b``."""
-    ops = []
+    ops: list[Augmentation] = []
     for m in re.finditer(r"\s*([a-z]+)\s*(?:\(([^)]*)\))?\s*(?:,|$)", spec):
         if not m.group(0).strip():
             continue
         name, args = m.group(1), m.group(2) or ""
-        if name not in _OPS:
-            raise ConfigError(f"`augment`: unknown operation {name!r} in {spec!r}; choose from {', '.join(_OPS)}")
-        params = dict(_OPS[name])
-        if name == "jitter" and args and "=" not in args:  # jitter(0.4): the same strength for all three
-            params = {k: _number(args, spec) for k in params}
-        else:
-            for item in filter(None, (a.strip() for a in args.split(";" if ";" in args else ","))):
-                key, _, value = item.partition("=")
-                if not value:
-                    key, value = _POSITIONAL.get(name, ""), key
-                if key not in params:
-                    raise ConfigError(f"`augment`: {name} has no parameter {key!r} (has {', '.join(params)})")
-                params[key] = _range(value, spec) if isinstance(params[key], tuple) else _number(value, spec)
-        ops.append(Op(name, params))
+        cls = _REGISTRY.get(name)
+        if cls is None:
+            raise ConfigError(f"`augment`: unknown operation {name!r} in {spec!r}; choose from {', '.join(_REGISTRY)}")
+        params = dict(cls.defaults)
+        items = [a.strip() for a in args.split(";" if ";" in args else ",") if a.strip()]
+        if cls.positional == "*" and len(items) == 1 and "=" not in items[0]:
+            params = {k: _number(items[0], spec) for k in params}  # jitter(0.4): the same strength for all
+            items = []
+        for item in items:
+            key, _, value = item.partition("=")
+            if not value:  # a bare value: the positional parameter ("*" with others named: the first)
+                key, value = (next(iter(cls.defaults)) if cls.positional == "*" else cls.positional or ""), key
+            if key not in params:
+                raise ConfigError(f"`augment`: {name} has no parameter {key!r} (has {', '.join(params)})")
+            params[key] = _range(value, spec) if isinstance(params[key], tuple) else _number(value, spec)
+        ops.append(cls(**params))
     if not ops and spec.strip():
         raise ConfigError(f"`augment`: cannot parse {spec!r}; example: \"rrc(scale=0.08-1),flip,jitter(0.4)\"")
+    sources = [op.name for op in ops if op.stage is Stage.SOURCE]
+    if len(sources) > 1:
+        raise ConfigError(f"`augment`: {' and '.join(sources)} both choose the region of the source; keep one")
     return tuple(ops)
 
 
@@ -88,51 +202,27 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int = _AUG_STREAM) -> 
 
 
 class Augmenter:
-    """Applies a parsed pipeline; `crop_box` (for rrc) runs before the resize, `apply` after."""
+    """A parsed pipeline split by stage: `crop_box` (the SOURCE op) runs before the resize, `apply` after."""
 
-    def __init__(self, ops: tuple[Op, ...]) -> None:
+    def __init__(self, ops: tuple[Augmentation, ...]) -> None:
         self.ops = ops
-        self.rrc = next((op for op in ops if op.name == "rrc"), None)
-        self.post = [op for op in ops if op.name != "rrc"]
+        #: The operation that chooses the source region (rrc), or None: then the plain resize applies.
+        self.source = next((op for op in ops if op.stage is Stage.SOURCE), None)
+        self.post = [op for op in ops if op.stage is Stage.OUTPUT]
+
+    @property
+    def source_crop_name(self) -> str | None:
+        return self.source.name if self.source is not None else None
 
     def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-        """A random resized crop (x, y, w, h) of the source, as torchvision draws it."""
-        assert self.rrc is not None
-        area = width * height
-        lo, hi = self.rrc.params["scale"]
-        rlo, rhi = self.rrc.params["ratio"]
-        for _ in range(10):
-            target = area * rng.uniform(lo, hi)
-            ratio = math.exp(rng.uniform(math.log(rlo), math.log(rhi)))
-            w = int(round(math.sqrt(target * ratio)))
-            h = int(round(math.sqrt(target / ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-        side = min(width, height)  # fall back to the centre square, as torchvision does
-        return (width - side) // 2, (height - side) // 2, side, side
+        """The region (x, y, w, h) of the source that the SOURCE-stage operation draws."""
+        assert self.source is not None
+        return self.source.region(width, height, rng)
 
     def apply(self, out: np.ndarray, rng: np.random.Generator) -> None:
-        """Flip, jitter, rotate and cut out, in place on an (H, W, C) uint8 slot."""
+        """The OUTPUT-stage operations, in order, in place on an (H, W, C) uint8 slot."""
         for op in self.post:
-            p = op.params
-            if op.name == "flip":
-                if rng.random() < p["p"]:
-                    cv2.flip(out, 1, dst=out)  # in place; numpy's out[:, ::-1] copy is about 30x slower
-            elif op.name == "jitter":
-                _jitter(out, rng, p["brightness"], p["contrast"], p["saturation"])
-            elif op.name == "rotate":
-                angle = rng.uniform(-p["degrees"], p["degrees"])
-                h, w = out.shape[:2]
-                m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-                rotated = cv2.warpAffine(out, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-                out[...] = rotated.reshape(out.shape)
-            elif op.name == "cutout":
-                if rng.random() < p["p"]:
-                    h, w = out.shape[:2]
-                    ch, cw = max(1, int(h * p["size"])), max(1, int(w * p["size"]))
-                    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-                    out[y : y + ch, x : x + cw] = 0
-
+            op.apply(out, rng)
 
 def _jitter(out: np.ndarray, rng: np.random.Generator, b: float, c: float, s: float) -> None:
     """Brightness, contrast and saturation factors in [1 - f, 1 + f], in place with saturating uint8 ops.

@@ -7,10 +7,13 @@ copies it instead of reading and decoding the file. The file lives in a folder o
 anonymous shared memory (``--cache memory``: a memfd that the server creates before it forks
 its workers, so they all map the same pages).
 
-Layout: a 4 KiB header (magic and a JSON description), then one 32-byte state per record
-(``seq``, and the source file's size, mtime in ns and inode), then the records, page-aligned.
-The file is named after `cache_key`, a hash of the data set's fingerprint and of every
-setting that changes the pixels of a record, so other settings never meet the wrong pixels.
+Layout: a 4 KiB header (magic and a JSON description), then one 40-byte state per record
+(``seq``, and the four integers of the source's version when it was decoded: for a file its
+size, mtime in ns, inode and device; for a member of a tar shard or a Parquet row its offset and
+the container's mtime, size and inode; see `version(i)` of each data set), then the records,
+page-aligned. The file is named after `cache_key`, a hash of the data set's fingerprint and of
+`DecodeOptions`, the only settings the decode step that makes a record reads: a setting that
+changes a record's pixels is in the key by construction.
 
 Validity, write then publish (a seqlock per record):
 
@@ -19,14 +22,14 @@ Validity, write then publish (a seqlock per record):
   process holds it, that process is filling the record and this one just serves its own
   decode), sets ``seq`` odd, writes the pixels, then the source's size/mtime/inode, then the
   next even ``seq``; the lock dies with its process;
-* a reader trusts a record only when ``seq`` is even and non-zero and size, mtime and inode
-  equal the file's current ``stat``; it copies the pixels and re-reads ``seq``: if it moved,
+* a reader trusts a record only when ``seq`` is even and non-zero and the stored version equals
+  the source's current ``version(i)``; it copies the pixels and re-reads ``seq``: if it moved,
   the copy may be torn and the sample is decoded instead.
 
 A process killed while writing leaves ``seq`` odd: the record is never served, and the next
-writer (the lock is free again) rewrites it. A file changed after it was cached (other size,
-mtime or inode) is decoded again and its record rewritten. The stat is taken before the file
-is read, so a change during the read tags the record with the old stat and it is redone.
+writer (the lock is free again) rewrites it. A source changed after it was cached (another
+version) is decoded again and its record rewritten. The version is taken before the bytes are
+read, so a change during the read tags the record with the old version and it is redone.
 
 The ordering argument assumes stores become visible in program order (x86-64 TSO); the
 pixels and the publishing store are separate numpy calls, never reordered by a compiler.
@@ -37,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import mmap
@@ -51,9 +53,11 @@ import numpy as np
 
 from loader_client.errors import ConfigError
 
+from ..options import AugmentOptions, CacheOptions, DecodeOptions, options_of
+
 if TYPE_CHECKING:
-    from ..config import ServerConfig
     from ..data.datasets import Dataset
+    from ..data.reading import Version
     from .decode import Decoder
 
 __all__ = ["SampleCache", "CacheLayout", "cache_key", "record_shape", "open_cache", "MEMORY", "FORMAT",
@@ -64,50 +68,36 @@ log = logging.getLogger("loader_server")
 #: ``--cache memory``: anonymous shared memory instead of a folder.
 MEMORY = "memory"
 #: Version of the file layout; part of the key, so an old file is never misread.
-FORMAT = 1
+FORMAT = 2
 _MAGIC = b"LDRCACHE"
 _HEADER_BYTES = 4096
 _PAGE = 4096
-_META = np.dtype([("seq", "<u8"), ("size", "<i8"), ("mtime", "<i8"), ("ino", "<u8")])
-#: Settings applied after the cache (or that never change a record's pixels): not in the key.
-_AFTER_CACHE = frozenset({"batch_size", "mode", "shuffle", "drop_last", "steps_per_epoch", "dtype", "layout",
-                          "augment", "collate", "on_error", "mean", "std", "cache"})
+_META = np.dtype([("seq", "<u8"), ("version", "<i8", (4,))])
 #: Seconds between two scans of the record states for the fill progress.
 _FILL_SCAN_S = 2.0
 
 
-def record_shape(config: ServerConfig) -> tuple[int, int, int]:
-    """(height, width, channels) of a record: the output size, or with `cache_size` S the output's
-    aspect ratio at shorter side S (the centre region, as ``--resize crop`` cuts it)."""
-    w, h = config.size
-    if config.cache_size is None:
-        return h, w, config.channels
-    short = min(w, h)
-    return round(h * config.cache_size / short), round(w * config.cache_size / short), config.channels
+def record_shape(options: DecodeOptions | Any) -> tuple[int, int, int]:
+    """(height, width, channels) of a record (see `DecodeOptions.record_shape`)."""
+    return options_of(options, DecodeOptions).record_shape
 
 
-def record_decoder(config: ServerConfig) -> Decoder:
+def record_decoder(options: DecodeOptions | Any) -> Decoder:
     """The decoder that makes a record: the server's, or with `cache_size` a centre crop at the record size."""
-    import dataclasses
-
     from .decode import Decoder
 
-    if config.cache_size is None:
-        return Decoder(config)
-    h, w, _ = record_shape(config)
-    return Decoder(dataclasses.replace(config, size=(w, h), resize="crop", augment=None, cache=None, cache_size=None))
+    return Decoder(options_of(options, DecodeOptions).for_record())
 
 
-def cache_key(config: ServerConfig, index: Dataset) -> str:
-    """Hash of the data set and of every setting that changes a record's pixels (and the decoder)."""
+def cache_key(options: DecodeOptions | Any, index: Dataset) -> str:
+    """Hash of the data set and of `DecodeOptions`: everything the decode step that makes a record reads."""
     import cv2
 
-    from ..config import _NOT_FINGERPRINTED
+    from ..options import group_hash
 
-    keep = {k: v for k, v in config.as_dict().items() if k not in _NOT_FINGERPRINTED and k not in _AFTER_CACHE}
-    blob = json.dumps({"settings": keep, "index": index.fingerprint(), "format": FORMAT, "opencv": cv2.__version__,
-                       "shape": record_shape(config), "samples": len(index)}, sort_keys=True, default=list)
-    return hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()
+    decode = options_of(options, DecodeOptions)
+    return group_hash(decode, extra={"index": index.fingerprint(), "format": FORMAT, "opencv": cv2.__version__,
+                                     "samples": len(index)})
 
 
 @dataclass(frozen=True)
@@ -179,7 +169,7 @@ class SampleCache:
         self._mm = mmap.mmap(fd, layout.total_bytes, mmap.MAP_SHARED, prot)
         n = layout.records
         meta = np.ndarray((n,), dtype=_META, buffer=self._mm, offset=layout.meta_offset)
-        self._seq, self._size, self._mtime, self._ino = meta["seq"], meta["size"], meta["mtime"], meta["ino"]
+        self._seq, self._version = meta["seq"], meta["version"]
         self.records = np.ndarray((n, *layout.shape), dtype=np.uint8, buffer=self._mm,
                                   offset=layout.records_offset)
         self.hits = 0
@@ -187,32 +177,30 @@ class SampleCache:
         self._filled = (0, -1e9)  # (count, when)
 
     # ------------------------------------------------------------------ records
-    def valid(self, i: int, st: os.stat_result | None) -> bool:
-        """Whether record `i` is published and was made from the file whose stat is `st`."""
-        if st is None:
+    def valid(self, i: int, version: Version | None) -> bool:
+        """Whether record `i` is published and was made from the source of this `version`."""
+        if version is None:
             return False
         seq = int(self._seq[i])
-        return (seq != 0 and not seq & 1 and int(self._size[i]) == st.st_size
-                and int(self._mtime[i]) == st.st_mtime_ns and int(self._ino[i]) == st.st_ino)
+        return seq != 0 and not seq & 1 and tuple(self._version[i].tolist()) == version
 
-    def lookup(self, i: int, st: os.stat_result | None, out: np.ndarray) -> bool:
-        """Copy record `i` into `out` if it is valid for `st`; False (and `out` undefined) if not."""
-        if st is None:
+    def lookup(self, i: int, version: Version | None, out: np.ndarray) -> bool:
+        """Copy record `i` into `out` if it is valid for `version`; False (and `out` undefined) if not."""
+        if version is None:
             return False
         seq = int(self._seq[i])
-        if (seq == 0 or seq & 1 or int(self._size[i]) != st.st_size or int(self._mtime[i]) != st.st_mtime_ns
-                or int(self._ino[i]) != st.st_ino):
+        if seq == 0 or seq & 1 or tuple(self._version[i].tolist()) != version:
             return False
         np.copyto(out, self.records[i])  # from the mapping: after its first touch, a plain memory copy
         return int(self._seq[i]) == seq  # moved: a writer overwrote it while we copied
 
-    def store(self, i: int, st: os.stat_result | None, img: np.ndarray) -> bool:
-        """Write `img` as record `i` for the file of stat `st`, then publish it.
+    def store(self, i: int, version: Version | None, img: np.ndarray) -> bool:
+        """Write `img` as record `i` for the source of this `version`, then publish it.
 
-        False when the cache is read-only, there is no stat, or another process holds the
+        False when the cache is read-only, there is no version, or another process holds the
         record (it is filling it right now).
         """
-        if self.read_only or st is None:
+        if self.read_only or version is None:
             return False
         where = self.layout.meta_offset + i * _META.itemsize
         try:
@@ -240,9 +228,7 @@ class SampleCache:
                     return False  # stays odd: never served, rewritten next time
             else:
                 np.copyto(self.records[i], img)
-            self._size[i] = st.st_size
-            self._mtime[i] = st.st_mtime_ns
-            self._ino[i] = st.st_ino
+            self._version[i] = version
             self._seq[i] = writing + 1  # publish
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, where)
@@ -272,7 +258,7 @@ class SampleCache:
                 "hits": self.hits, "misses": self.misses, "hit_ratio": self.hits / looked if looked else 0.0}
 
     def close(self) -> None:
-        del self._seq, self._size, self._mtime, self._ino, self.records
+        del self._seq, self._version, self.records
         self._mm.close()
         os.close(self.fd)
 
@@ -287,27 +273,34 @@ def _warn_once(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------- opening
-def open_cache(config: ServerConfig, index: Dataset, *, serving: bool = True) -> SampleCache:
-    """Open (or create) the cache that `config.cache` names for `index`; ConfigError if it cannot be.
+def open_cache(config: Any, index: Dataset, *, serving: bool = True) -> SampleCache:
+    """Open (or create) the cache that ``--cache`` names for `index`; ConfigError if it cannot be.
 
-    Refused with the numbers: a cache larger than the folder's free space or than the memory
-    available. A folder that cannot be written: an existing complete cache file is used
-    read-only (misses are decoded and not stored, with a warning); with no file yet it is an
-    error. `serving=False` (``cache build``) skips the checks that concern augmentations.
+    `config`: a ServerConfig (its CacheOptions and DecodeOptions are what count). Refused with
+    the numbers: a cache larger than the folder's free space or than the memory available. A
+    folder that cannot be written: an existing complete cache file is used read-only (misses
+    are decoded and not stored, with a warning); with no file yet it is an error.
+    `serving=False` (``cache build``) skips the check that concerns augmentations.
     """
-    assert config.cache is not None
+    where = options_of(config, CacheOptions).cache
+    decode = options_of(config, DecodeOptions)
+    assert where is not None
     if index.build != "decode":
         raise ConfigError(f"--cache keeps decoded images; {index.source} is an array data set, whose rows are "
                           "copied as stored already: drop --cache")
-    if serving and config.cache_size is not None and not (config.augment and "rrc" in config.augment):
-        raise ConfigError(f"--cache-size {config.cache_size} caches images larger than the output for a random "
-                          "resized crop, but --augment has no rrc: drop --cache-size (the cache then holds the "
-                          "output size)")
-    layout = CacheLayout(len(index), record_shape(config))
-    key = cache_key(config, index)
-    if config.cache == MEMORY:
+    if serving and decode.cache_size is not None:
+        from .augment import Augmenter, parse_augment
+
+        spec = options_of(config, AugmentOptions).augment
+        if not (spec and Augmenter(parse_augment(spec)).source is not None):
+            raise ConfigError(f"--cache-size {decode.cache_size} caches images larger than the output for a random "
+                              "resized crop, but --augment has no rrc: drop --cache-size (the cache then holds the "
+                              "output size)")
+    layout = CacheLayout(len(index), decode.record_shape)
+    key = cache_key(decode, index)
+    if where == MEMORY:
         return _open_memory(layout)
-    return _open_folder(config.cache, layout, key)
+    return _open_folder(where, layout, key)
 
 
 def _open_memory(layout: CacheLayout) -> SampleCache:

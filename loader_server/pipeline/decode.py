@@ -21,13 +21,14 @@ a full-size decode followed by the same resize.
 
 from __future__ import annotations
 
-import os
-import stat
+from collections.abc import Callable
+from typing import Any
 
 import cv2
 import numpy as np
 
-from ..config import ServerConfig
+from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
+from ..options import DecodeOptions, options_of
 
 __all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size", "png_size", "DEFAULT_MAX_FILE_BYTES"]
 
@@ -44,60 +45,6 @@ _REDUCE_BITS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCA
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Some writers append padding or metadata after the end-of-image marker; look this far back.
 _JPEG_EOI_SEARCH_BYTES = 4096
-
-
-#: Default bound on the bytes read from one file (``--max-file-bytes``).
-DEFAULT_MAX_FILE_BYTES = 256 << 20
-
-
-class DecodeError(Exception):
-    """A file could not be read or decoded.
-
-    `reason` is a short phrase for logs and reports; `code` a stable label for metrics
-    (not_found, permission_denied, is_directory, not_a_file, too_large, read_failed, empty,
-    truncated, too_many_pixels, opencv_error, undecodable, all_bad).
-    """
-
-    def __init__(self, path: str, reason: str, code: str = "undecodable") -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-        self.code = code
-
-
-def read_file(path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
-    """Read a whole file of at most `max_bytes`, turning OS errors into DecodeError with the reason.
-
-    Devices and sockets are refused, and a regular file larger than `max_bytes` is refused
-    before anything is read; other streams (a FIFO) are read up to the bound.
-    """
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
-                raise DecodeError(path, "not a regular file (a device or socket)", "not_a_file")
-            if stat.S_ISREG(st.st_mode):
-                if st.st_size > max_bytes:
-                    raise DecodeError(path, f"file of {st.st_size} bytes exceeds --max-file-bytes {max_bytes}",
-                                      "too_large")
-                data = f.read()  # sized from fstat: read(max_bytes + 1) would allocate the bound per file
-            else:  # a stream (FIFO): read up to the bound, a chunk at a time
-                chunks, total = [], 0
-                while total <= max_bytes and (chunk := f.read(min(1 << 20, max_bytes + 1 - total))):
-                    chunks.append(chunk)
-                    total += len(chunk)
-                data = b"".join(chunks)
-    except FileNotFoundError:
-        raise DecodeError(path, "file not found", "not_found") from None
-    except PermissionError:
-        raise DecodeError(path, "permission denied", "permission_denied") from None
-    except IsADirectoryError:
-        raise DecodeError(path, "is a directory", "is_directory") from None
-    except OSError as exc:
-        raise DecodeError(path, f"read failed: {exc.strerror or exc}", "read_failed") from None
-    if len(data) > max_bytes:
-        raise DecodeError(path, f"more than --max-file-bytes {max_bytes} bytes", "too_large")
-    return data
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -135,9 +82,15 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
 
 class Decoder:
-    """Decodes one encoded image and resizes it into a preallocated ``(H, W, C)`` uint8 slot."""
+    """Decodes one encoded image and resizes it into a preallocated ``(H, W, C)`` uint8 slot.
 
-    def __init__(self, config: ServerConfig) -> None:
+    Built from `DecodeOptions` alone (a ServerConfig is cut down to them): whatever decides the
+    pixels is there, and so in the cache key.
+    """
+
+    def __init__(self, options: DecodeOptions | Any) -> None:
+        config = options_of(options, DecodeOptions)
+        self.options = config
         self.width, self.height = config.size
         self.mode = config.resize
         self.interpolation = _INTERPOLATION[config.interpolation]
@@ -213,6 +166,18 @@ class Decoder:
         if self.swap_to_rgb:  # pragma: no cover
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         return img
+
+    def decode_region_into(self, data: bytes, path: str, out: np.ndarray,
+                           region: Callable[[int, int], tuple[int, int, int, int]]) -> None:
+        """Decode, take the region (x, y, w, h) that ``region(width, height)`` draws of the full-size
+        source, and resize only that into `out` (a SOURCE-stage augmentation: random resized crop).
+
+        The region is drawn from the source as a viewer shows it (EXIF applied), with every pixel
+        decoded. A decoder that decodes less (a scaled or windowed JPEG decode) replaces this method.
+        """
+        img = self.decode(data, path, reduce=False)
+        x0, y0, w, h = region(img.shape[1], img.shape[0])
+        self.resize_into(img[y0 : y0 + h, x0 : x0 + w], out)
 
     def decode_into(self, data: bytes, path: str, out: np.ndarray) -> None:
         """Decode and resize into `out`, an ``(H, W, C)`` uint8 view of the batch buffer."""

@@ -27,9 +27,9 @@ from loader_client.messages import ArenaHandle
 from loader_client.schema import decode, encode
 from loader_client.shm import Arena
 
-from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec
 from ..data.datasets import Dataset
+from ..options import PipelineOptions
 from ..runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 from .cache import SampleCache
 
@@ -70,10 +70,11 @@ def _arena(arenas: dict[int, Arena], handle: ArenaHandle) -> Arena | None:
     return arena
 
 
-def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerConfig, index: Dataset,
+def worker_main(worker_id: int, identity: bytes, endpoint: str, options: PipelineOptions, index: Dataset,
                 spec: BatchSpec, parent_pid: int, cache: SampleCache | None = None) -> None:
     """Entry point of a worker process (forked from the server's main thread).
 
+    `options` are the option groups of the sample path (not the whole configuration);
     `identity` is this worker's secret routing id on the server's worker socket; `cache` the
     server's decoded-sample cache, whose mapping the fork shares.
     """
@@ -90,7 +91,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
     from .batch import BatchBuilder, Reads
     from .decode import DecodeError
 
-    builder = BatchBuilder(config, index, spec, cache)
+    builder = BatchBuilder(options, index, spec, cache)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
         (builder.allocate(), None) for _ in range(_POOL_SIZE)
     )
@@ -117,7 +118,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, config: ServerCo
                 message = decode(protocol.unpack(frames[0]), TO_WORKER, "from the server")
                 if isinstance(message, Task):
                     indices = np.frombuffer(message.indices, dtype=np.int64)
-                    pending.append((message, indices, builder.read_ahead(indices)))
+                    pending.append((message, indices, builder.read_ahead(indices, message.augment)))
                 elif isinstance(message, Forget):  # the session ended: drop its arena and its tasks
                     gone = arenas.pop(message.arena, None)
                     if gone is not None:

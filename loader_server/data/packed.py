@@ -1,0 +1,472 @@
+"""Samples packed inside container files (tar shards, Parquet tables): a byte range per sample.
+
+A kind of container (tar_shards.py, parquet_tables.py) only says how to index one file: for
+each sample, where its bytes are (`Segment`). This module does the rest, the same for every
+such kind:
+
+* `expand_files`: ``--data`` as brace ranges (``train-{000000..000099}.tar``, ``{a,b}``), globs
+  (``train-*.parquet``), a folder, or paths joined by ``::``;
+* `load_or_build`: the member index, built once (in parallel with a progress bar for large
+  sets) and kept in a file beside the data, or in ``--index-dir``, or in the user's cache
+  folder, so that a restart does not rebuild it. It is checked against every file's version
+  (size, mtime, inode): a changed file is indexed again, the others are reused;
+* `PackedIndex`: the data set the workers read. ``read(i)`` is one ``pread`` of the sample's
+  range (or of its compressed page, then a slice), ``version(i)`` what a cached record is
+  checked against: the sample's offset and its file's mtime, size and inode.
+
+Memory: every per-sample field is a numpy array (offsets, lengths, labels) and member names
+live in one uint8 blob with offsets, as the file index does: a million members cost tens of
+megabytes and no Python object each.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from loader_client.errors import ConfigError
+
+from .file_access import check_exists, os_error
+from .reading import DecodeError, LocalStorage, Version, storage_for
+
+__all__ = ["PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like", "INDEX_FORMAT"]
+
+log = logging.getLogger("loader_server")
+
+#: Version of the index file layout; part of its name, so an old file is never misread.
+INDEX_FORMAT = 1
+#: Decompressed pages a process keeps (Parquet pages hold several samples: a batch read in file
+#: order, as `check` and `cache build` read, decompresses each page once).
+_PAGE_CACHE = 4
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass
+class Segment:
+    """One container file's samples, as its kind indexed them (arrays of equal length)."""
+
+    pos: np.ndarray  # int64: where to read in the file
+    span: np.ndarray  # int64: how many bytes to read there
+    labels: np.ndarray  # int64
+    names_blob: np.ndarray | None = None  # uint8: member names (tar); None: samples are named by row (Parquet)
+    names_offsets: np.ndarray | None = None  # int64, samples + 1, from 0
+    raw: np.ndarray | None = None  # int64: decompressed size of the bytes read, -1 when they are the sample
+    inner: np.ndarray | None = None  # int64: the sample's offset in the decompressed bytes
+    length: np.ndarray | None = None  # int64: the sample's length there
+    codec: str = ""  # how `raw` bytes are compressed (a pyarrow codec name)
+    class_names: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    @staticmethod
+    def blob(names: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Names as one uint8 blob and int64 offsets (what `names_blob`, `names_offsets` hold)."""
+        lengths = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
+        offsets = np.zeros(len(names) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return np.frombuffer(b"".join(names), dtype=np.uint8), offsets
+
+
+def looks_like(data: str, suffix: str) -> bool:
+    """Whether ``--data`` names files ending in `suffix`: a pattern or path with that suffix, or a folder of them."""
+    parts = [p for p in data.split("::") if p]
+    if not parts:
+        return False
+    if len(parts) > 1 or _is_pattern(parts[0]):
+        return all(_brace_expand(p)[0].rstrip("*?]").endswith(suffix) or p.endswith(suffix) for p in parts)
+    if os.path.isdir(parts[0]):
+        try:
+            with os.scandir(parts[0]) as entries:
+                return any(e.name.endswith(suffix) and e.is_file() for e in entries)
+        except OSError as exc:
+            raise os_error(exc, "data folder", parts[0]) from None
+    return parts[0].endswith(suffix)
+
+
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "{*?[")
+
+
+def _brace_expand(text: str) -> list[str]:
+    """``a{0..2}b`` → a0b a1b a2b (zero-padded as written: {000..099}), ``{x,y}`` → x y; nested braces expand."""
+    m = _BRACE.search(text)
+    if m is None:
+        return [text]
+    body, head, tail = m.group(1), text[: m.start()], text[m.end() :]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") or hi.startswith("0") else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        items = [str(v).zfill(width) for v in range(int(lo), int(hi) + step, step)]
+    else:
+        items = body.split(",")
+    return [s for item in items for s in _brace_expand(head + item + tail)]
+
+
+def expand_files(data: str, suffix: str, what: str) -> list[str]:
+    """The absolute paths that ``--data`` names, in order; ConfigError naming what is missing."""
+    files: list[str] = []
+    for part in (p for p in data.split("::") if p):
+        for item in _brace_expand(part):
+            if any(c in item for c in "*?["):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise ConfigError(f"{what} pattern {item!r} matches no file")
+                files.extend(found)
+            elif os.path.isdir(item):
+                found = sorted(glob.glob(os.path.join(glob.escape(item), "**", f"*{suffix}"), recursive=True))
+                if not found:
+                    raise ConfigError(f"folder {item!r} holds no {suffix} files")
+                files.extend(found)
+            else:
+                check_exists(item, what)
+                files.append(item)
+    if not files:
+        raise ConfigError(f"--data {data!r} names no {what}")
+    resolved = [os.path.abspath(f) for f in files]
+    seen: set[str] = set()
+    twice = [f for f in resolved if f in seen or seen.add(f)]  # type: ignore[func-returns-value]
+    if twice:
+        raise ConfigError(f"{what} {twice[0]!r} is named twice by --data {data!r}: each sample would be served twice")
+    return resolved
+
+
+# ---------------------------------------------------------------------------- the data set
+@dataclass(frozen=True, eq=False)
+class PackedIndex:
+    """Samples at byte ranges of container files; a data set whose workers decode bytes (`read`)."""
+
+    kind: str  # "tar shards", "Parquet tables"
+    files: tuple[str, ...]  # absolute paths
+    file_versions: np.ndarray  # int64 (files, 3): mtime ns, size, inode when indexed
+    starts: np.ndarray  # int64, files + 1: the first sample of each file
+    pos: np.ndarray
+    span: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...] | None
+    source: str
+    names_blob: np.ndarray | None = None  # uint8: member names, concatenated
+    names_offsets: np.ndarray | None = None  # int64, samples + 1
+    raw: np.ndarray | None = None
+    inner: np.ndarray | None = None
+    length: np.ndarray | None = None
+    codecs: tuple[str, ...] = ()  # per file, when `raw` is set
+    storage: LocalStorage = field(default_factory=LocalStorage, repr=False)
+    _pages: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Workers read and decode each sample's bytes (see datasets.Dataset).
+    build: ClassVar[Literal["decode", "gather"]] = "decode"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _file(self, i: int) -> int:
+        return int(np.searchsorted(self.starts, i, side="right")) - 1
+
+    def describe(self, i: int) -> str:
+        """``shard.tar:member`` or ``file.parquet:row``."""
+        f = self._file(i)
+        if self.names_blob is not None and self.names_offsets is not None:
+            name = self.names_blob[self.names_offsets[i] : self.names_offsets[i + 1]].tobytes()
+            return f"{self.files[f]}:{name.decode('utf-8', 'replace')}"
+        return f"{self.files[f]}:{i - int(self.starts[f])}"
+
+    def version(self, i: int) -> Version | None:
+        """The sample's offset and its file's mtime, size and inode now (None if it cannot be stat'ed)."""
+        try:
+            st = os.stat(self.files[self._file(i)])
+        except OSError:
+            return None
+        return int(self.pos[i]), st.st_mtime_ns, st.st_size, st.st_ino
+
+    def read(self, i: int, max_bytes: int | None = None) -> bytes:
+        """The sample's bytes: one range read (and, for a compressed page, a decompression and a slice)."""
+        f = self._file(i)
+        path = self.files[f]
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = self.storage.stat(path, self.describe(i))  # raises, naming the sample
+        mtime, size, ino = self.file_versions[f].tolist()
+        if (st.st_mtime_ns, st.st_size, st.st_ino) != (mtime, size, ino):
+            self.storage.forget(path)
+            raise DecodeError(self.describe(i), f"{path} changed since it was indexed (size {size} -> {st.st_size}, "
+                                                "or its mtime or inode): restart the server to index it again",
+                              "changed")
+        span = int(self.span[i])
+        if max_bytes is not None and span > max_bytes:
+            raise DecodeError(self.describe(i), f"sample of {span} bytes exceeds --max-file-bytes {max_bytes}",
+                              "too_large")
+        if self.raw is None or self.raw[i] < 0:
+            return self.storage.read_range(path, int(self.pos[i]), span, self.describe, i)
+        assert self.inner is not None and self.length is not None
+        page = self._page(f, i)
+        inner, length = int(self.inner[i]), int(self.length[i])
+        return page[inner : inner + length]
+
+    def _page(self, f: int, i: int) -> bytes:
+        key = (f, int(self.pos[i]))
+        with self._lock:  # read-ahead threads share the pages
+            page = self._pages.get(key)
+            if page is not None:
+                self._pages.move_to_end(key)
+                return page
+        import pyarrow as pa
+
+        assert self.raw is not None
+        packed = self.storage.read_range(self.files[f], key[1], int(self.span[i]), self.describe, i)
+        try:
+            page = bytes(pa.decompress(packed, decompressed_size=int(self.raw[i]), codec=self.codecs[f]))
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these
+            raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({exc})",
+                              "undecodable") from None
+        with self._lock:
+            self._pages[key] = page
+            while len(self._pages) > _PAGE_CACHE:
+                self._pages.popitem(last=False)
+        return page
+
+    def fingerprint(self) -> str:
+        """Hash of the files' names, each sample's place and length, and the labels."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update("\0".join(os.path.basename(f) for f in self.files).encode())
+        arrays = [self.starts, self.pos, self.span, self.labels]
+        arrays += [a for a in (self.names_blob, self.inner, self.length) if a is not None]
+        for arr in arrays:
+            h.update(np.ascontiguousarray(arr).data)
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- the index file
+def _index_path(files: Sequence[str], kind: str, options: dict[str, object], index_dir: str | None) -> str:
+    """Where the index of these files lives: `index_dir`, else beside the first file if that folder
+    is writable, else the user's cache folder."""
+    key = hashlib.blake2b(json.dumps({"files": list(files), "kind": kind, "options": options,
+                                      "format": INDEX_FORMAT}, sort_keys=True).encode(), digest_size=10).hexdigest()
+    name = f".loader-index-{kind.split()[0].lower()}-{key}.npz"
+    if index_dir is not None:
+        return os.path.join(index_dir, name)
+    beside = os.path.dirname(files[0])
+    if os.access(beside, os.W_OK | os.X_OK):
+        return os.path.join(beside, name)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "loader-service", "index", name)
+
+
+def _stat_versions(files: Sequence[str], what: str) -> np.ndarray:
+    out = np.zeros((len(files), 3), dtype=np.int64)
+    for k, f in enumerate(files):
+        try:
+            st = os.stat(f)
+        except OSError as exc:
+            raise os_error(exc, what, f) from None
+        out[k] = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return out
+
+
+def _read_index(path: str, files: Sequence[str]) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("the index %s cannot be read (%s): indexing again", path, exc)
+        return None
+    meta = json.loads(arrays.pop("meta").tobytes())
+    if meta.get("files") != list(files) or meta.get("format") != INDEX_FORMAT:
+        return None
+    arrays["_meta"] = meta
+    return arrays
+
+
+def _segments_of(stored: dict[str, np.ndarray]) -> list[Segment]:
+    meta: dict[str, object] = stored["_meta"]  # type: ignore[assignment]
+    starts = stored["starts"]
+    segments = []
+    codecs: list[str] = meta["codecs"]  # type: ignore[assignment]
+    classes = meta.get("class_names")
+    for k in range(len(starts) - 1):
+        lo, hi = int(starts[k]), int(starts[k + 1])
+        blob = off = None
+        if "names_blob" in stored:
+            off = stored["names_offsets"][lo : hi + 1]
+            blob, off = stored["names_blob"][off[0] : off[-1]], off - off[0]
+        segments.append(Segment(
+            pos=stored["pos"][lo:hi], span=stored["span"][lo:hi], labels=stored["labels"][lo:hi], names_blob=blob,
+            names_offsets=off,
+            raw=stored["raw"][lo:hi] if "raw" in stored else None,
+            inner=stored["inner"][lo:hi] if "inner" in stored else None,
+            length=stored["length"][lo:hi] if "length" in stored else None, codec=codecs[k],
+            class_names=tuple(classes) if isinstance(classes, list) else None))
+    return segments
+
+
+def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: dict[str, np.ndarray],
+                 codecs: list[str], class_names: tuple[str, ...] | None) -> bool:
+    """Write atomically (a temporary file renamed over); False (and a log line) if it cannot be."""
+    meta = json.dumps({"files": list(files), "format": INDEX_FORMAT, "codecs": codecs,
+                       "class_names": list(class_names) if class_names else None}).encode()
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".loader-index-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        log.warning("cannot keep the member index in %s (%s): it is built again at the next start; pass "
+                    "--index-dir DIR to keep it elsewhere", folder, exc.strerror)
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{"meta": np.frombuffer(meta, dtype=np.uint8), "versions": versions, **arrays})  # type: ignore[arg-type]
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write the member index %s (%s)", path, exc.strerror)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def load_or_build(files: list[str], *, kind: str, options: dict[str, object], index_dir: str | None,
+                  index_file: Callable[[str], Segment], source: str) -> PackedIndex:
+    """The index of `files`: read from its index file where every file is unchanged, the others
+    indexed with `index_file` (a progress bar when it takes a while), then kept for the next start."""
+    from tqdm import tqdm
+
+    path = _index_path(files, kind, options, index_dir)
+    versions = _stat_versions(files, kind)
+    stored = _read_index(path, files)
+    segments: list[Segment | None] = [None] * len(files)
+    if stored is not None:
+        old = stored["versions"]
+        for k, seg in enumerate(_segments_of(stored)):
+            if (old[k] == versions[k]).all():
+                segments[k] = seg
+    todo = [k for k, s in enumerate(segments) if s is None]
+    if todo:
+        started = time.monotonic()
+        if stored is not None:
+            log.info("re-indexing %d of %d %s that changed since %s was written", len(todo), len(files), kind, path)
+        total = int(versions[todo, 1].sum())
+        with tqdm(total=total, desc=f"indexing {kind}", unit="B", unit_scale=True, delay=2.0) as bar:
+            for k, segment in _index_files(index_file, [files[k] for k in todo], todo, kind):
+                segments[k] = segment
+                bar.update(int(versions[k, 1]))
+        versions = _stat_versions(files, kind)  # as indexed (a file changed meanwhile is indexed next time)
+    done = [s for s in segments if s is not None]
+    index = _assemble(files, versions, done, kind, source)
+    if todo:
+        arrays = _arrays_of(index)
+        kept = _write_index(path, files, versions, arrays, [s.codec for s in done], index.class_names)
+        size = os.path.getsize(path) if kept else 0
+        log.info("indexed %d samples of %d %s in %.1f s%s", len(index), len(files), kind,
+                 time.monotonic() - started, f" (index {path}, {size / 1e6:.1f} MB)" if kept else "")
+    return index
+
+
+#: Files indexed in parallel processes from this many on (a fork costs more than a small file).
+_PARALLEL_FILES = 4
+_indexer: Callable[[str], Segment] | None = None
+
+
+def _index_one(job: tuple[int, str]) -> tuple[int, Segment | Exception]:
+    assert _indexer is not None
+    try:
+        return job[0], _indexer(job[1])
+    except (ConfigError, OSError) as exc:
+        return job[0], exc
+
+
+def _index_files(index_file: Callable[[str], Segment], paths: list[str], ids: list[int],
+                 kind: str) -> Iterator[tuple[int, Segment]]:
+    """(id, segment) of every file, on every core when there are several files; errors name the file."""
+    global _indexer
+    jobs = list(zip(ids, paths, strict=True))
+    cores = min(len(jobs), len(os.sched_getaffinity(0)))
+    if len(jobs) < _PARALLEL_FILES or cores < 2:
+        results: Iterator[tuple[int, Segment | Exception]] = ((k, _safe(index_file, p)) for k, p in jobs)
+        pool = None
+    else:
+        import multiprocessing
+
+        _indexer = index_file  # inherited by the forked processes: a closure needs no pickling
+        pool = multiprocessing.get_context("fork").Pool(cores)
+        results = pool.imap(_index_one, jobs)
+    try:
+        for k, result in results:
+            if isinstance(result, OSError):
+                raise os_error(result, kind, paths[ids.index(k)]) from None
+            if isinstance(result, Exception):
+                raise result
+            yield k, result
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _indexer = None
+
+
+def _safe(index_file: Callable[[str], Segment], path: str) -> Segment | Exception:
+    try:
+        return index_file(path)
+    except (ConfigError, OSError) as exc:
+        return exc
+
+
+def _arrays_of(index: PackedIndex) -> dict[str, np.ndarray]:
+    arrays = {"starts": index.starts, "pos": index.pos, "span": index.span, "labels": index.labels}
+    for name in ("names_blob", "names_offsets", "raw", "inner", "length"):
+        value = getattr(index, name)
+        if value is not None:
+            arrays[name] = value
+    return arrays
+
+
+def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], kind: str, source: str) -> PackedIndex:
+    counts = [len(s) for s in segments]
+    starts = np.zeros(len(segments) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+
+    def cat(name: str) -> np.ndarray | None:
+        parts = [getattr(s, name) for s in segments]
+        if all(p is None for p in parts):
+            return None
+        fill = {"raw": -1}.get(name, 0)
+        return np.concatenate([p if p is not None else np.full(len(s), fill, np.int64)
+                               for p, s in zip(parts, segments, strict=True)]).astype(np.int64)
+
+    names_blob = names_offsets = None
+    if segments and all(s.names_blob is not None and s.names_offsets is not None for s in segments):
+        names_blob = np.concatenate([s.names_blob for s in segments if s.names_blob is not None]).astype(np.uint8)
+        sizes = np.concatenate([np.diff(s.names_offsets) for s in segments if s.names_offsets is not None])
+        names_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=names_offsets[1:])
+    classes = next((s.class_names for s in segments if s.class_names), None)
+    pos, span, labels = cat("pos"), cat("span"), cat("labels")
+    assert pos is not None and span is not None and labels is not None
+    raw = cat("raw")
+    packed = raw is not None and bool((raw >= 0).any())  # some samples sit in compressed pages
+    return PackedIndex(kind=kind, files=tuple(files), file_versions=versions, starts=starts, pos=pos, span=span,
+                       labels=labels, class_names=classes, source=source, names_blob=names_blob,
+                       names_offsets=names_offsets, raw=raw if packed else None,
+                       inner=cat("inner") if packed else None, length=cat("length") if packed else None,
+                       codecs=tuple(s.codec for s in segments),
+                       storage=storage_for(files[0]))
