@@ -35,7 +35,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+if TYPE_CHECKING:
+    from .data.remote import RemoteStorage
 
 __all__ = [
     "AugmentOptions", "CacheOptions", "DataOptions", "DecodeOptions", "ErrorOptions", "GROUPS", "LogOptions",
@@ -62,6 +65,17 @@ class DataOptions:
     label_column: str = "label"
     json_label: str | None = None
     index_dir: str | None = None
+    remote_attempts: int = 8
+    remote_timeout_s: float = 30.0
+    remote_inflight_mb: float = 64.0
+    remote_recheck_s: float = 60.0
+
+    def remote(self) -> RemoteStorage:
+        """The process's storage for s3:// and http(s):// data under these settings."""
+        from .data.remote import RetryPolicy, remote_storage
+
+        return remote_storage(RetryPolicy(attempts=self.remote_attempts, timeout_s=self.remote_timeout_s),
+                              int(self.remote_inflight_mb * (1 << 20)), self.remote_recheck_s)
 
 
 @dataclass(frozen=True)

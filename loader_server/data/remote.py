@@ -147,6 +147,7 @@ class RemoteStorage:
         self._infos: dict[str, ObjectInfo | None] = {}  # url -> as indexed (None: gone)
         self._checked: dict[str, float] = {}  # folder (S3) or object url -> monotonic time of its last check
         self._now: dict[str, ObjectInfo] = {}  # url -> as last checked
+        self._lists: dict[tuple[str, bool], dict[str, ObjectInfo]] = {}  # listings made while opening data sets
         self._lock = threading.Lock()
         self._pid = -1
         self._local = threading.local()
@@ -316,21 +317,29 @@ class RemoteStorage:
         size = int(head.get("content-length", -1))
         return ObjectInfo(size, head.get("etag") or ("last-modified:" + head.get("last-modified", "")))
 
-    def list(self, prefix: str) -> dict[str, ObjectInfo]:
-        """Every object under `prefix` (``s3://bucket/folder/``): URL -> info, in key order."""
+    def list(self, prefix: str, shallow: bool = False) -> dict[str, ObjectInfo]:
+        """Every object under `prefix` (``s3://bucket/folder/``; `shallow`: not in its sub-folders): URL -> info,
+        in key order. Listings are kept: opening a data set lists each prefix once."""
         if not prefix.startswith("s3://"):
             raise ConfigError(f"{prefix!r}: a web server cannot be listed; name the files (a list file, brace "
                               "ranges such as train-{000..099}.tar) or put them on S3")
-        return self._list(prefix, exact=False)
+        with self._lock:
+            kept = self._lists.get((prefix, shallow))
+        if kept is None:
+            kept = self._list(prefix, exact=False, shallow=shallow)
+            with self._lock:
+                self._lists[(prefix, shallow)] = kept
+        return kept
 
-    def _list(self, prefix: str, exact: bool, remember: bool = True) -> dict[str, ObjectInfo]:
+    def _list(self, prefix: str, exact: bool, remember: bool = True, shallow: bool = False) -> dict[str, ObjectInfo]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         _, bucket, key = split_url(prefix)
         client = self._s3_setup()["client"]
         found: dict[str, ObjectInfo] = {}
         try:
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=key, **({"Delimiter": "/"} if shallow else {}))
             for page in pages:
                 for item in page.get("Contents", []):
                     if exact and item["Key"] != key:
@@ -385,12 +394,15 @@ class RemoteStorage:
             if last is not None and now - last < self.recheck_s:
                 return self._now.get(url)
         try:
-            seen = self._list(scope, exact=False, remember=False) if url.startswith("s3://") else {url: self.head(url)}
+            seen = (self._list(scope, exact=False, remember=False, shallow=True) if url.startswith("s3://")
+                    else {url: self.head(url)})
         except DecodeError:
             return None
         with self._lock:
             self._checked[scope] = now
-            self._now = {k: v for k, v in self._now.items() if not k.startswith(scope)} if scope != url else self._now
+            if scope != url:  # a folder's listing: what it no longer shows is gone
+                self._now = {k: v for k, v in self._now.items() if not (k.startswith(scope) and "/" not in
+                                                                        k[len(scope):])}
             self._now.update(seen)
             if url not in seen:
                 self._now.pop(url, None)
