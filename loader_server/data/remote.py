@@ -13,9 +13,11 @@ folders, tar shards, Parquet tables) the way `reading.LocalStorage` reads files:
   requests (at start, and to re-check versions) go through a botocore client;
 * **faults**: a timeout, a dropped connection, a 5xx (503 SlowDown included) or a 429 is
   retried with exponential backoff and full jitter, up to ``--remote-attempts`` attempts of at
-  most ``--remote-timeout-s`` each; then the sample is bad (the bad-file policy applies) with a
-  `DecodeError` that names the URL, the status and the number of attempts. A 404 or 403 is
-  not retried;
+  most ``--remote-timeout-s`` each; then the read fails with a `DecodeError` of code
+  ``unavailable`` that names the URL, the status (or the network error) and the number of
+  attempts: the trainer gets it as `BadSampleError`, in skip mode too (a store that does not
+  answer is not a bad file to replace). A 404 or 403 is not retried: that object is a bad file
+  (``not_found``, ``permission_denied``) and the bad-file policy applies;
 * **versions**: every object's ETag (or, from a web server without one, Last-Modified) and
   size are known from the listing or a HEAD when the data set is opened. Each read sends
   ``If-Match`` with that ETag, so an object overwritten since is answered 412 and never served:
@@ -298,7 +300,7 @@ class RemoteStorage:
         status = f"HTTP {failure.status} " if failure.status is not None else ""
         tries = f"after {attempt} attempt{'s' if attempt > 1 else ''} in {took:.1f} s"
         code = {404: "not_found", 403: "permission_denied", 401: "permission_denied", 412: "changed"}.get(
-            failure.status or 0, "read_failed")
+            failure.status or 0, "unavailable" if failure.retry else "read_failed")
         hint = {"not_found": "", "changed": "", "permission_denied": ": check the credentials (AWS_PROFILE, "
                 "AWS_ACCESS_KEY_ID) and the bucket policy"}.get(code, "")
         raise DecodeError(url, f"{what} failed {tries}: {status}{failure.reason}{hint}", code)

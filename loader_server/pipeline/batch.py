@@ -139,7 +139,7 @@ class BatchBuilder:
             try:
                 path.run(i, describe(i), staging[slot], key, pending, version)
             except DecodeError as exc:
-                if not self.skip_bad:
+                if not self.skip_bad or exc.code == "unavailable":  # a store that does not answer: no substitute
                     raise
                 bad.append((slot, exc))
         self.cache_hits, self.cache_misses = path.hits, path.misses
