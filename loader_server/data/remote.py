@@ -152,6 +152,7 @@ class RemoteStorage:
         self._lists: dict[tuple[str, bool], dict[str, ObjectInfo]] = {}  # listings made while opening data sets
         self._lock = threading.Lock()
         self._pid = -1
+        self._open: list[http.client.HTTPConnection] = []  # every connection of this process
         self._local = threading.local()
         self._rng = random.Random()
         self._budget = _Budget(inflight_bytes)
@@ -162,6 +163,7 @@ class RemoteStorage:
     def _fresh(self) -> None:
         """After a fork: new connections, client, credentials and budget (the parent's are not ours)."""
         if self._pid != os.getpid():  # not under the lock: a lock held by another thread at the fork stays held
+            self._open = []  # the parent's sockets: not ours to use or close
             self._lock = threading.Lock()
             self._local = threading.local()
             self._budget = _Budget(self.inflight_bytes)
@@ -183,10 +185,16 @@ class RemoteStorage:
                 except ImportError as exc:
                     raise ConfigError(f"s3:// data is read with botocore, which cannot be imported here ({exc}): "
                                       "install the `s3` extra: `python3 -m pip install \".[server,s3]\"`") from None
+                logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines say where credentials came from
                 session = botocore.session.get_session()
                 timeout = self.policy.timeout_s
+                unsigned = {}
+                if session.get_credentials() is None:  # no credentials anywhere: unsigned requests (public buckets)
+                    from botocore import UNSIGNED
+
+                    unsigned = {"signature_version": UNSIGNED}
                 config = Config(retries={"max_attempts": self.policy.attempts, "mode": "standard"},
-                                connect_timeout=timeout, read_timeout=timeout, max_pool_connections=4)
+                                connect_timeout=timeout, read_timeout=timeout, max_pool_connections=4, **unsigned)
                 region = os.environ.get("AWS_REGION") or session.get_config_variable("region") or "us-east-1"
                 try:
                     client = session.create_client("s3", region_name=region, config=config)
@@ -237,6 +245,8 @@ class RemoteStorage:
             else:
                 conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
             conns[key] = conn
+            with self._lock:
+                self._open.append(conn)  # kept here, not only by its thread: closed by `close`, never collected open
         path = parts.path or "/"
         return conn, path + (f"?{parts.query}" if parts.query else "")
 
@@ -245,6 +255,9 @@ class RemoteStorage:
         conn = self._local.__dict__.get("conns", {}).pop((parts.scheme, parts.netloc), None)
         if conn is not None:
             conn.close()
+            with self._lock:
+                if conn in self._open:
+                    self._open.remove(conn)
 
     def _once(self, url: str, method: str, headers: dict[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
         """One attempt: (status, lower-cased headers, body)."""
@@ -357,8 +370,7 @@ class RemoteStorage:
                                       f"{error.get('Code', '')} {error.get('Message', '')}".rstrip(),
                               "not_found" if error.get("Code") == "NoSuchBucket" else "read_failed") from None
         except BotoCoreError as exc:
-            raise DecodeError(prefix, f"listing failed after {self.policy.attempts} attempts: {exc}",
-                              "read_failed") from None
+            raise DecodeError(prefix, f"listing failed: {exc}", "unavailable") from None
         if remember:
             with self._lock:
                 for url, info in found.items():
@@ -486,6 +498,18 @@ class RemoteStorage:
                 os.unlink(path)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        """Close this process's connections (the next request opens new ones)."""
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            conns, self._open = self._open, []
+            self._local = threading.local()
+        for conn in conns:
+            conn.close()
+        if self._s3 is not None:
+            self._s3["client"].close()
 
     def stats(self) -> dict[str, int]:
         """This process's requests and peak bytes in flight."""
