@@ -305,7 +305,7 @@ class _SlowDown(http.server.BaseHTTPRequestHandler):
     target = ""
     seen = 0
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).seen += 1
         if type(self).fail > 0:
             type(self).fail -= 1

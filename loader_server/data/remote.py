@@ -38,7 +38,6 @@ import logging
 import os
 import random
 import re
-import socket
 import ssl
 import tempfile
 import threading
@@ -185,7 +184,8 @@ class RemoteStorage:
                 except ImportError as exc:
                     raise ConfigError(f"s3:// data is read with botocore, which cannot be imported here ({exc}): "
                                       "install the `s3` extra: `python3 -m pip install \".[server,s3]\"`") from None
-                logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines say where credentials came from
+                # botocore's INFO lines say where the credentials came from: not for our logs
+                logging.getLogger("botocore").setLevel(logging.WARNING)
                 session = botocore.session.get_session()
                 timeout = self.policy.timeout_s
                 unsigned = {}
@@ -203,7 +203,7 @@ class RemoteStorage:
                                       "AWS_ENDPOINT_URL and the AWS config files") from None
                 endpoint = client.meta.endpoint_url.rstrip("/")
                 self._s3 = {"session": session, "client": client, "endpoint": endpoint, "region": region,
-                            "aws": urllib.parse.urlsplit(endpoint).hostname.endswith("amazonaws.com")}  # type: ignore[union-attr]
+                            "aws": (urllib.parse.urlsplit(endpoint).hostname or "").endswith("amazonaws.com")}
             return self._s3
 
     # ------------------------------------------------------------------ URLs and requests
@@ -259,7 +259,8 @@ class RemoteStorage:
                 if conn in self._open:
                     self._open.remove(conn)
 
-    def _once(self, url: str, method: str, headers: dict[str, str], max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    def _once(self, url: str, method: str, headers: dict[str, str],
+              max_bytes: int) -> tuple[int, dict[str, str], bytes]:
         """One attempt: (status, lower-cased headers, body)."""
         self.requests += 1
         http_url = self._http_url(url)
@@ -279,7 +280,7 @@ class RemoteStorage:
                 self._drop(http_url)
         except DecodeError:
             raise
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self._drop(http_url)
             raise _Failure(None, f"timed out after {self.policy.timeout_s:g} s", True) from None
         except (OSError, http.client.HTTPException) as exc:
@@ -310,13 +311,13 @@ class RemoteStorage:
                 break
             time.sleep(policy.backoff(attempt, self._rng))
         took = time.monotonic() - started
-        status = f"HTTP {failure.status} " if failure.status is not None else ""
+        shown = f"HTTP {failure.status} " if failure.status is not None else ""
         tries = f"after {attempt} attempt{'s' if attempt > 1 else ''} in {took:.1f} s"
         code = {404: "not_found", 403: "permission_denied", 401: "permission_denied", 412: "changed"}.get(
             failure.status or 0, "unavailable" if failure.retry else "read_failed")
         hint = {"not_found": "", "changed": "", "permission_denied": ": check the credentials (AWS_PROFILE, "
                 "AWS_ACCESS_KEY_ID) and the bucket policy"}.get(code, "")
-        raise DecodeError(url, f"{what} failed {tries}: {status}{failure.reason}{hint}", code)
+        raise DecodeError(url, f"{what} failed {tries}: {shown}{failure.reason}{hint}", code)
 
     # ------------------------------------------------------------------ what objects exist
     def head(self, url: str) -> ObjectInfo:
