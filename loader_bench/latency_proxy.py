@@ -11,7 +11,8 @@ and requests on many connections overlap as they would on a real link.
     python -m loader_bench.latency_proxy --target 127.0.0.1:8333 --delay-ms 20 [--listen 127.0.0.1:0]
 
 prints ``listening 127.0.0.1:PORT`` once it accepts connections, and on SIGTERM or SIGINT
-prints the connections and bytes it carried and exits. `start_proxy` runs it as a child process.
+prints what it carried (``carried {json}``: connections, requests and requests per second,
+bytes each way, and the bytes on the link, sampled every 5 ms) and exits. `start_proxy` runs it as a child process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -31,10 +33,19 @@ __all__ = ["start_proxy", "Proxy", "main"]
 _CHUNK = 256 << 10
 
 
+_METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")
+
+
 class _Stats:
     connections = 0
+    requests = 0  # chunks sent up that start an HTTP request (no pipelining: each request starts a chunk)
+    first = last = 0.0  # monotonic times of the first and last request
     bytes_up = 0
     bytes_down = 0
+    queued = 0  # bytes on the simulated link now, both ways
+    samples = 0
+    queued_sum = 0
+    queued_max = 0
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float, up: bool) -> None:
@@ -47,9 +58,15 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         nonlocal done
         try:
             while chunk := await reader.read(_CHUNK):
-                queue.append((time.monotonic() + delay_s, chunk))
+                now = time.monotonic()
+                queue.append((now + delay_s, chunk))
+                _Stats.queued += len(chunk)
                 if up:
                     _Stats.bytes_up += len(chunk)
+                    if chunk.startswith(_METHODS):
+                        _Stats.requests += 1
+                        _Stats.first = _Stats.first or now
+                        _Stats.last = now
                 else:
                     _Stats.bytes_down += len(chunk)
                 arrived.set()
@@ -73,6 +90,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
             if wait > 0:
                 await asyncio.sleep(wait)
             queue.popleft()
+            _Stats.queued -= len(chunk)
             writer.write(chunk)
             await writer.drain()
     except (ConnectionError, OSError):
@@ -99,6 +117,15 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], delay_s: floa
             await asyncio.gather(_pump(client_r, store_w, delay_s / 2, True),
                                  _pump(store_r, client_w, delay_s / 2, False))
 
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            if _Stats.requests:
+                _Stats.samples += 1
+                _Stats.queued_sum += _Stats.queued
+                _Stats.queued_max = max(_Stats.queued_max, _Stats.queued)
+
+    sampler = asyncio.create_task(sample())
     server = await asyncio.start_server(handle, *listen, limit=_CHUNK, backlog=1024)
     host, port = server.sockets[0].getsockname()[:2]
     print(f"listening {host}:{port}", flush=True)
@@ -108,8 +135,13 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], delay_s: floa
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
-    print(f"carried {_Stats.connections} connections, {_Stats.bytes_up} bytes up, {_Stats.bytes_down} bytes down",
-          flush=True)
+    sampler.cancel()
+    span = max(_Stats.last - _Stats.first, 1e-9)
+    print("carried " + json.dumps({
+        "connections": _Stats.connections, "requests": _Stats.requests, "bytes_up": _Stats.bytes_up,
+        "bytes_down": _Stats.bytes_down, "requests_per_s": round(_Stats.requests / span, 1) if _Stats.requests > 1
+        else 0.0, "link_bytes_mean": _Stats.queued_sum // max(_Stats.samples, 1),
+        "link_bytes_max": _Stats.queued_max}), flush=True)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -139,8 +171,9 @@ class Proxy:
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def stop(self) -> str:
-        """Stop it; the line it printed on its way out (what it carried)."""
+    def stop(self) -> dict[str, float]:
+        """Stop it; what it carried: connections, requests (and per second from the first to the last),
+        bytes each way, and the bytes on the simulated link (sampled every 5 ms: mean and max)."""
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
@@ -148,7 +181,8 @@ class Proxy:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate(timeout=10)
-        return (out or "").strip()
+        line = next((ln for ln in (out or "").splitlines() if ln.startswith("carried ")), "carried {}")
+        return dict(json.loads(line.removeprefix("carried ")))
 
 
 def start_proxy(target: tuple[str, int], delay_ms: float, timeout_s: float = 30) -> Proxy:

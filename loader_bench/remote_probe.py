@@ -1,0 +1,151 @@
+"""Data on an object store against local disk (``--extras s3``), latency added in the network path.
+
+The benchmark's images are written as WebDataset tar shards (8 shards); the service reads them
+from local disk (every shard read once first, so all sit in the page cache), and from a real
+S3 store (SeaweedFS, started here on free loopback ports, loader_bench/object_store.py)
+through the delaying TCP proxy (latency_proxy.py: a separate process that releases every chunk
+half the delay after it arrived, each way, so that each request's round trip gains the delay;
+the kernel's netem is not available here). The server finds the store through the standard
+AWS variables (``AWS_ENDPOINT_URL`` = the proxy). Runs:
+
+* ``local``: the shards on local disk, default settings;
+* ``s3 +20 ms``: default settings;
+* ``s3 +100 ms``: the read-ahead setting the README recommends (`RECOMMENDED_100MS`);
+* ``local, cache`` and ``s3 +100 ms, cache`` with ``--cache DIR``: timed after one full epoch, so
+  every timed batch comes from the cache.
+
+Each round runs every configuration once, in an order that rotates each round (a noisy
+machine's slow minute falls on each in turn); the table gives the median images/s, the ratio to
+local disk, the proxy's requests per second and bytes on the link (mean and max of samples
+every 5 ms), and the load average around each run. The member index is built once and kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .context import Bench
+from .systems import measure_service
+
+__all__ = ["s3_probe", "s3_tables", "RECOMMENDED_100MS"]
+
+Results = dict[str, Any]
+
+#: The serve flags the README recommends for an object store 100 ms away.
+RECOMMENDED_100MS: list[str] = ["--read-threads", "64"]
+_ROUNDS = 3
+_BUCKET = "bench"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
+def s3_probe(b: Bench) -> Results:
+    from loader_server.sample_data import write_tar_shards
+
+    from .latency_proxy import start_proxy
+    from .object_store import NoStore, start_store
+
+    if not hasattr(b.index, "path"):
+        _say("s3: skipped (it writes the images of an image data set into tar shards)")
+        return {}
+    root = Path(b.scratch) / "s3"
+    local = write_tar_shards(b.index, root / "tar", max(1, len(b.index) // 8))
+    shards = sorted((root / "tar").glob("*.tar"))
+    for shard in shards:  # into the page cache: local disk at its best
+        shard.read_bytes()
+    try:
+        store = start_store((_BUCKET,), root=root / "store")
+    except NoStore as exc:
+        _say(f"s3: skipped ({exc})")
+        return {}
+    try:
+        for shard in shards:
+            store.put(_BUCKET, f"tar/{shard.name}", shard.read_bytes())
+        remote = f"s3://{_BUCKET}/tar/"
+        epoch_batches = len(b.index) // b.batch_size
+        common = [*b.serve_extra, "--index-dir", str(root / "index")]
+        runs: dict[str, tuple[str, float | None, list[str], int]] = {
+            "local": (local, None, common, 2),
+            "s3 +20 ms": (remote, 20.0, common, 2),
+            "s3 +100 ms": (remote, 100.0, [*common, *RECOMMENDED_100MS], 2),
+            "local, cache": (local, None, [*common, "--cache", str(root / "cache-local")], epoch_batches + 1),
+            "s3 +100 ms, cache": (remote, 100.0, [*common, *RECOMMENDED_100MS, "--cache", str(root / "cache-s3")],
+                                  epoch_batches + 1),
+        }
+        rounds = 1 if b.quick else _ROUNDS
+        got: dict[str, list[Results]] = {name: [] for name in runs}
+        names = list(runs)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                data, delay, extra, warmup = runs[name]
+                load_before = os.getloadavg()[0]
+                proxy = start_proxy(store.address, delay) if delay is not None else None
+                try:
+                    env = store.env(proxy.endpoint if proxy else None)
+                    with _environment(env):
+                        result = measure_service(b, data=data, extra=extra, warmup=warmup, sample_pss=False)
+                finally:
+                    carried = proxy.stop() if proxy is not None else {}
+                result.update(load=(load_before + os.getloadavg()[0]) / 2, proxy=carried)
+                got[name].append(result)
+                rate = f"{carried.get('requests_per_s', 0):.0f} req/s, " if carried else ""
+                _say(f"s3: round {r + 1} {name}: {result['images_per_s']:.0f} images/s ({rate}load "
+                     f"{result['load']:.1f})")
+    finally:
+        store.stop()
+    base = statistics.median(x["images_per_s"] for x in got["local"])
+    base_cache = statistics.median(x["images_per_s"] for x in got["local, cache"])
+    table = {}
+    for name, results in got.items():
+        rate = statistics.median(x["images_per_s"] for x in results)
+        reference = base_cache if name.endswith("cache") else base
+        carried_all = [x["proxy"] for x in results if x["proxy"]]
+        table[name] = {
+            "images_per_s": rate, "ratio": rate / reference, "runs": [round(x["images_per_s"], 1) for x in results],
+            "load": statistics.median(x["load"] for x in results),
+            "requests_per_s": statistics.median(p["requests_per_s"] for p in carried_all) if carried_all else None,
+            "link_bytes_mean": statistics.median(p["link_bytes_mean"] for p in carried_all) if carried_all else None,
+            "link_bytes_max": max(p["link_bytes_max"] for p in carried_all) if carried_all else None,
+            "settings": " ".join(runs[name][2][len(common):]) or "defaults",
+        }
+    _say("s3: " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in table.items()))
+    return {"s3": table, "s3_images": len(b.index), "s3_shards": len(shards)}
+
+
+def s3_tables(results: Results) -> list[str]:
+    table = results.get("s3")
+    if not table:
+        return []
+    lines = ["", f"### Data on an object store ({results['s3_images']} images in {results['s3_shards']} tar shards; "
+             "latency added by a delaying TCP proxy)", "",
+             "| run | settings | images/s (median) | vs local | runs | requests/s | bytes on the link, mean / max "
+             "| load |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        link = (f"{row['link_bytes_mean'] / 1e6:.2f} MB / {row['link_bytes_max'] / 1e6:.2f} MB"
+                if row["link_bytes_mean"] is not None else "-")
+        rps = f"{row['requests_per_s']:.0f}" if row["requests_per_s"] is not None else "-"
+        lines.append(f"| {name} | {row['settings']} | {row['images_per_s']:.0f} | {row['ratio']:.2f}x | "
+                     f"{', '.join(map(str, row['runs']))} | {rps} | {link} | {row['load']:.1f} |")
+    return lines
