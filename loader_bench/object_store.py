@@ -95,6 +95,7 @@ class ObjectStore:
     binary: str
     proc: subprocess.Popen[bytes] | None = None
     buckets: list[str] = field(default_factory=list)
+    options: tuple[str, ...] = ()  # more `weed server` flags
 
     @property
     def endpoint(self) -> str:
@@ -143,7 +144,7 @@ class ObjectStore:
                 f"-filer.localSocket={self.root / 'filer.sock'}",
                 "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3-grpc']}", f"-s3.config={self.root / 's3.json'}",
                 f"-s3.localSocket={self.root / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=512", "-volume.max=64"]
+                "-master.telemetry=false", "-master.volumeSizeLimitMB=512", "-volume.max=64", *self.options]
 
     def launch(self) -> None:
         """Start ``weed server`` and wait until the gateway answers and takes a write."""
@@ -218,8 +219,10 @@ class ObjectStore:
         return ""
 
 
-def start_store(buckets: tuple[str, ...] = ("loader-data",), root: Path | None = None) -> ObjectStore:
-    """Start SeaweedFS in `root` (a new folder under /tmp by default) with `buckets` and `PUBLIC` created.
+def start_store(buckets: tuple[str, ...] = ("loader-data",), root: Path | None = None,
+                options: tuple[str, ...] = ()) -> ObjectStore:
+    """Start SeaweedFS in `root` (a new folder under /tmp by default) with `buckets` and `PUBLIC` created;
+    `options`: more ``weed server`` flags.
 
     Raises NoStore when it cannot run here; what it started is stopped again first.
     """
@@ -235,7 +238,7 @@ def start_store(buckets: tuple[str, ...] = ("loader-data",), root: Path | None =
     (root / "s3.json").write_text(json.dumps(s3_config()))
     names = [f"{s}{g}" for s in _SERVERS for g in ("", "-grpc")]
     store = ObjectStore(root, dict(zip(names, _free_ports(len(names)), strict=True)), binary,
-                        buckets=[*buckets, PUBLIC])
+                        buckets=[*buckets, PUBLIC], options=options)
     try:
         store.launch()
     except BaseException:

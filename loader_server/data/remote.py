@@ -53,7 +53,7 @@ from loader_client.errors import ConfigError
 
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version
 
-__all__ = ["RemoteStorage", "RetryPolicy", "ObjectInfo", "is_remote", "REMOTE_SCHEMES", "split_url", "remote_storage",
+__all__ = ["reads_remote", "RemoteStorage", "RetryPolicy", "ObjectInfo", "is_remote", "REMOTE_SCHEMES", "split_url", "remote_storage",
            "DEFAULT_INFLIGHT_BYTES"]
 
 log = logging.getLogger("loader_server")
@@ -564,6 +564,13 @@ def _status_failure(status: int, head: dict[str, str], body: bytes) -> _Failure:
         text = "the object changed since it was indexed (its ETag no longer matches): restart the server to index " \
                "it again"
     return _Failure(status, text, status in _RETRY_STATUS or status >= 500)
+
+
+def reads_remote(dataset: object) -> bool:
+    """Whether a data set (or the data set a subset is taken from) reads objects from a store."""
+    while hasattr(dataset, "parent"):
+        dataset = dataset.parent
+    return getattr(dataset, "remote", None) is not None or isinstance(getattr(dataset, "storage", None), RemoteStorage)
 
 
 _STORAGES: dict[tuple[Any, ...], RemoteStorage] = {}
