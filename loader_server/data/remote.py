@@ -53,8 +53,8 @@ from loader_client.errors import ConfigError
 
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version
 
-__all__ = ["reads_remote", "RemoteStorage", "RetryPolicy", "ObjectInfo", "is_remote", "REMOTE_SCHEMES", "split_url", "remote_storage",
-           "DEFAULT_INFLIGHT_BYTES"]
+__all__ = ["reads_remote", "RemoteStorage", "RetryPolicy", "ObjectInfo", "is_remote", "REMOTE_SCHEMES", "split_url",
+           "remote_storage", "sign_v4", "DEFAULT_INFLIGHT_BYTES"]
 
 log = logging.getLogger("loader_server")
 
