@@ -112,6 +112,8 @@ def data(store: s3_support.ObjectStore, tmp_path_factory: pytest.TempPathFactory
         store.put(s3_support.PUBLIC, f"img/{os.path.basename(p)}", Path(p).read_bytes())
     public = "".join(f"img/{os.path.basename(p)} {y}\n" for p, y in zip(names, labels, strict=True))
     store.put(s3_support.PUBLIC, "train.txt", public.encode())
+    for shard in sorted(Path(local["tar"]).parent.glob("train-*.tar")):
+        store.put(s3_support.PUBLIC, f"tar/{shard.name}", shard.read_bytes())
     return {
         "files": (str(listfile), f"s3://{BUCKET}/d/files/train.txt"),
         "objects": (str(listfile), f"s3://{BUCKET}/lists/objects.txt"),
@@ -121,6 +123,7 @@ def data(store: s3_support.ObjectStore, tmp_path_factory: pytest.TempPathFactory
         "parquet-snappy": (local["parquet-snappy"], f"s3://{BUCKET}/d/snappy/"),
         "class-folders": (str(classes), f"s3://{BUCKET}/classes/"),
         "http-list": (str(listfile), f"{store.endpoint}/{s3_support.PUBLIC}/train.txt"),
+        "http-tar": (local["tar"], f"{store.endpoint}/{s3_support.PUBLIC}/tar/train-{{000000..000004}}.tar"),
     }
 
 
@@ -140,12 +143,12 @@ def _batches(data: str, **settings: Any) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["files", "objects", "tar", "tar-prefix", "parquet", "parquet-snappy",
-                                  "class-folders", "http-list"])
+                                  "class-folders", "http-list", "http-tar"])
 def test_every_kind_from_the_store_gives_bitwise_the_batches_of_local_disk(data: dict[str, tuple[str, str]],
                                                                             tmp_path: Path, kind: str) -> None:
     local, remote = data[kind]
     extra: dict[str, Any] = {"augment": "rrc(scale=0.3-1),flip"}
-    if kind.startswith(("tar", "parquet")):
+    if kind.startswith(("tar", "parquet", "http-tar")):
         extra["index_dir"] = str(tmp_path / "index")
     expected = _batches(local, **extra)
     got = _batches(remote, **extra)
