@@ -24,8 +24,10 @@ the client: this process and its children) on the others, in every run, local on
 
 Each round runs every configuration once, in an order that rotates each round (a noisy
 machine's slow minute falls on each in turn); the table gives the median images/s, the ratio to
-local disk, the proxy's requests per second and bytes on the link (mean and max of samples
-every 5 ms), and the load average around each run. The member index is built once and kept.
+local disk (each round's run over the same round's local run, the median of those: the load
+drifts less within a round), the CPU the server and its workers spent per timed image (which
+the machine's load changes much less), the proxy's requests per second and bytes on the link
+(mean and max of samples every 5 ms), and the load average around each run. The member index is built once and kept.
 """
 
 from __future__ import annotations
