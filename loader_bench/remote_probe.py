@@ -125,7 +125,9 @@ def s3_probe(b: Bench) -> Results:
                 try:
                     env = store.env(proxy.endpoint if proxy else None)
                     with _environment(env):
-                        result = measure_service(b, data=data, extra=extra, warmup=warmup, sample_pss=False)
+                        n = max(b.n, 4 * len(b.index)) if name.endswith("cache") else b.n  # cached: ~10k images/s
+                        result = measure_service(b, data=data, extra=extra, warmup=warmup, sample_pss=False, n=n,
+                                                 cpu=True)
                 finally:
                     carried = proxy.stop() if proxy is not None else {}
                 result.update(load=(load_before + os.getloadavg()[0]) / 2, proxy=carried)
@@ -136,20 +138,23 @@ def s3_probe(b: Bench) -> Results:
     finally:
         os.sched_setaffinity(0, set(cores))
         store.stop()
-    base = statistics.median(x["images_per_s"] for x in got["local"])
-    base_cache = statistics.median(x["images_per_s"] for x in got["local, cache"])
     table = {}
     for name, results in got.items():
         rate = statistics.median(x["images_per_s"] for x in results)
-        reference = base_cache if name.endswith("cache") else base
+        local = got["local, cache"] if name.endswith("cache") else got["local"]
+        # Each round's run against the same round's local run (the load drifts less within a round).
+        ratios = [x["images_per_s"] / y["images_per_s"] for x, y in zip(results, local, strict=True)]
         carried_all = [x["proxy"] for x in results if x["proxy"]]
         table[name] = {
-            "images_per_s": rate, "ratio": rate / reference, "runs": [round(x["images_per_s"], 1) for x in results],
+            "images_per_s": rate, "ratio": statistics.median(ratios), "ratios": [round(r, 2) for r in ratios],
+            "cpu_ms_per_image": statistics.median(x["loader_cpu_ms_per_image"] for x in results),
+            "runs": [round(x["images_per_s"], 1) for x in results],
             "load": statistics.median(x["load"] for x in results),
             "requests_per_s": statistics.median(p["requests_per_s"] for p in carried_all) if carried_all else None,
             "link_bytes_mean": statistics.median(p["link_bytes_mean"] for p in carried_all) if carried_all else None,
             "link_bytes_max": max(p["link_bytes_max"] for p in carried_all) if carried_all else None,
-            "settings": " ".join(runs[name][2][len(common):]) or "defaults",
+            "settings": " ".join("DIR" if a.startswith(str(root)) else a for a in runs[name][2][len(common):])
+            or "defaults",
         }
     _say("s3: " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in table.items()))
     return {"s3": table, "s3_images": len(b.index), "s3_shards": len(shards),
@@ -175,12 +180,13 @@ def s3_tables(results: Results) -> list[str]:
              "latency added by a delaying TCP proxy)", "",
              f"Cores: the loader {results['s3_cores']['loader']}, the store and the proxy "
              f"{results['s3_cores']['store and proxy']}.", "",
-             "| run | settings | images/s (median) | vs local | runs | requests/s | bytes on the link, mean / max "
-             "| load |", "|---|---|---|---|---|---|---|---|"]
+             "| run | settings | images/s (median) | vs local (median of rounds) | each round | loader CPU ms/image "
+             "| requests/s | bytes on the link, mean / max | load |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         link = (f"{row['link_bytes_mean'] / 1e6:.2f} MB / {row['link_bytes_max'] / 1e6:.2f} MB"
                 if row["link_bytes_mean"] is not None else "-")
         rps = f"{row['requests_per_s']:.0f}" if row["requests_per_s"] is not None else "-"
         lines.append(f"| {name} | {row['settings']} | {row['images_per_s']:.0f} | {row['ratio']:.2f}x | "
-                     f"{', '.join(map(str, row['runs']))} | {rps} | {link} | {row['load']:.1f} |")
+                     f"{', '.join(f'{r:.2f}' for r in row['ratios'])} | {row['cpu_ms_per_image']:.2f} | {rps} | {link} "
+                     f"| {row['load']:.1f} |")
     return lines
