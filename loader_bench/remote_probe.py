@@ -141,9 +141,9 @@ def s3_probe(b: Bench) -> Results:
     table = {}
     for name, results in got.items():
         rate = statistics.median(x["images_per_s"] for x in results)
-        local = got["local, cache"] if name.endswith("cache") else got["local"]
+        reference = got["local, cache"] if name.endswith("cache") else got["local"]
         # Each round's run against the same round's local run (the load drifts less within a round).
-        ratios = [x["images_per_s"] / y["images_per_s"] for x, y in zip(results, local, strict=True)]
+        ratios = [x["images_per_s"] / y["images_per_s"] for x, y in zip(results, reference, strict=True)]
         carried_all = [x["proxy"] for x in results if x["proxy"]]
         table[name] = {
             "images_per_s": rate, "ratio": statistics.median(ratios), "ratios": [round(r, 2) for r in ratios],
