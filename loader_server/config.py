@@ -193,6 +193,10 @@ class ServerConfig:
         None, shown="auto",
         help="batches built ahead per client (bounds memory: prefetch x batch bytes); auto: "
              f"max({MIN_PREFETCH}, {PREFETCH_PER_WORKER} x workers), so that one client keeps every worker busy")
+    read_ahead_tasks: int = setting(
+        2, help="tasks each worker holds beyond the one it builds, their samples read ahead meanwhile (a task is "
+                "a batch); for an object store 100 ms away: 6, with --prefetch at least workers x (this + 1) and "
+                "--read-threads 256")
     mode: Literal["epoch", "random"] = setting(
         "epoch", choices=SAMPLING_MODES,
         help="epoch: a permutation per epoch; random: draw with replacement, endless")
@@ -319,6 +323,7 @@ class ServerConfig:
                 raise ConfigError(f"`augment` {crop} replaces the resize: use it with --resize stretch")
         _at_least("max_pixels", self.max_pixels, 1)
         _at_least("remote_attempts", self.remote_attempts, 1)
+        _at_least("read_ahead_tasks", self.read_ahead_tasks, 0)
         for name in ("remote_timeout_s", "remote_inflight_mb"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name}` must be > 0, got {getattr(self, name)}")

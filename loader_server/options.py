@@ -176,6 +176,7 @@ class ServeOptions:
     insecure: bool = False
     ipc_mode: str = "0600"
     prefetch: int | None = None
+    read_ahead_tasks: int = 2
     in_order: bool = True
     shm: bool = True
     max_clients: int = 64

@@ -99,7 +99,7 @@ class Server:
         channel: WorkerChannel | None = None
         arena_channel: ArenaChannel | None = None
         self.supervisor = Supervisor(self._spawn, self.config.workers, batch_timeout_s=self.config.batch_timeout_s,
-                                     dump_stack=_dump_stack)
+                                     dump_stack=_dump_stack, tasks_per_worker=1 + self.config.read_ahead_tasks)
         try:
             transport = ClientTransport(ctx, self.config.bind, curve_dir=self.config.curve_dir,
                                         insecure=self.config.insecure,

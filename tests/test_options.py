@@ -68,7 +68,7 @@ def test_settings_that_do_not_shape_batches_leave_the_fingerprint(name: str) -> 
              "max_message_bytes": 1 << 28, "batch_timeout_s": 9.0, "heartbeat_s": 2.0, "client_timeout_s": 40.0,
              "max_bad": 5, "log_level": "DEBUG", "log_format": "json", "log_interval_s": 3.0, "metrics_port": 9999,
              "metrics_host": "0.0.0.0", "max_file_bytes": 1 << 20, "read_threads": 4,
-             "simulate_read_latency_ms": 2.0, "cache": "memory", "ipc_mode": "0660"}
+             "simulate_read_latency_ms": 2.0, "cache": "memory", "ipc_mode": "0660", "read_ahead_tasks": 6}
     assert ServerConfig(data="x", **{name: other[name]}).fingerprint() == ServerConfig(data="x").fingerprint()
 
 
