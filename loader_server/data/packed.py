@@ -319,6 +319,12 @@ def _index_path(files: Sequence[str], kind: str, options: dict[str, object], ind
 def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage | None = None) -> np.ndarray:
     """Each file's (mtime, size, inode); each object's (ETag hash, size, 0), from the listing or a HEAD."""
     out = np.zeros((len(files), 3), dtype=np.int64)
+    folders = sorted({f.rsplit("/", 1)[0] + "/" for f in files if f.startswith("s3://")})
+    for folder in folders:  # one listing per folder, not a request per object (a thousand shards at 100 ms)
+        try:
+            (storage or remote_storage()).list(folder, shallow=True)
+        except DecodeError as exc:
+            raise ConfigError(f"{what} {exc}") from None
     for k, f in enumerate(files):
         if is_remote(f):
             try:
