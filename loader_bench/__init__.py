@@ -7,11 +7,12 @@ float32, slow storage, augmentations, ..., the CPU cost of each stage), and writ
 (`report`: results.json, results.md and, with matplotlib, results.png).
 
 A new measurement is one `Probe` in `probes.PROBES`: its function, and the rows it adds to the
-markdown report. ``loader_server.cli`` imports this package only for the ``bench`` command.
+markdown report. ``loader-server bench ARGS`` loads this package by name and calls `main` with
+ARGS: the product never imports its benchmark.
 """
 
 from __future__ import annotations
 
-from .cli import add_bench_arguments, run_bench
+from .cli import add_bench_arguments, main, run_bench
 
-__all__ = ["add_bench_arguments", "run_bench"]
+__all__ = ["add_bench_arguments", "main", "run_bench"]

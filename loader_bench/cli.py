@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from .probes import PROBES
 from .report import machine, markdown, plot, summarize
 from .systems import SYSTEMS
 
-__all__ = ["add_bench_arguments", "run_bench"]
+__all__ = ["add_bench_arguments", "main", "run_bench"]
 
 EXIT_USAGE = 2
 
@@ -43,6 +44,18 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve-args", default="", help="extra `serve` flags for every service run, quoted")
     p.add_argument("--out", default="bench-results", help="folder for results.json, results.md, results.png")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: tiny data, 1 round, few images")
+
+
+def main(argv: Sequence[str], prog: str = "loader-server bench") -> int:
+    """The benchmark's command line (`loader-server bench` hands it every word after ``bench``)."""
+    from loader_server.arguments import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter,
+                                     description="Benchmark the service against the per-core limit, the classic "
+                                                 "generator and torch DataLoader; write JSON, a markdown table and "
+                                                 "a plot.")
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
 
 
 def _choices(text: str, known: dict[str, Any], flag: str) -> list[str] | None:
@@ -139,9 +152,9 @@ _ARRAY_PROBES = frozenset({"stall", "scaling", "curve", "arrays"})
 
 def _load(data: str, serve_args: list[str]) -> Any:
     """The data set as `serve` opens it, with the data settings among --serve-args (labels, subset, ...)."""
-    from loader_server.cli import explicit_serve_flags
+    from loader_server.arguments import explicit_serve_flags
     from loader_server.data.datasets import load_dataset
     from loader_server.layered import resolve
 
-    flags = explicit_serve_flags(["serve", "--data", data, *serve_args])
+    flags = explicit_serve_flags(["--data", data, *serve_args])
     return load_dataset(resolve(flags, None, {})[0])

@@ -16,7 +16,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from loader_client import LoaderClient, ServerError, protocol
+from loader_client import LoaderClient, ServerError
+from loader_client.contract import protocol
 from loader_server.runtime.transport import SEND_QUEUE_BATCHES
 
 from . import systems

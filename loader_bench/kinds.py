@@ -23,7 +23,7 @@ from typing import Any
 from .context import Bench
 from .systems import measure_service
 
-__all__ = ["kinds_probe", "kinds_tables", "index_probe", "index_tables", "INDEX_MEMBERS"]
+__all__ = ["INDEX_MEMBERS", "index_probe", "index_tables", "kinds_probe", "kinds_tables"]
 
 Results = dict[str, Any]
 

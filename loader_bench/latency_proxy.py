@@ -28,7 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["start_proxy", "Proxy", "main"]
+__all__ = ["Proxy", "main", "start_proxy"]
 
 _CHUNK = 256 << 10
 

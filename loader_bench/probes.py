@@ -28,7 +28,7 @@ from .remote_probe import s3_probe, s3_tables
 from .systems import CLIENT_TIMEOUT_S, STEP_MODELS, PssSampler, measure_service, served, simulate_step
 from .train import train_probe, train_tables
 
-__all__ = ["Probe", "PROBES"]
+__all__ = ["PROBES", "Probe"]
 
 Results = dict[str, Any]
 
@@ -494,7 +494,7 @@ def _stages(b: Bench) -> Results:
     import cv2
     import zmq
 
-    from loader_client import protocol
+    from loader_client.contract import protocol
 
     n, size, batch_size = (128 if b.quick else 512), b.size, b.batch_size
     cv2.setNumThreads(1)

@@ -42,7 +42,7 @@ from typing import Any
 from .context import Bench
 from .systems import measure_service
 
-__all__ = ["s3_probe", "s3_tables", "RECOMMENDED_100MS"]
+__all__ = ["RECOMMENDED_100MS", "s3_probe", "s3_tables"]
 
 Results = dict[str, Any]
 

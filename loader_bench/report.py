@@ -15,7 +15,7 @@ import numpy as np
 from .probes import PROBES
 from .systems import SYSTEMS
 
-__all__ = ["summarize", "machine", "markdown", "plot"]
+__all__ = ["machine", "markdown", "plot", "summarize"]
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:

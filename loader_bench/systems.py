@@ -20,13 +20,21 @@ from typing import Any
 import numpy as np
 
 from loader_client import LoaderClient
-from loader_client.errors import LoaderError
+from loader_client.contract.errors import LoaderError
 from loader_server.launch import ServerProcess, ServerProcessError, children_of
 
 from .context import Bench
 
-__all__ = ["SYSTEMS", "measure_service", "served", "decode_fn", "torch_loader", "PssSampler", "STEP_MODELS",
-           "simulate_step"]
+__all__ = [
+    "STEP_MODELS",
+    "SYSTEMS",
+    "PssSampler",
+    "decode_fn",
+    "measure_service",
+    "served",
+    "simulate_step",
+    "torch_loader",
+]
 
 #: Seconds a benchmark client waits for a batch before it gives up.
 CLIENT_TIMEOUT_S = 120.0

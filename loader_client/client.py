@@ -1,15 +1,14 @@
 """The client: a generator of ``(x, y)`` batches received from one or several loader servers.
 
 `LoaderClient` is what a trainer holds: iteration, epochs, position, resume state, statistics
-and the context manager, the same for every kind of stream. It holds a stream: a
-`ServerStream` (one server; `loader_client.stream`) or a `MultiServerStream` (several,
-merged round-robin; `loader_client.multi`). Settings are grouped and checked once in a
-`ClientOptions` (`loader_client.options`).
+and the context manager, the same for every kind of stream. It holds a `Stream`
+(`loader_client.stream`), which `open_stream` picks: a `ServerStream` (one server) or a
+`HostsStream` (several, merged; `loader_client.hosts`). Settings are grouped and checked once
+in a `ClientOptions` (`loader_client.options`); the streams take them as they are.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -17,16 +16,16 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from .endpoints import parse_endpoint
-from .errors import ConfigError, LoaderError
+from .contract.errors import ConfigError, LoaderError
+from .endpoints import Endpoint, parse_endpoint
 from .hosts import HostsStream
-from .multi import MultiServerStream
-from .options import ClientOptions
+from .options import ClientOptions, Start
 from .queries import health, server_stats
-from .receiver import BatchInfo
-from .stream import ServerStream
+from .server_stream import ServerStream
+from .stream import BatchInfo, Stream
 
-__all__ = ["LoaderClient", "BatchInfo", "ClientOptions", "BatchTuple", "batches", "health", "server_stats"]
+__all__ = ["BatchInfo", "BatchTuple", "ClientOptions", "LoaderClient", "batches", "health", "open_stream",
+           "server_stats"]
 
 #: What iterating a client yields: ``(x, y)``, or ``(x, y, *extras)`` when the server's --collate
 #: adds arrays (in the order the collate function returned them). Typed as a tuple of any length
@@ -34,6 +33,17 @@ __all__ = ["LoaderClient", "BatchInfo", "ClientOptions", "BatchTuple", "batches"
 BatchTuple: TypeAlias = tuple[np.ndarray, ...]
 
 _log = logging.getLogger("loader_client")
+
+
+def open_stream(endpoints: Sequence[Endpoint], options: ClientOptions) -> Stream:
+    """The stream a client of `endpoints` holds: the one place that picks a `Stream` class."""
+    if len(endpoints) == 1:
+        return ServerStream(endpoints[0], options, options.start())
+
+    def connect(endpoint: Endpoint, start: Start) -> Stream:
+        return ServerStream(endpoint, options, start)
+
+    return HostsStream(endpoints, options, connect)
 
 
 class LoaderClient:
@@ -56,8 +66,8 @@ class LoaderClient:
     the trainer waited for data. `augment=False` asks for no augmentation (a validation stream
     from a training server). `name` is how the server's log names this client.
 
-    A list of endpoints merges several servers (see `loader_client.multi`; `on_server_loss`
-    says what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
+    A list of endpoints merges several servers (see `loader_client.hosts`; `merge` says how,
+    `on_server_loss` what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
     text or a path to a key file from `loader-server keygen`) connect to a CURVE server.
     """
 
@@ -72,15 +82,8 @@ class LoaderClient:
         else:
             raise ConfigError(f"`endpoint` must name at least one server, e.g. 'tcp://127.0.0.1:5555', "
                               f"got {endpoint!r}")
-        self.stream: ServerStream | MultiServerStream | HostsStream
-        if len(endpoints) == 1:
-            self.stream = ServerStream(endpoints[0], self.options, self.options.start())
-        elif self.options.on_server_loss == "continue":  # the old merge that drops a lost share
-            self.stream = MultiServerStream(endpoints, self.options)
-        else:
-            child = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
-            self.stream = HostsStream([str(e) for e in endpoints], make_client=LoaderClient, **child)
-        self.endpoint = self.stream.endpoint
+        self.stream: Stream = open_stream(endpoints, self.options)
+        self.endpoint = ",".join(self.stream.servers.endpoints)
         self.last: BatchInfo | None = None
         self.batches_taken = 0
         self._created = time.monotonic()
@@ -98,8 +101,8 @@ class LoaderClient:
         self.fingerprint: str = info["fingerprint"]
         self.rank: int = self.stream.state_dict()["rank"]
         self.world_size: int = self.stream.state_dict()["world_size"]
-        self.timeout_s: float = self.stream.timeout_s
-        self.prefetch: int = self.stream.prefetch
+        self.timeout_s: float = float(self.options.timeout_s)
+        self.prefetch: int = self.options.prefetch
         self.log_epochs = self.options.log_epochs
 
     # ------------------------------------------------------------------ iteration
@@ -168,31 +171,31 @@ class LoaderClient:
     @property
     def servers(self) -> int:
         """How many servers feed this client."""
-        return 1 if isinstance(self.stream, ServerStream) else self.stream.servers
+        return len(self.stream.servers.endpoints)
 
     @property
     def endpoints(self) -> list[str]:
-        return [self.endpoint] if isinstance(self.stream, ServerStream) else list(self.stream.endpoints)
+        return list(self.stream.servers.endpoints)
 
     @property
     def lost(self) -> list[dict[str, Any]]:
-        """Servers lost: endpoint, error, and where (failover) or the share dropped (continue)."""
-        return [] if isinstance(self.stream, ServerStream) else self.stream.lost
+        """Servers lost: endpoint, error, where (epoch, batch); with on_server_loss='continue', the share dropped."""
+        return list(self.stream.lost)
 
     @property
     def active_endpoints(self) -> list[str]:
         """The servers serving now (with several: the lost ones are left out until they rejoin)."""
-        return self.stream.active_endpoints if isinstance(self.stream, HostsStream) else self.endpoints
+        return list(self.stream.servers.active)
 
     @property
     def ready_to_rejoin(self) -> list[str]:
         """Lost servers that answer again: they rejoin at the next epoch boundary."""
-        return self.stream.ready_to_rejoin if isinstance(self.stream, HostsStream) else []
+        return list(self.stream.servers.ready_to_rejoin)
 
     @property
     def delivered_by(self) -> dict[str, int]:
-        """Batches each server built for this trainer (several servers, failover)."""
-        return dict(self.stream.delivered_by) if isinstance(self.stream, HostsStream) else {}
+        """Batches each server built for this trainer (several servers)."""
+        return dict(self.stream.servers.delivered_by)
 
     @property
     def merge(self) -> str:

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EndpointError
+from .contract.errors import EndpointError
 
 __all__ = ["Endpoint", "parse_endpoint", "same_host", "why_silent"]
 

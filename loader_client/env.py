@@ -37,11 +37,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .contract.errors import ConfigError
 from .hostlist import expand_hostlist
 
-__all__ = ["endpoints_from_env", "client_options_from_env", "from_env", "placement_from_env", "Placement",
-           "CLIENT_VARIABLES"]
+__all__ = [
+    "CLIENT_VARIABLES",
+    "Placement",
+    "client_options_from_env",
+    "endpoints_from_env",
+    "from_env",
+    "placement_from_env",
+]
 
 ENDPOINTS_VARIABLE = "LOADER_ENDPOINTS"
 ENDPOINT_VARIABLE = "LOADER_ENDPOINT"

@@ -8,7 +8,9 @@ server's stream delivers in order; the tasks of an epoch cover exactly the batch
 returned to the trainer. Delivering advances a task; losing a server hands its tasks (from the
 first batch not returned) to the survivors; a server that has nothing left may take the back
 half of the largest task (balanced merge). Nothing is ever in two tasks, nothing is dropped:
-every batch of the epoch is returned exactly once, whoever builds it.
+every batch of the epoch is returned exactly once, whoever builds it. Only the "continue" loss
+policy drops: `drop` ends a lost server's tasks where they stand, and later epochs plan only
+the shares `only` names.
 
 No sockets here: `loader_client.hosts` turns the plan into streams, and the fleet simulation
 (`loader-server simulate`) drives the same plan with a simulated clock and network. The policy
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-__all__ = ["Task", "EpochPlan", "ordered_share", "next_epoch_plan", "next_unserved", "StreamPlace"]
+__all__ = ["EpochPlan", "StreamPlace", "Task", "next_epoch_plan", "next_unserved", "ordered_share"]
 
 
 def ordered_share(merged_batch: int, shares: int) -> tuple[int, int]:
@@ -52,23 +54,34 @@ class Task:
 class EpochPlan:
     """The tasks of one epoch of one rank, and what the trainer has been given of it.
 
-    `pending` (from `pending()` of a saved plan) restarts mid-epoch; without it every share
-    starts at batch 0. `alive` lists the servers that can build; `prefer` maps a share to the
-    server that should keep it (a stream already positioned there), else shares go to their
-    own server when it is alive, then to the least loaded survivors, lowest index first.
+    `pending` (from `pending()` of a saved plan) restarts mid-epoch, with `returned` batches
+    of the epoch already returned (default: every batch not pending); without it every share
+    of `only` (default: all) starts at batch 0. `alive` lists the servers that can build;
+    `prefer` maps a share to the server that should keep it (a stream already positioned
+    there), else shares go to their own server when it is alive, then to the least loaded
+    survivors, lowest index first.
     """
 
     def __init__(self, shares: int, steps: int, alive: Iterable[int], *,
-                 pending: Sequence[Sequence[int]] | None = None, prefer: dict[int, int] | None = None) -> None:
+                 pending: Sequence[Sequence[int]] | None = None, prefer: dict[int, int] | None = None,
+                 returned: int | None = None, only: Iterable[int] | None = None) -> None:
         if shares < 1 or steps < 1:
             raise ValueError(f"a plan needs shares >= 1 and steps >= 1, got {shares} and {steps}")
         self.shares, self.steps = shares, steps
         self.alive = sorted(set(alive))
         if not self.alive:
             raise ValueError("a plan needs at least one server")
-        runs = [(s, 0, steps) for s in range(shares)] if pending is None else [tuple(p) for p in pending]
+        planned = range(shares) if only is None else sorted(set(only))
+        runs = [(s, 0, steps) for s in planned] if pending is None else [tuple(p) for p in pending]
         _check_runs(runs, shares, steps)
         self.tasks = [Task(share, start, stop, -1) for share, start, stop in runs if start < stop]
+        remaining = sum(t.remaining for t in self.tasks)
+        if returned is None:
+            returned = shares * steps - remaining if pending is not None else 0
+        if not 0 <= returned <= shares * steps - remaining:
+            raise ValueError(f"{returned} batches returned and {remaining} pending do not fit an epoch of "
+                             f"{shares} shares of {steps} batches")
+        self.returned = returned
         prefer = prefer or {}
         for t in self.tasks:  # first a stream already in place, then the share's own server
             wanted = prefer.get(t.share)
@@ -85,7 +98,12 @@ class EpochPlan:
     @property
     def delivered(self) -> int:
         """Batches of the epoch already returned to the trainer."""
-        return self.shares * self.steps - sum(t.remaining for t in self.tasks)
+        return self.returned
+
+    @property
+    def size(self) -> int:
+        """Batches this epoch returns in all: shares x steps, less what `drop` and `only` left out."""
+        return self.returned + sum(t.remaining for t in self.tasks)
 
     @property
     def done(self) -> bool:
@@ -102,12 +120,13 @@ class EpochPlan:
         return [t for t in self.tasks if t.server == server and t.remaining]
 
     def ordered_task(self) -> Task:
-        """The task holding the next batch of the deterministic merge (share b mod m, batch b div m)."""
-        share, batch = ordered_share(self.delivered, self.shares)
-        for t in self.tasks:
-            if t.share == share and t.next == batch and t.remaining:
-                return t
-        raise RuntimeError(f"no task holds batch {batch} of share {share}: the plan is not in merge order")
+        """The task holding the next batch of the deterministic merge: batch j of share s is merged
+        batch ``j * m + s``, so the next is the lowest (batch, share) not returned yet (share b mod m,
+        batch b div m when no share was dropped)."""
+        active = self.active()
+        if not active:
+            raise RuntimeError("the epoch is complete: no task has a batch left")
+        return min(active, key=lambda t: (t.next, t.share))
 
     def is_ordered(self) -> bool:
         """True when the batches returned so far are a prefix of the deterministic merge."""
@@ -127,6 +146,7 @@ class EpochPlan:
         if batch != task.next or not task.remaining:
             raise ValueError(f"share {task.share}: expected batch {task.next} (run up to {task.stop}), got {batch}")
         task.next += 1
+        self.returned += 1
 
     def lose(self, server: int) -> list[Task]:
         """Hand the unfinished tasks of `server` to the survivors; returns them (with new servers).
@@ -142,6 +162,18 @@ class EpochPlan:
             t.server = -1
             t.server = self._least_loaded()
         return moved
+
+    def drop(self, server: int) -> list[Task]:
+        """End the unfinished tasks of `server` where they stand (their batches are not returned this
+        epoch); returns them. Raises `LookupError` when no server is left."""
+        if server in self.alive:
+            self.alive.remove(server)
+        dropped = self.tasks_of(server)
+        for t in dropped:
+            t.stop = t.next
+        if not self.alive:
+            raise LookupError("no server left")
+        return dropped
 
     def join(self, server: int) -> None:
         """A server can take work again (its old tasks stay where they are until the next epoch)."""
@@ -214,16 +246,17 @@ def next_unserved(plan: EpochPlan, streams: Sequence[S], epoch: int) -> tuple[Ta
 
 
 def next_epoch_plan(shares: int, steps: int, alive: Iterable[int],
-                    positioned: Iterable[tuple[int, int]] = ()) -> EpochPlan:
+                    positioned: Iterable[tuple[int, int]] = (), only: Iterable[int] | None = None) -> EpochPlan:
     """The plan of a new epoch. `positioned` lists (share, server) of streams already standing at
     the start of that share (they ran on into the new epoch): such a stream keeps its share when
-    the share's own server is not alive; otherwise a share goes home to its server."""
+    the share's own server is not alive; otherwise a share goes home to its server. `only`: the
+    shares planned (default all; the "continue" loss policy leaves dropped shares out)."""
     alive = sorted(set(alive))
     prefer: dict[int, int] = {}
     for share, server in positioned:
         if server in alive and share not in prefer and share not in alive:
             prefer[share] = server
-    return EpochPlan(shares, steps, alive, prefer=prefer)
+    return EpochPlan(shares, steps, alive, prefer=prefer, only=only)
 
 
 def _check_runs(runs: Sequence[Sequence[int]], shares: int, steps: int) -> None:

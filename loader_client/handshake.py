@@ -23,15 +23,15 @@ import zmq
 import zmq.utils.monitor
 
 from . import wire
+from .contract.errors import AuthenticationError, LoaderTimeoutError, ProtocolError
+from .contract.messages import HANDSHAKE_REPLIES, ArenaHandle, Bye, Hello, Welcome
+from .contract.protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
+from .contract.shm import Arena, arena_channel_path, open_arena, receive_arena, shm_available, socket_peer
 from .endpoints import Endpoint, why_silent
-from .errors import AuthenticationError, LoaderTimeoutError, ProtocolError
-from .messages import HANDSHAKE_REPLIES, ArenaHandle, Bye, Hello, Welcome
 from .options import ClientOptions, Start
-from .protocol import ALLOWED_DTYPES, MAX_HEADER_BYTES
-from .shm import Arena, arena_channel_path, open_arena, receive_arena, shm_available, socket_peer
 from .wire import Ctx, Sock
 
-__all__ = ["Opened", "open_stream", "check_welcome", "BYE_LINGER_MS"]
+__all__ = ["BYE_LINGER_MS", "Opened", "check_welcome", "open_stream"]
 
 _log = logging.getLogger("loader_client")
 _counter = itertools.count()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 
-__all__ = ["expand_hostlist", "MAX_HOSTS"]
+__all__ = ["MAX_HOSTS", "expand_hostlist"]
 
 #: More hosts than this in one list is a mistake (``n[1-999999999]``), not a cluster.
 MAX_HOSTS = 1_000_000

@@ -40,9 +40,9 @@ from typing import Any
 import keras
 
 from .client import LoaderClient
-from .errors import LoaderError
+from .contract.errors import LoaderError
 
-__all__ = ["KerasStream", "fit", "validation_problem", "EvaluateEachEpoch"]
+__all__ = ["EvaluateEachEpoch", "KerasStream", "fit", "validation_problem"]
 
 _log = logging.getLogger("loader_client")
 _PEEK_LIMIT = 2  # Keras reads 1 batch to build the model (2 for a tf.data signature)

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol
-from .errors import ConfigError
-from .messages import MAX_CREDIT, MAX_NAME_CHARS, MAX_WORLD_SIZE
-from .schema import INT32_MAX, INT63_MAX, is_printable
+from .contract import protocol
+from .contract.errors import ConfigError
+from .contract.messages import MAX_CREDIT, MAX_NAME_CHARS, MAX_WORLD_SIZE
+from .contract.schema import INT32_MAX, INT63_MAX, is_printable
 
-__all__ = ["ClientOptions", "Start", "MIN_HEARTBEAT_S"]
+__all__ = ["MIN_HEARTBEAT_S", "ClientOptions", "Start"]
 
 #: The client never pings more often than this, whatever a server's welcome says.
 MIN_HEARTBEAT_S = 0.05

@@ -9,11 +9,11 @@ from typing import Any
 import zmq
 
 from . import wire
+from .contract.errors import LoaderTimeoutError, ProtocolError
+from .contract.messages import HEALTH_REPLIES, STATS_REPLIES, HealthReply, HealthRequest, StatsReply, StatsRequest
+from .contract.protocol import MAX_HEADER_BYTES
+from .contract.schema import Message
 from .endpoints import parse_endpoint, why_silent
-from .errors import LoaderTimeoutError, ProtocolError
-from .messages import HEALTH_REPLIES, STATS_REPLIES, HealthReply, HealthRequest, StatsReply, StatsRequest
-from .protocol import MAX_HEADER_BYTES
-from .schema import Message
 
 __all__ = ["health", "server_stats"]
 

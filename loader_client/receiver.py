@@ -17,16 +17,15 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zmq
 
-from . import protocol, wire
-from .errors import LoaderError, LoaderTimeoutError, ProtocolError
-from .handshake import BYE_LINGER_MS
-from .messages import (
+from . import wire
+from .contract import protocol
+from .contract.errors import LoaderError, LoaderTimeoutError, ProtocolError
+from .contract.messages import (
     MAX_RELEASE_SLOTS,
     STREAM_MESSAGES,
     Batch,
@@ -39,37 +38,20 @@ from .messages import (
     Release,
     Welcome,
 )
-from .normalize import BufferPool, Normalization
+from .contract.normalize import BufferPool, Normalization
+from .contract.schema import Message
+from .contract.shm import Arena
+from .handshake import BYE_LINGER_MS
 from .options import MIN_HEARTBEAT_S, ClientOptions
-from .schema import Message
-from .shm import Arena
+from .stream import BatchInfo, Delivery
 from .wire import Sock
 
-__all__ = ["Receiver", "Delivery", "BatchInfo", "Progress", "CREDIT_POLL_MS"]
+__all__ = ["CREDIT_POLL_MS", "Progress", "Receiver"]
 
 #: While batches wait to be taken, look for consumed ones this often (ms) instead of being woken.
 CREDIT_POLL_MS = 4
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _REQUIRED = ("x", "y", "index")
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """Where a batch sits in the stream, and which samples it holds."""
-
-    epoch: int
-    batch: int
-    indices: np.ndarray
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One received batch: ``x``, ``y``, the --collate arrays in order, and where it sits."""
-
-    x: np.ndarray
-    y: np.ndarray
-    extras: tuple[np.ndarray, ...]
-    info: BatchInfo
 
 
 class Progress:

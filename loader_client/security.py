@@ -12,7 +12,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-__all__ = ["apply_curve", "load_public_key", "load_key_pair"]
+__all__ = ["apply_curve", "load_key_pair", "load_public_key"]
 
 
 def load_public_key(value: str | bytes | os.PathLike[str]) -> bytes:

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .client import LoaderClient
 
-__all__ = ["accelerator_present", "pins", "to_tensors", "tensors", "LoaderDataset", "PinnedArenas"]
+__all__ = ["LoaderDataset", "PinnedArenas", "accelerator_present", "pins", "tensors", "to_tensors"]
 
 
 def accelerator_present() -> bool:

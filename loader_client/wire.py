@@ -14,12 +14,12 @@ from typing import Any, TypeAlias
 
 import zmq
 
-from . import protocol, schema
-from .errors import ERROR_KINDS, LoaderError, ProtocolError, ServerStoppedError
-from .messages import Error, Goodbye
+from .contract import protocol, schema
+from .contract.errors import LoaderError, ProtocolError, ServerStoppedError, from_wire
+from .contract.messages import Error, Goodbye
 from .security import apply_curve
 
-__all__ = ["Sock", "Ctx", "new_socket", "send", "receive", "raise_for", "remote_error", "MAX_FRAMES"]
+__all__ = ["MAX_FRAMES", "Ctx", "Sock", "new_socket", "raise_for", "receive", "remote_error", "send"]
 
 #: The client's sockets and contexts (frames are bytes).
 Sock: TypeAlias = "zmq.Socket[bytes]"
@@ -65,16 +65,11 @@ def receive(sock: Sock, table: Mapping[str, type[schema.Message]], *, peer: str,
 
 
 def remote_error(message: Error) -> LoaderError:
-    """The exception of a server's `Error`, with its path, reason and exit code as attributes."""
-    cls = ERROR_KINDS.get(message.kind, LoaderError)
+    """The exception of a server's `Error`, rebuilt with its fields (path, reason, exit code)."""
     text = message.message
     if message.traceback:
         text += "\n--- worker traceback ---\n" + message.traceback.rstrip()
-    err = cls(text)
-    err.path = message.path  # type: ignore[attr-defined]
-    err.reason = message.reason  # type: ignore[attr-defined]
-    err.exit_code = message.exit_code  # type: ignore[attr-defined]
-    return err
+    return from_wire(message.kind, text, message.fields())
 
 
 def stopped_error(message: Goodbye, peer: str) -> ServerStoppedError:

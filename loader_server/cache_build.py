@@ -20,14 +20,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
+from .arguments import add_setting_arguments, require_opencv
 from .config import DATA_SETTINGS, default_workers
 from .data.datasets import Dataset
 from .options import DecodeOptions
 from .pipeline.cache import MEMORY, SampleCache, open_cache
 
-__all__ = ["add_cache_build_arguments", "run_cache_build", "BUILD_SETTINGS"]
+__all__ = ["BUILD_SETTINGS", "add_cache_build_arguments", "run_cache_build"]
 
 #: The settings of `serve` that choose the samples and their records' pixels (the cache's key: DecodeOptions).
 BUILD_SETTINGS = (*DATA_SETTINGS, *(f.name for f in dataclasses.fields(DecodeOptions)), "max_file_bytes", "cache")
@@ -36,8 +37,6 @@ _state: tuple[Dataset, SampleCache, Any] | None = None
 
 
 def add_cache_build_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_setting_arguments
-
     action = p.add_argument("--config", default=None, metavar="FILE",
                             help="TOML file of settings, as `serve --config` reads it (LOADER_<NAME> variables "
                                  "and flags override it)")
@@ -75,7 +74,6 @@ def _fill(bounds: tuple[int, int]) -> tuple[int, int, list[tuple[str, str]]]:
 
 def run_cache_build(args: argparse.Namespace) -> int:
     """Fill the cache; 0 when done (bad files are listed, not cached), 2 for bad settings."""
-    from .cli import require_opencv
     from .data.datasets import load_dataset
     from .layered import resolve
 

@@ -15,18 +15,19 @@ import multiprocessing
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
+from .arguments import add_setting_arguments, require_opencv
 from .config import DATA_SETTINGS, ServerConfig, default_workers
 from .data.datasets import Dataset, row_source
 
 if TYPE_CHECKING:
     from .pipeline.steps import SamplePath
 
-__all__ = ["add_check_arguments", "run_check"]
+__all__ = ["CHECK_SETTINGS", "Bad", "add_check_arguments", "run_check"]
 
 _CHUNK = 64
 _ROWS_CHUNK_BYTES = 32 << 20
@@ -38,9 +39,19 @@ CHECK_SETTINGS = (*DATA_SETTINGS, "color", "max_pixels", "max_file_bytes")
 _CHECK_SIZE = "8x8"
 
 
-def add_check_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_setting_arguments
+class Bad(NamedTuple):
+    """A bad sample: what names it (a path, or the source and row), a stable code, the reason in words.
 
+    The summary counts by `code` (DecodeError's codes for files; ``non_finite`` and
+    ``non_finite_label`` for rows); the report lists `where` and `reason`.
+    """
+
+    where: str
+    code: str
+    reason: str
+
+
+def add_check_arguments(p: argparse.ArgumentParser) -> None:
     add_setting_arguments(p, CHECK_SETTINGS)
     p.add_argument("--workers", type=int, default=default_workers() + 1, help="decoding processes")
     p.add_argument("--report", default="bad-files.tsv",
@@ -55,7 +66,7 @@ def _init(index: Dataset, path: SamplePath, out: np.ndarray) -> None:
     _state = (index, path, out)
 
 
-def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[str, str]]]:
+def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[Bad]]:
     from .pipeline.decode import DecodeError
 
     assert _state is not None
@@ -66,7 +77,7 @@ def _check_chunk(bounds: tuple[int, int]) -> tuple[int, list[tuple[str, str]]]:
         try:
             path.run(i, name, out)
         except DecodeError as exc:
-            bad.append((name, exc.reason))
+            bad.append(Bad(name, exc.code, exc.reason))
     return bounds[1] - bounds[0], bad
 
 
@@ -76,7 +87,7 @@ def run_check(args: argparse.Namespace) -> int:
     from .layered import resolve
 
     if getattr(args, "data", None) is None:
-        from loader_client.errors import ConfigError
+        from loader_client.contract.errors import ConfigError
 
         raise ConfigError("no data set: pass --data PATH")
     flags = {name: getattr(args, name) for name in CHECK_SETTINGS if getattr(args, name) is not None}
@@ -87,13 +98,11 @@ def run_check(args: argparse.Namespace) -> int:
     if index.build == "gather":
         bad = _check_rows(index, progress)
     else:
-        from .cli import require_opencv
-
         require_opencv("check")
         bad = _check_files(index, config, progress)
     progress.close()
     bad.sort()
-    Path(args.report).write_text("".join(f"{p}\t{r}\n" for p, r in bad))
+    Path(args.report).write_text("".join(f"{b.where}\t{b.reason}\n" for b in bad))
     elapsed = time.monotonic() - started
     print(f"checked {len(index)} samples of {index.source} in {elapsed:.1f} s: {len(bad)} bad")
     if index.build == "gather":
@@ -101,8 +110,9 @@ def run_check(args: argparse.Namespace) -> int:
         rows = row_source(index)
         print(f"  each sample {tuple(rows.sample_shape)} {np.dtype(rows.sample_dtype)}, "
               f"labels {labels.dtype} of shape {labels.shape[1:] or 'scalar'}")
-    for reason, n in Counter(r.split(":")[0].split(" (")[0] for _, r in bad).most_common():
-        print(f"  {n:8d}  {reason}")
+    example = {b.code: b.reason for b in reversed(bad)}  # the first reason of each code
+    for code, n in Counter(b.code for b in bad).most_common():
+        print(f"  {n:8d}  {code} (e.g. {example[code]})")
     if bad:
         print(f"the bad files and their reasons are in {args.report}; fix or remove them, or serve with "
               "--on-error skip --max-bad N")
@@ -111,12 +121,12 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[tuple[str, str]]:
+def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[Bad]:
     """Decode every file on `config.workers` processes."""
     from .pipeline.steps import plan_steps
 
     chunks = [(lo, min(lo + _CHUNK, len(index))) for lo in range(0, len(index), _CHUNK)]
-    bad: list[tuple[str, str]] = []
+    bad: list[Bad] = []
     ctx = multiprocessing.get_context("fork")
     w, h = config.size
     # read, decode: the serving steps of a stream without augmentations, into a small slot
@@ -129,7 +139,7 @@ def _check_files(index: Dataset, config: ServerConfig, progress: tqdm) -> list[t
     return bad
 
 
-def _check_rows(index: Dataset, progress: tqdm) -> list[tuple[str, str]]:
+def _check_rows(index: Dataset, progress: tqdm) -> list[Bad]:
     """Gather every row as the workers would; rows or labels with NaN or infinity are bad."""
     source = row_source(index)
     shape = tuple(source.sample_shape)
@@ -138,18 +148,19 @@ def _check_rows(index: Dataset, progress: tqdm) -> list[tuple[str, str]]:
     out = np.empty((min(rows, len(index)), *shape), dtype=dtype)
     floats = dtype.kind in "fc"
     labels = index.labels
-    bad: list[tuple[str, str]] = []
+    bad: list[Bad] = []
     for lo in range(0, len(index), rows):
         indices = np.arange(lo, min(lo + rows, len(index)), dtype=np.int64)
         x = out[: len(indices)]
         source.gather(indices, x)
         if floats:
             finite = np.isfinite(x.reshape(len(indices), -1)).all(axis=1)
-            bad.extend((index.describe(int(i)), "non-finite values (NaN or infinity) in the sample")
+            bad.extend(Bad(index.describe(int(i)), "non_finite", "non-finite values (NaN or infinity) in the sample")
                        for i in indices[~finite])
         if labels.dtype.kind in "fc":
             finite = np.isfinite(labels[indices].reshape(len(indices), -1)).all(axis=1)
-            bad.extend((index.describe(int(i)), "non-finite label (NaN or infinity)") for i in indices[~finite])
+            bad.extend(Bad(index.describe(int(i)), "non_finite_label", "non-finite label (NaN or infinity)")
+                       for i in indices[~finite])
         progress.update(len(indices))
         progress.set_postfix_str(f"{len(bad)} bad", refresh=False)
     return bad

@@ -1,78 +1,28 @@
-"""The ``loader-server`` command: ``serve`` batches, or run the ``demo`` end to end."""
+"""The ``loader-server`` command: ``serve`` batches, or run the ``demo`` end to end.
+
+Each command's flags come from arguments.py (or the tool's own module); ``bench`` is the
+benchmark package `loader_bench`, loaded by name when that command runs, since the product
+never imports its benchmark.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
+from .arguments import HelpFormatter, add_serve_arguments, explicit_serve_flags, require_opencv
 from .config import ServerConfig, default_workers
 
-__all__ = ["main", "build_parser", "config_from_args", "add_setting_arguments", "HelpFormatter"]
+__all__ = ["BENCH_PACKAGE", "build_parser", "config_from_args", "main", "subparser"]
 
 EXIT_CONFIG = 2
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each setting's default as its definition says (`shown_default` on the action).
-
-    A flag that sets a boolean shows whether it is in effect by default (``on``/``off``), never
-    the value of the setting it changes.
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        shown = getattr(action, "shown_default", None)
-        if shown is None:
-            return super()._get_help_string(action)
-        text = (action.help or "").replace("%", "%%")
-        return f"{text} (default: {shown.replace('%', '%%')})" if shown else text
-
-
-def add_setting_arguments(p: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
-    """One flag per ServerConfig setting in `names` (default: all), built from the field's definition."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
-    for name in fields if names is None else names:
-        f = fields[name]
-        meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None  # required: from the flag, the file or the environment
-        if meta.get("flags"):  # booleans: each flag sets one value
-            group = p.add_mutually_exclusive_group() if len(meta["flags"]) > 1 else p
-            for flag, (value, text) in meta["flags"].items():
-                action = group.add_argument(flag, dest=name, action="store_const", const=value, default=default,
-                                            help=text)
-                action.shown_default = "on" if value == default else "off"  # type: ignore[attr-defined]
-            continue
-        shown = meta.get("shown")
-        if shown is None:
-            shown = "" if default is None else str(default)
-        action = p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default, choices=meta.get("choices"),
-                                metavar=meta.get("metavar"), help=meta["help"])
-        action.shown_default = shown  # type: ignore[attr-defined]
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of every server setting; each can also come from --config or LOADER_<NAME>."""
-    action = p.add_argument("--config", default=None, metavar="FILE",
-                            help="TOML file of settings (keys as the flags, e.g. batch_size = 64); "
-                                 "LOADER_<NAME> variables override it, flags override both")
-    action.shown_default = ""  # type: ignore[attr-defined]
-    action = p.add_argument("--print-config", action="store_true",
-                            help="check the settings and the data set, print them as TOML (each with where it "
-                                 "came from; --config reads it back), then exit")
-    action.shown_default = "off"  # type: ignore[attr-defined]
-    add_setting_arguments(p)
+#: The package that `loader-server bench` runs (it imports the product; the product never imports it).
+BENCH_PACKAGE = "loader_bench"
 
 
 def _add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .cache_build import add_cache_build_arguments
 
     add_cache_build_arguments(build)
-    bench = sub.add_parser("bench", formatter_class=fmt, help="measure throughput side by side with other loaders",
-                           description="Benchmark the service against the per-core limit, the classic generator "
-                                       "and torch DataLoader; write JSON, a markdown table and a plot.")
-    from loader_bench import add_bench_arguments  # the benchmark is a package of its own
-
-    add_bench_arguments(bench)
+    # Its flags belong to loader_bench (`loader-server bench --help` lists them): main() hands every
+    # word after `bench` to that package.
+    sub.add_parser("bench", formatter_class=fmt, add_help=False,
+                   help="measure throughput side by side with other loaders",
+                   description="Benchmark the service against the per-core limit, the classic generator and torch "
+                               "DataLoader; write JSON, a markdown table and a plot.")
     simulate = sub.add_parser("simulate", formatter_class=fmt,
                               help="simulate a fleet of loader hosts and trainer ranks; check exactly-once and load",
                               description="Drive the real session, sampling, fail-over and balanced-merge logic with "
@@ -179,24 +129,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return resolve({k: v for k, v in vars(args).items() if k in PARSERS and v is not None}, None, {})[0]
 
 
-def explicit_serve_flags(argv: Sequence[str]) -> dict[str, Any]:
-    """The settings given on the command line itself, so that file and environment can fill the rest."""
-    from .layered import PARSERS
-
-    parser = build_parser()
-    for action in subparser(parser, "serve")._actions:
-        action.default = argparse.SUPPRESS
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if k in PARSERS}
-
-
 def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """`serve`; `argv` is the whole command line, `serve` first."""
     from .data.batch_spec import batch_spec
     from .data.datasets import load_dataset
     from .layered import format_config, resolve
     from .logs import setup_logging
 
     require_opencv("serve")
-    config, sources = resolve(explicit_serve_flags(argv), args.config)
+    config, sources = resolve(explicit_serve_flags(argv[1:]), args.config)  # the words after `serve`
     setup_logging(config.log_level, config.log_format)  # indexing a large data set logs what it did
     dataset = load_dataset(config)
     spec = batch_spec(config, dataset)  # every check of the settings against the data, before printing them
@@ -209,23 +150,6 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     server = Server(config, dataset, spec)
     install_signal_handlers(server)
     return server.run()
-
-
-def require_opencv(command: str) -> None:
-    """Exit 2 with what to install when OpenCV (the server's decoder) cannot be imported.
-
-    `serve`, `check` and `demo` import it here, in the process that forks the workers, as they
-    always have: forked workers then start with the decoder already loaded.
-    """
-    try:
-        import cv2  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(
-            f"`loader-server {command}` decodes images with OpenCV, which cannot be imported here ({exc}): "
-            "install the server with `python3 -m pip install \"loader-service[server]\"` (it adds "
-            "opencv-python-headless), or `python3 -m pip install opencv-python` if you want the desktop build; "
-            "never both"
-        ) from None
 
 
 def _curve_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -283,10 +207,27 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(argv: Sequence[str]) -> int:
+    """`loader-server bench ARGS`: the benchmark package's own command line, loaded by name."""
+    try:
+        bench = importlib.import_module(BENCH_PACKAGE)
+    except ModuleNotFoundError as exc:
+        if exc.name != BENCH_PACKAGE:
+            raise
+        raise ConfigError(f"`loader-server bench` runs the benchmark package {BENCH_PACKAGE}, which is not installed "
+                          "here: install loader-service from its source tree (`python3 -m pip install .`), which "
+                          "ships it") from None
+    code: int = bench.main(argv, prog="loader-server bench")
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `loader-server`; returns the exit code (2 for bad settings or data)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)  # the words after `bench` are the benchmark's own flags
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "serve":
             return _serve(args, argv)
@@ -309,9 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_simulate(args)
         if args.command == "bench":
-            from loader_bench import run_bench
-
-            return run_bench(args)
+            return _bench(rest)
         require_opencv("demo")
         from .demo import run_demo
 

@@ -20,15 +20,26 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal, TypeVar
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .options import GROUPS, check_partition, group_hash, options_of
 
 G = TypeVar("G")
 
 __all__ = [
-    "ServerConfig", "setting", "parse_size", "parse_max_bad", "parse_floats", "is_local_bind", "default_workers",
-    "RESIZE_MODES", "INTERPOLATIONS", "SUBSETS", "DATA_SETTINGS", "AUTO_READ_THREADS", "SLOW_READ_S",
+    "AUTO_READ_THREADS",
+    "DATA_SETTINGS",
+    "INTERPOLATIONS",
+    "RESIZE_MODES",
+    "SLOW_READ_S",
+    "SUBSETS",
+    "ServerConfig",
+    "default_workers",
+    "is_local_bind",
+    "parse_floats",
+    "parse_max_bad",
+    "parse_size",
+    "setting",
 ]
 
 RESIZE_MODES = ("stretch", "letterbox", "crop")

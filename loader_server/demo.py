@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loader_client import LoaderClient
-from loader_client.errors import LoaderError
+from loader_client.contract.errors import LoaderError
 
 from .data.index import load_index
 from .launch import ServerProcess, ServerProcessError

@@ -11,7 +11,7 @@ import os
 
 import zmq.auth
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 __all__ = ["create_key_pair"]
 

@@ -24,9 +24,9 @@ from types import TracebackType
 from typing import Any
 
 from loader_client import health
-from loader_client.errors import LoaderError
+from loader_client.contract.errors import LoaderError
 
-__all__ = ["ServerProcess", "ServerProcessError", "children_of", "alive", "connect_address"]
+__all__ = ["ServerProcess", "ServerProcessError", "alive", "children_of", "connect_address"]
 
 #: Seconds a server gets to drain and exit after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 15.0

@@ -18,13 +18,13 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from loader_client.contract.errors import ConfigError
 from loader_client.env import CLIENT_VARIABLES
-from loader_client.errors import ConfigError
 
 from .config import ServerConfig
 from .data.file_access import os_error
 
-__all__ = ["resolve", "ENV_PREFIX", "format_config", "PARSERS"]
+__all__ = ["ENV_PREFIX", "PARSERS", "format_config", "resolve"]
 
 ENV_PREFIX = "LOADER_"
 #: LOADER_* variables that belong to the client side, not to the server (a batch job hands one

@@ -29,7 +29,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["Metrics", "SnapshotCollector", "serve_metrics", "prometheus_text", "BUILD_BUCKETS_S"]
+__all__ = ["BUILD_BUCKETS_S", "Metrics", "SnapshotCollector", "prometheus_text", "serve_metrics"]
 
 log = logging.getLogger("loader_server")
 

@@ -41,9 +41,22 @@ if TYPE_CHECKING:
     from .data.remote import RemoteStorage
 
 __all__ = [
-    "AugmentOptions", "CacheOptions", "DataOptions", "DecodeOptions", "ErrorOptions", "GROUPS", "LogOptions",
-    "OutputOptions", "PipelineOptions", "ReadOptions", "SamplingOptions", "ServeOptions", "UserCodeOptions",
-    "group_hash", "options_of", "check_partition",
+    "GROUPS",
+    "AugmentOptions",
+    "CacheOptions",
+    "DataOptions",
+    "DecodeOptions",
+    "ErrorOptions",
+    "LogOptions",
+    "OutputOptions",
+    "PipelineOptions",
+    "ReadOptions",
+    "SamplingOptions",
+    "ServeOptions",
+    "UserCodeOptions",
+    "check_partition",
+    "group_hash",
+    "options_of",
 ]
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["write_sample_images", "example_transform", "write_tar_shards", "write_parquet"]
+__all__ = ["example_transform", "write_parquet", "write_sample_images", "write_tar_shards"]
 
 
 def example_transform(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -23,9 +23,9 @@ from typing import Any
 
 import zmq
 
-from loader_client import protocol
-from loader_client.errors import ProtocolError, ProtocolVersionError
-from loader_client.messages import (
+from loader_client.contract import protocol
+from loader_client.contract.errors import ProtocolError, ProtocolVersionError
+from loader_client.contract.messages import (
     CLIENT_REQUESTS,
     Bye,
     Credit,
@@ -38,8 +38,8 @@ from loader_client.messages import (
     StatsReply,
     StatsRequest,
 )
-from loader_client.schema import Message, decode
-from loader_client.shm import arena_channel_path, shm_available
+from loader_client.contract.schema import Message, decode
+from loader_client.contract.shm import arena_channel_path, shm_available
 
 from .config import ServerConfig
 from .data.batch_spec import BatchSpec, batch_spec
@@ -47,16 +47,16 @@ from .data.datasets import Dataset
 from .metrics import Metrics, serve_metrics
 from .options import PipelineOptions
 from .pipeline.cache import open_cache
-from .pipeline.worker import worker_main
 from .runtime.arenas import ArenaChannel
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
 from .runtime.transport import ClientTransport, PeerLog
+from .runtime.worker import worker_main
 from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
 from .sampling import SamplingPlan
 
-__all__ = ["Server", "MAX_TASK_RETRIES", "install_signal_handlers"]
+__all__ = ["MAX_TASK_RETRIES", "Server", "install_signal_handlers"]
 
 log = logging.getLogger("loader_server")
 

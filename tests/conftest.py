@@ -17,8 +17,16 @@ import pytest
 
 from loader_server.launch import ServerProcess, ServerProcessError, alive, children_of
 
-__all__ = ["alive", "children_of", "free_port", "wait_until", "unique_label_list", "color_classes", "write_image",
-           "RunningServer"]
+__all__ = [
+    "RunningServer",
+    "alive",
+    "children_of",
+    "color_classes",
+    "free_port",
+    "unique_label_list",
+    "wait_until",
+    "write_image",
+]
 
 SERVER_STOP_TIMEOUT_S = 15.0
 #: A server on a million-line list file takes a few seconds to index it before its workers start.

@@ -31,8 +31,14 @@ import numpy as np
 import pytest
 
 from loader_client import LoaderClient, ProtocolError
-from loader_client.messages import ArenaHandle
-from loader_client.shm import ARENA_CHANNEL_REQUEST, ARENA_SEALS, arena_channel_path, create_arena, receive_arena
+from loader_client.contract.messages import ArenaHandle
+from loader_client.contract.shm import (
+    ARENA_CHANNEL_REQUEST,
+    ARENA_SEALS,
+    arena_channel_path,
+    create_arena,
+    receive_arena,
+)
 
 from .conftest import unique_label_list, wait_until
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from loader_client import LoaderClient, server_stats
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 from loader_server.config import ServerConfig
 from loader_server.data.datasets import load_dataset
 from loader_server.data.reading import Version, file_version

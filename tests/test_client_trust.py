@@ -1,7 +1,7 @@
 """The client trusts nothing a server says (issue 12) and fails fast saying why (issue 14).
 
 A malicious server here is a real ZeroMQ ROUTER on a thread of the test process, speaking the
-wire format through `loader_client.messages`. Every test checks the exception's type and
+wire format through `loader_client.contract.messages`. Every test checks the exception's type and
 message, and that the client left no socket, file descriptor or thread behind.
 """
 
@@ -36,11 +36,11 @@ from loader_client import (
     ServerStoppedError,
     health,
 )
-from loader_client import messages as m
+from loader_client.contract import messages as m
+from loader_client.contract.protocol import PROTOCOL_VERSION, describe_arrays
+from loader_client.contract.schema import decode_fields, encode
+from loader_client.contract.shm import ARENA_SEALS, create_arena
 from loader_client.endpoints import parse_endpoint, same_host
-from loader_client.protocol import PROTOCOL_VERSION, describe_arrays
-from loader_client.schema import decode_fields, encode
-from loader_client.shm import ARENA_SEALS, create_arena
 
 from .conftest import free_port, wait_until
 
@@ -611,7 +611,7 @@ def test_server_error_carries_its_structured_fields(fake: Any, no_leak: Any) -> 
     client = client_of(server, shared_memory=False)
     with pytest.raises(BadSampleError, match="cannot decode img/3.jpg") as info:
         client.next()
-    assert info.value.path == "img/3.jpg" and info.value.reason == "corrupt"  # type: ignore[attr-defined]
+    assert info.value.path == "img/3.jpg" and info.value.reason == "corrupt"
     assert "worker traceback" in str(info.value)
     client.close()
 

@@ -205,7 +205,7 @@ def test_reduced_decoding_picks_the_largest_safe_factor(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("mean", "std"), [(None, None), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
 def test_normalization_matches_the_formula(layout: str, mean: tuple[float, ...] | None,
                                            std: tuple[float, ...] | None) -> None:
-    from loader_client.normalize import Normalization
+    from loader_client.contract.normalize import Normalization
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
@@ -222,7 +222,7 @@ def test_normalization_matches_the_formula(layout: str, mean: tuple[float, ...] 
 def test_buffer_pool_recycles_dropped_arrays() -> None:
     import gc
 
-    from loader_client.normalize import BufferPool
+    from loader_client.contract.normalize import BufferPool
 
     pool = BufferPool(keep=2)
     a = pool.get((4, 4), np.float32)

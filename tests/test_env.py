@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from loader_client import client_options_from_env, endpoints_from_env
+from loader_client.contract.errors import ConfigError
 from loader_client.env import CLIENT_VARIABLES, Placement, placement_from_env
-from loader_client.errors import ConfigError
 from loader_client.hostlist import MAX_HOSTS, expand_hostlist
 from loader_server.layered import resolve
 

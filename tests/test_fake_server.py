@@ -1,5 +1,5 @@
 """The client's own checks, against a fake server: a real ZeroMQ ROUTER in the test that speaks the
-wire format of `loader_client.protocol` (a welcome, then batches as a msgpack header plus raw
+wire format of `loader_client.contract.protocol` (a welcome, then batches as a msgpack header plus raw
 frames) and misbehaves on purpose: a repeated, a skipped and an out-of-order batch, a frame of
 the wrong size, and it counts the credit the client grants.
 """
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import LoaderClient, ProtocolError, protocol
-from loader_client.messages import Welcome
-from loader_client.schema import encode
+from loader_client import LoaderClient, ProtocolError
+from loader_client.contract import protocol
+from loader_client.contract.messages import Welcome
+from loader_client.contract.schema import encode
 
 STEPS = 3
 BATCH = 2

@@ -182,7 +182,7 @@ def test_keras_state_taken_in_a_callback_resumes_at_the_next_batch(start_server:
 
 
 def test_keras_resume_mid_epoch_keeps_keras_epochs_on_server_epochs(start_server: Any, tmp_path: Path) -> None:
-    from loader_client.errors import LoaderError
+    from loader_client.contract.errors import LoaderError
     from loader_client.keras import KerasStream, fit
 
     n = 40

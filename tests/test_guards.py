@@ -40,7 +40,7 @@ from loader_server.server import MAX_TASK_RETRIES
 
 from .conftest import free_port, unique_label_list, wait_until, write_image
 
-MAX_CREDIT = 64  # loader_client.messages.MAX_CREDIT, written out: a changed cap must fail here
+MAX_CREDIT = 64  # loader_client.contract.messages.MAX_CREDIT, written out: a changed cap must fail here
 MAX_REQUEST_BYTES = 64 * 1024  # loader_server.runtime.transport.MAX_REQUEST_BYTES
 
 
@@ -458,7 +458,7 @@ def test_start_curve_admits_only_listed_keys_in_process(tmp_path: Path) -> None:
     """The server's CURVE set-up on its own, in this process: a listed key talks, another does not."""
     import zmq.auth
 
-    from loader_client.errors import ConfigError
+    from loader_client.contract.errors import ConfigError
     from loader_client.security import apply_curve
     from loader_server.runtime.transport import start_curve as _start_curve
 

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import LoaderClient, ServerError, protocol
+from loader_client import LoaderClient, ServerError
+from loader_client.contract import protocol
 from loader_server.runtime.transport import SEND_QUEUE_BATCHES
 
 from .conftest import free_port, keygen, unique_label_list, wait_until

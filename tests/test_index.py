@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 from loader_server.cli import main
 from loader_server.data.index import load_index
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from loader_client import LoaderClient, client_options_from_env, endpoints_from_env, from_env
-from loader_client.errors import AuthenticationError, ConfigError
+from loader_client.contract.errors import AuthenticationError, ConfigError
 from loader_server.cli import build_parser
 from loader_server.config import ServerConfig
 from loader_server.layered import resolve

@@ -101,7 +101,7 @@ def test_settings_after_the_decode_leave_the_cache_key() -> None:
 def test_a_worker_gets_the_pipeline_groups_not_the_configuration() -> None:
     import inspect
 
-    from loader_server.pipeline.worker import worker_main
+    from loader_server.runtime.worker import worker_main
 
     assert inspect.signature(worker_main).parameters["options"].annotation in ("PipelineOptions", PipelineOptions)
     opts = PipelineOptions.of(ServerConfig(data="x", color="gray", augment="flip"))

@@ -6,8 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from loader_client import messages, protocol, schema
-from loader_client.errors import ProtocolError, ProtocolVersionError
+from loader_client.contract import messages, protocol, schema
+from loader_client.contract.errors import ProtocolError, ProtocolVersionError
 
 
 def test_arrays_round_trip_without_copy_and_writable() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 import zmq
 
-from loader_client import BadSampleError, LoaderClient, WorkerCrashedError, protocol
+from loader_client import BadSampleError, LoaderClient, WorkerCrashedError
+from loader_client.contract import protocol
 from loader_server.sampling import SamplingPlan
 
 from .conftest import alive, unique_label_list, wait_until
@@ -95,6 +97,10 @@ def test_check_reports_every_bad_file(bad_list: tuple[Path, dict[int, str]], tmp
     for i, (_, reason) in BAD.items():
         assert reason in rows[paths[i]], (paths[i], rows[paths[i]])
     assert f"{N}/{N}" in result.stderr  # the progress line reached the end
+    # The summary counts by DecodeError's code, whatever the words of each reason.
+    summary = {m[2]: int(m[1]) for m in re.finditer(r"^ +(\d+)  (\w+) \(e\.g\. ", result.stdout, re.M)}
+    assert summary == {"undecodable": 2, "truncated": 1, "empty": 1, "not_found": 1, "too_many_pixels": 1,
+                       "is_directory": 1}, result.stdout
     clean = unique_label_list(tmp_path / "clean", 10)
     ok = run_cli("check", "--data", str(clean), "--report", str(tmp_path / "none.tsv"))
     assert ok.returncode == 0 and "0 bad" in ok.stdout and (tmp_path / "none.tsv").read_text() == ""

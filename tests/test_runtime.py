@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loader_client.errors import ProtocolError
-from loader_client.messages import MAX_CREDIT, Hello
+from loader_client.contract.errors import ProtocolError
+from loader_client.contract.messages import MAX_CREDIT, Hello
 from loader_server.runtime.arenas import Arena, arena_slots
 from loader_server.runtime.bad_files import BadFiles
 from loader_server.runtime.sessions import Refusal, Session, StreamFacts, open_session

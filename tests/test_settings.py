@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 from loader_server.cli import build_parser, config_from_args, main, subparser
 from loader_server.config import ServerConfig
 from loader_server.data.batch_spec import BatchSpec, batch_spec

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loader_client import LoaderClient
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 from loader_server.config import ServerConfig
 from loader_server.data.datasets import load_dataset
 from loader_server.data.subset import split_indices

@@ -23,12 +23,12 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
-from loader_client.protocol import ALLOWED_DTYPES
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.protocol import ALLOWED_DTYPES
 
 from .file_access import os_error
 
-__all__ = ["ArrayIndex", "load_arrays", "is_array_data"]
+__all__ = ["ArrayIndex", "is_array_data", "load_arrays"]
 
 
 def is_array_data(data: str | os.PathLike[str]) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from ..config import ServerConfig
 from .datasets import Dataset, row_source

@@ -3,7 +3,8 @@
 Every command that reads data (``serve``, ``check``, ``cache build``, ``bench``) calls
 `load_dataset(config)` and so accepts every kind. **A new kind of data set is a module that
 opens it plus one entry in `KINDS`** below (how to recognise its ``--data``, how to open it,
-which kind-specific settings it takes). What it opens is, once and for all, one of two:
+which kind-specific settings it takes). What it opens implements `Dataset` (interface.py,
+re-exported here) and is, once and for all, one of two:
 
 * a `ByteDataset` (``build == "decode"``): ``read(i) -> bytes`` and ``version(i)``, what the
   worker's steps read, decode and cache (files, tar members, Parquet rows); a kind whose samples
@@ -16,98 +17,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions, options_of
 from .file_access import check_exists, os_error
-from .reading import Version
+from .interface import ArrayDataset, ByteDataset, Dataset, FileDataset, byte_source, row_source
 from .remote import is_remote
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
 
-__all__ = ["Dataset", "ByteDataset", "FileDataset", "ArrayDataset", "DatasetKind", "KINDS", "load_dataset",
-           "byte_source", "row_source"]
-
-
-@runtime_checkable
-class Dataset(Protocol):
-    """Samples ``0..len-1`` with their labels: what the sampling plan, the server and `check` need."""
-
-    @property
-    def build(self) -> Literal["decode", "gather"]:
-        """How a batch is built: "decode" (read and decode files) or "gather" (copy rows)."""
-
-    @property
-    def labels(self) -> np.ndarray:
-        """One label per sample (any numeric dtype; image data sets use int64)."""
-
-    @property
-    def class_names(self) -> tuple[str, ...] | None:
-        """Names of the labels 0..k-1 where the data set has them (class folders), else None."""
-
-    @property
-    def source(self) -> str:
-        """Where the samples come from, for log lines and messages."""
-
-    def __len__(self) -> int: ...
-
-    def fingerprint(self) -> str:
-        """A short hash that changes when the samples or labels change (a resumed run checks it)."""
-
-    def describe(self, i: int) -> str:
-        """What names sample `i` in a message: a path, or the source and row."""
-
-
-@runtime_checkable
-class ByteDataset(Dataset, Protocol):
-    """A data set whose samples are encoded bytes that the workers read and decode (build == "decode")."""
-
-    def read(self, i: int, max_bytes: int | None = None) -> bytes:
-        """The bytes of sample `i`; DecodeError naming it (`describe`) when they cannot be read."""
-
-    def version(self, i: int) -> Version | None:
-        """What a cached record of sample `i` is checked against (None: unknown now, never valid).
-
-        A file: size, mtime, inode, device; a member of a container file: its offset there and the
-        file's mtime, size and inode.
-        """
-
-
-#: The data sets of image files (list files, class folders): byte data sets that also have paths.
-FileDataset = ByteDataset
-
-
-@runtime_checkable
-class ArrayDataset(Dataset, Protocol):
-    """A data set of rows that the workers copy as stored (build == "gather")."""
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]: ...
-
-    @property
-    def sample_dtype(self) -> str: ...
-
-    def gather(self, indices: np.ndarray, out: np.ndarray) -> None:
-        """Copy the samples at `indices` into `out` (``len(indices)`` rows)."""
-
-
-def byte_source(dataset: Dataset) -> ByteDataset:
-    """`dataset` as the byte source it is (``build == "decode"``): the one check, made once by its user."""
-    if dataset.build != "decode" or not isinstance(dataset, ByteDataset):
-        raise TypeError(f"{dataset.source} is not a data set of encoded samples (build {dataset.build!r})")
-    return dataset
-
-
-def row_source(dataset: Dataset) -> ArrayDataset:
-    """`dataset` as the rows it is (``build == "gather"``): the one check, made once by its user."""
-    if dataset.build != "gather" or not isinstance(dataset, ArrayDataset):
-        raise TypeError(f"{dataset.source} is not a data set of rows (build {dataset.build!r})")
-    return dataset
+__all__ = ["KINDS", "ArrayDataset", "ByteDataset", "Dataset", "DatasetKind", "FileDataset", "byte_source",
+           "load_dataset", "row_source"]
 
 
 @dataclass(frozen=True)

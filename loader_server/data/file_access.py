@@ -11,9 +11,9 @@ import os
 import stat
 from pathlib import Path
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
-__all__ = ["os_error", "check_exists"]
+__all__ = ["check_exists", "os_error"]
 
 
 def os_error(exc: OSError, what: str, path: str | os.PathLike[str] | None = None) -> ConfigError:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version, read_file
@@ -24,7 +24,7 @@ from .remote import is_remote
 if TYPE_CHECKING:
     from .remote import RemoteStorage
 
-__all__ = ["DatasetIndex", "load_index", "load_list_file", "load_class_folders", "IMAGE_EXTENSIONS"]
+__all__ = ["IMAGE_EXTENSIONS", "DatasetIndex", "load_class_folders", "load_index", "load_list_file"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 

@@ -37,13 +37,13 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, remote_storage
 
-__all__ = ["PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like", "INDEX_FORMAT"]
+__all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like"]
 
 log = logging.getLogger("loader_server")
 

@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
 from .remote import is_remote
 
-__all__ = ["open_parquet_tables", "index_table"]
+__all__ = ["index_table", "open_parquet_tables"]
 
 # Parquet's page types and encodings (parquet.thrift).
 _DATA_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 2, 3

@@ -14,8 +14,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["DecodeError", "read_file", "DEFAULT_MAX_FILE_BYTES", "LocalStorage", "Version", "storage_for",
-           "file_version"]
+__all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
+    "DecodeError",
+    "LocalStorage",
+    "Version",
+    "file_version",
+    "read_file",
+    "storage_for",
+]
 
 #: What a record of the decoded-sample cache is validated against: four integers whose meaning
 #: each byte source states (a file: size, mtime in ns, inode, device).
@@ -179,6 +186,23 @@ class LocalStorage:
                 if not self._retired[fd]:
                     del self._retired[fd]
                     os.close(fd)
+
+    def close(self) -> None:
+        """Close every descriptor this storage holds (also when it is collected)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                for fd in [entry[0] for entry in self._fds.values()] + list(self._retired):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._fds, self._retired = OrderedDict(), {}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
 
     def forget(self, path: str) -> None:
         """Stop using the descriptor of `path` (it changed: the next read opens the new file)."""

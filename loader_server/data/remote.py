@@ -54,8 +54,18 @@ from loader_client.errors import ConfigError
 
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version
 
-__all__ = ["reads_remote", "RemoteStorage", "RetryPolicy", "ObjectInfo", "is_remote", "REMOTE_SCHEMES", "split_url",
-           "remote_storage", "sign_v4", "DEFAULT_INFLIGHT_BYTES"]
+__all__ = [
+    "DEFAULT_INFLIGHT_BYTES",
+    "REMOTE_SCHEMES",
+    "ObjectInfo",
+    "RemoteStorage",
+    "RetryPolicy",
+    "is_remote",
+    "reads_remote",
+    "remote_storage",
+    "sign_v4",
+    "split_url",
+]
 
 log = logging.getLogger("loader_server")
 

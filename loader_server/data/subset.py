@@ -19,9 +19,9 @@ from typing import Literal
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
-from .datasets import ArrayDataset, ByteDataset, Dataset, byte_source, row_source
+from .interface import ArrayDataset, ByteDataset, Dataset, byte_source, row_source
 from .reading import Version
 
 __all__ = ["Subset", "split_indices", "take_subset"]

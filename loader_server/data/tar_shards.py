@@ -24,13 +24,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
 from .remote import is_remote
 
-__all__ = ["open_tar_shards", "index_shard", "IMAGE_MEMBERS"]
+__all__ = ["IMAGE_MEMBERS", "index_shard", "open_tar_shards"]
 
 #: Member extensions that hold a sample's image.
 IMAGE_MEMBERS = frozenset({"jpg", "jpeg", "png", "webp"})

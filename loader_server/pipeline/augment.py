@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 __all__ = ["Augmentation", "Augmenter", "Stage", "augmentation", "parse_augment", "sample_rng"]
 

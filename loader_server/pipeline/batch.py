@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from loader_client.normalize import Normalization
+from loader_client.contract.normalize import Normalization
 
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
 from ..data.batch_spec import BatchSpec, batch_spec
@@ -32,7 +32,7 @@ from .decode import DecodeError
 from .steps import Reader, SamplePath, plan_steps
 from .user_code import check_extras, load_function
 
-__all__ = ["BatchBuilder", "Reads", "AUTO_READ_THREADS", "SLOW_READ_S"]
+__all__ = ["AUTO_READ_THREADS", "SLOW_READ_S", "BatchBuilder", "Reads"]
 
 _COLLATE_STREAM = 0xC0
 

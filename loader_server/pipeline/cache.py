@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from ..options import AugmentOptions, CacheOptions, DecodeOptions, options_of
 
@@ -60,8 +60,18 @@ if TYPE_CHECKING:
     from ..data.reading import Version
     from .decode import Decoder
 
-__all__ = ["SampleCache", "CacheLayout", "cache_key", "record_shape", "open_cache", "MEMORY", "FORMAT",
-           "mem_available", "disk_free", "record_decoder"]
+__all__ = [
+    "FORMAT",
+    "MEMORY",
+    "CacheLayout",
+    "SampleCache",
+    "cache_key",
+    "disk_free",
+    "mem_available",
+    "open_cache",
+    "record_decoder",
+    "record_shape",
+]
 
 log = logging.getLogger("loader_server")
 

@@ -30,7 +30,7 @@ import numpy as np
 from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
 
-__all__ = ["DecodeError", "Decoder", "read_file", "jpeg_size", "png_size", "DEFAULT_MAX_FILE_BYTES"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "DecodeError", "Decoder", "jpeg_size", "png_size", "read_file"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,

@@ -39,7 +39,7 @@ from .cache import SampleCache
 from .decode import Decoder
 from .user_code import check_image, load_function
 
-__all__ = ["Sample", "SamplePath", "Reader", "plan_steps", "cached_decode_steps", "Step", "TRANSFORM_STREAM"]
+__all__ = ["TRANSFORM_STREAM", "Reader", "Sample", "SamplePath", "Step", "cached_decode_steps", "plan_steps"]
 
 #: User transforms draw apart from augmentations.
 TRANSFORM_STREAM = 0x7F

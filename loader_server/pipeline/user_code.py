@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from loader_client.errors import ConfigError
-from loader_client.protocol import ALLOWED_DTYPES
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.protocol import ALLOWED_DTYPES
 
-__all__ = ["load_function", "check_image", "check_extras"]
+__all__ = ["check_extras", "check_image", "load_function"]
 
 
 def load_function(spec: str, setting: str) -> Callable[..., Any]:

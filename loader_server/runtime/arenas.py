@@ -2,12 +2,12 @@
 
 A slot is free, being filled by a worker, or with the client (sent, not yet released). The
 slot accounting is pure; `new_arena` and `close` are the only OS calls. The arena itself is an
-anonymous memfd (`loader_client.shm.create_arena`), named by the server, never by a peer.
+anonymous memfd (`loader_client.contract.shm.create_arena`), named by the server, never by a peer.
 
 A client reaches the arena in one of two ways. The same user in the same PID namespace opens
 ``/proc/<server pid>/fd/<fd>``. Any other client of an ``ipc://`` bind (another user, another
 container, no shared PID namespace) asks the `ArenaChannel`: a unix socket beside the ipc
-socket (`loader_client.shm.arena_channel_path`, the same mode) that passes the descriptor
+socket (`loader_client.contract.shm.arena_channel_path`, the same mode) that passes the descriptor
 itself with SCM_RIGHTS, once, to whoever presents the arena's token. The token is 128 random
 bits that only the session's own welcome carries, so a peer can get no arena but its own;
 ZeroMQ's ipc transport cannot carry descriptors, hence the second socket.
@@ -29,13 +29,13 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from loader_client.errors import ProtocolError
-from loader_client.messages import MAX_ARENA_SLOTS, ArenaHandle
-from loader_client.shm import ARENA_CHANNEL_REQUEST, ARENA_TOKEN_BYTES, create_arena
+from loader_client.contract.errors import ProtocolError
+from loader_client.contract.messages import MAX_ARENA_SLOTS, ArenaHandle
+from loader_client.contract.shm import ARENA_CHANNEL_REQUEST, ARENA_TOKEN_BYTES, create_arena
 
 from .transport import start_janitor
 
-__all__ = ["Arena", "ArenaChannel", "new_arena", "arena_slots"]
+__all__ = ["Arena", "ArenaChannel", "arena_slots", "new_arena"]
 
 log = logging.getLogger("loader_server")
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from loader_client import protocol
-from loader_client.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
-from loader_client.schema import Message, encode
-from loader_client.shm import shm_available
+from loader_client.contract import protocol
+from loader_client.contract.messages import Batch, Error, Goodbye, Heartbeat, Hello, ShmRef, Welcome
+from loader_client.contract.schema import Message, encode
+from loader_client.contract.shm import shm_available
 
 from ..config import ServerConfig
 from ..data.batch_spec import BatchSpec
@@ -38,7 +38,7 @@ from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
 
-__all__ = ["Delivery", "Client", "Built", "ARENA_CLOSE_DELAY_S"]
+__all__ = ["ARENA_CLOSE_DELAY_S", "Built", "Client", "Delivery"]
 
 log = logging.getLogger("loader_server")
 

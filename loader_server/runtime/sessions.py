@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from loader_client.messages import MAX_CREDIT, Hello
+from loader_client.contract.messages import MAX_CREDIT, Hello
 
-__all__ = ["StreamFacts", "Refusal", "Session", "open_session", "fingerprint_mismatch"]
+__all__ = ["Refusal", "Session", "StreamFacts", "fingerprint_mismatch", "open_session"]
 
 P = TypeVar("P")
 

@@ -29,8 +29,16 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-__all__ = ["Task", "Worker", "Supervisor", "ProcessLike", "GivenUp", "MAX_TASK_RETRIES", "TASKS_PER_WORKER",
-           "fair_next"]
+__all__ = [
+    "MAX_TASK_RETRIES",
+    "TASKS_PER_WORKER",
+    "GivenUp",
+    "ProcessLike",
+    "Supervisor",
+    "Task",
+    "Worker",
+    "fair_next",
+]
 
 #: A task whose worker died this many times is reported to the client instead of retried.
 MAX_TASK_RETRIES = 3

@@ -36,13 +36,20 @@ from typing import Any
 import zmq
 import zmq.utils.z85
 
-from loader_client.errors import ConfigError
-from loader_client.schema import Message, encode
+from loader_client.contract.errors import ConfigError
+from loader_client.contract.schema import Message, encode
 
 from ..config import is_local_bind
 
-__all__ = ["ClientTransport", "ConnectionGuard", "MAX_REQUEST_BYTES", "MAX_UNFINISHED_BYTES", "SEND_QUEUE_BATCHES",
-           "PeerLog", "start_janitor"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "MAX_UNFINISHED_BYTES",
+    "SEND_QUEUE_BATCHES",
+    "ClientTransport",
+    "ConnectionGuard",
+    "PeerLog",
+    "start_janitor",
+]
 
 log = logging.getLogger("loader_server")
 

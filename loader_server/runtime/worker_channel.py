@@ -18,8 +18,8 @@ from typing import Any
 
 import zmq
 
-from loader_client import protocol
-from loader_client.schema import Message, decode, encode
+from loader_client.contract import protocol
+from loader_client.contract.schema import Message, decode, encode
 
 from .transport import start_janitor
 from .worker_messages import FROM_WORKER

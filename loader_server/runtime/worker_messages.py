@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from loader_client.messages import ArenaHandle
-from loader_client.schema import INT32_MAX, INT63_MAX, Message, item, spec
+from loader_client.contract.messages import ArenaHandle
+from loader_client.contract.schema import INT32_MAX, INT63_MAX, Message, item, spec
 
-__all__ = ["Ready", "Task", "Forget", "Result", "Failed", "Skipped", "TO_WORKER", "FROM_WORKER"]
+__all__ = ["FROM_WORKER", "TO_WORKER", "Failed", "Forget", "Ready", "Result", "Skipped", "Task"]
 
 _TEXT = 1 << 16
 

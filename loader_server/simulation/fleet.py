@@ -34,7 +34,7 @@ from .clock import Clock
 from .hosts import Payload, SimHost, Wire
 from .ranks import SimRank
 
-__all__ = ["FleetSpec", "FleetResult", "simulate", "CHECKS"]
+__all__ = ["CHECKS", "FleetResult", "FleetSpec", "simulate"]
 
 #: The checks of a run, and what each asserts.
 CHECKS = {

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loader_client.messages import Hello
+from loader_client.contract.messages import Hello
 
 from ..runtime.sessions import Refusal, Session, StreamFacts, open_session
 from ..runtime.supervisor import TASKS_PER_WORKER, fair_next
@@ -30,7 +30,7 @@ from .clock import Clock
 if TYPE_CHECKING:
     from .ranks import SimStream
 
-__all__ = ["SimHost", "Payload", "Wire"]
+__all__ = ["Payload", "SimHost", "Wire"]
 
 
 @dataclass(frozen=True)

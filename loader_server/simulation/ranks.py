@@ -18,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from loader_client.contract.messages import Hello
 from loader_client.failover import EpochPlan, Task, next_epoch_plan, next_unserved
-from loader_client.messages import Hello
 
 from .hosts import Payload, SimHost
 

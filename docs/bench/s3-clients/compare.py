@@ -1,7 +1,8 @@
 """Compare S3 client libraries on range GETs of tar members from a local SeaweedFS.
 
 Usage: python compare.py ENDPOINT CLIENT [--requests N] [--threads T]
-CLIENT: boto3 | obstore | s3fs | urllib3-sigv4 | loader (this project's reader, run from the repository). Prints one JSON line: requests/s, MB/s and CPU
+CLIENT: boto3 | obstore | s3fs | urllib3-sigv4 | loader (this project's reader, run from the
+repository). Prints one JSON line: requests/s, MB/s and CPU
 ms per request of this process (the client's own cost: signing, parsing, copying).
 
 The object is one 48 MB "shard" in bucket `bench`, key `shard.tar` (written by the boto3 run

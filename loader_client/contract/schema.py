@@ -21,9 +21,20 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from .errors import ProtocolError
+from .protocol import PROTOCOL_VERSION
 
-__all__ = ["Spec", "spec", "item", "Message", "encode", "decode", "decode_fields", "INT32_MAX", "INT63_MAX",
-           "is_printable"]
+__all__ = [
+    "INT32_MAX",
+    "INT63_MAX",
+    "Message",
+    "Spec",
+    "decode",
+    "decode_fields",
+    "encode",
+    "is_printable",
+    "item",
+    "spec",
+]
 
 INT32_MAX = 2**31 - 1
 INT63_MAX = 2**63 - 1
@@ -93,8 +104,6 @@ def _to_wire(value: Any) -> Any:
 
 def encode(message: Message) -> bytes:
     """The msgpack header of `message`, with the protocol version and type."""
-    from .protocol import PROTOCOL_VERSION
-
     data: bytes = msgpack.packb({"v": PROTOCOL_VERSION, "t": message.TYPE, **message.fields()}, use_bin_type=True)
     return data
 

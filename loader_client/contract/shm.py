@@ -38,8 +38,18 @@ from .errors import ProtocolError
 from .messages import ArenaHandle
 from .protocol import ALLOWED_DTYPES
 
-__all__ = ["Arena", "create_arena", "open_arena", "receive_arena", "arena_channel_path", "shm_available",
-           "ARENA_SEALS", "MAX_ARENA_NAME", "ARENA_CHANNEL_REQUEST", "ARENA_TOKEN_BYTES"]
+__all__ = [
+    "ARENA_CHANNEL_REQUEST",
+    "ARENA_SEALS",
+    "ARENA_TOKEN_BYTES",
+    "MAX_ARENA_NAME",
+    "Arena",
+    "arena_channel_path",
+    "create_arena",
+    "open_arena",
+    "receive_arena",
+    "shm_available",
+]
 
 _PAGE = mmap.PAGESIZE
 #: Seals every arena carries: its size can never change, and no seal can be removed or added.

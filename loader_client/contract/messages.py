@@ -5,7 +5,7 @@ slots given back), `Ping`, `Bye`; `HealthRequest` and `StatsRequest` open no ses
 Server -> client: `Welcome` (the stream's metadata), `Batch`, `Heartbeat`, `Error`, `Goodbye`
 (the server stops on purpose), `HealthReply`, `StatsReply`.
 
-Each field's type, range and length is checked by `loader_client.schema` when a message is
+Each field's type, range and length is checked by `schema` (this package) when a message is
 received, on either side. Integers are bounded so that they fit everything they later reach:
 positions and epochs below 2**31, seeds below 2**63. Names a peer chooses are printable text
 of bounded length, so they are safe in a log line and in a system call.
@@ -22,10 +22,32 @@ from typing import Any
 from .schema import INT32_MAX, INT63_MAX, Message, item, spec
 
 __all__ = [
-    "Hello", "Credit", "Release", "Ping", "Bye", "HealthRequest", "StatsRequest",
-    "ArenaHandle", "ShmRef", "Welcome", "Batch", "Heartbeat", "Error", "Goodbye", "HealthReply", "StatsReply",
-    "CLIENT_REQUESTS", "HANDSHAKE_REPLIES", "STREAM_MESSAGES", "HEALTH_REPLIES", "STATS_REPLIES",
-    "MAX_NAME_CHARS", "MAX_WORLD_SIZE", "MAX_CREDIT", "MAX_RELEASE_SLOTS", "MAX_ARENA_SLOTS",
+    "CLIENT_REQUESTS",
+    "HANDSHAKE_REPLIES",
+    "HEALTH_REPLIES",
+    "MAX_ARENA_SLOTS",
+    "MAX_CREDIT",
+    "MAX_NAME_CHARS",
+    "MAX_RELEASE_SLOTS",
+    "MAX_WORLD_SIZE",
+    "STATS_REPLIES",
+    "STREAM_MESSAGES",
+    "ArenaHandle",
+    "Batch",
+    "Bye",
+    "Credit",
+    "Error",
+    "Goodbye",
+    "HealthReply",
+    "HealthRequest",
+    "Heartbeat",
+    "Hello",
+    "Ping",
+    "Release",
+    "ShmRef",
+    "StatsReply",
+    "StatsRequest",
+    "Welcome",
 ]
 
 #: Longest client name (printable text); longer names are refused.

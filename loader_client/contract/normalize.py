@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Normalization", "BufferPool"]
+__all__ = ["BufferPool", "Normalization"]
 
 
 class Normalization:

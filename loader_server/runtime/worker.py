@@ -22,18 +22,18 @@ from collections import deque
 import numpy as np
 import zmq
 
-from loader_client import protocol
-from loader_client.messages import ArenaHandle
-from loader_client.schema import decode, encode
-from loader_client.shm import Arena
+from loader_client.contract import protocol
+from loader_client.contract.messages import ArenaHandle
+from loader_client.contract.schema import decode, encode
+from loader_client.contract.shm import Arena
 
 from ..data.batch_spec import BatchSpec
 from ..data.datasets import Dataset
 from ..options import PipelineOptions
-from ..runtime.worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
-from .cache import SampleCache
+from ..pipeline.cache import SampleCache
+from .worker_messages import TO_WORKER, Failed, Forget, Ready, Result, Skipped, Task
 
-__all__ = ["worker_main", "WORKER_IDLE_POLL_MS"]
+__all__ = ["WORKER_IDLE_POLL_MS", "worker_main"]
 
 #: How often an idle worker checks that its server is still alive.
 WORKER_IDLE_POLL_MS = 500
@@ -88,8 +88,8 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
     import cv2
 
     cv2.setNumThreads(1)
-    from .batch import BatchBuilder, Reads
-    from .decode import DecodeError
+    from ..pipeline.batch import BatchBuilder, Reads
+    from ..pipeline.decode import DecodeError
 
     builder = BatchBuilder(options, index, spec, cache)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
