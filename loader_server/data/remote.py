@@ -490,7 +490,8 @@ class RemoteStorage:
             error = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
-            raise DecodeError(prefix, f"listing failed after {attempts} attempts: HTTP {status} "
+            raise DecodeError(prefix, f"listing failed after {attempts} attempt{'s' if attempts > 1 else ''}: "
+                                      f"HTTP {status} "
                                       f"{error.get('Code', '')} {error.get('Message', '')}".rstrip(),
                               "not_found" if error.get("Code") == "NoSuchBucket" else "read_failed") from None
         except BotoCoreError as exc:
