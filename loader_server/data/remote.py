@@ -73,7 +73,6 @@ REMOTE_SCHEMES = ("s3://", "http://", "https://")
 #: Default bound on the bytes of range requests in flight per worker process.
 DEFAULT_INFLIGHT_BYTES = 64 << 20
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_CHUNK = 1 << 20
 
 
 def is_remote(location: str) -> bool:
