@@ -377,3 +377,27 @@ def test_bytes_in_flight_stay_under_the_bound(store: s3_support.ObjectStore) -> 
     assert 600 << 10 <= stats["peak_inflight_bytes"] <= 1 << 20  # at most three 300 KB ranges at once
     assert stats["requests"] >= 12
     storage.close()
+
+
+def test_a_named_profile_from_the_aws_config_files(store: s3_support.ObjectStore, tmp_path: Path,
+                                                   data: dict[str, tuple[str, str]],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_PROFILE with its keys in the credentials file and its endpoint_url in the config file: no other variable."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "credentials").write_text(f"[training]\naws_access_key_id = {s3_support.ACCESS_KEY}\n"
+                                          f"aws_secret_access_key = {s3_support.SECRET_KEY}\n")
+    (tmp_path / "config").write_text(f"[profile training]\nregion = {s3_support.REGION}\n"
+                                     f"endpoint_url = {store.endpoint}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "training")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    remote = f"s3://{BUCKET}/d/parquet/"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from loader_server import ServerConfig, load_dataset; "
+         f"ds = load_dataset(ServerConfig(data={remote!r}, index_dir={str(tmp_path / 'index')!r})); "
+         "print(len(ds), len(ds.read(0)))"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split()[0] == str(N) and int(probe.stdout.split()[1]) > 0
