@@ -35,10 +35,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-
-if TYPE_CHECKING:
-    from .data.remote import RemoteStorage
+from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "GROUPS",
@@ -82,13 +79,6 @@ class DataOptions:
     remote_timeout_s: float = 30.0
     remote_inflight_mb: float = 64.0
     remote_recheck_s: float = 60.0
-
-    def remote(self) -> RemoteStorage:
-        """The process's storage for s3:// and http(s):// data under these settings."""
-        from .data.remote import RetryPolicy, remote_storage
-
-        return remote_storage(RetryPolicy(attempts=self.remote_attempts, timeout_s=self.remote_timeout_s),
-                              int(self.remote_inflight_mb * (1 << 20)), self.remote_recheck_s)
 
 
 @dataclass(frozen=True)

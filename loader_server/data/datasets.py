@@ -24,7 +24,7 @@ from loader_client.contract.errors import ConfigError
 from ..options import DataOptions, options_of
 from .file_access import check_exists, os_error
 from .interface import ArrayDataset, ByteDataset, Dataset, FileDataset, byte_source, row_source
-from .remote import is_remote
+from .remote import is_remote, storage_of
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -70,13 +70,13 @@ def _parquet_tables(options: DataOptions) -> Dataset:
 def _class_folders(options: DataOptions) -> Dataset:
     from .index import load_class_folders
 
-    return load_class_folders(options.data, options.remote() if is_remote(options.data) else None)
+    return load_class_folders(options.data, storage_of(options) if is_remote(options.data) else None)
 
 
 def _list_file(options: DataOptions) -> Dataset:
     from .index import load_list_file
 
-    return load_list_file(options.data, options.remote() if is_remote(options.data) else None)
+    return load_list_file(options.data, storage_of(options) if is_remote(options.data) else None)
 
 
 def _is_folder(data: str) -> bool:

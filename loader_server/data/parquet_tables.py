@@ -33,7 +33,7 @@ from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
-from .remote import is_remote
+from .remote import is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
 
@@ -53,7 +53,7 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
         raise ConfigError(f"Parquet tables are read with pyarrow, which cannot be imported here ({exc}): install "
                           "it with the `parquet` extra: `python3 -m pip install \".[server,parquet]\"` (or "
                           "`pip install pyarrow`)") from None
-    storage = options.remote() if is_remote(options.data) else None
+    storage = storage_of(options) if is_remote(options.data) else None
     files = expand_files(options.data, ".parquet", "Parquet file", storage)
     columns = (options.image_column, options.label_column)
     first = os.path.basename(files[0])

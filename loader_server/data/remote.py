@@ -48,11 +48,14 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loader_client.errors import ConfigError
+from loader_client.contract.errors import ConfigError
 
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version
+
+if TYPE_CHECKING:
+    from ..options import DataOptions
 
 __all__ = [
     "DEFAULT_INFLIGHT_BYTES",
@@ -65,6 +68,7 @@ __all__ = [
     "remote_storage",
     "sign_v4",
     "split_url",
+    "storage_of",
 ]
 
 log = logging.getLogger("loader_server")
@@ -697,6 +701,12 @@ def reads_remote(dataset: object) -> bool:
     while hasattr(dataset, "parent"):
         dataset = dataset.parent
     return getattr(dataset, "remote", None) is not None or isinstance(getattr(dataset, "storage", None), RemoteStorage)
+
+
+def storage_of(options: DataOptions) -> RemoteStorage:
+    """The process's storage for s3:// and http(s):// data under these settings (``--remote-*``)."""
+    return remote_storage(RetryPolicy(attempts=options.remote_attempts, timeout_s=options.remote_timeout_s),
+                          int(options.remote_inflight_mb * (1 << 20)), options.remote_recheck_s)
 
 
 _STORAGES: dict[tuple[Any, ...], RemoteStorage] = {}

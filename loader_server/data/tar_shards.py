@@ -28,7 +28,7 @@ from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
-from .remote import is_remote
+from .remote import is_remote, storage_of
 
 __all__ = ["IMAGE_MEMBERS", "index_shard", "open_tar_shards"]
 
@@ -40,7 +40,7 @@ _TAIL_CHUNK = 1 << 20
 
 def open_tar_shards(options: DataOptions) -> PackedIndex:
     """Open the shards ``options.data`` names, from their index (built on first use)."""
-    storage = options.remote() if is_remote(options.data) else None
+    storage = storage_of(options) if is_remote(options.data) else None
     files = expand_files(options.data, ".tar", "tar shard", storage)
     json_label = options.json_label
     first = os.path.basename(files[0])
