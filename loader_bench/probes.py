@@ -24,6 +24,7 @@ from loader_client import LoaderClient, server_stats
 from .context import Bench
 from .floods import flood_tables, floods
 from .kinds import index_probe, index_tables, kinds_probe, kinds_tables
+from .remote_probe import s3_probe, s3_tables
 from .sharing import autoscale_probe, autoscale_rows, share_probe, share_tables
 from .systems import CLIENT_TIMEOUT_S, STEP_MODELS, PssSampler, measure_service, served, simulate_step
 from .train import train_probe, train_tables
@@ -918,6 +919,7 @@ PROBES: dict[str, Probe] = {
     "floods": Probe(floods, tables=flood_tables, default=False),
     "kinds": Probe(kinds_probe, tables=kinds_tables, default=False),
     "index": Probe(index_probe, tables=index_tables, default=False),
+    "s3": Probe(s3_probe, tables=s3_tables, default=False),
     "train": Probe(train_probe, tables=train_tables, default=False),
     "share": Probe(share_probe, tables=share_tables, default=False),
     "autoscale": Probe(autoscale_probe, autoscale_rows, default=False),

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -256,6 +257,21 @@ class PssSampler:
         return self.peak_mb
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and its children (the server and its workers)."""
+    total = 0.0
+    for p in [pid, *children_of(pid)]:
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return total
+
+
 def _pss_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -299,10 +315,12 @@ def served(bench: Bench, data: str, extra: list[str], *, workers: int | None = N
 def measure_service(bench: Bench, *, n: int | None = None, workers: int | None = None, extra: list[str] | None = None,
                     step_fraction: float | None = None, client_kwargs: dict[str, Any] | None = None,
                     warmup: int = 2, endpoint: str | None = None, sample_pss: bool = True,
-                    step_model: str = "sleep", min_wall_s: float = 0.0, data: str | None = None) -> dict[str, Any]:
+                    step_model: str = "sleep", min_wall_s: float = 0.0, data: str | None = None,
+                    cpu: bool = False) -> dict[str, Any]:
     """Serve the data, consume `n` images after `warmup` batches, touching one byte per batch.
 
-    `extra`: the serve flags (default: --serve-args); `data`: another data set (default: the run's).
+    `extra`: the serve flags (default: --serve-args); `data`: another data set (default: the run's);
+    `cpu`: also the CPU ms per timed image of the server and its workers (``loader_cpu_ms_per_image``).
     With `step_fraction`, a simulated training
     step (`simulate_step` of `step_model`) follows every batch, long enough that the trainer
     consumes that fraction of the loader's capacity (`bench.capacity` images/s), and the data
@@ -328,6 +346,7 @@ def measure_service(bench: Bench, *, n: int | None = None, workers: int | None =
                 latencies: list[float] = []
                 got = touched = 0
                 waited = 0.0
+                cpu_before = tree_cpu_s(server.pid) if cpu else 0.0
                 started = time.perf_counter()
                 while got < n:
                     t0 = time.perf_counter()
@@ -340,6 +359,7 @@ def measure_service(bench: Bench, *, n: int | None = None, workers: int | None =
                     if step_s:
                         simulate_step(step_s, step_model)
                 wall = time.perf_counter() - started
+                cpu_used = tree_cpu_s(server.pid) - cpu_before if cpu else 0.0
         finally:
             server.stop()
             peak = pss.stop()
@@ -347,6 +367,8 @@ def measure_service(bench: Bench, *, n: int | None = None, workers: int | None =
     out: dict[str, Any] = {"images_per_s": got / wall, "next_p50_ms": float(np.percentile(ms, 50)),
                            "next_p99_ms": float(np.percentile(ms, 99)), "stall_pct": 100 * waited / wall,
                            "time_to_first_batch_s": ttfb, "peak_pss_mb": peak, "step_ms": step_s * 1000}
+    if cpu:
+        out["loader_cpu_ms_per_image"] = cpu_used / got * 1000
     if step_s:
         # What the paced run really consumed, against the capacity it was paced at: above the
         # fraction when the step overshoots less than the loader slowed down meanwhile.

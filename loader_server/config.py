@@ -69,7 +69,8 @@ SLOW_READ_S = 0.002
 AUTO_SCAN_LIMIT = 100_000
 #: The settings that choose the samples: every command that opens a data set takes these.
 DATA_SETTINGS = ("data", "labels", "offsets", "maxlen", "pad", "truncate", "subset", "val_fraction", "split_seed",
-                 "image_column", "label_column", "json_label", "index_dir")
+                 "image_column", "label_column", "json_label", "index_dir", "remote_attempts",
+                 "remote_timeout_s", "remote_inflight_mb", "remote_recheck_s")
 
 
 def is_local_bind(endpoint: str) -> bool:
@@ -180,6 +181,17 @@ class ServerConfig:
     index_dir: str | None = setting(
         None, metavar="DIR", shown="beside the data, else ~/.cache/loader-service",
         help="tar shards and Parquet tables: where the member index is kept, so that a restart does not rebuild it")
+    remote_attempts: int = setting(
+        8, help="s3:// and http(s):// data: attempts per request; timeouts, dropped connections, 5xx and 503 "
+                "SlowDown are retried with exponential backoff (0.2 s doubling to 10 s) and full jitter, then the "
+                "sample is a bad file (the error names the URL, the status and the attempts)")
+    remote_timeout_s: float = setting(30.0, help="s3:// and http(s):// data: the limit of one request attempt")
+    remote_inflight_mb: float = setting(
+        64.0, help="s3:// and http(s):// data: bytes of range requests in flight per worker, at most (MB); the "
+                   "read-ahead threads wait beyond it")
+    remote_recheck_s: float = setting(
+        60.0, help="s3:// and http(s):// data: how often a worker asks the store whether an object changed since "
+                   "it was indexed (one listing per folder), before serving its decoded record from --cache")
     subset: Literal["all", "train", "val"] = setting(
         "all", choices=SUBSETS,
         help="serve part of the data set: `val` is a fixed random --val-fraction of it, `train` the rest "
@@ -226,6 +238,10 @@ class ServerConfig:
         None, shown="auto",
         help="batches built ahead per client (bounds memory: prefetch x batch bytes); auto: "
              f"max({MIN_PREFETCH}, {PREFETCH_PER_WORKER} x workers), so that one client keeps every worker busy")
+    read_ahead_tasks: int = setting(
+        2, help="tasks each worker holds beyond the one it builds, their samples read ahead meanwhile (a task is "
+                "a batch); for an object store 100 ms away: 6, with --prefetch at least workers x (this + 1) and "
+                "--read-threads 256")
     mode: Literal["epoch", "random"] = setting(
         "epoch", choices=SAMPLING_MODES,
         help="epoch: a permutation per epoch; random: draw with replacement, endless")
@@ -361,6 +377,13 @@ class ServerConfig:
             if self.resize != "stretch" and crop:
                 raise ConfigError(f"`augment` {crop} replaces the resize: use it with --resize stretch")
         _at_least("max_pixels", self.max_pixels, 1)
+        _at_least("remote_attempts", self.remote_attempts, 1)
+        _at_least("read_ahead_tasks", self.read_ahead_tasks, 0)
+        for name in ("remote_timeout_s", "remote_inflight_mb"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"`{name}` must be > 0, got {getattr(self, name)}")
+        if not self.remote_recheck_s >= 0:
+            raise ConfigError(f"`remote_recheck_s` must be >= 0, got {self.remote_recheck_s}")
         _at_least("max_file_bytes", self.max_file_bytes, 1)
         _at_least("max_clients", self.max_clients, 1)
         _at_least("max_connections_per_host", self.max_connections_per_host, 1)
@@ -569,6 +592,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_connections_per_host": (1, 65536),
     "max_bad": (0.0, 1 << 40),
     "read_threads": (0, 1024),
+    "read_ahead_tasks": (0, 64),
+    "remote_attempts": (1, 100),
+    "remote_timeout_s": (0.01, 86400.0),
+    "remote_inflight_mb": (0.01, 1048576.0),
+    "remote_recheck_s": (0.0, 7 * 86400.0),
     "simulate_read_latency_ms": (0.0, 60_000.0),
     "batch_timeout_s": (0.01, 7 * 86400.0),
     "heartbeat_s": (0.01, 3600.0),

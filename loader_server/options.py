@@ -77,6 +77,10 @@ class DataOptions:
     label_column: str = "label"
     json_label: str | None = None
     index_dir: str | None = None
+    remote_attempts: int = 8
+    remote_timeout_s: float = 30.0
+    remote_inflight_mb: float = 64.0
+    remote_recheck_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,7 @@ class ServeOptions:
     insecure: bool = False
     ipc_mode: str = "0600"
     prefetch: int | None = None
+    read_ahead_tasks: int = 2
     in_order: bool = True
     shm: bool = True
     max_clients: int = 64

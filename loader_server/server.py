@@ -112,7 +112,8 @@ class Server:
         channel: WorkerChannel | None = None
         arena_channel: ArenaChannel | None = None
         self.supervisor = Supervisor(self._spawn, self.config.initial_workers,
-                                     batch_timeout_s=self.config.batch_timeout_s, dump_stack=_dump_stack)
+                                     batch_timeout_s=self.config.batch_timeout_s, dump_stack=_dump_stack,
+                                     tasks_per_worker=1 + self.config.read_ahead_tasks)
         lo, hi = self.config.worker_bounds
         self.autoscaler = Autoscaler(ScalePolicy(lo, hi, self.config.target_stall, self.config.scale_interval_s),
                                      time.monotonic()) if self.config.autoscale else None

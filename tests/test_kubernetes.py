@@ -220,8 +220,14 @@ def test_loaders_are_locked_down_and_sized(tmp_path: Path) -> None:
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert mounts["/data"]["readOnly"] and volumes[mounts["/data"]["name"]]["persistentVolumeClaim"]["readOnly"]
-    assert all(m.get("readOnly") for path, m in mounts.items() if path not in ("/tmp", "/keys")), mounts
+    writable = ("/tmp", "/keys", "/var/cache/loader")
+    assert all(m.get("readOnly") for path, m in mounts.items() if path not in writable), mounts
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]  # the worker socket's private folder
+    assert "emptyDir" in volumes[mounts["/var/cache/loader"]["name"]]  # the kept member index (XDG_CACHE_HOME)
+    assert {"name": "XDG_CACHE_HOME", "value": "/var/cache/loader"} in c["env"]
+    # Data on an object store: the AWS_* variables from a Secret made by hand; optional, so the
+    # loaders start the same without it.
+    assert c["envFrom"] == [{"secretRef": {"name": "loader-s3-credentials", "optional": True}}]
     assert set(c["resources"]["requests"]) == set(c["resources"]["limits"]) == {"cpu", "memory"}
     config = settings_of(KUBE, sts, c, tmp_path / "loader.toml")
     assert config.workers == 4 and config.prefetch == 8 and config.batch_size == 64  # the sizing comment's figures

@@ -71,7 +71,7 @@ def test_settings_that_do_not_shape_batches_leave_the_fingerprint(name: str) -> 
              "metrics_host": "0.0.0.0", "max_file_bytes": 1 << 20, "read_threads": 4,
              "simulate_read_latency_ms": 2.0, "cache": "memory", "ipc_mode": "0660", "scan": True,
              "workers_min": {"workers": "auto", "workers_min": 2}, "workers_max": {"workers": "auto", "workers_max": 9},
-             "target_stall": 0.1, "scale_interval_s": 7.0, "share_window": 3}
+             "target_stall": 0.1, "scale_interval_s": 7.0, "share_window": 3, "read_ahead_tasks": 6}
     changed = other[name] if isinstance(other[name], dict) else {name: other[name]}
     assert ServerConfig(data="x", **changed).fingerprint() == ServerConfig(data="x").fingerprint()
 

@@ -45,12 +45,18 @@ def test_readme_dependencies_section_is_what_pyproject_declares() -> None:
     core = base | {_name(r) for r in extras["server-core"]}
     server = core | {_name(r) for r in extras["server"] if _name(r) != "loader-service"}
     section = _readme_section("Dependencies, and why")
-    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    lines = section.splitlines()
+    first = next(k for k, line in enumerate(lines) if line.startswith("| "))
+    end = next(k for k in range(first, len(lines)) if not lines[k].startswith("|"))  # the first table only
+    rows = [line.split("|")[1:-1] for line in lines[first:end] if "---" not in line]
     table = {install.strip(" `"): {p.strip() for p in brings.split(",")} for _, install, brings in rows[1:]}
     parquet = server | {_name(r) for r in extras["parquet"]}
+    s3 = server | {_name(r) for r in extras["s3"]}
     assert table == {"python3 -m pip install .": base, 'python3 -m pip install ".[server]"': server,
-                     'python3 -m pip install ".[server-core]"': core, 'python3 -m pip install ".[server,parquet]"': parquet}
-    assert len(rows) == 5  # the header and four rows
+                     'python3 -m pip install ".[server-core]"': core, 'python3 -m pip install ".[server,parquet]"': parquet,
+                     'python3 -m pip install ".[server,s3]"': s3}
+    assert len(rows) == 6  # the header and five rows
+    assert "botocore" not in server and "botocore" in s3  # only for those who serve from S3
     assert "pyarrow" not in server and "pyarrow" in parquet  # 170 MB: only for those who serve Parquet
     not_deps = re.search(r"Not dependencies, on purpose: (.*)\.", section)
     assert not_deps is not None

@@ -33,6 +33,9 @@ MODE is one of
   - ``needs-flag=--subset``: a ``loader-server serve`` flag the session uses; until the server
     has it the session is an expected failure.
   - ``timeout=S``: seconds for each run of the block (default 300).
+  - ``store=BUCKET``: before the session, a real S3 store (SeaweedFS, loader_bench/object_store.py)
+    is started with that bucket, and the session's blocks get its ``AWS_*`` variables (the
+    endpoint, the credentials); it is stopped when the session ends.
 * ``syntax reason="..."``: compiled only (python: ``compile``; bash: ``bash -n``; toml:
   ``tomllib``), for what cannot run here (TensorFlow and JAX are not installed, two hosts,
   Docker, a long benchmark, servers that never exit). The reason is required.
@@ -60,12 +63,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loader_bench.object_store import ObjectStore
+
 from .conftest import CLASS_COLORS, color_classes, free_port, write_image
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MODES = {"run", "syntax", "text", "install"}
-RUN_OPTIONS = {"session", "data", "ports", "serve", "prelude", "runs", "needs", "needs-flag", "timeout"}
+RUN_OPTIONS = {"session", "data", "ports", "serve", "prelude", "runs", "needs", "needs-flag", "timeout", "store"}
 PRELUDES = {
     # A tiny model for images of any size, for a fragment that calls model.fit.
     "keras_model": (
@@ -296,6 +301,7 @@ class Session:
                     self.options[key] = value
         self.groups: list[int] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.store: ObjectStore | None = None
         self.ports: dict[str, str] = {}
         serve = [s for s in self.options.get("serve", "").split(",") if s]
         for p in [*self.options.get("ports", "").split(","), *(s.split(":")[0] for s in serve)]:
@@ -312,6 +318,17 @@ class Session:
         self.env.pop("KERAS_BACKEND", None)  # the blocks choose their backend as a user's script would
         if self.ports:
             self.env["LOADER_ENDPOINT"] = f"tcp://127.0.0.1:{next(iter(self.ports.values()))}"
+        if self.options.get("store"):
+            from loader_bench.object_store import NoStore, start_store
+
+            try:
+                self.store = start_store((self.options["store"],), root=workdir / ".store")
+            except NoStore as exc:
+                if os.environ.get("CI") == "true":
+                    pytest.fail(f"CI needs the S3 store: {exc}")
+                pytest.skip(str(exc))
+            self.env = {k: v for k, v in self.env.items() if not k.startswith("AWS_")}
+            self.env.update(self.store.env())
         data = self.options.get("data", "listfile" if serve else "")
         if data == "listfile":
             write_listfile(workdir / "data")
@@ -385,6 +402,8 @@ class Session:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.store is not None:
+            self.store.stop()
 
 
 def _group_alive(pgid: int) -> bool:

@@ -103,6 +103,7 @@ ROWS = [
     Row("workers", (), ("--workers", "2"), "", "", "shared"),
     Row("prefetch", (), ("--prefetch", "3"), "", "", "shared"),
     Row("read-threads", (), ("--read-threads", "2"), "", "", "shared"),
+    Row("read-ahead-tasks", (), ("--read-ahead-tasks", "0"), "", "", "shared"),
     Row("no-shm", (), ("--no-shm",), "", "", "shared"),
     Row("drop-last (the default)", (), ("--drop-last",), "", "", "shared"),
     Row("log settings", (), ("--log-level", "DEBUG", "--log-interval-s", "1"), "", "", "shared"),
@@ -130,6 +131,8 @@ NOT_IN_TABLE = {
     "--share-window": "which batches a share keeps: tests/test_sharing.py",
     "--scan": "only with missing or unreadable files: tests/test_scan.py", "--no-scan": "the same",
     "--watch-stdin": "when the server stops: tests/test_local_server.py",
+    "--remote-attempts": "object stores only: tests/test_s3.py", "--remote-timeout-s": "object stores only",
+    "--remote-inflight-mb": "object stores only", "--remote-recheck-s": "object stores only: tests/test_s3.py",
 }
 
 

@@ -24,6 +24,7 @@ from loader_client.contract.errors import ConfigError
 from ..options import DataOptions, options_of
 from .file_access import check_exists, os_error
 from .interface import ArrayDataset, ByteDataset, Dataset, FileDataset, byte_source, row_source
+from .remote import is_remote, storage_of
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -69,13 +70,18 @@ def _parquet_tables(options: DataOptions) -> Dataset:
 def _class_folders(options: DataOptions) -> Dataset:
     from .index import load_class_folders
 
-    return load_class_folders(options.data)
+    return load_class_folders(options.data, storage_of(options) if is_remote(options.data) else None)
 
 
 def _list_file(options: DataOptions) -> Dataset:
     from .index import load_list_file
 
-    return load_list_file(options.data)
+    return load_list_file(options.data, storage_of(options) if is_remote(options.data) else None)
+
+
+def _is_folder(data: str) -> bool:
+    """A local folder, or an object prefix (``s3://bucket/prefix/``)."""
+    return data.endswith("/") if is_remote(data) else os.path.isdir(data)
 
 
 def _holds(suffix: str) -> Callable[[str], bool]:
@@ -92,8 +98,8 @@ KINDS: tuple[DatasetKind, ...] = (
     DatasetKind("arrays", _is_arrays, _arrays, ("labels", "offsets", "maxlen", "pad", "truncate")),
     DatasetKind("tar shards", _holds(".tar"), _tar_shards, ("json_label", "index_dir")),
     DatasetKind("Parquet tables", _holds(".parquet"), _parquet_tables, ("image_column", "label_column", "index_dir")),
-    DatasetKind("class folders", os.path.isdir, _class_folders),
-    DatasetKind("list file", lambda data: not os.path.isdir(data), _list_file),
+    DatasetKind("class folders", _is_folder, _class_folders),
+    DatasetKind("list file", lambda data: not _is_folder(data), _list_file),
 )
 
 
@@ -108,7 +114,7 @@ def load_dataset(config: ServerConfig | DataOptions) -> Dataset:
     options = options_of(config, DataOptions)
     try:
         kind = next(k for k in KINDS if k.matches(options.data))
-        if kind.name in ("class folders", "list file", "arrays"):
+        if kind.name in ("class folders", "list file", "arrays") and not is_remote(options.data):
             check_exists(options.data, "data set", MISSING_HINT)
         _refuse_foreign_settings(options, kind)
         dataset = kind.open(options)

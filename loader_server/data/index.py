@@ -11,14 +11,18 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
 from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
-from .reading import DEFAULT_MAX_FILE_BYTES, Version, read_file
+from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version, read_file
+from .remote import is_remote
+
+if TYPE_CHECKING:
+    from .remote import RemoteStorage
 
 __all__ = ["IMAGE_EXTENSIONS", "DatasetIndex", "load_class_folders", "load_index", "load_list_file"]
 
@@ -35,6 +39,8 @@ class DatasetIndex:
     labels: np.ndarray  # int64, len n
     class_names: tuple[str, ...] | None
     source: str
+    #: Reads the samples that are objects (``s3://``, ``https://``), where any are.
+    remote: RemoteStorage | None = None
     #: Workers read and decode each file into the batch (see datasets.Dataset).
     build: ClassVar[Literal["decode", "gather"]] = "decode"
 
@@ -43,8 +49,13 @@ class DatasetIndex:
 
     def path(self, i: int) -> str:
         """Full path of sample `i`."""
-        raw = self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes()
-        return os.path.join(self.root, os.fsdecode(raw))
+        name = os.fsdecode(self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes())
+        if self.remote is not None:
+            if is_remote(name):
+                return name
+            if is_remote(self.root):
+                return f"{self.root.rstrip('/')}/{name}"
+        return os.path.join(self.root, name)
 
     def describe(self, i: int) -> str:
         """What names sample `i` in messages: its path."""
@@ -52,13 +63,21 @@ class DatasetIndex:
 
     def read(self, i: int, max_bytes: int | None = None) -> bytes:
         """The bytes of sample `i`: its whole file (DecodeError naming it when it cannot be read)."""
-        return read_file(self.path(i), DEFAULT_MAX_FILE_BYTES if max_bytes is None else max_bytes)
+        path = self.path(i)
+        limit = DEFAULT_MAX_FILE_BYTES if max_bytes is None else max_bytes
+        if self.remote is not None and is_remote(path):
+            return self.remote.read(path, limit)
+        return read_file(path, limit)
 
     def version(self, i: int) -> Version | None:
         """What a cached record of sample `i` is checked against: the file's size, mtime, inode and device
-        (None when it cannot be stat'ed: the read that follows says why)."""
+        (None when it cannot be stat'ed: the read that follows says why); of an object, its ETag's hash and
+        size as the store last said (None once it changed since indexing)."""
+        path = self.path(i)
+        if self.remote is not None and is_remote(path):
+            return self.remote.version(path)
         try:
-            st = os.stat(self.path(i))
+            st = os.stat(path)
         except OSError:
             return None
         return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
@@ -88,17 +107,34 @@ def load_index(data: str | os.PathLike[str]) -> DatasetIndex:
     return load_list_file(data)
 
 
-def load_list_file(data: str | os.PathLike[str]) -> DatasetIndex:
-    """Index a list file of ``path label`` or ``path,label`` lines (paths relative to its folder)."""
-    path = Path(data)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise os_error(exc, "list file", path) from None
-    root = str(path.parent.resolve())
+def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None = None) -> DatasetIndex:
+    """Index a list file of ``path label`` or ``path,label`` lines (paths relative to its folder).
+
+    The list file may be an object itself, and its lines may name objects (``s3://bucket/img/1.jpg 7``);
+    the folders of the ``s3://`` objects are listed once here, so that every read finds its object
+    as it was then (its ETag).
+    """
+    path: Path | str
+    if isinstance(data, str) and is_remote(data):
+        from .remote import remote_storage
+
+        storage = storage or remote_storage()
+        path = data
+        try:
+            raw = storage.read(data)
+        except DecodeError as exc:
+            raise ConfigError(f"list file {exc}") from None
+        root = data.rsplit("/", 1)[0]
+    else:
+        path = Path(data)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise os_error(exc, "list file", path) from None
+        root = str(path.parent.resolve())
     fast = _parse_plain(raw)
     if fast is not None:
-        return _build(root, fast[0], fast[1], None, f"list file {path}")
+        return _with_objects(_build(root, fast[0], fast[1], None, f"list file {path}"), storage)
     paths: list[bytes] = []
     labels: list[int] = []
     append_path, append_label = paths.append, labels.append
@@ -130,7 +166,27 @@ def load_list_file(data: str | os.PathLike[str]) -> DatasetIndex:
         append_label(value)
     if not paths:
         raise ConfigError(f"list file {str(path)!r} holds no samples (only blank or # lines)")
-    return _build(root, paths, labels, None, f"list file {path}")
+    return _with_objects(_build(root, paths, labels, None, f"list file {path}"), storage)
+
+
+def _with_objects(index: DatasetIndex, storage: RemoteStorage | None) -> DatasetIndex:
+    """The index with its remote storage where it names objects, their s3:// folders listed (one listing each)."""
+    import dataclasses
+
+    if not is_remote(index.root) and b"://" not in index.blob.tobytes():
+        return index
+    if storage is None:
+        from .remote import remote_storage
+
+        storage = remote_storage()
+    index = dataclasses.replace(index, remote=storage)
+    folders = sorted({p.rsplit("/", 1)[0] + "/" for p in map(index.path, range(len(index))) if p.startswith("s3://")})
+    for folder in folders:
+        try:
+            storage.list(folder, shallow=True)
+        except DecodeError as exc:
+            raise ConfigError(f"{index.source}: {exc}") from None
+    return index
 
 
 def _parse_plain(raw: bytes) -> tuple[list[bytes], np.ndarray] | None:
@@ -160,8 +216,10 @@ def _parse_plain(raw: bytes) -> tuple[list[bytes], np.ndarray] | None:
     return tokens[0::2], labels
 
 
-def load_class_folders(data: str | os.PathLike[str]) -> DatasetIndex:
-    """Index ``root/<class>/<image>``: classes sorted by name, label = position."""
+def load_class_folders(data: str | os.PathLike[str], storage: RemoteStorage | None = None) -> DatasetIndex:
+    """Index ``root/<class>/<image>``: classes sorted by name, label = position (also under an s3:// prefix)."""
+    if isinstance(data, str) and is_remote(data):
+        return _remote_class_folders(data, storage)
     root = Path(data)
     try:
         return _from_class_folders(root)
@@ -190,6 +248,35 @@ def _from_class_folders(root: Path) -> DatasetIndex:
             f"folder {str(root)!r} holds no images with extensions {sorted(IMAGE_EXTENSIONS)}"
         )
     return _build(str(root.resolve()), paths, labels, tuple(classes), f"class folders {root}")
+
+
+def _remote_class_folders(prefix: str, storage: RemoteStorage | None) -> DatasetIndex:
+    """``s3://bucket/prefix/<class>/<image>``, from one listing of the prefix."""
+    from .remote import remote_storage
+
+    storage = storage or remote_storage()
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    try:
+        found = storage.list(prefix)
+    except DecodeError as exc:
+        raise ConfigError(str(exc)) from None
+    by_class: dict[str, list[str]] = {}
+    for url in found:
+        rel = url[len(prefix) :]
+        name, sep, file = rel.partition("/")
+        if not sep or "/" in file or name.startswith(".") or os.path.splitext(file)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        by_class.setdefault(name, []).append(file)
+    if not by_class:
+        raise ConfigError(f"prefix {prefix!r} has no class folders of images: expected {prefix}<class>/<image files> "
+                          f"with extensions {sorted(IMAGE_EXTENSIONS)}")
+    classes = sorted(by_class)
+    paths = [f"{name}/{f}".encode() for name in classes for f in sorted(by_class[name])]
+    labels = [label for label, name in enumerate(classes) for _ in by_class[name]]
+    index = _build(prefix.rstrip("/"), paths, labels, tuple(classes), f"class folders {prefix}")
+    import dataclasses
+
+    return dataclasses.replace(index, remote=storage)
 
 
 def _build(

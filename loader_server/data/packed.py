@@ -41,6 +41,7 @@ from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
+from .remote import RemoteStorage, is_remote, remote_storage
 
 __all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like"]
 
@@ -88,6 +89,8 @@ def looks_like(data: str, suffix: str) -> bool:
         return False
     if len(parts) > 1 or _is_pattern(parts[0]):
         return all(_brace_expand(p)[0].rstrip("*?]").endswith(suffix) or p.endswith(suffix) for p in parts)
+    if is_remote(parts[0]) and parts[0].endswith("/"):  # a prefix: what it holds
+        return any(url.endswith(suffix) for url in _remote_listing(parts[0]))
     if os.path.isdir(parts[0]):
         try:
             with os.scandir(parts[0]) as entries:
@@ -118,12 +121,40 @@ def _brace_expand(text: str) -> list[str]:
     return [s for item in items for s in _brace_expand(head + item + tail)]
 
 
-def expand_files(data: str, suffix: str, what: str) -> list[str]:
-    """The absolute paths that ``--data`` names, in order; ConfigError naming what is missing."""
+def _remote_listing(prefix: str, storage: RemoteStorage | None = None) -> list[str]:
+    """The objects under an ``s3://`` prefix (ConfigError when it cannot be listed)."""
+    try:
+        return list((storage or remote_storage()).list(prefix))
+    except DecodeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage | None) -> list[str]:
+    """The objects one remote ``--data`` item names: itself, the objects its pattern matches, or a prefix's."""
+    import fnmatch
+
+    if any(c in item for c in "*?["):
+        head = re.split(r"[*?\[]", item, maxsplit=1)[0]
+        found = [u for u in _remote_listing(head.rsplit("/", 1)[0] + "/", storage) if fnmatch.fnmatchcase(u, item)]
+        if not found:
+            raise ConfigError(f"{what} pattern {item!r} matches no object")
+        return sorted(found)
+    if item.endswith("/"):
+        found = [u for u in _remote_listing(item, storage) if u.endswith(suffix)]
+        if not found:
+            raise ConfigError(f"prefix {item!r} holds no {suffix} objects")
+        return sorted(found)
+    return [item]
+
+
+def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | None = None) -> list[str]:
+    """The absolute paths (or object URLs) that ``--data`` names, in order; ConfigError naming what is missing."""
     files: list[str] = []
     for part in (p for p in data.split("::") if p):
         for item in _brace_expand(part):
-            if any(c in item for c in "*?["):
+            if is_remote(item):
+                files.extend(_expand_remote(item, suffix, what, storage))
+            elif any(c in item for c in "*?["):
                 found = sorted(glob.glob(item))
                 if not found:
                     raise ConfigError(f"{what} pattern {item!r} matches no file")
@@ -138,7 +169,7 @@ def expand_files(data: str, suffix: str, what: str) -> list[str]:
                 files.append(item)
     if not files:
         raise ConfigError(f"--data {data!r} names no {what}")
-    resolved = [os.path.abspath(f) for f in files]
+    resolved = [f if is_remote(f) else os.path.abspath(f) for f in files]
     seen: set[str] = set()
     twice = [f for f in resolved if f in seen or seen.add(f)]  # type: ignore[func-returns-value]
     if twice:
@@ -166,7 +197,7 @@ class PackedIndex:
     inner: np.ndarray | None = None
     length: np.ndarray | None = None
     codecs: tuple[str, ...] = ()  # per file, when `raw` is set
-    storage: LocalStorage = field(default_factory=LocalStorage, repr=False)
+    storage: LocalStorage | RemoteStorage = field(default_factory=LocalStorage, repr=False)
     _pages: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: Workers read and decode each sample's bytes (see datasets.Dataset).
@@ -187,7 +218,11 @@ class PackedIndex:
         return f"{self.files[f]}:{i - int(self.starts[f])}"
 
     def version(self, i: int) -> Version | None:
-        """The sample's offset and its file's mtime, size and inode now (None if it cannot be stat'ed)."""
+        """The sample's offset and its file's mtime, size and inode now (None if it cannot be stat'ed); of an
+        object, its ETag's hash and size as the store last said (None once it changed since indexing)."""
+        if isinstance(self.storage, RemoteStorage):
+            now = self.storage.version(self.files[self._file(i)])
+            return None if now is None else (int(self.pos[i]), now[0], now[1], 0)
         try:
             st = os.stat(self.files[self._file(i)])
         except OSError:
@@ -198,6 +233,8 @@ class PackedIndex:
         """The sample's bytes: one range read (and, for a compressed page, a decompression and a slice)."""
         f = self._file(i)
         path = self.files[f]
+        if isinstance(self.storage, RemoteStorage):  # each range read carries If-Match: the indexed ETag
+            return self._read_remote(i, f, max_bytes)
         try:
             st = os.stat(path)
         except OSError:
@@ -218,6 +255,17 @@ class PackedIndex:
         page = self._page(f, i)
         inner, length = int(self.inner[i]), int(self.length[i])
         return page[inner : inner + length]
+
+    def _read_remote(self, i: int, f: int, max_bytes: int | None) -> bytes:
+        span = int(self.span[i])
+        if max_bytes is not None and span > max_bytes:
+            raise DecodeError(self.describe(i), f"sample of {span} bytes exceeds --max-file-bytes {max_bytes}",
+                              "too_large")
+        if self.raw is None or self.raw[i] < 0:
+            return self.storage.read_range(self.files[f], int(self.pos[i]), span, self.describe, i)
+        assert self.inner is not None and self.length is not None
+        inner, length = int(self.inner[i]), int(self.length[i])
+        return self._page(f, i)[inner : inner + length]
 
     def _page(self, f: int, i: int) -> bytes:
         key = (f, int(self.pos[i]))
@@ -277,15 +325,31 @@ def _index_path(files: Sequence[str], kind: str, options: dict[str, object], ind
     if index_dir is not None:
         return os.path.join(index_dir, name)
     beside = os.path.dirname(files[0])
-    if os.access(beside, os.W_OK | os.X_OK):
+    if not is_remote(files[0]) and os.access(beside, os.W_OK | os.X_OK):
         return os.path.join(beside, name)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "loader-service", "index", name)
 
 
-def _stat_versions(files: Sequence[str], what: str) -> np.ndarray:
+def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage | None = None) -> np.ndarray:
+    """Each file's (mtime, size, inode); each object's (ETag hash, size, 0), from the listing or a HEAD."""
     out = np.zeros((len(files), 3), dtype=np.int64)
+    folders = sorted({f.rsplit("/", 1)[0] + "/" for f in files if f.startswith("s3://")})
+    for folder in folders:  # one listing per folder, not a request per object (a thousand shards at 100 ms)
+        try:
+            (storage or remote_storage()).list(folder, shallow=True)
+        except DecodeError as exc:
+            raise ConfigError(f"{what} {exc}") from None
     for k, f in enumerate(files):
+        if is_remote(f):
+            try:
+                info = (storage or remote_storage()).info(f)
+            except DecodeError as exc:
+                raise ConfigError(f"{what} {exc}") from None
+            if info is None:
+                raise ConfigError(f"{what} {f} does not exist")
+            out[k] = (*info.version, 0)
+            continue
         try:
             st = os.stat(f)
         except OSError as exc:
@@ -361,13 +425,21 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
 
 
 def load_or_build(files: list[str], *, kind: str, options: dict[str, object], index_dir: str | None,
-                  index_file: Callable[[str], Segment], source: str) -> PackedIndex:
+                  index_file: Callable[[str], Segment], source: str,
+                  storage: RemoteStorage | None = None) -> PackedIndex:
     """The index of `files`: read from its index file where every file is unchanged, the others
-    indexed with `index_file` (a progress bar when it takes a while), then kept for the next start."""
+    indexed with `index_file` (a progress bar when it takes a while), then kept for the next start.
+
+    Objects (``s3://``, ``https://``) are indexed from a temporary local copy, one at a time per
+    indexing process; their index is kept in `index_dir` or the user's cache folder."""
     from tqdm import tqdm
 
+    remote = is_remote(files[0])
+    if remote:
+        storage = storage or remote_storage()
+        index_file = _from_copy(index_file, storage)
     path = _index_path(files, kind, options, index_dir)
-    versions = _stat_versions(files, kind)
+    versions = _stat_versions(files, kind, storage)
     stored = _read_index(path, files)
     segments: list[Segment | None] = [None] * len(files)
     if stored is not None:
@@ -385,9 +457,9 @@ def load_or_build(files: list[str], *, kind: str, options: dict[str, object], in
             for k, segment in _index_files(index_file, [files[k] for k in todo], todo, kind):
                 segments[k] = segment
                 bar.update(int(versions[k, 1]))
-        versions = _stat_versions(files, kind)  # as indexed (a file changed meanwhile is indexed next time)
+        versions = _stat_versions(files, kind, storage)  # as indexed (a file changed meanwhile: indexed next time)
     done = [s for s in segments if s is not None]
-    index = _assemble(files, versions, done, kind, source)
+    index = _assemble(files, versions, done, kind, source, storage if remote else None)
     if todo:
         arrays = _arrays_of(index)
         kept = _write_index(path, files, versions, arrays, [s.codec for s in done], index.class_names)
@@ -446,6 +518,22 @@ def _safe(index_file: Callable[[str], Segment], path: str) -> Segment | Exceptio
         return exc
 
 
+def _from_copy(index_file: Callable[[str], Segment], storage: RemoteStorage) -> Callable[[str], Segment]:
+    """`index_file` for an object: on a local copy of it, with errors that name the object, not the copy."""
+
+    def index_object(url: str) -> Segment:
+        try:
+            with storage.local_copy(url) as local:
+                try:
+                    return index_file(local)
+                except ConfigError as exc:
+                    raise ConfigError(str(exc).replace(local, url)) from None
+        except DecodeError as exc:
+            raise ConfigError(f"cannot index {exc}") from None
+
+    return index_object
+
+
 def _arrays_of(index: PackedIndex) -> dict[str, np.ndarray]:
     arrays = {"starts": index.starts, "pos": index.pos, "span": index.span, "labels": index.labels}
     for name in ("names_blob", "names_offsets", "raw", "inner", "length"):
@@ -455,7 +543,8 @@ def _arrays_of(index: PackedIndex) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], kind: str, source: str) -> PackedIndex:
+def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], kind: str, source: str,
+              remote: RemoteStorage | None = None) -> PackedIndex:
     counts = [len(s) for s in segments]
     starts = np.zeros(len(segments) + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -484,4 +573,4 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
                        names_offsets=names_offsets, raw=raw if packed else None,
                        inner=cat("inner") if packed else None, length=cat("length") if packed else None,
                        codecs=tuple(s.codec for s in segments),
-                       storage=storage_for(files[0]))
+                       storage=remote if remote is not None else storage_for(files[0]))

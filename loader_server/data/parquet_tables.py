@@ -33,6 +33,7 @@ from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
+from .remote import is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
 
@@ -52,14 +53,15 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
         raise ConfigError(f"Parquet tables are read with pyarrow, which cannot be imported here ({exc}): install "
                           "it with the `parquet` extra: `python3 -m pip install \".[server,parquet]\"` (or "
                           "`pip install pyarrow`)") from None
-    files = expand_files(options.data, ".parquet", "Parquet file")
+    storage = storage_of(options) if is_remote(options.data) else None
+    files = expand_files(options.data, ".parquet", "Parquet file", storage)
     columns = (options.image_column, options.label_column)
     first = os.path.basename(files[0])
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
     return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
                          index_dir=options.index_dir, index_file=lambda path: index_table(path, *columns),
-                         source=source)
+                         source=source, storage=storage)
 
 
 def index_table(path: str, image_column: str = "image", label_column: str = "label") -> Segment:

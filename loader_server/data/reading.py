@@ -36,7 +36,8 @@ class DecodeError(Exception):
     `path` names the sample (a file, ``shard.tar:member`` or ``file.parquet:row``); `reason` is a
     short phrase for logs and reports; `code` a stable label for metrics (not_found,
     permission_denied, is_directory, not_a_file, too_large, read_failed, empty, truncated,
-    too_many_pixels, opencv_error, undecodable, changed, all_bad).
+    too_many_pixels, opencv_error, undecodable, changed, all_bad; for objects also unavailable: the
+    store did not answer within the retries, which skip mode does not replace).
     """
 
     def __init__(self, path: str, reason: str, code: str = "undecodable") -> None:

@@ -28,6 +28,7 @@ from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
+from .remote import is_remote, storage_of
 
 __all__ = ["IMAGE_MEMBERS", "index_shard", "open_tar_shards"]
 
@@ -39,13 +40,14 @@ _TAIL_CHUNK = 1 << 20
 
 def open_tar_shards(options: DataOptions) -> PackedIndex:
     """Open the shards ``options.data`` names, from their index (built on first use)."""
-    files = expand_files(options.data, ".tar", "tar shard")
+    storage = storage_of(options) if is_remote(options.data) else None
+    files = expand_files(options.data, ".tar", "tar shard", storage)
     json_label = options.json_label
     first = os.path.basename(files[0])
     source = f"tar shards {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} shards)" if len(files) > 1
                                       else "")
     return load_or_build(files, kind="tar shards", options={"json_label": json_label}, index_dir=options.index_dir,
-                         index_file=lambda path: index_shard(path, json_label), source=source)
+                         index_file=lambda path: index_shard(path, json_label), source=source, storage=storage)
 
 
 def index_shard(path: str, json_label: str | None = None) -> Segment:

@@ -157,6 +157,8 @@ class BatchBuilder:
                 path.run(i, describe(i), staging[slot], key, pending, version,
                          None if self._drawn is None else self._drawn[slot])
             except DecodeError as exc:
+                if exc.code == "unavailable":  # a store that does not answer: no substitute, no waiting for more
+                    raise
                 bad.append((slot, exc))
         self.cache_hits, self.cache_misses = path.hits, path.misses
         if bad and not self.skip_bad:  # every bad sample of the batch, not only the first

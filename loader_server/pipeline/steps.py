@@ -33,6 +33,7 @@ import numpy as np
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
 from ..data.datasets import Dataset, byte_source
 from ..data.reading import Version
+from ..data.remote import reads_remote
 from ..options import AugmentOptions, DecodeOptions, PipelineOptions, ReadOptions, UserCodeOptions
 from .augment import Augmenter, parse_augment, sample_rng
 from .cache import SampleCache
@@ -86,7 +87,8 @@ class Reader:
     """The read step's bytes source: ``read(i)`` of the data set, bounded, inline or on read-ahead threads.
 
     By default reads stay inline, which is cheapest for local disks and the page cache, and a
-    pool starts once reads average over `SLOW_READ_S` (slow storage).
+    pool starts once reads average over `SLOW_READ_S` (slow storage), or at once for objects
+    on a store (s3://, https://).
     """
 
     def __init__(self, options: ReadOptions, dataset: Dataset) -> None:
@@ -98,6 +100,8 @@ class Reader:
         self.pool: ThreadPoolExecutor | None = None
         if options.read_threads:
             self.pool = ThreadPoolExecutor(options.read_threads, thread_name_prefix="loader-read")
+        elif self._auto and reads_remote(dataset):  # every read is a round trip: run ahead from the first
+            self.pool = ThreadPoolExecutor(AUTO_READ_THREADS, thread_name_prefix="loader-read")
 
     def read(self, i: int) -> bytes:
         if self._latency_s:

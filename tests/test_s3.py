@@ -1,0 +1,403 @@
+"""Data on a real S3 store (SeaweedFS, tests/s3_support.py): every kind stored in files, from s3:// and http://.
+
+The store is started once for this module and stopped after it (one test restarts it). Under
+CI=true a missing store is a failure; elsewhere a skip with the reason. The server and the
+tests take credentials and the endpoint from the standard AWS variables (`ObjectStore.env`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from loader_client import LoaderClient
+from loader_client.contract.sampling import SamplingPlan
+from loader_client.errors import BadSampleError
+from loader_server.config import ServerConfig
+from loader_server.data.datasets import load_dataset
+from loader_server.data.reading import DecodeError
+from loader_server.data.remote import RemoteStorage, RetryPolicy
+from loader_server.pipeline.batch import BatchBuilder
+from loader_server.pipeline.cache import open_cache
+from loader_server.sample_data import write_parquet, write_tar_shards
+
+from . import s3_support
+from .conftest import unique_label_list
+
+pytestmark = pytest.mark.s3
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "loader-data"
+N = 24
+BATCH = 4
+SIZE = (24, 16)
+
+
+def unavailable(exc: s3_support.NoStore) -> None:
+    """Under CI=true a missing store is a failure; elsewhere a skip with the reason."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI needs the S3 store: {exc}")
+    pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[s3_support.ObjectStore]:
+    try:
+        started = s3_support.start_store((BUCKET,))
+    except s3_support.NoStore as exc:
+        unavailable(exc)
+    try:
+        yield started
+    finally:
+        from loader_server.data import remote
+
+        for storage in remote._STORAGES.values():
+            storage.close()
+        started.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_env(store: s3_support.ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process and the servers it starts at the store, through the standard variables only."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in store.env().items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="module")
+def data(store: s3_support.ObjectStore, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    """The same N images in each kind, locally and on the store: kind -> (local --data, remote --data)."""
+    root = tmp_path_factory.mktemp("s3-data")
+    listfile = unique_label_list(root / "files", N)
+    files = load_dataset(ServerConfig(data=str(listfile)))
+    local = {
+        "tar": write_tar_shards(files, root / "tar", 5),
+        "parquet": write_parquet(files, root / "parquet", 10, row_group_size=4),
+        "parquet-snappy": write_parquet(files, root / "snappy", 10, row_group_size=4, compression="snappy"),
+    }
+    for sub in ("files", "tar", "parquet", "snappy"):
+        for path in sorted((root / sub).rglob("*")):
+            if path.is_file() and not path.name.startswith(".loader-index"):
+                store.put(BUCKET, f"d/{path.relative_to(root).as_posix()}", path.read_bytes())
+    # A list file of objects, by absolute URL, and class folders under a prefix.
+    names = [files.path(i) for i in range(N)]  # type: ignore[attr-defined]
+    labels = [int(v) for v in files.labels]
+    objects = "".join(f"s3://{BUCKET}/d/files/img/{os.path.basename(p)} {y}\n" for p, y in zip(names, labels,
+                                                                                              strict=True))
+    (root / "objects.txt").write_text(objects)
+    store.put(BUCKET, "lists/objects.txt", objects.encode())
+    classes = root / "classes"
+    for p, y in zip(names, labels, strict=True):
+        (classes / f"c{y % 3}").mkdir(parents=True, exist_ok=True)
+        (classes / f"c{y % 3}" / os.path.basename(p)).write_bytes(Path(p).read_bytes())
+        store.put(BUCKET, f"classes/c{y % 3}/{os.path.basename(p)}", Path(p).read_bytes())
+    # Over plain HTTP (no signature): the list file and its images in the anonymous-read bucket.
+    for p in names:
+        store.put(s3_support.PUBLIC, f"img/{os.path.basename(p)}", Path(p).read_bytes())
+    public = "".join(f"img/{os.path.basename(p)} {y}\n" for p, y in zip(names, labels, strict=True))
+    store.put(s3_support.PUBLIC, "train.txt", public.encode())
+    for shard in sorted(Path(local["tar"]).parent.glob("train-*.tar")):
+        store.put(s3_support.PUBLIC, f"tar/{shard.name}", shard.read_bytes())
+    return {
+        "files": (str(listfile), f"s3://{BUCKET}/d/files/train.txt"),
+        "objects": (str(listfile), f"s3://{BUCKET}/lists/objects.txt"),
+        "tar": (local["tar"], f"s3://{BUCKET}/d/tar/train-{{000000..000004}}.tar"),
+        "tar-prefix": (local["tar"], f"s3://{BUCKET}/d/tar/"),
+        "parquet": (local["parquet"], f"s3://{BUCKET}/d/parquet/train-*.parquet"),
+        "parquet-snappy": (local["parquet-snappy"], f"s3://{BUCKET}/d/snappy/"),
+        "class-folders": (str(classes), f"s3://{BUCKET}/classes/"),
+        "http-list": (str(listfile), f"{store.endpoint}/{s3_support.PUBLIC}/train.txt"),
+        "http-tar": (local["tar"], f"{store.endpoint}/{s3_support.PUBLIC}/tar/train-{{000000..000004}}.tar"),
+    }
+
+
+def _batches(data: str, **settings: Any) -> list[np.ndarray]:
+    config = ServerConfig(data=data, batch_size=BATCH, size=SIZE, seed=5, drop_last=False, **settings)
+    ds = load_dataset(config)
+    cache = open_cache(config, ds) if config.cache else None
+    builder = BatchBuilder(config, ds, cache=cache)
+    plan = SamplingPlan(len(ds), BATCH, drop_last=False)
+    out = []
+    for epoch in (0, 1):
+        for b in range(plan.steps_per_epoch(world_size=1)):
+            idx = plan.batch(epoch, b, seed=5, rank=0, world_size=1)
+            arrays = builder.build(idx, builder.allocate(), key=(5, epoch), augment=bool(settings.get("augment")))
+            out += [arrays["x"].copy(), arrays["y"].copy(), arrays["index"].copy()]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["files", "objects", "tar", "tar-prefix", "parquet", "parquet-snappy",
+                                  "class-folders", "http-list", "http-tar"])
+def test_every_kind_from_the_store_gives_bitwise_the_batches_of_local_disk(data: dict[str, tuple[str, str]],
+                                                                            tmp_path: Path, kind: str) -> None:
+    local, remote = data[kind]
+    extra: dict[str, Any] = {"augment": "rrc(scale=0.3-1),flip"}
+    if kind.startswith(("tar", "parquet", "http-tar")):
+        extra["index_dir"] = str(tmp_path / "index")
+    expected = _batches(local, **extra)
+    got = _batches(remote, **extra)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"{remote} differs from {local}")
+
+
+def test_the_decoded_cache_in_front_of_the_store(data: dict[str, tuple[str, str]], tmp_path: Path) -> None:
+    local, remote = data["tar"]
+    cached = _batches(remote, cache=str(tmp_path / "cache"), index_dir=str(tmp_path / "index"))
+    np.testing.assert_array_equal(np.concatenate([a.ravel() for a in cached]),
+                                  np.concatenate([a.ravel() for a in _batches(local)]))
+
+
+def _digests(endpoint: str, **kwargs: Any) -> list[tuple[list[int], str]]:
+    with LoaderClient(endpoint, timeout_s=60, **kwargs) as client:
+        return [(i.tolist(), hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest())
+                for x, y in client.epoch() for i in [client.last.indices]]  # type: ignore[union-attr]
+
+
+def test_a_served_epoch_from_s3_tar_shards_equals_local_disk_exactly_once(start_server: Any, tmp_path: Path,
+                                                                          data: dict[str, tuple[str, str]]) -> None:
+    args = ("--batch-size", "4", "--size", "24x16", "--workers", "2", "--seed", "3", "--augment", "flip",
+            "--keep-last", "--cache", "memory")
+    local, remote = data["tar"]
+    seen = {}
+    for name, where in (("local", local), ("s3", remote)):
+        server = start_server(where, *args, "--index-dir", str(tmp_path / name))
+        seen[name] = [_digests(server.endpoint), _digests(server.endpoint)]  # the second epoch from the cache
+        server.stop()
+    assert seen["s3"] == seen["local"]
+    assert sorted(i for idx, _ in seen["s3"][0] for i in idx) == list(range(N))
+
+
+def test_credentials_come_from_the_environment_and_never_show(start_server: Any, tmp_path: Path,
+                                                              data: dict[str, tuple[str, str]],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _, remote = data["tar"]
+    shown = subprocess.run([sys.executable, "-m", "loader_server", "serve", "--data", remote, "--print-config",
+                            "--batch-size", "4", "--index-dir", str(tmp_path / "index")],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    server = start_server(remote, "--batch-size", "4", "--size", "24x16", "--workers", "1", "--log-level", "DEBUG",
+                          "--index-dir", str(tmp_path / "index"))
+    _digests(server.endpoint)
+    server.stop()
+    for text in (shown.stdout + shown.stderr, server.log_text()):
+        assert s3_support.SECRET_KEY not in text
+        assert "Signature=" not in text and "Credential=" not in text
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    refused = subprocess.run([sys.executable, "-m", "loader_server", "check", "--data", remote, "--index-dir",
+                              str(tmp_path / "other")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode != 0
+    assert "wrong-secret" not in refused.stdout + refused.stderr
+    assert f"s3://{BUCKET}/d/tar/" in refused.stderr and "HTTP 403" in refused.stderr, refused.stderr
+
+
+def test_resume_after_sigkill_of_server_and_trainer_from_s3(start_server: Any, tmp_path: Path,
+                                                            data: dict[str, tuple[str, str]]) -> None:
+    _, remote = data["parquet-snappy"]
+    args = ("--batch-size", "4", "--size", "16x12", "--workers", "2", "--seed", "8", "--augment", "flip",
+            "--index-dir", str(tmp_path / "index"))
+    endpoint = f"ipc://{tmp_path}/resume.sock"
+    server = start_server(remote, *args, endpoint=endpoint)
+    assert "indexed 24 samples of" in server.log_text()
+    (index_file,) = (tmp_path / "index").glob(".loader-index-*.npz")
+    built = index_file.stat().st_mtime_ns
+    state, first = tmp_path / "state.json", tmp_path / "first.jsonl"
+    done = subprocess.run([sys.executable, "-m", "tests.stream_consumer", endpoint, str(first), "--state", str(state),
+                           "--die-after", "9"], cwd=ROOT, timeout=120, check=False)
+    assert done.returncode == -signal.SIGKILL
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    restarted = start_server(remote, *args, endpoint=endpoint)
+    assert "indexed" not in restarted.log_text()  # the index was read back: the objects' ETags matched
+    assert index_file.stat().st_mtime_ns == built
+    second, reference = tmp_path / "second.jsonl", tmp_path / "reference.jsonl"
+    subprocess.run([sys.executable, "-m", "tests.stream_consumer", endpoint, str(second), "--state", str(state),
+                    "--batches", "9"], cwd=ROOT, check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "tests.stream_consumer", endpoint, str(reference), "--batches", "18"],
+                   cwd=ROOT, check=True, timeout=120)
+    combined = [json.loads(line) for f in (first, second) for line in f.read_text().splitlines()]
+    expected = [json.loads(line) for line in reference.read_text().splitlines()]
+    assert [r["digest"] for r in combined] == [r["digest"] for r in expected]
+    for epoch in range(3):
+        assert sorted(i for r in combined if r["epoch"] == epoch for i in r["indices"]) == list(range(N))
+
+
+def test_store_killed_mid_epoch_is_an_error_in_bounded_time_then_a_resumed_trainer_completes_it(
+        start_server: Any, tmp_path: Path, store: s3_support.ObjectStore, data: dict[str, tuple[str, str]]) -> None:
+    _, remote = data["objects"]
+    server = start_server(remote, "--batch-size", "2", "--size", "16x12", "--workers", "1", "--seed", "2",
+                          "--prefetch", "1", "--remote-attempts", "3", "--remote-timeout-s", "2")
+    got: list[list[int]] = []
+    state = None
+    with LoaderClient(server.endpoint, timeout_s=60) as client:
+        stream = iter(client.epoch())
+        for _ in range(3):
+            next(stream)
+            got.append(client.last.indices.tolist())  # type: ignore[union-attr]
+            state = client.state_dict()
+        store.kill()
+        started = time.monotonic()
+        with pytest.raises(BadSampleError) as caught:
+            for _ in stream:
+                got.append(client.last.indices.tolist())  # type: ignore[union-attr]
+                state = client.state_dict()
+        took = time.monotonic() - started
+    message = str(caught.value)
+    assert f"s3://{BUCKET}/d/files/img/" in message and "after 3 attempts" in message, message
+    assert took < 60  # 3 attempts of at most 2 s, with backoff below 0.2 + 0.4 s, plus prefetched batches
+    store.restart()
+    with LoaderClient(server.endpoint, timeout_s=60, state=state) as resumed:
+        got += [resumed.last.indices.tolist() for _ in resumed.epoch()]  # type: ignore[union-attr]
+    assert sorted(i for batch in got for i in batch) == list(range(N))  # exactly once across the outage
+
+
+def test_an_object_overwritten_during_a_run_is_detected_never_served_stale(
+        start_server: Any, tmp_path: Path, store: s3_support.ObjectStore, data: dict[str, tuple[str, str]]) -> None:
+    local, _ = data["tar"]
+    shards = sorted(Path(local).parent.glob("train-*.tar"))
+    for shard in shards:
+        store.put(BUCKET, f"over/{shard.name}", shard.read_bytes())
+    remote = f"s3://{BUCKET}/over/"
+    # In a worker's sample path, with the cache: the overwritten shard's samples are neither read nor served
+    # from their records (version None), and a read is refused by the store (If-Match: the indexed ETag).
+    config = ServerConfig(data=remote, batch_size=BATCH, size=SIZE, cache="memory", remote_recheck_s=0,
+                          index_dir=str(tmp_path / "index"))
+    ds = load_dataset(config)
+    cache = open_cache(config, ds)
+    builder = BatchBuilder(config, ds, cache=cache)
+    first, other = np.arange(4), np.arange(5, 9)  # samples of shard 0, and of shard 1
+    builder.build(first, builder.allocate())  # decoded and cached
+    kept = builder.build(other, builder.allocate())["x"].copy()
+    assert cache.filled(0) == 8
+    store.put(BUCKET, f"over/{shards[0].name}", shards[1].read_bytes())  # other pixels under the same name
+    assert all(ds.version(int(i)) is None for i in first)  # type: ignore[attr-defined]
+    with pytest.raises(DecodeError) as caught:
+        builder.build(first, builder.allocate())
+    assert caught.value.code == "changed" and f"{remote}{shards[0].name}" in str(caught.value)
+    np.testing.assert_array_equal(builder.build(other, builder.allocate())["x"], kept)  # the others: unchanged
+    # A served run: the trainer gets the error naming the object, never the new pixels.
+    store.put(BUCKET, f"over/{shards[0].name}", shards[0].read_bytes())
+    server = start_server(remote, "--batch-size", "4", "--size", "24x16", "--workers", "1", "--no-shuffle",
+                          "--keep-last", "--index-dir", str(tmp_path / "index2"))
+    store.put(BUCKET, f"over/{shards[0].name}", shards[1].read_bytes())
+    with LoaderClient(server.endpoint, timeout_s=60) as client, pytest.raises(BadSampleError) as served:
+        for _ in client.epoch():
+            pass
+    assert shards[0].name in str(served.value) and "changed since it was indexed" in str(served.value)
+
+
+class _SlowDown(http.server.BaseHTTPRequestHandler):
+    """Answers `fail` requests with 503 SlowDown, then forwards to the store (a throttling front)."""
+
+    fail = 0
+    target = ""
+    seen = 0
+
+    def do_GET(self) -> None:
+        type(self).seen += 1
+        if type(self).fail > 0:
+            type(self).fail -= 1
+            body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        request = urllib.request.Request(self.target + self.path, headers={"Range": self.headers["Range"] or ""})
+        with urllib.request.urlopen(request, timeout=10) as upstream:
+            body = upstream.read()
+            self.send_response(upstream.status)
+            for name in ("Content-Range", "ETag"):
+                if upstream.headers[name]:
+                    self.send_header(name, upstream.headers[name])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_503_slowdown_is_retried_with_backoff_then_named_with_status_and_attempts(
+        store: s3_support.ObjectStore) -> None:
+    store.put(s3_support.PUBLIC, "blob", bytes(range(256)) * 100)
+    _SlowDown.target = store.endpoint
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowDown)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{front.server_address[1]}/{s3_support.PUBLIC}/blob"
+    try:
+        storage = RemoteStorage(RetryPolicy(attempts=4, base_s=0.05, max_backoff_s=0.2))
+        storage.remember({url: s3_support_info(store)})
+        _SlowDown.fail, _SlowDown.seen = 3, 0
+        assert storage.read_range(url, 256, 10, str, 0) == bytes(range(10))  # the 4th attempt
+        assert _SlowDown.seen == 4
+        _SlowDown.fail, _SlowDown.seen = 10, 0
+        with pytest.raises(DecodeError) as caught:
+            storage.read_range(url, 0, 10, lambda i: "blob:0", 0)
+        assert _SlowDown.seen == 4
+        message = str(caught.value)
+        assert url in message and "HTTP 503 SlowDown" in message and "after 4 attempts" in message, message
+        assert caught.value.code == "unavailable"
+        storage.close()
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
+def s3_support_info(store: s3_support.ObjectStore) -> Any:
+    from loader_server.data.remote import ObjectInfo
+
+    head = store.client().head_object(Bucket=s3_support.PUBLIC, Key="blob")
+    return ObjectInfo(int(head["ContentLength"]), head["ETag"])
+
+
+def test_bytes_in_flight_stay_under_the_bound(store: s3_support.ObjectStore) -> None:
+    store.put(BUCKET, "big", os.urandom(4 << 20))
+    storage = RemoteStorage(inflight_bytes=1 << 20)
+    url = f"s3://{BUCKET}/big"
+    with ThreadPoolExecutor(16) as pool:
+        parts = list(pool.map(lambda k: storage.read_range(url, k * (300 << 10), 300 << 10, str, k), range(12)))
+    assert all(len(p) == 300 << 10 for p in parts)
+    stats = storage.stats()
+    assert 600 << 10 <= stats["peak_inflight_bytes"] <= 1 << 20  # at most three 300 KB ranges at once
+    assert stats["requests"] >= 12
+    storage.close()
+
+
+def test_a_named_profile_from_the_aws_config_files(store: s3_support.ObjectStore, tmp_path: Path,
+                                                   data: dict[str, tuple[str, str]],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_PROFILE with its keys in the credentials file and its endpoint_url in the config file: no other variable."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "credentials").write_text(f"[training]\naws_access_key_id = {s3_support.ACCESS_KEY}\n"
+                                          f"aws_secret_access_key = {s3_support.SECRET_KEY}\n")
+    (tmp_path / "config").write_text(f"[profile training]\nregion = {s3_support.REGION}\n"
+                                     f"endpoint_url = {store.endpoint}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "training")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    remote = f"s3://{BUCKET}/d/parquet/"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from loader_server import ServerConfig, load_dataset; "
+         f"ds = load_dataset(ServerConfig(data={remote!r}, index_dir={str(tmp_path / 'index')!r})); "
+         "print(len(ds), len(ds.read(0)))"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split()[0] == str(N) and int(probe.stdout.split()[1]) > 0
