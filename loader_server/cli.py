@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -163,7 +164,24 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     server = Server(config, dataset, spec, known_bad=known_bad)
     install_signal_handlers(server)
-    return server.run()
+    try:
+        return server.run()
+    finally:
+        if args.watch_stdin:
+            _remove_private_folder(config.bind)
+
+
+def _remove_private_folder(bind: str) -> None:
+    """The folder `loader_client.local_server` made for this server's socket, once the socket is gone:
+    a trainer killed with SIGKILL cannot remove it. Only an empty folder of that name (rmdir)."""
+    if not bind.startswith("ipc://"):
+        return
+    folder = os.path.dirname(bind.removeprefix("ipc://"))
+    if os.path.basename(folder).startswith("loader-local-"):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty (a file of the trainer's), or gone already: left as it is
 
 
 def _curve_arguments(args: argparse.Namespace) -> dict[str, Any]:

@@ -136,6 +136,9 @@ def test_a_trainer_that_dies_leaves_no_server_and_no_workers(tmp_path: Path, end
                    f"the server {server} and its workers {workers} to stop")
         socket_file = Path(started["endpoint"].removeprefix("ipc://"))
         wait_until(lambda: not socket_file.exists(), 10, "the socket file to go")
+        # and the private folder local_server made for it, which a killed trainer cannot remove
+        assert socket_file.parent.name.startswith("loader-local-")
+        wait_until(lambda: not socket_file.parent.exists(), 10, "the private folder to go")
     finally:
         if trainer.poll() is None:
             trainer.kill()
