@@ -214,7 +214,9 @@ MUTATIONS = [
              "    decode = options_of(options, DecodeOptions)\n"
              "    return group_hash(DecodeOptions(**{**vars(decode), \"interpolation\": \"linear\"}), extra=",
              (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation nearest]",
-              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation cubic]")),
+              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation cubic]",
+              SE + "test_the_fingerprint_and_the_cache_key_follow_the_table",
+              "tests/test_options.py::test_every_decode_setting_changes_the_cache_key[interpolation]")),
     # A pixel setting left out of the fingerprint: a state saved with --color bgr resumes on an rgb server.
     # Since the option groups (options.py) the fingerprint hashes the groups flagged `shapes_batches`: the
     # decode group's flag off takes --color (and every other decode setting) out of it, while the cache
@@ -225,7 +227,9 @@ MUTATIONS = [
              "    \"\"\"Everything that decides a decoded sample's pixels: the decode step reads these and nothing "
              "else.\"\"\"\n\n    shapes_batches: ClassVar[bool] = False\n",
              (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color bgr]",
-              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color gray]")),
+              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color gray]",
+              SE + "test_the_fingerprint_and_the_cache_key_follow_the_table",
+              "tests/test_options.py::test_each_setting_that_shapes_batches_changes_the_fingerprint[color]")),
     # A range widened at a boundary no test sat on: any int32 world size passes the hello's schema.
     Mutation("world-size-range-widened", "loader_client/contract/messages.py",
              "world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=MAX_WORLD_SIZE)",

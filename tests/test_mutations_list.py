@@ -56,3 +56,47 @@ def test_each_planted_bug_names_at_least_as_many_tests_as_must_fail() -> None:
     from .mutations import MIN_FAILURES
 
     assert [m.name for m in MUTATIONS if len(set(m.tests)) < MIN_FAILURES] == []
+
+
+# ---------------------------------------------------------------------------- the mutmut survivors' list
+def _exists(mutmut_name: str) -> bool:
+    """Whether the function a mutmut name (`module.x_function`, `module.xǁClassǁmethod`, with or without
+    `__mutmut_N`) names is in the code now."""
+    import importlib
+
+    from .mutmut_core import function_of, module_of
+
+    module = importlib.import_module(module_of(mutmut_name))
+    qualified = function_of(mutmut_name)[len(module_of(mutmut_name)) + 1:]
+    if qualified.startswith("xǁ"):
+        owner, _, method = qualified[2:].partition("ǁ")
+        return callable(getattr(getattr(module, owner, None), method.removesuffix("*"), None)) or method == "*"
+    return callable(getattr(module, qualified.removeprefix("x_"), None))
+
+
+def test_every_listed_survivor_names_a_function_that_still_exists() -> None:
+    """docs/testing.md accounts for each surviving mutant with a reason about its function: a function that
+    was renamed or removed leaves a reason about code that is gone (`Decoder._fits`, `_rank_order` did)."""
+    from .mutmut_core import documented
+
+    gone = sorted(n for n in documented() if not _exists(n))
+    assert gone == [], "docs/testing.md lists survivors of functions that no longer exist:\n" + "\n".join(gone)
+
+
+def test_every_core_pattern_names_code_that_exists() -> None:
+    from .mutmut_core import CORE
+
+    gone = [p for p in CORE if not p.endswith(".*") and not _exists(p.removesuffix("__mutmut_*"))]
+    assert gone == [], f"tests/mutmut_core.py CORE names functions that no longer exist: {gone}"
+
+
+def test_the_report_calls_a_listed_survivor_of_a_vanished_function_stale() -> None:
+    from .mutmut_core import stale
+
+    found = {"m.x_kept__mutmut_1": "survived", "m.x_kept__mutmut_2": "killed", "m.xǁCǁrun__mutmut_1": "killed"}
+    listed = {"m.x_kept__mutmut_1", "m.x_kept__mutmut_9", "m.x_gone__mutmut_3", "m.xǁCǁold__mutmut_1"}
+    problems = stale(found, listed, ["m.*", "other.*"])
+    assert [p.split(":")[0] for p in problems] == [
+        "m.x_gone__mutmut_3", "m.xǁCǁold__mutmut_1", "m.x_kept__mutmut_9", "CORE pattern 'other.*' matches no mutant (the "
+        "module or function moved"]
+    assert "no longer exists" in problems[0] and "no such mutant" in problems[2]
