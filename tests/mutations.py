@@ -229,7 +229,8 @@ MUTATIONS = [
              (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color bgr]",
               SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color gray]",
               SE + "test_the_fingerprint_and_the_cache_key_follow_the_table",
-              "tests/test_options.py::test_each_setting_that_shapes_batches_changes_the_fingerprint[color]")),
+              "tests/test_options.py::test_each_setting_that_shapes_batches_changes_the_fingerprint[color]",
+              "tests/test_options.py::test_the_groups_that_shape_batches_are_the_documented_ones")),
     # A range widened at a boundary no test sat on: any int32 world size passes the hello's schema.
     Mutation("world-size-range-widened", "loader_client/contract/messages.py",
              "world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=MAX_WORLD_SIZE)",

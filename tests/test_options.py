@@ -34,6 +34,31 @@ def test_every_setting_is_in_exactly_one_group() -> None:
     assert owners["cache"] == "CacheOptions" and owners["seed"] == "ServeOptions"
 
 
+#: Which groups the fingerprint that guards a resume hashes ("shapes batches" in options.py's table), and the
+#: one the cache key hashes, written out: a flag flipped in the code must fail here, not move its settings
+#: from one parametrised test below to the other.
+SHAPES_BATCHES = {
+    "DataOptions": False, "SamplingOptions": True, "DecodeOptions": True, "AugmentOptions": True,
+    "UserCodeOptions": True, "OutputOptions": True, "ErrorOptions": True, "ReadOptions": False,
+    "CacheOptions": False, "ServeOptions": False, "LogOptions": False,
+}
+
+
+def test_the_groups_that_shape_batches_are_the_documented_ones() -> None:
+    assert {g.__name__: g.shapes_batches for g in GROUPS} == SHAPES_BATCHES
+    base = ServerConfig(data="x")
+    for group, shapes in SHAPES_BATCHES.items():  # the flag is what the fingerprint follows
+        field = {"DataOptions": ("subset", "val"), "SamplingOptions": ("batch_size", 16),
+                 "DecodeOptions": ("color", "bgr"), "AugmentOptions": ("augment", "flip"),
+                 "UserCodeOptions": ("collate", "tests.user_code_samples:weights"),
+                 "OutputOptions": ("layout", "chw"), "ErrorOptions": ("on_error", "skip"),
+                 "ReadOptions": ("read_threads", 4), "CacheOptions": ("cache", "memory"),
+                 "ServeOptions": ("prefetch", 3), "LogOptions": ("log_level", "DEBUG")}[group]
+        extra = {"val_fraction": 0.5} if group == "DataOptions" else {}
+        changed = ServerConfig(data="x", **dict([field]), **extra)
+        assert (changed.fingerprint() != base.fingerprint()) == shapes, group
+
+
 #: A valid other value of every setting of a group that shapes batches (the defaults are 224x224, ...).
 OTHER = {
     "batch_size": 16, "mode": "random", "shuffle": False, "drop_last": False, "steps_per_epoch": None,
