@@ -20,8 +20,13 @@ point `tests` at the tests that should catch it.
 Each bug is aimed at where it now lives: the session state machine (`runtime/sessions.py`:
 credit, order, hello validation), the supervisor (`runtime/supervisor.py`: re-issue and the
 crash budget), the --max-bad count (`runtime/bad_files.py`), the CURVE allow-list
-(`runtime/transport.py`), the client's rank check (`loader_client/options.py`), its order check
-(`loader_client/receiver.py`) and its resume position (`loader_client/server_stream.py`). Where the
+(`runtime/allow_list.py`), the sampling plan and skip mode's replacement rule
+(`loader_client/contract/sampling.py`), the option groups the fingerprint and the cache key hash
+(`loader_server/options.py`, `pipeline/cache.py`), the client's rank check
+(`loader_client/options.py`), its order check (`loader_client/receiver.py`) and its resume
+position (`loader_client/server_stream.py`). tests/test_mutations_list.py (part of the suite)
+checks that every entry's text occurs exactly once and every test it names exists, so a refactor
+that moves the code fails the suite at once instead of this script minutes in. Where the
 logic is pure, one of the chosen tests is a unit test (tests/test_runtime.py, the pure parts of
 tests/test_guards.py) and another runs real processes. A full run takes about 13 minutes on
 two shared cores; most of it is tests that wait out a timeout once the bug is planted.
