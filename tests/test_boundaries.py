@@ -546,6 +546,9 @@ def test_help_shows_the_documented_default_of_every_limit(monkeypatch: pytest.Mo
     (m.Hello, {"client": "\n" + "b" * 56}, "a test Hello field 'client' holds control characters: "
                                           "'\\n" + "b" * 56 + "'"),  # a repr of 60 characters: shown whole
     (m.Hello, {"path": "/etc/passwd"}, "field 'path' is not allowed in a test Hello"),
+    (m.Welcome, {"heartbeat_s": float("nan")}, "a test Welcome field 'heartbeat_s' must be a finite number, got nan"),
+    (m.Welcome, {"heartbeat_s": float("inf")}, "a test Welcome field 'heartbeat_s' must be a finite number, got inf"),
+    (m.Hello, {"shm_key": "X" * 32}, "a test Hello field 'shm_key' must match [0-9a-f]{32}, got '" + "X" * 32 + "'"),
     (m.Credit, {"n": None}, "a test Credit field 'n' must be int, got NoneType"),
 ])
 def test_refusals_name_the_message_the_field_the_rule_and_the_value(cls: type[schema.Message], fields: dict[str, Any],
@@ -604,3 +607,16 @@ def test_spec_and_item_carry_every_rule_into_the_field() -> None:
     assert schema.item(str, max_len=3, text=True, nested=None) == schema.Spec((str,), None, None, 3, True, None, None)
     assert schema.item(dict, nested=m.ShmRef) == schema.Spec((dict,), nested=m.ShmRef)
     assert schema.item(float, lo=0.5, hi=1.5) == schema.Spec((float,), 0.5, 1.5)
+    matched = schema.spec(str, type(None), default=None, max_len=4, pattern="[a-f]{4}")
+    assert matched.metadata["spec"] == schema.Spec((str, type(None)), max_len=4, pattern="[a-f]{4}")
+
+
+def test_wire_text_escapes_bytes_that_are_not_utf8_and_cuts_long_text_in_the_middle() -> None:
+    """A file name as a message field (a sources reply, a manifest): at most N characters, never invalid text."""
+    assert schema.wire_text("abcdefghij", 10) == "abcdefghij"  # exactly the limit: whole
+    assert schema.wire_text("abcdefghij", 9) == "abc...hij"  # 9: the dots and 3 characters on each side
+    assert schema.wire_text("abcdefghijk", 8) == "ab...ijk"  # 8: 5 left, the odd one at the end
+    assert schema.wire_text("café.jpg", 8) == "café.jpg"  # UTF-8 text is kept as it is
+    undecodable = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 name read from a POSIX folder
+    assert schema.wire_text(undecodable, 64) == "caf\\xe9.jpg"  # 11 characters once escaped
+    assert schema.wire_text(undecodable, 10) == "caf....jpg"  # counted after escaping: cut to 10

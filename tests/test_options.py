@@ -216,3 +216,42 @@ def test_the_steps_of_each_configuration(tmp_path: Path) -> None:
     for settings, aug, steps in cases:
         config = ServerConfig(data=str(listfile), batch_size=2, size=(24, 24), **settings)
         assert BatchBuilder(config, load_dataset(config)).steps(aug) == steps, settings
+
+
+# ---------------------------------------------------------------------------- the groups' helpers, written out
+def test_check_partition_names_each_kind_of_disagreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    import loader_server.options as options
+
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    with pytest.raises(RuntimeError, match=r"^settings and option groups disagree \(loader_server/options.py\): "
+                                           r"in no group \[\], in several \{\}, not a setting \['color'\]$"):
+        check_partition([n for n in names if n != "color"])  # a group names a setting that is gone
+
+    @dataclasses.dataclass(frozen=True)
+    class Twice:
+        color: str = "rgb"
+
+    monkeypatch.setattr(options, "GROUPS", (*GROUPS, Twice))
+    with pytest.raises(RuntimeError, match=r"in no group \[\], in several \{'color': \['DecodeOptions', 'Twice'\]\}, "
+                                           r"not a setting \[\]$"):
+        options.check_partition(names)
+
+
+def test_a_workers_pipeline_options_hold_each_groups_settings() -> None:
+    config = ServerConfig(data="x", color="gray", max_file_bytes=1000, read_threads=3, augment="flip",
+                          collate="tests.user_code_samples:weights", dtype="float32", layout="chw", on_error="skip")
+    opts = PipelineOptions.of(config)
+    assert (opts.decode.color, opts.read.max_file_bytes, opts.read.read_threads, opts.augment.augment,
+            opts.user_code.collate, opts.output.dtype, opts.output.layout, opts.errors.on_error) == \
+        ("gray", 1000, 3, "flip", "tests.user_code_samples:weights", "float32", "chw", "skip")
+    assert PipelineOptions.of(opts) is opts
+
+
+def test_a_record_is_decoded_as_a_centre_crop_at_the_cache_size() -> None:
+    plain = DecodeOptions(size=(200, 100), resize="letterbox")
+    assert plain.for_record() is plain and plain.record_shape == (100, 200, 3)  # no --cache-size: the output
+    sized = DecodeOptions(size=(200, 100), resize="letterbox", cache_size=150, color="gray")
+    assert sized.record_shape == (150, 300, 1)  # the output's 2:1 at shorter side 150
+    assert sized.for_record() == DecodeOptions(size=(300, 150), resize="crop", color="gray", cache_size=None)
+    tall = DecodeOptions(size=(100, 300), cache_size=120)
+    assert tall.record_shape == (360, 120, 3) and tall.for_record().size == (120, 360)
