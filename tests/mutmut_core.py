@@ -46,7 +46,6 @@ CORE = [
     "loader_server.runtime.sessions.*",
     "loader_client.contract.schema.*",
     "loader_client.contract.messages.*",
-    "loader_server.runtime.worker_messages.*",
     "loader_server.config.xǁServerConfigǁfingerprint__mutmut_*",
     "loader_server.options.*",  # group_hash (the fingerprint and the cache key), options_of, the groups' helpers
     "loader_server.pipeline.cache.x_cache_key__mutmut_*",

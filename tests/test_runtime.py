@@ -419,17 +419,23 @@ def test_a_stall_report_needs_both_times_that_only_grow() -> None:
 
 def test_reports_closer_than_50_ms_replace_each_other_and_one_before_the_window_is_kept() -> None:
     s = session()
-    s.report(2.0, 10.0)
-    s.report(2.1, 10.01)
-    s.report(2.2, 10.04)  # 40 ms after the report before the last: replaces the last
-    assert list(s.reports) == [(10.0, 2.0), (10.04, 2.2)]
-    s.report(2.3, 10.05)  # 50 ms after it: kept
-    assert list(s.reports) == [(10.0, 2.0), (10.04, 2.2), (10.05, 2.3)]
+    s.report(0.0, 0.0)
+    s.report(0.0, 0.0)  # the same times again: not back in time, taken
+    s.report(0.005, 0.01)  # 10 ms after the report before the last: replaces the last
+    s.report(0.02, 0.04)  # 40 ms: replaces it again
+    assert list(s.reports) == [(0.0, 0.0), (0.04, 0.02)]
+    s.report(0.03, 0.05)  # exactly 50 ms after the report before the last: kept
+    assert list(s.reports) == [(0.0, 0.0), (0.04, 0.02), (0.05, 0.03)]
     t = session()
-    for wall in (10.0, 11.0, 12.0, 13.0, 14.5):
+    for wall in (10.0, 11.0, 12.0, 13.0):
         t.report(wall / 10, wall, window_s=2.0)
-    # At 14.5 the window starts at 12.5: 12.0 is the one report at or before its start that stays.
-    assert [w for w, _ in t.reports] == [12.0, 13.0, 14.5]
+    # At 13 the window starts at 11: 11 is the one report at or before its start that stays.
+    assert [w for w, _ in t.reports] == [11.0, 12.0, 13.0]
+    t.report(1.45, 14.5, window_s=2.0)
+    assert [w for w, _ in t.reports] == [12.0, 13.0, 14.5]  # from 12.5: 12 stays
+    t.report(2.0, 20.0, window_s=2.0)  # after a gap: only the last report before the window and this one
+    assert [w for w, _ in t.reports] == [14.5, 20.0]
+    assert t.stall(window_s=2.0) == pytest.approx((2.0 - 1.45) / (20.0 - 14.5))
 
 
 def test_the_stall_is_the_growth_of_waiting_over_the_growth_of_wall_time_in_the_window() -> None:

@@ -199,6 +199,11 @@ def test_the_plan_keeps_the_orders_of_its_last_8_seed_epoch_pairs() -> None:
     plan.epoch_order(0, 15)  # a 9th: the oldest used (8) goes, not the newest
     again = plan.epoch_order(0, 0)
     assert again is first
+    nine = SamplingPlan(20, 4)
+    oldest = nine.epoch_order(0, 0)
+    for epoch in range(1, 9):  # 8 more pairs: 9 in all
+        nine.epoch_order(0, epoch)
+    assert nine.epoch_order(0, 0) is not oldest  # 8 kept, not 9
     one = SamplingPlan(20, 4, orders_kept=1)
     a = one.epoch_order(1, 0)
     one.epoch_order(1, 1)
