@@ -426,6 +426,12 @@ def test_reports_closer_than_50_ms_replace_each_other_and_one_before_the_window_
     assert list(s.reports) == [(0.0, 0.0), (0.04, 0.02)]
     s.report(0.03, 0.05)  # exactly 50 ms after the report before the last: kept
     assert list(s.reports) == [(0.0, 0.0), (0.04, 0.02), (0.05, 0.03)]
+    later = session()  # the spacing is measured in wall time, from the report before the last
+    later.report(2.0, 10.0)
+    later.report(2.1, 10.01)
+    later.report(2.2, 10.04)
+    later.report(2.3, 10.2)
+    assert list(later.reports) == [(10.0, 2.0), (10.04, 2.2), (10.2, 2.3)]
     t = session()
     for wall in (10.0, 11.0, 12.0, 13.0):
         t.report(wall / 10, wall, window_s=2.0)
