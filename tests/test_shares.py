@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -265,6 +266,26 @@ def test_slots_of_a_member_are_reused_once_its_process_has_exited() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_process_whose_main_thread_exited_is_alive_while_another_thread_runs() -> None:
+    """Its main thread shows as a zombie in /proc/PID/stat, but its memory (an arena's slots) is still mapped."""
+    script = ("import ctypes, threading, time; threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+              "print(flush=True); ctypes.CDLL(None).pthread_exit(None)")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"\n"
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                assert time.monotonic() < deadline, "the main thread never exited"
+                time.sleep(0.01)
+            processes = PeerProcesses.of((child.pid,))
+            assert processes.known and not processes.gone()
+            child.kill()
+            child.wait()
+            assert processes.gone()
+        finally:
+            child.kill()
 
 
 def test_an_orphan_that_two_leavers_held_waits_for_both_and_a_held_one_for_its_holder() -> None:

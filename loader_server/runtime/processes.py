@@ -16,7 +16,8 @@ processes are, as the kernel reports them, and whether they have exited:
 
 A pid alone is not a process: pids are reused. A `Process` is a pid and its start time (field
 22 of ``/proc/PID/stat``, in clock ticks since boot), so a new process under the same pid is
-never taken for the old one. A zombie has released its memory: it counts as gone. Where no
+never taken for the old one. A zombie has released its memory: it counts as gone (unless other
+threads of its process still run). Where no
 process is known (another pid namespace, another host, a scan refused), nothing is ever called
 gone, and the slots stay orphans until the share closes, as before.
 """
@@ -70,15 +71,12 @@ class Process:
     @classmethod
     def of(cls, pid: int) -> Process | None:
         """The live process `pid` now, or None (no such pid here, or already exited)."""
-        stat = _stat(pid)
-        if stat is None or stat[0] in "ZXx":
-            return None
-        return cls(pid, stat[1])
+        start = _live_start(pid)
+        return None if start is None else cls(pid, start)
 
     def gone(self) -> bool:
         """True once this process has exited (its pid gone, a zombie, or reused by another process)."""
-        stat = _stat(self.pid)
-        return stat is None or stat[0] in "ZXx" or stat[1] != self.start
+        return _live_start(self.pid) != self.start
 
 
 @dataclass(frozen=True)
@@ -134,6 +132,24 @@ def tcp_peer_pids(fd: int, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...
         return _holders(f"socket:[{inode}]", uid, start + budget_s)
     finally:
         _scans.add(time.monotonic() - start)
+
+
+def _live_start(pid: int) -> int | None:
+    """The start time of the live process `pid`, or None: no such pid, or a zombie (whose memory is
+    released; a thread-group leader that exited before its other threads shows as one too, and is
+    alive while they run)."""
+    stat = _stat(pid)
+    if stat is None:
+        return None
+    state, start = stat
+    if state in "ZXx":
+        try:
+            threads = len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            threads = 0
+        if threads <= 1:
+            return None
+    return start
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
