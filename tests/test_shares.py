@@ -28,6 +28,7 @@ from loader_server.runtime.processes import PeerProcesses, Process, ipc_peer_pid
 from loader_server.runtime.sessions import Session, StreamFacts, open_session
 from loader_server.runtime.shares import Share, ShareKey, ShareTerms
 
+from .conftest import wait_until
 from .test_runtime import Clock, supervisor
 
 TERMS = ShareTerms(world_size=1, seed=7, augment=False)
@@ -305,7 +306,7 @@ def test_an_orphan_that_two_leavers_held_waits_for_both_and_a_held_one_for_its_h
 
 def test_peer_processes_as_the_kernel_tells_them(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ipc_peer_pid(":0:0:1234") == 1234 and ipc_peer_pid("?") == 0 and ipc_peer_pid(None) == 0
-    assert not PeerProcesses.of((0,)).known and not PeerProcesses(()).gone()  # unknown: never gone
+    assert not PeerProcesses.of((0,)).known and not PeerProcesses().gone()  # unknown: never gone
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -313,6 +314,9 @@ def test_peer_processes_as_the_kernel_tells_them(monkeypatch: pytest.MonkeyPatch
             conn, _ = server.accept()
             with conn:
                 assert tcp_peer_pids(conn.fileno()) == (os.getpid(),)  # the holder of the other end
+                found = PeerProcesses.of_tcp(conn.fileno())  # the same, found in the background
+                wait_until(lambda: found.known, 30, "the background scan")
+                assert [p.pid for p in found.processes] == [os.getpid()] and not found.gone()
                 assert tcp_peer_pids(conn.fileno(), budget_s=-1) == ()  # out of time: nobody
                 busy = processes._ScanClock()
                 busy.add(processes.SCAN_TIME_SHARE * 20)
@@ -327,7 +331,7 @@ def test_peer_processes_as_the_kernel_tells_them(monkeypatch: pytest.MonkeyPatch
         conn, _ = server.accept()
         with conn:
             assert tcp_peer_pids(conn.fileno()) == (os.getpid(),)
-    assert tcp_peer_pids(-1) == ()
+    assert tcp_peer_pids(-1) == () and not PeerProcesses.of_tcp(-1).known
 
 
 # ---------------------------------------------------------------------------- autoscaler

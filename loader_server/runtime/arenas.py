@@ -162,7 +162,7 @@ class Arena:
                 held.add(slot)
         if held:
             self.orphans |= held
-            self.left.append(LeftBehind(held, processes or PeerProcesses(())))
+            self.left.append(LeftBehind(held, processes or PeerProcesses()))
 
     def reclaim(self) -> int:
         """Give back the orphans of clients whose processes have all exited; how many slots are no longer

@@ -235,7 +235,7 @@ class Delivery:
         if shared.arena is not None and key_slot is not None:
             client.arena, client.arena_token = shared.arena, shared.arena.offer()
             client.arena_key_slot = key_slot
-            client.processes = source.processes() if source is not None else PeerProcesses(())
+            client.processes = source.processes() if source is not None else PeerProcesses()
             shared.members_shm.add(client.identity)
         client.share = key
         shared.share.join(client.identity, s.next_send)

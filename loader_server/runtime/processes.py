@@ -11,8 +11,9 @@ processes are, as the kernel reports them, and whether they have exited:
 * loopback ``tcp://``: the processes that hold the client's end of the connection: its socket's
   inode in ``/proc/net/tcp`` (or ``tcp6``), found by the connection's two addresses, then the
   processes of that socket's user whose descriptors include it (a trainer that forked after
-  connecting counts with its children). Bounded in time: a scan that takes too long finds
-  nobody, and scans take at most a tenth of the server's time (`SCAN_TIME_SHARE`).
+  connecting counts with its children). That scan runs in a background thread, never in the
+  event loop, and is bounded: a scan that takes too long finds nobody, scans take at most a
+  tenth of the time (`SCAN_TIME_SHARE`), and at most `MAX_PENDING_SCANS` wait.
 
 A pid alone is not a process: pids are reused. A `Process` is a pid and its start time (field
 22 of ``/proc/PID/stat``, in clock ticks since boot), so a new process under the same pid is
@@ -28,22 +29,26 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-__all__ = ["PeerProcesses", "Process", "ipc_peer_pid", "tcp_peer_pids"]
+__all__ = ["PeerProcesses", "Process", "ipc_peer_pid", "tcp_addresses", "tcp_peer_pids"]
 
-#: The longest a scan of /proc for a TCP peer's processes may take (it runs once per member that maps
-#: a share's arena); past it the peer's processes are unknown.
-SCAN_BUDGET_S = 0.25
-#: Scans take at most this share of the server's time (over `_SCAN_WINDOW_S`): a local peer that says
-#: hello again and again cannot make the event loop scan /proc all the time; beyond it, unknown.
+#: The longest a scan of /proc for a TCP peer's processes may take (one per member that maps a share's
+#: arena, in a background thread); past it the peer's processes are unknown.
+SCAN_BUDGET_S = 2.0
+#: Scans take at most this share of the time (over `_SCAN_WINDOW_S`): a local peer that says hello
+#: again and again cannot keep the server scanning /proc; beyond it, unknown.
 SCAN_TIME_SHARE = 0.1
+#: Scans that may wait for the scanning thread; beyond it, unknown.
+MAX_PENDING_SCANS = 64
 _SCAN_WINDOW_S = 10.0
 
 
 class _ScanClock:
-    """The time spent scanning recently, decaying over `_SCAN_WINDOW_S` (one per process: the event loop's)."""
+    """The time spent scanning recently, decaying over `_SCAN_WINDOW_S` (used by the one scanning thread)."""
 
     def __init__(self) -> None:
         self.spent, self.at = 0.0, time.monotonic()
@@ -79,15 +84,33 @@ class Process:
         return _live_start(self.pid) != self.start
 
 
-@dataclass(frozen=True)
 class PeerProcesses:
-    """The processes behind one client connection; empty when they could not be told."""
+    """The processes behind one client connection: told at once (ipc), or once a background scan has
+    found them (loopback TCP). Unknown (never gone) until then, and when none could be told."""
 
-    processes: tuple[Process, ...]
+    def __init__(self, processes: tuple[Process, ...] = (), scan: Future[tuple[Process, ...]] | None = None) -> None:
+        self._processes, self._scan = processes, scan
 
     @classmethod
     def of(cls, pids: tuple[int, ...]) -> PeerProcesses:
+        """The live processes among `pids`, now."""
         return cls(tuple(p for p in (Process.of(pid) for pid in pids) if p is not None))
+
+    @classmethod
+    def of_tcp(cls, fd: int) -> PeerProcesses:
+        """The processes at the other end of the TCP connection `fd` (the server's descriptor of it, read
+        now), found by a scan in the background: none for a peer that is not on loopback."""
+        addresses = tcp_addresses(fd)
+        if addresses is None:
+            return cls()
+        return cls(scan=_scanner.submit(*addresses))
+
+    @property
+    def processes(self) -> tuple[Process, ...]:
+        if self._scan is not None and self._scan.done():
+            scan, self._scan = self._scan, None
+            self._processes = scan.result() if scan.exception() is None else ()
+        return self._processes
 
     @property
     def known(self) -> bool:
@@ -109,19 +132,35 @@ def ipc_peer_pid(peer_address: str | None) -> int:
     return int(parts[3])
 
 
-def tcp_peer_pids(fd: int, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...]:
-    """The pids of the processes holding the other end of the loopback TCP connection `fd` (the
-    server's own descriptor of it), or () when it is not a loopback connection or they cannot be told."""
+Address = tuple[str, int]
+
+
+def tcp_addresses(fd: int) -> tuple[Address, Address] | None:
+    """(the peer's address, ours) of the loopback TCP connection `fd`, or None (not one, or closed)."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
-        return ()
+        return None
     with sock:
         try:
             ours, theirs = sock.getsockname(), sock.getpeername()
         except OSError:
-            return ()
-    if not (isinstance(theirs, tuple) and _loopback(theirs[0])) or not _scans.allow():
+            return None
+    if not (isinstance(theirs, tuple) and isinstance(ours, tuple) and _loopback(theirs[0])):
+        return None
+    return (str(theirs[0]), int(theirs[1])), (str(ours[0]), int(ours[1]))
+
+
+def tcp_peer_pids(fd: int, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...]:
+    """The pids of the processes holding the other end of the loopback TCP connection `fd` (the
+    server's own descriptor of it), or () when it is not a loopback connection or they cannot be told.
+    Scans /proc here and now (`PeerProcesses.of_tcp` does it in the background)."""
+    addresses = tcp_addresses(fd)
+    return () if addresses is None else _scan_tcp_peer(*addresses, budget_s=budget_s)
+
+
+def _scan_tcp_peer(theirs: Address, ours: Address, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...]:
+    if not _scans.allow():
         return ()
     start = time.monotonic()
     try:
@@ -132,6 +171,37 @@ def tcp_peer_pids(fd: int, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...
         return _holders(f"socket:[{inode}]", uid, start + budget_s)
     finally:
         _scans.add(time.monotonic() - start)
+
+
+class _Scanner:
+    """One background thread that finds TCP peers' processes (so the event loop never scans /proc), with
+    at most `MAX_PENDING_SCANS` waiting: beyond that a peer's processes are unknown."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def submit(self, theirs: Address, ours: Address) -> Future[tuple[Process, ...]] | None:
+        with self._lock:
+            if self._pending >= MAX_PENDING_SCANS:
+                return None
+            self._pending += 1
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader-peer-scan")
+            pool = self._pool
+        return pool.submit(self._scan, theirs, ours)
+
+    def _scan(self, theirs: Address, ours: Address) -> tuple[Process, ...]:
+        try:
+            pids = _scan_tcp_peer(theirs, ours)
+            return tuple(p for p in (Process.of(pid) for pid in pids) if p is not None)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+
+_scanner = _Scanner()
 
 
 def _live_start(pid: int) -> int | None:
@@ -192,10 +262,9 @@ def _proc_net(host: str, port: int) -> list[str]:
     return out
 
 
-def _socket_of(local: tuple[object, ...], remote: tuple[object, ...]) -> tuple[int, int] | None:
+def _socket_of(local: Address, remote: Address) -> tuple[int, int] | None:
     """(uid, inode) of the TCP socket whose own address is `local` and whose peer is `remote`."""
-    locals_ = set(_proc_net(str(local[0]), int(str(local[1]))))
-    remotes = set(_proc_net(str(remote[0]), int(str(remote[1]))))
+    locals_, remotes = set(_proc_net(*local)), set(_proc_net(*remote))
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:

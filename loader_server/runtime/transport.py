@@ -55,7 +55,7 @@ from .guard import (
     wire_bytes,
 )
 from .outgoing import OutOfRange, checked_encode, error_message
-from .processes import PeerProcesses, ipc_peer_pid, tcp_peer_pids
+from .processes import PeerProcesses, ipc_peer_pid
 
 __all__ = [
     "MAX_REQUEST_BYTES",
@@ -94,7 +94,7 @@ class PeerSource:
         """The processes at the other end (none known for a remote TCP peer, or one in another pid namespace)."""
         if self.pid > 0:
             return PeerProcesses.of((self.pid,))
-        return PeerProcesses.of(tcp_peer_pids(self.fd)) if self.fd >= 0 else PeerProcesses(())
+        return PeerProcesses.of_tcp(self.fd) if self.fd >= 0 else PeerProcesses()
 
 
 @dataclass(frozen=True)
