@@ -23,8 +23,9 @@
 * ZMTP heartbeats close connections whose peer stopped answering.
 * Each TCP connection is bounded by the `ConnectionGuard` (guard.py): bytes held inside
   ZeroMQ, time without a request, and connections per peer. Each request is labelled with its
-  peer (`Request.peer`: the CURVE key, the address and on loopback the user, or for ipc the
-  user), which the sessions' per-peer bound counts.
+  peer (`Request.peer`: the CURVE key; the address, or for a local process (loopback or another
+  of this host's addresses, whichever it chose) its user alone, "uid N"; for ipc the user,
+  "uid N"), which the sessions' per-peer bound counts.
 """
 
 from __future__ import annotations
