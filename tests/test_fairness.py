@@ -27,7 +27,7 @@ import zmq
 from loader_client import LoaderClient, ServerError, server_stats
 from loader_client.contract import protocol
 
-from .conftest import free_port, unique_label_list, wait_until
+from .conftest import free_port, keygen, unique_label_list, wait_until
 from .nobody_peers import needs_root, nobody_peers
 
 N = 40
@@ -412,6 +412,50 @@ def test_log_volume_is_bounded_per_kind_whoever_causes_it(start_server: Any, lis
     assert len(lines) < 400, len(lines)
     wait_until(lambda: not server_stats(server.endpoint)["clients"], 20, "every session to have said goodbye")
     with LoaderClient(server.endpoint, timeout_s=20) as client:
+        client.next()
+
+
+def test_curve_handshakes_with_random_keys_log_at_most_60_lines_a_minute(start_server: Any, listfile: Path,
+                                                                          tmp_path: Path) -> None:
+    """64 peers with random client keys against a --curve-dir server, each retrying its refused
+    handshake every 100 ms, until over the budget and a second more: at most 60 lines of that kind,
+    plus the one saying the rest are counted (before: 1,807 lines in 7 s). The README's figure for
+    this flood comes from `loader-server bench --extras floods` (loader_bench/floods.py, "curve")."""
+    import zmq.auth
+
+    keys = tmp_path / "server-keys"
+    keygen(keys, "server")
+    keygen(keys / "clients", "trainer")
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--curve-dir", str(keys), endpoint=f"tcp://127.0.0.1:{port}")
+    before = len(server.log_text().splitlines())
+    server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
+    over_budget = "more than 60 log lines of kind 'curve-refused' this minute: the rest are counted, not logged"
+    ctx = zmq.Context()
+    peers = []
+    started = time.monotonic()
+    try:
+        for _ in range(64):
+            s = ctx.socket(zmq.DEALER)
+            peers.append(s)
+            s.setsockopt(zmq.LINGER, 0)
+            public, secret = zmq.curve_keypair()
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server_public, public, secret
+            s.connect(f"tcp://127.0.0.1:{port}")
+        wait_until(lambda: over_budget in server.log_text(), 30, "the refusals to go over their budget")
+        time.sleep(1.0)  # refusals go on: counted, not logged
+    finally:
+        for s in peers:
+            s.close(linger=0)
+        ctx.term()
+    flood_s = time.monotonic() - started
+    lines = server.log_text().splitlines()[before:]
+    refused = [line for line in lines if "refused a client with CURVE key" in line]
+    assert flood_s < 60 and len(refused) == 60, (flood_s, len(refused))  # one minute's budget, all of it
+    assert sum(over_budget in line for line in lines) == 1
+    assert len(lines) <= 61, [line for line in lines if "refused a client with CURVE key" not in line]
+    with LoaderClient(f"tcp://127.0.0.1:{port}", timeout_s=20, server_public_key=str(keys / "server.key"),
+                      client_keys=str(keys / "clients" / "trainer.key_secret")) as client:
         client.next()
 
 
