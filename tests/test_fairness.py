@@ -102,7 +102,10 @@ def zmtp_peer(port: int, source: str = "127.0.0.1") -> socket.socket:
 # ---------------------------------------------------------------------------- memory per connection
 def test_a_message_of_empty_frames_costs_one_connection_at_most_its_bound(start_server: Any, listfile: Path) -> None:
     """Four connections each send a message of empty frames that never ends, paced so that ZeroMQ reads it
-    all (2 wire bytes, 64 bytes of memory each): each is closed within its bound (README: 16 MB)."""
+    all (2 wire bytes, 64 bytes of memory each): each is closed within its bound. The README's bound is
+    32 x (128 + 4) KiB, about 4.2 MB each, plus what arrives between two checks; the test allows 16 MB
+    each (the peak also holds ZeroMQ's buffers and a loaded machine's late checks; before: about 128 MB
+    each)."""
     port = free_port()
     server = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
     with LoaderClient(server.endpoint, timeout_s=20) as warm:
@@ -135,7 +138,7 @@ def test_a_message_of_empty_frames_costs_one_connection_at_most_its_bound(start_
     for t in threads:
         t.join(60)
     growth = status_mb(server.proc.pid, "VmHWM") - base
-    assert growth < 4 * 16, (growth, sent)  # before: about 128 MB each
+    assert growth < 4 * 16, (growth, sent)  # 16 MB each at most
     assert all(n < 5 << 20 for n in sent), sent  # each was cut before it could send it all
     wait_until(lambda: server.log_text().count("beyond the requests it completed") >= 4, 10, "4 cuts logged")
     assert server.proc.poll() is None
