@@ -27,6 +27,7 @@ import zmq
 
 from loader_client import LoaderClient, ServerError
 from loader_client.contract import protocol
+from loader_client.contract.shm import new_arena_key
 from loader_server.runtime.guard import HANDSHAKE_BYTES, MAX_HELD_BYTES
 from loader_server.runtime.transport import SEND_QUEUE_BATCHES
 
@@ -110,7 +111,8 @@ def _greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]], 
     """One client that grants all the credit it can and never reads."""
     s = _raw(ctx, endpoint, socks)
     s.setsockopt(zmq.RCVHWM, 1)
-    s.send(msgpack.packb({"v": V, "t": "hello", "shm": shm, "credit": 10**6}))
+    key = {"shm_key": new_arena_key()} if shm else {}  # an arena only for a hello with its key
+    s.send(msgpack.packb({"v": V, "t": "hello", "shm": shm, "credit": 10**6, **key}))
     for _ in range(200):
         s.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
 

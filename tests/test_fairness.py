@@ -26,6 +26,7 @@ import zmq
 
 from loader_client import LoaderClient, ServerError, server_stats
 from loader_client.contract import protocol
+from loader_client.contract.shm import new_arena_key
 
 from .conftest import free_port, keygen, unique_label_list, wait_until
 from .nobody_peers import needs_root, nobody_peers
@@ -321,14 +322,14 @@ def test_hellos_repeated_on_one_connection_do_not_pile_up_arenas(start_server: A
     try:
         most = 0
         for _ in range(300):
-            s.send(msgpack.packb({"v": V, "t": "hello", "credit": 0, "shm": True}))
+            s.send(msgpack.packb({"v": V, "t": "hello", "credit": 0, "shm": True, "shm_key": new_arena_key()}))
             most = max(most, len(memfds(server.proc.pid)))
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:  # every hello handled (and its arena made) within this
             most = max(most, len(memfds(server.proc.pid)))
             time.sleep(0.02)
         assert "connected from" in server.log_text()
-        assert most <= 1 + 8, most  # before: every arena of the last 5 s stayed open (one per hello)
+        assert 1 <= most <= 1 + 8, most  # before: every arena of the last 5 s stayed open (one per hello)
     finally:
         s.close(linger=0)
         ctx.term()
@@ -495,7 +496,7 @@ def test_a_shared_memory_session_that_never_releases_costs_at_most_its_documente
     s.setsockopt(zmq.RCVHWM, 1)
     s.connect(server.endpoint)
     try:
-        s.send(msgpack.packb({"v": V, "t": "hello", "shm": True, "credit": 10**6}))
+        s.send(msgpack.packb({"v": V, "t": "hello", "shm": True, "shm_key": new_arena_key(), "credit": 10**6}))
         for _ in range(100):
             s.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
         arena_mb = (prefetch + 8 + 2) * batch_mb
