@@ -418,7 +418,8 @@ def test_files_are_bounded_before_they_are_read(start_server: Any, tmp_path: Pat
     lines[2] = f"{big} 2"
     listfile.write_text("\n".join(lines) + "\n")
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-shuffle",
-                          "--on-error", "skip", "--max-bad", "2", "--max-file-bytes", str(1 << 20))
+                          "--on-error", "skip", "--max-bad", "2", "--max-file-bytes", str(1 << 20),
+                          "--no-scan")  # the workers' own checks (the start-up scan's are in test_scan.py)
     started = time.monotonic()
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         _, y = client.next()
