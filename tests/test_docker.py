@@ -341,14 +341,14 @@ def test_readme_steps_train_zero_copy_between_containers(box: Any, tmp_path: Pat
     assert "epoch 2: checkpoint /checkpoints/last.pt" in trained, trained
     socket = volume_path(b, "loader-run") / "loader.sock"
     assert socket.is_socket() and socket.stat().st_uid == UID and oct(socket.stat().st_mode & 0o777) == "0o660"
-    # Any container of that uid and group gets shared memory, PID namespace or not; a uid outside
-    # the group cannot even connect (the socket is 0660, its folder 0750).
+    # Any container of that group that trusts the loader's uid gets shared memory, PID namespace or
+    # not; a uid outside the group cannot even connect (the socket is 0660, its folder 0750).
     def consume(*user: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([b.docker, "run", "--rm", *user, "-v", f"{b.project}_loader-run:/run/loader",
                                "loader-trainer:latest", "python", "/app/examples/consume.py", "--epochs", "1", "--check",
                                "--timeout-s", "10"], capture_output=True, text=True, timeout=180)
 
-    apart = consume("--group-add", str(UID))
+    apart = consume("--group-add", str(UID), "-e", f"LOADER_SERVER_UID={UID}")  # it trusts the loader's uid
     assert apart.returncode == 0 and "shared memory True" in apart.stdout, apart.stdout + apart.stderr
     stranger = consume("--user", "10003:10003")
     assert stranger.returncode != 0 and "shared memory" not in stranger.stdout, stranger.stdout + stranger.stderr
