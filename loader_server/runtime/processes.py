@@ -9,7 +9,8 @@ processes are, as the kernel reports them, and whether they have exited:
   libzmq appends to the connection's ``Peer-Address`` as ``:uid:gid:pid``), translated into the
   server's pid namespace; 0 (unknown) when the client has no pid there.
 * loopback ``tcp://``: the processes that hold the client's end of the connection: its socket's
-  inode in ``/proc/net/tcp`` (or ``tcp6``), found by the connection's two addresses, then the
+  inode in ``/proc/net/tcp`` (or ``tcp6``), found by the connection's two ends (`local_sockets`,
+  which also tells the connection guard a local peer's user), then the
   processes of that socket's user whose descriptors include it (a trainer that forked after
   connecting counts with its children). That scan runs in a background thread, never in the
   event loop, and is bounded: a scan that takes too long finds nobody, scans take at most a
@@ -28,13 +29,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
-__all__ = ["PeerProcesses", "Process", "ipc_peer_pid", "tcp_addresses", "tcp_peer_pids"]
+__all__ = ["Ends", "LocalSocket", "PeerProcesses", "Process", "connection_ends", "ipc_peer_pid", "local_sockets",
+           "tcp_ends", "tcp_peer_pids", "unmapped"]
 
 #: The longest a scan of /proc for a TCP peer's processes may take (one per member that maps a share's
 #: arena, in a background thread); past it the peer's processes are unknown.
@@ -100,10 +102,8 @@ class PeerProcesses:
     def of_tcp(cls, fd: int) -> PeerProcesses:
         """The processes at the other end of the TCP connection `fd` (the server's descriptor of it, read
         now), found by a scan in the background: none for a peer that is not on loopback."""
-        addresses = tcp_addresses(fd)
-        if addresses is None:
-            return cls()
-        return cls(scan=_scanner.submit(*addresses))
+        ends = tcp_ends(fd)
+        return cls() if ends is None else cls(scan=_scanner.submit(ends))
 
     @property
     def processes(self) -> tuple[Process, ...]:
@@ -132,43 +132,101 @@ def ipc_peer_pid(peer_address: str | None) -> int:
     return int(parts[3])
 
 
-Address = tuple[str, int]
+#: A TCP connection by its two ends: ((peer host, port), (our host, port)), hosts as /proc/net/tcp* writes
+#: them (IPv4-mapped IPv6 as IPv4, no IPv6 scope).
+Ends = tuple[tuple[str, int], tuple[str, int]]
 
 
-def tcp_addresses(fd: int) -> tuple[Address, Address] | None:
-    """(the peer's address, ours) of the loopback TCP connection `fd`, or None (not one, or closed)."""
+class LocalSocket(NamedTuple):
+    """The peer's end of a local TCP connection, from /proc/net/tcp*: its owner and its inode."""
+
+    uid: int
+    inode: int
+
+
+def connection_ends(sock: socket.socket) -> Ends | None:
+    """The two ends of the TCP connection `sock`, or None (closed)."""
+    try:
+        peer, ours = sock.getpeername(), sock.getsockname()
+    except OSError:
+        return None
+    return (_bare(str(peer[0])), int(peer[1])), (_bare(str(ours[0])), int(ours[1]))
+
+
+def unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address written as IPv4 (any other unchanged)."""
+    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+
+
+def _bare(host: str) -> str:
+    return unmapped(host.split("%", 1)[0])
+
+
+def local_sockets(ends: set[Ends]) -> dict[Ends, LocalSocket]:
+    """The peer's end of each local TCP connection in `ends` (its owner and inode), from /proc/net/tcp*:
+    the row whose local end is the peer's and whose remote end is ours (any state but TIME_WAIT, whose
+    rows have no owner)."""
+    if not ends:
+        return {}
+    wanted = {peer[1] for peer, _ in ends}
+    found: dict[Ends, LocalSocket] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < 10 or fields[3] == "06":  # TIME_WAIT
+                        continue
+                    hex_host, _, hex_port = fields[1].rpartition(":")
+                    port = int(hex_port, 16)
+                    if port not in wanted:
+                        continue
+                    remote_host, _, remote_port = fields[2].rpartition(":")
+                    end = ((_proc_address(hex_host), port), (_proc_address(remote_host), int(remote_port, 16)))
+                    if end in ends:
+                        found[end] = LocalSocket(int(fields[7]), int(fields[9]))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _proc_address(hex_host: str) -> str:
+    """An address as /proc/net/tcp* writes it (host-order 32-bit words), as getpeername() does."""
+    raw = bytes.fromhex(hex_host)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        return socket.inet_ntop(socket.AF_INET, words)
+    return unmapped(socket.inet_ntop(socket.AF_INET6, words))
+
+
+def tcp_ends(fd: int) -> Ends | None:
+    """The two ends of the loopback TCP connection `fd` (the server's descriptor of it), or None (not
+    one, or closed)."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
         return None
     with sock:
-        try:
-            ours, theirs = sock.getsockname(), sock.getpeername()
-        except OSError:
-            return None
-    if not (isinstance(theirs, tuple) and isinstance(ours, tuple) and _loopback(theirs[0])):
-        return None
-    return (str(theirs[0]), int(theirs[1])), (str(ours[0]), int(ours[1]))
+        ends = connection_ends(sock) if sock.family in (socket.AF_INET, socket.AF_INET6) else None
+    return ends if ends is not None and _loopback(ends[0][0]) else None
 
 
 def tcp_peer_pids(fd: int, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...]:
     """The pids of the processes holding the other end of the loopback TCP connection `fd` (the
     server's own descriptor of it), or () when it is not a loopback connection or they cannot be told.
     Scans /proc here and now (`PeerProcesses.of_tcp` does it in the background)."""
-    addresses = tcp_addresses(fd)
-    return () if addresses is None else _scan_tcp_peer(*addresses, budget_s=budget_s)
+    ends = tcp_ends(fd)
+    return () if ends is None else _scan_tcp_peer(ends, budget_s=budget_s)
 
 
-def _scan_tcp_peer(theirs: Address, ours: Address, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...]:
+def _scan_tcp_peer(ends: Ends, *, budget_s: float = SCAN_BUDGET_S) -> tuple[int, ...]:
     if not _scans.allow():
         return ()
     start = time.monotonic()
     try:
-        found = _socket_of(theirs, ours)
-        if found is None:
-            return ()
-        uid, inode = found
-        return _holders(f"socket:[{inode}]", uid, start + budget_s)
+        found = local_sockets({ends}).get(ends)
+        return () if found is None else _holders(f"socket:[{found.inode}]", found.uid, start + budget_s)
     finally:
         _scans.add(time.monotonic() - start)
 
@@ -182,7 +240,7 @@ class _Scanner:
         self._pending = 0
         self._lock = threading.Lock()
 
-    def submit(self, theirs: Address, ours: Address) -> Future[tuple[Process, ...]] | None:
+    def submit(self, ends: Ends) -> Future[tuple[Process, ...]] | None:
         with self._lock:
             if self._pending >= MAX_PENDING_SCANS:
                 return None
@@ -190,11 +248,11 @@ class _Scanner:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="loader-peer-scan")
             pool = self._pool
-        return pool.submit(self._scan, theirs, ours)
+        return pool.submit(self._scan, ends)
 
-    def _scan(self, theirs: Address, ours: Address) -> tuple[Process, ...]:
+    def _scan(self, ends: Ends) -> tuple[Process, ...]:
         try:
-            pids = _scan_tcp_peer(theirs, ours)
+            pids = _scan_tcp_peer(ends)
             return tuple(p for p in (Process.of(pid) for pid in pids) if p is not None)
         finally:
             with self._lock:
@@ -240,46 +298,9 @@ def _stat(pid: int) -> tuple[str, int] | None:
 
 def _loopback(host: str) -> bool:
     try:
-        address = ipaddress.ip_address(host.split("%")[0])
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
-def _proc_net(host: str, port: int) -> list[str]:
-    """How /proc/net/tcp{,6} write the address (host, port): each 32-bit word hex in host byte order. An
-    IPv4 address is also written as IPv4-mapped IPv6 (a dual-stack socket's, as libzmq's clients have)."""
-    address = ipaddress.ip_address(host.split("%")[0])
-    v4 = address if isinstance(address, ipaddress.IPv4Address) else address.ipv4_mapped
-    forms: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = {address}
-    if v4 is not None:
-        forms |= {v4, ipaddress.IPv6Address(f"::ffff:{v4}")}
-    out = []
-    for a in forms:
-        words = struct.unpack(f"={len(a.packed) // 4}I", a.packed)
-        out.append("".join(f"{w:08X}" for w in words) + f":{port:04X}")
-    return out
-
-
-def _socket_of(local: Address, remote: Address) -> tuple[int, int] | None:
-    """(uid, inode) of the TCP socket whose own address is `local` and whose peer is `remote`."""
-    locals_, remotes = set(_proc_net(*local)), set(_proc_net(*remote))
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) >= 10 and fields[1] in locals_ and fields[2] in remotes:
-                try:
-                    inode = int(fields[9])
-                    return int(fields[7]), inode
-                except ValueError:
-                    return None
-    return None
 
 
 def _holders(link: str, uid: int, deadline: float) -> tuple[int, ...]:
