@@ -19,7 +19,7 @@ from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version, read_file
-from .remote import is_remote
+from .remote import is_remote, storage_of
 
 if TYPE_CHECKING:
     from .remote import RemoteStorage
@@ -115,10 +115,8 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
     as it was then (its ETag).
     """
     path: Path | str
+    storage = storage or storage_of()
     if isinstance(data, str) and is_remote(data):
-        from .remote import remote_storage
-
-        storage = storage or remote_storage()
         path = data
         try:
             raw = storage.read(data)
@@ -169,16 +167,12 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
     return _with_objects(_build(root, paths, labels, None, f"list file {path}"), storage)
 
 
-def _with_objects(index: DatasetIndex, storage: RemoteStorage | None) -> DatasetIndex:
+def _with_objects(index: DatasetIndex, storage: RemoteStorage) -> DatasetIndex:
     """The index with its remote storage where it names objects, their s3:// folders listed (one listing each)."""
     import dataclasses
 
     if not is_remote(index.root) and b"://" not in index.blob.tobytes():
         return index
-    if storage is None:
-        from .remote import remote_storage
-
-        storage = remote_storage()
     index = dataclasses.replace(index, remote=storage)
     folders = sorted({p.rsplit("/", 1)[0] + "/" for p in map(index.path, range(len(index))) if p.startswith("s3://")})
     for folder in folders:
@@ -219,7 +213,7 @@ def _parse_plain(raw: bytes) -> tuple[list[bytes], np.ndarray] | None:
 def load_class_folders(data: str | os.PathLike[str], storage: RemoteStorage | None = None) -> DatasetIndex:
     """Index ``root/<class>/<image>``: classes sorted by name, label = position (also under an s3:// prefix)."""
     if isinstance(data, str) and is_remote(data):
-        return _remote_class_folders(data, storage)
+        return _remote_class_folders(data, storage or storage_of())
     root = Path(data)
     try:
         return _from_class_folders(root)
@@ -250,11 +244,8 @@ def _from_class_folders(root: Path) -> DatasetIndex:
     return _build(str(root.resolve()), paths, labels, tuple(classes), f"class folders {root}")
 
 
-def _remote_class_folders(prefix: str, storage: RemoteStorage | None) -> DatasetIndex:
+def _remote_class_folders(prefix: str, storage: RemoteStorage) -> DatasetIndex:
     """``s3://bucket/prefix/<class>/<image>``, from one listing of the prefix."""
-    from .remote import remote_storage
-
-    storage = storage or remote_storage()
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     try:
         found = storage.list(prefix)

@@ -35,13 +35,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import io
 import logging
 import os
 import random
 import re
 import socket
 import ssl
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_INFLIGHT_BYTES",
     "REMOTE_SCHEMES",
     "ObjectInfo",
+    "RemoteFile",
     "RemoteStorage",
     "RetryPolicy",
     "is_remote",
@@ -596,36 +597,12 @@ class RemoteStorage:
         h, size = indexed.version
         return h, size, 0, 0
 
-    def download(self, url: str, dest: str) -> None:
-        """Copy the whole object (as indexed) to the local file `dest`, a range at a time."""
+    def open(self, url: str, window: int = 8 << 20) -> RemoteFile:
+        """The object as indexed, as a read-only seekable file (for indexing it where it lies: no local copy)."""
         info = self.info(url)
         if info is None:
             raise DecodeError(url, "object not found", "not_found")
-        conditions = self._conditions(url)
-        with open(dest, "wb") as f:
-            at, step = 0, 16 << 20
-            while at < info.size:
-                n = min(step, info.size - at)
-                _, _, body = self._request(url, headers={**conditions, "Range": f"bytes={at}-{at + n - 1}"},
-                                           max_bytes=n)
-                if len(body) != n:
-                    raise DecodeError(url, f"truncated: {len(body)} of {n} bytes at offset {at}", "truncated")
-                f.write(body)
-                at += n
-
-    @contextmanager
-    def local_copy(self, url: str) -> Iterator[str]:
-        """The object in a temporary local file (removed afterwards), for indexing."""
-        fd, path = tempfile.mkstemp(prefix="loader-remote-", suffix=os.path.splitext(url)[1])
-        os.close(fd)
-        try:
-            self.download(url, path)
-            yield path
-        finally:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        return RemoteFile(self, url, info.size, window)
 
     def close(self) -> None:
         """Close this process's connections (the next request opens new ones)."""
@@ -642,6 +619,67 @@ class RemoteStorage:
     def stats(self) -> dict[str, int]:
         """This process's requests and peak bytes in flight."""
         return {"requests": self.requests, "peak_inflight_bytes": self._budget.peak}
+
+
+class RemoteFile(io.RawIOBase):
+    """One object as indexed, read where it lies: ``read``/``seek``/``tell`` (tarfile, pyarrow) and slices
+    (``f[a:b]``, as of an mmap), served from one window of `window` bytes read ahead with a range GET
+    (each carrying the indexed ETag). A read past the window moves it, so a sequential walk of a tar
+    shard's headers costs one request per window and skips members larger than a window; a read larger
+    than the window is one request of its own. Nothing is written to local disk."""
+
+    def __init__(self, storage: RemoteStorage, url: str, size: int, window: int) -> None:
+        super().__init__()
+        self.storage, self.url, self.size, self.window = storage, url, size, max(window, 1)
+        self.name = url
+        self._pos = 0
+        self._start = 0
+        self._buf = b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _get(self, start: int, stop: int) -> bytes:
+        start, stop = max(0, min(start, self.size)), max(0, min(stop, self.size))
+        if stop <= start:
+            return b""
+        if self._start <= start and stop <= self._start + len(self._buf):
+            return self._buf[start - self._start : stop - self._start]
+        if stop - start > self.window:  # larger than a window: a request of its own, the window stays
+            return self.storage.read_range(self.url, start, stop - start, lambda _: self.url, 0)
+        end = min(self.size, start + self.window)
+        self._buf = self.storage.read_range(self.url, start, end - start, lambda _: self.url, 0)
+        self._start = start
+        return self._buf[: stop - start]
+
+    def __getitem__(self, item: slice) -> bytes:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("a RemoteFile is sliced with [start:stop]")
+        start, stop, _ = item.indices(self.size)
+        return self._get(start, stop)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        data = self._get(self._pos, self._pos + len(view))
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 _KEYS: dict[tuple[str, str, str], bytes] = {}
@@ -703,8 +741,14 @@ def reads_remote(dataset: object) -> bool:
     return getattr(dataset, "remote", None) is not None or isinstance(getattr(dataset, "storage", None), RemoteStorage)
 
 
-def storage_of(options: DataOptions) -> RemoteStorage:
-    """The process's storage for s3:// and http(s):// data under these settings (``--remote-*``)."""
+def storage_of(options: DataOptions | None = None) -> RemoteStorage:
+    """The process's storage for s3:// and http(s):// data under these settings (``--remote-*``; None: their
+    defaults). The one place where a data set's objects get their storage: every path that lists or reads
+    objects (the kind's detection, list files, class folders, shards and tables) takes it from here."""
+    if options is None:
+        from ..options import DataOptions
+
+        options = DataOptions(data="")
     return remote_storage(RetryPolicy(attempts=options.remote_attempts, timeout_s=options.remote_timeout_s),
                           int(options.remote_inflight_mb * (1 << 20)), options.remote_recheck_s)
 
