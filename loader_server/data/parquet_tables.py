@@ -61,8 +61,9 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
     return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
-                         index_dir=options.index_dir, index_file=lambda path: index_table(path, *columns, storage=storage),
-                         source=source, storage=storage)
+                         index_dir=options.index_dir,
+                         index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
+                         storage=storage)
 
 
 def index_table(path: str, image_column: str = "image", label_column: str = "label",

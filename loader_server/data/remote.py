@@ -66,6 +66,7 @@ __all__ = [
     "RetryPolicy",
     "is_remote",
     "reads_remote",
+    "redact",
     "remote_storage",
     "sign_v4",
     "split_url",
@@ -134,11 +135,18 @@ class _TooLarge(Exception):
 
 
 class _BadResponse(Exception):
-    """The server's answer is not HTTP/1.1 as this reader takes it."""
+    """The server's answer is not HTTP/1.1 as this reader takes it (`status`: its status, where it had one)."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 _HEAD_LIMIT = 1 << 16
 _ERROR_BODY = 1 << 16
+_STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")
+_LENGTH = re.compile(r"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class _Connection:
@@ -149,14 +157,31 @@ class _Connection:
     head, then the body with ``recv_into`` straight into its final buffer: 0.25 ms. It takes what
     range GETs, HEADs and listings return: a Content-Length body, a chunked one, or one that ends
     when the server closes; ``Connection: close`` closes it after the response.
+
+    Every request has a deadline (its attempt's ``--remote-timeout-s``): each socket operation
+    waits at most until it, so a server that drips a byte at a time cannot hold a worker. An
+    answer that is not HTTP as this reader takes it (a negative or non-numeric length, a bad
+    chunk, a bad status line) is `_BadResponse` and the connection is closed. Through an
+    ``http://`` proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``): plain requests in absolute
+    form, ``https`` through a CONNECT tunnel.
     """
 
-    def __init__(self, parts: urllib.parse.SplitResult, timeout: float) -> None:
+    def __init__(self, parts: urllib.parse.SplitResult, timeout: float, tls: ssl.SSLContext | None = None,
+                 proxy: urllib.parse.SplitResult | None = None) -> None:
         self.https = parts.scheme == "https"
         self.hostname = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
-        self.host = parts.netloc
+        shown = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        self.host = f"{shown}:{parts.port}" if parts.port else shown  # the Host header: never the userinfo
         self.timeout = timeout
+        self.tls = tls if tls is not None else (ssl.create_default_context() if self.https else None)
+        self.proxy = proxy
+        self.auth: dict[str, str] = {}
+        if parts.username is not None:  # https://user:password@host/...: HTTP basic authentication
+            self.auth["Authorization"] = _basic(parts.username, parts.password)
+        self.proxy_auth: dict[str, str] = {}
+        if proxy is not None and proxy.username is not None:
+            self.proxy_auth["Proxy-Authorization"] = _basic(proxy.username, proxy.password)
         self.sock: socket.socket | None = None
         self.buf = bytearray()
 
@@ -168,83 +193,156 @@ class _Connection:
                 self.sock = None
                 self.buf = bytearray()
 
-    def _open(self) -> socket.socket:
-        sock = socket.create_connection((self.hostname, self.port), timeout=self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.https:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.hostname)
+    @staticmethod
+    def _arm(sock: socket.socket, deadline: float) -> None:
+        """Let the next socket operation wait until the deadline at most."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        sock.settimeout(left)
+
+    def _open(self, deadline: float) -> socket.socket:
+        where = (self.proxy.hostname or "", self.proxy.port or 80) if self.proxy else (self.hostname, self.port)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        sock = socket.create_connection(where, timeout=left)
         self.sock, self.buf = sock, bytearray()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.proxy is not None and self.https:
+            self._tunnel(sock, deadline)
+        if self.tls is not None:
+            self._arm(sock, deadline)
+            sock = self.sock = self.tls.wrap_socket(sock, server_hostname=self.hostname)
         return sock
 
-    def _more(self, sock: socket.socket) -> None:
+    def _tunnel(self, sock: socket.socket, deadline: float) -> None:
+        """CONNECT through the proxy to the origin; the TLS session then runs inside the tunnel."""
+        lines = [f"CONNECT {self.hostname}:{self.port} HTTP/1.1", f"Host: {self.hostname}:{self.port}",
+                 *(f"{k}: {v}" for k, v in self.proxy_auth.items())]
+        self._arm(sock, deadline)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        status, _, _ = self._head(sock, deadline)
+        if not 200 <= status < 300:
+            self.close()
+            proxy = f"{self.proxy.hostname}:{self.proxy.port or 80}" if self.proxy else ""
+            raise _Failure(status, f"the proxy {proxy} refused the tunnel to {self.hostname}:{self.port}"
+                                   + (" (Proxy-Authorization: set the user and password in HTTPS_PROXY)"
+                                      if status == 407 else ""), status >= 500)
+        if self.buf:
+            raise _BadResponse("the proxy sent bytes after accepting the tunnel", status)
+
+    def _more(self, sock: socket.socket, deadline: float) -> None:
+        self._arm(sock, deadline)
         chunk = sock.recv(1 << 16)
         if not chunk:
             raise ConnectionResetError("the server closed the connection")
         self.buf += chunk
 
-    def _line(self, sock: socket.socket) -> bytes:
+    def _line(self, sock: socket.socket, deadline: float) -> bytes:
         while (end := self.buf.find(b"\r\n")) < 0:
             if len(self.buf) > _HEAD_LIMIT:
                 raise _BadResponse("a line of over 64 KB")
-            self._more(sock)
+            self._more(sock, deadline)
         line = bytes(self.buf[:end])
         del self.buf[: end + 2]
         return line
 
-    def _exact(self, sock: socket.socket, n: int) -> bytearray:
+    def _exact(self, sock: socket.socket, n: int, deadline: float) -> bytearray:
         body = bytearray(n)
         have = min(n, len(self.buf))
         body[:have] = self.buf[:have]
         del self.buf[:have]
         view = memoryview(body)
         while have < n:
+            self._arm(sock, deadline)
             got = sock.recv_into(view[have:])
             if not got:
                 raise ConnectionResetError(f"the server closed the connection after {have} of {n} bytes")
             have += got
         return body
 
-    def request(self, method: str, target: str, headers: dict[str, str],
-                max_bytes: int) -> tuple[int, dict[str, str], bytes]:
-        sock = self.sock or self._open()
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}", *(f"{k}: {v}" for k, v in headers.items())]
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
+        """(status, status line, lower-cased fields) of the next final response (interim 1xx answers skipped)."""
         while True:
             while (end := self.buf.find(b"\r\n\r\n")) < 0:
                 if len(self.buf) > _HEAD_LIMIT:
                     raise _BadResponse("response headers of over 64 KB")
-                self._more(sock)
+                self._more(sock, deadline)
             head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
             del self.buf[: end + 4]
-            parts = head[0].split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            m = _STATUS_LINE.fullmatch(head[0])
+            if m is None:
                 raise _BadResponse(f"not an HTTP/1.1 status line: {head[0][:80]!r}")
-            status = int(parts[1])
+            status = int(m.group(1))
             if status >= 200 or status == 101:
                 break  # 100 Continue and other interim answers: the real one follows
         fields: dict[str, str] = {}
         for line in head[1:]:
             name, sep, value = line.partition(":")
-            if sep:
-                fields[name.strip().lower()] = value.strip()
+            if not sep or not name.strip():
+                raise _BadResponse(f"a malformed header line {line[:80]!r}", status)
+            fields[name.strip().lower()] = value.strip()
+        return status, head[0], fields
+
+    def request(self, method: str, target: str, headers: dict[str, str], max_bytes: int,
+                deadline: float) -> tuple[int, dict[str, str], bytes]:
+        """One request and its response, within `deadline` (time.monotonic()); the connection is closed after
+        any error (`_BadResponse` for an answer that is not HTTP as this reader takes it)."""
+        status: int | None = None
+        try:
+            sock = self.sock or self._open(deadline)
+            if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
+                target = f"http://{self.host}{target}"
+                headers = {**self.proxy_auth, **headers}
+            lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}",
+                     *(f"{k}: {v}" for k, v in {**self.auth, **headers}.items())]
+            self._arm(sock, deadline)
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            status, line, fields = self._head(sock, deadline)
+            return self._body(sock, method, status, line, fields, max_bytes, deadline)
+        except _BadResponse as exc:
+            self.close()
+            if exc.status is None:
+                exc.status = status
+            raise
+        except ssl.SSLError:  # (a certificate error is a ValueError too): the TLS session's, said as such
+            self.close()
+            raise
+        except (ValueError, IndexError, UnicodeError, OverflowError, MemoryError) as exc:  # a malformed answer
+            self.close()
+            raise _BadResponse(f"{type(exc).__name__}: {exc}", status) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _body(self, sock: socket.socket, method: str, status: int, line: str, fields: dict[str, str],
+              max_bytes: int, deadline: float) -> tuple[int, dict[str, str], bytes]:
         limit = max_bytes if status < 300 else _ERROR_BODY
-        keep = fields.get("connection", "").lower() != "close" and not head[0].startswith("HTTP/1.0")
+        keep = fields.get("connection", "").lower() != "close" and not line.startswith("HTTP/1.0")
         if method == "HEAD" or status in (204, 304):
             body = bytearray()
         elif "chunked" in fields.get("transfer-encoding", "").lower():
-            body = self._chunked(sock, limit)
+            body = self._chunked(sock, limit, status, deadline)
         elif "content-length" in fields:
-            size = int(fields["content-length"])
+            text = fields["content-length"]
+            if not _LENGTH.fullmatch(text):
+                raise _BadResponse(f"Content-Length {text[:40]!r} is not a byte count", status)
+            size = int(text)
             if size > limit:
                 self.close()
                 if status < 300:
                     raise _TooLarge(size)
                 return status, fields, b""  # an error of over 64 KB: its status is enough
-            body = self._exact(sock, size)
+            body = self._exact(sock, size, deadline)
         else:  # the body ends when the server closes the connection
             keep = False
             body = bytearray(self.buf)
-            while len(body) <= limit and (chunk := sock.recv(1 << 16)):
+            while len(body) <= limit:
+                self._arm(sock, deadline)
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
                 body += chunk
             if len(body) > limit and status < 300:
                 self.close()
@@ -253,19 +351,30 @@ class _Connection:
             self.close()
         return status, fields, bytes(body)
 
-    def _chunked(self, sock: socket.socket, limit: int) -> bytearray:
+    def _chunked(self, sock: socket.socket, limit: int, status: int, deadline: float) -> bytearray:
         body = bytearray()
         while True:
-            size = int(self._line(sock).split(b";", 1)[0].strip() or b"0", 16)
+            text = self._line(sock, deadline).split(b";", 1)[0].strip()
+            if not _CHUNK_SIZE.fullmatch(text):
+                raise _BadResponse(f"a chunk size {text[:40]!r} that is not hexadecimal", status)
+            size = int(text, 16)
             if size == 0:
-                while self._line(sock):  # trailers, up to the empty line
+                while self._line(sock, deadline):  # trailers, up to the empty line
                     pass
                 return body
             if len(body) + size > limit:
                 self.close()
                 raise _TooLarge(len(body) + size)
-            body += self._exact(sock, size)
-            self._line(sock)
+            body += self._exact(sock, size, deadline)
+            if self._line(sock, deadline):
+                raise _BadResponse(f"a chunk longer than its size {size}", status)
+
+
+def _basic(user: str, password: str | None) -> str:
+    import base64
+
+    raw = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 class _Budget:
@@ -359,19 +468,40 @@ class RemoteStorage:
                     raise ConfigError(f"cannot set up the S3 client ({type(exc).__name__}: {exc}): check AWS_PROFILE, "
                                       "AWS_ENDPOINT_URL and the AWS config files") from None
                 endpoint = client.meta.endpoint_url.rstrip("/")
+                s3_config = dict(client.meta.config.s3 or {})  # the profile's `s3 =` settings, merged by botocore
+                if s3_config.get("use_accelerate_endpoint"):
+                    raise ConfigError("the AWS config sets s3 use_accelerate_endpoint, which this reader does not "
+                                      "use (its requests would go to the regional endpoint): remove it from the "
+                                      "profile for the loader, or set AWS_ENDPOINT_URL_S3")
+                style = str(s3_config.get("addressing_style") or "auto")
+                if style not in ("auto", "virtual", "path"):
+                    raise ConfigError(f"the AWS config sets s3 addressing_style = {style!r}: expected auto, "
+                                      "virtual or path")
+                bundle = session.get_config_variable("ca_bundle")  # AWS_CA_BUNDLE or the profile's ca_bundle
+                tls = None
+                if endpoint.startswith("https://"):
+                    try:
+                        tls = ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
+                    except (OSError, ssl.SSLError) as exc:
+                        raise ConfigError(f"AWS_CA_BUNDLE (or the profile's ca_bundle) {bundle!r} cannot be "
+                                          f"loaded ({exc}): name a PEM file of CA certificates") from None
+                _proxy_for(urllib.parse.urlsplit(endpoint))  # an unusable proxy setting: refused now, at start
                 self._s3 = {"session": session, "client": client, "endpoint": endpoint, "region": region,
-                            "aws": (urllib.parse.urlsplit(endpoint).hostname or "").endswith("amazonaws.com")}
+                            "aws": (urllib.parse.urlsplit(endpoint).hostname or "").endswith("amazonaws.com"),
+                            "style": style, "tls": tls, "bundle": bundle}
             return self._s3
 
     # ------------------------------------------------------------------ URLs and requests
     def _http_url(self, url: str) -> str:
-        """The HTTP URL a request for `url` goes to (S3: path style, or virtual-hosted on AWS)."""
+        """The HTTP URL a request for `url` goes to (S3: as the profile's s3 addressing_style says: path or
+        virtual-hosted; auto, botocore's default: virtual-hosted on AWS for a bucket name that is a DNS label)."""
         scheme, where, key = split_url(url)
         if scheme != "s3":
             return url
         s3 = self._s3_setup()
         quoted = urllib.parse.quote(key, safe="/~")
-        if s3["aws"] and re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", where):
+        dns = re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", where) is not None
+        if s3["style"] == "virtual" or (s3["style"] == "auto" and s3["aws"] and dns):
             parts = urllib.parse.urlsplit(s3["endpoint"])
             return f"{parts.scheme}://{where}.{parts.netloc}/{quoted}"
         return f"{s3['endpoint']}/{where}/{quoted}"
@@ -386,13 +516,14 @@ class RemoteStorage:
         frozen = creds.get_frozen_credentials()  # refreshed by botocore when they expire (roles, SSO)
         return sign_v4(method, http_url, headers, frozen.access_key, frozen.secret_key, frozen.token, s3["region"])
 
-    def _connection(self, http_url: str) -> tuple[_Connection, str]:
+    def _connection(self, http_url: str, s3: bool) -> tuple[_Connection, str]:
         parts = urllib.parse.urlsplit(http_url)
         key = (parts.scheme, parts.netloc)
         conns: dict[tuple[str, str], _Connection] = self._local.__dict__.setdefault("conns", {})
         conn = conns.get(key)
         if conn is None:
-            conn = conns[key] = _Connection(parts, self.policy.timeout_s)
+            tls = self._s3_setup()["tls"] if s3 and parts.scheme == "https" else None  # S3: AWS_CA_BUNDLE
+            conn = conns[key] = _Connection(parts, self.policy.timeout_s, tls, _proxy_for(parts))
             with self._lock:
                 self._open.append(conn)  # kept here, not only by its thread: closed by `close`, never collected open
         path = parts.path or "/"
@@ -404,16 +535,24 @@ class RemoteStorage:
         self.requests += 1
         http_url = self._http_url(url)
         signed = self._sign(url, http_url, method, headers)
-        conn, path = self._connection(http_url)
-        try:
-            return conn.request(method, path, signed, max_bytes)
+        conn, path = self._connection(http_url, url.startswith("s3://"))
+        try:  # the whole attempt within --remote-timeout-s, however slowly the server answers
+            return conn.request(method, path, signed, max_bytes, time.monotonic() + self.policy.timeout_s)
         except _TooLarge as exc:
             raise DecodeError(url, f"object of {exc.size} bytes exceeds --max-file-bytes {max_bytes}",
                               "too_large") from None
         except TimeoutError:
             conn.close()
             raise _Failure(None, f"timed out after {self.policy.timeout_s:g} s", True) from None
-        except (OSError, _BadResponse) as exc:
+        except _BadResponse as exc:
+            conn.close()
+            raise _Failure(exc.status, f"a malformed response: {exc}", True) from None
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            raise _Failure(None, f"TLS: {exc.verify_message or exc}: the server's certificate is not trusted here "
+                                 "(AWS_CA_BUNDLE names the CA bundle for s3://, SSL_CERT_FILE for https://)",
+                           True) from None
+        except OSError as exc:
             conn.close()
             raise _Failure(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, True) from None
 
@@ -732,6 +871,44 @@ def _status_failure(status: int, head: dict[str, str], body: bytes) -> _Failure:
         text = "the object changed since it was indexed (its ETag no longer matches): restart the server to index " \
                "it again"
     return _Failure(status, text, status in _RETRY_STATUS or status >= 500)
+
+
+def _proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
+    """The proxy a request to `parts` goes through, as botocore chooses it for the listings (``HTTP_PROXY``,
+    ``HTTPS_PROXY``, ``NO_PROXY``, in either case); ConfigError for one this reader cannot use."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    host = parts.hostname or ""
+    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
+        return None
+    found = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if found.scheme != "http" or not found.hostname:
+        raise ConfigError(f"{parts.scheme.upper()}_PROXY is {redact(proxy)!r}: objects are read through an "
+                          "http:// proxy only (https through its CONNECT tunnel); set HTTPS_PROXY=http://host:port, "
+                          f"or add {host} to NO_PROXY")
+    return found
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, or a message naming URLs) without secrets: a URL's userinfo (``user:password@``) and the
+    query of a presigned URL (``X-Amz-Signature``, ``X-Amz-Credential``, ``Signature``, ...) are replaced."""
+    return _URL.sub(_redact_url, text)
+
+
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/?#'\"]*@)?([^\s?#'\"]*)(\?[^\s#'\"]*)?")
+_SECRET_QUERY = re.compile(r"(?:^|[?&])(?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|"
+                           r"awsaccesskeyid|sig|token|access_token)=", re.IGNORECASE)
+
+
+def _redact_url(m: re.Match[str]) -> str:
+    scheme, userinfo, rest, query = m.group(1), m.group(2), m.group(3), m.group(4)
+    shown = scheme + ("***@" if userinfo else "") + rest
+    if query:
+        tail = query[len(query.rstrip(":,;.)")):]  # the message's punctuation after the URL stays
+        shown += ("?<redacted>" + tail) if _SECRET_QUERY.search(query) else query
+    return shown
 
 
 def reads_remote(dataset: object) -> bool:

@@ -70,7 +70,7 @@ def index_shard(path: str, json_label: str | None = None, storage: RemoteStorage
             return _index_members(mm, f, end, path, json_label)
 
 
-def _index_members(mm: Any, f: BinaryIO, end: int, path: str, json_label: str | None) -> Segment:
+def _index_members(mm: Any, f: Any, end: int, path: str, json_label: str | None) -> Segment:
     """`index_shard` on the shard's bytes: `mm` sliced (``mm[a:b]``), `f` the same as a file (for tarfile)."""
     try:
         keys = _samples(_headers(mm, end, path), mm, path, json_label)
