@@ -481,3 +481,53 @@ def test_the_profiles_s3_addressing_style_is_the_style_of_the_reads(aws: pytest.
         assert storage.read_range("s3://bkt/d/x.bin", 0, 8, str, 0) == BODY[:8]
         assert lines == [f"GET {expected} HTTP/1.1".encode()]
         storage.close()
+
+
+def test_no_password_or_presigned_signature_is_printed_or_logged(aws: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A URL's userinfo and a presigned query are credentials: --print-config, the log and the errors of
+    `check` name the objects without them."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    secret_query = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDPRESIGNED%2F20260101&X-Amz-Signature=5ec7e7"
+    listing = b"img/1.jpg 0\nimg/2.jpg 1\n"
+
+    def answer(head: bytes) -> bytes:
+        method, target = head.split(b" ")[:2]
+        assert b"Authorization: Basic dXNlcjpodW50ZXIy" in head  # user:hunter2, sent as basic authentication
+        if target.startswith(b"/list.txt"):
+            body = b"" if method == b"HEAD" else listing
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: \"l1\"\r\n\r\n%s" % (len(listing), body)
+        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    for base in _serve(answer):
+        data = f"{base.replace('http://', 'http://user:hunter2@')}/list.txt?{secret_query}"
+        shown = subprocess.run([sys.executable, "-m", "loader_server", "serve", "--data", data, "--print-config",
+                                "--batch-size", "1", "--log-level", "DEBUG"],
+                               capture_output=True, text=True, timeout=120, cwd=root)
+        report = tmp_path / "bad.tsv"
+        checked = subprocess.run([sys.executable, "-m", "loader_server", "check", "--data", data, "--report",
+                                  str(report)], capture_output=True, text=True, timeout=120, cwd=root)
+        assert shown.returncode == 0, shown.stderr
+        assert f'data = "{base.replace("http://", "http://***@")}/list.txt?<redacted>"' in shown.stdout
+        assert checked.returncode == 1 and "2  not_found" in checked.stdout, checked.stdout + checked.stderr
+        assert report.read_text().splitlines()[0] == f"{base.replace('http://', 'http://***@')}/img/1.jpg\tobject " \
+                                                     "not found"
+        for text in (shown.stdout + shown.stderr, checked.stdout + checked.stderr, report.read_text()):
+            assert "hunter2" not in text and "AKIDPRESIGNED" not in text and "5ec7e7" not in text, text
+
+
+def test_errors_sent_to_trainers_and_log_lines_carry_no_url_secret() -> None:
+    import logging
+
+    from loader_server.logs import _JsonFormatter, _TextFormatter
+    from loader_server.runtime.outgoing import error_message
+
+    text = "https://u:pw@h/k.jpg?X-Amz-Signature=deadbeef: GET failed, and https://h/k2?Signature=beef&Expires=1."
+    sent = error_message("bad_sample", text, path="https://u:pw@h/k.jpg")
+    assert sent.message == "https://***@h/k.jpg?<redacted>: GET failed, and https://h/k2?<redacted>."
+    assert sent.path == "https://***@h/k.jpg"
+    record = logging.LogRecord("loader_server", logging.WARNING, __file__, 1, "bad: %s", (text,), None)
+    for formatter in (_TextFormatter("%(message)s"), _JsonFormatter()):
+        line = formatter.format(record)
+        assert "pw@" not in line and "deadbeef" not in line and "beef&" not in line and "https://***@h/k.jpg" in line

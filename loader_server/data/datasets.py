@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions, options_of
+from ..redaction import redact
 from .file_access import check_exists, os_error
 from .interface import ArrayDataset, ByteDataset, Dataset, FileDataset, byte_source, row_source
 from .remote import is_remote, storage_of
@@ -121,8 +122,8 @@ def load_dataset(config: ServerConfig | DataOptions) -> Dataset:
         _refuse_foreign_settings(options, kind)
         dataset = kind.open(options)
     except StopIteration:
-        raise ConfigError(f"data set {config.data!r} is of no known kind ({', '.join(k.name for k in KINDS)})") \
-            from None
+        raise ConfigError(f"data set {redact(config.data)!r} is of no known kind "
+                          f"({', '.join(k.name for k in KINDS)})") from None
     except OSError as exc:  # a kind that let one through: still a message, never a traceback
         raise os_error(exc, "data set", options.data) from None
     if len(dataset) == 0:
@@ -144,4 +145,4 @@ def _refuse_foreign_settings(options: DataOptions, kind: DatasetKind) -> None:
         whose = sorted({"array data sets" if k.name == "arrays" else k.name
                         for k in KINDS if set(given) & set(k.settings)})
         raise ConfigError(f"{flags} {'apply' if len(given) > 1 else 'applies'} to {' and '.join(whose)} only; "
-                          f"--data {options.data} is {kind.name}")
+                          f"--data {redact(options.data)} is {kind.name}")

@@ -19,7 +19,7 @@ from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version, read_file
-from .remote import is_remote, storage_of
+from .remote import is_remote, redact, storage_of
 
 if TYPE_CHECKING:
     from .remote import RemoteStorage
@@ -58,8 +58,8 @@ class DatasetIndex:
         return os.path.join(self.root, name)
 
     def describe(self, i: int) -> str:
-        """What names sample `i` in messages: its path."""
-        return self.path(i)
+        """What names sample `i` in messages: its path (a URL without its userinfo or presigned signature)."""
+        return redact(self.path(i)) if self.remote is not None else self.path(i)
 
     def read(self, i: int, max_bytes: int | None = None) -> bytes:
         """The bytes of sample `i`: its whole file (DecodeError naming it when it cannot be read)."""
@@ -278,7 +278,7 @@ def _build(
     np.cumsum(lengths, out=offsets[1:])
     blob = np.frombuffer(b"".join(paths), dtype=np.uint8)
     label_arr = labels if isinstance(labels, np.ndarray) else np.array(labels, dtype=np.int64)
-    return DatasetIndex(root, blob, offsets, label_arr, classes, source)
+    return DatasetIndex(root, blob, offsets, label_arr, classes, redact(source))
 
 
 def _first_content_line(raw: bytes) -> int:

@@ -41,7 +41,7 @@ from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
-from .remote import RemoteStorage, is_remote, storage_of
+from .remote import RemoteStorage, is_remote, redact, storage_of
 
 __all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like"]
 
@@ -222,8 +222,12 @@ class PackedIndex:
         f = self._file(i)
         if self.names_blob is not None and self.names_offsets is not None:
             name = self.names_blob[self.names_offsets[i] : self.names_offsets[i + 1]].tobytes()
-            return f"{self.files[f]}:{name.decode('utf-8', 'replace')}"
-        return f"{self.files[f]}:{i - int(self.starts[f])}"
+            return f"{self._shown(f)}:{name.decode('utf-8', 'replace')}"
+        return f"{self._shown(f)}:{i - int(self.starts[f])}"
+
+    def _shown(self, f: int) -> str:
+        """File `f` as messages name it (an object's URL without its userinfo or presigned signature)."""
+        return redact(self.files[f]) if isinstance(self.storage, RemoteStorage) else self.files[f]
 
     def version(self, i: int) -> Version | None:
         """The sample's offset and its file's mtime, size and inode now (None if it cannot be stat'ed); of an
@@ -572,7 +576,7 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
     raw = cat("raw")
     packed = raw is not None and bool((raw >= 0).any())  # some samples sit in compressed pages
     return PackedIndex(kind=kind, files=tuple(files), file_versions=versions, starts=starts, pos=pos, span=span,
-                       labels=labels, class_names=classes, source=source, names_blob=names_blob,
+                       labels=labels, class_names=classes, source=redact(source), names_blob=names_blob,
                        names_offsets=names_offsets, raw=raw if packed else None,
                        inner=cat("inner") if packed else None, length=cat("length") if packed else None,
                        codecs=tuple(s.codec for s in segments),

@@ -27,7 +27,9 @@ folders, tar shards, Parquet tables) the way `reading.LocalStorage` reads files:
 * **bytes in flight**: at most ``--remote-inflight-mb`` of range requests per worker process
   are outstanding at once (a request larger than the bound runs alone).
 
-Nothing secret is logged: messages name URLs (``s3://bucket/key``), never a signed request.
+Nothing secret is logged: messages name URLs (``s3://bucket/key``), never a signed request, and a URL's
+userinfo or a presigned URL's signature (`redact`) never appears in a message, a log line or
+``--print-config``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from loader_client.contract.errors import ConfigError
 
+from ..redaction import redact
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version
 
 if TYPE_CHECKING:
@@ -539,7 +542,7 @@ class RemoteStorage:
         try:  # the whole attempt within --remote-timeout-s, however slowly the server answers
             return conn.request(method, path, signed, max_bytes, time.monotonic() + self.policy.timeout_s)
         except _TooLarge as exc:
-            raise DecodeError(url, f"object of {exc.size} bytes exceeds --max-file-bytes {max_bytes}",
+            raise DecodeError(redact(url), f"object of {exc.size} bytes exceeds --max-file-bytes {max_bytes}",
                               "too_large") from None
         except TimeoutError:
             conn.close()
@@ -583,7 +586,7 @@ class RemoteStorage:
             failure.status or 0, "unavailable" if failure.retry else "read_failed")
         hint = {"not_found": "", "changed": "", "permission_denied": ": check the credentials (AWS_PROFILE, "
                 "AWS_ACCESS_KEY_ID) and the bucket policy"}.get(code, "")
-        raise DecodeError(url, f"{what} failed {tries}: {shown}{failure.reason}{hint}", code)
+        raise DecodeError(redact(url), f"{what} failed {tries}: {shown}{failure.reason}{hint}", code)
 
     # ------------------------------------------------------------------ what objects exist
     def head(self, url: str) -> ObjectInfo:
@@ -593,7 +596,7 @@ class RemoteStorage:
             found = self._list(f"s3://{bucket}/{key}", exact=True)
             info = found.get(url)
             if info is None:
-                raise DecodeError(url, "object not found", "not_found")
+                raise DecodeError(redact(url), "object not found", "not_found")
             return info
         _, head, _ = self._request(url, "HEAD", ok=(200,), what="HEAD")
         size = int(head.get("content-length", -1))
@@ -694,7 +697,7 @@ class RemoteStorage:
     def _conditions(self, url: str) -> dict[str, str]:
         info = self.info(url)
         if info is None:
-            raise DecodeError(url, "object not found", "not_found")
+            raise DecodeError(redact(url), "object not found", "not_found")
         if info.etag.startswith("last-modified:"):
             stamp = info.etag.removeprefix("last-modified:")
             return {"If-Unmodified-Since": stamp} if stamp else {}
@@ -706,7 +709,7 @@ class RemoteStorage:
         info = self.info(url)
         size = info.size if info is not None else 0
         if size > max_bytes:
-            raise DecodeError(url, f"object of {size} bytes exceeds --max-file-bytes {max_bytes}", "too_large")
+            raise DecodeError(redact(url), f"object of {size} bytes exceeds --max-file-bytes {max_bytes}", "too_large")
         with self._budget.take(max(size, 1)):
             _, _, body = self._request(url, headers=headers, max_bytes=max_bytes)
         return body
@@ -718,12 +721,14 @@ class RemoteStorage:
             with self._budget.take(size):
                 status, _, body = self._request(url, headers=headers, max_bytes=size)
         except DecodeError as exc:
-            raise DecodeError(describe(i), f"{url}: {exc.reason}" if exc.path == url else str(exc), exc.code) from None
+            shown = redact(url)
+            raise DecodeError(describe(i), f"{shown}: {exc.reason}" if exc.path == shown else str(exc),
+                              exc.code) from None
         if status == 200:  # a server that ignores Range sends the whole object
             body = body[offset : offset + size]
         if len(body) != size:
-            raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of {url}",
-                              "truncated")
+            raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of "
+                                           f"{redact(url)}", "truncated")
         return body
 
     def version(self, url: str) -> Version | None:
@@ -740,7 +745,7 @@ class RemoteStorage:
         """The object as indexed, as a read-only seekable file (for indexing it where it lies: no local copy)."""
         info = self.info(url)
         if info is None:
-            raise DecodeError(url, "object not found", "not_found")
+            raise DecodeError(redact(url), "object not found", "not_found")
         return RemoteFile(self, url, info.size, window)
 
     def close(self) -> None:
@@ -889,26 +894,6 @@ def _proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | No
                           "http:// proxy only (https through its CONNECT tunnel); set HTTPS_PROXY=http://host:port, "
                           f"or add {host} to NO_PROXY")
     return found
-
-
-def redact(text: str) -> str:
-    """`text` (a URL, or a message naming URLs) without secrets: a URL's userinfo (``user:password@``) and the
-    query of a presigned URL (``X-Amz-Signature``, ``X-Amz-Credential``, ``Signature``, ...) are replaced."""
-    return _URL.sub(_redact_url, text)
-
-
-_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/?#'\"]*@)?([^\s?#'\"]*)(\?[^\s#'\"]*)?")
-_SECRET_QUERY = re.compile(r"(?:^|[?&])(?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|"
-                           r"awsaccesskeyid|sig|token|access_token)=", re.IGNORECASE)
-
-
-def _redact_url(m: re.Match[str]) -> str:
-    scheme, userinfo, rest, query = m.group(1), m.group(2), m.group(3), m.group(4)
-    shown = scheme + ("***@" if userinfo else "") + rest
-    if query:
-        tail = query[len(query.rstrip(":,;.)")):]  # the message's punctuation after the URL stays
-        shown += ("?<redacted>" + tail) if _SECRET_QUERY.search(query) else query
-    return shown
 
 
 def reads_remote(dataset: object) -> bool:
