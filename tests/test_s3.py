@@ -37,7 +37,7 @@ from loader_server.pipeline.cache import open_cache
 from loader_server.sample_data import write_parquet, write_tar_shards
 
 from . import s3_support
-from .conftest import unique_label_list
+from .conftest import unique_label_list, wait_until
 
 pytestmark = pytest.mark.s3
 
@@ -430,6 +430,25 @@ def s3_support_info(store: s3_support.ObjectStore) -> Any:
 
     head = store.client().head_object(Bucket=s3_support.PUBLIC, Key="blob")
     return ObjectInfo(int(head["ContentLength"]), head["ETag"])
+
+
+def test_the_version_recheck_runs_in_the_background_serving_the_last_known_state(
+        store: s3_support.ObjectStore) -> None:
+    """A worker's `version` never lists a folder itself once it knows its state: past --remote-recheck-s it
+    answers the last known state and a background thread lists the folder; the change shows after that."""
+    store.put(BUCKET, "recheck/a.bin", b"one")
+    store.put(BUCKET, "recheck/b.bin", b"other")
+    url = f"s3://{BUCKET}/recheck/a.bin"
+    storage = RemoteStorage(recheck_s=0.5)
+    storage.list(f"s3://{BUCKET}/recheck/", shallow=True)  # as opening a data set does: the folder's state now
+    indexed = storage.version(url)
+    assert indexed is not None and indexed[1] == 3
+    store.put(BUCKET, "recheck/a.bin", b"two!")  # overwritten: another ETag and size
+    time.sleep(0.6)  # the known state is now older than --remote-recheck-s
+    assert storage.version(url) == indexed  # the last known state; the listing runs in the background
+    wait_until(lambda: storage.version(url) is None, 30, "the background re-check to see the change")
+    assert storage.version(f"s3://{BUCKET}/recheck/b.bin") is not None  # the folder's other object: unchanged
+    storage.close()
 
 
 def test_bytes_in_flight_stay_under_the_bound(store: s3_support.ObjectStore) -> None:

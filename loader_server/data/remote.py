@@ -22,8 +22,9 @@ folders, tar shards, Parquet tables) the way `reading.LocalStorage` reads files:
   size are known from the listing or a HEAD when the data set is opened. Each read sends
   ``If-Match`` with that ETag, so an object overwritten since is answered 412 and never served:
   the sample is bad with code ``changed``. ``version(url)`` (what a cached record is checked
-  against) re-checks the store at most every ``--remote-recheck-s`` seconds per folder, so a
-  record decoded from an object overwritten since is not served from the cache either;
+  against) re-checks the store at most every ``--remote-recheck-s`` seconds per folder, in a
+  background thread (the last known state answers meanwhile), so a record decoded from an
+  object overwritten since is not served from the cache either;
 * **bytes in flight**: at most ``--remote-inflight-mb`` of range requests per worker process
   are outstanding at once (a request larger than the bound runs alone).
 
@@ -40,6 +41,7 @@ import http.client
 import io
 import logging
 import os
+import queue
 import random
 import re
 import socket
@@ -416,7 +418,9 @@ class RemoteStorage:
         self.recheck_s = recheck_s
         self._infos: dict[str, ObjectInfo | None] = {}  # url -> as indexed (None: gone)
         self._checked: dict[str, float] = {}  # folder (S3) or object url -> monotonic time of its last check
-        self._now: dict[str, ObjectInfo] = {}  # url -> as last checked
+        self._now: dict[str, dict[str, ObjectInfo]] = {}  # the same -> {url: info} as last checked
+        self._refreshing: set[str] = set()  # folders or objects queued for a re-check in the background
+        self._rechecks: queue.SimpleQueue[tuple[str, str]] | None = None  # this process's re-check thread's queue
         self._lists: dict[tuple[str, bool], dict[str, ObjectInfo]] = {}  # listings made while opening data sets
         self._lock = threading.Lock()
         self._pid = -1
@@ -437,6 +441,7 @@ class RemoteStorage:
             self._budget = _Budget(self.inflight_bytes)
             self._s3 = None
             self._rng = random.Random()
+            self._refreshing, self._rechecks = set(), None  # the parent's re-check thread is not in this process
             self.requests = 0
             self._pid = os.getpid()
 
@@ -622,6 +627,7 @@ class RemoteStorage:
         _, bucket, key = split_url(prefix)
         client = self._s3_setup()["client"]
         found: dict[str, ObjectInfo] = {}
+        at = time.monotonic()
         try:
             pages = client.get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=key, **({"Delimiter": "/"} if shallow else {}))
@@ -646,7 +652,22 @@ class RemoteStorage:
             with self._lock:
                 for url, info in found.items():
                     self._infos.setdefault(url, info)
+            if not exact and prefix.endswith("/"):  # whole folders listed: their state now, for `current`
+                scopes = {prefix} if shallow else {prefix, *map(_scope, found)}
+                self._known(scopes, found, at)
         return found
+
+    def _known(self, scopes: set[str], found: dict[str, ObjectInfo], at: float) -> None:
+        """`found` (None: unknown) as the state of the folders (or objects) `scopes`, as checked at time `at`."""
+        by_scope: dict[str, dict[str, ObjectInfo]] = {scope: {} for scope in scopes}
+        for url, info in found.items():
+            objects = by_scope.get(_scope(url) if url not in by_scope else url)
+            if objects is not None:
+                objects[url] = info
+        with self._lock:
+            for scope, objects in by_scope.items():
+                if at >= self._checked.get(scope, -1.0):
+                    self._checked[scope], self._now[scope] = at, objects
 
     def remember(self, infos: dict[str, ObjectInfo]) -> None:
         """The objects as the data set was indexed: later reads must find exactly these versions."""
@@ -669,29 +690,55 @@ class RemoteStorage:
             return self._infos[url]
 
     def current(self, url: str) -> ObjectInfo | None:
-        """The object as the store has it now, re-checked at most every `recheck_s` per folder (S3: one listing
-        of the folder) or per object (a web server: a HEAD); None when it is gone or cannot be checked."""
+        """The object as the store has it, re-checked at most every `recheck_s` per folder (S3: one listing of
+        the folder) or per object (a web server: a HEAD); None when it is gone or could not be checked.
+
+        A state older than `recheck_s` is re-checked in the background (one thread per process), and the
+        last known state is the answer meanwhile: a folder of a million objects (a thousand LIST pages)
+        never holds a worker's read-ahead. So a change is seen at most `recheck_s` plus one listing
+        after it is made. The first check of a folder that no listing covered yet, and every check
+        with `recheck_s` 0, is made at once."""
         self._fresh()
-        scope = url.rsplit("/", 1)[0] + "/" if url.startswith("s3://") else url
+        scope = _scope(url)
         now = time.monotonic()
         with self._lock:
             last = self._checked.get(scope)
-            if last is not None and now - last < self.recheck_s:
-                return self._now.get(url)
+            known = self._now.get(scope, {}).get(url)
+            if last is not None and (now - last < self.recheck_s or self.recheck_s > 0):
+                if now - last >= self.recheck_s and scope not in self._refreshing:
+                    self._refreshing.add(scope)
+                    if self._rechecks is None:
+                        self._rechecks = queue.SimpleQueue()
+                        threading.Thread(target=self._recheck_loop, args=(self._rechecks,), daemon=True,
+                                         name="loader-recheck").start()
+                    self._rechecks.put((scope, url))
+                return known
+        self._check(scope, url)
+        with self._lock:
+            return self._now.get(scope, {}).get(url)
+
+    def _check(self, scope: str, url: str) -> None:
+        """Ask the store for the state of `scope` now (unknown, so no record is served, if it cannot say)."""
+        at = time.monotonic()
         try:
-            seen = (self._list(scope, exact=False, remember=False, shallow=True) if url.startswith("s3://")
+            seen = (self._list(scope, exact=False, remember=False, shallow=True) if scope != url
                     else {url: self.head(url)})
         except DecodeError:
-            return None
-        with self._lock:
-            self._checked[scope] = now
-            if scope != url:  # a folder's listing: what it no longer shows is gone
-                self._now = {k: v for k, v in self._now.items() if not (k.startswith(scope) and "/" not in
-                                                                        k[len(scope):])}
-            self._now.update(seen)
-            if url not in seen:
-                self._now.pop(url, None)
-            return self._now.get(url)
+            seen = {}  # gone, or the store does not answer: nothing is served from a record until it does
+        self._known({scope}, seen, at)
+
+    def _recheck_loop(self, rechecks: queue.SimpleQueue[tuple[str, str]]) -> None:
+        while True:
+            scope, url = rechecks.get()
+            try:
+                self._check(scope, url)
+            except Exception as exc:  # a bug or a setting: never a dead re-check thread, never a stale record
+                log.warning("re-checking %s failed (%s: %s): its records are not served until it succeeds",
+                            scope, type(exc).__name__, exc)
+                self._known({scope}, {}, time.monotonic())
+            finally:
+                with self._lock:
+                    self._refreshing.discard(scope)
 
     # ------------------------------------------------------------------ reads
     def _conditions(self, url: str) -> dict[str, str]:
@@ -901,6 +948,11 @@ def reads_remote(dataset: object) -> bool:
     while hasattr(dataset, "parent"):
         dataset = dataset.parent
     return getattr(dataset, "remote", None) is not None or isinstance(getattr(dataset, "storage", None), RemoteStorage)
+
+
+def _scope(url: str) -> str:
+    """What one re-check covers: an S3 object's folder (one listing), or the object itself (a HEAD)."""
+    return url.rsplit("/", 1)[0] + "/" if url.startswith("s3://") else url
 
 
 def storage_of(options: DataOptions | None = None) -> RemoteStorage:
