@@ -25,18 +25,27 @@ from loader_server.data.remote import ObjectInfo, RemoteStorage, RetryPolicy, si
 BODY = bytes(range(256)) * 40
 
 
+def _read_head(conn: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes] | None:
+    """(the next request head, the bytes after it) read from `conn` after `buf`; None when it closes first."""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def _serve(answer: Callable[[bytes], bytes | None], tls: ssl.SSLContext | None = None) -> Iterator[str]:
     """A TCP server that reads one request head at a time and writes `answer(head)` (None: close)."""
 
     def handle(conn: socket.socket, stop: threading.Event) -> None:
         buf = b""
         while not stop.is_set():
-            while b"\r\n\r\n" not in buf:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buf += chunk
-            head, _, buf = buf.partition(b"\r\n\r\n")
+            got = _read_head(conn, buf)
+            if got is None:
+                return
+            head, buf = got
             reply = answer(head)
             if reply is None:
                 return
@@ -251,13 +260,10 @@ def test_a_malformed_response_is_a_named_error_retried_on_a_new_connection(case:
 
     def handle(conn: socket.socket, stop: threading.Event) -> None:
         connections.append(1)
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            buf += chunk
-        requests.append(buf)
+        got = _read_head(conn)
+        if got is None:
+            return
+        requests.append(got[0])
         conn.sendall(MALFORMED[case])
         conn.settimeout(10)
         while conn.recv(65536):  # until the reader closes its side: it must not reuse this connection
@@ -285,12 +291,8 @@ def test_a_server_that_drips_bytes_is_cut_off_at_the_attempts_deadline() -> None
     dripped: list[int] = []
 
     def handle(conn: socket.socket, stop: threading.Event) -> None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            buf += chunk
+        if _read_head(conn) is None:
+            return
         conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 200\r\n\r\n")
         for k in range(200):
             if stop.is_set():
@@ -392,23 +394,15 @@ def test_https_through_an_http_proxy_tunnel_as_botocore_goes(aws: pytest.MonkeyP
     answer = _s3_answer(seen)
 
     def proxy(conn: socket.socket, stop: threading.Event) -> None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            buf += chunk
-        tunnels.append(buf)
+        got = _read_head(conn)
+        if got is None:
+            return
+        tunnels.append(got[0] + b"\r\n\r\n")
         conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         with tls.wrap_socket(conn, server_side=True) as inner:  # the proxy is the store too: the tunnel's far end
             buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    chunk = inner.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
+            while (got := _read_head(inner, buf)) is not None:
+                head, buf = got
                 inner.sendall(answer(head))
 
     for base in _serve_sockets(proxy):
