@@ -23,6 +23,7 @@ column and the row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -33,7 +34,7 @@ from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
-from .remote import is_remote, storage_of
+from .remote import RemoteStorage, is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
 
@@ -53,24 +54,37 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
         raise ConfigError(f"Parquet tables are read with pyarrow, which cannot be imported here ({exc}): install "
                           "it with the `parquet` extra: `python3 -m pip install \".[server,parquet]\"` (or "
                           "`pip install pyarrow`)") from None
-    storage = storage_of(options) if is_remote(options.data) else None
+    storage = storage_of(options)
     files = expand_files(options.data, ".parquet", "Parquet file", storage)
     columns = (options.image_column, options.label_column)
     first = os.path.basename(files[0])
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
     return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
-                         index_dir=options.index_dir, index_file=lambda path: index_table(path, *columns),
-                         source=source, storage=storage)
+                         index_dir=options.index_dir,
+                         index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
+                         storage=storage)
 
 
-def index_table(path: str, image_column: str = "image", label_column: str = "label") -> Segment:
-    """Where each row's image bytes are in one Parquet file, and its label."""
+def index_table(path: str, image_column: str = "image", label_column: str = "label",
+                storage: RemoteStorage | None = None) -> Segment:
+    """Where each row's image bytes are in one Parquet file, and its label.
+
+    An object (`storage` given) is read where it lies (`RemoteStorage.open`): its footer, its label
+    column and the image column's chunks through range reads, never a local copy."""
+    with contextlib.ExitStack() as stack:
+        source: Any = path
+        if storage is not None and is_remote(path):
+            source = stack.enter_context(storage.open(path))
+        return _index_table(path, source, image_column, label_column)
+
+
+def _index_table(path: str, source: Any, image_column: str, label_column: str) -> Segment:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
+        table = pq.ParquetFile(source)
     except (pa.ArrowException, OSError) as exc:
         raise ConfigError(f"{path}: not a readable Parquet file ({exc})") from None
     with table:
@@ -89,7 +103,7 @@ def index_table(path: str, image_column: str = "image", label_column: str = "lab
         parts: list[dict[str, np.ndarray]] = []
         codec_name = ""
         row0 = 0
-        with open(path, "rb") as f:
+        with open(path, "rb") if source is path else contextlib.nullcontext(source) as f:
             for g in range(meta.num_row_groups):
                 chunk = meta.row_group(g).column(column)
                 codec = _CODECS.get(chunk.compression)
