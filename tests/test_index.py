@@ -228,6 +228,8 @@ def _run_forked_as(uid: int, cwd: Path, args: list[str]) -> subprocess.Completed
         import multiprocessing.synchronize  # noqa: F401
 
         import loader_server.pipeline.decode
+        import loader_server.pipeline.steps
+        # site-packages live where only root may read)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()

@@ -42,7 +42,7 @@ from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
-from .remote import RemoteStorage, is_remote, remote_storage
+from .remote import RemoteStorage, is_remote, redact, storage_of
 
 __all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like", "one_line"]
 
@@ -94,15 +94,16 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def looks_like(data: str, suffix: str) -> bool:
-    """Whether ``--data`` names files ending in `suffix`: a pattern or path with that suffix, or a folder of them."""
+def looks_like(data: str, suffix: str, storage: RemoteStorage | None = None) -> bool:
+    """Whether ``--data`` names files ending in `suffix`: a pattern or path with that suffix, or a folder of them
+    (a prefix of objects listed with `storage`, the data set's: None, the default ``--remote-*`` settings)."""
     parts = [p for p in data.split("::") if p]
     if not parts:
         return False
     if len(parts) > 1 or _is_pattern(parts[0]):
         return all(_brace_expand(p)[0].rstrip("*?]").endswith(suffix) or p.endswith(suffix) for p in parts)
     if is_remote(parts[0]) and parts[0].endswith("/"):  # a prefix: what it holds
-        return any(url.endswith(suffix) for url in _remote_listing(parts[0]))
+        return any(url.endswith(suffix) for url in _remote_listing(parts[0], storage or storage_of()))
     if os.path.isdir(parts[0]):
         try:
             with os.scandir(parts[0]) as entries:
@@ -163,15 +164,15 @@ def _expand_braces(text: str) -> list[str]:
     return [s for item in _brace_items(m.group(1)) for s in _expand_braces(head + item + tail)]
 
 
-def _remote_listing(prefix: str, storage: RemoteStorage | None = None) -> list[str]:
+def _remote_listing(prefix: str, storage: RemoteStorage) -> list[str]:
     """The objects under an ``s3://`` prefix (ConfigError when it cannot be listed)."""
     try:
-        return list((storage or remote_storage()).list(prefix))
+        return list(storage.list(prefix))
     except DecodeError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage | None) -> list[str]:
+def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage) -> list[str]:
     """The objects one remote ``--data`` item names: itself, the objects its pattern matches, or a prefix's."""
     import fnmatch
 
@@ -190,7 +191,9 @@ def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage | N
 
 
 def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | None = None) -> list[str]:
-    """The absolute paths (or object URLs) that ``--data`` names, in order; ConfigError naming what is missing."""
+    """The absolute paths (or object URLs, listed with `storage`: None, the default ``--remote-*`` settings) that
+    ``--data`` names, in order; ConfigError naming what is missing."""
+    storage = storage or storage_of()
     files: list[str] = []
     for part in (p for p in data.split("::") if p):
         for item in _brace_expand(part):
@@ -212,6 +215,11 @@ def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | Non
     if not files:
         raise ConfigError(f"--data {data!r} names no {what}")
     resolved = [f if is_remote(f) else os.path.abspath(f) for f in files]
+    if len({is_remote(f) for f in resolved}) > 1:
+        local = next(f for f in resolved if not is_remote(f))
+        remote = next(f for f in resolved if is_remote(f))
+        raise ConfigError(f"--data {data!r} names both local {what}s ({local}) and objects ({remote}): one data set "
+                          "reads from one place; copy the local files to the store, or the objects to local disk")
     seen: set[str] = set()
     twice = [f for f in resolved if f in seen or seen.add(f)]  # type: ignore[func-returns-value]
     if twice:
@@ -256,8 +264,12 @@ class PackedIndex:
         f = self._file(i)
         if self.names_blob is not None and self.names_offsets is not None:
             name = self.names_blob[self.names_offsets[i] : self.names_offsets[i + 1]].tobytes()
-            return f"{self.files[f]}:{name.decode('utf-8', 'replace')}"
-        return f"{self.files[f]}:{i - int(self.starts[f])}"
+            return f"{self._shown(f)}:{name.decode('utf-8', 'replace')}"
+        return f"{self._shown(f)}:{i - int(self.starts[f])}"
+
+    def _shown(self, f: int) -> str:
+        """File `f` as messages name it (an object's URL without its userinfo or presigned signature)."""
+        return redact(self.files[f]) if isinstance(self.storage, RemoteStorage) else self.files[f]
 
     def version(self, i: int) -> Version | None:
         """The sample's offset and its file's mtime, size and inode now (None if it cannot be stat'ed); of an
@@ -376,19 +388,19 @@ def _index_path(files: Sequence[str], kind: str, options: dict[str, object], ind
     return os.path.join(cache, "loader-service", "index", name)
 
 
-def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage | None = None) -> np.ndarray:
+def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage) -> np.ndarray:
     """Each file's (mtime, size, inode); each object's (ETag hash, size, 0), from the listing or a HEAD."""
     out = np.zeros((len(files), 3), dtype=np.int64)
     folders = sorted({f.rsplit("/", 1)[0] + "/" for f in files if f.startswith("s3://")})
     for folder in folders:  # one listing per folder, not a request per object (a thousand shards at 100 ms)
         try:
-            (storage or remote_storage()).list(folder, shallow=True)
+            storage.list(folder, shallow=True)
         except DecodeError as exc:
             raise ConfigError(f"{what} {exc}") from None
     for k, f in enumerate(files):
         if is_remote(f):
             try:
-                info = (storage or remote_storage()).info(f)
+                info = storage.info(f)
             except DecodeError as exc:
                 raise ConfigError(f"{what} {exc}") from None
             if info is None:
@@ -569,19 +581,18 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
 
 
 def load_or_build(files: list[str], *, kind: str, options: dict[str, object], index_dir: str | None,
-                  index_file: Callable[[str], Segment], source: str,
-                  storage: RemoteStorage | None = None) -> PackedIndex:
+                  index_file: Callable[[str], Segment], source: str, storage: RemoteStorage) -> PackedIndex:
     """The index of `files`: read from its index file where every file is unchanged, the others
     indexed with `index_file` (a progress bar when it takes a while), then kept for the next start.
 
-    Objects (``s3://``, ``https://``) are indexed from a temporary local copy, one at a time per
-    indexing process; their index is kept in `index_dir` or the user's cache folder."""
+    Objects (``s3://``, ``https://``) are indexed where they lie, through `storage` (`index_file` opens them
+    with ``storage.open``: range reads, nothing copied to local disk); their index is kept in `index_dir`
+    or the user's cache folder."""
     from tqdm import tqdm
 
     remote = is_remote(files[0])
     if remote:
-        storage = storage or remote_storage()
-        index_file = _from_copy(index_file, storage)
+        index_file = _naming_objects(index_file)
     path = _index_path(files, kind, options, index_dir)
     versions = _stat_versions(files, kind, storage)
     stored = _read_index(path, files)
@@ -662,16 +673,12 @@ def _safe(index_file: Callable[[str], Segment], path: str) -> Segment | Exceptio
         return exc
 
 
-def _from_copy(index_file: Callable[[str], Segment], storage: RemoteStorage) -> Callable[[str], Segment]:
-    """`index_file` for an object: on a local copy of it, with errors that name the object, not the copy."""
+def _naming_objects(index_file: Callable[[str], Segment]) -> Callable[[str], Segment]:
+    """`index_file` for an object: a read that fails after its retries is a ConfigError naming the object."""
 
     def index_object(url: str) -> Segment:
         try:
-            with storage.local_copy(url) as local:
-                try:
-                    return index_file(local)
-                except ConfigError as exc:
-                    raise ConfigError(str(exc).replace(local, url)) from None
+            return index_file(url)
         except DecodeError as exc:
             raise ConfigError(f"cannot index {exc}") from None
 
@@ -713,7 +720,7 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
     raw = cat("raw")
     packed = raw is not None and bool((raw >= 0).any())  # some samples sit in compressed pages
     return PackedIndex(kind=kind, files=tuple(files), file_versions=versions, starts=starts, pos=pos, span=span,
-                       labels=labels, class_names=classes, source=source, names_blob=names_blob,
+                       labels=labels, class_names=classes, source=redact(source), names_blob=names_blob,
                        names_offsets=names_offsets, raw=raw if packed else None,
                        inner=cat("inner") if packed else None, length=cat("length") if packed else None,
                        codecs=tuple(s.codec for s in segments),

@@ -25,6 +25,7 @@ says by what encloses it (see "pages" below), before anything is allocated for i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build, one_line
-from .remote import is_remote, storage_of
+from .remote import RemoteStorage, is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
 
@@ -58,24 +59,37 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
         raise ConfigError(f"Parquet tables are read with pyarrow, which cannot be imported here ({exc}): install "
                           "it with the `parquet` extra: `python3 -m pip install \".[server,parquet]\"` (or "
                           "`pip install pyarrow`)") from None
-    storage = storage_of(options) if is_remote(options.data) else None
+    storage = storage_of(options)
     files = expand_files(options.data, ".parquet", "Parquet file", storage)
     columns = (options.image_column, options.label_column)
     first = os.path.basename(files[0])
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
     return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
-                         index_dir=options.index_dir, index_file=lambda path: index_table(path, *columns),
-                         source=source, storage=storage)
+                         index_dir=options.index_dir,
+                         index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
+                         storage=storage)
 
 
-def index_table(path: str, image_column: str = "image", label_column: str = "label") -> Segment:
-    """Where each row's image bytes are in one Parquet file, and its label."""
+def index_table(path: str, image_column: str = "image", label_column: str = "label",
+                storage: RemoteStorage | None = None) -> Segment:
+    """Where each row's image bytes are in one Parquet file, and its label.
+
+    An object (`storage` given) is read where it lies (`RemoteStorage.open`): its footer, its label
+    column and the image column's chunks through range reads, never a local copy."""
+    with contextlib.ExitStack() as stack:
+        source: Any = path
+        if storage is not None and is_remote(path):
+            source = stack.enter_context(storage.open(path))
+        return _index_table(path, source, image_column, label_column)
+
+
+def _index_table(path: str, source: Any, image_column: str, label_column: str) -> Segment:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
+        table = pq.ParquetFile(source)
     except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
         raise ConfigError(f"{path}: not a readable Parquet file ({one_line(exc)})") from None
     with table:
@@ -94,8 +108,8 @@ def index_table(path: str, image_column: str = "image", label_column: str = "lab
         parts: list[dict[str, np.ndarray]] = []
         codec_name = ""
         row0 = 0
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        with open(path, "rb") if source is path else contextlib.nullcontext(source) as f:
+            size = os.fstat(f.fileno()).st_size if source is path else source.size
             chunks = _footer_chunks(f, size, column, leaf, path)
             if sum(c.rows for c in chunks) != len(labels):
                 raise ConfigError(f"{path}: its row groups say {sum(c.rows for c in chunks)} rows, its label column "

@@ -7,7 +7,8 @@ is the ``.jpg``, ``.jpeg``, ``.png`` or ``.webp`` member; its label the integer 
 members (captions, ...) are ignored. Samples are numbered in shard order, then in the order of
 their first member in the shard.
 
-Indexing reads the tar headers (and the small label members) once; packed.py keeps the index
+Indexing reads the tar headers (and the small label members) once, an object's through range reads
+of a window at a time (no local copy, remote.RemoteFile); packed.py keeps the index
 and serves every sample as one range read of its image member. A shard that is cut short, a
 header that does not parse, a sample without its image or its label, or a label that is not an
 integer is a ConfigError naming the shard and the member.
@@ -28,7 +29,7 @@ from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
 from .packed import PackedIndex, Segment, expand_files, load_or_build
-from .remote import is_remote, storage_of
+from .remote import RemoteStorage, is_remote, storage_of
 
 __all__ = ["IMAGE_MEMBERS", "index_shard", "open_tar_shards"]
 
@@ -45,43 +46,41 @@ _LABELS = range(-(1 << 63), 1 << 63)
 
 def open_tar_shards(options: DataOptions) -> PackedIndex:
     """Open the shards ``options.data`` names, from their index (built on first use)."""
-    storage = storage_of(options) if is_remote(options.data) else None
+    storage = storage_of(options)
     files = expand_files(options.data, ".tar", "tar shard", storage)
     json_label = options.json_label
     first = os.path.basename(files[0])
     source = f"tar shards {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} shards)" if len(files) > 1
                                       else "")
     return load_or_build(files, kind="tar shards", options={"json_label": json_label}, index_dir=options.index_dir,
-                         index_file=lambda path: index_shard(path, json_label), source=source, storage=storage)
+                         index_file=lambda path: index_shard(path, json_label, storage=storage), source=source,
+                         storage=storage)
 
 
-def index_shard(path: str, json_label: str | None = None) -> Segment:
-    """The samples of one shard: each image member's offset and size, and the label beside it."""
-    keys: dict[str, list[Any]] = {}  # key -> [image name, offset, size, label]
+def index_shard(path: str, json_label: str | None = None, storage: RemoteStorage | None = None) -> Segment:
+    """The samples of one shard: each image member's offset and size, and the label beside it.
+
+    A local shard is mapped; an object (`storage` given) is read where it lies, a window of range
+    reads at a time (`RemoteStorage.open`): its headers and label members, never a local copy."""
+    if storage is not None and is_remote(path):
+        with storage.open(path) as remote:
+            if remote.size == 0:
+                raise ConfigError(f"tar shard {path} is empty")
+            return _index_members(remote, remote.size, path, json_label)
     with open(path, "rb") as f:
         end = os.fstat(f.fileno()).st_size
         if end == 0:
             raise ConfigError(f"tar shard {path} is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            try:
-                members = list(_headers(mm, end, path))
-            except _Unusual:  # GNU sparse files, global pax headers: tarfile knows them
-                members = list(_tarfile_members(mm, end, path))
-            for name, offset, size in members:
-                folder, _, base = name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                ext = ext.lower()
-                entry = keys.setdefault(key, [None, 0, 0, None])
-                if ext in IMAGE_MEMBERS:
-                    if entry[0] is not None:
-                        raise ConfigError(f"tar shard {path}: sample {key!r} has two images ({entry[0]!r} and "
-                                          f"{name!r}); keep one image per sample")
-                    entry[0], entry[1], entry[2] = name, offset, size
-                elif (ext == "cls" and json_label is None) or (ext == "json" and json_label is not None):
-                    entry[3] = _label(mm[offset : offset + size], ext, json_label, f"{path}:{name}")
+            return _index_members(mm, end, path, json_label)
+
+
+def _index_members(mm: Any, end: int, path: str, json_label: str | None) -> Segment:
+    """`index_shard` on the shard's bytes: `mm` sliced (``mm[a:b]``) or read as a file (by tarfile)."""
+    try:
+        keys = _samples(_headers(mm, end, path), mm, path, json_label)
+    except _Unusual:  # GNU sparse files, global pax headers: tarfile knows them
+        keys = _samples(_tarfile_members(mm, end, path), mm, path, json_label)
     n = len(keys)
     pos = np.empty(n, np.int64)
     span = np.empty(n, np.int64)
@@ -101,6 +100,29 @@ def index_shard(path: str, json_label: str | None = None) -> Segment:
         raise ConfigError(f"tar shard {path} holds no samples")
     blob, offsets = Segment.blob(names)
     return Segment(pos=pos, span=span, labels=labels, names_blob=blob, names_offsets=offsets)
+
+
+def _samples(members: Iterator[tuple[str, int, int]], mm: Any, path: str,
+             json_label: str | None) -> dict[str, list[Any]]:
+    """key -> [image name, offset, size, label] of the members, each label read as its header is walked (an
+    object is read once, front to back)."""
+    keys: dict[str, list[Any]] = {}
+    for name, offset, size in members:
+        folder, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            continue
+        key = f"{folder}/{stem}" if folder else stem
+        ext = ext.lower()
+        entry = keys.setdefault(key, [None, 0, 0, None])
+        if ext in IMAGE_MEMBERS:
+            if entry[0] is not None:
+                raise ConfigError(f"tar shard {path}: sample {key!r} has two images ({entry[0]!r} and "
+                                  f"{name!r}); keep one image per sample")
+            entry[0], entry[1], entry[2] = name, offset, size
+        elif (ext == "cls" and json_label is None) or (ext == "json" and json_label is not None):
+            entry[3] = _label(mm[offset : offset + size], ext, json_label, f"{path}:{name}")
+    return keys
 
 
 class _Unusual(Exception):
@@ -131,7 +153,7 @@ def _number(field: bytes, base: int = 8) -> int | None:
         return None
 
 
-def _headers(mm: mmap.mmap, end: int, path: str) -> Iterator[tuple[str, int, int]]:
+def _headers(mm: Any, end: int, path: str) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of every regular member, read straight from the 512-byte headers
     (ustar, GNU long names, pax path and size), each checked against its checksum. Every size a
     header says is bounded by the file; a pax header's records by the pax header."""
@@ -232,9 +254,10 @@ def _pax(buf: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _tarfile_members(mm: mmap.mmap, end: int, path: str) -> Iterator[tuple[str, int, int]]:
+def _tarfile_members(mm: Any, end: int, path: str) -> Iterator[tuple[str, int, int]]:
     """The same as `_headers`, through the standard library's tarfile (slower; every header kind). It reads
-    the shard's map: a read of what a damaged size says returns what the file holds, never allocates more."""
+    the shard's map (an object's `RemoteFile`): a read of what a damaged size says returns what the file
+    holds, and allocates no more."""
     mm.seek(0)
     try:
         tar = tarfile.open(fileobj=mm, mode="r:")

@@ -94,7 +94,7 @@ class Client:
     share: ShareKey | None = None
     arena_token: str | None = None  # this client's key to its share's arena on the arena channel
     arena_key_slot: int = 0  # where its hello's key is in its share's arena
-    peer: str = "?"  # who it is for the per-peer bound: the CURVE key, the address (and user), or the uid
+    peer: str = "?"  # who it is for the per-peer bound: the CURVE key, the address, or a local user ("uid N")
 
 
 @dataclass

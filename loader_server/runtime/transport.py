@@ -17,14 +17,19 @@
   asserts when that number is already taken, which a peer can do by claiming it as its own
   routing id (libzmq 4.3.5, socket_base.cpp:2113). The counter starts from libc's rand(),
   which libzmq never seeds (the first number was 0x6b8b4567 in every server): it is seeded
-  from os.urandom here, and no routing id is ever shown to a peer, so a peer can only guess.
+  from os.urandom here, and no routing id is ever shown to a peer, so a peer can only guess
+  (C claims held, each connection without a routing id hits one with a chance of C / 2**32:
+  see the README's threat model). The ZAP handler cannot refuse such claims: the identity
+  frame of a ZAP request is this socket's own ZMQ_ROUTING_ID (zap_client.cpp copies
+  options.routing_id), never the peer's.
 * Requests are single frames of at most `MAX_REQUEST_BYTES`; a larger frame disconnects its
   peer (ZMQ_MAXMSGSIZE). At most `SEND_QUEUE_BATCHES` messages wait in the socket for one peer.
 * ZMTP heartbeats close connections whose peer stopped answering.
 * Each TCP connection is bounded by the `ConnectionGuard` (guard.py): bytes held inside
   ZeroMQ, time without a request, and connections per peer. Each request is labelled with its
-  peer (`Request.peer`: the CURVE key, the address and on loopback the user, or for ipc the
-  user), which the sessions' per-peer bound counts.
+  peer (`Request.peer`: the CURVE key; the address, or for a local process (loopback or another
+  of this host's addresses, whichever it chose) its user alone, "uid N"; for ipc the user,
+  "uid N"), which the sessions' per-peer bound counts.
 """
 
 from __future__ import annotations
