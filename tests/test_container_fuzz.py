@@ -418,6 +418,74 @@ def test_a_page_damaged_under_a_kept_index_is_a_bad_sample_at_read_time(tmp_path
     assert all("snappy page does not decompress" in line for line in lines), lines
 
 
+def _bad_codec(path: Path) -> None:
+    """Set the image column chunk's codec in the footer to 24, a value Parquet does not name."""
+    raw = bytearray(path.read_bytes())
+    marker = b"\x05image\x05bytes\x15\x02"  # path_in_schema, then codec: SNAPPY (1, zigzag 2)
+    at = raw.index(marker) + len(marker) - 1  # the first row group's
+    raw[at] = 24 << 1
+    path.write_bytes(bytes(raw))
+
+
+def test_a_footer_that_aborts_pyarrow_is_a_one_line_error(tmp_path: Path) -> None:
+    """pyarrow 26's ColumnChunkMetaData.compression aborts the process (an uncaught C++ exception: exit code
+    134, no message) on a codec value it does not know; the footer is read here instead."""
+    path = _table(tmp_path / "t" / "codec.parquet", _jpegs(), compression="snappy")
+    _bad_codec(path)
+    _one_line_error(path, "row group 0 of column 'image' is compressed with codec 24, which this reader does not "
+                          "decompress")
+
+
+def damaged_examples(root: Path) -> list[tuple[str, bytes, str]]:
+    """(name, bytes, what its error says) of damaged shards and tables: the audit's cases and the footer above,
+    and a global pax header of 8 GB (left to tarfile)."""
+    images = _jpegs()
+    out = []
+    nested = _table(root / "nested.parquet", images, compression="none", use_dictionary=False)
+    _patch(nested, _pages(nested)[0][0], b"\x1c" * 1500)
+    out.append(("nested.parquet", nested.read_bytes(), "structs nested over 16 deep"))
+    huge = _table(root / "huge.parquet", images, compression="snappy", use_dictionary=False)
+    at, length, header = _pages(huge)[0]
+    _patch(huge, at, _padded({**header, 2: 1 << 40}, length))
+    out.append(("huge.parquet", huge.read_bytes(), f"its header says {1 << 40} bytes uncompressed"))
+    codec = _table(root / "codec.parquet", images, compression="snappy")
+    _bad_codec(codec)
+    out.append(("codec.parquet", codec.read_bytes(), "is compressed with codec 24"))
+    pax = bytearray(_shard(root / "pax.tar", images).read_bytes())
+    start = pax.index(b"20 comment=sample 0\n")
+    pax[start : start + 20] = b"1x comment=sample 0\n"
+    out.append(("pax.tar", bytes(pax), "the pax header at offset 0 has a record without its length"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "all"}) as tar:
+        for i, data in enumerate(images):
+            for name, blob in ((f"s{i}.jpg", data), (f"s{i}.cls", str(i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    glob = bytearray(buf.getvalue())
+    assert glob[156:157] == b"g"
+    _rewrite(glob, 0, slice(124, 136), b"77777777777")
+    out.append(("global.tar", bytes(glob), "not a readable tar file"))
+    return out
+
+
+def test_damaged_examples_are_one_line_errors_and_cost_their_bytes(tmp_path: Path) -> None:
+    for name, raw, wrong in damaged_examples(tmp_path / "made"):
+        path = tmp_path / name.split(".")[0] / name
+        path.parent.mkdir()
+        path.write_bytes(raw)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ConfigError) as info:
+                load_dataset(ServerConfig(data=str(path), index_dir=str(tmp_path / "index")))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        message = str(info.value)
+        assert str(path) in message and wrong in message and "\n" not in message, message
+        assert peak < 16 << 20, (name, peak)
+
+
 def test_a_brace_range_of_ten_billion_files_is_an_error_before_it_is_a_list() -> None:
     tracemalloc.start()
     try:
