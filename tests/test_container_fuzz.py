@@ -55,19 +55,29 @@ def _jpegs(n: int = ROWS) -> list[bytes]:
     return out
 
 
-def _shard(path: Path, images: list[bytes], fmt: int = tarfile.PAX_FORMAT) -> Path:
-    """A WebDataset shard of `images`, labels 0.. (pax headers on the images in the pax format)."""
+def _tar_bytes(images: list[bytes], fmt: int = tarfile.PAX_FORMAT, *, folder: str = "",
+               global_pax: dict[str, str] | None = None) -> bytes:
+    """A WebDataset shard of `images`, labels 0.. (pax headers on the images in the pax format; `folder`: the
+    members in it, its own entry first; `global_pax`: a global pax header first)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, pax_headers=global_pax) as tar:
+        if folder:
+            entry = tarfile.TarInfo(folder)
+            entry.type = tarfile.DIRTYPE
+            tar.addfile(entry)
         for i, data in enumerate(images):
             for name, blob in ((f"s{i}.jpg", data), (f"s{i}.cls", str(i).encode())):
-                info = tarfile.TarInfo(name)
+                info = tarfile.TarInfo(f"{folder}/{name}" if folder else name)
                 info.size = len(blob)
-                if fmt == tarfile.PAX_FORMAT and name.endswith(".jpg"):
+                if fmt == tarfile.PAX_FORMAT and name.endswith(".jpg") and not global_pax:
                     info.pax_headers = {"comment": f"sample {i}"}
                 tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+def _shard(path: Path, images: list[bytes], fmt: int = tarfile.PAX_FORMAT) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(_tar_bytes(images, fmt))
     return path
 
 
@@ -307,18 +317,7 @@ def test_bad_sizes_in_tar_headers_are_one_line_errors(tmp_path: Path) -> None:
 
 def test_a_folder_with_a_size_has_no_data_as_tarfile_reads_it(tmp_path: Path) -> None:
     """A folder's (or link's) size field is no data size: the walker skipped that many bytes, and lost members."""
-    images = _jpegs()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        folder = tarfile.TarInfo("d")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-        for i, data in enumerate(images):
-            for name, blob in ((f"d/s{i}.jpg", data), (f"d/s{i}.cls", str(i).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
-    raw = bytearray(buf.getvalue())
+    raw = bytearray(_tar_bytes(_jpegs(), tarfile.USTAR_FORMAT, folder="d"))
     _rewrite(raw, 0, slice(124, 136), b"%011o" % 4096)
     shard = tmp_path / "f" / "x.tar"
     shard.parent.mkdir()
@@ -455,14 +454,7 @@ def damaged_examples(root: Path) -> list[tuple[str, bytes, str]]:
     start = pax.index(b"20 comment=sample 0\n")
     pax[start : start + 20] = b"1x comment=sample 0\n"
     out.append(("pax.tar", bytes(pax), "the pax header at offset 0 has a record without its length"))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "all"}) as tar:
-        for i, data in enumerate(images):
-            for name, blob in ((f"s{i}.jpg", data), (f"s{i}.cls", str(i).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
-    glob = bytearray(buf.getvalue())
+    glob = bytearray(_tar_bytes(images, global_pax={"comment": "all"}))
     assert glob[156:157] == b"g"
     _rewrite(glob, 0, slice(124, 136), b"77777777777")
     out.append(("global.tar", bytes(glob), "not a readable tar file"))
