@@ -55,6 +55,7 @@ from typing import Any
 import zmq
 
 from ..logs import Throttle
+from .processes import connection_ends, local_sockets, unmapped
 
 __all__ = [
     "DEFAULT_CONNECTIONS_PER_HOST",
@@ -106,8 +107,6 @@ _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 #: CURVE's MESSAGE command around each frame's body: "\x07MESSAGE", an 8-byte nonce, a 16-byte MAC, a flags byte.
 _CURVE_BOX_BYTES = 33
 _monitors = itertools.count()
-#: A TCP connection by its two ends: ((peer host, port), (our host, port)).
-_Ends = tuple[tuple[str, int], tuple[str, int]]
 
 
 def wire_bytes(body: int, *, curve: bool) -> int:
@@ -298,8 +297,8 @@ class ConnectionGuard:
         by address, which a local process chooses (127.0.0.2, 127.0.0.3, ... or another of the host's)."""
         fds, self._unresolved = self._unresolved, []
         ends = {fd: e for fd in fds if (c := self.connections.get(fd)) is not None
-                and (e := _connection_ends(c.sock)) is not None}
-        owners = _local_owners(set(ends.values()))
+                and (e := connection_ends(c.sock)) is not None}
+        owners = {e: s.uid for e, s in local_sockets(set(ends.values())).items()}
         for fd in fds:
             conn = self.connections.get(fd)
             if conn is None or conn.peer:
@@ -387,24 +386,6 @@ def _address(conn: _Connection) -> str:
         return conn.peer or conn.host
 
 
-def _connection_ends(sock: socket.socket) -> _Ends | None:
-    """((peer host, port), (our host, port)) of a TCP connection, IPv4-mapped IPv6 written as IPv4 and
-    without an IPv6 scope (as /proc/net/tcp* writes them)."""
-    try:
-        peer, ours = sock.getpeername(), sock.getsockname()
-    except OSError:
-        return None
-    return (_bare(str(peer[0])), int(peer[1])), (_bare(str(ours[0])), int(ours[1]))
-
-
-def _bare(host: str) -> str:
-    return _unmapped(host.split("%", 1)[0])
-
-
-def _unmapped(host: str) -> str:
-    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
-
-
 def _is_loopback(host: str) -> bool:
     return host == "::1" or host.startswith("127.")
 
@@ -450,46 +431,8 @@ def _accepted_connection(fd: int, endpoint: bytes) -> tuple[socket.socket, str] 
         port = int(endpoint.rsplit(b":", 1)[1])
         local, peer = dup.getsockname(), dup.getpeername()
         if dup.family in (socket.AF_INET, socket.AF_INET6) and dup.type == socket.SOCK_STREAM and local[1] == port:
-            return dup, _unmapped(str(peer[0]))
+            return dup, unmapped(str(peer[0]))
     except (OSError, ValueError, IndexError):
         pass
     dup.close()
     return None
-
-
-def _local_owners(ends: set[_Ends]) -> dict[_Ends, int]:
-    """The uid owning the peer's end of each local TCP connection in `ends` ((peer end, our end)), from
-    /proc/net/tcp*: the row whose local end is the peer's and whose remote end is ours (any state but
-    TIME_WAIT, whose rows have no owner)."""
-    if not ends:
-        return {}
-    wanted = {peer[1] for peer, _ in ends}
-    owners: dict[_Ends, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) < 8 or fields[3] == "06":  # TIME_WAIT
-                        continue
-                    hex_host, _, hex_port = fields[1].rpartition(":")
-                    port = int(hex_port, 16)
-                    if port not in wanted:
-                        continue
-                    remote_host, _, remote_port = fields[2].rpartition(":")
-                    end = ((_proc_address(hex_host), port), (_proc_address(remote_host), int(remote_port, 16)))
-                    if end in ends:
-                        owners[end] = int(fields[7])
-        except (OSError, ValueError):
-            continue
-    return owners
-
-
-def _proc_address(hex_host: str) -> str:
-    """An address as /proc/net/tcp* writes it (host-order 32-bit words), as getpeername() does."""
-    raw = bytes.fromhex(hex_host)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    if len(words) == 4:
-        return socket.inet_ntop(socket.AF_INET, words)
-    return _unmapped(socket.inet_ntop(socket.AF_INET6, words))
