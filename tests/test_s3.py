@@ -230,6 +230,32 @@ def test_objects_are_indexed_where_they_lie_without_a_local_copy(store: s3_suppo
     assert [p.name for p in tmp_path.iterdir()] == ["index"]
 
 
+def test_damaged_objects_are_one_line_errors_naming_the_object(store: s3_support.ObjectStore,
+                                                             tmp_path: Path) -> None:
+    """Issue 23's bounds hold for objects read where they lie (RemoteFile): each damaged shard or table is a
+    ConfigError naming its URL, and what a damaged size says is never allocated (a global pax header of 8 GB
+    read by tarfile: io's read made a buffer of that size)."""
+    import tracemalloc
+
+    from loader_client.contract.errors import ConfigError
+
+    from .test_container_fuzz import damaged_examples
+
+    for name, raw, wrong in damaged_examples(tmp_path / "made"):
+        store.put(BUCKET, f"bad/{name}", raw)
+        url = f"s3://{BUCKET}/bad/{name}"
+        tracemalloc.start()
+        try:
+            with pytest.raises(ConfigError) as info:
+                load_dataset(ServerConfig(data=url, index_dir=str(tmp_path / "index")))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        message = str(info.value)
+        assert url in message and wrong in message and "\n" not in message, message
+        assert peak < 16 << 20, (name, peak)
+
+
 def _digests(endpoint: str, **kwargs: Any) -> list[tuple[list[int], str]]:
     with LoaderClient(endpoint, timeout_s=60, **kwargs) as client:
         return [(i.tolist(), hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest())

@@ -30,10 +30,11 @@ import re
 import tempfile
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -43,7 +44,7 @@ from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
-__all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like"]
+__all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like", "one_line"]
 
 log = logging.getLogger("loader_server")
 
@@ -53,6 +54,12 @@ INDEX_FORMAT = 1
 #: order, as `check` and `cache build` read, decompresses each page once).
 _PAGE_CACHE = 4
 _BRACE = re.compile(r"\{([^{}]*)\}")
+#: The most names one ``--data`` part may expand to (brace ranges multiply: a typo such as
+#: ``{0..99999999999}`` is an error, not a list that fills memory), and the most braces in it.
+_MAX_NAMES = 10_000_000
+_MAX_BRACES = 64
+#: The largest decompressed page an index may name (Parquet page sizes are i32).
+_MAX_PAGE = (1 << 31) - 1
 
 
 @dataclass
@@ -82,6 +89,11 @@ class Segment:
         return np.frombuffer(b"".join(names), dtype=np.uint8), offsets
 
 
+def one_line(exc: BaseException) -> str:
+    """What a library's exception says, on one line (pyarrow's messages may span several), or its type."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def looks_like(data: str, suffix: str, storage: RemoteStorage | None = None) -> bool:
     """Whether ``--data`` names files ending in `suffix`: a pattern or path with that suffix, or a folder of them
     (a prefix of objects listed with `storage`, the data set's: None, the default ``--remote-*`` settings)."""
@@ -105,21 +117,51 @@ def _is_pattern(text: str) -> bool:
     return any(c in text for c in "{*?[")
 
 
+_RANGE = re.compile(r"(-?\d{1,18})\.\.(-?\d{1,18})")
+
+
 def _brace_expand(text: str) -> list[str]:
-    """``a{0..2}b`` → a0b a1b a2b (zero-padded as written: {000..099}), ``{x,y}`` → x y; nested braces expand."""
+    """``a{0..2}b`` → a0b a1b a2b (zero-padded as written: {000..099}), ``{x,y}`` → x y; nested braces expand.
+
+    At most `_MAX_NAMES` names: more is a ConfigError, said before any is made."""
+    if text.count("{") > _MAX_BRACES:
+        raise ConfigError(f"--data {text[:200]!r} has over {_MAX_BRACES} braces")
+    if _brace_count(text) > _MAX_NAMES:
+        raise ConfigError(f"--data {text[:200]!r} names over {_MAX_NAMES:,} files (its brace ranges multiply); name "
+                          "a folder of them, or fewer")
+    return _expand_braces(text)
+
+
+def _brace_items(body: str) -> list[str]:
+    rng = _RANGE.fullmatch(body)
+    if rng is None:
+        return body.split(",")
+    lo, hi = rng.group(1), rng.group(2)
+    width = len(lo) if lo.startswith("0") or hi.startswith("0") else 0
+    step = 1 if int(hi) >= int(lo) else -1
+    return [str(v).zfill(width) for v in range(int(lo), int(hi) + step, step)]
+
+
+def _brace_count(text: str) -> int:
+    """How many names `text` expands to, counted without making them (each brace as its first item
+    stands in for the others)."""
+    count = 1
+    while (m := _BRACE.search(text)) is not None and count <= _MAX_NAMES:
+        body = m.group(1)
+        rng = _RANGE.fullmatch(body)
+        n = abs(int(rng.group(2)) - int(rng.group(1))) + 1 if rng else body.count(",") + 1
+        first = rng.group(1) if rng else body.split(",", 1)[0]
+        count *= n
+        text = text[: m.start()] + first + text[m.end() :]
+    return count
+
+
+def _expand_braces(text: str) -> list[str]:
     m = _BRACE.search(text)
     if m is None:
         return [text]
-    body, head, tail = m.group(1), text[: m.start()], text[m.end() :]
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or hi.startswith("0") else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        items = [str(v).zfill(width) for v in range(int(lo), int(hi) + step, step)]
-    else:
-        items = body.split(",")
-    return [s for item in items for s in _brace_expand(head + item + tail)]
+    head, tail = text[: m.start()], text[m.end() :]
+    return [s for item in _brace_items(m.group(1)) for s in _expand_braces(head + item + tail)]
 
 
 def _remote_listing(prefix: str, storage: RemoteStorage) -> list[str]:
@@ -292,8 +334,11 @@ class PackedIndex:
         packed = self.storage.read_range(self.files[f], key[1], int(self.span[i]), self.describe, i)
         try:
             page = bytes(pa.decompress(packed, decompressed_size=int(self.raw[i]), codec=self.codecs[f]))
+        except MemoryError:
+            raise DecodeError(self.describe(i), f"its page of {int(self.raw[i])} bytes does not fit in memory here",
+                              "undecodable") from None
         except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these
-            raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({exc})",
+            raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({one_line(exc)})",
                               "undecodable") from None
         with self._lock:
             self._pages[key] = page
@@ -371,19 +416,117 @@ def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage) -> n
 
 
 def _read_index(path: str, files: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The arrays of the index file at `path`, if it is the index of `files` and sound; None to index again.
+
+    The file is read as data, never trusted: each array's size is checked against the file before it
+    is allocated, zip's CRCs against its bytes, and every offset, size and count against the files it
+    indexes (`_index_problem`), so a damaged index is indexed again rather than read out of bounds."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _load_npz(path)
+        meta = json.loads(arrays.pop("meta").tobytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, RecursionError, NotImplementedError, zipfile.BadZipFile) as exc:
         log.warning("the index %s cannot be read (%s): indexing again", path, exc)
         return None
-    meta = json.loads(arrays.pop("meta").tobytes())
-    if meta.get("files") != list(files) or meta.get("format") != INDEX_FORMAT:
+    if not isinstance(meta, dict) or meta.get("files") != list(files) or meta.get("format") != INDEX_FORMAT:
         return None
-    arrays["_meta"] = meta
+    if "arrays" not in meta:
+        log.info("the index %s was written by an older version, without the list of its arrays: indexing again", path)
+        return None
+    problem = _index_problem(arrays, meta, len(files))
+    if problem is not None:
+        log.warning("the index %s is damaged (%s): indexing again", path, problem)
+        return None
+    arrays["_meta"] = meta  # type: ignore[assignment]
     return arrays
+
+
+#: What an index file may hold: each array's dtype.
+_INDEX_ARRAYS: dict[str, np.dtype[Any]] = {
+    **dict.fromkeys(("meta", "names_blob"), np.dtype(np.uint8)),
+    **dict.fromkeys(("versions", "starts", "pos", "span", "labels", "names_offsets", "raw", "inner", "length"),
+                    np.dtype(np.int64))}
+
+
+#: The zip flags `np.savez` may set: a data descriptor after the data, UTF-8 names (not encryption, ...).
+_ZIP_FLAGS = 0x08 | 0x800
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays `np.savez` wrote to `path`, read without allocating what a damaged header says."""
+    size = os.path.getsize(path)
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            dtype = _INDEX_ARRAYS.get(name)
+            if (dtype is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & ~_ZIP_FLAGS
+                    or info.file_size > size):
+                raise ValueError(f"an unexpected member {info.filename!r}")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, stored = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, stored = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"{name}: .npy format {version}")
+                if stored != dtype or fortran or len(shape) > 2:
+                    raise ValueError(f"{name}: a {stored} array of shape {shape}")
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise ValueError(f"{name}: shape {shape} in {info.file_size} bytes")
+                data = f.read(nbytes + 1)  # to the end: zipfile checks the CRC there
+            if len(data) != nbytes:
+                raise ValueError(f"{name}: {len(data)} bytes for shape {shape}")
+            out[name] = np.frombuffer(data, dtype).reshape(shape)
+    return out
+
+
+def _index_problem(arrays: dict[str, np.ndarray], meta: dict[str, object], files: int) -> str | None:
+    """What is wrong with the arrays of an index of `files` files (None: nothing)."""
+    if meta.get("arrays") != sorted(arrays):  # a member lost (a zip's entry count is not checked by a CRC)
+        return f"its arrays: {sorted(arrays)} of {meta.get('arrays')}"
+    codecs, classes = meta.get("codecs"), meta.get("class_names")
+    if not (isinstance(codecs, list) and len(codecs) == files and all(isinstance(c, str) for c in codecs)):
+        return "its codecs"
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return "its class names"
+    missing = [k for k in ("versions", "starts", "pos", "span", "labels") if k not in arrays]
+    if missing:
+        return f"no {missing[0]}"
+    versions, starts = arrays["versions"], arrays["starts"]
+    n = len(arrays["pos"])
+    if versions.shape != (files, 3) or starts.shape != (files + 1,):
+        return "its file table"
+    if starts[0] != 0 or starts[-1] != n or (np.diff(starts) < 0).any():
+        return "its file starts"
+    per_sample = ["pos", "span", "labels"] + [k for k in ("raw", "inner", "length") if k in arrays]
+    if any(arrays[k].shape != (n,) for k in per_sample):
+        return "its sample count"
+    if ("names_blob" in arrays) != ("names_offsets" in arrays) or len({k in arrays for k in ("raw", "inner",
+                                                                                         "length")}) > 1:
+        return "a missing array"
+    if "names_offsets" in arrays:
+        blob, offsets = arrays["names_blob"], arrays["names_offsets"]
+        if (blob.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(blob)
+                or (np.diff(offsets) < 0).any()):
+            return "its member names"
+    sizes = np.repeat(versions[:, 1], np.diff(starts))  # each sample's file size
+    pos, span = arrays["pos"], arrays["span"]
+    if (pos < 0).any() or (span < 0).any() or (pos > sizes).any() or (span > sizes - pos).any():
+        return "a sample's range outside its file"
+    if "raw" in arrays:
+        raw, inner, length = arrays["raw"], arrays["inner"], arrays["length"]
+        paged = raw >= 0
+        if (raw < -1).any() or (raw > _MAX_PAGE).any():
+            return "a page size"
+        if paged.any():
+            r, i, k = raw[paged], inner[paged], length[paged]
+            if (i < 0).any() or (k < 0).any() or (i > r).any() or (k > r - i).any():
+                return "a sample's range outside its page"
+    return None
 
 
 def _segments_of(stored: dict[str, np.ndarray]) -> list[Segment]:
@@ -412,7 +555,8 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
                  codecs: list[str], class_names: tuple[str, ...] | None) -> bool:
     """Write atomically (a temporary file renamed over); False (and a log line) if it cannot be."""
     meta = json.dumps({"files": list(files), "format": INDEX_FORMAT, "codecs": codecs,
-                       "class_names": list(class_names) if class_names else None}).encode()
+                       "class_names": list(class_names) if class_names else None,
+                       "arrays": sorted(["versions", *arrays])}).encode()
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)

@@ -865,6 +865,14 @@ class RemoteFile(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
+    def read(self, size: int | None = -1) -> bytes:
+        """At most what is left of the object (io's `read` allocates the `size` asked: a damaged tar header's
+        size, read by tarfile, would be a buffer of that many bytes)."""
+        left = max(0, self.size - self._pos)
+        data = self._get(self._pos, self._pos + (left if size is None or size < 0 else min(size, left)))
+        self._pos += len(data)
+        return data
+
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         data = self._get(self._pos, self._pos + len(view))
