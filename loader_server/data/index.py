@@ -160,6 +160,9 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
             raise ConfigError(
                 f"{path}:{lineno}: label {_show(label)} is not an integer in line {_show(line)}"
             ) from None
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{path}:{lineno}: label {_show(label)} does not fit a 64-bit integer (labels are "
+                              "class numbers from 0)")
         append_path(name)
         append_label(value)
     if not paths:
