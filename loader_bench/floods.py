@@ -4,8 +4,10 @@ Each flood runs against a fresh server (the run's data, batch and size, prefetch
 of the server and its workers together (their proportional set size: a page they share, such as
 a shared-memory arena, counts once) is sampled every 50 ms; the reported figure is the growth
 over its level after a well-behaved client has warmed it up, beside the bound the README
-documents for that flood. The log lines each flood caused are counted. A well-behaved client
-then takes 8 batches, timed, to show the server still serves.
+documents for that flood. The log lines each flood caused are counted (the README's log-volume
+figure: ``curve``, handshakes with random client keys against a --curve-dir server, each refused
+and logged at most 60 times a minute). A well-behaved client then takes 8 batches, timed, to show
+the server still serves.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -23,6 +27,7 @@ import zmq
 
 from loader_client import LoaderClient, ServerError
 from loader_client.contract import protocol
+from loader_client.contract.shm import new_arena_key
 from loader_server.runtime.guard import HANDSHAKE_BYTES, MAX_HELD_BYTES
 from loader_server.runtime.transport import SEND_QUEUE_BATCHES
 
@@ -106,7 +111,8 @@ def _greedy(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]], 
     """One client that grants all the credit it can and never reads."""
     s = _raw(ctx, endpoint, socks)
     s.setsockopt(zmq.RCVHWM, 1)
-    s.send(msgpack.packb({"v": V, "t": "hello", "shm": shm, "credit": 10**6}))
+    key = {"shm_key": new_arena_key()} if shm else {}  # an arena only for a hello with its key
+    s.send(msgpack.packb({"v": V, "t": "hello", "shm": shm, "credit": 10**6, **key}))
     for _ in range(200):
         s.send(msgpack.packb({"v": V, "t": "credit", "n": 10**6}))
 
@@ -137,43 +143,86 @@ def _sessions(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]
         _greedy(ctx, endpoint, socks)
 
 
-def _raw(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]]) -> zmq.Socket[Any]:
+#: Peers of the CURVE flood, each a new random key pair; each reconnects when refused (every 100 ms).
+_CURVE_PEERS = 64
+
+
+def _curve_random_keys(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]], *,
+                       server_public_key: str) -> None:
+    """Peers with random client keys (none in the allow-list) against a --curve-dir server: every
+    handshake is refused by the ZAP handler and logged, within the log's budget per kind."""
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(server_public_key)
+    for _ in range(_CURVE_PEERS):
+        public, secret = zmq.curve_keypair()
+        s = _raw(ctx, endpoint, socks, curve=(server_public, public, secret))
+        s.send(msgpack.packb({"v": V, "t": "health"}))  # queued until a handshake succeeds: never
+
+
+def _raw(ctx: zmq.Context[Any], endpoint: str, socks: list[zmq.Socket[Any]],
+         curve: tuple[bytes, bytes, bytes] | None = None) -> zmq.Socket[Any]:
     s: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = curve
     s.connect(endpoint)
     socks.append(s)
     return s
 
 
 _Bound = Callable[[float, int], float]
-_FLOODS: dict[str, tuple[str, Callable[..., None], list[str], _Bound, bool]] = {
-    # name: (what, attack, extra serve flags, bound in MB from (batch MB, workers), over TCP)
-    "greedy": ("one client granting credit without reading", _greedy, ["--no-shm"],
-               lambda mb, _: (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
-    "greedy5": ("five such clients", _five_greedy, ["--no-shm"],
-                lambda mb, _: 5 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
-    "sessions": ("100 such clients against --max-clients 4", _sessions, ["--no-shm", "--max-clients", "4"],
-                 lambda mb, _: 4 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
-    "peer": ("100 such clients from one peer (--max-clients-per-peer 16)", _sessions, ["--no-shm"],
-             lambda mb, _: 16 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb, False),
-    "shm": ("one client on shared memory that never releases a slot", _shm_greedy, [],
-            lambda mb, w: ((_PREFETCH + 8 + 2) + (_PREFETCH + SEND_QUEUE_BATCHES) + 3 * w) * mb, False),
-    "unfinished": (f"{_UNFINISHED_CONNECTIONS} connections from one address, each a message of empty frames that "
-                   "never ends", _unfinished, ["--no-shm"],
-                   lambda mb, _: _UNFINISHED_CONNECTIONS * _connection_mb(), True),
-    "idle": ("1,000 idle connections", _idle, ["--no-shm"], lambda mb, _: 0.0, False),
-    "fuzz": ("5,000 fuzzed requests", _fuzz, ["--no-shm"], lambda mb, _: 0.0, False),
+
+
+@dataclass(frozen=True)
+class _Flood:
+    what: str
+    attack: Callable[..., None]
+    extra: list[str]  # serve flags
+    bound: _Bound  # the README's bound in MB, from (batch MB, workers)
+    tcp: bool = False  # over TCP (the guard's floods), else the default ipc bind
+    curve: bool = False  # a --curve-dir server (made under the scratch folder); clients use its allowed key
+
+
+_FLOODS: dict[str, _Flood] = {
+    "greedy": _Flood("one client granting credit without reading", _greedy, ["--no-shm"],
+                     lambda mb, _: (_PREFETCH + SEND_QUEUE_BATCHES) * mb),
+    "greedy5": _Flood("five such clients", _five_greedy, ["--no-shm"],
+                      lambda mb, _: 5 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb),
+    "sessions": _Flood("100 such clients against --max-clients 4", _sessions, ["--no-shm", "--max-clients", "4"],
+                       lambda mb, _: 4 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb),
+    "peer": _Flood("100 such clients from one peer (--max-clients-per-peer 16)", _sessions, ["--no-shm"],
+                   lambda mb, _: 16 * (_PREFETCH + SEND_QUEUE_BATCHES) * mb),
+    "shm": _Flood("one client on shared memory that never releases a slot", _shm_greedy, [],
+                  lambda mb, w: ((_PREFETCH + 8 + 2) + (_PREFETCH + SEND_QUEUE_BATCHES) + 3 * w) * mb),
+    "unfinished": _Flood(f"{_UNFINISHED_CONNECTIONS} connections from one address, each a message of empty frames "
+                         "that never ends", _unfinished, ["--no-shm"],
+                         lambda mb, _: _UNFINISHED_CONNECTIONS * _connection_mb(), tcp=True),
+    "idle": _Flood("1,000 idle connections", _idle, ["--no-shm"], lambda mb, _: 0.0),
+    "fuzz": _Flood("5,000 fuzzed requests", _fuzz, ["--no-shm"], lambda mb, _: 0.0),
+    "curve": _Flood(f"CURVE handshakes with random client keys ({_CURVE_PEERS} peers, each retrying every 100 ms)",
+                    _curve_random_keys, ["--no-shm"], lambda mb, _: 0.0, tcp=True, curve=True),
 }
 
 
-def floods(b: Bench) -> dict[str, Any]:
+def floods(b: Bench, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every flood of `_FLOODS` (or those in `names`), each against a fresh server."""
     batch_mb = b.batch_size * b.size[0] * b.size[1] * 3 / 2**20
     out: dict[str, Any] = {"batch_mb": batch_mb, "prefetch": _PREFETCH, "floods": {}}
-    for name, (what, attack, extra, bound, tcp) in _FLOODS.items():
-        flags = ["--prefetch", str(_PREFETCH), "--log-level", "INFO", *extra]
-        endpoint = f"tcp://127.0.0.1:{_free_port()}" if tcp else None
-        with systems.served(b, b.data, flags, endpoint=endpoint, ready=True) as server:
-            with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S) as warm:
+    for name, flood in _FLOODS.items():
+        if names is not None and name not in names:
+            continue
+        flags = ["--prefetch", str(_PREFETCH), "--log-level", "INFO", *flood.extra]
+        client: dict[str, Any] = {}
+        attack = flood.attack
+        if flood.curve:
+            curve_dir, client = systems.curve_keys(b.scratch)
+            flags += ["--curve-dir", curve_dir]
+            attack = partial(attack, server_public_key=client["server_public_key"])
+        endpoint = f"tcp://127.0.0.1:{_free_port()}" if flood.tcp else None
+        with systems.served(b, b.data, flags, endpoint=endpoint) as server:
+            server.wait_ready(CLIENT_TIMEOUT_S, **client)
+            with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S, **client) as warm:
                 for _ in range(3 * _PREFETCH):
                     warm.next()
             time.sleep(0.5)
@@ -193,9 +242,9 @@ def floods(b: Bench) -> dict[str, Any]:
                 flood_s = time.monotonic() - started_flood
                 started = time.perf_counter()
                 try:
-                    with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S) as client:
+                    with LoaderClient(server.endpoint, timeout_s=CLIENT_TIMEOUT_S, **client) as legit:
                         for _ in range(8):
-                            client.next()
+                            legit.next()
                     served = f"{time.perf_counter() - started:.2f} s"
                 except ServerError as exc:  # the sessions flood: every place is taken, and it says so
                     served = f"refused at once: {str(exc).split(';')[0]}"
@@ -203,10 +252,10 @@ def floods(b: Bench) -> dict[str, Any]:
                 for s in socks:
                     s.close(linger=0)
                 ctx.term()
-        limit = bound(batch_mb, b.workers)
-        out["floods"][name] = {"what": what, "growth_mb": peak - base, "bound_mb": limit, "base_mb": base,
+        limit = flood.bound(batch_mb, b.workers)
+        out["floods"][name] = {"what": flood.what, "growth_mb": peak - base, "bound_mb": limit, "base_mb": base,
                                "legit_8_batches": served, "log_lines": log_lines, "flood_s": flood_s}
-        print(f"flood {name} ({what}): server and workers grew {peak - base:.0f} MB (bound {limit:.0f} MB), "
+        print(f"flood {name} ({flood.what}): server and workers grew {peak - base:.0f} MB (bound {limit:.0f} MB), "
               f"{log_lines} log lines in {flood_s:.1f} s; a client's next 8 batches: {served}", flush=True)
     return {"floods": out}
 

@@ -26,7 +26,7 @@ from .floods import flood_tables, floods
 from .kinds import index_probe, index_tables, kinds_probe, kinds_tables
 from .remote_probe import s3_probe, s3_tables
 from .sharing import autoscale_probe, autoscale_rows, share_probe, share_tables
-from .systems import CLIENT_TIMEOUT_S, STEP_MODELS, PssSampler, measure_service, served, simulate_step
+from .systems import CLIENT_TIMEOUT_S, STEP_MODELS, PssSampler, curve_keys, measure_service, served, simulate_step
 from .train import train_probe, train_tables
 
 __all__ = ["PROBES", "Probe"]
@@ -249,21 +249,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _curve_keys(scratch: str) -> tuple[str, dict[str, Any]]:
-    """A server key directory with one allowed client; returns (dir, client kwargs)."""
-    import zmq.auth
-
-    keys = Path(scratch) / "curve"
-    (keys / "clients").mkdir(parents=True, exist_ok=True)
-    zmq.auth.create_certificates(str(keys), "server")
-    zmq.auth.create_certificates(str(keys / "clients"), "bench")
-    return str(keys), {"server_public_key": str(keys / "server.key"),
-                       "client_keys": str(keys / "clients" / "bench.key_secret")}
-
-
 def _curve(b: Bench) -> Results:
     # Over TCP without shared memory, so that every byte crosses the socket: with and without CURVE.
-    curve_dir, curve_client = _curve_keys(b.scratch)
+    curve_dir, curve_client = curve_keys(b.scratch)
     plain = measure_service(b, n=b.quick_n, extra=[*b.serve_extra, "--no-shm"],
                             endpoint=f"tcp://127.0.0.1:{_free_port()}")
     secured = measure_service(b, n=b.quick_n, extra=[*b.serve_extra, "--no-shm", "--curve-dir", curve_dir],

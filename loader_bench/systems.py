@@ -35,6 +35,7 @@ __all__ = [
     "STEP_MODELS",
     "SYSTEMS",
     "PssSampler",
+    "curve_keys",
     "decode_fn",
     "measure_service",
     "pil_decode_fn",
@@ -281,6 +282,20 @@ def _pss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def curve_keys(scratch: str) -> tuple[str, dict[str, Any]]:
+    """A server key folder under `scratch` with one allowed client (made once); returns (folder, client kwargs)."""
+    import zmq.auth
+
+    keys = os.path.join(scratch, "curve")
+    clients = os.path.join(keys, "clients")
+    if not os.path.exists(os.path.join(clients, "bench.key_secret")):
+        os.makedirs(clients, exist_ok=True)
+        zmq.auth.create_certificates(keys, "server")
+        zmq.auth.create_certificates(clients, "bench")
+    return keys, {"server_public_key": os.path.join(keys, "server.key"),
+                  "client_keys": os.path.join(clients, "bench.key_secret")}
 
 
 @contextmanager

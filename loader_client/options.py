@@ -10,6 +10,7 @@ with a `ConfigError` naming the setting, not on the server.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,12 @@ class ClientOptions:
             raise ConfigError(f"`merge` must be 'ordered' or 'balanced', got {self.merge!r}")
         if self.seed is not None:
             _integer("seed", self.seed, 0, INT63_MAX)
+        uid_text = os.environ.get("LOADER_SERVER_UID", "").strip()
+        if self.server_uid is None and uid_text:  # the two-user layouts set it for every trainer script
+            try:
+                object.__setattr__(self, "server_uid", int(uid_text))
+            except ValueError:
+                raise ConfigError(f"LOADER_SERVER_UID must be a user id (a whole number), got {uid_text!r}") from None
         if self.server_uid is not None:
             _integer("server_uid", self.server_uid, 0, 2**32 - 2)
         if not isinstance(self.manifest, bool):

@@ -292,5 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args)
     except ConfigError as exc:
-        print(f"loader-server: error: {exc}", file=sys.stderr)
+        from .redaction import redact
+
+        print(f"loader-server: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG

@@ -191,7 +191,8 @@ class ServerConfig:
                    "read-ahead threads wait beyond it")
     remote_recheck_s: float = setting(
         60.0, help="s3:// and http(s):// data: how often a worker asks the store whether an object changed since "
-                   "it was indexed (one listing per folder), before serving its decoded record from --cache")
+                   "it was indexed (one listing per folder, in the background: the last known state answers "
+                   "meanwhile; 0: on every use, at once), before serving its decoded record from --cache")
     subset: Literal["all", "train", "val"] = setting(
         "all", choices=SUBSETS,
         help="serve part of the data set: `val` is a fixed random --val-fraction of it, `train` the rest "

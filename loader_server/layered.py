@@ -147,8 +147,12 @@ def resolve(flags: Mapping[str, Any], config_file: str | None = None,
 def format_config(config: ServerConfig, sources: Mapping[str, str]) -> str:
     """TOML that `--config` reads back unchanged: one ``key = value  # source`` line per setting.
 
-    Settings without a value (None) are written as comments, since TOML has no null.
+    Settings without a value (None) are written as comments, since TOML has no null. A URL's
+    userinfo or presigned signature is not written (`redaction.redact`): give those from the
+    environment or the original file again.
     """
+    from .redaction import redact
+
     lines = []
     for f in dataclasses.fields(ServerConfig):
         value = getattr(config, f.name)
@@ -158,7 +162,7 @@ def format_config(config: ServerConfig, sources: Mapping[str, str]) -> str:
             continue
         if f.metadata.get("format"):
             value = f.metadata["format"](value)
-        lines.append(f"{f.name} = {_toml(value)}  # {source}")
+        lines.append(f"{f.name} = {_toml(redact(value) if isinstance(value, str) else value)}  # {source}")
     return "\n".join(lines)
 
 

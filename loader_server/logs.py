@@ -1,4 +1,5 @@
-"""Server logging: readable lines by default, one JSON object per line for log collectors."""
+"""Server logging: readable lines by default, one JSON object per line for log collectors; no URL's
+password or presigned signature in either (`redaction.redact`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .redaction import redact
+
 __all__ = ["LINES_PER_KIND_PER_MINUTE", "Throttle", "setup_logging"]
 
 
@@ -19,12 +22,17 @@ class _JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
+            entry["traceback"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -33,7 +41,7 @@ def setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s loader-server %(levelname)s %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s loader-server %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -50,6 +50,8 @@ class Metrics:
         self.errors: Counter[str] = Counter()  # reason -> count (bad files, failed batches)
         self.worker_restarts: Counter[str] = Counter()  # "crashed" / "hung"
         self.worker_changes: Counter[str] = Counter()  # --workers auto: "up" / "down"
+        self.shm_fallbacks = 0  # batches sent as frames to clients that map an arena: no slot was free
+        self.shm_reclaimed = 0  # arena slots of clients that left given back once their processes exited
         self.build_counts = [0] * (len(BUILD_BUCKETS_S) + 1)
         self.build_sum_s = 0.0
         self._window: deque[tuple[float, int]] = deque()  # (time, images) of recent batches
@@ -108,6 +110,12 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily("loader_workers", "Worker processes serving (not counting retiring ones); with "
                                 "--workers auto, the count the autoscaler chose.",
                                 value=snap.get("workers_target", len(snap["workers"])))
+        yield CounterMetricFamily("loader_shm_fallback_batches_total", "Batches built as frames over the socket for "
+                                  "clients that map a shared-memory arena, because no slot of it was free.",
+                                  value=snap.get("shm_fallback_batches", 0))
+        yield CounterMetricFamily("loader_shm_slots_reclaimed_total", "Shared-memory slots that clients held when "
+                                  "they left, reused once their processes had exited.",
+                                  value=snap.get("shm_slots_reclaimed", 0))
         yield _by_label("loader_worker_changes_total", "Changes of the worker count by --workers auto, by direction.",
                         "direction", snap.get("worker_changes_total", {}))
         stall = GaugeMetricFamily("loader_client_stall_ratio", "Each client's recent data stall: the share of its "

@@ -56,7 +56,7 @@ from .runtime.arenas import ArenaChannel
 from .runtime.autoscale import Autoscaler, Change, ScalePolicy
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
-from .runtime.transport import ClientTransport, PeerLog, escape
+from .runtime.transport import ClientTransport, PeerLog, PeerSource, escape
 from .runtime.worker import worker_main
 from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
@@ -225,7 +225,7 @@ class Server:
                 self.transport.reply(identity, Error(kind="server", message=f"refused: {request.refused}"))
                 continue
             try:
-                self._on_request(identity, request.body, request.peer)
+                self._on_request(identity, request.body, request.peer, request.source)
             except ProtocolVersionError as exc:
                 self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), str(exc))
                 self.transport.reply(identity, Error(kind="version", message=str(exc)))
@@ -241,7 +241,8 @@ class Server:
                 self.delivery.drop(identity, "its request failed")
         self._more_requests = True
 
-    def _on_request(self, identity: bytes, body: list[bytes], peer: str = "?") -> None:
+    def _on_request(self, identity: bytes, body: list[bytes], peer: str = "?",
+                    source: PeerSource | None = None) -> None:
         if len(body) != 1:
             raise ProtocolError(f"client requests are one frame, got {len(body)}")
         header = protocol.unpack(body[0])
@@ -252,7 +253,7 @@ class Server:
                                 "create a new LoaderClient (pass state= to resume where you were)")
             return
         if isinstance(message, Hello):
-            self.delivery.open(identity, message, peer)
+            self.delivery.open(identity, message, peer, source)
             return
         self._handlers[type(message)](identity, message)
 
@@ -402,6 +403,7 @@ class Server:
             "worker_changes_total": dict(self.metrics.worker_changes),
             "workers": self.supervisor.describe(), "worker_restarts": dict(self.metrics.worker_restarts),
             "errors_by_reason": dict(self.metrics.errors), "bad_files": len(self.delivery.bad.files),
+            "shm_fallback_batches": self.metrics.shm_fallbacks, "shm_slots_reclaimed": self.metrics.shm_reclaimed,
             "clients": [{**c.session.describe(), "shared_memory": c.arena is not None} for c in clients],
             "shares": self.delivery.describe_shares(),
             "batch_build_seconds": self.metrics.build_histogram(),

@@ -1,12 +1,13 @@
 """A trainer stand-in run as a separate process by the tests.
 
     python -m tests.stream_consumer ENDPOINT OUT_JSONL [--state FILE] [--rank R --world-size N] [--batches K]
-                                    [--die-after K] [--share NAME] [--step-s S]
+                                    [--die-after K] [--share NAME] [--step-s S] [--hold]
 
 For every batch it appends {epoch, batch, indices, digest} to OUT_JSONL, then saves the
 client's state to --state (atomically), like a trainer checkpointing after each step.
 `--die-after K` SIGKILLs this process right after the K-th batch is recorded and saved: a
-trainer killed at a point the test knows without reading the saved state.
+trainer killed at a point the test knows without reading the saved state. `--hold` keeps every
+batch's arrays (a trainer that holds on to them: with shared memory, each one's slot stays its).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     p.add_argument("--die-after", type=int, default=None)
     p.add_argument("--share", default=None, help="join the server's share of this name")
     p.add_argument("--step-s", type=float, default=0.0, help="a training step: sleep this long after each batch")
+    p.add_argument("--hold", action="store_true", help="keep every batch's arrays until the end")
     args = p.parse_args()
     state = None
     if args.state and os.path.exists(args.state):
@@ -41,6 +43,7 @@ def main() -> None:
     kwargs = {"state": state} if state else {"rank": args.rank, "world_size": args.world_size}
     if args.share:
         kwargs["share"] = args.share
+    held = []
     with LoaderClient(args.endpoint, timeout_s=args.timeout_s, **kwargs) as client, open(args.out, "a") as out:
         total = args.batches if args.batches is not None else 10**9
         for _, (x, y) in zip(range(total), client, strict=False):
@@ -50,6 +53,8 @@ def main() -> None:
             out.write(json.dumps({"epoch": info.epoch, "batch": info.batch, "indices": info.indices.tolist(),
                                   "digest": digest}) + "\n")
             out.flush()
+            if args.hold:
+                held.append((x, y))
             if args.state:
                 tmp = args.state + ".tmp"
                 with open(tmp, "w") as f:

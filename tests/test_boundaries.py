@@ -12,6 +12,7 @@ run through `loader_server.cli.main`): this file runs in a few seconds.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,7 @@ def test_client_options_accept_their_documented_ends_and_refuse_one_past(name: s
     for value in (lo, hi):
         extra = {"rank": value - 1} if name == "world_size" else {}
         assert getattr(ClientOptions(**{**base, name: value, **extra}), name) == value
-    for value in (under, over):
+    for value in (under, over, math.nan, math.inf, -math.inf):  # NaN passes every range comparison
         with pytest.raises(ConfigError, match=f"`{name}`"):
             ClientOptions(**{**base, name: value})
 
@@ -254,8 +255,9 @@ def test_client_name_heartbeat_and_saved_position_limits() -> None:
     assert ClientOptions(timeout_s=10, heartbeat_s=0.05).heartbeat_s == 0.05
     with pytest.raises(ConfigError, match="`heartbeat_s`"):
         ClientOptions(timeout_s=10, heartbeat_s=0.049)
-    with pytest.raises(ConfigError, match="`heartbeat_s`"):
-        ClientOptions(timeout_s=10, heartbeat_s=10)
+    for bad in (10, math.nan, math.inf, -math.inf):
+        with pytest.raises(ConfigError, match="`heartbeat_s`"):
+            ClientOptions(timeout_s=10, heartbeat_s=bad)
     assert ClientOptions(timeout_s=10, heartbeat_s=9.99).heartbeat_s == 9.99
     assert ClientOptions(timeout_s=0.1).heartbeat_s == 0.05  # a third of 0.1 s is below the floor
     assert ClientOptions(timeout_s=30).heartbeat_s == 1.0  # a third of 30 s is above the 1 s default

@@ -57,7 +57,7 @@ def test_public_names() -> None:
         "LoaderClient", "BatchInfo", "batches", "health", "server_stats", "PROTOCOL_VERSION", "LoaderError", "LoaderTimeoutError", "AuthenticationError",
         "ProtocolError", "ProtocolVersionError", "ServerError", "BadSampleError", "WorkerCrashedError",
         "ConfigError", "EndpointError", "ServerStoppedError", "ClientOptions", "BatchTuple",
-        "endpoints_from_env", "client_options_from_env", "from_env",
+        "endpoints_from_env", "client_options_from_env", "from_env", "local_server", "LocalServer",
     }
     assert set(loader_server.__all__) == {"ServerConfig", "DatasetIndex", "load_index", "load_dataset", "Server"}
     for module in (loader_client, loader_server):

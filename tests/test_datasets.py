@@ -138,7 +138,7 @@ class Squares:
 def test_a_new_kind_is_one_entry_in_kinds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = tmp_path / "100.squares"
     marker.write_text("")
-    kind = DatasetKind("squares", lambda data: data.endswith(".squares"),
+    kind = DatasetKind("squares", lambda options: options.data.endswith(".squares"),
                        lambda config: Squares(int(os.path.basename(config.data).split(".")[0])))
     monkeypatch.setattr(datasets, "KINDS", (kind, *datasets.KINDS))
     config = ServerConfig(data=str(marker), batch_size=4, subset="train", val_fraction=0.1)

@@ -126,3 +126,19 @@ def test_the_server_ignores_the_clients_variables(tmp_path: Path) -> None:
     assert config.batch_size == 4 and sources["batch_size"] == "env LOADER_BATCH_SIZE"
     with pytest.raises(ConfigError, match="LOADER_WORKRES"):
         resolve({"data": str(tmp_path)}, None, {"LOADER_WORKRES": "2"})
+
+
+def test_loader_server_uid_is_taken_by_every_client_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-user layouts set LOADER_SERVER_UID for the trainer: a script that creates its client with
+    nothing but an endpoint trusts that uid's ipc server too; a bad value is named."""
+    from loader_client import ClientOptions, ConfigError
+
+    monkeypatch.setenv("LOADER_SERVER_UID", "10001")
+    assert ClientOptions().server_uid == 10001
+    assert ClientOptions(server_uid=7).server_uid == 7  # the keyword wins
+    monkeypatch.setenv("LOADER_SERVER_UID", "loader")
+    with pytest.raises(ConfigError, match="LOADER_SERVER_UID must be a user id \\(a whole number\\), got 'loader'"):
+        ClientOptions()
+    monkeypatch.setenv("LOADER_SERVER_UID", "4294967295")
+    with pytest.raises(ConfigError, match="server_uid"):
+        ClientOptions()

@@ -170,6 +170,45 @@ def test_keras_stream_fit_needs_no_steps_and_trains_exact_epochs(start_server: A
     assert [pos for _, pos in marks.states] == [divmod(k, steps) for k, _ in marks.states]
 
 
+def test_keras_streams_in_one_share_each_train_exact_epochs_built_once(start_server: Any, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two Keras trials of a sweep in one share: one by `KerasStream(endpoint, share=...)`, one by
+    LOADER_SHARE through `from_env`. Each `fit` trains every server epoch exactly, the same batches
+    as a trainer alone, and the second one's batches are the ones built for the first (the share's
+    window covers the whole run, so nothing is built twice)."""
+    from loader_client import server_stats
+    from loader_client.env import from_env
+    from loader_client.keras import KerasStream
+
+    n, epochs = 40, 3
+    listfile = unique_label_list(tmp_path / "data", n, size=(8, 8))  # label = sample index
+    server = start_server(listfile, "--batch-size", "8", "--size", "8x8", "--workers", "1", "--seed", "4",
+                          "--share-window", "64")
+    expected = reference_epochs(server.endpoint, epochs)
+    steps = len(expected[0])
+    monkeypatch.setenv("LOADER_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("LOADER_SHARE", "sweep")
+    first = KerasStream(server.endpoint, share="sweep", name="trial-0", timeout_s=30)
+    second = KerasStream(from_env(name="trial-1", timeout_s=30))
+    try:
+        assert first.client.info["share"] == second.client.info["share"] == "sweep"
+        assert first.client.options.share == second.client.options.share == "sweep"
+        seen: list[list[np.ndarray]] = [[], []]
+        for stream, got in zip((first, second), seen, strict=True):  # the second trial starts when the first ends
+            marks = EpochMarks(got, stream)
+            history = recorder_model(n, got).fit(stream, epochs=epochs, callbacks=[marks], verbose=0)
+            assert len(history.history["loss"]) == epochs
+            assert marks.starts == [0, steps, 2 * steps] and len(got) == epochs * steps
+            assert flat(got) == flat([b for epoch in expected for b in epoch])  # every server epoch, exactly
+        (share,) = server_stats(server.endpoint, timeout_s=10)["shares"]
+        assert share["name"] == "sweep" and share["members"] == 2
+        assert share["reused"] >= epochs * steps  # every batch of the second trial was the first's
+        assert share["built"] < 2 * epochs * steps
+    finally:
+        first.close()
+        second.close()
+
+
 def test_keras_state_taken_in_a_callback_resumes_at_the_next_batch(start_server: Any, tmp_path: Path) -> None:
     from loader_client.keras import KerasStream
 

@@ -28,7 +28,8 @@ PACKAGES = ("loader_client", "loader_server", "loader_bench")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("contract", ("loader_client.contract",)),
     ("client", ("loader_client",)),
-    ("settings", ("loader_server.config", "loader_server.options", "loader_server.logs", "loader_server.metrics")),
+    ("settings", ("loader_server.config", "loader_server.options", "loader_server.logs", "loader_server.metrics",
+                  "loader_server.redaction")),
     ("data", ("loader_server.data",)),
     ("pipeline", ("loader_server.pipeline",)),
     ("runtime", ("loader_server.runtime",)),

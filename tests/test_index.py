@@ -66,6 +66,8 @@ def test_index_is_compact_numpy(tmp_path: Path) -> None:
         ("a.jpg 1\nlonely\n", r"list.txt:2: malformed line 'lonely'"),
         ("a.jpg 1\n\nb.jpg one\n", r"list.txt:3: label 'one' is not an integer in line 'b.jpg one'"),
         ("a.jpg 1.5\n", r"list.txt:1: label '1.5' is not an integer"),
+        ("a.jpg 0\nb.jpg 9223372036854775808\n", r"list.txt:2: label '9223372036854775808' does not fit a 64-bit "
+                                                   r"integer"),
         ("a.jpg,\n", r"list.txt:1: malformed line"),
         ("# only comments\n\n", r"holds no samples"),
         ("", r"holds no samples"),
@@ -228,6 +230,8 @@ def _run_forked_as(uid: int, cwd: Path, args: list[str]) -> subprocess.Completed
         import multiprocessing.synchronize  # noqa: F401
 
         import loader_server.pipeline.decode
+        import loader_server.pipeline.steps
+        # site-packages live where only root may read)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()

@@ -73,9 +73,13 @@ def test_a_task_or_batch_out_of_its_schema_is_never_built() -> None:
     assert checked(cut) is cut
 
 
-def test_the_epoch_edge_ends_the_stream_and_charges_nobody(start_server: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("share", [None, "edge"], ids=["own-stream", "share"])
+def test_the_epoch_edge_ends_the_stream_and_charges_nobody(start_server: Any, tmp_path: Path,
+                                                            share: str | None) -> None:
     """15 hellos at the last batch of epoch 2**31-1, while a trainer is served: each gets that batch and
-    then an error naming the limit; no worker dies, and the trainer never sees a crash."""
+    then an error naming the limit; no worker dies, and the trainer never sees a crash. With a share
+    (Hello.share): two members join it at the edge each round, and the share's one build of each
+    batch stops at the edge just the same."""
     listfile = unique_label_list(tmp_path / "data", 40)
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "2", "--no-shuffle")
     errors: list[BaseException] = []
@@ -93,21 +97,29 @@ def test_the_epoch_edge_ends_the_stream_and_charges_nobody(start_server: Any, tm
     t = threading.Thread(target=trainer)
     t.start()
     ctx = zmq.Context()
+    hello = {"v": V, "t": "hello", "epoch": INT32_MAX, "batch": 9, "credit": 8, "shm": False,
+             **({"share": share} if share else {})}
     try:
-        for _ in range(15):
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(server.endpoint)
-            s.send(msgpack.packb({"v": V, "t": "hello", "epoch": INT32_MAX, "batch": 9, "credit": 8, "shm": False}))
-            seen = []
-            while len(seen) < 3 and s.poll(20_000):
-                header = protocol.unpack(s.recv_multipart()[0])
-                if header["t"] != "heartbeat":
-                    seen.append(header)
-            assert [h["t"] for h in seen] == ["welcome", "batch", "error"], seen
-            assert (seen[1]["epoch"], seen[1]["batch"]) == (INT32_MAX, 9)
-            assert seen[2]["kind"] == "config" and "the end of epoch 2147483647" in seen[2]["message"]
-            s.close(linger=0)
+        for _ in range(15 if share is None else 8):
+            members = []
+            for _ in range(1 if share is None else 2):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(server.endpoint)
+                s.send(msgpack.packb(hello))
+                members.append(s)
+            for s in members:
+                seen = []
+                while len(seen) < 3 and s.poll(20_000):
+                    header = protocol.unpack(s.recv_multipart()[0])
+                    if header["t"] != "heartbeat":
+                        seen.append(header)
+                assert [h["t"] for h in seen] == ["welcome", "batch", "error"], seen
+                assert seen[0].get("share") == share, seen[0]
+                assert (seen[1]["epoch"], seen[1]["batch"]) == (INT32_MAX, 9)
+                assert seen[2]["kind"] == "config" and "the end of epoch 2147483647" in seen[2]["message"]
+            for s in members:
+                s.close(linger=0)
     finally:
         ctx.term()
         t.join(120)

@@ -170,7 +170,7 @@ def _snapshot(**overrides: Any) -> dict[str, Any]:
         "workers_target": 2, "worker_changes_total": {"up": 2, "down": 1},
         "errors_by_reason": {"empty file": 2, 'odd "quoted"\nreason': 1}, "worker_restarts": {"crashed": 1},
         "workers": [{"id": 0, "busy_fraction": 0.25}, {"id": 1, "busy_fraction": 0.5}], "uptime_s": 7.5,
-        "workers_ready": 2,
+        "workers_ready": 2, "shm_fallback_batches": 3, "shm_slots_reclaimed": 40,
         "batch_build_seconds": {"counts": [0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], "sum_s": 12.03},
     }
     return {**snap, **overrides}
@@ -187,13 +187,16 @@ def test_prometheus_exposition_parses_with_the_expected_names() -> None:
         "loader_decode_errors": "counter", "loader_worker_restarts": "counter", "loader_batches_ready": "gauge",
         "loader_clients": "gauge", "loader_workers_busy_ratio": "gauge", "loader_uptime_seconds": "gauge",
         "loader_batch_build_seconds": "histogram", "loader_workers": "gauge", "loader_worker_changes": "counter",
-        "loader_client_stall_ratio": "gauge",
+        "loader_client_stall_ratio": "gauge", "loader_shm_fallback_batches": "counter",
+        "loader_shm_slots_reclaimed": "counter",
     }
 
     def samples(name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families[name].samples}
 
     assert samples("loader_batches_sent") == {("loader_batches_sent_total", ()): 12}
+    assert samples("loader_shm_fallback_batches") == {("loader_shm_fallback_batches_total", ()): 3}
+    assert samples("loader_shm_slots_reclaimed") == {("loader_shm_slots_reclaimed_total", ()): 40}
     assert samples("loader_decode_errors") == {("loader_decode_errors_total", (("reason", "empty file"),)): 2,
                                                ("loader_decode_errors_total", (("reason", 'odd "quoted"\nreason'),)): 1}
     assert samples("loader_worker_restarts") == {("loader_worker_restarts_total", (("cause", "crashed"),)): 1}

@@ -345,9 +345,9 @@ def test_the_index_is_kept_and_a_changed_shard_is_indexed_again(kinds: dict[str,
     calls: list[str] = []
     real = tar_shards.index_shard
 
-    def counting(path: str, json_label: str | None = None) -> Any:
+    def counting(path: str, json_label: str | None = None, **more: Any) -> Any:
         calls.append(os.path.basename(path))
-        return real(path, json_label)
+        return real(path, json_label, **more)
 
     data = kinds["tar"]
     folder = Path(data).parent
@@ -419,6 +419,8 @@ def test_data_patterns(tmp_path: Path) -> None:
         expand_files(f"{tmp_path}/a/s-{{0..2}}.tar", ".tar", "tar shard")
     with pytest.raises(ConfigError, match="named twice"):
         expand_files(f"{tmp_path}/a/s-0.tar::{tmp_path}/a", ".tar", "tar shard")
+    with pytest.raises(ConfigError, match="names both local tar shards .* and objects"):  # read from one place
+        expand_files(f"{tmp_path}/a/s-0.tar::s3://bucket/s-1.tar", ".tar", "tar shard")
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -445,7 +447,7 @@ def test_the_header_walker_reads_what_tarfile_reads(tmp_path: Path, fmt: int) ->
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         end = os.fstat(f.fileno()).st_size
         fast = list(tar_shards._headers(mm, end, str(path)))
-        slow = list(tar_shards._tarfile_members(f, end, str(path)))
+        slow = list(tar_shards._tarfile_members(mm, end, str(path)))
     assert fast == slow and len(fast) == 24
     segment = tar_shards.index_shard(str(path))
     assert segment.labels.tolist() == list(range(12))

@@ -7,42 +7,75 @@ that does not answer at all, and the bounds.
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from loader_client.contract.errors import ConfigError
 from loader_server.data.reading import DecodeError
 from loader_server.data.remote import ObjectInfo, RemoteStorage, RetryPolicy, sign_v4
 
 BODY = bytes(range(256)) * 40
 
 
-def _serve(answer: Callable[[bytes], bytes | None]) -> Iterator[str]:
+def _read_head(conn: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes] | None:
+    """(the next request head, the bytes after it) read from `conn` after `buf`; None when it closes first."""
+    while b"\r\n\r\n" not in buf:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _serve(answer: Callable[[bytes], bytes | None], tls: ssl.SSLContext | None = None) -> Iterator[str]:
     """A TCP server that reads one request head at a time and writes `answer(head)` (None: close)."""
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        buf = b""
+        while not stop.is_set():
+            got = _read_head(conn, buf)
+            if got is None:
+                return
+            head, buf = got
+            reply = answer(head)
+            if reply is None:
+                return
+            conn.sendall(reply)
+            if b"Connection: close" in reply:
+                return
+
+    yield from _serve_sockets(handle, tls)
+
+
+def _serve_sockets(handle: Callable[[socket.socket, threading.Event], None],
+                   tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A TCP server on loopback (TLS with `tls`) that runs `handle(connection, stop)` on a thread per connection;
+    yields its http(s):// base URL and stops (the handlers see `stop` set) after."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     stop = threading.Event()
 
-    def client(conn: socket.socket) -> None:
-        with conn:
-            buf = b""
-            while not stop.is_set():
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                reply = answer(head)
-                if reply is None:
-                    return
-                conn.sendall(reply)
-                if b"Connection: close" in reply:
-                    return
+    def client(raw: socket.socket) -> None:
+        try:
+            with raw:
+                conn = raw
+                if tls is not None:
+                    raw.settimeout(10)
+                    conn = tls.wrap_socket(raw, server_side=True)
+                with conn:
+                    handle(conn, stop)
+        except OSError:
+            pass  # the client went away (or refused the certificate)
 
     def accept() -> None:
         listener.settimeout(0.2)
@@ -56,7 +89,7 @@ def _serve(answer: Callable[[bytes], bytes | None]) -> Iterator[str]:
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         stop.set()
         thread.join(5)
@@ -205,3 +238,290 @@ def test_sigv4_signs_as_botocore_signs(monkeypatch: pytest.MonkeyPatch) -> None:
     signer.add_auth(request)
     theirs = request.headers["Authorization"]
     assert theirs.split("Signature=")[1] == auth.split("Signature=")[1], (theirs, auth)
+
+
+# ---------------------------------------------------------------------------- a bad store
+MALFORMED = {
+    "negative length": b"HTTP/1.1 206 Partial Content\r\nContent-Length: -5\r\n\r\n",
+    "length not a number": b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1e3\r\n\r\n",
+    "negative chunk": b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n",
+    "chunk size not hex": b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "chunk longer than said": b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcd\r\n0\r\n\r\n",
+    "status not digits": b"HTTP/1.1 2O6 Partial Content\r\nContent-Length: 10\r\n\r\n0123456789",
+    "header without a colon": b"HTTP/1.1 206 Partial Content\r\nContent-Length 10\r\n\r\n0123456789",
+    "not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_response_is_a_named_error_retried_on_a_new_connection(case: str) -> None:
+    connections: list[int] = []
+    requests: list[bytes] = []
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        connections.append(1)
+        got = _read_head(conn)
+        if got is None:
+            return
+        requests.append(got[0])
+        conn.sendall(MALFORMED[case])
+        conn.settimeout(10)
+        while conn.recv(65536):  # until the reader closes its side: it must not reuse this connection
+            pass
+
+    for base in _serve_sockets(handle):
+        storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=5, base_s=0.01, max_backoff_s=0.05))
+        url = f"{base}/bad/{case.replace(' ', '-')}.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        with pytest.raises(DecodeError) as caught:
+            storage.read_range(url, 0, 10, lambda i: "bad.tar:member", 0)
+        message = str(caught.value)
+        assert message.startswith("bad.tar:member: ") and url in message, message
+        assert "after 2 attempts" in message and "a malformed response" in message, message
+        if case not in ("status not digits", "not HTTP"):
+            assert "HTTP 206" in message, message  # the status, where the answer had one
+        assert caught.value.code == "unavailable"
+        assert len(requests) == 2 and len(connections) == 2  # retried, each on a connection of its own
+        storage.close()
+
+
+def test_a_server_that_drips_bytes_is_cut_off_at_the_attempts_deadline() -> None:
+    """--remote-timeout-s bounds a whole attempt: a byte every 0.2 s (each socket read well inside 1 s) would
+    take 40 s for this body; the read fails once its 1 s attempts are spent, and says so."""
+    dripped: list[int] = []
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        if _read_head(conn) is None:
+            return
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 200\r\n\r\n")
+        for k in range(200):
+            if stop.is_set():
+                return
+            conn.sendall(BODY[k : k + 1])
+            dripped.append(k)
+            time.sleep(0.2)
+
+    for base in _serve_sockets(handle):
+        storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=1, base_s=0.01, max_backoff_s=0.05))
+        url = f"{base}/drip.jpg"
+        storage.remember({url: ObjectInfo(200, "")})
+        with pytest.raises(DecodeError) as caught:
+            storage.read_range(url, 0, 200, lambda i: "drip.jpg", 0)
+        message = str(caught.value)
+        assert "timed out after 1 s" in message and "after 2 attempts" in message, message
+        assert len(dripped) < 2 * 200  # neither attempt was let run to its end
+        storage.close()
+
+
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, made with the openssl tool."""
+    cert, key = folder / "ca.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def _tls(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _s3_answer(seen: list[str]) -> Callable[[bytes], bytes]:
+    """A minimal S3: ListObjectsV2 of bucket `bkt` (one object, d/x.bin) and range GETs of it."""
+
+    def answer(head: bytes) -> bytes:
+        line = head.split(b"\r\n", 1)[0].decode()
+        seen.append(line)
+        target = line.split(" ")[1]
+        if "list-type=2" in target:
+            body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>bkt</Name><Prefix>d/</Prefix>'
+                    b"<KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated><Contents>"
+                    b'<Key>d/x.bin</Key><Size>%d</Size><ETag>"v1"</ETag></Contents></ListBucketResult>' % len(BODY))
+            return b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body),
+                                                                                                      body)
+        lo, hi = _range(head)
+        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\nETag: \"v1\"\r\n\r\n%s" % (hi - lo + 1,
+                                                                                             BODY[lo : hi + 1])
+
+    return answer
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """Only the AWS settings a test sets: keys, a region, no config files, no proxies."""
+    for name in [k for k in os.environ if k.startswith("AWS_") or k.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLOCALTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-test-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return monkeypatch
+
+
+def test_s3_reads_trust_the_ca_bundle_the_listings_trust(aws: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """AWS_CA_BUNDLE (a private CA, as in a company's store) is used for the range GETs too, not only by
+    botocore for the listings; a bundle that does not trust the store is a named TLS error."""
+    cert, key = _certificate(tmp_path)
+    seen: list[str] = []
+    for base in _serve(_s3_answer(seen), tls=_tls(cert, key)):
+        aws.setenv("AWS_ENDPOINT_URL", base)
+        aws.setenv("AWS_CA_BUNDLE", str(cert))
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        assert storage.list("s3://bkt/d/") == {"s3://bkt/d/x.bin": ObjectInfo(len(BODY), '"v1"')}  # botocore
+        assert storage.read_range("s3://bkt/d/x.bin", 100, 50, str, 0) == BODY[100:150]  # this reader
+        assert seen[-1].startswith("GET /bkt/d/x.bin ")
+        storage.close()
+        aws.setenv("AWS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")  # the public CAs only
+        other = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        other.remember({"s3://bkt/d/x.bin": ObjectInfo(len(BODY), '"v1"')})
+        with pytest.raises(DecodeError) as caught:
+            other.read_range("s3://bkt/d/x.bin", 0, 10, str, 0)
+        assert "certificate" in str(caught.value) and "AWS_CA_BUNDLE" in str(caught.value), str(caught.value)
+        other.close()
+
+
+def test_https_through_an_http_proxy_tunnel_as_botocore_goes(aws: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """HTTPS_PROXY: the listing (botocore) and the range GETs (this reader) both go through the proxy's
+    CONNECT tunnel, with the proxy's credentials; NO_PROXY names hosts reached directly."""
+    cert, key = _certificate(tmp_path)
+    tls = _tls(cert, key)
+    tunnels: list[bytes] = []
+    seen: list[str] = []
+    answer = _s3_answer(seen)
+
+    def proxy(conn: socket.socket, stop: threading.Event) -> None:
+        got = _read_head(conn)
+        if got is None:
+            return
+        tunnels.append(got[0] + b"\r\n\r\n")
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        with tls.wrap_socket(conn, server_side=True) as inner:  # the proxy is the store too: the tunnel's far end
+            buf = b""
+            while (got := _read_head(inner, buf)) is not None:
+                head, buf = got
+                inner.sendall(answer(head))
+
+    for base in _serve_sockets(proxy):
+        port = base.rsplit(":", 1)[1]
+        aws.setenv("AWS_ENDPOINT_URL", "https://127.0.0.1:9")  # nothing listens there: only the tunnel reaches it
+        aws.setenv("AWS_CA_BUNDLE", str(cert))
+        aws.setenv("HTTPS_PROXY", f"http://user:pa%40ss@127.0.0.1:{port}")
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        assert list(storage.list("s3://bkt/d/")) == ["s3://bkt/d/x.bin"]
+        assert storage.read_range("s3://bkt/d/x.bin", 7, 9, str, 0) == BODY[7:16]
+        assert len(tunnels) == 2 and all(t.startswith(b"CONNECT 127.0.0.1:9 HTTP/1.") for t in tunnels)
+        assert b"Proxy-Authorization: Basic dXNlcjpwYUBzcw==" in tunnels[1]  # user:pa@ss, from this reader
+        storage.close()
+        aws.setenv("NO_PROXY", "127.0.0.1")
+        direct = RemoteStorage(RetryPolicy(attempts=1, timeout_s=2, base_s=0.01))
+        direct.remember({"s3://bkt/d/x.bin": ObjectInfo(len(BODY), '"v1"')})
+        with pytest.raises(DecodeError, match="ConnectionRefusedError"):
+            direct.read_range("s3://bkt/d/x.bin", 0, 10, str, 0)  # straight to port 9, past the proxy
+        assert len(tunnels) == 2
+        direct.close()
+
+
+def test_plain_http_through_a_proxy_and_a_proxy_this_reader_cannot_use(aws: pytest.MonkeyPatch) -> None:
+    lines: list[bytes] = []
+
+    def answer(head: bytes) -> bytes:
+        lines.append(head.split(b"\r\n", 1)[0])
+        lo, hi = _range(head)
+        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+
+    for base in _serve(answer):
+        aws.setenv("HTTP_PROXY", base)
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        url = "http://images.example.invalid:8080/train/1.jpg"  # resolved by the proxy, never here
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        assert storage.read_range(url, 3, 4, str, 0) == BODY[3:7]
+        assert lines == [b"GET http://images.example.invalid:8080/train/1.jpg HTTP/1.1"]
+        storage.close()
+    aws.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
+    aws.setenv("AWS_ENDPOINT_URL", "https://127.0.0.1:9")
+    with pytest.raises(ConfigError, match=r"HTTPS_PROXY is 'socks5://127.0.0.1:1080': objects are read through an "
+                                          r"http:// proxy only .* or add 127.0.0.1 to NO_PROXY"):
+        RemoteStorage().list("s3://bkt/d/")  # at start: opening a data set lists or reads before any worker
+
+
+@pytest.mark.parametrize(("style", "endpoint", "expected"), [
+    ("virtual", "http://store.example.invalid:9000", "http://bkt.store.example.invalid:9000/d/x.bin"),
+    ("path", "http://s3.us-east-1.amazonaws.com", "http://s3.us-east-1.amazonaws.com/bkt/d/x.bin"),
+    ("auto", "http://s3.us-east-1.amazonaws.com", "http://bkt.s3.us-east-1.amazonaws.com/d/x.bin"),
+    ("auto", "http://store.example.invalid:9000", "http://store.example.invalid:9000/bkt/d/x.bin"),
+])
+def test_the_profiles_s3_addressing_style_is_the_style_of_the_reads(aws: pytest.MonkeyPatch, tmp_path: Path,
+                                                                    style: str, endpoint: str, expected: str) -> None:
+    """``s3 = addressing_style = ...`` in the AWS config decides where the GETs go, as it does for botocore's
+    listings (seen through a proxy, which gets every request in absolute form: no name is resolved here)."""
+    lines: list[bytes] = []
+
+    def answer(head: bytes) -> bytes:
+        lines.append(head.split(b"\r\n", 1)[0])
+        lo, hi = _range(head)
+        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+
+    (tmp_path / "config").write_text(f"[default]\ns3 =\n    addressing_style = {style}\n")
+    aws.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    aws.setenv("AWS_ENDPOINT_URL", endpoint)
+    for base in _serve(answer):
+        aws.setenv("HTTP_PROXY", base)
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        storage.remember({"s3://bkt/d/x.bin": ObjectInfo(len(BODY), '"v1"')})
+        assert storage.read_range("s3://bkt/d/x.bin", 0, 8, str, 0) == BODY[:8]
+        assert lines == [f"GET {expected} HTTP/1.1".encode()]
+        storage.close()
+
+
+def test_no_password_or_presigned_signature_is_printed_or_logged(aws: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A URL's userinfo and a presigned query are credentials: --print-config, the log and the errors of
+    `check` name the objects without them."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    secret_query = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDPRESIGNED%2F20260101&X-Amz-Signature=5ec7e7"
+    listing = b"img/1.jpg 0\nimg/2.jpg 1\n"
+
+    def answer(head: bytes) -> bytes:
+        method, target = head.split(b" ")[:2]
+        assert b"Authorization: Basic dXNlcjpodW50ZXIy" in head  # user:hunter2, sent as basic authentication
+        if target.startswith(b"/list.txt"):
+            body = b"" if method == b"HEAD" else listing
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: \"l1\"\r\n\r\n%s" % (len(listing), body)
+        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    for base in _serve(answer):
+        data = f"{base.replace('http://', 'http://user:hunter2@')}/list.txt?{secret_query}"
+        shown = subprocess.run([sys.executable, "-m", "loader_server", "serve", "--data", data, "--print-config",
+                                "--batch-size", "1", "--log-level", "DEBUG"],
+                               capture_output=True, text=True, timeout=120, cwd=root)
+        report = tmp_path / "bad.tsv"
+        checked = subprocess.run([sys.executable, "-m", "loader_server", "check", "--data", data, "--report",
+                                  str(report)], capture_output=True, text=True, timeout=120, cwd=root)
+        assert shown.returncode == 0, shown.stderr
+        assert f'data = "{base.replace("http://", "http://***@")}/list.txt?<redacted>"' in shown.stdout
+        assert checked.returncode == 1 and "2  not_found" in checked.stdout, checked.stdout + checked.stderr
+        assert report.read_text().splitlines()[0] == f"{base.replace('http://', 'http://***@')}/img/1.jpg\tobject " \
+                                                     "not found"
+        for text in (shown.stdout + shown.stderr, checked.stdout + checked.stderr, report.read_text()):
+            assert "hunter2" not in text and "AKIDPRESIGNED" not in text and "5ec7e7" not in text, text
+
+
+def test_errors_sent_to_trainers_and_log_lines_carry_no_url_secret() -> None:
+    import logging
+
+    from loader_server.logs import _JsonFormatter, _TextFormatter
+    from loader_server.runtime.outgoing import error_message
+
+    text = "https://u:pw@h/k.jpg?X-Amz-Signature=deadbeef: GET failed, and https://h/k2?Signature=beef&Expires=1."
+    sent = error_message("bad_sample", text, path="https://u:pw@h/k.jpg")
+    assert sent.message == "https://***@h/k.jpg?<redacted>: GET failed, and https://h/k2?<redacted>."
+    assert sent.path == "https://***@h/k.jpg"
+    record = logging.LogRecord("loader_server", logging.WARNING, __file__, 1, "bad: %s", (text,), None)
+    for formatter in (_TextFormatter("%(message)s"), _JsonFormatter()):
+        line = formatter.format(record)
+        assert "pw@" not in line and "deadbeef" not in line and "beef&" not in line and "https://***@h/k.jpg" in line

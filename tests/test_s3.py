@@ -37,7 +37,7 @@ from loader_server.pipeline.cache import open_cache
 from loader_server.sample_data import write_parquet, write_tar_shards
 
 from . import s3_support
-from .conftest import unique_label_list
+from .conftest import unique_label_list, wait_until
 
 pytestmark = pytest.mark.s3
 
@@ -116,6 +116,7 @@ def data(store: s3_support.ObjectStore, tmp_path_factory: pytest.TempPathFactory
         store.put(s3_support.PUBLIC, f"tar/{shard.name}", shard.read_bytes())
     return {
         "files": (str(listfile), f"s3://{BUCKET}/d/files/train.txt"),
+        "objects-local": (str(listfile), str(root / "objects.txt")),  # a local list file naming objects
         "objects": (str(listfile), f"s3://{BUCKET}/lists/objects.txt"),
         "tar": (local["tar"], f"s3://{BUCKET}/d/tar/train-{{000000..000004}}.tar"),
         "tar-prefix": (local["tar"], f"s3://{BUCKET}/d/tar/"),
@@ -162,6 +163,97 @@ def test_the_decoded_cache_in_front_of_the_store(data: dict[str, tuple[str, str]
     cached = _batches(remote, cache=str(tmp_path / "cache"), index_dir=str(tmp_path / "index"))
     np.testing.assert_array_equal(np.concatenate([a.ravel() for a in cached]),
                                   np.concatenate([a.ravel() for a in _batches(local)]))
+
+
+def test_every_path_to_the_objects_takes_the_data_sets_remote_settings(data: dict[str, tuple[str, str]],
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--remote-* reach every way a data set opens its objects: a local list file naming s3:// objects, class
+    folders, a prefix whose kind is told by listing it, shards and tables; no storage of other settings is made."""
+    from loader_server.data import remote
+
+    monkeypatch.setattr(remote, "_STORAGES", {})
+    settings: dict[str, Any] = {"remote_attempts": 2, "remote_timeout_s": 1.5, "remote_inflight_mb": 3.0,
+                                "remote_recheck_s": 7.0}
+    try:
+        for kind in ("objects-local", "objects", "class-folders", "tar-prefix", "parquet-snappy"):
+            where = data[kind][1]
+            extra = {"index_dir": str(tmp_path / kind)} if kind.startswith(("tar", "parquet")) else {}
+            ds = load_dataset(ServerConfig(data=where, **settings, **extra))
+            storage = getattr(ds, "remote", None) or getattr(ds, "storage", None)
+            assert isinstance(storage, RemoteStorage), kind
+            assert storage.policy == RetryPolicy(attempts=2, timeout_s=1.5), (kind, storage.policy)
+            assert storage.inflight_bytes == 3 << 20 and storage.recheck_s == 7.0, kind
+            assert len(ds.read(0)) > 0  # type: ignore[attr-defined]
+            assert [s.policy for s in remote._STORAGES.values()] == [RetryPolicy(attempts=2, timeout_s=1.5)], kind
+    finally:
+        for storage in remote._STORAGES.values():
+            storage.close()
+
+
+def test_objects_are_indexed_where_they_lie_without_a_local_copy(store: s3_support.ObjectStore,
+                                                                  tmp_path: Path) -> None:
+    """A tar shard and a Parquet table of several MB are indexed by range reads: the indexing process may
+    not write a file over 1 MB (RLIMIT_FSIZE), so a copy of either object anywhere (/tmp, the index
+    folder) fails it; a pod's small /tmp (deploy/kubernetes/statefulset.yaml) is never filled."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    members = [("a.jpg", rng.bytes(9 << 20)), ("a.cls", b"4"), ("b.jpg", rng.bytes(3 << 20)), ("b.cls", b"5")]
+    shard = io.BytesIO()
+    with tarfile.open(fileobj=shard, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    store.put(BUCKET, "big/shard-0.tar", shard.getvalue())
+    table = io.BytesIO()
+    pq.write_table(pa.table({"image": [rng.bytes(2 << 20), rng.bytes(2 << 20)], "label": [1, 2]}), table,
+                   compression="none", row_group_size=1)
+    store.put(BUCKET, "big/table-0.parquet", table.getvalue())
+    probe = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "from loader_server import ServerConfig, load_dataset\n"
+        "for data in sys.argv[2:]:\n"
+        "    ds = load_dataset(ServerConfig(data=data, index_dir=sys.argv[1]))\n"
+        "    print(len(ds), [len(ds.read(i)) for i in range(len(ds))], ds.labels.tolist())\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "index"), f"s3://{BUCKET}/big/shard-0.tar",
+                           f"s3://{BUCKET}/big/table-0.parquet"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"2 [{9 << 20}, {3 << 20}] [4, 5]", f"2 [{2 << 20}, {2 << 20}] [1, 2]"]
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+
+
+def test_damaged_objects_are_one_line_errors_naming_the_object(store: s3_support.ObjectStore,
+                                                             tmp_path: Path) -> None:
+    """Issue 23's bounds hold for objects read where they lie (RemoteFile): each damaged shard or table is a
+    ConfigError naming its URL, and what a damaged size says is never allocated (a global pax header of 8 GB
+    read by tarfile: io's read made a buffer of that size)."""
+    import tracemalloc
+
+    from loader_client.contract.errors import ConfigError
+
+    from .test_container_fuzz import damaged_examples
+
+    for name, raw, wrong in damaged_examples(tmp_path / "made"):
+        store.put(BUCKET, f"bad/{name}", raw)
+        url = f"s3://{BUCKET}/bad/{name}"
+        tracemalloc.start()
+        try:
+            with pytest.raises(ConfigError) as info:
+                load_dataset(ServerConfig(data=url, index_dir=str(tmp_path / "index")))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        message = str(info.value)
+        assert url in message and wrong in message and "\n" not in message, message
+        assert peak < 16 << 20, (name, peak)
 
 
 def _digests(endpoint: str, **kwargs: Any) -> list[tuple[list[int], str]]:
@@ -364,6 +456,25 @@ def s3_support_info(store: s3_support.ObjectStore) -> Any:
 
     head = store.client().head_object(Bucket=s3_support.PUBLIC, Key="blob")
     return ObjectInfo(int(head["ContentLength"]), head["ETag"])
+
+
+def test_the_version_recheck_runs_in_the_background_serving_the_last_known_state(
+        store: s3_support.ObjectStore) -> None:
+    """A worker's `version` never lists a folder itself once it knows its state: past --remote-recheck-s it
+    answers the last known state and a background thread lists the folder; the change shows after that."""
+    store.put(BUCKET, "recheck/a.bin", b"one")
+    store.put(BUCKET, "recheck/b.bin", b"other")
+    url = f"s3://{BUCKET}/recheck/a.bin"
+    storage = RemoteStorage(recheck_s=0.5)
+    storage.list(f"s3://{BUCKET}/recheck/", shallow=True)  # as opening a data set does: the folder's state now
+    indexed = storage.version(url)
+    assert indexed is not None and indexed[1] == 3
+    store.put(BUCKET, "recheck/a.bin", b"two!")  # overwritten: another ETag and size
+    time.sleep(0.6)  # the known state is now older than --remote-recheck-s
+    assert storage.version(url) == indexed  # the last known state; the listing runs in the background
+    wait_until(lambda: storage.version(url) is None, 30, "the background re-check to see the change")
+    assert storage.version(f"s3://{BUCKET}/recheck/b.bin") is not None  # the folder's other object: unchanged
+    storage.close()
 
 
 def test_bytes_in_flight_stay_under_the_bound(store: s3_support.ObjectStore) -> None:

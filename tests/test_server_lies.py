@@ -427,3 +427,10 @@ def test_an_ipc_socket_squatted_by_another_user_is_refused_unless_that_uid_is_tr
                 assert x.shape == (BATCH, *X_SHAPE) and y.tolist() == batch_arrays(0, 0)["y"].tolist()
             wait_until(lambda: len(report()["received"]) == 3 and report()["received"][2] > 0, 10,
                        "the squatter to count the trusting client's hello")
+            # Or through LOADER_SERVER_UID, as compose and the pods set it, for a script that passes nothing.
+            os.environ["LOADER_SERVER_UID"] = str(SQUATTER_UID)
+            try:
+                with LoaderClient(endpoint, timeout_s=5) as client:
+                    assert client.next()[1].tolist() == batch_arrays(0, 0)["y"].tolist()
+            finally:
+                del os.environ["LOADER_SERVER_UID"]

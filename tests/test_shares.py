@@ -1,11 +1,18 @@
 """Unit tests of the pure state behind shares and ``--workers auto``: shares (runtime/shares.py),
 the trainers' stall reports (sessions.py), shared arena slots (arenas.py), the autoscaler
-(autoscale.py) and the supervisor's resize. No sockets, no processes; the end-to-end tests of
-the same promises are in tests/test_sharing.py."""
+(autoscale.py) and the supervisor's resize. No server; the end-to-end tests of the same promises
+are in tests/test_sharing.py. The processes behind a member (processes.py) are told here from a
+real child process and real loopback sockets."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,11 +21,14 @@ import pytest
 from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import Hello
 from loader_client.contract.sampling import SamplingPlan
-from loader_server.runtime.arenas import Arena, share_arena_slots
+from loader_server.runtime import processes
+from loader_server.runtime.arenas import Arena, LeftBehind, share_arena_slots
 from loader_server.runtime.autoscale import Autoscaler, ScalePolicy
+from loader_server.runtime.processes import PeerProcesses, Process, ipc_peer_pid, tcp_peer_pids
 from loader_server.runtime.sessions import Session, StreamFacts, open_session
 from loader_server.runtime.shares import Share, ShareKey, ShareTerms
 
+from .conftest import wait_until
 from .test_runtime import Clock, supervisor
 
 TERMS = ShareTerms(world_size=1, seed=7, augment=False)
@@ -234,6 +244,94 @@ def test_slots_a_leaving_member_held_are_never_reused() -> None:
     arena.release([slot], b"b")
     assert slot not in arena.free and slot in arena.orphans
     assert share_arena_slots(8, 16) > 16 + 8
+
+
+def test_slots_of_a_member_are_reused_once_its_process_has_exited() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        processes = PeerProcesses.of((child.pid,))
+        assert processes.known and not processes.gone()
+        arena, slot = arena_with_slot(b"a", b"b")
+        arena.give_back(slot)
+        arena.forget(b"a", processes)
+        arena.release([slot], b"b")
+        assert arena.reclaim() == 0 and slot in arena.orphans and slot not in arena.free  # a may still read it
+        assert "1 until their processes exit" in arena.fullness()
+        child.kill()
+        deadline = time.monotonic() + 30
+        while not processes.gone():  # a zombie (not reaped yet) has released its memory: gone
+            assert time.monotonic() < deadline, "the killed process never counted as gone"
+            time.sleep(0.01)
+        assert arena.reclaim() == 1 and slot in arena.free and not arena.orphans and not arena.left
+        assert arena.reclaimed == 1
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_process_whose_main_thread_exited_is_alive_while_another_thread_runs() -> None:
+    """Its main thread shows as a zombie in /proc/PID/stat, but its memory (an arena's slots) is still mapped."""
+    script = ("import ctypes, threading, time; threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+              "print(flush=True); ctypes.CDLL(None).pthread_exit(None)")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"\n"
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                assert time.monotonic() < deadline, "the main thread never exited"
+                time.sleep(0.01)
+            processes = PeerProcesses.of((child.pid,))
+            assert processes.known and not processes.gone()
+            child.kill()
+            child.wait()
+            assert processes.gone()
+        finally:
+            child.kill()
+
+
+def test_an_orphan_that_two_leavers_held_waits_for_both_and_a_held_one_for_its_holder() -> None:
+    arena, slot = arena_with_slot(b"a", b"b", b"c")
+    arena.give_back(slot)
+    gone = PeerProcesses((Process(os.getpid(), -1),))  # this pid with another start time: not this process
+    alive = PeerProcesses.of((os.getpid(),))
+    assert gone.gone() and not alive.gone()
+    arena.forget(b"a", gone)
+    arena.forget(b"b", alive)
+    assert arena.reclaim() == 0 and slot in arena.orphans  # b's process may still read it
+    arena.left[-1] = LeftBehind({slot}, gone)  # b's process exits too
+    assert arena.reclaim() == 1 and slot not in arena.free  # c still holds it
+    arena.release([slot], b"c")
+    assert slot in arena.free
+
+
+def test_peer_processes_as_the_kernel_tells_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ipc_peer_pid(":0:0:1234") == 1234 and ipc_peer_pid("?") == 0 and ipc_peer_pid(None) == 0
+    assert not PeerProcesses.of((0,)).known and not PeerProcesses().gone()  # unknown: never gone
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as ours:
+            conn, _ = server.accept()
+            with conn:
+                assert tcp_peer_pids(conn.fileno()) == (os.getpid(),)  # the holder of the other end
+                found = PeerProcesses.of_tcp(conn.fileno())  # the same, found in the background
+                wait_until(lambda: found.known, 30, "the background scan")
+                assert [p.pid for p in found.processes] == [os.getpid()] and not found.gone()
+                assert tcp_peer_pids(conn.fileno(), budget_s=-1) == ()  # out of time: nobody
+                busy = processes._ScanClock()
+                busy.add(processes.SCAN_TIME_SHARE * 20)
+                monkeypatch.setattr(processes, "_scans", busy)
+                assert tcp_peer_pids(conn.fileno()) == ()  # scans took their share of the loop's time lately
+                monkeypatch.undo()
+                assert ours.fileno() >= 0
+    with socket.socket() as server, socket.socket(socket.AF_INET6) as ours:  # a dual-stack client, as libzmq's
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        ours.connect(("::ffff:127.0.0.1", server.getsockname()[1]))
+        conn, _ = server.accept()
+        with conn:
+            assert tcp_peer_pids(conn.fileno()) == (os.getpid(),)
+    assert tcp_peer_pids(-1) == () and not PeerProcesses.of_tcp(-1).known
 
 
 # ---------------------------------------------------------------------------- autoscaler

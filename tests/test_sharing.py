@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import subprocess
 import sys
 import time
@@ -42,10 +43,15 @@ def record(client: LoaderClient, n: int) -> list[tuple[int, int, list[int], str]
     out = []
     for _ in range(n):
         x, y = client.next()[:2]
-        info = client.last
-        assert info is not None
-        out.append((info.epoch, info.batch, info.indices.tolist(), hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()))
+        out.append(entry(client, x, y))
     return out
+
+
+def entry(client: LoaderClient, x: np.ndarray, y: np.ndarray) -> tuple[int, int, list[int], str]:
+    """(epoch, batch, sample indices, digest of x and y) of the batch `client` just gave."""
+    info = client.last
+    assert info is not None
+    return info.epoch, info.batch, info.indices.tolist(), hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
 
 
 def check_exact(records: list[tuple[int, int, list[int], str]], start: int = 0) -> None:
@@ -166,6 +172,80 @@ def test_a_member_killed_and_resumed_from_its_state_rejoins(start_server: Callab
     check_exact(got_a)
     assert got_a == got_b
     assert killed_run == got_a[:len(killed_run)]
+
+
+def in_shared_memory(x: np.ndarray) -> bool:
+    """Whether `x` is a view of a shared-memory slot (not a frame received over the socket)."""
+    base: Any = x
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, mmap.mmap)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_members_killed_holding_slots_give_them_back_and_the_others_keep_shared_memory(
+        start_server: Callable[..., RunningServer], data: Path, tmp_path: Path, transport: str) -> None:
+    """Trials stopped early (SIGKILLed) while holding more slots than the arena can spare: once the
+    kernel says their processes are gone their slots are reused, so the trials that go on keep
+    shared memory; an arena that does run out says so, counts each batch sent as frames, and
+    recovers when slots come back. Every member's epochs stay exact throughout."""
+    server = start_server(data, "--batch-size", str(BATCH), "--size", "16x16", "--workers", "2", "--prefetch", "2",
+                          "--share-window", "4", transport=transport)
+    with LoaderClient(server.endpoint, share="sweep", name="a", timeout_s=30) as a, \
+            LoaderClient(server.endpoint, share="sweep", name="b", timeout_s=30) as b:
+        assert a.shared_memory and b.shared_memory
+        got_a, got_b = record(a, 2), record(b, 2)
+        slots = share_stats(server.endpoint)["arena_slots"]
+        hold = slots // 2 + 1  # each killed trial holds more than half of the arena: two leave no room
+        runs = []
+        for i in range(3):
+            out = tmp_path / f"killed-{i}.jsonl"
+            killed = subprocess.run([sys.executable, "-m", "tests.stream_consumer", server.endpoint, str(out),
+                                     "--share", "sweep", "--hold", "--die-after", str(hold)], cwd=REPO,
+                                    capture_output=True, text=True, timeout=120)
+            assert killed.returncode == -9, killed.stderr
+            runs.append([(d["epoch"], d["batch"], d["indices"], d["digest"])
+                         for d in map(json.loads, out.read_text().splitlines())])
+            got_a += record(a, 3)
+            got_b += record(b, 3)
+
+            def given_back(i: int = i) -> bool:
+                s = share_stats(server.endpoint)
+                return s["members"] == 2 and s["slots_orphaned"] == 0 and s["slots_reclaimed"] >= (i + 1) * hold
+
+            wait_until(given_back, 60, "the killed trial's slots to be given back")
+        stats = share_stats(server.endpoint)
+        assert stats["shm_fallbacks"] == 0 and stats["slots_free"] > slots // 2, stats
+        for _ in range(STEPS):  # the trials that go on still get every batch in shared memory
+            for member, got in ((a, got_a), (b, got_b)):
+                x, y = member.next()[:2]
+                assert in_shared_memory(x)
+                got.append(entry(member, x, y))
+        # A trial that holds every batch runs the arena dry: frames then, counted and said once.
+        held = []
+        for _ in range(slots + 4):
+            x, y = a.next()[:2]
+            held.append(x)
+            got_a.append(entry(a, x, y))
+            got_b += record(b, 1)
+        assert in_shared_memory(held[0]) and not in_shared_memory(held[-1])
+        dry = share_stats(server.endpoint)
+        assert dry["shm_fallbacks"] > 0, dry
+        assert server_stats(server.endpoint, timeout_s=10)["shm_fallback_batches"] >= dry["shm_fallbacks"]
+        held.clear()  # its slots are released: shared memory again
+        got_a += record(a, 2 * STEPS)
+        got_b += record(b, 2 * STEPS)
+        x, y = a.next()[:2]
+        assert in_shared_memory(x)
+        got_a.append(entry(a, x, y))
+    for run in runs:  # each killed trial got its batches exactly once, in order, from its start
+        assert len(run) == hold
+        check_exact(run)
+    check_exact(got_a)
+    assert got_b == got_a[:len(got_b)]
+    assert runs[0] == got_a[:hold]  # the same stream for every member, pixels included
+    assert server.log_text().count("no free slot in its shared-memory arena") >= 1
+    assert "slot(s) held by members that left are reused" in server.log_text()
 
 
 def test_members_asking_for_another_stream_are_refused_naming_the_difference(

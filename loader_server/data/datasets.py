@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions, options_of
+from ..redaction import redact
 from .file_access import check_exists, os_error
 from .interface import ArrayDataset, ByteDataset, Dataset, FileDataset, byte_source, row_source
 from .remote import is_remote, storage_of
@@ -38,7 +39,9 @@ class DatasetKind:
     """One kind of data set: how ``--data`` is recognised and opened."""
 
     name: str
-    matches: Callable[[str], bool]  # --data -> is it this kind? (a path, a pattern or a list of paths)
+    #: Is ``options.data`` (a path, a pattern or a list of paths) this kind? A kind that must look at objects
+    #: to tell lists them with ``storage_of(options)``, as everything that reads the data set's objects does.
+    matches: Callable[[DataOptions], bool]
     open: Callable[[DataOptions], Dataset]
     settings: tuple[str, ...] = ()  # the kind-specific settings it uses (others must stay unset)
 
@@ -49,10 +52,10 @@ def _arrays(options: DataOptions) -> Dataset:
     return load_arrays(options.data, options.labels, options.offsets, options.maxlen, options.pad, options.truncate)
 
 
-def _is_arrays(data: str) -> bool:
+def _is_arrays(options: DataOptions) -> bool:
     from .arrays import is_array_data
 
-    return os.path.exists(data) and is_array_data(data)
+    return os.path.exists(options.data) and is_array_data(options.data)
 
 
 def _tar_shards(options: DataOptions) -> Dataset:
@@ -70,13 +73,13 @@ def _parquet_tables(options: DataOptions) -> Dataset:
 def _class_folders(options: DataOptions) -> Dataset:
     from .index import load_class_folders
 
-    return load_class_folders(options.data, storage_of(options) if is_remote(options.data) else None)
+    return load_class_folders(options.data, storage_of(options))
 
 
 def _list_file(options: DataOptions) -> Dataset:
     from .index import load_list_file
 
-    return load_list_file(options.data, storage_of(options) if is_remote(options.data) else None)
+    return load_list_file(options.data, storage_of(options))
 
 
 def _is_folder(data: str) -> bool:
@@ -84,11 +87,11 @@ def _is_folder(data: str) -> bool:
     return data.endswith("/") if is_remote(data) else os.path.isdir(data)
 
 
-def _holds(suffix: str) -> Callable[[str], bool]:
-    def matches(data: str) -> bool:
+def _holds(suffix: str) -> Callable[[DataOptions], bool]:
+    def matches(options: DataOptions) -> bool:
         from .packed import looks_like
 
-        return looks_like(data, suffix)
+        return looks_like(options.data, suffix, storage_of(options))
 
     return matches
 
@@ -98,8 +101,8 @@ KINDS: tuple[DatasetKind, ...] = (
     DatasetKind("arrays", _is_arrays, _arrays, ("labels", "offsets", "maxlen", "pad", "truncate")),
     DatasetKind("tar shards", _holds(".tar"), _tar_shards, ("json_label", "index_dir")),
     DatasetKind("Parquet tables", _holds(".parquet"), _parquet_tables, ("image_column", "label_column", "index_dir")),
-    DatasetKind("class folders", _is_folder, _class_folders),
-    DatasetKind("list file", lambda data: not _is_folder(data), _list_file),
+    DatasetKind("class folders", lambda options: _is_folder(options.data), _class_folders),
+    DatasetKind("list file", lambda options: not _is_folder(options.data), _list_file),
 )
 
 
@@ -113,14 +116,14 @@ def load_dataset(config: ServerConfig | DataOptions) -> Dataset:
 
     options = options_of(config, DataOptions)
     try:
-        kind = next(k for k in KINDS if k.matches(options.data))
+        kind = next(k for k in KINDS if k.matches(options))
         if kind.name in ("class folders", "list file", "arrays") and not is_remote(options.data):
             check_exists(options.data, "data set", MISSING_HINT)
         _refuse_foreign_settings(options, kind)
         dataset = kind.open(options)
     except StopIteration:
-        raise ConfigError(f"data set {config.data!r} is of no known kind ({', '.join(k.name for k in KINDS)})") \
-            from None
+        raise ConfigError(f"data set {redact(config.data)!r} is of no known kind "
+                          f"({', '.join(k.name for k in KINDS)})") from None
     except OSError as exc:  # a kind that let one through: still a message, never a traceback
         raise os_error(exc, "data set", options.data) from None
     if len(dataset) == 0:
@@ -142,4 +145,4 @@ def _refuse_foreign_settings(options: DataOptions, kind: DatasetKind) -> None:
         whose = sorted({"array data sets" if k.name == "arrays" else k.name
                         for k in KINDS if set(given) & set(k.settings)})
         raise ConfigError(f"{flags} {'apply' if len(given) > 1 else 'applies'} to {' and '.join(whose)} only; "
-                          f"--data {options.data} is {kind.name}")
+                          f"--data {redact(options.data)} is {kind.name}")

@@ -19,7 +19,7 @@ from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version, read_file
-from .remote import is_remote
+from .remote import is_remote, redact, storage_of
 
 if TYPE_CHECKING:
     from .remote import RemoteStorage
@@ -58,8 +58,8 @@ class DatasetIndex:
         return os.path.join(self.root, name)
 
     def describe(self, i: int) -> str:
-        """What names sample `i` in messages: its path."""
-        return self.path(i)
+        """What names sample `i` in messages: its path (a URL without its userinfo or presigned signature)."""
+        return redact(self.path(i)) if self.remote is not None else self.path(i)
 
     def read(self, i: int, max_bytes: int | None = None) -> bytes:
         """The bytes of sample `i`: its whole file (DecodeError naming it when it cannot be read)."""
@@ -115,10 +115,8 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
     as it was then (its ETag).
     """
     path: Path | str
+    storage = storage or storage_of()
     if isinstance(data, str) and is_remote(data):
-        from .remote import remote_storage
-
-        storage = storage or remote_storage()
         path = data
         try:
             raw = storage.read(data)
@@ -162,6 +160,9 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
             raise ConfigError(
                 f"{path}:{lineno}: label {_show(label)} is not an integer in line {_show(line)}"
             ) from None
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{path}:{lineno}: label {_show(label)} does not fit a 64-bit integer (labels are "
+                              "class numbers from 0)")
         append_path(name)
         append_label(value)
     if not paths:
@@ -169,16 +170,12 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
     return _with_objects(_build(root, paths, labels, None, f"list file {path}"), storage)
 
 
-def _with_objects(index: DatasetIndex, storage: RemoteStorage | None) -> DatasetIndex:
+def _with_objects(index: DatasetIndex, storage: RemoteStorage) -> DatasetIndex:
     """The index with its remote storage where it names objects, their s3:// folders listed (one listing each)."""
     import dataclasses
 
     if not is_remote(index.root) and b"://" not in index.blob.tobytes():
         return index
-    if storage is None:
-        from .remote import remote_storage
-
-        storage = remote_storage()
     index = dataclasses.replace(index, remote=storage)
     folders = sorted({p.rsplit("/", 1)[0] + "/" for p in map(index.path, range(len(index))) if p.startswith("s3://")})
     for folder in folders:
@@ -219,7 +216,7 @@ def _parse_plain(raw: bytes) -> tuple[list[bytes], np.ndarray] | None:
 def load_class_folders(data: str | os.PathLike[str], storage: RemoteStorage | None = None) -> DatasetIndex:
     """Index ``root/<class>/<image>``: classes sorted by name, label = position (also under an s3:// prefix)."""
     if isinstance(data, str) and is_remote(data):
-        return _remote_class_folders(data, storage)
+        return _remote_class_folders(data, storage or storage_of())
     root = Path(data)
     try:
         return _from_class_folders(root)
@@ -250,11 +247,8 @@ def _from_class_folders(root: Path) -> DatasetIndex:
     return _build(str(root.resolve()), paths, labels, tuple(classes), f"class folders {root}")
 
 
-def _remote_class_folders(prefix: str, storage: RemoteStorage | None) -> DatasetIndex:
+def _remote_class_folders(prefix: str, storage: RemoteStorage) -> DatasetIndex:
     """``s3://bucket/prefix/<class>/<image>``, from one listing of the prefix."""
-    from .remote import remote_storage
-
-    storage = storage or remote_storage()
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     try:
         found = storage.list(prefix)
@@ -287,7 +281,7 @@ def _build(
     np.cumsum(lengths, out=offsets[1:])
     blob = np.frombuffer(b"".join(paths), dtype=np.uint8)
     label_arr = labels if isinstance(labels, np.ndarray) else np.array(labels, dtype=np.int64)
-    return DatasetIndex(root, blob, offsets, label_arr, classes, source)
+    return DatasetIndex(root, blob, offsets, label_arr, classes, redact(source))
 
 
 def _first_content_line(raw: bytes) -> int:

@@ -30,10 +30,11 @@ import re
 import tempfile
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -41,9 +42,9 @@ from loader_client.contract.errors import ConfigError
 
 from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
-from .remote import RemoteStorage, is_remote, remote_storage
+from .remote import RemoteStorage, is_remote, redact, storage_of
 
-__all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like"]
+__all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like", "one_line"]
 
 log = logging.getLogger("loader_server")
 
@@ -53,6 +54,12 @@ INDEX_FORMAT = 1
 #: order, as `check` and `cache build` read, decompresses each page once).
 _PAGE_CACHE = 4
 _BRACE = re.compile(r"\{([^{}]*)\}")
+#: The most names one ``--data`` part may expand to (brace ranges multiply: a typo such as
+#: ``{0..99999999999}`` is an error, not a list that fills memory), and the most braces in it.
+_MAX_NAMES = 10_000_000
+_MAX_BRACES = 64
+#: The largest decompressed page an index may name (Parquet page sizes are i32).
+_MAX_PAGE = (1 << 31) - 1
 
 
 @dataclass
@@ -82,15 +89,21 @@ class Segment:
         return np.frombuffer(b"".join(names), dtype=np.uint8), offsets
 
 
-def looks_like(data: str, suffix: str) -> bool:
-    """Whether ``--data`` names files ending in `suffix`: a pattern or path with that suffix, or a folder of them."""
+def one_line(exc: BaseException) -> str:
+    """What a library's exception says, on one line (pyarrow's messages may span several), or its type."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def looks_like(data: str, suffix: str, storage: RemoteStorage | None = None) -> bool:
+    """Whether ``--data`` names files ending in `suffix`: a pattern or path with that suffix, or a folder of them
+    (a prefix of objects listed with `storage`, the data set's: None, the default ``--remote-*`` settings)."""
     parts = [p for p in data.split("::") if p]
     if not parts:
         return False
     if len(parts) > 1 or _is_pattern(parts[0]):
         return all(_brace_expand(p)[0].rstrip("*?]").endswith(suffix) or p.endswith(suffix) for p in parts)
     if is_remote(parts[0]) and parts[0].endswith("/"):  # a prefix: what it holds
-        return any(url.endswith(suffix) for url in _remote_listing(parts[0]))
+        return any(url.endswith(suffix) for url in _remote_listing(parts[0], storage or storage_of()))
     if os.path.isdir(parts[0]):
         try:
             with os.scandir(parts[0]) as entries:
@@ -104,32 +117,62 @@ def _is_pattern(text: str) -> bool:
     return any(c in text for c in "{*?[")
 
 
+_RANGE = re.compile(r"(-?\d{1,18})\.\.(-?\d{1,18})")
+
+
 def _brace_expand(text: str) -> list[str]:
-    """``a{0..2}b`` → a0b a1b a2b (zero-padded as written: {000..099}), ``{x,y}`` → x y; nested braces expand."""
+    """``a{0..2}b`` → a0b a1b a2b (zero-padded as written: {000..099}), ``{x,y}`` → x y; nested braces expand.
+
+    At most `_MAX_NAMES` names: more is a ConfigError, said before any is made."""
+    if text.count("{") > _MAX_BRACES:
+        raise ConfigError(f"--data {text[:200]!r} has over {_MAX_BRACES} braces")
+    if _brace_count(text) > _MAX_NAMES:
+        raise ConfigError(f"--data {text[:200]!r} names over {_MAX_NAMES:,} files (its brace ranges multiply); name "
+                          "a folder of them, or fewer")
+    return _expand_braces(text)
+
+
+def _brace_items(body: str) -> list[str]:
+    rng = _RANGE.fullmatch(body)
+    if rng is None:
+        return body.split(",")
+    lo, hi = rng.group(1), rng.group(2)
+    width = len(lo) if lo.startswith("0") or hi.startswith("0") else 0
+    step = 1 if int(hi) >= int(lo) else -1
+    return [str(v).zfill(width) for v in range(int(lo), int(hi) + step, step)]
+
+
+def _brace_count(text: str) -> int:
+    """How many names `text` expands to, counted without making them (each brace as its first item
+    stands in for the others)."""
+    count = 1
+    while (m := _BRACE.search(text)) is not None and count <= _MAX_NAMES:
+        body = m.group(1)
+        rng = _RANGE.fullmatch(body)
+        n = abs(int(rng.group(2)) - int(rng.group(1))) + 1 if rng else body.count(",") + 1
+        first = rng.group(1) if rng else body.split(",", 1)[0]
+        count *= n
+        text = text[: m.start()] + first + text[m.end() :]
+    return count
+
+
+def _expand_braces(text: str) -> list[str]:
     m = _BRACE.search(text)
     if m is None:
         return [text]
-    body, head, tail = m.group(1), text[: m.start()], text[m.end() :]
-    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or hi.startswith("0") else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        items = [str(v).zfill(width) for v in range(int(lo), int(hi) + step, step)]
-    else:
-        items = body.split(",")
-    return [s for item in items for s in _brace_expand(head + item + tail)]
+    head, tail = text[: m.start()], text[m.end() :]
+    return [s for item in _brace_items(m.group(1)) for s in _expand_braces(head + item + tail)]
 
 
-def _remote_listing(prefix: str, storage: RemoteStorage | None = None) -> list[str]:
+def _remote_listing(prefix: str, storage: RemoteStorage) -> list[str]:
     """The objects under an ``s3://`` prefix (ConfigError when it cannot be listed)."""
     try:
-        return list((storage or remote_storage()).list(prefix))
+        return list(storage.list(prefix))
     except DecodeError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage | None) -> list[str]:
+def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage) -> list[str]:
     """The objects one remote ``--data`` item names: itself, the objects its pattern matches, or a prefix's."""
     import fnmatch
 
@@ -148,7 +191,9 @@ def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage | N
 
 
 def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | None = None) -> list[str]:
-    """The absolute paths (or object URLs) that ``--data`` names, in order; ConfigError naming what is missing."""
+    """The absolute paths (or object URLs, listed with `storage`: None, the default ``--remote-*`` settings) that
+    ``--data`` names, in order; ConfigError naming what is missing."""
+    storage = storage or storage_of()
     files: list[str] = []
     for part in (p for p in data.split("::") if p):
         for item in _brace_expand(part):
@@ -170,6 +215,11 @@ def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | Non
     if not files:
         raise ConfigError(f"--data {data!r} names no {what}")
     resolved = [f if is_remote(f) else os.path.abspath(f) for f in files]
+    if len({is_remote(f) for f in resolved}) > 1:
+        local = next(f for f in resolved if not is_remote(f))
+        remote = next(f for f in resolved if is_remote(f))
+        raise ConfigError(f"--data {data!r} names both local {what}s ({local}) and objects ({remote}): one data set "
+                          "reads from one place; copy the local files to the store, or the objects to local disk")
     seen: set[str] = set()
     twice = [f for f in resolved if f in seen or seen.add(f)]  # type: ignore[func-returns-value]
     if twice:
@@ -214,8 +264,12 @@ class PackedIndex:
         f = self._file(i)
         if self.names_blob is not None and self.names_offsets is not None:
             name = self.names_blob[self.names_offsets[i] : self.names_offsets[i + 1]].tobytes()
-            return f"{self.files[f]}:{name.decode('utf-8', 'replace')}"
-        return f"{self.files[f]}:{i - int(self.starts[f])}"
+            return f"{self._shown(f)}:{name.decode('utf-8', 'replace')}"
+        return f"{self._shown(f)}:{i - int(self.starts[f])}"
+
+    def _shown(self, f: int) -> str:
+        """File `f` as messages name it (an object's URL without its userinfo or presigned signature)."""
+        return redact(self.files[f]) if isinstance(self.storage, RemoteStorage) else self.files[f]
 
     def version(self, i: int) -> Version | None:
         """The sample's offset and its file's mtime, size and inode now (None if it cannot be stat'ed); of an
@@ -280,8 +334,11 @@ class PackedIndex:
         packed = self.storage.read_range(self.files[f], key[1], int(self.span[i]), self.describe, i)
         try:
             page = bytes(pa.decompress(packed, decompressed_size=int(self.raw[i]), codec=self.codecs[f]))
+        except MemoryError:
+            raise DecodeError(self.describe(i), f"its page of {int(self.raw[i])} bytes does not fit in memory here",
+                              "undecodable") from None
         except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these
-            raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({exc})",
+            raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({one_line(exc)})",
                               "undecodable") from None
         with self._lock:
             self._pages[key] = page
@@ -331,19 +388,19 @@ def _index_path(files: Sequence[str], kind: str, options: dict[str, object], ind
     return os.path.join(cache, "loader-service", "index", name)
 
 
-def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage | None = None) -> np.ndarray:
+def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage) -> np.ndarray:
     """Each file's (mtime, size, inode); each object's (ETag hash, size, 0), from the listing or a HEAD."""
     out = np.zeros((len(files), 3), dtype=np.int64)
     folders = sorted({f.rsplit("/", 1)[0] + "/" for f in files if f.startswith("s3://")})
     for folder in folders:  # one listing per folder, not a request per object (a thousand shards at 100 ms)
         try:
-            (storage or remote_storage()).list(folder, shallow=True)
+            storage.list(folder, shallow=True)
         except DecodeError as exc:
             raise ConfigError(f"{what} {exc}") from None
     for k, f in enumerate(files):
         if is_remote(f):
             try:
-                info = (storage or remote_storage()).info(f)
+                info = storage.info(f)
             except DecodeError as exc:
                 raise ConfigError(f"{what} {exc}") from None
             if info is None:
@@ -359,19 +416,117 @@ def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage | Non
 
 
 def _read_index(path: str, files: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The arrays of the index file at `path`, if it is the index of `files` and sound; None to index again.
+
+    The file is read as data, never trusted: each array's size is checked against the file before it
+    is allocated, zip's CRCs against its bytes, and every offset, size and count against the files it
+    indexes (`_index_problem`), so a damaged index is indexed again rather than read out of bounds."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _load_npz(path)
+        meta = json.loads(arrays.pop("meta").tobytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, RecursionError, NotImplementedError, zipfile.BadZipFile) as exc:
         log.warning("the index %s cannot be read (%s): indexing again", path, exc)
         return None
-    meta = json.loads(arrays.pop("meta").tobytes())
-    if meta.get("files") != list(files) or meta.get("format") != INDEX_FORMAT:
+    if not isinstance(meta, dict) or meta.get("files") != list(files) or meta.get("format") != INDEX_FORMAT:
         return None
-    arrays["_meta"] = meta
+    if "arrays" not in meta:
+        log.info("the index %s was written by an older version, without the list of its arrays: indexing again", path)
+        return None
+    problem = _index_problem(arrays, meta, len(files))
+    if problem is not None:
+        log.warning("the index %s is damaged (%s): indexing again", path, problem)
+        return None
+    arrays["_meta"] = meta  # type: ignore[assignment]
     return arrays
+
+
+#: What an index file may hold: each array's dtype.
+_INDEX_ARRAYS: dict[str, np.dtype[Any]] = {
+    **dict.fromkeys(("meta", "names_blob"), np.dtype(np.uint8)),
+    **dict.fromkeys(("versions", "starts", "pos", "span", "labels", "names_offsets", "raw", "inner", "length"),
+                    np.dtype(np.int64))}
+
+
+#: The zip flags `np.savez` may set: a data descriptor after the data, UTF-8 names (not encryption, ...).
+_ZIP_FLAGS = 0x08 | 0x800
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays `np.savez` wrote to `path`, read without allocating what a damaged header says."""
+    size = os.path.getsize(path)
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            dtype = _INDEX_ARRAYS.get(name)
+            if (dtype is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & ~_ZIP_FLAGS
+                    or info.file_size > size):
+                raise ValueError(f"an unexpected member {info.filename!r}")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, stored = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, stored = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"{name}: .npy format {version}")
+                if stored != dtype or fortran or len(shape) > 2:
+                    raise ValueError(f"{name}: a {stored} array of shape {shape}")
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise ValueError(f"{name}: shape {shape} in {info.file_size} bytes")
+                data = f.read(nbytes + 1)  # to the end: zipfile checks the CRC there
+            if len(data) != nbytes:
+                raise ValueError(f"{name}: {len(data)} bytes for shape {shape}")
+            out[name] = np.frombuffer(data, dtype).reshape(shape)
+    return out
+
+
+def _index_problem(arrays: dict[str, np.ndarray], meta: dict[str, object], files: int) -> str | None:
+    """What is wrong with the arrays of an index of `files` files (None: nothing)."""
+    if meta.get("arrays") != sorted(arrays):  # a member lost (a zip's entry count is not checked by a CRC)
+        return f"its arrays: {sorted(arrays)} of {meta.get('arrays')}"
+    codecs, classes = meta.get("codecs"), meta.get("class_names")
+    if not (isinstance(codecs, list) and len(codecs) == files and all(isinstance(c, str) for c in codecs)):
+        return "its codecs"
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return "its class names"
+    missing = [k for k in ("versions", "starts", "pos", "span", "labels") if k not in arrays]
+    if missing:
+        return f"no {missing[0]}"
+    versions, starts = arrays["versions"], arrays["starts"]
+    n = len(arrays["pos"])
+    if versions.shape != (files, 3) or starts.shape != (files + 1,):
+        return "its file table"
+    if starts[0] != 0 or starts[-1] != n or (np.diff(starts) < 0).any():
+        return "its file starts"
+    per_sample = ["pos", "span", "labels"] + [k for k in ("raw", "inner", "length") if k in arrays]
+    if any(arrays[k].shape != (n,) for k in per_sample):
+        return "its sample count"
+    if ("names_blob" in arrays) != ("names_offsets" in arrays) or len({k in arrays for k in ("raw", "inner",
+                                                                                         "length")}) > 1:
+        return "a missing array"
+    if "names_offsets" in arrays:
+        blob, offsets = arrays["names_blob"], arrays["names_offsets"]
+        if (blob.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != len(blob)
+                or (np.diff(offsets) < 0).any()):
+            return "its member names"
+    sizes = np.repeat(versions[:, 1], np.diff(starts))  # each sample's file size
+    pos, span = arrays["pos"], arrays["span"]
+    if (pos < 0).any() or (span < 0).any() or (pos > sizes).any() or (span > sizes - pos).any():
+        return "a sample's range outside its file"
+    if "raw" in arrays:
+        raw, inner, length = arrays["raw"], arrays["inner"], arrays["length"]
+        paged = raw >= 0
+        if (raw < -1).any() or (raw > _MAX_PAGE).any():
+            return "a page size"
+        if paged.any():
+            r, i, k = raw[paged], inner[paged], length[paged]
+            if (i < 0).any() or (k < 0).any() or (i > r).any() or (k > r - i).any():
+                return "a sample's range outside its page"
+    return None
 
 
 def _segments_of(stored: dict[str, np.ndarray]) -> list[Segment]:
@@ -400,7 +555,8 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
                  codecs: list[str], class_names: tuple[str, ...] | None) -> bool:
     """Write atomically (a temporary file renamed over); False (and a log line) if it cannot be."""
     meta = json.dumps({"files": list(files), "format": INDEX_FORMAT, "codecs": codecs,
-                       "class_names": list(class_names) if class_names else None}).encode()
+                       "class_names": list(class_names) if class_names else None,
+                       "arrays": sorted(["versions", *arrays])}).encode()
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -425,19 +581,18 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
 
 
 def load_or_build(files: list[str], *, kind: str, options: dict[str, object], index_dir: str | None,
-                  index_file: Callable[[str], Segment], source: str,
-                  storage: RemoteStorage | None = None) -> PackedIndex:
+                  index_file: Callable[[str], Segment], source: str, storage: RemoteStorage) -> PackedIndex:
     """The index of `files`: read from its index file where every file is unchanged, the others
     indexed with `index_file` (a progress bar when it takes a while), then kept for the next start.
 
-    Objects (``s3://``, ``https://``) are indexed from a temporary local copy, one at a time per
-    indexing process; their index is kept in `index_dir` or the user's cache folder."""
+    Objects (``s3://``, ``https://``) are indexed where they lie, through `storage` (`index_file` opens them
+    with ``storage.open``: range reads, nothing copied to local disk); their index is kept in `index_dir`
+    or the user's cache folder."""
     from tqdm import tqdm
 
     remote = is_remote(files[0])
     if remote:
-        storage = storage or remote_storage()
-        index_file = _from_copy(index_file, storage)
+        index_file = _naming_objects(index_file)
     path = _index_path(files, kind, options, index_dir)
     versions = _stat_versions(files, kind, storage)
     stored = _read_index(path, files)
@@ -518,16 +673,12 @@ def _safe(index_file: Callable[[str], Segment], path: str) -> Segment | Exceptio
         return exc
 
 
-def _from_copy(index_file: Callable[[str], Segment], storage: RemoteStorage) -> Callable[[str], Segment]:
-    """`index_file` for an object: on a local copy of it, with errors that name the object, not the copy."""
+def _naming_objects(index_file: Callable[[str], Segment]) -> Callable[[str], Segment]:
+    """`index_file` for an object: a read that fails after its retries is a ConfigError naming the object."""
 
     def index_object(url: str) -> Segment:
         try:
-            with storage.local_copy(url) as local:
-                try:
-                    return index_file(local)
-                except ConfigError as exc:
-                    raise ConfigError(str(exc).replace(local, url)) from None
+            return index_file(url)
         except DecodeError as exc:
             raise ConfigError(f"cannot index {exc}") from None
 
@@ -569,7 +720,7 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
     raw = cat("raw")
     packed = raw is not None and bool((raw >= 0).any())  # some samples sit in compressed pages
     return PackedIndex(kind=kind, files=tuple(files), file_versions=versions, starts=starts, pos=pos, span=span,
-                       labels=labels, class_names=classes, source=source, names_blob=names_blob,
+                       labels=labels, class_names=classes, source=redact(source), names_blob=names_blob,
                        names_offsets=names_offsets, raw=raw if packed else None,
                        inner=cat("inner") if packed else None, length=cat("length") if packed else None,
                        codecs=tuple(s.codec for s in segments),

@@ -5,10 +5,10 @@ Defaults fit what Hugging Face ``datasets`` writes: ``--image-column image`` hol
 and the class names come from the ``huggingface`` feature metadata of the schema where it has
 them (a ``ClassLabel``).
 
-Reads are row-group and page aware. pyarrow reads the metadata, the schema and the label
-column; indexing then walks the data pages of the image column once (their Thrift headers,
-their definition levels, PLAIN or dictionary values) and notes where each row's bytes are. A
-worker reading row r then reads:
+Reads are row-group and page aware. pyarrow reads the schema and the label column; indexing
+then reads the footer's row groups and walks the data pages of the image column once (their
+Thrift headers, their definition levels, PLAIN or dictionary values) and notes where each row's
+bytes are. A worker reading row r then reads:
 
 * the row's bytes alone, with one ``pread``, where its page is stored uncompressed (images
   do not compress: write image columns with ``compression="none"``);
@@ -18,22 +18,26 @@ worker reading row r then reads:
 
 A file without the named column, a label that is not an integer or is missing, a row without
 image bytes, or an encoding this reader does not know is a ConfigError naming the file, the
-column and the row.
+column and the row. So is a damaged file: the Thrift reader here bounds nesting, fields and
+every length by the bytes that hold it, and every size, count and offset a footer or a page
+says by what encloses it (see "pages" below), before anything is allocated for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
-from .packed import PackedIndex, Segment, expand_files, load_or_build
-from .remote import is_remote, storage_of
+from .packed import PackedIndex, Segment, expand_files, load_or_build, one_line
+from .remote import RemoteStorage, is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
 
@@ -43,6 +47,8 @@ _PLAIN, _PLAIN_DICTIONARY, _RLE_DICTIONARY = 0, 2, 8
 #: Parquet codec names -> pyarrow's.
 _CODECS = {"UNCOMPRESSED": "", "SNAPPY": "snappy", "GZIP": "gzip", "BROTLI": "brotli", "ZSTD": "zstd",
            "LZ4_RAW": "lz4_raw"}
+#: parquet.thrift's CompressionCodec values -> names.
+_CODEC_NAMES = {0: "UNCOMPRESSED", 1: "SNAPPY", 2: "GZIP", 3: "LZO", 4: "BROTLI", 5: "LZ4", 6: "ZSTD", 7: "LZ4_RAW"}
 
 
 def open_parquet_tables(options: DataOptions) -> PackedIndex:
@@ -53,26 +59,39 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
         raise ConfigError(f"Parquet tables are read with pyarrow, which cannot be imported here ({exc}): install "
                           "it with the `parquet` extra: `python3 -m pip install \".[server,parquet]\"` (or "
                           "`pip install pyarrow`)") from None
-    storage = storage_of(options) if is_remote(options.data) else None
+    storage = storage_of(options)
     files = expand_files(options.data, ".parquet", "Parquet file", storage)
     columns = (options.image_column, options.label_column)
     first = os.path.basename(files[0])
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
     return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
-                         index_dir=options.index_dir, index_file=lambda path: index_table(path, *columns),
-                         source=source, storage=storage)
+                         index_dir=options.index_dir,
+                         index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
+                         storage=storage)
 
 
-def index_table(path: str, image_column: str = "image", label_column: str = "label") -> Segment:
-    """Where each row's image bytes are in one Parquet file, and its label."""
+def index_table(path: str, image_column: str = "image", label_column: str = "label",
+                storage: RemoteStorage | None = None) -> Segment:
+    """Where each row's image bytes are in one Parquet file, and its label.
+
+    An object (`storage` given) is read where it lies (`RemoteStorage.open`): its footer, its label
+    column and the image column's chunks through range reads, never a local copy."""
+    with contextlib.ExitStack() as stack:
+        source: Any = path
+        if storage is not None and is_remote(path):
+            source = stack.enter_context(storage.open(path))
+        return _index_table(path, source, image_column, label_column)
+
+
+def _index_table(path: str, source: Any, image_column: str, label_column: str) -> Segment:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise ConfigError(f"{path}: not a readable Parquet file ({exc})") from None
+        table = pq.ParquetFile(source)
+    except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
+        raise ConfigError(f"{path}: not a readable Parquet file ({one_line(exc)})") from None
     with table:
         schema = table.schema_arrow
         leaf = _image_leaf(schema, image_column, path)
@@ -89,28 +108,30 @@ def index_table(path: str, image_column: str = "image", label_column: str = "lab
         parts: list[dict[str, np.ndarray]] = []
         codec_name = ""
         row0 = 0
-        with open(path, "rb") as f:
-            for g in range(meta.num_row_groups):
-                chunk = meta.row_group(g).column(column)
-                codec = _CODECS.get(chunk.compression)
+        with open(path, "rb") if source is path else contextlib.nullcontext(source) as f:
+            size = os.fstat(f.fileno()).st_size if source is path else source.size
+            chunks = _footer_chunks(f, size, column, leaf, path)
+            if sum(c.rows for c in chunks) != len(labels):
+                raise ConfigError(f"{path}: its row groups say {sum(c.rows for c in chunks)} rows, its label column "
+                                  f"holds {len(labels)} (a damaged file?)")
+            for g, chunk in enumerate(chunks):
+                codec = _CODECS.get(chunk.codec)
                 if codec is None:
                     raise ConfigError(f"{path}: row group {g} of column {image_column!r} is compressed with "
-                                      f"{chunk.compression}, which this reader does not decompress; rewrite it "
+                                      f"{chunk.codec}, which this reader does not decompress; rewrite it "
                                       "with compression='none' (images do not compress) or 'snappy'")
                 codec_name = codec_name or codec
                 if codec and codec != codec_name:
                     raise ConfigError(f"{path}: column {image_column!r} mixes {codec_name} and {codec} row groups")
-                start = chunk.data_page_offset
-                if chunk.has_dictionary_page and chunk.dictionary_page_offset:
-                    start = min(start, chunk.dictionary_page_offset)
-                f.seek(start)
-                raw = f.read(chunk.total_compressed_size)
                 where = f"{path}: row group {g} of column {image_column!r}"
-                rows = meta.row_group(g).num_rows
-                parts.append(_walk_pages(raw, start, codec, max_def, rows, row0, where, path))
-                row0 += rows
-    if row0 != len(labels):  # pragma: no cover - pyarrow counts the same rows
-        raise ConfigError(f"{path}: {row0} rows of images against {len(labels)} labels")
+                if not (chunk.start <= size and chunk.stored <= size - chunk.start):
+                    raise ConfigError(f"{where}: its {chunk.stored} bytes at offset {chunk.start} lie outside the "
+                                      f"file's {size} bytes (a damaged footer?)")
+                f.seek(chunk.start)
+                raw = f.read(chunk.stored)
+                parts.append(_walk_pages(raw, chunk.start, codec, max_def, chunk.rows, row0, where, path,
+                                         chunk.unpacked))
+                row0 += chunk.rows
     if not row0:
         raise ConfigError(f"Parquet file {path} holds no rows")
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -118,37 +139,116 @@ def index_table(path: str, image_column: str = "image", label_column: str = "lab
                    length=cat["length"], codec=codec_name, class_names=names)
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One row group's rows, and where its image column chunk is (from the footer)."""
+
+    rows: int
+    codec: str  # Parquet's name (SNAPPY, ...), or "codec N" for a value it does not name
+    start: int  # file offset of its first page
+    stored: int  # its bytes in the file
+    unpacked: int  # its bytes uncompressed, as the footer says
+
+
+#: Integers of the footer (i64 in parquet.thrift; none of those read here may be negative).
+_I64 = (1 << 63) - 1
+
+
+def _footer_chunks(f: BinaryIO, size: int, column: int, leaf: str, path: str) -> list[_Chunk]:
+    """Each row group's rows and image column chunk, read from the footer here with the bounded Thrift
+    reader below. (pyarrow 26's accessors of column chunk metadata abort the process, uncatchably, on
+    some damaged footers: an unknown codec value, a size histogram of the wrong length.)"""
+    try:
+        if size < 12:
+            raise _Damaged(f"{size} bytes are too few for a Parquet file")
+        f.seek(size - 8)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length > size - 12:
+            raise _Damaged(f"its last 8 bytes say a footer of {length} bytes in {size}")
+        f.seek(size - 8 - length)
+        meta, _ = _struct(f.read(length), 0, 0)
+        groups = meta.get(4, [])
+        if not isinstance(groups, list):
+            raise _Damaged("its row groups are not a list")
+        names = [part.encode() for part in leaf.split(".")]
+        return [_chunk(group, column, names) for group in groups]
+    except _Damaged as exc:
+        raise ConfigError(f"{path}: its footer is damaged: {exc}") from None
+    except _Unsupported as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _chunk(group: Any, column: int, names: list[bytes]) -> _Chunk:
+    """The image column chunk of one RowGroup struct (columns: field 1, num_rows: 3)."""
+    columns = group.get(1) if isinstance(group, dict) else None
+    if not isinstance(columns, list) or column >= len(columns) or not isinstance(columns[column], dict):
+        raise _Damaged(f"a row group without column {column}")
+    chunk = columns[column]
+    if chunk.get(1):  # file_path
+        raise _Unsupported(f"its column chunks lie in another file ({bytes(chunk[1])[:200]!r}), which this reader "
+                           "does not read; write the table as one file")
+    meta = _sub(chunk, 3)  # ColumnMetaData
+    if meta.get(3) != names:
+        raise _Damaged(f"its column {column} is {meta.get(3)!r}, not {names!r}")
+    rows = _field(group, 3, -1, _I64, "row count")
+    codec = _field(meta, 4, -1, _I64, "codec")
+    unpacked = _field(meta, 6, -1, _I64, "uncompressed size")
+    stored = _field(meta, 7, -1, _I64, "compressed size")
+    start = _field(meta, 9, -1, _I64, "data page offset")
+    dictionary = _field(meta, 11, 0, _I64, "dictionary page offset")
+    if min(rows, codec, unpacked, stored, start) < 0:
+        raise _Damaged("a column chunk without its row count, codec, sizes or offset")
+    if dictionary:
+        start = min(start, dictionary)
+    return _Chunk(rows=rows, codec=_CODEC_NAMES.get(codec, f"codec {codec}"), start=start, stored=stored,
+                  unpacked=unpacked)
+
+
 def _image_leaf(schema: Any, column: str, path: str) -> str:
     """The Parquet column path of the image bytes: ``image.bytes`` for a struct, ``image`` for binary."""
     import pyarrow as pa
 
     if column not in schema.names:
-        raise ConfigError(f"{path} has no column {column!r} (--image-column); its columns: {', '.join(schema.names)}")
+        raise ConfigError(f"{path} has no column {column!r} (--image-column); its columns: {_shown(schema.names)}")
     kind = schema.field(column).type
     if pa.types.is_struct(kind):
         child = next((kind.field(k) for k in range(kind.num_fields) if kind.field(k).name == "bytes"), None)
         if child is None or not (pa.types.is_binary(child.type) or pa.types.is_large_binary(child.type)):
-            raise ConfigError(f"{path}: column {column!r} is {kind}; an image column is binary, or a struct with a "
-                              "binary `bytes` field as Hugging Face datasets writes it")
+            raise ConfigError(f"{path}: column {column!r} is {_shown([str(kind)])}; an image column is binary, or a "
+                              "struct with a binary `bytes` field as Hugging Face datasets writes it")
         return f"{column}.bytes"
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return column
-    raise ConfigError(f"{path}: column {column!r} is {kind}, not image bytes (binary, or a struct of bytes and path); "
-                      "name the image column with --image-column")
+    raise ConfigError(f"{path}: column {column!r} is {_shown([str(kind)])}, not image bytes (binary, or a struct of "
+                      "bytes and path); name the image column with --image-column")
+
+
+def _shown(names: list[str]) -> str:
+    """Names a file gave, for a one-line message: as they are, or quoted where they hold a newline or such."""
+    return ", ".join(n if n.isprintable() else repr(n) for n in names)
 
 
 def _labels(table: Any, schema: Any, column: str, path: str) -> np.ndarray:
     import pyarrow as pa
 
     if column not in schema.names:
-        raise ConfigError(f"{path} has no column {column!r} (--label-column); its columns: {', '.join(schema.names)}")
-    values = table.read(columns=[column]).column(0)
+        raise ConfigError(f"{path} has no column {column!r} (--label-column); its columns: {_shown(schema.names)}")
+    try:
+        values = table.read(columns=[column]).column(0)
+    except MemoryError:  # before OSError: pyarrow's ArrowMemoryError is both
+        raise ConfigError(f"{path}: its label column {column!r} does not fit in memory here (a damaged "
+                          "file?)") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: its label column {column!r} cannot be read ({one_line(exc)}; a damaged "
+                          "file?)") from None
     kind = values.type
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     if not pa.types.is_integer(kind):
         first = values[0].as_py() if len(values) else None
-        raise ConfigError(f"{path}: label column {column!r} holds {kind} (row 0: {first!r}), not integers")
+        raise ConfigError(f"{path}: label column {column!r} holds {_shown([str(kind)])} (row 0: {first!r}), not "
+                          "integers")
     if values.null_count:
         row = int(np.flatnonzero(np.asarray(values.is_null()))[0])
         raise ConfigError(f"{path}:{row}: the label ({column!r}) is missing")
@@ -162,7 +262,7 @@ def _class_names(schema: Any, column: str) -> tuple[str, ...] | None:
         return None
     try:
         feature = json.loads(raw)["info"]["features"][column]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # metadata only: a damaged one names no classes
         return None
     names = feature.get("names") if isinstance(feature, dict) else None
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
@@ -171,78 +271,58 @@ def _class_names(schema: Any, column: str) -> tuple[str, ...] | None:
 
 
 # ---------------------------------------------------------------------------- pages
-def _walk_pages(chunk: bytes, start: int, codec: str, max_def: int, rows: int, row0: int, where: str,
-                path: str) -> dict[str, np.ndarray]:
-    """Where each of `rows` rows of one column chunk (read from file offset `start`) has its bytes."""
-    import pyarrow as pa
+#: Every size, count and offset read from a page is bounded by what holds it: a page's bytes by
+#: what is left of its column chunk, its decompressed size by the chunk's own uncompressed size
+#: (and Parquet's i32), its values by the rows the row group has left, a run of levels by the
+#: values still wanted. A damaged or hostile file then costs at most what its own bytes say.
+_MAX_PAGE = (1 << 31) - 1  # parquet.thrift: page sizes are i32
+#: Thrift nesting (a list and its elements count one each): a PageHeader needs 3 (> DataPageHeader >
+#: Statistics), a footer 8 (FileMetaData > row groups > RowGroup > columns > ColumnChunk > ColumnMetaData >
+#: encoding stats > PageEncodingStats).
+_MAX_DEPTH = 16
+#: Fields in one Thrift struct: a PageHeader has 9, a ColumnMetaData 17.
+_MAX_FIELDS = 64
+_MAX_WIDTH = 32  # bit width of levels and dictionary indices
 
+
+_Page = tuple[int, int, int, list[tuple[int, int]]]  # (file offset, bytes there, decompressed size or -1, values)
+
+
+class _Damaged(Exception):
+    """Something in a page that cannot be: said with the file, row group and offset where it is caught."""
+
+
+class _Unsupported(Exception):
+    """A page this reader does not read (an encoding it does not know): said with the file and row group."""
+
+
+def _walk_pages(chunk: bytes, start: int, codec: str, max_def: int, rows: int, row0: int, where: str,
+                path: str, unpacked: int) -> dict[str, np.ndarray]:
+    """Where each of `rows` rows of one column chunk (read from file offset `start`; `unpacked`: its
+    uncompressed size as the footer says) has its bytes."""
     pos = np.empty(rows, np.int64)
     span = np.empty(rows, np.int64)
     raw = np.full(rows, -1, np.int64)
     inner = np.zeros(rows, np.int64)
     length = np.empty(rows, np.int64)
-    dictionary: tuple[int, int, int, list[tuple[int, int]]] | None = None  # (pos, span, raw or -1, entries)
+    dictionary: _Page | None = None
     at, row = 0, 0
     while row < rows:
         if at >= len(chunk):
             raise ConfigError(f"{where}: the pages end after {row} of {rows} rows (a damaged file?)")
-        header, body = _page_header(chunk, at, where)
-        ptype, usize, csize = header.get(1), header.get(2), header.get(3)
-        if not isinstance(ptype, int) or not isinstance(usize, int) or not isinstance(csize, int):
-            raise ConfigError(f"{where}: a page header without its type or sizes (a damaged file?)")
-        page_at = start + body
-        data = chunk[body : body + csize]
-        at = body + csize
-        if ptype == _DICTIONARY_PAGE:
-            plain = pa.decompress(data, usize, codec).to_pybytes() if codec else data
-            dh = header.get(7) or {}
-            entries = _plain_values(plain, 0, int(dh.get(1, 0)), where)
-            dictionary = (page_at, csize, usize if codec else -1, entries)
+        try:
+            at, page, count, present, dictionary = _page(chunk, at, start, codec, max_def, rows - row, unpacked,
+                                                         dictionary)
+        except _Damaged as exc:
+            raise ConfigError(f"{where}: the page at file offset {start + at} is damaged: {exc}") from None
+        except _Unsupported as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except (IndexError, ValueError, OverflowError) as exc:  # a check missed above: still the file's fault
+            raise ConfigError(f"{where}: the page at file offset {start + at} does not parse ({one_line(exc)}; "
+                              "a damaged file?)") from None
+        if page is None:
             continue
-        if ptype not in (_DATA_PAGE, _DATA_PAGE_V2):
-            continue  # index pages: nothing to read
-        v2 = ptype == _DATA_PAGE_V2
-        ph = header.get(8 if v2 else 5) or {}
-        count, encoding = int(ph.get(1, 0)), int(ph.get(4 if v2 else 2, -1))
-        if v2:  # levels stay uncompressed in front; the values may be compressed
-            rep_len, def_len = int(ph.get(6, 0)), int(ph.get(5, 0))
-            levels = rep_len + def_len
-            compressed = codec and ph.get(7, True) is not False
-            values_at = page_at + levels
-            values = pa.decompress(data[levels:], usize - levels, codec).to_pybytes() if compressed else data[levels:]
-            present = _levels(data, rep_len, def_len, max_def, count, where) if max_def else [True] * count
-            base, vspan, vraw = values_at, csize - levels, (usize - levels) if compressed else -1
-            offset = 0
-        else:
-            body_bytes = pa.decompress(data, usize, codec).to_pybytes() if codec else data
-            offset = 0
-            present = [True] * count
-            if max_def:
-                n = int.from_bytes(body_bytes[0:4], "little")
-                bits = max_def.bit_length()
-                present = [lv == max_def for lv in _rle_hybrid(body_bytes, 4, 4 + n, bits, count, where)]
-                offset = 4 + n
-            values, base, vspan, vraw = body_bytes, page_at, csize, usize if codec else -1
-        nonnull = sum(present)
-        if encoding == _PLAIN:
-            spots = _plain_values(values, offset, nonnull, where)
-            page = (base, vspan, vraw, spots)
-        elif encoding in (_PLAIN_DICTIONARY, _RLE_DICTIONARY):
-            if dictionary is None:
-                raise ConfigError(f"{where}: a dictionary-encoded page without its dictionary page")
-            width = values[offset]
-            ids = _rle_hybrid(values, offset + 1, len(values), width, nonnull, where)
-            entries = dictionary[3]
-            try:
-                spots = [entries[k] for k in ids]
-            except IndexError:
-                raise ConfigError(f"{where}: a dictionary index past the dictionary (a damaged file?)") from None
-            page = (dictionary[0], dictionary[1], dictionary[2], spots)
-        else:
-            raise ConfigError(f"{where}: values encoded with Parquet encoding {encoding}, which this reader does not "
-                              "know; rewrite the file with pyarrow's defaults (PLAIN or dictionary)")
-        if row + count > rows:
-            raise ConfigError(f"{where}: pages hold more values than the row group's {rows} rows")
+        base_at, base_span, base_raw, spots = page
         k = 0
         for j in range(count):
             if not present[j]:
@@ -250,7 +330,6 @@ def _walk_pages(chunk: bytes, start: int, codec: str, max_def: int, rows: int, r
             off, size = spots[k]
             k += 1
             r = row + j
-            base_at, base_span, base_raw = page[0], page[1], page[2]
             if base_raw < 0:  # stored as is: read exactly the value
                 pos[r], span[r] = base_at + off, size
             else:
@@ -260,56 +339,180 @@ def _walk_pages(chunk: bytes, start: int, codec: str, max_def: int, rows: int, r
     return {"pos": pos, "span": span, "raw": raw, "inner": inner, "length": length}
 
 
-def _plain_values(buf: bytes, at: int, count: int, where: str) -> list[tuple[int, int]]:
+def _page(chunk: bytes, at: int, start: int, codec: str, max_def: int, left: int, unpacked: int,
+          dictionary: _Page | None) -> tuple[int, _Page | None, int, list[bool], _Page | None]:
+    """The page at chunk offset `at`: (where the next one starts, its values or None, its value count,
+    which are present, the dictionary now). `left`: rows the row group has left."""
+    header, body = _page_header(chunk, at)
+    ptype, usize, csize = header.get(1), header.get(2), header.get(3)
+    if not isinstance(ptype, int) or not isinstance(usize, int) or not isinstance(csize, int):
+        raise _Damaged("its header lacks the page type or sizes")
+    if not 0 <= csize <= len(chunk) - body:
+        raise _Damaged(f"its header says {csize} bytes, {len(chunk) - body} are left of its column chunk")
+    if not 0 <= usize <= min(_MAX_PAGE, unpacked):
+        raise _Damaged(f"its header says {usize} bytes uncompressed, its column chunk holds {unpacked}")
+    page_at = start + body
+    data = chunk[body : body + csize]
+    after = body + csize
+    if ptype == _DICTIONARY_PAGE:
+        plain = _decompress(data, usize, codec)
+        entries = _plain_values(plain, 0, _field(_sub(header, 7), 1, 0, len(plain) // 4, "dictionary size"))
+        return after, None, 0, [], (page_at, csize, usize if codec else -1, entries)
+    if ptype not in (_DATA_PAGE, _DATA_PAGE_V2):
+        return after, None, 0, [], dictionary  # index pages: nothing to read
+    v2 = ptype == _DATA_PAGE_V2
+    ph = _sub(header, 8 if v2 else 5)
+    count = _field(ph, 1, 0, left, "value count (the row group's rows left)")
+    encoding = _field(ph, 4 if v2 else 2, -1, 1 << 31, "encoding")
+    if v2:  # levels stay uncompressed in front; the values may be compressed
+        rep_len = _field(ph, 6, 0, csize, "repetition levels' size")
+        def_len = _field(ph, 5, 0, csize - rep_len, "definition levels' size")
+        levels = rep_len + def_len
+        compressed = codec and ph.get(7, True) is not False
+        if compressed and usize < levels:
+            raise _Damaged(f"its levels take {levels} bytes of {usize} uncompressed")
+        values = _decompress(data[levels:], usize - levels, codec) if compressed else data[levels:]
+        present = _levels(data, rep_len, levels, max_def, count) if max_def else [True] * count
+        base, vspan, vraw = page_at + levels, csize - levels, (usize - levels) if compressed else -1
+        offset = 0
+    else:
+        values = _decompress(data, usize, codec)
+        offset = 0
+        present = [True] * count
+        if max_def:
+            if len(values) < 4:
+                raise _Damaged("it ends before its definition levels")
+            n = int.from_bytes(values[0:4], "little")
+            if n > len(values) - 4:
+                raise _Damaged(f"its definition levels say {n} bytes, {len(values) - 4} are left")
+            present = _levels(values, 4, 4 + n, max_def, count)
+            offset = 4 + n
+        base, vspan, vraw = page_at, csize, usize if codec else -1
+    nonnull = sum(present)
+    if encoding == _PLAIN:
+        return after, (base, vspan, vraw, _plain_values(values, offset, nonnull)), count, present, dictionary
+    if encoding in (_PLAIN_DICTIONARY, _RLE_DICTIONARY):
+        if dictionary is None:
+            raise _Damaged("dictionary-encoded values without their dictionary page")
+        if offset >= len(values):
+            raise _Damaged("it ends before its dictionary indices")
+        ids = _rle_hybrid(values, offset + 1, len(values), values[offset], nonnull)
+        entries = dictionary[3]
+        if ids and max(ids) >= len(entries):
+            raise _Damaged(f"a dictionary index {max(ids)} past the dictionary's {len(entries)} values")
+        spots = [entries[k] for k in ids]
+        return after, (dictionary[0], dictionary[1], dictionary[2], spots), count, present, dictionary
+    raise _Unsupported(f"values encoded with Parquet encoding {encoding}, which this reader does not know; rewrite "
+                       "the file with pyarrow's defaults (PLAIN or dictionary)")
+
+
+def _sub(header: dict[int, Any], fid: int) -> dict[int, Any]:
+    """The struct in field `fid` ({} where it is absent)."""
+    value = header.get(fid, {})
+    if not isinstance(value, dict):
+        raise _Damaged(f"its header's field {fid} is not a struct")
+    return value
+
+
+def _field(fields: dict[int, Any], fid: int, default: int, high: int, what: str) -> int:
+    """An integer field in ``[0, high]`` (or its default where it is absent)."""
+    value = fields.get(fid, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Damaged(f"its {what} is not an integer")
+    if value != default and not 0 <= value <= high:
+        raise _Damaged(f"its {what} is {value}, outside 0..{high}")
+    return value
+
+
+def _decompress(data: bytes, size: int, codec: str) -> bytes:
+    """A page's bytes as stored (no codec) or decompressed to the `size` its header says (already bounded)."""
+    if not codec:
+        return data
+    import pyarrow as pa
+
+    try:
+        out: bytes = pa.decompress(data, size, codec).to_pybytes()
+    except MemoryError:  # before OSError: pyarrow's ArrowMemoryError is both
+        raise _Damaged(f"its {size} bytes uncompressed do not fit in memory here") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise _Damaged(f"its {codec} data does not decompress ({one_line(exc)})") from None
+    return out
+
+
+def _plain_values(buf: bytes, at: int, count: int) -> list[tuple[int, int]]:
     """(offset, length) of `count` PLAIN byte-array values from `at` (each a 4-byte length, then the bytes)."""
-    out = []
     end = len(buf)
+    if count * 4 > end - at:
+        raise _Damaged(f"{count} values cannot fit in its {end - at} bytes")
+    out = []
     for _ in range(count):
         if at + 4 > end:
-            raise ConfigError(f"{where}: a page ends inside its values (a damaged file?)")
+            raise _Damaged("it ends inside its values")
         size = int.from_bytes(buf[at : at + 4], "little")
-        if at + 4 + size > end:
-            raise ConfigError(f"{where}: a value runs past its page (a damaged file?)")
+        if size > end - at - 4:
+            raise _Damaged(f"a value of {size} bytes runs past the page")
         out.append((at + 4, size))
         at += 4 + size
     return out
 
 
-def _levels(data: bytes, rep_len: int, def_len: int, max_def: int, count: int, where: str) -> list[bool]:
-    levels = _rle_hybrid(data, rep_len, rep_len + def_len, max_def.bit_length(), count, where)
+def _levels(data: bytes, at: int, end: int, max_def: int, count: int) -> list[bool]:
+    levels = _rle_hybrid(data, at, end, max_def.bit_length(), count)
     return [lv == max_def for lv in levels]
 
 
-def _rle_hybrid(buf: bytes, at: int, end: int, width: int, count: int, where: str) -> list[int]:
-    """`count` values of Parquet's RLE / bit-packed hybrid encoding at ``buf[at:end]``."""
+def _rle_hybrid(buf: bytes, at: int, end: int, width: int, count: int) -> list[int]:
+    """`count` values of Parquet's RLE / bit-packed hybrid encoding at ``buf[at:end]``.
+
+    A run says how many values it holds; only those still wanted are made (a run of 20 million
+    for 4 values makes 4), and bit-packed groups are unpacked from their bytes, never beyond."""
+    if width > _MAX_WIDTH:
+        raise _Damaged(f"a bit width of {width} (at most {_MAX_WIDTH})")
+    end = min(end, len(buf))
     out: list[int] = []
-    mask = (1 << width) - 1
     step = (width + 7) // 8
     while len(out) < count:
         if at >= end:
             if width == 0:
                 out.extend([0] * (count - len(out)))
                 break
-            raise ConfigError(f"{where}: levels or dictionary indices end early (a damaged file?)")
-        header, at = _varint(buf, at)
+            raise _Damaged("its levels or dictionary indices end early")
+        header, at = _varint(buf, at, end)
+        wanted = count - len(out)
         if header & 1:  # bit-packed groups of 8
-            groups = header >> 1
-            nbytes = groups * width
-            bits = int.from_bytes(buf[at : at + nbytes], "little")
+            nbytes = (header >> 1) * width
+            if nbytes > end - at:
+                raise _Damaged(f"a bit-packed run of {nbytes} bytes, {end - at} are left")
+            take = min((header >> 1) * 8, wanted)
+            out.extend(_unpack(buf[at : at + (take * width + 7) // 8], width, take))
             at += nbytes
-            out.extend((bits >> (k * width)) & mask for k in range(groups * 8))
         else:  # a run of one value
+            if step > end - at:
+                raise _Damaged("a run's value is cut short")
             value = int.from_bytes(buf[at : at + step], "little")
             at += step
-            out.extend([value] * (header >> 1))
-    return out[:count]
+            out.extend([value] * min(header >> 1, wanted))
+    return out
 
 
-def _varint(buf: bytes, at: int) -> tuple[int, int]:
+def _unpack(packed: bytes, width: int, count: int) -> list[int]:
+    """`count` little-endian `width`-bit values packed in `packed`."""
+    if width == 0:
+        return [0] * count
+    bits = np.unpackbits(np.frombuffer(packed, np.uint8), bitorder="little")[: count * width]
+    values: list[int] = (bits.reshape(count, width).astype(np.int64) @ (1 << np.arange(width, dtype=np.int64))).tolist()
+    return values
+
+
+def _varint(buf: bytes, at: int, end: int | None = None) -> tuple[int, int]:
+    """An unsigned LEB128 varint of at most 64 bits (10 bytes) ending before `end`."""
+    end = len(buf) if end is None else end
     value = shift = 0
     while True:
-        if at >= len(buf):
-            raise ConfigError("a Parquet varint runs past its data (a damaged file?)")
+        if at >= end:
+            raise _Damaged("a varint runs past its data")
+        if shift > 63:
+            raise _Damaged("a varint longer than 10 bytes")
         b = buf[at]
         at += 1
         value |= (b & 0x7F) << shift
@@ -318,24 +521,31 @@ def _varint(buf: bytes, at: int) -> tuple[int, int]:
         shift += 7
 
 
-def _page_header(buf: bytes, at: int, where: str) -> tuple[dict[int, Any], int]:
+def _page_header(buf: bytes, at: int) -> tuple[dict[int, Any], int]:
     """A Thrift compact-protocol PageHeader at `at`: (its fields by id, where the page body starts)."""
     try:
-        return _struct(buf, at)
-    except (IndexError, ConfigError) as exc:
-        reason = exc or "cut short"
-        raise ConfigError(f"{where}: a page header does not parse at chunk offset {at} ({reason})") from None
+        return _struct(buf, at, 0)
+    except _Damaged as exc:
+        raise _Damaged(f"its header does not parse ({exc})") from None
 
 
 def _zigzag(n: int) -> int:
     return (n >> 1) ^ -(n & 1)
 
 
-def _struct(buf: bytes, at: int) -> tuple[dict[int, Any], int]:
+def _byte(buf: bytes, at: int) -> int:
+    if at >= len(buf):
+        raise _Damaged("cut short")
+    return buf[at]
+
+
+def _struct(buf: bytes, at: int, depth: int) -> tuple[dict[int, Any], int]:
+    if depth >= _MAX_DEPTH:
+        raise _Damaged(f"structs nested over {_MAX_DEPTH} deep")
     fields: dict[int, Any] = {}
     last = 0
-    while True:
-        byte = buf[at]
+    for _ in range(_MAX_FIELDS + 1):
+        byte = _byte(buf, at)
         at += 1
         if byte == 0:
             return fields, at
@@ -346,46 +556,57 @@ def _struct(buf: bytes, at: int) -> tuple[dict[int, Any], int]:
             raw, at = _varint(buf, at)
             fid = _zigzag(raw)
         last = fid
-        fields[fid], at = _value(buf, at, kind)
+        fields[fid], at = _value(buf, at, kind, depth)
+    raise _Damaged(f"a struct of over {_MAX_FIELDS} fields")
 
 
-def _value(buf: bytes, at: int, kind: int) -> tuple[Any, int]:
-    if kind in (1, 2):  # booleans carry their value in the type
+def _value(buf: bytes, at: int, kind: int, depth: int, in_collection: bool = False) -> tuple[Any, int]:
+    """One value of Thrift compact type `kind`; every value takes at least a byte (a boolean field
+    carries its value in its type, a boolean in a list, set or map takes a byte of its own)."""
+    if kind in (1, 2):
+        if in_collection:
+            return _byte(buf, at) == 1, at + 1
         return kind == 1, at
     if kind == 3:
-        return buf[at], at + 1
+        return _byte(buf, at), at + 1
     if kind in (4, 5, 6):
         raw, at = _varint(buf, at)
         return _zigzag(raw), at
     if kind == 7:
+        if at + 8 > len(buf):
+            raise _Damaged("a double cut short")
         return None, at + 8
     if kind == 8:
         size, at = _varint(buf, at)
+        if size > len(buf) - at:
+            raise _Damaged(f"a binary field of {size} bytes, {len(buf) - at} are left")
         return buf[at : at + size], at + size
+    if kind in (9, 10, 11) and depth >= _MAX_DEPTH:
+        raise _Damaged(f"collections nested over {_MAX_DEPTH} deep")
     if kind in (9, 10):  # list, set
-        head = buf[at]
+        head = _byte(buf, at)
         at += 1
         size, elem = head >> 4, head & 0x0F
         if size == 15:
             size, at = _varint(buf, at)
+        if size > len(buf) - at:  # each element takes a byte at least
+            raise _Damaged(f"a list of {size} elements, {len(buf) - at} bytes are left")
         items = []
         for _ in range(size):
-            if elem in (1, 2):  # booleans in a list are one byte each
-                items.append(buf[at] == 1)
-                at += 1
-            else:
-                item, at = _value(buf, at, elem)
-                items.append(item)
+            item, at = _value(buf, at, elem, depth + 1, in_collection=True)
+            items.append(item)
         return items, at
     if kind == 11:  # map
         size, at = _varint(buf, at)
         if size:
-            types = buf[at]
+            if 2 * size > len(buf) - at - 1:
+                raise _Damaged(f"a map of {size} entries, {len(buf) - at} bytes are left")
+            types = _byte(buf, at)
             at += 1
             for _ in range(size):
-                _, at = _value(buf, at, types >> 4)
-                _, at = _value(buf, at, types & 0x0F)
+                _, at = _value(buf, at, types >> 4, depth + 1, in_collection=True)
+                _, at = _value(buf, at, types & 0x0F, depth + 1, in_collection=True)
         return None, at
     if kind == 12:
-        return _struct(buf, at)
-    raise ConfigError(f"unknown Thrift type {kind}")
+        return _struct(buf, at, depth + 1)
+    raise _Damaged(f"an unknown Thrift type {kind}")

@@ -22,12 +22,15 @@ folders, tar shards, Parquet tables) the way `reading.LocalStorage` reads files:
   size are known from the listing or a HEAD when the data set is opened. Each read sends
   ``If-Match`` with that ETag, so an object overwritten since is answered 412 and never served:
   the sample is bad with code ``changed``. ``version(url)`` (what a cached record is checked
-  against) re-checks the store at most every ``--remote-recheck-s`` seconds per folder, so a
-  record decoded from an object overwritten since is not served from the cache either;
+  against) re-checks the store at most every ``--remote-recheck-s`` seconds per folder, in a
+  background thread (the last known state answers meanwhile), so a record decoded from an
+  object overwritten since is not served from the cache either;
 * **bytes in flight**: at most ``--remote-inflight-mb`` of range requests per worker process
   are outstanding at once (a request larger than the bound runs alone).
 
-Nothing secret is logged: messages name URLs (``s3://bucket/key``), never a signed request.
+Nothing secret is logged: messages name URLs (``s3://bucket/key``), never a signed request, and a URL's
+userinfo or a presigned URL's signature (`redact`) never appears in a message, a log line or
+``--print-config``.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import io
 import logging
 import os
+import queue
 import random
 import re
 import socket
 import ssl
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -52,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from loader_client.contract.errors import ConfigError
 
+from ..redaction import redact
 from .reading import DEFAULT_MAX_FILE_BYTES, DecodeError, Version
 
 if TYPE_CHECKING:
@@ -61,10 +66,12 @@ __all__ = [
     "DEFAULT_INFLIGHT_BYTES",
     "REMOTE_SCHEMES",
     "ObjectInfo",
+    "RemoteFile",
     "RemoteStorage",
     "RetryPolicy",
     "is_remote",
     "reads_remote",
+    "redact",
     "remote_storage",
     "sign_v4",
     "split_url",
@@ -133,11 +140,18 @@ class _TooLarge(Exception):
 
 
 class _BadResponse(Exception):
-    """The server's answer is not HTTP/1.1 as this reader takes it."""
+    """The server's answer is not HTTP/1.1 as this reader takes it (`status`: its status, where it had one)."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 _HEAD_LIMIT = 1 << 16
 _ERROR_BODY = 1 << 16
+_STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")
+_LENGTH = re.compile(r"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class _Connection:
@@ -148,14 +162,31 @@ class _Connection:
     head, then the body with ``recv_into`` straight into its final buffer: 0.25 ms. It takes what
     range GETs, HEADs and listings return: a Content-Length body, a chunked one, or one that ends
     when the server closes; ``Connection: close`` closes it after the response.
+
+    Every request has a deadline (its attempt's ``--remote-timeout-s``): each socket operation
+    waits at most until it, so a server that drips a byte at a time cannot hold a worker. An
+    answer that is not HTTP as this reader takes it (a negative or non-numeric length, a bad
+    chunk, a bad status line) is `_BadResponse` and the connection is closed. Through an
+    ``http://`` proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``): plain requests in absolute
+    form, ``https`` through a CONNECT tunnel.
     """
 
-    def __init__(self, parts: urllib.parse.SplitResult, timeout: float) -> None:
+    def __init__(self, parts: urllib.parse.SplitResult, timeout: float, tls: ssl.SSLContext | None = None,
+                 proxy: urllib.parse.SplitResult | None = None) -> None:
         self.https = parts.scheme == "https"
         self.hostname = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
-        self.host = parts.netloc
+        shown = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        self.host = f"{shown}:{parts.port}" if parts.port else shown  # the Host header: never the userinfo
         self.timeout = timeout
+        self.tls = tls if tls is not None else (ssl.create_default_context() if self.https else None)
+        self.proxy = proxy
+        self.auth: dict[str, str] = {}
+        if parts.username is not None:  # https://user:password@host/...: HTTP basic authentication
+            self.auth["Authorization"] = _basic(parts.username, parts.password)
+        self.proxy_auth: dict[str, str] = {}
+        if proxy is not None and proxy.username is not None:
+            self.proxy_auth["Proxy-Authorization"] = _basic(proxy.username, proxy.password)
         self.sock: socket.socket | None = None
         self.buf = bytearray()
 
@@ -167,83 +198,156 @@ class _Connection:
                 self.sock = None
                 self.buf = bytearray()
 
-    def _open(self) -> socket.socket:
-        sock = socket.create_connection((self.hostname, self.port), timeout=self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.https:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.hostname)
+    @staticmethod
+    def _arm(sock: socket.socket, deadline: float) -> None:
+        """Let the next socket operation wait until the deadline at most."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        sock.settimeout(left)
+
+    def _open(self, deadline: float) -> socket.socket:
+        where = (self.proxy.hostname or "", self.proxy.port or 80) if self.proxy else (self.hostname, self.port)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        sock = socket.create_connection(where, timeout=left)
         self.sock, self.buf = sock, bytearray()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.proxy is not None and self.https:
+            self._tunnel(sock, deadline)
+        if self.tls is not None:
+            self._arm(sock, deadline)
+            sock = self.sock = self.tls.wrap_socket(sock, server_hostname=self.hostname)
         return sock
 
-    def _more(self, sock: socket.socket) -> None:
+    def _tunnel(self, sock: socket.socket, deadline: float) -> None:
+        """CONNECT through the proxy to the origin; the TLS session then runs inside the tunnel."""
+        lines = [f"CONNECT {self.hostname}:{self.port} HTTP/1.1", f"Host: {self.hostname}:{self.port}",
+                 *(f"{k}: {v}" for k, v in self.proxy_auth.items())]
+        self._arm(sock, deadline)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        status, _, _ = self._head(sock, deadline)
+        if not 200 <= status < 300:
+            self.close()
+            proxy = f"{self.proxy.hostname}:{self.proxy.port or 80}" if self.proxy else ""
+            raise _Failure(status, f"the proxy {proxy} refused the tunnel to {self.hostname}:{self.port}"
+                                   + (" (Proxy-Authorization: set the user and password in HTTPS_PROXY)"
+                                      if status == 407 else ""), status >= 500)
+        if self.buf:
+            raise _BadResponse("the proxy sent bytes after accepting the tunnel", status)
+
+    def _more(self, sock: socket.socket, deadline: float) -> None:
+        self._arm(sock, deadline)
         chunk = sock.recv(1 << 16)
         if not chunk:
             raise ConnectionResetError("the server closed the connection")
         self.buf += chunk
 
-    def _line(self, sock: socket.socket) -> bytes:
+    def _line(self, sock: socket.socket, deadline: float) -> bytes:
         while (end := self.buf.find(b"\r\n")) < 0:
             if len(self.buf) > _HEAD_LIMIT:
                 raise _BadResponse("a line of over 64 KB")
-            self._more(sock)
+            self._more(sock, deadline)
         line = bytes(self.buf[:end])
         del self.buf[: end + 2]
         return line
 
-    def _exact(self, sock: socket.socket, n: int) -> bytearray:
+    def _exact(self, sock: socket.socket, n: int, deadline: float) -> bytearray:
         body = bytearray(n)
         have = min(n, len(self.buf))
         body[:have] = self.buf[:have]
         del self.buf[:have]
         view = memoryview(body)
         while have < n:
+            self._arm(sock, deadline)
             got = sock.recv_into(view[have:])
             if not got:
                 raise ConnectionResetError(f"the server closed the connection after {have} of {n} bytes")
             have += got
         return body
 
-    def request(self, method: str, target: str, headers: dict[str, str],
-                max_bytes: int) -> tuple[int, dict[str, str], bytes]:
-        sock = self.sock or self._open()
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}", *(f"{k}: {v}" for k, v in headers.items())]
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
+        """(status, status line, lower-cased fields) of the next final response (interim 1xx answers skipped)."""
         while True:
             while (end := self.buf.find(b"\r\n\r\n")) < 0:
                 if len(self.buf) > _HEAD_LIMIT:
                     raise _BadResponse("response headers of over 64 KB")
-                self._more(sock)
+                self._more(sock, deadline)
             head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
             del self.buf[: end + 4]
-            parts = head[0].split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            m = _STATUS_LINE.fullmatch(head[0])
+            if m is None:
                 raise _BadResponse(f"not an HTTP/1.1 status line: {head[0][:80]!r}")
-            status = int(parts[1])
+            status = int(m.group(1))
             if status >= 200 or status == 101:
                 break  # 100 Continue and other interim answers: the real one follows
         fields: dict[str, str] = {}
         for line in head[1:]:
             name, sep, value = line.partition(":")
-            if sep:
-                fields[name.strip().lower()] = value.strip()
+            if not sep or not name.strip():
+                raise _BadResponse(f"a malformed header line {line[:80]!r}", status)
+            fields[name.strip().lower()] = value.strip()
+        return status, head[0], fields
+
+    def request(self, method: str, target: str, headers: dict[str, str], max_bytes: int,
+                deadline: float) -> tuple[int, dict[str, str], bytes]:
+        """One request and its response, within `deadline` (time.monotonic()); the connection is closed after
+        any error (`_BadResponse` for an answer that is not HTTP as this reader takes it)."""
+        status: int | None = None
+        try:
+            sock = self.sock or self._open(deadline)
+            if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
+                target = f"http://{self.host}{target}"
+                headers = {**self.proxy_auth, **headers}
+            lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}",
+                     *(f"{k}: {v}" for k, v in {**self.auth, **headers}.items())]
+            self._arm(sock, deadline)
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            status, line, fields = self._head(sock, deadline)
+            return self._body(sock, method, status, line, fields, max_bytes, deadline)
+        except _BadResponse as exc:
+            self.close()
+            if exc.status is None:
+                exc.status = status
+            raise
+        except ssl.SSLError:  # (a certificate error is a ValueError too): the TLS session's, said as such
+            self.close()
+            raise
+        except (ValueError, IndexError, UnicodeError, OverflowError, MemoryError) as exc:  # a malformed answer
+            self.close()
+            raise _BadResponse(f"{type(exc).__name__}: {exc}", status) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _body(self, sock: socket.socket, method: str, status: int, line: str, fields: dict[str, str],
+              max_bytes: int, deadline: float) -> tuple[int, dict[str, str], bytes]:
         limit = max_bytes if status < 300 else _ERROR_BODY
-        keep = fields.get("connection", "").lower() != "close" and not head[0].startswith("HTTP/1.0")
+        keep = fields.get("connection", "").lower() != "close" and not line.startswith("HTTP/1.0")
         if method == "HEAD" or status in (204, 304):
             body = bytearray()
         elif "chunked" in fields.get("transfer-encoding", "").lower():
-            body = self._chunked(sock, limit)
+            body = self._chunked(sock, limit, status, deadline)
         elif "content-length" in fields:
-            size = int(fields["content-length"])
+            text = fields["content-length"]
+            if not _LENGTH.fullmatch(text):
+                raise _BadResponse(f"Content-Length {text[:40]!r} is not a byte count", status)
+            size = int(text)
             if size > limit:
                 self.close()
                 if status < 300:
                     raise _TooLarge(size)
                 return status, fields, b""  # an error of over 64 KB: its status is enough
-            body = self._exact(sock, size)
+            body = self._exact(sock, size, deadline)
         else:  # the body ends when the server closes the connection
             keep = False
             body = bytearray(self.buf)
-            while len(body) <= limit and (chunk := sock.recv(1 << 16)):
+            while len(body) <= limit:
+                self._arm(sock, deadline)
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
                 body += chunk
             if len(body) > limit and status < 300:
                 self.close()
@@ -252,19 +356,30 @@ class _Connection:
             self.close()
         return status, fields, bytes(body)
 
-    def _chunked(self, sock: socket.socket, limit: int) -> bytearray:
+    def _chunked(self, sock: socket.socket, limit: int, status: int, deadline: float) -> bytearray:
         body = bytearray()
         while True:
-            size = int(self._line(sock).split(b";", 1)[0].strip() or b"0", 16)
+            text = self._line(sock, deadline).split(b";", 1)[0].strip()
+            if not _CHUNK_SIZE.fullmatch(text):
+                raise _BadResponse(f"a chunk size {text[:40]!r} that is not hexadecimal", status)
+            size = int(text, 16)
             if size == 0:
-                while self._line(sock):  # trailers, up to the empty line
+                while self._line(sock, deadline):  # trailers, up to the empty line
                     pass
                 return body
             if len(body) + size > limit:
                 self.close()
                 raise _TooLarge(len(body) + size)
-            body += self._exact(sock, size)
-            self._line(sock)
+            body += self._exact(sock, size, deadline)
+            if self._line(sock, deadline):
+                raise _BadResponse(f"a chunk longer than its size {size}", status)
+
+
+def _basic(user: str, password: str | None) -> str:
+    import base64
+
+    raw = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 class _Budget:
@@ -303,7 +418,9 @@ class RemoteStorage:
         self.recheck_s = recheck_s
         self._infos: dict[str, ObjectInfo | None] = {}  # url -> as indexed (None: gone)
         self._checked: dict[str, float] = {}  # folder (S3) or object url -> monotonic time of its last check
-        self._now: dict[str, ObjectInfo] = {}  # url -> as last checked
+        self._now: dict[str, dict[str, ObjectInfo]] = {}  # the same -> {url: info} as last checked
+        self._refreshing: set[str] = set()  # folders or objects queued for a re-check in the background
+        self._rechecks: queue.SimpleQueue[tuple[str, str]] | None = None  # this process's re-check thread's queue
         self._lists: dict[tuple[str, bool], dict[str, ObjectInfo]] = {}  # listings made while opening data sets
         self._lock = threading.Lock()
         self._pid = -1
@@ -324,6 +441,7 @@ class RemoteStorage:
             self._budget = _Budget(self.inflight_bytes)
             self._s3 = None
             self._rng = random.Random()
+            self._refreshing, self._rechecks = set(), None  # the parent's re-check thread is not in this process
             self.requests = 0
             self._pid = os.getpid()
 
@@ -358,19 +476,40 @@ class RemoteStorage:
                     raise ConfigError(f"cannot set up the S3 client ({type(exc).__name__}: {exc}): check AWS_PROFILE, "
                                       "AWS_ENDPOINT_URL and the AWS config files") from None
                 endpoint = client.meta.endpoint_url.rstrip("/")
+                s3_config = dict(client.meta.config.s3 or {})  # the profile's `s3 =` settings, merged by botocore
+                if s3_config.get("use_accelerate_endpoint"):
+                    raise ConfigError("the AWS config sets s3 use_accelerate_endpoint, which this reader does not "
+                                      "use (its requests would go to the regional endpoint): remove it from the "
+                                      "profile for the loader, or set AWS_ENDPOINT_URL_S3")
+                style = str(s3_config.get("addressing_style") or "auto")
+                if style not in ("auto", "virtual", "path"):
+                    raise ConfigError(f"the AWS config sets s3 addressing_style = {style!r}: expected auto, "
+                                      "virtual or path")
+                bundle = session.get_config_variable("ca_bundle")  # AWS_CA_BUNDLE or the profile's ca_bundle
+                tls = None
+                if endpoint.startswith("https://"):
+                    try:
+                        tls = ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
+                    except (OSError, ssl.SSLError) as exc:
+                        raise ConfigError(f"AWS_CA_BUNDLE (or the profile's ca_bundle) {bundle!r} cannot be "
+                                          f"loaded ({exc}): name a PEM file of CA certificates") from None
+                _proxy_for(urllib.parse.urlsplit(endpoint))  # an unusable proxy setting: refused now, at start
                 self._s3 = {"session": session, "client": client, "endpoint": endpoint, "region": region,
-                            "aws": (urllib.parse.urlsplit(endpoint).hostname or "").endswith("amazonaws.com")}
+                            "aws": (urllib.parse.urlsplit(endpoint).hostname or "").endswith("amazonaws.com"),
+                            "style": style, "tls": tls, "bundle": bundle}
             return self._s3
 
     # ------------------------------------------------------------------ URLs and requests
     def _http_url(self, url: str) -> str:
-        """The HTTP URL a request for `url` goes to (S3: path style, or virtual-hosted on AWS)."""
+        """The HTTP URL a request for `url` goes to (S3: as the profile's s3 addressing_style says: path or
+        virtual-hosted; auto, botocore's default: virtual-hosted on AWS for a bucket name that is a DNS label)."""
         scheme, where, key = split_url(url)
         if scheme != "s3":
             return url
         s3 = self._s3_setup()
         quoted = urllib.parse.quote(key, safe="/~")
-        if s3["aws"] and re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", where):
+        dns = re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", where) is not None
+        if s3["style"] == "virtual" or (s3["style"] == "auto" and s3["aws"] and dns):
             parts = urllib.parse.urlsplit(s3["endpoint"])
             return f"{parts.scheme}://{where}.{parts.netloc}/{quoted}"
         return f"{s3['endpoint']}/{where}/{quoted}"
@@ -385,13 +524,14 @@ class RemoteStorage:
         frozen = creds.get_frozen_credentials()  # refreshed by botocore when they expire (roles, SSO)
         return sign_v4(method, http_url, headers, frozen.access_key, frozen.secret_key, frozen.token, s3["region"])
 
-    def _connection(self, http_url: str) -> tuple[_Connection, str]:
+    def _connection(self, http_url: str, s3: bool) -> tuple[_Connection, str]:
         parts = urllib.parse.urlsplit(http_url)
         key = (parts.scheme, parts.netloc)
         conns: dict[tuple[str, str], _Connection] = self._local.__dict__.setdefault("conns", {})
         conn = conns.get(key)
         if conn is None:
-            conn = conns[key] = _Connection(parts, self.policy.timeout_s)
+            tls = self._s3_setup()["tls"] if s3 and parts.scheme == "https" else None  # S3: AWS_CA_BUNDLE
+            conn = conns[key] = _Connection(parts, self.policy.timeout_s, tls, _proxy_for(parts))
             with self._lock:
                 self._open.append(conn)  # kept here, not only by its thread: closed by `close`, never collected open
         path = parts.path or "/"
@@ -403,16 +543,24 @@ class RemoteStorage:
         self.requests += 1
         http_url = self._http_url(url)
         signed = self._sign(url, http_url, method, headers)
-        conn, path = self._connection(http_url)
-        try:
-            return conn.request(method, path, signed, max_bytes)
+        conn, path = self._connection(http_url, url.startswith("s3://"))
+        try:  # the whole attempt within --remote-timeout-s, however slowly the server answers
+            return conn.request(method, path, signed, max_bytes, time.monotonic() + self.policy.timeout_s)
         except _TooLarge as exc:
-            raise DecodeError(url, f"object of {exc.size} bytes exceeds --max-file-bytes {max_bytes}",
+            raise DecodeError(redact(url), f"object of {exc.size} bytes exceeds --max-file-bytes {max_bytes}",
                               "too_large") from None
         except TimeoutError:
             conn.close()
             raise _Failure(None, f"timed out after {self.policy.timeout_s:g} s", True) from None
-        except (OSError, _BadResponse) as exc:
+        except _BadResponse as exc:
+            conn.close()
+            raise _Failure(exc.status, f"a malformed response: {exc}", True) from None
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            raise _Failure(None, f"TLS: {exc.verify_message or exc}: the server's certificate is not trusted here "
+                                 "(AWS_CA_BUNDLE names the CA bundle for s3://, SSL_CERT_FILE for https://)",
+                           True) from None
+        except OSError as exc:
             conn.close()
             raise _Failure(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, True) from None
 
@@ -443,7 +591,7 @@ class RemoteStorage:
             failure.status or 0, "unavailable" if failure.retry else "read_failed")
         hint = {"not_found": "", "changed": "", "permission_denied": ": check the credentials (AWS_PROFILE, "
                 "AWS_ACCESS_KEY_ID) and the bucket policy"}.get(code, "")
-        raise DecodeError(url, f"{what} failed {tries}: {shown}{failure.reason}{hint}", code)
+        raise DecodeError(redact(url), f"{what} failed {tries}: {shown}{failure.reason}{hint}", code)
 
     # ------------------------------------------------------------------ what objects exist
     def head(self, url: str) -> ObjectInfo:
@@ -453,7 +601,7 @@ class RemoteStorage:
             found = self._list(f"s3://{bucket}/{key}", exact=True)
             info = found.get(url)
             if info is None:
-                raise DecodeError(url, "object not found", "not_found")
+                raise DecodeError(redact(url), "object not found", "not_found")
             return info
         _, head, _ = self._request(url, "HEAD", ok=(200,), what="HEAD")
         size = int(head.get("content-length", -1))
@@ -479,6 +627,7 @@ class RemoteStorage:
         _, bucket, key = split_url(prefix)
         client = self._s3_setup()["client"]
         found: dict[str, ObjectInfo] = {}
+        at = time.monotonic()
         try:
             pages = client.get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=key, **({"Delimiter": "/"} if shallow else {}))
@@ -503,7 +652,22 @@ class RemoteStorage:
             with self._lock:
                 for url, info in found.items():
                     self._infos.setdefault(url, info)
+            if not exact and prefix.endswith("/"):  # whole folders listed: their state now, for `current`
+                scopes = {prefix} if shallow else {prefix, *map(_scope, found)}
+                self._known(scopes, found, at)
         return found
+
+    def _known(self, scopes: set[str], found: dict[str, ObjectInfo], at: float) -> None:
+        """`found` (None: unknown) as the state of the folders (or objects) `scopes`, as checked at time `at`."""
+        by_scope: dict[str, dict[str, ObjectInfo]] = {scope: {} for scope in scopes}
+        for url, info in found.items():
+            objects = by_scope.get(_scope(url) if url not in by_scope else url)
+            if objects is not None:
+                objects[url] = info
+        with self._lock:
+            for scope, objects in by_scope.items():
+                if at >= self._checked.get(scope, -1.0):
+                    self._checked[scope], self._now[scope] = at, objects
 
     def remember(self, infos: dict[str, ObjectInfo]) -> None:
         """The objects as the data set was indexed: later reads must find exactly these versions."""
@@ -526,35 +690,61 @@ class RemoteStorage:
             return self._infos[url]
 
     def current(self, url: str) -> ObjectInfo | None:
-        """The object as the store has it now, re-checked at most every `recheck_s` per folder (S3: one listing
-        of the folder) or per object (a web server: a HEAD); None when it is gone or cannot be checked."""
+        """The object as the store has it, re-checked at most every `recheck_s` per folder (S3: one listing of
+        the folder) or per object (a web server: a HEAD); None when it is gone or could not be checked.
+
+        A state older than `recheck_s` is re-checked in the background (one thread per process), and the
+        last known state is the answer meanwhile: a folder of a million objects (a thousand LIST pages)
+        never holds a worker's read-ahead. So a change is seen at most `recheck_s` plus one listing
+        after it is made. The first check of a folder that no listing covered yet, and every check
+        with `recheck_s` 0, is made at once."""
         self._fresh()
-        scope = url.rsplit("/", 1)[0] + "/" if url.startswith("s3://") else url
+        scope = _scope(url)
         now = time.monotonic()
         with self._lock:
             last = self._checked.get(scope)
-            if last is not None and now - last < self.recheck_s:
-                return self._now.get(url)
+            known = self._now.get(scope, {}).get(url)
+            if last is not None and (now - last < self.recheck_s or self.recheck_s > 0):
+                if now - last >= self.recheck_s and scope not in self._refreshing:
+                    self._refreshing.add(scope)
+                    if self._rechecks is None:
+                        self._rechecks = queue.SimpleQueue()
+                        threading.Thread(target=self._recheck_loop, args=(self._rechecks,), daemon=True,
+                                         name="loader-recheck").start()
+                    self._rechecks.put((scope, url))
+                return known
+        self._check(scope, url)
+        with self._lock:
+            return self._now.get(scope, {}).get(url)
+
+    def _check(self, scope: str, url: str) -> None:
+        """Ask the store for the state of `scope` now (unknown, so no record is served, if it cannot say)."""
+        at = time.monotonic()
         try:
-            seen = (self._list(scope, exact=False, remember=False, shallow=True) if url.startswith("s3://")
+            seen = (self._list(scope, exact=False, remember=False, shallow=True) if scope != url
                     else {url: self.head(url)})
         except DecodeError:
-            return None
-        with self._lock:
-            self._checked[scope] = now
-            if scope != url:  # a folder's listing: what it no longer shows is gone
-                self._now = {k: v for k, v in self._now.items() if not (k.startswith(scope) and "/" not in
-                                                                        k[len(scope):])}
-            self._now.update(seen)
-            if url not in seen:
-                self._now.pop(url, None)
-            return self._now.get(url)
+            seen = {}  # gone, or the store does not answer: nothing is served from a record until it does
+        self._known({scope}, seen, at)
+
+    def _recheck_loop(self, rechecks: queue.SimpleQueue[tuple[str, str]]) -> None:
+        while True:
+            scope, url = rechecks.get()
+            try:
+                self._check(scope, url)
+            except Exception as exc:  # a bug or a setting: never a dead re-check thread, never a stale record
+                log.warning("re-checking %s failed (%s: %s): its records are not served until it succeeds",
+                            scope, type(exc).__name__, exc)
+                self._known({scope}, {}, time.monotonic())
+            finally:
+                with self._lock:
+                    self._refreshing.discard(scope)
 
     # ------------------------------------------------------------------ reads
     def _conditions(self, url: str) -> dict[str, str]:
         info = self.info(url)
         if info is None:
-            raise DecodeError(url, "object not found", "not_found")
+            raise DecodeError(redact(url), "object not found", "not_found")
         if info.etag.startswith("last-modified:"):
             stamp = info.etag.removeprefix("last-modified:")
             return {"If-Unmodified-Since": stamp} if stamp else {}
@@ -566,7 +756,7 @@ class RemoteStorage:
         info = self.info(url)
         size = info.size if info is not None else 0
         if size > max_bytes:
-            raise DecodeError(url, f"object of {size} bytes exceeds --max-file-bytes {max_bytes}", "too_large")
+            raise DecodeError(redact(url), f"object of {size} bytes exceeds --max-file-bytes {max_bytes}", "too_large")
         with self._budget.take(max(size, 1)):
             _, _, body = self._request(url, headers=headers, max_bytes=max_bytes)
         return body
@@ -578,12 +768,14 @@ class RemoteStorage:
             with self._budget.take(size):
                 status, _, body = self._request(url, headers=headers, max_bytes=size)
         except DecodeError as exc:
-            raise DecodeError(describe(i), f"{url}: {exc.reason}" if exc.path == url else str(exc), exc.code) from None
+            shown = redact(url)
+            raise DecodeError(describe(i), f"{shown}: {exc.reason}" if exc.path == shown else str(exc),
+                              exc.code) from None
         if status == 200:  # a server that ignores Range sends the whole object
             body = body[offset : offset + size]
         if len(body) != size:
-            raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of {url}",
-                              "truncated")
+            raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of "
+                                           f"{redact(url)}", "truncated")
         return body
 
     def version(self, url: str) -> Version | None:
@@ -596,36 +788,12 @@ class RemoteStorage:
         h, size = indexed.version
         return h, size, 0, 0
 
-    def download(self, url: str, dest: str) -> None:
-        """Copy the whole object (as indexed) to the local file `dest`, a range at a time."""
+    def open(self, url: str, window: int = 8 << 20) -> RemoteFile:
+        """The object as indexed, as a read-only seekable file (for indexing it where it lies: no local copy)."""
         info = self.info(url)
         if info is None:
-            raise DecodeError(url, "object not found", "not_found")
-        conditions = self._conditions(url)
-        with open(dest, "wb") as f:
-            at, step = 0, 16 << 20
-            while at < info.size:
-                n = min(step, info.size - at)
-                _, _, body = self._request(url, headers={**conditions, "Range": f"bytes={at}-{at + n - 1}"},
-                                           max_bytes=n)
-                if len(body) != n:
-                    raise DecodeError(url, f"truncated: {len(body)} of {n} bytes at offset {at}", "truncated")
-                f.write(body)
-                at += n
-
-    @contextmanager
-    def local_copy(self, url: str) -> Iterator[str]:
-        """The object in a temporary local file (removed afterwards), for indexing."""
-        fd, path = tempfile.mkstemp(prefix="loader-remote-", suffix=os.path.splitext(url)[1])
-        os.close(fd)
-        try:
-            self.download(url, path)
-            yield path
-        finally:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            raise DecodeError(redact(url), "object not found", "not_found")
+        return RemoteFile(self, url, info.size, window)
 
     def close(self) -> None:
         """Close this process's connections (the next request opens new ones)."""
@@ -642,6 +810,75 @@ class RemoteStorage:
     def stats(self) -> dict[str, int]:
         """This process's requests and peak bytes in flight."""
         return {"requests": self.requests, "peak_inflight_bytes": self._budget.peak}
+
+
+class RemoteFile(io.RawIOBase):
+    """One object as indexed, read where it lies: ``read``/``seek``/``tell`` (tarfile, pyarrow) and slices
+    (``f[a:b]``, as of an mmap), served from one window of `window` bytes read ahead with a range GET
+    (each carrying the indexed ETag). A read past the window moves it, so a sequential walk of a tar
+    shard's headers costs one request per window and skips members larger than a window; a read larger
+    than the window is one request of its own. Nothing is written to local disk."""
+
+    def __init__(self, storage: RemoteStorage, url: str, size: int, window: int) -> None:
+        super().__init__()
+        self.storage, self.url, self.size, self.window = storage, url, size, max(window, 1)
+        self.name = url
+        self._pos = 0
+        self._start = 0
+        self._buf = b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _get(self, start: int, stop: int) -> bytes:
+        start, stop = max(0, min(start, self.size)), max(0, min(stop, self.size))
+        if stop <= start:
+            return b""
+        if self._start <= start and stop <= self._start + len(self._buf):
+            return self._buf[start - self._start : stop - self._start]
+        if stop - start > self.window:  # larger than a window: a request of its own, the window stays
+            return self.storage.read_range(self.url, start, stop - start, lambda _: self.url, 0)
+        end = min(self.size, start + self.window)
+        self._buf = self.storage.read_range(self.url, start, end - start, lambda _: self.url, 0)
+        self._start = start
+        return self._buf[: stop - start]
+
+    def __getitem__(self, item: slice) -> bytes:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("a RemoteFile is sliced with [start:stop]")
+        start, stop, _ = item.indices(self.size)
+        return self._get(start, stop)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """At most what is left of the object (io's `read` allocates the `size` asked: a damaged tar header's
+        size, read by tarfile, would be a buffer of that many bytes)."""
+        left = max(0, self.size - self._pos)
+        data = self._get(self._pos, self._pos + (left if size is None or size < 0 else min(size, left)))
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        data = self._get(self._pos, self._pos + len(view))
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 _KEYS: dict[tuple[str, str, str], bytes] = {}
@@ -696,6 +933,24 @@ def _status_failure(status: int, head: dict[str, str], body: bytes) -> _Failure:
     return _Failure(status, text, status in _RETRY_STATUS or status >= 500)
 
 
+def _proxy_for(parts: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
+    """The proxy a request to `parts` goes through, as botocore chooses it for the listings (``HTTP_PROXY``,
+    ``HTTPS_PROXY``, ``NO_PROXY``, in either case); ConfigError for one this reader cannot use."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    host = parts.hostname or ""
+    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
+        return None
+    found = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if found.scheme != "http" or not found.hostname:
+        raise ConfigError(f"{parts.scheme.upper()}_PROXY is {redact(proxy)!r}: objects are read through an "
+                          "http:// proxy only (https through its CONNECT tunnel); set HTTPS_PROXY=http://host:port, "
+                          f"or add {host} to NO_PROXY")
+    return found
+
+
 def reads_remote(dataset: object) -> bool:
     """Whether a data set (or the data set a subset is taken from) reads objects from a store."""
     while hasattr(dataset, "parent"):
@@ -703,8 +958,19 @@ def reads_remote(dataset: object) -> bool:
     return getattr(dataset, "remote", None) is not None or isinstance(getattr(dataset, "storage", None), RemoteStorage)
 
 
-def storage_of(options: DataOptions) -> RemoteStorage:
-    """The process's storage for s3:// and http(s):// data under these settings (``--remote-*``)."""
+def _scope(url: str) -> str:
+    """What one re-check covers: an S3 object's folder (one listing), or the object itself (a HEAD)."""
+    return url.rsplit("/", 1)[0] + "/" if url.startswith("s3://") else url
+
+
+def storage_of(options: DataOptions | None = None) -> RemoteStorage:
+    """The process's storage for s3:// and http(s):// data under these settings (``--remote-*``; None: their
+    defaults). The one place where a data set's objects get their storage: every path that lists or reads
+    objects (the kind's detection, list files, class folders, shards and tables) takes it from here."""
+    if options is None:
+        from ..options import DataOptions
+
+        options = DataOptions(data="")
     return remote_storage(RetryPolicy(attempts=options.remote_attempts, timeout_s=options.remote_timeout_s),
                           int(options.remote_inflight_mb * (1 << 20)), options.remote_recheck_s)
 

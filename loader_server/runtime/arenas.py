@@ -40,9 +40,10 @@ from loader_client.contract.shm import (
 )
 
 from ..logs import Throttle
+from .processes import PeerProcesses
 from .transport import start_janitor
 
-__all__ = ["Arena", "ArenaChannel", "arena_slots", "new_arena", "share_arena_slots"]
+__all__ = ["Arena", "ArenaChannel", "LeftBehind", "arena_slots", "new_arena", "share_arena_slots"]
 
 log = logging.getLogger("loader_server")
 
@@ -70,6 +71,14 @@ def share_arena_slots(prefetch: int, window: int) -> int:
 
 
 @dataclass
+class LeftBehind:
+    """The slots a client still held when it left, and the processes that may still read them."""
+
+    slots: set[int]
+    processes: PeerProcesses
+
+
+@dataclass
 class Arena:
     """One memfd of `slots` slots, and who holds each slot.
 
@@ -77,8 +86,10 @@ class Arena:
     share's window) and *with* each client it was sent to until that client releases it. It is
     free again when nobody keeps or holds it: the same slot may be with several clients at once
     (the members of a share), and it is freed when the last one releases it. A slot that a client
-    still held when it left is never reused: that process may still read it, and only closing the
-    arena gives it back.
+    still held when it left is an *orphan*: that process may still read it, so it is not reused
+    until every process that could (`PeerProcesses`, processes.py) is known to have exited
+    (`reclaim`), or the arena closes. A client whose processes cannot be told leaves its slots
+    orphaned until the arena closes.
     """
 
     id: int
@@ -94,11 +105,15 @@ class Arena:
     token: str | None = None
     tokens: list[str] = field(default_factory=list)  # every token offered (one per client of a shared arena)
     key_slots: dict[bytes, int] = field(default_factory=dict)  # a share's members: client -> its key's entry
+    left: list[LeftBehind] = field(default_factory=list)  # what clients that left still held, and who they were
+    reclaimed: int = 0  # orphaned slots given back since the arena opened (their processes exited)
+    dry: bool = False  # the last `take` found no free slot
 
     def take(self) -> int | None:
         """A free slot for a new batch, kept by the server (the most recently freed: fewer distinct
         pages), or None."""
-        if not self.free:
+        self.dry = not self.free
+        if self.dry:
             return None
         slot = self.free.pop()
         self.kept.add(slot)
@@ -134,15 +149,43 @@ class Arena:
         self.key_slots[client] = free
         return free
 
-    def forget(self, client: bytes) -> None:
-        """`client` left: the slots it still held are never reused (module doc), its key is erased."""
+    def forget(self, client: bytes, processes: PeerProcesses | None = None) -> None:
+        """`client` left: the slots it still held are orphans until `processes` (the client's, as the
+        kernel told them) have all exited (`reclaim`); never reused without them. Its key is erased."""
         key_slot = self.key_slots.pop(client, None)
         if key_slot is not None:
             write_arena_key(self.fd, self.slots, self.stride, key_slot, None)
+        held = set()
         for slot, holders in self.with_clients.items():
             if client in holders:
                 holders.discard(client)
-                self.orphans.add(slot)
+                held.add(slot)
+        if held:
+            self.orphans |= held
+            self.left.append(LeftBehind(held, processes or PeerProcesses()))
+
+    def reclaim(self) -> int:
+        """Give back the orphans of clients whose processes have all exited; how many slots are no longer
+        orphans (free now, unless the server keeps them or another client holds them)."""
+        gone = [i for i, left in enumerate(self.left) if left.processes.gone()]
+        if not gone:
+            return 0
+        for i in reversed(gone):
+            del self.left[i]
+        still = set().union(*(left.slots for left in self.left))
+        freed = self.orphans - still
+        self.orphans = still
+        for slot in freed:
+            self._settle(slot)
+        self.reclaimed += len(freed)
+        return len(freed)
+
+    def fullness(self) -> str:
+        """Where the slots are, in words (for the line that says the arena ran out)."""
+        waiting = set().union(*(left.slots for left in self.left if left.processes.known))
+        return (f"{len(self.kept)} kept by the server, {len(self.with_client)} held by clients, {len(self.orphans)} "
+                f"left by clients that are gone: {len(waiting)} until their processes exit, "
+                f"{len(self.orphans - waiting)} until the arena closes (their processes could not be told)")
 
     def _settle(self, slot: int) -> None:
         if slot in self.kept or self.with_clients.get(slot) or slot in self.orphans or slot in self.free:

@@ -12,6 +12,12 @@ that wants it. With shared memory the share has one arena that every member maps
 a batch is with each member it was sent to, and free again when the last one releases it and
 the share no longer keeps it (arenas.py). A member without the arena (another host, or shared
 memory refused) gets the pixels of such a batch copied into a frame.
+
+A member that leaves while it holds slots (a trainer killed, say) leaves them orphaned: they are
+given back once the kernel says its processes have exited (processes.py; checked every tick),
+so a sweep whose trials are stopped early keeps its shared memory. When an arena has no free
+slot, batches go as frames over the socket: each such batch is counted (`stats`, Prometheus),
+and the arena running out is logged with where its slots are.
 """
 
 from __future__ import annotations
@@ -54,10 +60,11 @@ from ..metrics import Metrics
 from .arenas import Arena, ArenaChannel, arena_slots, new_arena, share_arena_slots
 from .bad_files import BadFiles
 from .outgoing import OutOfRange, checked, checked_encode
+from .processes import PeerProcesses
 from .sessions import MAX_EPOCH, Refusal, Session, StreamFacts, open_session
 from .shares import Share, ShareKey, ShareTerms
 from .supervisor import GivenUp, Supervisor, Task, Worker
-from .transport import ClientTransport, PeerLog, escape
+from .transport import ClientTransport, PeerLog, PeerSource, escape
 from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
@@ -94,7 +101,8 @@ class Client:
     share: ShareKey | None = None
     arena_token: str | None = None  # this client's key to its share's arena on the arena channel
     arena_key_slot: int = 0  # where its hello's key is in its share's arena
-    peer: str = "?"  # who it is for the per-peer bound: the CURVE key, the address (and user), or the uid
+    processes: PeerProcesses | None = None  # a member mapping its share's arena: who may read its slots
+    peer: str = "?"  # who it is for the per-peer bound: the CURVE key, the address, or a local user ("uid N")
 
 
 @dataclass
@@ -106,6 +114,7 @@ class SharedStream:
     arena: Arena | None = None
     mapping: Mapping | None = None
     members_shm: set[bytes] = field(default_factory=set)  # members that map the arena
+    fallbacks: int = 0  # batches built as frames for members that map the arena, for want of a free slot
 
 
 class Delivery:
@@ -140,8 +149,9 @@ class Delivery:
         self._closing: list[tuple[float, Arena]] = []
 
     # ------------------------------------------------------------------ sessions
-    def open(self, identity: bytes, hello: Hello, peer: str = "?") -> None:
-        """Open a stream for `hello` (replacing one of the same peer), or tell the peer why not."""
+    def open(self, identity: bytes, hello: Hello, peer: str = "?", source: PeerSource | None = None) -> None:
+        """Open a stream for `hello` (replacing one of the same peer), or tell the peer why not. `source`
+        tells the peer's processes (a member of a share's arena)."""
         self.departed.discard(identity)
         self.drop(identity, "reconnected", reopening=True)
         if len(self.clients) >= self.config.max_clients:
@@ -170,7 +180,7 @@ class Delivery:
         # Shared memory only for a hello with its key (written into the arena: the client maps no other).
         wants_shm = hello.shm and hello.shm_key is not None and self.config.shm and shm_available()
         if hello.share is not None:
-            shared = self._join_share(client, hello, wants_shm)
+            shared = self._join_share(client, hello, wants_shm, source)
             if shared is None:
                 return
         elif wants_shm:
@@ -198,7 +208,8 @@ class Delivery:
         self._next_arena_id += 1
         return self._next_arena_id
 
-    def _join_share(self, client: Client, hello: Hello, wants_shm: bool) -> SharedStream | None:
+    def _join_share(self, client: Client, hello: Hello, wants_shm: bool,
+                    source: PeerSource | None = None) -> SharedStream | None:
         """Put `client` in the share its hello names (opening it), or refuse it naming each difference."""
         s = client.session
         key = ShareKey(hello.share or "", s.rank)
@@ -224,6 +235,7 @@ class Delivery:
         if shared.arena is not None and key_slot is not None:
             client.arena, client.arena_token = shared.arena, shared.arena.offer()
             client.arena_key_slot = key_slot
+            client.processes = source.processes() if source is not None else PeerProcesses()
             shared.members_shm.add(client.identity)
         client.share = key
         shared.share.join(client.identity, s.next_send)
@@ -269,7 +281,7 @@ class Delivery:
         shared.share.leave(client.identity)
         shared.members_shm.discard(client.identity)
         if shared.arena is not None:
-            shared.arena.forget(client.identity)
+            shared.arena.forget(client.identity, client.processes)
         if shared.share.members:
             self._evict(shared)
             return
@@ -315,9 +327,13 @@ class Delivery:
         self._closing.clear()
 
     def heartbeats(self, now: float) -> None:
-        """Drop clients silent for --client-timeout-s; a heartbeat to those idle for --heartbeat-s."""
+        """Drop clients silent for --client-timeout-s; a heartbeat to those idle for --heartbeat-s; give back
+        the slots of members whose processes exited."""
         while self._closing and self._closing[0][0] <= now:
             self._closing.pop(0)[1].close()
+        for shared in self.shares.values():
+            if shared.arena is not None and shared.arena.left:
+                self._reclaim(shared)
         for client in list(self.clients.values()):
             s = client.session
             if now - s.last_seen > self.config.client_timeout_s:
@@ -341,7 +357,10 @@ class Delivery:
         ready_now = False
         for position in s.to_build():
             if shared is None:
+                was_dry = client.arena is not None and client.arena.dry
                 slot = client.arena.take() if client.arena is not None else None
+                if slot is None and client.arena is not None:
+                    self._fell_back(client.arena, f"client {escape(s.name)}", log_it=not was_dry)
                 client.tasks[position] = self._new_task(client.identity, s, position, slot).id
                 continue
             payload = self._want(shared, client, position)
@@ -356,7 +375,7 @@ class Delivery:
         want = shared.share.want(client.identity, position)
         if want.build:
             key = shared.share.key
-            slot = shared.arena.take() if shared.arena is not None and shared.members_shm else None
+            slot = self._share_slot(shared)
             task = self._new_task((key, client.identity) if want.behind else key, client.session, position, slot)
             shared.share.started(position, task.id)
         return want.payload
@@ -470,6 +489,40 @@ class Delivery:
             built.copied = Built([*built.arrays, [name, dtype, list(shape)]], [*built.frames, x], None, built.images,
                                  built.nbytes, manifest=built.manifest)
         return built.copied
+
+    def _share_slot(self, shared: SharedStream) -> int | None:
+        """A slot of the share's arena for a new batch, or None: no member maps it, or none is free (counted
+        and logged once per running out: the batch goes as frames)."""
+        arena = shared.arena
+        if arena is None or not shared.members_shm:
+            return None
+        was_dry = arena.dry
+        slot = arena.take()
+        if slot is None and arena.left and self._reclaim(shared):
+            slot = arena.take()
+        if slot is not None:
+            return slot
+        shared.fallbacks += 1
+        self._fell_back(arena, f"share {escape(str(shared.share.key))}", log_it=not was_dry)
+        return None
+
+    def _fell_back(self, arena: Arena, whose: str, *, log_it: bool) -> None:
+        """A batch for a client that maps `arena` is built as frames: no slot was free."""
+        self.metrics.shm_fallbacks += 1
+        if log_it:
+            self.log.warning("shm-full", "%s: no free slot in its shared-memory arena of %d slots (%s); batches go "
+                             "as frames over the socket until slots come back (%d such batches so far on this "
+                             "server)", whose, arena.slots, arena.fullness(), self.metrics.shm_fallbacks)
+
+    def _reclaim(self, shared: SharedStream) -> int:
+        """Give back the slots that members which left held, once their processes have exited."""
+        assert shared.arena is not None
+        freed = shared.arena.reclaim()
+        if freed:
+            self.metrics.shm_reclaimed += freed
+            self.log.info("shm-reclaimed", "share %s: %d shared-memory slot(s) held by members that left are reused "
+                          "(their processes exited)", escape(str(shared.share.key)), freed)
+        return freed
 
     def _evict(self, shared: SharedStream) -> None:
         """Free the batches the share no longer keeps."""
@@ -607,7 +660,10 @@ class Delivery:
     def describe_shares(self) -> list[dict[str, Any]]:
         return [{**s.share.describe(), "shared_memory": s.arena is not None,
                  "arena_slots": s.arena.slots if s.arena else 0,
-                 "slots_free": len(s.arena.free) if s.arena else 0} for s in self.shares.values()]
+                 "slots_free": len(s.arena.free) if s.arena else 0,
+                 "slots_orphaned": len(s.arena.orphans) if s.arena else 0,
+                 "slots_reclaimed": s.arena.reclaimed if s.arena else 0,
+                 "shm_fallbacks": s.fallbacks} for s in self.shares.values()]
 
 
 def _share_of(owner: Hashable) -> ShareKey:

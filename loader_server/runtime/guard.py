@@ -21,9 +21,11 @@ memory grows 32 times faster than the bytes sent. No socket option bounds it. Th
   server's --client-timeout-s; a client pings every heartbeat) is shut down. An unfinished
   message blocks every later request on its connection, so this also bounds how long one can
   grow.
-* **Connections per peer.** A peer is an address, and on loopback the user that owns the
-  peer's socket (from /proc/net/tcp), so that another local user cannot lock out this one's
-  trainers. Beyond `per_host` connections a new one is marked refused: its first request is
+* **Connections per peer.** A peer is an address, but a local process (one connecting from
+  127.0.0.0/8, ::1 or any other address of this host) is the user that owns the peer's socket
+  (from /proc/net/tcp*), whatever address it chose: so that another local user cannot lock out
+  this one's trainers, and so that one local user cannot multiply its bounds by connecting from
+  127.0.0.2, 127.0.0.3, ... Beyond `per_host` connections a new one is marked refused: its first request is
   answered with an error naming --max-connections-per-host, then it is closed; one that sends
   nothing is closed after `REFUSED_GRACE_S`, and beyond `REFUSED_PENDING` waiting per peer the
   rest are closed as they arrive.
@@ -36,6 +38,8 @@ descriptor, so ZeroMQ sees an ordinary end of stream and drops the connection.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
 import math
@@ -51,6 +55,7 @@ from typing import Any
 import zmq
 
 from ..logs import Throttle
+from .processes import connection_ends, local_sockets, unmapped
 
 __all__ = [
     "DEFAULT_CONNECTIONS_PER_HOST",
@@ -59,6 +64,7 @@ __all__ = [
     "MAX_HELD_BYTES",
     "REFUSED_GRACE_S",
     "REFUSED_PENDING",
+    "UNKNOWN_LOCAL_PEER",
     "Admission",
     "ConnectionGuard",
     "wire_bytes",
@@ -90,6 +96,14 @@ _REFUSAL_LINGER_S = 0.2
 _TCP_BYTES_RECEIVED_OFFSET = 128
 #: Closed connections whose peer is remembered (their last requests are read after they closed).
 _CLOSED_KEPT = 4096
+#: Addresses remembered as this host's own or not, and for how long (addresses can be added and removed).
+_ADDRESSES_KEPT = 4096
+_ADDRESS_TTL_S = 60.0
+#: The peer a local connection is counted for when the user owning its socket cannot be found (its
+#: socket already gone): one for all such, never an address a local user could choose.
+UNKNOWN_LOCAL_PEER = "a local process of unknown uid"
+#: Linux's IP_BIND_ADDRESS_NO_PORT: bind() checks the address without taking a port.
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 #: CURVE's MESSAGE command around each frame's body: "\x07MESSAGE", an 8-byte nonce, a 16-byte MAC, a flags byte.
 _CURVE_BOX_BYTES = 33
 _monitors = itertools.count()
@@ -114,7 +128,7 @@ class _Connection:
     sock: socket.socket  # our own duplicate of ZeroMQ's descriptor: the same connection, never another
     opened: float
     host: str  # the peer's address
-    peer: str = ""  # the peer as counted and shown: the address, and on loopback the user
+    peer: str = ""  # the peer as counted and shown: the address, or for a local process its user ("uid N")
     completed: int = 0  # wire bytes of the requests it completed
     pin: float = 0.0  # unaccounted (command) bytes at `pinned_at`: the baseline of what may be held
     pinned_at: float = 0.0
@@ -136,7 +150,8 @@ class ConnectionGuard:
         self.idle_timeout_s = idle_timeout_s
         self._peers: Counter[str] = Counter()  # open (admitted) connections per peer
         self._pending: Counter[str] = Counter()  # refused connections waiting for their answer, per peer
-        self._unresolved: list[int] = []  # loopback connections whose owner is still to be found
+        self._unresolved: list[int] = []  # local connections whose owner is still to be found
+        self._own: OrderedDict[str, tuple[bool, float]] = OrderedDict()  # address -> (this host's?, when found)
         address = f"inproc://loader-server-connections-{os.getpid()}-{next(_monitors)}"
         sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         self._sock = sock
@@ -252,7 +267,7 @@ class ConnectionGuard:
                         self._forget(old)
                     conn = _Connection(dup, now, host, pin=HANDSHAKE_BYTES, pinned_at=now, last_request=now)
                     self.connections[fd] = conn
-                    if _is_loopback(host):
+                    if self._is_local(host):
                         self._unresolved.append(fd)
                     else:
                         self._place(fd, conn, host)
@@ -261,21 +276,40 @@ class ConnectionGuard:
                 if gone is not None:
                     self._forget(gone, fd)
         if self._unresolved:
-            self._resolve_loopback()
+            self._resolve_local()
 
-    def _resolve_loopback(self) -> None:
-        """Name loopback peers by the user owning the peer's socket (one read of /proc/net/tcp*)."""
+    def _is_local(self, host: str) -> bool:
+        """Whether `host` is one of this host's own addresses (a peer there is a local process)."""
+        if _is_loopback(host):
+            return True
+        now = self.clock()
+        known = self._own.get(host)
+        if known is None or now - known[1] > _ADDRESS_TTL_S:
+            known = (_is_own_address(host), now)
+            self._own[host] = known
+            while len(self._own) > _ADDRESSES_KEPT:
+                self._own.popitem(last=False)
+        self._own.move_to_end(host)
+        return known[0]
+
+    def _resolve_local(self) -> None:
+        """Name local peers by the user owning the peer's socket alone (one read of /proc/net/tcp*): not
+        by address, which a local process chooses (127.0.0.2, 127.0.0.3, ... or another of the host's)."""
         fds, self._unresolved = self._unresolved, []
-        addresses = {fd: a for fd in fds if (c := self.connections.get(fd)) is not None
-                     and (a := _peer_address(c.sock)) is not None}
-        owners = _loopback_owners(set(addresses.values()))
+        ends = {fd: e for fd in fds if (c := self.connections.get(fd)) is not None
+                and (e := connection_ends(c.sock)) is not None}
+        owners = {e: s.uid for e, s in local_sockets(set(ends.values())).items()}
         for fd in fds:
             conn = self.connections.get(fd)
             if conn is None or conn.peer:
                 continue
-            address = addresses.get(fd)
-            uid = owners.get(address) if address else None
-            self._place(fd, conn, f"{conn.host} uid {uid}" if uid is not None else conn.host)
+            end = ends.get(fd)
+            uid = owners.get(end) if end else None
+            if uid is not None:
+                peer = f"uid {uid}"
+            else:  # its socket is gone already; on loopback never the address, which its process chose
+                peer = UNKNOWN_LOCAL_PEER if _is_loopback(conn.host) else conn.host
+            self._place(fd, conn, peer)
 
     def _place(self, fd: int, conn: _Connection, peer: str) -> None:
         """Count `conn` for `peer`, or mark it refused (or close it) when the peer is at its bound."""
@@ -343,28 +377,36 @@ def _received(sock: socket.socket) -> int | None:
 
 
 def _address(conn: _Connection) -> str:
+    """HOST:PORT of the connection's peer, and who it is counted for when that is not its address."""
+    shown = f" ({conn.peer})" if conn.peer and conn.peer != conn.host else ""
     try:
         host, port = conn.sock.getpeername()[:2]
-        return f"{host}:{port}" + (conn.peer[len(conn.host):] if conn.peer.startswith(conn.host) else "")
+        return f"{host}:{port}{shown}"
     except OSError:
         return conn.peer or conn.host
 
 
-def _peer_address(sock: socket.socket) -> tuple[str, int] | None:
-    """(host, port) of the peer, an IPv4-mapped IPv6 address written as IPv4."""
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
-        return None
-    return _unmapped(str(host)), int(port)
-
-
-def _unmapped(host: str) -> str:
-    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
-
-
 def _is_loopback(host: str) -> bool:
     return host == "::1" or host.startswith("127.")
+
+
+def _is_own_address(host: str) -> bool:
+    """Whether `host` is an address of this host: one a socket can be bound to (no port is taken).
+
+    Only "cannot assign that address" says no; any other failure says yes, and the peer is then
+    looked up in /proc/net/tcp* (found there only if it is a local process).
+    """
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            with contextlib.suppress(OSError):
+                probe.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            probe.bind((host, 0))
+    except OSError as exc:
+        return exc.errno != errno.EADDRNOTAVAIL
+    except (ValueError, UnicodeError):  # not an address at all
+        return False
+    return True
 
 
 def _accepted_connection(fd: int, endpoint: bytes) -> tuple[socket.socket, str] | None:
@@ -389,43 +431,8 @@ def _accepted_connection(fd: int, endpoint: bytes) -> tuple[socket.socket, str] 
         port = int(endpoint.rsplit(b":", 1)[1])
         local, peer = dup.getsockname(), dup.getpeername()
         if dup.family in (socket.AF_INET, socket.AF_INET6) and dup.type == socket.SOCK_STREAM and local[1] == port:
-            return dup, _unmapped(str(peer[0]))
+            return dup, unmapped(str(peer[0]))
     except (OSError, ValueError, IndexError):
         pass
     dup.close()
     return None
-
-
-def _loopback_owners(addresses: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    """The uid owning each local TCP socket bound to one of `addresses` (our peers' ends), from /proc/net/tcp*."""
-    if not addresses:
-        return {}
-    wanted = {port for _, port in addresses}
-    owners: dict[tuple[str, int], int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) < 8 or fields[3] != "01":  # ESTABLISHED only (a TIME_WAIT row has no owner)
-                        continue
-                    hex_host, _, hex_port = fields[1].rpartition(":")
-                    port = int(hex_port, 16)
-                    if port not in wanted:
-                        continue
-                    host = _proc_address(hex_host)
-                    if (host, port) in addresses:
-                        owners[(host, port)] = int(fields[7])
-        except (OSError, ValueError):
-            continue
-    return owners
-
-
-def _proc_address(hex_host: str) -> str:
-    """An address as /proc/net/tcp* writes it (host-order 32-bit words), as getpeername() does."""
-    raw = bytes.fromhex(hex_host)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    if len(words) == 4:
-        return socket.inet_ntop(socket.AF_INET, words)
-    return _unmapped(socket.inet_ntop(socket.AF_INET6, words))

@@ -17,6 +17,8 @@ from loader_client.contract.errors import ProtocolError
 from loader_client.contract.messages import Error
 from loader_client.contract.schema import Message, decode_fields, encode
 
+from ..redaction import redact
+
 __all__ = ["OutOfRange", "checked", "checked_encode", "error_message"]
 
 M = TypeVar("M", bound=Message)
@@ -40,12 +42,13 @@ def checked_encode(message: Message) -> bytes:
 
 
 def error_message(kind: str, message: str, **extra: Any) -> Error:
-    """An `Error` whose text fields are cut to their schema's lengths and whose exit code is in range."""
+    """An `Error` whose text fields are cut to their schema's lengths (no URL's password or presigned signature:
+    `redaction.redact`) and whose exit code is in range."""
     limits = {f.name: f.metadata["spec"].max_len for f in dataclasses.fields(Error)}
-    values: dict[str, Any] = {"kind": kind[:limits["kind"]], "message": _cut(message, limits["message"])}
+    values: dict[str, Any] = {"kind": kind[:limits["kind"]], "message": _cut(redact(message), limits["message"])}
     for name, value in extra.items():
         if isinstance(value, str):
-            value = _cut(value, limits[name])
+            value = _cut(redact(value), limits[name])
         elif name == "exit_code" and isinstance(value, int) and not -256 <= value <= 256:
             value = None
         values[name] = value

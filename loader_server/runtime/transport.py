@@ -17,14 +17,19 @@
   asserts when that number is already taken, which a peer can do by claiming it as its own
   routing id (libzmq 4.3.5, socket_base.cpp:2113). The counter starts from libc's rand(),
   which libzmq never seeds (the first number was 0x6b8b4567 in every server): it is seeded
-  from os.urandom here, and no routing id is ever shown to a peer, so a peer can only guess.
+  from os.urandom here, and no routing id is ever shown to a peer, so a peer can only guess
+  (C claims held, each connection without a routing id hits one with a chance of C / 2**32:
+  see the README's threat model). The ZAP handler cannot refuse such claims: the identity
+  frame of a ZAP request is this socket's own ZMQ_ROUTING_ID (zap_client.cpp copies
+  options.routing_id), never the peer's.
 * Requests are single frames of at most `MAX_REQUEST_BYTES`; a larger frame disconnects its
   peer (ZMQ_MAXMSGSIZE). At most `SEND_QUEUE_BATCHES` messages wait in the socket for one peer.
 * ZMTP heartbeats close connections whose peer stopped answering.
 * Each TCP connection is bounded by the `ConnectionGuard` (guard.py): bytes held inside
   ZeroMQ, time without a request, and connections per peer. Each request is labelled with its
-  peer (`Request.peer`: the CURVE key, the address and on loopback the user, or for ipc the
-  user), which the sessions' per-peer bound counts.
+  peer (`Request.peer`: the CURVE key; the address, or for a local process (loopback or another
+  of this host's addresses, whichever it chose) its user alone, "uid N"; for ipc the user,
+  "uid N"), which the sessions' per-peer bound counts.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import os
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -55,6 +60,7 @@ from .guard import (
     wire_bytes,
 )
 from .outgoing import OutOfRange, checked_encode, error_message
+from .processes import PeerProcesses, ipc_peer_pid
 
 __all__ = [
     "MAX_REQUEST_BYTES",
@@ -63,6 +69,7 @@ __all__ = [
     "ZAP_DOMAIN",
     "ClientTransport",
     "PeerLog",
+    "PeerSource",
     "Request",
     "escape",
     "start_curve",
@@ -82,13 +89,33 @@ ZAP_DOMAIN = b"loader-server"
 
 
 @dataclass(frozen=True)
+class PeerSource:
+    """Where a request came from, below ZeroMQ: an ipc peer's pid (0: unknown) or a TCP connection's fd."""
+
+    pid: int = 0
+    fd: int = -1
+
+    def processes(self) -> PeerProcesses:
+        """The processes at the other end (none known for a remote TCP peer, or one in another pid namespace)."""
+        if self.pid > 0:
+            return PeerProcesses.of((self.pid,))
+        return PeerProcesses.of_tcp(self.fd) if self.fd >= 0 else PeerProcesses()
+
+
+@dataclass(frozen=True)
 class Request:
-    """One request: its sender's routing id, its frames, the peer it came from, and a refusal, if any."""
+    """One request: its sender's routing id, its frames, the peer it came from, and a refusal, if any.
+
+    `source` tells the peer's processes (processes.py), for a request that needs them: the pid
+    the kernel gives for an ipc peer, or the descriptor of a TCP connection (valid until the next
+    receive).
+    """
 
     identity: bytes
     body: list[bytes]
     peer: str
     refused: str = ""
+    source: PeerSource = field(default_factory=PeerSource)
 
 
 class ClientTransport:
@@ -169,7 +196,7 @@ class ClientTransport:
                 address = _property(last, "Peer-Address") or "?"
                 parts = address.split(":")
                 peer = f"CURVE key {key}" if key else f"uid {parts[1]}" if len(parts) == 4 else address
-                return Request(identity, body, peer)
+                return Request(identity, body, peer, source=PeerSource(pid=ipc_peer_pid(address)))
             try:
                 fd = last.get(zmq.SRCFD)
             except zmq.ZMQError:
@@ -179,7 +206,7 @@ class ClientTransport:
                 continue
             admission = self.guard.admit(fd, sum(wire_bytes(len(b), curve=self.curve) for b in body))
             peer = f"CURVE key {key}" if key else admission.peer
-            return Request(identity, body, peer, admission.refused)
+            return Request(identity, body, peer, admission.refused, PeerSource(fd=fd))
 
     def send(self, identity: bytes, frames: Sequence[Any]) -> str:
         """Send without blocking: "ok", "full" (the peer's queue is full: retry later) or "gone"."""
