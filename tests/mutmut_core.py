@@ -1,6 +1,6 @@
 """Mutation testing of the pure core with mutmut, within a time budget, every survivor accounted for.
 
-    python -m tests.mutmut_core                  # run, print the score and the survivors (about 7 min here)
+    python -m tests.mutmut_core                  # run, print the score and the survivors (4 to 7 min here)
     python -m tests.mutmut_core --only loader_server.options   # some modules (a partial score of those)
     python -m tests.mutmut_core --budget-s 600   # stop the run after 10 minutes (a partial score)
     python -m tests.mutmut_core --report         # the score of the last run, without running
