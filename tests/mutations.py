@@ -20,8 +20,13 @@ point `tests` at the tests that should catch it.
 Each bug is aimed at where it now lives: the session state machine (`runtime/sessions.py`:
 credit, order, hello validation), the supervisor (`runtime/supervisor.py`: re-issue and the
 crash budget), the --max-bad count (`runtime/bad_files.py`), the CURVE allow-list
-(`runtime/transport.py`), the client's rank check (`loader_client/options.py`), its order check
-(`loader_client/receiver.py`) and its resume position (`loader_client/server_stream.py`). Where the
+(`runtime/allow_list.py`), the sampling plan and skip mode's replacement rule
+(`loader_client/contract/sampling.py`), the option groups the fingerprint and the cache key hash
+(`loader_server/options.py`, `pipeline/cache.py`), the client's rank check
+(`loader_client/options.py`), its order check (`loader_client/receiver.py`) and its resume
+position (`loader_client/server_stream.py`). tests/test_mutations_list.py (part of the suite)
+checks that every entry's text occurs exactly once and every test it names exists, so a refactor
+that moves the code fails the suite at once instead of this script minutes in. Where the
 logic is pure, one of the chosen tests is a unit test (tests/test_runtime.py, the pure parts of
 tests/test_guards.py) and another runs real processes. A full run takes about 13 minutes on
 two shared cores; most of it is tests that wait out a timeout once the bug is planted.
@@ -118,8 +123,9 @@ MUTATIONS = [
               "tests/test_reliability.py::test_server_restart_resumes_exactly_from_saved_state",
               "tests/test_client_trust.py::test_epochs_position_and_resume_against_an_honest_server")),
     Mutation("lost-reissue", "loader_server/runtime/supervisor.py",
-             "            else:\n                self.queue.appendleft(tid)\n        self._spawn(wid)",
-             "            else:\n                pass\n        self._spawn(wid)",
+             "            else:\n                self.queue.appendleft(tid)\n        if not worker.retiring:\n"
+             "            self._spawn(wid)",
+             "            else:\n                pass\n        if not worker.retiring:\n            self._spawn(wid)",
              (RT + "test_a_dead_workers_tasks_are_reissued_and_only_the_first_is_charged",
               RT + "test_the_same_batch_killing_three_workers_is_given_up",
               G + "test_worker_killed_while_holding_a_task_has_it_reissued",
@@ -145,9 +151,14 @@ MUTATIONS = [
              ("tests/test_decode.py::test_batch_is_written_into_the_given_buffer",
               "tests/test_decode.py::test_letterbox_keeps_aspect_and_pads",
               E2E + "test_every_sample_exactly_once_per_epoch[--drop-last-ipc]")),
-    Mutation("skip-policy", "loader_server/pipeline/batch.py",
-             "j = next((slot + k) % n for k in range(1, n) if (slot + k) % n not in bad_set)", "j = slot",
-             (G + "test_substitute_takes_the_next_good_sample_cyclically",
+    # Skip mode's rule, defined once in the contract for the server that applies it and the client that
+    # checks it: a bad place "replaced" by itself, so the bad sample's place is delivered as it was.
+    Mutation("skip-policy", "loader_client/contract/sampling.py",
+             "{slot: next((slot + k) % n for k in range(1, n) if (slot + k) % n not in bad_set) for slot in bad}",
+             "{slot: slot for slot in bad}",
+             ("tests/test_sampling.py::test_the_indices_of_a_batch_may_differ_from_the_plan_only_by_skip_modes_"
+              "replacements",
+              G + "test_substitute_takes_the_next_good_sample_cyclically",
               G + "test_max_bad_tolerates_exactly_the_limit",
               "tests/test_reliability.py::test_skip_replaces_bad_samples_the_same_way_for_any_worker_count")),
     Mutation("max-bad-at-limit", "loader_server/runtime/bad_files.py",
@@ -164,10 +175,11 @@ MUTATIONS = [
              ("tests/test_protocol.py::test_bad_array_descriptions_are_refused",
               "tests/test_protocol.py::test_fuzz_frame_sizes_must_match_exactly",
               "tests/test_fake_server.py::test_frame_of_the_wrong_size_is_a_protocol_error")),
-    # The allow-list is re-read on every handshake: that reload is the line that decides.
-    Mutation("curve-allow-list", "loader_server/runtime/transport.py",
-             'self.configure_curve(domain="*", location=clients)',
-             'self.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)',
+    # The allow-list is re-read (and checked private) on every handshake: that line decides. Planted, any
+    # key is admitted while the list is private and not empty (as zmq's CURVE_ALLOW_ANY would).
+    Mutation("curve-allow-list", "loader_server/runtime/allow_list.py",
+             "allowed = key in read_allow_list(clients)",
+             "allowed = bool(read_allow_list(clients))",
              ("tests/test_scale_out.py::test_curve_admits_the_allowed_key_and_refuses_others",
               G + "test_curve_admits_only_the_listed_keys",
               G + "test_start_curve_admits_only_listed_keys_in_process")),
@@ -198,17 +210,33 @@ MUTATIONS = [
              "SEND_QUEUE_BATCHES = 8\n", "SEND_QUEUE_BATCHES = 80\n",
              (H + "test_a_client_that_reads_nothing_is_sent_at_most_the_socket_queue_of_batches",
               H + "test_a_client_that_grants_credit_and_never_reads_stays_within_its_bound")),
-    # A setting that changes the pixels but not the cache key: two interpolations share one cache file.
+    # A setting that changes the pixels but not the cache key: two interpolations share one cache file. The
+    # key hashes DecodeOptions (options.py) with the interpolation normalised away; the fingerprint still
+    # has it, as in the bug first found. (Moving `interpolation` out of DecodeOptions would take it from the
+    # Decoder too, which is built from DecodeOptions alone: the setting would stop working, another bug.)
     Mutation("interpolation-outside-the-cache-key", "loader_server/pipeline/cache.py",
-             '"augment", "collate", "on_error", "mean", "std", "cache"})',
-             '"augment", "collate", "on_error", "mean", "std", "cache", "interpolation"})',
+             "    decode = options_of(options, DecodeOptions)\n    return group_hash(decode, extra=",
+             "    decode = options_of(options, DecodeOptions)\n"
+             "    return group_hash(DecodeOptions(**{**vars(decode), \"interpolation\": \"linear\"}), extra=",
              (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation nearest]",
-              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation cubic]")),
+              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[interpolation cubic]",
+              SE + "test_the_fingerprint_and_the_cache_key_follow_the_table",
+              "tests/test_options.py::test_every_decode_setting_changes_the_cache_key[interpolation]")),
     # A pixel setting left out of the fingerprint: a state saved with --color bgr resumes on an rgb server.
-    Mutation("color-outside-the-fingerprint", "loader_server/config.py",
-             '"subset", "val_fraction", "split_seed", "cache",', '"subset", "val_fraction", "split_seed", "cache", "color",',
+    # Since the option groups (options.py) the fingerprint hashes the groups flagged `shapes_batches`: the
+    # decode group's flag off takes --color (and every other decode setting) out of it, while the cache
+    # key, which hashes DecodeOptions itself, still tells them apart.
+    Mutation("color-outside-the-fingerprint", "loader_server/options.py",
+             "    \"\"\"Everything that decides a decoded sample's pixels: the decode step reads these and nothing "
+             "else.\"\"\"\n\n    shapes_batches: ClassVar[bool] = True\n",
+             "    \"\"\"Everything that decides a decoded sample's pixels: the decode step reads these and nothing "
+             "else.\"\"\"\n\n    shapes_batches: ClassVar[bool] = False\n",
              (SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color bgr]",
-              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color gray]")),
+              SE + "test_a_setting_changes_the_batch_the_resume_guard_and_the_cache_key_together[color gray]",
+              # Not test_options' parametrised fingerprint tests: their cases follow the flag, so under the bug
+              # the [color] case does not exist and pytest runs nothing.
+              SE + "test_the_fingerprint_and_the_cache_key_follow_the_table",
+              "tests/test_options.py::test_the_groups_that_shape_batches_are_the_documented_ones")),
     # A range widened at a boundary no test sat on: any int32 world size passes the hello's schema.
     Mutation("world-size-range-widened", "loader_client/contract/messages.py",
              "world_size: int = spec(int, default=1, lo=-INT32_MAX, hi=MAX_WORLD_SIZE)",
@@ -343,6 +371,8 @@ def main() -> int:
             apply(dest, m)
             failed, passed, secs = run_tests(dest, Path(tmp) / f"t{k:02d}", m.tests)
             verdict = "caught" if len(failed) >= MIN_FAILURES else "WEAK"
+            if not failed and not passed:  # pytest ran nothing: a named test id does not exist under the bug
+                verdict = "WEAK (none of its tests ran: is a named test id parametrised by the mutated code?)"
             if len(failed) < MIN_FAILURES:
                 weak.append(m.name)
             print(f"{m.name}: {verdict}, {len(failed)} failed / {len(failed) + len(passed)} run in {secs:.0f} s",

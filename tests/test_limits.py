@@ -29,16 +29,17 @@ from loader_client.contract import protocol
 from loader_client.contract.errors import ConfigError
 from loader_client.contract.messages import Batch, Hello
 from loader_client.contract.sampling import SamplingPlan
-from loader_client.contract.schema import INT32_MAX
 from loader_server.config import RANGES, ServerConfig, _shown
 from loader_server.runtime.outgoing import OutOfRange, checked, error_message
-from loader_server.runtime.sessions import MAX_EPOCH, Session, StreamFacts, open_session
+from loader_server.runtime.sessions import Session, StreamFacts, open_session
 from loader_server.runtime.worker_messages import Task
 
 from .conftest import unique_label_list
 
 V = protocol.PROTOCOL_VERSION
 README = Path(__file__).resolve().parent.parent / "README.md"
+MAX_EPOCH = 2**31 - 1  # README: "a stream ends after the last batch of epoch 2**31 − 1" (not the code's constant)
+INT32_MAX = 2**31 - 1  # README: "positions below 2**31" ("epochs are 32-bit on the wire")
 
 
 # ---------------------------------------------------------------------------- the epoch edge

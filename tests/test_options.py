@@ -34,6 +34,31 @@ def test_every_setting_is_in_exactly_one_group() -> None:
     assert owners["cache"] == "CacheOptions" and owners["seed"] == "ServeOptions"
 
 
+#: Which groups the fingerprint that guards a resume hashes ("shapes batches" in options.py's table), and the
+#: one the cache key hashes, written out: a flag flipped in the code must fail here, not move its settings
+#: from one parametrised test below to the other.
+SHAPES_BATCHES = {
+    "DataOptions": False, "SamplingOptions": True, "DecodeOptions": True, "AugmentOptions": True,
+    "UserCodeOptions": True, "OutputOptions": True, "ErrorOptions": True, "ReadOptions": False,
+    "CacheOptions": False, "ServeOptions": False, "LogOptions": False,
+}
+
+
+def test_the_groups_that_shape_batches_are_the_documented_ones() -> None:
+    assert {g.__name__: g.shapes_batches for g in GROUPS} == SHAPES_BATCHES
+    base = ServerConfig(data="x")
+    for group, shapes in SHAPES_BATCHES.items():  # the flag is what the fingerprint follows
+        field = {"DataOptions": ("subset", "val"), "SamplingOptions": ("batch_size", 16),
+                 "DecodeOptions": ("color", "bgr"), "AugmentOptions": ("augment", "flip"),
+                 "UserCodeOptions": ("collate", "tests.user_code_samples:weights"),
+                 "OutputOptions": ("layout", "chw"), "ErrorOptions": ("on_error", "skip"),
+                 "ReadOptions": ("read_threads", 4), "CacheOptions": ("cache", "memory"),
+                 "ServeOptions": ("prefetch", 3), "LogOptions": ("log_level", "DEBUG")}[group]
+        extra = {"val_fraction": 0.5} if group == "DataOptions" else {}
+        changed = ServerConfig(data="x", **dict([field]), **extra)
+        assert (changed.fingerprint() != base.fingerprint()) == shapes, group
+
+
 #: A valid other value of every setting of a group that shapes batches (the defaults are 224x224, ...).
 OTHER = {
     "batch_size": 16, "mode": "random", "shuffle": False, "drop_last": False, "steps_per_epoch": None,
@@ -191,3 +216,42 @@ def test_the_steps_of_each_configuration(tmp_path: Path) -> None:
     for settings, aug, steps in cases:
         config = ServerConfig(data=str(listfile), batch_size=2, size=(24, 24), **settings)
         assert BatchBuilder(config, load_dataset(config)).steps(aug) == steps, settings
+
+
+# ---------------------------------------------------------------------------- the groups' helpers, written out
+def test_check_partition_names_each_kind_of_disagreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    import loader_server.options as options
+
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    with pytest.raises(RuntimeError, match=r"^settings and option groups disagree \(loader_server/options.py\): "
+                                           r"in no group \[\], in several \{\}, not a setting \['color'\]$"):
+        check_partition([n for n in names if n != "color"])  # a group names a setting that is gone
+
+    @dataclasses.dataclass(frozen=True)
+    class Twice:
+        color: str = "rgb"
+
+    monkeypatch.setattr(options, "GROUPS", (*GROUPS, Twice))
+    with pytest.raises(RuntimeError, match=r"in no group \[\], in several \{'color': \['DecodeOptions', 'Twice'\]\}, "
+                                           r"not a setting \[\]$"):
+        options.check_partition(names)
+
+
+def test_a_workers_pipeline_options_hold_each_groups_settings() -> None:
+    config = ServerConfig(data="x", color="gray", max_file_bytes=1000, read_threads=3, augment="flip",
+                          collate="tests.user_code_samples:weights", dtype="float32", layout="chw", on_error="skip")
+    opts = PipelineOptions.of(config)
+    assert (opts.decode.color, opts.read.max_file_bytes, opts.read.read_threads, opts.augment.augment,
+            opts.user_code.collate, opts.output.dtype, opts.output.layout, opts.errors.on_error) == \
+        ("gray", 1000, 3, "flip", "tests.user_code_samples:weights", "float32", "chw", "skip")
+    assert PipelineOptions.of(opts) is opts
+
+
+def test_a_record_is_decoded_as_a_centre_crop_at_the_cache_size() -> None:
+    plain = DecodeOptions(size=(200, 100), resize="letterbox")
+    assert plain.for_record() is plain and plain.record_shape == (100, 200, 3)  # no --cache-size: the output
+    sized = DecodeOptions(size=(200, 100), resize="letterbox", cache_size=150, color="gray")
+    assert sized.record_shape == (150, 300, 1)  # the output's 2:1 at shorter side 150
+    assert sized.for_record() == DecodeOptions(size=(300, 150), resize="crop", color="gray", cache_size=None)
+    tall = DecodeOptions(size=(100, 300), cache_size=120)
+    assert tall.record_shape == (360, 120, 3) and tall.for_record().size == (120, 360)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from loader_client import ConfigError, LoaderClient, ProtocolError
-from loader_client.contract.messages import MAX_SOURCES, Batch, Manifest, SampleManifest
+from loader_client.contract.messages import Batch, Manifest, SampleManifest, SourcesRequest
 from loader_client.contract.sampling import SamplingPlan
 from loader_client.manifests import checked_manifest
 from loader_server.config import ServerConfig
@@ -25,6 +25,7 @@ from loader_server.sample_data import write_parquet, write_tar_shards
 from .conftest import unique_label_list
 
 AUGMENT = "rrc(scale=0.3-1),flip,jitter(0.4),rotate(10),cutout(0.3)"
+SOURCES_PER_REQUEST = 200  # README: "200 indices a request" (the threat model: "at most 200 indices")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,15 +58,25 @@ def test_sources_name_the_file_member_or_row_of_every_kind(start_server: Any, tm
         server.stop()
 
 
+def _one_request_of(endpoint: str, n: int) -> None:
+    """Ask the server for `n` sources in one request (the client's `sources` splits a longer list)."""
+    from loader_client.queries import SOURCES_REPLIES, _ask
+
+    reply = _ask(endpoint, SourcesRequest(indices=list(range(n))), SOURCES_REPLIES, 20.0, {})
+    assert len(reply.sources) == n  # type: ignore[attr-defined]
+
+
 def test_the_data_set_version_follows_its_content_and_bad_indices_are_refused(start_server: Any,
                                                                               tmp_path: Path) -> None:
     listfile = unique_label_list(tmp_path / "data", 300)
     first = start_server(listfile, "--batch-size", "4", "--size", "8x8", "--workers", "1")
     with LoaderClient(first.endpoint, timeout_s=20) as client:
         version = client.dataset_version
-        every = client.sources(range(300))  # more than one request holds (MAX_SOURCES at a time)
-        assert 300 > MAX_SOURCES and every == [str(listfile.parent / f"img/{i:05d}.{'png' if i % 5 == 0 else 'jpg'}")
-                                                for i in range(300)]
+        every = client.sources(range(300))  # more than one request of the documented 200 holds
+        assert every == [str(listfile.parent / f"img/{i:05d}.{'png' if i % 5 == 0 else 'jpg'}") for i in range(300)]
+        _one_request_of(first.endpoint, SOURCES_PER_REQUEST)  # the documented most, in one request: answered
+        with pytest.raises(ProtocolError, match="field .indices. is longer than 200"):
+            _one_request_of(first.endpoint, SOURCES_PER_REQUEST + 1)  # one more: refused by the server
         with pytest.raises(ConfigError, match="sample index 300 is outside the data set of 300 samples"):
             client.sources([3, 300])
         with pytest.raises(ConfigError, match="a sample index is an integer >= 0"):

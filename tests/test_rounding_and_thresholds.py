@@ -44,6 +44,13 @@ def reduction(size: tuple[int, int], resize: str, width: int, height: int) -> in
     return Decoder(ServerConfig(data="unused", size=size, resize=resize)).reduction(width, height)  # type: ignore[arg-type]
 
 
+def kept(width: int, height: int, size: tuple[int, int], resize: str) -> tuple[int, int, int, int]:
+    """(kept width, kept height, target width, target height) of a source for the decode-size choice."""
+    from loader_server.pipeline.decode import kept_size
+
+    return kept_size(width, height, size, resize)
+
+
 def layout_bytes(records: int, shape: tuple[int, int, int]) -> tuple[int, int]:
     """(offset of the first record, total bytes) of a cache file of `records` records of `shape`."""
     from loader_server.pipeline.cache import CacheLayout
@@ -289,3 +296,25 @@ def test_cache_file_header_is_the_documented_4_kib_of_magic_length_and_descripti
     header = CacheLayout(2, (3, 4, 1)).header("k1")
     assert header == (b"LDRCACHE" + len(text).to_bytes(4, "little") + text).ljust(4096, b"\0")
     assert len(header) == 4096
+
+
+# (source, output, resize, kept width and height, target width and height): written out from the README's
+# resize modes, with a case where the rounding of the cut side matters.
+@pytest.mark.parametrize(("source", "size", "resize", "expected"), [
+    ((400, 200), (100, 100), "crop", (200, 200, 100, 100)),  # wider: the width is cut to the output's aspect
+    ((200, 400), (100, 100), "crop", (200, 200, 100, 100)),  # taller: the height is cut
+    ((300, 200), (150, 100), "crop", (300, 200, 150, 100)),  # the same aspect: nothing cut
+    ((301, 200), (150, 100), "crop", (300, 200, 150, 100)),  # 200 x 3/2 = 300
+    ((200, 301), (100, 150), "crop", (200, 300, 100, 150)),
+    ((333, 100), (64, 48), "crop", (133, 100, 64, 48)),  # 100 x 64/48 = 133.3: rounded to 133
+    ((400, 100), (70, 48), "crop", (146, 100, 70, 48)),  # 100 x 70/48 = 145.8: rounded up, not cut to 145
+    ((100, 333), (48, 64), "crop", (100, 133, 48, 64)),
+    ((400, 200), (100, 100), "stretch", (400, 200, 100, 100)),  # everything kept, resized to the output
+    ((400, 200), (100, 100), "letterbox", (400, 200, 100, 50)),  # kept whole, resized inside the output
+    ((200, 400), (100, 100), "letterbox", (200, 400, 50, 100)),
+    ((333, 100), (64, 48), "letterbox", (333, 100, 64, 19)),  # 100 x 64/333 = 19.2
+    ((300, 130), (64, 48), "letterbox", (300, 130, 64, 28)),  # 130 x 64/300 = 27.7: rounded up
+])
+def test_the_part_of_a_source_each_resize_keeps_and_its_target(source: tuple[int, int], size: tuple[int, int],
+                                                                resize: str, expected: tuple[int, int, int, int]) -> None:
+    assert kept(*source, size, resize) == expected

@@ -396,3 +396,94 @@ def test_events_move_the_clocks_they_name() -> None:
     assert (s.last_sent, s.last_seen, s.next_send) == (5.0, 4.0, 1)
     with pytest.raises(KeyError, match="position 99 is not being built for this session"):
         s.built(99, "x")
+
+
+# ---------------------------------------------------------------------------- the trainer's stall, written out
+def test_a_stall_report_needs_both_times_that_only_grow() -> None:
+    s = session()
+    s.report(None, None)  # no report (a client that does not measure): nothing recorded
+    assert list(s.reports) == [] and s.stall() is None
+    with pytest.raises(ProtocolError, match="^a stall report needs both wait_s and wall_s$"):
+        s.report(1.0, None)
+    with pytest.raises(ProtocolError, match="^a stall report needs both wait_s and wall_s$"):
+        s.report(None, 1.0)
+    with pytest.raises(ProtocolError, match=r"^stall report: wait_s 2\.5 exceeds wall_s 2$"):
+        s.report(2.5, 2.0)
+    s.report(2.000001, 2.0)  # within a microsecond of the wall time: clock rounding, taken
+    with pytest.raises(ProtocolError, match=r"^stall report went back in time: wait_s 1, wall_s 1\.5 after 2, 2$"):
+        s.report(1.0, 1.5)  # the wall time went back
+    with pytest.raises(ProtocolError, match=r"^stall report went back in time: wait_s 1\.9, wall_s 3 after 2, 2$"):
+        s.report(1.9, 3.0)  # the waiting went back
+    assert list(s.reports) == [(2.0, 2.000001)]
+
+
+def test_reports_closer_than_50_ms_replace_each_other_and_one_before_the_window_is_kept() -> None:
+    s = session()
+    s.report(0.0, 0.0)
+    s.report(0.0, 0.0)  # the same times again: not back in time, taken
+    s.report(0.005, 0.01)  # 10 ms after the report before the last: replaces the last
+    s.report(0.02, 0.04)  # 40 ms: replaces it again
+    assert list(s.reports) == [(0.0, 0.0), (0.04, 0.02)]
+    s.report(0.03, 0.05)  # exactly 50 ms after the report before the last: kept
+    assert list(s.reports) == [(0.0, 0.0), (0.04, 0.02), (0.05, 0.03)]
+    later = session()  # the spacing is measured in wall time, from the report before the last
+    later.report(2.0, 10.0)
+    later.report(2.1, 10.01)
+    later.report(2.2, 10.04)
+    later.report(2.3, 10.2)
+    assert list(later.reports) == [(10.0, 2.0), (10.04, 2.2), (10.2, 2.3)]
+    t = session()
+    for wall in (10.0, 11.0, 12.0, 13.0):
+        t.report(wall / 10, wall, window_s=2.0)
+    # At 13 the window starts at 11: 11 is the one report at or before its start that stays.
+    assert [w for w, _ in t.reports] == [11.0, 12.0, 13.0]
+    t.report(1.45, 14.5, window_s=2.0)
+    assert [w for w, _ in t.reports] == [12.0, 13.0, 14.5]  # from 12.5: 12 stays
+    t.report(2.0, 20.0, window_s=2.0)  # after a gap: only the last report before the window and this one
+    assert [w for w, _ in t.reports] == [14.5, 20.0]
+    assert t.stall(window_s=2.0) == pytest.approx((2.0 - 1.45) / (20.0 - 14.5))
+
+
+def test_the_stall_is_the_growth_of_waiting_over_the_growth_of_wall_time_in_the_window() -> None:
+    s = session()
+    s.report(2.0, 10.0)
+    assert s.stall(window_s=2.0) is None  # one report: no span
+    s.report(2.2, 10.5)
+    assert s.stall(window_s=2.0) is None  # 0.5 s spanned: less than half the 2 s window
+    s.report(2.3, 10.999)
+    assert s.stall(window_s=2.0) is None  # still just under half
+    s.report(2.5, 11.0)  # exactly half the window: measured, from the first report to the last
+    assert s.stall(window_s=2.0) == pytest.approx((2.5 - 2.0) / (11.0 - 10.0))
+    s.report(3.5, 12.0)
+    assert s.stall(window_s=2.0) == pytest.approx((3.5 - 2.0) / (12.0 - 10.0))  # 0.75: not from the 2nd report
+    assert s.describe()["stall"] == s.stall() and (s.describe()["wait_s"], s.describe()["wall_s"]) == (3.5, 12.0)
+    two = session()
+    two.report(1.0, 20.0)
+    two.report(1.0, 21.0)  # exactly two reports, a trainer that did not wait
+    assert two.stall(window_s=2.0) == 0.0
+    busy = session()
+    busy.report(0.0, 0.0)
+    busy.report(1.000001, 1.0)  # waited the whole second (and a rounding microsecond): capped at 1
+    assert busy.stall(window_s=2.0) == 1.0
+
+
+def test_a_stream_ends_after_the_last_batch_of_epoch_2_31_minus_1() -> None:
+    s = session()  # 10 batches an epoch
+    assert s.end == 2**31 * 10  # the first position past epoch 2**31 - 1
+    s.next_schedule = s.end - 1
+    assert s.to_build() == [2**31 * 10 - 1] and s.to_build() == []  # the last batch, and nothing after it
+
+
+def test_a_manifest_is_refused_for_batches_over_1024_samples_and_the_share_is_kept() -> None:
+    def facts(batch: int) -> StreamFacts:
+        return StreamFacts(**{**FACTS.__dict__, "batch_size": batch, "num_samples": 4096})
+
+    at = open_session(Hello(manifest=True, share="sweep"), "c", steps_for=lambda w: 3, facts=facts(1024), now=0.0)
+    assert isinstance(at, Session) and (at.manifest, at.share) == (True, "sweep")
+    assert at.describe()["share"] == "sweep"
+    over = open_session(Hello(manifest=True), "c", steps_for=lambda w: 3, facts=facts(1025), now=0.0)
+    assert over == Refusal("config", "a batch manifest describes at most 1024 samples; batches of 1025 have none: "
+                                     "create the client without manifest=True, and ask "
+                                     "client.sources(client.last.indices) instead")
+    plain = open_session(Hello(), "c", steps_for=lambda w: 3, facts=facts(1025), now=0.0)
+    assert isinstance(plain, Session) and (plain.manifest, plain.share) == (False, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -152,3 +154,98 @@ def test_the_indices_of_a_batch_may_differ_from_the_plan_only_by_skip_modes_repl
     assert check_indices(np.array([10, 11]), owed) == "2 sample indices where the plan gives 4"
     with pytest.raises(ValueError):
         substitute_sources([0, 1], 2)  # every place bad
+
+
+# ---------------------------------------------------------------------------- the plan's forms, written out
+@pytest.mark.parametrize("kind", [{}, {"shuffle": False}, {"mode": "random"}, {"drop_last": False}])
+def test_indices_are_int64_and_an_epoch_order_is_read_only(kind: dict[str, object]) -> None:
+    plan = SamplingPlan(10, 4, **kind)  # type: ignore[arg-type]
+    assert plan.batch(0, 1, seed=3).dtype == np.int64  # what the worker message and the client's check expect
+    order = plan.epoch_order(3, 0)
+    assert order.dtype == np.int64 and not order.flags.writeable  # shared by every session: nobody may change it
+    with pytest.raises(ValueError, match="read-only"):
+        order[0] = 1
+
+
+def test_the_default_rank_and_world_are_one_trainer() -> None:
+    for plan in (SamplingPlan(10, 2), SamplingPlan(10, 4, drop_last=False)):
+        assert plan.batch(1, 1, seed=4).tolist() == plan.batch(1, 1, seed=4, rank=0, world_size=1).tolist()
+    keep = SamplingPlan(10, 4, drop_last=False)
+    assert [keep.batch_length(b) for b in range(3)] == [4, 4, 2]  # one rank: 10 samples, the last batch 2
+    assert [keep.batch_length(b, 2) for b in range(2)] == [4, 1]  # two ranks: 5 samples each
+
+
+def test_random_mode_draws_with_replacement_whatever_the_batch_number() -> None:
+    """800 draws from 50 samples: a permutation repeated would hold each sample exactly 16 times."""
+    plan = SamplingPlan(50, 8, mode="random", steps_per_epoch=100)
+    assert [plan.batch_length(b) for b in (0, 6, 7, 99)] == [8, 8, 8, 8]  # past the data set's 6 batches too
+    draws = np.concatenate(epoch_batches(plan, 0, seed=2))
+    counts = np.bincount(draws, minlength=50)
+    assert len(draws) == 800 and draws.min() >= 0 and draws.max() < 50
+    assert counts.min() != counts.max(), "random mode drew a repeated permutation, not with replacement"
+
+
+def test_the_plan_keeps_the_orders_of_its_last_8_seed_epoch_pairs() -> None:
+    plan = SamplingPlan(20, 4)
+    first = plan.epoch_order(0, 0)
+    assert plan.epoch_order(0, 0) is first  # kept: not drawn again for every batch
+    for epoch in range(1, 8):
+        plan.epoch_order(0, epoch)
+    assert plan.epoch_order(0, 0) is first  # 8 pairs kept, and using epoch 0 made it the newest
+    for epoch in range(8, 15):
+        plan.epoch_order(0, epoch)
+    assert plan.epoch_order(0, 8) is plan.epoch_order(0, 8)
+    assert plan.epoch_order(0, 0) is first  # 0, 8..14: still the last 8
+    plan.epoch_order(0, 15)  # a 9th: the oldest used (8) goes, not the newest
+    again = plan.epoch_order(0, 0)
+    assert again is first
+    nine = SamplingPlan(20, 4)
+    oldest = nine.epoch_order(0, 0)
+    for epoch in range(1, 9):  # 8 more pairs: 9 in all
+        nine.epoch_order(0, epoch)
+    assert nine.epoch_order(0, 0) is not oldest  # 8 kept, not 9
+    one = SamplingPlan(20, 4, orders_kept=1)
+    a = one.epoch_order(1, 0)
+    one.epoch_order(1, 1)
+    b = one.epoch_order(1, 0)
+    assert b is not a and b.tolist() == a.tolist()  # one kept: drawn again, the same
+
+
+def test_a_welcome_describes_the_plan_its_client_checks_against() -> None:
+    from loader_client.contract.messages import Welcome
+
+    welcome = Welcome(num_samples=50, num_classes=2, batch_size=8, steps_per_epoch=9, rank=0, world_size=1, seed=1,
+                      epoch=0, batch=0, mode="random", in_order=True, drop_last=False, shuffle=False, x_shape=[4, 4, 3],
+                      x_dtype="|u1", layout="hwc", color="rgb", class_names=None, fingerprint="f", heartbeat_s=1.0,
+                      max_message_bytes=1 << 20)
+    plan = welcome.plan()
+    assert (plan.num_samples, plan.batch_size, plan.mode, plan.shuffle, plan.drop_last, plan.steps_per_epoch()) == \
+        (50, 8, "random", False, False, 9)
+    epochs = SamplingPlan(10, 2, shuffle=False)
+    fixed = dataclasses.replace(welcome, mode="epoch", num_samples=10, batch_size=2, drop_last=True).plan()
+    assert [fixed.batch(0, b, seed=0).tolist() for b in range(5)] == \
+        [epochs.batch(0, b, seed=0).tolist() for b in range(5)] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    kept = dataclasses.replace(welcome, mode="epoch", shuffle=True).plan()  # a stream spans two epochs at most
+    a = kept.epoch_order(1, 0)
+    kept.epoch_order(1, 1)
+    assert kept.epoch_order(1, 0) is a  # two kept
+    b = kept.epoch_order(1, 5)
+    kept.epoch_order(1, 6)
+    kept.epoch_order(1, 7)
+    assert kept.epoch_order(1, 5) is not b  # not three
+
+
+def test_check_indices_names_the_first_three_wrong_places_and_says_when_there_are_more() -> None:
+    owed = np.array([10, 11, 12, 13, 14], np.int64)
+    three = check_indices(np.array([20, 21, 22, 13, 14]), owed)
+    assert three == ("3 of its 5 samples are not the ones owed: 20 at place 0 (owed 10), 21 at place 1 (owed 11), "
+                     "22 at place 2 (owed 12)")
+    four = check_indices(np.array([20, 21, 22, 23, 14]), owed)
+    assert four == ("4 of its 5 samples are not the ones owed: 20 at place 0 (owed 10), 21 at place 1 (owed 11), "
+                    "22 at place 2 (owed 12), ...")
+
+
+def test_an_all_bad_batch_has_no_substitute() -> None:
+    with pytest.raises(ValueError, match="^every sample of the batch is bad$"):
+        substitute_sources([0, 1, 2], 3)
+    assert substitute_sources([0, 1], 3) == {0: 2, 1: 2}

@@ -15,10 +15,13 @@ import pytest
 
 import loader_client
 from loader_client import ConfigError, LoaderClient, server_stats
-from loader_server.config import AUTO_SCAN_LIMIT, ServerConfig
+from loader_server.config import ServerConfig
 from loader_server.data.scan import startup_scan
 
 from .conftest import unique_label_list
+
+#: README: "`--scan` / `--no-scan` | auto: on up to 100,000 files" (written out: never the code's constant).
+AUTO_SCAN_FILES = 100_000
 
 
 def broken_list(root: Path, n: int = 16) -> tuple[Path, list[str]]:
@@ -120,12 +123,14 @@ class _ManyFiles:
 
 
 def test_the_default_scans_data_sets_up_to_the_limit_only() -> None:
-    small, large = _ManyFiles(10), _ManyFiles(AUTO_SCAN_LIMIT + 1)
+    small, large = _ManyFiles(10), _ManyFiles(AUTO_SCAN_FILES + 1)
     with pytest.raises(ConfigError, match="found 10 of the 10 files of many.txt"):
         startup_scan(ServerConfig(data="x"), small)  # auto: scanned
+    with pytest.raises(ConfigError, match=f"found {AUTO_SCAN_FILES} of the {AUTO_SCAN_FILES} files"):
+        startup_scan(ServerConfig(data="x"), _ManyFiles(AUTO_SCAN_FILES))  # auto, at the limit: scanned
     assert startup_scan(ServerConfig(data="x"), large) == []  # auto: too many to stat at every start
     assert startup_scan(ServerConfig(data="x", scan=False), small) == []
-    with pytest.raises(ConfigError, match=f"found {AUTO_SCAN_LIMIT + 1} of the"):
+    with pytest.raises(ConfigError, match=f"found {AUTO_SCAN_FILES + 1} of the"):
         startup_scan(ServerConfig(data="x", scan=True), large)  # asked for: scanned whatever the size
 
 
@@ -133,4 +138,4 @@ def test_help_says_what_the_default_is() -> None:
     result = subprocess.run([sys.executable, "-m", "loader_server", "serve", "--help"], capture_output=True,
                             text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
     text = " ".join(result.stdout.split())
-    assert f"(default: auto: on up to {AUTO_SCAN_LIMIT:,} files)" in text, text
+    assert f"(default: auto: on up to {AUTO_SCAN_FILES:,} files)" in text, text

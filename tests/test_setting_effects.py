@@ -131,8 +131,9 @@ NOT_IN_TABLE = {
     "--share-window": "which batches a share keeps: tests/test_sharing.py",
     "--scan": "only with missing or unreadable files: tests/test_scan.py", "--no-scan": "the same",
     "--watch-stdin": "when the server stops: tests/test_local_server.py",
-    "--remote-attempts": "object stores only: tests/test_s3.py", "--remote-timeout-s": "object stores only",
-    "--remote-inflight-mb": "object stores only", "--remote-recheck-s": "object stores only: tests/test_s3.py",
+    # how bytes are fetched from a store, never which: REMOTE_ROWS below (in process, over http://), tests/test_s3.py
+    "--remote-attempts": "REMOTE_ROWS", "--remote-timeout-s": "REMOTE_ROWS", "--remote-inflight-mb": "REMOTE_ROWS",
+    "--remote-recheck-s": "REMOTE_ROWS",
 }
 
 
@@ -295,3 +296,57 @@ def test_a_served_fingerprint_is_two_16_digit_hashes(data: dict[str, Any], tmp_p
     row = ROWS[0]
     settings, index, _ = _fingerprints(row, data, (), tmp_path)
     assert re.fullmatch(r"[0-9a-f]{16}", settings) and re.fullmatch(r"[0-9a-f]{16}", index), (settings, index)
+
+
+# ---------------------------------------------------------------------------- the object-store settings
+#: `--remote-*` change how bytes are fetched from a store (attempts, time, memory, how often a change is
+#: looked for), never which bytes: the settings' fingerprint, the data set's and the cache key stay the same.
+#: They live in DataOptions, which test_options does not hash; these rows state it, on a data set that is
+#: really read over http:// (a list file and its images served from this process).
+REMOTE_ROWS = [
+    ("--remote-attempts", "3", "attempts", 3),
+    ("--remote-timeout-s", "5", "timeout_s", 5.0),
+    ("--remote-inflight-mb", "1", "inflight_bytes", 1 << 20),
+    ("--remote-recheck-s", "0", "recheck_s", 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def over_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    listfile = unique_label_list(tmp_path_factory.mktemp("http") / "data", 6, size=(16, 12))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(listfile.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{listfile.name}"
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+@pytest.mark.parametrize(("flag", "value", "field", "expected"), REMOTE_ROWS, ids=[r[0] for r in REMOTE_ROWS])
+def test_object_store_settings_leave_both_fingerprints_and_the_cache_key_alone(
+        over_http: str, flag: str, value: str, field: str, expected: float) -> None:
+    from loader_server.cli import config_from_args
+    from loader_server.data.datasets import load_dataset
+    from loader_server.data.remote import reads_remote, storage_of
+    from loader_server.options import DataOptions, options_of
+    from loader_server.pipeline.cache import cache_key
+
+    seen = []
+    for flags in ((), (flag, value)):
+        config = config_from_args(build_parser().parse_args(
+            ["serve", "--data", over_http, "--size", "8x8", "--batch-size", "2", *flags]))
+        index = load_dataset(config)
+        assert reads_remote(index), "the data set is not read over http://"
+        seen.append((config.fingerprint(), index.fingerprint(), cache_key(config, index)))
+    storage = storage_of(options_of(config, DataOptions))
+    assert getattr(storage.policy, field, getattr(storage, field, None)) == expected, "the setting was not applied"
+    assert seen[0] == seen[1], f"{flag} {value} changed (settings fingerprint, data set fingerprint, cache key)"

@@ -153,3 +153,19 @@ def test_a_subset_name_other_than_train_or_val_is_refused_and_a_subset_fingerpri
     assert str(info.value) == "`subset` must be one of all, train, val; got 'test'"
     fingerprint = take_subset(whole, "val", 0.5, 0).fingerprint()
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0  # the form a saved state holds
+
+
+def test_a_subset_reads_each_of_its_samples_from_its_own_place_in_the_data_set(tmp_path: Path) -> None:
+    """Sample i of a subset is its parent's sample keep[i]: the bytes, the bound on them, the version, the name."""
+    listfile = unique_label_list(tmp_path, 40)  # label i is sample i
+    whole = load_dataset(ServerConfig(data=str(listfile)))
+    val = load_dataset(ServerConfig(data=str(listfile), subset="val", val_fraction=0.25))
+    assert len(val) == 10
+    for i in (0, 5, 9):
+        j = int(val.labels[i])  # its place in the whole data set
+        assert val.read(i) == whole.read(j) and val.describe(i) == whole.describe(j)  # type: ignore[attr-defined]
+        assert val.version(i) == whole.version(j) and val.version(i) is not None  # type: ignore[attr-defined]
+    size = len(whole.read(int(val.labels[3])))  # type: ignore[attr-defined]
+    assert val.read(3, size) == whole.read(int(val.labels[3]))  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match=f"{size - 1}"):
+        val.read(3, size - 1)  # type: ignore[attr-defined]  # the bound reaches the parent's read
