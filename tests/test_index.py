@@ -214,52 +214,32 @@ def run_as_another_user(cwd: Path, *args: str) -> tuple[subprocess.CompletedProc
     return result, uid
 
 
+_AS_ANOTHER_USER = """
+import importlib, os, pkgutil, sys
+uid, cwd, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+import loader_client, loader_server
+for package in (loader_server, loader_client):  # every module, and what they import, while root may read it
+    for found in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if not found.name.endswith(("__main__", ".keras", ".torch")):
+            importlib.import_module(found.name)
+import cv2, encodings.idna, glob, multiprocessing.pool, multiprocessing.popen_fork, multiprocessing.queues
+import multiprocessing.synchronize, simplejpeg, tqdm
+loader_server.cli.build_parser()  # imports what every command's flags need
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+os.chdir(cwd)
+sys.exit(loader_server.cli.main(args))
+"""
+
+
 def _run_forked_as(uid: int, cwd: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
-    """`loader-server ARGS` run by `main()` in a forked child that drops root for `uid` first."""
-    import loader_server.check
-    import loader_server.cli
-    import loader_server.data.batch_spec
-    import loader_server.data.datasets
-    import loader_server.layered
-
-    loader_server.cli.build_parser()  # imports what every command's flags need (cache, simulate, ...)
-    if args[0] == "check":  # its decoding processes, and what they import
-        import multiprocessing.pool
-        import multiprocessing.popen_fork
-        import multiprocessing.queues
-        import multiprocessing.synchronize  # noqa: F401
-
-        import loader_server.pipeline.decode
-        import loader_server.pipeline.steps
-        # site-packages live where only root may read)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            sys.stdout, sys.stderr = os.fdopen(out_w, "w"), os.fdopen(err_w, "w")
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.chdir(cwd)
-            code = loader_server.cli.main(args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(out_w)
-    os.close(err_w)
-    with os.fdopen(out_r) as out, os.fdopen(err_r) as err:
-        stdout, stderr = out.read(), err.read()
-    _, status = os.waitpid(pid, 0)
-    return subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(status), stdout, stderr)
+    """`loader-server ARGS` run by `main()` in a fresh interpreter of root's that loads every module it
+    needs, then drops root for `uid` (a fork of this test process could inherit a lock that one of its
+    threads held, such as tqdm's monitor's, and hang)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, str(uid), str(cwd), *args], capture_output=True,
+                          text=True, timeout=60, env=env)
 
 
 def lock(path: Path) -> None:
