@@ -207,17 +207,8 @@ def measure_torchvision(bench: Bench) -> dict[str, Any] | None:
         def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
             return decode(paths[i], i), int(labels[i])
 
-    loader = DataLoader(Images(), batch_size=bench.batch_size, num_workers=bench.workers, persistent_workers=True,
-                        drop_last=True, prefetch_factor=2)
-    it = iter(loader)
-    next(it), next(it)
-    started, got, touched = time.perf_counter(), 0, 0
-    for x, _ in it:
-        touched += int(x[0, 0, 0, 0])
-        got += len(x)
-    wall = time.perf_counter() - started
-    del it, loader
-    return {"images_per_s": got / wall}
+    return _timed_loader(DataLoader(Images(), batch_size=bench.batch_size, num_workers=bench.workers,
+                                     persistent_workers=True, drop_last=True, prefetch_factor=2))
 
 
 def measure_torch(bench: Bench) -> dict[str, Any] | None:
@@ -228,7 +219,11 @@ def measure_torch(bench: Bench) -> dict[str, Any] | None:
     torch.set_num_threads(1)
     paths = bench.paths(bench.n + 2 * bench.batch_size)
     labels = bench.index.labels[np.arange(len(paths)) % len(bench.index)]
-    loader = torch_loader(bench, paths, labels, prefetch_factor=2)
+    return _timed_loader(torch_loader(bench, paths, labels, prefetch_factor=2))
+
+
+def _timed_loader(loader: Any) -> dict[str, Any]:
+    """Images per second a torch DataLoader delivers, after two warm-up batches (each batch touched)."""
     it = iter(loader)
     next(it), next(it)
     started, got, touched = time.perf_counter(), 0, 0
