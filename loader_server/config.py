@@ -380,11 +380,6 @@ class ServerConfig:
         _at_least("max_pixels", self.max_pixels, 1)
         _at_least("remote_attempts", self.remote_attempts, 1)
         _at_least("read_ahead_tasks", self.read_ahead_tasks, 0)
-        for name in ("remote_timeout_s", "remote_inflight_mb"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"`{name}` must be > 0, got {getattr(self, name)}")
-        if not self.remote_recheck_s >= 0:
-            raise ConfigError(f"`remote_recheck_s` must be >= 0, got {self.remote_recheck_s}")
         _at_least("max_file_bytes", self.max_file_bytes, 1)
         _at_least("max_clients", self.max_clients, 1)
         _at_least("max_connections_per_host", self.max_connections_per_host, 1)
@@ -452,8 +447,6 @@ class ServerConfig:
         lo, hi = self.worker_bounds
         if lo > hi:
             raise ConfigError(f"`workers_min` {lo} is above `workers_max` {hi}")
-        if self.scale_interval_s <= 0:
-            raise ConfigError(f"`scale_interval_s` must be > 0, got {self.scale_interval_s}")
         if self.share_window is not None:
             _at_least("share_window", self.share_window, 0)
 
