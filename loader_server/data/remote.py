@@ -52,7 +52,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from loader_client.contract.errors import ConfigError
 
@@ -382,26 +382,58 @@ def _basic(user: str, password: str | None) -> str:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
+_UNKNOWN: Any = object()
+
+
+class _Route(NamedTuple):
+    """Where the requests for one URL go: its HTTP URL and parts, its connections' key, the request target."""
+
+    http_url: str
+    parts: urllib.parse.SplitResult
+    key: tuple[str, str]
+    target: str
+    s3: bool
+
+
+#: How long a request signature is reused for the same object (S3 takes a request signed up to 15 minutes
+#: before it arrives), and how many URLs' routes and signatures a process keeps.
+_SIGNATURE_REUSE_S = 60.0
+_KEPT_URLS = 4096
+
+
 class _Budget:
     """Bytes of requests in flight in this process, bounded (a request larger than the bound runs alone)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used, self.peak = limit, 0, 0
+        self.waiting = 0  # threads waiting for room
         self.cond = threading.Condition()
+
+    def acquire(self, size: int) -> None:
+        with self.cond:
+            while self.used and self.used + size > self.limit:
+                self.waiting += 1
+                try:
+                    self.cond.wait()
+                finally:
+                    self.waiting -= 1
+            self.used += size
+            if self.used > self.peak:
+                self.peak = self.used
+
+    def release(self, size: int) -> None:
+        with self.cond:
+            self.used -= size
+            if self.waiting:
+                self.cond.notify_all()
 
     @contextmanager
     def take(self, size: int) -> Iterator[None]:
-        with self.cond:
-            while self.used and self.used + size > self.limit:
-                self.cond.wait()
-            self.used += size
-            self.peak = max(self.peak, self.used)
+        self.acquire(size)
         try:
             yield
         finally:
-            with self.cond:
-                self.used -= size
-                self.cond.notify_all()
+            self.release(size)
 
 
 class RemoteStorage:
@@ -429,6 +461,8 @@ class RemoteStorage:
         self._rng = random.Random()
         self._budget = _Budget(inflight_bytes)
         self._s3: dict[str, Any] | None = None
+        self._routes: dict[str, _Route] = {}  # url -> where its requests go (bounded: `_route`)
+        self._signed: dict[tuple[str, str], tuple[Any, float, dict[str, str]]] = {}  # (method, url) -> signature
         self.requests = 0  # this process's requests (attempts), for metrics and the benchmark
 
     # ------------------------------------------------------------------ per process
@@ -440,6 +474,7 @@ class RemoteStorage:
             self._local = threading.local()
             self._budget = _Budget(self.inflight_bytes)
             self._s3 = None
+            self._routes, self._signed = {}, {}
             self._rng = random.Random()
             self._refreshing, self._rechecks = set(), None  # the parent's re-check thread is not in this process
             self.requests = 0
@@ -522,28 +557,50 @@ class RemoteStorage:
         if creds is None:  # no credentials anywhere: unsigned (a public bucket)
             return headers
         frozen = creds.get_frozen_credentials()  # refreshed by botocore when they expire (roles, SSO)
-        return sign_v4(method, http_url, headers, frozen.access_key, frozen.secret_key, frozen.token, s3["region"])
+        key = (method, http_url)
+        now = time.time()
+        kept = self._signed.get(key)
+        if kept is None or kept[0] != frozen or not 0 <= now - kept[1] < _SIGNATURE_REUSE_S:
+            if len(self._signed) >= _KEPT_URLS:
+                self._signed.clear()
+            kept = self._signed[key] = (frozen, now, sign_v4(method, http_url, {}, frozen.access_key,
+                                                             frozen.secret_key, frozen.token, s3["region"], now))
+        return {**headers, **kept[2]}
 
-    def _connection(self, http_url: str, s3: bool) -> tuple[_Connection, str]:
-        parts = urllib.parse.urlsplit(http_url)
-        key = (parts.scheme, parts.netloc)
-        conns: dict[tuple[str, str], _Connection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get(key)
+    def _route(self, url: str) -> _Route:
+        """Where the requests for `url` go, worked out once per URL (at most `_KEPT_URLS` kept)."""
+        route = self._routes.get(url)
+        if route is None:
+            http_url = self._http_url(url)
+            parts = urllib.parse.urlsplit(http_url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            route = _Route(http_url, parts, (parts.scheme, parts.netloc), target, url.startswith("s3://"))
+            if len(self._routes) >= _KEPT_URLS:
+                self._routes.clear()
+            self._routes[url] = route
+        return route
+
+    def _connection(self, route: _Route) -> _Connection:
+        """This thread's connection to the route's host (opened on first use)."""
+        conns: dict[tuple[str, str], _Connection] | None = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(route.key)
         if conn is None:
-            tls = self._s3_setup()["tls"] if s3 and parts.scheme == "https" else None  # S3: AWS_CA_BUNDLE
-            conn = conns[key] = _Connection(parts, self.policy.timeout_s, tls, _proxy_for(parts))
+            parts = route.parts
+            tls = self._s3_setup()["tls"] if route.s3 and parts.scheme == "https" else None  # S3: AWS_CA_BUNDLE
+            conn = conns[route.key] = _Connection(parts, self.policy.timeout_s, tls, _proxy_for(parts))
             with self._lock:
                 self._open.append(conn)  # kept here, not only by its thread: closed by `close`, never collected open
-        path = parts.path or "/"
-        return conn, path + (f"?{parts.query}" if parts.query else "")
+        return conn
 
     def _once(self, url: str, method: str, headers: dict[str, str],
               max_bytes: int) -> tuple[int, dict[str, str], bytes]:
         """One attempt: (status, lower-cased headers, body)."""
         self.requests += 1
-        http_url = self._http_url(url)
-        signed = self._sign(url, http_url, method, headers)
-        conn, path = self._connection(http_url, url.startswith("s3://"))
+        route = self._route(url)
+        signed = self._sign(url, route.http_url, method, headers) if route.s3 else headers
+        conn, path = self._connection(route), route.target
         try:  # the whole attempt within --remote-timeout-s, however slowly the server answers
             return conn.request(method, path, signed, max_bytes, time.monotonic() + self.policy.timeout_s)
         except _TooLarge as exc:
@@ -742,7 +799,9 @@ class RemoteStorage:
 
     # ------------------------------------------------------------------ reads
     def _conditions(self, url: str) -> dict[str, str]:
-        info = self.info(url)
+        info = self._infos.get(url, _UNKNOWN)  # (a dict read is atomic: no lock once indexed)
+        if info is _UNKNOWN:
+            info = self.info(url)
         if info is None:
             raise DecodeError(redact(url), "object not found", "not_found")
         if info.etag.startswith("last-modified:"):
@@ -763,10 +822,16 @@ class RemoteStorage:
 
     def read_range(self, url: str, offset: int, size: int, describe: Callable[[int], str], i: int) -> bytes:
         """`size` bytes at `offset` of the object, as indexed; errors name the sample ``describe(i)``."""
+        self._fresh()
         try:
-            headers = {**self._conditions(url), "Range": f"bytes={offset}-{offset + size - 1}"}
-            with self._budget.take(size):
+            headers = self._conditions(url)
+            headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+            budget = self._budget
+            budget.acquire(size)
+            try:
                 status, _, body = self._request(url, headers=headers, max_bytes=size)
+            finally:
+                budget.release(size)
         except DecodeError as exc:
             shown = redact(url)
             raise DecodeError(describe(i), f"{shown}: {exc.reason}" if exc.path == shown else str(exc),
@@ -908,10 +973,10 @@ def sign_v4(method: str, url: str, headers: dict[str, str], access_key: str, sec
     if key is None:
         key = ("AWS4" + secret_key).encode()
         for part in (day, region, "s3", "aws4_request"):
-            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            key = hmac.digest(key, part.encode(), "sha256")
         _KEYS.clear()  # one day, one region, one secret at a time
         _KEYS[(secret_key, day, region)] = key
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signature = hmac.digest(key, to_sign.encode(), "sha256").hex()
     out = {**headers, "X-Amz-Date": amz_date, "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD",
            "Authorization": f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={names}, "
                             f"Signature={signature}"}
