@@ -148,6 +148,13 @@ class _BadResponse(Exception):
 
 
 _HEAD_LIMIT = 1 << 16
+#: A connection's receive buffer: from _BUFFER_MIN, grown to the largest response up to _BUFFER_MAX (a larger body
+#: is received into a buffer of its own).
+_BUFFER_MIN = 1 << 14
+_BUFFER_MAX = 1 << 18
+#: Header lines that are all `name: value`, with no stray CR or LF (then _FIELD takes them one by one).
+_FIELDS = re.compile(r"[^:\r\n]*:[^\r\n]*(?:\r\n[^:\r\n]*:[^\r\n]*)*")
+_FIELD = re.compile(r"([^:\r\n]*):([^\r\n]*)")
 _ERROR_BODY = 1 << 16
 _STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -188,7 +195,11 @@ class _Connection:
         if proxy is not None and proxy.username is not None:
             self.proxy_auth["Proxy-Authorization"] = _basic(proxy.username, proxy.password)
         self.sock: socket.socket | None = None
-        self.buf = bytearray()
+        # What was received and not yet taken: rbuf[lo:hi]. One buffer per connection, grown to the largest
+        # response that fits in _BUFFER_MAX, so that a range GET is one recv_into and one copy of its body.
+        self.rbuf = bytearray(_BUFFER_MIN)
+        self.view = memoryview(self.rbuf)
+        self.lo = self.hi = 0
 
     def close(self) -> None:
         if self.sock is not None:
@@ -196,7 +207,7 @@ class _Connection:
                 self.sock.close()
             finally:
                 self.sock = None
-                self.buf = bytearray()
+                self.lo = self.hi = 0
 
     @staticmethod
     def _arm(sock: socket.socket, deadline: float) -> None:
@@ -212,7 +223,7 @@ class _Connection:
         if left <= 0:
             raise TimeoutError("the attempt's deadline passed")
         sock = socket.create_connection(where, timeout=left)
-        self.sock, self.buf = sock, bytearray()
+        self.sock, self.lo, self.hi = sock, 0, 0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.proxy is not None and self.https:
             self._tunnel(sock, deadline)
@@ -234,61 +245,101 @@ class _Connection:
             raise _Failure(status, f"the proxy {proxy} refused the tunnel to {self.hostname}:{self.port}"
                                    + (" (Proxy-Authorization: set the user and password in HTTPS_PROXY)"
                                       if status == 407 else ""), status >= 500)
-        if self.buf:
+        if self.hi > self.lo:
             raise _BadResponse("the proxy sent bytes after accepting the tunnel", status)
 
+    def _room(self, need: int) -> None:
+        """Make room for `need` pending bytes from rbuf's start: the pending ones moved to the front, the buffer
+        grown (to at most _BUFFER_MAX, or `need`) when it is too small."""
+        pending = self.hi - self.lo
+        size = len(self.rbuf)
+        if need > size:
+            size = min(max(need, 2 * size), max(need, _BUFFER_MAX))
+            grown = bytearray(size)
+            grown[:pending] = self.view[self.lo : self.hi]
+            self.rbuf, self.view = grown, memoryview(grown)
+        elif pending:
+            self.view[:pending] = self.view[self.lo : self.hi]
+        self.lo, self.hi = 0, pending
+
     def _more(self, sock: socket.socket, deadline: float) -> None:
+        """Receive what the server sent next (at least a byte) after the pending bytes."""
+        if self.hi == len(self.rbuf):
+            self._room(self.hi - self.lo + _BUFFER_MIN if self.lo == 0 else 0)
         self._arm(sock, deadline)
-        chunk = sock.recv(1 << 16)
-        if not chunk:
+        got = sock.recv_into(self.view[self.hi :])
+        if not got:
             raise ConnectionResetError("the server closed the connection")
-        self.buf += chunk
+        self.hi += got
 
     def _line(self, sock: socket.socket, deadline: float) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
-            if len(self.buf) > _HEAD_LIMIT:
+        while (end := self.rbuf.find(b"\r\n", self.lo, self.hi)) < 0:
+            if self.hi - self.lo > _HEAD_LIMIT:
                 raise _BadResponse("a line of over 64 KB")
             self._more(sock, deadline)
-        line = bytes(self.buf[:end])
-        del self.buf[: end + 2]
+        line = bytes(self.view[self.lo : end])
+        self.lo = end + 2
         return line
 
-    def _exact(self, sock: socket.socket, n: int, deadline: float) -> bytearray:
-        body = bytearray(n)
-        have = min(n, len(self.buf))
-        body[:have] = self.buf[:have]
-        del self.buf[:have]
-        view = memoryview(body)
+    def _exact(self, sock: socket.socket, n: int, deadline: float) -> bytes | bytearray:
+        """The next `n` bytes: received into rbuf and copied out once (bytes) when they fit in _BUFFER_MAX, else
+        into a buffer of their own (a bytearray)."""
+        pending = self.hi - self.lo
+        if n <= _BUFFER_MAX:
+            if self.lo + n > len(self.rbuf):
+                self._room(n)
+            while self.hi - self.lo < n:
+                self._arm(sock, deadline)
+                got = sock.recv_into(self.view[self.hi :])
+                if not got:
+                    raise ConnectionResetError(f"the server closed the connection after {self.hi - self.lo} of {n} "
+                                               "bytes")
+                self.hi += got
+            body = bytes(self.view[self.lo : self.lo + n])
+            self.lo += n
+            return body
+        big = bytearray(n)
+        have = min(n, pending)
+        big[:have] = self.view[self.lo : self.lo + have]
+        self.lo += have
+        view = memoryview(big)
         while have < n:
             self._arm(sock, deadline)
             got = sock.recv_into(view[have:])
             if not got:
                 raise ConnectionResetError(f"the server closed the connection after {have} of {n} bytes")
             have += got
-        return body
+        return big
 
     def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
         """(status, status line, lower-cased fields) of the next final response (interim 1xx answers skipped)."""
         while True:
-            while (end := self.buf.find(b"\r\n\r\n")) < 0:
-                if len(self.buf) > _HEAD_LIMIT:
+            while (end := self.rbuf.find(b"\r\n\r\n", self.lo, self.hi)) < 0:
+                if self.hi - self.lo > _HEAD_LIMIT:
                     raise _BadResponse("response headers of over 64 KB")
                 self._more(sock, deadline)
-            head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
-            del self.buf[: end + 4]
-            m = _STATUS_LINE.fullmatch(head[0])
+            text = str(self.view[self.lo : end], "latin-1")
+            self.lo = end + 4
+            first, _, rest = text.partition("\r\n")
+            m = _STATUS_LINE.fullmatch(first)
             if m is None:
-                raise _BadResponse(f"not an HTTP/1.1 status line: {head[0][:80]!r}")
+                raise _BadResponse(f"not an HTTP/1.1 status line: {first[:80]!r}")
             status = int(m.group(1))
             if status >= 200 or status == 101:
                 break  # 100 Continue and other interim answers: the real one follows
-        fields: dict[str, str] = {}
-        for line in head[1:]:
+        if not rest:
+            return status, first, {}
+        if _FIELDS.fullmatch(rest):
+            fields = {name.strip().lower(): value.strip() for name, value in _FIELD.findall(rest)}
+            if "" not in fields:
+                return status, first, fields
+        fields = {}
+        for line in rest.split("\r\n"):  # a malformed line somewhere: name it
             name, sep, value = line.partition(":")
             if not sep or not name.strip():
                 raise _BadResponse(f"a malformed header line {line[:80]!r}", status)
             fields[name.strip().lower()] = value.strip()
-        return status, head[0], fields
+        return status, first, fields
 
     def request(self, method: str, target: str, headers: dict[str, str], max_bytes: int,
                 deadline: float) -> tuple[int, dict[str, str], bytes]:
@@ -300,10 +351,12 @@ class _Connection:
             if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
                 target = f"http://{self.host}{target}"
                 headers = {**self.proxy_auth, **headers}
-            lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}",
-                     *(f"{k}: {v}" for k, v in {**self.auth, **headers}.items())]
+            if self.auth:
+                headers = {**self.auth, **headers}
+            text = f"{method} {target} HTTP/1.1\r\nHost: {self.host}\r\n" + "".join(
+                [f"{k}: {v}\r\n" for k, v in headers.items()])
             self._arm(sock, deadline)
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            sock.sendall((text + "\r\n").encode("latin-1"))
             status, line, fields = self._head(sock, deadline)
             return self._body(sock, method, status, line, fields, max_bytes, deadline)
         except _BadResponse as exc:
@@ -325,8 +378,9 @@ class _Connection:
               max_bytes: int, deadline: float) -> tuple[int, dict[str, str], bytes]:
         limit = max_bytes if status < 300 else _ERROR_BODY
         keep = fields.get("connection", "").lower() != "close" and not line.startswith("HTTP/1.0")
+        body: bytes | bytearray
         if method == "HEAD" or status in (204, 304):
-            body = bytearray()
+            body = b""
         elif "chunked" in fields.get("transfer-encoding", "").lower():
             body = self._chunked(sock, limit, status, deadline)
         elif "content-length" in fields:
@@ -342,7 +396,8 @@ class _Connection:
             body = self._exact(sock, size, deadline)
         else:  # the body ends when the server closes the connection
             keep = False
-            body = bytearray(self.buf)
+            body = bytearray(self.view[self.lo : self.hi])
+            self.lo = self.hi
             while len(body) <= limit:
                 self._arm(sock, deadline)
                 chunk = sock.recv(1 << 16)
@@ -354,7 +409,7 @@ class _Connection:
                 raise _TooLarge(len(body))
         if not keep:
             self.close()
-        return status, fields, bytes(body)
+        return status, fields, body if type(body) is bytes else bytes(body)
 
     def _chunked(self, sock: socket.socket, limit: int, status: int, deadline: float) -> bytearray:
         body = bytearray()
