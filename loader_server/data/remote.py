@@ -5,7 +5,9 @@ folders, tar shards, Parquet tables) the way `reading.LocalStorage` reads files:
 
 * **requests**: plain HTTP/1.1 GETs with a ``Range`` header on persistent connections, one per
   thread and host (`_Connection`, reused across requests and reopened after a fork), signed
-  with AWS Signature V4 for ``s3://`` (`sign_v4`), with botocore's credential chain
+  with AWS Signature V4 for ``s3://`` (`sign_v4`; ``Range`` is not signed, so one signature
+  serves every range of an object for up to 60 s, well inside the 15 minutes S3 allows, and
+  new credentials sign again), with botocore's credential chain
   (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
   the shared config files, SSO, web identity, the instance or container role). The endpoint
   and region come from ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
@@ -165,8 +167,8 @@ class _Connection:
     """One persistent HTTP/1.1 connection (TLS for https), one request at a time.
 
     The standard library's http.client costs 0.54 ms of CPU per 40 KB range GET on this machine
-    (header parsing through the email package, a buffered file over the socket); this reads the
-    head, then the body with ``recv_into`` straight into its final buffer: 0.25 ms. It takes what
+    (header parsing through the email package, a buffered file over the socket); this receives
+    into the connection's own buffer with ``recv_into`` and copies the body out once. It takes what
     range GETs, HEADs and listings return: a Content-Length body, a chunked one, or one that ends
     when the server closes; ``Connection: close`` closes it after the response.
 

@@ -168,7 +168,7 @@ def main() -> int:
                         f.result()
 
             if args.profile == "seq" and name == "s3":
-                prof = cProfile.Profile(time.process_time)  # CPU, not the wait for the store
+                prof = cProfile.Profile(time.thread_time)  # CPU, not the wait for the store
                 prof.enable()
                 seq(order)
                 prof.disable()
