@@ -152,7 +152,7 @@ class _BadResponse(Exception):
 _HEAD_LIMIT = 1 << 16
 #: A connection's receive buffer: from _BUFFER_MIN, grown to the largest response up to _BUFFER_MAX (a larger body
 #: is received into a buffer of its own).
-_BUFFER_MIN = 1 << 14
+_BUFFER_MIN = 1 << 16
 _BUFFER_MAX = 1 << 18
 #: Header lines that are all `name: value`, with no stray CR or LF (then _FIELD takes them one by one).
 _FIELDS = re.compile(r"[^:\r\n]*:[^\r\n]*(?:\r\n[^:\r\n]*:[^\r\n]*)*")
@@ -266,7 +266,9 @@ class _Connection:
 
     def _more(self, sock: socket.socket, deadline: float) -> None:
         """Receive what the server sent next (at least a byte) after the pending bytes."""
-        if self.hi == len(self.rbuf):
+        if self.lo == self.hi:  # nothing pending: receive from the buffer's start, into all of it
+            self.lo = self.hi = 0
+        elif self.hi == len(self.rbuf):
             self._room(self.hi - self.lo + _BUFFER_MIN if self.lo == 0 else 0)
         self._arm(sock, deadline)
         got = sock.recv_into(self.view[self.hi :])
@@ -288,6 +290,8 @@ class _Connection:
         into a buffer of their own (a bytearray)."""
         pending = self.hi - self.lo
         if n <= _BUFFER_MAX:
+            if not pending:
+                self.lo = self.hi = 0
             if self.lo + n > len(self.rbuf):
                 self._room(n)
             while self.hi - self.lo < n:
