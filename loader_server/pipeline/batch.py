@@ -14,6 +14,7 @@ the uint8 HWC staging converted to ``--dtype``/``--layout`` with the normalisati
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -31,17 +32,17 @@ from ..options import PipelineOptions
 from .augment import sample_rng
 from .cache import RecordState, SampleCache
 from .decode import DecodeError
-from .steps import Pending, Reader, SamplePath, plan_steps
+from .steps import Reader, SamplePath, plan_steps
 from .user_code import check_extras, load_function
 
 __all__ = ["AUTO_READ_THREADS", "SLOW_READ_S", "BatchBuilder", "Reads"]
 
 _COLLATE_STREAM = 0xC0
 
-#: The samples of a batch with their reads (a Pending per sample when reads run ahead, else None) and,
+#: The samples of a batch with their reads (a future per sample when reads run ahead, else None) and,
 #: with a cache, each sample's version taken before its read (None when unknown, or no cache) and its
 #: record's state when read ahead found it valid (then nothing was read; None otherwise).
-Reads = list[tuple["Pending | None", "Version | None", "RecordState | None"]]
+Reads = list[tuple["Future[bytes] | None", "Version | None", "RecordState | None"]]
 
 
 class BatchBuilder:

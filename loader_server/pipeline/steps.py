@@ -23,11 +23,9 @@ in augment.py.
 
 from __future__ import annotations
 
-import _thread
-import queue
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -42,7 +40,7 @@ from .cache import RecordState, SampleCache
 from .decode import Decoder
 from .user_code import check_image, load_function
 
-__all__ = ["TRANSFORM_STREAM", "Pending", "ReadPool", "Reader", "Sample", "SamplePath", "Step", "cached_decode_steps", "plan_steps"]
+__all__ = ["TRANSFORM_STREAM", "Reader", "Sample", "SamplePath", "Step", "cached_decode_steps", "plan_steps"]
 
 #: User transforms draw apart from augmentations.
 TRANSFORM_STREAM = 0x7F
@@ -58,7 +56,7 @@ class Sample:
         self.i = 0
         self.name = ""
         self.data: bytes = b""
-        self.pending: Pending | None = None
+        self.pending: Future[bytes] | None = None
         self.version: Version | None = None
         self.state: RecordState | None = None  # the cache record's state, when read ahead found it valid
         self.target: np.ndarray = np.empty(0, np.uint8)  # where decoding writes: the slot, or the record
@@ -86,70 +84,6 @@ class Sample:
 Step = Callable[[Sample], None]
 
 
-class Pending:
-    """A read handed to the read-ahead threads: `result` waits for it (and raises what it raised).
-
-    A lock taken at birth and released by the thread that ran the read: the cheapest hand-off
-    CPython has (concurrent.futures' Future and pool take a Python condition, a semaphore and a
-    work item per read, which a read of an object pays on top of its request)."""
-
-    __slots__ = ("fn", "i", "value", "error", "_done")
-
-    def __init__(self, fn: Callable[[int], bytes], i: int) -> None:
-        self.fn, self.i = fn, i
-        self.value: bytes = b""
-        self.error: BaseException | None = None
-        self._done = _thread.allocate_lock()
-        self._done.acquire()
-
-    def run(self) -> None:
-        try:
-            self.value = self.fn(self.i)
-        except BaseException as exc:  # handed to whoever waits for it, as a Future would
-            self.error = exc
-        finally:
-            self._done.release()
-
-    def done(self) -> bool:
-        return not self._done.locked()
-
-    def result(self) -> bytes:
-        with self._done:  # taken once the read ran, released for the next caller
-            pass
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-class ReadPool:
-    """`threads` daemon threads that run `Pending` reads in the order submitted (started with the first
-    submit, in the process that submits: a worker makes its pool after the fork)."""
-
-    def __init__(self, threads: int, name: str = "loader-read") -> None:
-        self.threads, self.name = threads, name
-        self.queue: queue.SimpleQueue[Pending] = queue.SimpleQueue()
-        self._started = 0
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[[int], bytes], i: int) -> Pending:
-        pending = Pending(fn, i)
-        self.queue.put(pending)
-        if self._started < self.threads:
-            self._start()
-        return pending
-
-    def _start(self) -> None:
-        with self._lock:
-            while self._started < self.threads:
-                threading.Thread(target=self._loop, name=f"{self.name}_{self._started}", daemon=True).start()
-                self._started += 1
-
-    def _loop(self) -> None:
-        get = self.queue.get
-        while True:
-            get().run()
-
-
 class Reader:
     """The read step's bytes source: ``read(i)`` of the data set, bounded, inline or on read-ahead threads.
 
@@ -164,11 +98,11 @@ class Reader:
         self._latency_s = options.simulate_read_latency_ms / 1000
         self._auto = options.read_threads is None
         self._read_ema_s = 0.0
-        self.pool: ReadPool | None = None
+        self.pool: ThreadPoolExecutor | None = None
         if options.read_threads:
-            self.pool = ReadPool(options.read_threads, "loader-read")
+            self.pool = ThreadPoolExecutor(options.read_threads, thread_name_prefix="loader-read")
         elif self._auto and reads_remote(dataset):  # every read is a round trip: run ahead from the first
-            self.pool = ReadPool(AUTO_READ_THREADS, "loader-read")
+            self.pool = ThreadPoolExecutor(AUTO_READ_THREADS, thread_name_prefix="loader-read")
 
     def read(self, i: int) -> bytes:
         if self._latency_s:
@@ -183,10 +117,10 @@ class Reader:
         data = self.read(i)
         self._read_ema_s += _READ_EMA_WEIGHT * (time.perf_counter() - started - self._read_ema_s)
         if self._read_ema_s > SLOW_READ_S and self.pool is None:
-            self.pool = ReadPool(AUTO_READ_THREADS, "loader-read")
+            self.pool = ThreadPoolExecutor(AUTO_READ_THREADS, thread_name_prefix="loader-read")
         return data
 
-    def submit(self, i: int) -> Pending | None:
+    def submit(self, i: int) -> Future[bytes] | None:
         return None if self.pool is None else self.pool.submit(self.read, i)
 
 
@@ -304,7 +238,7 @@ class SamplePath:
         return [type(step).__name__ for step in self.steps]
 
     def run(self, i: int, name: str, out: np.ndarray, key: tuple[int, int] = (0, 0),
-            pending: Pending | None = None, version: Version | None = None,
+            pending: Future[bytes] | None = None, version: Version | None = None,
             drawn: list[tuple[str, list[float]]] | None = None, state: RecordState | None = None) -> None:
         """Sample `i` (named `name` in errors) through every step into the uint8 HWC slot `out`; with
         `drawn`, what its augmentations drew is appended there."""
