@@ -55,7 +55,7 @@ import simplejpeg
 try:  # region decoding (setup.py builds it where libjpeg's headers and a C compiler are found)
     from . import _jpegregion
 except ImportError:  # pragma: no cover - not built, or libjpeg.so.62 missing: simplejpeg decodes crops
-    _jpegregion = None
+    _jpegregion = None  # type: ignore[assignment]
 
 from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
