@@ -88,9 +88,9 @@ SCALE_COST = (math.inf, 0.5, 0.55, 0.85, 0.67, 1.5, 1.85, 2.45, 1.0)
 _BY_COST = sorted(range(1, 9), key=SCALE_COST.__getitem__)  # the scales, cheapest first
 #: Largest decode buffer a decoder keeps between images (larger ones are allocated per image).
 _KEEP_SCRATCH_BYTES = 64 << 20
-#: What decodes the window of a crop: ``jpegregion <libjpeg-turbo version>`` (our binding, `_jpegregion`),
-#: or None where it is not built (simplejpeg decodes crops). In the cache key: it decides pixels of a crop
-#: only where libjpeg versions differ, but a record is never made by one and read as another's.
+#: What decodes the window of a crop: our binding `_jpegregion`, its version and the libjpeg-turbo it
+#: was built against, or None where it is not built (simplejpeg decodes crops). In the cache key, as
+#: simplejpeg's version is: a record made by one decoder is never read by a server that decodes with another.
 REGION_DECODER: str | None = (
     None if _jpegregion is None
     else f"jpegregion {_jpegregion.VERSION} libjpeg {_jpegregion.JPEG_LIB_VERSION} "
@@ -453,7 +453,7 @@ class Decoder:
         y0, y1 = _span(y, h, s, dh)
         x0, x1 = _span(x, w, s, dw)
         a0, a1 = max(0, x0 - 1), min(dw, x1 + 1)
-        need = (y1 - y0) * dw * channels  # crop_scanline widens the window to whole iMCUs, never past the image
+        need = (y1 - y0) * dw * channels  # crop_scanline widens the window leftwards, never past the image
         if need <= _KEEP_SCRATCH_BYTES:
             if self._scratch.size < need:
                 self._scratch = np.empty(need, np.uint8)
