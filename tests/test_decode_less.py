@@ -412,6 +412,18 @@ def test_corrupt_data_inside_the_crop_is_decoded_as_before_and_below_it_is_not_r
     assert np.array_equal(above, run(decoder(), good, lambda w, h: (0, 0, w, h // 4)))
 
 
+def test_the_server_says_when_crops_are_decoded_without_the_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_module, "_jpegregion", None)
+    note = decode_module.region_decoder_note("rrc,flip", True)
+    assert note is not None and "_jpegregion" in note and ".ci/build-deps" in note
+    assert decode_module.region_decoder_note("flip", True) is None  # no crop
+    assert decode_module.region_decoder_note("rrc", False) is None  # --no-reduced-decode: whole decodes anyway
+    assert decode_module.region_decoder_note(None, True) is None
+    monkeypatch.undo()
+    if decode_module._jpegregion is not None:
+        assert decode_module.region_decoder_note("rrc", True) is None
+
+
 def test_progressive_and_cmyk_crops_do_not_go_to_the_binding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any) -> None:
         raise AssertionError("the binding decoded a progressive or CMYK JPEG")

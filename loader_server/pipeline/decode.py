@@ -61,8 +61,8 @@ from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
 
 __all__ = ["DEFAULT_MAX_FILE_BYTES", "REGION_DECODER", "SCALE_COST", "DecodeError", "Decoder", "JpegInfo",
-           "decode_scale", "jpeg_info", "jpeg_size", "kept_size", "png_size", "read_file", "scale_covers",
-           "stored_box"]
+           "decode_scale", "jpeg_info", "jpeg_size", "kept_size", "png_size", "read_file", "region_decoder_note",
+           "scale_covers", "stored_box"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -132,6 +132,21 @@ class JpegInfo:
         """Whether libjpeg-turbo decodes it here: 8-bit gray or YCbCr/RGB, a DCT frame it can scale."""
         return (self.sof in _SCALABLE_SOF and self.precision == 8 and self.components in (1, 3)
                 and self.width > 0 and self.height > 0)
+
+
+def region_decoder_note(augment: str | None, reduced_decode: bool) -> str | None:
+    """What the server logs at start when its random crops will be decoded without the region decoder
+    (`_jpegregion` not built), or None."""
+    if _jpegregion is not None or not reduced_decode or not augment:
+        return None
+    from .augment import Stage, parse_augment
+
+    if not any(op.stage is Stage.SOURCE for op in parse_augment(augment)):
+        return None
+    return ("random crops are decoded by simplejpeg, at about 1.2x the CPU per image: the region decoder "
+            "(loader_server.pipeline._jpegregion) was not built when this package was installed; install gcc "
+            "and libjpeg's headers (`bash .ci/build-deps` from the repository, or `apt-get install gcc "
+            "libjpeg-dev`) and reinstall the package")
 
 
 def jpeg_info(data: bytes) -> JpegInfo | None:
