@@ -125,6 +125,7 @@ NOT_IN_TABLE = {
     "--max-clients-per-peer": "a bound: tests/test_fairness.py", "--log-format": "logs only",
     "--metrics-port": "metrics only", "--metrics-host": "metrics only", "--cache": "the cache rows below",
     "--index-dir": "where the tar or Parquet index is kept: tests/test_packed.py",
+    "--page-cache-mb": "memory for decompressed Parquet pages, never which bytes: tests/test_packed.py",
     "--config": "a file of the same settings", "--print-config": "prints them", "--help": "help",
     "--workers-min": "the worker count: tests/test_sharing.py", "--workers-max": "the worker count",
     "--target-stall": "the worker count", "--scale-interval-s": "when the worker count changes",
