@@ -261,7 +261,7 @@ class PackedIndex:
     storage: LocalStorage | RemoteStorage = field(default_factory=LocalStorage, repr=False)
     #: Bytes of decompressed pages this process keeps (pages of codecs other than snappy; 0: none).
     page_cache_bytes: int = int(DataOptions.page_cache_mb * (1 << 20))
-    _pages: PageCache = field(default_factory=lambda: PageCache(0), repr=False)
+    _pages: PageCache = field(init=False, repr=False)  # made in __post_init__, never copied by replace()
     #: Workers read and decode each sample's bytes (see datasets.Dataset).
     build: ClassVar[Literal["decode", "gather"]] = "decode"
 
