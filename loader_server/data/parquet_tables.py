@@ -353,9 +353,12 @@ def _snappy_rows(chunk: bytes, start: int, pos: np.ndarray, span: np.ndarray, ra
 
     A row then costs the decompression of about its own bytes, not of its page (pyarrow writes
     a 100-row group of images as one dictionary page of megabytes): see `_snappy_pieces`."""
-    paged = raw >= 0
-    for page_at in np.unique(pos[paged]).tolist():
-        rows = np.flatnonzero(paged & (pos == page_at))
+    paged = np.flatnonzero(raw >= 0)
+    pages, which = np.unique(pos[paged], return_inverse=True)  # rows grouped by page: one pass, however many
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(pages) + 1))
+    for k, page_at in enumerate(pages.tolist()):
+        rows = paged[order[bounds[k] : bounds[k + 1]]]
         at = page_at - start
         stored = chunk[at : at + int(span[rows[0]])]
         try:
