@@ -4,7 +4,10 @@
 (uncompressed, and snappy with 100-row groups as Hugging Face ``datasets`` writes them), every
 file read once so that all sit in the page cache, then the service on each kind in alternated
 rounds (the order rotates each round): the median images/s, each kind's ratio to files, and
-the load average of the machine around every run.
+the load average of the machine around every run. Then the CPU time per image of a worker's
+batch for each kind in one process, and also for zstd tables (pages that can only be read
+whole): with the default ``--page-cache-mb`` (which holds every page of a small data set) and
+with a 4 MB one (a data set far larger than the cache: a row seldom finds its page kept).
 
 ``index``: 1,000,000 generated members (``--index-members``) in tar shards and in Parquet
 files: the time to build each index, its size on disk, and the time to open it again.
@@ -31,6 +34,8 @@ Results = dict[str, Any]
 INDEX_MEMBERS = 1_000_000
 _INDEX_SHARDS = 100
 _KIND_ROUNDS = 5
+#: The small page cache of the CPU table (MB): far below the corpus's pages decompressed.
+_SMALL_CACHE_MB = 4
 
 
 def _say(line: str) -> None:
@@ -86,18 +91,27 @@ def kinds_probe(b: Bench) -> Results:
     out = {kind: {"runs": v, "median": statistics.median(v), "ratio": statistics.median(v) / files,
                   "load": loads[kind], "index_s": built.get(kind)} for kind, v in runs.items()}
     _say("kinds: " + ", ".join(f"{k} {v['median']:.0f} images/s ({v['ratio']:.3f} of files)" for k, v in out.items()))
-    cpu = _cpu_per_image(b, data, rounds)
+    zstd = write_parquet(b.index, root / "zstd", per, row_group_size=100, compression="zstd")
+    _warm(root / "zstd")
+    cpu, hits = _cpu_per_image(b, {**{k: (v, {}) for k, v in data.items()}, "parquet-zstd": (zstd, {}),
+                                   f"parquet-zstd, {_SMALL_CACHE_MB} MB page cache": (
+                                       zstd, {"page_cache_mb": _SMALL_CACHE_MB})}, rounds)
     for kind, ms in cpu.items():
+        out.setdefault(kind, {"runs": [], "load": [], "index_s": None})
         out[kind]["cpu_ms"] = ms
         out[kind]["cpu_ratio"] = statistics.median(cpu["files"]) / statistics.median(ms)
+        if kind in hits:
+            out[kind]["page_hits"] = hits[kind]
     _say("kinds, CPU ms per image in one process: " + ", ".join(
         f"{k} {statistics.median(v):.3f} ({out[k]['cpu_ratio']:.3f}x files' speed)" for k, v in cpu.items()))
     return {"kinds": {"results": out, "rounds": rounds, "shard_size": per}}
 
 
-def _cpu_per_image(b: Bench, data: dict[str, str], rounds: int) -> dict[str, list[float]]:
+def _cpu_per_image(b: Bench, data: dict[str, tuple[str, dict[str, Any]]],
+                   rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """CPU ms per image of a worker's whole batch (read, decode, resize into the batch) in this process,
-    the kinds alternated: the scheduler's share of a loaded machine does not enter CPU time."""
+    the kinds alternated: the scheduler's share of a loaded machine does not enter CPU time. Also the
+    share of reads that found their page kept, for the kinds that keep pages."""
     import cv2
     import numpy as np
 
@@ -107,9 +121,11 @@ def _cpu_per_image(b: Bench, data: dict[str, str], rounds: int) -> dict[str, lis
 
     cv2.setNumThreads(1)
     builders = {}
-    for kind, d in data.items():
-        config = ServerConfig(data=d, batch_size=b.batch_size, size=b.size)
-        builders[kind] = BatchBuilder(config, load_dataset(config))
+    datasets = {}
+    for kind, (d, extra) in data.items():
+        config = ServerConfig(data=d, batch_size=b.batch_size, size=b.size, **extra)
+        datasets[kind] = load_dataset(config)
+        builders[kind] = BatchBuilder(config, datasets[kind])
     n = len(b.index)
     order = np.random.default_rng(0).permutation(n)  # random access, as the shuffle reads
     batches = [order[k : k + b.batch_size] for k in range(0, n - b.batch_size + 1, b.batch_size)]
@@ -124,7 +140,12 @@ def _cpu_per_image(b: Bench, data: dict[str, str], rounds: int) -> dict[str, lis
             for idx in batches:
                 builder.build(idx, x)
             out[kind].append((time.process_time() - started) * 1000 / (len(batches) * b.batch_size))
-    return out
+    hits = {}
+    for kind, ds in datasets.items():
+        pages = getattr(ds, "_pages", None)
+        if pages is not None and pages.hits + pages.misses:
+            hits[kind] = pages.hits / (pages.hits + pages.misses)
+    return out, hits
 
 
 def kinds_tables(results: Results) -> list[str]:
@@ -137,10 +158,12 @@ def kinds_tables(results: Results) -> list[str]:
              "process (median; runs) | speed against files by CPU |", "|---|---|---|---|---|---|---|"]
     for kind, v in k["results"].items():
         cpu = v.get("cpu_ms", [])
-        lines.append(f"| {kind} | {v['median']:.0f} | {', '.join(f'{x:.0f}' for x in v['runs'])} | {v['ratio']:.3f} | "
-                     f"{min(v['load']):.2f}–{max(v['load']):.2f} | "
+        served = (f"{v['median']:.0f} | {', '.join(f'{x:.0f}' for x in v['runs'])} | {v['ratio']:.3f} | "
+                  f"{min(v['load']):.2f}–{max(v['load']):.2f}") if v["runs"] else "– | – | – | –"
+        hits = f" (pages kept: {v['page_hits']:.0%} of reads)" if "page_hits" in v else ""
+        lines.append(f"| {kind} | {served} | "
                      + (f"{statistics.median(cpu):.3f}; {', '.join(f'{x:.3f}' for x in cpu)}" if cpu else "–")
-                     + f" | {v.get('cpu_ratio', float('nan')):.3f} |")
+                     + f" | {v.get('cpu_ratio', float('nan')):.3f}{hits} |")
     return lines
 
 

@@ -646,17 +646,20 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
     import cv2
 
     from loader_server.config import ServerConfig
-    from loader_server.data.datasets import load_dataset
+    from loader_server.data.datasets import FileDataset, load_dataset
     from loader_server.pipeline.augment import Augmenter, parse_augment, sample_rng
     from loader_server.pipeline.batch import BatchBuilder
     from loader_server.pipeline.cache import open_cache, record_decoder
     from loader_server.pipeline.decode import Decoder, read_file
 
     cv2.setNumThreads(1)
-    settings = {"data": b.data, "batch_size": b.batch_size, "size": b.size, "augment": _CACHE_RRC[1]}
-    plain_config = ServerConfig(**settings)  # type: ignore[arg-type]
-    cached_config = ServerConfig(**settings, cache="memory", cache_size=cache_size)  # type: ignore[arg-type]
+    settings: dict[str, Any] = {"data": b.data, "batch_size": b.batch_size, "size": b.size,
+                                "augment": _CACHE_RRC[1]}
+    plain_config = ServerConfig(**settings)
+    cached_config = ServerConfig(**settings, cache="memory", cache_size=cache_size)
     index = load_dataset(plain_config)
+    if not isinstance(index, FileDataset):
+        raise TypeError(f"the cache probe reads image files; {index.source} is not a data set of files")
     n = min(len(index), 128 if b.quick else 512) // b.batch_size * b.batch_size
     batches = [np.arange(lo, lo + b.batch_size) for lo in range(0, n, b.batch_size)]
     out: Results = {"images": n, "record_shape": None}
@@ -673,7 +676,7 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
     x = plain.allocate()
     plain.build(batches[0], x, key=(0, 1), augment=True)  # warm
     out["uncached"] = cpu_ms(lambda: [plain.build(i, x, key=(0, 1), augment=True) for i in batches])
-    same = BatchBuilder(ServerConfig(**settings, cache_size=cache_size), index)  # type: ignore[arg-type]
+    same = BatchBuilder(ServerConfig(**settings, cache_size=cache_size), index)
     same.build(batches[0], x, key=(0, 1), augment=True)  # warm
     out["uncached_same_pixels"] = cpu_ms(lambda: [same.build(i, x, key=(0, 1), augment=True) for i in batches])
     fills: list[float] = []
@@ -694,9 +697,9 @@ def _fill_profile(b: Bench, cache_size: int) -> Results:
     # The stages: what a miss does beyond the uncached path, and what it saves.
     decoder, maker = Decoder(plain_config), record_decoder(cached_config)
     augmenter = Augmenter(parse_augment(_CACHE_RRC[1]))
-    paths = [index.path(i) for i in range(n)]  # type: ignore[attr-defined]
+    paths = [index.path(i) for i in range(n)]
     blobs = [read_file(p) for p in paths]
-    stats = [index.version(i) for i in range(n)]  # type: ignore[attr-defined]
+    stats = [index.version(i) for i in range(n)]
     images = [decoder.decode(blob, p, reduce=False) for blob, p in zip(blobs, paths, strict=True)]
     record = np.empty(tuple(out["record_shape"]), np.uint8)
     records = []

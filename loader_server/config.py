@@ -69,7 +69,7 @@ SLOW_READ_S = 0.002
 AUTO_SCAN_LIMIT = 100_000
 #: The settings that choose the samples: every command that opens a data set takes these.
 DATA_SETTINGS = ("data", "labels", "offsets", "maxlen", "pad", "truncate", "subset", "val_fraction", "split_seed",
-                 "image_column", "label_column", "json_label", "index_dir", "remote_attempts",
+                 "image_column", "label_column", "page_cache_mb", "json_label", "index_dir", "remote_attempts",
                  "remote_timeout_s", "remote_inflight_mb", "remote_recheck_s")
 
 
@@ -175,6 +175,10 @@ class ServerConfig:
         "image", help="Parquet tables: the image column (a struct of bytes and path, as Hugging Face datasets "
                       "writes it, or plain binary)")
     label_column: str = setting("label", help="Parquet tables: the integer label column")
+    page_cache_mb: float = setting(
+        64.0, help="Parquet tables: decompressed pages each worker keeps, at most (MB; 0: none), for pages of "
+                   "zstd, gzip, brotli or lz4, whose rows cost their whole page's decompression; snappy pages "
+                   "(the default) and uncompressed ones are read a row at a time and use none of it")
     json_label: str | None = setting(
         None, metavar="FIELD", shown="off (labels from .cls)",
         help="tar shards: take each sample's label from this field of its .json member instead of its .cls member")
@@ -590,6 +594,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "remote_attempts": (1, 100),
     "remote_timeout_s": (0.01, 86400.0),
     "remote_inflight_mb": (0.01, 1048576.0),
+    "page_cache_mb": (0.0, 1048576.0),
     "remote_recheck_s": (0.0, 7 * 86400.0),
     "simulate_read_latency_ms": (0.0, 60_000.0),
     "batch_timeout_s": (0.01, 7 * 86400.0),

@@ -75,6 +75,7 @@ class DataOptions:
     split_seed: int = 0
     image_column: str = "image"
     label_column: str = "label"
+    page_cache_mb: float = 64.0
     json_label: str | None = None
     index_dir: str | None = None
     remote_attempts: int = 8

@@ -141,6 +141,11 @@ class Server:
             note = negative_labels_note(self.index)
             if note:
                 log.warning("%s", note)
+            from .pipeline.decode import region_decoder_note  # here: health and stats never import OpenCV
+
+            note = region_decoder_note(self.config.augment, self.config.reduced_decode)
+            if note:
+                log.warning("%s", note)
             self._loop()
             self.delivery.goodbye(self._stopping or "the server was stopped")
         finally:

@@ -25,6 +25,7 @@ from loader_client.contract import messages as m  # the message schemas (one pla
 from loader_client.contract import schema
 from loader_client.contract.protocol import PROTOCOL_VERSION
 from loader_server.cli import build_parser, main, subparser
+from loader_server.config import ServerConfig
 from loader_server.runtime import worker_messages as wm
 
 from .conftest import unique_label_list
@@ -385,6 +386,12 @@ SERVER_LIMITS: list[tuple[str, list[str], bool, str]] = [
     ("remote-inflight-mb 1048576", ["--remote-inflight-mb", "1048576"], True, ""),
     ("remote-inflight-mb 1048577", ["--remote-inflight-mb", "1048577"], False,
      "`remote_inflight_mb` must be <= 1048576, got 1048577.0 (its range: 0.01 to 1048576)"),
+    ("page-cache-mb 0", ["--page-cache-mb", "0"], True, ""),
+    ("page-cache-mb -0.001", ["--page-cache-mb", "-0.001"], False,
+     "`page_cache_mb` must be >= 0, got -0.001 (its range: 0 to 1048576)"),
+    ("page-cache-mb 1048576", ["--page-cache-mb", "1048576"], True, ""),
+    ("page-cache-mb 1048577", ["--page-cache-mb", "1048577"], False,
+     "`page_cache_mb` must be <= 1048576, got 1048577.0 (its range: 0 to 1048576)"),
     ("remote-recheck-s 0", ["--remote-recheck-s", "0"], True, ""),
     ("remote-recheck-s -0.001", ["--remote-recheck-s", "-0.001"], False,
      "`remote_recheck_s` must be >= 0, got -0.001 (its range: 0 to 604800)"),
@@ -481,13 +488,25 @@ def ten_samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return unique_label_list(tmp_path_factory.mktemp("ten"), 10, size=(8, 8))
 
 
+#: Settings of one data set kind: their rows serve the ten samples as that kind.
+KIND_OF_SETTING = {"--page-cache-mb": "parquet"}
+
+
 @pytest.mark.parametrize(("row", "flags", "accepted", "message"), SERVER_LIMITS, ids=[r[0] for r in SERVER_LIMITS])
 def test_server_settings_on_each_side_of_their_documented_limits(
         ten_samples: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, row: str,
         flags: list[str], accepted: bool, message: str) -> None:
     for name in [k for k in __import__("os").environ if k.startswith("LOADER_")]:
         monkeypatch.delenv(name)
-    code = main(["serve", "--data", str(ten_samples), "--batch-size", "2", *flags, "--print-config"])
+    data = str(ten_samples)
+    if any(KIND_OF_SETTING.get(flag) == "parquet" for flag in flags):
+        from loader_server.data.datasets import load_dataset
+        from loader_server.sample_data import write_parquet
+
+        tables = ten_samples.parent / "tables"
+        data = str(tables / "train-*.parquet") if tables.exists() else write_parquet(
+            load_dataset(ServerConfig(data=data)), tables, 10)
+    code = main(["serve", "--data", data, "--batch-size", "2", *flags, "--print-config"])
     out, err = capsys.readouterr()
     if accepted:
         assert code == 0, err

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pytest
@@ -148,3 +149,60 @@ def test_a_new_kind_is_one_entry_in_kinds(tmp_path: Path, monkeypatch: pytest.Mo
     batch = builder.build(np.array([0, 1, 2]), builder.allocate())
     keep = ds.keep  # type: ignore[attr-defined]
     np.testing.assert_array_equal(batch["x"][:, 0], keep[:3] ** 2)
+
+
+# ---------------------------------------------------------------------------- a new kind of container file
+def _index_concatenated(path: str) -> Any:
+    """The whole of a new container kind's own code: where each sample of one ``.cat`` file is. A
+    ``.cat`` file is a JSON line of [size, label] pairs, then the images' bytes one after another."""
+    from loader_server.data.packed import Segment
+
+    with open(path, "rb") as f:
+        head = f.readline()
+    sizes, labels = np.array(json.loads(head), dtype=np.int64).reshape(-1, 2).T
+    pos = len(head) + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return Segment(pos=pos, span=sizes, labels=labels)
+
+
+def _open_concatenated(options: Any) -> Any:
+    from loader_server.data.packed import expand_files, load_or_build
+    from loader_server.data.remote import storage_of
+
+    storage = storage_of(options)
+    files = expand_files(options.data, ".cat", "concatenated file", storage)
+    return load_or_build(files, kind="concatenated files", options={}, index_dir=options.index_dir,
+                         index_file=_index_concatenated, source=f"concatenated files {files[0]}", storage=storage)
+
+
+def test_a_new_kind_of_container_file_is_its_indexing_and_one_entry_in_kinds(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's 2 files for a byte-source kind: its module only indexes one file (here the two functions
+    above), and one entry in KINDS. Patterns, the kept index, reads, versions, subsets and the worker's steps
+    come with it: its batches are bitwise those of the same images as files, with an augmentation and a cache."""
+    from loader_server.data.packed import PackedIndex
+
+    listfile = unique_label_list(tmp_path / "files", 12)
+    files = load_dataset(ServerConfig(data=str(listfile)))
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    for k, rows in enumerate((range(0, 5), range(5, 12))):
+        images = [files.read(i) for i in rows]  # type: ignore[attr-defined]
+        head = json.dumps([[len(b), int(files.labels[i])] for b, i in zip(images, rows, strict=True)]).encode()
+        (folder / f"part-{k}.cat").write_bytes(head + b"\n" + b"".join(images))
+    kind = DatasetKind("concatenated files", lambda options: options.data.endswith(".cat"), _open_concatenated)
+    monkeypatch.setattr(datasets, "KINDS", (kind, *datasets.KINDS))
+    data = str(folder / "part-{0..1}.cat")
+    ds = load_dataset(ServerConfig(data=data))
+    assert isinstance(ds, PackedIndex) and len(ds) == 12 and list(folder.glob(".loader-index-*.npz"))
+    assert ds.describe(6) == f"{folder / 'part-1.cat'}:1" and ds.version(6) is not None
+    for extra in ({}, {"augment": "rrc,flip", "seed": 3}, {"cache": "memory"},
+                  {"subset": "train", "val_fraction": 0.25}):
+        built = []
+        for d in (str(listfile), data):
+            config = ServerConfig(data=d, batch_size=4, size=(16, 12), **extra)  # type: ignore[arg-type]
+            dataset = load_dataset(config)
+            builder = BatchBuilder(config, dataset, batch_spec(config, dataset))
+            built.append([builder.build(np.arange(k, min(k + 4, len(dataset))), builder.allocate())["x"].copy()
+                          for k in range(0, len(dataset), 4)])
+        for a, b in zip(*built, strict=True):
+            np.testing.assert_array_equal(a, b)

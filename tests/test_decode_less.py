@@ -10,6 +10,7 @@ is at most `MEDIAN_MEAN_ABS` and its PSNR at least `MEDIAN_PSNR_DB`.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import struct
 from collections.abc import Callable
@@ -211,7 +212,31 @@ def test_exif_orientation_is_applied_as_opencv_applies_it(orientation: int, orde
 
 
 # ---------------------------------------------------------------------------- the window
-def test_a_crop_is_decoded_only_down_to_below_it_with_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+_NOT_BUILT = "loader_server.pipeline._jpegregion is not built (setup.py: .ci/build-deps installs gcc and libjpeg's headers)"
+# Under CI=true (where .ci/provision installed what it needs) a missing region decoder fails; elsewhere a skip.
+needs_region = pytest.mark.skipif(decode_module._jpegregion is None and os.environ.get("CI") != "true",
+                                  reason=_NOT_BUILT)
+
+
+def test_the_region_decoder_is_built_under_ci() -> None:
+    if decode_module._jpegregion is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(_NOT_BUILT)
+        pytest.skip(_NOT_BUILT)
+    assert decode_module.REGION_DECODER is not None and decode_module.REGION_DECODER.startswith("jpegregion 1 ")
+SAMPLINGS = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+             "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440, "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+             "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411}
+
+
+def without_region_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder as where `_jpegregion` is not built: simplejpeg decodes crops."""
+    monkeypatch.setattr(decode_module, "_jpegregion", None)
+
+
+def test_without_the_binding_a_crop_is_decoded_only_down_to_below_it_with_the_same_pixels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    without_region_decoder(monkeypatch)
     heights: list[int] = []
     real = simplejpeg.decode_jpeg
 
@@ -228,7 +253,7 @@ def test_a_crop_is_decoded_only_down_to_below_it_with_the_same_pixels(monkeypatc
     for i, box in enumerate([(100, 0, 500, 300), (0, 200, 960, 100), (300, 33, 60, 70), (10, 20, 900, 690)]):
         monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", spy)
         got = run(dec, data, lambda w, h, box=box: box)
-        monkeypatch.undo()
+        monkeypatch.setattr(decode_module.simplejpeg, "decode_jpeg", real)
         x, y, w, h = box
         m = decode_scale(w, h, (224, 224))
         whole = real(data, min_width=-(-960 * m // 8), min_height=-(-720 * m // 8))
@@ -237,6 +262,201 @@ def test_a_crop_is_decoded_only_down_to_below_it_with_the_same_pixels(monkeypatc
         x0, x1 = round(x * s), round((x + w) * s)
         assert np.array_equal(got, cv2.resize(whole[y0:y1, x0:x1], (224, 224))), box  # bitwise the same
         assert heights[i] == min(720, -(-(y + h) // 16) * 16 + 16)  # one MCU row below the crop
+
+
+@needs_region
+def test_a_crop_is_decoded_as_a_window_with_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The binding decodes the crop's rows and only the iMCU columns around it (one pixel wider on
+    each side), and the crop is bitwise that of a whole decode at its scale."""
+    region = decode_module._jpegregion
+    assert region is not None
+    calls: list[tuple[tuple[int, ...], tuple[int, int, int, int]]] = []
+    real = region.decode
+
+    def spy(data: Any, out: Any, *args: int) -> tuple[int, int, int, int]:
+        got = real(data, out, *args)
+        calls.append((args, got))
+        return got
+
+    monkeypatch.setattr(region, "decode", spy)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", None)  # never called for a baseline crop
+    data = jpeg(photo(960, 720, 5))
+    dec = decoder()
+    for box in [(100, 0, 500, 300), (0, 200, 960, 100), (300, 33, 60, 70), (10, 20, 900, 690), (900, 700, 60, 20)]:
+        calls.clear()
+        got = run(dec, data, lambda w, h, box=box: box)
+        monkeypatch.undo()
+        x, y, w, h = box
+        m = decode_scale(w, h, (224, 224))
+        dw, dh = -(-960 * m // 8), -(-720 * m // 8)
+        whole = simplejpeg.decode_jpeg(data, min_width=dw, min_height=dh)
+        s = m / 8
+        y0, y1 = round(y * s), round((y + h) * s)
+        x0, x1 = round(x * s), round((x + w) * s)
+        assert np.array_equal(got, cv2.resize(whole[y0:y1, x0:x1], (224, 224))), box  # bitwise the same
+        [(args, (start, width, iw, ih))] = calls
+        a0, a1 = max(0, x0 - 1), min(dw, x1 + 1)
+        assert args == (1, m, a0, y0, a1 - a0, y1 - y0) and (iw, ih) == (dw, dh)
+        imcu = 2 * m  # 4:2:0 at M/8: an iMCU column is 16 * M / 8 pixels wide
+        assert start <= a0 and start % imcu == 0 and start + width == a1  # widened on the left only
+        monkeypatch.setattr(region, "decode", spy)
+        monkeypatch.setattr(simplejpeg, "decode_jpeg", None)
+    monkeypatch.undo()
+
+
+@needs_region
+@pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
+@pytest.mark.parametrize("color", ["RGB", "BGR", "GRAY"])
+def test_the_binding_gives_the_window_of_a_whole_decode_bitwise(sampling: str, color: str) -> None:
+    """Any window, at every M/8, of every chroma subsampling: the pixels of a whole decode, except
+    the window's outer column on each side (libjpeg upsamples there as at the image's edge, even
+    where the window starts on an iMCU column), which `Decoder._region` never keeps."""
+    region = decode_module._jpegregion
+    assert region is not None
+    rng = np.random.default_rng(len(sampling) + ord(color[0]))
+    cs = {"GRAY": 0, "RGB": 1, "BGR": 2}[color]
+    for k, (width, height) in enumerate([(333, 251), (640, 480), (97, 1003)]):
+        data = jpeg(photo(width, height, 40 + k), cv2.IMWRITE_JPEG_SAMPLING_FACTOR, SAMPLINGS[sampling])
+        for m in range(1, 9):
+            dw, dh = -(-width * m // 8), -(-height * m // 8)
+            whole = simplejpeg.decode_jpeg(data, color, min_width=dw, min_height=dh)
+            out = np.empty(dw * dh * whole.shape[2], np.uint8)
+            for _ in range(6):
+                x, y = int(rng.integers(0, dw)), int(rng.integers(0, dh))
+                w, h = int(rng.integers(1, dw - x + 1)), int(rng.integers(1, dh - y + 1))
+                start, cw, iw, ih = region.decode(data, out, cs, m, x, y, w, h)
+                assert (iw, ih) == (dw, dh) and start <= x and x + w <= start + cw <= dw
+                got = out[: h * cw * whole.shape[2]].reshape(h, cw, -1)[:, x - start : x - start + w]
+                want = whole[y : y + h, x : x + w]
+                inner = slice(1 if x > 0 else 0, w - 1 if x + w < dw else w)  # the image's edges are exact
+                assert np.array_equal(got[:, inner], want[:, inner]), (sampling, color, m, (x, y, w, h))
+
+
+@needs_region
+def test_the_binding_refuses_what_it_cannot_decode() -> None:
+    region = decode_module._jpegregion
+    assert region is not None
+    data = jpeg(photo(320, 240, 12))
+    out = np.empty(320 * 240 * 3, np.uint8)
+    assert region.decode(data, out, 1, 8, 0, 0, 320, 240) == (0, 320, 320, 240)
+    with pytest.raises(ValueError, match="outside"):
+        region.decode(data, out, 1, 8, 300, 0, 30, 10)
+    with pytest.raises(ValueError, match="too small"):
+        region.decode(data, out[:100], 1, 8, 0, 0, 320, 240)
+    with pytest.raises(ValueError, match="scale 1..8"):
+        region.decode(data, out, 1, 9, 0, 0, 10, 10)
+    with pytest.raises(ValueError, match="libjpeg: "):
+        region.decode(b"\xff\xd8\xff\xe0" + bytes(200) + b"\xff\xd9", out, 1, 8, 0, 0, 1, 1)
+    with pytest.raises(ValueError, match="libjpeg: "):  # cut inside the rows asked for: libjpeg's warning, an error
+        region.decode(data[: len(data) // 2] + b"\xff\xd9", out, 1, 8, 0, 0, 320, 240)
+    cmyk = simplejpeg.encode_jpeg(np.zeros((16, 16, 4), np.uint8), colorspace="CMYK")
+    with pytest.raises(ValueError, match="colour space"):
+        region.decode(cmyk, out, 1, 8, 0, 0, 16, 16)
+    with pytest.raises(TypeError):
+        region.decode(data, bytes(out), 1, 8, 0, 0, 10, 10)  # not writable
+
+
+@needs_region
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_binding_and_the_fallback_give_bitwise_the_same_crops(orientation: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """EXIF orientations and gray, BGR and RGB: the binding's window and simplejpeg's shortened decode agree."""
+    data = with_orientation(jpeg(photo(900, 640, 50 + orientation)), orientation)
+    draws = [lambda w, h, i=i: RRC.crop_box(w, h, sample_rng(3, 1, i)) for i in range(8)]
+    draws.append(lambda w, h: (w - 37, h - 21, 37, 21))  # the bottom right corner
+    for color in ("rgb", "bgr", "gray"):
+        kw: dict[str, Any] = {"color": color, "size": (64, 48)}
+        with_binding = [run(decoder(**kw), data, d) for d in draws]
+        monkeypatch.setattr(decode_module, "_jpegregion", None)
+        assert all(np.array_equal(a, run(decoder(**kw), data, d)) for a, d in zip(with_binding, draws, strict=True))
+        monkeypatch.undo()
+
+
+@needs_region
+@pytest.mark.parametrize("damage", ["marker", "truncated"])
+def test_corrupt_data_inside_the_crop_is_decoded_as_before_and_below_it_is_not_read(
+        damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What libjpeg reports inside the window (a marker in the entropy-coded data, the data ending
+    early) is an error: the crop is decoded as before the binding (simplejpeg, leniently). Damage
+    below the window is never read. (Garbage that desynchronises the Huffman decoder without a
+    marker is not reported by libjpeg: it decodes as noise, as in every decoder here.)"""
+    good = jpeg(photo(800, 600, 9))
+    start = len(good) * 2 // 3
+    if damage == "marker":
+        bad = good[:start] + b"\xff\xd5" + good[start + 2 :]  # a restart marker where none is due
+    else:
+        bad = good[:start] + b"\xff\xd9"  # cut short, its end marker given back
+    region = decode_module._jpegregion
+    assert region is not None
+    refused: list[str] = []
+    real = region.decode
+
+    def spy(*args: Any) -> tuple[int, int, int, int]:
+        try:
+            return real(*args)
+        except ValueError as exc:
+            refused.append(str(exc))
+            raise
+
+    monkeypatch.setattr(region, "decode", spy)
+    inside = [lambda w, h: (0, h // 2, w // 2, h // 2), lambda w, h: (w // 3, 0, w // 3, h)]
+    got = [run(decoder(), bad, d) for d in inside]
+    assert len(refused) == 2 and all(r.startswith("libjpeg: Corrupt JPEG data") for r in refused), refused
+    monkeypatch.setattr(decode_module, "_jpegregion", None)  # what the decoder did before the binding
+    assert all(np.array_equal(g, run(decoder(), bad, d)) for g, d in zip(got, inside, strict=True))
+    monkeypatch.undo()
+    refused.clear()
+    monkeypatch.setattr(region, "decode", spy)
+    above = run(decoder(), bad, lambda w, h: (0, 0, w, h // 4))  # the damage is below: never read
+    assert not refused
+    assert np.array_equal(above, run(decoder(), good, lambda w, h: (0, 0, w, h // 4)))
+
+
+def test_the_server_says_when_crops_are_decoded_without_the_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_module, "_jpegregion", None)
+    note = decode_module.region_decoder_note("rrc,flip", True)
+    assert note is not None and "_jpegregion" in note and ".ci/build-deps" in note
+    assert decode_module.region_decoder_note("flip", True) is None  # no crop
+    assert decode_module.region_decoder_note("rrc", False) is None  # --no-reduced-decode: whole decodes anyway
+    assert decode_module.region_decoder_note(None, True) is None
+    monkeypatch.undo()
+    if decode_module._jpegregion is not None:
+        assert decode_module.region_decoder_note("rrc", True) is None
+
+
+def test_progressive_and_cmyk_crops_do_not_go_to_the_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any) -> None:
+        raise AssertionError("the binding decoded a progressive or CMYK JPEG")
+
+    if decode_module._jpegregion is not None:
+        monkeypatch.setattr(decode_module._jpegregion, "decode", refuse)
+    progressive = jpeg(photo(960, 720, 6), cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
+    rng = np.random.default_rng(8)
+    cmyk = simplejpeg.encode_jpeg(cv2.resize(rng.integers(0, 256, (12, 16, 4), dtype=np.uint8), (640, 480)),
+                                  colorspace="CMYK")
+    for data in (progressive, cmyk):
+        assert run(decoder(), data, lambda w, h: (10, 20, w // 2, h // 2)).shape == (224, 224, 3)
+
+
+def test_the_region_decoder_is_in_the_cache_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loader_server.pipeline.cache import cache_key
+
+    class Index:
+        def fingerprint(self) -> str:
+            return "f"
+
+        def location(self) -> str:
+            return "l"
+
+        def __len__(self) -> int:
+            return 1
+
+    options = DecodeOptions()
+    key = cache_key(options, Index())  # type: ignore[arg-type]
+    monkeypatch.setattr(decode_module, "REGION_DECODER", "jpegregion 1 libjpeg 62 libjpeg-turbo 9009009")
+    assert cache_key(options, Index()) != key  # type: ignore[arg-type]
+    monkeypatch.setattr(decode_module, "REGION_DECODER", None)
+    assert cache_key(options, Index()) != key  # type: ignore[arg-type]
 
 
 def test_progressive_jpegs_are_decoded_whole_at_the_crop_scale() -> None:

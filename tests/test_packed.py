@@ -314,6 +314,11 @@ def test_parquet_columns_by_name_and_class_names_from_the_metadata(kinds: dict[s
     {"compression": "zstd", "data_page_version": "2.0", "use_dictionary": False, "data_page_size": 3000},
     {"compression": "none", "data_page_version": "2.0", "use_dictionary": False, "data_page_size": 3000},
     {"compression": "gzip", "use_dictionary": False, "data_page_size": 3000},
+    {"compression": "zstd"},
+    {"compression": "brotli", "use_dictionary": False},
+    {"compression": "lz4"},  # LZ4_RAW
+    {"compression": "snappy", "use_dictionary": False, "data_page_size": 3000},  # plain pages of a few rows
+    {"compression": "snappy", "data_page_version": "2.0", "use_dictionary": False, "data_page_size": 3000},
 ])
 def test_parquet_rows_read_alone_equal_what_pyarrow_reads(kinds: dict[str, str], tmp_path: Path,
                                                           options: dict[str, Any]) -> None:
@@ -453,21 +458,168 @@ def test_the_header_walker_reads_what_tarfile_reads(tmp_path: Path, fmt: int) ->
     assert segment.labels.tolist() == list(range(12))
 
 
-@pytest.mark.parametrize("kind", ["tar", "parquet-snappy"])
+@pytest.mark.parametrize("kind", ["tar", "parquet-snappy", "parquet-zstd"])
 def test_read_ahead_threads_share_descriptors_and_pages_safely(kinds: dict[str, str], kind: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """64 threads reading at once while descriptors and pages are evicted under them: every read is right."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from loader_server.data import packed, reading
+    from loader_server.data import reading
 
     monkeypatch.setattr(reading, "_OPEN_FILES", 2)  # 5 shards (3 tables): evictions all the time
-    monkeypatch.setattr(packed, "_PAGE_CACHE", 1)
     files = load_dataset(ServerConfig(data=kinds["files"]))
+    if kind == "parquet-zstd":
+        kinds[kind] = write_parquet(files, Path(kinds["files"]).parent.parent / "zstd", 10, row_group_size=4,
+                                    compression="zstd")
     ds = load_dataset(ServerConfig(data=kinds[kind]))
+    if kind == "parquet-zstd":  # room for one page and a half: pages are evicted all the time
+        ds = load_dataset(ServerConfig(data=kinds[kind], page_cache_mb=1.5 * ds.raw.max() / (1 << 20)))  # type: ignore[attr-defined]
     order = np.random.default_rng(1).integers(0, N, 3000)
     with ThreadPoolExecutor(64) as pool:
         got = list(pool.map(ds.read, order.tolist()))  # type: ignore[attr-defined]
     assert all(g == files.read(int(i)) for g, i in zip(got, order, strict=True))  # type: ignore[attr-defined]
     storage = ds.storage  # type: ignore[attr-defined]
     assert len(storage._fds) <= 2 and not storage._retired  # every evicted descriptor closed once unused
+    if kind == "parquet-zstd":
+        cache = ds._pages  # type: ignore[attr-defined]
+        assert 0 < cache.held <= cache.limit and cache.hits and cache.misses > 9  # kept, bounded, evicted
+
+
+# ---------------------------------------------------------------------------- compressed pages
+def _snappy_corpus(rng: np.random.Generator) -> list[bytes]:
+    """Values of every kind snappy meets: incompressible (JPEG-like), runs, words repeated within and across
+    values (copies reaching back over a value's start), and empty ones."""
+    words = [rng.bytes(int(n)) for n in rng.integers(4, 40, 30)]
+    values = []
+    for k in range(120):
+        kind = k % 4
+        if kind == 0:
+            values.append(rng.bytes(int(rng.integers(1, 30_000))))
+        elif kind == 1:
+            values.append(bytes([k]) * int(rng.integers(1, 5_000)) + rng.bytes(100))
+        elif kind == 2:
+            values.append(b"".join(words[int(w)] for w in rng.integers(0, len(words), int(rng.integers(1, 600)))))
+        else:
+            values.append(b"" if k % 8 == 3 else rng.bytes(7))
+    return values
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_snappy_piece_decodes_to_its_range_whatever_the_stream(seed: int) -> None:
+    """Any range of a snappy stream (pyarrow's compressor: 64 KB blocks) is decoded by its piece alone, a
+    piece that starts where no later copy reaches back before it; and it is at most 128 KB more than the range."""
+    import pyarrow as pa
+
+    from loader_server.data.packed import _varint
+    from loader_server.data.parquet_tables import _snappy_pieces
+
+    rng = np.random.default_rng(seed)
+    data = b"".join(_snappy_corpus(rng))
+    stored = pa.compress(data, "snappy", asbytes=True)
+    starts = rng.integers(0, len(data), 300)
+    lengths = np.minimum(rng.integers(0, 40_000, 300), len(data) - starts)
+    edges = np.array([0, len(data), len(data) - 1, 65535, 65536, 65537])
+    starts = np.concatenate([starts, edges, [0]])
+    lengths = np.concatenate([lengths, [1, 0, 1, 1, 1, 1], [len(data)]])
+    at, span, raw, inner = _snappy_pieces(stored, len(data), starts, lengths)
+    assert ((raw - lengths) < 2 * 65536).all() and (inner >= 0).all()
+    for k in range(len(starts)):
+        piece = _varint(int(raw[k])) + stored[int(at[k]) : int(at[k] + span[k])]
+        out = pa.decompress(piece, int(raw[k]), "snappy", asbytes=True)
+        assert out[int(inner[k]) : int(inner[k] + lengths[k])] == data[int(starts[k]) : int(starts[k] + lengths[k])]
+
+
+def test_a_damaged_snappy_stream_is_named_not_walked_past_its_end() -> None:
+    import pyarrow as pa
+
+    from loader_server.data.packed import _varint
+    from loader_server.data.parquet_tables import _Damaged, _snappy_pieces
+
+    data = bytes(range(256)) * 400
+    stored = pa.compress(data, "snappy", asbytes=True)
+    head = len(_varint(len(data)))
+    one = np.zeros(1, np.int64)
+    for bad, match in ((stored[:-3], "decodes to"), (stored, "says"), (stored[:head] + b"\xfc", "cut short"),
+                       (stored[:head] + b"\x01\x00", "copy from 0 bytes back"), (stored[:head - 1], "varint")):
+        size = len(data) + (1 if bad is stored else 0)
+        with pytest.raises(_Damaged, match=match):
+            _snappy_pieces(bad, size, one, one)
+
+
+def _table(path: Path, values: list[bytes], **options: Any) -> list[bytes]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = pa.array([{"bytes": v, "path": str(i)} for i, v in enumerate(values)],
+                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"image": image, "label": list(range(len(values)))}), path, **options)
+    return [v["bytes"] for v in pq.read_table(path).column("image").to_pylist()]
+
+
+def test_a_snappy_row_costs_its_own_bytes_not_its_page_and_keeps_no_page(tmp_path: Path) -> None:
+    """As Hugging Face datasets writes images (snappy, 100-row groups: one dictionary page of megabytes),
+    each row is read through a piece of about its size, and nothing is kept."""
+    rng = np.random.default_rng(5)
+    values = [rng.bytes(int(n)) for n in rng.integers(15_000, 30_000, 100)] + _snappy_corpus(rng)
+    path = tmp_path / "t" / "hf.parquet"
+    expected = _table(path, values, row_group_size=100, compression="snappy")
+    ds = load_dataset(ServerConfig(data=str(path)))
+    assert ds.codecs == ("snappy",) and ds.raw is not None and ds.length is not None  # type: ignore[attr-defined]
+    assert ((ds.raw - ds.length) < 2 * 65536).all()  # type: ignore[attr-defined]
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).total_uncompressed_size > 1_500_000  # one page
+    for i in np.random.default_rng(0).permutation(len(values)).tolist() + [0, len(values) - 1]:
+        assert ds.read(i) == expected[i] == values[i]  # type: ignore[attr-defined]
+    assert len(ds._pages) == 0 and ds._pages.held == 0  # type: ignore[attr-defined]
+
+
+def _zstd_rows(tmp_path: Path, seed: int = 7, **config: Any) -> tuple[Any, list[bytes], Path]:
+    rng = np.random.default_rng(seed)
+    values = [rng.bytes(int(n)) for n in np.random.default_rng(7).integers(1_000, 3_000, 40)]
+    path = tmp_path / "z" / "z.parquet"
+    expected = _table(path, values, row_group_size=10, compression="zstd", use_dictionary=False)
+    return load_dataset(ServerConfig(data=str(path), **config)), expected, path
+
+
+def test_pages_of_other_codecs_are_kept_once_decompressed_and_within_page_cache_mb(tmp_path: Path) -> None:
+    ds, expected, _ = _zstd_rows(tmp_path)
+    pages = len(np.unique(ds.pos))  # 4 row groups of 10 rows: a page each
+    assert pages == 4 and ds.page_cache_bytes == 64 << 20
+    assert [ds.read(i) for i in range(40)] == expected  # in file order: each page decompressed once
+    assert (ds._pages.misses, ds._pages.hits, len(ds._pages)) == (4, 36, 4)
+    assert ds._pages.held == int(ds.raw[::10].sum())
+
+    one_page = int(ds.raw.max()) + 1  # room for one page, never two
+    small, _, _ = _zstd_rows(tmp_path / "small", page_cache_mb=one_page / (1 << 20))
+    assert small.page_cache_bytes == one_page
+    for i in np.random.default_rng(3).integers(0, 40, 200).tolist():
+        assert small.read(i) == expected[i]
+        assert len(small._pages) <= 1 and small._pages.held <= one_page
+    assert small._pages.hits and small._pages.misses > 4
+
+    none, _, _ = _zstd_rows(tmp_path / "none", page_cache_mb=0)  # the lower end: nothing kept, still right
+    assert [none.read(i) for i in range(40)] == expected
+    assert (len(none._pages), none._pages.held, none._pages.misses) == (0, 0, 40)
+    top = ServerConfig(data=str(tmp_path / "z" / "z.parquet"), page_cache_mb=1048576)  # the upper end
+    assert load_dataset(top).page_cache_bytes == 1 << 40  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="--page-cache-mb applies to Parquet tables only"):
+        load_dataset(ServerConfig(data=str(tmp_path / "z" / "z.parquet").replace(".parquet", ".tar"),
+                                  page_cache_mb=1))
+
+
+def test_a_changed_table_is_never_served_from_a_kept_page(tmp_path: Path) -> None:
+    """A page kept, then its file rewritten with other rows: the read says the file changed, never the kept
+    page's bytes; indexed again, the new rows are read."""
+    from loader_server.data.reading import DecodeError
+
+    ds, expected, path = _zstd_rows(tmp_path)
+    assert ds.read(3) == expected[3] and len(ds._pages) == 1
+    _, rewritten, _ = _zstd_rows(tmp_path, seed=8)
+    assert rewritten[4] != expected[4]
+    with pytest.raises(DecodeError, match="changed since it was indexed") as info:
+        ds.read(4)  # its page is kept, from the file as it was
+    assert info.value.code == "changed" and len(ds._pages) == 1
+    again = load_dataset(ServerConfig(data=str(path)))
+    assert again.read(4) == rewritten[4]  # type: ignore[attr-defined]

@@ -239,8 +239,8 @@ def test_install_commands(block: Block, tmp_path: Path) -> None:
             assert "pytest" in pyproject["tool"] and (ROOT / "tests").is_dir()
             ci = (ROOT / ".ci" / "run").read_text().splitlines()
             assert command in ci, f"{block.name}: .ci/run must run exactly the README's test command"
-        elif part == "bash .ci/provision":
-            provision = ROOT / ".ci" / "provision"
+        elif part in ("bash .ci/provision", "bash .ci/build-deps"):
+            provision = ROOT / part.split()[1]
             check = subprocess.run(["bash", "-n", str(provision)], capture_output=True, text=True, timeout=30)
             assert check.returncode == 0, check.stderr
         elif not part.startswith("("):

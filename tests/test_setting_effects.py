@@ -125,6 +125,7 @@ NOT_IN_TABLE = {
     "--max-clients-per-peer": "a bound: tests/test_fairness.py", "--log-format": "logs only",
     "--metrics-port": "metrics only", "--metrics-host": "metrics only", "--cache": "the cache rows below",
     "--index-dir": "where the tar or Parquet index is kept: tests/test_packed.py",
+    "--page-cache-mb": "memory for decompressed Parquet pages, never which bytes: the test below, tests/test_packed.py",
     "--config": "a file of the same settings", "--print-config": "prints them", "--help": "help",
     "--workers-min": "the worker count: tests/test_sharing.py", "--workers-max": "the worker count",
     "--target-stall": "the worker count", "--scale-interval-s": "when the worker count changes",
@@ -350,3 +351,25 @@ def test_object_store_settings_leave_both_fingerprints_and_the_cache_key_alone(
     storage = storage_of(options_of(config, DataOptions))
     assert getattr(storage.policy, field, getattr(storage, field, None)) == expected, "the setting was not applied"
     assert seen[0] == seen[1], f"{flag} {value} changed (settings fingerprint, data set fingerprint, cache key)"
+
+
+def test_the_page_cache_leaves_both_fingerprints_and_the_cache_key_alone(tmp_path: Path) -> None:
+    """--page-cache-mb bounds the memory of a worker's decompressed Parquet pages, never which bytes are read:
+    the settings' fingerprint, the data set's and the cache key stay the same, at both ends of its range."""
+    from loader_server.cli import config_from_args
+    from loader_server.config import ServerConfig
+    from loader_server.data.datasets import load_dataset
+    from loader_server.pipeline.cache import cache_key
+    from loader_server.sample_data import write_parquet
+
+    files = load_dataset(ServerConfig(data=str(unique_label_list(tmp_path / "files", 6, size=(16, 12)))))
+    tables = write_parquet(files, tmp_path / "zstd", 3, row_group_size=2, compression="zstd")
+    seen = []
+    for flags in ((), ("--page-cache-mb", "0"), ("--page-cache-mb", "1048576")):
+        config = config_from_args(build_parser().parse_args(
+            ["serve", "--data", tables, "--size", "8x8", "--batch-size", "2", *flags]))
+        index = load_dataset(config)
+        applied = index.page_cache_bytes  # type: ignore[attr-defined]
+        assert applied == int(config.page_cache_mb * (1 << 20)), "the setting was not applied"
+        seen.append((config.fingerprint(), index.fingerprint(), cache_key(config, index)))
+    assert seen[0] == seen[1] == seen[2], "--page-cache-mb changed (settings fingerprint, data set fingerprint, cache key)"

@@ -100,7 +100,8 @@ def _holds(suffix: str) -> Callable[[DataOptions], bool]:
 KINDS: tuple[DatasetKind, ...] = (
     DatasetKind("arrays", _is_arrays, _arrays, ("labels", "offsets", "maxlen", "pad", "truncate")),
     DatasetKind("tar shards", _holds(".tar"), _tar_shards, ("json_label", "index_dir")),
-    DatasetKind("Parquet tables", _holds(".parquet"), _parquet_tables, ("image_column", "label_column", "index_dir")),
+    DatasetKind("Parquet tables", _holds(".parquet"), _parquet_tables,
+                ("image_column", "label_column", "page_cache_mb", "index_dir")),
     DatasetKind("class folders", lambda options: _is_folder(options.data), _class_folders),
     DatasetKind("list file", lambda options: not _is_folder(options.data), _list_file),
 )

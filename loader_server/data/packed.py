@@ -11,8 +11,19 @@ such kind:
   folder, so that a restart does not rebuild it. It is checked against every file's version
   (size, mtime, inode): a changed file is indexed again, the others are reused;
 * `PackedIndex`: the data set the workers read. ``read(i)`` is one ``pread`` of the sample's
-  range (or of its compressed page, then a slice), ``version(i)`` what a cached record is
-  checked against: the sample's offset and its file's mtime, size and inode.
+  range (or of the compressed bytes that hold it, decompressed, then a slice), ``version(i)``
+  what a cached record is checked against: the sample's offset and its file's mtime, size and
+  inode.
+
+Compressed Parquet pages. A snappy page (pyarrow's default codec) is read a row at a time: its
+index points each row at the piece of the page's snappy tags that holds its bytes (see
+parquet_tables._snappy_pieces), a snappy stream by itself of about the row's size, so a row
+costs what it holds whatever its page's size and however the rows are shuffled. Pages of the
+other codecs (zstd, gzip, brotli, lz4_raw) cannot be entered in the middle: a row costs the
+decompression of its whole page, and each process keeps the pages it decompressed in an LRU
+of at most ``--page-cache-mb`` (`PackedIndex.page_cache_bytes`), so the rows of a page read
+while it is kept cost nothing more. Under a global shuffle a row finds its page kept with a
+probability of about the cache's size over the data set's decompressed size.
 
 Memory: every per-sample field is a numpy array (offsets, lengths, labels) and member names
 live in one uint8 blob with offsets, as the file index does: a million members cost tens of
@@ -42,19 +53,19 @@ import numpy as np
 
 from loader_client.contract.errors import ConfigError
 
+from ..options import DataOptions
 from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
-__all__ = ["INDEX_FORMAT", "PackedIndex", "Segment", "expand_files", "load_or_build", "looks_like", "one_line"]
+__all__ = ["INDEX_FORMAT", "PackedIndex", "PageCache", "Segment", "expand_files", "load_or_build", "looks_like",
+           "one_line"]
 
 log = logging.getLogger("loader_server")
 
-#: Version of the index file layout; part of its name, so an old file is never misread.
-INDEX_FORMAT = 1
-#: Decompressed pages a process keeps (Parquet pages hold several samples: a batch read in file
-#: order, as `check` and `cache build` read, decompresses each page once).
-_PAGE_CACHE = 4
+#: Version of the index file layout; part of its name, so an old file is never misread. 2: snappy
+#: rows point at a piece of their page's tags (read without the stream's size varint), not at the page.
+INDEX_FORMAT = 2
 _BRACE = re.compile(r"\{([^{}]*)\}")
 #: The most names one ``--data`` part may expand to (brace ranges multiply: a typo such as
 #: ``{0..99999999999}`` is an error, not a list that fills memory), and the most braces in it.
@@ -76,7 +87,7 @@ class Segment:
     raw: np.ndarray | None = None  # int64: decompressed size of the bytes read, -1 when they are the sample
     inner: np.ndarray | None = None  # int64: the sample's offset in the decompressed bytes
     length: np.ndarray | None = None  # int64: the sample's length there
-    codec: str = ""  # how `raw` bytes are compressed (a pyarrow codec name)
+    codec: str = ""  # how `raw` bytes are compressed (a pyarrow codec name; snappy: tags without the size varint)
     class_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
@@ -250,8 +261,9 @@ class PackedIndex:
     length: np.ndarray | None = None
     codecs: tuple[str, ...] = ()  # per file, when `raw` is set
     storage: LocalStorage | RemoteStorage = field(default_factory=LocalStorage, repr=False)
-    _pages: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Bytes of decompressed pages this process keeps (pages of codecs other than snappy; 0: none).
+    page_cache_bytes: int = int(DataOptions.page_cache_mb * (1 << 20))
+    _pages: PageCache = field(init=False, repr=False)  # made in __post_init__, never copied by replace()
     #: Workers read and decode each sample's bytes (see datasets.Dataset).
     build: ClassVar[Literal["decode", "gather"]] = "decode"
 
@@ -289,12 +301,15 @@ class PackedIndex:
             return None
         return int(self.pos[i]), st.st_mtime_ns, st.st_size, st.st_ino
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_pages", PageCache(self.page_cache_bytes))
+
     def read(self, i: int, max_bytes: int | None = None) -> bytes:
         """The sample's bytes: one range read (and, for a compressed page, a decompression and a slice)."""
         f = self._file(i)
         path = self.files[f]
         if isinstance(self.storage, RemoteStorage):  # each range read carries If-Match: the indexed ETag
-            return self._read_remote(i, f, max_bytes)
+            return self._read(i, f, max_bytes, tuple(self.file_versions[f].tolist()))
         try:
             st = os.stat(path)
         except OSError:
@@ -305,18 +320,11 @@ class PackedIndex:
             raise DecodeError(self.describe(i), f"{path} changed since it was indexed (size {size} -> {st.st_size}, "
                                                 "or its mtime or inode): restart the server to index it again",
                               "changed")
-        span = int(self.span[i])
-        if max_bytes is not None and span > max_bytes:
-            raise DecodeError(self.describe(i), f"sample of {span} bytes exceeds --max-file-bytes {max_bytes}",
-                              "too_large")
-        if self.raw is None or self.raw[i] < 0:
-            return self.storage.read_range(path, int(self.pos[i]), span, self.describe, i)
-        assert self.inner is not None and self.length is not None
-        page = self._page(f, i)
-        inner, length = int(self.inner[i]), int(self.length[i])
-        return page[inner : inner + length]
+        return self._read(i, f, max_bytes, (st.st_mtime_ns, st.st_size, st.st_ino))
 
-    def _read_remote(self, i: int, f: int, max_bytes: int | None) -> bytes:
+    def _read(self, i: int, f: int, max_bytes: int | None, version: tuple[int, ...]) -> bytes:
+        """`version`: the file's (mtime, size, inode) now, the indexed version of an object (its range reads
+        ask for that version alone, If-Match)."""
         span = int(self.span[i])
         if max_bytes is not None and span > max_bytes:
             raise DecodeError(self.describe(i), f"sample of {span} bytes exceeds --max-file-bytes {max_bytes}",
@@ -325,32 +333,37 @@ class PackedIndex:
             return self.storage.read_range(self.files[f], int(self.pos[i]), span, self.describe, i)
         assert self.inner is not None and self.length is not None
         inner, length = int(self.inner[i]), int(self.length[i])
-        return self._page(f, i)[inner : inner + length]
+        if self.codecs[f] == "snappy":  # a piece of its page, about its own size: never kept
+            piece: bytes = self._decompress(f, i, piece=True)[inner : inner + length].to_pybytes()
+            return piece
+        key = (f, int(self.pos[i]), span, version)  # the file as it is now: a changed file never meets its old pages
+        page = self._pages.get(key)
+        if page is not None and isinstance(self.storage, RemoteStorage) and self.storage.version(self.files[f]) is None:
+            page = None  # the object changed since: read it again, which says so (If-Match)
+        if page is None:
+            page = self._decompress(f, i, piece=False)
+            self._pages.put(key, page)
+        data: bytes = page[inner : inner + length].to_pybytes()
+        return data
 
-    def _page(self, f: int, i: int) -> bytes:
-        key = (f, int(self.pos[i]))
-        with self._lock:  # read-ahead threads share the pages
-            page = self._pages.get(key)
-            if page is not None:
-                self._pages.move_to_end(key)
-                return page
+    def _decompress(self, f: int, i: int, *, piece: bool) -> Any:
+        """The compressed bytes of sample `i` decompressed (a pyarrow Buffer); a snappy `piece` behind the
+        varint of its size, which makes it a snappy stream by itself."""
         import pyarrow as pa
 
         assert self.raw is not None
-        packed = self.storage.read_range(self.files[f], key[1], int(self.span[i]), self.describe, i)
+        size = int(self.raw[i])
+        packed = self.storage.read_range(self.files[f], int(self.pos[i]), int(self.span[i]), self.describe, i)
         try:
-            page = bytes(pa.decompress(packed, decompressed_size=int(self.raw[i]), codec=self.codecs[f]))
+            if piece:
+                packed = _varint(size) + packed
+            return pa.decompress(packed, decompressed_size=size, codec=self.codecs[f])
         except MemoryError:
-            raise DecodeError(self.describe(i), f"its page of {int(self.raw[i])} bytes does not fit in memory here",
+            raise DecodeError(self.describe(i), f"its page of {size} bytes does not fit in memory here",
                               "undecodable") from None
         except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these
             raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({one_line(exc)})",
                               "undecodable") from None
-        with self._lock:
-            self._pages[key] = page
-            while len(self._pages) > _PAGE_CACHE:
-                self._pages.popitem(last=False)
-        return page
 
     def location(self) -> str:
         """The container files, resolved, each with the file system it lies on (a member's version has
@@ -376,6 +389,53 @@ class PackedIndex:
         for arr in arrays:
             h.update(np.ascontiguousarray(arr).data)
         return h.hexdigest()
+
+
+def _varint(value: int) -> bytes:
+    """`value` as an unsigned LEB128 varint (how a snappy stream begins: its size decompressed)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class PageCache:
+    """Decompressed pages a process keeps, least recently used dropped first, at most `limit` bytes in all
+    (a page larger than that is not kept). Shared by the read-ahead threads of a worker."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # bytes kept now
+        self.hits = self.misses = 0
+        self._pages: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            page = self._pages.get(key)
+            if page is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._pages.move_to_end(key)
+            return page
+
+    def put(self, key: Any, page: Any) -> None:
+        if page.size > self.limit:
+            return
+        with self._lock:
+            old = self._pages.pop(key, None)
+            self.held -= 0 if old is None else old.size
+            self._pages[key] = page
+            self.held += page.size
+            while self.held > self.limit:
+                _, dropped = self._pages.popitem(last=False)
+                self.held -= dropped.size
+
+    def __len__(self) -> int:
+        return len(self._pages)
 
 
 # ---------------------------------------------------------------------------- the index file

@@ -12,9 +12,13 @@ bytes are. A worker reading row r then reads:
 
 * the row's bytes alone, with one ``pread``, where its page is stored uncompressed (images
   do not compress: write image columns with ``compression="none"``);
-* otherwise the one page that holds it, decompressed by pyarrow (snappy, zstd, gzip, brotli,
-  lz4_raw), then sliced: never a whole row group for one image. A process keeps its last few
-  pages, so reads in file order (``check``, ``cache build``) decompress each page once.
+* in a snappy page (pyarrow's default), the piece of the page's snappy stream that decodes to
+  the row and little more (`_snappy_pieces`), decompressed: about the row's own bytes, however
+  large its page (a 100-row group of images is one dictionary page of megabytes);
+* otherwise the one page that holds it, decompressed by pyarrow (zstd, gzip, brotli, lz4_raw),
+  then sliced: never a whole row group for one image. A process keeps the pages it
+  decompressed, at most ``--page-cache-mb`` (packed.PageCache), so reads in file order
+  (``check``, ``cache build``) decompress each page once.
 
 A file without the named column, a label that is not an integer or is missing, a row without
 image bytes, or an encoding this reader does not know is a ConfigError naming the file, the
@@ -26,6 +30,7 @@ says by what encloses it (see "pages" below), before anything is allocated for i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -65,10 +70,11 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
     first = os.path.basename(files[0])
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
-    return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
-                         index_dir=options.index_dir,
-                         index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
-                         storage=storage)
+    index = load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
+                          index_dir=options.index_dir,
+                          index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
+                          storage=storage)
+    return dataclasses.replace(index, page_cache_bytes=int(options.page_cache_mb * (1 << 20)))
 
 
 def index_table(path: str, image_column: str = "image", label_column: str = "label",
@@ -336,7 +342,108 @@ def _walk_pages(chunk: bytes, start: int, codec: str, max_def: int, rows: int, r
                 pos[r], span[r], raw[r], inner[r] = base_at, base_span, base_raw, off
             length[r] = size
         row += count
+    if codec == "snappy":
+        _snappy_rows(chunk, start, pos, span, raw, inner, length, where)
     return {"pos": pos, "span": span, "raw": raw, "inner": inner, "length": length}
+
+
+def _snappy_rows(chunk: bytes, start: int, pos: np.ndarray, span: np.ndarray, raw: np.ndarray, inner: np.ndarray,
+                 length: np.ndarray, where: str) -> None:
+    """Point each row of a snappy page at the piece of the page's tags that holds its bytes (in place).
+
+    A row then costs the decompression of about its own bytes, not of its page (pyarrow writes
+    a 100-row group of images as one dictionary page of megabytes): see `_snappy_pieces`."""
+    paged = np.flatnonzero(raw >= 0)
+    pages, which = np.unique(pos[paged], return_inverse=True)  # rows grouped by page: one pass, however many
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(len(pages) + 1))
+    for k, page_at in enumerate(pages.tolist()):
+        rows = paged[order[bounds[k] : bounds[k + 1]]]
+        at = page_at - start
+        stored = chunk[at : at + int(span[rows[0]])]
+        try:
+            piece_at, piece_span, piece_raw, piece_inner = _snappy_pieces(stored, int(raw[rows[0]]), inner[rows],
+                                                                          length[rows])
+        except _Damaged as exc:
+            raise ConfigError(f"{where}: the page at file offset {page_at} is damaged: {exc}") from None
+        pos[rows], span[rows], raw[rows], inner[rows] = page_at + piece_at, piece_span, piece_raw, piece_inner
+
+
+def _snappy_pieces(stored: bytes, size: int, inner: np.ndarray,
+                   length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each value at ``[inner, inner + length)`` of a snappy page decompressed (`size` bytes, `stored`
+    as written: the varint of its size, then its tags), the piece of tags that decodes to a stretch
+    holding it: (its offset in `stored`, its bytes, the bytes it decodes to, the value's offset there).
+
+    A piece starts at a *restart point*: a tag from which no later copy reaches back before it, so
+    that the piece, behind the varint of its own size, is a snappy stream by itself (what
+    `PackedIndex.read` decompresses). The snappy library compresses 64 KB blocks each on its own,
+    so there is one at least every 64 KB; the page's first tag always is one. The piece ends with
+    the tag that holds the value's last byte: a value costs its bytes and at most about 128 KB
+    more, whatever its page's size."""
+    starts, outs, sources = _snappy_tags(stored, size)
+    tags = len(starts) - 1
+    if tags == 0:  # an empty page: only empty values
+        zero = np.zeros(len(inner), np.int64)
+        return zero + len(stored), zero, zero, zero
+    reach = np.minimum.accumulate(sources[::-1])[::-1]  # the earliest byte any tag from here on copies
+    restart = np.maximum.accumulate(np.where(reach >= outs[:-1], np.arange(tags), 0))
+    first = restart[np.clip(np.searchsorted(outs, inner, side="right") - 1, 0, tags - 1)]
+    last = np.maximum(np.searchsorted(outs, inner + length, side="left"), first)
+    return starts[first], starts[last] - starts[first], outs[last] - outs[first], inner - outs[first]
+
+
+def _snappy_tags(stored: bytes, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tags of a snappy stream of `size` bytes decompressed: where each starts in `stored` and in the
+    output (each with one more entry: the end), and the first output byte each reads (its own start for a
+    literal, the source of a copy). Every length and offset is checked against the stream and `size`."""
+    end = len(stored)
+    said, at = _varint(stored, 0, min(end, 10))
+    if said != size:
+        raise _Damaged(f"its snappy data says {said} bytes, its header {size}")
+    starts: list[int] = []
+    outs: list[int] = []
+    sources: list[int] = []
+    out = 0
+    while at < end:
+        starts.append(at)
+        outs.append(out)
+        tag = stored[at]
+        kind = tag & 3
+        if kind == 0:  # a literal: its length (in the tag, or in 1 to 4 bytes after it), then its bytes
+            n = tag >> 2
+            if n >= 60:
+                extra = n - 59
+                if at + 1 + extra > end:
+                    raise _Damaged("a snappy literal's length is cut short")
+                n = int.from_bytes(stored[at + 1 : at + 1 + extra], "little")
+                at += extra
+            n += 1
+            at += 1
+            if n > end - at:
+                raise _Damaged(f"a snappy literal of {n} bytes runs past its page")
+            at += n
+            sources.append(out)
+        else:  # a copy of n bytes from `offset` bytes back
+            wide = (0, 1, 2, 4)[kind]
+            if at + 1 + wide > end:
+                raise _Damaged("a snappy copy is cut short")
+            if kind == 1:
+                n, offset = 4 + ((tag >> 2) & 7), ((tag >> 5) << 8) | stored[at + 1]
+            else:
+                n, offset = 1 + (tag >> 2), int.from_bytes(stored[at + 1 : at + 1 + wide], "little")
+            at += 1 + wide
+            if not 0 < offset <= out:
+                raise _Damaged(f"a snappy copy from {offset} bytes back at byte {out}")
+            sources.append(out - offset)
+        out += n
+        if out > size:
+            raise _Damaged(f"its snappy data decodes to over its {size} bytes")
+    if out != size:
+        raise _Damaged(f"its snappy data decodes to {out} of its {size} bytes")
+    starts.append(at)
+    outs.append(out)
+    return np.array(starts, np.int64), np.array(outs, np.int64), np.array(sources, np.int64)
 
 
 def _page(chunk: bytes, at: int, start: int, codec: str, max_def: int, left: int, unpacked: int,

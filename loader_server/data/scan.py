@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from loader_client.contract.errors import ConfigError
 
 from .interface import Dataset, FileDataset
+from .subset import root_of
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -61,9 +62,7 @@ def _check(path: str) -> tuple[str, str, str] | None:
 def scan_files(dataset: Dataset) -> list[tuple[str, str, str]] | None:
     """Every bad file of `dataset` as (path, code, reason), in index order; None when it is not a data set of
     files (nothing to scan)."""
-    root = dataset
-    while getattr(root, "parent", None) is not None:  # a subset (a view) has paths when its data set has
-        root = root.parent  # type: ignore[attr-defined]
+    root = root_of(dataset)  # a subset (a view) has paths when its data set has
     if not isinstance(root, FileDataset) or not isinstance(dataset, FileDataset):
         return None
     n = len(dataset)

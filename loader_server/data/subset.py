@@ -21,10 +21,10 @@ import numpy as np
 
 from loader_client.contract.errors import ConfigError
 
-from .interface import ArrayDataset, ByteDataset, Dataset, byte_source, row_source
+from .interface import ArrayDataset, ByteDataset, Dataset, FileDataset, byte_source, row_source
 from .reading import Version
 
-__all__ = ["Subset", "split_indices", "take_subset"]
+__all__ = ["Subset", "root_of", "split_indices", "take_subset"]
 
 #: Keeps the split's random stream apart from every other use of a seed.
 _SPLIT_STREAM = 0x5B17
@@ -42,6 +42,13 @@ def split_indices(n: int, val_fraction: float, split_seed: int) -> tuple[np.ndar
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([split_seed, _SPLIT_STREAM])))
     order = rng.permutation(n).astype(np.int64)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def root_of(dataset: Dataset) -> Dataset:
+    """The data set a subset (or a subset of one) is taken from; `dataset` itself when it is none."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.parent
+    return dataset
 
 
 def take_subset(dataset: Dataset, name: str, val_fraction: float, split_seed: int) -> Subset:
@@ -64,12 +71,14 @@ class Subset:
     labels: np.ndarray = field(init=False)
     _bytes: ByteDataset | None = field(init=False, repr=False)  # the parent, when it is a byte source
     _rows: ArrayDataset | None = field(init=False, repr=False)  # the parent, when it holds rows
+    _files: FileDataset | None = field(init=False, repr=False)  # the parent, when its samples are files
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", np.ascontiguousarray(self.parent.labels[self.keep]))
         decode = self.parent.build == "decode"
         object.__setattr__(self, "_bytes", byte_source(self.parent) if decode else None)
         object.__setattr__(self, "_rows", None if decode else row_source(self.parent))
+        object.__setattr__(self, "_files", self.parent if isinstance(self.parent, FileDataset) else None)
 
     @property
     def build(self) -> Literal["decode", "gather"]:
@@ -110,7 +119,9 @@ class Subset:
         return self._bytes.location()
 
     def path(self, i: int) -> str:
-        return self.parent.path(int(self.keep[i]))  # type: ignore[attr-defined, no-any-return]
+        if self._files is None:  # as the parent would answer: it has no paths
+            raise AttributeError(f"{self.parent.source} has no file paths (its samples are not files)")
+        return self._files.path(int(self.keep[i]))
 
     # Rows (build == "gather")
     @property

@@ -115,8 +115,9 @@ def record_decoder(options: DecodeOptions | Any) -> Decoder:
 
 def cache_key(options: DecodeOptions | Any, index: ByteDataset) -> str:
     """Hash of the data set (its fingerprint and its location) and of `DecodeOptions`: everything the
-    decode step that makes a record reads, from where it reads it, and the versions of the two decoders
-    (OpenCV; simplejpeg, whose libjpeg-turbo decodes JPEGs).
+    decode step that makes a record reads, from where it reads it, and the versions of the decoders
+    (OpenCV; simplejpeg, whose libjpeg-turbo decodes JPEGs; the region decoder of crops,
+    `decode.REGION_DECODER`, with the system libjpeg-turbo it was built against, or None).
 
     The location (``ByteDataset.location``: the resolved folder, the container files and their file
     systems, an object store's URLs) keeps two copies of a data set with the same names,
@@ -126,10 +127,12 @@ def cache_key(options: DecodeOptions | Any, index: ByteDataset) -> str:
     import simplejpeg
 
     from ..options import group_hash
+    from .decode import REGION_DECODER
 
     decode = options_of(options, DecodeOptions)
     return group_hash(decode, extra={"index": index.fingerprint(), "location": index.location(), "format": FORMAT,
                                      "opencv": cv2.__version__, "simplejpeg": simplejpeg.__version__,
+                                     "region_decoder": REGION_DECODER,
                                      "samples": len(index)})
 
 

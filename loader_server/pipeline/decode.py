@@ -23,11 +23,17 @@ lossless, corrupt data that it will not decode strictly), by OpenCV, as before.
   cost 1.4-2.6 times a full decode (`SCALE_COST`, measured), so a region that 3/8 would
   cover is decoded at 1/2, and one that 5/8 would cover at full size.
 * *Window.* For a crop (``--augment rrc``, drawn from the header's size before anything is
-  decoded) only the region's scale counts, and a baseline JPEG is decoded only down to one
-  MCU row below the crop: the frame header's height is lowered in a copy of the bytes, so
-  libjpeg-turbo stops there. Every pixel inside the crop is bitwise what a full-height decode
-  at that scale gives. No Python binding of libjpeg-turbo exposes its column cropping
-  (``tj3SetCroppingRegion``, TurboJPEG 3), so the columns beside the crop are decoded.
+  decoded) only the region's scale counts, and only the region is decoded. A baseline JPEG goes
+  to `_jpegregion`, our binding of the system's libjpeg-turbo (setup.py builds it): rows above
+  the region are only entropy-decoded (``jpeg_skip_scanlines``: no inverse DCT, no upsampling,
+  no colour conversion), the iMCU columns beside it are not decoded (``jpeg_crop_scanline``),
+  and nothing below its last row is read. Every pixel inside the crop is bitwise what a whole
+  decode at that scale gives (`Decoder._region`). No Python binding of libjpeg-turbo exposes
+  the column cropping (``tj3SetCroppingRegion`` is TurboJPEG 3's; Debian 12 ships 2.1). Where the
+  binding is not built, and for what it refuses (corrupt data inside the window: libjpeg's
+  warnings are errors), simplejpeg decodes the crop as before: only down to one MCU row below
+  it (the frame header's height is lowered in a copy of the bytes), the columns beside it
+  decoded too. Progressive JPEGs are decoded whole, at the crop's scale, by simplejpeg.
 
 At 1/8, 1/4, 1/2 and 1 libjpeg-turbo gives bitwise what OpenCV's ``IMREAD_REDUCED_*`` gives, so a
 plain resize keeps the pixels of earlier releases; a crop now decodes at the crop's scale,
@@ -46,11 +52,17 @@ import cv2
 import numpy as np
 import simplejpeg
 
+try:  # region decoding (setup.py builds it where libjpeg's headers and a C compiler are found)
+    from . import _jpegregion
+except ImportError:  # pragma: no cover - not built, or libjpeg.so.62 missing: simplejpeg decodes crops
+    _jpegregion = None  # type: ignore[assignment]
+
 from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "SCALE_COST", "DecodeError", "Decoder", "JpegInfo", "decode_scale",
-           "jpeg_info", "jpeg_size", "kept_size", "png_size", "read_file", "scale_covers", "stored_box"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "REGION_DECODER", "SCALE_COST", "DecodeError", "Decoder", "JpegInfo",
+           "decode_scale", "jpeg_info", "jpeg_size", "kept_size", "png_size", "read_file", "region_decoder_note",
+           "scale_covers", "stored_box"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -76,6 +88,14 @@ SCALE_COST = (math.inf, 0.5, 0.55, 0.85, 0.67, 1.5, 1.85, 2.45, 1.0)
 _BY_COST = sorted(range(1, 9), key=SCALE_COST.__getitem__)  # the scales, cheapest first
 #: Largest decode buffer a decoder keeps between images (larger ones are allocated per image).
 _KEEP_SCRATCH_BYTES = 64 << 20
+#: What decodes the window of a crop: our binding `_jpegregion`, its version and the libjpeg-turbo it
+#: was built against, or None where it is not built (simplejpeg decodes crops). In the cache key, as
+#: simplejpeg's version is: a record made by one decoder is never read by a server that decodes with another.
+REGION_DECODER: str | None = (
+    None if _jpegregion is None
+    else f"jpegregion {_jpegregion.VERSION} libjpeg {_jpegregion.JPEG_LIB_VERSION} "
+         f"libjpeg-turbo {_jpegregion.LIBJPEG_TURBO_VERSION_NUMBER}")
+_REGION_COLORSPACE = {"GRAY": 0, "RGB": 1, "BGR": 2}
 # cv2 orientation operations for EXIF orientations 2..8 (1 is upright), as OpenCV applies them.
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     2: lambda a: cv2.flip(a, 1),
@@ -112,6 +132,21 @@ class JpegInfo:
         """Whether libjpeg-turbo decodes it here: 8-bit gray or YCbCr/RGB, a DCT frame it can scale."""
         return (self.sof in _SCALABLE_SOF and self.precision == 8 and self.components in (1, 3)
                 and self.width > 0 and self.height > 0)
+
+
+def region_decoder_note(augment: str | None, reduced_decode: bool) -> str | None:
+    """What the server logs at start when its random crops will be decoded without the region decoder
+    (`_jpegregion` not built), or None."""
+    if _jpegregion is not None or not reduced_decode or not augment:
+        return None
+    from .augment import Stage, parse_augment
+
+    if not any(op.stage is Stage.SOURCE for op in parse_augment(augment)):
+        return None
+    return ("random crops are decoded by simplejpeg, at about 1.2x the CPU per image: the region decoder "
+            "(loader_server.pipeline._jpegregion) was not built when this package was installed; install gcc "
+            "and libjpeg's headers (`bash .ci/build-deps` from the repository, or `apt-get install gcc "
+            "libjpeg-dev`) and reinstall the package")
 
 
 def jpeg_info(data: bytes) -> JpegInfo | None:
@@ -377,11 +412,18 @@ class Decoder:
         region = box or (0, 0, *info.size)
         m = decode_scale(region[2], region[3], self.options.size, self.mode) if reduce else 8
         x, y, w, h = stored_box(region, orientation, width, height)
+        channels = 1 if self.colorspace == "GRAY" else 3
+        if box is not None and reduce and info.single_scan and _jpegregion is not None:
+            try:
+                img = self._region(data, info, m, (x, y, w, h), channels)
+            except ValueError:  # refused (corrupt data in the window, ...): decoded as before, below
+                pass
+            else:
+                return img if orientation == 1 else _ORIENT[orientation](img)
         rows = height
         if box is not None and reduce and info.single_scan:  # stop one MCU row below the crop
             rows = min(height, -(-(y + h) // info.mcu_rows) * info.mcu_rows + info.mcu_rows)
         dw, dh = -(-width * m // 8), -(-rows * m // 8)
-        channels = 1 if self.colorspace == "GRAY" else 3
         direct = (out is not None and box is None and orientation == 1 and out.shape == (dh, dw, channels)
                   and out.flags.c_contiguous)
         if direct:  # the scaled image is the output: decode straight into the batch slot
@@ -410,6 +452,35 @@ class Decoder:
         if channels == 1:
             img = img[..., 0]
         return img if orientation == 1 else _ORIENT[orientation](img)
+
+    def _region(self, data: bytes, info: JpegInfo, m: int, box: tuple[int, int, int, int],
+                channels: int) -> np.ndarray:
+        """The stored region `box` (x, y, w, h) at M/8, decoded by `_jpegregion`: the rows above the window
+        are only entropy-decoded (jpeg_skip_scanlines), the iMCU columns beside it not decoded
+        (jpeg_crop_scanline), nothing below it read. Bitwise the same region of a whole decode at M/8:
+        the window asked for is one pixel wider on each side than the region, so that libjpeg's fancy
+        upsampling, which treats a window's edge as the image's, never reaches a pixel that is kept.
+        ValueError when libjpeg reports any error or warning in what it decoded."""
+        assert _jpegregion is not None
+        x, y, w, h = box
+        dw, dh = -(-info.width * m // 8), -(-info.height * m // 8)
+        s = m / 8
+        y0, y1 = _span(y, h, s, dh)
+        x0, x1 = _span(x, w, s, dw)
+        a0, a1 = max(0, x0 - 1), min(dw, x1 + 1)
+        need = (y1 - y0) * dw * channels  # crop_scanline widens the window leftwards, never past the image
+        if need <= _KEEP_SCRATCH_BYTES:
+            if self._scratch.size < need:
+                self._scratch = np.empty(need, np.uint8)
+            target = self._scratch
+        else:
+            target = np.empty(need, np.uint8)
+        start, cw, iw, ih = _jpegregion.decode(data, target, _REGION_COLORSPACE[self.colorspace], m, a0, y0,
+                                               a1 - a0, y1 - y0)
+        if (iw, ih) != (dw, dh):
+            raise ValueError(f"libjpeg scaled to {iw}x{ih}, expected {dw}x{dh}")
+        img = target[: (y1 - y0) * cw * channels].reshape(y1 - y0, cw, channels)[:, x0 - start : x1 - start]
+        return img[..., 0] if channels == 1 else img
 
     def _opencv(self, data: bytes, path: str, box: tuple[int, int, int, int] | None,
                 upright: tuple[int, int] | None, draw: Callable[[int, int], tuple[int, int, int, int]] | None,
