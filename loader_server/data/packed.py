@@ -32,6 +32,8 @@ megabytes and no Python object each.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import glob
 import hashlib
 import json
@@ -268,8 +270,12 @@ class PackedIndex:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        return [int(s) for s in self.starts]  # bisect on a list: 0.1 us a sample, np.searchsorted on a scalar 1.7 us
+
     def _file(self, i: int) -> int:
-        return int(np.searchsorted(self.starts, i, side="right")) - 1
+        return bisect.bisect_right(self._starts, i) - 1
 
     def describe(self, i: int) -> str:
         """``shard.tar:member`` or ``file.parquet:row``."""

@@ -5,7 +5,9 @@ folders, tar shards, Parquet tables) the way `reading.LocalStorage` reads files:
 
 * **requests**: plain HTTP/1.1 GETs with a ``Range`` header on persistent connections, one per
   thread and host (`_Connection`, reused across requests and reopened after a fork), signed
-  with AWS Signature V4 for ``s3://`` (`sign_v4`), with botocore's credential chain
+  with AWS Signature V4 for ``s3://`` (`sign_v4`; ``Range`` is not signed, so one signature
+  serves every range of an object for up to 60 s, well inside the 15 minutes S3 allows, and
+  new credentials sign again), with botocore's credential chain
   (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
   the shared config files, SSO, web identity, the instance or container role). The endpoint
   and region come from ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
@@ -52,7 +54,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from loader_client.contract.errors import ConfigError
 
@@ -148,6 +150,13 @@ class _BadResponse(Exception):
 
 
 _HEAD_LIMIT = 1 << 16
+#: A connection's receive buffer: from _BUFFER_MIN, grown to the largest response up to _BUFFER_MAX (a larger body
+#: is received into a buffer of its own).
+_BUFFER_MIN = 1 << 16
+_BUFFER_MAX = 1 << 18
+#: Header lines that are all `name: value`, with no stray CR or LF (then _FIELD takes them one by one).
+_FIELDS = re.compile(r"[^:\r\n]*:[^\r\n]*(?:\r\n[^:\r\n]*:[^\r\n]*)*")
+_FIELD = re.compile(r"([^:\r\n]*):([^\r\n]*)")
 _ERROR_BODY = 1 << 16
 _STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -158,8 +167,8 @@ class _Connection:
     """One persistent HTTP/1.1 connection (TLS for https), one request at a time.
 
     The standard library's http.client costs 0.54 ms of CPU per 40 KB range GET on this machine
-    (header parsing through the email package, a buffered file over the socket); this reads the
-    head, then the body with ``recv_into`` straight into its final buffer: 0.25 ms. It takes what
+    (header parsing through the email package, a buffered file over the socket); this receives
+    into the connection's own buffer with ``recv_into`` and copies the body out once. It takes what
     range GETs, HEADs and listings return: a Content-Length body, a chunked one, or one that ends
     when the server closes; ``Connection: close`` closes it after the response.
 
@@ -188,7 +197,11 @@ class _Connection:
         if proxy is not None and proxy.username is not None:
             self.proxy_auth["Proxy-Authorization"] = _basic(proxy.username, proxy.password)
         self.sock: socket.socket | None = None
-        self.buf = bytearray()
+        # What was received and not yet taken: rbuf[lo:hi]. One buffer per connection, grown to the largest
+        # response that fits in _BUFFER_MAX, so that a range GET is one recv_into and one copy of its body.
+        self.rbuf = bytearray(_BUFFER_MIN)
+        self.view = memoryview(self.rbuf)
+        self.lo = self.hi = 0
 
     def close(self) -> None:
         if self.sock is not None:
@@ -196,7 +209,7 @@ class _Connection:
                 self.sock.close()
             finally:
                 self.sock = None
-                self.buf = bytearray()
+                self.lo = self.hi = 0
 
     @staticmethod
     def _arm(sock: socket.socket, deadline: float) -> None:
@@ -212,7 +225,7 @@ class _Connection:
         if left <= 0:
             raise TimeoutError("the attempt's deadline passed")
         sock = socket.create_connection(where, timeout=left)
-        self.sock, self.buf = sock, bytearray()
+        self.sock, self.lo, self.hi = sock, 0, 0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.proxy is not None and self.https:
             self._tunnel(sock, deadline)
@@ -234,61 +247,105 @@ class _Connection:
             raise _Failure(status, f"the proxy {proxy} refused the tunnel to {self.hostname}:{self.port}"
                                    + (" (Proxy-Authorization: set the user and password in HTTPS_PROXY)"
                                       if status == 407 else ""), status >= 500)
-        if self.buf:
+        if self.hi > self.lo:
             raise _BadResponse("the proxy sent bytes after accepting the tunnel", status)
 
+    def _room(self, need: int) -> None:
+        """Make room for `need` pending bytes from rbuf's start: the pending ones moved to the front, the buffer
+        grown (to at most _BUFFER_MAX, or `need`) when it is too small."""
+        pending = self.hi - self.lo
+        size = len(self.rbuf)
+        if need > size:
+            size = min(max(need, 2 * size), max(need, _BUFFER_MAX))
+            grown = bytearray(size)
+            grown[:pending] = self.view[self.lo : self.hi]
+            self.rbuf, self.view = grown, memoryview(grown)
+        elif pending:
+            self.view[:pending] = self.view[self.lo : self.hi]
+        self.lo, self.hi = 0, pending
+
     def _more(self, sock: socket.socket, deadline: float) -> None:
+        """Receive what the server sent next (at least a byte) after the pending bytes."""
+        if self.lo == self.hi:  # nothing pending: receive from the buffer's start, into all of it
+            self.lo = self.hi = 0
+        elif self.hi == len(self.rbuf):
+            self._room(self.hi - self.lo + _BUFFER_MIN if self.lo == 0 else 0)
         self._arm(sock, deadline)
-        chunk = sock.recv(1 << 16)
-        if not chunk:
+        got = sock.recv_into(self.view[self.hi :])
+        if not got:
             raise ConnectionResetError("the server closed the connection")
-        self.buf += chunk
+        self.hi += got
 
     def _line(self, sock: socket.socket, deadline: float) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
-            if len(self.buf) > _HEAD_LIMIT:
+        while (end := self.rbuf.find(b"\r\n", self.lo, self.hi)) < 0:
+            if self.hi - self.lo > _HEAD_LIMIT:
                 raise _BadResponse("a line of over 64 KB")
             self._more(sock, deadline)
-        line = bytes(self.buf[:end])
-        del self.buf[: end + 2]
+        line = bytes(self.view[self.lo : end])
+        self.lo = end + 2
         return line
 
-    def _exact(self, sock: socket.socket, n: int, deadline: float) -> bytearray:
-        body = bytearray(n)
-        have = min(n, len(self.buf))
-        body[:have] = self.buf[:have]
-        del self.buf[:have]
-        view = memoryview(body)
+    def _exact(self, sock: socket.socket, n: int, deadline: float) -> bytes | bytearray:
+        """The next `n` bytes: received into rbuf and copied out once (bytes) when they fit in _BUFFER_MAX, else
+        into a buffer of their own (a bytearray)."""
+        pending = self.hi - self.lo
+        if n <= _BUFFER_MAX:
+            if not pending:
+                self.lo = self.hi = 0
+            if self.lo + n > len(self.rbuf):
+                self._room(n)
+            while self.hi - self.lo < n:
+                self._arm(sock, deadline)
+                got = sock.recv_into(self.view[self.hi :])
+                if not got:
+                    raise ConnectionResetError(f"the server closed the connection after {self.hi - self.lo} of {n} "
+                                               "bytes")
+                self.hi += got
+            body = bytes(self.view[self.lo : self.lo + n])
+            self.lo += n
+            return body
+        big = bytearray(n)
+        have = min(n, pending)
+        big[:have] = self.view[self.lo : self.lo + have]
+        self.lo += have
+        view = memoryview(big)
         while have < n:
             self._arm(sock, deadline)
             got = sock.recv_into(view[have:])
             if not got:
                 raise ConnectionResetError(f"the server closed the connection after {have} of {n} bytes")
             have += got
-        return body
+        return big
 
     def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
         """(status, status line, lower-cased fields) of the next final response (interim 1xx answers skipped)."""
         while True:
-            while (end := self.buf.find(b"\r\n\r\n")) < 0:
-                if len(self.buf) > _HEAD_LIMIT:
+            while (end := self.rbuf.find(b"\r\n\r\n", self.lo, self.hi)) < 0:
+                if self.hi - self.lo > _HEAD_LIMIT:
                     raise _BadResponse("response headers of over 64 KB")
                 self._more(sock, deadline)
-            head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
-            del self.buf[: end + 4]
-            m = _STATUS_LINE.fullmatch(head[0])
+            text = str(self.view[self.lo : end], "latin-1")
+            self.lo = end + 4
+            first, _, rest = text.partition("\r\n")
+            m = _STATUS_LINE.fullmatch(first)
             if m is None:
-                raise _BadResponse(f"not an HTTP/1.1 status line: {head[0][:80]!r}")
+                raise _BadResponse(f"not an HTTP/1.1 status line: {first[:80]!r}")
             status = int(m.group(1))
             if status >= 200 or status == 101:
                 break  # 100 Continue and other interim answers: the real one follows
-        fields: dict[str, str] = {}
-        for line in head[1:]:
+        if not rest:
+            return status, first, {}
+        if _FIELDS.fullmatch(rest):
+            fields = {name.strip().lower(): value.strip() for name, value in _FIELD.findall(rest)}
+            if "" not in fields:
+                return status, first, fields
+        fields = {}
+        for line in rest.split("\r\n"):  # a malformed line somewhere: name it
             name, sep, value = line.partition(":")
             if not sep or not name.strip():
                 raise _BadResponse(f"a malformed header line {line[:80]!r}", status)
             fields[name.strip().lower()] = value.strip()
-        return status, head[0], fields
+        return status, first, fields
 
     def request(self, method: str, target: str, headers: dict[str, str], max_bytes: int,
                 deadline: float) -> tuple[int, dict[str, str], bytes]:
@@ -300,10 +357,12 @@ class _Connection:
             if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
                 target = f"http://{self.host}{target}"
                 headers = {**self.proxy_auth, **headers}
-            lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}",
-                     *(f"{k}: {v}" for k, v in {**self.auth, **headers}.items())]
+            if self.auth:
+                headers = {**self.auth, **headers}
+            text = f"{method} {target} HTTP/1.1\r\nHost: {self.host}\r\n" + "".join(
+                [f"{k}: {v}\r\n" for k, v in headers.items()])
             self._arm(sock, deadline)
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            sock.sendall((text + "\r\n").encode("latin-1"))
             status, line, fields = self._head(sock, deadline)
             return self._body(sock, method, status, line, fields, max_bytes, deadline)
         except _BadResponse as exc:
@@ -325,8 +384,9 @@ class _Connection:
               max_bytes: int, deadline: float) -> tuple[int, dict[str, str], bytes]:
         limit = max_bytes if status < 300 else _ERROR_BODY
         keep = fields.get("connection", "").lower() != "close" and not line.startswith("HTTP/1.0")
+        body: bytes | bytearray
         if method == "HEAD" or status in (204, 304):
-            body = bytearray()
+            body = b""
         elif "chunked" in fields.get("transfer-encoding", "").lower():
             body = self._chunked(sock, limit, status, deadline)
         elif "content-length" in fields:
@@ -342,7 +402,8 @@ class _Connection:
             body = self._exact(sock, size, deadline)
         else:  # the body ends when the server closes the connection
             keep = False
-            body = bytearray(self.buf)
+            body = bytearray(self.view[self.lo : self.hi])
+            self.lo = self.hi
             while len(body) <= limit:
                 self._arm(sock, deadline)
                 chunk = sock.recv(1 << 16)
@@ -354,7 +415,7 @@ class _Connection:
                 raise _TooLarge(len(body))
         if not keep:
             self.close()
-        return status, fields, bytes(body)
+        return status, fields, body if type(body) is bytes else bytes(body)
 
     def _chunked(self, sock: socket.socket, limit: int, status: int, deadline: float) -> bytearray:
         body = bytearray()
@@ -382,26 +443,58 @@ def _basic(user: str, password: str | None) -> str:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
+_UNKNOWN: Any = object()
+
+
+class _Route(NamedTuple):
+    """Where the requests for one URL go: its HTTP URL and parts, its connections' key, the request target."""
+
+    http_url: str
+    parts: urllib.parse.SplitResult
+    key: tuple[str, str]
+    target: str
+    s3: bool
+
+
+#: How long a request signature is reused for the same object (S3 takes a request signed up to 15 minutes
+#: before it arrives), and how many URLs' routes and signatures a process keeps.
+_SIGNATURE_REUSE_S = 60.0
+_KEPT_URLS = 4096
+
+
 class _Budget:
     """Bytes of requests in flight in this process, bounded (a request larger than the bound runs alone)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used, self.peak = limit, 0, 0
+        self.waiting = 0  # threads waiting for room
         self.cond = threading.Condition()
+
+    def acquire(self, size: int) -> None:
+        with self.cond:
+            while self.used and self.used + size > self.limit:
+                self.waiting += 1
+                try:
+                    self.cond.wait()
+                finally:
+                    self.waiting -= 1
+            self.used += size
+            if self.used > self.peak:
+                self.peak = self.used
+
+    def release(self, size: int) -> None:
+        with self.cond:
+            self.used -= size
+            if self.waiting:
+                self.cond.notify_all()
 
     @contextmanager
     def take(self, size: int) -> Iterator[None]:
-        with self.cond:
-            while self.used and self.used + size > self.limit:
-                self.cond.wait()
-            self.used += size
-            self.peak = max(self.peak, self.used)
+        self.acquire(size)
         try:
             yield
         finally:
-            with self.cond:
-                self.used -= size
-                self.cond.notify_all()
+            self.release(size)
 
 
 class RemoteStorage:
@@ -429,6 +522,8 @@ class RemoteStorage:
         self._rng = random.Random()
         self._budget = _Budget(inflight_bytes)
         self._s3: dict[str, Any] | None = None
+        self._routes: dict[str, _Route] = {}  # url -> where its requests go (bounded: `_route`)
+        self._signed: dict[tuple[str, str], tuple[Any, float, dict[str, str]]] = {}  # (method, url) -> signature
         self.requests = 0  # this process's requests (attempts), for metrics and the benchmark
 
     # ------------------------------------------------------------------ per process
@@ -440,6 +535,7 @@ class RemoteStorage:
             self._local = threading.local()
             self._budget = _Budget(self.inflight_bytes)
             self._s3 = None
+            self._routes, self._signed = {}, {}
             self._rng = random.Random()
             self._refreshing, self._rechecks = set(), None  # the parent's re-check thread is not in this process
             self.requests = 0
@@ -522,28 +618,50 @@ class RemoteStorage:
         if creds is None:  # no credentials anywhere: unsigned (a public bucket)
             return headers
         frozen = creds.get_frozen_credentials()  # refreshed by botocore when they expire (roles, SSO)
-        return sign_v4(method, http_url, headers, frozen.access_key, frozen.secret_key, frozen.token, s3["region"])
+        key = (method, http_url)
+        now = time.time()
+        kept = self._signed.get(key)
+        if kept is None or kept[0] != frozen or not 0 <= now - kept[1] < _SIGNATURE_REUSE_S:
+            if len(self._signed) >= _KEPT_URLS:
+                self._signed.clear()
+            kept = self._signed[key] = (frozen, now, sign_v4(method, http_url, {}, frozen.access_key,
+                                                             frozen.secret_key, frozen.token, s3["region"], now))
+        return {**headers, **kept[2]}
 
-    def _connection(self, http_url: str, s3: bool) -> tuple[_Connection, str]:
-        parts = urllib.parse.urlsplit(http_url)
-        key = (parts.scheme, parts.netloc)
-        conns: dict[tuple[str, str], _Connection] = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get(key)
+    def _route(self, url: str) -> _Route:
+        """Where the requests for `url` go, worked out once per URL (at most `_KEPT_URLS` kept)."""
+        route = self._routes.get(url)
+        if route is None:
+            http_url = self._http_url(url)
+            parts = urllib.parse.urlsplit(http_url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            route = _Route(http_url, parts, (parts.scheme, parts.netloc), target, url.startswith("s3://"))
+            if len(self._routes) >= _KEPT_URLS:
+                self._routes.clear()
+            self._routes[url] = route
+        return route
+
+    def _connection(self, route: _Route) -> _Connection:
+        """This thread's connection to the route's host (opened on first use)."""
+        conns: dict[tuple[str, str], _Connection] | None = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(route.key)
         if conn is None:
-            tls = self._s3_setup()["tls"] if s3 and parts.scheme == "https" else None  # S3: AWS_CA_BUNDLE
-            conn = conns[key] = _Connection(parts, self.policy.timeout_s, tls, _proxy_for(parts))
+            parts = route.parts
+            tls = self._s3_setup()["tls"] if route.s3 and parts.scheme == "https" else None  # S3: AWS_CA_BUNDLE
+            conn = conns[route.key] = _Connection(parts, self.policy.timeout_s, tls, _proxy_for(parts))
             with self._lock:
                 self._open.append(conn)  # kept here, not only by its thread: closed by `close`, never collected open
-        path = parts.path or "/"
-        return conn, path + (f"?{parts.query}" if parts.query else "")
+        return conn
 
     def _once(self, url: str, method: str, headers: dict[str, str],
               max_bytes: int) -> tuple[int, dict[str, str], bytes]:
         """One attempt: (status, lower-cased headers, body)."""
         self.requests += 1
-        http_url = self._http_url(url)
-        signed = self._sign(url, http_url, method, headers)
-        conn, path = self._connection(http_url, url.startswith("s3://"))
+        route = self._route(url)
+        signed = self._sign(url, route.http_url, method, headers) if route.s3 else headers
+        conn, path = self._connection(route), route.target
         try:  # the whole attempt within --remote-timeout-s, however slowly the server answers
             return conn.request(method, path, signed, max_bytes, time.monotonic() + self.policy.timeout_s)
         except _TooLarge as exc:
@@ -742,7 +860,9 @@ class RemoteStorage:
 
     # ------------------------------------------------------------------ reads
     def _conditions(self, url: str) -> dict[str, str]:
-        info = self.info(url)
+        info = self._infos.get(url, _UNKNOWN)  # (a dict read is atomic: no lock once indexed)
+        if info is _UNKNOWN:
+            info = self.info(url)
         if info is None:
             raise DecodeError(redact(url), "object not found", "not_found")
         if info.etag.startswith("last-modified:"):
@@ -763,10 +883,16 @@ class RemoteStorage:
 
     def read_range(self, url: str, offset: int, size: int, describe: Callable[[int], str], i: int) -> bytes:
         """`size` bytes at `offset` of the object, as indexed; errors name the sample ``describe(i)``."""
+        self._fresh()
         try:
-            headers = {**self._conditions(url), "Range": f"bytes={offset}-{offset + size - 1}"}
-            with self._budget.take(size):
+            headers = self._conditions(url)
+            headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+            budget = self._budget
+            budget.acquire(size)
+            try:
                 status, _, body = self._request(url, headers=headers, max_bytes=size)
+            finally:
+                budget.release(size)
         except DecodeError as exc:
             shown = redact(url)
             raise DecodeError(describe(i), f"{shown}: {exc.reason}" if exc.path == shown else str(exc),
@@ -908,10 +1034,10 @@ def sign_v4(method: str, url: str, headers: dict[str, str], access_key: str, sec
     if key is None:
         key = ("AWS4" + secret_key).encode()
         for part in (day, region, "s3", "aws4_request"):
-            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            key = hmac.digest(key, part.encode(), "sha256")
         _KEYS.clear()  # one day, one region, one secret at a time
         _KEYS[(secret_key, day, region)] = key
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signature = hmac.digest(key, to_sign.encode(), "sha256").hex()
     out = {**headers, "X-Amz-Date": amz_date, "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD",
            "Authorization": f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={names}, "
                             f"Signature={signature}"}

@@ -30,7 +30,7 @@ from ..data.datasets import Dataset, byte_source, row_source
 from ..data.reading import BadSamples, Version
 from ..options import PipelineOptions
 from .augment import sample_rng
-from .cache import SampleCache
+from .cache import RecordState, SampleCache
 from .decode import DecodeError
 from .steps import Reader, SamplePath, plan_steps
 from .user_code import check_extras, load_function
@@ -40,8 +40,9 @@ __all__ = ["AUTO_READ_THREADS", "SLOW_READ_S", "BatchBuilder", "Reads"]
 _COLLATE_STREAM = 0xC0
 
 #: The samples of a batch with their reads (a future per sample when reads run ahead, else None) and,
-#: with a cache, each sample's version taken before its read (None when unknown, or no cache).
-Reads = list[tuple["Future[bytes] | None", "Version | None"]]
+#: with a cache, each sample's version taken before its read (None when unknown, or no cache) and its
+#: record's state when read ahead found it valid (then nothing was read; None otherwise).
+Reads = list[tuple["Future[bytes] | None", "Version | None", "RecordState | None"]]
 
 
 class BatchBuilder:
@@ -103,12 +104,15 @@ class BatchBuilder:
             version = byte_source(self.index).version
             versions = [version(int(i)) for i in indices]
             if self.reader.pool is None:
-                return [(None, v) for v in versions]
-            return [(None if cache.valid(int(i), v) else self.reader.submit(int(i)), v)
-                    for i, v in zip(indices, versions, strict=True)]
+                return [(None, v, None) for v in versions]
+            reads: Reads = []
+            for i, v in zip(indices, versions, strict=True):  # a valid record: its state, kept for the lookup
+                state = cache.check(int(i), v)
+                reads.append((None if state is not None else self.reader.submit(int(i)), v, state))
+            return reads
         if self.reader.pool is None:
-            return [(None, None)] * len(indices)
-        return [(self.reader.submit(int(i)), None) for i in indices]
+            return [(None, None, None)] * len(indices)
+        return [(self.reader.submit(int(i)), None, None) for i in indices]
 
     def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None,
               key: tuple[int, int] = (0, 0), augment: bool = False, manifest: bool = False) -> dict[str, np.ndarray]:
@@ -151,11 +155,11 @@ class BatchBuilder:
         bad: list[tuple[int, DecodeError]] = []
         if reads is None:
             reads = self.read_ahead(indices, augment)
-        for slot, (pending, version) in enumerate(reads):
+        for slot, (pending, version, state) in enumerate(reads):
             i = int(indices[slot])
             try:
                 path.run(i, describe(i), staging[slot], key, pending, version,
-                         None if self._drawn is None else self._drawn[slot])
+                         None if self._drawn is None else self._drawn[slot], state)
             except DecodeError as exc:
                 if exc.code == "unavailable":  # a store that does not answer: no substitute, no waiting for more
                     raise

@@ -136,6 +136,10 @@ def cache_key(options: DecodeOptions | Any, index: ByteDataset) -> str:
                                      "samples": len(index)})
 
 
+#: A record's (seq, version stamp) as read from its metadata.
+RecordState = tuple[int, tuple[int, ...]]
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """Where everything is in a cache file of `records` records of `shape`."""
@@ -218,14 +222,30 @@ class SampleCache:
         state = self._state(i)
         return state is not None and _published(state[0]) and state[1] == _stamp(version) and self._intact()
 
-    def lookup(self, i: int, version: Version | None, out: np.ndarray) -> bool:
-        """Copy record `i` into `out` if it is valid for `version`; False (and `out` undefined) if not."""
+    def check(self, i: int, version: Version | None) -> RecordState | None:
+        """Record `i`'s state when it is published for the source of this `version` (else None): one read of
+        its metadata, which `lookup` then takes instead of reading it again. It only says whether to read
+        the sample ahead: `lookup` still checks the pixels, the trailer and the seqlock."""
+        if version is None or self.damaged:
+            return None
+        try:
+            state = self._state(i)
+        except OSError:
+            return None
+        return state if state is not None and _published(state[0]) and state[1] == _stamp(version) else None
+
+    def lookup(self, i: int, version: Version | None, out: np.ndarray, state: RecordState | None = None) -> bool:
+        """Copy record `i` into `out` if it is valid for `version`; False (and `out` undefined) if not.
+
+        `state`: what `check` said of it for the same version (its seq is the seqlock's first read: a
+        record rewritten since has another seq by the re-check after the copy)."""
         if version is None or self.damaged:
             return False
         try:
-            state = self._state(i)
-            if state is None or not _published(state[0]) or state[1] != _stamp(version):
-                return False
+            if state is None:
+                state = self._state(i)
+                if state is None or not _published(state[0]) or state[1] != _stamp(version):
+                    return False
             if not self._read_record(i, out):
                 self._intact()  # short: cut under us (and then never trusted again)
                 return False

@@ -36,7 +36,7 @@ from ..data.reading import Version
 from ..data.remote import reads_remote
 from ..options import AugmentOptions, DecodeOptions, PipelineOptions, ReadOptions, UserCodeOptions
 from .augment import Augmenter, parse_augment, sample_rng
-from .cache import SampleCache
+from .cache import RecordState, SampleCache
 from .decode import Decoder
 from .user_code import check_image, load_function
 
@@ -50,7 +50,7 @@ _READ_EMA_WEIGHT = 0.05
 class Sample:
     """One sample on its way through the steps (one object per worker, reused)."""
 
-    __slots__ = ("i", "name", "data", "pending", "version", "target", "out", "key", "hit", "drawn", "_rng")
+    __slots__ = ("i", "name", "data", "pending", "version", "state", "target", "out", "key", "hit", "drawn", "_rng")
 
     def __init__(self) -> None:
         self.i = 0
@@ -58,6 +58,7 @@ class Sample:
         self.data: bytes = b""
         self.pending: Future[bytes] | None = None
         self.version: Version | None = None
+        self.state: RecordState | None = None  # the cache record's state, when read ahead found it valid
         self.target: np.ndarray = np.empty(0, np.uint8)  # where decoding writes: the slot, or the record
         self.out: np.ndarray = np.empty(0, np.uint8)  # the batch slot (uint8 HWC)
         self.key = (0, 0)  # (seed, epoch)
@@ -133,7 +134,7 @@ class LookupCache:
     def __call__(self, s: Sample) -> None:
         if s.version is None:
             s.version = self.version(s.i)
-        s.hit = self.cache.lookup(s.i, s.version, s.target)
+        s.hit = self.cache.lookup(s.i, s.version, s.target, s.state)
 
 
 class Read:
@@ -238,11 +239,12 @@ class SamplePath:
 
     def run(self, i: int, name: str, out: np.ndarray, key: tuple[int, int] = (0, 0),
             pending: Future[bytes] | None = None, version: Version | None = None,
-            drawn: list[tuple[str, list[float]]] | None = None) -> None:
+            drawn: list[tuple[str, list[float]]] | None = None, state: RecordState | None = None) -> None:
         """Sample `i` (named `name` in errors) through every step into the uint8 HWC slot `out`; with
         `drawn`, what its augmentations drew is appended there."""
         s = self.sample
         s.i, s.name, s.out, s.key, s.pending, s.version, s.drawn = i, name, out, key, pending, version, drawn
+        s.state = state
         s.hit, s._rng = False, None
         s.target = out if self.record is None else self.record
         try:
