@@ -217,21 +217,22 @@ class SampleCache:
     # ------------------------------------------------------------------ records
     def valid(self, i: int, version: Version | None) -> bool:
         """Whether record `i` is published and was made from the source of this `version`."""
-        if version is None or self.damaged:
-            return False
-        state = self._state(i)
-        return state is not None and _published(state[0]) and state[1] == _stamp(version) and self._intact()
+        return self._checked(i, version) is not None and self._intact()
 
     def check(self, i: int, version: Version | None) -> RecordState | None:
         """Record `i`'s state when it is published for the source of this `version` (else None): one read of
         its metadata, which `lookup` then takes instead of reading it again. It only says whether to read
         the sample ahead: `lookup` still checks the pixels, the trailer and the seqlock."""
-        if version is None or self.damaged:
-            return None
         try:
-            state = self._state(i)
+            return self._checked(i, version)
         except OSError:
             return None
+
+    def _checked(self, i: int, version: Version | None) -> RecordState | None:
+        """`check`, with the OSError of a failed metadata read raised (`lookup` warns of it)."""
+        if version is None or self.damaged:
+            return None
+        state = self._state(i)
         return state if state is not None and _published(state[0]) and state[1] == _stamp(version) else None
 
     def lookup(self, i: int, version: Version | None, out: np.ndarray, state: RecordState | None = None) -> bool:
@@ -243,8 +244,8 @@ class SampleCache:
             return False
         try:
             if state is None:
-                state = self._state(i)
-                if state is None or not _published(state[0]) or state[1] != _stamp(version):
+                state = self._checked(i, version)
+                if state is None:
                     return False
             if not self._read_record(i, out):
                 self._intact()  # short: cut under us (and then never trusted again)
