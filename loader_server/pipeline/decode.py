@@ -413,7 +413,8 @@ class Decoder:
         m = decode_scale(region[2], region[3], self.options.size, self.mode) if reduce else 8
         x, y, w, h = stored_box(region, orientation, width, height)
         channels = 1 if self.colorspace == "GRAY" else 3
-        if box is not None and reduce and info.single_scan and _jpegregion is not None:
+        window = box is not None and reduce and info.single_scan  # a baseline crop: only its window decoded
+        if window and _jpegregion is not None:
             try:
                 img = self._region(data, info, m, (x, y, w, h), channels)
             except ValueError:  # refused (corrupt data in the window, ...): decoded as before, below
@@ -421,7 +422,7 @@ class Decoder:
             else:
                 return img if orientation == 1 else _ORIENT[orientation](img)
         rows = height
-        if box is not None and reduce and info.single_scan:  # stop one MCU row below the crop
+        if window:  # simplejpeg: stop one MCU row below the crop
             rows = min(height, -(-(y + h) // info.mcu_rows) * info.mcu_rows + info.mcu_rows)
         dw, dh = -(-width * m // 8), -(-rows * m // 8)
         direct = (out is not None and box is None and orientation == 1 and out.shape == (dh, dw, channels)
