@@ -977,11 +977,12 @@ class RemoteStorage:
             total = sum(size for *_, size in chunk)
 
             def done(j: int, response: tuple[int, dict[str, str], bytes], chunk: list[Any] = chunk) -> None:
-                k, status, body = chunk[j][0], response[0], response[2]
+                k, (status, fields, body) = chunk[j][0], response
                 url, offset, size, describe, i = items[k]
                 if status == 200:
                     body = body[offset : offset + size]
-                elif status != 206:
+                elif status != 206 or not fields.get("content-range", f"bytes {offset}-").startswith(
+                        f"bytes {offset}-"):  # an error, or the answer to another request: read it alone
                     left.append(k)
                     return
                 if len(body) != size:

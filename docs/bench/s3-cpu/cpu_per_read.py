@@ -203,9 +203,9 @@ def main() -> int:
             if name == "s3":  # PROTOTYPE (pipe26): the same batches pipelined on K connections per process
                 local_src = byte_source(sets["local"])
                 for conns in args.pipe:
-                    os.environ["LOADER_PIPELINE_CONNS"] = str(conns)
+                    os.environ["PIPE26_READ_CONNS"] = str(conns)
                     piped = Reader(ReadOptions(), ds)
-                    del os.environ["LOADER_PIPELINE_CONNS"]
+                    del os.environ["PIPE26_READ_CONNS"]
                     assert piped.pipe is not None
                     check = [int(i) for i in order[:256]]
                     got = [f.result() for f in piped.submit_many(check)]
