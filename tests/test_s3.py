@@ -158,14 +158,17 @@ def test_every_kind_from_the_store_gives_bitwise_the_batches_of_local_disk(data:
         np.testing.assert_array_equal(a, b, err_msg=f"{remote} differs from {local}")
 
 
+@pytest.mark.parametrize("mode", ["split", "queue"])
 @pytest.mark.parametrize("kind", ["tar", "parquet", "parquet-snappy", "http-tar"])
 def test_pipelined_reads_give_bitwise_the_batches_of_local_disk(data: dict[str, tuple[str, str]], tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+                                                                monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                                mode: str) -> None:
     """PROTOTYPE (pipe26): a batch's ranges pipelined on 3 connections to the real store (HTTP/1.1)."""
     local, remote = data[kind]
     extra: dict[str, Any] = {"augment": "rrc(scale=0.3-1),flip", "index_dir": str(tmp_path / "index")}
     expected = _batches(local, **extra)
     monkeypatch.setenv("PIPE26_READ_CONNS", "3")
+    monkeypatch.setenv("PIPE26_MODE", mode)
     got = _batches(remote, **extra)
     assert len(got) == len(expected) > 0
     for a, b in zip(expected, got, strict=True):

@@ -51,7 +51,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -946,7 +946,7 @@ class RemoteStorage:
                                            f"{redact(url)}", "truncated")
         return body
 
-    def read_ranges(self, items: list[tuple[str, int, int, Callable[[int], str], int]],
+    def read_ranges(self, items: Sequence[tuple[str, int, int, Callable[[int], str], int]],
                     deliver: Callable[[int, bytes | DecodeError], None]) -> None:
         """PROTOTYPE (issue 26, pipe26): the range reads `items` ((url, offset, size, describe, i) each, as
         `read_range` takes them) pipelined on this thread's connection, at most `_PIPELINE_MAX` a batch;

@@ -166,7 +166,7 @@ class Reader:
                 except BaseException as exc:
                     fut.set_exception(exc)
                     continue
-                items.append((*where, self._describe, i))  # type: ignore[arg-type]
+                items.append((*where, self._describe, i))
                 waiting.append(fut)
 
             def deliver(k: int, result: bytes | Exception) -> None:
