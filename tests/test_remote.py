@@ -141,6 +141,44 @@ def test_head_gives_size_and_etag(framings: str) -> None:
     storage.close()
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_pipelined_ranges_of_every_framing(framings: str, framing: str) -> None:
+    """PROTOTYPE (pipe26): ranges sent back to back on one connection, answered in order; after a
+    ``Connection: close`` answer the rest is read one at a time."""
+    storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+    url = f"{framings}/obj/{framing}"
+    storage.remember({url: ObjectInfo(len(BODY), '"v1"')})
+    spans = [(0, 10), (300, 5000), (9000, 1240), (17, 1)]
+    got: dict[int, bytes | DecodeError] = {}
+    storage.read_ranges([(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)], got.__setitem__)
+    assert got == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    storage.close()
+
+
+def test_pipelined_ranges_left_by_a_drop_or_an_error_status_are_read_again_one_at_a_time() -> None:
+    seen: list[bytes] = []
+
+    def answer(head: bytes) -> bytes | None:
+        seen.append(head)
+        lo, hi = _range(head)
+        if len(seen) == 2:
+            return b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n"
+        if len(seen) == 4:
+            return None  # the connection drops with requests 4 and 5 unanswered
+        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+
+    for base in _serve(answer):
+        storage = RemoteStorage(RetryPolicy(attempts=3, base_s=0.01, max_backoff_s=0.05, timeout_s=5))
+        url = f"{base}/flaky.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(k * 100, 50 + k) for k in range(5)]
+        got: dict[int, bytes | DecodeError] = {}
+        storage.read_ranges([(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)], got.__setitem__)
+        assert got == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert len(seen) == 4 + 3  # (the 5th never reached the server) the 503 and the two dropped ones again
+        storage.close()
+
+
 def test_a_server_that_drops_connections_is_retried_then_named_with_the_attempts() -> None:
     seen = []
 

@@ -158,6 +158,36 @@ def test_every_kind_from_the_store_gives_bitwise_the_batches_of_local_disk(data:
         np.testing.assert_array_equal(a, b, err_msg=f"{remote} differs from {local}")
 
 
+@pytest.mark.parametrize("mode", ["split", "queue"])
+@pytest.mark.parametrize("kind", ["tar", "parquet", "parquet-snappy", "http-tar"])
+def test_pipelined_reads_give_bitwise_the_batches_of_local_disk(data: dict[str, tuple[str, str]], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                                mode: str) -> None:
+    """PROTOTYPE (pipe26): a batch's ranges pipelined on 3 connections to the real store (HTTP/1.1)."""
+    local, remote = data[kind]
+    extra: dict[str, Any] = {"augment": "rrc(scale=0.3-1),flip", "index_dir": str(tmp_path / "index")}
+    expected = _batches(local, **extra)
+    monkeypatch.setenv("PIPE26_READ_CONNS", "3")
+    monkeypatch.setenv("PIPE26_MODE", mode)
+    got = _batches(remote, **extra)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"{remote} pipelined differs from {local}")
+
+
+def test_pipelined_ranges_on_the_store_are_answered_in_order(store: s3_support.ObjectStore) -> None:
+    body = os.urandom(1 << 20)
+    store.put(BUCKET, "pipelined", body)
+    storage = RemoteStorage()
+    url = f"s3://{BUCKET}/pipelined"
+    spans = [((k * 7919) % 1000 * 1000, 1000 + k * 37) for k in range(50)]  # 50: two pipelines of 32 and 18
+    got: dict[int, bytes | DecodeError] = {}
+    storage.read_ranges([(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)], got.__setitem__)
+    assert got == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert storage.stats()["requests"] == 50  # nothing was read again
+    storage.close()
+
+
 def test_the_decoded_cache_in_front_of_the_store(data: dict[str, tuple[str, str]], tmp_path: Path) -> None:
     local, remote = data["tar"]
     cached = _batches(remote, cache=str(tmp_path / "cache"), index_dir=str(tmp_path / "index"))

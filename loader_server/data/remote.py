@@ -51,7 +51,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -380,6 +380,46 @@ class _Connection:
             self.close()
             raise
 
+    def pipeline(self, requests: list[tuple[str, dict[str, str], int]], deadline: float,
+                 done: Callable[[int, tuple[int, dict[str, str], bytes]], None]) -> int:
+        """PROTOTYPE (issue 26, pipe26): HTTP/1.1 pipelining. Send the GETs `requests` ((target, headers,
+        max_bytes) each) back to back, then read their responses in order, calling ``done(k, response)`` as
+        each arrives. Returns how many were answered: the rest (after an error, which closes the connection,
+        or a ``Connection: close`` answer) are the caller's to retry one at a time. Every request's bytes are
+        sent before any response is read, so a batch is kept small (its requests fit in the socket's buffers).
+        """
+        answered = 0
+        status: int | None = None
+        try:
+            sock = self.sock or self._open(deadline)
+            parts = []
+            for target, headers, _ in requests:
+                if self.proxy is not None and not self.https:
+                    target = f"http://{self.host}{target}"
+                    headers = {**self.proxy_auth, **headers}
+                if self.auth:
+                    headers = {**self.auth, **headers}
+                parts.append(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n"
+                             + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n")
+            self._arm(sock, deadline)
+            sock.sendall("".join(parts).encode("latin-1"))
+            for k, (_, _, max_bytes) in enumerate(requests):
+                status = None
+                status, line, fields = self._head(sock, deadline)
+                response = self._body(sock, "GET", status, line, fields, max_bytes, deadline)
+                answered += 1
+                done(k, response)
+                if self.sock is None:  # Connection: close (or an error body too large): the rest unanswered
+                    break
+            return answered
+        except (_BadResponse, _TooLarge, ssl.SSLError, ValueError, IndexError, UnicodeError, OverflowError,
+                MemoryError, OSError):
+            self.close()  # what was answered stands; the rest is retried one at a time by the caller
+            return answered
+        except BaseException:
+            self.close()
+            raise
+
     def _body(self, sock: socket.socket, method: str, status: int, line: str, fields: dict[str, str],
               max_bytes: int, deadline: float) -> tuple[int, dict[str, str], bytes]:
         limit = max_bytes if status < 300 else _ERROR_BODY
@@ -460,6 +500,8 @@ class _Route(NamedTuple):
 #: before it arrives), and how many URLs' routes and signatures a process keeps.
 _SIGNATURE_REUSE_S = 60.0
 _KEPT_URLS = 4096
+#: PROTOTYPE (pipe26): the most range GETs sent back to back on one connection before reading their answers.
+_PIPELINE_MAX = 32
 
 
 class _Budget:
@@ -903,6 +945,67 @@ class RemoteStorage:
             raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of "
                                            f"{redact(url)}", "truncated")
         return body
+
+    def read_ranges(self, items: Sequence[tuple[str, int, int, Callable[[int], str], int]],
+                    deliver: Callable[[int, bytes | DecodeError], None]) -> None:
+        """PROTOTYPE (issue 26, pipe26): the range reads `items` ((url, offset, size, describe, i) each, as
+        `read_range` takes them) pipelined on this thread's connection, at most `_PIPELINE_MAX` a batch;
+        ``deliver(k, bytes or DecodeError)`` is called once per item as its answer arrives. What the pipeline
+        leaves (a broken connection, an answer that is not 2xx) is read again one at a time by `read_range`,
+        with its retries and errors."""
+        self._fresh()
+        todo: list[tuple[int, _Route, dict[str, str], int]] = []
+        for k, (url, offset, size, describe, i) in enumerate(items):
+            try:
+                headers = self._conditions(url)
+            except DecodeError as exc:
+                deliver(k, DecodeError(describe(i), f"{redact(url)}: {exc.reason}", exc.code))
+                continue
+            headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+            route = self._route(url)
+            todo.append((k, route, self._sign(url, route.http_url, "GET", headers) if route.s3 else headers, size))
+        left: list[int] = []
+        budget = self._budget
+        at = 0
+        while at < len(todo):
+            key = todo[at][1].key
+            stop = at + 1
+            while stop < len(todo) and stop - at < _PIPELINE_MAX and todo[stop][1].key == key:
+                stop += 1
+            chunk = todo[at:stop]
+            at = stop
+            total = sum(size for *_, size in chunk)
+
+            def done(j: int, response: tuple[int, dict[str, str], bytes], chunk: list[Any] = chunk) -> None:
+                k, (status, fields, body) = chunk[j][0], response
+                url, offset, size, describe, i = items[k]
+                if status == 200:
+                    body = body[offset : offset + size]
+                elif status != 206 or not fields.get("content-range", f"bytes {offset}-").startswith(
+                        f"bytes {offset}-"):  # an error, or the answer to another request: read it alone
+                    left.append(k)
+                    return
+                if len(body) != size:
+                    deliver(k, DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset "
+                                                        f"{offset} of {redact(url)}", "truncated"))
+                else:
+                    deliver(k, body)
+
+            self.requests += len(chunk)
+            budget.acquire(total)
+            try:
+                conn = self._connection(chunk[0][1])
+                answered = conn.pipeline([(route.target, headers, size) for _, route, headers, size in chunk],
+                                         time.monotonic() + self.policy.timeout_s, done)
+            finally:
+                budget.release(total)
+            left.extend(k for k, *_ in chunk[answered:])
+        for k in left:  # one at a time, with the retries and the errors of a single read
+            url, offset, size, describe, i = items[k]
+            try:
+                deliver(k, self.read_range(url, offset, size, describe, i))
+            except DecodeError as exc:
+                deliver(k, exc)
 
     def version(self, url: str) -> Version | None:
         """What a cached record of the object is checked against: its ETag's hash and size now (None: gone,

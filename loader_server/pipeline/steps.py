@@ -23,6 +23,9 @@ in augment.py.
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +48,7 @@ __all__ = ["TRANSFORM_STREAM", "Reader", "Sample", "SamplePath", "Step", "cached
 #: User transforms draw apart from augmentations.
 TRANSFORM_STREAM = 0x7F
 _READ_EMA_WEIGHT = 0.05
+_PIPELINE_DEPTH = 32  # PROTOTYPE (pipe26): reads one connection takes at a time (PIPE26_MODE=queue)
 
 
 class Sample:
@@ -93,7 +97,8 @@ class Reader:
     """
 
     def __init__(self, options: ReadOptions, dataset: Dataset) -> None:
-        self.read_bytes = byte_source(dataset).read
+        source = byte_source(dataset)
+        self.read_bytes = source.read
         self.max_bytes = options.max_file_bytes
         self._latency_s = options.simulate_read_latency_ms / 1000
         self._auto = options.read_threads is None
@@ -103,6 +108,79 @@ class Reader:
             self.pool = ThreadPoolExecutor(options.read_threads, thread_name_prefix="loader-read")
         elif self._auto and reads_remote(dataset):  # every read is a round trip: run ahead from the first
             self.pool = ThreadPoolExecutor(AUTO_READ_THREADS, thread_name_prefix="loader-read")
+        # PROTOTYPE (pipe26): PIPE26_READ_CONNS=K reads a batch's remote ranges on K connections, each one
+        # thread pipelining its share (HTTP/1.1), instead of one read thread per sample.
+        self.pipe: ThreadPoolExecutor | None = None
+        self.pipe_conns = int(os.environ.get("PIPE26_READ_CONNS", "0") or 0)
+        self._remote_range = getattr(source, "remote_range", None)
+        self._storage = getattr(source, "storage", None)
+        self._describe = getattr(source, "describe", None)
+        if self.pipe_conns > 0 and self.pool is not None and self._remote_range is not None \
+                and reads_remote(dataset):
+            self.pipe = ThreadPoolExecutor(self.pipe_conns, thread_name_prefix="loader-pipe")
+        # PIPE26_MODE=queue: the K threads share one FIFO of reads, each taking up to 32 (the pipeline's depth)
+        # at a time, across batches (deeper pipelines when several tasks are read ahead); split: each batch
+        # split in K interleaved shares, one pipeline each.
+        self._queued = os.environ.get("PIPE26_MODE", "split") == "queue"
+        self._queue: queue.SimpleQueue[tuple[int, Future[bytes]]] = queue.SimpleQueue()
+        self._takers = 0
+
+    def submit_many(self, indices: list[int]) -> list[Future[bytes]]:
+        """Futures of the reads of `indices`: on the read threads, or pipelined on `pipe_conns` connections."""
+        if self.pipe is None:
+            assert self.pool is not None
+            return [self.pool.submit(self.read, i) for i in indices]
+        futures: list[Future[bytes]] = [Future() for _ in indices]
+        k = self.pipe_conns
+        if self._queued:
+            for i, fut in zip(indices, futures, strict=True):
+                self._queue.put((i, fut))
+            while self._takers < k:  # started on first use, each one a connection
+                self._takers += 1
+                threading.Thread(target=self._take, name="loader-pipe", daemon=True).start()
+            return futures
+        for g in range(min(k, len(indices))):  # interleaved: every connection's first answer is an early slot
+            self.pipe.submit(self._pipelined, indices[g::k], futures[g::k])
+        return futures
+
+    def _take(self) -> None:
+        while True:
+            taken = [self._queue.get()]
+            while len(taken) < _PIPELINE_DEPTH:
+                try:
+                    taken.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._pipelined([i for i, _ in taken], [f for _, f in taken])
+
+    def _pipelined(self, indices: list[int], futures: list[Future[bytes]]) -> None:
+        try:
+            items: list[tuple[str, int, int, Callable[[int], str], int]] = []
+            waiting: list[Future[bytes]] = []
+            for i, fut in zip(indices, futures, strict=True):
+                try:
+                    where = self._remote_range(i, self.max_bytes)  # type: ignore[misc]
+                    if where is None:
+                        fut.set_result(self.read(i))
+                        continue
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    continue
+                items.append((*where, self._describe, i))
+                waiting.append(fut)
+
+            def deliver(k: int, result: bytes | Exception) -> None:
+                if isinstance(result, Exception):
+                    waiting[k].set_exception(result)
+                else:
+                    waiting[k].set_result(result)
+
+            if items:
+                self._storage.read_ranges(items, deliver)  # type: ignore[union-attr]
+        except BaseException as exc:
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(exc)
 
     def read(self, i: int) -> bytes:
         if self._latency_s:

@@ -111,6 +111,10 @@ def main() -> int:
     ap.add_argument("--profile", choices=("seq", "ahead"), default=None)
     ap.add_argument("--profile-s", type=float, default=20.0)
     ap.add_argument("--pyspy", default="/tmp/pyspy/bin/py-spy")
+    ap.add_argument("--pipe", type=int, nargs="*", default=[4, 8],
+                    help="PROTOTYPE: connections per process for the pipelined rows (s3 pipeK)")
+    ap.add_argument("--delay-ms", type=float, default=0.0,
+                    help="PROTOTYPE: s3 reads through the delaying proxy (then only the ahead and pipe rows)")
     ap.add_argument("--out", default=None, help="append the figures as one JSON line to this file")
     args = ap.parse_args()
 
@@ -122,7 +126,7 @@ def main() -> int:
     from loader_server.sample_data import write_tar_shards
 
     scratch = Path(tempfile.mkdtemp(prefix="cpu-per-read-"))
-    store = None
+    store = proxy = None
     cores = sorted(os.sched_getaffinity(0))
     try:
         corpus = load_dataset(DataOptions(data=args.data))
@@ -136,7 +140,16 @@ def main() -> int:
         for shard in shards:
             store.put("bench", f"tar/{shard.name}", shard.read_bytes())
             shard.read_bytes()  # local disk at its best: in the page cache
-        os.environ.update(store.env())
+        if args.delay_ms:  # PROTOTYPE (pipe26): through the benchmark's delaying proxy, on the store's core
+            from loader_bench.latency_proxy import start_proxy
+
+            host, port = store.endpoint.removeprefix("http://").split(":")
+            proxy = start_proxy((host, int(port)), args.delay_ms)
+            if len(cores) > 1:
+                _pin(proxy.proc.pid, {cores[-1]})
+            os.environ.update(store.env(proxy.endpoint))
+        else:
+            os.environ.update(store.env())
         index_dir = str(scratch / "index")
         sets = {"local": load_dataset(DataOptions(data=local_data, index_dir=index_dir)),
                 "s3": load_dataset(DataOptions(data="s3://bench/tar/", index_dir=index_dir))}
@@ -187,9 +200,28 @@ def main() -> int:
                 for i in idx:
                     version(int(i))
 
+            if name == "s3":  # PROTOTYPE (pipe26): the same batches pipelined on K connections per process
+                local_src = byte_source(sets["local"])
+                for conns in args.pipe:
+                    os.environ["PIPE26_READ_CONNS"] = str(conns)
+                    piped = Reader(ReadOptions(), ds)
+                    del os.environ["PIPE26_READ_CONNS"]
+                    assert piped.pipe is not None
+                    check = [int(i) for i in order[:256]]
+                    got = [f.result() for f in piped.submit_many(check)]
+                    assert got == [local_src.read(i) for i in check], "pipelined reads differ from local disk"
+
+                    def pipe(idx: np.ndarray, reader=piped) -> None:
+                        for b in range(0, len(idx), 64):
+                            for f in reader.submit_many([int(i) for i in idx[b : b + 64]]):
+                                f.result()
+
+                    rows[f"s3 pipe{conns}"] = _measure(pipe, order, args.repeat)
+            rows[f"{name} ahead"] = _measure(ahead, order, args.repeat)
+            if args.delay_ms:
+                continue
             rows[f"{name} version"] = _measure(versions, order, args.repeat)
             rows[f"{name} seq"] = _measure(seq, order, args.repeat)
-            rows[f"{name} ahead"] = _measure(ahead, order, args.repeat)
             if name == "s3":
                 storage, files = src.storage, src.files
                 pos, span, starts = src.pos, src.span, src.starts
@@ -207,7 +239,7 @@ def main() -> int:
         for name, row in rows.items():
             print(f"{name:12} {row['cpu_us']:12.1f} {row['sys_us']:13.1f} {row['wall_us']:13.1f}  "
                   f"{row['cpu_us_all']}")
-        for mode in ("seq", "ahead"):
+        for mode in ("ahead",) if args.delay_ms else ("seq", "ahead"):
             print(f"s3 - local, {mode}: {rows[f's3 {mode}']['cpu_us'] - rows[f'local {mode}']['cpu_us']:.1f} us/read")
         print(f"load {os.getloadavg()[0]:.2f}")
         if args.out:
@@ -218,6 +250,8 @@ def main() -> int:
                                     "load": os.getloadavg()[0], "rows": rows}) + "\n")
     finally:
         os.sched_setaffinity(0, set(cores))
+        if proxy is not None:
+            print(f"proxy carried: {proxy.stop()}")
         if store is not None:
             store.stop()
         shutil.rmtree(scratch, ignore_errors=True)
