@@ -128,7 +128,8 @@ def data(store: s3_support.ObjectStore, tmp_path_factory: pytest.TempPathFactory
     }
 
 
-def _batches(data: str, **settings: Any) -> list[np.ndarray]:
+def _batches(data: str, pipelined: list[int] | None = None, **settings: Any) -> list[np.ndarray]:
+    """Two epochs of batches built from `data` (`pipelined`: gets how many reads were pipelined)."""
     config = ServerConfig(data=data, batch_size=BATCH, size=SIZE, seed=5, drop_last=False, **settings)
     ds = load_dataset(config)
     cache = open_cache(config, ds) if config.cache else None
@@ -140,6 +141,10 @@ def _batches(data: str, **settings: Any) -> list[np.ndarray]:
             idx = plan.batch(epoch, b, seed=5, rank=0, world_size=1)
             arrays = builder.build(idx, builder.allocate(), key=(5, epoch), augment=bool(settings.get("augment")))
             out += [arrays["x"].copy(), arrays["y"].copy(), arrays["index"].copy()]
+    builder.close()
+    if pipelined is not None:
+        assert builder.reader is not None
+        pipelined.append(builder.reader.pipelined)
     return out
 
 
@@ -158,21 +163,39 @@ def test_every_kind_from_the_store_gives_bitwise_the_batches_of_local_disk(data:
         np.testing.assert_array_equal(a, b, err_msg=f"{remote} differs from {local}")
 
 
-@pytest.mark.parametrize("mode", ["split", "queue"])
+@pytest.mark.parametrize("connections", [0, 1, 3])
 @pytest.mark.parametrize("kind", ["tar", "parquet", "parquet-snappy", "http-tar"])
 def test_pipelined_reads_give_bitwise_the_batches_of_local_disk(data: dict[str, tuple[str, str]], tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch, kind: str,
-                                                                mode: str) -> None:
-    """PROTOTYPE (pipe26): a batch's ranges pipelined on 3 connections to the real store (HTTP/1.1)."""
+                                                                kind: str, connections: int) -> None:
+    """--read-connections K: the ranges of tar members and uncompressed Parquet values pipelined on K connections
+    to the real store (HTTP/1.1); snappy pieces take the read pool; 0 reads one range per read thread."""
     local, remote = data[kind]
     extra: dict[str, Any] = {"augment": "rrc(scale=0.3-1),flip", "index_dir": str(tmp_path / "index")}
     expected = _batches(local, **extra)
-    monkeypatch.setenv("PIPE26_READ_CONNS", "3")
-    monkeypatch.setenv("PIPE26_MODE", mode)
-    got = _batches(remote, **extra)
+    pipelined: list[int] = []
+    got = _batches(remote, pipelined, read_connections=connections, **extra)
     assert len(got) == len(expected) > 0
     for a, b in zip(expected, got, strict=True):
-        np.testing.assert_array_equal(a, b, err_msg=f"{remote} pipelined differs from {local}")
+        np.testing.assert_array_equal(a, b, err_msg=f"{remote} pipelined on {connections} differs from {local}")
+    assert pipelined == [0 if kind == "parquet-snappy" or not connections else 2 * N], pipelined
+
+
+def _read_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]]) -> dict[int, bytes | Exception]:
+    """`spans` of `url` through `read_ranges` (the rest on a retry pool), each answer once, waited for with a deadline."""
+    got: dict[int, bytes | Exception] = {}
+    lock, arrived = threading.Lock(), threading.Event()
+
+    def deliver(k: int, result: bytes | Exception) -> None:
+        with lock:
+            assert k not in got, f"{k} delivered twice"
+            got[k] = result
+            if len(got) == len(spans):
+                arrived.set()
+
+    with ThreadPoolExecutor(4) as retry:
+        storage.read_ranges([(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)], deliver, retry)
+        assert arrived.wait(60), f"{len(got)} of {len(spans)}"
+    return got
 
 
 def test_pipelined_ranges_on_the_store_are_answered_in_order(store: s3_support.ObjectStore) -> None:
@@ -181,11 +204,44 @@ def test_pipelined_ranges_on_the_store_are_answered_in_order(store: s3_support.O
     storage = RemoteStorage()
     url = f"s3://{BUCKET}/pipelined"
     spans = [((k * 7919) % 1000 * 1000, 1000 + k * 37) for k in range(50)]  # 50: two pipelines of 32 and 18
-    got: dict[int, bytes | DecodeError] = {}
-    storage.read_ranges([(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)], got.__setitem__)
-    assert got == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
     assert storage.stats()["requests"] == 50  # nothing was read again
     storage.close()
+
+
+def test_a_pipelined_read_never_holds_more_bytes_in_flight_than_the_bound(store: s3_support.ObjectStore) -> None:
+    """--remote-inflight-mb bounds a pipeline too: 32 ranges of 40 KB under a bound of 100 KB are pipelines of
+    two, never one of 1.3 MB."""
+    body = os.urandom(2 << 20)
+    store.put(BUCKET, "inflight", body)
+    storage = RemoteStorage(inflight_bytes=100_000)
+    url = f"s3://{BUCKET}/inflight"
+    spans = [(k * 50_000, 40_000) for k in range(32)]
+    assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert 0 < storage.stats()["peak_inflight_bytes"] <= 100_000
+    storage.close()
+
+
+def test_readers_closed_leave_no_threads(data: dict[str, tuple[str, str]], tmp_path: Path) -> None:
+    """A Reader's pipelining threads and read pool stop at close(): made and closed ten times, the process's
+    thread count comes back to where it was (no daemon thread left per Reader)."""
+    from loader_server.options import ReadOptions
+    from loader_server.pipeline.steps import Reader
+
+    ds = load_dataset(ServerConfig(data=data["http-tar"][1], index_dir=str(tmp_path / "index")))
+    first = Reader(ReadOptions(read_connections=3), ds)  # the storage's own threads (re-check), started once
+    assert [f.result(timeout=60) for f in first.submit_many(list(range(4)))]
+    first.close()
+    before = threading.active_count()
+    for _ in range(10):
+        reader = Reader(ReadOptions(read_connections=3), ds)
+        assert reader.connections == 3
+        assert all(f.result(timeout=60) for f in reader.submit_many(list(range(N))))
+        reader.close()
+        with pytest.raises(RuntimeError):
+            reader.submit_many([0])
+    wait_until(lambda: threading.active_count() <= before, 30,
+               f"the thread count back to {before} (now: {[t.name for t in threading.enumerate()]})")
 
 
 def test_the_decoded_cache_in_front_of_the_store(data: dict[str, tuple[str, str]], tmp_path: Path) -> None:
@@ -359,11 +415,14 @@ def test_resume_after_sigkill_of_server_and_trainer_from_s3(start_server: Any, t
         assert sorted(i for r in combined if r["epoch"] == epoch for i in r["indices"]) == list(range(N))
 
 
+@pytest.mark.parametrize("kind", ["objects", "tar"])  # whole objects on the read pool; tar members pipelined
 def test_store_killed_mid_epoch_is_an_error_in_bounded_time_then_a_resumed_trainer_completes_it(
-        start_server: Any, tmp_path: Path, store: s3_support.ObjectStore, data: dict[str, tuple[str, str]]) -> None:
-    _, remote = data["objects"]
+        start_server: Any, tmp_path: Path, store: s3_support.ObjectStore, data: dict[str, tuple[str, str]],
+        kind: str) -> None:
+    _, remote = data[kind]
     server = start_server(remote, "--batch-size", "2", "--size", "16x12", "--workers", "1", "--seed", "2",
-                          "--prefetch", "1", "--remote-attempts", "3", "--remote-timeout-s", "2")
+                          "--prefetch", "1", "--remote-attempts", "3", "--remote-timeout-s", "2",
+                          "--index-dir", str(tmp_path / "index"))
     got: list[list[int]] = []
     state = None
     with LoaderClient(server.endpoint, timeout_s=60) as client:
@@ -380,7 +439,8 @@ def test_store_killed_mid_epoch_is_an_error_in_bounded_time_then_a_resumed_train
                 state = client.state_dict()
         took = time.monotonic() - started
     message = str(caught.value)
-    assert f"s3://{BUCKET}/d/files/img/" in message and "after 3 attempts" in message, message
+    assert f"s3://{BUCKET}/d/{'files/img' if kind == 'objects' else 'tar'}/" in message, message
+    assert "after 3 attempts" in message, message
     assert took < 60  # 3 attempts of at most 2 s, with backoff below 0.2 + 0.4 s, plus prefetched batches
     store.restart()
     with LoaderClient(server.endpoint, timeout_s=60, state=state) as resumed:
@@ -475,6 +535,71 @@ def test_503_slowdown_is_retried_with_backoff_then_named_with_status_and_attempt
         message = str(caught.value)
         assert url in message and "HTTP 503 SlowDown" in message and "after 4 attempts" in message, message
         assert caught.value.code == "unavailable"
+        storage.close()
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
+class _SlowDownPipelined(_SlowDown):
+    """The throttling front over HTTP/1.1 (persistent connections, so pipelined requests are answered in turn):
+    the requests numbered in `fail_at` (from 1) are answered 503 SlowDown."""
+
+    protocol_version = "HTTP/1.1"
+    fail_at: set[int] = set()
+
+    def do_GET(self) -> None:
+        type(self).fail = 1 if type(self).seen + 1 in type(self).fail_at else 0
+        super().do_GET()
+
+
+def _front(handler: type[_SlowDown], store: s3_support.ObjectStore) -> http.server.ThreadingHTTPServer:
+    handler.target = store.endpoint
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    return front
+
+
+def test_503_slowdown_mid_pipeline_is_retried_and_every_range_delivered_once(store: s3_support.ObjectStore) -> None:
+    """Requests 3 and 7 of a pipeline of 10 are answered 503 SlowDown by a throttling front of the real store:
+    the others are served from the pipeline, those two retried (after a backoff, on the retry pool) once each."""
+    body = bytes(range(256)) * 100
+    store.put(s3_support.PUBLIC, "blob", body)
+    front = _front(_SlowDownPipelined, store)
+    url = f"http://127.0.0.1:{front.server_address[1]}/{s3_support.PUBLIC}/blob"
+    try:
+        storage = RemoteStorage(RetryPolicy(attempts=4, base_s=0.05, max_backoff_s=0.2))
+        storage.remember({url: s3_support_info(store)})
+        _SlowDownPipelined.fail_at, _SlowDownPipelined.seen = {3, 7}, 0
+        spans = [(k * 1000, 500 + k) for k in range(10)]
+        assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert _SlowDownPipelined.seen == 12 and storage.stats()["requests"] == 12  # 10, and the two again
+        storage.close()
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
+def test_a_front_that_closes_after_each_answer_is_read_one_request_per_connection(
+        store: s3_support.ObjectStore, caplog: pytest.LogCaptureFixture) -> None:
+    """An HTTP/1.0 front (it closes the connection after each answer) before the real store: the pipeline's
+    first answer stands, the rest are read again, the host is remembered (one log line) and read one request
+    per connection after that."""
+    body = bytes(range(256)) * 100
+    store.put(s3_support.PUBLIC, "blob", body)
+    front = _front(_SlowDown, store)
+    url = f"http://127.0.0.1:{front.server_address[1]}/{s3_support.PUBLIC}/blob"
+    try:
+        storage = RemoteStorage(RetryPolicy(attempts=4, base_s=0.05, max_backoff_s=0.2))
+        storage.remember({url: s3_support_info(store)})
+        _SlowDown.fail, _SlowDown.seen = 0, 0
+        spans = [(k * 1000, 500 + k) for k in range(6)]
+        with caplog.at_level("WARNING", logger="loader_server"):
+            for _ in range(2):
+                assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert _SlowDown.seen == 12  # each range answered once
+        assert storage.stats()["requests"] == 6 + 5 + 6  # the pipeline, its 5 unanswered again, then one by one
+        assert len([r for r in caplog.records if "answered only the first" in r.getMessage()]) == 1
         storage.close()
     finally:
         front.shutdown()

@@ -52,6 +52,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -227,6 +228,9 @@ class _Connection:
         sock = socket.create_connection(where, timeout=left)
         self.sock, self.lo, self.hi = sock, 0, 0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A known send buffer (the kernel doubles this, for its bookkeeping): `pipeline` never sends more request
+        # bytes before reading than _PIPELINE_SEND_BYTES, well inside it, so sendall never waits on the server.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         if self.proxy is not None and self.https:
             self._tunnel(sock, deadline)
         if self.tls is not None:
@@ -347,6 +351,16 @@ class _Connection:
             fields[name.strip().lower()] = value.strip()
         return status, first, fields
 
+    def encode(self, method: str, target: str, headers: dict[str, str]) -> bytes:
+        """The bytes of one request to this connection's host (through its proxy, with its authentication)."""
+        if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
+            target = f"http://{self.host}{target}"
+            headers = {**self.proxy_auth, **headers}
+        if self.auth:
+            headers = {**self.auth, **headers}
+        return (f"{method} {target} HTTP/1.1\r\nHost: {self.host}\r\n"
+                + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n").encode("latin-1")
+
     def request(self, method: str, target: str, headers: dict[str, str], max_bytes: int,
                 deadline: float) -> tuple[int, dict[str, str], bytes]:
         """One request and its response, within `deadline` (time.monotonic()); the connection is closed after
@@ -354,15 +368,9 @@ class _Connection:
         status: int | None = None
         try:
             sock = self.sock or self._open(deadline)
-            if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
-                target = f"http://{self.host}{target}"
-                headers = {**self.proxy_auth, **headers}
-            if self.auth:
-                headers = {**self.auth, **headers}
-            text = f"{method} {target} HTTP/1.1\r\nHost: {self.host}\r\n" + "".join(
-                [f"{k}: {v}\r\n" for k, v in headers.items()])
+            data = self.encode(method, target, headers)
             self._arm(sock, deadline)
-            sock.sendall((text + "\r\n").encode("latin-1"))
+            sock.sendall(data)
             status, line, fields = self._head(sock, deadline)
             return self._body(sock, method, status, line, fields, max_bytes, deadline)
         except _BadResponse as exc:
@@ -380,42 +388,39 @@ class _Connection:
             self.close()
             raise
 
-    def pipeline(self, requests: list[tuple[str, dict[str, str], int]], deadline: float,
-                 done: Callable[[int, tuple[int, dict[str, str], bytes]], None]) -> int:
-        """PROTOTYPE (issue 26, pipe26): HTTP/1.1 pipelining. Send the GETs `requests` ((target, headers,
-        max_bytes) each) back to back, then read their responses in order, calling ``done(k, response)`` as
-        each arrives. Returns how many were answered: the rest (after an error, which closes the connection,
-        or a ``Connection: close`` answer) are the caller's to retry one at a time. Every request's bytes are
-        sent before any response is read, so a batch is kept small (its requests fit in the socket's buffers).
-        """
+    def pipeline(self, requests: Sequence[tuple[bytes, int]], timeout: float,
+                 done: Callable[[int, int, dict[str, str], bytes], bool]) -> tuple[int, BaseException | None]:
+        """HTTP/1.1 pipelining: send the encoded GETs `requests` ((bytes, max_bytes) each; at most
+        _PIPELINE_SEND_BYTES in all, so that sending never waits for the server to read: see `_open`) back to
+        back, then read their answers in order, calling ``done(k, status, fields, body)`` as each arrives; a
+        False from it stops (the connection is closed: its later answers are not to be trusted). Each answer
+        has its own deadline, `timeout` from when the one before it ended (a pipeline's last answer waits
+        for every one before it).
+
+        Returns (how many were answered, the error that stopped the rest, or None): after an error (which
+        closes the connection) or an answer that closed it (``Connection: close``), the rest are unanswered,
+        and the caller's to read again."""
         answered = 0
-        status: int | None = None
         try:
+            deadline = time.monotonic() + timeout
             sock = self.sock or self._open(deadline)
-            parts = []
-            for target, headers, _ in requests:
-                if self.proxy is not None and not self.https:
-                    target = f"http://{self.host}{target}"
-                    headers = {**self.proxy_auth, **headers}
-                if self.auth:
-                    headers = {**self.auth, **headers}
-                parts.append(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n"
-                             + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n")
             self._arm(sock, deadline)
-            sock.sendall("".join(parts).encode("latin-1"))
-            for k, (_, _, max_bytes) in enumerate(requests):
-                status = None
+            sock.sendall(b"".join([data for data, _ in requests]))
+            for _, max_bytes in requests:
+                deadline = time.monotonic() + timeout
                 status, line, fields = self._head(sock, deadline)
-                response = self._body(sock, "GET", status, line, fields, max_bytes, deadline)
+                status, fields, body = self._body(sock, "GET", status, line, fields, max_bytes, deadline)
                 answered += 1
-                done(k, response)
+                if not done(answered - 1, status, fields, body):
+                    self.close()
+                    break
                 if self.sock is None:  # Connection: close (or an error body too large): the rest unanswered
                     break
-            return answered
+            return answered, None
         except (_BadResponse, _TooLarge, ssl.SSLError, ValueError, IndexError, UnicodeError, OverflowError,
-                MemoryError, OSError):
-            self.close()  # what was answered stands; the rest is retried one at a time by the caller
-            return answered
+                MemoryError, OSError) as exc:
+            self.close()  # what was answered stands; the rest is read again by the caller
+            return answered, exc
         except BaseException:
             self.close()
             raise
@@ -500,8 +505,13 @@ class _Route(NamedTuple):
 #: before it arrives), and how many URLs' routes and signatures a process keeps.
 _SIGNATURE_REUSE_S = 60.0
 _KEPT_URLS = 4096
-#: PROTOTYPE (pipe26): the most range GETs sent back to back on one connection before reading their answers.
+#: The most range GETs sent back to back on one connection before reading their answers, and the most bytes of
+#: them: a quarter of the send buffer each connection asks for (the kernel doubles SO_SNDBUF), so sending a
+#: pipeline never waits for the server to read (a server that answers the first request before reading the
+#: next would otherwise deadlock with us, each blocked on a full buffer).
 _PIPELINE_MAX = 32
+_SEND_BUFFER = 1 << 16
+_PIPELINE_SEND_BYTES = _SEND_BUFFER // 2
 
 
 class _Budget:
@@ -567,6 +577,7 @@ class RemoteStorage:
         self._routes: dict[str, _Route] = {}  # url -> where its requests go (bounded: `_route`)
         self._signed: dict[tuple[str, str], tuple[Any, float, dict[str, str]]] = {}  # (method, url) -> signature
         self.requests = 0  # this process's requests (attempts), for metrics and the benchmark
+        self._serial: set[tuple[str, str]] = set()  # hosts that answer one request of a pipeline (read_ranges)
 
     # ------------------------------------------------------------------ per process
     def _fresh(self) -> None:
@@ -581,6 +592,7 @@ class RemoteStorage:
             self._rng = random.Random()
             self._refreshing, self._rechecks = set(), None  # the parent's re-check thread is not in this process
             self.requests = 0
+            self._serial = set()
             self._pid = os.getpid()
 
     def _s3_setup(self) -> dict[str, Any]:
@@ -726,13 +738,21 @@ class RemoteStorage:
 
     def _request(self, url: str, method: str = "GET", headers: dict[str, str] | None = None,
                  ok: tuple[int, ...] = (200, 206), max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                 what: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        """A request with retries; DecodeError naming the URL, the status and the attempts when it fails."""
+                 what: str = "GET", prior: _Failure | None = None) -> tuple[int, dict[str, str], bytes]:
+        """A request with retries; DecodeError naming the URL, the status and the attempts when it fails.
+        `prior`: how a first attempt made elsewhere (a pipelined request) failed; this goes on from attempt 2,
+        after its backoff, as if it had made that attempt."""
         self._fresh()
         policy = self.policy
         started = time.monotonic()
         failure = _Failure(None, "not tried", False)
-        for attempt in range(1, policy.attempts + 1):
+        attempt = 0
+        if prior is not None:
+            failure, attempt = prior, 1
+            if failure.retry and attempt < policy.attempts:
+                time.sleep(policy.backoff(attempt, self._rng))
+        while attempt < policy.attempts and (attempt == 0 or failure.retry):
+            attempt += 1
             try:
                 status, head, body = self._once(url, method, dict(headers or {}), max_bytes)
             except _Failure as exc:
@@ -923,8 +943,10 @@ class RemoteStorage:
             _, _, body = self._request(url, headers=headers, max_bytes=max_bytes)
         return body
 
-    def read_range(self, url: str, offset: int, size: int, describe: Callable[[int], str], i: int) -> bytes:
-        """`size` bytes at `offset` of the object, as indexed; errors name the sample ``describe(i)``."""
+    def read_range(self, url: str, offset: int, size: int, describe: Callable[[int], str], i: int,
+                   prior: _Failure | None = None) -> bytes:
+        """`size` bytes at `offset` of the object, as indexed; errors name the sample ``describe(i)``. `prior`: how
+        a pipelined first attempt failed (`read_ranges`)."""
         self._fresh()
         try:
             headers = self._conditions(url)
@@ -932,7 +954,7 @@ class RemoteStorage:
             budget = self._budget
             budget.acquire(size)
             try:
-                status, _, body = self._request(url, headers=headers, max_bytes=size)
+                status, head, body = self._request(url, headers=headers, max_bytes=size, prior=prior)
             finally:
                 budget.release(size)
         except DecodeError as exc:
@@ -941,71 +963,136 @@ class RemoteStorage:
                               exc.code) from None
         if status == 200:  # a server that ignores Range sends the whole object
             body = body[offset : offset + size]
+        elif not head.get("content-range", f"bytes {offset}-").startswith(f"bytes {offset}-"):
+            raise DecodeError(describe(i), f"asked for bytes {offset}-{offset + size - 1} of {redact(url)}, the "
+                                           f"server answered {head['content-range'][:80]!r}", "read_failed")
         if len(body) != size:
             raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of "
                                            f"{redact(url)}", "truncated")
         return body
 
     def read_ranges(self, items: Sequence[tuple[str, int, int, Callable[[int], str], int]],
-                    deliver: Callable[[int, bytes | DecodeError], None]) -> None:
-        """PROTOTYPE (issue 26, pipe26): the range reads `items` ((url, offset, size, describe, i) each, as
-        `read_range` takes them) pipelined on this thread's connection, at most `_PIPELINE_MAX` a batch;
-        ``deliver(k, bytes or DecodeError)`` is called once per item as its answer arrives. What the pipeline
-        leaves (a broken connection, an answer that is not 2xx) is read again one at a time by `read_range`,
-        with its retries and errors."""
+                    deliver: Callable[[int, bytes | Exception], None], retry: Executor) -> None:
+        """The range reads `items` ((url, offset, size, describe, i) each, as `read_range` takes them) pipelined
+        on this thread's connections (HTTP/1.1): ``deliver(k, bytes or error)`` is called exactly once per item,
+        here as its answer arrives, or on a thread of `retry`.
+
+        Consecutive items of one host go out as pipelines of at most _PIPELINE_MAX requests, at most
+        _PIPELINE_SEND_BYTES of request bytes (see `_Connection._open`) and at most the bytes-in-flight bound
+        (``--remote-inflight-mb``; a larger range goes alone, as with `read_range`). What a pipeline leaves
+        (an answer that is not 2xx, a timeout, a broken connection, a ``Connection: close``, an answer to
+        another range) is handed to `retry`, which reads each with `read_range`: the retries, backoff,
+        errors and bad-file policy of a single read, the pipelined attempt counted as its first when it
+        was answered, and never a backoff sleep on this thread, which goes on with the next pipeline. A host
+        that answers a pipeline's first request only (it closes the connection after it) is remembered:
+        its reads then go to `retry`, one request per connection, and a line says so once."""
         self._fresh()
+        left: list[tuple[int, _Failure | None]] = []
         todo: list[tuple[int, _Route, dict[str, str], int]] = []
-        for k, (url, offset, size, describe, i) in enumerate(items):
-            try:
-                headers = self._conditions(url)
-            except DecodeError as exc:
-                deliver(k, DecodeError(describe(i), f"{redact(url)}: {exc.reason}", exc.code))
-                continue
-            headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+        for k, (url, offset, size, _, _) in enumerate(items):
             route = self._route(url)
+            headers = self._infos.get(url, _UNKNOWN)  # (indexed: no request; else read_range asks, and says)
+            if headers is _UNKNOWN or headers is None or route.key in self._serial:
+                left.append((k, None))
+                continue
+            headers = self._conditions(url)
+            headers["Range"] = f"bytes={offset}-{offset + size - 1}"
             todo.append((k, route, self._sign(url, route.http_url, "GET", headers) if route.s3 else headers, size))
-        left: list[int] = []
-        budget = self._budget
+        budget, timeout = self._budget, self.policy.timeout_s
         at = 0
         while at < len(todo):
-            key = todo[at][1].key
-            stop = at + 1
-            while stop < len(todo) and stop - at < _PIPELINE_MAX and todo[stop][1].key == key:
-                stop += 1
-            chunk = todo[at:stop]
-            at = stop
-            total = sum(size for *_, size in chunk)
+            route = todo[at][1]
+            conn = self._connection(route)
+            chunk: list[tuple[int, int]] = []  # (k, size)
+            requests: list[tuple[bytes, int]] = []
+            sent_bytes = total = 0
+            for k, other, headers, size in todo[at : at + _PIPELINE_MAX]:
+                if other.key != route.key:
+                    break
+                data = conn.encode("GET", other.target, headers)
+                if chunk and (sent_bytes + len(data) > _PIPELINE_SEND_BYTES or total + size > budget.limit):
+                    break
+                chunk.append((k, size))
+                requests.append((data, size))
+                sent_bytes += len(data)
+                total += size
+            at += len(chunk)
+            stopped: list[_Failure] = []
 
-            def done(j: int, response: tuple[int, dict[str, str], bytes], chunk: list[Any] = chunk) -> None:
-                k, (status, fields, body) = chunk[j][0], response
+            def done(j: int, status: int, fields: dict[str, str], body: bytes,
+                     chunk: list[tuple[int, int]] = chunk, stopped: list[_Failure] = stopped) -> bool:
+                k = chunk[j][0]
                 url, offset, size, describe, i = items[k]
-                if status == 200:
+                if status == 200:  # a server that ignores Range sends the whole object
                     body = body[offset : offset + size]
-                elif status != 206 or not fields.get("content-range", f"bytes {offset}-").startswith(
-                        f"bytes {offset}-"):  # an error, or the answer to another request: read it alone
-                    left.append(k)
-                    return
+                elif status != 206:  # its first attempt, failed: read again (or not) as a single read would
+                    left.append((k, _status_failure(status, fields, body)))
+                    return True
+                elif not fields.get("content-range", f"bytes {offset}-").startswith(f"bytes {offset}-"):
+                    stopped.append(_Failure(206, f"a pipelined answer for another range "
+                                                 f"({fields['content-range'][:80]!r})", True))
+                    left.append((k, stopped[0]))  # out of step: this connection's later answers are not trusted
+                    return False
                 if len(body) != size:
-                    deliver(k, DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset "
-                                                        f"{offset} of {redact(url)}", "truncated"))
+                    deliver(k, DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} "
+                                                        f"of {redact(url)}", "truncated"))
                 else:
                     deliver(k, body)
+                return True
 
             self.requests += len(chunk)
             budget.acquire(total)
             try:
-                conn = self._connection(chunk[0][1])
-                answered = conn.pipeline([(route.target, headers, size) for _, route, headers, size in chunk],
-                                         time.monotonic() + self.policy.timeout_s, done)
+                answered, error = conn.pipeline(requests, timeout, done)
             finally:
                 budget.release(total)
-            left.extend(k for k, *_ in chunk[answered:])
-        for k in left:  # one at a time, with the retries and the errors of a single read
-            url, offset, size, describe, i = items[k]
+            if answered < len(chunk):
+                rest = answered
+                if not stopped:  # (a refused answer is in `left` already)
+                    k = chunk[answered][0]
+                    rest += 1
+                    if isinstance(error, TimeoutError):  # its answer was late: that was its first attempt
+                        left.append((k, _Failure(None, f"timed out after {timeout:g} s", True)))
+                    elif isinstance(error, _BadResponse):
+                        left.append((k, _Failure(error.status, f"a malformed response: {error}", True)))
+                    else:  # never answered (a closed or broken connection): read again from the first attempt
+                        left.append((k, None))
+                    if answered == 1 and len(chunk) > 1 and (error is None or isinstance(error, ConnectionError)) \
+                            and all(k != chunk[0][0] for k, _ in left):  # (its one answer was a range)
+                        self._one_at_a_time(route)
+                left.extend((k, None) for k, _ in chunk[rest:])
+        for k, prior in left:
             try:
-                deliver(k, self.read_range(url, offset, size, describe, i))
-            except DecodeError as exc:
+                retry.submit(self._read_left, items[k], prior, k, deliver)
+            except RuntimeError as exc:  # the pool is shut down (the worker is stopping)
                 deliver(k, exc)
+
+    def _read_left(self, item: tuple[str, int, int, Callable[[int], str], int], prior: _Failure | None, k: int,
+                   deliver: Callable[[int, bytes | Exception], None]) -> None:
+        try:
+            data = self.read_range(*item, prior=prior)
+        except Exception as exc:
+            deliver(k, exc)
+        else:
+            deliver(k, data)
+
+    def _one_at_a_time(self, route: _Route) -> None:
+        """`route`'s host answered only the first request of a pipeline: one request per connection from now on."""
+        if route.key not in self._serial:
+            self._serial.add(route.key)
+            log.warning("%s://%s answered only the first of a pipeline of range requests (it closed the "
+                        "connection): reading from it one request per connection from now on", *route.key)
+
+    def release_thread(self) -> None:
+        """Close this thread's connections (a thread that ends: its connections are not reused)."""
+        conns: dict[tuple[str, str], _Connection] | None = getattr(self._local, "conns", None)
+        if not conns:
+            return
+        self._local.conns = {}
+        with self._lock:
+            self._open = [c for c in self._open if c not in conns.values()]
+        for conn in conns.values():
+            conn.close()
 
     def version(self, url: str) -> Version | None:
         """What a cached record of the object is checked against: its ETag's hash and size now (None: gone,

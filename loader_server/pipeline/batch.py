@@ -83,6 +83,11 @@ class BatchBuilder:
             self._paths = {flag: plan_steps(opts, index, self.cache, augment=flag, reader=self.reader)
                            for flag in (False, True)}
 
+    def close(self) -> None:
+        """Stop the read threads (read pool, pipelining connections); the builder reads nothing after this."""
+        if self.reader is not None:
+            self.reader.close()
+
     def steps(self, augment: bool = False) -> list[str]:
         """The names of the steps each sample goes through (for a stream with or without augmentations)."""
         return self._paths[augment].names if self._paths else ["Gather"]

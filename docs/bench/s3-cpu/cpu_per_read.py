@@ -112,9 +112,9 @@ def main() -> int:
     ap.add_argument("--profile-s", type=float, default=20.0)
     ap.add_argument("--pyspy", default="/tmp/pyspy/bin/py-spy")
     ap.add_argument("--pipe", type=int, nargs="*", default=[4, 8],
-                    help="PROTOTYPE: connections per process for the pipelined rows (s3 pipeK)")
+                    help="--read-connections of the pipelined rows (s3 pipeK)")
     ap.add_argument("--delay-ms", type=float, default=0.0,
-                    help="PROTOTYPE: s3 reads through the delaying proxy (then only the ahead and pipe rows)")
+                    help="s3 reads through the delaying proxy (then only the ahead and pipe rows)")
     ap.add_argument("--out", default=None, help="append the figures as one JSON line to this file")
     args = ap.parse_args()
 
@@ -140,7 +140,7 @@ def main() -> int:
         for shard in shards:
             store.put("bench", f"tar/{shard.name}", shard.read_bytes())
             shard.read_bytes()  # local disk at its best: in the page cache
-        if args.delay_ms:  # PROTOTYPE (pipe26): through the benchmark's delaying proxy, on the store's core
+        if args.delay_ms:  # through the benchmark's delaying proxy, on the store's core
             from loader_bench.latency_proxy import start_proxy
 
             host, port = store.endpoint.removeprefix("http://").split(":")
@@ -163,7 +163,7 @@ def main() -> int:
         rows: dict[str, dict[str, float]] = {}
         for name, ds in sets.items():
             src = byte_source(ds)
-            reader = Reader(ReadOptions(), ds)
+            reader = Reader(ReadOptions(read_connections=0), ds)  # one read thread per sample
 
             def seq(idx: np.ndarray, read=src.read) -> None:
                 for i in idx:
@@ -200,13 +200,11 @@ def main() -> int:
                 for i in idx:
                     version(int(i))
 
-            if name == "s3":  # PROTOTYPE (pipe26): the same batches pipelined on K connections per process
+            if name == "s3":  # the same batches pipelined on K connections per process
                 local_src = byte_source(sets["local"])
                 for conns in args.pipe:
-                    os.environ["PIPE26_READ_CONNS"] = str(conns)
-                    piped = Reader(ReadOptions(), ds)
-                    del os.environ["PIPE26_READ_CONNS"]
-                    assert piped.pipe is not None
+                    piped = Reader(ReadOptions(read_connections=conns), ds)
+                    assert piped.connections == conns
                     check = [int(i) for i in order[:256]]
                     got = [f.result() for f in piped.submit_many(check)]
                     assert got == [local_src.read(i) for i in check], "pipelined reads differ from local disk"
