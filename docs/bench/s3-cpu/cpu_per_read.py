@@ -17,7 +17,8 @@ process on the others (as the benchmark pins them), so the store's CPU is not co
 
     flock /work/bench.lock python docs/bench/s3-cpu/cpu_per_read.py [--profile seq|ahead] [--reads N]
 
-``--profile seq`` prints cProfile's top functions of the sequential s3 reads; ``--profile ahead``
+``--profile seq`` prints cProfile's top functions of the sequential s3 reads (``--profile pipe``: of
+`RemoteStorage.read_ranges`, 32 ranges a call, on this thread, as one pipelining thread runs them); ``--profile ahead``
 runs the read-ahead s3 reads for `--profile-s` seconds for py-spy (``--pyspy PATH``) to sample.
 """
 
@@ -108,7 +109,7 @@ def main() -> int:
     ap.add_argument("--data", default="/work/shared/corpus/train.txt")
     ap.add_argument("--reads", type=int, default=2000, help="reads per pass")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--profile", choices=("seq", "ahead"), default=None)
+    ap.add_argument("--profile", choices=("seq", "ahead", "pipe"), default=None)
     ap.add_argument("--profile-s", type=float, default=20.0)
     ap.add_argument("--pyspy", default="/tmp/pyspy/bin/py-spy")
     ap.add_argument("--pipe", type=int, nargs="*", default=[4, 8],
@@ -186,6 +187,27 @@ def main() -> int:
                 seq(order)
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+            if args.profile == "pipe" and name == "s3":
+                from concurrent.futures import ThreadPoolExecutor
+
+                where = [src.remote_range(int(i)) for i in order]
+                got: list[object] = []
+
+                def deliver(k: int, result: object) -> None:
+                    got.append(result)
+
+                with ThreadPoolExecutor(4) as retry:
+                    src.storage.read_ranges([(u, o, n, src.describe, 0) for _, u, o, n in where[:32]], deliver, retry)
+                    prof = cProfile.Profile(time.thread_time)
+                    c0 = time.process_time()
+                    prof.enable()
+                    for b in range(0, len(where), 32):
+                        src.storage.read_ranges([(u, o, n, src.describe, 0) for _, u, o, n in where[b : b + 32]],
+                                                deliver, retry)
+                    prof.disable()
+                    print(f"read_ranges: {(time.process_time() - c0) / len(where) * 1e6:.1f} us/read CPU (profiled)")
+                assert all(isinstance(r, bytes) for r in got)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             if args.profile == "ahead" and name == "s3":
                 deadline = time.monotonic() + args.profile_s + 3
                 spy = subprocess.Popen([args.pyspy, "record", "-p", str(os.getpid()), "-d", str(args.profile_s),
