@@ -240,6 +240,13 @@ def test_readers_closed_leave_no_threads(data: dict[str, tuple[str, str]], tmp_p
         reader.close()
         with pytest.raises(RuntimeError):
             reader.submit_many([0])
+    local = load_dataset(ServerConfig(data=data["http-tar"][0], index_dir=str(tmp_path / "index-local")))
+    # Pipelining is off with --simulate-read-latency-ms (its sleep is in the read it would skip), and for local data.
+    for off in (Reader(ReadOptions(read_connections=3, simulate_read_latency_ms=1.0), ds),
+                Reader(ReadOptions(read_connections=3, read_threads=4), local)):
+        assert off.connections == 0
+        assert [len(f.result(timeout=60)) for f in off.submit_many([0, 1])] == [len(local.read(0)), len(local.read(1))]
+        off.close()
     wait_until(lambda: threading.active_count() <= before, 30,
                f"the thread count back to {before} (now: {[t.name for t in threading.enumerate()]})")
 

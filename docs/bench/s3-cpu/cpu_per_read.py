@@ -193,7 +193,7 @@ def main() -> int:
                 where = [src.remote_range(int(i)) for i in order]
                 got: list[object] = []
 
-                def deliver(k: int, result: object) -> None:
+                def deliver(k: int, result: object, got: list[object] = got) -> None:
                     got.append(result)
 
                 with ThreadPoolExecutor(4) as retry:
