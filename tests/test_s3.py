@@ -7,6 +7,7 @@ tests take credentials and the endpoint from the standard AWS variables (`Object
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -38,6 +39,7 @@ from loader_server.sample_data import write_parquet, write_tar_shards
 
 from . import s3_support
 from .conftest import unique_label_list, wait_until
+from .test_remote import piped_ranges
 
 pytestmark = pytest.mark.s3
 
@@ -180,31 +182,13 @@ def test_pipelined_reads_give_bitwise_the_batches_of_local_disk(data: dict[str, 
     assert pipelined == [0 if kind == "parquet-snappy" or not connections else 2 * N], pipelined
 
 
-def _read_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]]) -> dict[int, bytes | Exception]:
-    """`spans` of `url` through `read_ranges` (the rest on a retry pool), each answer once, waited for with a deadline."""
-    got: dict[int, bytes | Exception] = {}
-    lock, arrived = threading.Lock(), threading.Event()
-
-    def deliver(k: int, result: bytes | Exception) -> None:
-        with lock:
-            assert k not in got, f"{k} delivered twice"
-            got[k] = result
-            if len(got) == len(spans):
-                arrived.set()
-
-    with ThreadPoolExecutor(4) as retry:
-        storage.read_ranges([(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)], deliver, retry)
-        assert arrived.wait(60), f"{len(got)} of {len(spans)}"
-    return got
-
-
 def test_pipelined_ranges_on_the_store_are_answered_in_order(store: s3_support.ObjectStore) -> None:
     body = os.urandom(1 << 20)
     store.put(BUCKET, "pipelined", body)
     storage = RemoteStorage()
     url = f"s3://{BUCKET}/pipelined"
     spans = [((k * 7919) % 1000 * 1000, 1000 + k * 37) for k in range(50)]  # 50: two pipelines of 32 and 18
-    assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
     assert storage.stats()["requests"] == 50  # nothing was read again
     storage.close()
 
@@ -217,7 +201,7 @@ def test_a_pipelined_read_never_holds_more_bytes_in_flight_than_the_bound(store:
     storage = RemoteStorage(inflight_bytes=100_000)
     url = f"s3://{BUCKET}/inflight"
     spans = [(k * 50_000, 40_000) for k in range(32)]
-    assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
     assert 0 < storage.stats()["peak_inflight_bytes"] <= 100_000
     storage.close()
 
@@ -560,31 +544,34 @@ class _SlowDownPipelined(_SlowDown):
         super().do_GET()
 
 
-def _front(handler: type[_SlowDown], store: s3_support.ObjectStore) -> http.server.ThreadingHTTPServer:
+@contextlib.contextmanager
+def _fronted(handler: type[_SlowDown], store: s3_support.ObjectStore) -> Iterator[tuple[str, RemoteStorage, bytes]]:
+    """A throttling front of `handler` before the real store: (the URL of a blob through it, a storage that reads
+    it as indexed, the blob's bytes); both stopped after."""
+    body = bytes(range(256)) * 100
+    store.put(s3_support.PUBLIC, "blob", body)
     handler.target = store.endpoint
     front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=front.serve_forever, daemon=True).start()
-    return front
+    url = f"http://127.0.0.1:{front.server_address[1]}/{s3_support.PUBLIC}/blob"
+    storage = RemoteStorage(RetryPolicy(attempts=4, base_s=0.05, max_backoff_s=0.2))
+    try:
+        storage.remember({url: s3_support_info(store)})
+        yield url, storage, body
+    finally:
+        storage.close()
+        front.shutdown()
+        front.server_close()
 
 
 def test_503_slowdown_mid_pipeline_is_retried_and_every_range_delivered_once(store: s3_support.ObjectStore) -> None:
     """Requests 3 and 7 of a pipeline of 10 are answered 503 SlowDown by a throttling front of the real store:
     the others are served from the pipeline, those two retried (after a backoff, on the retry pool) once each."""
-    body = bytes(range(256)) * 100
-    store.put(s3_support.PUBLIC, "blob", body)
-    front = _front(_SlowDownPipelined, store)
-    url = f"http://127.0.0.1:{front.server_address[1]}/{s3_support.PUBLIC}/blob"
-    try:
-        storage = RemoteStorage(RetryPolicy(attempts=4, base_s=0.05, max_backoff_s=0.2))
-        storage.remember({url: s3_support_info(store)})
+    with _fronted(_SlowDownPipelined, store) as (url, storage, body):
         _SlowDownPipelined.fail_at, _SlowDownPipelined.seen = {3, 7}, 0
         spans = [(k * 1000, 500 + k) for k in range(10)]
-        assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
         assert _SlowDownPipelined.seen == 12 and storage.stats()["requests"] == 12  # 10, and the two again
-        storage.close()
-    finally:
-        front.shutdown()
-        front.server_close()
 
 
 def test_a_front_that_closes_after_each_answer_is_read_one_request_per_connection(
@@ -592,25 +579,15 @@ def test_a_front_that_closes_after_each_answer_is_read_one_request_per_connectio
     """An HTTP/1.0 front (it closes the connection after each answer) before the real store: the pipeline's
     first answer stands, the rest are read again, the host is remembered (one log line) and read one request
     per connection after that."""
-    body = bytes(range(256)) * 100
-    store.put(s3_support.PUBLIC, "blob", body)
-    front = _front(_SlowDown, store)
-    url = f"http://127.0.0.1:{front.server_address[1]}/{s3_support.PUBLIC}/blob"
-    try:
-        storage = RemoteStorage(RetryPolicy(attempts=4, base_s=0.05, max_backoff_s=0.2))
-        storage.remember({url: s3_support_info(store)})
+    with _fronted(_SlowDown, store) as (url, storage, body):
         _SlowDown.fail, _SlowDown.seen = 0, 0
         spans = [(k * 1000, 500 + k) for k in range(6)]
         with caplog.at_level("WARNING", logger="loader_server"):
             for _ in range(2):
-                assert _read_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+                assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
         assert _SlowDown.seen == 12  # each range answered once
         assert storage.stats()["requests"] == 6 + 5 + 6  # the pipeline, its 5 unanswered again, then one by one
         assert len([r for r in caplog.records if "answered only the first" in r.getMessage()]) == 1
-        storage.close()
-    finally:
-        front.shutdown()
-        front.server_close()
 
 
 def s3_support_info(store: s3_support.ObjectStore) -> Any:
