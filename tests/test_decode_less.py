@@ -634,3 +634,66 @@ def test_the_same_crops_for_the_same_seed_epoch_and_sample(photos: Path) -> None
     assert np.array_equal(a, two.build(idx, two.allocate(), key=(5, 2), augment=True)["x"])
     assert np.array_equal(a[1:], two.build(idx[1:], two.allocate(), key=(5, 2), augment=True)["x"])
     assert not np.array_equal(a, two.build(idx, two.allocate(), key=(5, 3), augment=True)["x"])
+
+
+@needs_region
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_centre_crop_is_decoded_as_its_window_with_bitwise_the_same_pixels(
+        orientation: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--resize crop``: only the centre the resize keeps is decoded (rows above it entropy-decoded
+    only, none below it read, the columns beside it not decoded), for every EXIF orientation and
+    colour, and the output is bitwise what the whole decode at that scale gave."""
+    region = decode_module._jpegregion
+    assert region is not None
+    calls: list[tuple[int, ...]] = []
+    real = region.decode
+
+    def spy(data: Any, out: Any, *args: int) -> tuple[int, int, int, int]:
+        calls.append(args)
+        return real(data, out, *args)
+
+    for width, height, size in [(960, 720, (224, 224)), (600, 1000, (224, 224)), (1000, 600, (64, 128)),
+                                (333, 251, (100, 100))]:
+        data = with_orientation(jpeg(photo(width, height, orientation + width)), orientation)
+        for color in ("rgb", "bgr", "gray"):
+            kw: dict[str, Any] = {"color": color, "size": size, "resize": "crop"}
+            monkeypatch.setattr(region, "decode", spy)
+            calls.clear()
+            got = run(decoder(**kw), data)
+            monkeypatch.undo()
+            [(_, m, x, y, w, h)] = calls
+            dw, dh = -(-width * m // 8), -(-height * m // 8)
+            assert (w, h) != (dw, dh) and (x > 0 or y > 0)  # a window, not the whole image
+            monkeypatch.setattr(decode_module, "_jpegregion", None)  # the whole decode, as before
+            assert np.array_equal(got, run(decoder(**kw), data)), (width, height, size, color)
+            monkeypatch.undo()
+
+
+@needs_region
+def test_a_centre_crop_that_is_the_whole_image_or_is_refused_is_decoded_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    region = decode_module._jpegregion
+    assert region is not None
+    calls: list[tuple[int, ...]] = []
+    refused: list[str] = []
+    real = region.decode
+
+    def spy(data: Any, out: Any, *args: int) -> tuple[int, int, int, int]:
+        calls.append(args)
+        try:
+            return real(data, out, *args)
+        except ValueError as exc:
+            refused.append(str(exc))
+            raise
+
+    monkeypatch.setattr(region, "decode", spy)
+    square = jpeg(photo(448, 448, 3))
+    got = run(decoder(resize="crop"), square)  # the centre is all of it: no window
+    assert not calls
+    assert np.array_equal(got, run(decoder(resize="stretch"), square))
+    good = jpeg(photo(800, 600, 9))
+    start = len(good) // 2
+    bad = good[:start] + b"\xff\xd5" + good[start + 2 :]  # a restart marker where none is due, inside the centre
+    got = run(decoder(resize="crop"), bad)
+    assert len(calls) == 1 and refused[0].startswith("libjpeg: Corrupt JPEG data")  # decoded whole, leniently
+    monkeypatch.setattr(decode_module, "_jpegregion", None)
+    assert np.array_equal(got, run(decoder(resize="crop"), bad))

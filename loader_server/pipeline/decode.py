@@ -34,6 +34,8 @@ lossless, corrupt data that it will not decode strictly), by OpenCV, as before.
   warnings are errors), simplejpeg decodes the crop as before: only down to one MCU row below
   it (the frame header's height is lowered in a copy of the bytes), the columns beside it
   decoded too. Progressive JPEGs are decoded whole, at the crop's scale, by simplejpeg.
+  ``--resize crop`` alone decodes only the centre it keeps, by the binding (`Decoder._centre_into`):
+  the same rows and columns of the whole decode at that scale, so bitwise the same output.
 
 At 1/8, 1/4, 1/2 and 1 libjpeg-turbo gives bitwise what OpenCV's ``IMREAD_REDUCED_*`` gives, so a
 plain resize keeps the pixels of earlier releases; a crop now decodes at the crop's scale,
@@ -276,6 +278,13 @@ def stored_box(box: tuple[int, int, int, int], orientation: int, width: int,
     return box
 
 
+def _centre(w: int, h: int, W: int, H: int) -> tuple[int, int]:
+    """The size of the centre of a `w` x `h` image that ``--resize crop`` keeps for a `W` x `H` output."""
+    if w * H > h * W:  # wider than the output's aspect: the sides are cut
+        return max(1, round(h * W / H)), h
+    return w, max(1, round(w * H / W))
+
+
 def _span(start: int, length: int, scale: float, limit: int) -> tuple[int, int]:
     """[a, b) of a scaled image of `limit` pixels that holds source pixels [start, start + length)."""
     a = min(max(0, round(start * scale)), limit - 1)
@@ -414,6 +423,13 @@ class Decoder:
         x, y, w, h = stored_box(region, orientation, width, height)
         channels = 1 if self.colorspace == "GRAY" else 3
         window = box is not None and reduce and info.single_scan  # a baseline crop: only its window decoded
+        if (box is None and self.mode == "crop" and out is not None and reduce and info.single_scan
+                and _jpegregion is not None):
+            try:
+                if self._centre_into(data, info, m, channels, out):
+                    return None
+            except ValueError:  # refused (corrupt data in the window, ...): decoded whole, below
+                pass
         if window and _jpegregion is not None:
             try:
                 img = self._region(data, info, m, (x, y, w, h), channels)
@@ -454,6 +470,24 @@ class Decoder:
             img = img[..., 0]
         return img if orientation == 1 else _ORIENT[orientation](img)
 
+    def _centre_into(self, data: bytes, info: JpegInfo, m: int, channels: int, out: np.ndarray) -> bool:
+        """``--resize crop`` without a random crop: decode only the centre that `resize_into` keeps of the
+        whole image decoded at M/8 (the same rows and columns, so bitwise the same output), and resize it
+        into `out`. False, with nothing decoded, when the centre is the whole image."""
+        orientation = info.orientation
+        dw, dh = -(-info.width * m // 8), -(-info.height * m // 8)
+        uw, uh = (dh, dw) if orientation >= 5 else (dw, dh)  # the upright image at M/8
+        cw, ch = _centre(uw, uh, self.width, self.height)
+        if (cw, ch) == (uw, uh):
+            return False
+        x, y, w, h = stored_box(((uw - cw) // 2, (uh - ch) // 2, cw, ch), orientation, dw, dh)
+        img = self._window(data, m, (dw, dh), (x, y, x + w, y + h), channels)
+        if orientation != 1:
+            img = _ORIENT[orientation](img)
+        cv2.resize(img, (self.width, self.height), dst=out[..., 0] if out.shape[2] == 1 else out,
+                   interpolation=self.interpolation)
+        return True
+
     def _region(self, data: bytes, info: JpegInfo, m: int, box: tuple[int, int, int, int],
                 channels: int) -> np.ndarray:
         """The stored region `box` (x, y, w, h) at M/8, decoded by `_jpegregion`: the rows above the window
@@ -468,6 +502,15 @@ class Decoder:
         s = m / 8
         y0, y1 = _span(y, h, s, dh)
         x0, x1 = _span(x, w, s, dw)
+        return self._window(data, m, (dw, dh), (x0, y0, x1, y1), channels)
+
+    def _window(self, data: bytes, m: int, scaled: tuple[int, int], span: tuple[int, int, int, int],
+                channels: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) (`span` = (x0, y0, x1, y1)) of the stored image decoded at M/8 (`scaled`:
+        its size then), by `_jpegregion`, bitwise those of a whole decode at M/8 (see `_region`)."""
+        assert _jpegregion is not None
+        dw, dh = scaled
+        x0, y0, x1, y1 = span
         a0, a1 = max(0, x0 - 1), min(dw, x1 + 1)
         need = (y1 - y0) * dw * channels  # crop_scanline widens the window leftwards, never past the image
         if need <= _KEEP_SCRATCH_BYTES:
@@ -512,10 +555,7 @@ class Decoder:
         if self.mode == "stretch":
             cv2.resize(img, (W, H), dst=dst, interpolation=self.interpolation)
         elif self.mode == "crop":
-            if w * H > h * W:  # source wider than the target aspect: cut the sides
-                cw, ch = max(1, round(h * W / H)), h
-            else:
-                cw, ch = w, max(1, round(w * H / W))
+            cw, ch = _centre(w, h, W, H)
             x0, y0 = (w - cw) // 2, (h - ch) // 2
             cv2.resize(img[y0 : y0 + ch, x0 : x0 + cw], (W, H), dst=dst, interpolation=self.interpolation)
         else:  # letterbox
