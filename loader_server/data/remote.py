@@ -1009,14 +1009,20 @@ class RemoteStorage:
         that answers a pipeline's first request only (it closes the connection after it) is remembered:
         its reads then go to `retry`, one request per connection, and a line says so once."""
         self._fresh()
-        left: list[tuple[int, _Failure | None]] = []
+
+        def hand(k: int, prior: _Failure | None) -> None:  # to `retry`, at once: never behind the next pipeline
+            try:
+                retry.submit(self._read_left, items[k], prior, k, deliver)
+            except RuntimeError as exc:  # the pool is shut down (the worker is stopping)
+                deliver(k, exc)
+
         todo: list[tuple[int, _Route, bytes, int]] = []
         heads = self._heads
         for k, (url, offset, size, _, _) in enumerate(items):
             route = self._route(url)
             info = self._infos.get(url, _UNKNOWN)  # (indexed: no request; else read_range asks, and says)
             if info is _UNKNOWN or info is None or route.key in self._serial:
-                left.append((k, None))
+                hand(k, None)
                 continue
             # The request up to its Range line (target, Host, If-Match, signature), made once per object and
             # signature: the same bytes for every range of it while the signature is reused.
@@ -1049,22 +1055,23 @@ class RemoteStorage:
                 sent_bytes += len(data)
                 total += size
             at += len(chunk)
-            stopped: list[_Failure] = []
+            outcome = {"stopped": False, "ranges": 0}  # an answer refused as out of step; the ranges answered
 
             def done(j: int, status: int, fields: dict[str, str], body: bytes,
-                     chunk: list[tuple[int, int]] = chunk, stopped: list[_Failure] = stopped) -> bool:
+                     chunk: list[tuple[int, int]] = chunk, outcome: dict[str, Any] = outcome) -> bool:
                 k = chunk[j][0]
                 url, offset, size, describe, i = items[k]
                 if status == 200:  # a server that ignores Range sends the whole object
                     body = body[offset : offset + size]
                 elif status != 206:  # its first attempt, failed: read again (or not) as a single read would
-                    left.append((k, _status_failure(status, fields, body)))
+                    hand(k, _status_failure(status, fields, body))
                     return True
                 elif not fields.get("content-range", f"bytes {offset}-").startswith(f"bytes {offset}-"):
-                    stopped.append(_Failure(206, f"a pipelined answer for another range "
-                                                 f"({fields['content-range'][:80]!r})", True))
-                    left.append((k, stopped[0]))  # out of step: this connection's later answers are not trusted
+                    outcome["stopped"] = True  # out of step: this connection's later answers are not trusted
+                    hand(k, _Failure(206, f"a pipelined answer for another range ({fields['content-range'][:80]!r})",
+                                     True))
                     return False
+                outcome["ranges"] += 1
                 if len(body) != size:
                     deliver(k, DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} "
                                                         f"of {redact(url)}", "truncated"))
@@ -1080,24 +1087,20 @@ class RemoteStorage:
                 budget.release(total)
             if answered < len(chunk):
                 rest = answered
-                if not stopped:  # (a refused answer is in `left` already)
+                if not outcome["stopped"]:  # (a refused answer is handed on already)
                     k = chunk[answered][0]
                     rest += 1
                     if isinstance(error, TimeoutError):  # its answer was late: that was its first attempt
-                        left.append((k, _Failure(None, f"timed out after {timeout:g} s", True)))
+                        hand(k, _Failure(None, f"timed out after {timeout:g} s", True))
                     elif isinstance(error, _BadResponse):
-                        left.append((k, _Failure(error.status, f"a malformed response: {error}", True)))
+                        hand(k, _Failure(error.status, f"a malformed response: {error}", True))
                     else:  # never answered (a closed or broken connection): read again from the first attempt
-                        left.append((k, None))
-                    if answered == 1 and len(chunk) > 1 and (error is None or isinstance(error, ConnectionError)) \
-                            and all(k != chunk[0][0] for k, _ in left):  # (its one answer was a range)
+                        hand(k, None)
+                    if answered == 1 == outcome["ranges"] and len(chunk) > 1 and (
+                            error is None or isinstance(error, ConnectionError)):
                         self._one_at_a_time(route)
-                left.extend((k, None) for k, _ in chunk[rest:])
-        for k, prior in left:
-            try:
-                retry.submit(self._read_left, items[k], prior, k, deliver)
-            except RuntimeError as exc:  # the pool is shut down (the worker is stopping)
-                deliver(k, exc)
+                for k, _ in chunk[rest:]:
+                    hand(k, None)
 
     def _read_left(self, item: tuple[str, int, int, Callable[[int], str], int], prior: _Failure | None, k: int,
                    deliver: Callable[[int, bytes | Exception], None]) -> None:
