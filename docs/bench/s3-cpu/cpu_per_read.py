@@ -9,6 +9,8 @@ the data set's real byte source (`PackedIndex.read`, what a worker's read step c
 * ``seq``: one read after the other on this thread, in a shuffled order (as an epoch reads);
 * ``ahead``: batches of 64 through the worker's `Reader` (`read_ahead`: 64 read-ahead threads
   for objects; local disk reads inline, as the worker does by default), every future then waited for;
+* ``pipeK`` (s3): the same batches through a `Reader` with ``--read-connections K`` (``--pipe``), pipelined;
+  checked byte for byte against local disk on 256 reads first;
 * ``range``: `RemoteStorage.read_range` alone (no data set), for the s3 rows.
 
 Each row is the median over `--repeat` passes of the CPU this process spent (time.process_time:
