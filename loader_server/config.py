@@ -311,7 +311,8 @@ class ServerConfig:
         None, shown="auto",
         help="file reads in flight per worker, overlapping slow storage with decoding; 0 reads inline; "
              f"auto: inline while reads are fast, {AUTO_READ_THREADS} threads once they average "
-             f"over {SLOW_READ_S * 1000:g} ms")
+             f"over {SLOW_READ_S * 1000:g} ms; for s3:// and http(s):// data, the reads --read-connections does "
+             "not pipeline")
     read_connections: int = setting(
         DEFAULT_READ_CONNECTIONS,
         help="s3:// and http(s):// data: connections per worker on which the range reads of tar members and "
