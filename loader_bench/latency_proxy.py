@@ -33,12 +33,12 @@ __all__ = ["Proxy", "main", "start_proxy"]
 _CHUNK = 256 << 10
 
 
-_METHODS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")
+_REQUEST_LINE_END = b" HTTP/1.1\r\n"
 
 
 class _Stats:
     connections = 0
-    requests = 0  # chunks sent up that start an HTTP request (no pipelining: each request starts a chunk)
+    requests = 0  # HTTP request lines sent up (a chunk of pipelined requests holds several)
     first = last = 0.0  # monotonic times of the first and last request
     bytes_up = 0
     bytes_down = 0
@@ -63,8 +63,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
                 _Stats.queued += len(chunk)
                 if up:
                     _Stats.bytes_up += len(chunk)
-                    if chunk.startswith(_METHODS):
-                        _Stats.requests += 1
+                    lines = chunk.count(_REQUEST_LINE_END)  # (a request line cut in two: counted where it ends)
+                    if lines:
+                        _Stats.requests += lines
                         _Stats.first = _Stats.first or now
                         _Stats.last = now
                 else:

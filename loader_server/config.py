@@ -64,6 +64,8 @@ PREFETCH_PER_WORKER = 2
 AUTO_READ_THREADS = 64
 #: Average read time above which a worker moves reads to its thread pool (read_threads unset).
 SLOW_READ_S = 0.002
+#: HTTP/1.1 connections per worker on which s3:// and http(s):// range reads are pipelined (read_connections).
+DEFAULT_READ_CONNECTIONS = 4
 
 #: Data sets of at most this many files are scanned at start-up unless `scan` says otherwise.
 AUTO_SCAN_LIMIT = 100_000
@@ -309,9 +311,17 @@ class ServerConfig:
         None, shown="auto",
         help="file reads in flight per worker, overlapping slow storage with decoding; 0 reads inline; "
              f"auto: inline while reads are fast, {AUTO_READ_THREADS} threads once they average "
-             f"over {SLOW_READ_S * 1000:g} ms")
+             f"over {SLOW_READ_S * 1000:g} ms; for s3:// and http(s):// data, the reads --read-connections does "
+             "not pipeline")
+    read_connections: int = setting(
+        DEFAULT_READ_CONNECTIONS,
+        help="s3:// and http(s):// data: connections per worker on which the range reads of tar members and "
+             "uncompressed Parquet values are pipelined (HTTP/1.1, up to 32 requests sent before their answers); "
+             "0: one request per read thread, as with local data; no effect on local data, nor with "
+             "--simulate-read-latency-ms")
     simulate_read_latency_ms: float = setting(
-        0.0, help="benchmark option: add this latency to every file read (simulates network storage)")
+        0.0, help="benchmark option: add this latency to every file read (simulates network storage; turns off "
+                  "--read-connections pipelining, so that every read waits it)")
     mean: tuple[float, ...] | None = setting(None, parse=parse_floats, metavar="M,M,M",
                                              help="per-channel mean, float32 only: (x/255-mean)/std")
     std: tuple[float, ...] | None = setting(None, parse=parse_floats, metavar="S,S,S",
@@ -590,6 +600,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "max_connections_per_host": (1, 65536),
     "max_bad": (0.0, 1 << 40),
     "read_threads": (0, 1024),
+    "read_connections": (0, 64),
     "read_ahead_tasks": (0, 64),
     "remote_attempts": (1, 100),
     "remote_timeout_s": (0.01, 86400.0),

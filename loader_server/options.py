@@ -163,6 +163,7 @@ class ReadOptions:
     shapes_batches: ClassVar[bool] = False
     max_file_bytes: int = 256 << 20
     read_threads: int | None = None
+    read_connections: int = 4
     simulate_read_latency_ms: float = 0.0
 
 

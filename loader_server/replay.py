@@ -91,6 +91,8 @@ def run_replay(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"loader-server replay: epoch {args.epoch} batch {args.batch} cannot be rebuilt: {exc}",
               file=sys.stderr)
         return 1
+    finally:
+        builder.close()
     np.savez(args.out, **arrays)  # type: ignore[arg-type]  # numpy types **kwargs as its allow_pickle
     if args.manifest is not None:
         manifest = Manifest(epoch=args.epoch, batch=args.batch, samples=builder.last_manifest or [])

@@ -93,7 +93,7 @@ def test_settings_that_do_not_shape_batches_leave_the_fingerprint(name: str) -> 
              "max_connections_per_host": 9,
              "max_message_bytes": 1 << 28, "batch_timeout_s": 9.0, "heartbeat_s": 2.0, "client_timeout_s": 40.0,
              "max_bad": 5, "log_level": "DEBUG", "log_format": "json", "log_interval_s": 3.0, "metrics_port": 9999,
-             "metrics_host": "0.0.0.0", "max_file_bytes": 1 << 20, "read_threads": 4,
+             "metrics_host": "0.0.0.0", "max_file_bytes": 1 << 20, "read_threads": 4, "read_connections": 0,
              "simulate_read_latency_ms": 2.0, "cache": "memory", "ipc_mode": "0660", "scan": True,
              "workers_min": {"workers": "auto", "workers_min": 2}, "workers_max": {"workers": "auto", "workers_max": 9},
              "target_stall": 0.1, "scale_interval_s": 7.0, "share_window": 3, "read_ahead_tasks": 6}
@@ -124,9 +124,10 @@ def test_every_decode_setting_changes_the_cache_key(name: str) -> None:
 
 def test_settings_after_the_decode_leave_the_cache_key() -> None:
     base = ServerConfig(data="x")
-    for name in ("batch_size", "dtype", "layout", "augment", "on_error", "workers", "seed", "cache", "max_file_bytes"):
+    for name in ("batch_size", "dtype", "layout", "augment", "on_error", "workers", "seed", "cache", "max_file_bytes",
+                 "read_connections"):
         other = ServerConfig(data="x", **{name: OTHER.get(name, {"workers": 5, "seed": 3, "cache": "memory",
-                                                                    "max_file_bytes": 9}.get(name))})
+                                                                    "max_file_bytes": 9, "read_connections": 0}.get(name))})
         assert cache_key(other, _Fixed()) == cache_key(base, _Fixed()), name  # type: ignore[arg-type]
 
 

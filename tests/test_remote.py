@@ -96,6 +96,12 @@ def _serve_sockets(handle: Callable[[socket.socket, threading.Event], None],
         listener.close()
 
 
+def _partial(head: bytes) -> bytes:
+    """A 206 answer to the range GET `head`, of BODY, framed by Content-Length."""
+    lo, hi = _range(head)
+    return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+
+
 def _range(head: bytes) -> tuple[int, int]:
     line = next(x for x in head.split(b"\r\n") if x.lower().startswith(b"range:"))
     lo, hi = line.split(b"=")[1].split(b"-")
@@ -139,6 +145,210 @@ def test_head_gives_size_and_etag(framings: str) -> None:
     storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
     assert storage.head(f"{framings}/obj/length") == ObjectInfo(len(BODY), '"v1"')
     storage.close()
+
+
+def piped_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]],
+                 describe: Callable[[int], str] = str) -> dict[int, bytes | Exception]:
+    """`spans` read with `read_ranges` (what it leaves read on a pool of 4 threads): each answer, delivered once,
+    waited for with a deadline."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    got: dict[int, bytes | Exception] = {}
+    lock = threading.Lock()
+    twice: list[int] = []
+    arrived = threading.Event()
+
+    def deliver(k: int, result: bytes | Exception) -> None:
+        with lock:
+            if k in got:
+                twice.append(k)
+            got[k] = result
+            if len(got) == len(spans):
+                arrived.set()
+
+    with ThreadPoolExecutor(4) as retry:
+        storage.read_ranges([(url, lo, n, describe, k) for k, (lo, n) in enumerate(spans)], deliver, retry)
+        assert arrived.wait(60), f"{len(got)} of {len(spans)} answers"
+    assert not twice, f"delivered twice: {twice}"
+    return got
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_pipelined_ranges_of_every_framing(framings: str, framing: str) -> None:
+    """Ranges sent back to back on one connection, answered in order; after a ``Connection: close`` answer the
+    rest is read again (by the retry pool), and that host is read one request per connection from then on."""
+    storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+    url = f"{framings}/obj/{framing}"
+    storage.remember({url: ObjectInfo(len(BODY), '"v1"')})
+    spans = [(0, 10), (300, 5000), (9000, 1240), (17, 1)]
+    for _ in range(2):
+        assert piped_ranges(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert storage.stats()["requests"] == (2 * len(spans) if framing != "close" else len(spans) + 3 + len(spans))
+    storage.close()
+
+
+def test_pipelined_ranges_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = _certificate(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # https:// trusts the CAs OpenSSL's default paths name
+
+    for base in _serve(_partial, tls=_tls(cert, key)):
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        url = f"{base}/obj.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(k * 211, 100 + k) for k in range(40)]  # two pipelines: 32 and 8
+        assert piped_ranges(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert storage.stats()["requests"] == 40
+        storage.close()
+
+
+def test_pipelined_ranges_left_by_a_drop_or_an_error_status_are_read_again_with_the_retries() -> None:
+    """A 503 SlowDown mid-pipeline and a dropped connection: every range delivered once; the 503 counts as its
+    first attempt (retried after a backoff on the retry pool), the dropped ones are read again from the first."""
+    seen: list[bytes] = []
+
+    def answer(head: bytes) -> bytes | None:
+        seen.append(head)
+        lo, hi = _range(head)
+        if len(seen) == 2:
+            body = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate</Message></Error>"
+            return b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        if len(seen) == 4:
+            return None  # the connection drops with requests 4 and 5 unanswered
+        return _partial(head)
+
+    for base in _serve(answer):
+        storage = RemoteStorage(RetryPolicy(attempts=3, base_s=0.01, max_backoff_s=0.05, timeout_s=5))
+        url = f"{base}/flaky.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(k * 100, 50 + k) for k in range(5)]
+        assert piped_ranges(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert len(seen) == 4 + 3  # (the 5th never reached the server) the 503 and the two dropped ones again
+        storage.close()
+
+
+def test_a_range_failing_in_a_pipeline_gets_the_errors_of_a_single_read() -> None:
+    """Every answer 503: the pipelined attempt is the first of --remote-attempts; then the error names the URL,
+    the status and the attempts, as `read_range` does; a 404 is not retried; a truncated answer is refused."""
+    seen: list[bytes] = []
+
+    def answer(head: bytes) -> bytes:
+        seen.append(head)
+        lo, hi = _range(head)
+        if b"/gone" in head.split(b"\r\n", 1)[0]:
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        if b"/short" in head.split(b"\r\n", 1)[0]:
+            return b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/10240\r\nContent-Length: 3\r\n\r\nabc" % (
+                lo, hi)
+        body = b"<Error><Code>SlowDown</Code></Error>"
+        return b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    for base in _serve(answer):
+        storage = RemoteStorage(RetryPolicy(attempts=3, base_s=0.01, max_backoff_s=0.05, timeout_s=5))
+        for name in ("busy", "gone", "short"):
+            storage.remember({f"{base}/{name}.tar": ObjectInfo(len(BODY), "")})
+        got = piped_ranges(storage, f"{base}/busy.tar", [(0, 10), (10, 10)], lambda i: f"busy.tar:{i}")
+        assert len(seen) == 2 * 3  # two ranges, three attempts each (the first pipelined)
+        for k, error in got.items():
+            assert isinstance(error, DecodeError) and error.code == "unavailable", error
+            message = str(error)
+            assert message.startswith(f"busy.tar:{k}: ") and f"{base}/busy.tar" in message, message
+            assert "HTTP 503 SlowDown" in message and "after 3 attempts" in message, message
+        seen.clear()
+        got = piped_ranges(storage, f"{base}/gone.tar", [(0, 10), (10, 10)])
+        assert len(seen) == 2 and all(isinstance(e, DecodeError) and e.code == "not_found" for e in got.values())
+        got = piped_ranges(storage, f"{base}/short.tar", [(0, 10), (10, 10)])
+        assert all(isinstance(e, DecodeError) and e.code == "truncated" for e in got.values()), got
+        storage.close()
+
+
+def test_an_answer_for_another_range_is_refused_and_read_again_alone() -> None:
+    """A pipelined answer whose Content-Range is not the range asked: never served; the connection is dropped
+    (its later answers are out of step) and the rest read again; a server that always answers another range
+    for it is a named error."""
+    seen: list[bytes] = []
+
+    def answer(head: bytes) -> bytes:
+        seen.append(head)
+        lo, hi = _range(head)
+        if len(seen) == 2 or b"/wrong" in head.split(b"\r\n", 1)[0]:
+            lo, hi = lo + 1, hi + 1  # the bytes of another range, as its length
+        return (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/10240\r\nContent-Length: %d\r\n\r\n%s"
+                % (lo, hi, hi - lo + 1, BODY[lo : hi + 1]))
+
+    for base in _serve(answer):
+        storage = RemoteStorage(RetryPolicy(attempts=2, base_s=0.01, max_backoff_s=0.05, timeout_s=5))
+        url, wrong = f"{base}/obj.tar", f"{base}/wrong.tar"
+        storage.remember({url: ObjectInfo(len(BODY), ""), wrong: ObjectInfo(len(BODY), "")})
+        spans = [(k * 100, 50 + k) for k in range(6)]
+        assert piped_ranges(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        got = piped_ranges(storage, wrong, [(0, 10)])
+        assert isinstance(got[0], DecodeError) and got[0].code == "read_failed", got
+        assert "the server answered 'bytes 1-10/10240'" in str(got[0]), got
+        storage.close()
+
+
+def test_a_host_that_answers_only_the_first_of_a_pipeline_is_read_one_request_per_connection(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It closes the connection after the first answer (no Connection: close said): the rest are read again,
+    the host is remembered (one log line), and its later reads are one request per connection."""
+    seen: list[int] = []
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        got = _read_head(conn)
+        if got is None:
+            return
+        seen.append(1)
+        conn.sendall(_partial(got[0]))
+
+    for base in _serve_sockets(handle):
+        storage = RemoteStorage(RetryPolicy(attempts=3, base_s=0.01, max_backoff_s=0.05, timeout_s=5))
+        url = f"{base}/once.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(k * 100, 50 + k) for k in range(5)]
+        with caplog.at_level("WARNING", logger="loader_server"):
+            for _ in range(3):
+                assert piped_ranges(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert len(seen) == 3 * 5  # each range answered once
+        lines = [r.getMessage() for r in caplog.records if "answered only the first" in r.getMessage()]
+        assert len(lines) == 1 and "127.0.0.1" in lines[0], lines
+        storage.close()
+
+
+def test_each_pipelined_answer_has_its_own_deadline_and_a_stalled_one_is_an_error_in_bounded_time() -> None:
+    """Answers 0.2 s apart with a 1 s timeout: a pipeline of 10 (2 s in all) completes, as no answer took over
+    1 s. A server that stops answering after the second: the rest time out, are retried, then fail naming the
+    timeout and the attempts (every wait here has its deadline)."""
+    stall, released = threading.Event(), threading.Event()
+    answers_left = [2]  # once stalled: two more answers, then none on any connection
+
+    def answer(head: bytes) -> bytes | None:
+        if stall.is_set():
+            if answers_left[0] <= 0:
+                released.wait(30)  # holds the connection, never answers
+                return None
+            answers_left[0] -= 1
+        else:
+            time.sleep(0.2)
+        return _partial(head)
+
+    for base in _serve(answer):
+        storage = RemoteStorage(RetryPolicy(attempts=2, base_s=0.01, max_backoff_s=0.05, timeout_s=1))
+        url = f"{base}/slow.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(k * 100, 50 + k) for k in range(10)]
+        assert piped_ranges(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert storage.stats()["requests"] == 10
+        stall.set()
+        storage.close()
+        storage.policy = RetryPolicy(attempts=2, base_s=0.01, max_backoff_s=0.05, timeout_s=0.5)
+        got = piped_ranges(storage, url, spans[:4])
+        assert got[0] == BODY[0:50] and got[1] == BODY[100:151]
+        for k in (2, 3):
+            error = got[k]
+            assert isinstance(error, DecodeError) and error.code == "unavailable", error
+            assert "timed out after 0.5 s" in str(error) and "after 2 attempts" in str(error), error
+        storage.close()
+        released.set()
 
 
 def test_a_server_that_drops_connections_is_retried_then_named_with_the_attempts() -> None:

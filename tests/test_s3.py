@@ -7,6 +7,7 @@ tests take credentials and the endpoint from the standard AWS variables (`Object
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -38,6 +39,7 @@ from loader_server.sample_data import write_parquet, write_tar_shards
 
 from . import s3_support
 from .conftest import unique_label_list, wait_until
+from .test_remote import piped_ranges
 
 pytestmark = pytest.mark.s3
 
@@ -128,7 +130,8 @@ def data(store: s3_support.ObjectStore, tmp_path_factory: pytest.TempPathFactory
     }
 
 
-def _batches(data: str, **settings: Any) -> list[np.ndarray]:
+def _batches(data: str, pipelined: list[int] | None = None, **settings: Any) -> list[np.ndarray]:
+    """Two epochs of batches built from `data` (`pipelined`: gets how many reads were pipelined)."""
     config = ServerConfig(data=data, batch_size=BATCH, size=SIZE, seed=5, drop_last=False, **settings)
     ds = load_dataset(config)
     cache = open_cache(config, ds) if config.cache else None
@@ -140,6 +143,10 @@ def _batches(data: str, **settings: Any) -> list[np.ndarray]:
             idx = plan.batch(epoch, b, seed=5, rank=0, world_size=1)
             arrays = builder.build(idx, builder.allocate(), key=(5, epoch), augment=bool(settings.get("augment")))
             out += [arrays["x"].copy(), arrays["y"].copy(), arrays["index"].copy()]
+    builder.close()
+    if pipelined is not None:
+        assert builder.reader is not None
+        pipelined.append(builder.reader.pipelined)
     return out
 
 
@@ -156,6 +163,76 @@ def test_every_kind_from_the_store_gives_bitwise_the_batches_of_local_disk(data:
     assert len(got) == len(expected) > 0
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=f"{remote} differs from {local}")
+
+
+@pytest.mark.parametrize("connections", [0, 1, 3])
+@pytest.mark.parametrize("kind", ["tar", "parquet", "parquet-snappy", "http-tar"])
+def test_pipelined_reads_give_bitwise_the_batches_of_local_disk(data: dict[str, tuple[str, str]], tmp_path: Path,
+                                                                kind: str, connections: int) -> None:
+    """--read-connections K: the ranges of tar members and uncompressed Parquet values pipelined on K connections
+    to the real store (HTTP/1.1); snappy pieces take the read pool; 0 reads one range per read thread."""
+    local, remote = data[kind]
+    extra: dict[str, Any] = {"augment": "rrc(scale=0.3-1),flip", "index_dir": str(tmp_path / "index")}
+    expected = _batches(local, **extra)
+    pipelined: list[int] = []
+    got = _batches(remote, pipelined, read_connections=connections, **extra)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"{remote} pipelined on {connections} differs from {local}")
+    assert pipelined == [0 if kind == "parquet-snappy" or not connections else 2 * N], pipelined
+
+
+def test_pipelined_ranges_on_the_store_are_answered_in_order(store: s3_support.ObjectStore) -> None:
+    body = os.urandom(1 << 20)
+    store.put(BUCKET, "pipelined", body)
+    storage = RemoteStorage()
+    url = f"s3://{BUCKET}/pipelined"
+    spans = [((k * 7919) % 1000 * 1000, 1000 + k * 37) for k in range(50)]  # 50: two pipelines of 32 and 18
+    assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert storage.stats()["requests"] == 50  # nothing was read again
+    storage.close()
+
+
+def test_a_pipelined_read_never_holds_more_bytes_in_flight_than_the_bound(store: s3_support.ObjectStore) -> None:
+    """--remote-inflight-mb bounds a pipeline too: 32 ranges of 40 KB under a bound of 100 KB are pipelines of
+    two, never one of 1.3 MB."""
+    body = os.urandom(2 << 20)
+    store.put(BUCKET, "inflight", body)
+    storage = RemoteStorage(inflight_bytes=100_000)
+    url = f"s3://{BUCKET}/inflight"
+    spans = [(k * 50_000, 40_000) for k in range(32)]
+    assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+    assert 0 < storage.stats()["peak_inflight_bytes"] <= 100_000
+    storage.close()
+
+
+def test_readers_closed_leave_no_threads(data: dict[str, tuple[str, str]], tmp_path: Path) -> None:
+    """A Reader's pipelining threads and read pool stop at close(): made and closed ten times, the process's
+    thread count comes back to where it was (no daemon thread left per Reader)."""
+    from loader_server.options import ReadOptions
+    from loader_server.pipeline.steps import Reader
+
+    ds = load_dataset(ServerConfig(data=data["http-tar"][1], index_dir=str(tmp_path / "index")))
+    first = Reader(ReadOptions(read_connections=3), ds)  # the storage's own threads (re-check), started once
+    assert [f.result(timeout=60) for f in first.submit_many(list(range(4)))]
+    first.close()
+    before = threading.active_count()
+    for _ in range(10):
+        reader = Reader(ReadOptions(read_connections=3), ds)
+        assert reader.connections == 3
+        assert all(f.result(timeout=60) for f in reader.submit_many(list(range(N))))
+        reader.close()
+        with pytest.raises(RuntimeError):
+            reader.submit_many([0])
+    local = load_dataset(ServerConfig(data=data["http-tar"][0], index_dir=str(tmp_path / "index-local")))
+    # Pipelining is off with --simulate-read-latency-ms (its sleep is in the read it would skip), and for local data.
+    for off in (Reader(ReadOptions(read_connections=3, simulate_read_latency_ms=1.0), ds),
+                Reader(ReadOptions(read_connections=3, read_threads=4), local)):
+        assert off.connections == 0
+        assert [len(f.result(timeout=60)) for f in off.submit_many([0, 1])] == [len(local.read(0)), len(local.read(1))]
+        off.close()
+    wait_until(lambda: threading.active_count() <= before, 30,
+               f"the thread count back to {before} (now: {[t.name for t in threading.enumerate()]})")
 
 
 def test_the_decoded_cache_in_front_of_the_store(data: dict[str, tuple[str, str]], tmp_path: Path) -> None:
@@ -329,11 +406,14 @@ def test_resume_after_sigkill_of_server_and_trainer_from_s3(start_server: Any, t
         assert sorted(i for r in combined if r["epoch"] == epoch for i in r["indices"]) == list(range(N))
 
 
+@pytest.mark.parametrize("kind", ["objects", "tar"])  # whole objects on the read pool; tar members pipelined
 def test_store_killed_mid_epoch_is_an_error_in_bounded_time_then_a_resumed_trainer_completes_it(
-        start_server: Any, tmp_path: Path, store: s3_support.ObjectStore, data: dict[str, tuple[str, str]]) -> None:
-    _, remote = data["objects"]
+        start_server: Any, tmp_path: Path, store: s3_support.ObjectStore, data: dict[str, tuple[str, str]],
+        kind: str) -> None:
+    _, remote = data[kind]
     server = start_server(remote, "--batch-size", "2", "--size", "16x12", "--workers", "1", "--seed", "2",
-                          "--prefetch", "1", "--remote-attempts", "3", "--remote-timeout-s", "2")
+                          "--prefetch", "1", "--remote-attempts", "3", "--remote-timeout-s", "2",
+                          *(("--index-dir", str(tmp_path / "index")) if kind == "tar" else ()))
     got: list[list[int]] = []
     state = None
     with LoaderClient(server.endpoint, timeout_s=60) as client:
@@ -350,7 +430,8 @@ def test_store_killed_mid_epoch_is_an_error_in_bounded_time_then_a_resumed_train
                 state = client.state_dict()
         took = time.monotonic() - started
     message = str(caught.value)
-    assert f"s3://{BUCKET}/d/files/img/" in message and "after 3 attempts" in message, message
+    assert f"s3://{BUCKET}/d/{'files/img' if kind == 'objects' else 'tar'}/" in message, message
+    assert "after 3 attempts" in message, message
     assert took < 60  # 3 attempts of at most 2 s, with backoff below 0.2 + 0.4 s, plus prefetched batches
     store.restart()
     with LoaderClient(server.endpoint, timeout_s=60, state=state) as resumed:
@@ -449,6 +530,64 @@ def test_503_slowdown_is_retried_with_backoff_then_named_with_status_and_attempt
     finally:
         front.shutdown()
         front.server_close()
+
+
+class _SlowDownPipelined(_SlowDown):
+    """The throttling front over HTTP/1.1 (persistent connections, so pipelined requests are answered in turn):
+    the requests numbered in `fail_at` (from 1) are answered 503 SlowDown."""
+
+    protocol_version = "HTTP/1.1"
+    fail_at: set[int] = set()
+
+    def do_GET(self) -> None:
+        type(self).fail = 1 if type(self).seen + 1 in type(self).fail_at else 0
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def _fronted(handler: type[_SlowDown], store: s3_support.ObjectStore) -> Iterator[tuple[str, RemoteStorage, bytes]]:
+    """A throttling front of `handler` before the real store: (the URL of a blob through it, a storage that reads
+    it as indexed, the blob's bytes); both stopped after."""
+    body = bytes(range(256)) * 100
+    store.put(s3_support.PUBLIC, "blob", body)
+    handler.target = store.endpoint
+    front = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{front.server_address[1]}/{s3_support.PUBLIC}/blob"
+    storage = RemoteStorage(RetryPolicy(attempts=4, base_s=0.05, max_backoff_s=0.2))
+    try:
+        storage.remember({url: s3_support_info(store)})
+        yield url, storage, body
+    finally:
+        storage.close()
+        front.shutdown()
+        front.server_close()
+
+
+def test_503_slowdown_mid_pipeline_is_retried_and_every_range_delivered_once(store: s3_support.ObjectStore) -> None:
+    """Requests 3 and 7 of a pipeline of 10 are answered 503 SlowDown by a throttling front of the real store:
+    the others are served from the pipeline, those two retried (after a backoff, on the retry pool) once each."""
+    with _fronted(_SlowDownPipelined, store) as (url, storage, body):
+        _SlowDownPipelined.fail_at, _SlowDownPipelined.seen = {3, 7}, 0
+        spans = [(k * 1000, 500 + k) for k in range(10)]
+        assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert _SlowDownPipelined.seen == 12 and storage.stats()["requests"] == 12  # 10, and the two again
+
+
+def test_a_front_that_closes_after_each_answer_is_read_one_request_per_connection(
+        store: s3_support.ObjectStore, caplog: pytest.LogCaptureFixture) -> None:
+    """An HTTP/1.0 front (it closes the connection after each answer) before the real store: the pipeline's
+    first answer stands, the rest are read again, the host is remembered (one log line) and read one request
+    per connection after that."""
+    with _fronted(_SlowDown, store) as (url, storage, body):
+        _SlowDown.fail, _SlowDown.seen = 0, 0
+        spans = [(k * 1000, 500 + k) for k in range(6)]
+        with caplog.at_level("WARNING", logger="loader_server"):
+            for _ in range(2):
+                assert piped_ranges(storage, url, spans) == {k: body[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert _SlowDown.seen == 12  # each range answered once
+        assert storage.stats()["requests"] == 6 + 5 + 6  # the pipeline, its 5 unanswered again, then one by one
+        assert len([r for r in caplog.records if "answered only the first" in r.getMessage()]) == 1
 
 
 def s3_support_info(store: s3_support.ObjectStore) -> Any:

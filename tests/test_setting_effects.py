@@ -104,6 +104,8 @@ ROWS = [
     Row("prefetch", (), ("--prefetch", "3"), "", "", "shared"),
     Row("read-threads", (), ("--read-threads", "2"), "", "", "shared"),
     Row("read-ahead-tasks", (), ("--read-ahead-tasks", "0"), "", "", "shared"),
+    # (no effect on local data; pipelined reads from a store are bitwise those of local disk: tests/test_s3.py)
+    Row("read-connections", (), ("--read-connections", "0"), "", "", "shared"),
     Row("no-shm", (), ("--no-shm",), "", "", "shared"),
     Row("drop-last (the default)", (), ("--drop-last",), "", "", "shared"),
     Row("log settings", (), ("--log-level", "DEBUG", "--log-interval-s", "1"), "", "", "shared"),

@@ -322,6 +322,18 @@ class PackedIndex:
                               "changed")
         return self._read(i, f, max_bytes, (st.st_mtime_ns, st.st_size, st.st_ino))
 
+    def remote_range(self, i: int, max_bytes: int | None = None) -> tuple[RemoteStorage, str, int, int] | None:
+        """(storage, url, offset, size) of sample `i` when its bytes are one plain range of an object (a tar
+        member, an uncompressed Parquet value), which a worker may pipeline with others (steps.Reader); None
+        when they are not (a local file, a compressed Parquet page or piece): then `read` reads them."""
+        if not isinstance(self.storage, RemoteStorage) or (self.raw is not None and self.raw[i] >= 0):
+            return None
+        span = int(self.span[i])
+        if max_bytes is not None and span > max_bytes:
+            raise DecodeError(self.describe(i), f"sample of {span} bytes exceeds --max-file-bytes {max_bytes}",
+                              "too_large")
+        return self.storage, self.files[self._file(i)], int(self.pos[i]), span
+
     def _read(self, i: int, f: int, max_bytes: int | None, version: tuple[int, ...]) -> bytes:
         """`version`: the file's (mtime, size, inode) now, the indexed version of an object (its range reads
         ask for that version alone, If-Match)."""

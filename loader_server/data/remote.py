@@ -51,7 +51,8 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -157,6 +158,9 @@ _BUFFER_MAX = 1 << 18
 #: Header lines that are all `name: value`, with no stray CR or LF (then _FIELD takes them one by one).
 _FIELDS = re.compile(r"[^:\r\n]*:[^\r\n]*(?:\r\n[^:\r\n]*:[^\r\n]*)*")
 _FIELD = re.compile(r"([^:\r\n]*):([^\r\n]*)")
+#: The fields of a pipelined range GET's answer that are read (`_Connection.pipeline`), and how their lines start.
+_RANGE_FIELDS = tuple((name, f"\r\n{name}:") for name in ("content-length", "content-range", "transfer-encoding",
+                                                           "connection"))
 _ERROR_BODY = 1 << 16
 _STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -227,6 +231,9 @@ class _Connection:
         sock = socket.create_connection(where, timeout=left)
         self.sock, self.lo, self.hi = sock, 0, 0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A known send buffer (the kernel doubles this, for its bookkeeping): `pipeline` never sends more request
+        # bytes before reading than _PIPELINE_SEND_BYTES, well inside it, so sendall never waits on the server.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         if self.proxy is not None and self.https:
             self._tunnel(sock, deadline)
         if self.tls is not None:
@@ -317,8 +324,9 @@ class _Connection:
             have += got
         return big
 
-    def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
-        """(status, status line, lower-cased fields) of the next final response (interim 1xx answers skipped)."""
+    def _head(self, sock: socket.socket, deadline: float, lowered: bool = False) -> tuple[int, str, dict[str, str]]:
+        """(status, status line, lower-cased fields) of the next final response (interim 1xx answers skipped);
+        `lowered`: their values lower-cased too (a range GET's answer: lengths, ranges, framing)."""
         while True:
             while (end := self.rbuf.find(b"\r\n\r\n", self.lo, self.hi)) < 0:
                 if self.hi - self.lo > _HEAD_LIMIT:
@@ -336,6 +344,17 @@ class _Connection:
         if not rest:
             return status, first, {}
         if _FIELDS.fullmatch(rest):
+            if lowered:  # the four a range GET's answer needs, found in its lower-cased head (a quarter of its CPU)
+                low = "\r\n" + rest.lower()
+                if "\r\n:" not in low:  # (a line without a name: named below)
+                    fields = {}
+                    for name, needle in _RANGE_FIELDS:
+                        at = low.find(needle)
+                        if at >= 0:
+                            at += len(needle)
+                            end = low.find("\r\n", at)
+                            fields[name] = low[at : end if end >= 0 else len(low)].strip()
+                    return status, first, fields
             fields = {name.strip().lower(): value.strip() for name, value in _FIELD.findall(rest)}
             if "" not in fields:
                 return status, first, fields
@@ -347,6 +366,16 @@ class _Connection:
             fields[name.strip().lower()] = value.strip()
         return status, first, fields
 
+    def encode(self, method: str, target: str, headers: dict[str, str]) -> bytes:
+        """The bytes of one request to this connection's host (through its proxy, with its authentication)."""
+        if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
+            target = f"http://{self.host}{target}"
+            headers = {**self.proxy_auth, **headers}
+        if self.auth:
+            headers = {**self.auth, **headers}
+        return (f"{method} {target} HTTP/1.1\r\nHost: {self.host}\r\n"
+                + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n").encode("latin-1")
+
     def request(self, method: str, target: str, headers: dict[str, str], max_bytes: int,
                 deadline: float) -> tuple[int, dict[str, str], bytes]:
         """One request and its response, within `deadline` (time.monotonic()); the connection is closed after
@@ -354,15 +383,9 @@ class _Connection:
         status: int | None = None
         try:
             sock = self.sock or self._open(deadline)
-            if self.proxy is not None and not self.https:  # a plain request through a proxy: absolute form
-                target = f"http://{self.host}{target}"
-                headers = {**self.proxy_auth, **headers}
-            if self.auth:
-                headers = {**self.auth, **headers}
-            text = f"{method} {target} HTTP/1.1\r\nHost: {self.host}\r\n" + "".join(
-                [f"{k}: {v}\r\n" for k, v in headers.items()])
+            data = self.encode(method, target, headers)
             self._arm(sock, deadline)
-            sock.sendall((text + "\r\n").encode("latin-1"))
+            sock.sendall(data)
             status, line, fields = self._head(sock, deadline)
             return self._body(sock, method, status, line, fields, max_bytes, deadline)
         except _BadResponse as exc:
@@ -376,6 +399,43 @@ class _Connection:
         except (ValueError, IndexError, UnicodeError, OverflowError, MemoryError) as exc:  # a malformed answer
             self.close()
             raise _BadResponse(f"{type(exc).__name__}: {exc}", status) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def pipeline(self, requests: Sequence[tuple[bytes, int]], timeout: float,
+                 done: Callable[[int, int, dict[str, str], bytes], bool]) -> tuple[int, BaseException | None]:
+        """HTTP/1.1 pipelining: send the encoded GETs `requests` ((bytes, max_bytes) each; at most
+        _PIPELINE_SEND_BYTES in all, so that sending never waits for the server to read: see `_open`) back to
+        back, then read their answers in order, calling ``done(k, status, fields, body)`` as each arrives; a
+        False from it stops (the connection is closed: its later answers are not to be trusted). Each answer
+        has its own deadline, `timeout` from when the one before it ended (a pipeline's last answer waits
+        for every one before it).
+
+        Returns (how many were answered, the error that stopped the rest, or None): after an error (which
+        closes the connection) or an answer that closed it (``Connection: close``), the rest are unanswered,
+        and the caller's to read again."""
+        answered = 0
+        try:
+            deadline = time.monotonic() + timeout
+            sock = self.sock or self._open(deadline)
+            self._arm(sock, deadline)
+            sock.sendall(b"".join([data for data, _ in requests]))
+            for _, max_bytes in requests:
+                deadline = time.monotonic() + timeout
+                status, line, fields = self._head(sock, deadline, True)
+                status, fields, body = self._body(sock, "GET", status, line, fields, max_bytes, deadline)
+                answered += 1
+                if not done(answered - 1, status, fields, body):
+                    self.close()
+                    break
+                if self.sock is None:  # Connection: close (or an error body too large): the rest unanswered
+                    break
+            return answered, None
+        except (_BadResponse, _TooLarge, ssl.SSLError, ValueError, IndexError, UnicodeError, OverflowError,
+                MemoryError, OSError) as exc:
+            self.close()  # what was answered stands; the rest is read again by the caller
+            return answered, exc
         except BaseException:
             self.close()
             raise
@@ -460,6 +520,13 @@ class _Route(NamedTuple):
 #: before it arrives), and how many URLs' routes and signatures a process keeps.
 _SIGNATURE_REUSE_S = 60.0
 _KEPT_URLS = 4096
+#: The most range GETs sent back to back on one connection before reading their answers, and the most bytes of
+#: them: a quarter of the send buffer each connection asks for (the kernel doubles SO_SNDBUF), so sending a
+#: pipeline never waits for the server to read (a server that answers the first request before reading the
+#: next would otherwise deadlock with us, each blocked on a full buffer).
+_PIPELINE_MAX = 32
+_SEND_BUFFER = 1 << 16
+_PIPELINE_SEND_BYTES = _SEND_BUFFER // 2
 
 
 class _Budget:
@@ -525,6 +592,8 @@ class RemoteStorage:
         self._routes: dict[str, _Route] = {}  # url -> where its requests go (bounded: `_route`)
         self._signed: dict[tuple[str, str], tuple[Any, float, dict[str, str]]] = {}  # (method, url) -> signature
         self.requests = 0  # this process's requests (attempts), for metrics and the benchmark
+        self._serial: set[tuple[str, str]] = set()  # hosts that answer one request of a pipeline (read_ranges)
+        self._heads: dict[str, tuple[Any, Any, bytes]] = {}  # url -> (info, signature, its requests' first lines)
 
     # ------------------------------------------------------------------ per process
     def _fresh(self) -> None:
@@ -539,6 +608,7 @@ class RemoteStorage:
             self._rng = random.Random()
             self._refreshing, self._rechecks = set(), None  # the parent's re-check thread is not in this process
             self.requests = 0
+            self._serial, self._heads = set(), {}
             self._pid = os.getpid()
 
     def _s3_setup(self) -> dict[str, Any]:
@@ -611,12 +681,17 @@ class RemoteStorage:
         return f"{s3['endpoint']}/{where}/{quoted}"
 
     def _sign(self, url: str, http_url: str, method: str, headers: dict[str, str]) -> dict[str, str]:
+        signature = self._signature(url, http_url, method)
+        return headers if signature is None else {**headers, **signature}
+
+    def _signature(self, url: str, http_url: str, method: str) -> dict[str, str] | None:
+        """The signature headers of a request for `url` (None: unsigned): the same dict while it is reused."""
         if not url.startswith("s3://"):
-            return headers
+            return None
         s3 = self._s3_setup()
         creds = s3["session"].get_credentials()
         if creds is None:  # no credentials anywhere: unsigned (a public bucket)
-            return headers
+            return None
         frozen = creds.get_frozen_credentials()  # refreshed by botocore when they expire (roles, SSO)
         key = (method, http_url)
         now = time.time()
@@ -626,7 +701,8 @@ class RemoteStorage:
                 self._signed.clear()
             kept = self._signed[key] = (frozen, now, sign_v4(method, http_url, {}, frozen.access_key,
                                                              frozen.secret_key, frozen.token, s3["region"], now))
-        return {**headers, **kept[2]}
+        signature: dict[str, str] = kept[2]
+        return signature
 
     def _route(self, url: str) -> _Route:
         """Where the requests for `url` go, worked out once per URL (at most `_KEPT_URLS` kept)."""
@@ -684,13 +760,21 @@ class RemoteStorage:
 
     def _request(self, url: str, method: str = "GET", headers: dict[str, str] | None = None,
                  ok: tuple[int, ...] = (200, 206), max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                 what: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        """A request with retries; DecodeError naming the URL, the status and the attempts when it fails."""
+                 what: str = "GET", prior: _Failure | None = None) -> tuple[int, dict[str, str], bytes]:
+        """A request with retries; DecodeError naming the URL, the status and the attempts when it fails.
+        `prior`: how a first attempt made elsewhere (a pipelined request) failed; this goes on from attempt 2,
+        after its backoff, as if it had made that attempt."""
         self._fresh()
         policy = self.policy
         started = time.monotonic()
         failure = _Failure(None, "not tried", False)
-        for attempt in range(1, policy.attempts + 1):
+        attempt = 0
+        if prior is not None:
+            failure, attempt = prior, 1
+            if failure.retry and attempt < policy.attempts:
+                time.sleep(policy.backoff(attempt, self._rng))
+        while attempt < policy.attempts and (attempt == 0 or failure.retry):
+            attempt += 1
             try:
                 status, head, body = self._once(url, method, dict(headers or {}), max_bytes)
             except _Failure as exc:
@@ -881,8 +965,10 @@ class RemoteStorage:
             _, _, body = self._request(url, headers=headers, max_bytes=max_bytes)
         return body
 
-    def read_range(self, url: str, offset: int, size: int, describe: Callable[[int], str], i: int) -> bytes:
-        """`size` bytes at `offset` of the object, as indexed; errors name the sample ``describe(i)``."""
+    def read_range(self, url: str, offset: int, size: int, describe: Callable[[int], str], i: int,
+                   prior: _Failure | None = None) -> bytes:
+        """`size` bytes at `offset` of the object, as indexed; errors name the sample ``describe(i)``. `prior`: how
+        a pipelined first attempt failed (`read_ranges`)."""
         self._fresh()
         try:
             headers = self._conditions(url)
@@ -890,7 +976,7 @@ class RemoteStorage:
             budget = self._budget
             budget.acquire(size)
             try:
-                status, _, body = self._request(url, headers=headers, max_bytes=size)
+                status, head, body = self._request(url, headers=headers, max_bytes=size, prior=prior)
             finally:
                 budget.release(size)
         except DecodeError as exc:
@@ -899,10 +985,149 @@ class RemoteStorage:
                               exc.code) from None
         if status == 200:  # a server that ignores Range sends the whole object
             body = body[offset : offset + size]
+        elif not head.get("content-range", f"bytes {offset}-").startswith(f"bytes {offset}-"):
+            raise DecodeError(describe(i), f"asked for bytes {offset}-{offset + size - 1} of {redact(url)}, the "
+                                           f"server answered {head['content-range'][:80]!r}", "read_failed")
         if len(body) != size:
             raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of "
                                            f"{redact(url)}", "truncated")
         return body
+
+    def read_ranges(self, items: Sequence[tuple[str, int, int, Callable[[int], str], int]],
+                    deliver: Callable[[int, bytes | Exception], None], retry: Executor) -> None:
+        """The range reads `items` ((url, offset, size, describe, i) each, as `read_range` takes them) pipelined
+        on this thread's connections (HTTP/1.1): ``deliver(k, bytes or error)`` is called exactly once per item,
+        here as its answer arrives, or on a thread of `retry`.
+
+        Consecutive items of one host go out as pipelines of at most _PIPELINE_MAX requests, at most
+        _PIPELINE_SEND_BYTES of request bytes (see `_Connection._open`) and at most the bytes-in-flight bound
+        (``--remote-inflight-mb``; a larger range goes alone, as with `read_range`). What a pipeline leaves
+        (an answer that is not 2xx, a timeout, a broken connection, a ``Connection: close``, an answer to
+        another range) is handed to `retry`, which reads each with `read_range`: the retries, backoff,
+        errors and bad-file policy of a single read, the pipelined attempt counted as its first when it
+        was answered, and never a backoff sleep on this thread, which goes on with the next pipeline. A host
+        that answers a pipeline's first request only (it closes the connection after it) is remembered:
+        its reads then go to `retry`, one request per connection, and a line says so once."""
+        self._fresh()
+
+        def hand(k: int, prior: _Failure | None) -> None:  # to `retry`, at once: never behind the next pipeline
+            try:
+                retry.submit(self._read_left, items[k], prior, k, deliver)
+            except RuntimeError as exc:  # the pool is shut down (the worker is stopping)
+                deliver(k, exc)
+
+        todo: list[tuple[int, _Route, bytes, int]] = []
+        heads = self._heads
+        for k, (url, offset, size, _, _) in enumerate(items):
+            route = self._route(url)
+            info = self._infos.get(url, _UNKNOWN)  # (indexed: no request; else read_range asks, and says)
+            if info is _UNKNOWN or info is None or route.key in self._serial:
+                hand(k, None)
+                continue
+            # The request up to its Range line (target, Host, If-Match, signature), made once per object and
+            # signature: the same bytes for every range of it while the signature is reused.
+            signature = self._signature(url, route.http_url, "GET") if route.s3 else None
+            kept = heads.get(url)
+            if kept is None or kept[0] is not info or kept[1] is not signature:
+                if len(heads) >= _KEPT_URLS:
+                    heads.clear()
+                headers = self._conditions(url)
+                if signature is not None:
+                    headers.update(signature)
+                kept = heads[url] = (info, signature, self._connection(route).encode("GET", route.target,
+                                                                                    headers)[:-2])
+            todo.append((k, route, b"%sRange: bytes=%d-%d\r\n\r\n" % (kept[2], offset, offset + size - 1), size))
+        budget, timeout = self._budget, self.policy.timeout_s
+        at = 0
+        while at < len(todo):
+            route = todo[at][1]
+            conn = self._connection(route)
+            chunk: list[tuple[int, int]] = []  # (k, size)
+            requests: list[tuple[bytes, int]] = []
+            sent_bytes = total = 0
+            for k, other, data, size in todo[at : at + _PIPELINE_MAX]:
+                if other.key != route.key:
+                    break
+                if chunk and (sent_bytes + len(data) > _PIPELINE_SEND_BYTES or total + size > budget.limit):
+                    break
+                chunk.append((k, size))
+                requests.append((data, size))
+                sent_bytes += len(data)
+                total += size
+            at += len(chunk)
+            outcome = {"stopped": False, "ranges": 0}  # an answer refused as out of step; the ranges answered
+
+            def done(j: int, status: int, fields: dict[str, str], body: bytes,
+                     chunk: list[tuple[int, int]] = chunk, outcome: dict[str, Any] = outcome) -> bool:
+                k = chunk[j][0]
+                url, offset, size, describe, i = items[k]
+                if status == 200:  # a server that ignores Range sends the whole object
+                    body = body[offset : offset + size]
+                elif status != 206:  # its first attempt, failed: read again (or not) as a single read would
+                    hand(k, _status_failure(status, fields, body))
+                    return True
+                elif not fields.get("content-range", f"bytes {offset}-").startswith(f"bytes {offset}-"):
+                    outcome["stopped"] = True  # out of step: this connection's later answers are not trusted
+                    hand(k, _Failure(206, f"a pipelined answer for another range ({fields['content-range'][:80]!r})",
+                                     True))
+                    return False
+                outcome["ranges"] += 1
+                if len(body) != size:
+                    deliver(k, DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} "
+                                                        f"of {redact(url)}", "truncated"))
+                else:
+                    deliver(k, body)
+                return True
+
+            self.requests += len(chunk)
+            budget.acquire(total)
+            try:
+                answered, error = conn.pipeline(requests, timeout, done)
+            finally:
+                budget.release(total)
+            if answered < len(chunk):
+                rest = answered
+                if not outcome["stopped"]:  # (a refused answer is handed on already)
+                    k = chunk[answered][0]
+                    rest += 1
+                    if isinstance(error, TimeoutError):  # its answer was late: that was its first attempt
+                        hand(k, _Failure(None, f"timed out after {timeout:g} s", True))
+                    elif isinstance(error, _BadResponse):
+                        hand(k, _Failure(error.status, f"a malformed response: {error}", True))
+                    else:  # never answered (a closed or broken connection): read again from the first attempt
+                        hand(k, None)
+                    if answered == 1 == outcome["ranges"] and len(chunk) > 1 and (
+                            error is None or isinstance(error, ConnectionError)):
+                        self._one_at_a_time(route)
+                for k, _ in chunk[rest:]:
+                    hand(k, None)
+
+    def _read_left(self, item: tuple[str, int, int, Callable[[int], str], int], prior: _Failure | None, k: int,
+                   deliver: Callable[[int, bytes | Exception], None]) -> None:
+        try:
+            data = self.read_range(*item, prior=prior)
+        except Exception as exc:
+            deliver(k, exc)
+        else:
+            deliver(k, data)
+
+    def _one_at_a_time(self, route: _Route) -> None:
+        """`route`'s host answered only the first request of a pipeline: one request per connection from now on."""
+        if route.key not in self._serial:
+            self._serial.add(route.key)
+            log.warning("%s://%s answered only the first of a pipeline of range requests (it closed the "
+                        "connection): reading from it one request per connection from now on", *route.key)
+
+    def release_thread(self) -> None:
+        """Close this thread's connections (a thread that ends: its connections are not reused)."""
+        conns: dict[tuple[str, str], _Connection] | None = getattr(self._local, "conns", None)
+        if not conns:
+            return
+        self._local.conns = {}
+        with self._lock:
+            self._open = [c for c in self._open if c not in conns.values()]
+        for conn in conns.values():
+            conn.close()
 
     def version(self, url: str) -> Version | None:
         """What a cached record of the object is checked against: its ETag's hash and size now (None: gone,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -113,6 +113,11 @@ class Subset:
     def version(self, i: int) -> Version | None:
         assert self._bytes is not None
         return self._bytes.version(int(self.keep[i]))
+
+    def remote_range(self, i: int, max_bytes: int | None = None) -> Any:
+        """The parent's plain range of sample `i` (packed.PackedIndex.remote_range), None when it has none."""
+        whole = getattr(self._bytes, "remote_range", None)
+        return None if whole is None else whole(int(self.keep[i]), max_bytes)
 
     def location(self) -> str:
         assert self._bytes is not None

@@ -83,6 +83,11 @@ class BatchBuilder:
             self._paths = {flag: plan_steps(opts, index, self.cache, augment=flag, reader=self.reader)
                            for flag in (False, True)}
 
+    def close(self) -> None:
+        """Stop the read threads (read pool, pipelining connections); the builder reads nothing after this."""
+        if self.reader is not None:
+            self.reader.close()
+
     def steps(self, augment: bool = False) -> list[str]:
         """The names of the steps each sample goes through (for a stream with or without augmentations)."""
         return self._paths[augment].names if self._paths else ["Gather"]
@@ -105,14 +110,14 @@ class BatchBuilder:
             versions = [version(int(i)) for i in indices]
             if self.reader.pool is None:
                 return [(None, v, None) for v in versions]
-            reads: Reads = []
-            for i, v in zip(indices, versions, strict=True):  # a valid record: its state, kept for the lookup
-                state = cache.check(int(i), v)
-                reads.append((None if state is not None else self.reader.submit(int(i)), v, state))
-            return reads
+            states = [cache.check(int(i), v) for i, v in zip(indices, versions, strict=True)]
+            wanted = [int(i) for i, state in zip(indices, states, strict=True) if state is None]
+            futures = iter(self.reader.submit_many(wanted))  # a valid record: its state, kept for the lookup
+            return [(None if state is not None else next(futures), v, state)
+                    for v, state in zip(versions, states, strict=True)]
         if self.reader.pool is None:
             return [(None, None, None)] * len(indices)
-        return [(self.reader.submit(int(i)), None, None) for i in indices]
+        return [(f, None, None) for f in self.reader.submit_many([int(i) for i in indices])]
 
     def build(self, indices: np.ndarray, x: np.ndarray, reads: Reads | None = None,
               key: tuple[int, int] = (0, 0), augment: bool = False, manifest: bool = False) -> dict[str, np.ndarray]:

@@ -23,6 +23,8 @@ in augment.py.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +35,7 @@ import numpy as np
 from ..config import AUTO_READ_THREADS, SLOW_READ_S
 from ..data.datasets import Dataset, byte_source
 from ..data.reading import Version
-from ..data.remote import reads_remote
+from ..data.remote import RemoteStorage, reads_remote
 from ..options import AugmentOptions, DecodeOptions, PipelineOptions, ReadOptions, UserCodeOptions
 from .augment import Augmenter, parse_augment, sample_rng
 from .cache import RecordState, SampleCache
@@ -45,6 +47,9 @@ __all__ = ["TRANSFORM_STREAM", "Reader", "Sample", "SamplePath", "Step", "cached
 #: User transforms draw apart from augmentations.
 TRANSFORM_STREAM = 0x7F
 _READ_EMA_WEIGHT = 0.05
+#: The most reads one pipelining thread takes from the FIFO at a time (one pipeline, or a few when their requests
+#: exceed what a connection may send before reading: RemoteStorage.read_ranges).
+PIPELINE_DEPTH = 32
 
 
 class Sample:
@@ -90,19 +95,135 @@ class Reader:
     By default reads stay inline, which is cheapest for local disks and the page cache, and a
     pool starts once reads average over `SLOW_READ_S` (slow storage), or at once for objects
     on a store (s3://, https://).
+
+    Objects on a store are read ahead with HTTP/1.1 pipelining (``--read-connections K``): the
+    samples whose bytes are one plain range of an object (tar members, uncompressed Parquet
+    values: ``remote_range``) go to one FIFO that K threads drain, each on its own connection,
+    taking up to `PIPELINE_DEPTH` reads at a time and sending them back to back
+    (`RemoteStorage.read_ranges`): a batch's ranges cost a few round trips and a few thread
+    switches instead of one of each per sample. Every other read (a compressed Parquet page, a
+    whole object, a read the pipeline left unanswered, with its retries) goes to the read pool.
+    `close` stops both.
     """
 
     def __init__(self, options: ReadOptions, dataset: Dataset) -> None:
-        self.read_bytes = byte_source(dataset).read
+        source = byte_source(dataset)
+        self.read_bytes = source.read
         self.max_bytes = options.max_file_bytes
         self._latency_s = options.simulate_read_latency_ms / 1000
         self._auto = options.read_threads is None
         self._read_ema_s = 0.0
         self.pool: ThreadPoolExecutor | None = None
+        remote = reads_remote(dataset)
         if options.read_threads:
             self.pool = ThreadPoolExecutor(options.read_threads, thread_name_prefix="loader-read")
-        elif self._auto and reads_remote(dataset):  # every read is a round trip: run ahead from the first
+        elif self._auto and remote:  # every read is a round trip: run ahead from the first
             self.pool = ThreadPoolExecutor(AUTO_READ_THREADS, thread_name_prefix="loader-read")
+        # Pipelining needs the pool (for what it leaves) and real latency: --simulate-read-latency-ms sleeps
+        # in `read`, which a pipelined read does not call, so that setting turns pipelining off.
+        self._remote_range: Callable[[int, int], Any] | None = getattr(source, "remote_range", None)
+        self._describe = source.describe
+        self.connections = options.read_connections if (
+            remote and self.pool is not None and self._remote_range is not None and not self._latency_s) else 0
+        self._queue: queue.SimpleQueue[tuple[RemoteStorage, str, int, int, int, Future[bytes]] | None] = \
+            queue.SimpleQueue()
+        self._takers: list[threading.Thread] = []
+        self._closed = False
+        self.pipelined = 0  # reads handed to the pipelining threads
+
+    def submit_many(self, indices: list[int]) -> list[Future[bytes]]:
+        """Futures of the reads of `indices`: pipelined on `connections` connections where their bytes are one
+        range of an object, else on the read threads (`pool`, which must exist)."""
+        pool = self.pool
+        assert pool is not None
+        if self._closed:
+            raise RuntimeError("this Reader is closed")
+        if not self.connections:
+            return [pool.submit(self.read, i) for i in indices]
+        futures: list[Future[bytes]] = []
+        put, where_of, max_bytes = self._queue.put, self._remote_range, self.max_bytes
+        assert where_of is not None
+        for i in indices:
+            try:
+                where = where_of(i, max_bytes)
+            except Exception as exc:  # too large for --max-file-bytes: that read's error, as `read` says it
+                fut: Future[bytes] = Future()
+                fut.set_exception(exc)
+            else:
+                if where is None:
+                    fut = pool.submit(self.read, i)
+                else:
+                    fut = Future()
+                    put((*where, i, fut))
+                    self.pipelined += 1
+            futures.append(fut)
+        if len(self._takers) < self.connections and not self._closed:  # started on first use, one connection each
+            for _ in range(self.connections - len(self._takers)):
+                taker = threading.Thread(target=self._take, name="loader-pipe", daemon=True)
+                taker.start()
+                self._takers.append(taker)
+        return futures
+
+    def _take(self) -> None:
+        """One pipelining thread: take up to PIPELINE_DEPTH queued reads (waiting for the first), read them on this
+        thread's connection; stop at the sentinel None (`close`)."""
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        storage: RemoteStorage | None = None
+        try:
+            while True:
+                first = get()
+                if first is None:
+                    return
+                taken = [first]
+                while len(taken) < PIPELINE_DEPTH:
+                    try:
+                        more = get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._queue.put(None)  # this thread's sentinel, seen after what was taken is read
+                        break
+                    taken.append(more)
+                storage = taken[0][0]
+                self._pipelined(storage, taken)
+        finally:
+            if storage is not None:
+                storage.release_thread()  # this thread's connections: closed with it
+
+    def _pipelined(self, storage: RemoteStorage, taken: list[tuple[RemoteStorage, str, int, int, int,
+                                                                      Future[bytes]]]) -> None:
+        futures = [t[5] for t in taken]
+        try:
+            describe = self._describe
+
+            def deliver(k: int, result: bytes | Exception) -> None:
+                if futures[k].done():  # (only after a bug below failed them all)
+                    return
+                if isinstance(result, Exception):
+                    futures[k].set_exception(result)
+                else:
+                    futures[k].set_result(result)
+
+            assert self.pool is not None
+            storage.read_ranges([(url, offset, size, describe, i) for _, url, offset, size, i, _ in taken], deliver,
+                                self.pool)
+        except BaseException as exc:  # a bug: every read still waited on gets it, never a hang
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the pipelining threads (a sentinel each, after what is queued) and the read pool; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._takers:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout_s
+        for taker in self._takers:
+            taker.join(max(0.0, deadline - time.monotonic()))
+        if self.pool is not None:  # its idle threads end at once; a read under way ends within its deadline
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def read(self, i: int) -> bytes:
         if self._latency_s:

@@ -195,6 +195,7 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
     except KeyboardInterrupt:  # pragma: no cover
         pass
     finally:
+        builder.close()
         sock.close(linger=0)
         ctx.term()
         sys.stdout.flush()

@@ -9,6 +9,8 @@ the data set's real byte source (`PackedIndex.read`, what a worker's read step c
 * ``seq``: one read after the other on this thread, in a shuffled order (as an epoch reads);
 * ``ahead``: batches of 64 through the worker's `Reader` (`read_ahead`: 64 read-ahead threads
   for objects; local disk reads inline, as the worker does by default), every future then waited for;
+* ``pipeK`` (s3): the same batches through a `Reader` with ``--read-connections K`` (``--pipe``), pipelined;
+  checked byte for byte against local disk on 256 reads first;
 * ``range``: `RemoteStorage.read_range` alone (no data set), for the s3 rows.
 
 Each row is the median over `--repeat` passes of the CPU this process spent (time.process_time:
@@ -17,7 +19,8 @@ process on the others (as the benchmark pins them), so the store's CPU is not co
 
     flock /work/bench.lock python docs/bench/s3-cpu/cpu_per_read.py [--profile seq|ahead] [--reads N]
 
-``--profile seq`` prints cProfile's top functions of the sequential s3 reads; ``--profile ahead``
+``--profile seq`` prints cProfile's top functions of the sequential s3 reads (``--profile pipe``: of
+`RemoteStorage.read_ranges`, 32 ranges a call, on this thread, as one pipelining thread runs them); ``--profile ahead``
 runs the read-ahead s3 reads for `--profile-s` seconds for py-spy (``--pyspy PATH``) to sample.
 """
 
@@ -108,9 +111,13 @@ def main() -> int:
     ap.add_argument("--data", default="/work/shared/corpus/train.txt")
     ap.add_argument("--reads", type=int, default=2000, help="reads per pass")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--profile", choices=("seq", "ahead"), default=None)
+    ap.add_argument("--profile", choices=("seq", "ahead", "pipe"), default=None)
     ap.add_argument("--profile-s", type=float, default=20.0)
     ap.add_argument("--pyspy", default="/tmp/pyspy/bin/py-spy")
+    ap.add_argument("--pipe", type=int, nargs="*", default=[4, 8],
+                    help="--read-connections of the pipelined rows (s3 pipeK)")
+    ap.add_argument("--delay-ms", type=float, default=0.0,
+                    help="s3 reads through the delaying proxy (then only the ahead and pipe rows)")
     ap.add_argument("--out", default=None, help="append the figures as one JSON line to this file")
     args = ap.parse_args()
 
@@ -122,7 +129,7 @@ def main() -> int:
     from loader_server.sample_data import write_tar_shards
 
     scratch = Path(tempfile.mkdtemp(prefix="cpu-per-read-"))
-    store = None
+    store = proxy = None
     cores = sorted(os.sched_getaffinity(0))
     try:
         corpus = load_dataset(DataOptions(data=args.data))
@@ -136,7 +143,16 @@ def main() -> int:
         for shard in shards:
             store.put("bench", f"tar/{shard.name}", shard.read_bytes())
             shard.read_bytes()  # local disk at its best: in the page cache
-        os.environ.update(store.env())
+        if args.delay_ms:  # through the benchmark's delaying proxy, on the store's core
+            from loader_bench.latency_proxy import start_proxy
+
+            host, port = store.endpoint.removeprefix("http://").split(":")
+            proxy = start_proxy((host, int(port)), args.delay_ms)
+            if len(cores) > 1:
+                _pin(proxy.proc.pid, {cores[-1]})
+            os.environ.update(store.env(proxy.endpoint))
+        else:
+            os.environ.update(store.env())
         index_dir = str(scratch / "index")
         sets = {"local": load_dataset(DataOptions(data=local_data, index_dir=index_dir)),
                 "s3": load_dataset(DataOptions(data="s3://bench/tar/", index_dir=index_dir))}
@@ -150,7 +166,7 @@ def main() -> int:
         rows: dict[str, dict[str, float]] = {}
         for name, ds in sets.items():
             src = byte_source(ds)
-            reader = Reader(ReadOptions(), ds)
+            reader = Reader(ReadOptions(read_connections=0), ds)  # one read thread per sample
 
             def seq(idx: np.ndarray, read=src.read) -> None:
                 for i in idx:
@@ -173,6 +189,27 @@ def main() -> int:
                 seq(order)
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+            if args.profile == "pipe" and name == "s3":
+                from concurrent.futures import ThreadPoolExecutor
+
+                where = [src.remote_range(int(i)) for i in order]
+                got: list[object] = []
+
+                def deliver(k: int, result: object, got: list[object] = got) -> None:
+                    got.append(result)
+
+                with ThreadPoolExecutor(4) as retry:
+                    src.storage.read_ranges([(u, o, n, src.describe, 0) for _, u, o, n in where[:32]], deliver, retry)
+                    prof = cProfile.Profile(time.thread_time)
+                    c0 = time.process_time()
+                    prof.enable()
+                    for b in range(0, len(where), 32):
+                        src.storage.read_ranges([(u, o, n, src.describe, 0) for _, u, o, n in where[b : b + 32]],
+                                                deliver, retry)
+                    prof.disable()
+                    print(f"read_ranges: {(time.process_time() - c0) / len(where) * 1e6:.1f} us/read CPU (profiled)")
+                assert all(isinstance(r, bytes) for r in got)
+                pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             if args.profile == "ahead" and name == "s3":
                 deadline = time.monotonic() + args.profile_s + 3
                 spy = subprocess.Popen([args.pyspy, "record", "-p", str(os.getpid()), "-d", str(args.profile_s),
@@ -187,9 +224,26 @@ def main() -> int:
                 for i in idx:
                     version(int(i))
 
+            if name == "s3":  # the same batches pipelined on K connections per process
+                local_src = byte_source(sets["local"])
+                for conns in args.pipe:
+                    piped = Reader(ReadOptions(read_connections=conns), ds)
+                    assert piped.connections == conns
+                    check = [int(i) for i in order[:256]]
+                    got = [f.result() for f in piped.submit_many(check)]
+                    assert got == [local_src.read(i) for i in check], "pipelined reads differ from local disk"
+
+                    def pipe(idx: np.ndarray, reader=piped) -> None:
+                        for b in range(0, len(idx), 64):
+                            for f in reader.submit_many([int(i) for i in idx[b : b + 64]]):
+                                f.result()
+
+                    rows[f"s3 pipe{conns}"] = _measure(pipe, order, args.repeat)
+            rows[f"{name} ahead"] = _measure(ahead, order, args.repeat)
+            if args.delay_ms:
+                continue
             rows[f"{name} version"] = _measure(versions, order, args.repeat)
             rows[f"{name} seq"] = _measure(seq, order, args.repeat)
-            rows[f"{name} ahead"] = _measure(ahead, order, args.repeat)
             if name == "s3":
                 storage, files = src.storage, src.files
                 pos, span, starts = src.pos, src.span, src.starts
@@ -207,7 +261,7 @@ def main() -> int:
         for name, row in rows.items():
             print(f"{name:12} {row['cpu_us']:12.1f} {row['sys_us']:13.1f} {row['wall_us']:13.1f}  "
                   f"{row['cpu_us_all']}")
-        for mode in ("seq", "ahead"):
+        for mode in ("ahead",) if args.delay_ms else ("seq", "ahead"):
             print(f"s3 - local, {mode}: {rows[f's3 {mode}']['cpu_us'] - rows[f'local {mode}']['cpu_us']:.1f} us/read")
         print(f"load {os.getloadavg()[0]:.2f}")
         if args.out:
@@ -218,6 +272,8 @@ def main() -> int:
                                     "load": os.getloadavg()[0], "rows": rows}) + "\n")
     finally:
         os.sched_setaffinity(0, set(cores))
+        if proxy is not None:
+            print(f"proxy carried: {proxy.stop()}")
         if store is not None:
             store.stop()
         shutil.rmtree(scratch, ignore_errors=True)
