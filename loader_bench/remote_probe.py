@@ -27,7 +27,9 @@ machine's slow minute falls on each in turn); the table gives the median images/
 local disk (each round's run over the same round's local run, the median of those: the load
 drifts less within a round), the CPU the server and its workers spent per timed image (which
 the machine's load changes much less), the proxy's requests per second and bytes on the link
-(mean and max of samples every 5 ms), and the load average around each run. The member index is built once and kept.
+(mean and max of samples every 5 ms), the CPU the store and the proxy used over each run's
+whole wall time, start-up included, in cores (1.00: their core was never idle), and the load
+average around each run. The member index is built once and kept.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,15 +127,18 @@ def s3_probe(b: Bench) -> Results:
                 proxy = start_proxy(store.address, delay) if delay is not None else None
                 if proxy is not None:
                     _pin(proxy.proc.pid, store_cores)
+                side = [store.proc.pid] + ([proxy.proc.pid] if proxy is not None else [])
+                side_cpu, started = sum(_cpu_s(pid) for pid in side), time.monotonic()
                 try:
                     env = store.env(proxy.endpoint if proxy else None)
                     with _environment(env):
                         n = max(b.n, 4 * len(b.index)) if name.endswith("cache") else b.n  # cached: ~10k images/s
                         result = measure_service(b, data=data, extra=extra, warmup=warmup, sample_pss=False, n=n,
                                                  cpu=True)
+                    busy = (sum(_cpu_s(pid) for pid in side) - side_cpu) / (time.monotonic() - started)
                 finally:
                     carried = proxy.stop() if proxy is not None else {}
-                result.update(load=(load_before + os.getloadavg()[0]) / 2, proxy=carried)
+                result.update(load=(load_before + os.getloadavg()[0]) / 2, proxy=carried, store_core_busy=busy)
                 got[name].append(result)
                 rate = f"{carried.get('requests_per_s', 0):.0f} req/s, " if carried else ""
                 _say(f"s3: round {r + 1} {name}: {result['images_per_s']:.0f} images/s ({rate}load "
@@ -152,6 +158,7 @@ def s3_probe(b: Bench) -> Results:
             "cpu_ms_per_image": statistics.median(x["loader_cpu_ms_per_image"] for x in results),
             "runs": [round(x["images_per_s"], 1) for x in results],
             "load": statistics.median(x["load"] for x in results),
+            "store_core_busy": statistics.median(x["store_core_busy"] for x in results),
             "requests_per_s": statistics.median(p["requests_per_s"] for p in carried_all) if carried_all else None,
             "link_bytes_mean": statistics.median(p["link_bytes_mean"] for p in carried_all) if carried_all else None,
             "link_bytes_max": max(p["link_bytes_max"] for p in carried_all) if carried_all else None,
@@ -161,6 +168,16 @@ def s3_probe(b: Bench) -> Results:
     _say("s3: " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in table.items()))
     return {"s3": table, "s3_images": len(b.index), "s3_shards": len(shards),
             "s3_cores": {"loader": sorted(loader_cores), "store and proxy": sorted(store_cores)}}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -183,12 +200,13 @@ def s3_tables(results: Results) -> list[str]:
              f"Cores: the loader {results['s3_cores']['loader']}, the store and the proxy "
              f"{results['s3_cores']['store and proxy']}.", "",
              "| run | settings | images/s (median) | vs local (median of rounds) | each round | loader CPU ms/image "
-             "| requests/s | bytes on the link, mean / max | load |", "|---|---|---|---|---|---|---|---|---|"]
+             "| requests/s | bytes on the link, mean / max | store + proxy CPU, cores | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         link = (f"{row['link_bytes_mean'] / 1e6:.2f} MB / {row['link_bytes_max'] / 1e6:.2f} MB"
                 if row["link_bytes_mean"] is not None else "-")
         rps = f"{row['requests_per_s']:.0f}" if row["requests_per_s"] is not None else "-"
         lines.append(f"| {name} | {row['settings']} | {row['images_per_s']:.0f} | {row['ratio']:.2f}x | "
                      f"{', '.join(f'{r:.2f}' for r in row['ratios'])} | {row['cpu_ms_per_image']:.2f} | {rps} | {link} "
-                     f"| {row['load']:.1f} |")
+                     f"| {row.get('store_core_busy', float('nan')):.2f} | {row['load']:.1f} |")
     return lines
