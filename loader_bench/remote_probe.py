@@ -11,8 +11,9 @@ AWS variables (``AWS_ENDPOINT_URL`` = the proxy). Runs:
 * ``local``: the shards on local disk, default settings;
 * ``s3 +0 ms``: through the proxy without delay (the store's own cost on this machine);
 * ``s3 +20 ms``: default settings;
-* ``s3 +100 ms``: default settings, then the read-ahead setting the README recommends
-  (`RECOMMENDED_100MS`);
+* ``s3 +100 ms``: default settings (what the README recommends for tar shards, which are
+  pipelined), then more read-ahead (`RECOMMENDED_100MS`: what the README recommends at 100 ms
+  for data it does not pipeline);
 * ``local, cache`` and ``s3 +100 ms, cache`` with ``--cache DIR``: timed after one full epoch, so
   every timed batch comes from the cache.
 
@@ -49,7 +50,8 @@ __all__ = ["RECOMMENDED_100MS", "s3_probe", "s3_tables"]
 
 Results = dict[str, Any]
 
-#: The serve flags the README recommends for an object store 100 ms away: each worker holds 6
+#: The serve flags the README recommends for an object store 100 ms away when its data is not pipelined
+#: (list files, class folders, compressed Parquet pages; tar shards keep the defaults): each worker holds 6
 #: tasks beyond the one it builds (their reads run ahead), the client's batches in flight cover
 #: them (workers x 7 <= 16), and 256 read threads per worker keep enough requests in flight
 #: (a 64-image task every ~100 ms of decoding is 640 requests/s: 64 threads at 110 ms manage 580).
