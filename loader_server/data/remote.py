@@ -743,20 +743,9 @@ class RemoteStorage:
         except _TooLarge as exc:
             raise DecodeError(redact(url), f"object of {exc.size} bytes exceeds --max-file-bytes {max_bytes}",
                               "too_large") from None
-        except TimeoutError:
+        except (_BadResponse, OSError) as exc:  # (OSError: timeouts and TLS errors too)
             conn.close()
-            raise _Failure(None, f"timed out after {self.policy.timeout_s:g} s", True) from None
-        except _BadResponse as exc:
-            conn.close()
-            raise _Failure(exc.status, f"a malformed response: {exc}", True) from None
-        except ssl.SSLCertVerificationError as exc:
-            conn.close()
-            raise _Failure(None, f"TLS: {exc.verify_message or exc}: the server's certificate is not trusted here "
-                                 "(AWS_CA_BUNDLE names the CA bundle for s3://, SSL_CERT_FILE for https://)",
-                           True) from None
-        except OSError as exc:
-            conn.close()
-            raise _Failure(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, True) from None
+            raise _attempt_failure(exc, self.policy.timeout_s) from None
 
     def _request(self, url: str, method: str = "GET", headers: dict[str, str] | None = None,
                  ok: tuple[int, ...] = (200, 206), max_bytes: int = DEFAULT_MAX_FILE_BYTES,
@@ -1090,10 +1079,8 @@ class RemoteStorage:
                 if not outcome["stopped"]:  # (a refused answer is handed on already)
                     k = chunk[answered][0]
                     rest += 1
-                    if isinstance(error, TimeoutError):  # its answer was late: that was its first attempt
-                        hand(k, _Failure(None, f"timed out after {timeout:g} s", True))
-                    elif isinstance(error, _BadResponse):
-                        hand(k, _Failure(error.status, f"a malformed response: {error}", True))
+                    if isinstance(error, (TimeoutError, _BadResponse)):  # late or malformed: its first attempt
+                        hand(k, _attempt_failure(error, timeout))
                     else:  # never answered (a closed or broken connection): read again from the first attempt
                         hand(k, None)
                     if answered == 1 == outcome["ranges"] and len(chunk) > 1 and (
@@ -1269,6 +1256,19 @@ def sign_v4(method: str, url: str, headers: dict[str, str], access_key: str, sec
     if token:
         out["X-Amz-Security-Token"] = token
     return out
+
+
+def _attempt_failure(exc: _BadResponse | OSError, timeout_s: float) -> _Failure:
+    """How an attempt that got no usable answer failed (a timeout, a malformed answer, TLS, the network), as the
+    error after the retries says it; every one is retried."""
+    if isinstance(exc, TimeoutError):
+        return _Failure(None, f"timed out after {timeout_s:g} s", True)
+    if isinstance(exc, _BadResponse):
+        return _Failure(exc.status, f"a malformed response: {exc}", True)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _Failure(None, f"TLS: {exc.verify_message or exc}: the server's certificate is not trusted here "
+                              "(AWS_CA_BUNDLE names the CA bundle for s3://, SSL_CERT_FILE for https://)", True)
+    return _Failure(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, True)
 
 
 def _status_failure(status: int, head: dict[str, str], body: bytes) -> _Failure:

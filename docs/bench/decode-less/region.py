@@ -16,10 +16,10 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import simplejpeg
+from floor import files_of  # (this folder: where Python finds a script's neighbours)
 
 from loader_server.options import DecodeOptions
 from loader_server.pipeline import decode as decode_module
@@ -30,9 +30,7 @@ from loader_server.pipeline.decode import Decoder, decode_scale, jpeg_info, stor
 def main(data: str, side: int = 224) -> None:
     region = decode_module._jpegregion
     assert region is not None, "loader_server.pipeline._jpegregion is not built (setup.py)"
-    root = Path(data)
-    root = root.parent if root.is_file() else root
-    blobs = [p.read_bytes() for p in sorted(root.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
+    blobs = [p.read_bytes() for p in files_of(data)]
     rrc = Augmenter(parse_augment("rrc"))
     with_binding = Decoder(DecodeOptions(size=(side, side)))
     jobs = []
