@@ -9,4 +9,5 @@ Everything else is in pyproject.toml.
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("loader_server.pipeline._jpegregion", ["loader_server/pipeline/_jpegregion.c"],
-                             libraries=["jpeg"], optional=True)])
+                             # dl: dladdr() (loaded_library), in libc itself from glibc 2.34, in libdl before
+                             libraries=["jpeg", "dl"], optional=True)])

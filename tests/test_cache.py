@@ -135,6 +135,29 @@ def test_a_changed_file_is_decoded_again_and_its_record_updated(listfile: Path, 
     assert (cached.cache_hits, cached.cache_misses) == (BATCH, 0)
 
 
+def test_a_cache_made_with_another_region_decoder_is_not_read(listfile: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another libjpeg loaded at run time (decode.REGION_DECODER: its digest; or another binding build)
+    gives another cache file, decoded afresh; the first one is read again by the decoder that made it."""
+    from loader_server.pipeline import decode
+
+    folder = tmp_path / "cache"
+    _, cached, _ = _builders(listfile, folder)
+    indices = np.arange(BATCH)
+    first = _batch(cached, indices)
+    assert cached.cache_misses == BATCH and len(list(folder.glob("loader-cache-*.bin"))) == 1
+    made_by = decode.REGION_DECODER
+    monkeypatch.setattr(decode, "REGION_DECODER", f"{made_by} (another libjpeg)" if made_by else "jpegregion 1 other")
+    _, other, other_cache = _builders(listfile, folder)
+    assert np.array_equal(_batch(other, indices), first)
+    assert (other.cache_hits, other.cache_misses) == (0, BATCH)  # nothing read from the first file
+    assert len(list(folder.glob("loader-cache-*.bin"))) == 2 and other_cache.filled(0) == BATCH
+    monkeypatch.setattr(decode, "REGION_DECODER", made_by)
+    _, again, _ = _builders(listfile, folder)
+    _batch(again, indices)
+    assert (again.cache_hits, again.cache_misses) == (BATCH, 0)
+
+
 def test_bad_files_under_skip_are_never_cached(tmp_path: Path) -> None:
     listfile = unique_label_list(tmp_path / "data", 16, size=(48, 36))
     bad = tmp_path / "data" / "img" / "00003.jpg"

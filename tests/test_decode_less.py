@@ -459,6 +459,119 @@ def test_the_region_decoder_is_in_the_cache_key(monkeypatch: pytest.MonkeyPatch)
     assert cache_key(options, Index()) != key  # type: ignore[arg-type]
 
 
+# ---------------------------------------------------------------------------- the libjpeg run
+def _mapped_file(address: int) -> str:
+    """The file /proc/self/maps says is mapped at `address`."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            if lo <= address < hi and len(fields) == 6:
+                return fields[5].strip()
+    raise AssertionError(f"nothing mapped at {address:#x}")
+
+
+@needs_region
+def test_the_loaded_libjpeg_is_the_file_mapped_where_the_binding_calls_it() -> None:
+    import ctypes
+    import hashlib
+
+    region = decode_module._jpegregion
+    loaded = decode_module.LOADED_LIBJPEG
+    assert isinstance(loaded, decode_module.LoadedLibrary), loaded
+    # dlsym through the binding's own handle: the jpeg_CreateDecompress its calls are bound to.
+    address = ctypes.cast(ctypes.CDLL(region.__file__).jpeg_CreateDecompress, ctypes.c_void_p).value
+    assert address is not None
+    assert _mapped_file(address) == loaded.path
+    assert loaded.path != os.path.realpath(region.__file__) and "libjpeg" in os.path.basename(loaded.path)
+    assert loaded.sha256 == hashlib.sha256(Path(loaded.path).read_bytes()).hexdigest()
+    assert decode_module.REGION_DECODER == (
+        f"jpegregion {region.VERSION} libjpeg {region.JPEG_LIB_VERSION} libjpeg-turbo "
+        f"{region.LIBJPEG_TURBO_VERSION_NUMBER} loaded sha256 {loaded.sha256}")
+
+
+_RUN_TIME = """
+import json, sys
+from loader_server.options import DecodeOptions
+from loader_server.pipeline import decode
+from loader_server.pipeline.cache import cache_key
+
+class Index:
+    def fingerprint(self): return "f"
+    def location(self): return "l"
+    def __len__(self): return 1
+
+loaded = decode.LOADED_LIBJPEG
+maps = sorted({line.split(maxsplit=5)[5].strip() for line in open("/proc/self/maps")
+               if len(line.split(maxsplit=5)) == 6 and "libjpeg.so" in line})
+json.dump({"path": loaded.path, "sha256": loaded.sha256, "region_decoder": decode.REGION_DECODER, "maps": maps,
+           "key": cache_key(DecodeOptions(), Index())}, sys.stdout)
+"""
+
+
+@needs_region
+def test_another_libjpeg_build_at_run_time_changes_the_region_decoder_and_the_cache_key(tmp_path: Path) -> None:
+    """The same file name and versions, other bytes (as a Debian security update gives): found by
+    LD_LIBRARY_PATH at run time, it is what the binding runs, and the cache key changes."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    from loader_server.pipeline.cache import cache_key
+
+    loaded = decode_module.LOADED_LIBJPEG
+    assert isinstance(loaded, decode_module.LoadedLibrary), loaded
+    other = tmp_path / "libjpeg.so.62"  # the soname the binding asks for
+    other.write_bytes(Path(loaded.path).read_bytes() + b"\0other build")  # bytes past the ELF's sections
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", _RUN_TIME], env=env, capture_output=True, text=True, timeout=120,
+                         check=True)
+    got = json.loads(run.stdout)
+    assert got["path"] == os.path.realpath(other) and got["maps"] == [got["path"]]
+    assert got["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest() != loaded.sha256
+    ours = decode_module.REGION_DECODER
+    assert ours is not None
+    assert got["region_decoder"] == ours.replace(loaded.sha256, got["sha256"]) != ours
+
+    class Index:
+        def fingerprint(self) -> str:
+            return "f"
+
+        def location(self) -> str:
+            return "l"
+
+        def __len__(self) -> int:
+            return 1
+
+    assert got["key"] != cache_key(DecodeOptions(), Index())  # type: ignore[arg-type]
+
+
+def test_a_libjpeg_that_cannot_be_told_leaves_the_build_versions_and_says_so(tmp_path: Path) -> None:
+    class Region:  # a `_jpegregion` whose loaded_library() answers `name`
+        VERSION, JPEG_LIB_VERSION, LIBJPEG_TURBO_VERSION_NUMBER = 1, 62, 2001005
+
+        def __init__(self, name: str | None) -> None:
+            self.loaded_library = lambda: name
+
+    static = decode_module.loaded_libjpeg(Region(None))
+    assert isinstance(static, str) and static.startswith("unidentified: ") and "statically" in static
+    assert decode_module.region_decoder_of(Region(None), static) == (
+        f"jpegregion 1 libjpeg 62 libjpeg-turbo 2001005 loaded {static}")
+    gone = decode_module.loaded_libjpeg(Region(str(tmp_path / "libjpeg.so.62")))
+    assert gone == f"unidentified: {tmp_path / 'libjpeg.so.62'} cannot be read (No such file or directory)"
+    old_build = decode_module.loaded_libjpeg(type("OldBuild", (), {})())
+    assert isinstance(old_build, str) and old_build.startswith("unidentified: ") and "rebuild" in old_build
+    # a symbolic link is resolved, and the file's content is what counts
+    (tmp_path / "libjpeg.so.62.3.0").write_bytes(b"one build")
+    (tmp_path / "libjpeg.so.62").symlink_to("libjpeg.so.62.3.0")
+    found = decode_module.loaded_libjpeg(Region(str(tmp_path / "libjpeg.so.62")))
+    assert found == decode_module.LoadedLibrary(str(tmp_path / "libjpeg.so.62.3.0"),
+                                                "35b5c9836731bd31e75d30f3186350b17b62adf380da9d852d822b741f05922a")
+    assert decode_module.region_decoder_of(Region(None), found).endswith(f" loaded sha256 {found.sha256}")
+
+
 def test_progressive_jpegs_are_decoded_whole_at_the_crop_scale() -> None:
     img = photo(960, 720, 6)
     data = jpeg(img, cv2.IMWRITE_JPEG_PROGRESSIVE, 1)

@@ -17,10 +17,19 @@
  * (jpeg_abort_decompress). Errors and warnings of libjpeg (corrupt or truncated data inside what
  * was decoded, an unsupported file) raise ValueError with libjpeg's message, as simplejpeg's strict
  * mode does; the caller falls back to another decoder. The GIL is released while decoding.
+ *
+ * loaded_library() -> str | None
+ *
+ *   The file name of the shared libjpeg that this process actually runs (dladdr() of
+ *   jpeg_CreateDecompress: the library the dynamic linker bound it to, which may be another build
+ *   than the headers' one, below), as the dynamic linker found it (maybe a symbolic link); None where
+ *   dladdr() names no shared library apart from this module (libjpeg linked in statically) or fails.
+ *   The module's constants are the headers' versions, at build time.
  */
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include <Python.h> /* first: it defines _GNU_SOURCE, which Dl_info and dladdr() need */
 
+#include <dlfcn.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <string.h>
@@ -163,12 +172,27 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     return Py_BuildValue("IIII", j.x_start, j.width, j.image_width, j.image_height);
 }
 
+static PyObject *loaded_library(PyObject *self, PyObject *unused) {
+    Dl_info lib, own;
+    (void)self;
+    (void)unused;
+    if (dladdr((void *)&jpeg_CreateDecompress, &lib) == 0 || lib.dli_fname == NULL || lib.dli_fname[0] == '\0')
+        Py_RETURN_NONE;
+    /* The same object as this function's: libjpeg was linked into this module, not loaded. */
+    if (dladdr((void *)&loaded_library, &own) != 0 && own.dli_fbase == lib.dli_fbase) Py_RETURN_NONE;
+    return PyUnicode_DecodeFSDefault(lib.dli_fname);
+}
+
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(data, out, colorspace, scale, x, y, w, h) -> (x_start, width, image_width, image_height)\n\n"
      "Decode rows y..y+h-1 of a JPEG scaled by scale/8, columns [x_start, x_start+width) (the window\n"
      "[x, x+w) widened on the left to an iMCU column), into `out` (h rows of width pixels, 1 or 3 bytes each:\n"
      "colorspace 0 gray, 1 RGB, 2 BGR). ValueError on any libjpeg error or warning."},
+    {"loaded_library", loaded_library, METH_NOARGS,
+     "loaded_library() -> str | None\n\n"
+     "The file name of the shared libjpeg this process runs (dladdr of jpeg_CreateDecompress), or None\n"
+     "where no shared library apart from this module provides it (linked statically) or dladdr fails."},
     {NULL, NULL, 0, NULL},
 };
 

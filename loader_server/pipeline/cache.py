@@ -117,7 +117,8 @@ def cache_key(options: DecodeOptions | Any, index: ByteDataset) -> str:
     """Hash of the data set (its fingerprint and its location) and of `DecodeOptions`: everything the
     decode step that makes a record reads, from where it reads it, and the versions of the decoders
     (OpenCV; simplejpeg, whose libjpeg-turbo decodes JPEGs; the region decoder of crops,
-    `decode.REGION_DECODER`, with the system libjpeg-turbo it was built against, or None).
+    `decode.REGION_DECODER`: its version, the libjpeg-turbo headers it was built against and the
+    SHA-256 of the libjpeg this process loaded, or None).
 
     The location (``ByteDataset.location``: the resolved folder, the container files and their file
     systems, an object store's URLs) keeps two copies of a data set with the same names,

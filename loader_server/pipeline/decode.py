@@ -45,7 +45,9 @@ within the tolerance README.md states of a full decode followed by the same crop
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -62,9 +64,9 @@ except ImportError:  # pragma: no cover - not built, or libjpeg.so.62 missing: s
 from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "REGION_DECODER", "SCALE_COST", "DecodeError", "Decoder", "JpegInfo",
-           "decode_scale", "jpeg_info", "jpeg_size", "kept_size", "png_size", "read_file", "region_decoder_note",
-           "scale_covers", "stored_box"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "LOADED_LIBJPEG", "REGION_DECODER", "SCALE_COST", "DecodeError", "Decoder",
+           "JpegInfo", "LoadedLibrary", "decode_scale", "jpeg_info", "jpeg_size", "kept_size", "loaded_libjpeg",
+           "png_size", "read_file", "region_decoder_note", "region_decoder_of", "scale_covers", "stored_box"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -90,13 +92,60 @@ SCALE_COST = (math.inf, 0.5, 0.55, 0.85, 0.67, 1.5, 1.85, 2.45, 1.0)
 _BY_COST = sorted(range(1, 9), key=SCALE_COST.__getitem__)  # the scales, cheapest first
 #: Largest decode buffer a decoder keeps between images (larger ones are allocated per image).
 _KEEP_SCRATCH_BYTES = 64 << 20
-#: What decodes the window of a crop: our binding `_jpegregion`, its version and the libjpeg-turbo it
-#: was built against, or None where it is not built (simplejpeg decodes crops). In the cache key, as
-#: simplejpeg's version is: a record made by one decoder is never read by a server that decodes with another.
+
+
+@dataclass(frozen=True)
+class LoadedLibrary:
+    """The shared libjpeg that the region decoder runs in this process (`loaded_libjpeg`)."""
+
+    path: str  # the file, symbolic links resolved (as /proc/self/maps names it)
+    sha256: str  # the hex SHA-256 of its content
+
+
+def loaded_libjpeg(region: Any) -> LoadedLibrary | str:
+    """The libjpeg that `region` (the `_jpegregion` module) runs, or why it cannot be told (a fixed sentence).
+
+    The dynamic linker decides it at run time (a Debian update of libjpeg62-turbo, LD_LIBRARY_PATH,
+    another image's build), not the headers `_jpegregion` was compiled against: dladdr() of
+    ``jpeg_CreateDecompress`` names the file (`_jpegregion.loaded_library`), and its content's
+    digest tells two builds apart where their names and versions are the same (a security update
+    keeps ``libjpeg.so.62.3.0``). Hashing reads the file (about 0.6 MB) once per process, at import,
+    right after the library was loaded: the file hashed is then the one mapped, unless it is
+    replaced within those milliseconds.
+    """
+    find = getattr(region, "loaded_library", None)
+    if find is None:
+        return ("unidentified: this build of _jpegregion has no loaded_library(); rebuild it "
+                "(`python3 setup.py build_ext --inplace`, or reinstall the package)")
+    name = find()
+    if name is None:
+        return "unidentified: dladdr() names no shared library providing jpeg_CreateDecompress (linked statically?)"
+    path = os.path.realpath(name)
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        return f"unidentified: {path} cannot be read ({e.strerror})"
+    return LoadedLibrary(path, digest)
+
+
+def region_decoder_of(region: Any, loaded: LoadedLibrary | str) -> str:
+    """`REGION_DECODER` for the `_jpegregion` module `region` running the libjpeg `loaded`."""
+    runs = f"sha256 {loaded.sha256}" if isinstance(loaded, LoadedLibrary) else loaded
+    return (f"jpegregion {region.VERSION} libjpeg {region.JPEG_LIB_VERSION} "
+            f"libjpeg-turbo {region.LIBJPEG_TURBO_VERSION_NUMBER} loaded {runs}")
+
+
+#: The libjpeg the region decoder runs (`loaded_libjpeg`), or None where `_jpegregion` is not built.
+LOADED_LIBJPEG: LoadedLibrary | str | None = None if _jpegregion is None else loaded_libjpeg(_jpegregion)
+#: What decodes the window of a crop, or None where `_jpegregion` is not built (simplejpeg decodes
+#: crops): our binding's version, the libjpeg(-turbo) versions of the headers it was built against,
+#: and the libjpeg this process loaded, by its content's SHA-256 (`LOADED_LIBJPEG`; where it cannot
+#: be told, ``unidentified: `` and the reason, so the build-time versions alone tell decoders apart).
+#: In the cache key, as simplejpeg's version is: a record made by one decoder is never read by a
+#: server that decodes with another.
 REGION_DECODER: str | None = (
-    None if _jpegregion is None
-    else f"jpegregion {_jpegregion.VERSION} libjpeg {_jpegregion.JPEG_LIB_VERSION} "
-         f"libjpeg-turbo {_jpegregion.LIBJPEG_TURBO_VERSION_NUMBER}")
+    None if _jpegregion is None or LOADED_LIBJPEG is None else region_decoder_of(_jpegregion, LOADED_LIBJPEG))
 _REGION_COLORSPACE = {"GRAY": 0, "RGB": 1, "BGR": 2}
 # cv2 orientation operations for EXIF orientations 2..8 (1 is upright), as OpenCV applies them.
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
