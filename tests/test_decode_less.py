@@ -438,25 +438,28 @@ def test_progressive_and_cmyk_crops_do_not_go_to_the_binding(monkeypatch: pytest
         assert run(decoder(), data, lambda w, h: (10, 20, w // 2, h // 2)).shape == (224, 224, 3)
 
 
+class KeyIndex:
+    """What `cache_key` reads of a data set, fixed: only the decoders change the key."""
+
+    def fingerprint(self) -> str:
+        return "f"
+
+    def location(self) -> str:
+        return "l"
+
+    def __len__(self) -> int:
+        return 1
+
+
 def test_the_region_decoder_is_in_the_cache_key(monkeypatch: pytest.MonkeyPatch) -> None:
     from loader_server.pipeline.cache import cache_key
 
-    class Index:
-        def fingerprint(self) -> str:
-            return "f"
-
-        def location(self) -> str:
-            return "l"
-
-        def __len__(self) -> int:
-            return 1
-
     options = DecodeOptions()
-    key = cache_key(options, Index())  # type: ignore[arg-type]
+    key = cache_key(options, KeyIndex())  # type: ignore[arg-type]
     monkeypatch.setattr(decode_module, "REGION_DECODER", "jpegregion 1 libjpeg 62 libjpeg-turbo 9009009")
-    assert cache_key(options, Index()) != key  # type: ignore[arg-type]
+    assert cache_key(options, KeyIndex()) != key  # type: ignore[arg-type]
     monkeypatch.setattr(decode_module, "REGION_DECODER", None)
-    assert cache_key(options, Index()) != key  # type: ignore[arg-type]
+    assert cache_key(options, KeyIndex()) != key  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- the libjpeg run
@@ -524,7 +527,8 @@ def test_another_libjpeg_build_at_run_time_changes_the_region_decoder_and_the_ca
     assert isinstance(loaded, decode_module.LoadedLibrary), loaded
     other = tmp_path / "libjpeg.so.62"  # the soname the binding asks for
     other.write_bytes(Path(loaded.path).read_bytes() + b"\0other build")  # bytes past the ELF's sections
-    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path),
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(tmp_path),
+                                                                       os.environ.get("LD_LIBRARY_PATH")])),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, "-c", _RUN_TIME], env=env, capture_output=True, text=True, timeout=120,
                          check=True)
@@ -534,18 +538,7 @@ def test_another_libjpeg_build_at_run_time_changes_the_region_decoder_and_the_ca
     ours = decode_module.REGION_DECODER
     assert ours is not None
     assert got["region_decoder"] == ours.replace(loaded.sha256, got["sha256"]) != ours
-
-    class Index:
-        def fingerprint(self) -> str:
-            return "f"
-
-        def location(self) -> str:
-            return "l"
-
-        def __len__(self) -> int:
-            return 1
-
-    assert got["key"] != cache_key(DecodeOptions(), Index())  # type: ignore[arg-type]
+    assert got["key"] != cache_key(DecodeOptions(), KeyIndex())  # type: ignore[arg-type]
 
 
 def test_a_libjpeg_that_cannot_be_told_leaves_the_build_versions_and_says_so(tmp_path: Path) -> None:
