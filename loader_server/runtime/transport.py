@@ -20,9 +20,9 @@
   from os.urandom here, and no routing id is ever shown to a peer, so a peer can only guess
   (C claims held, each connection without a routing id hits one with a chance of C / 2**32:
   see the README's threat model). The server's log and its errors name a client by `client_tag`,
-  a keyed hash of its routing id, never by the id itself. The ZAP handler cannot refuse such claims: the identity
-  frame of a ZAP request is this socket's own ZMQ_ROUTING_ID (zap_client.cpp copies
-  options.routing_id), never the peer's.
+  a keyed hash of its routing id, never by the id itself. The ZAP handler cannot refuse such
+  claims: the identity frame of a ZAP request is this socket's own ZMQ_ROUTING_ID
+  (zap_client.cpp copies options.routing_id), never the peer's.
 * Requests are single frames of at most `MAX_REQUEST_BYTES`; a larger frame disconnects its
   peer (ZMQ_MAXMSGSIZE). At most `SEND_QUEUE_BATCHES` messages wait in the socket for one peer.
 * ZMTP heartbeats close connections whose peer stopped answering.
