@@ -242,6 +242,10 @@ def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | Non
 
 
 # ---------------------------------------------------------------------------- the data set
+#: ``--page-cache-mb``'s default, in bytes.
+_PAGE_CACHE_BYTES = int(DataOptions.page_cache_mb * (1 << 20))
+
+
 @dataclass(frozen=True, eq=False)
 class PackedIndex:
     """Samples at byte ranges of container files; a data set whose workers decode bytes (`read`)."""
@@ -263,7 +267,7 @@ class PackedIndex:
     codecs: tuple[str, ...] = ()  # per file, when `raw` is set
     storage: LocalStorage | RemoteStorage = field(default_factory=LocalStorage, repr=False)
     #: Bytes of decompressed pages this process keeps (pages of codecs other than snappy; 0: none).
-    page_cache_bytes: int = int(DataOptions.page_cache_mb * (1 << 20))
+    page_cache_bytes: int = _PAGE_CACHE_BYTES
     _pages: PageCache = field(init=False, repr=False)  # made in __post_init__, never copied by replace()
     #: Workers read and decode each sample's bytes (see datasets.Dataset).
     build: ClassVar[Literal["decode", "gather"]] = "decode"
@@ -708,9 +712,11 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
 
 
 def load_or_build(files: list[str], *, kind: str, options: dict[str, object], index_dir: str | None,
-                  index_file: Callable[[str], Segment], source: str, storage: RemoteStorage) -> PackedIndex:
+                  index_file: Callable[[str], Segment], source: str, storage: RemoteStorage,
+                  page_cache_bytes: int = _PAGE_CACHE_BYTES) -> PackedIndex:
     """The index of `files`: read from its index file where every file is unchanged, the others
     indexed with `index_file` (a progress bar when it takes a while), then kept for the next start.
+    `page_cache_bytes`: what each process keeps of the pages it decompressed (`PackedIndex.page_cache_bytes`).
 
     Objects (``s3://``, ``https://``) are indexed where they lie, through `storage` (`index_file` opens them
     with ``storage.open``: range reads, nothing copied to local disk); their index is kept in `index_dir`
@@ -741,7 +747,7 @@ def load_or_build(files: list[str], *, kind: str, options: dict[str, object], in
                 bar.update(int(versions[k, 1]))
         versions = _stat_versions(files, kind, storage)  # as indexed (a file changed meanwhile: indexed next time)
     done = [s for s in segments if s is not None]
-    index = _assemble(files, versions, done, kind, source, storage if remote else None)
+    index = _assemble(files, versions, done, kind, source, storage if remote else None, page_cache_bytes)
     if todo:
         arrays = _arrays_of(index)
         kept = _write_index(path, files, versions, arrays, [s.codec for s in done], index.class_names)
@@ -822,7 +828,7 @@ def _arrays_of(index: PackedIndex) -> dict[str, np.ndarray]:
 
 
 def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], kind: str, source: str,
-              remote: RemoteStorage | None = None) -> PackedIndex:
+              remote: RemoteStorage | None = None, page_cache_bytes: int = _PAGE_CACHE_BYTES) -> PackedIndex:
     counts = [len(s) for s in segments]
     starts = np.zeros(len(segments) + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -851,4 +857,5 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
                        names_offsets=names_offsets, raw=raw if packed else None,
                        inner=cat("inner") if packed else None, length=cat("length") if packed else None,
                        codecs=tuple(s.codec for s in segments),
-                       storage=remote if remote is not None else storage_for(files[0]))
+                       storage=remote if remote is not None else storage_for(files[0]),
+                       page_cache_bytes=page_cache_bytes)

@@ -31,7 +31,6 @@ data decompresses to more or fewer bytes than its header says is damaged too.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -71,11 +70,10 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
     first = os.path.basename(files[0])
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
-    index = load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
-                          index_dir=options.index_dir,
-                          index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
-                          storage=storage)
-    return dataclasses.replace(index, page_cache_bytes=int(options.page_cache_mb * (1 << 20)))
+    return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
+                         index_dir=options.index_dir,
+                         index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
+                         storage=storage, page_cache_bytes=int(options.page_cache_mb * (1 << 20)))
 
 
 def index_table(path: str, image_column: str = "image", label_column: str = "label",
