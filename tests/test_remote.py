@@ -461,6 +461,7 @@ MALFORMED = {
     "status not digits": b"HTTP/1.1 2O6 Partial Content\r\nContent-Length: 10\r\n\r\n0123456789",
     "header without a colon": b"HTTP/1.1 206 Partial Content\r\nContent-Length 10\r\n\r\n0123456789",
     "not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    "chunked in HTTP/1.0": b"HTTP/1.0 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
 }
 
 
@@ -524,6 +525,8 @@ REFUSED = {
     "a folded length": (b"Content-Length:\r\n\t10\r\n\r\n0123456789", "an obs-fold continuation line"),
     "a bare LF in a line": (b"Content-Length: 10\nX-A: b\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
     "a NUL in a value": (b"Content-Length: 10\r\nX-A: b\x00c\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
+    "a bare CR in a value": (b"X-A: b\rc\r\nContent-Length: 10\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
+    "a CR before the line end": (b"Content-Length: 10\r\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
     "a name that is not a token": (b"Content Length: 10\r\n\r\n0123456789", "a field name that is not a token"),
     "over 100 header lines": (b"X-A: 1\r\n" * 100 + b"Content-Length: 10\r\n\r\n0123456789",
                               "over 100 header lines"),
@@ -611,6 +614,35 @@ def test_an_unusual_answer_rfc_9112_allows_is_read_by_a_single_and_a_pipelined_r
         assert {k: storage.read_range(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)} == want
         assert piped_ranges(storage, url, spans) == want
         assert storage.stats()["requests"] == 2 * len(spans)  # no retry: every answer was taken
+        storage.close()
+
+
+def test_connection_close_among_other_options_closes_the_connection() -> None:
+    """``Connection: keep-alive, close`` (a list: RFC 9110 7.6.1) ends the connection after the answer, for a single
+    and a pipelined read: this server answers one request per connection and then holds it without a word, so a
+    reader that kept the connection would time out."""
+    connections: list[int] = []
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        connections.append(1)
+        got = _read_head(conn)
+        if got is None:
+            return
+        lo, hi = _range(got[0])
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nConnection: keep-alive\r\nConnection: Keep-Alive, Close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1]))
+        stop.wait(30)
+
+    for base in _serve_sockets(handle):
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=2))
+        url = f"{base}/once.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(0, 10), (100, 20), (300, 30)]
+        want = {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert {k: storage.read_range(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)} == want
+        assert len(connections) == 3
+        assert piped_ranges(storage, url, spans) == want
+        assert len(connections) == 6  # the pipeline's first answer closed it: the others read again, alone
         storage.close()
 
 
