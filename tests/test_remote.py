@@ -174,6 +174,19 @@ def piped_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]],
     return got
 
 
+def single_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]],
+                  describe: Callable[[int], str] = str) -> dict[int, bytes | Exception]:
+    """`spans` read one after the other with `read_range` (as --read-connections 0 reads): each one's bytes or
+    DecodeError, as `piped_ranges` gives them."""
+    got: dict[int, bytes | Exception] = {}
+    for k, (lo, n) in enumerate(spans):
+        try:
+            got[k] = storage.read_range(url, lo, n, describe, k)
+        except DecodeError as exc:
+            got[k] = exc
+    return got
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
 def test_pipelined_ranges_of_every_framing(framings: str, framing: str) -> None:
     """Ranges sent back to back on one connection, answered in order; after a ``Connection: close`` answer the
@@ -580,15 +593,7 @@ def test_an_answer_rfc_9112_forbids_is_refused_alike_by_a_single_and_a_pipelined
         for how in ("single", "pipelined"):
             storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=5, base_s=0.01, max_backoff_s=0.05))
             storage.remember({url: ObjectInfo(len(BODY), "")})
-            if how == "single":
-                got: dict[int, bytes | Exception] = {}
-                for k, (lo, n) in enumerate(spans):
-                    try:
-                        got[k] = storage.read_range(url, lo, n, describe, k)
-                    except DecodeError as exc:
-                        got[k] = exc
-            else:
-                got = piped_ranges(storage, url, spans, describe)
+            got = (single_ranges if how == "single" else piped_ranges)(storage, url, spans, describe)
             storage.close()
             assert got[0] == BODY[:10], (how, got[0])
             for k in (1, 2):
@@ -611,8 +616,7 @@ def test_an_unusual_answer_rfc_9112_allows_is_read_by_a_single_and_a_pipelined_r
         storage.remember({url: ObjectInfo(len(BODY), "")})
         spans = [(0, 10), (10, 300), (5000, 17)]
         want = {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
-        assert {k: storage.read_range(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)} == want
-        assert piped_ranges(storage, url, spans) == want
+        assert single_ranges(storage, url, spans) == want and piped_ranges(storage, url, spans) == want
         assert storage.stats()["requests"] == 2 * len(spans)  # no retry: every answer was taken
         storage.close()
 
@@ -639,7 +643,7 @@ def test_connection_close_among_other_options_closes_the_connection() -> None:
         storage.remember({url: ObjectInfo(len(BODY), "")})
         spans = [(0, 10), (100, 20), (300, 30)]
         want = {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
-        assert {k: storage.read_range(url, lo, n, str, k) for k, (lo, n) in enumerate(spans)} == want
+        assert single_ranges(storage, url, spans) == want
         assert len(connections) == 3
         assert piped_ranges(storage, url, spans) == want
         assert len(connections) == 6  # the pipeline's first answer closed it: the others read again, alone
