@@ -56,7 +56,7 @@ from .runtime.arenas import ArenaChannel
 from .runtime.autoscale import Autoscaler, Change, ScalePolicy
 from .runtime.delivery import Delivery
 from .runtime.supervisor import MAX_TASK_RETRIES, Supervisor
-from .runtime.transport import ClientTransport, PeerLog, PeerSource, escape
+from .runtime.transport import ClientTransport, PeerLog, PeerSource, client_tag, escape
 from .runtime.worker import worker_main
 from .runtime.worker_channel import WorkerChannel
 from .runtime.worker_messages import Failed, Ready, Result, Skipped
@@ -226,21 +226,22 @@ class Server:
                 return
             identity = request.identity
             if request.refused:  # its connection is over a per-peer bound: say so, then it is closed
-                self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), request.refused)
+                self.peer_log.warning(identity, "refused client %s: %s", client_tag(identity), request.refused)
                 self.transport.reply(identity, Error(kind="server", message=f"refused: {request.refused}"))
                 continue
             try:
                 self._on_request(identity, request.body, request.peer, request.source)
             except ProtocolVersionError as exc:
-                self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), str(exc))
+                self.peer_log.warning(identity, "refused client %s: %s", client_tag(identity), str(exc))
                 self.transport.reply(identity, Error(kind="version", message=str(exc)))
             except ProtocolError as exc:
-                self.peer_log.warning(identity, "ignored bad message from client %s: %s", identity.hex(), str(exc))
+                self.peer_log.warning(identity, "ignored bad message from client %s: %s", client_tag(identity),
+                                      str(exc))
                 self.transport.reply(identity, Error(kind="protocol", message=str(exc)))
             except Exception as exc:  # a bug reached by one peer's request: that peer's problem only
-                log.debug("request of client %s failed", identity.hex(), exc_info=True)
+                log.debug("request of client %s failed", client_tag(identity), exc_info=True)
                 self.peer_log.warning(identity, "request of client %s failed: %s: %s (its session is closed)",
-                                      identity.hex(), type(exc).__name__, str(exc))
+                                      client_tag(identity), type(exc).__name__, str(exc))
                 self.transport.reply(identity, Error(kind="server", message=f"the server could not handle the "
                                                      f"request: {type(exc).__name__}: {exc}"))
                 self.delivery.drop(identity, "its request failed")
@@ -252,7 +253,7 @@ class Server:
             raise ProtocolError(f"client requests are one frame, got {len(body)}")
         header = protocol.unpack(body[0])
         protocol.check_version(header, peer="the client")
-        message = decode(header, CLIENT_REQUESTS, f"from client {identity.hex()}")
+        message = decode(header, CLIENT_REQUESTS, f"from client {client_tag(identity)}")
         if identity not in self.delivery.clients and not isinstance(message, _SESSIONLESS):
             self.delivery.error(identity, "server", "no session: the server restarted or dropped this client; "
                                 "create a new LoaderClient (pass state= to resume where you were)")

@@ -417,6 +417,78 @@ def test_a_page_damaged_under_a_kept_index_is_a_bad_sample_at_read_time(tmp_path
     assert all("snappy page does not decompress" in line for line in lines), lines
 
 
+#: Parquet codecs whose pages are decompressed whole, as pyarrow's write_table names them ("lz4": LZ4_RAW).
+WHOLE_PAGE_CODECS = ["gzip", "brotli", "lz4", "zstd"]
+
+
+@pytest.mark.parametrize("claim", [+1, -1], ids=["more", "fewer"])
+@pytest.mark.parametrize("codec", [*WHOLE_PAGE_CODECS, "snappy"])
+def test_a_page_header_that_says_another_size_than_its_data_holds_is_refused(tmp_path: Path, codec: str,
+                                                                             claim: int) -> None:
+    """pyarrow 26's one-shot decompress pads gzip, brotli and lz4_raw data that holds fewer bytes than asked
+    for with whatever the memory held: a header that claims more than its page holds was indexed, and its
+    garbage served as image bytes. Each page now decompresses to exactly its header's size, or the file is
+    refused, naming it, its row group and page (a snappy page: by the size its stream says)."""
+    path = _table(tmp_path / "t" / f"{codec}.parquet", _jpegs(), compression=codec, use_dictionary=False)
+    at, length, header = _pages(path, 1)[0]
+    said = header[2] + claim
+    _patch(path, at, _padded({**header, 2: said}, length))
+    with pytest.raises(ConfigError) as info:
+        load_dataset(ServerConfig(data=str(path), index_dir=str(tmp_path / "index")))
+    message = str(info.value)
+    assert message.startswith(f"{path}: row group 1 of column 'image': the page at file offset {at} is damaged: "
+                              f"its {'lz4_raw' if codec == 'lz4' else codec} page does not decompress to the "
+                              f"{said} bytes its header says ("), message
+    if codec in ("gzip", "brotli"):  # they say what the page holds; lz4 and zstd say their data is corrupt
+        assert ("it holds more" if claim < 0 else f"it holds {header[2]}") in message, message
+    elif codec == "lz4" and claim > 0:
+        assert "it holds fewer" in message, message
+    elif codec == "snappy":
+        assert f"its snappy stream says {header[2]}" in message, message
+
+
+def test_a_page_that_holds_fewer_bytes_is_a_one_line_error(tmp_path: Path) -> None:
+    path = _table(tmp_path / "t" / "gzip.parquet", _jpegs(), compression="gzip", use_dictionary=False)
+    at, length, header = _pages(path)[0]
+    _patch(path, at, _padded({**header, 2: header[2] + 2}, length))
+    _one_line_error(path, "row group 0 of column 'image'", f"page at file offset {at} is damaged",
+                    f"its gzip page does not decompress to the {header[2] + 2} bytes its header says "
+                    f"(it holds {header[2]})")
+
+
+@pytest.mark.parametrize("codec", [*WHOLE_PAGE_CODECS, "snappy"])
+def test_a_page_read_at_serve_time_is_exactly_its_size_or_a_bad_sample(tmp_path: Path, codec: str) -> None:
+    """At serve time a page (a snappy piece) is decompressed to the size the kept index says: an index that
+    says 4 bytes more than the page holds (its rows' lengths too, so a padded page would hand out 4 bytes of
+    heap) makes each of its rows a bad sample, never bytes the file does not hold."""
+    images = _jpegs()
+    path = _table(tmp_path / "t" / f"{codec}.parquet", images, compression=codec, use_dictionary=False)
+    index_dir = tmp_path / "index"
+    good = load_dataset(ServerConfig(data=str(path), index_dir=str(index_dir)))
+    assert [good.read(i) for i in range(ROWS)] == images  # type: ignore[attr-defined]
+    (kept,) = index_dir.glob("*.npz")
+    with np.load(kept) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    assert (arrays["raw"] >= 0).all()
+    first = arrays["pos"] == arrays["pos"][0]  # the rows of the first page (of its first piece: snappy)
+    arrays["raw"][first] += 4
+    arrays["length"][first] += 4
+    with open(kept, "wb") as f:
+        np.savez(f, **arrays)
+    ds = load_dataset(ServerConfig(data=str(path), index_dir=str(index_dir)))
+    assert (ds.raw == arrays["raw"]).all()  # type: ignore[attr-defined]  # the index was kept, not rebuilt
+    name = "lz4_raw" if codec == "lz4" else codec
+    for i in range(ROWS):
+        if not first[i]:
+            assert ds.read(i) == images[i]  # type: ignore[attr-defined]
+            continue
+        with pytest.raises(DecodeError) as info:
+            ds.read(i)  # type: ignore[attr-defined]
+        assert info.value.path == f"{path}:{i}" and info.value.code == "undecodable"
+        assert info.value.reason.startswith(f"its {name} page does not decompress to the {int(arrays['raw'][i])} "
+                                            "bytes its header says ("), info.value.reason
+
+
 def _bad_codec(path: Path) -> None:
     """Set the image column chunk's codec in the footer to 24, a value Parquet does not name."""
     raw = bytearray(path.read_bytes())

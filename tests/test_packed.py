@@ -583,8 +583,20 @@ def _zstd_rows(tmp_path: Path, seed: int = 7, **config: Any) -> tuple[Any, list[
     return load_dataset(ServerConfig(data=str(path), **config)), expected, path
 
 
-def test_pages_of_other_codecs_are_kept_once_decompressed_and_within_page_cache_mb(tmp_path: Path) -> None:
+def test_pages_of_other_codecs_are_kept_once_decompressed_and_within_page_cache_mb(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loader_server.data import packed
+
+    made: list[int] = []
+
+    class Counted(packed.PageCache):
+        def __init__(self, limit: int) -> None:
+            made.append(limit)
+            super().__init__(limit)
+
+    monkeypatch.setattr(packed, "PageCache", Counted)
     ds, expected, _ = _zstd_rows(tmp_path)
+    assert made == [64 << 20]  # one cache a data set, made with its bound (not a default one replaced)
     pages = len(np.unique(ds.pos))  # 4 row groups of 10 rows: a page each
     assert pages == 4 and ds.page_cache_bytes == 64 << 20
     assert [ds.read(i) for i in range(40)] == expected  # in file order: each page decompressed once
@@ -593,7 +605,7 @@ def test_pages_of_other_codecs_are_kept_once_decompressed_and_within_page_cache_
 
     one_page = int(ds.raw.max()) + 1  # room for one page, never two
     small, _, _ = _zstd_rows(tmp_path / "small", page_cache_mb=one_page / (1 << 20))
-    assert small.page_cache_bytes == one_page
+    assert small.page_cache_bytes == small._pages.limit == one_page and made[1:] == [one_page]
     for i in np.random.default_rng(3).integers(0, 40, 200).tolist():
         assert small.read(i) == expected[i]
         assert len(small._pages) <= 1 and small._pages.held <= one_page

@@ -266,7 +266,7 @@ def test_jpegs_are_decoded_at_the_cheapest_scale_from_exactly_the_multiple_that_
 # ---------------------------------------------------------------------------- log volume per peer
 def test_log_lines_per_peer_are_ten_a_minute_and_the_window_restarts_at_60_s(
         caplog: pytest.LogCaptureFixture) -> None:
-    from loader_server.runtime.transport import PeerLog
+    from loader_server.runtime.transport import PeerLog, client_tag
 
     now = [1000.0]
     peer_log = PeerLog(clock=lambda: now[0])
@@ -276,11 +276,12 @@ def test_log_lines_per_peer_are_ten_a_minute_and_the_window_restarts_at_60_s(
         now[0] += 59.999
         peer_log.warning(b"p", "line %d", 13)
         lines = [r.getMessage() for r in caplog.records]
-        assert lines == [f"line {i}" for i in range(10)] + ["client 70: further messages this minute are not logged"]
+        tag = client_tag(b"p")  # a client is named by its tag, never by its routing id
+        assert lines == [f"line {i}" for i in range(10)] + [f"client {tag}: further messages this minute are not logged"]
         caplog.clear()
         now[0] += 0.001  # exactly 60 s after the window opened
         peer_log.warning(b"p", "line %d", 14)
-        assert [r.getMessage() for r in caplog.records] == ["4 more messages about client 70 were not logged",
+        assert [r.getMessage() for r in caplog.records] == [f"4 more messages about client {tag} were not logged",
                                                             "line 14"]
 
 

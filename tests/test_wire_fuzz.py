@@ -11,9 +11,13 @@ client consumes batches throughout and after, and checks every one of them.
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -255,33 +259,83 @@ def test_a_peer_claiming_the_next_routing_ids_does_not_kill_the_server(start_ser
         client.next()
 
 
-def test_the_routing_id_counter_is_seeded_per_server(start_server: Any, listfile: Path) -> None:
-    """Two servers number their first id-less peer differently, and neither starts at libc's unseeded value."""
-    firsts = []
-    for _ in range(2):
-        port = free_port()
-        server = start_server(listfile, *ARGS, endpoint=f"tcp://127.0.0.1:{port}")
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(f"tcp://127.0.0.1:{port}")
-        try:
-            s.send(msgpack.packb({"v": V, "t": "bye"}))
-            time.sleep(0.2)
-            # The number itself is never shown; the server's own log names a refused client by it.
-            s.send(msgpack.packb({"v": V, "t": "hello", "rank": 5, "world_size": 1}))
-            assert s.poll(10_000)
-            s.recv()
-        finally:
-            s.close(linger=0)
-            ctx.term()
-        import re
+_FIRST_ROUTING_ID = """
+import sys
+import zmq
+from loader_server.runtime.transport import ClientTransport
+ctx = zmq.Context()
+transport = ClientTransport(ctx, sys.argv[1], curve_dir=None, insecure=False)
+dealer = ctx.socket(zmq.DEALER)  # no routing id of its own: the ROUTER numbers it
+dealer.setsockopt(zmq.LINGER, 0)
+dealer.connect(sys.argv[1])
+dealer.send(b"x")
+assert transport.sock.poll(10_000), "the request did not arrive"
+request = transport.recv()
+assert request is not None
+print(request.identity.hex())
+dealer.close()
+transport.close()
+ctx.term()
+"""
 
-        found = re.findall(r"refused client (00[0-9a-f]{8})", server.log_text())
-        assert found, server.log_text()[-1000:]
-        firsts.append(found[0])
-        server.stop()
+
+def test_the_routing_id_counter_is_seeded_per_server(tmp_path: Path) -> None:
+    """Two servers' client sockets (`ClientTransport`, each in a fresh process, as `serve` makes it)
+    number their first id-less peer differently, and neither starts at libc's unseeded value. Read
+    inside each process: neither the server's log nor anything it sends names a routing id."""
+    firsts = []
+    for k in range(2):
+        done = subprocess.run([sys.executable, "-c", _FIRST_ROUTING_ID, f"ipc://{tmp_path}/first{k}.sock"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        firsts.append(done.stdout.strip())
+    assert all(len(f) == 10 and f.startswith("00") for f in firsts), firsts  # \0 and the 32-bit counter
     assert firsts[0] != firsts[1] and "006b8b4567" not in firsts, firsts
+
+
+def test_the_log_names_clients_by_a_tag_never_by_their_routing_id(start_server: Any, listfile: Path) -> None:
+    """A reader of the server's log must not learn routing ids (nor so the ROUTER's counter, which a peer
+    could use to claim the next id: libzmq asserts). Each client is named by a keyed hash instead, the
+    same in every line about it (and in the protocol errors it is sent, to find those lines)."""
+    server = start_server(listfile, *ARGS)
+    ctx = zmq.Context()
+    chosen = b"c" + os.urandom(15)  # as our own client names itself
+    socks: dict[str, zmq.Socket[Any]] = {}
+    replies: dict[str, list[str]] = {"chosen": [], "numbered": []}
+    try:
+        for name, routing_id in (("chosen", chosen), ("numbered", None)):
+            s = socks[name] = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            if routing_id is not None:
+                s.setsockopt(zmq.ROUTING_ID, routing_id)
+            s.connect(server.endpoint)
+            for request in ({"v": V, "t": "hello", "rank": 5, "world_size": 1},  # refused: rank outside
+                            {"v": V, "t": "hello", "rank": 5, "world_size": 1},
+                            {"v": V, "t": "hello", "bogus": 1}):  # a bad message: a protocol error
+                s.send(msgpack.packb(request))
+                assert s.poll(20_000), server.log_text()[-2000:]
+                reply = msgpack.unpackb(s.recv())
+                assert reply["t"] == "error", reply
+                replies[name].append(reply["message"])
+    finally:
+        for s in socks.values():
+            s.close(linger=0)
+        ctx.term()
+    log = server.log_text()
+    tags = {}
+    for name in ("chosen", "numbered"):  # the protocol error tells its client its tag
+        told = re.findall(r"from client (c-[0-9a-f]{12})\b", replies[name][2])
+        assert len(told) == 1, replies[name]
+        tags[name] = told[0]
+    assert tags["chosen"] != tags["numbered"]
+    refused = re.findall(r"refused client (c-[0-9a-f]{12}): ", log)
+    ignored = re.findall(r"ignored bad message from client (c-[0-9a-f]{12}): ", log)
+    assert sorted(refused) == sorted([tags["chosen"]] * 2 + [tags["numbered"]] * 2), log  # one tag per client
+    assert sorted(ignored) == sorted(tags.values()), log
+    for text in (log, *replies["chosen"], *replies["numbered"]):
+        assert chosen.hex() not in text.lower() and chosen[1:].hex() not in text.lower()
+        # \0 and libzmq's 32-bit counter: the id the ROUTER gave the second socket, in any case
+        assert not re.search(r"(?<![0-9a-f])00[0-9a-f]{8}(?![0-9a-f])", text.lower()), text
 
 
 def test_stress_rss_is_bounded_after_the_fuzz(start_server: Any, listfile: Path) -> None:

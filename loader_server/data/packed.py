@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,8 +59,8 @@ from .file_access import check_exists, os_error
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
-__all__ = ["INDEX_FORMAT", "PackedIndex", "PageCache", "Segment", "expand_files", "load_or_build", "looks_like",
-           "one_line"]
+__all__ = ["INDEX_FORMAT", "PackedIndex", "PageCache", "Segment", "decompress_page", "expand_files", "load_or_build",
+           "looks_like", "one_line"]
 
 log = logging.getLogger("loader_server")
 
@@ -241,6 +242,10 @@ def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | Non
 
 
 # ---------------------------------------------------------------------------- the data set
+#: ``--page-cache-mb``'s default, in bytes.
+_PAGE_CACHE_BYTES = int(DataOptions.page_cache_mb * (1 << 20))
+
+
 @dataclass(frozen=True, eq=False)
 class PackedIndex:
     """Samples at byte ranges of container files; a data set whose workers decode bytes (`read`)."""
@@ -262,7 +267,7 @@ class PackedIndex:
     codecs: tuple[str, ...] = ()  # per file, when `raw` is set
     storage: LocalStorage | RemoteStorage = field(default_factory=LocalStorage, repr=False)
     #: Bytes of decompressed pages this process keeps (pages of codecs other than snappy; 0: none).
-    page_cache_bytes: int = int(DataOptions.page_cache_mb * (1 << 20))
+    page_cache_bytes: int = _PAGE_CACHE_BYTES
     _pages: PageCache = field(init=False, repr=False)  # made in __post_init__, never copied by replace()
     #: Workers read and decode each sample's bytes (see datasets.Dataset).
     build: ClassVar[Literal["decode", "gather"]] = "decode"
@@ -361,21 +366,16 @@ class PackedIndex:
     def _decompress(self, f: int, i: int, *, piece: bool) -> Any:
         """The compressed bytes of sample `i` decompressed (a pyarrow Buffer); a snappy `piece` behind the
         varint of its size, which makes it a snappy stream by itself."""
-        import pyarrow as pa
-
         assert self.raw is not None
         size = int(self.raw[i])
         packed = self.storage.read_range(self.files[f], int(self.pos[i]), int(self.span[i]), self.describe, i)
         try:
-            if piece:
-                packed = _varint(size) + packed
-            return pa.decompress(packed, decompressed_size=size, codec=self.codecs[f])
+            return decompress_page(_varint(size) + packed if piece else packed, size, self.codecs[f])
         except MemoryError:
             raise DecodeError(self.describe(i), f"its page of {size} bytes does not fit in memory here",
                               "undecodable") from None
-        except (OSError, ValueError) as exc:  # pyarrow's ArrowException derives from these
-            raise DecodeError(self.describe(i), f"its {self.codecs[f]} page does not decompress ({one_line(exc)})",
-                              "undecodable") from None
+        except ValueError as exc:
+            raise DecodeError(self.describe(i), str(exc), "undecodable") from None
 
     def location(self) -> str:
         """The container files, resolved, each with the file system it lies on (a member's version has
@@ -401,6 +401,59 @@ class PackedIndex:
         for arr in arrays:
             h.update(np.ascontiguousarray(arr).data)
         return h.hexdigest()
+
+
+def decompress_page(data: bytes, size: int, codec: str) -> Any:
+    """`data`, compressed with pyarrow's `codec`, decompressed to exactly `size` bytes (the size its Parquet page
+    header says), as a pyarrow Buffer; a ValueError that says so where it holds another length or does not
+    decompress, a MemoryError where `size` does not fit.
+
+    pyarrow's one-shot ``decompress`` (26) does not check the length it gets for gzip, brotli, lz4_raw and
+    snappy: data that holds fewer bytes comes back padded to `size` with whatever that memory held. Each codec is
+    therefore read in a way that knows the length it holds (CPU per 1 MiB page of JPEG bytes against the
+    one-shot call, pyarrow 26, interleaved runs): gzip with stdlib zlib asked for at most `size` + 1 bytes
+    (0-3% more; pyarrow's stream read to `size` + 1: 2-8% more), brotli through pyarrow's stream read to
+    `size` + 1 (1-5% more; there is no stdlib brotli), lz4_raw (no stream form) once more to `size` - 1,
+    which fails where the data holds `size` (0.04-0.07 ms more a MiB), snappy by the size its first varint
+    says (the library then checks that its tags fill it); zstd checks the size itself."""
+    import pyarrow as pa
+
+    try:
+        if codec == "gzip":
+            inflate = zlib.decompressobj(wbits=32 + 15)  # a gzip or zlib header, as pyarrow reads them
+            out = pa.py_buffer(inflate.decompress(data, size + 1))
+            if out.size <= size and not inflate.eof:
+                raise ValueError(f"its stream is cut short after {out.size} bytes")
+            if inflate.unused_data:
+                raise ValueError(f"{len(inflate.unused_data)} bytes follow its stream")
+        elif codec == "brotli":
+            out = pa.CompressedInputStream(pa.BufferReader(data), codec).read_buffer(size + 1)
+        else:
+            if codec == "snappy":
+                said, shift = 0, 0
+                for byte in data[:10]:
+                    said |= (byte & 0x7F) << shift
+                    shift += 7
+                    if byte < 0x80:
+                        break
+                if said != size:
+                    raise ValueError(f"its snappy stream says {said}")
+            out = pa.decompress(data, size, codec)
+            if codec == "lz4_raw" and size:
+                try:
+                    pa.decompress(data, size - 1, codec)
+                except (pa.ArrowException, OSError, ValueError):
+                    pass  # it needs all `size` bytes: it holds exactly them
+                else:
+                    raise ValueError("it holds fewer")
+        if out.size != size:
+            raise ValueError("it holds more" if out.size > size else f"it holds {out.size}")
+    except MemoryError:  # before OSError: pyarrow's ArrowMemoryError is both
+        raise
+    except (pa.ArrowException, OSError, ValueError, zlib.error) as exc:
+        raise ValueError(f"its {codec} page does not decompress to the {size} bytes its header says "
+                         f"({one_line(exc)})") from None
+    return out
 
 
 def _varint(value: int) -> bytes:
@@ -659,9 +712,11 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
 
 
 def load_or_build(files: list[str], *, kind: str, options: dict[str, object], index_dir: str | None,
-                  index_file: Callable[[str], Segment], source: str, storage: RemoteStorage) -> PackedIndex:
+                  index_file: Callable[[str], Segment], source: str, storage: RemoteStorage,
+                  page_cache_bytes: int = _PAGE_CACHE_BYTES) -> PackedIndex:
     """The index of `files`: read from its index file where every file is unchanged, the others
     indexed with `index_file` (a progress bar when it takes a while), then kept for the next start.
+    `page_cache_bytes`: what each process keeps of the pages it decompressed (`PackedIndex.page_cache_bytes`).
 
     Objects (``s3://``, ``https://``) are indexed where they lie, through `storage` (`index_file` opens them
     with ``storage.open``: range reads, nothing copied to local disk); their index is kept in `index_dir`
@@ -692,7 +747,7 @@ def load_or_build(files: list[str], *, kind: str, options: dict[str, object], in
                 bar.update(int(versions[k, 1]))
         versions = _stat_versions(files, kind, storage)  # as indexed (a file changed meanwhile: indexed next time)
     done = [s for s in segments if s is not None]
-    index = _assemble(files, versions, done, kind, source, storage if remote else None)
+    index = _assemble(files, versions, done, kind, source, storage if remote else None, page_cache_bytes)
     if todo:
         arrays = _arrays_of(index)
         kept = _write_index(path, files, versions, arrays, [s.codec for s in done], index.class_names)
@@ -773,7 +828,7 @@ def _arrays_of(index: PackedIndex) -> dict[str, np.ndarray]:
 
 
 def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], kind: str, source: str,
-              remote: RemoteStorage | None = None) -> PackedIndex:
+              remote: RemoteStorage | None = None, page_cache_bytes: int = _PAGE_CACHE_BYTES) -> PackedIndex:
     counts = [len(s) for s in segments]
     starts = np.zeros(len(segments) + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
@@ -802,4 +857,5 @@ def _assemble(files: list[str], versions: np.ndarray, segments: list[Segment], k
                        names_offsets=names_offsets, raw=raw if packed else None,
                        inner=cat("inner") if packed else None, length=cat("length") if packed else None,
                        codecs=tuple(s.codec for s in segments),
-                       storage=remote if remote is not None else storage_for(files[0]))
+                       storage=remote if remote is not None else storage_for(files[0]),
+                       page_cache_bytes=page_cache_bytes)

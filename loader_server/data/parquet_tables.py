@@ -15,22 +15,22 @@ bytes are. A worker reading row r then reads:
 * in a snappy page (pyarrow's default), the piece of the page's snappy stream that decodes to
   the row and little more (`_snappy_pieces`), decompressed: about the row's own bytes, however
   large its page (a 100-row group of images is one dictionary page of megabytes);
-* otherwise the one page that holds it, decompressed by pyarrow (zstd, gzip, brotli, lz4_raw),
-  then sliced: never a whole row group for one image. A process keeps the pages it
-  decompressed, at most ``--page-cache-mb`` (packed.PageCache), so reads in file order
-  (``check``, ``cache build``) decompress each page once.
+* otherwise the one page that holds it, decompressed (zstd, gzip, brotli, lz4_raw) to exactly the
+  size its header says (`packed.decompress_page`), then sliced: never a whole row group for one
+  image. A process keeps the pages it decompressed, at most ``--page-cache-mb``
+  (packed.PageCache), so reads in file order (``check``, ``cache build``) decompress each page once.
 
 A file without the named column, a label that is not an integer or is missing, a row without
 image bytes, or an encoding this reader does not know is a ConfigError naming the file, the
 column and the row. So is a damaged file: the Thrift reader here bounds nesting, fields and
 every length by the bytes that hold it, and every size, count and offset a footer or a page
-says by what encloses it (see "pages" below), before anything is allocated for it.
+says by what encloses it (see "pages" below), before anything is allocated for it; a page whose
+data decompresses to more or fewer bytes than its header says is damaged too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ import numpy as np
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
-from .packed import PackedIndex, Segment, expand_files, load_or_build, one_line
+from .packed import PackedIndex, Segment, decompress_page, expand_files, load_or_build, one_line
 from .remote import RemoteStorage, is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
@@ -70,11 +70,10 @@ def open_parquet_tables(options: DataOptions) -> PackedIndex:
     first = os.path.basename(files[0])
     source = f"Parquet tables {first}" + (f" .. {os.path.basename(files[-1])} ({len(files)} files)"
                                           if len(files) > 1 else "")
-    index = load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
-                          index_dir=options.index_dir,
-                          index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
-                          storage=storage)
-    return dataclasses.replace(index, page_cache_bytes=int(options.page_cache_mb * (1 << 20)))
+    return load_or_build(files, kind="Parquet tables", options={"image": columns[0], "label": columns[1]},
+                         index_dir=options.index_dir,
+                         index_file=lambda path: index_table(path, *columns, storage=storage), source=source,
+                         storage=storage, page_cache_bytes=int(options.page_cache_mb * (1 << 20)))
 
 
 def index_table(path: str, image_column: str = "image", label_column: str = "label",
@@ -532,17 +531,16 @@ def _field(fields: dict[int, Any], fid: int, default: int, high: int, what: str)
 
 
 def _decompress(data: bytes, size: int, codec: str) -> bytes:
-    """A page's bytes as stored (no codec) or decompressed to the `size` its header says (already bounded)."""
+    """A page's bytes as stored (no codec) or decompressed to exactly the `size` its header says (already
+    bounded): a page that holds another length is damaged (`packed.decompress_page`)."""
     if not codec:
         return data
-    import pyarrow as pa
-
     try:
-        out: bytes = pa.decompress(data, size, codec).to_pybytes()
-    except MemoryError:  # before OSError: pyarrow's ArrowMemoryError is both
+        out: bytes = decompress_page(data, size, codec).to_pybytes()
+    except MemoryError:
         raise _Damaged(f"its {size} bytes uncompressed do not fit in memory here") from None
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise _Damaged(f"its {codec} data does not decompress ({one_line(exc)})") from None
+    except ValueError as exc:  # it holds another length, or does not decompress
+        raise _Damaged(str(exc)) from None
     return out
 
 

@@ -64,7 +64,7 @@ from .processes import PeerProcesses
 from .sessions import MAX_EPOCH, Refusal, Session, StreamFacts, open_session
 from .shares import Share, ShareKey, ShareTerms
 from .supervisor import GivenUp, Supervisor, Task, Worker
-from .transport import ClientTransport, PeerLog, PeerSource, escape
+from .transport import ClientTransport, PeerLog, PeerSource, client_tag, escape
 from .worker_channel import WorkerChannel
 from .worker_messages import Failed, Forget, Result
 from .worker_messages import Task as TaskMessage
@@ -161,7 +161,7 @@ class Delivery:
         mine = sum(1 for c in self.clients.values() if c.peer == peer)
         if mine >= self.config.max_clients_per_peer:
             self.peer_log.warning(identity, "refused client %s: %s already has %d sessions (--max-clients-per-peer)",
-                                  identity.hex(), peer, mine)
+                                  client_tag(identity), peer, mine)
             self.error(identity, "server", f"{peer} already has {mine} sessions on this server "
                                            f"(--max-clients-per-peer {self.config.max_clients_per_peer}); close some "
                                            "or raise --max-clients-per-peer")
@@ -173,7 +173,7 @@ class Delivery:
         opened = open_session(hello, hello.client or f"client-{self._sessions}", steps_for=self.plan.steps_per_epoch,
                               facts=self.facts, now=time.monotonic())
         if isinstance(opened, Refusal):
-            self.peer_log.warning(identity, "refused client %s: %s", identity.hex(), opened.message)
+            self.peer_log.warning(identity, "refused client %s: %s", client_tag(identity), opened.message)
             self.error(identity, opened.kind, opened.message)
             return
         client = Client(identity, opened, {}, peer=peer)
@@ -221,7 +221,7 @@ class Delivery:
                 message = (f"cannot join share {key}: this client asks for {'; '.join(differences)}. Every member "
                            "of a share asks for the same stream (rank, world size, seed, augmentation, "
                            "manifest): pass the same settings as the others, or another share name")
-                self.peer_log.warning(client.identity, "refused client %s: %s", client.identity.hex(), message)
+                self.peer_log.warning(client.identity, "refused client %s: %s", client_tag(client.identity), message)
                 self.error(client.identity, "config", message)
                 return None
         else:

@@ -19,9 +19,10 @@
   which libzmq never seeds (the first number was 0x6b8b4567 in every server): it is seeded
   from os.urandom here, and no routing id is ever shown to a peer, so a peer can only guess
   (C claims held, each connection without a routing id hits one with a chance of C / 2**32:
-  see the README's threat model). The ZAP handler cannot refuse such claims: the identity
-  frame of a ZAP request is this socket's own ZMQ_ROUTING_ID (zap_client.cpp copies
-  options.routing_id), never the peer's.
+  see the README's threat model). The server's log and its errors name a client by `client_tag`,
+  a keyed hash of its routing id, never by the id itself. The ZAP handler cannot refuse such
+  claims: the identity frame of a ZAP request is this socket's own ZMQ_ROUTING_ID
+  (zap_client.cpp copies options.routing_id), never the peer's.
 * Requests are single frames of at most `MAX_REQUEST_BYTES`; a larger frame disconnects its
   peer (ZMQ_MAXMSGSIZE). At most `SEND_QUEUE_BATCHES` messages wait in the socket for one peer.
 * ZMTP heartbeats close connections whose peer stopped answering.
@@ -35,6 +36,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import resource
@@ -71,6 +73,7 @@ __all__ = [
     "PeerLog",
     "PeerSource",
     "Request",
+    "client_tag",
     "escape",
     "start_curve",
     "start_janitor",
@@ -86,6 +89,28 @@ SEND_QUEUE_BATCHES = 8
 RECEIVE_QUEUE = 1000
 #: The ZAP domain of the client socket: with it set, libzmq refuses pre-ZMTP-3 peers.
 ZAP_DOMAIN = b"loader-server"
+
+_TAG_KEY = os.urandom(16)  # this process's key for client tags (a forked child draws its own)
+
+
+def _new_tag_key() -> None:
+    global _TAG_KEY
+    _TAG_KEY = os.urandom(16)
+
+
+os.register_at_fork(after_in_child=_new_tag_key)
+
+
+def client_tag(identity: bytes) -> str:
+    """How the server's log and its errors name a client: "c-" and 12 hex digits, a hash of its routing
+    id keyed by this process's random key.
+
+    One client has one tag in every line of a server's log (lines about it still correlate, and the
+    tag in an error it received finds them), but neither its routing id nor libzmq's counter behind
+    the ids it gives can be read or predicted from tags: a reader of the log learns nothing with
+    which to claim the next id (socket_base.cpp:2113, see this module's docstring).
+    """
+    return "c-" + hashlib.blake2b(identity, key=_TAG_KEY, digest_size=6).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -250,7 +275,8 @@ class ClientTransport:
 
 class PeerLog:
     """Log lines about peers: at most `per_minute` per peer, and at most `Throttle`'s budget per kind of
-    line across all peers (a peer with a new identity for every line gets no more); peer text is escaped."""
+    line across all peers (a peer with a new identity for every line gets no more); peer text is escaped.
+    Windows are kept by routing id; lines name a client by its `client_tag`."""
 
     def __init__(self, per_minute: int = 10, clock: Any = time.monotonic) -> None:
         self.per_minute = per_minute
@@ -264,7 +290,7 @@ class PeerLog:
         if now - start >= 60:
             if count > self.per_minute:
                 self.throttle.warning("peer-dropped", "%d more messages about client %s were not logged",
-                                      count - self.per_minute, identity.hex())
+                                      count - self.per_minute, client_tag(identity))
             start, count = now, 0
         count += 1
         if len(self._windows) > 10_000:  # bounded: forget the oldest windows
@@ -274,7 +300,7 @@ class PeerLog:
             self.throttle.warning(fmt, fmt, *(escape(a) if isinstance(a, str) else a for a in args))
         elif count == self.per_minute + 1:
             self.throttle.warning("peer-muted", "client %s: further messages this minute are not logged",
-                                  identity.hex())
+                                  client_tag(identity))
 
 
 def escape(text: str, limit: int = 300) -> str:
