@@ -8,6 +8,7 @@ that does not answer at all, and the bounds.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -170,6 +171,19 @@ def piped_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]],
         storage.read_ranges([(url, lo, n, describe, k) for k, (lo, n) in enumerate(spans)], deliver, retry)
         assert arrived.wait(60), f"{len(got)} of {len(spans)} answers"
     assert not twice, f"delivered twice: {twice}"
+    return got
+
+
+def single_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]],
+                  describe: Callable[[int], str] = str) -> dict[int, bytes | Exception]:
+    """`spans` read one after the other with `read_range` (as --read-connections 0 reads): each one's bytes or
+    DecodeError, as `piped_ranges` gives them."""
+    got: dict[int, bytes | Exception] = {}
+    for k, (lo, n) in enumerate(spans):
+        try:
+            got[k] = storage.read_range(url, lo, n, describe, k)
+        except DecodeError as exc:
+            got[k] = exc
     return got
 
 
@@ -460,6 +474,7 @@ MALFORMED = {
     "status not digits": b"HTTP/1.1 2O6 Partial Content\r\nContent-Length: 10\r\n\r\n0123456789",
     "header without a colon": b"HTTP/1.1 206 Partial Content\r\nContent-Length 10\r\n\r\n0123456789",
     "not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    "chunked in HTTP/1.0": b"HTTP/1.0 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
 }
 
 
@@ -492,6 +507,146 @@ def test_a_malformed_response_is_a_named_error_retried_on_a_new_connection(case:
             assert "HTTP 206" in message, message  # the status, where the answer had one
         assert caught.value.code == "unavailable"
         assert len(requests) == 2 and len(connections) == 2  # retried, each on a connection of its own
+        storage.close()
+
+
+#: Answers RFC 9112 forbids, each framed so that a reader that took it would serve wrong bytes or read the next
+#: answer out of step (a smuggled one): (the head's fields and body, with {lo}/{hi} the range asked; what the
+#: error says). The one header reader (`remote._fields`) refuses each, for a single and a pipelined read alike.
+REFUSED = {
+    "two different lengths": (b"Content-Length: 10\r\nContent-Length: 11\r\n\r\n0123456789X",
+                              "Content-Length with different values '10, 11'"),
+    "a list of two lengths": (b"Content-Length: 10, 4\r\n\r\n0123456789", "Content-Length with different values"),
+    "two content ranges": (b"Content-Range: bytes {lo}-{hi}/10240\r\nContent-Range: bytes 0-9/10240\r\n"
+                           b"Content-Length: 10\r\n\r\n0123456789", "Content-Range twice"),
+    "chunked and a length": (b"Transfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+                             "both Transfer-Encoding and Content-Length"),
+    "a length and chunked": (b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+                             "both Transfer-Encoding and Content-Length"),
+    "a coding other than chunked": (b"Transfer-Encoding: gzip, chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+                                    "Transfer-Encoding 'gzip, chunked': this reader takes chunked alone"),
+    "gzip alone with a length": (b"Transfer-Encoding: gzip\r\nContent-Length: 10\r\n\r\n0123456789",
+                                 "Transfer-Encoding 'gzip'"),
+    "chunked twice": (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+                      "Transfer-Encoding 'chunked, chunked'"),
+    "a space before the colon": (b"Content-Length : 10\r\n\r\n0123456789",
+                                 "'Content-Length : 10': whitespace between the field name and its colon"),
+    "a tab before the colon": (b"Content-Range\t: bytes {lo}-{hi}/10240\r\nContent-Length: 10\r\n\r\n0123456789",
+                               "whitespace between the field name and its colon"),
+    "an obs-fold line": (b"Content-Length: 10\r\nX-Note: a\r\n  folded\r\n\r\n0123456789",
+                         "'  folded': an obs-fold continuation line"),
+    "a folded length": (b"Content-Length:\r\n\t10\r\n\r\n0123456789", "an obs-fold continuation line"),
+    "a bare LF in a line": (b"Content-Length: 10\nX-A: b\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
+    "a NUL in a value": (b"Content-Length: 10\r\nX-A: b\x00c\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
+    "a bare CR in a value": (b"X-A: b\rc\r\nContent-Length: 10\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
+    "a CR before the line end": (b"Content-Length: 10\r\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
+    "a name that is not a token": (b"Content Length: 10\r\n\r\n0123456789", "a field name that is not a token"),
+    "over 100 header lines": (b"X-A: 1\r\n" * 100 + b"Content-Length: 10\r\n\r\n0123456789",
+                              "over 100 header lines"),
+}
+#: What RFC 9110/9112 let a reader take, said unusually: read as the same bytes.
+ACCEPTED = {
+    "identical duplicate lengths": b"Content-Length: {n}\r\nContent-Length: {n}\r\n\r\n",
+    "a list of one length": b"Content-Length: {n}, {n}\r\n\r\n",
+    "names and units in any case": b"content-LENGTH: {n}\r\nCONTENT-RANGE: Bytes {lo}-{hi}/10240\r\n\r\n",
+    "whitespace around values": b"Content-Length: \t {n} \t\r\nX-Empty:\r\nX-A:b\r\n\r\n",
+    "100 header lines": b"X-A: 1\r\n" * 99 + b"Content-Length: {n}\r\n\r\n",
+}
+
+
+def _unusual_server(case: str) -> Iterator[str]:
+    """Answers the range at offset 0 well and every other one as REFUSED[case] (or MALFORMED[case]; ACCEPTED[case]
+    answers every range, well)."""
+
+    def answer(head: bytes) -> bytes:
+        lo, hi = _range(head)
+        fill = {b"{lo}": b"%d" % lo, b"{hi}": b"%d" % hi, b"{n}": b"%d" % (hi - lo + 1)}
+        if case in ACCEPTED:
+            fields = ACCEPTED[case]
+            for key, value in fill.items():
+                fields = fields.replace(key, value)
+            return b"HTTP/1.1 206 Partial Content\r\n" + fields + BODY[lo : hi + 1]
+        if lo == 0:
+            return (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/10240\r\nContent-Length: %d\r\n\r\n%s"
+                    % (lo, hi, hi - lo + 1, BODY[lo : hi + 1]))
+        if case in MALFORMED:
+            return MALFORMED[case]
+        fields = REFUSED[case][0]
+        for key, value in fill.items():
+            fields = fields.replace(key, value)
+        return b"HTTP/1.1 206 Partial Content\r\n" + fields
+
+    yield from _serve(answer)
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED) + sorted(MALFORMED))
+def test_an_answer_rfc_9112_forbids_is_refused_alike_by_a_single_and_a_pipelined_read(case: str) -> None:
+    """A single read (`read_range`, as --read-connections 0 reads) and a pipelined one (`read_ranges`, as
+    --read-connections K >= 1 reads: the refused answer's range, its first attempt failed, and the one after it,
+    never answered, handed to the read pool) end with the same error: a malformed response, named, retried,
+    with the URL and the attempts; never a byte of the refused answer. The good answer before it is served."""
+    for base in _unusual_server(case):
+        url = f"{base}/unusual.tar"
+        spans = [(0, 10), (10, 10), (20, 10)]
+        describe = "unusual.tar:{}".format
+        said: dict[str, list[str]] = {}
+        for how in ("single", "pipelined"):
+            storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=5, base_s=0.01, max_backoff_s=0.05))
+            storage.remember({url: ObjectInfo(len(BODY), "")})
+            got = (single_ranges if how == "single" else piped_ranges)(storage, url, spans, describe)
+            storage.close()
+            assert got[0] == BODY[:10], (how, got[0])
+            for k in (1, 2):
+                error = got[k]
+                assert isinstance(error, DecodeError) and error.code == "unavailable", (how, k, error)
+                message = str(error)
+                assert message.startswith(f"unusual.tar:{k}: ") and url in message, message
+                assert "after 2 attempts in " in message and " a malformed response: " in message, message
+                if case in REFUSED:
+                    assert "HTTP 206 a malformed response: " in message and REFUSED[case][1] in message, message
+                said.setdefault(how, []).append(re.sub(r" in [0-9.]+ s:", "", message))
+        assert said["single"] == said["pipelined"]
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPTED))
+def test_an_unusual_answer_rfc_9112_allows_is_read_by_a_single_and_a_pipelined_read(case: str) -> None:
+    for base in _unusual_server(case):
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        url = f"{base}/unusual.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(0, 10), (10, 300), (5000, 17)]
+        want = {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert single_ranges(storage, url, spans) == want and piped_ranges(storage, url, spans) == want
+        assert storage.stats()["requests"] == 2 * len(spans)  # no retry: every answer was taken
+        storage.close()
+
+
+def test_connection_close_among_other_options_closes_the_connection() -> None:
+    """``Connection: keep-alive, close`` (a list: RFC 9110 7.6.1) ends the connection after the answer, for a single
+    and a pipelined read: this server answers one request per connection and then holds it without a word, so a
+    reader that kept the connection would time out."""
+    connections: list[int] = []
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        connections.append(1)
+        got = _read_head(conn)
+        if got is None:
+            return
+        lo, hi = _range(got[0])
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nConnection: keep-alive\r\nConnection: Keep-Alive, Close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1]))
+        stop.wait(30)
+
+    for base in _serve_sockets(handle):
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=2))
+        url = f"{base}/once.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        spans = [(0, 10), (100, 20), (300, 30)]
+        want = {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        assert single_ranges(storage, url, spans) == want
+        assert len(connections) == 3
+        assert piped_ranges(storage, url, spans) == want
+        assert len(connections) == 6  # the pipeline's first answer closed it: the others read again, alone
         storage.close()
 
 

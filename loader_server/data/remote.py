@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from loader_client.contract.errors import ConfigError
 
@@ -155,12 +155,14 @@ _HEAD_LIMIT = 1 << 16
 #: is received into a buffer of its own).
 _BUFFER_MIN = 1 << 16
 _BUFFER_MAX = 1 << 18
-#: Header lines that are all `name: value`, with no stray CR or LF (then _FIELD takes them one by one).
-_FIELDS = re.compile(r"[^:\r\n]*:[^\r\n]*(?:\r\n[^:\r\n]*:[^\r\n]*)*")
-_FIELD = re.compile(r"([^:\r\n]*):([^\r\n]*)")
-#: The fields of a pipelined range GET's answer that are read (`_Connection.pipeline`), and how their lines start.
-_RANGE_FIELDS = tuple((name, f"\r\n{name}:") for name in ("content-length", "content-range", "transfer-encoding",
-                                                           "connection"))
+#: A response's header line as this reader takes it (RFC 9112 5): ``name:value``, the name a token (so no whitespace
+#: before the colon, no obs-fold continuation line, which starts with a space or a tab), no CR, LF or NUL in the
+#: value, up to the line's end. Each match is one line, so a head is all such lines when _FIELD finds as many as
+#: it has line ends.
+_FIELD = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)(?=\r\n|\Z)")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: The most header lines of one response (http.client's bound; an S3 answer has about 10).
+_MAX_FIELDS = 100
 _ERROR_BODY = 1 << 16
 _STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -178,8 +180,8 @@ class _Connection:
 
     Every request has a deadline (its attempt's ``--remote-timeout-s``): each socket operation
     waits at most until it, so a server that drips a byte at a time cannot hold a worker. An
-    answer that is not HTTP as this reader takes it (a negative or non-numeric length, a bad
-    chunk, a bad status line) is `_BadResponse` and the connection is closed. Through an
+    answer that is not HTTP as this reader takes it (a bad status line, header lines or framing
+    fields as `_fields` refuses them, a bad chunk) is `_BadResponse` and the connection is closed. Through an
     ``http://`` proxy (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``): plain requests in absolute
     form, ``https`` through a CONNECT tunnel.
     """
@@ -324,9 +326,9 @@ class _Connection:
             have += got
         return big
 
-    def _head(self, sock: socket.socket, deadline: float, lowered: bool = False) -> tuple[int, str, dict[str, str]]:
-        """(status, status line, lower-cased fields) of the next final response (interim 1xx answers skipped);
-        `lowered`: their values lower-cased too (a range GET's answer: lengths, ranges, framing)."""
+    def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
+        """(status, status line, fields as `_fields` reads them) of the next final response (interim 1xx answers
+        skipped): for a single request and a pipelined one alike."""
         while True:
             while (end := self.rbuf.find(b"\r\n\r\n", self.lo, self.hi)) < 0:
                 if self.hi - self.lo > _HEAD_LIMIT:
@@ -334,37 +336,15 @@ class _Connection:
                 self._more(sock, deadline)
             text = str(self.view[self.lo : end], "latin-1")
             self.lo = end + 4
-            first, _, rest = text.partition("\r\n")
+            at = text.find("\r\n")
+            first = text if at < 0 else text[:at]
             m = _STATUS_LINE.fullmatch(first)
             if m is None:
                 raise _BadResponse(f"not an HTTP/1.1 status line: {first[:80]!r}")
             status = int(m.group(1))
             if status >= 200 or status == 101:
                 break  # 100 Continue and other interim answers: the real one follows
-        if not rest:
-            return status, first, {}
-        if _FIELDS.fullmatch(rest):
-            if lowered:  # the four a range GET's answer needs, found in its lower-cased head (a quarter of its CPU)
-                low = "\r\n" + rest.lower()
-                if "\r\n:" not in low:  # (a line without a name: named below)
-                    fields = {}
-                    for name, needle in _RANGE_FIELDS:
-                        at = low.find(needle)
-                        if at >= 0:
-                            at += len(needle)
-                            end = low.find("\r\n", at)
-                            fields[name] = low[at : end if end >= 0 else len(low)].strip()
-                    return status, first, fields
-            fields = {name.strip().lower(): value.strip() for name, value in _FIELD.findall(rest)}
-            if "" not in fields:
-                return status, first, fields
-        fields = {}
-        for line in rest.split("\r\n"):  # a malformed line somewhere: name it
-            name, sep, value = line.partition(":")
-            if not sep or not name.strip():
-                raise _BadResponse(f"a malformed header line {line[:80]!r}", status)
-            fields[name.strip().lower()] = value.strip()
-        return status, first, fields
+        return status, first, ({} if at < 0 else _fields(text, at, status, first))
 
     def encode(self, method: str, target: str, headers: dict[str, str]) -> bytes:
         """The bytes of one request to this connection's host (through its proxy, with its authentication)."""
@@ -423,7 +403,7 @@ class _Connection:
             sock.sendall(b"".join([data for data, _ in requests]))
             for _, max_bytes in requests:
                 deadline = time.monotonic() + timeout
-                status, line, fields = self._head(sock, deadline, True)
+                status, line, fields = self._head(sock, deadline)
                 status, fields, body = self._body(sock, "GET", status, line, fields, max_bytes, deadline)
                 answered += 1
                 if not done(answered - 1, status, fields, body):
@@ -443,17 +423,15 @@ class _Connection:
     def _body(self, sock: socket.socket, method: str, status: int, line: str, fields: dict[str, str],
               max_bytes: int, deadline: float) -> tuple[int, dict[str, str], bytes]:
         limit = max_bytes if status < 300 else _ERROR_BODY
-        keep = fields.get("connection", "").lower() != "close" and not line.startswith("HTTP/1.0")
+        connection = fields.get("connection")
+        keep = not line.startswith("HTTP/1.0") and (connection is None or "close" not in _tokens(connection))
         body: bytes | bytearray
         if method == "HEAD" or status in (204, 304):
             body = b""
-        elif "chunked" in fields.get("transfer-encoding", "").lower():
+        elif "transfer-encoding" in fields:  # (`_fields` let it through only as "chunked", without a length)
             body = self._chunked(sock, limit, status, deadline)
         elif "content-length" in fields:
-            text = fields["content-length"]
-            if not _LENGTH.fullmatch(text):
-                raise _BadResponse(f"Content-Length {text[:40]!r} is not a byte count", status)
-            size = int(text)
+            size = int(fields["content-length"])  # (a byte count: `_fields` checked it)
             if size > limit:
                 self.close()
                 if status < 300:
@@ -494,6 +472,83 @@ class _Connection:
             body += self._exact(sock, size, deadline)
             if self._line(sock, deadline):
                 raise _BadResponse(f"a chunk longer than its size {size}", status)
+
+
+def _fields(text: str, at: int, status: int, line: str) -> dict[str, str]:
+    """The header fields of a response head `text` (decoded as latin-1, its lines from `at` on) as
+    ``{lower-cased name: value}``: the one reader of every answer, a single request's or a pipelined one's.
+
+    The peer is not trusted (RFC 9112): `_BadResponse` for a line that is not ``name:value`` with a token for
+    a name, whitespace between a name and its colon (5.1), an obs-fold line (5.2), a CR, LF or NUL in a value,
+    over _MAX_FIELDS lines, a Content-Length that is not one byte count (identical duplicates are one, as 6.3
+    allows), Content-Range twice, a Transfer-Encoding other than ``chunked`` alone (6.1), one beside a
+    Content-Length (6.3: an attempt to smuggle an answer) or in an HTTP/1.0 answer. A field said twice
+    otherwise is one, its values joined with ", " (RFC 9110 5.3). Whatever fields frame a body are checked
+    here: `_Connection._body` takes them as they are."""
+    lines = text.count("\r\n", at)
+    if lines > _MAX_FIELDS:
+        raise _BadResponse(f"over {_MAX_FIELDS} header lines", status)
+    pairs = _FIELD.findall(text, at)
+    if len(pairs) != lines:
+        _refuse_line(text[at + 2 :], status)
+    fields = {name.lower(): value.strip() for name, value in pairs}
+    if len(fields) < len(pairs):  # a field said more than once
+        fields = {}
+        for name, value in pairs:
+            name, value = name.lower(), value.strip()
+            if name in fields:
+                if name == "content-range":
+                    raise _BadResponse("Content-Range twice", status)
+                value = f"{fields[name]}, {value}"
+            fields[name] = value
+    length = fields.get("content-length")
+    if length is not None and not _LENGTH.fullmatch(length):
+        said = {v.strip() for v in length.split(",")}
+        if len(said) > 1 and all(_LENGTH.fullmatch(v) for v in said):
+            raise _BadResponse(f"Content-Length with different values {length[:40]!r}", status)
+        if len(said) > 1 or not _LENGTH.fullmatch(said.pop()):
+            raise _BadResponse(f"Content-Length {length[:40]!r} is not a byte count", status)
+        fields["content-length"] = length.split(",")[0].strip()
+    coding = fields.get("transfer-encoding")
+    if coding is not None:
+        if coding.lower() != "chunked":
+            raise _BadResponse(f"Transfer-Encoding {coding[:40]!r}: this reader takes chunked alone", status)
+        if length is not None:
+            raise _BadResponse("both Transfer-Encoding and Content-Length", status)
+        if line.startswith("HTTP/1.0"):
+            raise _BadResponse("Transfer-Encoding in an HTTP/1.0 answer", status)
+    return fields
+
+
+def _refuse_line(lines: str, status: int) -> NoReturn:
+    """`_BadResponse` naming the first of the header `lines` that is not ``name:value`` as `_fields` takes it."""
+    for line in lines.split("\r\n"):
+        name, sep, value = line.partition(":")
+        if line[:1] in (" ", "\t"):
+            why = ": an obs-fold continuation line (RFC 9112 5.2)"
+        elif not sep or not name:
+            why = ""
+        elif name.rstrip(" \t") != name:
+            why = ": whitespace between the field name and its colon (RFC 9112 5.1)"
+        elif not _TOKEN.fullmatch(name):
+            why = ": a field name that is not a token"
+        elif "\r" in value or "\n" in value or "\x00" in value:
+            why = ": a CR, LF or NUL in the value"
+        else:
+            continue
+        raise _BadResponse(f"a malformed header line {line[:80]!r}{why}", status)
+    raise _BadResponse("malformed header lines", status)  # (not reached: one line above is named)
+
+
+def _another_range(fields: dict[str, str], offset: int) -> bool:
+    """Whether a 206 answer's Content-Range (range units are case-insensitive) starts elsewhere than `offset`."""
+    said = fields.get("content-range")
+    return said is not None and not said.lower().startswith(f"bytes {offset}-")
+
+
+def _tokens(value: str) -> list[str]:
+    """The lower-cased items of a comma-separated field value (``Connection: keep-alive, close``)."""
+    return [item.strip() for item in value.lower().split(",")]
 
 
 def _basic(user: str, password: str | None) -> str:
@@ -974,7 +1029,7 @@ class RemoteStorage:
                               exc.code) from None
         if status == 200:  # a server that ignores Range sends the whole object
             body = body[offset : offset + size]
-        elif not head.get("content-range", f"bytes {offset}-").startswith(f"bytes {offset}-"):
+        elif _another_range(head, offset):
             raise DecodeError(describe(i), f"asked for bytes {offset}-{offset + size - 1} of {redact(url)}, the "
                                            f"server answered {head['content-range'][:80]!r}", "read_failed")
         if len(body) != size:
@@ -1055,7 +1110,7 @@ class RemoteStorage:
                 elif status != 206:  # its first attempt, failed: read again (or not) as a single read would
                     hand(k, _status_failure(status, fields, body))
                     return True
-                elif not fields.get("content-range", f"bytes {offset}-").startswith(f"bytes {offset}-"):
+                elif _another_range(fields, offset):
                     outcome["stopped"] = True  # out of step: this connection's later answers are not trusted
                     hand(k, _Failure(206, f"a pipelined answer for another range ({fields['content-range'][:80]!r})",
                                      True))
