@@ -533,9 +533,12 @@ REFUSED = {
                                  "'Content-Length : 10': whitespace between the field name and its colon"),
     "a tab before the colon": (b"Content-Range\t: bytes {lo}-{hi}/10240\r\nContent-Length: 10\r\n\r\n0123456789",
                                "whitespace between the field name and its colon"),
-    "an obs-fold line": (b"Content-Length: 10\r\nX-Note: a\r\n  folded\r\n\r\n0123456789",
-                         "'  folded': an obs-fold continuation line"),
-    "a folded length": (b"Content-Length:\r\n\t10\r\n\r\n0123456789", "an obs-fold continuation line"),
+    "whitespace before the first line": (b" X-Note: a\r\nContent-Length: 10\r\n\r\n0123456789",
+                                         "whitespace before the first header line ' X-Note: a"),
+    "a folded length of two numbers": (b"Content-Length: 10\r\n 11\r\n\r\n0123456789X",
+                                       "Content-Length '10 11' is not a byte count"),
+    "a fold that hides a bare CR": (b"X-Note: a\r\n b\rc\r\nContent-Length: 10\r\n\r\n0123456789",
+                                    "a CR, LF or NUL in the value"),
     "a bare LF in a line": (b"Content-Length: 10\nX-A: b\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
     "a NUL in a value": (b"Content-Length: 10\r\nX-A: b\x00c\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
     "a bare CR in a value": (b"X-A: b\rc\r\nContent-Length: 10\r\n\r\n0123456789", "a CR, LF or NUL in the value"),
@@ -551,6 +554,8 @@ ACCEPTED = {
     "names and units in any case": b"content-LENGTH: {n}\r\nCONTENT-RANGE: Bytes {lo}-{hi}/10240\r\n\r\n",
     "whitespace around values": b"Content-Length: \t {n} \t\r\nX-Empty:\r\nX-A:b\r\n\r\n",
     "100 header lines": b"X-A: 1\r\n" * 99 + b"Content-Length: {n}\r\n\r\n",
+    "an obs-fold line (a space, RFC 9112 5.2)": b"Content-Length: {n}\r\nX-Note: a\r\n  folded\r\n\r\n",
+    "a folded length": b"Content-Length:\r\n\t{n}\r\n\r\n",
 }
 
 

@@ -156,11 +156,13 @@ _HEAD_LIMIT = 1 << 16
 _BUFFER_MIN = 1 << 16
 _BUFFER_MAX = 1 << 18
 #: A response's header line as this reader takes it (RFC 9112 5): ``name:value``, the name a token (so no whitespace
-#: before the colon, no obs-fold continuation line, which starts with a space or a tab), no CR, LF or NUL in the
+#: before the colon; an obs-fold continuation line, which starts with a space or a tab, is unfolded first), no CR, LF or NUL in the
 #: value, up to the line's end. Each match is one line, so a head is all such lines when _FIELD finds as many as
 #: it has line ends.
 _FIELD = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)(?=\r\n|\Z)")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: An obs-fold: a line end followed by the spaces or tabs that make the next line continue a field's value.
+_OBS_FOLD = re.compile(r"\r\n[ \t]+")
 #: The most header lines of one response (http.client's bound; an S3 answer has about 10).
 _MAX_FIELDS = 100
 _ERROR_BODY = 1 << 16
@@ -479,17 +481,23 @@ def _fields(text: str, at: int, status: int, line: str) -> dict[str, str]:
     ``{lower-cased name: value}``: the one reader of every answer, a single request's or a pipelined one's.
 
     The peer is not trusted (RFC 9112): `_BadResponse` for a line that is not ``name:value`` with a token for
-    a name, whitespace between a name and its colon (5.1), an obs-fold line (5.2), a CR, LF or NUL in a value,
+    a name, whitespace between a name and its colon (5.1) or before the first line (2.2), a CR, LF or NUL in a value,
     over _MAX_FIELDS lines, a Content-Length that is not one byte count (identical duplicates are one, as 6.3
     allows), Content-Range twice, a Transfer-Encoding other than ``chunked`` alone (6.1), one beside a
     Content-Length (6.3: an attempt to smuggle an answer) or in an HTTP/1.0 answer. A field said twice
     otherwise is one, its values joined with ", " (RFC 9110 5.3). Whatever fields frame a body are checked
-    here: `_Connection._body` takes them as they are."""
+    here: `_Connection._body` takes them as they are. An obs-fold (a line that starts with a space or a tab,
+    continuing the one before) is replaced with a space before the fields are read, as RFC 9112 5.2 asks of a
+    user agent: a folded value is then checked like any other (a folded Content-Length is one byte count)."""
     lines = text.count("\r\n", at)
     if lines > _MAX_FIELDS:
         raise _BadResponse(f"over {_MAX_FIELDS} header lines", status)
     pairs = _FIELD.findall(text, at)
     if len(pairs) != lines:
+        if text.startswith((" ", "\t"), at + 2):  # (RFC 9112 2.2: a recipient may refuse it)
+            raise _BadResponse(f"whitespace before the first header line {text[at + 2 : at + 82]!r}", status)
+        if _OBS_FOLD.search(text, at):  # a user agent replaces each obs-fold with a space (RFC 9112 5.2)
+            return _fields(text[:at] + _OBS_FOLD.sub(" ", text[at:]), at, status, line)
         _refuse_line(text[at + 2 :], status)
     fields = {name.lower(): value.strip() for name, value in pairs}
     if len(fields) < len(pairs):  # a field said more than once
