@@ -156,9 +156,9 @@ _HEAD_LIMIT = 1 << 16
 _BUFFER_MIN = 1 << 16
 _BUFFER_MAX = 1 << 18
 #: A response's header line as this reader takes it (RFC 9112 5): ``name:value``, the name a token (so no whitespace
-#: before the colon; an obs-fold continuation line, which starts with a space or a tab, is unfolded first), no CR, LF or NUL in the
-#: value, up to the line's end. Each match is one line, so a head is all such lines when _FIELD finds as many as
-#: it has line ends.
+#: before the colon; an obs-fold continuation line, which starts with a space or a tab, is unfolded first), no CR,
+#: LF or NUL in the value, up to the line's end. Each match is one line, so a head is all such lines when _FIELD
+#: finds as many as it has line ends.
 _FIELD = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)(?=\r\n|\Z)")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: An obs-fold: a line end followed by the spaces or tabs that make the next line continue a field's value.
