@@ -475,6 +475,10 @@ MALFORMED = {
     "header without a colon": b"HTTP/1.1 206 Partial Content\r\nContent-Length 10\r\n\r\n0123456789",
     "not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
     "chunked in HTTP/1.0": b"HTTP/1.0 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+    "endless interim answers": b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 206 Partial Content\r\n"
+                               b"Content-Length: 10\r\n\r\n0123456789",
+    "endless trailers": b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n"
+                        + b"X-T: 1\r\n" * 101 + b"\r\n",
 }
 
 
@@ -503,7 +507,7 @@ def test_a_malformed_response_is_a_named_error_retried_on_a_new_connection(case:
         message = str(caught.value)
         assert message.startswith("bad.tar:member: ") and url in message, message
         assert "after 2 attempts" in message and "a malformed response" in message, message
-        if case not in ("status not digits", "not HTTP"):
+        if case not in ("status not digits", "not HTTP", "endless interim answers"):
             assert "HTTP 206" in message, message  # the status, where the answer had one
         assert caught.value.code == "unavailable"
         assert len(requests) == 2 and len(connections) == 2  # retried, each on a connection of its own

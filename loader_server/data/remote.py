@@ -163,6 +163,8 @@ _FIELD = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)(?=\r\n|\Z
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: An obs-fold: a line end followed by the spaces or tabs that make the next line continue a field's value.
 _OBS_FOLD = re.compile(r"\r\n[ \t]+")
+#: The most interim (1xx) answers before a response (a peer that sends them forever holds a thread no longer).
+_MAX_INTERIM = 10
 #: The most header lines of one response (http.client's bound; an S3 answer has about 10).
 _MAX_FIELDS = 100
 _ERROR_BODY = 1 << 16
@@ -330,8 +332,8 @@ class _Connection:
 
     def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
         """(status, status line, fields as `_fields` reads them) of the next final response (interim 1xx answers
-        skipped): for a single request and a pipelined one alike."""
-        while True:
+        skipped, at most _MAX_INTERIM of them): for a single request and a pipelined one alike."""
+        for _ in range(_MAX_INTERIM + 1):
             while (end := self.rbuf.find(b"\r\n\r\n", self.lo, self.hi)) < 0:
                 if self.hi - self.lo > _HEAD_LIMIT:
                     raise _BadResponse("response headers of over 64 KB")
@@ -346,6 +348,8 @@ class _Connection:
             status = int(m.group(1))
             if status >= 200 or status == 101:
                 break  # 100 Continue and other interim answers: the real one follows
+        else:
+            raise _BadResponse(f"over {_MAX_INTERIM} interim (1xx) answers before the answer")
         return status, first, ({} if at < 0 else _fields(text, at, status, first))
 
     def encode(self, method: str, target: str, headers: dict[str, str]) -> bytes:
@@ -464,9 +468,12 @@ class _Connection:
             if not _CHUNK_SIZE.fullmatch(text):
                 raise _BadResponse(f"a chunk size {text[:40]!r} that is not hexadecimal", status)
             size = int(text, 16)
-            if size == 0:
-                while self._line(sock, deadline):  # trailers, up to the empty line
-                    pass
+            if size == 0:  # trailers (not read), up to the empty line: at most as many lines and bytes as a head
+                lines, total = 0, 0
+                while trailer := self._line(sock, deadline):
+                    lines, total = lines + 1, total + len(trailer) + 2
+                    if lines > _MAX_FIELDS or total > _HEAD_LIMIT:
+                        raise _BadResponse(f"over {_MAX_FIELDS} trailer lines or 64 KB of them", status)
                 return body
             if len(body) + size > limit:
                 self.close()
