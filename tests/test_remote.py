@@ -100,7 +100,14 @@ def _serve_sockets(handle: Callable[[socket.socket, threading.Event], None],
 def _partial(head: bytes) -> bytes:
     """A 206 answer to the range GET `head`, of BODY, framed by Content-Length."""
     lo, hi = _range(head)
-    return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+    return (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\nContent-Length: %d\r\n\r\n%s"
+            % (lo, hi, len(BODY), hi - lo + 1, BODY[lo : hi + 1]))
+
+
+def _said(lo: int, hi: int) -> bytes:
+    """The Content-Range line of a 206 answer of bytes lo..hi of BODY (RFC 9110 15.3.7: a 206 of one range has
+    one)."""
+    return b"Content-Range: bytes %d-%d/%d\r\n" % (lo, hi, len(BODY))
 
 
 def _range(head: bytes) -> tuple[int, int]:
@@ -120,13 +127,14 @@ def framings() -> Iterator[str]:
         lo, hi = _range(head)
         part = BODY[lo : hi + 1]
         if path.endswith(b"/chunked"):
-            chunks = b"".join(b"%x\r\n%s\r\n" % (len(part[k : k + 700]), part[k : k + 700])
-                              for k in range(0, len(part), 700))
-            return (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    + chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
+            chunks = b"".join(b"%05x ;ext=\"v\"\r\n%s\r\n" % (len(part[k : k + 700]), part[k : k + 700])
+                              for k in range(0, len(part), 700))  # leading zeros, a space and an extension
+            return (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n"
+                    + _said(lo, hi) + b"\r\n" + chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
         if path.endswith(b"/close"):
-            return b"HTTP/1.1 206 Partial Content\r\nConnection: close\r\n\r\n" + part
-        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\nETag: \"v1\"\r\n\r\n%s" % (len(part), part)
+            return b"HTTP/1.1 206 Partial Content\r\nConnection: close\r\n" + _said(lo, hi) + b"\r\n" + part
+        return (b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\nETag: \"v1\"\r\n%s\r\n%s"
+                % (len(part), _said(lo, hi), part))
 
     yield from _serve(answer)
 
@@ -372,8 +380,7 @@ def test_a_server_that_drops_connections_is_retried_then_named_with_the_attempts
         seen.append(head)
         if len(seen) <= 2:
             return None  # close without an answer
-        lo, hi = _range(head)
-        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+        return _partial(head)
 
     for base in _serve(answer):
         storage = RemoteStorage(RetryPolicy(attempts=3, base_s=0.01, max_backoff_s=0.05, timeout_s=5))
@@ -465,6 +472,7 @@ def test_sigv4_signs_as_botocore_signs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------- a bad store
+GOOD_0_9 = b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/10240\r\nContent-Length: 10\r\n\r\n" + BODY[:10]
 MALFORMED = {
     "negative length": b"HTTP/1.1 206 Partial Content\r\nContent-Length: -5\r\n\r\n",
     "length not a number": b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1e3\r\n\r\n",
@@ -479,7 +487,29 @@ MALFORMED = {
                                b"Content-Length: 10\r\n\r\n0123456789",
     "endless trailers": b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n"
                         + b"X-T: 1\r\n" * 101 + b"\r\n",
+    # A 101 to a request that asked for no upgrade (RFC 9110 15.2.2): after it the connection is not HTTP; a reader
+    # that took it as a final answer kept the connection and read what followed as the next answer.
+    "switching protocols unasked": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"
+                                   b"Content-Length: 0\r\n\r\n" + GOOD_0_9,
+    # Status codes are 100..599 (RFC 9110 15): one below 100 was skipped as an interim answer, one over 599 retried.
+    "a status below 100": b"HTTP/1.1 099 Early\r\n\r\n" + GOOD_0_9,
+    "a status over 599": b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n",
+    "a CR in the reason phrase": b"HTTP/1.1 206 Partial\rContent\r\nContent-Range: bytes 0-9/10240\r\n"
+                                 b"Content-Length: 10\r\n\r\n0123456789",
+    # A chunk line or a trailer with a bare LF (or CR) reads as two lines to a reader that ends lines there: the
+    # chunk's size differs between them, and what one takes as data the other takes as the next answer.
+    "an LF in a chunk extension": b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/10240\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\na;x\n5\r\n0123456789\r\n0\r\n\r\n",
+    "whitespace before a chunk size": b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/10240\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n a\r\n0123456789\r\n0\r\n\r\n",
+    "an LF in a trailer": b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/10240\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\nX-T: 1\nX-U: 2\r\n\r\n",
+    # An interim answer's head is read by the same rules as the answer's.
+    "a malformed interim head": b"HTTP/1.1 103 Early Hints\r\nLink : </a>\r\n\r\n" + GOOD_0_9,
 }
+#: Cases of MALFORMED refused before or without a status of 206.
+NOT_206 = {"status not digits", "not HTTP", "endless interim answers", "switching protocols unasked",
+           "a status below 100", "a status over 599", "a CR in the reason phrase", "a malformed interim head"}
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -507,7 +537,7 @@ def test_a_malformed_response_is_a_named_error_retried_on_a_new_connection(case:
         message = str(caught.value)
         assert message.startswith("bad.tar:member: ") and url in message, message
         assert "after 2 attempts" in message and "a malformed response" in message, message
-        if case not in ("status not digits", "not HTTP", "endless interim answers"):
+        if case not in NOT_206:
             assert "HTTP 206" in message, message  # the status, where the answer had one
         assert caught.value.code == "unavailable"
         assert len(requests) == 2 and len(connections) == 2  # retried, each on a connection of its own
@@ -557,7 +587,7 @@ ACCEPTED = {
     "a list of one length": b"Content-Length: {n}, {n}\r\n\r\n",
     "names and units in any case": b"content-LENGTH: {n}\r\nCONTENT-RANGE: Bytes {lo}-{hi}/10240\r\n\r\n",
     "whitespace around values": b"Content-Length: \t {n} \t\r\nX-Empty:\r\nX-A:b\r\n\r\n",
-    "100 header lines": b"X-A: 1\r\n" * 99 + b"Content-Length: {n}\r\n\r\n",
+    "100 header lines": b"X-A: 1\r\n" * 98 + b"Content-Range: bytes {lo}-{hi}/10240\r\nContent-Length: {n}\r\n\r\n",
     "an obs-fold line (a space, RFC 9112 5.2)": b"Content-Length: {n}\r\nX-Note: a\r\n  folded\r\n\r\n",
     "a folded length": b"Content-Length:\r\n\t{n}\r\n\r\n",
 }
@@ -574,7 +604,8 @@ def _unusual_server(case: str) -> Iterator[str]:
             fields = ACCEPTED[case]
             for key, value in fill.items():
                 fields = fields.replace(key, value)
-            return b"HTTP/1.1 206 Partial Content\r\n" + fields + BODY[lo : hi + 1]
+            said = b"" if b"content-range:" in fields.lower() else _said(lo, hi)
+            return b"HTTP/1.1 206 Partial Content\r\n" + said + fields + BODY[lo : hi + 1]
         if lo == 0:
             return (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/10240\r\nContent-Length: %d\r\n\r\n%s"
                     % (lo, hi, hi - lo + 1, BODY[lo : hi + 1]))
@@ -643,7 +674,7 @@ def test_connection_close_among_other_options_closes_the_connection() -> None:
             return
         lo, hi = _range(got[0])
         conn.sendall(b"HTTP/1.1 206 Partial Content\r\nConnection: keep-alive\r\nConnection: Keep-Alive, Close\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1]))
+                     b"Content-Length: %d\r\n%s\r\n%s" % (hi - lo + 1, _said(lo, hi), BODY[lo : hi + 1]))
         stop.wait(30)
 
     for base in _serve_sockets(handle):
@@ -659,6 +690,66 @@ def test_connection_close_among_other_options_closes_the_connection() -> None:
         storage.close()
 
 
+def test_an_error_answer_with_a_large_chunked_body_is_its_status_not_a_file_too_large() -> None:
+    """A 503 whose chunked body is over the 64 KB read of an error body: the attempt failed with that status (retried,
+    then 'unavailable'), as for the same body framed by Content-Length; it was the object's error `too_large`
+    ('object of 70000 bytes exceeds --max-file-bytes 10'), not retried, and the bad-file policy applied."""
+    def answer(head: bytes) -> bytes:
+        body = b"<Error><Code>SlowDown</Code></Error>" + b" " * 70000
+        return b"HTTP/1.1 503 Slow Down\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+    for base in _serve(answer):
+        url = f"{base}/busy.tar"
+        for how in (single_ranges, piped_ranges):
+            storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=5, base_s=0.01, max_backoff_s=0.05))
+            storage.remember({url: ObjectInfo(len(BODY), "")})
+            got = how(storage, url, [(0, 10), (10, 10)])
+            storage.close()
+            for error in got.values():
+                assert isinstance(error, DecodeError) and error.code == "unavailable", (how, error)
+                assert "HTTP 503 " in str(error) and "after 2 attempts" in str(error), error
+
+
+def test_a_206_without_content_range_is_never_served() -> None:
+    """RFC 9110 15.3.7: a 206 of one range says which range it holds. Without Content-Range, an answer out of step
+    (another range's bytes, of the length asked) could not be told from the right one and was served."""
+    for base in _serve(lambda head: b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (
+            _range(head)[1] - _range(head)[0] + 1, BODY[_range(head)[0] + 1 : _range(head)[1] + 2])):
+        url = f"{base}/shifted.tar"
+        for how in (single_ranges, piped_ranges):
+            storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=5, base_s=0.01, max_backoff_s=0.05))
+            storage.remember({url: ObjectInfo(len(BODY), "")})
+            got = how(storage, url, [(0, 10), (10, 10), (100, 5)])
+            storage.close()
+            for k, error in got.items():
+                assert isinstance(error, DecodeError) and error.code == "read_failed", (how, k, error)
+                assert "the server answered a 206 without Content-Range" in str(error), error
+
+
+def test_bytes_no_request_asked_for_are_never_read_as_the_next_answer() -> None:
+    """Bytes a server sends after an answer, unasked (a HEAD answered with a body, which RFC 9112 6.3 says is no
+    body of the answer; a whole answer sent ahead, for a range not asked yet), are dropped with the connection
+    before the next request: they were read as that request's answer (an error, or another answer's bytes)."""
+
+    def answer(head: bytes) -> bytes:
+        if head.startswith(b"HEAD "):
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n" + b"X" * 20  # a body after a HEAD's answer
+        lo, hi = _range(head)
+        ahead = (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/10240\r\nContent-Length: 10\r\n\r\n"
+                 % (hi + 1, hi + 10) + b"Y" * 10) if lo == 0 else b""
+        return _partial(head) + ahead  # (one send: it arrives with the answer)
+
+    for base in _serve(answer):
+        url = f"{base}/ahead.tar"
+        for how in (single_ranges, piped_ranges):
+            storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+            assert storage.head(url).size == 20
+            storage.remember({url: ObjectInfo(len(BODY), "")})
+            for lo in (0, 10):  # one at a time: the answer sent ahead of the second is in the buffer by then
+                assert how(storage, url, [(lo, 10)]) == {0: BODY[lo : lo + 10]}, how
+            storage.close()
+
+
 def test_a_server_that_drips_bytes_is_cut_off_at_the_attempts_deadline() -> None:
     """--remote-timeout-s bounds a whole attempt: a byte every 0.2 s (each socket read well inside 1 s) would
     take 40 s for this body; the read fails once its 1 s attempts are spent, and says so."""
@@ -667,7 +758,7 @@ def test_a_server_that_drips_bytes_is_cut_off_at_the_attempts_deadline() -> None
     def handle(conn: socket.socket, stop: threading.Event) -> None:
         if _read_head(conn) is None:
             return
-        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 200\r\n\r\n")
+        conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 200\r\n" + _said(0, 199) + b"\r\n")
         for k in range(200):
             if stop.is_set():
                 return
@@ -716,8 +807,8 @@ def _s3_answer(seen: list[str]) -> Callable[[bytes], bytes]:
             return b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s" % (len(body),
                                                                                                       body)
         lo, hi = _range(head)
-        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\nETag: \"v1\"\r\n\r\n%s" % (hi - lo + 1,
-                                                                                             BODY[lo : hi + 1])
+        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\nETag: \"v1\"\r\n%s\r\n%s" % (
+            hi - lo + 1, _said(lo, hi), BODY[lo : hi + 1])
 
     return answer
 
@@ -804,8 +895,7 @@ def test_plain_http_through_a_proxy_and_a_proxy_this_reader_cannot_use(aws: pyte
 
     def answer(head: bytes) -> bytes:
         lines.append(head.split(b"\r\n", 1)[0])
-        lo, hi = _range(head)
-        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+        return _partial(head)
 
     for base in _serve(answer):
         aws.setenv("HTTP_PROXY", base)
@@ -836,8 +926,7 @@ def test_the_profiles_s3_addressing_style_is_the_style_of_the_reads(aws: pytest.
 
     def answer(head: bytes) -> bytes:
         lines.append(head.split(b"\r\n", 1)[0])
-        lo, hi = _range(head)
-        return b"HTTP/1.1 206 Partial Content\r\nContent-Length: %d\r\n\r\n%s" % (hi - lo + 1, BODY[lo : hi + 1])
+        return _partial(head)
 
     (tmp_path / "config").write_text(f"[default]\ns3 =\n    addressing_style = {style}\n")
     aws.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))

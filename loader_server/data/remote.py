@@ -168,9 +168,13 @@ _MAX_INTERIM = 10
 #: The most header lines of one response (http.client's bound; an S3 answer has about 10).
 _MAX_FIELDS = 100
 _ERROR_BODY = 1 << 16
-_STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: .*)?")
+#: A status line (RFC 9112 4): a status code of 100..599 (RFC 9110 15), a reason phrase of tabs, spaces, visible
+#: characters and obs-text (no CR, NUL or other control character), which may be left out.
+_STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([1-5][0-9]{2})(?: [\t -~\x80-\xff]*)?")
 _LENGTH = re.compile(r"[0-9]{1,18}")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+#: A chunk's line (RFC 9112 7.1): its size in hexadecimal, then extensions (not read) after whitespace and a
+#: semicolon; no CR, LF or NUL anywhere (a reader that ended the line at a bare LF would take another size).
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n\x00]*)?")
 
 
 class _Connection:
@@ -263,6 +267,12 @@ class _Connection:
         if self.hi > self.lo:
             raise _BadResponse("the proxy sent bytes after accepting the tunnel", status)
 
+    def _unasked(self) -> None:
+        """Close the connection where the server sent bytes after its last answer that no request asked for (a body
+        after a HEAD's answer, a 204's or a 304's, or an answer sent ahead): they are never the next answer."""
+        if self.hi > self.lo:
+            self.close()
+
     def _room(self, need: int) -> None:
         """Make room for `need` pending bytes from rbuf's start: the pending ones moved to the front, the buffer
         grown (to at most _BUFFER_MAX, or `need`) when it is too small."""
@@ -331,8 +341,10 @@ class _Connection:
         return big
 
     def _head(self, sock: socket.socket, deadline: float) -> tuple[int, str, dict[str, str]]:
-        """(status, status line, fields as `_fields` reads them) of the next final response (interim 1xx answers
-        skipped, at most _MAX_INTERIM of them): for a single request and a pipelined one alike."""
+        """(status, status line, fields as `_fields` reads them) of the next final response (interim 1xx answers,
+        each head read by `_fields` too, skipped, at most _MAX_INTERIM of them): for a single request and a
+        pipelined one alike. A 101 is refused: no request asks for an upgrade (RFC 9110 15.2.2), and after one the
+        connection is no longer HTTP."""
         for _ in range(_MAX_INTERIM + 1):
             while (end := self.rbuf.find(b"\r\n\r\n", self.lo, self.hi)) < 0:
                 if self.hi - self.lo > _HEAD_LIMIT:
@@ -346,11 +358,14 @@ class _Connection:
             if m is None:
                 raise _BadResponse(f"not an HTTP/1.1 status line: {first[:80]!r}")
             status = int(m.group(1))
-            if status >= 200 or status == 101:
+            fields = {} if at < 0 else _fields(text, at, status, first)
+            if status == 101:
+                raise _BadResponse("101 Switching Protocols to a request that asked for no upgrade", status)
+            if status >= 200:
                 break  # 100 Continue and other interim answers: the real one follows
         else:
             raise _BadResponse(f"over {_MAX_INTERIM} interim (1xx) answers before the answer")
-        return status, first, ({} if at < 0 else _fields(text, at, status, first))
+        return status, first, fields
 
     def encode(self, method: str, target: str, headers: dict[str, str]) -> bytes:
         """The bytes of one request to this connection's host (through its proxy, with its authentication)."""
@@ -368,6 +383,7 @@ class _Connection:
         any error (`_BadResponse` for an answer that is not HTTP as this reader takes it)."""
         status: int | None = None
         try:
+            self._unasked()
             sock = self.sock or self._open(deadline)
             data = self.encode(method, target, headers)
             self._arm(sock, deadline)
@@ -404,6 +420,7 @@ class _Connection:
         answered = 0
         try:
             deadline = time.monotonic() + timeout
+            self._unasked()
             sock = self.sock or self._open(deadline)
             self._arm(sock, deadline)
             sock.sendall(b"".join([data for data, _ in requests]))
@@ -464,20 +481,26 @@ class _Connection:
     def _chunked(self, sock: socket.socket, limit: int, status: int, deadline: float) -> bytearray:
         body = bytearray()
         while True:
-            text = self._line(sock, deadline).split(b";", 1)[0].strip()
-            if not _CHUNK_SIZE.fullmatch(text):
-                raise _BadResponse(f"a chunk size {text[:40]!r} that is not hexadecimal", status)
-            size = int(text, 16)
+            line = self._line(sock, deadline)
+            m = _CHUNK_LINE.fullmatch(line)
+            if m is None:
+                raise _BadResponse(f"a chunk line {line[:40]!r} that is not a hexadecimal size (and extensions)",
+                                   status)
+            size = int(m.group(1), 16)
             if size == 0:  # trailers (not read), up to the empty line: at most as many lines and bytes as a head
                 lines, total = 0, 0
                 while trailer := self._line(sock, deadline):
                     lines, total = lines + 1, total + len(trailer) + 2
                     if lines > _MAX_FIELDS or total > _HEAD_LIMIT:
                         raise _BadResponse(f"over {_MAX_FIELDS} trailer lines or 64 KB of them", status)
+                    if b"\r" in trailer or b"\n" in trailer or b"\x00" in trailer:
+                        raise _BadResponse(f"a CR, LF or NUL in the trailer line {trailer[:80]!r}", status)
                 return body
             if len(body) + size > limit:
                 self.close()
-                raise _TooLarge(len(body) + size)
+                if status < 300:
+                    raise _TooLarge(len(body) + size)
+                return body  # an error of over 64 KB: its status is enough (as with a Content-Length)
             body += self._exact(sock, size, deadline)
             if self._line(sock, deadline):
                 raise _BadResponse(f"a chunk longer than its size {size}", status)
@@ -555,10 +578,14 @@ def _refuse_line(lines: str, status: int) -> NoReturn:
     raise _BadResponse("malformed header lines", status)  # (not reached: one line above is named)
 
 
-def _another_range(fields: dict[str, str], offset: int) -> bool:
-    """Whether a 206 answer's Content-Range (range units are case-insensitive) starts elsewhere than `offset`."""
+def _another_range(fields: dict[str, str], offset: int) -> str | None:
+    """None where a 206 answer's Content-Range (range units are case-insensitive) starts at `offset`; else what it
+    holds, in words: its Content-Range, or that it has none (RFC 9110 15.3.7: a 206 of one range says which it is;
+    without it, an answer out of step could not be told from the range asked)."""
     said = fields.get("content-range")
-    return said is not None and not said.lower().startswith(f"bytes {offset}-")
+    if said is None:
+        return "a 206 without Content-Range"
+    return None if said.lower().startswith(f"bytes {offset}-") else repr(said[:80])
 
 
 def _tokens(value: str) -> list[str]:
@@ -1044,9 +1071,9 @@ class RemoteStorage:
                               exc.code) from None
         if status == 200:  # a server that ignores Range sends the whole object
             body = body[offset : offset + size]
-        elif _another_range(head, offset):
+        elif (other := _another_range(head, offset)) is not None:
             raise DecodeError(describe(i), f"asked for bytes {offset}-{offset + size - 1} of {redact(url)}, the "
-                                           f"server answered {head['content-range'][:80]!r}", "read_failed")
+                                           f"server answered {other}", "read_failed")
         if len(body) != size:
             raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of "
                                            f"{redact(url)}", "truncated")
@@ -1125,10 +1152,9 @@ class RemoteStorage:
                 elif status != 206:  # its first attempt, failed: read again (or not) as a single read would
                     hand(k, _status_failure(status, fields, body))
                     return True
-                elif _another_range(fields, offset):
+                elif (other := _another_range(fields, offset)) is not None:
                     outcome["stopped"] = True  # out of step: this connection's later answers are not trusted
-                    hand(k, _Failure(206, f"a pipelined answer for another range ({fields['content-range'][:80]!r})",
-                                     True))
+                    hand(k, _Failure(206, f"a pipelined answer not for the range asked ({other})", True))
                     return False
                 outcome["ranges"] += 1
                 if len(body) != size:
