@@ -750,6 +750,26 @@ def test_bytes_no_request_asked_for_are_never_read_as_the_next_answer() -> None:
             storage.close()
 
 
+def test_a_server_that_ignores_range_is_said_so_not_a_file_over_max_file_bytes() -> None:
+    """A server that answers a range request with the whole object (200, RFC 9110 14.2 lets it): a range shorter
+    than the object is an error that says so; it said 'object of 10240 bytes exceeds --max-file-bytes 10', which
+    no --max-file-bytes fixes. A range of the whole object is served from it."""
+    for base in _serve(lambda head: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)):
+        url = f"{base}/whole.tar"
+        for how in (single_ranges, piped_ranges):
+            storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=5, base_s=0.01, max_backoff_s=0.05))
+            storage.remember({url: ObjectInfo(len(BODY), "")})
+            got = how(storage, url, [(0, 10), (100, 20), (0, len(BODY))])
+            assert got[2] == BODY, how
+            for k in (0, 1):
+                error = got[k]
+                assert isinstance(error, DecodeError) and error.code == "read_failed", (how, error)
+                assert f"asked for a range of {(10, 20)[k]} bytes, the server answered HTTP 200 with {len(BODY)} " \
+                       "bytes: it ignores Range requests" in str(error), error
+                assert "--max-file-bytes" not in str(error), error
+            storage.close()
+
+
 def test_a_server_that_drips_bytes_is_cut_off_at_the_attempts_deadline() -> None:
     """--remote-timeout-s bounds a whole attempt: a byte every 0.2 s (each socket read well inside 1 s) would
     take 40 s for this body; the read fails once its 1 s attempts are spent, and says so."""

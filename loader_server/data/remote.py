@@ -137,9 +137,11 @@ class _Failure(Exception):
 
 
 class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
+    """A 2xx answer whose body is over the bytes asked for (`size`: as it said, or as far as it was read)."""
+
+    def __init__(self, size: int, status: int) -> None:
         super().__init__(size)
-        self.size = size
+        self.size, self.status = size, status
 
 
 class _BadResponse(Exception):
@@ -458,7 +460,7 @@ class _Connection:
             if size > limit:
                 self.close()
                 if status < 300:
-                    raise _TooLarge(size)
+                    raise _TooLarge(size, status)
                 return status, fields, b""  # an error of over 64 KB: its status is enough
             body = self._exact(sock, size, deadline)
         else:  # the body ends when the server closes the connection
@@ -473,7 +475,7 @@ class _Connection:
                 body += chunk
             if len(body) > limit and status < 300:
                 self.close()
-                raise _TooLarge(len(body))
+                raise _TooLarge(len(body), status)
         if not keep:
             self.close()
         return status, fields, body if type(body) is bytes else bytes(body)
@@ -499,7 +501,7 @@ class _Connection:
             if len(body) + size > limit:
                 self.close()
                 if status < 300:
-                    raise _TooLarge(len(body) + size)
+                    raise _TooLarge(len(body) + size, status)
                 return body  # an error of over 64 KB: its status is enough (as with a Content-Length)
             body += self._exact(sock, size, deadline)
             if self._line(sock, deadline):
@@ -838,6 +840,12 @@ class RemoteStorage:
         try:  # the whole attempt within --remote-timeout-s, however slowly the server answers
             return conn.request(method, path, signed, max_bytes, time.monotonic() + self.policy.timeout_s)
         except _TooLarge as exc:
+            if "Range" in headers:  # (a range's size is no --max-file-bytes: the server answered more than asked)
+                raise DecodeError(redact(url), f"asked for a range of {max_bytes} bytes, the server answered HTTP "
+                                               f"{exc.status} with {exc.size} bytes"
+                                               + (": it ignores Range requests; serve the data from a server that "
+                                                  "answers them (206)" if exc.status == 200 else ""),
+                                  "read_failed") from None
             raise DecodeError(redact(url), f"object of {exc.size} bytes exceeds --max-file-bytes {max_bytes}",
                               "too_large") from None
         except (_BadResponse, OSError) as exc:  # (OSError: timeouts and TLS errors too)
