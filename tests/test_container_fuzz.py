@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from loader_client.contract.errors import ConfigError
 from loader_server.config import ServerConfig
 from loader_server.data.datasets import load_dataset
-from loader_server.data.packed import _brace_expand
+from loader_server.data.packed import _brace_expand, decompress_page
 from loader_server.data.parquet_tables import _page_header, _rle_hybrid, index_table
 from loader_server.data.reading import DecodeError
 from loader_server.data.tar_shards import index_shard
@@ -445,6 +445,28 @@ def test_a_page_header_that_says_another_size_than_its_data_holds_is_refused(tmp
         assert "it holds fewer" in message, message
     elif codec == "snappy":
         assert f"its snappy stream says {header[2]}" in message, message
+
+
+def test_a_gzip_page_of_several_members_reads_as_pyarrow_reads_it() -> None:
+    """Parquet's GZIP is RFC 1952, where a gzip file is a series of members; pyarrow's reader (and parquet-mr's
+    GZIPInputStream) read every member. A page of two members was refused ('21 bytes follow its stream'). What
+    follows the last member that is not a member, a size other than the members' together, stay refused."""
+    import gzip
+
+    import pyarrow as pa
+
+    first, second = os.urandom(3000) + b"a" * 5000, b"tail" * 7
+    page = gzip.compress(first) + gzip.compress(second) + gzip.compress(b"")
+    said = len(first) + len(second)
+    assert pa.decompress(page, said, "gzip").to_pybytes() == first + second
+    assert decompress_page(page, said, "gzip").to_pybytes() == first + second
+    for size, data, why in [(said - 1, page, "it holds more"), (said + 1, page, f"it holds {said}"),
+                            (said, page + b"\0", "Truncated compressed stream"),  # (pyarrow's words)
+                            (said, gzip.compress(first) + b"\0", "1 bytes follow its stream"),
+                            (said, page[:-1], "Truncated compressed stream")]:
+        with pytest.raises(ValueError, match=f"its gzip page does not decompress to the {size} bytes its header says "
+                                             f"\\({why}"):
+            decompress_page(data, size, "gzip")
 
 
 def test_a_page_that_holds_fewer_bytes_is_a_one_line_error(tmp_path: Path) -> None:

@@ -412,10 +412,11 @@ def decompress_page(data: bytes, size: int, codec: str) -> Any:
     snappy: data that holds fewer bytes comes back padded to `size` with whatever that memory held. Each codec is
     therefore read in a way that knows the length it holds (CPU per 1 MiB page of JPEG bytes against the
     one-shot call, pyarrow 26, interleaved runs): gzip with stdlib zlib asked for at most `size` + 1 bytes
-    (0-3% more; pyarrow's stream read to `size` + 1: 2-8% more), brotli through pyarrow's stream read to
-    `size` + 1 (1-5% more; there is no stdlib brotli), lz4_raw (no stream form) once more to `size` - 1,
-    which fails where the data holds `size` (0.04-0.07 ms more a MiB), snappy by the size its first varint
-    says (the library then checks that its tags fill it); zstd checks the size itself."""
+    (0-3% more; pyarrow's stream read to `size` + 1: 2-8% more; a page of several gzip members, RFC 1952 2.2,
+    is read by that stream, as pyarrow reads it), brotli through pyarrow's stream read to `size` + 1 (1-5%
+    more; there is no stdlib brotli), lz4_raw (no stream form) once more to `size` - 1, which fails where the
+    data holds `size` (0.04-0.07 ms more a MiB), snappy by the size its first varint says (the library then
+    checks that its tags fill it); zstd checks the size itself."""
     import pyarrow as pa
 
     try:
@@ -424,7 +425,11 @@ def decompress_page(data: bytes, size: int, codec: str) -> Any:
             out = pa.py_buffer(inflate.decompress(data, size + 1))
             if out.size <= size and not inflate.eof:
                 raise ValueError(f"its stream is cut short after {out.size} bytes")
-            if inflate.unused_data:
+            if inflate.unused_data[:2] == b"\x1f\x8b" == data[:2] and out.size <= size:
+                # More members (RFC 1952 2.2: a gzip file is a series of them): read as pyarrow reads them, by its
+                # stream, which takes member after member in one pass (zlib's unused_data copies what is left)
+                out = pa.CompressedInputStream(pa.BufferReader(data), codec).read_buffer(size + 1)
+            elif inflate.unused_data:
                 raise ValueError(f"{len(inflate.unused_data)} bytes follow its stream")
         elif codec == "brotli":
             out = pa.CompressedInputStream(pa.BufferReader(data), codec).read_buffer(size + 1)
