@@ -156,6 +156,18 @@ def test_head_gives_size_and_etag(framings: str) -> None:
     storage.close()
 
 
+def test_a_head_answer_without_a_size_is_an_error_that_says_so() -> None:
+    """A HEAD answer may leave Content-Length out (RFC 9110 9.3.2, where a GET's body is chunked): the object's size
+    was then taken as -1, and a tar shard served so was indexed as one that 'holds no samples'."""
+    for base in _serve(lambda head: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nETag: \"v1\"\r\n\r\n"):
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=5))
+        with pytest.raises(DecodeError) as caught:
+            storage.head(f"{base}/shard-0.tar")
+        assert caught.value.path == f"{base}/shard-0.tar" and caught.value.code == "read_failed"
+        assert "its HEAD answer has no Content-Length: its size cannot be known" in caught.value.reason
+        storage.close()
+
+
 def piped_ranges(storage: RemoteStorage, url: str, spans: list[tuple[int, int]],
                  describe: Callable[[int], str] = str) -> dict[int, bytes | Exception]:
     """`spans` read with `read_ranges` (what it leaves read on a pool of 4 threads): each answer, delivered once,

@@ -900,8 +900,11 @@ class RemoteStorage:
                 raise DecodeError(redact(url), "object not found", "not_found")
             return info
         _, head, _ = self._request(url, "HEAD", ok=(200,), what="HEAD")
-        size = int(head.get("content-length", -1))
-        return ObjectInfo(size, head.get("etag") or ("last-modified:" + head.get("last-modified", "")))
+        if "content-length" not in head:  # (RFC 9110 9.3.2 lets a HEAD answer leave it out)
+            raise DecodeError(redact(url), "its HEAD answer has no Content-Length: its size cannot be known; serve "
+                                           "it from a server that says it (S3, nginx and Apache do)", "read_failed")
+        return ObjectInfo(int(head["content-length"]),
+                          head.get("etag") or ("last-modified:" + head.get("last-modified", "")))
 
     def list(self, prefix: str, shallow: bool = False) -> dict[str, ObjectInfo]:
         """Every object under `prefix` (``s3://bucket/folder/``; `shallow`: not in its sub-folders): URL -> info,
