@@ -782,6 +782,52 @@ def test_a_server_that_ignores_range_is_said_so_not_a_file_over_max_file_bytes()
             storage.close()
 
 
+def test_pipelined_answers_split_at_every_byte_are_read_the_same() -> None:
+    """Three pipelined answers (an interim answer, chunks with an extension and trailers, an obs-fold, lengths), sent
+    in two parts split at each of their byte boundaries, then one byte at a time: every range is read right, in one
+    pipeline (no request made again), whatever the reader had received when it parsed."""
+    spans = [(0, 10), (100, 37), (1000, 5)]
+    answers = []
+    for k, (lo, n) in enumerate(spans):
+        part, said = BODY[lo : lo + n], _said(lo, lo + n - 1)
+        if k == 0:
+            answers.append(b"HTTP/1.1 100 Continue\r\nX: y\r\n\r\nHTTP/1.1 206 Partial Content\r\nTransfer-Encoding: "
+                           b"chunked\r\n" + said + b"\r\n3;a=b\r\n" + part[:3] + b"\r\n%x\r\n" % (n - 3) + part[3:]
+                           + b"\r\n0\r\nT: 1\r\n\r\n")
+        else:
+            answers.append(b"HTTP/1.1 206 Partial Content\r\nX-F: a\r\n b\r\n" + said
+                           + b"Content-Length: %d\r\n\r\n" % n + part)
+    stream = b"".join(answers)
+    cuts = [[stream[:k], stream[k:]] for k in range(1, len(stream))] + [[stream[k : k + 1] for k in range(len(stream))]]
+    cut: list[list[bytes]] = []
+
+    def handle(conn: socket.socket, stop: threading.Event) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        for _ in spans:  # the whole pipeline first
+            got = _read_head(conn, buf)
+            if got is None:
+                return
+            buf = got[1]
+        for piece in cut[0]:
+            conn.sendall(piece)
+            time.sleep(0.0005)  # (pacing only: a reader that parses what it has must meet each split)
+        conn.settimeout(10)
+        while conn.recv(65536):
+            pass
+
+    for base in _serve_sockets(handle):
+        storage = RemoteStorage(RetryPolicy(attempts=1, timeout_s=10))
+        url = f"{base}/split.tar"
+        storage.remember({url: ObjectInfo(len(BODY), "")})
+        want = {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}
+        for pieces in cuts:
+            cut[:] = [pieces]
+            assert piped_ranges(storage, url, spans) == want, [len(p) for p in pieces]
+            storage.close()  # the next split on a connection of its own
+        assert storage.stats()["requests"] == len(spans) * len(cuts)
+
+
 def test_a_server_that_drips_bytes_is_cut_off_at_the_attempts_deadline() -> None:
     """--remote-timeout-s bounds a whole attempt: a byte every 0.2 s (each socket read well inside 1 s) would
     take 40 s for this body; the read fails once its 1 s attempts are spent, and says so."""
