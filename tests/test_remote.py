@@ -127,7 +127,7 @@ def framings() -> Iterator[str]:
         lo, hi = _range(head)
         part = BODY[lo : hi + 1]
         if path.endswith(b"/chunked"):
-            chunks = b"".join(b"%05x ;ext=\"v\"\r\n%s\r\n" % (len(part[k : k + 700]), part[k : k + 700])
+            chunks = b"".join(b"%018x ;ext=\"v\"\r\n%s\r\n" % (len(part[k : k + 700]), part[k : k + 700])
                               for k in range(0, len(part), 700))  # leading zeros, a space and an extension
             return (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n"
                     + _said(lo, hi) + b"\r\n" + chunks + b"0\r\nX-Trailer: 1\r\n\r\n")

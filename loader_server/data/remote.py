@@ -174,9 +174,10 @@ _ERROR_BODY = 1 << 16
 #: characters and obs-text (no CR, NUL or other control character), which may be left out.
 _STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([1-5][0-9]{2})(?: [\t -~\x80-\xff]*)?")
 _LENGTH = re.compile(r"[0-9]{1,18}")
-#: A chunk's line (RFC 9112 7.1): its size in hexadecimal, then extensions (not read) after whitespace and a
-#: semicolon; no CR, LF or NUL anywhere (a reader that ended the line at a bare LF would take another size).
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n\x00]*)?")
+#: A chunk's line (RFC 9112 7.1): its size in hexadecimal (leading zeros, then at most 15 digits), then extensions
+#: (not read) after whitespace and a semicolon; no CR, LF or NUL anywhere (a reader that ended the line at a bare LF
+#: would take another size).
+_CHUNK_LINE = re.compile(rb"0*([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n\x00]*)?")
 
 
 class _Connection:
