@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import Bench
-from .systems import measure_service
+from .systems import cpu_s, measure_service
 
 __all__ = ["RECOMMENDED_100MS", "s3_probe", "s3_tables"]
 
@@ -130,14 +130,14 @@ def s3_probe(b: Bench) -> Results:
                 if proxy is not None:
                     _pin(proxy.proc.pid, store_cores)
                 side = [store.proc.pid] + ([proxy.proc.pid] if proxy is not None else [])
-                side_cpu, started = sum(_cpu_s(pid) for pid in side), time.monotonic()
+                side_cpu, started = sum(cpu_s(pid) for pid in side), time.monotonic()
                 try:
                     env = store.env(proxy.endpoint if proxy else None)
                     with _environment(env):
                         n = max(b.n, 4 * len(b.index)) if name.endswith("cache") else b.n  # cached: ~10k images/s
                         result = measure_service(b, data=data, extra=extra, warmup=warmup, sample_pss=False, n=n,
                                                  cpu=True)
-                    busy = (sum(_cpu_s(pid) for pid in side) - side_cpu) / (time.monotonic() - started)
+                    busy = (sum(cpu_s(pid) for pid in side) - side_cpu) / (time.monotonic() - started)
                 finally:
                     carried = proxy.stop() if proxy is not None else {}
                 result.update(load=(load_before + os.getloadavg()[0]) / 2, proxy=carried, store_core_busy=busy)
@@ -170,16 +170,6 @@ def s3_probe(b: Bench) -> Results:
     _say("s3: " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in table.items()))
     return {"s3": table, "s3_images": len(b.index), "s3_shards": len(shards),
             "s3_cores": {"loader": sorted(loader_cores), "store and proxy": sorted(store_cores)}}
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pin(pid: int, cpus: set[int]) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 from loader_client import server_stats
 
 from .context import Bench
-from .systems import CLIENT_TIMEOUT_S, served
+from .systems import CLIENT_TIMEOUT_S, cpu_s, served
 
 __all__ = ["autoscale_probe", "autoscale_rows", "share_probe", "share_tables"]
 
@@ -53,27 +53,16 @@ _WARMUP_S = 3.0
 _PAUSE_AT_S, _PAUSE_S = 5.0, 10.0
 _ROUNDS = 3
 _RUNS = ("lone", "independent", "shared", "shared_pause")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return float(int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 def _workers_cpu_s(server_pid: int) -> float:
     from loader_server.launch import children_of
 
-    return sum(_cpu_s(p) for p in children_of(server_pid))
+    return sum(cpu_s(p) for p in children_of(server_pid))
 
 
 def _load() -> float:

@@ -35,6 +35,7 @@ __all__ = [
     "STEP_MODELS",
     "SYSTEMS",
     "PssSampler",
+    "cpu_s",
     "curve_keys",
     "decode_fn",
     "measure_service",
@@ -256,16 +257,19 @@ class PssSampler:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's unit of CPU time
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by process `pid` and its children (the server and its workers)."""
-    total = 0.0
-    for p in [pid, *children_of(pid)]:
-        try:
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-    return total
+    return sum(cpu_s(p) for p in [pid, *children_of(pid)])
 
 
 def _pss_kb(pid: int) -> int:
