@@ -60,7 +60,7 @@ from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
 __all__ = ["INDEX_FORMAT", "PackedIndex", "PageCache", "Segment", "decompress_page", "expand_files", "load_or_build",
-           "looks_like", "one_line"]
+           "looks_like", "one_line", "read_varint"]
 
 log = logging.getLogger("loader_server")
 
@@ -435,12 +435,7 @@ def decompress_page(data: bytes, size: int, codec: str) -> Any:
             out = pa.CompressedInputStream(pa.BufferReader(data), codec).read_buffer(size + 1)
         else:
             if codec == "snappy":
-                said, shift = 0, 0
-                for byte in data[:10]:
-                    said |= (byte & 0x7F) << shift
-                    shift += 7
-                    if byte < 0x80:
-                        break
+                said, _ = read_varint(data, 0)
                 if said != size:
                     raise ValueError(f"its snappy stream says {said}")
             out = pa.decompress(data, size, codec)
@@ -459,6 +454,24 @@ def decompress_page(data: bytes, size: int, codec: str) -> Any:
         raise ValueError(f"its {codec} page does not decompress to the {size} bytes its header says "
                          f"({one_line(exc)})") from None
     return out
+
+
+def read_varint(buf: bytes, at: int, end: int | None = None) -> tuple[int, int]:
+    """The unsigned LEB128 varint of at most 64 bits (10 bytes) at `at`, ending before `end`, and where it ends;
+    a ValueError where it runs past `end` or is longer."""
+    end = len(buf) if end is None else end
+    value = shift = 0
+    while True:
+        if at >= end:
+            raise ValueError("a varint runs past its data")
+        if shift > 63:
+            raise ValueError("a varint longer than 10 bytes")
+        b = buf[at]
+        at += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, at
+        shift += 7
 
 
 def _varint(value: int) -> bytes:

@@ -41,7 +41,7 @@ import numpy as np
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
-from .packed import PackedIndex, Segment, decompress_page, expand_files, load_or_build, one_line
+from .packed import PackedIndex, Segment, decompress_page, expand_files, load_or_build, one_line, read_varint
 from .remote import RemoteStorage, is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
@@ -610,20 +610,11 @@ def _unpack(packed: bytes, width: int, count: int) -> list[int]:
 
 
 def _varint(buf: bytes, at: int, end: int | None = None) -> tuple[int, int]:
-    """An unsigned LEB128 varint of at most 64 bits (10 bytes) ending before `end`."""
-    end = len(buf) if end is None else end
-    value = shift = 0
-    while True:
-        if at >= end:
-            raise _Damaged("a varint runs past its data")
-        if shift > 63:
-            raise _Damaged("a varint longer than 10 bytes")
-        b = buf[at]
-        at += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, at
-        shift += 7
+    """An unsigned LEB128 varint of at most 64 bits (10 bytes) ending before `end` (`packed.read_varint`)."""
+    try:
+        return read_varint(buf, at, end)
+    except ValueError as exc:
+        raise _Damaged(str(exc)) from None
 
 
 def _page_header(buf: bytes, at: int) -> tuple[dict[int, Any], int]:
