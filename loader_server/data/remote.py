@@ -161,8 +161,8 @@ _BUFFER_MAX = 1 << 18
 #: before the colon; an obs-fold continuation line, which starts with a space or a tab, is unfolded first), no CR,
 #: LF or NUL in the value, up to the line's end. Each match is one line, so a head is all such lines when _FIELD
 #: finds as many as it has line ends.
-_FIELD = re.compile(r"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n\x00]*)(?=\r\n|\Z)")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD = re.compile(rf"\r\n({_TOKEN.pattern}):([^\r\n\x00]*)(?=\r\n|\Z)")
 #: An obs-fold: a line end followed by the spaces or tabs that make the next line continue a field's value.
 _OBS_FOLD = re.compile(r"\r\n[ \t]+")
 #: The most interim (1xx) answers before a response (a peer that sends them forever holds a thread no longer).
