@@ -127,6 +127,12 @@ def test_settings_that_do_not_fit_the_data_name_the_setting(tmp_path: Path, sett
     (["--metrics-host", "no host!"], "`metrics_host` must be an IP address or a host name"),
     (["--metrics-port", "99999"], "`metrics_port` must be a TCP port"),
     (["--bind", "localhost:5555"], "got 'localhost:5555' (did you mean tcp://localhost:5555?)"),  # as the client says
+    # ZeroMQ would bind 99999 as port 34463 (99999 - 65536) while the log said 99999; 0 as a port no log names
+    (["--bind", "tcp://127.0.0.1:99999"], "needs a port between 1 and 65535, got '99999'"),
+    (["--bind", "tcp://127.0.0.1:0"], "needs a port between 1 and 65535, got '0'"),
+    (["--bind", "tcp://127.0.0.1:*"], "needs a port between 1 and 65535, got '*'"),
+    (["--bind", "tcp://127.0.0.1"], "`bind` 'tcp://127.0.0.1' names no port"),
+    (["--bind", "tcp://:5555"], "`bind` 'tcp://:5555' names no host"),
 ])
 def test_options_that_exclude_each_other_fail_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           args: list[str], expected: str) -> None:
