@@ -50,6 +50,28 @@ def test_csv_header_is_skipped(tmp_path: Path) -> None:
     assert index.labels.tolist() == [1]
 
 
+@pytest.mark.parametrize("text", ["a.jpg 1\nb.jpg 2\n", "path,label\na.jpg,1\nb.jpg,2\n", "a b.jpg 1\nb.jpg, 2\n"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_path(tmp_path: Path, text: str) -> None:
+    """Notepad and Excel's "CSV UTF-8" start a list file with a BOM: the first path must not begin with U+FEFF
+    (it was then reported missing under a name that looked right), and the index is that of the same file without."""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(text)
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    a, b = load_index(plain), load_index(marked)
+    assert [a.path(i) for i in range(len(a))] == [b.path(i) for i in range(len(b))]
+    assert not b.path(0).rsplit("/", 1)[1].startswith("\ufeff") and b.labels.tolist() == [1, 2]
+    assert a.fingerprint() == b.fingerprint()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_list_file_is_refused_by_name(tmp_path: Path, encoding: str) -> None:
+    listfile = tmp_path / "list.txt"
+    listfile.write_bytes(("\ufeff" if encoding.endswith("-be") else "").encode(encoding) + "a.jpg 1\n".encode(encoding))
+    with pytest.raises(ConfigError, match=rf"list file {re.escape(str(listfile))} is UTF-16 or UTF-32 text .*save it "
+                                          r"as UTF-8, for example with `iconv -f UTF-16 -t UTF-8"):
+        load_index(listfile)
+
+
 def test_index_is_compact_numpy(tmp_path: Path) -> None:
     listfile = tmp_path / "list.txt"
     listfile.write_text("".join(f"dir/{i}.jpg {i % 7}\n" for i in range(1000)))

@@ -130,6 +130,7 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
         except OSError as exc:
             raise os_error(exc, "list file", path) from None
         root = str(path.parent.resolve())
+    raw = _without_bom(raw, path)
     fast = _parse_plain(raw)
     if fast is not None:
         return _with_objects(_build(root, fast[0], fast[1], None, f"list file {path}"), storage)
@@ -282,6 +283,16 @@ def _build(
     blob = np.frombuffer(b"".join(paths), dtype=np.uint8)
     label_arr = labels if isinstance(labels, np.ndarray) else np.array(labels, dtype=np.int64)
     return DatasetIndex(root, blob, offsets, label_arr, classes, redact(source))
+
+
+def _without_bom(raw: bytes, path: Path | str) -> bytes:
+    """The list file's bytes without the UTF-8 byte-order mark Windows editors write (else the first path would
+    start with an invisible U+FEFF and be reported missing); a UTF-16 or UTF-32 file is refused by name."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        raise ConfigError(f"list file {path} is UTF-16 or UTF-32 text (it starts with that byte-order mark, as "
+                          "PowerShell's `>` writes): save it as UTF-8, for example with "
+                          f"`iconv -f UTF-16 -t UTF-8 {path} > train-utf8.txt`")
+    return raw.removeprefix(b"\xef\xbb\xbf")
 
 
 def _first_content_line(raw: bytes) -> int:
