@@ -706,3 +706,18 @@ def test_a_store_started_by_hand_has_its_buckets_and_stops_with_sigterm() -> Non
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_a_prefix_named_without_its_slash_is_answered_with_the_prefix(data: dict[str, tuple[str, str]]) -> None:
+    """`--data s3://bucket/shards` (no `/`) reads as a list file object, which is not there: the error says
+    that objects lie under that prefix and what to pass; a name with nothing under it gets no such hint."""
+    from loader_client.contract.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_dataset(ServerConfig(data=f"s3://{BUCKET}/d/tar"))
+    assert str(err.value) == (f"list file s3://{BUCKET}/d/tar: object not found; objects lie under "
+                              f"s3://{BUCKET}/d/tar/: did you mean the prefix --data s3://{BUCKET}/d/tar/ (a prefix "
+                              "ends with /)?")
+    with pytest.raises(ConfigError) as err:
+        load_dataset(ServerConfig(data=f"s3://{BUCKET}/d/nothing-here"))
+    assert str(err.value) == f"list file s3://{BUCKET}/d/nothing-here: object not found"

@@ -121,7 +121,7 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
         try:
             raw = storage.read(data)
         except DecodeError as exc:
-            raise ConfigError(f"list file {exc}") from None
+            raise ConfigError(f"list file {exc}{_prefix_hint(data, exc, storage)}") from None
         root = data.rsplit("/", 1)[0]
     else:
         path = Path(data)
@@ -283,6 +283,17 @@ def _build(
     blob = np.frombuffer(b"".join(paths), dtype=np.uint8)
     label_arr = labels if isinstance(labels, np.ndarray) else np.array(labels, dtype=np.int64)
     return DatasetIndex(root, blob, offsets, label_arr, classes, redact(source))
+
+
+def _prefix_hint(data: str, exc: DecodeError, storage: RemoteStorage) -> str:
+    """``; did you mean the prefix s3://b/shards/?`` for ``s3://b/shards`` named without its ``/`` when objects lie
+    under it (an object name without the slash reads as a list file)."""
+    if exc.code != "not_found" or not data.startswith("s3://") or data.endswith("/"):
+        return ""
+    if not storage.holds_objects(data + "/"):
+        return ""
+    shown = redact(data)
+    return f"; objects lie under {shown}/: did you mean the prefix --data {shown}/ (a prefix ends with /)?"
 
 
 def _without_bom(raw: bytes, path: Path | str) -> bytes:

@@ -921,6 +921,17 @@ class RemoteStorage:
                 self._lists[(prefix, shallow)] = kept
         return kept
 
+    def holds_objects(self, prefix: str) -> bool:
+        """Whether any object lies under `prefix` (``s3://bucket/folder/``): one request for one key, for a hint."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        _, bucket, key = split_url(prefix)
+        try:
+            page = self._s3_setup()["client"].list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        except (BotoCoreError, ClientError):
+            return False
+        return bool(page.get("Contents"))
+
     def _list(self, prefix: str, exact: bool, remember: bool = True, shallow: bool = False) -> dict[str, ObjectInfo]:
         from botocore.exceptions import BotoCoreError, ClientError
 
