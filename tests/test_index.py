@@ -126,8 +126,22 @@ def test_folder_without_classes_or_images(tmp_path: Path) -> None:
         load_index(tmp_path)
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "readme.txt").write_text("x")
-    with pytest.raises(ConfigError, match="holds no images"):
+    with pytest.raises(ConfigError, match=r"holds no images .* in its class sub-folders \(expected .*/<class>/<image "
+                                          r"files>\)$"):  # a readme is no list file to suggest
         load_index(tmp_path)
+
+
+def test_a_parent_folder_of_list_files_is_answered_with_them(tmp_path: Path) -> None:
+    """`--data /data` where the data set is /data/corpus/train.txt (with images in its class folders)."""
+    for name in ("corpus", "large"):
+        (tmp_path / name / "class_0").mkdir(parents=True)
+        (tmp_path / name / "class_0" / "0.jpg").write_bytes(b"x")
+        (tmp_path / name / "train.txt").write_text("# images\nclass_0/0.jpg 0\n")
+    (tmp_path / "large" / "notes.txt").write_text("not a list\n")
+    with pytest.raises(ConfigError) as err:
+        load_index(tmp_path)
+    assert str(err.value).endswith(f"; for a list file pass it: --data {tmp_path}/corpus/train.txt or --data "
+                                   f"{tmp_path}/large/train.txt")
 
 
 @pytest.mark.parametrize(

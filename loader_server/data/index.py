@@ -7,8 +7,10 @@ copy-on-access growth). Nothing here opens or stats an image: bad files surface 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -243,9 +245,34 @@ def _from_class_folders(root: Path) -> DatasetIndex:
         labels.extend([label] * len(files))
     if not paths:
         raise ConfigError(
-            f"folder {str(root)!r} holds no images with extensions {sorted(IMAGE_EXTENSIONS)}"
+            f"folder {str(root)!r} holds no images with extensions {sorted(IMAGE_EXTENSIONS)} in its class "
+            f"sub-folders (expected {root}/<class>/<image files>){_list_files_hint(root, classes)}"
         )
     return _build(str(root.resolve()), paths, labels, tuple(classes), f"class folders {root}")
+
+
+def _looks_listed(path: str) -> bool:
+    """Whether the file's first line (of its first 4 KB) reads as `path label` or `path,label`."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        lines = f.read(4096).removeprefix(b"\xef\xbb\xbf").splitlines()
+        first = next((line.strip() for line in lines if line.strip() and not line.startswith(b"#")), b"")
+        return re.fullmatch(rb"\S.*[\s,]\s*(-?\d+|label)", first) is not None
+    return False
+
+
+def _list_files_hint(root: Path, classes: list[str]) -> str:
+    """``; did you mean --data ROOT/sub/train.txt?`` for list files in `root` or one level down (a data set's
+    parent folder given for the data set), at most three named, a bounded look."""
+    found: list[str] = []
+    for folder in [root, *(root / name for name in classes[:100])]:
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            found.extend(sorted(os.path.join(folder, e.name) for e in entries
+                                if e.name.endswith((".txt", ".csv")) and e.is_file() and _looks_listed(e.path)))
+        if len(found) >= 3:
+            break
+    if not found:
+        return ""
+    return f"; for a list file pass it: --data {' or --data '.join(found[:3])}"
 
 
 def _remote_class_folders(prefix: str, storage: RemoteStorage) -> DatasetIndex:
