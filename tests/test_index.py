@@ -147,7 +147,8 @@ def test_a_parent_folder_of_list_files_is_answered_with_them(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("setup", "args", "expected"),
     [
-        (None, [], "does not exist"),
+        (None, [], "does not exist: give a list file of `path label` lines, a folder of class sub-folders, tar "
+                   "shards ('shards/train-{000000..000099}.tar'), Parquet tables ('train-*.parquet') or numpy arrays"),
         ("a.jpg 1\nbad line here x\n", [], "list.txt:2: label 'x' is not an integer"),
         ("a.jpg 1\nb.jpg 2\n", ["--batch-size", "3"], "`batch_size` 3 is larger than the data set (2 samples"),
         ("a.jpg 1\n", ["--size", "224"], "`size` must look like WIDTHxHEIGHT"),

@@ -96,7 +96,8 @@ class DatasetIndex:
         return h.hexdigest()
 
 
-MISSING_HINT = (": give a list file of `path label` lines, a folder of class sub-folders or numpy arrays "
+MISSING_HINT = (": give a list file of `path label` lines, a folder of class sub-folders, tar shards "
+                "('shards/train-{000000..000099}.tar'), Parquet tables ('train-*.parquet') or numpy arrays "
                 "(try `loader-server demo` for a sample)")
 
 
