@@ -958,7 +958,14 @@ class RemoteStorage:
                                       f"{error.get('Code', '')} {error.get('Message', '')}".rstrip(),
                               "not_found" if error.get("Code") == "NoSuchBucket" else "read_failed") from None
         except BotoCoreError as exc:
-            raise DecodeError(prefix, f"listing failed: {exc}", "unavailable") from None
+            from botocore.exceptions import ConnectionError as BotoConnectionError
+
+            where = ""
+            if isinstance(exc, BotoConnectionError):  # a mistyped or stopped endpoint: say where it came from
+                where = (f" (after {self.policy.attempts} attempts, --remote-attempts); the endpoint "
+                         f"{self._s3_setup()['endpoint']} comes from AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or the "
+                         "profile's endpoint_url (else AWS's own): check it and that the store is up")
+            raise DecodeError(prefix, f"listing failed: {exc}{where}", "unavailable") from None
         if remember:
             with self._lock:
                 for url, info in found.items():
