@@ -37,7 +37,7 @@ def load_public_key(value: str | bytes | os.PathLike[str], setting: str = "serve
     if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
         return _key_file(value, setting)[0]
     if _looks_like_path(value):
-        raise ConfigError(f"`{setting}` {os.fspath(value)!r}: no such file (the server's .key file from "  # type: ignore[arg-type]
+        raise ConfigError(f"`{setting}` {os.fspath(value)!r}: no such file (the server's .key file from "
                           "`loader-server keygen`, or its 40-character Z85 text)")
     if not isinstance(value, (str, bytes)):
         raise ConfigError(f"`{setting}` must be a key file or 40 characters of Z85 text, got {type(value).__name__}")
@@ -56,7 +56,7 @@ def load_key_pair(value: Any, setting: str = "client_keys") -> tuple[bytes, byte
             raise ConfigError(f"`{setting}` {os.fspath(value)!r} holds no secret key: pass the .key_secret file")
         return public, secret
     if isinstance(value, (str, bytes, os.PathLike)):
-        raise ConfigError(f"`{setting}` {os.fspath(value)!r}: no such file (this client's .key_secret file from "  # type: ignore[arg-type]
+        raise ConfigError(f"`{setting}` {os.fspath(value)!r}: no such file (this client's .key_secret file from "
                           "`loader-server keygen DIR --name NAME`, or a (public, secret) pair of Z85 keys)")
     try:
         public, secret = value
