@@ -26,8 +26,9 @@ lossless, corrupt data that it will not decode strictly), by OpenCV, as before.
   decoded) only the region's scale counts, and only the region is decoded. A baseline JPEG goes
   to `_jpegregion`, our binding of the system's libjpeg-turbo (setup.py builds it): rows above
   the region are only entropy-decoded (``jpeg_skip_scanlines``: no inverse DCT, no upsampling,
-  no colour conversion), the iMCU columns beside it are not decoded (``jpeg_crop_scanline``),
-  and nothing below its last row is read. Every pixel inside the crop is bitwise what a whole
+  no colour conversion), the iMCU columns beside it are not decoded (``jpeg_crop_scanline``; they
+  are for 4x2 and 2x4 subsampling, which libjpeg-turbo < 3.0 crops wrongly: ``crop_is_exact`` in
+  `_jpegregion.c`), and nothing below its last row is read. Every pixel inside the crop is bitwise what a whole
   decode at that scale gives (`Decoder._region`). No Python binding of libjpeg-turbo exposes
   the column cropping (``tj3SetCroppingRegion`` is TurboJPEG 3's; Debian 12 ships 2.1). Where the
   binding is not built, and for what it refuses (corrupt data inside the window: libjpeg's
