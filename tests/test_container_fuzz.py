@@ -932,10 +932,14 @@ def test_a_page_stream_holds_what_decompress_page_holds_or_says_why_not(codec: s
         with pytest.raises(ValueError, match=f"its {codec} page does not decompress to the {len(page)} bytes"):
             PageStream(data + b"\0", len(page), codec, 7).close()
     if codec == "gzip":
-        two = gzip.compress(page[:100]) + gzip.compress(page[100:])
-        stream = PageStream(two, len(page), codec, 7)
-        assert stream.read(len(page)) == page
-        stream.close()
+        three = gzip.compress(page[:100]) + gzip.compress(b"") + gzip.compress(page[100:])
+        for chunk in (7, 1 << 20):
+            stream = PageStream(three, len(page), codec, chunk)
+            assert stream.read(len(page)) == page
+            stream.close()
+        with pytest.raises(ValueError, match="its gzip page does not decompress to the 8028 bytes its header says "
+                                             "\\(it holds more"):
+            PageStream(three + gzip.compress(b"x"), len(page), codec).close()
     ratio = {"snappy": 22, "lz4_raw": 256}.get(codec)
     if ratio:
         with pytest.raises(ValueError, match=f"{len(data)} bytes of {codec} hold at most {ratio * len(data)}"):
