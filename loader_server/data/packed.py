@@ -561,7 +561,7 @@ class PageStream:
                     start = self._fed - len(inflate.unused_data)  # in unused_data (and unconsumed_tail: not read)
                     if start == len(data):
                         return b""
-                    if data[start : start + 2] != b"\x1f\x8b" or data[:2] != b"\x1f\x8b":
+                    if bytes(data[start : start + 2]) != b"\x1f\x8b" or bytes(data[:2]) != b"\x1f\x8b":
                         raise ValueError(f"{len(data) - start} bytes follow its stream")
                     inflate = self._stream = zlib.decompressobj(wbits=32 + 15)
                     self._fed = start
