@@ -22,7 +22,9 @@ costs what it holds whatever its page's size and however the rows are shuffled. 
 other codecs (zstd, gzip, brotli, lz4_raw) cannot be entered in the middle: a row costs the
 decompression of its whole page, and each process keeps the pages it decompressed in an LRU
 of at most ``--page-cache-mb`` (`PackedIndex.page_cache_bytes`), so the rows of a page read
-while it is kept cost nothing more. Under a global shuffle a row finds its page kept with a
+while it is kept cost nothing more. A zstd, gzip or brotli page larger than that bound (a few KB
+of them may hold gigabytes) is never held whole: the row is read from the page's stream
+(`PageStream`, a MiB at a time), the bytes before it dropped. Under a global shuffle a row finds its page kept with a
 probability of about the cache's size over the data set's decompressed size.
 
 Memory: every per-sample field is a numpy array (offsets, lengths, labels) and member names

@@ -18,7 +18,18 @@ bytes are. A worker reading row r then reads:
 * otherwise the one page that holds it, decompressed (zstd, gzip, brotli, lz4_raw) to exactly the
   size its header says (`packed.decompress_page`), then sliced: never a whole row group for one
   image. A process keeps the pages it decompressed, at most ``--page-cache-mb``
-  (packed.PageCache), so reads in file order (``check``, ``cache build``) decompress each page once.
+  (packed.PageCache), so reads in file order (``check``, ``cache build``) decompress each page once;
+  a zstd, gzip or brotli page larger than that is read by its stream up to the row instead
+  (`packed.PageStream`), never held whole.
+
+Indexing walks a page's values from its stream too (`packed.PageStream`: a MiB at a time for gzip,
+zstd and brotli, whose ratio is unbounded; snappy and lz4_raw pages whole, at most 22 and 256 times
+their stored bytes), so a page costs what its stored bytes and the index's rows do, whatever size it
+says or holds: a 16 KB zstd page holding 512 MB took an indexing process to a peak of 1,155 MB when
+pages were decompressed whole, 112 MB read as a stream. The rows are bounded by the bytes: a row group
+of more rows than its image column has bytes is refused before its labels are read (each index row
+costs about 48 bytes), a dictionary of more entries than its row group's rows, and levels or
+dictionary indices longer than their count can take, are damage.
 
 A file without the named column, a label that is not an integer or is missing, a row without
 image bytes, or an encoding this reader does not know is a ConfigError naming the file, the
