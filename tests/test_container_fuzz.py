@@ -745,13 +745,14 @@ def _compressed(codec: str, head: bytes, zeros: int) -> bytes:
     return bytes(sink.getvalue())
 
 
-def _footer_unpacked(path: Path, more: int) -> None:
-    """Raise the image column chunk's total_uncompressed_size (ColumnMetaData field 6) in the footer by `more`
-    (the page header's size is bounded by it), the footer's length after it made right."""
+def _footer_unpacked(path: Path, more: int, column: bytes = b"\x05image\x05bytes") -> None:
+    """Raise a column chunk's total_uncompressed_size (ColumnMetaData field 6) in the footer by `more` (a page
+    header's size is bounded by it), the footer's length after it made right. `column`: the end of its
+    path_in_schema as the footer spells it (``\\x19\\x18\\x05label``: a list of one string, not the schema's name)."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[-8:-4], "little")
     body, footer = raw[: -8 - n], bytearray(raw[-8 - n : -8])
-    at = footer.index(b"\x05image\x05bytes") + len(b"\x05image\x05bytes")
+    at = footer.index(column) + len(column)
     for _ in range(3):  # codec, num_values, total_uncompressed_size: each a 1-byte field header, then a varint
         assert footer[at] >> 4 == 1 and footer[at] & 0x0F in (5, 6), footer[at : at + 4]
         start = at = at + 1
@@ -944,3 +945,50 @@ def test_a_page_stream_holds_what_decompress_page_holds_or_says_why_not(codec: s
     if ratio:
         with pytest.raises(ValueError, match=f"{len(data)} bytes of {codec} hold at most {ratio * len(data)}"):
             PageStream(data, ratio * len(data) + 1, codec)
+
+
+def _compact_i32(fields: dict[int, Any]) -> bytes:
+    """A Thrift compact struct of i32 (int) and struct (dict) fields, as pyarrow's reader wants a page header."""
+    out, last = bytearray(), 0
+    for fid in sorted(fields):
+        value = fields[fid]
+        kind = 12 if isinstance(value, dict) else 5
+        out.append(((fid - last) << 4) | kind)
+        last = fid
+        out += _compact_i32(value) if kind == 12 else _varint((value << 1) ^ (value >> 31))
+    return bytes(out) + b"\0"
+
+
+def test_a_label_page_that_says_hundreds_of_megabytes_is_refused_before_pyarrow_reads_it(tmp_path: Path) -> None:
+    """pyarrow reads the label column, and decompresses a page to the size its header says: a label page of
+    16 KB of zstd that says (and holds) 512 MB took indexing to 640 MB. The label column's page headers are
+    read first: a page may say what its integers can take, no more; said in one line, at an undamaged peak."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, claim = 3000, 512 << 20
+    image = _jpegs(1)[0]
+    labels = np.random.default_rng(29).integers(0, 1 << 62, rows)  # incompressible: room for the new page
+    path = tmp_path / "t" / "labels.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"image": pa.array([image] * rows, pa.binary()), "label": pa.array(labels)}), path,
+                   compression="zstd", use_dictionary=False)
+    good = load_dataset(ServerConfig(data=str(path), index_dir=str(tmp_path / "index-good")))
+    assert len(good) == rows
+    at = pq.ParquetFile(path).metadata.row_group(0).column(1).data_page_offset
+    header, body = _page_header(path.read_bytes(), at)
+    levels = _varint(rows << 1) + bytes([1])  # one run of the level 1: present
+    head = len(levels).to_bytes(4, "little") + levels + (labels % 10).astype("<i8").tobytes()
+    data = _compressed("zstd", head, claim - len(head))
+    new = _compact_i32({**header, 2: claim, 3: len(data), 5: {k: v for k, v in header[5].items() if k != 5}})
+    assert len(new) + len(data) <= body - at + header[3]
+    _patch(path, at, new + data)
+    _footer_unpacked(path, claim, b"\x19\x18\x05label")
+    read = subprocess.run([sys.executable, "-c", "import sys, pyarrow.parquet as pq; print(sum(pq.read_table("
+                           "sys.argv[1], columns=['label']).column(0).to_pylist()))", str(path)],
+                          capture_output=True, text=True, timeout=120, check=True)  # not here: a child's peak
+    assert int(read.stdout) == int((labels % 10).sum())  # pyarrow reads it   # counts its parent's at fork
+    _one_line_error(path, "row group 0 of label column 'label'", f"the page at file offset {at} is damaged",
+                    f"its header says {claim} bytes uncompressed for {rows} integers")
+    rc, rss, err = _maxrss_kb("serve", "--print-config", "--data", str(path), "--index-dir", str(tmp_path / "i"))
+    assert rc == 2 and rss < 400 << 10, (rss, err)  # KB: was 640 MB

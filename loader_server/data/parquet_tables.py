@@ -134,6 +134,11 @@ def _index_table(path: str, source: Any, image_column: str, label_column: str) -
                 if chunk.rows > max(chunk.stored, 1):  # an index row costs 48 bytes: at most 48 a byte of the file
                     raise ConfigError(f"{where}: its {chunk.rows} rows are held in {chunk.stored} bytes, under a byte "
                                       "a row: no table of images is (a damaged file, or one made to swell the index)")
+            where_labels = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == label_column),
+                                None)
+            if where_labels is not None:  # pyarrow decompresses a label page to the size its header says
+                _check_label_pages(f, size, _footer_chunks(f, size, where_labels, label_column, path), label_column,
+                                   path)
             labels = _labels(table, schema, label_column, path)
             if sum(c.rows for c in chunks) != len(labels):
                 raise ConfigError(f"{path}: its row groups say {sum(c.rows for c in chunks)} rows, its label column "
@@ -224,6 +229,42 @@ def _chunk(group: Any, column: int, names: list[bytes]) -> _Chunk:
         start = min(start, dictionary)
     return _Chunk(rows=rows, codec=_CODEC_NAMES.get(codec, f"codec {codec}"), start=start, stored=stored,
                   unpacked=unpacked)
+
+
+#: What a label page may say it holds uncompressed, a value (an integer: at most 8 bytes, PLAIN or
+#: DELTA_BINARY_PACKED, with its levels or a dictionary index) and a page.
+_LABEL_BYTES_A_VALUE, _LABEL_PAGE_BYTES = 16, 1 << 10
+
+
+def _check_label_pages(f: BinaryIO, size: int, chunks: list[_Chunk], column: str, path: str) -> None:
+    """Each page header of the label column, read before pyarrow reads the column: pyarrow allocates the
+    uncompressed size a page's header says (a 16 KB zstd page that says 512 MB took it to 640 MB). A page
+    may say no more than its values can take (`_LABEL_BYTES_A_VALUE` each, and `_LABEL_PAGE_BYTES`), nor
+    more values than its row group's rows, so the labels cost what the rows do."""
+    for g, chunk in enumerate(chunks):
+        where = f"{path}: row group {g} of label column {column!r}"
+        if not (chunk.start <= size and chunk.stored <= size - chunk.start):
+            raise ConfigError(f"{where}: its {chunk.stored} bytes at offset {chunk.start} lie outside the file's "
+                              f"{size} bytes (a damaged footer?)")
+        f.seek(chunk.start)
+        raw = f.read(chunk.stored)
+        at = seen = 0
+        while seen < chunk.rows and at < len(raw):
+            try:
+                header, body = _page_header(raw, at)
+                ptype, usize, csize = header.get(1), header.get(2), header.get(3)
+                if not isinstance(usize, int) or not isinstance(csize, int) or not 0 <= csize <= len(raw) - body:
+                    raise _Damaged("its header lacks its sizes, or says more bytes than its column chunk holds")
+                sub = {_DICTIONARY_PAGE: 7, _DATA_PAGE: 5, _DATA_PAGE_V2: 8}.get(ptype if isinstance(ptype, int)
+                                                                                  else -1)
+                values = _field(_sub(header, sub), 1, 0, chunk.rows, "value count (its row group's rows)") if sub else 0
+                if not 0 <= usize <= _LABEL_PAGE_BYTES + _LABEL_BYTES_A_VALUE * values:
+                    raise _Damaged(f"its header says {usize} bytes uncompressed for {values} integers")
+            except _Damaged as exc:
+                raise ConfigError(f"{where}: the page at file offset {chunk.start + at} is damaged: {exc}") from None
+            if ptype != _DICTIONARY_PAGE:
+                seen += values
+            at = body + csize
 
 
 def _image_leaf(schema: Any, column: str, path: str) -> str:
