@@ -125,7 +125,9 @@ def _index_table(path: str, source: Any, image_column: str, label_column: str) -
         row0 = 0
         with open(path, "rb") if source is path else contextlib.nullcontext(source) as f:
             size = os.fstat(f.fileno()).st_size if source is path else source.size
-            chunks = _footer_chunks(f, size, column, leaf, path)
+            label = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == label_column), None)
+            chunks, *label_chunks = _footer_chunks(f, size, [(column, leaf)] + ([] if label is None else
+                                                                                [(label, label_column)]), path)
             for g, chunk in enumerate(chunks):  # before the labels are read: pyarrow allocates what rows say
                 where = f"{path}: row group {g} of column {image_column!r}"
                 if not (chunk.start <= size and chunk.stored <= size - chunk.start):
@@ -134,11 +136,8 @@ def _index_table(path: str, source: Any, image_column: str, label_column: str) -
                 if chunk.rows > max(chunk.stored, 1):  # an index row costs 48 bytes: at most 48 a byte of the file
                     raise ConfigError(f"{where}: its {chunk.rows} rows are held in {chunk.stored} bytes, under a byte "
                                       "a row: no table of images is (a damaged file, or one made to swell the index)")
-            where_labels = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == label_column),
-                                None)
-            if where_labels is not None:  # pyarrow decompresses a label page to the size its header says
-                _check_label_pages(f, size, _footer_chunks(f, size, where_labels, label_column, path), label_column,
-                                   path)
+            if label_chunks:  # pyarrow decompresses a label page to the size its header says
+                _check_label_pages(f, size, label_chunks[0], label_column, path)
             labels = _labels(table, schema, label_column, path)
             if sum(c.rows for c in chunks) != len(labels):
                 raise ConfigError(f"{path}: its row groups say {sum(c.rows for c in chunks)} rows, its label column "
@@ -180,10 +179,11 @@ class _Chunk:
 _I64 = (1 << 63) - 1
 
 
-def _footer_chunks(f: BinaryIO, size: int, column: int, leaf: str, path: str) -> list[_Chunk]:
-    """Each row group's rows and image column chunk, read from the footer here with the bounded Thrift
-    reader below. (pyarrow 26's accessors of column chunk metadata abort the process, uncatchably, on
-    some damaged footers: an unknown codec value, a size histogram of the wrong length.)"""
+def _footer_chunks(f: BinaryIO, size: int, columns: list[tuple[int, str]], path: str) -> list[list[_Chunk]]:
+    """Each row group's rows and chunk of each of `columns` ((its index, its leaf's path)), read from the footer
+    here with the bounded Thrift reader below. (pyarrow 26's accessors of column chunk metadata abort the
+    process, uncatchably, on some damaged footers: an unknown codec value, a size histogram of the wrong
+    length.)"""
     try:
         if size < 12:
             raise _Damaged(f"{size} bytes are too few for a Parquet file")
@@ -197,8 +197,8 @@ def _footer_chunks(f: BinaryIO, size: int, column: int, leaf: str, path: str) ->
         groups = meta.get(4, [])
         if not isinstance(groups, list):
             raise _Damaged("its row groups are not a list")
-        names = [part.encode() for part in leaf.split(".")]
-        return [_chunk(group, column, names) for group in groups]
+        return [[_chunk(group, column, [part.encode() for part in leaf.split(".")]) for group in groups]
+                for column, leaf in columns]
     except _Damaged as exc:
         raise ConfigError(f"{path}: its footer is damaged: {exc}") from None
     except _Unsupported as exc:
