@@ -29,7 +29,9 @@ says or holds: a 16 KB zstd page holding 512 MB took an indexing process to a pe
 pages were decompressed whole, 112 MB read as a stream. The rows are bounded by the bytes: a row group
 of more rows than its image column has bytes is refused before its labels are read (each index row
 costs about 48 bytes), a dictionary of more entries than its row group's rows, and levels or
-dictionary indices longer than their count can take, are damage.
+dictionary indices longer than their count can take, are damage. pyarrow reads the label column, and
+decompresses each page to the size its header says: those headers are read here first, and a page
+that says more than its integers can take is damaged (`_check_label_pages`).
 
 A file without the named column, a label that is not an integer or is missing, a row without
 image bytes, or an encoding this reader does not know is a ConfigError naming the file, the
