@@ -138,9 +138,10 @@ def _index_table(path: str, source: Any, image_column: str, label_column: str) -
                 if chunk.rows > max(chunk.stored, 1):  # an index row costs 48 bytes: at most 48 a byte of the file
                     raise ConfigError(f"{where}: its {chunk.rows} rows are held in {chunk.stored} bytes, under a byte "
                                       "a row: no table of images is (a damaged file, or one made to swell the index)")
+            _label_type(schema, label_column, path)  # before its pages: a column of class names is said so
             if label_chunks:  # pyarrow decompresses a label page to the size its header says
                 _check_label_pages(f, size, label_chunks[0], label_column, path)
-            labels = _labels(table, schema, label_column, path)
+            labels = _labels(table, label_column, path)
             if sum(c.rows for c in chunks) != len(labels):
                 raise ConfigError(f"{path}: its row groups say {sum(c.rows for c in chunks)} rows, its label column "
                                   f"holds {len(labels)} (a damaged file?)")
@@ -293,11 +294,26 @@ def _shown(names: list[str]) -> str:
     return ", ".join(n if n.isprintable() else repr(n) for n in names)
 
 
-def _labels(table: Any, schema: Any, column: str, path: str) -> np.ndarray:
+def _label_type(schema: Any, column: str, path: str) -> None:
+    """A ConfigError unless the table has `column` and it holds integers (or a dictionary of them), read from
+    the schema: before any page of it is read (a column of class names would otherwise be refused as a
+    page too large for integers)."""
     import pyarrow as pa
 
     if column not in schema.names:
         raise ConfigError(f"{path} has no column {column!r} (--label-column); its columns: {_shown(schema.names)}")
+    kind = schema.field(column).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not pa.types.is_integer(kind):
+        raise ConfigError(f"{path}: label column {column!r} holds {_shown([str(kind)])}, not integers (class "
+                          "names? write their indices, and the names as the huggingface ClassLabel metadata)")
+
+
+def _labels(table: Any, column: str, path: str) -> np.ndarray:
+    """The label column's integers (its type checked by `_label_type`)."""
+    import pyarrow as pa
+
     try:
         values = table.read(columns=[column]).column(0)
     except MemoryError:  # before OSError: pyarrow's ArrowMemoryError is both
@@ -306,13 +322,6 @@ def _labels(table: Any, schema: Any, column: str, path: str) -> np.ndarray:
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ConfigError(f"{path}: its label column {column!r} cannot be read ({one_line(exc)}; a damaged "
                           "file?)") from None
-    kind = values.type
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    if not pa.types.is_integer(kind):
-        first = values[0].as_py() if len(values) else None
-        raise ConfigError(f"{path}: label column {column!r} holds {_shown([str(kind)])} (row 0: {first!r}), not "
-                          "integers")
     if values.null_count:
         row = int(np.flatnonzero(np.asarray(values.is_null()))[0])
         raise ConfigError(f"{path}:{row}: the label ({column!r}) is missing")
