@@ -141,8 +141,9 @@ class Server:
             note = negative_labels_note(self.index)
             if note:
                 log.warning("%s", note)
-            from .pipeline.decode import region_decoder_note  # here: health and stats never import OpenCV
+            from .pipeline.decode import decoders_line, region_decoder_note  # here: health, stats import no OpenCV
 
+            log.info("%s", decoders_line())
             note = region_decoder_note(self.config.augment, self.config.reduced_decode)
             if note:
                 log.warning("%s", note)
