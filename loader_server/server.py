@@ -70,6 +70,10 @@ _LOOP_TICK_MS = 100
 #: Client requests handled per turn of the loop before it looks at workers and timers again.
 _REQUESTS_PER_TURN = 256
 _GOODBYE_LINGER_MS = 200
+#: Where a client's request is said to come from in the errors its decoding raises (`schema.decode`'s `where`).
+#: A NUL marks it: a value the peer sent is shown by its repr, which never holds one. The error sent to the
+#: client names it there by its tag; the log line, which names it once before the error, leaves it out.
+_FROM_CLIENT = "from client\x00"
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -236,9 +240,11 @@ class Server:
                 self.peer_log.warning(identity, "refused client %s: %s", client_tag(identity), str(exc))
                 self.transport.reply(identity, Error(kind="version", message=str(exc)))
             except ProtocolError as exc:
-                self.peer_log.warning(identity, "ignored bad message from client %s: %s", client_tag(identity),
-                                      str(exc))
-                self.transport.reply(identity, Error(kind="protocol", message=str(exc)))
+                said, tag = str(exc), client_tag(identity)
+                self.peer_log.warning(identity, "ignored bad message from client %s: %s", tag,
+                                      said.replace(f" {_FROM_CLIENT}", ""))
+                self.transport.reply(identity, Error(kind="protocol",
+                                                     message=said.replace(_FROM_CLIENT, f"from client {tag}")))
             except Exception as exc:  # a bug reached by one peer's request: that peer's problem only
                 log.debug("request of client %s failed", client_tag(identity), exc_info=True)
                 self.peer_log.warning(identity, "request of client %s failed: %s: %s (its session is closed)",
@@ -254,7 +260,7 @@ class Server:
             raise ProtocolError(f"client requests are one frame, got {len(body)}")
         header = protocol.unpack(body[0])
         protocol.check_version(header, peer="the client")
-        message = decode(header, CLIENT_REQUESTS, f"from client {client_tag(identity)}")
+        message = decode(header, CLIENT_REQUESTS, _FROM_CLIENT)
         if identity not in self.delivery.clients and not isinstance(message, _SESSIONLESS):
             self.delivery.error(identity, "server", "no session: the server restarted or dropped this client; "
                                 "create a new LoaderClient (pass state= to resume where you were)")
