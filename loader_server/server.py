@@ -94,6 +94,7 @@ class Server:
         self.cache = open_cache(config, index) if config.cache else None  # before the workers fork: they share it
         self.peer_log = PeerLog()
         self._stopping = ""
+        self._serial_said: set[str] = set()  # hosts said to answer one request per connection (`_serial_hosts`)
         self.worker_log: list[tuple[float, Change]] = []  # (wall time, change) of --workers auto, latest last
         self._more_requests = False  # the last drain stopped at _REQUESTS_PER_TURN
         self._next_log = time.monotonic() + config.log_interval_s
@@ -328,6 +329,8 @@ class Server:
                 self.supervisor.mark_ready(worker)
                 continue
             assert isinstance(message, (Result, Failed, Skipped))
+            if not isinstance(message, Skipped) and message.serial_hosts:
+                self._serial_hosts(message.serial_hosts)
             if isinstance(message, Result):
                 self.metrics.built(message.build_s)
                 if self.cache is not None:
@@ -343,6 +346,16 @@ class Server:
                 self.delivery.on_failed(task, message, worker.id)
             else:
                 self.delivery.on_skipped(task)
+
+    def _serial_hosts(self, hosts: list[str]) -> None:
+        """Hosts a worker found to answer only the first request of a pipeline: each said once per server (every
+        worker finds it on its own connections, and reads from it one request per connection from then on)."""
+        from .data.remote import serial_host_line
+
+        for host in hosts:
+            if host not in self._serial_said and len(self._serial_said) < _SERIAL_HOSTS_SAID:
+                self._serial_said.add(host)
+                log.warning("%s", serial_host_line(host))
 
     def _worker_exited(self, wid: int) -> None:
         worker, given_up = self.supervisor.worker_exited(wid, respawn=not self._stopping)
@@ -428,6 +441,9 @@ class Server:
 _SESSIONLESS = (Hello, HealthRequest, StatsRequest, SourcesRequest, Bye)
 #: Worker-count changes listed in stats (the latest).
 _WORKER_LOG_KEPT = 32
+#: Hosts said to answer one request per connection, at most (then no more are said: a worker only sends
+#: hosts its data set's URLs name).
+_SERIAL_HOSTS_SAID = 1024
 
 
 def _workers_text(config: ServerConfig) -> str:

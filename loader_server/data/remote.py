@@ -1265,11 +1265,11 @@ class RemoteStorage:
             deliver(k, data)
 
     def _one_at_a_time(self, route: _Route) -> None:
-        """`route`'s host answered only the first request of a pipeline: one request per connection from now on."""
+        """`route`'s host answered only the first request of a pipeline: one request per connection from now on,
+        and a line says so (`serial_host_found`)."""
         if route.key not in self._serial:
             self._serial.add(route.key)
-            log.warning("%s://%s answered only the first of a pipeline of range requests (it closed the "
-                        "connection): reading from it one request per connection from now on", *route.key)
+            serial_host_found(redact(f"{route.key[0]}://{route.key[1]}"))  # (not its userinfo: a password)
 
     def release_thread(self) -> None:
         """Close this thread's connections (a thread that ends: its connections are not reused)."""
@@ -1435,6 +1435,50 @@ def _attempt_failure(exc: _BadResponse | OSError, timeout_s: float) -> _Failure:
         return _Failure(None, f"TLS: {exc.verify_message or exc}: the server's certificate is not trusted here "
                               "(AWS_CA_BUNDLE names the CA bundle for s3://, SSL_CERT_FILE for https://)", True)
     return _Failure(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, True)
+
+
+#: Hosts that answered only the first request of a pipeline, found in this process and not yet reported:
+#: kept here in a worker process (`report_serial_hosts`), whose server says it once per host; None: logged
+#: where found (the server's own process, a cache build, the benchmark).
+_SERIAL_FOUND: list[str] | None = None
+_SERIAL_LOCK = threading.Lock()
+#: Hosts a worker keeps for its server at most (more are logged by the worker itself).
+SERIAL_HOSTS_KEPT = 16
+
+
+def serial_host_line(host: str) -> str:
+    """What is said once of a host (``scheme://host:port``) that answers only the first request of a pipeline."""
+    return (f"{host} answered only the first of a pipeline of range requests (it closed the connection): "
+            "reading from it one request per connection from now on")
+
+
+def serial_host_found(host: str) -> None:
+    """Say, once per process, that `host` answers one request per connection: kept for this worker's server
+    (`report_serial_hosts`), or logged here."""
+    with _SERIAL_LOCK:
+        if _SERIAL_FOUND is not None and len(_SERIAL_FOUND) < SERIAL_HOSTS_KEPT:
+            _SERIAL_FOUND.append(host)
+            return
+    log.warning("%s", serial_host_line(host))
+
+
+def report_serial_hosts() -> None:
+    """In a worker process: the hosts found to answer one request per connection are kept for
+    `serial_hosts_found`, which the worker sends to its server with its next answer (so every worker of a
+    server finding the same host gives one line, the server's), instead of logged by each worker."""
+    global _SERIAL_FOUND
+    with _SERIAL_LOCK:
+        _SERIAL_FOUND = []
+
+
+def serial_hosts_found() -> list[str]:
+    """The hosts kept since the last call (`report_serial_hosts`), at most SERIAL_HOSTS_KEPT."""
+    with _SERIAL_LOCK:
+        if not _SERIAL_FOUND:
+            return []
+        found = _SERIAL_FOUND[:]
+        _SERIAL_FOUND.clear()
+        return found
 
 
 def _status_failure(status: int, head: dict[str, str], body: bytes) -> _Failure:
