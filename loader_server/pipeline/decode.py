@@ -67,8 +67,9 @@ from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
 
 __all__ = ["DEFAULT_MAX_FILE_BYTES", "LOADED_LIBJPEG", "REGION_DECODER", "SCALE_COST", "DecodeError", "Decoder",
-           "JpegInfo", "LoadedLibrary", "decode_scale", "jpeg_info", "jpeg_size", "kept_size", "loaded_libjpeg",
-           "png_size", "read_file", "region_decoder_note", "region_decoder_of", "scale_covers", "stored_box"]
+           "JpegInfo", "LoadedLibrary", "decode_scale", "decoders_line", "jpeg_info", "jpeg_size", "kept_size",
+           "loaded_libjpeg", "png_size", "read_file", "region_decoder_note", "region_decoder_of", "scale_covers",
+           "stored_box"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -201,6 +202,20 @@ def region_decoder_note(augment: str | None, reduced_decode: bool) -> str | None
             "(loader_server.pipeline._jpegregion) was not built when this package was installed; install gcc "
             "and libjpeg's headers (`bash .ci/build-deps` from the repository, or `apt-get install gcc "
             "libjpeg-dev`) and reinstall the package")
+
+
+def decoders_line() -> str:
+    """Which decoders this process runs, as the server logs it once at start: the region decoder with the
+    identity of the libjpeg it loaded (`REGION_DECODER`, and the file), or that it is not built and what that
+    costs; simplejpeg's and OpenCV's versions."""
+    if REGION_DECODER is None:
+        region = ("region decoder not built (a crop's window is decoded by simplejpeg instead, with the columns "
+                  "beside it: random crops cost about 1.2x the CPU per image)")
+    else:
+        where = f" ({LOADED_LIBJPEG.path})" if isinstance(LOADED_LIBJPEG, LoadedLibrary) else ""
+        region = f"region decoder {REGION_DECODER}{where}"
+    return (f"decoders: {region}; simplejpeg {simplejpeg.__version__} (JPEG); OpenCV {cv2.__version__} (other "
+            "images, and JPEGs libjpeg-turbo refuses)")
 
 
 def jpeg_info(data: bytes) -> JpegInfo | None:
