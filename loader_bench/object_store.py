@@ -18,8 +18,8 @@ sources read from there.
 than 15 s to stop on SIGTERM), `ObjectStore.restart` starts it again on the same folder and
 ports (the objects are still there). `ObjectStore.stop` kills it and removes the folder.
 
-Run by hand: ``python -m loader_bench.object_store up`` (prints the ``export AWS_...`` lines and waits
-for Ctrl-C, then stops everything).
+Run by hand: ``python -m loader_bench.object_store up [BUCKET ...]`` (prints the ``export AWS_...`` lines and
+waits for Ctrl-C or SIGTERM, then stops everything).
 """
 
 from __future__ import annotations
@@ -256,12 +256,21 @@ def running_store(buckets: tuple[str, ...] = ("loader-data",)) -> Iterator[Objec
         store.stop()
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
+    """``up [BUCKET ...]``: start a store with these buckets (``loader-data`` when none), print its ``export AWS_...``
+    lines and run until Ctrl-C, SIGTERM or SIGHUP (`kill`, `timeout`, a closed terminal), then stop it and
+    remove its folder: a store left running would hold its ports and folder."""
     if argv[:1] != ["up"]:
         print(__doc__)
         return 2
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
-        with running_store() as store:
+        with running_store(tuple(argv[1:]) or ("loader-data",)) as store:
             for k, v in store.env().items():
                 print(f"export {k}={v}")
             print("# Ctrl-C stops the store", flush=True)
@@ -270,6 +279,8 @@ def main(argv: list[str]) -> int:
     except NoStore as exc:
         print(exc, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # stopped while it was starting: what had started is stopped already
+        return 130
     return 0
 
 

@@ -136,6 +136,7 @@ def _probe(family: int, address: Any, endpoint: Endpoint, timeout_s: float, star
             return f"{where} did not accept a connection within {_PROBE_S:g} s: a firewall or a host that is down"
         except OSError as exc:
             return f"{where} cannot be reached ({exc.strerror or exc})"
-    return (f"a server accepted the connection on {where} but did not answer within {timeout_s:g} s: it may be "
+    waited = round(timeout_s, 1)  # the time waited so far: 2.0021 s reads as 2 s
+    return (f"a server accepted the connection on {where} but did not answer within {waited:g} s: it may be "
             "busy starting, stuck, not a loader server, or expecting CURVE keys; raise timeout_s if it is slow "
             "to start")

@@ -181,7 +181,8 @@ class Receiver:
                 if now - last_rx > self.timeout_s:
                     raise LoaderTimeoutError(
                         f"{self.peer} has been silent for {self.timeout_s:g} s (no complete message: no batch, "
-                        "no heartbeat): it died, the network is down, or it sends a message that never ends"
+                        "no heartbeat): it died, the network is down, or it sends a message that never ends; "
+                        "once it answers again (`loader-server health`), resume from your last state_dict()"
                     )
                 since = self.progress.waiting_since  # perf_counter(), 0.0 when the trainer does not wait
                 waited = time.perf_counter() - since if since else 0.0

@@ -118,9 +118,10 @@ def run_check(args: argparse.Namespace) -> int:
         rows = row_source(index)
         print(f"  each sample {tuple(rows.sample_shape)} {np.dtype(rows.sample_dtype)}, "
               f"labels {labels.dtype} of shape {labels.shape[1:] or 'scalar'}")
-    example = {b.code: b.reason for b in reversed(bad)}  # the first reason of each code
+    example = {b.code: b for b in reversed(bad)}  # the first bad sample of each code
     for code, n in Counter(b.code for b in bad).most_common():
-        print(f"  {n:8d}  {code} (e.g. {example[code]})")
+        where = example[code].where if len(example[code].where) <= 200 else example[code].where[:200] + "..."
+        print(f"  {n:8d}  {code} (e.g. {example[code].reason}: {where})")
     report = _write_report(bad, args.report)
     if bad:
         print(f"the bad files and their reasons are in {report}; fix or remove them, or serve with "

@@ -130,6 +130,28 @@ def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argumen
     raise KeyError(command)
 
 
+def unrecognized(command: argparse.ArgumentParser, rest: Sequence[str]) -> str:
+    """The error for words `command` does not take, with what to do: the flag meant (``--batchsize``: did you mean
+    ``--batch-size``?), or quotes where the shell expanded a pattern of --data into several paths."""
+    import difflib
+
+    shown = " ".join(rest) if len(" ".join(rest)) <= 300 else " ".join(rest)[:300] + " ..."
+    hints = []
+    flags = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+    for word in rest:
+        if word.startswith("--"):
+            name = word.split("=", 1)[0]
+            close = difflib.get_close_matches(name, flags, n=1, cutoff=0.7)
+            if close:
+                hints.append(f"{name}: did you mean {close[0]}?")
+    if any(word.startswith("-") for word in rest):
+        hints.append(f"`{command.prog} --help` lists every flag")
+    if any(not word.startswith("-") and os.path.exists(word) for word in rest):
+        hints.append("the shell expanded a pattern into several paths: quote it, as in --data 'shards/train-*.tar' "
+                     "or --data 'shards/train-{000000..000099}.tar', or join paths with ::")
+    return f"unrecognized arguments: {shown}" + "".join(f"; {hint}" for hint in hints)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of parsed `serve` flags alone (defaults included; no file, no environment)."""
     from .layered import PARSERS, resolve
@@ -259,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # the words after `bench` are the benchmark's own flags
     if rest and args.command != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.error(unrecognized(subparser(parser, args.command), rest))
     try:
         if args.command == "serve":
             return _serve(args, argv)

@@ -440,6 +440,8 @@ class ServerConfig:
 
             raise ConfigError(f"`bind` must be tcp://HOST:PORT or ipc://PATH, got {self.bind!r}"
                               f"{missing_scheme_hint(self.bind)}")
+        if self.bind.startswith("tcp://"):
+            _check_bind_port(self.bind)
         if not is_local_bind(self.bind) and not self.curve_dir and not self.insecure:
             raise ConfigError(
                 f"`bind` {self.bind} is reachable from the network: pass --curve-dir DIR to encrypt and "
@@ -642,6 +644,18 @@ def _check_ranges(config: ServerConfig) -> None:
 
 def _shown(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def _check_bind_port(bind: str) -> None:
+    """A tcp:// bind names a port 1..65535: ZeroMQ itself would bind 99999 as port 34463, and 0 or ``*`` as a
+    port the log never names, so clients could not find the server."""
+    host, colon, port = bind.removeprefix("tcp://").rpartition(":")
+    if not colon or not host:
+        raise ConfigError(f"`bind` {bind!r} names no {'host' if colon else 'port'}: use tcp://HOST:PORT, for example "
+                          "tcp://127.0.0.1:5555")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"`bind` {bind!r} needs a port between 1 and 65535, got {port!r}: use tcp://HOST:PORT, "
+                          f"for example tcp://{host}:5555")
 
 
 def _at_least(name: str, value: int, low: int) -> None:

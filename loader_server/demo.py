@@ -99,5 +99,7 @@ def _consume(endpoint: str, labels: np.ndarray, args: argparse.Namespace) -> boo
             print(f"demo: epoch {epoch}: {images} images in {elapsed:.2f} s = {images / elapsed:.0f} images/s; "
                   f"{once} samples exactly once, {repeated} repeated, "
                   f"{client.num_samples - once - repeated} left out by drop-last [{status}]")
-        print(f"demo: the trainer waited {client.wait_s:.2f} s in next() in total")
+        print(f"demo: the trainer waited {client.wait_s:.2f} s in next() in total (this one does no work between "
+              "batches, so it waits for nearly every one: the images/s above are the loader's; a trainer that "
+              "computes waits only when the loader falls behind)")
     return ok

@@ -32,6 +32,25 @@ def test_spec_parsing() -> None:
         parse_augment("rrc(scale=1-0.5)")
 
 
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("cutout(2)", "cutout size must be in (0, 1], got 2 in 'cutout(2)'"),  # was "high <= 0" in a worker
+    ("cutout(size=0.2;p=1.5)", "cutout p must be in [0, 1], got 1.5"),
+    ("rrc(ratio=0-1)", "rrc ratio must be in (0, 1000], got 0"),  # was log(0) in a worker
+    ("rrc(scale=2-3)", "rrc scale must be in (0, 1], got 2"),  # could never be drawn: always the centre square
+    ("rrc(scale=0-0)", "rrc scale must be in (0, 1], got 0"),
+    ("jitter(-1)", "jitter brightness must be in [0, 1], got -1"),
+    ("jitter(brightness=0.2;saturation=1.5)", "jitter saturation must be in [0, 1], got 1.5"),
+    ("flip(2)", "flip p must be in [0, 1], got 2"),
+    ("rotate(nan)", "rotate degrees must be in [0, 180], got nan"),
+])
+def test_a_parameter_out_of_its_range_is_refused_when_parsed(spec: str, expected: str) -> None:
+    """Before the server starts, naming the operation, the parameter and its range; not mid-epoch in a worker."""
+    with pytest.raises(ConfigError) as err:
+        parse_augment(spec)
+    assert str(err.value).startswith(f"`augment`: {expected}"), str(err.value)
+    parse_augment("rrc(scale=1-1;ratio=1-1),flip(0),flip(1),jitter(0),jitter(1),rotate(0),rotate(180),cutout(1)")
+
+
 def test_ops_are_a_pure_function_of_the_generator() -> None:
     aug = Augmenter(parse_augment(SPEC))
     img = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)

@@ -806,6 +806,10 @@ def test_timeout_names_a_server_that_accepts_but_does_not_answer(no_leak: Any) -
         no_leak()
         with pytest.raises(LoaderTimeoutError, match="accepted the connection on port .* but did not answer"):
             LoaderClient(f"tcp://127.0.0.1:{port}", timeout_s=0.5)
+        from loader_client.endpoints import parse_endpoint, why_silent
+
+        # the time waited so far is shown rounded (the warning after 2 s said "within 2.0021 s")
+        assert "did not answer within 2 s:" in why_silent(parse_endpoint(f"tcp://127.0.0.1:{port}"), 2.0021)
 
 
 def test_a_waiting_client_says_why_once_and_gives_up_at_its_timeout(caplog: pytest.LogCaptureFixture) -> None:

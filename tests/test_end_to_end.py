@@ -123,10 +123,11 @@ def test_server_killed_client_raises_timeout_and_workers_exit(start_server: Any,
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(10)
     started = time.monotonic()
-    with pytest.raises(LoaderTimeoutError, match="silent"):
+    with pytest.raises(LoaderTimeoutError, match="silent") as err:
         for _ in range(100):
             next(it)
     assert time.monotonic() - started < 6
+    assert str(err.value).endswith("resume from your last state_dict()")  # what to do next, as after a SIGTERM
     wait_until(lambda: not any(alive(p) for p in workers), 10, "orphaned workers to exit")
     client.close()
 

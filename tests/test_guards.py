@@ -490,6 +490,12 @@ def test_start_curve_admits_only_listed_keys_in_process(tmp_path: Path) -> None:
     router.setsockopt(zmq.LINGER, 0)
     with pytest.raises(ConfigError, match="must hold the public .key file"):  # an empty allow-list
         _start_curve(ctx, router, str(server_dir))
+    # a mistyped folder: not "create it with keygen", which would make a key pair no trainer holds
+    with pytest.raises(ConfigError, match=r"--curve-dir '.*/srever' is not a folder: pass the folder where "):
+        _start_curve(ctx, router, str(tmp_path / "srever"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"cannot load .*/empty/server.key_secret .*create it with"):
+        _start_curve(ctx, router, str(tmp_path / "empty"))
     shutil.copy(keys / "bob.key", server_dir / "clients" / "bob.key")
     auth = _start_curve(ctx, router, str(server_dir))
     dealers = []

@@ -50,6 +50,28 @@ def test_csv_header_is_skipped(tmp_path: Path) -> None:
     assert index.labels.tolist() == [1]
 
 
+@pytest.mark.parametrize("text", ["a.jpg 1\nb.jpg 2\n", "path,label\na.jpg,1\nb.jpg,2\n", "a b.jpg 1\nb.jpg, 2\n"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_path(tmp_path: Path, text: str) -> None:
+    """Notepad and Excel's "CSV UTF-8" start a list file with a BOM: the first path must not begin with U+FEFF
+    (it was then reported missing under a name that looked right), and the index is that of the same file without."""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(text)
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    a, b = load_index(plain), load_index(marked)
+    assert [a.path(i) for i in range(len(a))] == [b.path(i) for i in range(len(b))]
+    assert not b.path(0).rsplit("/", 1)[1].startswith("\ufeff") and b.labels.tolist() == [1, 2]
+    assert a.fingerprint() == b.fingerprint()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_list_file_is_refused_by_name(tmp_path: Path, encoding: str) -> None:
+    listfile = tmp_path / "list.txt"
+    listfile.write_bytes(("\ufeff" if encoding.endswith("-be") else "").encode(encoding) + "a.jpg 1\n".encode(encoding))
+    with pytest.raises(ConfigError, match=rf"list file {re.escape(str(listfile))} is UTF-16 or UTF-32 text .*save it "
+                                          r"as UTF-8, for example with `iconv -f UTF-16 -t UTF-8"):
+        load_index(listfile)
+
+
 def test_index_is_compact_numpy(tmp_path: Path) -> None:
     listfile = tmp_path / "list.txt"
     listfile.write_text("".join(f"dir/{i}.jpg {i % 7}\n" for i in range(1000)))
@@ -104,14 +126,29 @@ def test_folder_without_classes_or_images(tmp_path: Path) -> None:
         load_index(tmp_path)
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "readme.txt").write_text("x")
-    with pytest.raises(ConfigError, match="holds no images"):
+    with pytest.raises(ConfigError, match=r"holds no images .* in its class sub-folders \(expected .*/<class>/<image "
+                                          r"files>\)$"):  # a readme is no list file to suggest
         load_index(tmp_path)
+
+
+def test_a_parent_folder_of_list_files_is_answered_with_them(tmp_path: Path) -> None:
+    """`--data /data` where the data set is /data/corpus/train.txt (with images in its class folders)."""
+    for name in ("corpus", "large"):
+        (tmp_path / name / "class_0").mkdir(parents=True)
+        (tmp_path / name / "class_0" / "0.jpg").write_bytes(b"x")
+        (tmp_path / name / "train.txt").write_text("# images\nclass_0/0.jpg 0\n")
+    (tmp_path / "large" / "notes.txt").write_text("not a list\n")
+    with pytest.raises(ConfigError) as err:
+        load_index(tmp_path)
+    assert str(err.value).endswith(f"; for a list file pass it: --data {tmp_path}/corpus/train.txt or --data "
+                                   f"{tmp_path}/large/train.txt")
 
 
 @pytest.mark.parametrize(
     ("setup", "args", "expected"),
     [
-        (None, [], "does not exist"),
+        (None, [], "does not exist: give a list file of `path label` lines, a folder of class sub-folders, tar "
+                   "shards ('shards/train-{000000..000099}.tar'), Parquet tables ('train-*.parquet') or numpy arrays"),
         ("a.jpg 1\nbad line here x\n", [], "list.txt:2: label 'x' is not an integer"),
         ("a.jpg 1\nb.jpg 2\n", ["--batch-size", "3"], "`batch_size` 3 is larger than the data set (2 samples"),
         ("a.jpg 1\n", ["--size", "224"], "`size` must look like WIDTHxHEIGHT"),

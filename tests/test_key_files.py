@@ -152,3 +152,34 @@ def test_an_allow_list_that_becomes_writable_by_others_refuses_every_connection(
     (keys / "clients").chmod(0o700)
     with connect() as client:
         client.next()
+
+
+def test_a_mistyped_or_wrong_key_file_is_a_config_error_naming_the_setting_and_file(tmp_path: Path) -> None:
+    """Raised before anything is sent, as every client setting: a typo in a key file's name was a bare
+    ValueError ("too many values to unpack" for client_keys), outside the LoaderError hierarchy."""
+    from loader_client import ConfigError, LoaderError
+
+    keygen(tmp_path, "server")
+    keygen(tmp_path, "trainer1")
+    (tmp_path / "garbage.key").write_text("not a certificate\n")
+    server, secret = str(tmp_path / "server.key"), str(tmp_path / "trainer1.key_secret")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cases = [
+        (dict(server_public_key=str(tmp_path / "server.kye"), client_keys=secret),
+         f"`server_public_key` '{tmp_path}/server.kye': no such file (the server's .key file"),
+        (dict(server_public_key=server, client_keys=str(tmp_path / "trainer1.key_secert")),
+         f"`client_keys` '{tmp_path}/trainer1.key_secert': no such file (this client's .key_secret file"),
+        (dict(server_public_key=server, client_keys=str(tmp_path / "trainer1.key")),
+         f"`client_keys` '{tmp_path}/trainer1.key' holds no secret key: pass the .key_secret file"),
+        (dict(server_public_key=str(tmp_path / "garbage.key"), client_keys=secret),
+         f"`server_public_key` '{tmp_path}/garbage.key' is not a key file of `loader-server keygen`"),
+        (dict(server_public_key="x" * 39, client_keys=secret),
+         "`server_public_key`: a CURVE key is 40 characters of Z85 text or a key file, got 39 bytes"),
+        (dict(server_public_key=server, client_keys=("a" * 40,)),
+         "`client_keys` must be a .key_secret file or a (public, secret) pair of Z85 keys, got tuple"),
+        (dict(client_keys=secret), "`client_keys` need `server_public_key` too"),
+    ]
+    for keys, expected in cases:
+        with pytest.raises(ConfigError) as err:
+            LoaderClient(endpoint, timeout_s=2, **keys)  # type: ignore[arg-type]
+        assert isinstance(err.value, LoaderError) and str(err.value).startswith(expected), (keys, str(err.value))

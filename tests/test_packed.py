@@ -424,8 +424,14 @@ def test_data_patterns(tmp_path: Path) -> None:
     assert expand_files(f"{tmp_path}/a/s-{{0..1}}.tar::{tmp_path}/b/t.tar", ".tar", "tar shard") == files
     assert expand_files(f"{tmp_path}/a", ".tar", "tar shard") == files[:2]
     assert expand_files(f"{tmp_path}/*/*.tar", ".tar", "tar shard") == files
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError) as err:  # one past the last shard: the one missing is named, no more
         expand_files(f"{tmp_path}/a/s-{{0..2}}.tar", ".tar", "tar shard")
+    assert str(err.value) == f"tar shard '{tmp_path}/a/s-2.tar' does not exist"
+    with pytest.raises(ConfigError) as err:  # a range past the last shard: how many of it are missing
+        expand_files(f"{tmp_path}/a/s-{{0..5}}.tar", ".tar", "tar shard")
+    assert str(err.value) == (f"tar shard '{tmp_path}/a/s-2.tar' does not exist: 4 of the 6 tar shards that "
+                              f"'{tmp_path}/a/s-{{0..5}}.tar' names are missing (s-2.tar .. s-5.tar), 2 exist: "
+                              "check its range")
     with pytest.raises(ConfigError, match="named twice"):
         expand_files(f"{tmp_path}/a/s-0.tar::{tmp_path}/a", ".tar", "tar shard")
     with pytest.raises(ConfigError, match="names both local tar shards .* and objects"):  # read from one place

@@ -101,6 +101,10 @@ def test_check_reports_every_bad_file(bad_list: tuple[Path, dict[int, str]], tmp
     summary = {m[2]: int(m[1]) for m in re.finditer(r"^ +(\d+)  (\w+) \(e\.g\. ", result.stdout, re.M)}
     assert summary == {"undecodable": 2, "truncated": 1, "empty": 1, "not_found": 1, "too_many_pixels": 1,
                        "is_directory": 1}, result.stdout
+    # ... and each line names a file of that kind, so one bad file is found without opening the report
+    for line in re.finditer(r"^ +\d+  (\w+) \(e\.g\. (.*): (\S+)\)$", result.stdout, re.M):
+        assert rows[line[3]].startswith(line[2]), (line[0], rows)
+    assert len(re.findall(r"^ +\d+  \w+ \(e\.g\. .*: \S+\)$", result.stdout, re.M)) == 6, result.stdout
     clean = unique_label_list(tmp_path / "clean", 10)
     ok = run_cli("check", "--data", str(clean), "--report", str(tmp_path / "none.tsv"))
     assert ok.returncode == 0 and "0 bad" in ok.stdout and (tmp_path / "none.tsv").read_text() == ""

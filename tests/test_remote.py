@@ -1190,3 +1190,25 @@ def test_a_server_says_once_that_a_host_answers_one_request_per_connection(start
         web.shutdown()
         web.server_close()
         thread.join(10)
+
+
+def test_an_s3_endpoint_that_refuses_says_where_the_endpoint_came_from(tmp_path: Path) -> None:
+    """A mistyped AWS_ENDPOINT_URL (nothing listens there): the listing error names the endpoint, the attempts
+    and the variables it comes from, instead of botocore's bare "Could not connect"."""
+    import sys
+
+    pytest.importorskip("botocore")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b",
+               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
+    root = Path(__file__).resolve().parent.parent
+    checked = subprocess.run([sys.executable, "-m", "loader_server", "check", "--data", "s3://bucket/shards/",
+                              "--remote-attempts", "2"], capture_output=True, text=True, timeout=120, cwd=root,
+                             env=env)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert "s3://bucket/shards/: listing failed: Could not connect to the endpoint URL" in checked.stderr
+    assert (f"(after 2 attempts, --remote-attempts); the endpoint http://127.0.0.1:{port} comes from "
+            "AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or the profile's endpoint_url") in checked.stderr, checked.stderr

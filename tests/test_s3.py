@@ -651,3 +651,73 @@ def test_a_named_profile_from_the_aws_config_files(store: s3_support.ObjectStore
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split()[0] == str(N) and int(probe.stdout.split()[1]) > 0
+
+
+def _store_processes(s3_port: int) -> list[int]:
+    """Pids of `weed server` processes whose S3 gateway has this port."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if f"-s3.port={s3_port}".encode() in argv:
+                found.append(int(pid))
+    return found
+
+
+def test_a_store_started_by_hand_has_its_buckets_and_stops_with_sigterm() -> None:
+    """README, "Data on an object store": `python3 -m loader_bench.object_store up my-datasets` in another shell.
+    The bucket named is there, and `kill` (SIGTERM) stops SeaweedFS too: it used to be left running, with its
+    ports and folder, when only Ctrl-C stopped it."""
+    import select
+
+    import botocore.session
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "loader_bench.object_store", "up", "my-datasets"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        deadline = time.monotonic() + 100
+        assert proc.stdout is not None and proc.stderr is not None
+        while b"# Ctrl-C stops the store" not in out:
+            if proc.poll() is not None:
+                if proc.returncode == 1:  # NoStore: weed or botocore missing, the reason on stderr
+                    unavailable(s3_support.NoStore(proc.stderr.read().decode()))
+                raise AssertionError(f"the store stopped: {proc.stderr.read().decode()}")
+            assert time.monotonic() < deadline, f"no export lines within 100 s: {out!r}"
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                out += os.read(proc.stdout.fileno(), 65536)
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in out.decode().splitlines()
+                       if line.startswith("export "))
+        port = int(exports["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+        s3 = botocore.session.get_session().create_client(
+            "s3", endpoint_url=exports["AWS_ENDPOINT_URL"], aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=exports["AWS_SECRET_ACCESS_KEY"], region_name=exports["AWS_DEFAULT_REGION"])
+        s3.put_object(Bucket="my-datasets", Key="x", Body=b"hello")
+        assert s3.get_object(Bucket="my-datasets", Key="x")["Body"].read() == b"hello"
+        assert _store_processes(port)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert _store_processes(port) == []  # stopped before `up` exits, not orphaned
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_a_prefix_named_without_its_slash_is_answered_with_the_prefix(data: dict[str, tuple[str, str]]) -> None:
+    """`--data s3://bucket/shards` (no `/`) reads as a list file object, which is not there: the error says
+    that objects lie under that prefix and what to pass; a name with nothing under it gets no such hint."""
+    from loader_client.contract.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_dataset(ServerConfig(data=f"s3://{BUCKET}/d/tar"))
+    assert str(err.value) == (f"list file s3://{BUCKET}/d/tar: object not found; objects lie under "
+                              f"s3://{BUCKET}/d/tar/: did you mean the prefix --data s3://{BUCKET}/d/tar/ (a prefix "
+                              "ends with /)?")
+    with pytest.raises(ConfigError) as err:
+        load_dataset(ServerConfig(data=f"s3://{BUCKET}/d/nothing-here"))
+    assert str(err.value) == f"list file s3://{BUCKET}/d/nothing-here: object not found"

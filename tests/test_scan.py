@@ -50,6 +50,29 @@ def test_raise_mode_exits_2_naming_every_missing_or_unreadable_file(tmp_path: Pa
     assert not (tmp_path / "s.sock").exists()  # it never bound
 
 
+@pytest.mark.parametrize("files_in_cwd", [True, False])
+def test_a_list_file_whose_relative_paths_are_read_from_the_wrong_folder_says_so(tmp_path: Path,
+                                                                                 files_in_cwd: bool) -> None:
+    """A list file written beside the images' parent, moved elsewhere: every file is missing, and the error says
+    from which folder relative paths are read (and, where they lie, that the current folder holds them)."""
+    listfile = unique_label_list(tmp_path / "data", 6)
+    moved = tmp_path / "lists" / "train.txt"
+    moved.parent.mkdir()
+    listfile.rename(moved)
+    result = subprocess.run([sys.executable, "-m", "loader_server", "serve", "--data", str(moved), "--batch-size",
+                             "2", "--size", "8x8", "--workers", "1", "--bind", f"ipc://{tmp_path}/s.sock"],
+                            capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path / "data" if files_in_cwd else tmp_path, env={**os.environ, "PYTHONPATH": str(
+                                Path(__file__).resolve().parent.parent)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    hint = f"(relative paths in a list file are read from its folder, {moved.parent}"
+    if files_in_cwd:
+        hint += ", not from the current folder, where img/00000.png is: write the paths relative to the list file"
+    else:
+        hint += ")"
+    assert "found 6 of the 6 files" in result.stderr and hint in result.stderr, result.stderr
+
+
 def test_local_server_fails_at_once_naming_the_files(tmp_path: Path) -> None:
     listfile, bad = broken_list(tmp_path / "data")
     with pytest.raises(ConfigError, match="the start-up scan found 3 of the 16 files") as info:

@@ -127,6 +127,12 @@ def test_settings_that_do_not_fit_the_data_name_the_setting(tmp_path: Path, sett
     (["--metrics-host", "no host!"], "`metrics_host` must be an IP address or a host name"),
     (["--metrics-port", "99999"], "`metrics_port` must be a TCP port"),
     (["--bind", "localhost:5555"], "got 'localhost:5555' (did you mean tcp://localhost:5555?)"),  # as the client says
+    # ZeroMQ would bind 99999 as port 34463 (99999 - 65536) while the log said 99999; 0 as a port no log names
+    (["--bind", "tcp://127.0.0.1:99999"], "needs a port between 1 and 65535, got '99999'"),
+    (["--bind", "tcp://127.0.0.1:0"], "needs a port between 1 and 65535, got '0'"),
+    (["--bind", "tcp://127.0.0.1:*"], "needs a port between 1 and 65535, got '*'"),
+    (["--bind", "tcp://127.0.0.1"], "`bind` 'tcp://127.0.0.1' names no port"),
+    (["--bind", "tcp://:5555"], "`bind` 'tcp://:5555' names no host"),
 ])
 def test_options_that_exclude_each_other_fail_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           args: list[str], expected: str) -> None:
@@ -194,3 +200,32 @@ def test_print_config_validates_what_it_prints(tmp_path: Path, args: list[str], 
     result = _cli("serve", *[a.format(**fill) for a in args], "--print-config")
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected.format(**fill) in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(("command", "words", "expected"), [
+    ("serve", ["--batchsize", "32"], "unrecognized arguments: --batchsize 32; --batchsize: did you mean "
+                                     "--batch-size?; `loader-server serve --help` lists every flag"),
+    ("serve", ["--no-shufle", "--sede=3"], "--no-shufle: did you mean --no-shuffle?; --sede: did you mean --seed?"),
+    ("check", ["--bogus"], "unrecognized arguments: --bogus; `loader-server check --help` lists every flag"),
+])
+def test_a_mistyped_flag_is_answered_with_the_flag_meant(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        command: str, words: list[str], expected: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--data", str(unique_label_list(tmp_path, 4)), *words])
+    assert exit_.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_pattern_the_shell_expanded_is_answered_with_quotes(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`--data shards/train-*.tar` unquoted: the shell passes every shard, and all but the first are not flags."""
+    shards = [tmp_path / f"train-{i:06d}.tar" for i in range(3)]
+    for shard in shards:
+        shard.write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--data", *map(str, shards)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {shards[1]} {shards[2]}; the shell expanded a pattern into several paths: " \
+           "quote it, as in --data 'shards/train-*.tar'" in err
+    assert "did you mean" not in err and "--help" not in err

@@ -156,3 +156,21 @@ def test_fallback_does_not_mix_up_the_abandoned_stream(start_server: Any, tmp_pa
                 client.next()
         finally:
             client.close()
+
+
+def test_an_arena_that_runs_dry_again_warns_once_then_logs_info(start_server: Any, listfile: Path) -> None:
+    """A trainer that keeps batches alive (Keras's fit keeps a few) runs its arena dry again and again: one
+    warning (on a local_server trainer's stderr), then info lines, and every such batch still counted."""
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        assert client.shared_memory
+        for _ in range(3):  # hold more batches than the arena has slots, then let them go: three dry spells
+            held = take(client, 25)
+            del held
+            gc.collect()
+        fallbacks = client.stats()["server"]["shm_fallback_batches"]
+    lines = [line for line in server.log_text().splitlines() if "no free slot in its shared-memory arena" in line]
+    warnings = [line for line in lines if " WARNING " in line]
+    assert len(warnings) == 1 and warnings[0].endswith("; later times are logged at INFO"), lines
+    assert len(lines) >= 3 and all(" INFO " in line for line in lines if line not in warnings), lines
+    assert fallbacks >= len(lines)

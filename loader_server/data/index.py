@@ -7,8 +7,10 @@ copy-on-access growth). Nothing here opens or stats an image: bad files surface 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -94,7 +96,8 @@ class DatasetIndex:
         return h.hexdigest()
 
 
-MISSING_HINT = (": give a list file of `path label` lines, a folder of class sub-folders or numpy arrays "
+MISSING_HINT = (": give a list file of `path label` lines, a folder of class sub-folders, tar shards "
+                "('shards/train-{000000..000099}.tar'), Parquet tables ('train-*.parquet') or numpy arrays "
                 "(try `loader-server demo` for a sample)")
 
 
@@ -121,7 +124,7 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
         try:
             raw = storage.read(data)
         except DecodeError as exc:
-            raise ConfigError(f"list file {exc}") from None
+            raise ConfigError(f"list file {exc}{_prefix_hint(data, exc, storage)}") from None
         root = data.rsplit("/", 1)[0]
     else:
         path = Path(data)
@@ -130,6 +133,7 @@ def load_list_file(data: str | os.PathLike[str], storage: RemoteStorage | None =
         except OSError as exc:
             raise os_error(exc, "list file", path) from None
         root = str(path.parent.resolve())
+    raw = _without_bom(raw, path)
     fast = _parse_plain(raw)
     if fast is not None:
         return _with_objects(_build(root, fast[0], fast[1], None, f"list file {path}"), storage)
@@ -242,9 +246,34 @@ def _from_class_folders(root: Path) -> DatasetIndex:
         labels.extend([label] * len(files))
     if not paths:
         raise ConfigError(
-            f"folder {str(root)!r} holds no images with extensions {sorted(IMAGE_EXTENSIONS)}"
+            f"folder {str(root)!r} holds no images with extensions {sorted(IMAGE_EXTENSIONS)} in its class "
+            f"sub-folders (expected {root}/<class>/<image files>){_list_files_hint(root, classes)}"
         )
     return _build(str(root.resolve()), paths, labels, tuple(classes), f"class folders {root}")
+
+
+def _looks_listed(path: str) -> bool:
+    """Whether the file's first line (of its first 4 KB) reads as `path label` or `path,label`."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        lines = f.read(4096).removeprefix(b"\xef\xbb\xbf").splitlines()
+        first = next((line.strip() for line in lines if line.strip() and not line.startswith(b"#")), b"")
+        return re.fullmatch(rb"\S.*[\s,]\s*(-?\d+|label)", first) is not None
+    return False
+
+
+def _list_files_hint(root: Path, classes: list[str]) -> str:
+    """``; did you mean --data ROOT/sub/train.txt?`` for list files in `root` or one level down (a data set's
+    parent folder given for the data set), at most three named, a bounded look."""
+    found: list[str] = []
+    for folder in [root, *(root / name for name in classes[:100])]:
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            found.extend(sorted(os.path.join(folder, e.name) for e in entries
+                                if e.name.endswith((".txt", ".csv")) and e.is_file() and _looks_listed(e.path)))
+        if len(found) >= 3:
+            break
+    if not found:
+        return ""
+    return f"; for a list file pass it: --data {' or --data '.join(found[:3])}"
 
 
 def _remote_class_folders(prefix: str, storage: RemoteStorage) -> DatasetIndex:
@@ -282,6 +311,27 @@ def _build(
     blob = np.frombuffer(b"".join(paths), dtype=np.uint8)
     label_arr = labels if isinstance(labels, np.ndarray) else np.array(labels, dtype=np.int64)
     return DatasetIndex(root, blob, offsets, label_arr, classes, redact(source))
+
+
+def _prefix_hint(data: str, exc: DecodeError, storage: RemoteStorage) -> str:
+    """``; did you mean the prefix s3://b/shards/?`` for ``s3://b/shards`` named without its ``/`` when objects lie
+    under it (an object name without the slash reads as a list file)."""
+    if exc.code != "not_found" or not data.startswith("s3://") or data.endswith("/"):
+        return ""
+    if not storage.holds_objects(data + "/"):
+        return ""
+    shown = redact(data)
+    return f"; objects lie under {shown}/: did you mean the prefix --data {shown}/ (a prefix ends with /)?"
+
+
+def _without_bom(raw: bytes, path: Path | str) -> bytes:
+    """The list file's bytes without the UTF-8 byte-order mark Windows editors write (else the first path would
+    start with an invisible U+FEFF and be reported missing); a UTF-16 or UTF-32 file is refused by name."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        raise ConfigError(f"list file {path} is UTF-16 or UTF-32 text (it starts with that byte-order mark, as "
+                          "PowerShell's `>` writes): save it as UTF-8, for example with "
+                          f"`iconv -f UTF-16 -t UTF-8 {path} > train-utf8.txt`")
+    return raw.removeprefix(b"\xef\xbb\xbf")
 
 
 def _first_content_line(raw: bytes) -> int:

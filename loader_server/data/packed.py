@@ -216,13 +216,25 @@ def _expand_remote(item: str, suffix: str, what: str, storage: RemoteStorage) ->
     return [item]
 
 
+def _missing_of_range(part: str, items: list[str], what: str) -> str:
+    """``: 6 of the 26 tar shards that '...{000000..000025}.tar' names are missing (...)`` when a brace range
+    names several files that are not there (a range past the last shard), else nothing."""
+    missing = [i for i in items if not any(c in i for c in "*?[") and not os.path.exists(i)]
+    if len(items) < 2 or len(missing) < 2:
+        return ""
+    return (f": {len(missing)} of the {len(items)} {what}s that {part!r} names are missing "
+            f"({os.path.basename(missing[0])} .. {os.path.basename(missing[-1])}), {len(items) - len(missing)} "
+            "exist: check its range")
+
+
 def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | None = None) -> list[str]:
     """The absolute paths (or object URLs, listed with `storage`: None, the default ``--remote-*`` settings) that
     ``--data`` names, in order; ConfigError naming what is missing."""
     storage = storage or storage_of()
     files: list[str] = []
     for part in (p for p in data.split("::") if p):
-        for item in _brace_expand(part):
+        items = _brace_expand(part)
+        for item in items:
             if is_remote(item):
                 files.extend(_expand_remote(item, suffix, what, storage))
             elif any(c in item for c in "*?["):
@@ -236,7 +248,10 @@ def expand_files(data: str, suffix: str, what: str, storage: RemoteStorage | Non
                     raise ConfigError(f"folder {item!r} holds no {suffix} files")
                 files.extend(found)
             else:
-                check_exists(item, what)
+                try:
+                    check_exists(item, what)
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc}{_missing_of_range(part, items, what)}") from None
                 files.append(item)
     if not files:
         raise ConfigError(f"--data {data!r} names no {what}")

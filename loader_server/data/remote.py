@@ -944,6 +944,17 @@ class RemoteStorage:
                 self._lists[(prefix, shallow)] = kept
         return kept
 
+    def holds_objects(self, prefix: str) -> bool:
+        """Whether any object lies under `prefix` (``s3://bucket/folder/``): one request for one key, for a hint."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        _, bucket, key = split_url(prefix)
+        try:
+            page = self._s3_setup()["client"].list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        except (BotoCoreError, ClientError):
+            return False
+        return bool(page.get("Contents"))
+
     def _list(self, prefix: str, exact: bool, remember: bool = True, shallow: bool = False) -> dict[str, ObjectInfo]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -970,7 +981,14 @@ class RemoteStorage:
                                       f"{error.get('Code', '')} {error.get('Message', '')}".rstrip(),
                               "not_found" if error.get("Code") == "NoSuchBucket" else "read_failed") from None
         except BotoCoreError as exc:
-            raise DecodeError(prefix, f"listing failed: {exc}", "unavailable") from None
+            from botocore.exceptions import ConnectionError as BotoConnectionError
+
+            where = ""
+            if isinstance(exc, BotoConnectionError):  # a mistyped or stopped endpoint: say where it came from
+                where = (f" (after {self.policy.attempts} attempts, --remote-attempts); the endpoint "
+                         f"{self._s3_setup()['endpoint']} comes from AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or the "
+                         "profile's endpoint_url (else AWS's own): check it and that the store is up")
+            raise DecodeError(prefix, f"listing failed: {exc}{where}", "unavailable") from None
         if remember:
             with self._lock:
                 for url, info in found.items():

@@ -76,6 +76,24 @@ def scan_files(dataset: Dataset) -> list[tuple[str, str, str]] | None:
         return [bad for found in pool.map(chunk, range(0, n, _CHUNK)) for bad in found]
 
 
+def _relative_paths_hint(dataset: Dataset, found: list[tuple[str, str, str]]) -> str:
+    """When no file of a list file is found: relative paths are read from the list file's folder, not from the
+    current one (said, with the current folder's path when the files lie there)."""
+    source = root_of(dataset).source
+    if not source.startswith("list file ") or len(found) < len(dataset) or any(c != "not_found" for _, c, _ in found):
+        return ""
+    folder = os.path.dirname(os.path.abspath(source.removeprefix("list file ")))
+    first = found[0][0]
+    if not first.startswith(folder + os.sep):
+        return ""
+    relative = first[len(folder) + 1:]
+    hint = f" (relative paths in a list file are read from its folder, {folder}"
+    if os.path.exists(relative):
+        return (f"{hint}, not from the current folder, where {relative} is: write the paths relative to the list "
+                "file, or absolute)")
+    return hint + ")"
+
+
 def startup_scan(config: ServerConfig, dataset: Dataset) -> list[tuple[str, str, str]]:
     """Scan when `config.scan` says so (None: up to `AUTO_SCAN_LIMIT` files) and apply the bad-file policy.
 
@@ -97,7 +115,7 @@ def startup_scan(config: ServerConfig, dataset: Dataset) -> list[tuple[str, str,
     named = "; ".join(f"{path} ({reason})" for path, _, reason in found[:_NAMED])
     more = f"; and {len(found) - _NAMED} more" if len(found) > _NAMED else ""
     what = (f"the start-up scan found {len(found)} of the {len(dataset)} files of {dataset.source} missing or "
-            f"unreadable: {named}{more}")
+            f"unreadable: {named}{more}{_relative_paths_hint(dataset, found)}")
     if config.on_error == "raise":
         raise ConfigError(f"{what}. Fix or remove them (`loader-server check` lists every bad file), serve with "
                           "--on-error skip to replace them, or --no-scan to meet them when a worker reads them")

@@ -47,6 +47,9 @@ class Augmentation:
     stage: ClassVar[Stage]
     defaults: ClassVar[dict[str, Any]]  # a tuple default is a range written ``a-b``
     positional: ClassVar[str | None] = None  # the parameter a bare value sets: ``rotate(10)``; "*": all of them
+    #: Each parameter's range (low, high, whether low itself is refused), checked when the spec is parsed: a
+    #: value outside it would fail in the workers mid-epoch (``cutout(2)``: "high <= 0") or draw nothing.
+    bounds: ClassVar[dict[str, tuple[float, float, bool]]] = {}
 
     def __init__(self, **params: Any) -> None:
         self.params = {**self.defaults, **params}
@@ -79,6 +82,7 @@ class RandomResizedCrop(Augmentation):
     name = "rrc"
     stage = Stage.SOURCE
     defaults = {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3)}
+    bounds = {"scale": (0.0, 1.0, True), "ratio": (0.0, 1000.0, True)}
 
     def region(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         area = width * height
@@ -101,6 +105,7 @@ class Flip(Augmentation):
     stage = Stage.OUTPUT
     defaults = {"p": 0.5}
     positional = "p"
+    bounds = {"p": (0.0, 1.0, False)}
 
     def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         if rng.random() < self.params["p"]:
@@ -117,6 +122,7 @@ class Jitter(Augmentation):
     stage = Stage.OUTPUT
     defaults = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4}
     positional = "*"
+    bounds = {"brightness": (0.0, 1.0, False), "contrast": (0.0, 1.0, False), "saturation": (0.0, 1.0, False)}
 
     def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         p = self.params
@@ -129,6 +135,7 @@ class Rotate(Augmentation):
     stage = Stage.OUTPUT
     defaults = {"degrees": 10.0}
     positional = "degrees"
+    bounds = {"degrees": (0.0, 180.0, False)}
 
     def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         angle = rng.uniform(-self.params["degrees"], self.params["degrees"])
@@ -145,6 +152,7 @@ class Cutout(Augmentation):
     stage = Stage.OUTPUT
     defaults = {"size": 0.25, "p": 0.5}
     positional = "size"
+    bounds = {"size": (0.0, 1.0, True), "p": (0.0, 1.0, False)}
 
     def apply(self, out: np.ndarray, rng: np.random.Generator) -> list[float]:
         if rng.random() < self.params["p"]:
@@ -178,6 +186,7 @@ def parse_augment(spec: str) -> tuple[Augmentation, ...]:
             if key not in params:
                 raise ConfigError(f"`augment`: {name} has no parameter {key!r} (has {', '.join(params)})")
             params[key] = _range(value, spec) if isinstance(params[key], tuple) else _number(value, spec)
+        _check_bounds(cls, params, spec)
         ops.append(cls(**params))
     if not ops and spec.strip():
         raise ConfigError(f"`augment`: cannot parse {spec!r}; example: \"rrc(scale=0.08-1),flip,jitter(0.4)\"")
@@ -185,6 +194,15 @@ def parse_augment(spec: str) -> tuple[Augmentation, ...]:
     if len(sources) > 1:
         raise ConfigError(f"`augment`: {' and '.join(sources)} both choose the region of the source; keep one")
     return tuple(ops)
+
+
+def _check_bounds(cls: type[Augmentation], params: dict[str, Any], spec: str) -> None:
+    for key, (low, high, open_low) in cls.bounds.items():
+        value = params[key]
+        for v in value if isinstance(value, tuple) else (value,):
+            if not (low < v <= high if open_low else low <= v <= high):  # NaN fails both
+                shown = f"({low:g}, {high:g}]" if open_low else f"[{low:g}, {high:g}]"
+                raise ConfigError(f"`augment`: {cls.name} {key} must be in {shown}, got {v:g} in {spec!r}")
 
 
 def _number(text: str, spec: str) -> float:

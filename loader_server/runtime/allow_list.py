@@ -117,6 +117,10 @@ def start_curve(ctx: zmq.Context[Any], sock: zmq.Socket[Any], curve_dir: str) ->
 
     secret_file = os.path.join(curve_dir, "server.key_secret")
     clients = os.path.join(curve_dir, "clients")
+    if not os.path.isdir(curve_dir):  # a typo: a new key pair there would not be the one the trainers hold
+        raise ConfigError(f"--curve-dir {curve_dir!r} is not a folder: pass the folder where `loader-server keygen "
+                          "DIR` wrote server.key_secret (the trainers hold its server.key), or make a new one "
+                          f"with `loader-server keygen {curve_dir}`")
     try:
         public, secret = zmq.auth.load_certificate(secret_file)
     except (OSError, ValueError) as exc:

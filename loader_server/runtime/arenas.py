@@ -108,6 +108,7 @@ class Arena:
     left: list[LeftBehind] = field(default_factory=list)  # what clients that left still held, and who they were
     reclaimed: int = 0  # orphaned slots given back since the arena opened (their processes exited)
     dry: bool = False  # the last `take` found no free slot
+    dry_spells: int = 0  # times it ran out (the first is a warning, later ones info lines)
 
     def take(self) -> int | None:
         """A free slot for a new batch, kept by the server (the most recently freed: fewer distinct

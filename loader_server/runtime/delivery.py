@@ -510,9 +510,15 @@ class Delivery:
         """A batch for a client that maps `arena` is built as frames: no slot was free."""
         self.metrics.shm_fallbacks += 1
         if log_it:
-            self.log.warning("shm-full", "%s: no free slot in its shared-memory arena of %d slots (%s); batches go "
-                             "as frames over the socket until slots come back (%d such batches so far on this "
-                             "server)", whose, arena.slots, arena.fullness(), self.metrics.shm_fallbacks)
+            # A trainer that keeps a few batches alive (Keras's fit does) runs dry again and again, and nothing is
+            # wrong: the first time is a warning, later ones are info lines (on a trainer's stderr under
+            # local_server's WARNING level, one line instead of dozens); `stats` counts them all.
+            arena.dry_spells += 1
+            self.log.log(logging.WARNING if arena.dry_spells == 1 else logging.INFO, "shm-full",
+                         "%s: no free slot in its shared-memory arena of %d slots (%s); batches go as frames over "
+                         "the socket until slots come back (%d such batches so far on this server)%s", whose,
+                         arena.slots, arena.fullness(), self.metrics.shm_fallbacks,
+                         "; later times are logged at INFO" if arena.dry_spells == 1 else "")
 
     def _reclaim(self, shared: SharedStream) -> int:
         """Give back the slots that members which left held, once their processes have exited."""
