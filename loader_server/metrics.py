@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import http.client
+import io
 import itertools
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -30,8 +33,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["BUILD_BUCKETS_S", "HTTP_READ_TIMEOUT_S", "MAX_HTTP_CONNECTIONS", "Metrics", "SnapshotCollector",
-           "prometheus_text", "serve_metrics"]
+from .logs import Throttle
+
+__all__ = ["BUILD_BUCKETS_S", "HTTP_READ_TIMEOUT_S", "MAX_HTTP_CONNECTIONS", "MAX_HTTP_REQUEST_BYTES", "Metrics",
+           "SnapshotCollector", "prometheus_text", "serve_metrics"]
 
 log = logging.getLogger("loader_server")
 
@@ -186,8 +191,38 @@ MAX_HTTP_CONNECTIONS = 16
 #: Seconds a connection may take, in all, to send its request line and headers (then it is closed,
 #: however it drips them); the whole connection, answer included, may last twice that.
 HTTP_READ_TIMEOUT_S = 5.0
+#: Bytes of a request line and its headers together (a scraper sends a few hundred); more are answered 431.
+#: The standard library alone allows 100 headers of 64 KiB: 16 connections sending that grew the server
+#: by 300 MB.
+MAX_HTTP_REQUEST_BYTES = 16 << 10
 #: Seconds the accept loop waits for the place of a connection it closed to be given back.
 _EVICT_WAIT_S = 1.0
+
+
+class _RequestTooLarge(http.client.LineTooLong):
+    def __init__(self) -> None:
+        Exception.__init__(self, f"the request line and headers are over {MAX_HTTP_REQUEST_BYTES} bytes")
+
+
+class _BoundedReader:
+    """The connection's reader, giving at most `MAX_HTTP_REQUEST_BYTES` in lines; beyond that it raises
+    `_RequestTooLarge` (which `parse_request` answers 431, and the handler for the request line)."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self.raw = raw
+        self.left = MAX_HTTP_REQUEST_BYTES
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.left <= 0:
+            raise _RequestTooLarge
+        line = self.raw.readline(self.left if limit < 0 else min(limit, self.left))
+        self.left -= len(line)
+        if self.left <= 0 and not line.endswith(b"\n"):
+            raise _RequestTooLarge
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
@@ -211,7 +246,17 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         self._live: OrderedDict[socket.socket, list[Any]] = OrderedDict()
         self.refused = 0
         self.evicted = 0
+        self.throttle = Throttle(log)
         super().__init__(*args, **kwargs)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One throttled line, never the standard library's traceback on stderr for each failed request (a
+        peer that goes away before its answer, or that a deadline cut, wrote 20 lines a time, unbounded)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the peer went away, or was cut: its loss alone, nothing to say
+            return
+        self.throttle.warning("metrics-error", "metrics endpoint: a request from %s failed: %s: %s",
+                              client_address[0] if client_address else "?", type(exc).__name__, exc)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -284,6 +329,18 @@ def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]
 
     class Handler(BaseHTTPRequestHandler):
         timeout = HTTP_READ_TIMEOUT_S  # each read's timeout; the server's deadline bounds them all together
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = cast(Any, _BoundedReader(self.rfile))
+
+        def handle_one_request(self) -> None:
+            try:
+                super().handle_one_request()
+            except _RequestTooLarge as exc:  # in the request line (parse_request answers one in the headers)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.send_error(431, str(exc))
 
         def parse_request(self) -> bool:
             done = super().parse_request()  # the request line and headers have been read

@@ -445,6 +445,56 @@ def test_connections_dripping_their_headers_do_not_lock_the_scraper_out(start_se
         drip.join(10)
 
 
+def _huge_request(port: int) -> bytes:
+    """A GET with 99 headers of 64 KiB (what the standard library alone accepts: 100 of 64 KiB); its answer."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            with contextlib.suppress(OSError):  # the server may answer and close before it is all sent
+                s.sendall(b"GET /metrics HTTP/1.0\r\n" + (b"X-" + b"a" * 65000 + b": b\r\n") * 99 + b"\r\n")
+            return s.recv(1 << 16)
+    except OSError:
+        return b""
+
+
+def test_huge_request_headers_do_not_swell_the_server_and_are_answered_431(start_server: Any,
+                                                                          listfile: Path) -> None:
+    """16 connections at once (every place), each sending 6.4 MB of headers, five times: the server's peak
+    memory stays within 32 MB of where it was (before: +625 MB peak, +293 MB kept), each is answered 431,
+    and a scrape is answered after."""
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--metrics-port", str(port))
+    wait_until(lambda: _scrape(port), 20, "the first scrape")
+    before = reset_peak(server.proc.pid)
+    answers: list[bytes] = []
+    for _ in range(5):
+        round_ = [threading.Thread(target=lambda: answers.append(_huge_request(port))) for _ in range(16)]
+        for t in round_:
+            t.start()
+        for t in round_:
+            t.join(30)
+    grown = status_mb(server.proc.pid, "VmHWM") - before
+    assert grown < 32, f"the server's peak memory grew by {grown:.0f} MB"
+    assert sum(a.startswith(b"HTTP/1.0 431") for a in answers) >= 40, answers[:3]  # the rest may be cut or evicted
+    assert _scrape(port)
+
+
+def test_metrics_requests_that_fail_write_no_traceback(start_server: Any, listfile: Path) -> None:
+    """300 connections that send a request and reset the connection before the answer, or send garbage, or
+    a request line over the bound: the log gets no traceback (before: 20 lines each on stderr, unbounded)."""
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--metrics-port", str(port))
+    wait_until(lambda: _scrape(port), 20, "the first scrape")
+    for i in range(300):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall([b"GET /nothing HTTP/1.0\r\n\r\n", b"\x16\x03\x01garbage\r\n\r\n",
+                       b"GET /" + b"a" * 20000 + b" HTTP/1.0\r\n\r\n"][i % 3])
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST: the answer is lost
+    assert _scrape(port)
+    time.sleep(0.5)
+    log = server.log_text()
+    assert "Traceback" not in log and "Exception occurred" not in log, log[-3000:]
+
+
 def _scrape(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
