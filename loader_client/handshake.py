@@ -144,17 +144,18 @@ def _map_arena(endpoint: Endpoint, listener: tuple[int, int] | None, handle: Are
                options: ClientOptions) -> Arena | None:
     """The announced arena holding `key`, through /proc when the server is this user's in this PID
     namespace, else passed over the arena channel of an ipc:// server; None when neither works."""
+    private = options.share is not None  # a share's arena is every member's: what this one writes stays its own
     if listener is None:
-        return open_arena(handle, key)  # loopback TCP: `open_arena` checks the descriptor itself
+        return open_arena(handle, key, private=private)  # loopback TCP: `open_arena` checks the descriptor itself
     pid, uid = listener
     if pid == handle.pid:
-        arena = open_arena(handle, key)
+        arena = open_arena(handle, key, private=private)
         if arena is not None:
             return arena
     if endpoint.path.startswith("@"):
         return None  # an abstract socket has no folder for the channel
     return receive_arena(arena_channel_path(endpoint.path), handle, key, server_uid=uid,
-                         timeout_s=min(options.timeout_s, _CHANNEL_TIMEOUT_S))
+                         timeout_s=min(options.timeout_s, _CHANNEL_TIMEOUT_S), private=private)
 
 
 def trusted_uids(options: ClientOptions) -> set[int]:

@@ -93,7 +93,7 @@ def test_slots_are_recycled_when_arrays_are_released(start_server: Any, listfile
 def test_fallback_when_the_arena_cannot_be_opened(start_server: Any, listfile: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
-    monkeypatch.setattr(handshake, "open_arena", lambda handle, key: None)  # as for another user...
+    monkeypatch.setattr(handshake, "open_arena", lambda handle, key, **kw: None)  # as for another user...
     monkeypatch.setattr(handshake, "receive_arena", lambda *a, **kw: None)  # ...outside the server's group
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         assert not client.shared_memory
@@ -146,7 +146,7 @@ def test_fallback_does_not_mix_up_the_abandoned_stream(start_server: Any, tmp_pa
     listfile = unique_label_list(tmp_path / "data", 8)
     (tmp_path / "data" / "img" / "00001.jpg").write_bytes(b"not an image")  # the first batch fails at once
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-shuffle")
-    monkeypatch.setattr(handshake, "open_arena", lambda handle, key: None)  # as for another user...
+    monkeypatch.setattr(handshake, "open_arena", lambda handle, key, **kw: None)  # as for another user...
     monkeypatch.setattr(handshake, "receive_arena", lambda *a, **kw: None)  # ...outside the server's group
     for _ in range(5):
         client = LoaderClient(server.endpoint, timeout_s=20)  # the first stream's error must not land here

@@ -141,7 +141,7 @@ def create_arena(name: str, slots: int, slot_bytes: int, *, key: bytes | None = 
     return fd, stride
 
 
-def open_arena(handle: ArenaHandle, key: bytes, *, writable: bool = True) -> Arena | None:
+def open_arena(handle: ArenaHandle, key: bytes, *, writable: bool = True, private: bool = False) -> Arena | None:
     """Map the arena `handle` announces, after checking it is that sealed memfd, holding `key`.
 
     Returns None when this process may not open the descriptor at all (another user, another
@@ -163,13 +163,13 @@ def open_arena(handle: ArenaHandle, key: bytes, *, writable: bool = True) -> Are
         return None
     try:
         _check_is_arena(fd, handle, key)
-        return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=path)
+        return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=path, private=private)
     finally:
         os.close(fd)
 
 
 def receive_arena(channel_path: str, handle: ArenaHandle, key: bytes, *, timeout_s: float, server_uid: int | None,
-                  writable: bool = True) -> Arena | None:
+                  writable: bool = True, private: bool = False) -> Arena | None:
     """Ask the server's arena channel at `channel_path` for the arena `handle` announces, and map it.
 
     Returns None when there is no channel, it does not answer within `timeout_s`, its listener
@@ -200,7 +200,8 @@ def receive_arena(channel_path: str, handle: ArenaHandle, key: bytes, *, timeout
         fd = fds.pop()
         try:
             _check_is_arena(fd, handle, key, where=f"the shared-memory arena passed by {channel_path}")
-            return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=channel_path)
+            return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=channel_path,
+                                 private=private)
         finally:
             os.close(fd)
     finally:
@@ -272,19 +273,32 @@ class Arena:
             os.close(fd)
 
     @classmethod
-    def from_fd(cls, fd: int, slots: int, stride: int, *, writable: bool, path: str = "") -> Arena:
-        """Map `fd` (the caller keeps and closes it)."""
+    def from_fd(cls, fd: int, slots: int, stride: int, *, writable: bool, path: str = "",
+                private: bool = False) -> Arena:
+        """Map `fd` (the caller keeps and closes it). `private`: what this process writes stays its own
+        (copy-on-write, until `discard_writes`): the mapping of a share's arena, which every member reads."""
         arena = cls.__new__(cls)
-        arena._setup(fd, slots, stride, writable, path)
+        arena._setup(fd, slots, stride, writable, path, private)
         return arena
 
-    def _setup(self, fd: int, slots: int, stride: int, writable: bool, path: str) -> None:
-        self.path, self.slots, self.stride = path, slots, stride
+    def _setup(self, fd: int, slots: int, stride: int, writable: bool, path: str, private: bool = False) -> None:
+        self.path, self.slots, self.stride, self.private = path, slots, stride, private
         size = os.fstat(fd).st_size
         if size < slots * stride:
             raise ProtocolError(f"shared-memory arena {path} holds {size} bytes, expected {slots * stride}")
+        if private and stride % _PAGE:
+            raise ProtocolError(f"shared-memory arena {path} has slots of {stride} bytes, not a multiple of the "
+                                f"{_PAGE}-byte page")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        self._map: mmap.mmap | None = mmap.mmap(fd, slots * stride, mmap.MAP_SHARED, prot)
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        self._map: mmap.mmap | None = mmap.mmap(fd, slots * stride, flags, prot)
+
+    def discard_writes(self, slot: int) -> None:
+        """Drop what this process wrote in `slot` of a private mapping (its copy-on-write pages): the slot
+        reads the arena's own bytes again, the next batch the server puts there included."""
+        m = self._map
+        if self.private and m is not None and 0 <= slot < self.slots:
+            m.madvise(mmap.MADV_DONTNEED, slot * self.stride, self.stride)
 
     def view(self, slot: int, dtype: Any, shape: tuple[int, ...] | list[int]) -> np.ndarray:
         """The array of `shape` and `dtype` at the start of `slot`, validated against the slot size."""
