@@ -57,8 +57,7 @@ import numpy as np
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
-from ..pipeline.cache_files import owner_text
-from .file_access import check_exists, os_error
+from .file_access import check_exists, os_error, owner_text
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
