@@ -179,7 +179,8 @@ class ServerConfig:
     label_column: str = setting("label", help="Parquet tables: the integer label column")
     page_cache_mb: float = setting(
         64.0, help="Parquet tables: decompressed pages each worker keeps, at most (MB; 0: none), for pages of "
-                   "zstd, gzip, brotli or lz4, whose rows cost their whole page's decompression; snappy pages "
+                   "zstd, gzip, brotli or lz4, whose rows cost their whole page's decompression (a zstd, gzip or "
+                   "brotli page larger than this is read by its stream up to the row, never held); snappy pages "
                    "(the default) and uncompressed ones are read a row at a time and use none of it")
     json_label: str | None = setting(
         None, metavar="FIELD", shown="off (labels from .cls)",

@@ -70,6 +70,10 @@ _LOOP_TICK_MS = 100
 #: Client requests handled per turn of the loop before it looks at workers and timers again.
 _REQUESTS_PER_TURN = 256
 _GOODBYE_LINGER_MS = 200
+#: Where a client's request is said to come from in the errors its decoding raises (`schema.decode`'s `where`).
+#: A NUL marks it: a value the peer sent is shown by its repr, which never holds one. The error sent to the
+#: client names it there by its tag; the log line, which names it once before the error, leaves it out.
+_FROM_CLIENT = "from client\x00"
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -90,6 +94,7 @@ class Server:
         self.cache = open_cache(config, index) if config.cache else None  # before the workers fork: they share it
         self.peer_log = PeerLog()
         self._stopping = ""
+        self._serial_said: set[str] = set()  # hosts said to answer one request per connection (`_serial_hosts`)
         self.worker_log: list[tuple[float, Change]] = []  # (wall time, change) of --workers auto, latest last
         self._more_requests = False  # the last drain stopped at _REQUESTS_PER_TURN
         self._next_log = time.monotonic() + config.log_interval_s
@@ -141,8 +146,9 @@ class Server:
             note = negative_labels_note(self.index)
             if note:
                 log.warning("%s", note)
-            from .pipeline.decode import region_decoder_note  # here: health and stats never import OpenCV
+            from .pipeline.decode import decoders_line, region_decoder_note  # here: health, stats import no OpenCV
 
+            log.info("%s", decoders_line())
             note = region_decoder_note(self.config.augment, self.config.reduced_decode)
             if note:
                 log.warning("%s", note)
@@ -235,9 +241,11 @@ class Server:
                 self.peer_log.warning(identity, "refused client %s: %s", client_tag(identity), str(exc))
                 self.transport.reply(identity, Error(kind="version", message=str(exc)))
             except ProtocolError as exc:
-                self.peer_log.warning(identity, "ignored bad message from client %s: %s", client_tag(identity),
-                                      str(exc))
-                self.transport.reply(identity, Error(kind="protocol", message=str(exc)))
+                said, tag = str(exc), client_tag(identity)
+                self.peer_log.warning(identity, "ignored bad message from client %s: %s", tag,
+                                      said.replace(f" {_FROM_CLIENT}", ""))
+                self.transport.reply(identity, Error(kind="protocol",
+                                                     message=said.replace(_FROM_CLIENT, f"from client {tag}")))
             except Exception as exc:  # a bug reached by one peer's request: that peer's problem only
                 log.debug("request of client %s failed", client_tag(identity), exc_info=True)
                 self.peer_log.warning(identity, "request of client %s failed: %s: %s (its session is closed)",
@@ -253,7 +261,7 @@ class Server:
             raise ProtocolError(f"client requests are one frame, got {len(body)}")
         header = protocol.unpack(body[0])
         protocol.check_version(header, peer="the client")
-        message = decode(header, CLIENT_REQUESTS, f"from client {client_tag(identity)}")
+        message = decode(header, CLIENT_REQUESTS, _FROM_CLIENT)
         if identity not in self.delivery.clients and not isinstance(message, _SESSIONLESS):
             self.delivery.error(identity, "server", "no session: the server restarted or dropped this client; "
                                 "create a new LoaderClient (pass state= to resume where you were)")
@@ -321,6 +329,8 @@ class Server:
                 self.supervisor.mark_ready(worker)
                 continue
             assert isinstance(message, (Result, Failed, Skipped))
+            if not isinstance(message, Skipped) and message.serial_hosts:
+                self._serial_hosts(message.serial_hosts)
             if isinstance(message, Result):
                 self.metrics.built(message.build_s)
                 if self.cache is not None:
@@ -336,6 +346,16 @@ class Server:
                 self.delivery.on_failed(task, message, worker.id)
             else:
                 self.delivery.on_skipped(task)
+
+    def _serial_hosts(self, hosts: list[str]) -> None:
+        """Hosts a worker found to answer only the first request of a pipeline: each said once per server (every
+        worker finds it on its own connections, and reads from it one request per connection from then on)."""
+        from .data.remote import serial_host_line
+
+        for host in hosts:
+            if host not in self._serial_said and len(self._serial_said) < _SERIAL_HOSTS_SAID:
+                self._serial_said.add(host)
+                log.warning("%s", serial_host_line(host))
 
     def _worker_exited(self, wid: int) -> None:
         worker, given_up = self.supervisor.worker_exited(wid, respawn=not self._stopping)
@@ -421,6 +441,9 @@ class Server:
 _SESSIONLESS = (Hello, HealthRequest, StatsRequest, SourcesRequest, Bye)
 #: Worker-count changes listed in stats (the latest).
 _WORKER_LOG_KEPT = 32
+#: Hosts said to answer one request per connection, at most (then no more are said: a worker only sends
+#: hosts its data set's URLs name).
+_SERIAL_HOSTS_SAID = 1024
 
 
 def _workers_text(config: ServerConfig) -> str:

@@ -1,13 +1,16 @@
 """A trainer stand-in run as a separate process by the tests.
 
     python -m tests.stream_consumer ENDPOINT OUT_JSONL [--state FILE] [--rank R --world-size N] [--batches K]
-                                    [--die-after K] [--share NAME] [--step-s S] [--hold]
+                                    [--die-after K] [--share NAME] [--step-s S] [--hold] [--fork-hold FILE]
 
 For every batch it appends {epoch, batch, indices, digest} to OUT_JSONL, then saves the
 client's state to --state (atomically), like a trainer checkpointing after each step.
 `--die-after K` SIGKILLs this process right after the K-th batch is recorded and saved: a
 trainer killed at a point the test knows without reading the saved state. `--hold` keeps every
 batch's arrays (a trainer that holds on to them: with shared memory, each one's slot stays its).
+`--fork-hold FILE`, with --die-after: right before it is killed, it forks a child that keeps the batches
+held (a data-loader worker forked after connecting: it inherits the mapping and the connection, and uses
+neither's socket), writes its pid to FILE.pid, and exits once FILE exists (at most 120 s).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     p.add_argument("--share", default=None, help="join the server's share of this name")
     p.add_argument("--step-s", type=float, default=0.0, help="a training step: sleep this long after each batch")
     p.add_argument("--hold", action="store_true", help="keep every batch's arrays until the end")
+    p.add_argument("--fork-hold", default=None, help="fork a child holding the batches before --die-after")
     args = p.parse_args()
     state = None
     if args.state and os.path.exists(args.state):
@@ -61,6 +65,19 @@ def main() -> None:
                     json.dump(client.state_dict(), f)
                 os.replace(tmp, args.state)
             if args.die_after is not None and client.batches_taken == args.die_after:
+                if args.fork_hold:
+                    child = os.fork()
+                    if child == 0:  # holds `held`, touches nothing of the client's
+                        devnull = os.open(os.devnull, os.O_RDWR)
+                        for fd in (0, 1, 2):  # (the test waits for its parent's output to end)
+                            os.dup2(devnull, fd)
+                        deadline = time.monotonic() + 120
+                        while not os.path.exists(args.fork_hold) and time.monotonic() < deadline:
+                            time.sleep(0.05)
+                        os._exit(0 if held else 1)
+                    with open(args.fork_hold + ".pid.tmp", "w") as f:
+                        f.write(str(child))
+                    os.replace(args.fork_hold + ".pid.tmp", args.fork_hold + ".pid")
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.step_s:
                 time.sleep(args.step_s)

@@ -128,6 +128,8 @@ LENGTHS: list[tuple[type[schema.Message], str, Any, int]] = [
     (wm.Result, "shm_arrays", [["x", "|u1", [1]]], 1),
     (wm.Failed, "kind", "k", 32), (wm.Failed, "message", "m", 65_536), (wm.Failed, "reason", "r", 1024),
     (wm.Failed, "path", "p", 4096), (wm.Failed, "traceback", "t", 65_536),
+    # hosts a worker found to answer one request per connection, sent with its next answer (16 at most)
+    (wm.Result, "serial_hosts", ["h"], 16), (wm.Failed, "serial_hosts", ["h"], 16),
 ]
 
 #: (message, list field, lowest item, highest item) for lists whose items are ranged.

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from loader_client.contract.errors import ConfigError
 from loader_server.config import ServerConfig
 from loader_server.data.datasets import load_dataset
-from loader_server.data.packed import _brace_expand, decompress_page
+from loader_server.data.packed import PageStream, _brace_expand, decompress_page
 from loader_server.data.parquet_tables import _page_header, _rle_hybrid, index_table
 from loader_server.data.reading import DecodeError
 from loader_server.data.tar_shards import index_shard
@@ -722,3 +722,273 @@ def test_damaged_containers_or_indexes_kept_give_only_project_errors(pristine: d
     assert ds.fingerprint() == reference.fingerprint()  # a damaged index is rebuilt; a kept one names the same
     if damage_index:
         assert [ds.read(i) for i in range(len(ds))] == [reference.read(i) for i in range(len(ds))]  # type: ignore
+
+
+# ---------------------------------------------------------------------------- compression bombs
+#: Codecs whose pages are read as a stream (packed.STREAMED), as write_table names them, and what a bomb page of
+#: each claims: gzip's 1032:1 needs 250 KB of stored bytes for 256 MB, zstd and brotli 8 KB and 1 KB for 512 MB.
+BOMB_CLAIMS = {"zstd": 512 << 20, "brotli": 512 << 20, "gzip": 256 << 20}
+#: What a bomb may add to a process's peak over the same table undamaged (KB): far below any claim.
+BOMB_SLACK_KB = 64 << 10
+
+
+def _compressed(codec: str, head: bytes, zeros: int) -> bytes:
+    """`head` then `zeros` zero bytes, compressed with `codec` a MiB at a time (never all in memory)."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, codec) as out:
+        out.write(head)
+        block = bytes(1 << 20)
+        for k in range(0, zeros, len(block)):
+            out.write(block[: min(len(block), zeros - k)])
+    return bytes(sink.getvalue())
+
+
+def _footer_unpacked(path: Path, more: int, column: bytes = b"\x05image\x05bytes") -> None:
+    """Raise a column chunk's total_uncompressed_size (ColumnMetaData field 6) in the footer by `more` (a page
+    header's size is bounded by it), the footer's length after it made right. `column`: the end of its
+    path_in_schema as the footer spells it (``\\x19\\x18\\x05label``: a list of one string, not the schema's name)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[-8:-4], "little")
+    body, footer = raw[: -8 - n], bytearray(raw[-8 - n : -8])
+    at = footer.index(column) + len(column)
+    for _ in range(3):  # codec, num_values, total_uncompressed_size: each a 1-byte field header, then a varint
+        assert footer[at] >> 4 == 1 and footer[at] & 0x0F in (5, 6), footer[at : at + 4]
+        start = at = at + 1
+        while footer[at] & 0x80:
+            at += 1
+        at += 1
+    value = 0
+    for k, b in enumerate(footer[start:at]):
+        value |= (b & 0x7F) << (7 * k)
+    footer[start:at] = _varint(((value >> 1) + more) << 1)  # zigzag
+    path.write_bytes(body + bytes(footer) + len(footer).to_bytes(4, "little") + b"PAR1")
+
+
+def _bomb(path: Path, codec: str, claim: int, images: list[bytes], *, holds: bool = True) -> int:
+    """A table of 3 rows whose one data page (V1, PLAIN) says `claim` bytes uncompressed, in a few KB: the 3
+    images, then zeros up to `claim` where it `holds` them (a valid page: the values need not fill it), or
+    nothing more (a damaged one). Written by pyarrow with incompressible filler, then its page rewritten in
+    place (what follows the new page in the chunk is never read: the row group's rows are all in it) and its
+    footer's uncompressed size raised. Returns the page's file offset."""
+    rng = np.random.default_rng(29)
+    filler = [rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes() for _ in images]
+    _table(path, filler, compression=codec, use_dictionary=False)  # one row group: 3 rows
+    (at, length, header), = _pages(path)
+    levels = _varint(len(images) << 1) + bytes([2])  # one run of the level 2: image.bytes present
+    head = len(levels).to_bytes(4, "little") + levels + b"".join(len(b).to_bytes(4, "little") + b for b in images)
+    data = _compressed(codec, head, claim - len(head) if holds else 0)
+    new = _compact({**header, 2: claim, 3: len(data)})
+    assert len(new) + len(data) <= length + header[3], (len(data), header[3])
+    _patch(path, at, new + data)
+    _footer_unpacked(path, claim)
+    return at
+
+
+@pytest.mark.parametrize("codec", sorted(BOMB_CLAIMS))
+def test_a_page_that_decompresses_to_hundreds_of_megabytes_costs_a_piece_at_a_time(tmp_path: Path,
+                                                                                   codec: str) -> None:
+    """The outsider's case: a page of a few KB that says (and holds) 512 MB uncompressed took the indexing
+    process from 63 MB to 1,090 MB (zstd: the page decompressed whole, then copied); every process of the
+    indexing pool can meet one. Its values are now walked from a stream a piece at a time, the page's size
+    still checked to the byte, and a worker reads a row of it (a page over --page-cache-mb) by a stream too:
+    `serve` (which indexes) and `check` (which reads every row) stay within a few MB of the same table
+    undamaged, and the rows are the images the page holds."""
+    images = _jpegs(3)
+    claim = BOMB_CLAIMS[codec]
+    good = _table(tmp_path / "good" / "t.parquet", images, compression=codec, use_dictionary=False)
+    bad = tmp_path / "bad" / "t.parquet"
+    _bomb(bad, codec, claim, images)
+    assert bad.stat().st_size < 400_000
+    peaks = {}
+    for name, path in (("good", good), ("bad", bad)):
+        for command in ("serve", "check"):
+            args = (["serve", "--print-config", "--batch-size", "1"] if command == "serve" else
+                    ["check", "--workers", "1", "--report", str(tmp_path / f"{name}.tsv")])
+            rc, peaks[name, command], err = _maxrss_kb(*args, "--data", str(path), "--index-dir",
+                                                       str(tmp_path / f"index-{name}"))
+            assert rc == 0, err[-3000:]
+    for command in ("serve", "check"):
+        assert peaks["bad", command] < peaks["good", command] + BOMB_SLACK_KB, peaks  # was +1 GB (zstd, serve)
+    ds = load_dataset(ServerConfig(data=str(bad), index_dir=str(tmp_path / "index-bad")))
+    assert [ds.read(i) for i in range(3)] == images  # type: ignore[attr-defined]
+    assert (ds.raw == claim).all()  # type: ignore[attr-defined]  # the page, read by its stream
+
+
+@pytest.mark.parametrize("codec", sorted(BOMB_CLAIMS))
+def test_a_page_that_claims_hundreds_of_megabytes_it_does_not_hold_is_a_cheap_one_line_error(
+        tmp_path: Path, codec: str) -> None:
+    """A page of a few KB whose header says 512 MB: the old reader allocated the claim before it found the data
+    short. Its stream now ends early, said in one line naming the file, row group and page, at a peak the same
+    as the table undamaged."""
+    images = _jpegs(3)
+    claim = BOMB_CLAIMS[codec]
+    good = _table(tmp_path / "good" / "t.parquet", images, compression=codec, use_dictionary=False)
+    bad = tmp_path / "bad" / "t.parquet"
+    at = _bomb(bad, codec, claim, images, holds=False)
+    held = 4 + 2 + sum(4 + len(b) for b in images)
+    _one_line_error(bad, "row group 0 of column 'image'", f"the page at file offset {at} is damaged",
+                    f"its {codec} page does not decompress to the {claim} bytes its header says (it holds {held})")
+    rc_good, rss_good, err = _maxrss_kb("serve", "--print-config", "--batch-size", "1", "--data", str(good),
+                                        "--index-dir", str(tmp_path / "index"))
+    assert rc_good == 0, err
+    rc_bad, rss_bad, err = _maxrss_kb("serve", "--print-config", "--data", str(bad), "--index-dir",
+                                      str(tmp_path / "index"))
+    assert rc_bad == 2 and f"it holds {held}" in err, err
+    assert rss_bad < rss_good + BOMB_SLACK_KB, (rss_good, rss_bad)
+
+
+@pytest.mark.parametrize("dictionary", [False, True], ids=["plain", "dictionary"])
+def test_a_small_file_of_a_million_empty_rows_is_refused_before_it_is_indexed(tmp_path: Path,
+                                                                              dictionary: bool) -> None:
+    """A million empty values compress to a few KB (zstd; as dictionary indices, to a few bytes): the index
+    and the label column cost about 50 bytes a row whatever the file's size, so a 40 KB file cost 620 MB and
+    10 s to index (5 million rows). A row group of more rows than its image column has bytes holds no images:
+    it is refused, in one line, before its labels are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t" / "empty.parquet"
+    path.parent.mkdir()
+    rows = 1 << 20
+    pq.write_table(pa.table({"image": pa.array([b""] * rows, pa.binary()), "label": pa.array([0] * rows)}), path,
+                   compression="zstd", use_dictionary=dictionary)
+    line = _one_line_error(path, "row group 0 of column 'image'", f"its {rows} rows are held in ")
+    assert "under a byte a row" in line, line
+    rc, rss, err = _maxrss_kb("serve", "--print-config", "--data", str(path))
+    assert rc == 2 and rss < 400 << 10, (rss, err)  # KB; the index of a million rows alone is 48 MB
+
+
+def test_a_dictionary_page_of_more_entries_than_rows_is_damaged(tmp_path: Path) -> None:
+    """A dictionary page's entry count is bounded by its row group's rows (a column chunk's dictionary holds
+    the values it uses), not only by its bytes: an entry costs a Python tuple of the index being built."""
+    path = _table(tmp_path / "t" / "dict.parquet", _jpegs(), compression="none")
+    at, length, header = _pages(path)[0]
+    assert header[1] == 2  # the dictionary page
+    raw = path.read_bytes()[at : at + length]
+    field = raw.index(b"\x4c\x15\x06")  # field 7 (a struct) after field 3: its field 1 (an i32), 3 (zigzag 6)
+    _patch(path, at + field + 2, b"\x08")  # 4 entries
+    _one_line_error(path, "row group 0 of column 'image'", f"the page at file offset {at} is damaged",
+                    "its dictionary size (its row group's rows) is 4, outside 0..3")
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2", "dictionary"])
+@pytest.mark.parametrize("codec", ["none", "snappy", *WHOLE_PAGE_CODECS])
+def test_pages_of_megabytes_read_the_same_rows_by_stream_or_whole(tmp_path: Path, codec: str, layout: str) -> None:
+    """Pages legitimately hold megabytes (pyarrow checks its 1 MB page size every 1024 rows): a page of 40
+    values of 100 KB, of every codec, as V1 or V2 data pages or a dictionary (8 of them). Indexed by its stream, it reads
+    the rows pyarrow reads, bitwise: with the page kept whole (--page-cache-mb 64) and read by its stream to
+    each row (--page-cache-mb 0.5: gzip, zstd, brotli); --max-file-bytes bounds the row, not its page."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(21)
+    distinct = 8 if layout == "dictionary" else 40  # the dictionary: 8 values of 100 KB, under its 1 MB limit
+    values = [rng.integers(0, 256, 50_000, dtype=np.uint8).tobytes() + bytes(50_000 + k) for k in range(distinct)]
+    images = [values[k % distinct] for k in range(40)]
+    path = tmp_path / "t" / f"{codec}.parquet"
+    path.parent.mkdir()
+    table = pa.table({"image": pa.array(images, pa.binary()), "label": list(range(40))})
+    pq.write_table(table, path, compression=codec, row_group_size=40, use_dictionary=layout == "dictionary",
+                   data_page_version="2.0" if layout == "v2" else "1.0")
+    pages = _pages(path)
+    biggest = max(header[2] for _, _, header in pages)  # a data page of 4 MB, or a dictionary page of 800 KB
+    assert biggest > (600_000 if layout == "dictionary" else 3 << 20), pages
+    assert pq.read_table(path).column("image").to_pylist() == images
+    for cache_mb in (64.0, 0.5):
+        ds = load_dataset(ServerConfig(data=str(path), index_dir=str(tmp_path / f"index-{cache_mb}"),
+                                       page_cache_mb=cache_mb))
+        order = [int(k) for k in rng.permutation(40)]
+        assert [ds.read(i, max_bytes=200_000) for i in order] == [images[i] for i in order]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd", "brotli", "snappy", "lz4_raw"])
+def test_a_page_stream_holds_what_decompress_page_holds_or_says_why_not(codec: str) -> None:
+    """`PageStream` (a piece at a time) reads what `decompress_page` (the page whole) reads, across its pieces'
+    edges, and refuses what it refuses: a page that holds more or fewer bytes than its size, bytes after its
+    stream; a gzip page of several members is read whole. A snappy or lz4_raw size its data cannot hold is
+    refused before it is allocated."""
+    import gzip
+
+    import pyarrow as pa
+
+    page = os.urandom(3000) + bytes(5000) + b"tail" * 7
+    data = pa.compress(page, codec, asbytes=True)
+    assert decompress_page(data, len(page), codec).to_pybytes() == page
+    for chunk in (7, 4096, 1 << 20):
+        stream = PageStream(data, len(page), codec, chunk)
+        assert stream.read(10) == page[:10]
+        stream.skip(2990)
+        assert stream.read(5020) == page[3000:8020]
+        stream.close()
+        assert stream.at == len(page)
+        for size, why in [(len(page) - 1, "it holds more"), (len(page) + 1, f"it holds {len(page)}")]:
+            if codec in ("snappy", "lz4_raw"):
+                why = ""  # their data says their size, or fails: decompress_page says so (as it did)
+            with pytest.raises(ValueError, match=f"its {codec} page does not decompress to the {size} bytes its "
+                                                 f"header says \\({why}"):
+                PageStream(data, size, codec, chunk).close()
+    if codec in ("gzip", "zstd"):  # a stream may not be followed by bytes that are not one
+        with pytest.raises(ValueError, match=f"its {codec} page does not decompress to the {len(page)} bytes"):
+            PageStream(data + b"\0", len(page), codec, 7).close()
+    if codec == "gzip":
+        three = gzip.compress(page[:100]) + gzip.compress(b"") + gzip.compress(page[100:])
+        for chunk in (7, 1 << 20):
+            stream = PageStream(three, len(page), codec, chunk)
+            assert stream.read(len(page)) == page
+            stream.close()
+        with pytest.raises(ValueError, match="its gzip page does not decompress to the 8028 bytes its header says "
+                                             "\\(it holds more"):
+            PageStream(three + gzip.compress(b"x"), len(page), codec).close()
+    ratio = {"snappy": 22, "lz4_raw": 256}.get(codec)
+    if ratio:
+        with pytest.raises(ValueError, match=f"{len(data)} bytes of {codec} hold at most {ratio * len(data)}"):
+            PageStream(data, ratio * len(data) + 1, codec)
+
+
+def _compact_i32(fields: dict[int, Any]) -> bytes:
+    """A Thrift compact struct of i32 (int) and struct (dict) fields, as pyarrow's reader wants a page header."""
+    out, last = bytearray(), 0
+    for fid in sorted(fields):
+        value = fields[fid]
+        kind = 12 if isinstance(value, dict) else 5
+        out.append(((fid - last) << 4) | kind)
+        last = fid
+        out += _compact_i32(value) if kind == 12 else _varint((value << 1) ^ (value >> 31))
+    return bytes(out) + b"\0"
+
+
+def test_a_label_page_that_says_hundreds_of_megabytes_is_refused_before_pyarrow_reads_it(tmp_path: Path) -> None:
+    """pyarrow reads the label column, and decompresses a page to the size its header says: a label page of
+    16 KB of zstd that says (and holds) 512 MB took indexing to 640 MB. The label column's page headers are
+    read first: a page may say what its integers can take, no more; said in one line, at an undamaged peak."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, claim = 3000, 512 << 20
+    image = _jpegs(1)[0]
+    labels = np.random.default_rng(29).integers(0, 1 << 62, rows)  # incompressible: room for the new page
+    path = tmp_path / "t" / "labels.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"image": pa.array([image] * rows, pa.binary()), "label": pa.array(labels)}), path,
+                   compression="zstd", use_dictionary=False)
+    good = load_dataset(ServerConfig(data=str(path), index_dir=str(tmp_path / "index-good")))
+    assert len(good) == rows
+    at = pq.ParquetFile(path).metadata.row_group(0).column(1).data_page_offset
+    header, body = _page_header(path.read_bytes(), at)
+    levels = _varint(rows << 1) + bytes([1])  # one run of the level 1: present
+    head = len(levels).to_bytes(4, "little") + levels + (labels % 10).astype("<i8").tobytes()
+    data = _compressed("zstd", head, claim - len(head))
+    new = _compact_i32({**header, 2: claim, 3: len(data), 5: {k: v for k, v in header[5].items() if k != 5}})
+    assert len(new) + len(data) <= body - at + header[3]
+    _patch(path, at, new + data)
+    _footer_unpacked(path, claim, b"\x19\x18\x05label")
+    read = subprocess.run([sys.executable, "-c", "import sys, pyarrow.parquet as pq; print(sum(pq.read_table("
+                           "sys.argv[1], columns=['label']).column(0).to_pylist()))", str(path)],
+                          capture_output=True, text=True, timeout=120, check=True)  # not here: a child's peak
+    assert int(read.stdout) == int((labels % 10).sum())  # pyarrow reads it   # counts its parent's at fork
+    _one_line_error(path, "row group 0 of label column 'label'", f"the page at file offset {at} is damaged",
+                    f"its header says {claim} bytes uncompressed for {rows} integers")
+    rc, rss, err = _maxrss_kb("serve", "--print-config", "--data", str(path), "--index-dir", str(tmp_path / "i"))
+    assert rc == 2 and rss < 400 << 10, (rss, err)  # KB: was 640 MB

@@ -223,7 +223,7 @@ def test_the_region_decoder_is_built_under_ci() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(_NOT_BUILT)
         pytest.skip(_NOT_BUILT)
-    assert decode_module.REGION_DECODER is not None and decode_module.REGION_DECODER.startswith("jpegregion 1 ")
+    assert decode_module.REGION_DECODER is not None and decode_module.REGION_DECODER.startswith("jpegregion 2 ")
 SAMPLINGS = {"420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
              "440": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440, "444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
              "411": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411}

@@ -283,3 +283,43 @@ def test_a_negative_label_is_said_out_loud(start_server: Any, tmp_path: Path) ->
     assert len(warning) == 1 and "WARNING" in warning[0], server.log_text()
     assert "img/00005.png, label -1" in warning[0] and "1 of 8 samples" in warning[0]
     assert "client.num_classes is None" in warning[0]
+
+
+def test_the_start_log_names_the_decoders_once(start_server: Any, tmp_path: Path) -> None:
+    """Which decoders a server runs is said once at start: the region decoder with the identity of the libjpeg it
+    loaded (its SHA-256 and file: a Debian update or LD_LIBRARY_PATH changes it, not the build), simplejpeg's and
+    OpenCV's versions; so two servers whose crops differ can be told apart from their logs."""
+    import cv2
+    import simplejpeg
+
+    from loader_server.pipeline import decode
+
+    listfile = unique_label_list(tmp_path / "data", 8)
+    server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "2")
+    with LoaderClient(server.endpoint, timeout_s=20) as client:
+        client.next()
+    server.stop()
+    lines = [line for line in server.log_text().splitlines() if "decoders: " in line]
+    assert len(lines) == 1 and "INFO" in lines[0], server.log_text()
+    assert f"simplejpeg {simplejpeg.__version__} (JPEG); OpenCV {cv2.__version__} " in lines[0], lines
+    if decode.REGION_DECODER is None:  # (this machine's build: the server's process loads the same library)
+        assert "region decoder not built" in lines[0], lines
+    else:
+        assert isinstance(decode.LOADED_LIBJPEG, decode.LoadedLibrary), decode.LOADED_LIBJPEG
+        said = f"region decoder {decode.REGION_DECODER} ({decode.LOADED_LIBJPEG.path});"
+        assert said in lines[0] and f"loaded sha256 {decode.LOADED_LIBJPEG.sha256}" in said, lines
+
+
+def test_the_decoders_line_says_what_a_missing_region_decoder_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loader_server.pipeline import decode
+
+    monkeypatch.setattr(decode, "REGION_DECODER", None)
+    line = decode.decoders_line()
+    assert line.startswith("decoders: region decoder not built (a crop's window is decoded by simplejpeg instead"), line
+    assert "about 1.2x the CPU per image" in line, line
+    monkeypatch.setattr(decode, "REGION_DECODER", "jpegregion 1 libjpeg 62 libjpeg-turbo 2001005 loaded unidentified: "
+                                                  "dladdr() names no shared library providing jpeg_CreateDecompress")
+    monkeypatch.setattr(decode, "LOADED_LIBJPEG", "unidentified: dladdr() names no shared library")
+    assert decode.decoders_line().startswith("decoders: region decoder jpegregion 1 libjpeg 62 libjpeg-turbo 2001005 "
+                                             "loaded unidentified: dladdr() names no shared library providing "
+                                             "jpeg_CreateDecompress; simplejpeg ")

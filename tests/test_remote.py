@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1066,3 +1067,126 @@ def test_errors_sent_to_trainers_and_log_lines_carry_no_url_secret() -> None:
     for formatter in (_TextFormatter("%(message)s"), _JsonFormatter()):
         line = formatter.format(record)
         assert "pw@" not in line and "deadbeef" not in line and "beef&" not in line and "https://***@h/k.jpg" in line
+
+
+def test_an_object_replaced_by_one_of_another_length_is_changed_by_its_content_range() -> None:
+    """A web server that gives neither ETag nor Last-Modified: If-Match cannot catch an object replaced since it
+    was indexed, and a 206's Content-Range is the only sign (its complete length, RFC 9110 14.4). A read whose
+    answer says another length than the size indexed is the bad sample ``changed``, naming the URL, the size
+    indexed and the new one, by a single and a pipelined read alike, as a 412 is; so is a 416 whose
+    ``bytes */length`` says another length (a range past the end of a shorter object). ``*`` (length unknown) is
+    read; a Content-Range that ends elsewhere than the end asked is refused as another range."""
+    now = {"body": BODY, "total": b"%d" % len(BODY), "end": 0}
+
+    def answer(head: bytes) -> bytes:
+        body = now["body"]
+        lo, hi = _range(head)
+        if lo >= len(body):
+            return b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */%d\r\nContent-Length: 0\r\n\r\n" % (
+                len(body))
+        hi = min(hi, len(body) - 1) + now["end"]
+        return (b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%s\r\nContent-Length: %d\r\n\r\n%s"
+                % (lo, hi, now["total"], hi - lo + 1, body[lo : hi + 1]))
+
+    spans = [(0, 100), (5000, 100), (10000, 240)]
+    for base in _serve(answer):
+        url = f"{base}/obj.tar"
+        for how in (single_ranges, piped_ranges):
+            storage = RemoteStorage(RetryPolicy(attempts=2, timeout_s=5, base_s=0.01, max_backoff_s=0.05))
+            storage.remember({url: ObjectInfo(len(BODY), "")})  # indexed: no ETag, no Last-Modified
+            now.update(body=BODY, total=b"%d" % len(BODY), end=0)
+            assert how(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}, how
+            now["total"] = b"*"  # a length the server does not know: the range is read
+            assert how(storage, url, spans) == {k: BODY[lo : lo + n] for k, (lo, n) in enumerate(spans)}, how
+            now.update(body=BODY[:7000], total=b"7000")  # replaced by a shorter object mid-run
+            got = how(storage, url, spans)
+            for k, error in got.items():
+                assert isinstance(error, DecodeError) and error.code == "changed", (how, k, error)
+                assert error.path == str(k) and f"{url}: the object changed since it was indexed: indexed " \
+                       "with 10240 bytes, the store now answers " in error.reason, error
+                assert "(an object of 7000 bytes): restart the server to index it again" in error.reason, error
+            assert "Content-Range 'bytes 0-99/7000'" in str(got[0]) and "HTTP 416" in str(got[2]), got
+            now.update(body=BODY + b"x" * 10, total=b"10250")  # by a longer one: the same ranges, another length
+            got = how(storage, url, spans)
+            assert all(isinstance(e, DecodeError) and e.code == "changed" and "(an object of 10250 bytes)" in str(e)
+                       for e in got.values()), (how, got)
+            now.update(body=BODY, total=b"%d" % len(BODY), end=-1)  # one byte short of the end asked
+            got = how(storage, url, spans)
+            for k, error in got.items():
+                assert isinstance(error, DecodeError) and error.code == "read_failed", (how, k, error)
+            assert "the server answered 'bytes 0-98/10240'" in str(got[0]), got
+            storage.close()
+
+
+def test_a_server_says_once_that_a_host_answers_one_request_per_connection(start_server: Any,
+                                                                          tmp_path: Path) -> None:
+    """Tar shards over http:// from a web server that closes each connection after one answer (without saying
+    so), served by two workers: each worker finds it on its own connections and reads from it one request per
+    connection from then on, and the server's log says so once for the host (it said it once per worker), its
+    userinfo not said. Every sample is served."""
+    import http.server
+
+    from loader_client import LoaderClient
+    from loader_server.config import ServerConfig
+    from loader_server.data.datasets import load_dataset
+    from loader_server.sample_data import write_tar_shards
+
+    from .conftest import unique_label_list
+
+    files = load_dataset(ServerConfig(data=str(unique_label_list(tmp_path / "files", 24, size=(16, 12)))))
+    shards = Path(write_tar_shards(files, tmp_path / "tar", 6)).parent
+    gets = [0]
+
+    class OneAnswer(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_HEAD(self) -> None:
+            self._answer(head=True)
+
+        def do_GET(self) -> None:
+            gets[0] += 1
+            self._answer(head=False)
+
+        def _answer(self, head: bool) -> None:
+            path = shards / self.path.lstrip("/")
+            if "/" in self.path.lstrip("/") or not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            asked = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
+            if asked is not None and not head:
+                lo, hi = int(asked[1]), min(int(asked[2]), len(data) - 1)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+                data = data[lo : hi + 1]
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+            self.close_connection = not head  # after one GET answer, without a Connection: close
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OneAnswer)
+    thread = threading.Thread(target=web.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host = f"127.0.0.1:{web.server_address[1]}"
+        data = f"http://reader:hunter2@{host}/train-{{000000..000003}}.tar"
+        server = start_server(data, "--batch-size", "4", "--size", "16x12", "--workers", "2",
+                              "--index-dir", str(tmp_path / "index"), "--remote-attempts", "3")
+        with LoaderClient(server.endpoint, timeout_s=60) as client:
+            seen = [int(i) for _ in range(2) for batch in client.epoch() for i in client.last.indices]
+        assert sorted(seen) == sorted(list(range(24)) * 2), seen
+        server.stop()
+        lines = [x for x in server.log_text().splitlines() if "answered only the first of a pipeline" in x]
+        assert len(lines) == 1 and f"http://***@{host} answered only the first" in lines[0], server.log_text()
+        assert "hunter2" not in server.log_text()
+        assert gets[0] > 8  # (its ranges, one request per connection)
+    finally:
+        web.shutdown()
+        web.server_close()
+        thread.join(10)

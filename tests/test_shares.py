@@ -334,6 +334,46 @@ def test_peer_processes_as_the_kernel_tells_them(monkeypatch: pytest.MonkeyPatch
     assert tcp_peer_pids(-1) == () and not PeerProcesses.of_tcp(-1).known
 
 
+def test_an_ipc_peer_is_gone_only_once_nothing_holds_its_end_of_the_connection() -> None:
+    """The peer's end of a unix socket, from sock_diag; a process that forked after connecting holds it too:
+    the peer is not gone while that child lives, though the pid SO_PEERCRED gave has exited."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        assert processes.unix_peer_inode(ours.fileno()) == os.fstat(theirs.fileno()).st_ino
+        assert processes.unix_peer_inode(-1) is None
+        ready, leave, go = os.pipe(), os.pipe(), os.pipe()
+        first = os.fork()
+        if first == 0:  # the trainer: forks a child holding the socket (as a data-loader worker), then exits
+            try:
+                os.close(leave[1])
+                os.close(ready[0])
+                os.close(go[1])
+                if os.fork() == 0:
+                    os.close(go[0])
+                    os.write(ready[1], b"x")
+                    os.read(leave[0], 1)  # until the test closes its end
+                else:
+                    os.read(go[0], 1)  # until the test has told it (as at its hello)
+            finally:
+                os._exit(0)
+        theirs.close()
+        for fd in (ready[1], leave[0], go[0]):
+            os.close(fd)
+        assert os.read(ready[0], 1) == b"x"
+        peer = PeerProcesses.of_ipc(first, ours.fileno(), os.getuid())  # (as if told at the hello)
+        assert peer.known and not peer.gone()
+        os.close(go[1])  # the trainer exits
+        os.waitpid(first, 0)
+        for _ in range(20):
+            assert not peer.gone()  # the child holds the trainer's end: not gone
+            time.sleep(0.02)
+        assert len(peer.processes) == 2  # the trainer (exited) and the child found holding its end
+        os.close(leave[1])  # the child exits
+        wait_until(peer.gone, 30, "the child to exit and no process to hold the socket")
+        os.close(ready[0])
+        assert not PeerProcesses.of_ipc(first, ours.fileno(), os.getuid()).known  # exited before its hello
+
+
 # ---------------------------------------------------------------------------- autoscaler
 POLICY = ScalePolicy(lo=1, hi=8, target=0.02, interval_s=3.0)
 

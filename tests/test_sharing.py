@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import subprocess
 import sys
 import time
@@ -396,3 +397,46 @@ def test_workers_auto_settings_are_checked(tmp_path: Path) -> None:
         ServerConfig(data=str(tmp_path), workers="auto", target_stall=0.0)
     config = ServerConfig(data=str(tmp_path), workers="auto", workers_min=2, workers_max=6)
     assert config.worker_bounds == (2, 6) and config.initial_workers == 2 and config.prefetch_batches == 12
+
+
+def test_a_member_that_forked_after_connecting_keeps_its_slots_until_its_child_is_gone(
+        start_server: Callable[..., RunningServer], data: Path, tmp_path: Path) -> None:
+    """A trial that forks after connecting (a data-loader worker) and is then killed: its child still maps the
+    arena, holds its batches and the connection it inherited. Its slots were reused once the trial's own pid
+    was gone (the only process known of an ipc member; a TCP member's holders were scanned once, at its
+    hello), under the child's feet. Now the holders of the member's end of the connection are looked for
+    again before its slots are reused: they come back only once the child has exited too."""
+    server = start_server(data, "--batch-size", str(BATCH), "--size", "16x16", "--workers", "2", "--prefetch", "2",
+                          "--share-window", "4", "--client-timeout-s", "2", transport="ipc")
+    flag = tmp_path / "child-may-exit"
+    with LoaderClient(server.endpoint, share="sweep", name="a", timeout_s=30) as a:
+        assert a.shared_memory
+        record(a, 2)
+        hold = 3
+        killed = subprocess.run([sys.executable, "-m", "tests.stream_consumer", server.endpoint,
+                                 str(tmp_path / "killed.jsonl"), "--share", "sweep", "--hold", "--die-after", str(hold),
+                                 "--fork-hold", str(flag)], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert killed.returncode == -9, killed.stderr
+        child = int(Path(f"{flag}.pid").read_text())
+        try:
+            assert os.path.exists(f"/proc/{child}")
+
+            def left() -> bool:
+                s = share_stats(server.endpoint)
+                return s["members"] == 1 and s["slots_orphaned"] + s["slots_reclaimed"] >= hold
+
+            wait_until(left, 60, "the killed trial's session to end")
+            for _ in range(30):  # ticks of the server's loop (each looks for slots to reclaim), 0.1 s each
+                record(a, 1)
+                time.sleep(0.1)
+            stats = share_stats(server.endpoint)
+            assert stats["slots_orphaned"] >= hold and stats["slots_reclaimed"] == 0, stats  # the child may read
+        finally:
+            flag.touch()
+        try:
+            wait_until(lambda: share_stats(server.endpoint)["slots_reclaimed"] >= hold, 60,
+                       "the slots to come back once the child exited")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {share_stats(server.endpoint)}") from None
+        assert share_stats(server.endpoint)["slots_orphaned"] == 0
+        record(a, 2)

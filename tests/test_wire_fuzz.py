@@ -332,6 +332,12 @@ def test_the_log_names_clients_by_a_tag_never_by_their_routing_id(start_server: 
     ignored = re.findall(r"ignored bad message from client (c-[0-9a-f]{12}): ", log)
     assert sorted(refused) == sorted([tags["chosen"]] * 2 + [tags["numbered"]] * 2), log  # one tag per client
     assert sorted(ignored) == sorted(tags.values()), log
+    for name, tag in tags.items():  # the bad message's line names its client once: before the error, not inside
+        line = next(x for x in log.splitlines() if f"ignored bad message from client {tag}: " in x)
+        assert line.count(tag) == 1, line
+        assert line.endswith(f"from client {tag}: field 'bogus' is not allowed in a 'hello' message"), line
+        assert replies[name][2] == f"field 'bogus' is not allowed in a 'hello' message from client {tag}", replies
+        assert "\x00" not in log and "\\x00" not in log, log
     for text in (log, *replies["chosen"], *replies["numbered"]):
         assert chosen.hex() not in text.lower() and chosen[1:].hex() not in text.lower()
         # \0 and libzmq's 32-bit counter: the id the ROUTER gave the second socket, in any case

@@ -22,7 +22,9 @@ costs what it holds whatever its page's size and however the rows are shuffled. 
 other codecs (zstd, gzip, brotli, lz4_raw) cannot be entered in the middle: a row costs the
 decompression of its whole page, and each process keeps the pages it decompressed in an LRU
 of at most ``--page-cache-mb`` (`PackedIndex.page_cache_bytes`), so the rows of a page read
-while it is kept cost nothing more. Under a global shuffle a row finds its page kept with a
+while it is kept cost nothing more. A zstd, gzip or brotli page larger than that bound (a few KB
+of them may hold gigabytes) is never held whole: the row is read from the page's stream
+(`PageStream`, a MiB at a time), the bytes before it dropped. Under a global shuffle a row finds its page kept with a
 probability of about the cache's size over the data set's decompressed size.
 
 Memory: every per-sample field is a numpy array (offsets, lengths, labels) and member names
@@ -61,8 +63,8 @@ from .file_access import check_exists, os_error, owner_text
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
-__all__ = ["INDEX_FORMAT", "PackedIndex", "PageCache", "Segment", "decompress_page", "expand_files", "load_or_build",
-           "looks_like", "one_line", "read_varint"]
+__all__ = ["INDEX_FORMAT", "STREAMED", "PackedIndex", "PageCache", "PageStream", "Segment", "decompress_page",
+           "expand_files", "load_or_build", "looks_like", "one_line", "read_varint"]
 
 log = logging.getLogger("loader_server")
 
@@ -76,6 +78,16 @@ _MAX_NAMES = 10_000_000
 _MAX_BRACES = 64
 #: The largest decompressed page an index may name (Parquet page sizes are i32).
 _MAX_PAGE = (1 << 31) - 1
+#: Codecs whose pages are read as a stream, a bounded piece at a time (`PageStream`), wherever a whole page
+#: is not wanted: their ratio has no useful bound (16 KB of zstd frames decompress to 512 MB, gzip reaches
+#: 1032:1), so a page's header may claim, and its data hold, far more than its stored bytes.
+STREAMED = frozenset({"gzip", "zstd", "brotli"})
+#: The most bytes one stored byte of the other codecs decompresses to, which bounds what a whole page of them
+#: costs by the bytes that hold it: a snappy copy of 64 bytes takes 3 (21.3:1 measured on zeros), an lz4
+#: match grows by 255 bytes a length byte (254.99:1 measured).
+MAX_RATIO = {"snappy": 22, "lz4_raw": 256}
+#: The piece a `PageStream` decompresses at a time.
+STREAM_CHUNK = 1 << 20
 
 
 @dataclass
@@ -345,16 +357,20 @@ class PackedIndex:
         """`version`: the file's (mtime, size, inode) now, the indexed version of an object (its range reads
         ask for that version alone, If-Match)."""
         span = int(self.span[i])
-        if max_bytes is not None and span > max_bytes:
-            raise DecodeError(self.describe(i), f"sample of {span} bytes exceeds --max-file-bytes {max_bytes}",
+        paged = self.raw is not None and self.raw[i] >= 0
+        size = int(self.length[i]) if paged and self.length is not None else span  # the sample's, not its page's
+        if max_bytes is not None and size > max_bytes:
+            raise DecodeError(self.describe(i), f"sample of {size} bytes exceeds --max-file-bytes {max_bytes}",
                               "too_large")
-        if self.raw is None or self.raw[i] < 0:
+        if not paged:
             return self.storage.read_range(self.files[f], int(self.pos[i]), span, self.describe, i)
-        assert self.inner is not None and self.length is not None
+        assert self.raw is not None and self.inner is not None and self.length is not None
         inner, length = int(self.inner[i]), int(self.length[i])
         if self.codecs[f] == "snappy":  # a piece of its page, about its own size: never kept
             piece: bytes = self._decompress(f, i, piece=True)[inner : inner + length].to_pybytes()
             return piece
+        if self.codecs[f] in STREAMED and int(self.raw[i]) > self._pages.limit:
+            return self._stream_to(f, i, inner, length)
         key = (f, int(self.pos[i]), span, version)  # the file as it is now: a changed file never meets its old pages
         page = self._pages.get(key)
         if page is not None and isinstance(self.storage, RemoteStorage) and self.storage.version(self.files[f]) is None:
@@ -364,6 +380,25 @@ class PackedIndex:
             self._pages.put(key, page)
         data: bytes = page[inner : inner + length].to_pybytes()
         return data
+
+    def _stream_to(self, f: int, i: int, inner: int, length: int) -> bytes:
+        """The sample's bytes from a page larger than the page cache keeps: its stream decompressed a piece at a
+        time (`PageStream`) up to the sample's end, the bytes before it dropped. A worker then holds the page's
+        stored bytes, a piece and the sample, never the page decompressed (a 16 KB zstd page may hold 512 MB);
+        its size was checked to the byte when the file was indexed, and the bytes handed out are those its
+        stream holds."""
+        assert self.raw is not None
+        size = int(self.raw[i])
+        packed = self.storage.read_range(self.files[f], int(self.pos[i]), int(self.span[i]), self.describe, i)
+        try:
+            stream = PageStream(packed, size, self.codecs[f])
+            stream.skip(inner)
+            return stream.read(length)
+        except MemoryError:
+            raise DecodeError(self.describe(i), f"its value of {length} bytes does not fit in memory here",
+                              "undecodable") from None
+        except ValueError as exc:
+            raise DecodeError(self.describe(i), str(exc), "undecodable") from None
 
     def _decompress(self, f: int, i: int, *, piece: bool) -> Any:
         """The compressed bytes of sample `i` decompressed (a pyarrow Buffer); a snappy `piece` behind the
@@ -405,7 +440,7 @@ class PackedIndex:
         return h.hexdigest()
 
 
-def decompress_page(data: bytes, size: int, codec: str) -> Any:
+def decompress_page(data: bytes | memoryview, size: int, codec: str) -> Any:
     """`data`, compressed with pyarrow's `codec`, decompressed to exactly `size` bytes (the size its Parquet page
     header says), as a pyarrow Buffer; a ValueError that says so where it holds another length or does not
     decompress, a MemoryError where `size` does not fit.
@@ -418,9 +453,17 @@ def decompress_page(data: bytes, size: int, codec: str) -> Any:
     is read by that stream, as pyarrow reads it), brotli through pyarrow's stream read to `size` + 1 (1-5%
     more; there is no stdlib brotli), lz4_raw (no stream form) once more to `size` - 1, which fails where the
     data holds `size` (0.04-0.07 ms more a MiB), snappy by the size its first varint says (the library then
-    checks that its tags fill it); zstd checks the size itself."""
+    checks that its tags fill it); zstd checks the size itself.
+
+    A snappy or lz4_raw `size` beyond what `data` can hold (`MAX_RATIO`) is refused before anything is
+    allocated for it; gzip, zstd and brotli pages have no such bound: read them with `PageStream` where
+    a whole page is not wanted."""
     import pyarrow as pa
 
+    ratio = MAX_RATIO.get(codec)
+    if ratio is not None and size > ratio * len(data):
+        raise ValueError(f"its {codec} page does not decompress to the {size} bytes its header says ({len(data)} "
+                         f"bytes of {codec} hold at most {ratio * len(data)})")
     try:
         if codec == "gzip":
             inflate = zlib.decompressobj(wbits=32 + 15)  # a gzip or zlib header, as pyarrow reads them
@@ -458,7 +501,127 @@ def decompress_page(data: bytes, size: int, codec: str) -> Any:
     return out
 
 
-def read_varint(buf: bytes, at: int, end: int | None = None) -> tuple[int, int]:
+class PageStream:
+    """A page's bytes decompressed, read in order a bounded piece at a time: what it costs is `chunk` bytes,
+    whatever its size (a gzip, zstd or brotli page, through pyarrow's CompressedInputStream), or the page
+    decompressed whole where its codec's ratio bounds it by its stored bytes (snappy, lz4_raw:
+    `decompress_page`), or `data` itself (no codec).
+
+    It holds exactly the `size` bytes its header says or it is damaged, as `decompress_page` checks: `read`
+    and `skip` raise a ValueError where the page ends before what they want, and `close` reads what is
+    left (dropped a piece at a time) and raises where the stream does not end exactly there. A stream is
+    never read past `size` + 1 bytes, whatever it holds. Errors read as decompress_page's."""
+
+    def __init__(self, data: bytes | memoryview, size: int, codec: str, chunk: int = STREAM_CHUNK) -> None:
+        self.size, self.codec, self.at = size, codec, 0  # `at`: bytes of the page read or skipped so far
+        self._chunk = chunk
+        self._stream: Any = None
+        self._out = 0  # bytes the stream gave
+        if codec == "gzip":  # stdlib zlib, as decompress_page: 10-15% less CPU than pyarrow's stream
+            self._buf = memoryview(b"")
+            self._stream = zlib.decompressobj(wbits=32 + 15)
+            self._input, self._fed = memoryview(data), 0
+        elif codec in STREAMED:
+            import pyarrow as pa
+
+            self._buf = memoryview(b"")
+            self._stream = pa.CompressedInputStream(pa.BufferReader(data), codec)
+        else:
+            self._buf = memoryview(decompress_page(data, size, codec) if codec else data)
+            self._out = len(self._buf)
+        self._k = 0  # where `at` is in `_buf`
+
+    def _damaged(self, why: str) -> ValueError:
+        return ValueError(f"its {self.codec} page does not decompress to the {self.size} bytes its header says "
+                          f"({why})")
+
+    def _fill(self) -> None:
+        """The next piece of the stream in `_buf`; a ValueError where the page ends before `size`."""
+        if self._stream is None:
+            raise self._damaged(f"it holds {self._out}") if self.codec else ValueError(
+                f"its {self.size} bytes end early")
+        piece = self._piece(min(self._chunk, self.size + 1 - self._out))
+        if not len(piece):
+            self._stream = None
+            raise self._damaged(f"it holds {self._out}")
+        self._out += len(piece)
+        if self._out > self.size:
+            raise self._damaged("it holds more")
+        self._buf, self._k = memoryview(piece), 0
+
+    def _piece(self, want: int) -> Any:
+        """At most `want` more bytes of the stream (none at its end: a bytes object or a pyarrow Buffer)."""
+        import pyarrow as pa
+
+        if self.codec != "gzip":
+            try:
+                return self._stream.read_buffer(want)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise self._damaged(one_line(exc)) from None
+        inflate, data = self._stream, self._input
+        try:
+            while True:  # the input fed 64 KB at a time: zlib copies what it has not used (unconsumed_tail)
+                if inflate.eof:  # a member ends (RFC 1952 2.2: a gzip file is a series of them); what follows it is
+                    start = self._fed - len(inflate.unused_data)  # in unused_data (and unconsumed_tail: not read)
+                    if start == len(data):
+                        return b""
+                    if bytes(data[start : start + 2]) != b"\x1f\x8b" or bytes(data[:2]) != b"\x1f\x8b":
+                        raise ValueError(f"{len(data) - start} bytes follow its stream")
+                    inflate = self._stream = zlib.decompressobj(wbits=32 + 15)
+                    self._fed = start
+                    continue
+                if inflate.unconsumed_tail:
+                    out: bytes = inflate.decompress(inflate.unconsumed_tail, want)
+                elif self._fed < len(data):
+                    fed = data[self._fed : self._fed + (64 << 10)]
+                    self._fed += len(fed)
+                    out = inflate.decompress(fed, want)
+                else:
+                    raise ValueError(f"its stream is cut short after {self._out} bytes")
+                if out:
+                    return out
+        except (zlib.error, ValueError) as exc:
+            raise self._damaged(one_line(exc)) from None
+
+    def read(self, n: int) -> bytes:
+        """The next `n` bytes (the caller bounds `n`)."""
+        if n <= len(self._buf) - self._k:
+            out = bytes(self._buf[self._k : self._k + n])
+            self._k += n
+            self.at += n
+            return out
+        parts = []
+        while n:
+            if self._k == len(self._buf):
+                self._fill()
+            take = min(n, len(self._buf) - self._k)
+            parts.append(self._buf[self._k : self._k + take])
+            self._k += take
+            self.at += take
+            n -= take
+        return b"".join(parts)
+
+    def skip(self, n: int) -> None:
+        """Pass over the next `n` bytes (a piece at a time)."""
+        while n:
+            if self._k == len(self._buf):
+                self._fill()
+            take = min(n, len(self._buf) - self._k)
+            self._k += take
+            self.at += take
+            n -= take
+
+    def close(self) -> None:
+        """Read to the end: a ValueError unless the page holds exactly `size` bytes."""
+        self.skip(self.size - self.at)
+        if self._stream is not None:
+            self._k = len(self._buf)
+            if len(self._piece(1)):
+                raise self._damaged("it holds more")
+            self._stream = None
+
+
+def read_varint(buf: bytes | memoryview, at: int, end: int | None = None) -> tuple[int, int]:
     """The unsigned LEB128 varint of at most 64 bits (10 bytes) at `at`, ending before `end`, and where it ends;
     a ValueError where it runs past `end` or is longer."""
     end = len(buf) if end is None else end

@@ -18,7 +18,20 @@ bytes are. A worker reading row r then reads:
 * otherwise the one page that holds it, decompressed (zstd, gzip, brotli, lz4_raw) to exactly the
   size its header says (`packed.decompress_page`), then sliced: never a whole row group for one
   image. A process keeps the pages it decompressed, at most ``--page-cache-mb``
-  (packed.PageCache), so reads in file order (``check``, ``cache build``) decompress each page once.
+  (packed.PageCache), so reads in file order (``check``, ``cache build``) decompress each page once;
+  a zstd, gzip or brotli page larger than that is read by its stream up to the row instead
+  (`packed.PageStream`), never held whole.
+
+Indexing walks a page's values from its stream too (`packed.PageStream`: a MiB at a time for gzip,
+zstd and brotli, whose ratio is unbounded; snappy and lz4_raw pages whole, at most 22 and 256 times
+their stored bytes), so a page costs what its stored bytes and the index's rows do, whatever size it
+says or holds: a 16 KB zstd page holding 512 MB took an indexing process to a peak of 1,155 MB when
+pages were decompressed whole, 112 MB read as a stream. The rows are bounded by the bytes: a row group
+of more rows than its image column has bytes is refused before its labels are read (each index row
+costs about 48 bytes), a dictionary of more entries than its row group's rows, and levels or
+dictionary indices longer than their count can take, are damage. pyarrow reads the label column, and
+decompresses each page to the size its header says: those headers are read here first, and a page
+that says more than its integers can take is damaged (`_check_label_pages`).
 
 A file without the named column, a label that is not an integer or is missing, a row without
 image bytes, or an encoding this reader does not know is a ConfigError naming the file, the
@@ -41,7 +54,7 @@ import numpy as np
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
-from .packed import PackedIndex, Segment, decompress_page, expand_files, load_or_build, one_line, read_varint
+from .packed import PackedIndex, PageStream, Segment, expand_files, load_or_build, one_line, read_varint
 from .remote import RemoteStorage, is_remote, storage_of
 
 __all__ = ["index_table", "open_parquet_tables"]
@@ -100,7 +113,6 @@ def _index_table(path: str, source: Any, image_column: str, label_column: str) -
     with table:
         schema = table.schema_arrow
         leaf = _image_leaf(schema, image_column, path)
-        labels = _labels(table, schema, label_column, path)
         names = _class_names(schema, label_column)
         meta = table.metadata
         column = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == leaf), None)
@@ -115,7 +127,21 @@ def _index_table(path: str, source: Any, image_column: str, label_column: str) -
         row0 = 0
         with open(path, "rb") if source is path else contextlib.nullcontext(source) as f:
             size = os.fstat(f.fileno()).st_size if source is path else source.size
-            chunks = _footer_chunks(f, size, column, leaf, path)
+            label = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == label_column), None)
+            chunks, *label_chunks = _footer_chunks(f, size, [(column, leaf)] + ([] if label is None else
+                                                                                [(label, label_column)]), path)
+            for g, chunk in enumerate(chunks):  # before the labels are read: pyarrow allocates what rows say
+                where = f"{path}: row group {g} of column {image_column!r}"
+                if not (chunk.start <= size and chunk.stored <= size - chunk.start):
+                    raise ConfigError(f"{where}: its {chunk.stored} bytes at offset {chunk.start} lie outside the "
+                                      f"file's {size} bytes (a damaged footer?)")
+                if chunk.rows > max(chunk.stored, 1):  # an index row costs 48 bytes: at most 48 a byte of the file
+                    raise ConfigError(f"{where}: its {chunk.rows} rows are held in {chunk.stored} bytes, under a byte "
+                                      "a row: no table of images is (a damaged file, or one made to swell the index)")
+            _label_type(schema, label_column, path)  # before its pages: a column of class names is said so
+            if label_chunks:  # pyarrow decompresses a label page to the size its header says
+                _check_label_pages(f, size, label_chunks[0], label_column, path)
+            labels = _labels(table, label_column, path)
             if sum(c.rows for c in chunks) != len(labels):
                 raise ConfigError(f"{path}: its row groups say {sum(c.rows for c in chunks)} rows, its label column "
                                   f"holds {len(labels)} (a damaged file?)")
@@ -129,9 +155,6 @@ def _index_table(path: str, source: Any, image_column: str, label_column: str) -
                 if codec and codec != codec_name:
                     raise ConfigError(f"{path}: column {image_column!r} mixes {codec_name} and {codec} row groups")
                 where = f"{path}: row group {g} of column {image_column!r}"
-                if not (chunk.start <= size and chunk.stored <= size - chunk.start):
-                    raise ConfigError(f"{where}: its {chunk.stored} bytes at offset {chunk.start} lie outside the "
-                                      f"file's {size} bytes (a damaged footer?)")
                 f.seek(chunk.start)
                 raw = f.read(chunk.stored)
                 parts.append(_walk_pages(raw, chunk.start, codec, max_def, chunk.rows, row0, where, path,
@@ -159,10 +182,11 @@ class _Chunk:
 _I64 = (1 << 63) - 1
 
 
-def _footer_chunks(f: BinaryIO, size: int, column: int, leaf: str, path: str) -> list[_Chunk]:
-    """Each row group's rows and image column chunk, read from the footer here with the bounded Thrift
-    reader below. (pyarrow 26's accessors of column chunk metadata abort the process, uncatchably, on
-    some damaged footers: an unknown codec value, a size histogram of the wrong length.)"""
+def _footer_chunks(f: BinaryIO, size: int, columns: list[tuple[int, str]], path: str) -> list[list[_Chunk]]:
+    """Each row group's rows and chunk of each of `columns` ((its index, its leaf's path)), read from the footer
+    here with the bounded Thrift reader below. (pyarrow 26's accessors of column chunk metadata abort the
+    process, uncatchably, on some damaged footers: an unknown codec value, a size histogram of the wrong
+    length.)"""
     try:
         if size < 12:
             raise _Damaged(f"{size} bytes are too few for a Parquet file")
@@ -176,8 +200,8 @@ def _footer_chunks(f: BinaryIO, size: int, column: int, leaf: str, path: str) ->
         groups = meta.get(4, [])
         if not isinstance(groups, list):
             raise _Damaged("its row groups are not a list")
-        names = [part.encode() for part in leaf.split(".")]
-        return [_chunk(group, column, names) for group in groups]
+        return [[_chunk(group, column, [part.encode() for part in leaf.split(".")]) for group in groups]
+                for column, leaf in columns]
     except _Damaged as exc:
         raise ConfigError(f"{path}: its footer is damaged: {exc}") from None
     except _Unsupported as exc:
@@ -210,6 +234,42 @@ def _chunk(group: Any, column: int, names: list[bytes]) -> _Chunk:
                   unpacked=unpacked)
 
 
+#: What a label page may say it holds uncompressed, a value (an integer: at most 8 bytes, PLAIN or
+#: DELTA_BINARY_PACKED, with its levels or a dictionary index) and a page.
+_LABEL_BYTES_A_VALUE, _LABEL_PAGE_BYTES = 16, 1 << 10
+
+
+def _check_label_pages(f: BinaryIO, size: int, chunks: list[_Chunk], column: str, path: str) -> None:
+    """Each page header of the label column, read before pyarrow reads the column: pyarrow allocates the
+    uncompressed size a page's header says (a 16 KB zstd page that says 512 MB took it to 640 MB). A page
+    may say no more than its values can take (`_LABEL_BYTES_A_VALUE` each, and `_LABEL_PAGE_BYTES`), nor
+    more values than its row group's rows, so the labels cost what the rows do."""
+    for g, chunk in enumerate(chunks):
+        where = f"{path}: row group {g} of label column {column!r}"
+        if not (chunk.start <= size and chunk.stored <= size - chunk.start):
+            raise ConfigError(f"{where}: its {chunk.stored} bytes at offset {chunk.start} lie outside the file's "
+                              f"{size} bytes (a damaged footer?)")
+        f.seek(chunk.start)
+        raw = f.read(chunk.stored)
+        at = seen = 0
+        while seen < chunk.rows and at < len(raw):
+            try:
+                header, body = _page_header(raw, at)
+                ptype, usize, csize = header.get(1), header.get(2), header.get(3)
+                if not isinstance(usize, int) or not isinstance(csize, int) or not 0 <= csize <= len(raw) - body:
+                    raise _Damaged("its header lacks its sizes, or says more bytes than its column chunk holds")
+                sub = {_DICTIONARY_PAGE: 7, _DATA_PAGE: 5, _DATA_PAGE_V2: 8}.get(ptype if isinstance(ptype, int)
+                                                                                  else -1)
+                values = _field(_sub(header, sub), 1, 0, chunk.rows, "value count (its row group's rows)") if sub else 0
+                if not 0 <= usize <= _LABEL_PAGE_BYTES + _LABEL_BYTES_A_VALUE * values:
+                    raise _Damaged(f"its header says {usize} bytes uncompressed for {values} integers")
+            except _Damaged as exc:
+                raise ConfigError(f"{where}: the page at file offset {chunk.start + at} is damaged: {exc}") from None
+            if ptype != _DICTIONARY_PAGE:
+                seen += values
+            at = body + csize
+
+
 def _image_leaf(schema: Any, column: str, path: str) -> str:
     """The Parquet column path of the image bytes: ``image.bytes`` for a struct, ``image`` for binary."""
     import pyarrow as pa
@@ -234,11 +294,26 @@ def _shown(names: list[str]) -> str:
     return ", ".join(n if n.isprintable() else repr(n) for n in names)
 
 
-def _labels(table: Any, schema: Any, column: str, path: str) -> np.ndarray:
+def _label_type(schema: Any, column: str, path: str) -> None:
+    """A ConfigError unless the table has `column` and it holds integers (or a dictionary of them), read from
+    the schema: before any page of it is read (a column of class names would otherwise be refused as a
+    page too large for integers)."""
     import pyarrow as pa
 
     if column not in schema.names:
         raise ConfigError(f"{path} has no column {column!r} (--label-column); its columns: {_shown(schema.names)}")
+    kind = schema.field(column).type
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if not pa.types.is_integer(kind):
+        raise ConfigError(f"{path}: label column {column!r} holds {_shown([str(kind)])}, not integers (class "
+                          "names? write their indices, and the names as the huggingface ClassLabel metadata)")
+
+
+def _labels(table: Any, column: str, path: str) -> np.ndarray:
+    """The label column's integers (its type checked by `_label_type`)."""
+    import pyarrow as pa
+
     try:
         values = table.read(columns=[column]).column(0)
     except MemoryError:  # before OSError: pyarrow's ArrowMemoryError is both
@@ -247,13 +322,6 @@ def _labels(table: Any, schema: Any, column: str, path: str) -> np.ndarray:
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ConfigError(f"{path}: its label column {column!r} cannot be read ({one_line(exc)}; a damaged "
                           "file?)") from None
-    kind = values.type
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-    if not pa.types.is_integer(kind):
-        first = values[0].as_py() if len(values) else None
-        raise ConfigError(f"{path}: label column {column!r} holds {_shown([str(kind)])} (row 0: {first!r}), not "
-                          "integers")
     if values.null_count:
         row = int(np.flatnonzero(np.asarray(values.is_null()))[0])
         raise ConfigError(f"{path}:{row}: the label ({column!r}) is missing")
@@ -317,7 +385,7 @@ def _walk_pages(chunk: bytes, start: int, codec: str, max_def: int, rows: int, r
             raise ConfigError(f"{where}: the pages end after {row} of {rows} rows (a damaged file?)")
         try:
             at, page, count, present, dictionary = _page(chunk, at, start, codec, max_def, rows - row, unpacked,
-                                                         dictionary)
+                                                         rows, dictionary)
         except _Damaged as exc:
             raise ConfigError(f"{where}: the page at file offset {start + at} is damaged: {exc}") from None
         except _Unsupported as exc:
@@ -445,10 +513,13 @@ def _snappy_tags(stored: bytes, size: int) -> tuple[np.ndarray, np.ndarray, np.n
     return np.array(starts, np.int64), np.array(outs, np.int64), np.array(sources, np.int64)
 
 
-def _page(chunk: bytes, at: int, start: int, codec: str, max_def: int, left: int, unpacked: int,
+def _page(chunk: bytes, at: int, start: int, codec: str, max_def: int, left: int, unpacked: int, rows: int,
           dictionary: _Page | None) -> tuple[int, _Page | None, int, list[bool], _Page | None]:
     """The page at chunk offset `at`: (where the next one starts, its values or None, its value count,
-    which are present, the dictionary now). `left`: rows the row group has left."""
+    which are present, the dictionary now). `left`: rows the row group has left of its `rows`.
+
+    Its data is read as a stream (`_values`): a gzip, zstd or brotli page costs a piece of
+    `packed.STREAM_CHUNK` bytes at a time, whatever size its header says, however much it holds."""
     header, body = _page_header(chunk, at)
     ptype, usize, csize = header.get(1), header.get(2), header.get(3)
     if not isinstance(ptype, int) or not isinstance(usize, int) or not isinstance(csize, int):
@@ -458,11 +529,13 @@ def _page(chunk: bytes, at: int, start: int, codec: str, max_def: int, left: int
     if not 0 <= usize <= min(_MAX_PAGE, unpacked):
         raise _Damaged(f"its header says {usize} bytes uncompressed, its column chunk holds {unpacked}")
     page_at = start + body
-    data = chunk[body : body + csize]
+    data = memoryview(chunk)[body : body + csize]
     after = body + csize
     if ptype == _DICTIONARY_PAGE:
-        plain = _decompress(data, usize, codec)
-        entries = _plain_values(plain, 0, _field(_sub(header, 7), 1, 0, len(plain) // 4, "dictionary size"))
+        stream = _values(data, usize, codec)
+        size = _field(_sub(header, 7), 1, 0, min(stream.size // 4, rows), "dictionary size (its row group's rows)")
+        entries = _plain_values(stream, size)
+        _close(stream)
         return after, None, 0, [], (page_at, csize, usize if codec else -1, entries)
     if ptype not in (_DATA_PAGE, _DATA_PAGE_V2):
         return after, None, 0, [], dictionary  # index pages: nothing to read
@@ -477,32 +550,36 @@ def _page(chunk: bytes, at: int, start: int, codec: str, max_def: int, left: int
         compressed = codec and ph.get(7, True) is not False
         if compressed and usize < levels:
             raise _Damaged(f"its levels take {levels} bytes of {usize} uncompressed")
-        values = _decompress(data[levels:], usize - levels, codec) if compressed else data[levels:]
         present = _levels(data, rep_len, levels, max_def, count) if max_def else [True] * count
+        stream = _values(data[levels:], usize - levels, codec) if compressed else _values(data[levels:], 0, "")
         base, vspan, vraw = page_at + levels, csize - levels, (usize - levels) if compressed else -1
-        offset = 0
     else:
-        values = _decompress(data, usize, codec)
-        offset = 0
+        stream = _values(data, usize, codec)
         present = [True] * count
         if max_def:
-            if len(values) < 4:
+            if stream.size < 4:
                 raise _Damaged("it ends before its definition levels")
-            n = int.from_bytes(values[0:4], "little")
-            if n > len(values) - 4:
-                raise _Damaged(f"its definition levels say {n} bytes, {len(values) - 4} are left")
-            present = _levels(values, 4, 4 + n, max_def, count)
-            offset = 4 + n
+            n = int.from_bytes(_read(stream, 4), "little")
+            if n > stream.size - 4:
+                raise _Damaged(f"its definition levels say {n} bytes, {stream.size - 4} are left")
+            if n > _coded_bytes(count):
+                raise _Damaged(f"its definition levels say {n} bytes for {count} values")
+            present = _levels(_read(stream, n), 0, n, max_def, count)
         base, vspan, vraw = page_at, csize, usize if codec else -1
     nonnull = sum(present)
     if encoding == _PLAIN:
-        return after, (base, vspan, vraw, _plain_values(values, offset, nonnull)), count, present, dictionary
+        spots = _plain_values(stream, nonnull)
+        _close(stream)
+        return after, (base, vspan, vraw, spots), count, present, dictionary
     if encoding in (_PLAIN_DICTIONARY, _RLE_DICTIONARY):
         if dictionary is None:
             raise _Damaged("dictionary-encoded values without their dictionary page")
-        if offset >= len(values):
+        if stream.at >= stream.size:
             raise _Damaged("it ends before its dictionary indices")
-        ids = _rle_hybrid(values, offset + 1, len(values), values[offset], nonnull)
+        width = _read(stream, 1)[0]
+        held = min(stream.size - stream.at, _coded_bytes(nonnull))  # what `nonnull` indices can take; the rest is read
+        ids = _rle_hybrid(_read(stream, held), 0, held, width, nonnull)  # and dropped, to check the page's size
+        _close(stream)
         entries = dictionary[3]
         if ids and max(ids) >= len(entries):
             raise _Damaged(f"a dictionary index {max(ids)} past the dictionary's {len(entries)} values")
@@ -530,43 +607,64 @@ def _field(fields: dict[int, Any], fid: int, default: int, high: int, what: str)
     return value
 
 
-def _decompress(data: bytes, size: int, codec: str) -> bytes:
-    """A page's bytes as stored (no codec) or decompressed to exactly the `size` its header says (already
-    bounded): a page that holds another length is damaged (`packed.decompress_page`)."""
-    if not codec:
-        return data
+def _values(data: memoryview, size: int, codec: str) -> PageStream:
+    """A page's bytes as stored (no codec: `size` is ignored) or decompressed, as a stream that holds exactly
+    the `size` its header says (already bounded), or the page is damaged (`packed.PageStream`)."""
     try:
-        out: bytes = decompress_page(data, size, codec).to_pybytes()
+        return PageStream(data, size if codec else len(data), codec)
     except MemoryError:
         raise _Damaged(f"its {size} bytes uncompressed do not fit in memory here") from None
     except ValueError as exc:  # it holds another length, or does not decompress
         raise _Damaged(str(exc)) from None
-    return out
 
 
-def _plain_values(buf: bytes, at: int, count: int) -> list[tuple[int, int]]:
-    """(offset, length) of `count` PLAIN byte-array values from `at` (each a 4-byte length, then the bytes)."""
-    end = len(buf)
-    if count * 4 > end - at:
-        raise _Damaged(f"{count} values cannot fit in its {end - at} bytes")
+def _read(stream: PageStream, n: int) -> bytes:
+    try:
+        return stream.read(n)
+    except ValueError as exc:
+        raise _Damaged(str(exc)) from None
+
+
+def _close(stream: PageStream) -> None:
+    """The rest of the page read and dropped: it holds exactly its header's size, or it is damaged."""
+    try:
+        stream.close()
+    except ValueError as exc:
+        raise _Damaged(str(exc)) from None
+
+
+def _coded_bytes(count: int) -> int:
+    """The most bytes `count` levels or dictionary indices can take in the RLE / bit-packed hybrid: a run of
+    one value each, a 10-byte varint and a 4-byte value (an encoder writes about width / 8 bytes a value)."""
+    return 16 + 14 * count
+
+
+def _plain_values(stream: PageStream, count: int) -> list[tuple[int, int]]:
+    """(offset in the page, length) of the next `count` PLAIN byte-array values of `stream` (each a 4-byte
+    length, then the bytes: read past, a piece at a time)."""
+    end = stream.size
+    if count * 4 > end - stream.at:
+        raise _Damaged(f"{count} values cannot fit in its {end - stream.at} bytes")
     out = []
-    for _ in range(count):
-        if at + 4 > end:
-            raise _Damaged("it ends inside its values")
-        size = int.from_bytes(buf[at : at + 4], "little")
-        if size > end - at - 4:
-            raise _Damaged(f"a value of {size} bytes runs past the page")
-        out.append((at + 4, size))
-        at += 4 + size
+    try:
+        for _ in range(count):
+            size = int.from_bytes(stream.read(4), "little")
+            at = stream.at
+            if size > end - at:
+                raise _Damaged(f"a value of {size} bytes runs past the page")
+            out.append((at, size))
+            stream.skip(size)
+    except ValueError as exc:
+        raise _Damaged(str(exc)) from None
     return out
 
 
-def _levels(data: bytes, at: int, end: int, max_def: int, count: int) -> list[bool]:
+def _levels(data: bytes | memoryview, at: int, end: int, max_def: int, count: int) -> list[bool]:
     levels = _rle_hybrid(data, at, end, max_def.bit_length(), count)
     return [lv == max_def for lv in levels]
 
 
-def _rle_hybrid(buf: bytes, at: int, end: int, width: int, count: int) -> list[int]:
+def _rle_hybrid(buf: bytes | memoryview, at: int, end: int, width: int, count: int) -> list[int]:
     """`count` values of Parquet's RLE / bit-packed hybrid encoding at ``buf[at:end]``.
 
     A run says how many values it holds; only those still wanted are made (a run of 20 million
@@ -600,7 +698,7 @@ def _rle_hybrid(buf: bytes, at: int, end: int, width: int, count: int) -> list[i
     return out
 
 
-def _unpack(packed: bytes, width: int, count: int) -> list[int]:
+def _unpack(packed: bytes | memoryview, width: int, count: int) -> list[int]:
     """`count` little-endian `width`-bit values packed in `packed`."""
     if width == 0:
         return [0] * count
@@ -609,7 +707,7 @@ def _unpack(packed: bytes, width: int, count: int) -> list[int]:
     return values
 
 
-def _varint(buf: bytes, at: int, end: int | None = None) -> tuple[int, int]:
+def _varint(buf: bytes | memoryview, at: int, end: int | None = None) -> tuple[int, int]:
     """An unsigned LEB128 varint of at most 64 bits (10 bytes) ending before `end` (`packed.read_varint`)."""
     try:
         return read_varint(buf, at, end)

@@ -23,10 +23,13 @@ folders, tar shards, Parquet tables) the way `reading.LocalStorage` reads files:
 * **versions**: every object's ETag (or, from a web server without one, Last-Modified) and
   size are known from the listing or a HEAD when the data set is opened. Each read sends
   ``If-Match`` with that ETag, so an object overwritten since is answered 412 and never served:
-  the sample is bad with code ``changed``. ``version(url)`` (what a cached record is checked
-  against) re-checks the store at most every ``--remote-recheck-s`` seconds per folder, in a
-  background thread (the last known state answers meanwhile), so a record decoded from an
-  object overwritten since is not served from the cache either;
+  the sample is bad with code ``changed``; so it is when a 206's ``Content-Range`` (or a 416's
+  ``bytes */length``) gives the object another complete length than the size indexed, the one sign
+  from a web server that gives neither ETag nor Last-Modified (`_another_range`). ``version(url)``
+  (what a cached record is checked against) re-checks the store at most every
+  ``--remote-recheck-s`` seconds per folder, in a background thread (the last known state
+  answers meanwhile), so a record decoded from an object overwritten since is not served from
+  the cache either;
 * **bytes in flight**: at most ``--remote-inflight-mb`` of range requests per worker process
   are outstanding at once (a request larger than the bound runs alone).
 
@@ -581,14 +584,34 @@ def _refuse_line(lines: str, status: int) -> NoReturn:
     raise _BadResponse("malformed header lines", status)  # (not reached: one line above is named)
 
 
-def _another_range(fields: dict[str, str], offset: int) -> str | None:
-    """None where a 206 answer's Content-Range (range units are case-insensitive) starts at `offset`; else what it
-    holds, in words: its Content-Range, or that it has none (RFC 9110 15.3.7: a 206 of one range says which it is;
-    without it, an answer out of step could not be told from the range asked)."""
+#: A 206 answer's Content-Range of one range (RFC 9110 14.4: the unit is case-insensitive; the complete length
+#: may be ``*``, unknown).
+_CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)", re.IGNORECASE)
+
+
+def _another_range(fields: dict[str, str], offset: int, size: int, indexed: int | None) -> tuple[str, str] | None:
+    """None where a 206 answer's Content-Range is the range asked (`size` bytes at `offset`) of an object of the
+    `indexed` size (or of a size it does not know, ``*``); else (code, what it holds, in words):
+
+    * ``changed``: it starts at `offset` but the object's complete length is not the size indexed: the object
+      was replaced since it was indexed (for a store that gives neither ETag nor Last-Modified, the only sign);
+      its end is then the new object's, not the one asked;
+    * ``read_failed``: no Content-Range (RFC 9110 15.3.7: a 206 of one range says which it is; without it, an
+      answer out of step could not be told from the range asked), or another range (another start or end),
+      or one that is not ``bytes first-last/length``."""
     said = fields.get("content-range")
     if said is None:
-        return "a 206 without Content-Range"
-    return None if said.lower().startswith(f"bytes {offset}-") else repr(said[:80])
+        return "read_failed", "a 206 without Content-Range"
+    m = _CONTENT_RANGE.fullmatch(said.strip())
+    if m is None or int(m[1]) != offset:
+        return "read_failed", repr(said[:80])
+    if m[3] != "*" and indexed is not None and int(m[3]) != indexed:
+        return "changed", (f"the object changed since it was indexed: indexed with {indexed} bytes, the store now "
+                           f"answers Content-Range {said[:80]!r} (an object of {int(m[3])} bytes): restart the "
+                           "server to index it again")
+    if int(m[2]) != offset + size - 1:
+        return "read_failed", repr(said[:80])
+    return None
 
 
 def _tokens(value: str) -> list[str]:
@@ -1052,6 +1075,27 @@ class RemoteStorage:
             return {"If-Unmodified-Since": stamp} if stamp else {}
         return {"If-Match": info.etag} if info.etag else {}
 
+    def _unsatisfiable(self, url: str, fields: dict[str, str], offset: int, size: int, name: str) -> DecodeError:
+        """The error of a 416 answer to a range of the object as indexed: ``changed`` where its Content-Range
+        (``bytes */length``, RFC 9110 15.5.17) says another length (the object was replaced by a shorter one);
+        else ``read_failed``, naming the status."""
+        said = fields.get("content-range", "")
+        m = re.fullmatch(r"bytes \*/(\d{1,19})", said.strip(), re.IGNORECASE)
+        indexed = self._indexed_size(url)
+        if m is not None and indexed is not None and int(m[1]) != indexed:
+            return DecodeError(name, f"{redact(url)}: the object changed since it was indexed: indexed with "
+                                     f"{indexed} bytes, the store now answers HTTP 416 with Content-Range "
+                                     f"{said[:80]!r} (an object of {int(m[1])} bytes): restart the server to index "
+                                     "it again", "changed")
+        return DecodeError(name, f"asked for bytes {offset}-{offset + size - 1} of {redact(url)}, the server "
+                                 f"answered HTTP 416 Range Not Satisfiable{f' ({said[:80]!r})' if said else ''}",
+                           "read_failed")
+
+    def _indexed_size(self, url: str) -> int | None:
+        """The object's size as indexed (what a 206's Content-Range must say is its complete length)."""
+        info = self._infos.get(url)  # (known by now: `_conditions` asked for it before the request)
+        return None if info is None else info.size
+
     def read(self, url: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
         """A whole object, as it was when indexed (DecodeError ``changed`` when it was overwritten since)."""
         headers = self._conditions(url)
@@ -1074,18 +1118,24 @@ class RemoteStorage:
             budget = self._budget
             budget.acquire(size)
             try:
-                status, head, body = self._request(url, headers=headers, max_bytes=size, prior=prior)
+                status, head, body = self._request(url, headers=headers, ok=(200, 206, 416), max_bytes=size,
+                                                   prior=prior)
             finally:
                 budget.release(size)
         except DecodeError as exc:
             shown = redact(url)
             raise DecodeError(describe(i), f"{shown}: {exc.reason}" if exc.path == shown else str(exc),
                               exc.code) from None
+        if status == 416:
+            raise self._unsatisfiable(url, head, offset, size, describe(i))
         if status == 200:  # a server that ignores Range sends the whole object
             body = body[offset : offset + size]
-        elif (other := _another_range(head, offset)) is not None:
+        elif (other := _another_range(head, offset, size, self._indexed_size(url))) is not None:
+            code, said = other
+            if code == "changed":
+                raise DecodeError(describe(i), f"{redact(url)}: {said}", code)
             raise DecodeError(describe(i), f"asked for bytes {offset}-{offset + size - 1} of {redact(url)}, the "
-                                           f"server answered {other}", "read_failed")
+                                           f"server answered {said}", code)
         if len(body) != size:
             raise DecodeError(describe(i), f"truncated: {len(body)} of {size} bytes at offset {offset} of "
                                            f"{redact(url)}", "truncated")
@@ -1161,12 +1211,20 @@ class RemoteStorage:
                 url, offset, size, describe, i = items[k]
                 if status == 200:  # a server that ignores Range sends the whole object
                     body = body[offset : offset + size]
+                elif status == 416:  # (not retried: a single read would say the same)
+                    outcome["ranges"] += 1
+                    deliver(k, self._unsatisfiable(url, fields, offset, size, describe(i)))
+                    return True
                 elif status != 206:  # its first attempt, failed: read again (or not) as a single read would
                     hand(k, _status_failure(status, fields, body))
                     return True
-                elif (other := _another_range(fields, offset)) is not None:
+                elif (other := _another_range(fields, offset, size, self._indexed_size(url))) is not None:
+                    if other[0] == "changed":  # in step (its start is the one asked), of an object replaced since
+                        outcome["ranges"] += 1
+                        deliver(k, DecodeError(describe(i), f"{redact(url)}: {other[1]}", "changed"))
+                        return True
                     outcome["stopped"] = True  # out of step: this connection's later answers are not trusted
-                    hand(k, _Failure(206, f"a pipelined answer not for the range asked ({other})", True))
+                    hand(k, _Failure(206, f"a pipelined answer not for the range asked ({other[1]})", True))
                     return False
                 outcome["ranges"] += 1
                 if len(body) != size:
@@ -1207,11 +1265,11 @@ class RemoteStorage:
             deliver(k, data)
 
     def _one_at_a_time(self, route: _Route) -> None:
-        """`route`'s host answered only the first request of a pipeline: one request per connection from now on."""
+        """`route`'s host answered only the first request of a pipeline: one request per connection from now on,
+        and a line says so (`serial_host_found`)."""
         if route.key not in self._serial:
             self._serial.add(route.key)
-            log.warning("%s://%s answered only the first of a pipeline of range requests (it closed the "
-                        "connection): reading from it one request per connection from now on", *route.key)
+            serial_host_found(redact(f"{route.key[0]}://{route.key[1]}"))  # (not its userinfo: a password)
 
     def release_thread(self) -> None:
         """Close this thread's connections (a thread that ends: its connections are not reused)."""
@@ -1377,6 +1435,50 @@ def _attempt_failure(exc: _BadResponse | OSError, timeout_s: float) -> _Failure:
         return _Failure(None, f"TLS: {exc.verify_message or exc}: the server's certificate is not trusted here "
                               "(AWS_CA_BUNDLE names the CA bundle for s3://, SSL_CERT_FILE for https://)", True)
     return _Failure(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, True)
+
+
+#: Hosts that answered only the first request of a pipeline, found in this process and not yet reported:
+#: kept here in a worker process (`report_serial_hosts`), whose server says it once per host; None: logged
+#: where found (the server's own process, a cache build, the benchmark).
+_SERIAL_FOUND: list[str] | None = None
+_SERIAL_LOCK = threading.Lock()
+#: Hosts a worker keeps for its server at most (more are logged by the worker itself).
+SERIAL_HOSTS_KEPT = 16
+
+
+def serial_host_line(host: str) -> str:
+    """What is said once of a host (``scheme://host:port``) that answers only the first request of a pipeline."""
+    return (f"{host} answered only the first of a pipeline of range requests (it closed the connection): "
+            "reading from it one request per connection from now on")
+
+
+def serial_host_found(host: str) -> None:
+    """Say, once per process, that `host` answers one request per connection: kept for this worker's server
+    (`report_serial_hosts`), or logged here."""
+    with _SERIAL_LOCK:
+        if _SERIAL_FOUND is not None and len(_SERIAL_FOUND) < SERIAL_HOSTS_KEPT:
+            _SERIAL_FOUND.append(host)
+            return
+    log.warning("%s", serial_host_line(host))
+
+
+def report_serial_hosts() -> None:
+    """In a worker process: the hosts found to answer one request per connection are kept for
+    `serial_hosts_found`, which the worker sends to its server with its next answer (so every worker of a
+    server finding the same host gives one line, the server's), instead of logged by each worker."""
+    global _SERIAL_FOUND
+    with _SERIAL_LOCK:
+        _SERIAL_FOUND = []
+
+
+def serial_hosts_found() -> list[str]:
+    """The hosts kept since the last call (`report_serial_hosts`), at most SERIAL_HOSTS_KEPT."""
+    with _SERIAL_LOCK:
+        if not _SERIAL_FOUND:
+            return []
+        found = _SERIAL_FOUND[:]
+        _SERIAL_FOUND.clear()
+        return found
 
 
 def _status_failure(status: int, head: dict[str, str], body: bytes) -> _Failure:

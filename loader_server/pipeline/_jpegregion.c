@@ -12,7 +12,10 @@
  * jpeg_crop_scanline widens [x, x+w) to (x_start: x rounded down to an iMCU column; x_start + width
  * == x + w): the window starts at column x - x_start of the buffer. libjpeg upsamples the chroma
  * of the outer columns as at the image's edges: they may differ from a whole decode's (by a few
- * levels), except where they are the image's edges; ask for one column more on each side. Rows above the window are skipped (jpeg_skip_scanlines: entropy-decoded,
+ * levels), except where they are the image's edges; ask for one column more on each side. Images
+ * whose cropping libjpeg-turbo < 3.0 gets wrong (4x2 and 2x4 subsampling, `crop_is_exact`) are
+ * decoded at the full width (x_start 0, width the scaled image's). Multi-scan (progressive,
+ * non-interleaved) JPEGs are refused. Rows above the window are skipped (jpeg_skip_scanlines: entropy-decoded,
  * no inverse DCT, no colour conversion); decoding stops after the window's last row
  * (jpeg_abort_decompress). Errors and warnings of libjpeg (corrupt or truncated data inside what
  * was decoded, an unsupported file) raise ValueError with libjpeg's message, as simplejpeg's strict
@@ -57,6 +60,36 @@ static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) on_error(cinfo);
 }
 
+#if JPEG_LIB_VERSION >= 70
+#define MIN_DCT_SCALED_SIZE(cinfo) ((cinfo)->min_DCT_h_scaled_size)
+#define DCT_SCALED_SIZE(comp) ((comp)->DCT_h_scaled_size)
+#else
+#define MIN_DCT_SCALED_SIZE(cinfo) ((cinfo)->min_DCT_scaled_size)
+#define DCT_SCALED_SIZE(comp) ((comp)->DCT_scaled_size)
+#endif
+
+/* Whether jpeg_crop_scanline() crops this image exactly (after jpeg_start_decompress). Before
+ * libjpeg-turbo 3.0 (Debian 12 ships 2.1.5) it computes a component's cropped width without the
+ * IDCT scaling that implements part of its upsampling (4x2 and 2x4 subsampling at any scale below
+ * 8/8: the chroma is decoded at twice the size and upsampled 2x1 or 1x2): half of each cropped chroma
+ * row is never upsampled, and the colour converter reads uninitialised heap memory into the output
+ * (upstream issue #669, fixed by commit 3a53627). Those images are decoded at the full width (no
+ * column cropping): a component is safe where its IDCT is not scaled apart from the smallest one
+ * (the old formula is then the right one), or where it needs no upsampling at all. */
+static int crop_is_exact(j_decompress_ptr cinfo) {
+    int min_size = MIN_DCT_SCALED_SIZE(cinfo);
+    for (int ci = 0; ci < cinfo->num_components; ci++) {
+        jpeg_component_info *comp = &cinfo->comp_info[ci];
+        int size = DCT_SCALED_SIZE(comp);
+        if (size == min_size) continue;
+        if (comp->h_samp_factor * size == cinfo->max_h_samp_factor * min_size
+            && comp->v_samp_factor * size == cinfo->max_v_samp_factor * min_size)
+            continue; /* full size after its IDCT: not upsampled */
+        return 0;
+    }
+    return 1;
+}
+
 typedef struct {
     const unsigned char *data;
     unsigned long size;
@@ -94,6 +127,14 @@ static int run(job *j) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
     }
+    /* One sequential scan holding every component, as Decoder routes here: in a progressive file the
+     * block smoothing of the coarse scans reads neighbouring blocks, so a window would not be bitwise
+     * the same pixels as a whole decode (it is not decoded here: simplejpeg decodes it whole). */
+    if (jpeg_has_multiple_scans(&cinfo)) {
+        snprintf(j->message, sizeof(j->message), "a multi-scan (progressive or non-interleaved) JPEG");
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
     cinfo.scale_num = (unsigned int)j->scale;
     cinfo.scale_denom = 8;
     cinfo.out_color_space = j->colorspace == 0 ? JCS_GRAYSCALE : j->colorspace == 1 ? JCS_EXT_RGB : JCS_EXT_BGR;
@@ -110,7 +151,7 @@ static int run(job *j) {
         return -1;
     }
     JDIMENSION x_start = (JDIMENSION)j->x, width = (JDIMENSION)j->w;
-    if (width < cinfo.output_width) jpeg_crop_scanline(&cinfo, &x_start, &width);
+    if (width < cinfo.output_width && crop_is_exact(&cinfo)) jpeg_crop_scanline(&cinfo, &x_start, &width);
     else x_start = 0, width = cinfo.output_width;
     j->x_start = x_start;
     j->width = width;
@@ -187,7 +228,7 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(data, out, colorspace, scale, x, y, w, h) -> (x_start, width, image_width, image_height)\n\n"
      "Decode rows y..y+h-1 of a JPEG scaled by scale/8, columns [x_start, x_start+width) (the window\n"
-     "[x, x+w) widened on the left to an iMCU column), into `out` (h rows of width pixels, 1 or 3 bytes each:\n"
+     "[x, x+w) widened on the left to an iMCU column, or the whole width), into `out` (h rows of width pixels, 1 or 3 bytes each:\n"
      "colorspace 0 gray, 1 RGB, 2 BGR). ValueError on any libjpeg error or warning."},
     {"loaded_library", loaded_library, METH_NOARGS,
      "loaded_library() -> str | None\n\n"
@@ -202,7 +243,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegregion", NULL, 
 PyMODINIT_FUNC PyInit__jpegregion(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddIntConstant(m, "VERSION", 1) < 0
+    if (PyModule_AddIntConstant(m, "VERSION", 2) < 0
         || PyModule_AddIntConstant(m, "JPEG_LIB_VERSION", JPEG_LIB_VERSION) < 0
         || PyModule_AddIntConstant(m, "LIBJPEG_TURBO_VERSION_NUMBER", LIBJPEG_TURBO_VERSION_NUMBER) < 0) {
         Py_DECREF(m);

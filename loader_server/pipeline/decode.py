@@ -26,8 +26,9 @@ lossless, corrupt data that it will not decode strictly), by OpenCV, as before.
   decoded) only the region's scale counts, and only the region is decoded. A baseline JPEG goes
   to `_jpegregion`, our binding of the system's libjpeg-turbo (setup.py builds it): rows above
   the region are only entropy-decoded (``jpeg_skip_scanlines``: no inverse DCT, no upsampling,
-  no colour conversion), the iMCU columns beside it are not decoded (``jpeg_crop_scanline``),
-  and nothing below its last row is read. Every pixel inside the crop is bitwise what a whole
+  no colour conversion), the iMCU columns beside it are not decoded (``jpeg_crop_scanline``; they
+  are for 4x2 and 2x4 subsampling, which libjpeg-turbo < 3.0 crops wrongly: ``crop_is_exact`` in
+  `_jpegregion.c`), and nothing below its last row is read. Every pixel inside the crop is bitwise what a whole
   decode at that scale gives (`Decoder._region`). No Python binding of libjpeg-turbo exposes
   the column cropping (``tj3SetCroppingRegion`` is TurboJPEG 3's; Debian 12 ships 2.1). Where the
   binding is not built, and for what it refuses (corrupt data inside the window: libjpeg's
@@ -48,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,8 +67,9 @@ from ..data.reading import DEFAULT_MAX_FILE_BYTES, DecodeError, read_file
 from ..options import DecodeOptions, options_of
 
 __all__ = ["DEFAULT_MAX_FILE_BYTES", "LOADED_LIBJPEG", "REGION_DECODER", "SCALE_COST", "DecodeError", "Decoder",
-           "JpegInfo", "LoadedLibrary", "decode_scale", "jpeg_info", "jpeg_size", "kept_size", "loaded_libjpeg",
-           "png_size", "read_file", "region_decoder_note", "region_decoder_of", "scale_covers", "stored_box"]
+           "JpegInfo", "LoadedLibrary", "decode_scale", "decoders_line", "jpeg_info", "jpeg_size", "kept_size",
+           "loaded_libjpeg", "png_size", "read_file", "region_decoder_note", "region_decoder_of", "scale_covers",
+           "stored_box"]
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -79,6 +82,7 @@ _RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
 # libjpeg scale bits of the IMREAD_REDUCED_* flags (IMREAD_REDUCED_GRAYSCALE_2 == 16, ...).
 _REDUCE_BITS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_MARKER = re.compile(rb"\xff[^\x00\xff]")  # where libjpeg's next_marker() stops: 0xFF, then not 0 or a fill byte
 # Frames libjpeg-turbo decodes with DCT scaling: baseline, extended and progressive, Huffman or arithmetic.
 _SCALABLE_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
 # Some writers append padding or metadata after the end-of-image marker; look this far back.
@@ -200,16 +204,41 @@ def region_decoder_note(augment: str | None, reduced_decode: bool) -> str | None
             "libjpeg-dev`) and reinstall the package")
 
 
+def decoders_line() -> str:
+    """Which decoders this process runs, as the server logs it once at start: the region decoder with the
+    identity of the libjpeg it loaded (`REGION_DECODER`, and the file), or that it is not built and what that
+    costs; simplejpeg's and OpenCV's versions."""
+    if REGION_DECODER is None:
+        region = ("region decoder not built (a crop's window is decoded by simplejpeg instead, with the columns "
+                  "beside it: random crops cost about 1.2x the CPU per image)")
+    else:
+        where = f" ({LOADED_LIBJPEG.path})" if isinstance(LOADED_LIBJPEG, LoadedLibrary) else ""
+        region = f"region decoder {REGION_DECODER}{where}"
+    return (f"decoders: {region}; simplejpeg {simplejpeg.__version__} (JPEG); OpenCV {cv2.__version__} (other "
+            "images, and JPEGs libjpeg-turbo refuses)")
+
+
 def jpeg_info(data: bytes) -> JpegInfo | None:
     """The frame header, the first scan header and the EXIF orientation of a JPEG, or None if
-    `data` is not a parsable JPEG (no frame header before the first scan)."""
+    `data` is not a parsable JPEG (no frame header before the first scan).
+
+    Markers are found as libjpeg finds them (``next_marker``, ``skip_variable`` in jdmarker.c), so
+    that the size read here is the size every libjpeg decoder (simplejpeg's, OpenCV's) decodes:
+    bytes between segments that are not a marker are skipped (libjpeg warns, and decodes on), and
+    a segment whose length field is under 2 ends after that field. Otherwise a hostile file could
+    hide its frame header from this parser (and from ``--max-pixels``) while OpenCV decodes it.
+    """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     i, orientation, frame, scan_components = 2, 0, None, -1
     while i + 4 < n:
-        if data[i] != 0xFF:
-            break
+        if data[i] != 0xFF or data[i + 1] == 0x00:  # not a marker: libjpeg skips to the next one
+            found = _MARKER.search(data, i + 1)
+            if found is None:
+                break
+            i = found.start()
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -217,7 +246,7 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
             continue
-        length = (data[i + 2] << 8) | data[i + 3]
+        length = max(2, (data[i + 2] << 8) | data[i + 3])  # libjpeg reads no further than a length under 2
         if marker == 0xE1 and not orientation and data[i + 4 : i + 10] == b"Exif\x00\x00":
             orientation = _exif_orientation(data[i + 10 : i + 2 + length])
         elif marker in _SOF_MARKERS and frame is None:

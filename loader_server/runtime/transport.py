@@ -119,11 +119,12 @@ class PeerSource:
 
     pid: int = 0
     fd: int = -1
+    uid: int = -1  # an ipc peer's user (SO_PEERCRED)
 
     def processes(self) -> PeerProcesses:
         """The processes at the other end (none known for a remote TCP peer, or one in another pid namespace)."""
         if self.pid > 0:
-            return PeerProcesses.of((self.pid,))
+            return PeerProcesses.of_ipc(self.pid, self.fd, self.uid)
         return PeerProcesses.of_tcp(self.fd) if self.fd >= 0 else PeerProcesses()
 
 
@@ -221,7 +222,12 @@ class ClientTransport:
                 address = _property(last, "Peer-Address") or "?"
                 parts = address.split(":")
                 peer = f"CURVE key {key}" if key else f"uid {parts[1]}" if len(parts) == 4 else address
-                return Request(identity, body, peer, source=PeerSource(pid=ipc_peer_pid(address)))
+                try:
+                    fd = last.get(zmq.SRCFD)  # (the connection's descriptor: its peer's end, for `processes`)
+                except zmq.ZMQError:
+                    fd = -1
+                uid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else -1
+                return Request(identity, body, peer, source=PeerSource(pid=ipc_peer_pid(address), fd=fd, uid=uid))
             try:
                 fd = last.get(zmq.SRCFD)
             except zmq.ZMQError:

@@ -101,9 +101,11 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
 
     cv2.setNumThreads(1)
     from ..data.reading import BadSamples
+    from ..data.remote import report_serial_hosts, serial_hosts_found
     from ..pipeline.batch import BatchBuilder, Reads
     from ..pipeline.decode import DecodeError
 
+    report_serial_hosts()  # the server says once what every worker finds of a host (not a line per worker)
     builder = BatchBuilder(options, index, spec, cache)
     pool: deque[tuple[np.ndarray, zmq.MessageTracker | None]] = deque(
         (builder.allocate(), None) for _ in range(_POOL_SIZE)
@@ -165,17 +167,20 @@ def worker_main(worker_id: int, identity: bytes, endpoint: str, options: Pipelin
             except DecodeError as exc:
                 bad = [[e.path, e.code] for e in (exc.bad if isinstance(exc, BadSamples) else [exc])]
                 sock.send(encode(Failed(id=task_id, kind="bad_sample", path=exc.path, reason=exc.code,
-                                        message=str(exc), traceback=traceback.format_exc(), bad=bad)))
+                                        message=str(exc), traceback=traceback.format_exc(), bad=bad,
+                                        serial_hosts=serial_hosts_found())))
                 continue
             except Exception as exc:  # a bug or an unexpected library error: report, keep serving
                 sock.send(encode(Failed(id=task_id, kind="server", reason=type(exc).__name__,
-                                        message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())))
+                                        message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                                        serial_hosts=serial_hosts_found())))
                 continue
             bad = [list(b) for b in builder.last_bad]
             hits, misses = builder.cache_hits, builder.cache_misses
             shm_x = arrays.pop("x") if task.arena is not None else None  # x is already in the client's slot
             result = Result(id=task_id, arrays=protocol.describe_arrays(arrays), bad=bad, build_s=build_s,
                             cache_hits=hits, cache_misses=misses, manifest=builder.last_manifest,
+                            serial_hosts=serial_hosts_found(),
                             shm_arrays=protocol.describe_arrays({"x": shm_x}) if shm_x is not None else None)
             try:  # what the server would refuse (and kill this worker for) is this task's failure instead
                 decode_fields(Result, result.fields(), "this worker's result")

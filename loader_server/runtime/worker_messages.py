@@ -16,9 +16,14 @@ from typing import Any
 from loader_client.contract.messages import MAX_MANIFEST_SAMPLES, ArenaHandle, SampleManifest
 from loader_client.contract.schema import INT32_MAX, INT63_MAX, Message, item, spec
 
+from ..data.remote import SERIAL_HOSTS_KEPT
+
 __all__ = ["FROM_WORKER", "TO_WORKER", "Failed", "Forget", "Ready", "Result", "Skipped", "Task"]
 
 _TEXT = 1 << 16
+#: A host this worker found to answer only the first request of a pipeline (``scheme://host:port``, as
+#: `remote.serial_host_found` says it), sent with its next `Result` or `Failed`: the server says it once.
+_HOST = item(str, max_len=1024, text=True)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Result(Message):
     cache_misses: int = spec(int, default=0, lo=0, hi=INT32_MAX)  # samples decoded (and stored) with a cache on
     manifest: list[SampleManifest] | None = spec(list, type(None), default=None, max_len=MAX_MANIFEST_SAMPLES,
                                                  items=item(dict, nested=SampleManifest))  # when the task asked
+    serial_hosts: list[str] = spec(list, default_factory=list, max_len=SERIAL_HOSTS_KEPT, items=_HOST)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class Failed(Message):
     traceback: str | None = spec(str, type(None), default=None, max_len=_TEXT)
     bad: list[list[str]] = spec(list, default_factory=list, max_len=1 << 20,
                                 items=item(list, max_len=2))  # [sample, code] of every bad sample
+    serial_hosts: list[str] = spec(list, default_factory=list, max_len=SERIAL_HOSTS_KEPT, items=_HOST)
 
 
 @dataclass(frozen=True)
