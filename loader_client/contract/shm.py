@@ -255,6 +255,34 @@ def _check_is_arena(fd: int, handle: ArenaHandle, key: bytes, *, where: str | No
                             "client), so it is not mapped")
 
 
+#: /proc/self/pagemap bits (Documentation/admin-guide/mm/pagemap.rst): present in memory, swapped out, a page
+#: of a file or shared (not this process's own copy). Readable by the process itself, PFNs hidden.
+_PAGE_PRESENT, _PAGE_SWAPPED, _PAGE_OF_FILE = 1 << 63, 1 << 62, 1 << 61
+
+
+def _holds_private_pages(address: int, size: int) -> bool | None:
+    """Whether this process has its own copy of any page of [address, address + size) (page-aligned): a page
+    it wrote in a copy-on-write mapping, present or swapped out. None where the kernel cannot tell
+    (/proc/self/pagemap not readable here): the caller then assumes it has. Opened on each call: a
+    descriptor kept would read the opener's pages in a forked child."""
+    count = size // _PAGE
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, 8 * count, 8 * (address // _PAGE))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) != 8 * count:
+        return None
+    entries = np.frombuffer(raw, np.uint64)
+    own = (entries & np.uint64(_PAGE_PRESENT | _PAGE_OF_FILE)) == np.uint64(_PAGE_PRESENT)
+    return bool(own.any() or (entries & np.uint64(_PAGE_SWAPPED)).any())
+
+
 class Arena:
     """A mapping of an arena: `slots` slots of `stride` bytes."""
 
@@ -292,13 +320,22 @@ class Arena:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
         self._map: mmap.mmap | None = mmap.mmap(fd, slots * stride, flags, prot)
+        # Where the mapping starts (a transient export: `close` never unmaps, so it stays valid).
+        self._address = int(np.frombuffer(self._map, np.uint8, count=1).ctypes.data) if private else 0
 
     def discard_writes(self, slot: int) -> None:
         """Drop what this process wrote in `slot` of a private mapping (its copy-on-write pages): the slot
-        reads the arena's own bytes again, the next batch the server puts there included."""
+        reads the arena's own bytes again, the next batch the server puts there included.
+
+        Only where it wrote: a slot read but not written still maps the arena's own pages, and dropping
+        them would cost a fault per page when the slot is read next (1 ms of the trainer's CPU for a
+        10 MB batch, against 0.14 ms for asking the kernel, `_holds_private_pages`)."""
         m = self._map
-        if self.private and m is not None and 0 <= slot < self.slots:
-            m.madvise(mmap.MADV_DONTNEED, slot * self.stride, self.stride)
+        if not (self.private and m is not None and 0 <= slot < self.slots):
+            return
+        if _holds_private_pages(self._address + slot * self.stride, self.stride) is False:
+            return
+        m.madvise(mmap.MADV_DONTNEED, slot * self.stride, self.stride)
 
     def view(self, slot: int, dtype: Any, shape: tuple[int, ...] | list[int]) -> np.ndarray:
         """The array of `shape` and `dtype` at the start of `slot`, validated against the slot size."""
