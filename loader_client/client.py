@@ -76,8 +76,9 @@ class LoaderClient:
     A list of endpoints merges several servers (see `loader_client.hosts`; `merge` says how,
     `on_server_loss` what losing one does). `server_public_key` and `client_keys` (public, secret; Z85
     text or a path to a key file from `loader-server keygen`) connect to a CURVE server.
-    `server_uid` trusts an ``ipc://`` server that runs as that user (by default only this user's
-    and root's: a socket that another user put in a shared folder is refused); without it, the
+    `server_uid` trusts an ``ipc://`` or loopback ``tcp://`` server that runs as that user (by default only
+    this user's and root's: a socket that another user put in a shared folder, or a port another user took,
+    is refused); without it, the
     ``LOADER_SERVER_UID`` variable when set (as compose and the pods set it for the trainer).
     """
 

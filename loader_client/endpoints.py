@@ -15,13 +15,14 @@ import os
 import re
 import socket
 import stat
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 from .contract.endpoint_text import missing_scheme_hint
 from .contract.errors import EndpointError
 
-__all__ = ["Endpoint", "parse_endpoint", "same_host", "why_silent"]
+__all__ = ["Endpoint", "parse_endpoint", "same_host", "tcp_listener_uids", "why_silent"]
 
 _EXAMPLE = "for example tcp://127.0.0.1:5555, tcp://loader-host:5555 or ipc:///tmp/loader.sock"
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
@@ -86,6 +87,46 @@ def parse_endpoint(text: object) -> Endpoint:
         what = "no host" if not host else f"host {host!r} is not a host name or an address"
         raise EndpointError(f"endpoint {shown} has {what}; {_EXAMPLE}")
     return Endpoint(text, "tcp", host=host, port=int(port_text))
+
+
+def tcp_listener_uids(endpoint: Endpoint) -> set[int]:
+    """The uids owning a socket that listens where a connection to loopback `endpoint` lands: its address
+    (127.0.0.1 and ::1 for ``localhost``) or its family's wildcard, on its port (from /proc/net/tcp and
+    tcp6 of this network namespace, where loopback is). Empty when none listens (yet) or /proc says nothing."""
+    if endpoint.host == "localhost":
+        wanted = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    else:
+        try:
+            wanted = {ipaddress.ip_address(endpoint.host)}
+        except ValueError:
+            return set()
+    wanted |= {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
+    uids: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, port = fields[1].partition(":")
+            try:
+                if int(port, 16) != endpoint.port:
+                    continue
+                raw = bytes.fromhex(address)  # 32-bit words in the host's byte order
+                if sys.byteorder == "little":
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(raw)
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
+                if ip in wanted:
+                    uids.add(int(fields[7]))
+            except ValueError:
+                continue
+    return uids
 
 
 def same_host(text: str) -> bool:

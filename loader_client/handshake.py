@@ -46,7 +46,7 @@ from .contract.shm import (
     shm_available,
     socket_peer,
 )
-from .endpoints import Endpoint, why_silent
+from .endpoints import Endpoint, tcp_listener_uids, why_silent
 from .options import ClientOptions, Start
 from .wire import Ctx, Sock
 
@@ -115,6 +115,7 @@ def open_stream(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, start: Sta
     """Say hello to the server at `endpoint` and return the accepted stream (sockets closed on failure)."""
     wait = _Wait(endpoint, options.timeout_s)
     listener = _trusted_listener(endpoint, options, wait) if endpoint.scheme == "ipc" else None
+    _check_loopback_listener(endpoint, options)  # one that listens already; again once connected
     ask_shm = endpoint.same_host and options.shared_memory is not False and shm_available()
     hello = Hello(rank=start.rank, world_size=start.world_size, epoch=start.epoch, batch=start.batch,
                   seed=start.seed, fingerprint=start.fingerprint, credit=options.prefetch,
@@ -144,21 +145,38 @@ def _map_arena(endpoint: Endpoint, listener: tuple[int, int] | None, handle: Are
                options: ClientOptions) -> Arena | None:
     """The announced arena holding `key`, through /proc when the server is this user's in this PID
     namespace, else passed over the arena channel of an ipc:// server; None when neither works."""
+    private = options.share is not None  # a share's arena is every member's: what this one writes stays its own
     if listener is None:
-        return open_arena(handle, key)  # loopback TCP: `open_arena` checks the descriptor itself
+        return open_arena(handle, key, private=private)  # loopback TCP: `open_arena` checks the descriptor itself
     pid, uid = listener
     if pid == handle.pid:
-        arena = open_arena(handle, key)
+        arena = open_arena(handle, key, private=private)
         if arena is not None:
             return arena
     if endpoint.path.startswith("@"):
         return None  # an abstract socket has no folder for the channel
     return receive_arena(arena_channel_path(endpoint.path), handle, key, server_uid=uid,
-                         timeout_s=min(options.timeout_s, _CHANNEL_TIMEOUT_S))
+                         timeout_s=min(options.timeout_s, _CHANNEL_TIMEOUT_S), private=private)
+
+
+def _check_loopback_listener(endpoint: Endpoint, options: ClientOptions) -> None:
+    """`AuthenticationError` when a process of a uid this trainer does not trust listens on a loopback TCP
+    endpoint: any local user may take a free port (before the loader server starts, or after it stops) and
+    serve batches of its choosing. A remote endpoint's server is proven by CURVE keys, not here."""
+    if endpoint.scheme != "tcp" or not endpoint.same_host:
+        return
+    untrusted = sorted(tcp_listener_uids(endpoint) - trusted_uids(options))
+    if untrusted:
+        uid = untrusted[0]
+        raise AuthenticationError(
+            f"port {endpoint.port} of {endpoint} is listened on by a process of uid {uid}, which this trainer (uid "
+            f"{os.getuid()}) does not trust: another local user may have taken the port before the loader server "
+            f"(or after it stopped). If that user runs your loader server, pass server_uid={uid} or set "
+            f"LOADER_SERVER_UID={uid}; an ipc:// endpoint or CURVE keys also prove who serves")
 
 
 def trusted_uids(options: ClientOptions) -> set[int]:
-    """The uids whose ipc server this client talks to: its own, root (who can read and write all of
+    """The uids whose ipc or loopback TCP server this client talks to: its own, root (who can read and write all of
     this process anyway), and the `server_uid` option (a loader that runs as another user)."""
     return {os.getuid(), 0} | ({options.server_uid} if options.server_uid is not None else set())
 
@@ -209,13 +227,14 @@ def _hello(ctx: Ctx, endpoint: Endpoint, options: ClientOptions, hello: Hello, s
     welcome: Welcome | None = None
     try:
         address = f"inproc://loader-client-monitor-{next(_counter)}"  # unique: never reused
-        sock.monitor(address, _HANDSHAKE_FAILURES)
+        sock.monitor(address, _HANDSHAKE_FAILURES | zmq.EVENT_CONNECTED)
         monitor = ctx.socket(zmq.PAIR)
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.connect(address)
         sock.connect(endpoint.text)
         wire.send(sock, hello)
         welcome = _wait_for_welcome(sock, monitor, endpoint, options, wait)
+        _check_loopback_listener(endpoint, options)  # who accepted: the port's listener now
         check_welcome(welcome, hello, start, str(endpoint))
         # ZeroMQ reads MAXMSGSIZE (a bound per frame) when it connects: the welcome's tighter bound
         # applies to reconnections; the receiver checks every whole message against it.
@@ -254,6 +273,9 @@ def _wait_for_welcome(sock: Sock, monitor: Sock, endpoint: Endpoint, options: Cl
             continue
         if monitor in ready:
             event = int(zmq.utils.monitor.recv_monitor_message(monitor)["event"])
+            if event == zmq.EVENT_CONNECTED:  # a server that started late: is it one this trainer trusts?
+                _check_loopback_listener(endpoint, options)
+                continue
             if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not curve and _server_mechanism(endpoint) != b"CURVE":
                 # Closed during the handshake by a server that does not ask for CURVE: not a matter of keys.
                 raise ServerError(

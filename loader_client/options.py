@@ -51,7 +51,7 @@ class ClientOptions:
     client_keys: Any = None
     augment: bool = True
     share: str | None = None  # join the server's share of this name: one decode for every trainer in it
-    server_uid: int | None = None  # an ipc:// server of this uid is trusted too (besides this user and root)
+    server_uid: int | None = None  # an ipc:// or loopback tcp:// server of this uid is trusted (and this user, root)
     manifest: bool = False  # every batch with its manifest (client.last.manifest)
 
     @classmethod

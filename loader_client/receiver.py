@@ -277,7 +277,7 @@ class Receiver:
         name, dtype, shape = item
         view = self.arena.view(slot, dtype, shape)
         self.held.add(slot)
-        weakref.finalize(view, self.releases.release, slot)
+        weakref.finalize(view, _give_back, self.arena, self.releases, slot)
         return name, view
 
     def _drain_releases(self) -> None:
@@ -285,6 +285,14 @@ class Receiver:
         self.held.difference_update(slots)
         for i in range(0, len(slots), MAX_RELEASE_SLOTS):
             wire.send(self.sock, Release(slots=slots[i:i + MAX_RELEASE_SLOTS]), zmq.NOBLOCK)
+
+
+def _give_back(arena: Arena, releases: _Releases, slot: int) -> None:
+    """The trainer dropped the last reference to `slot`'s array: forget what it wrote there (a share's
+    arena, mapped copy-on-write, so that a member changing its batch in place changes no other member's),
+    then give the slot back to the server."""
+    arena.discard_writes(slot)
+    releases.release(slot)
 
 
 class _Memory:

@@ -10,15 +10,19 @@ only when scraped. Names follow Prometheus conventions with base units (`_total`
 from __future__ import annotations
 
 import bisect
+import contextlib
+import http.client
+import io
 import itertools
 import logging
 import socket
+import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.metrics_core import (
@@ -29,8 +33,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["BUILD_BUCKETS_S", "HTTP_READ_TIMEOUT_S", "MAX_HTTP_CONNECTIONS", "Metrics", "SnapshotCollector",
-           "prometheus_text", "serve_metrics"]
+from .logs import Throttle
+
+__all__ = ["BUILD_BUCKETS_S", "HTTP_READ_TIMEOUT_S", "MAX_HTTP_CONNECTIONS", "MAX_HTTP_REQUEST_BYTES", "Metrics",
+           "SnapshotCollector", "prometheus_text", "serve_metrics"]
 
 log = logging.getLogger("loader_server")
 
@@ -178,33 +184,92 @@ def prometheus_text(snap: dict[str, Any]) -> str:
     return generate_latest(registry).decode()
 
 
-#: HTTP connections served at once; more are closed as they arrive (a scraper needs one).
+#: HTTP connections served at once. When all are taken, a new one takes the place of the one that has
+#: waited longest for its request (a scraper needs one, and a peer holding every place cannot keep it
+#: out); when every place is answering a request, the new one is closed at once.
 MAX_HTTP_CONNECTIONS = 16
-#: Seconds a connection may take to send its request line and headers (then it is closed).
+#: Seconds a connection may take, in all, to send its request line and headers (then it is closed,
+#: however it drips them); the whole connection, answer included, may last twice that.
 HTTP_READ_TIMEOUT_S = 5.0
+#: Bytes of a request line and its headers together (a scraper sends a few hundred); more are answered 431.
+#: The standard library alone allows 100 headers of 64 KiB: 16 connections sending that grew the server
+#: by 300 MB.
+MAX_HTTP_REQUEST_BYTES = 16 << 10
+#: Seconds the accept loop waits for the place of a connection it closed to be given back.
+_EVICT_WAIT_S = 1.0
+
+
+class _RequestTooLarge(http.client.LineTooLong):
+    def __init__(self) -> None:
+        Exception.__init__(self, f"the request line and headers are over {MAX_HTTP_REQUEST_BYTES} bytes")
+
+
+class _BoundedReader:
+    """The connection's reader, giving at most `MAX_HTTP_REQUEST_BYTES` in lines; beyond that it raises
+    `_RequestTooLarge` (which `parse_request` answers 431, and the handler for the request line)."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self.raw = raw
+        self.left = MAX_HTTP_REQUEST_BYTES
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.left <= 0:
+            raise _RequestTooLarge
+        line = self.raw.readline(self.left if limit < 0 else min(limit, self.left))
+        self.left -= len(line)
+        if self.left <= 0 and not line.endswith(b"\n"):
+            raise _RequestTooLarge
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most `MAX_HTTP_CONNECTIONS` at once: a connection beyond that is
-    closed at once, and each one's reads time out after `HTTP_READ_TIMEOUT_S` (a slow peer cannot
-    hold a thread for long, nor make thousands of them)."""
+    """A thread per connection, at most `MAX_HTTP_CONNECTIONS` at once, each with a deadline.
+
+    A connection must send its request line and headers within `HTTP_READ_TIMEOUT_S` in all (a
+    per-read timeout alone let one that sends a byte every few seconds hold its thread for ever,
+    and 16 of them locked every scraper out), and may live twice that. The deadlines are checked
+    by the accept loop between its polls (`service_actions`), which shuts a late connection's
+    socket down: its thread sees the end of the stream and returns. A connection that arrives
+    while every place is taken takes the place of the one waiting longest for its request.
+    """
 
     daemon_threads = True
     block_on_close = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+        self._lock = threading.Lock()
+        #: socket -> [accepted at (monotonic), answering]: the connections that hold a place, oldest first
+        self._live: OrderedDict[socket.socket, list[Any]] = OrderedDict()
         self.refused = 0
+        self.evicted = 0
+        self.throttle = Throttle(log)
         super().__init__(*args, **kwargs)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One throttled line, never the standard library's traceback on stderr for each failed request (a
+        peer that goes away before its answer, or that a deadline cut, wrote 20 lines a time, unbounded)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the peer went away, or was cut: its loss alone, nothing to say
+            return
+        self.throttle.warning("metrics-error", "metrics endpoint: a request from %s failed: %s: %s",
+                              client_address[0] if client_address else "?", type(exc).__name__, exc)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
+            if not (self._evict_oldest_waiting() and self._slots.acquire(timeout=_EVICT_WAIT_S)):
+                self.refused += 1
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._live[request] = [time.monotonic(), False]
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self._forget(request)
             self._slots.release()
             raise
 
@@ -214,19 +279,73 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def shutdown_request(self, request: Any) -> None:
+        self._forget(request)  # before the close: a deadline never shuts down a reused descriptor
+        super().shutdown_request(request)
+
+    def answering(self, request: Any) -> None:
+        """`request` sent its request line and headers: it no longer gives its place to a newcomer."""
+        with self._lock:
+            if request in self._live:
+                self._live[request][1] = True
+
+    def service_actions(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, (since, answering) in self._live.items()
+                    if now - since > HTTP_READ_TIMEOUT_S * (2 if answering else 1)]
+            for sock in late:
+                self._cut(sock)
+
+    def _evict_oldest_waiting(self) -> bool:
+        with self._lock:
+            for sock, (_, answering) in self._live.items():
+                if not answering:
+                    self._cut(sock)
+                    self.evicted += 1
+                    return True
+        return False
+
+    def _cut(self, sock: socket.socket) -> None:
+        """Shut `sock` down (its thread returns and closes it); the caller holds the lock."""
+        del self._live[sock]
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _forget(self, request: Any) -> None:
+        with self._lock:
+            self._live.pop(request, None)
+
 
 def serve_metrics(host: str, port: int, snapshot_fn: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer:
     """Serve /metrics (Prometheus exposition) and /healthz on `host`:`port` from a daemon thread.
 
     `snapshot_fn` returns the latest stats snapshot (published by the loop). /healthz answers
     200 while a worker is ready, else 503. At most `MAX_HTTP_CONNECTIONS` connections are served
-    at once, each with a read timeout of `HTTP_READ_TIMEOUT_S`.
+    at once, each given `HTTP_READ_TIMEOUT_S` in all to send its request (`_BoundedHTTPServer`).
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot_fn))
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = HTTP_READ_TIMEOUT_S  # the socket's timeout: a request that does not arrive in time is dropped
+        timeout = HTTP_READ_TIMEOUT_S  # each read's timeout; the server's deadline bounds them all together
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = cast(Any, _BoundedReader(self.rfile))
+
+        def handle_one_request(self) -> None:
+            try:
+                super().handle_one_request()
+            except _RequestTooLarge as exc:  # in the request line (parse_request answers one in the headers)
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.send_error(431, str(exc))
+
+        def parse_request(self) -> bool:
+            done = super().parse_request()  # the request line and headers have been read
+            cast(_BoundedHTTPServer, self.server).answering(self.request)
+            return done
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]

@@ -410,3 +410,55 @@ def test_a_full_disk_is_refused_with_real_figures(tmp_path: Path) -> None:
         done = _cli("cache", "build", "--data", str(listfile), "--size", SIZE, "--cache", str(disk / "cache"))
         assert done.returncode == 2, done.stderr
         assert f"its disk has {free / 1024:.1f} KiB free" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------- the member index
+def _shifted_index(data: str, private: Path) -> tuple[str, bytes, np.ndarray]:
+    """The attacker's index of `data`: computed as the server would (its name is a hash of the file list and
+    settings, its versions the shards' stat), every label shifted by one. Returns (name, bytes, honest labels)."""
+    honest = load_dataset(ServerConfig(data=data, index_dir=str(private)))
+    (index,) = private.glob(".loader-index-*.npz")
+    arrays = dict(np.load(index))
+    arrays["labels"] = arrays["labels"] + 1
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return index.name, buf.getvalue(), np.asarray(honest.labels)
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("where", ["beside the shards", "--index-dir"])
+def test_a_member_index_another_user_planted_is_never_read(start_server: Any, shared_tree: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The member index says which bytes and which label each sample of a tar shard has: one that user
+    65534 planted under its computable name in a shared folder (1777, like a cluster's scratch) is not
+    read, the shards are indexed again and every label served is the honest one (before: every label
+    served was the attacker's, with no word in the log)."""
+    from loader_server.sample_data import write_tar_shards
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the user's own index folder, for this test
+    files = load_dataset(ServerConfig(data=str(unique_label_list(shared_tree / "files", N))))
+    scratch = shared_tree / "scratch"
+    scratch.mkdir()
+    scratch.chmod(0o1777)
+    shards = scratch if where == "beside the shards" else shared_tree / "data"
+    data = write_tar_shards(files, shards, 6)
+    name, planted, honest = _shifted_index(data, tmp_path / "attacker")
+    as_user(NOBODY, _plant, str(scratch), name, planted, None)
+    extra = () if where == "beside the shards" else ("--index-dir", str(scratch))
+    server = start_server(Path(data), "--batch-size", "4", "--size", SIZE, "--workers", "1", *extra)
+    served = 0
+    with LoaderClient(server.endpoint, timeout_s=TIMEOUT_S, shared_memory=False) as client:
+        for _, y in client.epoch():
+            assert client.last is not None
+            np.testing.assert_array_equal(y, honest[client.last.indices])  # before: honest + 1, every one
+            served += len(y)
+    assert served == N
+    log = server.log_text()
+    if where == "beside the shards":  # a folder others may write is not where the index is kept
+        assert (scratch / name).read_bytes() == planted and (scratch / name).stat().st_uid == NOBODY
+        assert list((tmp_path / "xdg" / "loader-service" / "index").glob(".loader-index-tar-*.npz")), log
+    else:  # read nowhere else, but named; then replaced by the server's own (root may, in a sticky folder)
+        assert f"--index-dir {scratch}: other users may write it (mode 1777" in log, log
+        assert f"the index {scratch / name} is not read: it belongs to nobody (uid 65534)" in log, log
+        assert (scratch / name).stat().st_uid == 0
+    assert "Traceback" not in log

@@ -378,6 +378,123 @@ def test_slow_metrics_connections_cost_a_bounded_number_of_threads(start_server:
     wait_until(lambda: _scrape(port), 20, "a scrape to be answered again")
 
 
+class Dripper(threading.Thread):
+    """Holds `count` connections to the metrics port, each sending a byte of a never-ending header
+    every `every_s` (within any per-read timeout), and opens a new one whenever one is closed."""
+
+    def __init__(self, port: int, count: int, every_s: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.count, self.every_s = port, count, every_s
+        self.stop = threading.Event()
+        self.opened = 0
+
+    def _open(self) -> socket.socket | None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            s.sendall(b"GET /metrics HTTP/1.0\r\nX-Drip: ")
+        except OSError:
+            return None
+        self.opened += 1
+        return s
+
+    def run(self) -> None:
+        held: list[socket.socket | None] = [self._open() for _ in range(self.count)]
+        deadline = time.monotonic() + 60  # a bound of its own, whatever the test does
+        try:
+            while not self.stop.wait(self.every_s) and time.monotonic() < deadline:
+                for i, s in enumerate(held):
+                    try:
+                        if s is None:
+                            raise OSError
+                        s.sendall(b"a")
+                    except OSError:
+                        if s is not None:
+                            s.close()
+                        held[i] = self._open()
+        finally:
+            for s in held:
+                if s is not None:
+                    s.close()
+
+
+def test_connections_dripping_their_headers_do_not_lock_the_scraper_out(start_server: Any, listfile: Path) -> None:
+    """16 connections (every place) each sending a header byte every 0.5 s, reopened when closed:
+    a scrape is answered all the same (before: never, for as long as they dripped; the 5 s timeout
+    was per read), and the drippers' connections are cut (a deadline for the request in all)."""
+    MAX_HTTP_CONNECTIONS = 16  # README, the threat model
+
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--metrics-port", str(port))
+    wait_until(lambda: _scrape(port), 20, "the first scrape")
+    before = len(os.listdir(f"/proc/{server.proc.pid}/task"))
+    drip = Dripper(port, MAX_HTTP_CONNECTIONS, 0.5)
+    drip.start()
+    try:
+        wait_until(lambda: drip.opened >= MAX_HTTP_CONNECTIONS, 10, "the drippers to connect")
+        time.sleep(1.0)  # every place taken
+        answered = 0
+        deadline = time.monotonic() + 20
+        while answered < 3 and time.monotonic() < deadline:
+            answered += _scrape(port)
+            assert len(os.listdir(f"/proc/{server.proc.pid}/task")) <= before + MAX_HTTP_CONNECTIONS + 2
+            time.sleep(0.2)
+        assert answered == 3, "scrapes were refused while 16 connections dripped their headers"
+        wait_until(lambda: drip.opened > MAX_HTTP_CONNECTIONS, 15, "a dripping connection to be cut")
+    finally:
+        drip.stop.set()
+        drip.join(10)
+
+
+def _huge_request(port: int) -> bytes:
+    """A GET with 99 headers of 64 KiB (what the standard library alone accepts: 100 of 64 KiB); its answer."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            with contextlib.suppress(OSError):  # the server may answer and close before it is all sent
+                s.sendall(b"GET /metrics HTTP/1.0\r\n" + (b"X-" + b"a" * 65000 + b": b\r\n") * 99 + b"\r\n")
+            return s.recv(1 << 16)
+    except OSError:
+        return b""
+
+
+def test_huge_request_headers_do_not_swell_the_server_and_are_answered_431(start_server: Any,
+                                                                          listfile: Path) -> None:
+    """16 connections at once (every place), each sending 6.4 MB of headers, five times: the server's peak
+    memory stays within 32 MB of where it was (before: +625 MB peak, +293 MB kept), each is answered 431,
+    and a scrape is answered after."""
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--metrics-port", str(port))
+    wait_until(lambda: _scrape(port), 20, "the first scrape")
+    before = reset_peak(server.proc.pid)
+    answers: list[bytes] = []
+    for _ in range(5):
+        round_ = [threading.Thread(target=lambda: answers.append(_huge_request(port))) for _ in range(16)]
+        for t in round_:
+            t.start()
+        for t in round_:
+            t.join(30)
+    grown = status_mb(server.proc.pid, "VmHWM") - before
+    assert grown < 32, f"the server's peak memory grew by {grown:.0f} MB"
+    assert sum(a.startswith(b"HTTP/1.0 431") for a in answers) >= 40, answers[:3]  # the rest may be cut or evicted
+    assert _scrape(port)
+
+
+def test_metrics_requests_that_fail_write_no_traceback(start_server: Any, listfile: Path) -> None:
+    """300 connections that send a request and reset the connection before the answer, or send garbage, or
+    a request line over the bound: the log gets no traceback (before: 20 lines each on stderr, unbounded)."""
+    port = free_port()
+    server = start_server(listfile, *ARGS, "--metrics-port", str(port))
+    wait_until(lambda: _scrape(port), 20, "the first scrape")
+    for i in range(300):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall([b"GET /nothing HTTP/1.0\r\n\r\n", b"\x16\x03\x01garbage\r\n\r\n",
+                       b"GET /" + b"a" * 20000 + b" HTTP/1.0\r\n\r\n"][i % 3])
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST: the answer is lost
+    assert _scrape(port)
+    time.sleep(0.5)
+    log = server.log_text()
+    assert "Traceback" not in log and "Exception occurred" not in log, log[-3000:]
+
+
 def _scrape(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:

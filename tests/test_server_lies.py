@@ -434,3 +434,43 @@ def test_an_ipc_socket_squatted_by_another_user_is_refused_unless_that_uid_is_tr
                     assert client.next()[1].tolist() == batch_arrays(0, 0)["y"].tolist()
             finally:
                 del os.environ["LOADER_SERVER_UID"]
+
+
+def test_a_loopback_port_taken_by_another_user_is_refused_unless_that_uid_is_trusted() -> None:
+    """A local user (65534) listening on the loopback port where a trainer expects its loader (taken before
+    the server started, or after it stopped) serves a welcome and a batch of its choosing: the trainer
+    refuses it, naming the uid, whether it listened first or only after the client began to wait (before:
+    the squatter's batch was the trainer's first batch; README's threat model said "not covered")."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv(1) to run a server as another user")
+    hello = default_hello()
+    script = {"welcome": encode(m.Welcome(**welcome_fields(hello))).hex(), "batches": [batch_frames(0, 0)],
+              "hold_s": 60}
+    refusal = f"is listened on by a process of uid {SQUATTER_UID}, which this trainer"
+    with shared_folder() as folder:
+        port = free_port()
+        endpoint = f"tcp://127.0.0.1:{port}"
+        with zmtp_server(folder, f"127.0.0.1:{port}", script, user=SQUATTER_UID):
+            with pytest.raises(AuthenticationError, match=refusal):
+                LoaderClient(endpoint, timeout_s=5)
+            # Trusted explicitly (a loader that runs as that user): the stream runs.
+            with LoaderClient(endpoint, timeout_s=5, server_uid=SQUATTER_UID) as client:
+                assert client.next()[1].tolist() == batch_arrays(0, 0)["y"].tolist()
+        # A squatter that takes the port while the trainer already waits for its server.
+        port = free_port()
+        endpoint = f"tcp://127.0.0.1:{port}"
+        outcome: list[BaseException | None] = []
+
+        def trainer() -> None:
+            try:
+                LoaderClient(endpoint, timeout_s=20).close()
+                outcome.append(None)
+            except BaseException as exc:  # handed to the test
+                outcome.append(exc)
+
+        waiting = threading.Thread(target=trainer, daemon=True)
+        waiting.start()
+        time.sleep(0.5)
+        with zmtp_server(folder, f"127.0.0.1:{port}", script, user=SQUATTER_UID):
+            waiting.join(20)
+        assert outcome and isinstance(outcome[0], AuthenticationError) and refusal in str(outcome[0]), outcome

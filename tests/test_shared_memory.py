@@ -93,7 +93,7 @@ def test_slots_are_recycled_when_arrays_are_released(start_server: Any, listfile
 def test_fallback_when_the_arena_cannot_be_opened(start_server: Any, listfile: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1")
-    monkeypatch.setattr(handshake, "open_arena", lambda handle, key: None)  # as for another user...
+    monkeypatch.setattr(handshake, "open_arena", lambda handle, key, **kw: None)  # as for another user...
     monkeypatch.setattr(handshake, "receive_arena", lambda *a, **kw: None)  # ...outside the server's group
     with LoaderClient(server.endpoint, timeout_s=20) as client:
         assert not client.shared_memory
@@ -146,7 +146,7 @@ def test_fallback_does_not_mix_up_the_abandoned_stream(start_server: Any, tmp_pa
     listfile = unique_label_list(tmp_path / "data", 8)
     (tmp_path / "data" / "img" / "00001.jpg").write_bytes(b"not an image")  # the first batch fails at once
     server = start_server(listfile, "--batch-size", "4", "--size", "16x12", "--workers", "1", "--no-shuffle")
-    monkeypatch.setattr(handshake, "open_arena", lambda handle, key: None)  # as for another user...
+    monkeypatch.setattr(handshake, "open_arena", lambda handle, key, **kw: None)  # as for another user...
     monkeypatch.setattr(handshake, "receive_arena", lambda *a, **kw: None)  # ...outside the server's group
     for _ in range(5):
         client = LoaderClient(server.endpoint, timeout_s=20)  # the first stream's error must not land here
@@ -174,3 +174,57 @@ def test_an_arena_that_runs_dry_again_warns_once_then_logs_info(start_server: An
     assert len(warnings) == 1 and warnings[0].endswith("; later times are logged at INFO"), lines
     assert len(lines) >= 3 and all(" INFO " in line for line in lines if line not in warnings), lines
     assert fallbacks >= len(lines)
+
+
+def _private_arena_steps() -> list[object]:
+    """A share member's copy-on-write mapping of a 3-slot arena the 'server' writes through its own shared
+    mapping: what `_holds_private_pages` says and what the member reads, step by step."""
+    from loader_client.contract.shm import _PAGE, Arena, _holds_private_pages
+
+    fd = os.memfd_create("cow-test")
+    try:
+        size = 4 * _PAGE
+        os.ftruncate(fd, 3 * size)
+        server = mmap.mmap(fd, 3 * size, mmap.MAP_SHARED)
+        server[:] = b"\1" * (3 * size)
+        arena = Arena.from_fd(fd, 3, size, writable=True, private=True)
+    finally:
+        os.close(fd)
+    read, written = arena.view(0, "|u1", [size]), arena.view(1, "|u1", [size])
+    steps: list[object] = [int(read.sum()), _holds_private_pages(arena._address, size)]  # read only: not its own
+    written[10] = 7
+    steps += [_holds_private_pages(arena._address + size, size), server[size + 10]]  # its own copy; the server's 1
+    arena.discard_writes(0)  # nothing written there: its pages stay the arena's
+    arena.discard_writes(1)
+    steps += [_holds_private_pages(arena._address + size, size), int(written[10])]  # the arena's page again
+    server[10], server[size + 10] = 5, 9  # the server's next batches in both slots
+    return [*steps, int(read[10]), int(written[10])]
+
+
+def test_a_share_members_slot_is_discarded_only_where_it_wrote_and_reads_the_servers_next_batch() -> None:
+    """A member maps a share's arena copy-on-write and drops its own pages of a slot before giving it back.
+    Pages it only read are kept (dropping them costs a fault a page on the next read, about 1 ms a 10 MB
+    batch), which the kernel tells an unprivileged process too (pagemap's flags; its PFNs are hidden)."""
+    expected = [4 * mmap.PAGESIZE, False, True, 1, False, 1, 5, 9]
+    assert _private_arena_steps() == expected
+    if os.getuid() != 0:
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            import ctypes
+
+            os.setgid(65534)
+            os.setuid(65534)
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE, as a process started by that user is
+            os.write(write_end, repr(_private_arena_steps()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        said = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and said == repr(expected), said

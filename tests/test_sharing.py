@@ -127,6 +127,38 @@ def test_three_members_one_paused_each_get_every_epoch_once_in_order(
             m.close()
 
 
+def test_a_member_changing_its_batch_in_place_changes_no_other_members_batch(
+        start_server: Callable[..., RunningServer], data: Path) -> None:
+    """Two members on shared memory; the first zeroes each batch it gets, in place (as `x -= mean` would),
+    before the second takes the same batch: the second's batches are still the stream built alone, and so
+    are the first's when its slots come back with new batches (its own writes are dropped with the array).
+    Both get writable arrays, views of the share's slots (before: every one of the second's batches were
+    the first one's zeros: both were views of one shared mapping)."""
+    n = 160  # more batches than the arena has slots (132 here): every slot is reused
+    server = start_server(data, "--batch-size", str(BATCH), "--size", "16x16", "--workers", "2", "--prefetch", "4",
+                          "--share-window", "6")
+    with LoaderClient(server.endpoint, timeout_s=30) as alone:
+        expected = [alone.next()[0].copy() for _ in range(n)]
+    with LoaderClient(server.endpoint, share="sweep", name="first", timeout_s=30) as first, \
+            LoaderClient(server.endpoint, share="sweep", name="second", timeout_s=30) as second:
+        assert first.shared_memory and second.shared_memory
+        assert share_stats(server.endpoint)["arena_slots"] < n
+        changed, first_wrong = [], []
+        for k in range(n):
+            x = first.next()[0]
+            assert x.flags.writeable and in_shared_memory(x)
+            first_wrong.append(not np.array_equal(x, expected[k]))
+            x[...] = 0
+            assert not x.any()  # its own writes it sees
+            mine = second.next()[0]
+            assert mine.flags.writeable and in_shared_memory(mine)
+            changed.append(not np.array_equal(mine, expected[k]))
+            del x, mine
+        assert not any(changed), f"{sum(changed)} of {n} of the second member's batches were changed by the first"
+        assert not any(first_wrong), f"{sum(first_wrong)} of {n} of the first member's batches were not the stream's"
+        assert share_stats(server.endpoint)["reused"] > 0  # still built once for both
+
+
 def test_a_member_without_shared_memory_gets_the_same_batches_as_frames(start_server: Callable[..., RunningServer],
                                                                       data: Path) -> None:
     server = start_server(data, "--batch-size", str(BATCH), "--size", "16x16", "--workers", "2")

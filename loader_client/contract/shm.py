@@ -141,7 +141,7 @@ def create_arena(name: str, slots: int, slot_bytes: int, *, key: bytes | None = 
     return fd, stride
 
 
-def open_arena(handle: ArenaHandle, key: bytes, *, writable: bool = True) -> Arena | None:
+def open_arena(handle: ArenaHandle, key: bytes, *, writable: bool = True, private: bool = False) -> Arena | None:
     """Map the arena `handle` announces, after checking it is that sealed memfd, holding `key`.
 
     Returns None when this process may not open the descriptor at all (another user, another
@@ -163,13 +163,13 @@ def open_arena(handle: ArenaHandle, key: bytes, *, writable: bool = True) -> Are
         return None
     try:
         _check_is_arena(fd, handle, key)
-        return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=path)
+        return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=path, private=private)
     finally:
         os.close(fd)
 
 
 def receive_arena(channel_path: str, handle: ArenaHandle, key: bytes, *, timeout_s: float, server_uid: int | None,
-                  writable: bool = True) -> Arena | None:
+                  writable: bool = True, private: bool = False) -> Arena | None:
     """Ask the server's arena channel at `channel_path` for the arena `handle` announces, and map it.
 
     Returns None when there is no channel, it does not answer within `timeout_s`, its listener
@@ -200,7 +200,8 @@ def receive_arena(channel_path: str, handle: ArenaHandle, key: bytes, *, timeout
         fd = fds.pop()
         try:
             _check_is_arena(fd, handle, key, where=f"the shared-memory arena passed by {channel_path}")
-            return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=channel_path)
+            return Arena.from_fd(fd, handle.slots, handle.stride, writable=writable, path=channel_path,
+                                 private=private)
         finally:
             os.close(fd)
     finally:
@@ -254,6 +255,34 @@ def _check_is_arena(fd: int, handle: ArenaHandle, key: bytes, *, where: str | No
                             "client), so it is not mapped")
 
 
+#: /proc/self/pagemap bits (Documentation/admin-guide/mm/pagemap.rst): present in memory, swapped out, a page
+#: of a file or shared (not this process's own copy). Readable by the process itself, PFNs hidden.
+_PAGE_PRESENT, _PAGE_SWAPPED, _PAGE_OF_FILE = 1 << 63, 1 << 62, 1 << 61
+
+
+def _holds_private_pages(address: int, size: int) -> bool | None:
+    """Whether this process has its own copy of any page of [address, address + size) (page-aligned): a page
+    it wrote in a copy-on-write mapping, present or swapped out. None where the kernel cannot tell
+    (/proc/self/pagemap not readable here): the caller then assumes it has. Opened on each call: a
+    descriptor kept would read the opener's pages in a forked child."""
+    count = size // _PAGE
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, 8 * count, 8 * (address // _PAGE))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) != 8 * count:
+        return None
+    entries = np.frombuffer(raw, np.uint64)
+    own = (entries & np.uint64(_PAGE_PRESENT | _PAGE_OF_FILE)) == np.uint64(_PAGE_PRESENT)
+    return bool(own.any() or (entries & np.uint64(_PAGE_SWAPPED)).any())
+
+
 class Arena:
     """A mapping of an arena: `slots` slots of `stride` bytes."""
 
@@ -272,19 +301,41 @@ class Arena:
             os.close(fd)
 
     @classmethod
-    def from_fd(cls, fd: int, slots: int, stride: int, *, writable: bool, path: str = "") -> Arena:
-        """Map `fd` (the caller keeps and closes it)."""
+    def from_fd(cls, fd: int, slots: int, stride: int, *, writable: bool, path: str = "",
+                private: bool = False) -> Arena:
+        """Map `fd` (the caller keeps and closes it). `private`: what this process writes stays its own
+        (copy-on-write, until `discard_writes`): the mapping of a share's arena, which every member reads."""
         arena = cls.__new__(cls)
-        arena._setup(fd, slots, stride, writable, path)
+        arena._setup(fd, slots, stride, writable, path, private)
         return arena
 
-    def _setup(self, fd: int, slots: int, stride: int, writable: bool, path: str) -> None:
-        self.path, self.slots, self.stride = path, slots, stride
+    def _setup(self, fd: int, slots: int, stride: int, writable: bool, path: str, private: bool = False) -> None:
+        self.path, self.slots, self.stride, self.private = path, slots, stride, private
         size = os.fstat(fd).st_size
         if size < slots * stride:
             raise ProtocolError(f"shared-memory arena {path} holds {size} bytes, expected {slots * stride}")
+        if private and stride % _PAGE:
+            raise ProtocolError(f"shared-memory arena {path} has slots of {stride} bytes, not a multiple of the "
+                                f"{_PAGE}-byte page")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        self._map: mmap.mmap | None = mmap.mmap(fd, slots * stride, mmap.MAP_SHARED, prot)
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        self._map: mmap.mmap | None = mmap.mmap(fd, slots * stride, flags, prot)
+        # Where the mapping starts (a transient export: `close` never unmaps, so it stays valid).
+        self._address = int(np.frombuffer(self._map, np.uint8, count=1).ctypes.data) if private else 0
+
+    def discard_writes(self, slot: int) -> None:
+        """Drop what this process wrote in `slot` of a private mapping (its copy-on-write pages): the slot
+        reads the arena's own bytes again, the next batch the server puts there included.
+
+        Only where it wrote: a slot read but not written still maps the arena's own pages, and dropping
+        them would cost a fault per page when the slot is read next (1 ms of the trainer's CPU for a
+        10 MB batch, against 0.14 ms for asking the kernel, `_holds_private_pages`)."""
+        m = self._map
+        if not (self.private and m is not None and 0 <= slot < self.slots):
+            return
+        if _holds_private_pages(self._address + slot * self.stride, self.stride) is False:
+            return
+        m.madvise(mmap.MADV_DONTNEED, slot * self.stride, self.stride)
 
     def view(self, slot: int, dtype: Any, shape: tuple[int, ...] | list[int]) -> np.ndarray:
         """The array of `shape` and `dtype` at the start of `slot`, validated against the slot size."""

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
 from pathlib import Path
 
 from loader_client.contract.errors import ConfigError
 
-__all__ = ["check_exists", "os_error"]
+__all__ = ["check_exists", "os_error", "owner_text"]
+
+
+def owner_text(uid: int) -> str:
+    """``alice (uid 1000)``, or ``uid 1234`` for a uid without a name."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def os_error(exc: OSError, what: str, path: str | os.PathLike[str] | None = None) -> ConfigError:

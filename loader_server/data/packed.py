@@ -35,6 +35,7 @@ megabytes and no Python object each.
 from __future__ import annotations
 
 import bisect
+import errno
 import functools
 import glob
 import hashlib
@@ -42,6 +43,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -57,7 +59,7 @@ import numpy as np
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
-from .file_access import check_exists, os_error
+from .file_access import check_exists, os_error, owner_text
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
@@ -709,10 +711,37 @@ def _index_path(files: Sequence[str], kind: str, options: dict[str, object], ind
     if index_dir is not None:
         return os.path.join(index_dir, name)
     beside = os.path.dirname(files[0])
-    if not is_remote(files[0]) and os.access(beside, os.W_OK | os.X_OK):
+    if not is_remote(files[0]) and os.access(beside, os.W_OK | os.X_OK) and _open_to_others(beside) is None:
         return os.path.join(beside, name)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "loader-service", "index", name)
+
+
+def _open_to_others(folder: str) -> str | None:
+    """Why a user other than this one (or root) could replace or plant a file in `folder`; None if none can
+    (or the folder is still to be created: it is created 0700)."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"it belongs to {owner_text(st.st_uid)} (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"other users may write it (mode {stat.S_IMODE(st.st_mode):04o}, owner {owner_text(st.st_uid)})"
+    return None
+
+
+def _untrusted_index(st: os.stat_result) -> str | None:
+    """Why the opened index file may not be read: the labels and byte ranges it holds are served as they
+    are, so it must be a regular file that only this user (or root) wrote and can write."""
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid not in (os.geteuid(), 0):
+        trusted = owner_text(os.geteuid()) + (" or root" if os.geteuid() else "")
+        return f"it belongs to {owner_text(st.st_uid)}, not to {trusted}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"other users may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
 
 
 def _stat_versions(files: Sequence[str], what: str, storage: RemoteStorage) -> np.ndarray:
@@ -749,13 +778,31 @@ def _read_index(path: str, files: Sequence[str]) -> dict[str, np.ndarray] | None
     is allocated, zip's CRCs against its bytes, and every offset, size and count against the files it
     indexes (`_index_problem`), so a damaged index is indexed again rather than read out of bounds."""
     try:
-        arrays = _load_npz(path)
-        meta = json.loads(arrays.pop("meta").tobytes())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, EOFError, RecursionError, NotImplementedError, zipfile.BadZipFile) as exc:
-        log.warning("the index %s cannot be read (%s): indexing again", path, exc)
+    except OSError as exc:  # a link (ELOOP), or unreadable
+        log.warning("the index %s is not read (%s): indexing again", path,
+                    "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror)
         return None
+    st = os.fstat(fd)  # what was opened, not what the path names a moment later
+    untrusted = _untrusted_index(st)
+    if untrusted is not None:
+        os.close(fd)
+        log.warning("the index %s is not read: %s, and whoever can write it chooses the labels and the bytes "
+                    "served for every sample; indexing again (remove it, or pass --index-dir with a folder only "
+                    "you can write)", path, untrusted)
+        return None
+    with open(fd, "rb") as f:
+        try:
+            arrays = _load_npz(f, st.st_size)
+            meta = json.loads(arrays.pop("meta").tobytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, EOFError, RecursionError, NotImplementedError,
+                zipfile.BadZipFile) as exc:
+            log.warning("the index %s cannot be read (%s): indexing again", path, exc)
+            return None
     if not isinstance(meta, dict) or meta.get("files") != list(files) or meta.get("format") != INDEX_FORMAT:
         return None
     if "arrays" not in meta:
@@ -780,11 +827,11 @@ _INDEX_ARRAYS: dict[str, np.dtype[Any]] = {
 _ZIP_FLAGS = 0x08 | 0x800
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    """The arrays `np.savez` wrote to `path`, read without allocating what a damaged header says."""
-    size = os.path.getsize(path)
+def _load_npz(file: Any, size: int) -> dict[str, np.ndarray]:
+    """The arrays `np.savez` wrote to the opened `file` of `size` bytes, read without allocating what a
+    damaged header says."""
     out: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as z:
+    with zipfile.ZipFile(file) as z:
         for info in z.infolist():
             name = info.filename.removesuffix(".npy")
             dtype = _INDEX_ARRAYS.get(name)
@@ -886,7 +933,7 @@ def _write_index(path: str, files: Sequence[str], versions: np.ndarray, arrays: 
                        "arrays": sorted(["versions", *arrays])}).encode()
     folder = os.path.dirname(path)
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, mode=0o700, exist_ok=True)  # a new folder: only this user can plant a file there
         fd, tmp = tempfile.mkstemp(prefix=".loader-index-", suffix=".tmp", dir=folder)
     except OSError as exc:
         log.warning("cannot keep the member index in %s (%s): it is built again at the next start; pass "
@@ -923,6 +970,9 @@ def load_or_build(files: list[str], *, kind: str, options: dict[str, object], in
     if remote:
         index_file = _naming_objects(index_file)
     path = _index_path(files, kind, options, index_dir)
+    if index_dir is not None and (open_to := _open_to_others(index_dir)) is not None:
+        log.warning("--index-dir %s: %s; an index file there that is not yours alone is not read but indexed again "
+                    "(use a folder only you can write)", index_dir, open_to)
     versions = _stat_versions(files, kind, storage)
     stored = _read_index(path, files)
     segments: list[Segment | None] = [None] * len(files)

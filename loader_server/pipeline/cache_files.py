@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 from loader_client.contract.errors import ConfigError
 
+from ..data.file_access import owner_text
+
 __all__ = ["create_file", "open_file", "open_folder", "owner_text", "size_text"]
 
 _NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
@@ -46,14 +48,6 @@ def size_text(n: int) -> str:
         if value < 1024 or unit == "TiB":
             break
     return f"{value:.1f} {unit}"
-
-
-def owner_text(uid: int) -> str:
-    """``alice (uid 1000)``, or ``uid 1234`` for a uid without a name."""
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _trusted_owner(uid: int) -> bool:
