@@ -227,15 +227,23 @@ def test_a_run_of_levels_longer_than_its_page_costs_only_the_values_wanted(tmp_p
     assert len(segment) == ROWS and [ds.read(i) for i in range(ROWS)] == images  # type: ignore[attr-defined]
 
 
+#: Runs its arguments and prints their exit code and peak resident KB (wait4). A child's peak counts what it held
+#: before its exec too, a copy of its parent's pages: this small process's, not the test process's (hundreds of
+#: MB late in a whole suite, which hid the peak under test).
+_PEAK_OF = ("import os, subprocess, sys\n"
+            "with subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) as p:\n"
+            "    _, status, usage = os.wait4(p.pid, 0)\n"
+            "    p.returncode = os.waitstatus_to_exitcode(status)\n"
+            "print(p.returncode, usage.ru_maxrss)\n")
+
+
 def _maxrss_kb(*args: str) -> tuple[int, int, str]:
-    """(exit code, peak resident KB, stderr) of `loader-server ARGS` (its own peak: wait4, not the children's)."""
-    with subprocess.Popen([sys.executable, "-m", "loader_server", *args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT) as proc:
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode(errors="replace")  # a few lines: then it exits
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss, err
+    """(exit code, peak resident KB, stderr) of `loader-server ARGS` (its own peak, not its children's, nor the
+    test process's: `_PEAK_OF`)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK_OF, sys.executable, "-m", "loader_server", *args],
+                          capture_output=True, stdin=subprocess.DEVNULL, cwd=ROOT, timeout=300)
+    rc, rss = (int(word) for word in done.stdout.split())
+    return rc, rss, done.stderr.decode(errors="replace")
 
 
 def test_a_five_byte_run_length_does_not_swell_the_command(tmp_path: Path) -> None:
