@@ -144,6 +144,27 @@ def test_a_parent_folder_of_list_files_is_answered_with_them(tmp_path: Path) -> 
                                    f"{tmp_path}/large/train.txt")
 
 
+def test_class_folders_beside_a_list_file_are_served_with_a_warning_naming_it(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A data set's folder that holds its class folders and its splits' list files (shared/corpus with train.txt):
+    --data FOLDER serves every class folder, so a warning names the list files not read (a train split's
+    list would otherwise be mixed silently with the rest)."""
+    (tmp_path / "class_0").mkdir()
+    for n in range(3):
+        (tmp_path / "class_0" / f"{n}.jpg").write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="loader_server"):
+        assert len(load_index(tmp_path)) == 3
+    assert not caplog.records  # no list file: nothing to say
+    (tmp_path / "train.txt").write_text("class_0/0.jpg 0\nclass_0/1.jpg 0\n")
+    (tmp_path / "val.csv").write_text("path,label\nclass_0/2.jpg,0\n")
+    (tmp_path / "notes.txt").write_text("not a list\n")
+    with caplog.at_level("WARNING", logger="loader_server"):
+        assert len(load_index(tmp_path)) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path} is served as class folders (3 images in 1 class); the list files {tmp_path}/train.txt, "
+        f"{tmp_path}/val.csv beside them are not read: to serve only what one lists, pass it as --data"]
+
+
 @pytest.mark.parametrize(
     ("setup", "args", "expected"),
     [

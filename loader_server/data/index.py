@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from .remote import is_remote, redact, storage_of
 
 if TYPE_CHECKING:
     from .remote import RemoteStorage
+
+log = logging.getLogger("loader_server")
 
 __all__ = ["IMAGE_EXTENSIONS", "DatasetIndex", "load_class_folders", "load_index", "load_list_file"]
 
@@ -249,6 +252,12 @@ def _from_class_folders(root: Path) -> DatasetIndex:
             f"folder {str(root)!r} holds no images with extensions {sorted(IMAGE_EXTENSIONS)} in its class "
             f"sub-folders (expected {root}/<class>/<image files>){_list_files_hint(root, classes)}"
         )
+    listed = _list_files([root])
+    if listed:  # a split's list file beside its class folders: serving every folder would mix the splits
+        log.warning("%s is served as class folders (%d images in %d class%s); the list file%s %s beside them %s "
+                    "not read: to serve only what one lists, pass it as --data", root, len(paths), len(classes),
+                    "" if len(classes) == 1 else "es", "s" if len(listed) > 1 else "", ", ".join(listed),
+                    "are" if len(listed) > 1 else "is")
     return _build(str(root.resolve()), paths, labels, tuple(classes), f"class folders {root}")
 
 
@@ -261,19 +270,26 @@ def _looks_listed(path: str) -> bool:
     return False
 
 
-def _list_files_hint(root: Path, classes: list[str]) -> str:
-    """``; did you mean --data ROOT/sub/train.txt?`` for list files in `root` or one level down (a data set's
-    parent folder given for the data set), at most three named, a bounded look."""
+def _list_files(folders: list[Path]) -> list[str]:
+    """List files (``.txt`` or ``.csv`` whose first line reads as ``path label``) in `folders`, in order, at most
+    three: a bounded look."""
     found: list[str] = []
-    for folder in [root, *(root / name for name in classes[:100])]:
+    for folder in folders:
         with contextlib.suppress(OSError), os.scandir(folder) as entries:
             found.extend(sorted(os.path.join(folder, e.name) for e in entries
                                 if e.name.endswith((".txt", ".csv")) and e.is_file() and _looks_listed(e.path)))
         if len(found) >= 3:
             break
+    return found[:3]
+
+
+def _list_files_hint(root: Path, classes: list[str]) -> str:
+    """``; did you mean --data ROOT/sub/train.txt?`` for list files in `root` or one level down (a data set's
+    parent folder given for the data set)."""
+    found = _list_files([root, *(root / name for name in classes[:100])])
     if not found:
         return ""
-    return f"; for a list file pass it: --data {' or --data '.join(found[:3])}"
+    return f"; for a list file pass it: --data {' or --data '.join(found)}"
 
 
 def _remote_class_folders(prefix: str, storage: RemoteStorage) -> DatasetIndex:
