@@ -218,20 +218,16 @@ class ClientTransport:
             identity, body = frames[0].bytes, [f.bytes for f in frames[1:]]
             last = frames[-1]
             key = _property(last, "User-Id") if self.curve else None
+            try:
+                fd = last.get(zmq.SRCFD)  # the connection's descriptor (its peer's end, for `processes`)
+            except zmq.ZMQError:
+                fd = -1
             if self.guard is None:  # ipc: the peer is the user (SO_PEERCRED: "host:uid:gid:pid")
                 address = _property(last, "Peer-Address") or "?"
                 parts = address.split(":")
                 peer = f"CURVE key {key}" if key else f"uid {parts[1]}" if len(parts) == 4 else address
-                try:
-                    fd = last.get(zmq.SRCFD)  # (the connection's descriptor: its peer's end, for `processes`)
-                except zmq.ZMQError:
-                    fd = -1
                 uid = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else -1
                 return Request(identity, body, peer, source=PeerSource(pid=ipc_peer_pid(address), fd=fd, uid=uid))
-            try:
-                fd = last.get(zmq.SRCFD)
-            except zmq.ZMQError:
-                fd = -1
             if fd < 0:  # no connection metadata: never from a ZMTP 3 peer, which is all that reaches us
                 self.log.warning("no-metadata", "dropped a request without connection metadata")
                 continue
