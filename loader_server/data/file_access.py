@@ -14,7 +14,12 @@ from pathlib import Path
 
 from loader_client.contract.errors import ConfigError
 
-__all__ = ["check_exists", "os_error", "owner_text"]
+__all__ = ["check_exists", "os_error", "owner_text", "trusted_owner"]
+
+
+def trusted_owner(uid: int) -> bool:
+    """Whether a file or folder of `uid` may decide what this process serves: this user's, or root's."""
+    return uid in (os.geteuid(), 0)
 
 
 def owner_text(uid: int) -> str:

@@ -59,7 +59,7 @@ import numpy as np
 from loader_client.contract.errors import ConfigError
 
 from ..options import DataOptions
-from .file_access import check_exists, os_error, owner_text
+from .file_access import check_exists, os_error, owner_text, trusted_owner
 from .reading import DecodeError, LocalStorage, Version, storage_for
 from .remote import RemoteStorage, is_remote, redact, storage_of
 
@@ -724,7 +724,7 @@ def _open_to_others(folder: str) -> str | None:
         st = os.stat(folder)
     except OSError:
         return None
-    if st.st_uid not in (os.geteuid(), 0):
+    if not trusted_owner(st.st_uid):
         return f"it belongs to {owner_text(st.st_uid)} (mode {stat.S_IMODE(st.st_mode):04o})"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"other users may write it (mode {stat.S_IMODE(st.st_mode):04o}, owner {owner_text(st.st_uid)})"
@@ -736,7 +736,7 @@ def _untrusted_index(st: os.stat_result) -> str | None:
     are, so it must be a regular file that only this user (or root) wrote and can write."""
     if not stat.S_ISREG(st.st_mode):
         return "it is not a regular file"
-    if st.st_uid not in (os.geteuid(), 0):
+    if not trusted_owner(st.st_uid):
         trusted = owner_text(os.geteuid()) + (" or root" if os.geteuid() else "")
         return f"it belongs to {owner_text(st.st_uid)}, not to {trusted}"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from loader_client.contract.errors import ConfigError
 
-from ..data.file_access import owner_text
+from ..data.file_access import owner_text, trusted_owner
 
 __all__ = ["create_file", "open_file", "open_folder", "owner_text", "size_text"]
 
@@ -48,10 +48,6 @@ def size_text(n: int) -> str:
         if value < 1024 or unit == "TiB":
             break
     return f"{value:.1f} {unit}"
-
-
-def _trusted_owner(uid: int) -> bool:
-    return uid in (os.geteuid(), 0)
 
 
 def _mode(st: os.stat_result) -> str:
@@ -80,7 +76,7 @@ def open_folder(folder: str) -> int:
         you = owner_text(os.geteuid())
         hint = ("Use a folder only you can write: a new path (it is created 0700), for example --cache "
                 f"{os.path.join(folder, 'loader-cache-' + _user_tag())}")
-        if not _trusted_owner(st.st_uid):
+        if not trusted_owner(st.st_uid):
             raise ConfigError(f"--cache {folder}: the folder belongs to {owner_text(st.st_uid)}, not to {you} "
                               f"(mode {_mode(st)}): its owner could replace the cache file and have any pixels "
                               f"served as your samples. {hint}")
@@ -132,7 +128,7 @@ def open_file(folder_fd: int, path: str) -> tuple[int, bool] | None:
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"--cache: {path} is not a regular file ({_kind(st)}): a cache file is one that this "
                               f"server creates; remove it (rm {path}) and it is created there")
-        if not _trusted_owner(st.st_uid):
+        if not trusted_owner(st.st_uid):
             raise ConfigError(f"--cache: {path} belongs to {owner_text(st.st_uid)}, not to "
                               f"{owner_text(os.geteuid())} (mode {_mode(st)}): another user put it there, and its "
                               f"records would be served as your samples; find out who did, remove it (rm {path}) "
