@@ -606,12 +606,17 @@ def _another_range(fields: dict[str, str], offset: int, size: int, indexed: int 
     if m is None or int(m[1]) != offset:
         return "read_failed", repr(said[:80])
     if m[3] != "*" and indexed is not None and int(m[3]) != indexed:
-        return "changed", (f"the object changed since it was indexed: indexed with {indexed} bytes, the store now "
-                           f"answers Content-Range {said[:80]!r} (an object of {int(m[3])} bytes): restart the "
-                           "server to index it again")
+        return "changed", _replaced(indexed, f"Content-Range {said[:80]!r}", int(m[3]))
     if int(m[2]) != offset + size - 1:
         return "read_failed", repr(said[:80])
     return None
+
+
+def _replaced(indexed: int, answer: str, length: int) -> str:
+    """What an answer that gives the object another complete `length` than the size `indexed` says: the object
+    was replaced since it was indexed (a 206's Content-Range, a 416's ``bytes */length``)."""
+    return (f"the object changed since it was indexed: indexed with {indexed} bytes, the store now answers {answer} "
+            f"(an object of {length} bytes): restart the server to index it again")
 
 
 def _tokens(value: str) -> list[str]:
@@ -1101,10 +1106,9 @@ class RemoteStorage:
         m = re.fullmatch(r"bytes \*/(\d{1,19})", said.strip(), re.IGNORECASE)
         indexed = self._indexed_size(url)
         if m is not None and indexed is not None and int(m[1]) != indexed:
-            return DecodeError(name, f"{redact(url)}: the object changed since it was indexed: indexed with "
-                                     f"{indexed} bytes, the store now answers HTTP 416 with Content-Range "
-                                     f"{said[:80]!r} (an object of {int(m[1])} bytes): restart the server to index "
-                                     "it again", "changed")
+            return DecodeError(name, f"{redact(url)}: "
+                               f"{_replaced(indexed, f'HTTP 416 with Content-Range {said[:80]!r}', int(m[1]))}",
+                               "changed")
         return DecodeError(name, f"asked for bytes {offset}-{offset + size - 1} of {redact(url)}, the server "
                                  f"answered HTTP 416 Range Not Satisfiable{f' ({said[:80]!r})' if said else ''}",
                            "read_failed")
