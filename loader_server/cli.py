@@ -135,7 +135,8 @@ def unrecognized(command: argparse.ArgumentParser, rest: Sequence[str]) -> str:
     ``--batch-size``?), or quotes where the shell expanded a pattern of --data into several paths."""
     import difflib
 
-    shown = " ".join(rest) if len(" ".join(rest)) <= 300 else " ".join(rest)[:300] + " ..."
+    joined = " ".join(rest)
+    shown = joined if len(joined) <= 300 else joined[:300] + " ..."
     hints = []
     flags = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
     for word in rest:
